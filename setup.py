@@ -1,0 +1,42 @@
+"""ament_python package definition for forest_perception."""
+
+from glob import glob
+
+from setuptools import find_packages, setup
+
+PACKAGE = "forest_perception"
+
+
+def _files(pattern: str) -> list[str]:
+    return sorted(p for p in glob(pattern, recursive=True) if not p.endswith(".pyc"))
+
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*", "dataset_tools", "dataset_tools.*",
+                                    "models", "models.*", "collab", "collab.*"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", _files("launch/*.launch.py")),
+        (f"share/{PACKAGE}/config", _files("config/*.yaml") + _files("config/*.xml")),
+        (f"share/{PACKAGE}/models", _files("models/*.onnx") + _files("models/*.md") + _files("models/*.json")),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=True,
+    maintainer="forest_perception developers",
+    maintainer_email="forest-perception@example.org",
+    description="Perception and learning stack for a swarm of small forest rovers.",
+    license="Apache-2.0",
+    tests_require=["pytest"],
+    entry_points={
+        "console_scripts": [
+            # ROS 2 nodes (ros2 run forest_perception <name>)
+            "sim_node = forest_perception.nodes.sim_node:main",
+            # command-line tools
+            "forest-sim = forest_perception.sim.cli:main",
+            "forest-dataset = dataset_tools.cli:main",
+        ],
+    },
+)
