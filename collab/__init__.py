@@ -1,0 +1,1 @@
+"""Federated and device-cloud learning for the rover swarm."""

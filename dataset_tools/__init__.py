@@ -1,0 +1,1 @@
+"""Forest dataset tools: layout reader/writer, synthetic generator, curation (forest-dataset CLI)."""

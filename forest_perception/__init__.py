@@ -1,0 +1,1 @@
+"""forest_perception: perception and learning stack for a swarm of small forest rovers."""

@@ -1,0 +1,1 @@
+"""Depth networks, training, export and shipped weights."""

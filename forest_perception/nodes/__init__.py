@@ -1,0 +1,1 @@
+"""ROS 2 nodes: thin wrappers over the pure cores."""

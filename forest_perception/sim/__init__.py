@@ -1,0 +1,1 @@
+"""Procedural forest simulator: world, renderer, rover, sensors (pure cores, no ROS)."""

@@ -1,0 +1,353 @@
+"""sim_node: a simulated forest with one or more rovers publishing the real rover topic contract.
+
+Per rover namespace (``/<rover>/...``): ``camera/image_raw`` (rgb8), ``camera/camera_info``,
+``camera/depth/image_raw`` (32FC1 metres, NaN invalid, aligned to colour), ``imu/data``,
+``gps/fix``, ``joint_states``, ``odom``; subscribes ``cmd_vel``. Publishes ``/clock`` with the
+simulated time and ``/diagnostics``. The simulation runs in its own thread, paced to
+``real_time_factor`` times wall time (0 = as fast as it can).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from geometry_msgs.msg import Twist
+from nav_msgs.msg import Odometry
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    ParameterType,
+    SetParametersResult,
+)
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import CameraInfo, Image, Imu, JointState, NavSatFix
+
+from forest_perception import msgs
+from forest_perception.sim.depth_camera import DepthCameraModel
+from forest_perception.sim.robot import (
+    FRAME_BASE,
+    FRAME_CAMERA_OPTICAL,
+    FRAME_GPS,
+    FRAME_IMU,
+    FRAME_ODOM,
+    WHEEL_JOINTS,
+    CameraIntrinsics,
+)
+from forest_perception.sim.simulator import BEHAVIOURS, ForestSimulator, RoverConfig, SimConfig
+from forest_perception.sim.weather import WEATHER_PRESETS, CameraEffects
+from forest_perception.sim.world import WorldConfig, generate_world
+
+# name -> (default, description, range or None, read_only)
+_FLOAT = ParameterType.PARAMETER_DOUBLE
+_INT = ParameterType.PARAMETER_INTEGER
+
+
+def _frange(lo: float, hi: float) -> list[FloatingPointRange]:
+    return [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
+
+
+def _irange(lo: int, hi: int) -> list[IntegerRange]:
+    return [IntegerRange(from_value=int(lo), to_value=int(hi), step=1)]
+
+
+class SimNode(Node):
+    """Thin ROS wrapper over :class:`ForestSimulator`."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("sim_node", **kwargs)
+        p = self._declare_parameters()
+        world_cfg = WorldConfig(
+            seed=p["seed"],
+            size_m=p["world_size_m"],
+            tree_density_per_ha=p["tree_density_per_ha"],
+            terrain_roughness_m=p["terrain_roughness_m"],
+            datum_lat_deg=p["datum_latitude_deg"],
+            datum_lon_deg=p["datum_longitude_deg"],
+            datum_alt_m=p["datum_altitude_m"],
+        ).validate()
+        sim_cfg = SimConfig(
+            camera=CameraIntrinsics(p["camera_width"], p["camera_height"], p["camera_hfov_deg"]),
+            camera_rate_hz=p["camera_rate_hz"],
+            imu_rate_hz=p["imu_rate_hz"],
+            gps_rate_hz=p["gps_rate_hz"],
+            encoder_rate_hz=p["encoder_rate_hz"],
+            depth=DepthCameraModel(max_range_m=p["depth_max_range_m"]),
+            seed=p["seed"],
+        ).validate()
+        names = list(p["rover_names"])
+        weathers = list(p["weather"]) or ["overcast"]
+        if len(weathers) not in (1, len(names)):
+            raise ValueError(f"weather must list one preset or one per rover ({len(names)}), got {weathers}")
+        effects = CameraEffects(motion_blur=p["motion_blur"])
+        rovers = [
+            RoverConfig(
+                name=n,
+                weather=weathers[i if len(weathers) > 1 else 0],
+                behaviour=p["behaviour"],
+                effects=effects,
+            )
+            for i, n in enumerate(names)
+        ]
+        t0 = time.perf_counter()
+        self.world = generate_world(world_cfg)
+        self.sim = ForestSimulator(self.world, sim_cfg, rovers)
+        self.get_logger().info(
+            f"forest seed {world_cfg.seed}: {len(self.world.trees)} trees on {world_cfg.size_m:.0f} m square, "
+            f"{len(rovers)} rover(s) {names}, built in {time.perf_counter() - t0:.1f} s"
+        )
+        self.real_time_factor = float(p["real_time_factor"])
+        self.frame_prefix = bool(p["frame_prefix"])
+        self._lock = threading.Lock()
+        self._make_interfaces(names)
+        self._render_ms: deque[float] = deque(maxlen=100)
+        self._step_wall: deque[tuple[float, int]] = deque(maxlen=400)
+        self._frames = [0] * len(names)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.create_timer(1.0, self._publish_diagnostics)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sim_loop", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- parameters
+    def _declare_parameters(self) -> dict:
+        specs = [
+            ("seed", 0, "world seed: the same seed gives the same forest", _irange(0, 2**31 - 1), True),
+            ("world_size_m", 60.0, "side of the square forest, metres", _frange(10, 1000), True),
+            ("tree_density_per_ha", 600.0, "standing trees per hectare", _frange(0, 5000), True),
+            ("terrain_roughness_m", 0.6, "peak amplitude of the rolling ground, metres", _frange(0, 10), True),
+            ("datum_latitude_deg", 50.869, "WGS84 latitude of the world origin", _frange(-90, 90), True),
+            ("datum_longitude_deg", -1.604, "WGS84 longitude of the world origin", _frange(-180, 180), True),
+            ("datum_altitude_m", 40.0, "ellipsoidal altitude of the world origin", _frange(-500, 9000), True),
+            ("rover_names", ["rover_0"], "rover namespaces, one rover each", None, True),
+            ("weather", ["overcast"], f"weather preset, one or one per rover: {sorted(WEATHER_PRESETS)}", None, True),
+            ("behaviour", "explore", f"how rovers move: {list(BEHAVIOURS)}", None, False),
+            ("camera_width", 320, "colour/depth image width, pixels", _irange(16, 4096), True),
+            ("camera_height", 240, "colour/depth image height, pixels", _irange(16, 4096), True),
+            ("camera_hfov_deg", 69.4, "horizontal field of view, degrees (D435 colour: 69.4)", _frange(10, 170), True),
+            ("camera_rate_hz", 15.0, "camera frame rate", _frange(0.5, 90), True),
+            ("imu_rate_hz", 200.0, "IMU rate (also the simulation step)", _frange(10, 1000), True),
+            ("gps_rate_hz", 10.0, "GPS fix rate", _frange(0.1, 50), True),
+            ("encoder_rate_hz", 50.0, "wheel encoder, joint_states and odom rate", _frange(1, 1000), True),
+            ("depth_max_range_m", 10.0, "depth camera max range; beyond is NaN", _frange(0.5, 65), True),
+            ("motion_blur", True, "blur colour images when the rover turns", None, True),
+            ("real_time_factor", 1.0, "simulated seconds per wall second; 0 runs as fast as possible",
+             _frange(0, 100), False),
+            ("frame_prefix", False, "prefix frame ids with the rover name (several rovers in one TF tree)",
+             None, True),
+        ]
+        values = {}
+        for name, default, description, rng, read_only in specs:
+            descriptor = ParameterDescriptor(description=description, read_only=read_only)
+            if rng is not None:
+                if isinstance(rng[0], FloatingPointRange):
+                    descriptor.floating_point_range = rng
+                else:
+                    descriptor.integer_range = rng
+            values[name] = self.declare_parameter(name, default, descriptor).value
+        return values
+
+    def _on_set_parameters(self, params: list) -> SetParametersResult:
+        for param in params:
+            if param.name == "behaviour" and param.value not in BEHAVIOURS:
+                return SetParametersResult(
+                    successful=False, reason=f"behaviour must be one of {list(BEHAVIOURS)}, got {param.value!r}"
+                )
+            if param.name == "real_time_factor" and not 0.0 <= float(param.value) <= 100.0:
+                return SetParametersResult(successful=False, reason="real_time_factor must be within [0, 100]")
+        for param in params:
+            if param.name == "behaviour":
+                with self._lock:
+                    for i in range(len(self.sim.rovers)):
+                        self.sim.set_behaviour(i, param.value)
+            elif param.name == "real_time_factor":
+                self.real_time_factor = float(param.value)
+        return SetParametersResult(successful=True)
+
+    # ---------------------------------------------------------------- interfaces
+    def _make_interfaces(self, names: list[str]) -> None:
+        sensor = qos_profile_sensor_data
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self.pub = []
+        for i, name in enumerate(names):
+            self.pub.append(
+                {
+                    "image": self.create_publisher(Image, f"{name}/camera/image_raw", sensor),
+                    "info": self.create_publisher(CameraInfo, f"{name}/camera/camera_info", sensor),
+                    "depth": self.create_publisher(Image, f"{name}/camera/depth/image_raw", sensor),
+                    "imu": self.create_publisher(Imu, f"{name}/imu/data", sensor),
+                    "gps": self.create_publisher(NavSatFix, f"{name}/gps/fix", sensor),
+                    "joints": self.create_publisher(JointState, f"{name}/joint_states", reliable),
+                    "odom": self.create_publisher(Odometry, f"{name}/odom", reliable),
+                }
+            )
+            self.create_subscription(
+                Twist, f"{name}/cmd_vel", lambda msg, idx=i: self._on_cmd_vel(idx, msg), reliable
+            )
+        self.clock_pub = self.create_publisher(Clock, "/clock", QoSProfile(depth=10))
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
+
+    def _frame(self, rover: int, frame: str) -> str:
+        return f"{self.sim.rovers[rover].cfg.name}/{frame}" if self.frame_prefix else frame
+
+    def _on_cmd_vel(self, rover: int, msg: Twist) -> None:
+        v, w = msg.linear.x, msg.angular.z
+        if not all(map(lambda x: x == x and abs(x) != float("inf"), (v, w))):
+            self.get_logger().warn(f"dropped cmd_vel with non-finite values for {self.sim.rovers[rover].cfg.name}")
+            return
+        with self._lock:
+            self.sim.set_cmd_vel(rover, v, w)
+
+    # ---------------------------------------------------------------- loop
+    def _run(self) -> None:
+        tick_s = self.sim.config.tick_ns * 1e-9
+        wall_start = time.perf_counter()
+        sim_start = self.sim.time_s
+        while not self._stop.is_set() and rclpy.ok(context=self.context):
+            t0 = time.perf_counter()
+            with self._lock:
+                events = self.sim.step()
+                now_ns = self.sim.now_ns
+            for event in events:
+                self._publish(event)
+            self.clock_pub.publish(Clock(clock=msgs.time_from_ns(now_ns)))
+            self._step_wall.append((time.perf_counter(), now_ns))
+            if any(e.kind == "camera" for e in events):
+                self._render_ms.append((time.perf_counter() - t0) * 1e3)
+            rtf = self.real_time_factor
+            if rtf > 0:
+                target = wall_start + (self.sim.time_s - sim_start) / rtf
+                delay = target - time.perf_counter()
+                if delay > 0:
+                    self._stop.wait(delay)
+                elif delay < -0.5:  # fell behind by more than half a second: do not try to catch up
+                    wall_start, sim_start = time.perf_counter(), self.sim.time_s
+            elif tick_s > 0:
+                pass
+
+    def _publish(self, event) -> None:  # noqa: ANN001 - SensorEvent
+        stamp = msgs.time_from_ns(event.stamp_ns)
+        i = event.rover
+        pubs = self.pub[i]
+        data = event.data
+        if event.kind == "imu":
+            pubs["imu"].publish(
+                msgs.imu_msg(
+                    stamp,
+                    self._frame(i, FRAME_IMU),
+                    data.orientation_xyzw,
+                    data.angular_velocity,
+                    data.linear_acceleration,
+                    data.orientation_covariance,
+                    data.angular_velocity_covariance,
+                    data.linear_acceleration_covariance,
+                )
+            )
+        elif event.kind == "camera":
+            frame = self._frame(i, FRAME_CAMERA_OPTICAL)
+            pubs["image"].publish(msgs.image_from_array(data.rgb, "rgb8", stamp, frame))
+            pubs["depth"].publish(msgs.image_from_array(data.depth, "32FC1", stamp, frame))
+            pubs["info"].publish(msgs.camera_info_from_intrinsics(self.sim.config.camera, stamp, frame))
+            self._frames[i] += 1
+        elif event.kind == "gps":
+            pubs["gps"].publish(
+                msgs.navsat_msg(
+                    stamp,
+                    self._frame(i, FRAME_GPS),
+                    data.latitude,
+                    data.longitude,
+                    data.altitude,
+                    data.status,
+                    data.covariance,
+                    data.covariance_type,
+                )
+            )
+        elif event.kind == "wheels":
+            pubs["joints"].publish(msgs.joint_state_msg(stamp, WHEEL_JOINTS, data.position, data.velocity))
+        elif event.kind == "odom":
+            odo = data
+            pubs["odom"].publish(
+                msgs.odometry_msg(
+                    stamp,
+                    self._frame(i, FRAME_ODOM),
+                    self._frame(i, FRAME_BASE),
+                    (odo.x, odo.y, 0.0),
+                    odo.quaternion_xyzw(),
+                    (odo.v, 0.0, 0.0),
+                    (0.0, 0.0, odo.w),
+                    odo.pose_covariance,
+                    odo.twist_covariance,
+                )
+            )
+
+    def _publish_diagnostics(self) -> None:
+        array = DiagnosticArray()
+        array.header.stamp = self.get_clock().now().to_msg()
+        rtf = 0.0
+        if len(self._step_wall) >= 2:
+            (w0, s0), (w1, s1) = self._step_wall[0], self._step_wall[-1]
+            if w1 > w0:
+                rtf = (s1 - s0) * 1e-9 / (w1 - w0)
+        render = sorted(self._render_ms)
+        p95 = render[int(0.95 * (len(render) - 1))] if render else 0.0
+        level = DiagnosticStatus.OK
+        message = "running"
+        if self.real_time_factor > 0 and rtf < 0.8 * self.real_time_factor:
+            level, message = DiagnosticStatus.WARN, "slower than the requested real-time factor"
+        for i, r in enumerate(self.sim.rovers):
+            array.status.append(
+                msgs.diagnostic_status(
+                    f"sim_node: {r.cfg.name}",
+                    r.cfg.name,
+                    level[0] if isinstance(level, bytes) else level,
+                    message,
+                    {
+                        "sim_time_s": self.sim.time_s,
+                        "real_time_factor": rtf,
+                        "requested_real_time_factor": self.real_time_factor,
+                        "camera_frames": self._frames[i],
+                        "step_with_render_ms_p95": p95,
+                        "weather": r.cfg.weather,
+                        "behaviour": r.cfg.behaviour,
+                        "collided": bool(r.state.collided),
+                    },
+                )
+            )
+        self.diag_pub.publish(array)
+
+    def destroy_node(self) -> None:
+        """Stop the simulation thread, then the node."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+        self.sim.close()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``ros2 run forest_perception sim_node``."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = SimNode()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except ValueError as exc:  # a bad parameter: say which, no traceback
+        print(f"sim_node: {exc}")
+        raise SystemExit(2) from None
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

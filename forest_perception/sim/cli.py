@@ -1,0 +1,172 @@
+"""``forest-sim``: inspect a generated forest or export it to Gazebo.
+
+    forest-sim summary --seed 3 --size 60 --tree-density 800 [--json]
+    forest-sim export-gazebo --out /tmp/forest --rovers 2 --seed 3
+
+World flags map onto ``WorldConfig`` fields (``--size`` -> ``size_m``, ``--tree-density`` ->
+``tree_density_per_ha``, ...). A value ``WorldConfig.validate()`` refuses ends the command
+with its message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from forest_perception.sim.gazebo import BRIDGED_TOPICS, LIGHTING_PRESETS, export_gazebo
+from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.sim.world import WorldConfig, generate_world
+
+PROG = "forest-sim"
+_UNIT_SUFFIXES = ("_per_ha", "_deg", "_m")
+
+
+def world_flag(field_name: str) -> str:
+    """Command-line flag of a ``WorldConfig`` field: unit suffix dropped, ``_`` -> ``-``."""
+    for suffix in _UNIT_SUFFIXES:
+        if field_name.endswith(suffix):
+            field_name = field_name[: -len(suffix)]
+            break
+    return "--" + field_name.replace("_", "-")
+
+
+WORLD_FLAGS: dict[str, str] = {f.name: world_flag(f.name) for f in fields(WorldConfig)}
+
+
+def _add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("world (WorldConfig fields)")
+    defaults = WorldConfig()
+    for f in fields(WorldConfig):
+        default = getattr(defaults, f.name)
+        group.add_argument(
+            WORLD_FLAGS[f.name],
+            dest=f.name,
+            type=int if isinstance(default, int) else float,
+            default=default,
+            metavar="N" if isinstance(default, int) else "X",
+            help=f"{f.name} (default {default})",
+        )
+
+
+def _world_config(args: argparse.Namespace) -> WorldConfig:
+    return WorldConfig(**{f.name: getattr(args, f.name) for f in fields(WorldConfig)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``forest-sim`` argument parser with its subcommands."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Generate procedural forests and export them.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{summary,export-gazebo}")
+
+    summary = sub.add_parser("summary", help="generate a world and print its stand statistics")
+    _add_world_arguments(summary)
+    summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    summary.set_defaults(handler=_summary, parser=summary)
+
+    export = sub.add_parser("export-gazebo", help="write a Gazebo (gz-sim 8) world and a ros_gz_bridge config")
+    export.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
+    export.add_argument("--rovers", type=int, default=1, help="number of rovers rover_0..rover_{N-1} (default 1)")
+    export.add_argument("--weather", default=None, choices=sorted(LIGHTING_PRESETS), help="sun and sky preset")
+    cam = CameraIntrinsics()
+    export.add_argument("--camera-width", type=int, default=cam.width, help=f"pixels (default {cam.width})")
+    export.add_argument("--camera-height", type=int, default=cam.height, help=f"pixels (default {cam.height})")
+    export.add_argument("--camera-hfov", type=float, default=cam.hfov_deg, help=f"degrees (default {cam.hfov_deg})")
+    export.add_argument("--camera-rate", type=float, default=15.0, help="Hz (default 15)")
+    export.add_argument("--imu-rate", type=float, default=200.0, help="Hz (default 200)")
+    export.add_argument("--gps-rate", type=float, default=10.0, help="Hz (default 10)")
+    export.add_argument("--encoder-rate", type=float, default=50.0, help="Hz, odometry and joint states (default 50)")
+    export.add_argument("--json", action="store_true", help="print what was written as JSON")
+    _add_world_arguments(export)
+    export.set_defaults(handler=_export, parser=export)
+    return parser
+
+
+def _flag_hint(message: str) -> str:
+    """Append the command-line flag of the WorldConfig field a message names."""
+    for name, flag in WORLD_FLAGS.items():
+        if message.startswith(name):
+            return f"{message} ({flag})"
+    return message
+
+
+def _print_table(rows: dict[str, object]) -> None:
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        print(f"{key:<{width}}  {text}")
+
+
+def _summary(args: argparse.Namespace) -> int:
+    try:
+        world = generate_world(_world_config(args))
+    except ValueError as exc:
+        args.parser.error(_flag_hint(str(exc)))
+    summary = world.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_table(summary)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.rovers < 1:
+        args.parser.error(f"--rovers must be >= 1, got {args.rovers}")
+    try:
+        world = generate_world(_world_config(args))
+        result = export_gazebo(
+            world,
+            args.out,
+            rover_names=tuple(f"rover_{i}" for i in range(args.rovers)),
+            intrinsics=CameraIntrinsics(args.camera_width, args.camera_height, args.camera_hfov),
+            camera_rate_hz=args.camera_rate,
+            imu_rate_hz=args.imu_rate,
+            gps_rate_hz=args.gps_rate,
+            encoder_rate_hz=args.encoder_rate,
+            weather=args.weather,
+        )
+    except ValueError as exc:
+        args.parser.error(_flag_hint(str(exc)))
+    world_sdf = result.world_sdf.resolve()
+    bridge = result.bridge_yaml.resolve()
+    commands = {
+        "gazebo": f"gz sim -r {world_sdf}",
+        "bridge": f"ros2 run ros_gz_bridge parameter_bridge --ros-args -p config_file:={bridge} -p use_sim_time:=true",
+        "launch": f"ros2 launch forest_perception gazebo_sim.launch.py world_sdf:={world_sdf} bridge_config:={bridge}",
+    }
+    if args.json:
+        print(json.dumps({
+            "files": [str(p.resolve()) for p in result.files],
+            "world_name": result.world_name,
+            "rovers": {n: list(p) for n, p in zip(result.rover_names, result.rover_poses)},
+            "commands": commands,
+        }, indent=2))
+        return 0
+    summary = world.summary()
+    print(f"Gazebo world '{result.world_name}': {summary['trees']} trees, {summary['logs']} logs, "
+          f"{summary['bushes']} bushes, {summary['rocks']} rocks, rovers {', '.join(result.rover_names)}")
+    for path in result.files:
+        print(f"  wrote {path.resolve()}")
+    n_topics = sum(1 for t in BRIDGED_TOPICS if not t.is_global) * len(result.rover_names) + sum(
+        1 for t in BRIDGED_TOPICS if t.is_global
+    )
+    print(f"  bridge maps {n_topics} topics onto /<rover>/... and /clock")
+    print("Run (Gazebo Harmonic + ros_gz):")
+    print(f"  {commands['gazebo']}")
+    print(f"  {commands['bridge']}")
+    print("or both at once:")
+    print(f"  {commands['launch']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``forest-sim``; returns the exit status (argparse exits 2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

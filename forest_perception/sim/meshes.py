@@ -1,0 +1,637 @@
+"""Triangle meshes of the forest world (numpy arrays) and a Wavefront OBJ writer.
+
+Builders take the world model's objects and return a :class:`Mesh` whose geometry
+matches the model: trunks use ``Tree.radius_at`` and ``Tree.axis_at`` at every ring,
+the terrain mesh uses the height grid's own vertices. Triangles wind counter-clockwise
+seen from outside (the renderer culls back faces). :func:`build_world_meshes` merges
+objects that share a texture into one mesh per category and spatial tile, so a whole
+forest is a few dozen renderer bodies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from forest_perception.sim import textures
+from forest_perception.sim.terrain import Terrain
+from forest_perception.sim.world import Bush, ForestWorld, Log, Rock, Tree
+
+# texture repeat lengths (metres per texture tile)
+LITTER_TILE_M = 2.0
+BARK_TILE_M = 1.0
+FOLIAGE_TILE_M = 2.0
+ROCK_TILE_M = 0.8
+LOG_TILE_M = 1.2
+
+
+@dataclass
+class Mesh:
+    """Indexed triangle mesh: (N, 3) vertices, (N, 3) unit normals, (N, 2) uvs, (M, 3) indices."""
+
+    vertices: np.ndarray
+    normals: np.ndarray
+    uvs: np.ndarray
+    indices: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.vertices = np.asarray(self.vertices, dtype=np.float64).reshape(-1, 3)
+        self.normals = np.asarray(self.normals, dtype=np.float64).reshape(-1, 3)
+        self.uvs = np.asarray(self.uvs, dtype=np.float64).reshape(-1, 2)
+        self.indices = np.asarray(self.indices, dtype=np.int64).reshape(-1, 3)
+        n = len(self.vertices)
+        if len(self.normals) != n or len(self.uvs) != n:
+            raise ValueError(
+                f"mesh needs one normal and one uv per vertex: {n} vertices, "
+                f"{len(self.normals)} normals, {len(self.uvs)} uvs"
+            )
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
+            raise ValueError(f"mesh indices must lie within [0, {n}), got [{self.indices.min()}, {self.indices.max()}]")
+
+    @property
+    def n_vertices(self) -> int:
+        """Number of vertices."""
+        return len(self.vertices)
+
+    @property
+    def n_triangles(self) -> int:
+        """Number of triangles."""
+        return len(self.indices)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """Axis-aligned bounding box (min xyz, max xyz)."""
+        if not self.n_vertices:
+            return np.zeros(3), np.zeros(3)
+        return self.vertices.min(axis=0), self.vertices.max(axis=0)
+
+    @staticmethod
+    def empty() -> Mesh:
+        """A mesh with nothing in it."""
+        return Mesh(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros((0, 2)), np.zeros((0, 3), dtype=np.int64))
+
+    @staticmethod
+    def merge(meshes: list[Mesh]) -> Mesh:
+        """Concatenate meshes into one (indices re-based)."""
+        meshes = [m for m in meshes if m.n_vertices]
+        if not meshes:
+            return Mesh.empty()
+        offsets = np.cumsum([0] + [m.n_vertices for m in meshes[:-1]])
+        return Mesh(
+            np.concatenate([m.vertices for m in meshes]),
+            np.concatenate([m.normals for m in meshes]),
+            np.concatenate([m.uvs for m in meshes]),
+            np.concatenate([m.indices + off for m, off in zip(meshes, offsets)]),
+        )
+
+    def face_normals(self) -> np.ndarray:
+        """(M, 3) unit geometric normals from the winding (counter-clockwise = outward)."""
+        v = self.vertices
+        n = np.cross(v[self.indices[:, 1]] - v[self.indices[:, 0]], v[self.indices[:, 2]] - v[self.indices[:, 0]])
+        return n / np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def _grid_indices(rows: int, cols: int, offset: int = 0) -> np.ndarray:
+    """Two triangles per quad of a rows x cols vertex grid (row-major), CCW with rows along +v."""
+    r, c = np.meshgrid(np.arange(rows - 1), np.arange(cols - 1), indexing="ij")
+    a = (r * cols + c).ravel() + offset
+    b = a + 1
+    d = a + cols
+    e = d + 1
+    return np.concatenate([np.stack([a, b, e], 1), np.stack([a, e, d], 1)])
+
+
+def _object_rng(seed: int, kind: int, *key: float) -> np.random.Generator:
+    """Deterministic per-object stream from the world seed and the object's position."""
+    ints = [int(seed), kind] + [int(round(k * 1000.0)) % (2**31) for k in key]
+    return np.random.default_rng(ints)
+
+
+def _smooth_periodic(rng: np.random.Generator, n: int, amp: float, harmonics: int = 3) -> np.ndarray:
+    """Smooth random periodic function sampled at n points over one turn (for irregular outlines)."""
+    t = np.arange(n) * 2 * math.pi / n
+    out = np.zeros(n)
+    for k in range(1, harmonics + 1):
+        out += rng.normal(0, amp / k) * np.cos(k * t + rng.uniform(0, 2 * math.pi))
+    return out
+
+
+# ---------------------------------------------------------------- terrain
+
+
+def terrain_mesh(
+    terrain: Terrain,
+    bounds: tuple[float, float, float, float] | None = None,
+    uv_tile_m: float = LITTER_TILE_M,
+    skirt_m: float = 0.0,
+    skirt_step_m: float = 5.0,
+) -> Mesh:
+    """Heightfield as a triangle grid (one vertex per height sample, so it matches the grid exactly).
+
+    ``bounds`` = (xmin, xmax, ymin, ymax) keeps only the grid cells inside (for tiling).
+    ``skirt_m`` > 0 adds a coarse apron of clamped edge heights around the grid so the
+    ground does not end at the world's border. UVs tile the litter texture every
+    ``uv_tile_m`` metres and stay non-negative (the renderer wraps with ``modf``).
+    """
+    if uv_tile_m <= 0:
+        raise ValueError(f"uv_tile_m must be > 0, got {uv_tile_m}")
+    ny, nx = terrain.shape
+    res = terrain.resolution
+    i0, i1, j0, j1 = 0, nx - 1, 0, ny - 1
+    if bounds is not None:
+        xmin, xmax, ymin, ymax = bounds
+        i0 = int(np.clip(math.floor((xmin - terrain.x0) / res + 1e-9), 0, nx - 1))
+        i1 = int(np.clip(math.ceil((xmax - terrain.x0) / res - 1e-9), 0, nx - 1))
+        j0 = int(np.clip(math.floor((ymin - terrain.y0) / res + 1e-9), 0, ny - 1))
+        j1 = int(np.clip(math.ceil((ymax - terrain.y0) / res - 1e-9), 0, ny - 1))
+        if i1 <= i0 or j1 <= j0:
+            return Mesh.empty()
+    xs = terrain.x0 + np.arange(i0, i1 + 1) * res
+    ys = terrain.y0 + np.arange(j0, j1 + 1) * res
+    meshes = [_height_grid(terrain, xs, ys, uv_tile_m)]
+    if skirt_m > 0:
+        meshes.extend(_terrain_skirt(terrain, skirt_m, skirt_step_m, uv_tile_m))
+    return Mesh.merge(meshes)
+
+
+def _height_grid(terrain: Terrain, xs: np.ndarray, ys: np.ndarray, uv_tile_m: float) -> Mesh:
+    gx, gy = np.meshgrid(xs, ys)  # rows along y
+    gz = np.asarray(terrain.height_at(gx, gy), dtype=np.float64)
+    d = terrain.resolution * 0.5
+    dzdx = (np.asarray(terrain.height_at(gx + d, gy)) - np.asarray(terrain.height_at(gx - d, gy))) / (2 * d)
+    dzdy = (np.asarray(terrain.height_at(gx, gy + d)) - np.asarray(terrain.height_at(gx, gy - d))) / (2 * d)
+    normals = _unit(np.stack([-dzdx, -dzdy, np.ones_like(dzdx)], -1)).reshape(-1, 3)
+    verts = np.stack([gx, gy, gz], -1).reshape(-1, 3)
+    # offset keeps uvs positive well beyond the grid (the skirt reaches outside)
+    uvs = (verts[:, :2] + 1000.0 * uv_tile_m) / uv_tile_m
+    return Mesh(verts, normals, uvs, _grid_indices(len(ys), len(xs)))
+
+
+def _terrain_skirt(terrain: Terrain, skirt_m: float, step_m: float, uv_tile_m: float) -> list[Mesh]:
+    """Four coarse strips around the grid at the clamped edge heights."""
+    xmin, xmax, ymin, ymax = terrain.extent
+    n_out = max(1, int(math.ceil(skirt_m / step_m)))
+    out = np.linspace(0.0, skirt_m, n_out + 1)
+    along_x = np.arange(xmin - skirt_m, xmax + skirt_m + 1e-9, step_m)
+    along_y = np.arange(ymin, ymax + 1e-9, step_m)
+    strips = [
+        (along_x, ymax + out),  # north, including corners
+        (along_x, ymin - out[::-1]),  # south
+        (xmax + out, along_y),  # east
+        (xmin - out[::-1], along_y),  # west
+    ]
+    meshes = []
+    for xs, ys in strips:
+        meshes.append(_height_grid(terrain, np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64),
+                                   uv_tile_m))
+    return meshes
+
+
+def ground_patch_mesh(terrain: Terrain, x: float, y: float, radius: float, rng: np.random.Generator,
+                      sides: int = 12, lift_m: float = 0.03) -> Mesh:
+    """Irregular moss/grass cushion draped on the terrain, ``lift_m`` proud in the middle."""
+    rings = 3
+    outline = radius * np.exp(_smooth_periodic(rng, sides, 0.25))
+    verts = [[x, y]]
+    for k in range(1, rings + 1):
+        s = k / rings
+        ang = np.arange(sides) * 2 * math.pi / sides
+        verts.extend(np.stack([x + s * outline * np.cos(ang), y + s * outline * np.sin(ang)], -1).tolist())
+    xy = np.asarray(verts)
+    s_all = np.concatenate([[0.0], np.repeat(np.arange(1, rings + 1) / rings, sides)])
+    z = np.asarray(terrain.height_at(xy[:, 0], xy[:, 1])) + lift_m * (1.0 - s_all**2) + 0.004
+    v = np.column_stack([xy, z])
+    normals = np.tile([0.0, 0.0, 1.0], (len(v), 1))
+    uvs = (xy + 1000.0 * LITTER_TILE_M) / LITTER_TILE_M
+    idx = []
+    for j in range(sides):  # centre fan
+        idx.append([0, 1 + j, 1 + (j + 1) % sides])
+    for k in range(rings - 1):
+        a0, b0 = 1 + k * sides, 1 + (k + 1) * sides
+        for j in range(sides):
+            j1 = (j + 1) % sides
+            idx.append([a0 + j, b0 + j, b0 + j1])
+            idx.append([a0 + j, b0 + j1, a0 + j1])
+    return Mesh(v, normals, uvs, np.asarray(idx))
+
+
+# ---------------------------------------------------------------- solids of revolution
+
+
+def _ring_mesh(centres: np.ndarray, radii: np.ndarray, sides: int, u_repeats: float, v_coords: np.ndarray,
+               radial_noise: np.ndarray | None = None, axis_dirs: np.ndarray | None = None) -> Mesh:
+    """Tube through ring centres (K, 3) with radii (K,), `sides` segments, seam duplicated for uvs.
+
+    Rings are perpendicular to ``axis_dirs`` (default +z). ``radial_noise`` (K, sides)
+    multiplies the radius per vertex.
+    """
+    k = len(centres)
+    ang = np.arange(sides + 1) * 2 * math.pi / sides
+    if axis_dirs is None:
+        axis_dirs = np.tile([0.0, 0.0, 1.0], (k, 1))
+    axis_dirs = _unit(np.asarray(axis_dirs, dtype=np.float64))
+    ref = np.where(np.abs(axis_dirs[:, 2:3]) < 0.9, np.array([[0.0, 0.0, 1.0]]), np.array([[1.0, 0.0, 0.0]]))
+    e1 = _unit(np.cross(ref, axis_dirs))
+    e2 = np.cross(axis_dirs, e1)
+    # for a vertical axis e1 = +x... keep angle 0 along +x for a z axis
+    dirs = np.cos(ang)[None, :, None] * e1[:, None, :] + np.sin(ang)[None, :, None] * e2[:, None, :]
+    r = np.repeat(radii[:, None], sides + 1, axis=1)
+    if radial_noise is not None:
+        r = r * np.concatenate([radial_noise, radial_noise[:, :1]], axis=1)
+    verts = centres[:, None, :] + r[..., None] * dirs
+    normals = np.broadcast_to(dirs, verts.shape)
+    u = np.broadcast_to(ang[None, :] / (2 * math.pi) * u_repeats, (k, sides + 1))
+    v = np.broadcast_to(v_coords[:, None], (k, sides + 1))
+    uvs = np.stack([u, v], -1)
+    return Mesh(verts.reshape(-1, 3), normals.reshape(-1, 3), uvs.reshape(-1, 2), _grid_indices(k, sides + 1))
+
+
+def _polygon_area_radius(r: float | np.ndarray, sides: int) -> float | np.ndarray:
+    """Vertex radius of a regular polygon with the same area as a circle of radius ``r``."""
+    return r * math.sqrt(2 * math.pi / (sides * math.sin(2 * math.pi / sides)))
+
+
+def trunk_heights(tree: Tree, crown_top_fraction: float | None = None) -> np.ndarray:
+    """Ring heights (above the stem base) used for a trunk; rings follow ``Tree.radius_at`` exactly.
+
+    Starts 0.4 m below the base so the stem meets sloping ground without a gap, and has
+    two rings at 0.5 m where the flare law hands over to the taper law.
+    """
+    if crown_top_fraction is None:
+        crown_top_fraction = 0.92 if tree.conifer else 0.5
+    top = max(tree.crown_base + crown_top_fraction * (tree.height - tree.crown_base), 1.0)
+    return np.array([-0.4, 0.0, 0.25, 0.5 - 1e-4, 0.5, 1.3, top])
+
+
+def trunk_mesh(tree: Tree, sides: int = 16, heights: np.ndarray | None = None) -> Mesh:
+    """Tapered, leaning trunk whose rings sit on ``Tree.axis_at``/``Tree.radius_at``.
+
+    Vertex radii are scaled so the polygon has the circle's area (surface within
+    ~1 % of the model's radius whichever way one looks at it).
+    """
+    if sides < 3:
+        raise ValueError(f"trunk needs at least 3 sides, got {sides}")
+    hs = trunk_heights(tree) if heights is None else np.asarray(heights, dtype=np.float64)
+    centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
+    radii = np.array([_polygon_area_radius(tree.radius_at(h), sides) for h in hs])
+    axis = centres[-1] - centres[0]
+    circumference = 2 * math.pi * tree.dbh / 2
+    u_rep = max(1.0, round(circumference / (BARK_TILE_M * 0.6)))
+    return _ring_mesh(centres, radii, sides, u_rep, (hs + 1.0) / BARK_TILE_M,
+                      axis_dirs=np.tile(axis, (len(hs), 1)))
+
+
+def conifer_crown_mesh(tree: Tree, rng: np.random.Generator, sides: int = 10, tiers: int = 3) -> Mesh:
+    """Stacked, slightly ragged cones (spruce/fir silhouette), each with a concave underside."""
+    meshes = []
+    span = tree.height - tree.crown_base
+    for t in range(tiers):
+        base_h = tree.crown_base + span * t / (tiers + 0.6)
+        apex_h = tree.height if t == tiers - 1 else base_h + span * 0.62
+        frac = 1.0 - t / (tiers + 0.5)
+        radius = tree.crown_radius * frac
+        ax, ay = tree.axis_at(base_h)
+        tx, ty = tree.axis_at(apex_h)
+        base = np.array([ax, ay, tree.z + base_h])
+        apex = np.array([tx, ty, tree.z + apex_h])
+        jag = np.exp(_smooth_periodic(rng, sides, 0.12, harmonics=4) + rng.normal(0, 0.08, sides))
+        droop = (tree.z + base_h) - 0.15 * radius * rng.uniform(0.5, 1.5, sides)
+        meshes.append(_cone(base, apex, radius * jag, droop, sides, under_lift=0.3 * (apex_h - base_h)))
+    return Mesh.merge(meshes)
+
+
+def _cone(base: np.ndarray, apex: np.ndarray, radii: np.ndarray, rim_z: np.ndarray, sides: int,
+          under_lift: float) -> Mesh:
+    """Cone with a (possibly ragged) rim and an inverted shallow cone underneath."""
+    ang = np.arange(sides + 1) * 2 * math.pi / sides
+    r = np.append(radii, radii[0])
+    rz = np.append(rim_z, rim_z[0])
+    rim = np.column_stack([base[0] + r * np.cos(ang), base[1] + r * np.sin(ang), rz])
+    height = apex[2] - base[2]
+    slope = np.mean(radii) / max(height, 1e-6)
+    n_rim = _unit(np.column_stack([np.cos(ang), np.sin(ang), np.full(sides + 1, slope)]))
+    u = ang / (2 * math.pi) * max(1.0, round(2 * math.pi * np.mean(radii) / FOLIAGE_TILE_M))
+    slant = math.hypot(height, float(np.mean(radii)))
+    # side: one apex vertex per segment (its normal is the segment's mid direction)
+    mid = ang[:-1] + math.pi / sides
+    n_apex = _unit(np.column_stack([np.cos(mid), np.sin(mid), np.full(sides, slope)]))
+    verts = np.vstack([rim, np.repeat(apex[None], sides, 0)])
+    normals = np.vstack([n_rim, n_apex])
+    uvs = np.vstack([np.column_stack([u, np.zeros(sides + 1)]),
+                     np.column_stack([(u[:-1] + u[1:]) / 2, np.full(sides, slant / FOLIAGE_TILE_M)])])
+    j = np.arange(sides)
+    idx = np.column_stack([j, j + 1, sides + 1 + j])
+    side = Mesh(verts, normals, uvs, idx)
+    # underside: rim -> a point lifted into the cone, facing down
+    hub = np.array([base[0], base[1], base[2] + under_lift])
+    verts_u = np.vstack([rim, hub[None]])
+    normals_u = np.vstack([_unit(np.column_stack([np.cos(ang) * 0.3, np.sin(ang) * 0.3, -np.ones(sides + 1)])),
+                           [[0.0, 0.0, -1.0]]])
+    uvs_u = np.vstack([np.column_stack([u, np.full(sides + 1, 0.3)]), [[0.5, 0.0]]])
+    idx_u = np.column_stack([j + 1, j, np.full(sides, sides + 1)])
+    return Mesh.merge([side, Mesh(verts_u, normals_u, uvs_u, idx_u)])
+
+
+def ellipsoid_mesh(centre: np.ndarray, semi_axes: tuple[float, float, float], rng: np.random.Generator | None,
+                   lat: int = 6, lon: int = 10, roughness: float = 0.15, yaw: float = 0.0,
+                   uv_tile_m: float = FOLIAGE_TILE_M) -> Mesh:
+    """Irregular ellipsoid (UV sphere with smooth radial noise), yaw-rotated about z."""
+    theta = np.linspace(0.0, math.pi, lat + 1)  # from the top pole down
+    phi = np.arange(lon + 1) * 2 * math.pi / lon
+    st, ct = np.sin(theta)[:, None], np.cos(theta)[:, None]
+    unit = np.stack([st * np.cos(phi)[None], st * np.sin(phi)[None], np.broadcast_to(ct, (lat + 1, lon + 1))], -1)
+    if rng is not None and roughness > 0:
+        noise = np.zeros((lat + 1, lon))
+        for _k in range(3):
+            a, b = rng.normal(0, 1, 3), rng.uniform(0, 2 * math.pi)
+            lobe = unit[..., :lon, :] @ _unit(a)
+            noise += np.cos(2.2 * lobe + b)
+        noise = np.exp(roughness * noise / 1.8 + rng.normal(0, roughness * 0.25, noise.shape))
+        noise[0, :] = noise[0].mean()  # poles stay single points
+        noise[-1, :] = noise[-1].mean()
+        noise = np.concatenate([noise, noise[:, :1]], axis=1)
+    else:
+        noise = np.ones((lat + 1, lon + 1))
+    a, b, c = semi_axes
+    local = unit * noise[..., None] * np.array([a, b, c])
+    cy, sy = math.cos(yaw), math.sin(yaw)
+    rot = np.array([[cy, -sy, 0.0], [sy, cy, 0.0], [0.0, 0.0, 1.0]])
+    verts = local.reshape(-1, 3) @ rot.T + centre
+    normals = _unit((unit / np.array([a, b, c])).reshape(-1, 3) @ rot.T)
+    circumference = 2 * math.pi * max(a, b)
+    u = phi / (2 * math.pi) * max(1.0, round(circumference / uv_tile_m))
+    v = theta / math.pi * max(1.0, round(math.pi * c / uv_tile_m))
+    uvs = np.stack(np.meshgrid(u, v), -1).reshape(-1, 2)
+    # rows run from the top pole downward: flip the quad winding so faces point out
+    idx = _grid_indices(lat + 1, lon + 1)[:, [0, 2, 1]]
+    return Mesh(verts, normals, uvs, idx)
+
+
+def broadleaf_crown_mesh(tree: Tree, rng: np.random.Generator, lat: int = 6, lon: int = 10) -> Mesh:
+    """Irregular crown: a main lumpy ellipsoid plus one offset lobe."""
+    span = tree.height - tree.crown_base
+    cx, cy = tree.axis_at(tree.crown_base + 0.5 * span)
+    centre = np.array([cx, cy, tree.z + tree.crown_base + 0.52 * span])
+    r = tree.crown_radius
+    main = ellipsoid_mesh(centre, (r, r * rng.uniform(0.8, 1.0), 0.55 * span), rng, lat, lon, roughness=0.2,
+                          yaw=float(rng.uniform(0, math.pi)))
+    off_ang = rng.uniform(0, 2 * math.pi)
+    lobe_centre = centre + np.array([0.45 * r * math.cos(off_ang), 0.45 * r * math.sin(off_ang), -0.15 * span])
+    lobe = ellipsoid_mesh(lobe_centre, (0.6 * r, 0.55 * r, 0.32 * span), rng, max(4, lat - 1), max(6, lon - 2),
+                          roughness=0.2)
+    return Mesh.merge([main, lobe])
+
+
+def log_mesh(log: Log, sides: int = 12) -> Mesh:
+    """Horizontal cylinder along the log's yaw, with end-grain caps (log texture atlas).
+
+    Around the log, u spans the atlas' bark columns once; along it, v repeats every
+    ``LOG_TILE_M``; the caps map onto the atlas' end-grain square.
+    """
+    (x0, y0), (x1, y1) = log.endpoints()
+    r = _polygon_area_radius(log.diameter / 2.0, sides)
+    centres = np.array([[x0, y0, log.z], [x1, y1, log.z]])
+    axis = _unit(centres[1] - centres[0])
+    v_len = max(1.0, round(log.length / LOG_TILE_M))
+    side = _ring_mesh(centres, np.array([r, r]), sides, textures.LOG_BARK_U * 0.999, np.array([0.0, v_len]),
+                      axis_dirs=np.tile(axis, (2, 1)))
+    cu0, cu1 = textures.LOG_CAP_U
+    cv0, cv1 = textures.LOG_CAP_V
+    caps = []
+    for k, sign in ((0, -1.0), (1, 1.0)):
+        ring = side.vertices[k * (sides + 1): k * (sides + 1) + sides]
+        end = centres[k]
+        n = axis * sign
+        e1 = _unit(np.cross([0.0, 0.0, 1.0], n))
+        e2 = np.cross(n, e1)
+        rel = ring - end
+        pu = (rel @ e1) / (2 * r) + 0.5
+        pv = (rel @ e2) / (2 * r) + 0.5
+        uvs = np.vstack([np.column_stack([cu0 + pu * (cu1 - cu0), cv0 + pv * (cv1 - cv0)]),
+                         [[(cu0 + cu1) / 2, (cv0 + cv1) / 2]]])
+        j = np.arange(sides)
+        cap = Mesh(np.vstack([ring, end[None]]), np.tile(n, (sides + 1, 1)), uvs,
+                   np.column_stack([j, (j + 1) % sides, np.full(sides, sides)]))
+        if np.mean(cap.face_normals() @ n) < 0:  # face outward along n
+            cap.indices = cap.indices[:, [0, 2, 1]]
+        caps.append(cap)
+    return Mesh.merge([side, *caps])
+
+
+def bush_mesh(bush: Bush, rng: np.random.Generator, lat: int = 5, lon: int = 9) -> Mesh:
+    """Squashed irregular ellipsoid, its lower part sunk into the ground."""
+    centre = np.array([bush.x, bush.y, bush.z + 0.42 * bush.height])
+    return ellipsoid_mesh(centre, (bush.radius, bush.radius * rng.uniform(0.75, 1.0), 0.55 * bush.height), rng,
+                          lat, lon, roughness=0.22, yaw=float(rng.uniform(0, math.pi)), uv_tile_m=1.0)
+
+
+def rock_mesh(rock: Rock, rng: np.random.Generator, lat: int = 5, lon: int = 8) -> Mesh:
+    """Squashed irregular sphere, yawed, partly buried (the world model puts its centre low)."""
+    centre = np.array([rock.x, rock.y, rock.z])
+    r = rock.radius
+    return ellipsoid_mesh(centre, (r * 1.15, r * 0.9, r * rock.squash), rng, lat, lon, roughness=0.18,
+                          yaw=rock.yaw, uv_tile_m=ROCK_TILE_M)
+
+
+# ---------------------------------------------------------------- world assembly
+
+CATEGORIES: dict[str, str] = {
+    # category -> texture name
+    "terrain": "litter",
+    "moss": "moss",
+    "grass": "grass",
+    "trunk_conifer": "bark_conifer",
+    "trunk_broadleaf": "bark_broadleaf",
+    "crown_conifer": "foliage_conifer",
+    "crown_broadleaf": "foliage_broadleaf",
+    "log": "log",
+    "bush": "bush",
+    "rock": "rock",
+}
+
+
+@dataclass
+class MeshGroup:
+    """Every object of one category inside one spatial tile, merged into a single mesh."""
+
+    category: str
+    texture: str
+    tile: tuple[int, int]
+    mesh: Mesh
+
+
+@dataclass(frozen=True)
+class MeshDetail:
+    """Tessellation levels (sides of trunks, crowns...) and the merge tile size."""
+
+    trunk_sides: int = 16
+    crown_sides: int = 10
+    crown_lat: int = 6
+    crown_lon: int = 10
+    log_sides: int = 12
+    bush_lat: int = 5
+    bush_lon: int = 9
+    rock_lat: int = 5
+    rock_lon: int = 8
+    tile_m: float = 15.0
+    ground_patches_per_ha: float = 120.0
+    backdrop_m: float = 20.0
+    backdrop_trunk_sides: int = 8
+
+    def validate(self) -> MeshDetail:
+        """Raise ``ValueError`` naming the first bad field."""
+        if self.trunk_sides < 16:
+            raise ValueError(f"trunk_sides must be >= 16 (trunk depth accuracy), got {self.trunk_sides}")
+        for name in ("crown_sides", "crown_lon", "log_sides", "bush_lon", "rock_lon", "backdrop_trunk_sides"):
+            if getattr(self, name) < 3:
+                raise ValueError(f"{name} must be >= 3, got {getattr(self, name)}")
+        for name in ("crown_lat", "bush_lat", "rock_lat"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
+        if not 2.0 <= self.tile_m <= 1000.0:
+            raise ValueError(f"tile_m must be within [2, 1000] m, got {self.tile_m}")
+        if self.ground_patches_per_ha < 0 or self.backdrop_m < 0:
+            raise ValueError(
+                f"ground_patches_per_ha and backdrop_m must be >= 0, got {self.ground_patches_per_ha}, "
+                f"{self.backdrop_m}"
+            )
+        return self
+
+
+def backdrop_trees(world: ForestWorld, band_m: float) -> list[Tree]:
+    """Copies of the world's trees shifted by +-size into a band around the border.
+
+    Render-only scenery so the forest does not end at the world's edge; the copies sit
+    on the clamped edge heights of the terrain skirt. They are not obstacles.
+    """
+    if band_m <= 0:
+        return []
+    size = world.config.size_m
+    half = world.half_size
+    out: list[Tree] = []
+    for dx in (-size, 0.0, size):
+        for dy in (-size, 0.0, size):
+            if dx == 0.0 and dy == 0.0:
+                continue
+            for t in world.trees:
+                x, y = t.x + dx, t.y + dy
+                if max(abs(x), abs(y)) <= half + band_m:
+                    out.append(replace(t, x=x, y=y, z=float(world.terrain.height_at(x, y))))
+    return out
+
+
+def _tile_of(x: float, y: float, tile_m: float) -> tuple[int, int]:
+    return int(math.floor(x / tile_m)), int(math.floor(y / tile_m))
+
+
+def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> list[MeshGroup]:
+    """All of the world's geometry, merged per (category, tile) into few large meshes.
+
+    Meshes stay below ~60k vertices each (the renderer's per-shape limit is 131k).
+    """
+    detail = (detail or MeshDetail()).validate()
+    seed = int(world.config.seed)
+    tile = detail.tile_m
+    parts: dict[tuple[str, tuple[int, int]], list[Mesh]] = {}
+
+    def add(category: str, x: float, y: float, mesh: Mesh) -> None:
+        parts.setdefault((category, _tile_of(x, y, tile)), []).append(mesh)
+
+    terrain = world.terrain
+    xmin, xmax, ymin, ymax = terrain.extent
+    # terrain tiles on the same grid as the objects
+    for tx in range(_tile_of(xmin, 0, tile)[0], _tile_of(xmax - 1e-9, 0, tile)[0] + 1):
+        for ty in range(_tile_of(0, ymin, tile)[1], _tile_of(0, ymax - 1e-9, tile)[1] + 1):
+            bounds = (max(tx * tile, xmin), min((tx + 1) * tile, xmax), max(ty * tile, ymin), min((ty + 1) * tile, ymax))
+            m = terrain_mesh(terrain, bounds)
+            if m.n_vertices:
+                parts.setdefault(("terrain", (tx, ty)), []).append(m)
+    if detail.backdrop_m > 0:
+        skirt = Mesh.merge(_terrain_skirt(terrain, detail.backdrop_m + 10.0, 5.0, LITTER_TILE_M))
+        parts.setdefault(("terrain", (10_000, 10_000)), []).append(skirt)
+
+    # moss and grass cushions
+    rng_patch = np.random.default_rng([seed, 77])
+    area_ha = world.config.size_m**2 / 10_000.0
+    for _ in range(int(rng_patch.poisson(detail.ground_patches_per_ha * area_ha))):
+        x, y = rng_patch.uniform(-world.half_size + 1, world.half_size - 1, 2)
+        radius = float(rng_patch.uniform(0.4, 2.0))
+        kind = "moss" if rng_patch.random() < 0.6 else "grass"
+        add(kind, x, y, ground_patch_mesh(terrain, float(x), float(y), radius, rng_patch))
+
+    for t in world.trees:
+        rng = _object_rng(seed, 1, t.x, t.y)
+        kind = "conifer" if t.conifer else "broadleaf"
+        add(f"trunk_{kind}", t.x, t.y, trunk_mesh(t, detail.trunk_sides))
+        if t.conifer:
+            crown = conifer_crown_mesh(t, rng, detail.crown_sides)
+        else:
+            crown = broadleaf_crown_mesh(t, rng, detail.crown_lat, detail.crown_lon)
+        add(f"crown_{kind}", t.x, t.y, crown)
+    for t in backdrop_trees(world, detail.backdrop_m):
+        rng = _object_rng(seed, 5, t.x, t.y)
+        kind = "conifer" if t.conifer else "broadleaf"
+        sides = detail.backdrop_trunk_sides
+        r0 = t.radius_at(0.0)
+        hs = np.array([-0.4, 0.5, trunk_heights(t)[-1]])
+        add(f"trunk_{kind}", t.x, t.y, _backdrop_trunk(t, hs, sides, r0))
+        if t.conifer:
+            crown = conifer_crown_mesh(t, rng, max(6, detail.crown_sides - 3), tiers=2)
+        else:
+            crown = broadleaf_crown_mesh(t, rng, max(4, detail.crown_lat - 2), max(6, detail.crown_lon - 3))
+        add(f"crown_{kind}", t.x, t.y, crown)
+    for lg in world.logs:
+        add("log", lg.x, lg.y, log_mesh(lg, detail.log_sides))
+    for b in world.bushes:
+        add("bush", b.x, b.y, bush_mesh(b, _object_rng(seed, 2, b.x, b.y), detail.bush_lat, detail.bush_lon))
+    for r in world.rocks:
+        add("rock", r.x, r.y, rock_mesh(r, _object_rng(seed, 3, r.x, r.y), detail.rock_lat, detail.rock_lon))
+
+    groups = []
+    for (category, tile_key), meshes in sorted(parts.items()):
+        for chunk in _chunks(meshes, max_vertices=60_000):
+            groups.append(MeshGroup(category, CATEGORIES[category], tile_key, Mesh.merge(chunk)))
+    return groups
+
+
+def _backdrop_trunk(tree: Tree, hs: np.ndarray, sides: int, r0: float) -> Mesh:
+    centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
+    radii = np.array([tree.radius_at(max(h, 0.0)) for h in hs])
+    return _ring_mesh(centres, radii, sides, 1.0, (hs + 1.0) / BARK_TILE_M)
+
+
+def _chunks(meshes: list[Mesh], max_vertices: int) -> list[list[Mesh]]:
+    out: list[list[Mesh]] = [[]]
+    count = 0
+    for m in meshes:
+        if count + m.n_vertices > max_vertices and out[-1]:
+            out.append([])
+            count = 0
+        out[-1].append(m)
+        count += m.n_vertices
+    return out
+
+
+def write_obj(mesh: Mesh, path: str | Path, texture: str | Path | None = None) -> Path:
+    """Write ``mesh`` as a Wavefront OBJ (v/vt/vn, 1-based faces); with ``texture``, also an MTL beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# forest_perception mesh: {mesh.n_vertices} vertices, {mesh.n_triangles} triangles"]
+    if texture is not None:
+        mtl = path.with_suffix(".mtl")
+        mtl.write_text(f"newmtl surface\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nmap_Kd {Path(texture).resolve()}\n")
+        lines += [f"mtllib {mtl.name}", "usemtl surface"]
+    body = [
+        "\n".join(f"v {x:.5f} {y:.5f} {z:.5f}" for x, y, z in mesh.vertices),
+        "\n".join(f"vt {u:.5f} {v:.5f}" for u, v in mesh.uvs),
+        "\n".join(f"vn {x:.4f} {y:.4f} {z:.4f}" for x, y, z in mesh.normals),
+        "\n".join(f"f {a}/{a}/{a} {b}/{b}/{b} {c}/{c}/{c}" for a, b, c in mesh.indices + 1),
+    ]
+    path.write_text("\n".join(lines + [b for b in body if b]) + "\n")
+    return path

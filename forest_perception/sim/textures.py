@@ -1,0 +1,354 @@
+"""Procedural forest textures (bark, leaf litter, moss, grass, rock, foliage, log), made with numpy.
+
+Every texture is seamless (it tiles in both directions, built from periodic spectral
+noise and wrapped stamps) and deterministic from a seed. Textures carry the cues a
+monocular depth network learns from: grain that shrinks with distance, furrows,
+leaf-sized blotches; none is a flat colour. The renderer samples them nearest-neighbour
+(TinyRenderer has no mipmaps), so most of the energy sits at low and middle
+frequencies to keep distant surfaces from turning into salt-and-pepper noise.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+# bump when a generator changes, so stale cached PNGs are not reused
+TEXTURE_VERSION = 3
+
+TEXTURE_NAMES = (
+    "bark_conifer",
+    "bark_broadleaf",
+    "litter",
+    "moss",
+    "grass",
+    "rock",
+    "foliage_conifer",
+    "foliage_broadleaf",
+    "bush",
+    "log",
+)
+
+# Log texture atlas: bark on u in [0, LOG_BARK_U), end-grain rings in the square
+# LOG_CAP_U0..1 x LOG_CAP_V0..LOG_CAP_V1 (meshes.py maps cylinder sides and caps there).
+LOG_BARK_U = 0.75
+LOG_CAP_U = (0.75, 1.0)
+LOG_CAP_V = (0.375, 0.625)
+
+
+def spectral_noise(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    beta: float = 2.0,
+    stretch: tuple[float, float] = (1.0, 1.0),
+    fmin: float = 1.0,
+    fmax: float | None = None,
+) -> np.ndarray:
+    """Periodic 1/f^beta noise, zero mean and unit standard deviation.
+
+    ``shape`` is (rows, cols). ``stretch`` = (sx, sy) weighs the column and row
+    frequencies: sy > sx makes features long along the rows' axis (vertical streaks).
+    ``fmin``/``fmax`` band-limit the spectrum in cycles per tile.
+    """
+    h, w = shape
+    white = rng.standard_normal((h, w))
+    fy = np.fft.fftfreq(h)[:, None] * h
+    fx = np.fft.fftfreq(w)[None, :] * w
+    f = np.sqrt((fx * stretch[0]) ** 2 + (fy * stretch[1]) ** 2)
+    amp = np.zeros_like(f)
+    band = f >= fmin
+    if fmax is not None:
+        band &= f <= fmax
+    amp[band] = f[band] ** (-beta / 2.0)
+    out = np.real(np.fft.ifft2(np.fft.fft2(white) * amp))
+    out -= out.mean()
+    std = out.std()
+    return out / std if std > 0 else out
+
+
+def _palette_mix(t: np.ndarray, colours: list[tuple[int, int, int]]) -> np.ndarray:
+    """Map ``t`` in [0, 1] through a piecewise-linear colour ramp -> float RGB image."""
+    stops = np.linspace(0.0, 1.0, len(colours))
+    cols = np.asarray(colours, dtype=np.float64)
+    t = np.clip(t, 0.0, 1.0)
+    out = np.empty(t.shape + (3,), dtype=np.float64)
+    for c in range(3):
+        out[..., c] = np.interp(t, stops, cols[:, c])
+    return out
+
+
+def _cdf(x: np.ndarray) -> np.ndarray:
+    """Squash unit-variance noise to [0, 1] (logistic approximation of the normal CDF)."""
+    return 1.0 / (1.0 + np.exp(-1.7 * x))
+
+
+def _stamp_wrapped(img: np.ndarray, draw: Callable[[np.ndarray, tuple[int, int]], None], x: float, y: float,
+                   reach: float) -> None:
+    """Call ``draw(img, centre)`` at (x, y) and at the wrapped copies that touch the tile."""
+    h, w = img.shape[:2]
+    for dx in (-w, 0, w):
+        for dy in (-h, 0, h):
+            cx, cy = x + dx, y + dy
+            if -reach <= cx <= w + reach and -reach <= cy <= h + reach:
+                draw(img, (int(round(cx)), int(round(cy))))
+
+
+def _stamp_leaves(
+    rng: np.random.Generator,
+    img: np.ndarray,
+    count: int,
+    size_px: tuple[float, float],
+    palette: list[tuple[int, int, int]],
+    jitter: float = 0.15,
+    midrib: bool = True,
+) -> None:
+    """Scatter elliptic leaves (with a darker midrib) over ``img`` in place, seamlessly."""
+    pal = np.asarray(palette, dtype=np.float64)
+    for _ in range(count):
+        x, y = rng.uniform(0, img.shape[1]), rng.uniform(0, img.shape[0])
+        a = rng.uniform(*size_px)
+        b = a * rng.uniform(0.35, 0.6)
+        ang = float(rng.uniform(0, 180))
+        base = pal[rng.integers(len(pal))] * rng.uniform(1.0 - jitter, 1.0 + jitter)
+        colour = tuple(float(c) for c in np.clip(base, 0, 255))
+        rib = tuple(float(c) * 0.7 for c in colour)
+        axes = (max(1, int(round(a))), max(1, int(round(b))))
+
+        def draw(im: np.ndarray, centre: tuple[int, int], axes=axes, ang=ang, colour=colour, rib=rib) -> None:
+            cv2.ellipse(im, centre, axes, ang, 0, 360, colour, -1, lineType=cv2.LINE_AA)
+            if midrib and axes[0] >= 3:
+                t = math.radians(ang)
+                ex, ey = axes[0] * 0.9 * math.cos(t), axes[0] * 0.9 * math.sin(t)
+                p0 = (int(round(centre[0] - ex)), int(round(centre[1] - ey)))
+                p1 = (int(round(centre[0] + ex)), int(round(centre[1] + ey)))
+                cv2.line(im, p0, p1, rib, 1, lineType=cv2.LINE_AA)
+
+        _stamp_wrapped(img, draw, x, y, a + 2)
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def bark_texture(rng: np.random.Generator, size: int = 256, conifer: bool = True) -> np.ndarray:
+    """Bark with vertical furrows (rows = height along the stem).
+
+    Conifer bark is reddish-brown with scaly plates; broadleaf bark is grey-olive and
+    smoother, with lichen-green patches.
+    """
+    shape = (size, size)
+    furrow = spectral_noise(rng, shape, beta=2.2, stretch=(1.0, 7.0 if conifer else 10.0), fmin=3.0)
+    ridges = 1.0 - np.abs(np.tanh(0.9 * furrow))  # bright ridges, dark narrow furrows
+    plates = spectral_noise(rng, shape, beta=2.5, stretch=(1.0, 2.0), fmin=2.0)
+    grain = spectral_noise(rng, shape, beta=1.0, fmin=16.0)
+    blotch = spectral_noise(rng, shape, beta=3.0, fmin=1.0)
+    if conifer:
+        colours = [(38, 26, 20), (82, 52, 36), (122, 80, 54), (150, 104, 74)]
+        t = 0.55 * ridges + 0.2 * _cdf(plates) + 0.08 * grain + 0.1 * _cdf(blotch)
+    else:
+        colours = [(42, 40, 34), (88, 84, 74), (126, 122, 110), (152, 150, 138)]
+        t = 0.45 * ridges + 0.3 * _cdf(blotch) + 0.06 * grain + 0.1 * _cdf(plates)
+    img = _palette_mix(t, colours)
+    if not conifer:
+        # lichen and algae on the weather side
+        lichen = _cdf(1.6 * (spectral_noise(rng, shape, beta=2.8, fmin=2.0) - 0.6))
+        img = img * (1 - 0.55 * lichen[..., None]) + np.array([96, 118, 70]) * 0.55 * lichen[..., None]
+    return _to_uint8(img)
+
+
+def litter_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """Leaf-litter forest floor: humus, brown/orange leaves, needles, twigs, a little green."""
+    shape = (size, size)
+    big = spectral_noise(rng, shape, beta=3.0, fmin=1.0)
+    mid = spectral_noise(rng, shape, beta=2.0, fmin=4.0)
+    humus = _palette_mix(0.5 + 0.18 * big + 0.15 * mid, [(34, 24, 16), (62, 44, 28), (92, 66, 42)])
+    img = humus.copy()
+    leaves = [
+        (96, 60, 30), (122, 76, 36), (146, 92, 44), (168, 98, 38), (178, 120, 56),
+        (66, 44, 26), (150, 124, 70), (112, 100, 84), (84, 96, 44), (132, 58, 30),
+    ]
+    scale = size / 256.0
+    _stamp_leaves(rng, img, int(1500 * scale**2), (3.0 * scale, 8.0 * scale), leaves, jitter=0.2)
+    # twigs and needles: thin dark lines
+    for _ in range(int(120 * scale**2)):
+        x, y = rng.uniform(0, size, 2)
+        length = rng.uniform(4, 22) * scale
+        ang = rng.uniform(0, math.pi)
+        colour = tuple(float(c) for c in np.array([58, 40, 26]) * rng.uniform(0.7, 1.4))
+        ex, ey = length * math.cos(ang) / 2, length * math.sin(ang) / 2
+
+        def draw(im: np.ndarray, c: tuple[int, int], ex=ex, ey=ey, colour=colour) -> None:
+            cv2.line(im, (int(c[0] - ex), int(c[1] - ey)), (int(c[0] + ex), int(c[1] + ey)), colour, 1,
+                     lineType=cv2.LINE_AA)
+
+        _stamp_wrapped(img, draw, x, y, length)
+    # multi-scale damp/dry blotches modulate the whole floor
+    shade = 1.0 + 0.22 * big + 0.1 * spectral_noise(rng, shape, beta=2.0, fmin=6.0)
+    img = img * shade[..., None]
+    fine = spectral_noise(rng, shape, beta=0.5, fmin=32.0)
+    img = img * (1.0 + 0.06 * fine[..., None])
+    return _to_uint8(img)
+
+
+def moss_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """Cushion moss: yellow-green to dark green with fine grain and a few litter specks."""
+    shape = (size, size)
+    big = spectral_noise(rng, shape, beta=2.8, fmin=1.0)
+    cushions = spectral_noise(rng, shape, beta=2.0, fmin=6.0)
+    grain = spectral_noise(rng, shape, beta=0.8, fmin=24.0)
+    t = 0.5 + 0.16 * big + 0.16 * cushions + 0.12 * grain
+    img = _palette_mix(t, [(30, 44, 16), (58, 82, 26), (92, 114, 36), (138, 146, 58)])
+    _stamp_leaves(rng, img, int(90 * (size / 256) ** 2), (2.0, 5.0), [(110, 74, 38), (140, 96, 46)], midrib=False)
+    return _to_uint8(img)
+
+
+def grass_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """Tufted woodland grass: thin blades of mixed greens and straw over dark soil."""
+    shape = (size, size)
+    img = _palette_mix(0.5 + 0.2 * spectral_noise(rng, shape, beta=2.5), [(30, 34, 16), (52, 58, 26), (70, 70, 34)])
+    blades = [(74, 110, 38), (96, 132, 48), (120, 150, 60), (150, 150, 84), (60, 90, 30)]
+    pal = np.asarray(blades, dtype=np.float64)
+    n = int(2600 * (size / 256) ** 2)
+    for _ in range(n):
+        x, y = rng.uniform(0, size, 2)
+        length = rng.uniform(5, 14) * size / 256
+        ang = rng.uniform(0, math.pi)
+        colour = tuple(float(c) for c in np.clip(pal[rng.integers(len(pal))] * rng.uniform(0.8, 1.2), 0, 255))
+        ex, ey = length * math.cos(ang) / 2, length * math.sin(ang) / 2
+
+        def draw(im: np.ndarray, c: tuple[int, int], ex=ex, ey=ey, colour=colour) -> None:
+            cv2.line(im, (int(c[0] - ex), int(c[1] - ey)), (int(c[0] + ex), int(c[1] + ey)), colour, 1,
+                     lineType=cv2.LINE_AA)
+
+        _stamp_wrapped(img, draw, x, y, length)
+    shade = 1.0 + 0.18 * spectral_noise(rng, shape, beta=3.0)
+    return _to_uint8(img * shade[..., None])
+
+
+def rock_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """Grey granular rock with darker cracks, mineral speckle and lichen spots."""
+    shape = (size, size)
+    big = spectral_noise(rng, shape, beta=3.0)
+    grains = spectral_noise(rng, shape, beta=0.3, fmin=40.0)
+    cracks = np.abs(spectral_noise(rng, shape, beta=2.2, fmin=3.0))
+    t = 0.55 + 0.12 * big + 0.13 * grains
+    img = _palette_mix(t, [(52, 52, 50), (98, 96, 92), (138, 136, 130), (176, 174, 168)])
+    img *= (0.6 + 0.4 * np.clip(cracks / 0.12, 0, 1))[..., None]  # thin dark crack network
+    spots = _cdf(3.0 * (spectral_noise(rng, shape, beta=2.0, fmin=4.0) - 1.1))
+    lichen = np.array([150, 152, 110])
+    img = img * (1 - 0.6 * spots[..., None]) + lichen * 0.6 * spots[..., None]
+    moss = _cdf(2.5 * (big - 0.9))
+    img = img * (1 - 0.7 * moss[..., None]) + np.array([70, 92, 34]) * 0.7 * moss[..., None]
+    return _to_uint8(img)
+
+
+def foliage_texture(rng: np.random.Generator, size: int = 256, conifer: bool = True) -> np.ndarray:
+    """Crown foliage: clustered greens with dark gaps between the clumps."""
+    shape = (size, size)
+    clumps = spectral_noise(rng, shape, beta=2.2, fmin=3.0)
+    fine = spectral_noise(rng, shape, beta=0.8, fmin=20.0)
+    big = spectral_noise(rng, shape, beta=3.0)
+    if conifer:
+        colours = [(10, 18, 12), (24, 46, 28), (40, 70, 40), (62, 92, 54)]
+        t = 0.5 + 0.2 * clumps + 0.14 * fine + 0.08 * big
+    else:
+        colours = [(14, 22, 8), (40, 66, 20), (74, 106, 34), (118, 146, 58)]
+        t = 0.5 + 0.18 * clumps + 0.1 * fine + 0.1 * big
+    img = _palette_mix(t, colours)
+    gaps = clumps < -0.9  # deep shadow between the clumps
+    img[gaps] *= 0.35
+    if not conifer:
+        _stamp_leaves(rng, img, int(700 * (size / 256) ** 2), (2.5, 6.0),
+                      [(70, 104, 32), (96, 130, 44), (56, 86, 26), (120, 150, 60)], midrib=False)
+    return _to_uint8(img)
+
+
+def bush_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """Understorey shrub (bramble, holly, young beech): mixed greens, a few dead leaves."""
+    shape = (size, size)
+    clumps = spectral_noise(rng, shape, beta=2.0, fmin=4.0)
+    img = _palette_mix(0.5 + 0.2 * clumps, [(12, 20, 8), (36, 58, 22), (64, 92, 32)])
+    _stamp_leaves(rng, img, int(1100 * (size / 256) ** 2), (3.0, 7.5),
+                  [(58, 92, 28), (82, 118, 38), (104, 136, 48), (46, 72, 24), (120, 96, 46)], jitter=0.25)
+    img[clumps < -1.1] *= 0.4
+    return _to_uint8(img)
+
+
+def log_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """Fallen-log atlas: weathered, mossy bark on the left 3/4, end-grain rings on the right."""
+    bark_w = int(round(size * LOG_BARK_U))
+    shape = (size, bark_w)
+    furrow = spectral_noise(rng, shape, beta=2.2, stretch=(1.0, 8.0), fmin=3.0)  # along the log axis (v)
+    ridges = 1.0 - np.abs(np.tanh(0.9 * furrow))
+    blotch = spectral_noise(rng, shape, beta=3.0)
+    grain = spectral_noise(rng, shape, beta=1.0, fmin=16.0)
+    t = 0.5 * ridges + 0.25 * _cdf(blotch) + 0.08 * grain
+    bark = _palette_mix(t, [(30, 22, 16), (70, 52, 36), (108, 86, 64), (134, 116, 92)])
+    moss = _cdf(2.5 * (spectral_noise(rng, shape, beta=2.6) - 0.5))
+    bark = bark * (1 - 0.75 * moss[..., None]) + np.array([72, 96, 32]) * 0.75 * moss[..., None]
+    cap_w = size - bark_w
+    yy, xx = np.mgrid[0:size, 0:cap_w].astype(np.float64)
+    cy = size * (1.0 - (LOG_CAP_V[0] + LOG_CAP_V[1]) / 2.0)
+    r = np.hypot(xx - (cap_w - 1) / 2.0, (yy - cy))
+    wobble = 0.8 * spectral_noise(rng, (size, cap_w), beta=2.5)
+    rings = 0.5 + 0.5 * np.sin(r * 1.3 + wobble)
+    cap = _palette_mix(0.35 + 0.4 * rings + 0.1 * spectral_noise(rng, (size, cap_w), beta=1.0),
+                       [(92, 66, 40), (150, 114, 74), (186, 150, 102)])
+    cap[r > cap_w * 0.47] *= 0.55  # bark rim
+    img = np.concatenate([bark, cap], axis=1)
+    return _to_uint8(img)
+
+
+_GENERATORS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
+    "bark_conifer": lambda rng, s: bark_texture(rng, s, conifer=True),
+    "bark_broadleaf": lambda rng, s: bark_texture(rng, s, conifer=False),
+    "litter": litter_texture,
+    "moss": moss_texture,
+    "grass": grass_texture,
+    "rock": rock_texture,
+    "foliage_conifer": lambda rng, s: foliage_texture(rng, s, conifer=True),
+    "foliage_broadleaf": lambda rng, s: foliage_texture(rng, s, conifer=False),
+    "bush": bush_texture,
+    "log": log_texture,
+}
+
+
+def make_texture(name: str, seed: int = 0, size: int = 256) -> np.ndarray:
+    """Generate one texture as an (size, size, 3) uint8 RGB array; same name and seed, same image."""
+    if name not in _GENERATORS:
+        raise ValueError(f"unknown texture {name!r}; known textures: {', '.join(TEXTURE_NAMES)}")
+    if not (isinstance(size, (int, np.integer)) and 32 <= size <= 2048 and size % 4 == 0):
+        raise ValueError(f"texture size must be an integer multiple of 4 within [32, 2048], got {size!r}")
+    # one independent stream per texture name, so adding a texture never changes the others
+    name_key = int.from_bytes(name.encode(), "little") % (2**63)
+    rng = np.random.default_rng([int(seed), name_key])
+    return _GENERATORS[name](rng, int(size))
+
+
+def generate_textures(
+    cache_dir: str | Path | None = None, seed: int = 0, size: int = 256, names: tuple[str, ...] = TEXTURE_NAMES
+) -> dict[str, Path]:
+    """Write the textures as PNG files into ``cache_dir`` (a new temp dir when None); return name -> path.
+
+    Files already in the cache (same name, seed, size and generator version) are reused.
+    """
+    if cache_dir is None:
+        cache_dir = tempfile.mkdtemp(prefix="forest_textures_")
+    out_dir = Path(cache_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for name in names:
+        path = out_dir / f"{name}_s{int(seed)}_{int(size)}_v{TEXTURE_VERSION}.png"
+        if not path.is_file():
+            img = make_texture(name, seed, size)
+            tmp = path.with_suffix(".tmp.png")
+            if not cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
+                raise OSError(f"could not write texture {name!r} to {tmp}")
+            tmp.replace(path)  # atomic, so a parallel process never reads half a file
+        paths[name] = path
+    return paths

@@ -1,0 +1,346 @@
+"""Lighting/weather presets and the colour camera's image pipeline.
+
+A :class:`WeatherPreset` drives both the renderer's lighting (light direction and
+colour, ambient/diffuse/specular, shadows) and the post-processing: sky gradient,
+distance fog, exposure and white balance. :class:`CameraEffects` describes the sensor
+(exposure compensation, read/shot noise, motion blur, vignetting, lens softness).
+:func:`apply_camera_pipeline` turns a rendered frame into what a small rover's colour
+camera would deliver; it is vectorised numpy/OpenCV and deterministic given its rng.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+from forest_perception.sim.robot import CameraIntrinsics
+
+RGB = tuple[float, float, float]
+
+# sky pixels are blended with the fog colour as if they were this far away
+SKY_FOG_DISTANCE_M = 60.0
+
+
+def sun_direction(elevation_deg: float, azimuth_deg: float) -> tuple[float, float, float]:
+    """Unit vector towards the sun in ENU from elevation above the horizon and azimuth (0 = east, CCW)."""
+    el, az = math.radians(elevation_deg), math.radians(azimuth_deg)
+    return (math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el))
+
+
+@dataclass(frozen=True)
+class WeatherPreset:
+    """Illumination and atmosphere of a scene.
+
+    ``light_direction`` points from the scene towards the light (ENU, unit length).
+    Colours are RGB: light colour and tint in [0, 2] (multipliers), sky and fog
+    colours in [0, 255]. ``fog_density_per_m`` is the extinction coefficient:
+    a surface ``d`` metres away keeps ``exp(-density * d)`` of its own colour.
+    """
+
+    name: str
+    light_direction: tuple[float, float, float]
+    light_color: RGB
+    ambient: float
+    diffuse: float
+    specular: float
+    shadows: bool
+    sky_top: RGB
+    sky_horizon: RGB
+    fog_density_per_m: float
+    fog_color: RGB
+    exposure_gain: float
+    tint: RGB
+    sun_glow: float = 0.0
+
+    def validate(self) -> WeatherPreset:
+        """Raise ``ValueError`` naming the first out-of-range field; return self when fine."""
+        d = np.asarray(self.light_direction, dtype=np.float64)
+        if d.shape != (3,) or not np.all(np.isfinite(d)) or abs(np.linalg.norm(d) - 1.0) > 1e-3:
+            raise ValueError(f"{self.name}: light_direction must be a unit 3-vector, got {self.light_direction}")
+        for field_name in ("ambient", "diffuse", "specular"):
+            v = getattr(self, field_name)
+            if not 0.0 <= v <= 2.0:
+                raise ValueError(f"{self.name}: {field_name} coefficient must be within [0, 2], got {v}")
+        for field_name in ("light_color", "tint"):
+            c = getattr(self, field_name)
+            if len(c) != 3 or not all(0.0 <= x <= 2.0 for x in c):
+                raise ValueError(f"{self.name}: {field_name} must be three multipliers within [0, 2], got {c}")
+        for field_name in ("sky_top", "sky_horizon", "fog_color"):
+            c = getattr(self, field_name)
+            if len(c) != 3 or not all(0.0 <= x <= 255.0 for x in c):
+                raise ValueError(f"{self.name}: {field_name} must be RGB within [0, 255], got {c}")
+        if not 0.0 <= self.fog_density_per_m <= 1.0:
+            raise ValueError(f"{self.name}: fog_density_per_m must be within [0, 1] per metre, "
+                             f"got {self.fog_density_per_m}")
+        if not 0.05 <= self.exposure_gain <= 8.0:
+            raise ValueError(f"{self.name}: exposure_gain must be within [0.05, 8], got {self.exposure_gain}")
+        if not 0.0 <= self.sun_glow <= 1.0:
+            raise ValueError(f"{self.name}: sun_glow must be within [0, 1], got {self.sun_glow}")
+        return self
+
+
+WEATHER_PRESETS: dict[str, WeatherPreset] = {
+    p.name: p.validate()
+    for p in (
+        WeatherPreset(
+            name="sunny",
+            light_direction=sun_direction(55.0, 35.0),
+            light_color=(1.25, 1.18, 1.02),
+            ambient=0.42,
+            diffuse=0.95,
+            specular=0.04,
+            shadows=True,
+            sky_top=(62.0, 122.0, 208.0),
+            sky_horizon=(178.0, 208.0, 236.0),
+            fog_density_per_m=0.004,
+            fog_color=(182.0, 204.0, 228.0),
+            exposure_gain=1.08,
+            tint=(1.04, 1.0, 0.93),
+            sun_glow=0.5,
+        ),
+        WeatherPreset(
+            name="overcast",
+            light_direction=sun_direction(75.0, 120.0),
+            light_color=(0.92, 0.95, 1.0),
+            ambient=0.78,
+            diffuse=0.32,
+            specular=0.0,
+            shadows=False,
+            sky_top=(168.0, 172.0, 178.0),
+            sky_horizon=(206.0, 208.0, 212.0),
+            fog_density_per_m=0.012,
+            fog_color=(176.0, 180.0, 186.0),
+            exposure_gain=0.95,
+            tint=(0.94, 0.99, 1.06),
+        ),
+        WeatherPreset(
+            name="dusk",
+            light_direction=sun_direction(7.0, 200.0),
+            light_color=(1.35, 0.78, 0.45),
+            ambient=0.30,
+            diffuse=0.85,
+            specular=0.03,
+            shadows=True,
+            sky_top=(38.0, 46.0, 96.0),
+            sky_horizon=(236.0, 142.0, 78.0),
+            fog_density_per_m=0.008,
+            fog_color=(122.0, 88.0, 84.0),
+            exposure_gain=0.72,
+            tint=(1.12, 0.9, 0.78),
+            sun_glow=0.8,
+        ),
+        WeatherPreset(
+            name="fog",
+            light_direction=sun_direction(70.0, 60.0),
+            light_color=(0.9, 0.92, 0.95),
+            ambient=0.82,
+            diffuse=0.22,
+            specular=0.0,
+            shadows=False,
+            sky_top=(196.0, 199.0, 203.0),
+            sky_horizon=(206.0, 209.0, 212.0),
+            fog_density_per_m=0.085,
+            fog_color=(198.0, 202.0, 206.0),
+            exposure_gain=1.0,
+            tint=(0.97, 1.0, 1.03),
+        ),
+        WeatherPreset(
+            name="rain",
+            light_direction=sun_direction(80.0, 90.0),
+            light_color=(0.8, 0.84, 0.9),
+            ambient=0.62,
+            diffuse=0.3,
+            specular=0.12,
+            shadows=False,
+            sky_top=(104.0, 110.0, 118.0),
+            sky_horizon=(148.0, 152.0, 158.0),
+            fog_density_per_m=0.03,
+            fog_color=(124.0, 130.0, 138.0),
+            exposure_gain=0.82,
+            tint=(0.92, 0.98, 1.06),
+        ),
+    )
+}
+
+
+def get_weather(name: str) -> WeatherPreset:
+    """The preset called ``name``; ``ValueError`` naming it and the known presets otherwise."""
+    try:
+        return WEATHER_PRESETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown weather preset {name!r}; known presets: {', '.join(sorted(WEATHER_PRESETS))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class CameraEffects:
+    """Colour-sensor imperfections, all in units of 8-bit digital numbers (DN) unless noted.
+
+    Noise variance per pixel is ``read_noise_dn**2 + shot_noise_gain * signal_dn``.
+    Motion blur smears horizontally over ``|yaw_rate| * exposure_time_s * fx`` pixels.
+    ``vignetting`` is the fractional brightness loss in the image corners.
+    ``lens_blur_sigma_px`` is the optics' Gaussian softness (also hides the renderer's aliasing).
+    """
+
+    exposure_ev: float = 0.0
+    read_noise_dn: float = 1.5
+    shot_noise_gain: float = 0.08
+    motion_blur: bool = True
+    exposure_time_s: float = 0.008
+    vignetting: float = 0.25
+    lens_blur_sigma_px: float = 0.5
+
+    def validate(self) -> CameraEffects:
+        """Raise ``ValueError`` naming the first bad field; return self when fine."""
+        if not (math.isfinite(self.exposure_ev) and -6.0 <= self.exposure_ev <= 6.0):
+            raise ValueError(f"exposure_ev must be within [-6, 6] EV, got {self.exposure_ev}")
+        if not (math.isfinite(self.read_noise_dn) and 0.0 <= self.read_noise_dn <= 50.0):
+            raise ValueError(f"read_noise_dn must be within [0, 50] DN, got {self.read_noise_dn}")
+        if not (math.isfinite(self.shot_noise_gain) and 0.0 <= self.shot_noise_gain <= 10.0):
+            raise ValueError(f"shot_noise_gain must be within [0, 10] DN per DN, got {self.shot_noise_gain}")
+        if not (math.isfinite(self.exposure_time_s) and 0.0 < self.exposure_time_s <= 0.5):
+            raise ValueError(f"exposure_time_s must be within (0, 0.5] s, got {self.exposure_time_s}")
+        if not (math.isfinite(self.vignetting) and 0.0 <= self.vignetting < 1.0):
+            raise ValueError(f"vignetting must be within [0, 1), got {self.vignetting}")
+        if not (math.isfinite(self.lens_blur_sigma_px) and 0.0 <= self.lens_blur_sigma_px <= 10.0):
+            raise ValueError(f"lens_blur_sigma_px must be within [0, 10] px, got {self.lens_blur_sigma_px}")
+        return self
+
+
+NO_EFFECTS = CameraEffects(read_noise_dn=0.0, shot_noise_gain=0.0, motion_blur=False, vignetting=0.0,
+                           lens_blur_sigma_px=0.0)
+"""A perfect sensor: only the weather (sky, fog, exposure, tint) is applied."""
+
+
+def _ray_directions(height: int, width: int, intrinsics: CameraIntrinsics) -> np.ndarray:
+    """(H, W, 3) unit rays in camera_link axes (x forward, y left, z up)."""
+    u = np.arange(width, dtype=np.float64)
+    v = np.arange(height, dtype=np.float64)
+    x_opt = (u[None, :] - intrinsics.cx) / intrinsics.fx
+    y_opt = (v[:, None] - intrinsics.cy) / intrinsics.fy
+    rays = np.empty((height, width, 3))
+    rays[..., 0] = 1.0  # optical z is camera_link x
+    rays[..., 1] = -x_opt  # image right is camera_link -y
+    rays[..., 2] = -y_opt  # image down is camera_link -z
+    return rays / np.linalg.norm(rays, axis=-1, keepdims=True)
+
+
+@lru_cache(maxsize=16)
+def _cached_rays(height: int, width: int, hfov_deg: float) -> np.ndarray:
+    return _ray_directions(height, width, CameraIntrinsics(width, height, hfov_deg))
+
+
+def sky_image(weather: WeatherPreset, intrinsics: CameraIntrinsics,
+              camera_rotation: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) float32 sky: horizon-to-zenith gradient by ray elevation, plus a glow around the sun.
+
+    ``camera_rotation`` is world_from_camera_link (3x3); None means a level camera.
+    """
+    rays = _cached_rays(intrinsics.height, intrinsics.width, float(intrinsics.hfov_deg))
+    world = rays if camera_rotation is None else rays @ np.asarray(camera_rotation, dtype=np.float64).T
+    elevation = np.clip(world[..., 2], 0.0, 1.0)
+    t = np.sqrt(elevation)[..., None]
+    sky = (1.0 - t) * np.asarray(weather.sky_horizon) + t * np.asarray(weather.sky_top)
+    if weather.sun_glow > 0:
+        cos_sun = world @ np.asarray(weather.light_direction)
+        glow = weather.sun_glow * np.exp((np.clip(cos_sun, -1, 1) - 1.0) / 0.02)
+        halo = 0.35 * weather.sun_glow * np.exp((np.clip(cos_sun, -1, 1) - 1.0) / 0.25)
+        sun_col = 255.0 * np.clip(np.asarray(weather.light_color) / max(weather.light_color), 0, 1)
+        w = np.clip(glow + halo, 0, 1)[..., None]
+        sky = sky * (1 - w) + sun_col * w
+    return sky.astype(np.float32)
+
+
+@lru_cache(maxsize=16)
+def _vignette_mask(height: int, width: int, strength: float) -> np.ndarray:
+    y = (np.arange(height, dtype=np.float32) - (height - 1) / 2) / ((height - 1) / 2 or 1)
+    x = (np.arange(width, dtype=np.float32) - (width - 1) / 2) / ((width - 1) / 2 or 1)
+    r2 = (x[None, :] ** 2 + y[:, None] ** 2) / 2.0  # 1 in the corners
+    return (1.0 - strength * r2**1.5)[..., None].astype(np.float32)
+
+
+def _motion_blur_kernel(length_px: float) -> np.ndarray:
+    """Normalised horizontal box of fractional length (partial weights at both ends)."""
+    n = int(math.floor(length_px))
+    frac = length_px - n
+    half = n // 2 + 1
+    k = np.zeros(2 * half + 1, dtype=np.float32)
+    centre = half
+    k[centre - n // 2: centre - n // 2 + n] = 1.0
+    if frac > 0:
+        k[centre - n // 2 - 1] += frac / 2
+        k[centre - n // 2 + n] += frac / 2
+    k = k[None, :]
+    return k / k.sum()
+
+
+def apply_weather(rgb: np.ndarray, depth: np.ndarray, weather: WeatherPreset,
+                  intrinsics: CameraIntrinsics | None = None, camera_rotation: np.ndarray | None = None) -> np.ndarray:
+    """Sky fill, fog, exposure gain and tint on a rendered frame -> float32 (H, W, 3) in DN (unclipped)."""
+    h, w = depth.shape
+    intr = intrinsics or CameraIntrinsics(w, h)
+    img = rgb.astype(np.float32)
+    sky_mask = ~np.isfinite(depth)
+    fog_col = np.asarray(weather.fog_color, dtype=np.float32)
+    if weather.fog_density_per_m > 0:
+        d = np.where(sky_mask, 0.0, depth).astype(np.float32)
+        keep = np.exp(-weather.fog_density_per_m * d)[..., None]
+        img = img * keep + fog_col * (1.0 - keep)
+    if sky_mask.any():
+        sky = sky_image(weather, intr, camera_rotation)
+        keep_sky = math.exp(-weather.fog_density_per_m * SKY_FOG_DISTANCE_M)
+        sky = sky * keep_sky + fog_col * (1.0 - keep_sky)
+        img[sky_mask] = sky[sky_mask]
+    gain = np.asarray(weather.tint, dtype=np.float32) * np.float32(weather.exposure_gain)
+    return img * gain
+
+
+def apply_camera_pipeline(
+    rgb: np.ndarray,
+    depth: np.ndarray,
+    weather: WeatherPreset,
+    effects: CameraEffects,
+    rng: np.random.Generator,
+    yaw_rate_rps: float = 0.0,
+    intrinsics: CameraIntrinsics | None = None,
+    camera_rotation: np.ndarray | None = None,
+) -> np.ndarray:
+    """Rendered frame -> camera image (uint8 RGB).
+
+    Steps: sky gradient where ``depth`` is +inf, fog ``exp(-density * depth)``, exposure
+    (weather gain x 2**exposure_ev) and white-balance tint, lens softness, horizontal
+    motion blur of ``|yaw_rate_rps| * exposure_time_s * fx`` px, vignetting, shot and
+    read noise. ``depth`` is z-depth in metres (H, W). Same inputs and rng state, same image.
+    """
+    effects.validate()
+    rgb = np.asarray(rgb)
+    depth = np.asarray(depth)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"rgb must be an (H, W, 3) image, got shape {rgb.shape}")
+    if depth.shape != rgb.shape[:2]:
+        raise ValueError(f"depth shape {depth.shape} does not match rgb shape {rgb.shape[:2]}")
+    h, w = depth.shape
+    if intrinsics is not None and (intrinsics.width, intrinsics.height) != (w, h):
+        raise ValueError(f"intrinsics are {intrinsics.width}x{intrinsics.height} but the image is {w}x{h}")
+    intr = intrinsics or CameraIntrinsics(w, h)
+    img = apply_weather(rgb, depth, weather, intr, camera_rotation)
+    if effects.exposure_ev:
+        img *= np.float32(2.0**effects.exposure_ev)
+    if effects.lens_blur_sigma_px > 0:
+        img = cv2.GaussianBlur(img, (0, 0), effects.lens_blur_sigma_px, borderType=cv2.BORDER_REFLECT)
+    if effects.motion_blur:
+        length = abs(float(yaw_rate_rps)) * effects.exposure_time_s * intr.fx
+        if length >= 1.0:
+            img = cv2.filter2D(img, -1, _motion_blur_kernel(min(length, w / 2)), borderType=cv2.BORDER_REFLECT)
+    if effects.vignetting > 0:
+        img *= _vignette_mask(h, w, float(effects.vignetting))
+    if effects.read_noise_dn > 0 or effects.shot_noise_gain > 0:
+        signal = np.clip(img, 0.0, 255.0)
+        sigma = np.sqrt(np.float32(effects.read_noise_dn**2) + np.float32(effects.shot_noise_gain) * signal)
+        img = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)

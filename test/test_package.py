@@ -1,0 +1,158 @@
+"""Packaging checks: package.xml, setup.py entry points, launch files and ruff."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setup_call() -> ast.Call:
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup":
+            return node
+    raise AssertionError("setup() call not found in setup.py")
+
+
+def console_scripts() -> dict[str, str]:
+    """name -> 'module:function' from setup.py."""
+    call = _setup_call()
+    for kw in call.keywords:
+        if kw.arg == "entry_points":
+            entry_points = ast.literal_eval(kw.value)
+            return dict(
+                (part.strip() for part in line.split("=", 1)) for line in entry_points["console_scripts"]
+            )
+    raise AssertionError("no entry_points in setup.py")
+
+
+def launch_nodes() -> list[tuple[Path, dict]]:
+    """Every launch_ros Node(...) in launch/*.launch.py with its literal keyword arguments."""
+    found = []
+    for path in sorted((ROOT / "launch").glob("*.launch.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "Node":
+                kwargs = {}
+                for kw in node.keywords:
+                    if kw.arg in ("package", "executable", "name") and isinstance(kw.value, ast.Constant):
+                        kwargs[kw.arg] = kw.value.value
+                    if kw.arg == "parameters" and isinstance(kw.value, ast.List):
+                        keys = []
+                        for item in kw.value.elts:
+                            if isinstance(item, ast.Dict):
+                                keys += [k.value for k in item.keys if isinstance(k, ast.Constant)]
+                        kwargs["parameter_keys"] = keys
+                found.append((path, kwargs))
+    return found
+
+
+def test_package_xml_is_format_3_ament_python():
+    root = ET.parse(ROOT / "package.xml").getroot()
+    assert root.tag == "package" and root.get("format") == "3"
+    assert root.findtext("name") == "forest_perception"
+    assert root.find("export/build_type").text == "ament_python"
+    deps = {e.text for e in root.findall("exec_depend")}
+    for needed in ("rclpy", "sensor_msgs", "nav_msgs", "diagnostic_msgs", "rosgraph_msgs", "launch_ros"):
+        assert needed in deps, f"package.xml lacks exec_depend {needed}"
+
+
+def test_package_xml_lists_message_packages_the_code_imports():
+    deps = {e.text for e in ET.parse(ROOT / "package.xml").getroot().findall("exec_depend")}
+    imported = set()
+    for path in list((ROOT / "forest_perception").rglob("*.py")) + list((ROOT / "dataset_tools").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                top = node.module.split(".")[0]
+                if top.endswith("_msgs") or top in ("rclpy", "rosgraph_msgs", "builtin_interfaces"):
+                    imported.add(top)
+    imported.discard("builtin_interfaces")  # pulled in by every message package
+    missing = imported - deps
+    assert not missing, f"imported but not exec_depend in package.xml: {sorted(missing)}"
+
+
+def test_every_console_script_resolves():
+    scripts = console_scripts()
+    assert "sim_node" in scripts
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        mod = importlib.import_module(module)
+        assert callable(getattr(mod, func)), f"{name} -> {target} is not callable"
+
+
+def test_every_node_module_is_a_console_script():
+    scripts = set(console_scripts().values())
+    for path in sorted((ROOT / "forest_perception" / "nodes").glob("*_node.py")):
+        target = f"forest_perception.nodes.{path.stem}:main"
+        assert target in scripts, f"{path.name} has no console_scripts entry"
+
+
+def test_launch_files_use_existing_executables_and_declared_parameters(rclpy_context):
+    from forest_perception.nodes.sim_node import SimNode
+
+    from rclpy.parameter import Parameter
+
+    declared = {}
+
+    node = SimNode(
+        context=rclpy_context,
+        parameter_overrides=[Parameter("world_size_m", value=12.0), Parameter("real_time_factor", value=0.0)],
+    )
+    try:
+        declared["sim_node"] = set(node._parameters)
+    finally:
+        node.destroy_node()
+
+    scripts = console_scripts()
+    nodes = launch_nodes()
+    assert nodes, "no launch_ros Node actions found in launch/"
+    for path, kwargs in nodes:
+        if kwargs.get("package") != "forest_perception":
+            continue
+        executable = kwargs["executable"]
+        assert executable in scripts, f"{path.name}: executable {executable!r} is not a console script"
+        for key in kwargs.get("parameter_keys", []):
+            assert key in declared.get(executable, set()), f"{path.name}: {executable} declares no {key!r}"
+
+    for cfg in sorted((ROOT / "config").glob("*.yaml")):
+        data = yaml.safe_load(cfg.read_text())
+        for node_name, body in data.items():
+            if not isinstance(body, dict) or "ros__parameters" not in body or node_name not in declared:
+                continue
+            unknown = set(body["ros__parameters"]) - declared[node_name]
+            assert not unknown, f"{cfg.name}: {node_name} has undeclared parameters {sorted(unknown)}"
+
+
+def test_fastdds_profile_keeps_udp_on_loopback():
+    root = ET.parse(ROOT / "config" / "fastdds_loopback.xml").getroot()
+    ns = {"d": "http://www.eprosima.com"}
+    addresses = [a.text for a in root.iterfind(".//d:interfaceWhiteList/d:address", ns)]
+    assert addresses == ["127.0.0.1"]
+    segment = root.find(".//d:segment_size", ns)
+    assert segment is not None and int(segment.text) >= 640 * 480 * 3 * 2
+
+
+def test_ros_env_fixture_sets_loopback(ros_env):
+    import os
+
+    assert os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
+    assert 0 < int(os.environ["ROS_DOMAIN_ID"]) <= 101
+    assert Path(os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file()
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
+                    reason="ruff not installed")
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
