@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from forest_perception.sim.gazebo import BRIDGED_TOPICS, LIGHTING_PRESETS, export_gazebo
+from forest_perception.sim.gazebo import bridge_entries, export_gazebo
 from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.sim.weather import WEATHER_PRESETS
 from forest_perception.sim.world import WorldConfig, generate_world
 
 PROG = "forest-sim"
@@ -35,6 +36,15 @@ def world_flag(field_name: str) -> str:
 
 
 WORLD_FLAGS: dict[str, str] = {f.name: world_flag(f.name) for f in fields(WorldConfig)}
+# export_gazebo arguments named in its error messages -> the flags that set them
+_EXPORT_FLAGS = {
+    "camera_rate_hz": "--camera-rate",
+    "imu_rate_hz": "--imu-rate",
+    "gps_rate_hz": "--gps-rate",
+    "encoder_rate_hz": "--encoder-rate",
+    "camera resolution": "--camera-width/--camera-height",
+    "hfov_deg": "--camera-hfov",
+}
 
 
 def _add_world_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,18 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--json", action="store_true", help="print JSON instead of a table")
     summary.set_defaults(handler=_summary, parser=summary)
 
-    export = sub.add_parser("export-gazebo", help="write a Gazebo (gz-sim 8) world and a ros_gz_bridge config")
+    export = sub.add_parser("export-gazebo", help="write a Gazebo world and its ros_gz_bridge config")
     export.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
-    export.add_argument("--rovers", type=int, default=1, help="number of rovers rover_0..rover_{N-1} (default 1)")
-    export.add_argument("--weather", default=None, choices=sorted(LIGHTING_PRESETS), help="sun and sky preset")
+    export.add_argument("--rovers", type=int, default=1, help="rovers rover_0..rover_{N-1} (default 1)")
+    export.add_argument("--weather", choices=sorted(WEATHER_PRESETS), help="lighting (default overcast)")
     cam = CameraIntrinsics()
-    export.add_argument("--camera-width", type=int, default=cam.width, help=f"pixels (default {cam.width})")
-    export.add_argument("--camera-height", type=int, default=cam.height, help=f"pixels (default {cam.height})")
-    export.add_argument("--camera-hfov", type=float, default=cam.hfov_deg, help=f"degrees (default {cam.hfov_deg})")
-    export.add_argument("--camera-rate", type=float, default=15.0, help="Hz (default 15)")
-    export.add_argument("--imu-rate", type=float, default=200.0, help="Hz (default 200)")
-    export.add_argument("--gps-rate", type=float, default=10.0, help="Hz (default 10)")
-    export.add_argument("--encoder-rate", type=float, default=50.0, help="Hz, odometry and joint states (default 50)")
+    for flag, kind, default, unit in (
+        ("--camera-width", int, cam.width, "pixels"),
+        ("--camera-height", int, cam.height, "pixels"),
+        ("--camera-hfov", float, cam.hfov_deg, "degrees"),
+        ("--camera-rate", float, 15.0, "Hz"),
+        ("--imu-rate", float, 200.0, "Hz"),
+        ("--gps-rate", float, 10.0, "Hz"),
+        ("--encoder-rate", float, 50.0, "Hz, odometry and joint states"),
+    ):
+        export.add_argument(flag, type=kind, default=default, help=f"{unit} (default {default})")
     export.add_argument("--json", action="store_true", help="print what was written as JSON")
     _add_world_arguments(export)
     export.set_defaults(handler=_export, parser=export)
@@ -85,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _flag_hint(message: str) -> str:
-    """Append the command-line flag of the WorldConfig field a message names."""
-    for name, flag in WORLD_FLAGS.items():
+    """Append the command-line flag of the parameter a message starts with."""
+    for name, flag in {**WORLD_FLAGS, **_EXPORT_FLAGS}.items():
         if message.startswith(name):
             return f"{message} ({flag})"
     return message
@@ -134,8 +147,10 @@ def _export(args: argparse.Namespace) -> int:
     bridge = result.bridge_yaml.resolve()
     commands = {
         "gazebo": f"gz sim -r {world_sdf}",
-        "bridge": f"ros2 run ros_gz_bridge parameter_bridge --ros-args -p config_file:={bridge} -p use_sim_time:=true",
-        "launch": f"ros2 launch forest_perception gazebo_sim.launch.py world_sdf:={world_sdf} bridge_config:={bridge}",
+        "bridge": "ros2 run ros_gz_bridge parameter_bridge --ros-args "
+        f"-p config_file:={bridge} -p use_sim_time:=true",
+        "launch": "ros2 launch forest_perception gazebo_sim.launch.py "
+        f"world_sdf:={world_sdf} bridge_config:={bridge}",
     }
     if args.json:
         print(json.dumps({
@@ -150,10 +165,7 @@ def _export(args: argparse.Namespace) -> int:
           f"{summary['bushes']} bushes, {summary['rocks']} rocks, rovers {', '.join(result.rover_names)}")
     for path in result.files:
         print(f"  wrote {path.resolve()}")
-    n_topics = sum(1 for t in BRIDGED_TOPICS if not t.is_global) * len(result.rover_names) + sum(
-        1 for t in BRIDGED_TOPICS if t.is_global
-    )
-    print(f"  bridge maps {n_topics} topics onto /<rover>/... and /clock")
+    print(f"  bridge maps {len(bridge_entries(result.rover_names))} topics onto /<rover>/... and /clock")
     print("Run (Gazebo Harmonic + ros_gz):")
     print(f"  {commands['gazebo']}")
     print(f"  {commands['bridge']}")

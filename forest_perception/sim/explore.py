@@ -82,9 +82,19 @@ def range_fan(
 class ExplorationController:
     """Wander inside ``bounds`` among ``obstacles`` (N, 3: x, y, radius) without hitting them.
 
-    ``command(state) -> (v, w)``; call it every control period with the rover's state
-    (only ``t``, ``x``, ``y``, ``yaw`` and ``collided`` are used). Statistics are kept in
-    ``distance_m``, ``escapes`` and ``visited`` (time spent per ``cell_size_m`` cell).
+    ``command(state) -> (v, w)``; call it every control period (10 Hz is plenty) with the
+    rover's state (only ``t``, ``x``, ``y``, ``yaw`` and ``collided`` are used). Statistics
+    are kept in ``distance_m``, ``escapes``, ``mode`` and ``visited`` (seconds spent per
+    ``cell_size_m`` cell).
+
+    Main knobs: ``sensor_range_m`` and ``n_rays`` (the 360 degree fan), ``safety_margin_m``
+    (kept between footprint and obstacles), ``stop_distance_m`` (turn in place below this
+    much free space ahead), ``brake_decel`` (speed is capped so the rover can stop in the
+    free space ahead), ``look_ahead_m`` (free space beyond this counts as fully open),
+    ``heading_drift`` (rad per sqrt(s) of the preferred-heading random walk),
+    ``edge_margin_m`` (start steering back this far from the bounds), ``stuck_timeout_s``
+    (less than 0.3 m progress in this time triggers an escape) and ``novelty_weight``
+    (pull toward cells not visited yet).
     """
 
     def __init__(
@@ -99,7 +109,7 @@ class ExplorationController:
         n_rays: int = 72,
         safety_margin_m: float = 0.15,
         stop_distance_m: float = 0.25,
-        slow_distance_m: float = 1.5,
+        look_ahead_m: float = 3.0,
         brake_decel: float = 0.4,
         max_turn_rate: float = 1.2,
         heading_gain: float = 2.0,
@@ -126,11 +136,9 @@ class ExplorationController:
         self.n_rays = int(n_rays)
         self.safety_margin_m = _positive("safety_margin_m", safety_margin_m, allow_zero=True)
         self.stop_distance_m = _positive("stop_distance_m", stop_distance_m)
-        self.slow_distance_m = _positive("slow_distance_m", slow_distance_m)
-        if self.slow_distance_m <= self.stop_distance_m:
-            raise ValueError(
-                f"slow_distance_m ({slow_distance_m}) must be greater than stop_distance_m ({stop_distance_m})"
-            )
+        self.look_ahead_m = _positive("look_ahead_m", look_ahead_m)
+        if self.look_ahead_m <= self.stop_distance_m:
+            raise ValueError(f"look_ahead_m ({look_ahead_m}) must be greater than stop_distance_m ({stop_distance_m})")
         self.brake_decel = _positive("brake_decel", brake_decel)
         self.max_turn_rate = min(_positive("max_turn_rate", max_turn_rate), geometry.max_angular_rps)
         self.heading_gain = _positive("heading_gain", heading_gain)
@@ -142,7 +150,6 @@ class ExplorationController:
 
         self.inflate_m = geometry.footprint_radius_m + self.safety_margin_m
         self.rel_angles = np.linspace(-math.pi, math.pi, self.n_rays, endpoint=False)
-        self._spacing = 2.0 * math.pi / self.n_rays
         self._ahead = int(np.argmin(np.abs(self.rel_angles)))
         self._rear = np.abs(np.abs(self.rel_angles) - math.pi) <= math.radians(25.0) + 1e-9
         xmin, xmax, ymin, ymax = self.bounds
@@ -165,9 +172,7 @@ class ExplorationController:
     # ----------------------------------------------------------------- helpers
     def ranges(self, x: float, y: float, yaw: float) -> np.ndarray:
         """Free distance (m) for the rover's centre along each fan heading ``yaw + rel_angles``."""
-        return range_fan(
-            x, y, yaw + self.rel_angles, self.obstacles, self.bounds, self.inflate_m, self.sensor_range_m
-        )
+        return range_fan(x, y, yaw + self.rel_angles, self.obstacles, self.bounds, self.inflate_m, self.sensor_range_m)
 
     def _cell(self, x: np.ndarray | float, y: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         xmin, _, ymin, _ = self.bounds
@@ -243,7 +248,7 @@ class ExplorationController:
             self._progress_ref = (t, x, y)
 
         if t < self._escape_until:
-            return self._escape_command(t, yaw, ranges, front)
+            return self._escape_command(t, yaw, ranges)
 
         eligible = clear > self.stop_distance_m + 0.35
         if not eligible.any():
@@ -251,8 +256,7 @@ class ExplorationController:
             self.mode = "blocked"
             return 0.0, self._turn_dir * self.max_turn_rate
 
-        look = 2.0 * self.slow_distance_m
-        openness = np.minimum(clear, look) / look
+        openness = np.minimum(clear, self.look_ahead_m) / self.look_ahead_m
         align = 0.5 * (1.0 + np.cos(headings - pref))
         turn = np.abs(self.rel_angles) / math.pi
         score = 1.0 * openness + 0.8 * align - 0.5 * turn
@@ -275,9 +279,7 @@ class ExplorationController:
         v *= max(0.0, math.cos(err))
         return v, w
 
-    def _start_escape(
-        self, t: float, x: float, y: float, yaw: float, clear: np.ndarray, headings: np.ndarray
-    ) -> None:
+    def _start_escape(self, t: float, x: float, y: float, yaw: float, clear: np.ndarray, headings: np.ndarray) -> None:
         """Back off (if the rear is free) then turn to a random open heading, which becomes preferred."""
         self.escapes += 1
         open_idx = np.flatnonzero(clear > self.stop_distance_m + 0.35)
@@ -292,7 +294,7 @@ class ExplorationController:
         self._escape_until = t + 4.0
         self._progress_ref = (t, x, y)
 
-    def _escape_command(self, t: float, yaw: float, ranges: np.ndarray, front: float) -> tuple[float, float]:
+    def _escape_command(self, t: float, yaw: float, ranges: np.ndarray) -> tuple[float, float]:
         self.mode = "escape"
         rear = float(ranges[self._rear].min())
         if t < self._escape_backing_until and rear > self.stop_distance_m + 0.1:
@@ -312,7 +314,7 @@ class CmdVelController:
         self._cmd = (0.0, 0.0)
         self._stamp: float | None = None
 
-    def update(self, v: float, w: float, t: float) -> None:
+    def set(self, v: float, w: float, t: float) -> None:
         """Record a ``cmd_vel`` (v m/s, w rad/s) received at time ``t`` (s)."""
         v, w, t = float(v), float(w), float(t)
         if not (math.isfinite(v) and math.isfinite(w)):
@@ -322,12 +324,9 @@ class CmdVelController:
         self._cmd = (v, w)
         self._stamp = t
 
-    def command_at(self, t: float) -> tuple[float, float]:
-        """(v, w) to apply at time ``t``: the last command, or zeros if none or too old."""
-        if self._stamp is None or float(t) - self._stamp > self.timeout_s:
+    def command(self, state: RoverState | float) -> tuple[float, float]:
+        """(v, w) to apply now (a :class:`RoverState` or a time in s): the last command, or zeros if none or stale."""
+        t = float(state.t) if isinstance(state, RoverState) else float(state)
+        if self._stamp is None or t - self._stamp > self.timeout_s:
             return 0.0, 0.0
         return self._cmd
-
-    def command(self, state: RoverState) -> tuple[float, float]:
-        """Same interface as :class:`ExplorationController`: (v, w) at ``state.t``."""
-        return self.command_at(state.t)

@@ -16,17 +16,17 @@ world and arguments give byte-identical files.
 
 from __future__ import annotations
 
-import io
 import math
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from forest_perception.sim.meshes import terrain_mesh, write_obj
 from forest_perception.sim.robot import (
     FRAME_BASE,
     FRAME_CAMERA,
@@ -38,6 +38,8 @@ from forest_perception.sim.robot import (
     CameraIntrinsics,
     RoverGeometry,
 )
+from forest_perception.sim.terrain import Terrain
+from forest_perception.sim.weather import WEATHER_PRESETS, WeatherPreset, get_weather
 from forest_perception.sim.world import ForestWorld
 
 SDF_VERSION = "1.10"
@@ -50,6 +52,7 @@ TERRAIN_COLLISION_MESH_NAME = "meshes/terrain_collision.obj"
 # the collision mesh keeps at most this many cells per side (a 1000 m world at 0.1 m would
 # otherwise hand the physics engine 200 M triangles); the visual mesh keeps every cell
 COLLISION_MAX_CELLS = 512
+DEFAULT_WEATHER = "overcast"  # the simulator's default preset
 
 # RealSense D435: depth is valid from about 0.28 m to 10 m; colour sees from a few cm
 DEPTH_NEAR_M = 0.28
@@ -60,6 +63,7 @@ COLOR_FAR_M = 120.0
 WHEEL_WIDTH_M = 0.04
 WHEEL_MASS_KG = 0.25
 CASTER_RADIUS_M = 0.025
+TRUNK_SINK_M = 0.3
 SPAWN_DROP_M = 0.01  # rovers start this far above the highest ground under their contacts
 
 IMU_GYRO_STDDEV = 0.002  # rad/s, MEMS class
@@ -152,88 +156,29 @@ def bridge_entries(rover_names: Iterable[str]) -> list[dict[str, str]]:
     return entries
 
 
-@dataclass(frozen=True)
-class GazeboLighting:
-    """Sun and sky of the exported world (Gazebo renders no fog or rain).
-
-    Azimuth is a compass bearing (clockwise from north), elevation above the horizon.
-    """
-
-    sun_elevation_deg: float = 50.0
-    sun_azimuth_deg: float = 160.0
-    sun_intensity: float = 0.9
-    ambient: float = 0.35
-    sky_rgb: tuple[float, float, float] = (0.62, 0.72, 0.82)
-    cast_shadows: bool = True
-
-    def validate(self) -> GazeboLighting:
-        """Raise ``ValueError`` naming the first value out of range; return self when fine."""
-        if not 0.0 < self.sun_elevation_deg <= 90.0:
-            raise ValueError(f"sun_elevation_deg must be within (0, 90], got {self.sun_elevation_deg}")
-        if not (math.isfinite(self.sun_azimuth_deg) and 0.0 <= self.sun_azimuth_deg < 360.0):
-            raise ValueError(f"sun_azimuth_deg must be within [0, 360), got {self.sun_azimuth_deg}")
-        if not 0.0 <= self.sun_intensity <= 1.5:
-            raise ValueError(f"sun_intensity must be within [0, 1.5], got {self.sun_intensity}")
-        if not 0.0 <= self.ambient <= 1.0:
-            raise ValueError(f"ambient must be within [0, 1], got {self.ambient}")
-        if len(self.sky_rgb) != 3 or not all(0.0 <= c <= 1.0 for c in self.sky_rgb):
-            raise ValueError(f"sky_rgb must be three values within [0, 1], got {self.sky_rgb}")
-        return self
-
-    @property
-    def sun_direction(self) -> tuple[float, float, float]:
-        """Unit vector of the sunlight (from the sun towards the ground), ENU."""
-        el = math.radians(self.sun_elevation_deg)
-        az = math.radians(self.sun_azimuth_deg)
-        return (-math.sin(az) * math.cos(el), -math.cos(az) * math.cos(el), -math.sin(el))
-
-
-# Lighting for the simulator's weather preset names; anything else needs explicit values.
-LIGHTING_PRESETS: dict[str, GazeboLighting] = {
-    "sunny": GazeboLighting(55.0, 160.0, 1.0, 0.30, (0.55, 0.70, 0.90), True),
-    "overcast": GazeboLighting(45.0, 160.0, 0.45, 0.55, (0.72, 0.74, 0.76), False),
-    "dusk": GazeboLighting(6.0, 290.0, 0.50, 0.22, (0.80, 0.55, 0.40), True),
-    "fog": GazeboLighting(35.0, 160.0, 0.35, 0.60, (0.80, 0.80, 0.80), False),
-    "rain": GazeboLighting(40.0, 160.0, 0.30, 0.45, (0.55, 0.58, 0.60), False),
-}
-
-
-def resolve_lighting(weather: GazeboLighting | Mapping[str, object] | str | object | None) -> GazeboLighting:
-    """Turn ``weather`` into validated lighting.
-
-    Accepts None (defaults), a :class:`GazeboLighting`, a mapping of its fields, a preset
-    name from ``LIGHTING_PRESETS``, or any object (a simulator weather preset) whose
-    attributes named like ``GazeboLighting`` fields override the preset named by its
-    ``name`` attribute (or the defaults).
-    """
+def resolve_weather(weather: WeatherPreset | str | None) -> WeatherPreset:
+    """The simulator's weather preset for ``weather`` (a preset, its name, or None for the default)."""
     if weather is None:
-        return GazeboLighting().validate()
-    if isinstance(weather, GazeboLighting):
-        return weather.validate()
-    known = {f.name for f in fields(GazeboLighting)}
+        weather = DEFAULT_WEATHER
     if isinstance(weather, str):
-        if weather not in LIGHTING_PRESETS:
-            raise ValueError(f"unknown weather {weather!r}; expected one of {sorted(LIGHTING_PRESETS)}")
-        return LIGHTING_PRESETS[weather].validate()
-    if isinstance(weather, Mapping):
-        unknown = sorted(set(weather) - known)
-        if unknown:
-            raise ValueError(f"unknown weather field(s) {unknown}; expected some of {sorted(known)}")
-        return GazeboLighting(**weather).validate()  # type: ignore[arg-type]
-    base = LIGHTING_PRESETS.get(str(getattr(weather, "name", "")), GazeboLighting())
-    values = {name: getattr(weather, name) for name in sorted(known) if hasattr(weather, name)}
-    return GazeboLighting(**{**{f.name: getattr(base, f.name) for f in fields(base)}, **values}).validate()
+        return get_weather(weather)
+    if isinstance(weather, WeatherPreset):
+        return weather.validate()
+    raise ValueError(f"weather must be a WeatherPreset or one of {sorted(WEATHER_PRESETS)}, got {weather!r}")
 
 
 @dataclass(frozen=True)
 class GazeboExport:
-    """What ``export_gazebo`` wrote, and where the rovers start (x, y, z, yaw in the world)."""
+    """What ``export_gazebo`` wrote, and where the rovers start (x, y, z, yaw in the world).
+
+    One ``bridge_yaml`` covers every rover and ``/clock``.
+    """
 
     out_dir: Path
     world_sdf: Path
     bridge_yaml: Path
-    terrain_mesh: Path
-    terrain_collision_mesh: Path
+    terrain_obj: Path
+    terrain_collision_obj: Path
     world_name: str
     rover_names: tuple[str, ...]
     rover_poses: tuple[tuple[float, float, float, float], ...]
@@ -241,12 +186,7 @@ class GazeboExport:
     @property
     def files(self) -> tuple[Path, ...]:
         """Every file written."""
-        return (self.world_sdf, self.bridge_yaml, self.terrain_mesh, self.terrain_collision_mesh)
-
-    @property
-    def bridge_yamls(self) -> tuple[Path, ...]:
-        """Bridge configurations (one file covers all rovers and /clock)."""
-        return (self.bridge_yaml,)
+        return (self.world_sdf, self.bridge_yaml, self.terrain_obj, self.terrain_collision_obj)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -321,6 +261,18 @@ def _plugin(parent: ET.Element, filename: str, name: str, **params: str | Iterab
     return plugin
 
 
+def _clip_rgb(rgb: np.ndarray) -> tuple[float, float, float]:
+    r, g, b = np.clip(np.asarray(rgb, dtype=np.float64), 0.0, 1.0)
+    return float(r), float(g), float(b)
+
+
+def _frame_id(sensor: ET.Element, frame: str) -> None:
+    # Harmonic (gz-sensors 8) reads <gz_frame_id>; Ionic and later read <frame_id> and
+    # deprecate the other. Each warns about the element it does not know.
+    _sub(sensor, "gz_frame_id", frame)
+    _sub(sensor, "frame_id", frame)
+
+
 def _noise(parent: ET.Element, stddev: float) -> None:
     noise = _sub(parent, "noise", type="gaussian")
     _sub(noise, "mean", "0")
@@ -390,71 +342,20 @@ def _check_rover_names(rover_names: Iterable[str]) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- terrain mesh
 
 
-def _savetxt(rows: np.ndarray, fmt: str) -> str:
-    buf = io.StringIO()
-    np.savetxt(buf, rows, fmt=fmt, newline="\n")
-    return buf.getvalue()
-
-
-def terrain_vertices(world: ForestWorld) -> np.ndarray:
-    """(ny*nx, 3) terrain vertices, row-major over ``heights[j, i]`` (x fastest), as in the OBJ."""
-    t = world.terrain
-    ny, nx = t.heights.shape
-    xs = t.x0 + np.arange(nx) * t.resolution
-    ys = t.y0 + np.arange(ny) * t.resolution
+def collision_terrain(terrain: Terrain, max_cells: int = COLLISION_MAX_CELLS) -> Terrain:
+    """``terrain`` itself, or a bilinear resampling of it with at most ``max_cells`` cells per side."""
+    ny, nx = terrain.shape
+    cells = max(nx, ny) - 1
+    if cells <= max_cells:
+        return terrain
+    xmin, xmax, ymin, ymax = terrain.extent
+    n = max_cells + 1
+    resolution = (xmax - xmin) / max_cells
+    xs = np.linspace(xmin, xmax, n)
+    ys = np.linspace(ymin, ymax, n)
     gx, gy = np.meshgrid(xs, ys)
-    return np.column_stack([gx.ravel(), gy.ravel(), t.heights.ravel()])
-
-
-def _grid_faces(ny: int, nx: int) -> np.ndarray:
-    """Two counter-clockwise (seen from above) triangles per cell, 1-based OBJ indices."""
-    j, i = np.meshgrid(np.arange(ny - 1), np.arange(nx - 1), indexing="ij")
-    a = (j * nx + i).ravel() + 1
-    b, c, d = a + 1, a + nx + 1, a + nx
-    return np.column_stack([a, b, c, a, c, d]).reshape(-1, 3)
-
-
-def terrain_obj(world: ForestWorld) -> str:
-    """Visual terrain mesh: vertices at every height sample, normals and UVs (0..1 over the grid)."""
-    t = world.terrain
-    ny, nx = t.heights.shape
-    verts = np.round(terrain_vertices(world), 4) + 0.0
-    gy, gx = np.gradient(t.heights, t.resolution)
-    normals = np.column_stack([-gx.ravel(), -gy.ravel(), np.ones(gx.size)])
-    normals = np.round(normals / np.linalg.norm(normals, axis=1, keepdims=True), 5) + 0.0
-    u, v = np.meshgrid(np.linspace(0.0, 1.0, nx), np.linspace(0.0, 1.0, ny))
-    uvs = np.round(np.column_stack([u.ravel(), v.ravel()]), 6) + 0.0
-    faces = _grid_faces(ny, nx)
-    header = (
-        f"# forest_perception terrain, seed {world.config.seed}, {nx}x{ny} vertices, "
-        f"{t.resolution:g} m grid, ENU metres\no terrain\n"
-    )
-    return (
-        header
-        + _savetxt(verts, "v %.4f %.4f %.4f")
-        + _savetxt(uvs, "vt %.6f %.6f")
-        + _savetxt(normals, "vn %.5f %.5f %.5f")
-        + _savetxt(np.repeat(faces, 3, axis=1), "f %d/%d/%d %d/%d/%d %d/%d/%d")
-    )
-
-
-def terrain_collision_obj(world: ForestWorld, max_cells: int = COLLISION_MAX_CELLS) -> str:
-    """Collision terrain mesh: positions and faces only, decimated to ``max_cells`` cells per side."""
-    t = world.terrain
-    ny, nx = t.heights.shape
-    stride = max(1, math.ceil((max(nx, ny) - 1) / max_cells))
-    ii = np.unique(np.r_[np.arange(0, nx, stride), nx - 1])
-    jj = np.unique(np.r_[np.arange(0, ny, stride), ny - 1])
-    xs = t.x0 + ii * t.resolution
-    ys = t.y0 + jj * t.resolution
-    gx, gy = np.meshgrid(xs, ys)
-    verts = np.round(np.column_stack([gx.ravel(), gy.ravel(), t.heights[np.ix_(jj, ii)].ravel()]), 4) + 0.0
-    header = (
-        f"# forest_perception terrain collision, seed {world.config.seed}, {len(ii)}x{len(jj)} vertices\n"
-        "o terrain_collision\n"
-    )
-    faces = _grid_faces(len(jj), len(ii))
-    return header + _savetxt(verts, "v %.4f %.4f %.4f") + _savetxt(faces, "f %d %d %d")
+    heights = np.asarray(terrain.height_at(gx, gy), dtype=np.float64)
+    return Terrain(heights=heights, resolution=resolution, x0=xmin, y0=ymin)
 
 
 # --------------------------------------------------------------------------- world content
@@ -496,12 +397,12 @@ def _add_trees(world_el: ET.Element, world: ForestWorld) -> None:
         # the link carries the lean so trunk and crown tilt together about the stem base
         link = _static_model(world_el, f"tree_{i}", tree.x, tree.y, tree.z,
                              link_rpy=_lean_rpy(tree.lean, tree.lean_dir))
-        flare_len = 0.5
-        _shape(link, "flare", "cylinder", (0, 0, flare_len / 2),
-               {"radius": _num(tree.radius_at(flare_len / 2)), "length": _num(flare_len)}, _BARK, True)
-        trunk_len = 0.9 * tree.height
-        _shape(link, "trunk", "cylinder", (0, 0, trunk_len / 2),
-               {"radius": _num(tree.dbh / 2.0), "length": _num(trunk_len)}, _BARK, True)
+        # both cylinders reach TRUNK_SINK_M underground so no gap opens on the downhill side
+        flare_top, trunk_top = 0.5, 0.9 * tree.height
+        _shape(link, "flare", "cylinder", (0, 0, 0.5 * (flare_top - TRUNK_SINK_M)),
+               {"radius": _num(tree.radius_at(0.25)), "length": _num(flare_top + TRUNK_SINK_M)}, _BARK, True)
+        _shape(link, "trunk", "cylinder", (0, 0, 0.5 * (trunk_top - TRUNK_SINK_M)),
+               {"radius": _num(tree.dbh / 2.0), "length": _num(trunk_top + TRUNK_SINK_M)}, _BARK, True)
         crown_half = max((tree.height - tree.crown_base) / 2.0, 0.3)
         _shape(link, "crown", "ellipsoid", (0, 0, tree.height - crown_half),
                {"radii": _nums(tree.crown_radius, tree.crown_radius, crown_half)},
@@ -593,7 +494,7 @@ def _add_rover(world_el: ET.Element, name: str, pose: tuple[float, float, float,
     _sub(camera, "update_rate", _num(rates["camera"]))
     _sub(camera, "visualize", "false")
     _sub(camera, "topic", f"/{name}/{CAMERA_GZ_TOPIC}")
-    _sub(camera, "gz_frame_id", FRAME_CAMERA)
+    _frame_id(camera, FRAME_CAMERA)
     cam_el = _sub(camera, "camera", name="color")
     _sub(cam_el, "horizontal_fov", _num(math.radians(cam.hfov_deg), 6))
     image = _sub(cam_el, "image")
@@ -616,7 +517,7 @@ def _add_rover(world_el: ET.Element, name: str, pose: tuple[float, float, float,
     _sub(imu, "always_on", "true")
     _sub(imu, "update_rate", _num(rates["imu"]))
     _sub(imu, "topic", gz_topic(name, "imu/data"))
-    _sub(imu, "gz_frame_id", FRAME_IMU)
+    _frame_id(imu, FRAME_IMU)
     imu_el = _sub(imu, "imu")
     _sub(_sub(imu_el, "orientation_reference_frame"), "localization", "ENU")
     for group, stddev in (("angular_velocity", IMU_GYRO_STDDEV), ("linear_acceleration", IMU_ACCEL_STDDEV)):
@@ -629,7 +530,7 @@ def _add_rover(world_el: ET.Element, name: str, pose: tuple[float, float, float,
     _sub(navsat, "always_on", "true")
     _sub(navsat, "update_rate", _num(rates["gps"]))
     _sub(navsat, "topic", gz_topic(name, "gps/fix"))
-    _sub(navsat, "gz_frame_id", FRAME_GPS)
+    _frame_id(navsat, FRAME_GPS)
     nav_el = _sub(navsat, "navsat")
     for group, horizontal, vertical in (
         ("position_sensing", GPS_HORIZONTAL_STDDEV_M, GPS_VERTICAL_STDDEV_M),
@@ -690,13 +591,13 @@ class _Plan:
     camera: CameraIntrinsics
     geometry: RoverGeometry
     rates: dict[str, float]
-    lighting: GazeboLighting
+    weather: WeatherPreset
     poses: tuple[tuple[float, float, float, float], ...]
 
 
 def _plan(world: ForestWorld, rover_names: Iterable[str], intrinsics: CameraIntrinsics | None,
           camera_rate_hz: float, imu_rate_hz: float, gps_rate_hz: float, encoder_rate_hz: float,
-          weather: GazeboLighting | Mapping[str, object] | str | object | None,
+          weather: WeatherPreset | str | None,
           geometry: RoverGeometry | None) -> _Plan:
     names = _check_rover_names(rover_names)
     geo = geometry or RoverGeometry()
@@ -710,7 +611,7 @@ def _plan(world: ForestWorld, rover_names: Iterable[str], intrinsics: CameraIntr
             "gps": _check_rate("gps_rate_hz", gps_rate_hz),
             "encoder": _check_rate("encoder_rate_hz", encoder_rate_hz),
         },
-        lighting=resolve_lighting(weather),
+        weather=resolve_weather(weather),
         poses=tuple(spawn_poses(world, len(names), geo)),
     )
 
@@ -718,7 +619,7 @@ def _plan(world: ForestWorld, rover_names: Iterable[str], intrinsics: CameraIntr
 def world_sdf(world: ForestWorld, rover_names: Iterable[str] = ("rover_0",),
               intrinsics: CameraIntrinsics | None = None, camera_rate_hz: float = 15.0,
               imu_rate_hz: float = 200.0, gps_rate_hz: float = 10.0, encoder_rate_hz: float = 50.0,
-              weather: GazeboLighting | Mapping[str, object] | str | object | None = None,
+              weather: WeatherPreset | str | None = None,
               geometry: RoverGeometry | None = None) -> str:
     """The SDF text of ``world`` with one rover per name (arguments as in ``export_gazebo``)."""
     plan = _plan(world, rover_names, intrinsics, camera_rate_hz, imu_rate_hz, gps_rate_hz, encoder_rate_hz,
@@ -728,7 +629,7 @@ def world_sdf(world: ForestWorld, rover_names: Iterable[str] = ("rover_0",),
 
 def _render_sdf(world: ForestWorld, plan: _Plan) -> str:
     cfg = world.config
-    light = plan.lighting
+    light = plan.weather
     names = plan.names
 
     root = ET.Element("sdf", version=SDF_VERSION)
@@ -754,19 +655,21 @@ def _render_sdf(world: ForestWorld, plan: _Plan) -> str:
     _sub(sph, "elevation", _num(cfg.datum_alt_m, 4))
     _sub(sph, "heading_deg", "0")
 
+    # Gazebo has no fog or rain: a preset sets the sun, the ambient light and the sky colour
+    shadows = "true" if light.shadows else "false"
     scene = _sub(world_el, "scene")
-    _sub(scene, "ambient", _nums(light.ambient, light.ambient, light.ambient, 1.0, digits=3))
-    _sub(scene, "background", _nums(*light.sky_rgb, 1.0, digits=3))
-    _sub(scene, "shadows", "true" if light.cast_shadows else "false")
+    _sub(scene, "ambient", _nums(*_clip_rgb(np.multiply(light.ambient, light.light_color)), 1.0, digits=3))
+    _sub(scene, "background", _nums(*_clip_rgb(np.divide(light.sky_horizon, 255.0)), 1.0, digits=3))
+    _sub(scene, "shadows", shadows)
     _sub(scene, "grid", "false")
 
     sun = _sub(world_el, "light", type="directional", name="sun")
-    _sub(sun, "cast_shadows", "true" if light.cast_shadows else "false")
+    _sub(sun, "cast_shadows", shadows)
     _pose(sun, 0.0, 0.0, 100.0)
-    i = light.sun_intensity
-    _sub(sun, "diffuse", _nums(i, i * 0.97, i * 0.92, 1.0, digits=3))
-    _sub(sun, "specular", _nums(0.2 * i, 0.2 * i, 0.2 * i, 1.0, digits=3))
-    _sub(sun, "direction", _nums(*light.sun_direction, digits=6))
+    _sub(sun, "diffuse", _nums(*_clip_rgb(np.multiply(light.diffuse, light.light_color)), 1.0, digits=3))
+    _sub(sun, "specular", _nums(*_clip_rgb(np.multiply(light.specular, light.light_color)), 1.0, digits=3))
+    # the preset points towards the light; SDF wants the direction the light travels
+    _sub(sun, "direction", _nums(*(-np.asarray(light.light_direction, dtype=np.float64)), digits=6))
 
     _add_terrain(world_el)
     _add_trees(world_el, world)
@@ -813,13 +716,13 @@ def export_gazebo(
     imu_rate_hz: float = 200.0,
     gps_rate_hz: float = 10.0,
     encoder_rate_hz: float = 50.0,
-    weather: GazeboLighting | Mapping[str, object] | str | object | None = None,
+    weather: WeatherPreset | str | None = None,
     geometry: RoverGeometry | None = None,
 ) -> GazeboExport:
     """Write ``world.sdf``, ``bridge.yaml`` and the terrain meshes of ``world`` into ``out_dir``.
 
     ``intrinsics`` defaults to ``CameraIntrinsics()``; ``weather`` sets the sun and sky (see
-    :func:`resolve_lighting`). Raises ``ValueError`` naming a bad rover name, rate or camera.
+    :func:`resolve_weather`). Raises ``ValueError`` naming a bad rover name, rate or camera.
     """
     plan = _plan(world, rover_names, intrinsics, camera_rate_hz, imu_rate_hz, gps_rate_hz, encoder_rate_hz,
                  weather, geometry)
@@ -829,14 +732,14 @@ def export_gazebo(
         out_dir=out,
         world_sdf=out / WORLD_SDF_NAME,
         bridge_yaml=out / BRIDGE_YAML_NAME,
-        terrain_mesh=out / TERRAIN_MESH_NAME,
-        terrain_collision_mesh=out / TERRAIN_COLLISION_MESH_NAME,
+        terrain_obj=out / TERRAIN_MESH_NAME,
+        terrain_collision_obj=out / TERRAIN_COLLISION_MESH_NAME,
         world_name=world_name(world),
         rover_names=plan.names,
         rover_poses=plan.poses,
     )
-    _write(result.terrain_mesh, terrain_obj(world))
-    _write(result.terrain_collision_mesh, terrain_collision_obj(world))
+    write_obj(terrain_mesh(world.terrain), result.terrain_obj)
+    write_obj(terrain_mesh(collision_terrain(world.terrain)), result.terrain_collision_obj)
     _write(result.bridge_yaml, bridge_yaml(plan.names))
     _write(result.world_sdf, sdf_text)
     return result

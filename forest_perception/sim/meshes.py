@@ -261,12 +261,24 @@ def trunk_heights(tree: Tree, crown_top_fraction: float | None = None) -> np.nda
     """Ring heights (above the stem base) used for a trunk; rings follow ``Tree.radius_at`` exactly.
 
     Starts 0.4 m below the base so the stem meets sloping ground without a gap, and has
-    two rings at 0.5 m where the flare law hands over to the taper law.
+    two rings at 0.5 m where the flare law hands over to the taper law (the radius is
+    linear in height between rings, so the rings reproduce the model exactly). Above,
+    segments are short where a camera 0.2 m up sees them close and grow with height:
+    TinyRenderer scans each triangle's screen bounding box, and a long segment of a
+    leaning stem has a box far wider than the stem.
     """
     if crown_top_fraction is None:
         crown_top_fraction = 0.92 if tree.conifer else 0.5
     top = max(tree.crown_base + crown_top_fraction * (tree.height - tree.crown_base), 1.0)
-    return np.array([-0.4, 0.0, 0.25, 0.5 - 1e-4, 0.5, 1.3, top])
+    hs = [-0.4, 0.0, 0.5 - 1e-4, 0.5]
+    step = float(np.clip(0.04 / max(tree.lean, 1e-4), 0.8, 3.0))
+    h = 0.5
+    while h + step < top - 0.3 * step:
+        h += step
+        hs.append(h)
+        step *= 1.5
+    hs.append(top)
+    return np.array(hs)
 
 
 def trunk_mesh(tree: Tree, sides: int = 16, heights: np.ndarray | None = None) -> Mesh:
@@ -288,54 +300,62 @@ def trunk_mesh(tree: Tree, sides: int = 16, heights: np.ndarray | None = None) -
 
 
 def conifer_crown_mesh(tree: Tree, rng: np.random.Generator, sides: int = 10, tiers: int = 3) -> Mesh:
-    """Stacked, slightly ragged cones (spruce/fir silhouette), each with a concave underside."""
-    meshes = []
+    """Spruce/fir crown: one surface of revolution with a stepped (tiered), ragged profile.
+
+    Each tier is a cone skirt whose rim overhangs the next tier's underside; a shallow
+    inverted cone closes the bottom. One surface, so no tier is drawn over another
+    (TinyRenderer pays for every covered pixel of every triangle).
+    """
     span = tree.height - tree.crown_base
+    # profile (height above base, radius) from the lowest rim up to the apex
+    prof_h: list[float] = []
+    prof_r: list[float] = []
     for t in range(tiers):
-        base_h = tree.crown_base + span * t / (tiers + 0.6)
-        apex_h = tree.height if t == tiers - 1 else base_h + span * 0.62
-        frac = 1.0 - t / (tiers + 0.5)
-        radius = tree.crown_radius * frac
-        ax, ay = tree.axis_at(base_h)
-        tx, ty = tree.axis_at(apex_h)
-        base = np.array([ax, ay, tree.z + base_h])
-        apex = np.array([tx, ty, tree.z + apex_h])
-        jag = np.exp(_smooth_periodic(rng, sides, 0.12, harmonics=4) + rng.normal(0, 0.08, sides))
-        droop = (tree.z + base_h) - 0.15 * radius * rng.uniform(0.5, 1.5, sides)
-        meshes.append(_cone(base, apex, radius * jag, droop, sides, under_lift=0.3 * (apex_h - base_h)))
-    return Mesh.merge(meshes)
-
-
-def _cone(base: np.ndarray, apex: np.ndarray, radii: np.ndarray, rim_z: np.ndarray, sides: int,
-          under_lift: float) -> Mesh:
-    """Cone with a (possibly ragged) rim and an inverted shallow cone underneath."""
-    ang = np.arange(sides + 1) * 2 * math.pi / sides
-    r = np.append(radii, radii[0])
-    rz = np.append(rim_z, rim_z[0])
-    rim = np.column_stack([base[0] + r * np.cos(ang), base[1] + r * np.sin(ang), rz])
-    height = apex[2] - base[2]
-    slope = np.mean(radii) / max(height, 1e-6)
-    n_rim = _unit(np.column_stack([np.cos(ang), np.sin(ang), np.full(sides + 1, slope)]))
-    u = ang / (2 * math.pi) * max(1.0, round(2 * math.pi * np.mean(radii) / FOLIAGE_TILE_M))
-    slant = math.hypot(height, float(np.mean(radii)))
-    # side: one apex vertex per segment (its normal is the segment's mid direction)
-    mid = ang[:-1] + math.pi / sides
-    n_apex = _unit(np.column_stack([np.cos(mid), np.sin(mid), np.full(sides, slope)]))
-    verts = np.vstack([rim, np.repeat(apex[None], sides, 0)])
-    normals = np.vstack([n_rim, n_apex])
-    uvs = np.vstack([np.column_stack([u, np.zeros(sides + 1)]),
-                     np.column_stack([(u[:-1] + u[1:]) / 2, np.full(sides, slant / FOLIAGE_TILE_M)])])
+        frac = 1.0 - t / (tiers + 0.35)
+        rim_h = tree.crown_base + span * t / (tiers + 0.5)
+        prof_h.append(rim_h)
+        prof_r.append(tree.crown_radius * frac)
+        if t < tiers - 1:  # waist where the next tier starts: above this rim, well inside it
+            prof_h.append(rim_h + span * 0.9 / (tiers + 0.5))
+            prof_r.append(tree.crown_radius * frac * 0.42)
+    prof_h.append(tree.height)
+    prof_r.append(0.02)
+    hs = np.asarray(prof_h)
+    centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
+    rag = np.exp(np.stack([_smooth_periodic(rng, sides, 0.1, harmonics=4) + rng.normal(0, 0.07, sides)
+                           for _ in hs]))
+    u_rep = max(1.0, round(2 * math.pi * tree.crown_radius / FOLIAGE_TILE_M))
+    side = _ring_mesh(centres, np.asarray(prof_r), sides, u_rep, (hs - hs[0]) / FOLIAGE_TILE_M, radial_noise=rag)
+    # rims droop a little: lower every other ring's vertices (the tier rims)
+    ring_len = sides + 1
+    for k in range(0, len(hs) - 1, 2):
+        droop = 0.12 * prof_r[k] * rng.uniform(0.3, 1.5, sides)
+        side.vertices[k * ring_len: k * ring_len + sides, 2] -= droop
+        side.vertices[k * ring_len + sides, 2] = side.vertices[k * ring_len, 2]
+    # underside: from the lowest rim to a hub lifted into the crown, facing down
+    rim = side.vertices[:ring_len]
+    hub_h = tree.crown_base + 0.25 * span / (tiers + 0.5)
+    hub = np.array([*tree.axis_at(hub_h), tree.z + hub_h])
     j = np.arange(sides)
-    idx = np.column_stack([j, j + 1, sides + 1 + j])
-    side = Mesh(verts, normals, uvs, idx)
-    # underside: rim -> a point lifted into the cone, facing down
-    hub = np.array([base[0], base[1], base[2] + under_lift])
-    verts_u = np.vstack([rim, hub[None]])
-    normals_u = np.vstack([_unit(np.column_stack([np.cos(ang) * 0.3, np.sin(ang) * 0.3, -np.ones(sides + 1)])),
-                           [[0.0, 0.0, -1.0]]])
-    uvs_u = np.vstack([np.column_stack([u, np.full(sides + 1, 0.3)]), [[0.5, 0.0]]])
-    idx_u = np.column_stack([j + 1, j, np.full(sides, sides + 1)])
-    return Mesh.merge([side, Mesh(verts_u, normals_u, uvs_u, idx_u)])
+    under = Mesh(np.vstack([rim, hub[None]]), np.zeros((ring_len + 1, 3)),
+                 np.vstack([side.uvs[:ring_len], [[0.5, 0.0]]]),
+                 np.column_stack([j + 1, j, np.full(sides, ring_len)]))
+    return smooth_normals(Mesh.merge([side, under]))
+
+
+def smooth_normals(mesh: Mesh) -> Mesh:
+    """Replace normals by area-weighted face normals averaged over coincident vertices."""
+    v = mesh.vertices
+    fn = np.cross(v[mesh.indices[:, 1]] - v[mesh.indices[:, 0]], v[mesh.indices[:, 2]] - v[mesh.indices[:, 0]])
+    _, key = np.unique(np.round(v, 5), axis=0, return_inverse=True)
+    key = key.ravel()
+    acc = np.zeros((key.max() + 1, 3))
+    for c in range(3):
+        np.add.at(acc, key[mesh.indices[:, c]], fn)
+    n = acc[key]
+    bad = np.linalg.norm(n, axis=1) < 1e-12
+    n[bad] = [0.0, 0.0, 1.0]
+    return Mesh(mesh.vertices, _unit(n), mesh.uvs, mesh.indices)
 
 
 def ellipsoid_mesh(centre: np.ndarray, semi_axes: tuple[float, float, float], rng: np.random.Generator | None,
@@ -374,18 +394,18 @@ def ellipsoid_mesh(centre: np.ndarray, semi_axes: tuple[float, float, float], rn
 
 
 def broadleaf_crown_mesh(tree: Tree, rng: np.random.Generator, lat: int = 6, lon: int = 10) -> Mesh:
-    """Irregular crown: a main lumpy ellipsoid plus one offset lobe."""
+    """Irregular crown: one lumpy ellipsoid, its centre pushed off the stem axis a little.
+
+    A single closed surface (rather than overlapping lobes) keeps the overdraw low.
+    """
     span = tree.height - tree.crown_base
     cx, cy = tree.axis_at(tree.crown_base + 0.5 * span)
-    centre = np.array([cx, cy, tree.z + tree.crown_base + 0.52 * span])
+    off = rng.normal(0, 0.12 * tree.crown_radius, 2)
+    centre = np.array([cx + off[0], cy + off[1], tree.z + tree.crown_base + 0.5 * span])
     r = tree.crown_radius
-    main = ellipsoid_mesh(centre, (r, r * rng.uniform(0.8, 1.0), 0.55 * span), rng, lat, lon, roughness=0.2,
-                          yaw=float(rng.uniform(0, math.pi)))
-    off_ang = rng.uniform(0, 2 * math.pi)
-    lobe_centre = centre + np.array([0.45 * r * math.cos(off_ang), 0.45 * r * math.sin(off_ang), -0.15 * span])
-    lobe = ellipsoid_mesh(lobe_centre, (0.6 * r, 0.55 * r, 0.32 * span), rng, max(4, lat - 1), max(6, lon - 2),
-                          roughness=0.2)
-    return Mesh.merge([main, lobe])
+    crown = ellipsoid_mesh(centre, (r, r * rng.uniform(0.8, 1.0), 0.55 * span), rng, lat, lon, roughness=0.3,
+                           yaw=float(rng.uniform(0, math.pi)))
+    return smooth_normals(crown)
 
 
 def log_mesh(log: Log, sides: int = 12) -> Mesh:
@@ -439,6 +459,42 @@ def rock_mesh(rock: Rock, rng: np.random.Generator, lat: int = 5, lon: int = 8) 
                           yaw=rock.yaw, uv_tile_m=ROCK_TILE_M)
 
 
+def treeline_mesh(terrain: Terrain, half_size: float, offset_m: float, rng: np.random.Generator,
+                  segment_m: float = 3.0, uv_tile_m: float = 8.0) -> Mesh:
+    """Render-only wall of distant forest: a square ring ``offset_m`` outside the world, facing in.
+
+    Its top is ragged (crown silhouettes 12-24 m up); it stands on the clamped edge
+    heights of the terrain (and reaches 1 m below them). Like a skybox, it keeps the
+    horizon from showing the world's end; it is not an obstacle.
+    """
+    r = half_size + offset_m
+    corners = np.array([[-r, -r], [r, -r], [r, r], [-r, r], [-r, -r]])
+    pts = []
+    for a, b in zip(corners[:-1], corners[1:]):
+        n = max(2, int(math.ceil(np.linalg.norm(b - a) / segment_m)))
+        pts.extend(a + (b - a) * t for t in np.arange(n) / n)
+    xy = np.asarray(pts + [corners[0]])
+    k = len(xy)
+    ground = np.asarray(terrain.height_at(xy[:, 0], xy[:, 1]))
+    tops = 18.0 + 6.0 * _smooth_periodic(rng, k - 1, 0.35, harmonics=24) + rng.uniform(-2.0, 2.0, k - 1)
+    tops = np.append(tops, tops[0])
+    arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(xy, axis=0), axis=1))])
+    bottom = np.column_stack([xy, ground - 1.0])
+    top = np.column_stack([xy, ground + np.clip(tops, 10.0, 26.0)])
+    verts = np.vstack([bottom, top])
+    inward = _unit(np.column_stack([-xy, np.zeros(k)]))
+    normals = np.vstack([inward, inward])
+    u = arc / uv_tile_m
+    uvs = np.vstack([np.column_stack([u, np.full(k, 0.001)]), np.column_stack([u, np.full(k, 0.999)])])
+    # counter-clockwise ring seen from above: (bottom j, top j, bottom j+1) faces the centre
+    j = np.arange(k - 1)
+    idx = np.concatenate([np.column_stack([j, k + j, j + 1]), np.column_stack([j + 1, k + j, k + j + 1])])
+    mesh = Mesh(verts, normals, uvs, idx)
+    if np.mean(np.sum(mesh.face_normals()[:, :2] * -mesh.vertices[idx[:, 0], :2], axis=1)) < 0:
+        mesh.indices = mesh.indices[:, [0, 2, 1]]
+    return mesh
+
+
 # ---------------------------------------------------------------- world assembly
 
 CATEGORIES: dict[str, str] = {
@@ -453,42 +509,62 @@ CATEGORIES: dict[str, str] = {
     "log": "log",
     "bush": "bush",
     "rock": "rock",
+    "treeline": "treeline",
 }
+
+
+DRAW_ORDER = ("bush", "trunk_broadleaf", "trunk_conifer", "rock", "log", "moss", "grass", "terrain",
+              "crown_broadleaf", "crown_conifer", "treeline")
+
+LOD_ALL = -1
+"""``MeshGroup.lod`` of geometry drawn at every distance; 0 = near variant, 1 = far variant."""
 
 
 @dataclass
 class MeshGroup:
-    """Every object of one category inside one spatial tile, merged into a single mesh."""
+    """Every object of one category inside one spatial tile, merged into a single mesh.
+
+    ``lod`` is :data:`LOD_ALL`, or 0/1 for the near/far variant of the same objects
+    (the renderer shows exactly one of the two per frame).
+    """
 
     category: str
     texture: str
     tile: tuple[int, int]
     mesh: Mesh
+    lod: int = LOD_ALL
 
 
 @dataclass(frozen=True)
 class MeshDetail:
-    """Tessellation levels (sides of trunks, crowns...) and the merge tile size."""
+    """Tessellation levels, merge tile size and the render-only scenery around the world.
+
+    Trunks have a near variant (``trunk_sides``, >= 16, matching the model within a few
+    mm) and a far variant (``far_trunk_sides``) that the renderer swaps in beyond
+    ``lod_distance_m``; thin distant stems cost TinyRenderer mostly bounding-box scans.
+    """
 
     trunk_sides: int = 16
-    crown_sides: int = 10
-    crown_lat: int = 6
-    crown_lon: int = 10
-    log_sides: int = 12
+    far_trunk_sides: int = 6
+    lod_distance_m: float = 8.0
+    crown_sides: int = 9
+    crown_lat: int = 5
+    crown_lon: int = 9
+    log_sides: int = 10
     bush_lat: int = 5
-    bush_lon: int = 9
-    rock_lat: int = 5
-    rock_lon: int = 8
-    tile_m: float = 15.0
+    bush_lon: int = 8
+    rock_lat: int = 4
+    rock_lon: int = 7
+    tile_m: float = 10.0
     ground_patches_per_ha: float = 120.0
-    backdrop_m: float = 20.0
-    backdrop_trunk_sides: int = 8
+    backdrop_m: float = 6.0
+    treeline_offset_m: float = 10.0
 
     def validate(self) -> MeshDetail:
-        """Raise ``ValueError`` naming the first bad field."""
+        """Raise ``ValueError`` naming the first bad field; return self when fine."""
         if self.trunk_sides < 16:
-            raise ValueError(f"trunk_sides must be >= 16 (trunk depth accuracy), got {self.trunk_sides}")
-        for name in ("crown_sides", "crown_lon", "log_sides", "bush_lon", "rock_lon", "backdrop_trunk_sides"):
+            raise ValueError(f"trunk_sides must be >= 16 (near-trunk depth accuracy), got {self.trunk_sides}")
+        for name in ("far_trunk_sides", "crown_sides", "crown_lon", "log_sides", "bush_lon", "rock_lon"):
             if getattr(self, name) < 3:
                 raise ValueError(f"{name} must be >= 3, got {getattr(self, name)}")
         for name in ("crown_lat", "bush_lat", "rock_lat"):
@@ -496,11 +572,14 @@ class MeshDetail:
                 raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
         if not 2.0 <= self.tile_m <= 1000.0:
             raise ValueError(f"tile_m must be within [2, 1000] m, got {self.tile_m}")
-        if self.ground_patches_per_ha < 0 or self.backdrop_m < 0:
-            raise ValueError(
-                f"ground_patches_per_ha and backdrop_m must be >= 0, got {self.ground_patches_per_ha}, "
-                f"{self.backdrop_m}"
-            )
+        if not 0.0 <= self.lod_distance_m <= 1000.0:
+            raise ValueError(f"lod_distance_m must be within [0, 1000] m, got {self.lod_distance_m}")
+        if self.ground_patches_per_ha < 0:
+            raise ValueError(f"ground_patches_per_ha must be >= 0, got {self.ground_patches_per_ha}")
+        if not 0.0 <= self.backdrop_m <= 100.0:
+            raise ValueError(f"backdrop_m must be within [0, 100] m, got {self.backdrop_m}")
+        if not 0.0 <= self.treeline_offset_m <= 200.0:
+            raise ValueError(f"treeline_offset_m must be within [0, 200] m, got {self.treeline_offset_m}")
         return self
 
 
@@ -526,35 +605,49 @@ def backdrop_trees(world: ForestWorld, band_m: float) -> list[Tree]:
     return out
 
 
+def far_trunk_mesh(tree: Tree, sides: int = 6) -> Mesh:
+    """Cheap trunk for distant views: few sides, rings at the base, 0.5 m and the top only."""
+    hs = trunk_heights(tree)
+    hs = np.array([hs[0], 0.5, hs[-1]])
+    centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
+    radii = np.array([_polygon_area_radius(tree.radius_at(max(h, 0.0)), sides) for h in hs])
+    return _ring_mesh(centres, radii, sides, 1.0, (hs + 1.0) / BARK_TILE_M,
+                      axis_dirs=np.tile(centres[-1] - centres[0], (len(hs), 1)))
+
+
 def _tile_of(x: float, y: float, tile_m: float) -> tuple[int, int]:
     return int(math.floor(x / tile_m)), int(math.floor(y / tile_m))
 
 
 def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> list[MeshGroup]:
-    """All of the world's geometry, merged per (category, tile) into few large meshes.
+    """All of the world's geometry, merged per (category, tile, lod) into few large meshes.
 
-    Meshes stay below ~60k vertices each (the renderer's per-shape limit is 131k).
+    Meshes stay below 60k vertices each (PyBullet's per-shape limit is 131k). Groups
+    come in TinyRenderer's preferred drawing order (:data:`DRAW_ORDER`).
     """
     detail = (detail or MeshDetail()).validate()
     seed = int(world.config.seed)
     tile = detail.tile_m
-    parts: dict[tuple[str, tuple[int, int]], list[Mesh]] = {}
+    parts: dict[tuple[str, tuple[int, int], int], list[Mesh]] = {}
 
-    def add(category: str, x: float, y: float, mesh: Mesh) -> None:
-        parts.setdefault((category, _tile_of(x, y, tile)), []).append(mesh)
+    def add(category: str, x: float, y: float, mesh: Mesh, lod: int = LOD_ALL) -> None:
+        parts.setdefault((category, _tile_of(x, y, tile), lod), []).append(mesh)
 
     terrain = world.terrain
     xmin, xmax, ymin, ymax = terrain.extent
-    # terrain tiles on the same grid as the objects
     for tx in range(_tile_of(xmin, 0, tile)[0], _tile_of(xmax - 1e-9, 0, tile)[0] + 1):
         for ty in range(_tile_of(0, ymin, tile)[1], _tile_of(0, ymax - 1e-9, tile)[1] + 1):
-            bounds = (max(tx * tile, xmin), min((tx + 1) * tile, xmax), max(ty * tile, ymin), min((ty + 1) * tile, ymax))
+            bounds = (max(tx * tile, xmin), min((tx + 1) * tile, xmax), max(ty * tile, ymin),
+                      min((ty + 1) * tile, ymax))
             m = terrain_mesh(terrain, bounds)
             if m.n_vertices:
-                parts.setdefault(("terrain", (tx, ty)), []).append(m)
-    if detail.backdrop_m > 0:
-        skirt = Mesh.merge(_terrain_skirt(terrain, detail.backdrop_m + 10.0, 5.0, LITTER_TILE_M))
-        parts.setdefault(("terrain", (10_000, 10_000)), []).append(skirt)
+                parts.setdefault(("terrain", (tx, ty), LOD_ALL), []).append(m)
+    # the ground goes on beyond the world, up to and under the treeline wall
+    for k, strip in enumerate(_terrain_skirt(terrain, detail.treeline_offset_m + 5.0, 4.0, LITTER_TILE_M)):
+        parts.setdefault(("terrain", (100_000, k), LOD_ALL), []).append(strip)
+    if detail.treeline_offset_m > 0:
+        wall = treeline_mesh(terrain, world.half_size, detail.treeline_offset_m, np.random.default_rng([seed, 99]))
+        parts.setdefault(("treeline", (100_000, 0), LOD_ALL), []).append(wall)
 
     # moss and grass cushions
     rng_patch = np.random.default_rng([seed, 77])
@@ -568,7 +661,8 @@ def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> 
     for t in world.trees:
         rng = _object_rng(seed, 1, t.x, t.y)
         kind = "conifer" if t.conifer else "broadleaf"
-        add(f"trunk_{kind}", t.x, t.y, trunk_mesh(t, detail.trunk_sides))
+        add(f"trunk_{kind}", t.x, t.y, trunk_mesh(t, detail.trunk_sides), lod=0)
+        add(f"trunk_{kind}", t.x, t.y, far_trunk_mesh(t, detail.far_trunk_sides), lod=1)
         if t.conifer:
             crown = conifer_crown_mesh(t, rng, detail.crown_sides)
         else:
@@ -577,14 +671,11 @@ def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> 
     for t in backdrop_trees(world, detail.backdrop_m):
         rng = _object_rng(seed, 5, t.x, t.y)
         kind = "conifer" if t.conifer else "broadleaf"
-        sides = detail.backdrop_trunk_sides
-        r0 = t.radius_at(0.0)
-        hs = np.array([-0.4, 0.5, trunk_heights(t)[-1]])
-        add(f"trunk_{kind}", t.x, t.y, _backdrop_trunk(t, hs, sides, r0))
+        add(f"trunk_{kind}", t.x, t.y, far_trunk_mesh(t, detail.far_trunk_sides))
         if t.conifer:
             crown = conifer_crown_mesh(t, rng, max(6, detail.crown_sides - 3), tiers=2)
         else:
-            crown = broadleaf_crown_mesh(t, rng, max(4, detail.crown_lat - 2), max(6, detail.crown_lon - 3))
+            crown = broadleaf_crown_mesh(t, rng, max(4, detail.crown_lat - 1), max(6, detail.crown_lon - 3))
         add(f"crown_{kind}", t.x, t.y, crown)
     for lg in world.logs:
         add("log", lg.x, lg.y, log_mesh(lg, detail.log_sides))
@@ -593,17 +684,14 @@ def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> 
     for r in world.rocks:
         add("rock", r.x, r.y, rock_mesh(r, _object_rng(seed, 3, r.x, r.y), detail.rock_lat, detail.rock_lon))
 
+    # TinyRenderer draws bodies in creation order and skips shading of z-rejected pixels:
+    # put the near, opaque occluders first and the big background surfaces last
+    order = {c: i for i, c in enumerate(DRAW_ORDER)}
     groups = []
-    for (category, tile_key), meshes in sorted(parts.items()):
+    for (category, tile_key, lod), meshes in sorted(parts.items(), key=lambda kv: (order[kv[0][0]], kv[0][1:])):
         for chunk in _chunks(meshes, max_vertices=60_000):
-            groups.append(MeshGroup(category, CATEGORIES[category], tile_key, Mesh.merge(chunk)))
+            groups.append(MeshGroup(category, CATEGORIES[category], tile_key, Mesh.merge(chunk), lod))
     return groups
-
-
-def _backdrop_trunk(tree: Tree, hs: np.ndarray, sides: int, r0: float) -> Mesh:
-    centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
-    radii = np.array([tree.radius_at(max(h, 0.0)) for h in hs])
-    return _ring_mesh(centres, radii, sides, 1.0, (hs + 1.0) / BARK_TILE_M)
 
 
 def _chunks(meshes: list[Mesh], max_vertices: int) -> list[list[Mesh]]:

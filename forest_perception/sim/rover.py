@@ -175,10 +175,9 @@ class DiffDriveRover:
         self.collisions = 0
         # ground probes: centre and the four wheel contacts (forward u, left s offsets)
         hl, hw = 0.5 * geometry.body_length_m, 0.5 * geometry.track_width_m
-        self._probe_u = np.array([0.0, hl, hl, -hl, -hl])
-        self._probe_s = np.array([0.0, hw, -hw, hw, -hw])
-        self._probe_uu = float(self._probe_u @ self._probe_u)
-        self._probe_ss = float(self._probe_s @ self._probe_s)
+        self._probes = ((0.0, 0.0), (hl, hw), (hl, -hw), (-hl, hw), (-hl, -hw))
+        self._probe_uu = 4.0 * hl * hl
+        self._probe_ss = 4.0 * hw * hw
         # obstacles near the rover, refreshed when it has moved half the cache margin
         self._near_centre = (math.inf, math.inf)
         self._near = self.obstacles
@@ -218,35 +217,66 @@ class DiffDriveRover:
         )
         return self.state
 
-    def is_free(self, x: float, y: float) -> bool:
-        """True if the footprint circle centred at (x, y) is inside bounds and touches no obstacle."""
+    def is_free(self, x: float, y: float, from_xy: tuple[float, float] | None = None) -> bool:
+        """True if the footprint circle at (x, y) is inside bounds and touches no obstacle.
+
+        With ``from_xy`` the whole straight sweep from there to (x, y) must be free, so that
+        a long step cannot jump over a thin obstacle.
+        """
         xmin, xmax, ymin, ymax = self.bounds
         r = self.radius
         if x - r < xmin or x + r > xmax or y - r < ymin or y + r > ymax:
-            return False
+            return False  # the box is convex: a free end point means a free sweep
         if len(self.obstacles) == 0:
             return True
-        cx, cy = self._near_centre
-        if math.hypot(x - cx, y - cy) > 0.5 * self._near_margin:
-            reach = self._near_margin + r + float(self.obstacles[:, 2].max())
-            d2 = (self.obstacles[:, 0] - x) ** 2 + (self.obstacles[:, 1] - y) ** 2
-            self._near = self.obstacles[d2 < reach * reach]
-            self._near_centre = (x, y)
-        obs = self._near
+        x0, y0 = (x, y) if from_xy is None else from_xy
+        sweep = math.hypot(x - x0, y - y0)
+        if sweep > 0.5 * self._near_margin:
+            obs = self.obstacles
+        else:
+            cx, cy = self._near_centre
+            if math.hypot(x - cx, y - cy) > 0.5 * self._near_margin:
+                reach = self._near_margin + r + float(self.obstacles[:, 2].max())
+                d2 = (self.obstacles[:, 0] - x) ** 2 + (self.obstacles[:, 1] - y) ** 2
+                self._near = self.obstacles[d2 < reach * reach]
+                self._near_centre = (x, y)
+            obs = self._near
         if len(obs) == 0:
             return True
-        d2 = (obs[:, 0] - x) ** 2 + (obs[:, 1] - y) ** 2
-        return bool(np.all(d2 >= (obs[:, 2] + r) ** 2))
+        px, py = obs[:, 0] - x, obs[:, 1] - y
+        if sweep > 0:
+            # closest point of the segment end -> start to each obstacle centre
+            ux, uy = (x0 - x) / sweep, (y0 - y) / sweep
+            along = np.clip(px * ux + py * uy, 0.0, sweep)
+            px, py = px - along * ux, py - along * uy
+        return bool(np.all(px * px + py * py >= (obs[:, 2] + r) ** 2))
+
+    def _ground_height(self, x: float, y: float) -> float:
+        """Scalar ``terrain.height_at`` (same bilinear interpolation and edge clamping), without numpy overhead."""
+        t = self.terrain
+        h = t.heights
+        ny, nx = h.shape
+        u = min(max((x - t.x0) / t.resolution, 0.0), nx - 1 - 1e-9)
+        v = min(max((y - t.y0) / t.resolution, 0.0), ny - 1 - 1e-9)
+        i, j = int(u), int(v)
+        fu, fv = u - i, v - j
+        return (h.item(j, i) * (1 - fu) + h.item(j, i + 1) * fu) * (1 - fv) + (
+            h.item(j + 1, i) * (1 - fu) + h.item(j + 1, i + 1) * fu
+        ) * fv
 
     def _terrain_pose(self, x: float, y: float, yaw: float) -> tuple[float, float, float]:
         """(roll, pitch, z of base_link) from a plane fitted under the wheels at (x, y, yaw)."""
         g = self.geometry
-        u, s = self._probe_u, self._probe_s
         c, sn = math.cos(yaw), math.sin(yaw)
-        h = np.asarray(self.terrain.height_at(x + c * u - sn * s, y + sn * u + c * s))
-        a = float(h.sum()) / len(h)
-        b = float(h @ u) / self._probe_uu  # dz per metre forward
-        cl = float(h @ s) / self._probe_ss  # dz per metre to the left
+        a = b = cl = 0.0
+        for u, s in self._probes:
+            h = self._ground_height(x + c * u - sn * s, y + sn * u + c * s)
+            a += h
+            b += h * u
+            cl += h * s
+        a /= len(self._probes)
+        b /= self._probe_uu  # dz per metre forward (least squares over symmetric probes)
+        cl /= self._probe_ss  # dz per metre to the left
         pitch = -math.atan(b)  # REP 103: nose up is negative pitch
         roll = math.atan2(cl, math.sqrt(1.0 + b * b))
         # base_link is one wheel radius from the ground plane along its normal
@@ -304,7 +334,7 @@ class DiffDriveRover:
             dx = v_h * dt * math.cos(st.yaw)
             dy = v_h * dt * math.sin(st.yaw)
         x1, y1 = st.x + dx, st.y + dy
-        collided = (dx != 0.0 or dy != 0.0) and not self.is_free(x1, y1)
+        collided = (dx != 0.0 or dy != 0.0) and not self.is_free(x1, y1, from_xy=(st.x, st.y))
         if collided:  # refuse the motion: the rover stops where it is, wheels stalled
             x1, y1, dpsi = st.x, st.y, 0.0
             v1 = w1 = v_body = w_body = v_h = 0.0

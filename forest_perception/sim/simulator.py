@@ -23,6 +23,7 @@ from forest_perception.sim.sensors import (
     GpsModel,
     ImuModel,
     ImuSample,
+    OdometryEstimate,
     WheelOdometry,
     WheelReading,
 )
@@ -109,7 +110,7 @@ class SensorEvent:
     kind: str  # "imu" | "camera" | "gps" | "wheels" | "odom"
     rover: int
     stamp_ns: int
-    data: ImuSample | CameraFrame | GpsFix | WheelReading | WheelOdometry | RoverState
+    data: ImuSample | CameraFrame | GpsFix | WheelReading | OdometryEstimate
 
 
 class _Schedule:
@@ -145,7 +146,7 @@ class _SimRover:
             sim.obstacles, (-half, half, -half, half), geometry, rng_explore
         )
         self.teleop = CmdVelController()
-        self.imu = ImuModel(rng=rng_imu)
+        self.imu = ImuModel(rng=rng_imu, rate_hz=sim.config.imu_rate_hz)
         c = world.config
         self.gps = GpsModel(c.datum_lat_deg, c.datum_lon_deg, c.datum_alt_m, rng=rng_gps)
         self.encoders = EncoderModel(rng=rng_enc)
@@ -173,6 +174,7 @@ class ForestSimulator:
         rovers: list[RoverConfig] | None = None,
         render: bool = True,
         cache_dir: str | None = None,
+        scene: object | None = None,
     ) -> None:
         self.world = world
         self.config = (config or SimConfig()).validate()
@@ -182,8 +184,9 @@ class ForestSimulator:
             raise ValueError(f"rover names must be unique, got {names}")
         self.obstacles = world.obstacle_circles(clearance_h=0.3)
         self.now_ns = 0
-        self.scene = None
-        if render:
+        self.scene = scene
+        self._owns_scene = scene is None
+        if render and scene is None:
             from forest_perception.sim.scene import ForestScene  # PyBullet only when rendering
 
             self.scene = ForestScene(world, cache_dir=cache_dir)
@@ -244,6 +247,7 @@ class ForestSimulator:
         self.now_ns += tick_ns
         now_s = self.now_ns * 1e-9
         events: list[SensorEvent] = []
+        geometry_gps = self.config.geometry.gps_offset_m
         for r in self.rovers:
             if r.cfg.behaviour == "explore":
                 v, w = r.explorer.command(r.state)
@@ -254,12 +258,12 @@ class ForestSimulator:
             events.append(SensorEvent("imu", r.index, self.now_ns, r.imu.sample(r.state, dt)))
             if r.schedules["wheels"].due(self.now_ns):
                 reading = r.encoders.sample(r.state)
-                r.odometry.update(reading, self.now_ns * 1e-9)
+                estimate = r.odometry.update(reading, self.now_ns * 1e-9)
                 events.append(SensorEvent("wheels", r.index, self.now_ns, reading))
-                events.append(SensorEvent("odom", r.index, self.now_ns, r.odometry))
+                events.append(SensorEvent("odom", r.index, self.now_ns, estimate))
             if r.schedules["gps"].due(self.now_ns):
                 cover = self.world.canopy_cover(r.state.x, r.state.y)
-                events.append(SensorEvent("gps", r.index, self.now_ns, r.gps.sample(r.state, cover, dt=None)))
+                events.append(SensorEvent("gps", r.index, self.now_ns, r.gps.sample(r.state, cover, antenna_offset=geometry_gps)))
         if self.scene is not None and len(self.rovers) > 1:
             self._sync_bodies()
         for r in self.rovers:
@@ -293,9 +297,9 @@ class ForestSimulator:
 
     def close(self) -> None:
         """Release the renderer."""
-        if self.scene is not None:
+        if self.scene is not None and self._owns_scene:
             self.scene.close()
-            self.scene = None
+        self.scene = None
 
     def __enter__(self) -> ForestSimulator:
         return self

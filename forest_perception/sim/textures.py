@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 # bump when a generator changes, so stale cached PNGs are not reused
-TEXTURE_VERSION = 3
+TEXTURE_VERSION = 4
 
 TEXTURE_NAMES = (
     "bark_conifer",
@@ -32,7 +32,11 @@ TEXTURE_NAMES = (
     "foliage_broadleaf",
     "bush",
     "log",
+    "treeline",
 )
+
+# seen from 0.2 m, these get twice the pixels (nearest-neighbour sampling is blocky up close)
+GROUND_TEXTURES = ("litter", "moss", "grass")
 
 # Log texture atlas: bark on u in [0, LOG_BARK_U), end-grain rings in the square
 # LOG_CAP_U0..1 x LOG_CAP_V0..LOG_CAP_V1 (meshes.py maps cylinder sides and caps there).
@@ -166,18 +170,18 @@ def litter_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     shape = (size, size)
     big = spectral_noise(rng, shape, beta=3.0, fmin=1.0)
     mid = spectral_noise(rng, shape, beta=2.0, fmin=4.0)
-    humus = _palette_mix(0.5 + 0.18 * big + 0.15 * mid, [(34, 24, 16), (62, 44, 28), (92, 66, 42)])
+    humus = _palette_mix(0.5 + 0.18 * big + 0.15 * mid, [(26, 19, 13), (48, 35, 24), (74, 55, 37)])
     img = humus.copy()
     leaves = [
-        (96, 60, 30), (122, 76, 36), (146, 92, 44), (168, 98, 38), (178, 120, 56),
-        (66, 44, 26), (150, 124, 70), (112, 100, 84), (84, 96, 44), (132, 58, 30),
+        (88, 60, 36), (104, 72, 44), (122, 86, 52), (136, 94, 52), (150, 110, 66),
+        (66, 48, 32), (124, 108, 78), (98, 90, 78), (80, 86, 46), (114, 66, 40),
     ]
-    scale = size / 256.0
-    _stamp_leaves(rng, img, int(1500 * scale**2), (3.0 * scale, 8.0 * scale), leaves, jitter=0.2)
+    scale = size / 512.0  # leaf sizes are set for 512 px per litter tile (2 m)
+    _stamp_leaves(rng, img, int(5200 * scale**2), (5.0 * scale, 15.0 * scale), leaves, jitter=0.2)
     # twigs and needles: thin dark lines
-    for _ in range(int(120 * scale**2)):
+    for _ in range(int(480 * scale**2)):
         x, y = rng.uniform(0, size, 2)
-        length = rng.uniform(4, 22) * scale
+        length = rng.uniform(8, 44) * scale
         ang = rng.uniform(0, math.pi)
         colour = tuple(float(c) for c in np.array([58, 40, 26]) * rng.uniform(0.7, 1.4))
         ex, ey = length * math.cos(ang) / 2, length * math.sin(ang) / 2
@@ -304,6 +308,34 @@ def log_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     return _to_uint8(img)
 
 
+def treeline_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """Distant forest seen through the stand: trunks and understorey below, foliage above.
+
+    Painted on the render-only wall around the world (rows: top = canopy). Colours are
+    darker than near surfaces: the fog/haze of the camera pipeline lightens them by depth.
+    """
+    shape = (size, size)
+    rows = np.linspace(1.0, 0.0, size)[:, None]  # 1 at the top row
+    canopy = _palette_mix(0.5 + 0.22 * spectral_noise(rng, shape, beta=2.2, stretch=(1.0, 1.0), fmin=3.0),
+                          [(14, 24, 14), (34, 54, 28), (58, 80, 40)])
+    under = _palette_mix(0.5 + 0.2 * spectral_noise(rng, shape, beta=2.4, fmin=2.0),
+                         [(22, 22, 14), (44, 46, 26), (64, 62, 40)])
+    edge = 0.45 + 0.08 * spectral_noise(rng, (1, size), beta=2.0, fmin=2.0)
+    blend = _cdf((rows - edge) * 14.0)[..., None]
+    img = under * (1 - blend) + canopy * blend
+    # trunks: vertical bars of varied width and tone, fading into the canopy
+    x = np.arange(size)
+    for _ in range(int(26 * size / 256)):
+        cx = rng.uniform(0, size)
+        half = rng.uniform(0.6, 3.5) * size / 256
+        tone = np.array([70, 60, 50]) * rng.uniform(0.5, 1.2)
+        dist = np.minimum(np.abs(x - cx), size - np.abs(x - cx))
+        cover = np.clip(half + 0.5 - dist, 0, 1)[None, :] * (1 - _cdf((rows - rng.uniform(0.5, 0.8)) * 12.0))
+        img = img * (1 - cover[..., None]) + tone * cover[..., None]
+    img *= (1.0 + 0.08 * spectral_noise(rng, shape, beta=1.0, fmin=20.0))[..., None]
+    return _to_uint8(img)
+
+
 _GENERATORS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "bark_conifer": lambda rng, s: bark_texture(rng, s, conifer=True),
     "bark_broadleaf": lambda rng, s: bark_texture(rng, s, conifer=False),
@@ -315,6 +347,7 @@ _GENERATORS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "foliage_broadleaf": lambda rng, s: foliage_texture(rng, s, conifer=False),
     "bush": bush_texture,
     "log": log_texture,
+    "treeline": treeline_texture,
 }
 
 
@@ -335,6 +368,8 @@ def generate_textures(
 ) -> dict[str, Path]:
     """Write the textures as PNG files into ``cache_dir`` (a new temp dir when None); return name -> path.
 
+    ``size`` is the base edge in pixels; see :func:`texture_size`.
+
     Files already in the cache (same name, seed, size and generator version) are reused.
     """
     if cache_dir is None:
@@ -343,12 +378,18 @@ def generate_textures(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for name in names:
-        path = out_dir / f"{name}_s{int(seed)}_{int(size)}_v{TEXTURE_VERSION}.png"
+        px = texture_size(name, int(size))
+        path = out_dir / f"{name}_s{int(seed)}_{px}_v{TEXTURE_VERSION}.png"
         if not path.is_file():
-            img = make_texture(name, seed, size)
+            img = make_texture(name, seed, px)
             tmp = path.with_suffix(".tmp.png")
             if not cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
                 raise OSError(f"could not write texture {name!r} to {tmp}")
             tmp.replace(path)  # atomic, so a parallel process never reads half a file
         paths[name] = path
     return paths
+
+
+def texture_size(name: str, base_size: int) -> int:
+    """Pixel size used for ``name``: ground textures get twice the base (the camera is 0.2 m above them)."""
+    return base_size * 2 if name in GROUND_TEXTURES else base_size

@@ -1,0 +1,627 @@
+"""PyBullet scene of a :class:`ForestWorld`, rendered headless with TinyRenderer.
+
+One private ``DIRECT`` client per scene (never the GUI, never a server). The world's
+geometry is merged per category and spatial tile (:func:`meshes.build_world_meshes`)
+into a few dozen textured bodies; tiles outside the camera frustum are hidden per
+frame (TinyRenderer skips zero-alpha shapes), which keeps a 60 m forest at
+interactive rates on a small CPU.
+
+Conventions: the camera pose is ``position`` (ENU, metres) and ``rotation``, a 3x3
+world_from_camera_link matrix with REP 103 body axes (x forward, y left, z up). Images
+follow :class:`CameraIntrinsics` exactly: pixel (u, v) sees the ray through
+((u - cx) / fx, (v - cy) / fy) in the optical frame. Depth is z-depth along the
+optical axis in metres, +inf where nothing was hit (sky).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pybullet as p
+
+from forest_perception.sim.meshes import CATEGORIES, LOD_ALL, Mesh, MeshDetail, build_world_meshes
+from forest_perception.sim.robot import CameraIntrinsics, RoverGeometry
+from forest_perception.sim.textures import generate_textures
+from forest_perception.sim.weather import CameraEffects, WeatherPreset, apply_camera_pipeline, get_weather
+from forest_perception.sim.world import ForestWorld
+
+SKY_ID = -1
+CATEGORY_IDS: dict[str, int] = {name: i for i, name in enumerate([*CATEGORIES, "rover"])}
+"""Semantic class ids for :meth:`ForestScene.semantic_labels` (sky is -1)."""
+
+
+@dataclass(frozen=True)
+class BodyInfo:
+    """What a renderer body is: its category, spatial tile and bounding box."""
+
+    category: str
+    tile: tuple[int, int] | None
+    aabb_min: np.ndarray
+    aabb_max: np.ndarray
+    n_triangles: int
+    lod: int = LOD_ALL
+
+
+def view_matrix(position: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """4x4 OpenGL view matrix (camera looks down -Z, Y up) from a camera_link pose (REP 103)."""
+    pos = np.asarray(position, dtype=np.float64).reshape(3)
+    rot = np.asarray(rotation, dtype=np.float64).reshape(3, 3)
+    # OpenGL camera axes in world: X = right = -y_link, Y = up = z_link, Z = backward = -x_link
+    world_from_gl = np.column_stack([-rot[:, 1], rot[:, 2], -rot[:, 0]])
+    view = np.eye(4)
+    view[:3, :3] = world_from_gl.T
+    view[:3, 3] = -world_from_gl.T @ pos
+    return view
+
+
+def projection_matrix(intrinsics: CameraIntrinsics, near: float, far: float) -> np.ndarray:
+    """4x4 OpenGL projection whose pixel (u, v) is the ROS pinhole pixel (u, v) of ``intrinsics``.
+
+    Same frustum as ``computeProjectionMatrixFOV(vfov, width/height)`` up to the
+    sub-pixel alignment described in :func:`pinhole_projection`.
+    """
+    return pinhole_projection(intrinsics.fx, intrinsics.fy, intrinsics.cx, intrinsics.cy, intrinsics.width,
+                              intrinsics.height, near, far)
+
+
+def pinhole_projection(fx: float, fy: float, cx: float, cy: float, width: int, height: int,
+                       near: float, far: float) -> np.ndarray:
+    """4x4 OpenGL projection for TinyRenderer from pinhole intrinsics (ROS pixel-centre convention).
+
+    TinyRenderer evaluates pixel column i at viewport x = i (not i + 0.5) and returns
+    rows flipped, so the matrix is shifted so that column i and row j see exactly the
+    ray through ((i - cx) / fx, (j - cy) / fy).
+    """
+    proj = np.zeros((4, 4))
+    proj[0, 0] = 2.0 * fx / width
+    proj[1, 1] = 2.0 * fy / height
+    # column i is sampled at NDC x = 2 i / w - 1; it must see x_opt / z = (i - cx) / fx
+    proj[0, 2] = 1.0 - 2.0 * cx / width
+    # output row j is viewport row (h - 1 - j), sampled at NDC y = 2 (h - 1 - j) / h - 1
+    proj[1, 2] = 2.0 * (cy + 1.0) / height - 1.0
+    proj[2, 2] = -(far + near) / (far - near)
+    proj[2, 3] = -2.0 * far * near / (far - near)
+    proj[3, 2] = -1.0
+    return proj
+
+
+def zbuffer_to_depth(zbuf: np.ndarray, near: float, far: float) -> np.ndarray:
+    """TinyRenderer z-buffer in [0, 1] -> metric z-depth (float32)."""
+    z = np.asarray(zbuf, dtype=np.float64)
+    return (far * near / (far - (far - near) * z)).astype(np.float32)
+
+
+def pixel_rays_optical(intrinsics: CameraIntrinsics) -> np.ndarray:
+    """(H, W, 2) float32 (x/z, y/z) of every pixel's ray in the optical frame."""
+    u = (np.arange(intrinsics.width, dtype=np.float32) - np.float32(intrinsics.cx)) / np.float32(intrinsics.fx)
+    v = (np.arange(intrinsics.height, dtype=np.float32) - np.float32(intrinsics.cy)) / np.float32(intrinsics.fy)
+    out = np.empty((intrinsics.height, intrinsics.width, 2), dtype=np.float32)
+    out[..., 0] = u[None, :]
+    out[..., 1] = v[:, None]
+    return out
+
+
+def depth_to_world(depth: np.ndarray, intrinsics: CameraIntrinsics, position: np.ndarray,
+                   rotation: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float32 world points of a z-depth image (non-finite depth gives non-finite points)."""
+    rays = pixel_rays_optical(intrinsics)
+    z = np.asarray(depth, dtype=np.float32)
+    # optical (x right, y down, z forward) -> camera_link (x forward, y left, z up)
+    link = np.stack([z, -rays[..., 0] * z, -rays[..., 1] * z], axis=-1)
+    with np.errstate(invalid="ignore"):
+        return link @ np.asarray(rotation, dtype=np.float32).T + np.asarray(position, dtype=np.float32)
+
+
+@dataclass
+class SunShadowMap:
+    """Depth of the scene seen from the sun (a pinhole camera 1 km away, looking at the world).
+
+    Rendered once per light direction; :meth:`lit_fraction` tells, for world points,
+    how much of the sun reaches them (2x2 percentage-closer filtering).
+    """
+
+    rotation: np.ndarray
+    eye: np.ndarray
+    fx: float
+    cx: float
+    cy: float
+    depth: np.ndarray
+    texel_m: float
+
+    def lit_fraction(self, px: np.ndarray, py: np.ndarray, pz: np.ndarray, bias_m: np.ndarray | float) -> np.ndarray:
+        """Fraction in [0, 1] of sunlight reaching the world points (px, py, pz) (same-shape arrays)."""
+        rot = self.rotation.astype(np.float32)
+        ex, ey, ez = (float(c) for c in self.eye)
+        dx, dy, dz = px - np.float32(ex), py - np.float32(ey), pz - np.float32(ez)
+        z = dx * rot[0, 0] + dy * rot[1, 0] + dz * rot[2, 0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            inv = np.float32(self.fx) / z
+            u = -(dx * rot[0, 1] + dy * rot[1, 1] + dz * rot[2, 1]) * inv + np.float32(self.cx)
+            v = -(dx * rot[0, 2] + dy * rot[1, 2] + dz * rot[2, 2]) * inv + np.float32(self.cy)
+        h, w = self.depth.shape
+        u = np.nan_to_num(u, nan=-10.0, posinf=-10.0, neginf=-10.0)
+        v = np.nan_to_num(v, nan=-10.0, posinf=-10.0, neginf=-10.0)
+        u0f = np.floor(u)
+        v0f = np.floor(v)
+        fu = u - u0f
+        fv = v - v0f
+        u0 = u0f.astype(np.int32)
+        v0 = v0f.astype(np.int32)
+        zq = z - bias_m
+        flat = self.depth.ravel()
+        lit = np.zeros(z.shape, dtype=np.float32)
+        for du, dv in ((0, 0), (1, 0), (0, 1), (1, 1)):
+            uu = u0 + du
+            vv = v0 + dv
+            inside = (uu >= 0) & (uu < w) & (vv >= 0) & (vv < h)
+            occ = np.take(flat, np.where(inside, vv * w + uu, 0))
+            wgt = (fu if du else 1 - fu) * (fv if dv else 1 - fv)
+            lit += wgt * (~inside | (zq <= occ))
+        return lit
+
+
+def _edge_aware_diff(a: list[np.ndarray], axis: int) -> list[np.ndarray]:
+    """Per-pixel difference of the (x, y, z) component images along ``axis``.
+
+    Takes the smaller of the forward and backward differences so that a silhouette's
+    depth jump does not leak into the normals of the surface on either side.
+    """
+    fwd = [np.diff(c, axis=axis, append=np.take(c, [-1], axis=axis)) for c in a]
+    bwd = [np.diff(c, axis=axis, prepend=np.take(c, [0], axis=axis)) for c in a]
+    nf = fwd[0] ** 2 + fwd[1] ** 2 + fwd[2] ** 2
+    nb = bwd[0] ** 2 + bwd[1] ** 2 + bwd[2] ** 2
+    # a zero difference only happens at the border: take the other one
+    use_fwd = ((nf < nb) & (nf > 0)) | (nb == 0)
+    return [np.where(use_fwd, f, b) for f, b in zip(fwd, bwd)]
+
+
+def _world_components(depth: np.ndarray, intrinsics: CameraIntrinsics, position: np.ndarray,
+                      rotation: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(finite mask, [x, y, z] world coordinate images) of a z-depth image; 0 where depth is not finite."""
+    finite = np.isfinite(depth)
+    z = np.where(finite, depth, 0.0).astype(np.float32)
+    rays = pixel_rays_optical(intrinsics)
+    rot = np.asarray(rotation, dtype=np.float32)
+    comps = []
+    for k in range(3):
+        # world_k = pos_k + R[k, 0] z - R[k, 1] x_opt - R[k, 2] y_opt, with x_opt = rx z, y_opt = ry z
+        a = rot[k, 0] - rot[k, 1] * rays[..., 0] - rot[k, 2] * rays[..., 1]
+        comps.append(np.where(finite, a * z + np.float32(position[k]), 0.0).astype(np.float32))
+    return finite, comps
+
+
+def shadow_shading(rgb: np.ndarray, depth: np.ndarray, intrinsics: CameraIntrinsics, position: np.ndarray,
+                   rotation: np.ndarray, weather: WeatherPreset, sun_map: SunShadowMap,
+                   strength: float = 1.0) -> np.ndarray:
+    """Remove the sun's diffuse term where ``sun_map`` says a pixel's surface is shadowed -> uint8 rgb.
+
+    TinyRenderer lit each pixel as ``albedo * (ambient + diffuse * n.l * light)``; the
+    normal ``n`` is estimated from the depth image's world points, and a shadowed pixel
+    keeps ``ambient / (ambient + diffuse * n.l * light)`` of its colour.
+    """
+    finite, comps = _world_components(depth, intrinsics, np.asarray(position, dtype=np.float64), rotation)
+    camera_position = position
+    du = _edge_aware_diff(comps, 1)
+    dv = _edge_aware_diff(comps, 0)
+    nx = du[1] * dv[2] - du[2] * dv[1]
+    ny = du[2] * dv[0] - du[0] * dv[2]
+    nz = du[0] * dv[1] - du[1] * dv[0]
+    cam = [np.float32(c) for c in np.asarray(camera_position, dtype=np.float64)]
+    # face the camera
+    flip = (nx * (cam[0] - comps[0]) + ny * (cam[1] - comps[1]) + nz * (cam[2] - comps[2])) < 0
+    lx, ly, lz = (np.float32(c) for c in weather.light_direction)
+    inv_len = 1.0 / np.maximum(np.sqrt(nx * nx + ny * ny + nz * nz), np.float32(1e-9))
+    ndl = (nx * lx + ny * ly + nz * lz) * inv_len
+    ndl = np.clip(np.where(flip, -ndl, ndl), 0.0, 1.0)
+    tan = np.sqrt(np.clip(1.0 - ndl * ndl, 0.0, 1.0)) / np.maximum(ndl, np.float32(0.2))
+    bias = np.float32(sun_map.texel_m) * (1.5 + 1.5 * tan)
+    lit = sun_map.lit_fraction(comps[0], comps[1], comps[2], bias)
+    lit = np.where(finite, lit, np.float32(1.0))
+    shade = np.float32(strength) * (1.0 - lit) * ndl * np.float32(weather.diffuse)
+    out = rgb.astype(np.float32)
+    for c in range(3):
+        lc = np.float32(weather.light_color[c])
+        full = np.float32(weather.ambient) + np.float32(weather.diffuse) * ndl * lc
+        out[..., c] *= 1.0 - shade * lc / np.maximum(full, np.float32(1e-6))
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _rover_mesh_parts(geom: RoverGeometry) -> list[tuple[int, dict]]:
+    """Primitive visual shapes (type, kwargs) of a rover in base_link coordinates."""
+    body_z = 0.02
+    parts: list[tuple[int, dict]] = [
+        (p.GEOM_BOX, {"halfExtents": [geom.body_length_m / 2, geom.body_width_m / 2, geom.body_height_m / 2],
+                      "visualFramePosition": [0.0, 0.0, body_z], "color": "body"}),
+    ]
+    wheel_x = geom.body_length_m * 0.32
+    quat = p.getQuaternionFromEuler([math.pi / 2, 0.0, 0.0])
+    for sx in (-1, 1):
+        for sy in (-1, 1):
+            parts.append((p.GEOM_CYLINDER, {
+                "radius": geom.wheel_radius_m, "length": 0.04,
+                "visualFramePosition": [sx * wheel_x, sy * geom.track_width_m / 2, 0.0],
+                "visualFrameOrientation": quat, "color": "wheel"}))
+    cam_z = geom.camera_height_m - geom.wheel_radius_m
+    top = body_z + geom.body_height_m / 2
+    mast_x = geom.camera_forward_m - 0.06
+    parts.append((p.GEOM_BOX, {"halfExtents": [0.012, 0.012, (cam_z - top) / 2],
+                               "visualFramePosition": [mast_x, 0.0, (cam_z + top) / 2], "color": "wheel"}))
+    # camera head sits behind the optical centre, so the rover's own camera never sees it
+    parts.append((p.GEOM_BOX, {"halfExtents": [0.025, 0.05, 0.015],
+                               "visualFramePosition": [geom.camera_forward_m - 0.035, 0.0, cam_z],
+                               "color": "head"}))
+    return parts
+
+
+class ForestScene:
+    """A rendered forest: world geometry, rover bodies, and a camera that renders rgb/depth/seg.
+
+    ``ForestScene(world)`` builds textures (PNG, cached in ``cache_dir`` or a private
+    temp dir), meshes and PyBullet bodies. Use as a context manager or call
+    :meth:`close`.
+    """
+
+    def __init__(self, world: ForestWorld, cache_dir: str | Path | None = None,
+                 detail: MeshDetail | None = None, texture_size: int = 256, cull: bool = True) -> None:
+        self.world = world
+        self.detail = (detail or MeshDetail()).validate()
+        self.cull = cull
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if cache_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="forest_scene_")
+            cache_dir = self._tmp.name
+        self.cache_dir = Path(cache_dir)
+        self._client = p.connect(p.DIRECT)
+        if self._client < 0:
+            raise RuntimeError("could not start a PyBullet DIRECT client")
+        self.bodies: dict[int, BodyInfo] = {}
+        self._visible: dict[int, bool] = {}
+        self._rovers: dict[int, list[int]] = {}  # body -> visual shape indices
+        self._rover_colors: dict[int, list[list[float]]] = {}
+        self._sun_maps: dict[tuple[float, ...], SunShadowMap] = {}
+        try:
+            self._build(texture_size)
+        except Exception:
+            self.close()
+            raise
+        cullable = [b for b, info in self.bodies.items() if info.category != "rover"]
+        self._cull_ids = np.array(cullable, dtype=np.int64)
+        self._cull_min = np.array([self.bodies[b].aabb_min for b in cullable]).reshape(-1, 3)
+        self._cull_max = np.array([self.bodies[b].aabb_max for b in cullable]).reshape(-1, 3)
+        self._cull_lod = np.array([self.bodies[b].lod for b in cullable], dtype=np.int64)
+
+    # ------------------------------------------------------------ building
+
+    def _build(self, texture_size: int) -> None:
+        cid = self._client
+        tex_paths = generate_textures(self.cache_dir / "textures", seed=int(self.world.config.seed),
+                                      size=texture_size)
+        self._textures = {name: p.loadTexture(str(path), physicsClientId=cid) for name, path in tex_paths.items()}
+        for group in build_world_meshes(self.world, self.detail):
+            body = self._add_mesh_body(group.mesh, self._textures[group.texture])
+            lo, hi = group.mesh.bounds()
+            self.bodies[body] = BodyInfo(group.category, group.tile, lo - 0.05, hi + 0.05, group.mesh.n_triangles,
+                                         group.lod)
+            self._visible[body] = True
+
+    def _add_mesh_body(self, mesh: Mesh, texture_id: int) -> int:
+        cid = self._client
+        shape = p.createVisualShape(
+            p.GEOM_MESH,
+            vertices=mesh.vertices.tolist(),
+            indices=mesh.indices.ravel().tolist(),
+            uvs=mesh.uvs.tolist(),
+            normals=mesh.normals.tolist(),
+            physicsClientId=cid,
+        )
+        if shape < 0:
+            raise RuntimeError(f"PyBullet refused a mesh of {mesh.n_vertices} vertices")
+        body = p.createMultiBody(baseMass=0.0, baseCollisionShapeIndex=-1, baseVisualShapeIndex=shape,
+                                 physicsClientId=cid)
+        p.changeVisualShape(body, -1, textureUniqueId=texture_id, rgbaColor=[1, 1, 1, 1], physicsClientId=cid)
+        return body
+
+    # ------------------------------------------------------------ rovers
+
+    def add_rover_body(self, color: tuple[float, float, float, float] = (0.85, 0.45, 0.1, 1.0),
+                       geometry: RoverGeometry | None = None) -> int:
+        """Add a rover visual (chassis, four wheels, camera mast) and return its body id.
+
+        The body has no collision shape; place it with :meth:`set_body_pose` (base_link pose).
+        """
+        if len(color) != 4 or not all(0.0 <= c <= 1.0 for c in color):
+            raise ValueError(f"color must be RGBA within [0, 1], got {color}")
+        geom = geometry or RoverGeometry()
+        palette = {"body": list(color), "wheel": [0.08, 0.08, 0.08, 1.0], "head": [0.15, 0.15, 0.17, 1.0]}
+        parts = _rover_mesh_parts(geom)
+        kwargs: dict[str, list] = {"shapeTypes": [], "halfExtents": [], "radii": [], "lengths": [],
+                                   "rgbaColors": [], "visualFramePositions": [], "visualFrameOrientations": []}
+        for shape_type, spec in parts:
+            kwargs["shapeTypes"].append(shape_type)
+            kwargs["halfExtents"].append(spec.get("halfExtents", [0.0, 0.0, 0.0]))
+            kwargs["radii"].append(spec.get("radius", 0.0))
+            kwargs["lengths"].append(spec.get("length", 0.0))
+            kwargs["rgbaColors"].append(palette[spec["color"]])
+            kwargs["visualFramePositions"].append(spec["visualFramePosition"])
+            kwargs["visualFrameOrientations"].append(spec.get("visualFrameOrientation", [0.0, 0.0, 0.0, 1.0]))
+        shape = p.createVisualShapeArray(physicsClientId=self._client, **kwargs)
+        if shape < 0:
+            raise RuntimeError("PyBullet refused the rover's visual shapes")
+        body = p.createMultiBody(baseMass=0.0, baseCollisionShapeIndex=-1, baseVisualShapeIndex=shape,
+                                 basePosition=[0.0, 0.0, -100.0], physicsClientId=self._client)
+        z = np.zeros(3)
+        self.bodies[body] = BodyInfo("rover", None, z, z, 12 * len(parts))
+        self._rovers[body] = list(range(len(parts)))
+        self._rover_colors[body] = kwargs["rgbaColors"]
+        return body
+
+    def set_body_pose(self, body_id: int, position: np.ndarray | tuple[float, float, float],
+                      quat_xyzw: np.ndarray | tuple[float, float, float, float]) -> None:
+        """Place a rover body: base_link position (ENU, m) and orientation quaternion (x, y, z, w)."""
+        if body_id not in self._rovers:
+            raise ValueError(f"body {body_id} is not a rover body of this scene (rovers: {sorted(self._rovers)})")
+        q = np.asarray(quat_xyzw, dtype=np.float64).reshape(4)
+        norm = np.linalg.norm(q)
+        if not np.isfinite(norm) or norm < 1e-6:
+            raise ValueError(f"quat_xyzw must be a non-zero quaternion, got {quat_xyzw}")
+        pos = np.asarray(position, dtype=np.float64).reshape(3)
+        if not np.all(np.isfinite(pos)):
+            raise ValueError(f"position must be finite, got {position}")
+        p.resetBasePositionAndOrientation(body_id, pos.tolist(), (q / norm).tolist(), physicsClientId=self._client)
+
+    def _set_rover_alpha(self, body_id: int, visible: bool) -> None:
+        for k, rgba in zip(self._rovers[body_id], self._rover_colors[body_id]):
+            colour = list(rgba[:3]) + [rgba[3] if visible else 0.0]
+            p.changeVisualShape(body_id, -1, shapeIndex=k, rgbaColor=colour, physicsClientId=self._client)
+
+    # ------------------------------------------------------------ rendering
+
+    def _update_culling(self, position: np.ndarray, rotation: np.ndarray, intr: CameraIntrinsics,
+                        near: float, far: float) -> None:
+        if len(self._cull_ids) == 0:
+            return
+        lo, hi = self._cull_min, self._cull_max
+        # level of detail by the distance from the camera to the tile's box
+        dist = np.linalg.norm(np.clip(position, lo, hi) - position, axis=1)
+        is_near = dist < self.detail.lod_distance_m
+        lod_ok = (self._cull_lod == LOD_ALL) | ((self._cull_lod == 0) & is_near) | ((self._cull_lod == 1) & ~is_near)
+        if not self.cull:
+            want = lod_ok
+        else:
+            corners = np.stack([np.where(np.array([(k >> i) & 1 for i in range(3)], dtype=bool), hi, lo)
+                                for k in range(8)], axis=1)  # (B, 8, 3)
+            cam = (corners - position) @ rotation  # camera_link coordinates
+            x, y, z = cam[..., 0], cam[..., 1], cam[..., 2]
+            tan_h = (intr.width / 2 + 1) / intr.fx
+            tan_v = (intr.height / 2 + 1) / intr.fy
+            outside = (
+                np.all(x < near, axis=1)
+                | np.all(y > x * tan_h, axis=1)
+                | np.all(y < -x * tan_h, axis=1)
+                | np.all(z > x * tan_v, axis=1)
+                | np.all(z < -x * tan_v, axis=1)
+            )
+            outside |= dist > far
+            want = ~outside & lod_ok
+        for body, vis in zip(self._cull_ids.tolist(), want.tolist()):
+            if self._visible[body] != vis:
+                p.changeVisualShape(body, -1, rgbaColor=[1, 1, 1, 1.0 if vis else 0.0],
+                                    physicsClientId=self._client)
+                self._visible[body] = vis
+
+    def render(
+        self,
+        position: np.ndarray | tuple[float, float, float],
+        rotation: np.ndarray,
+        intrinsics: CameraIntrinsics,
+        weather: WeatherPreset | str,
+        near: float = 0.05,
+        far: float = 80.0,
+        hidden_bodies: tuple[int, ...] = (),
+        effects: CameraEffects | None = None,
+        rng: np.random.Generator | None = None,
+        yaw_rate_rps: float = 0.0,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Render one frame -> (rgb uint8 HxWx3, depth float32 HxW z-depth in m, seg int32 HxW).
+
+        ``seg`` holds the body id hit by each pixel (-1 for sky); see :meth:`semantic_labels`.
+        ``depth`` is +inf for sky. Without ``effects`` the rgb is the renderer's raw
+        output (lighting only; sky pixels unfilled): run
+        :func:`weather.apply_camera_pipeline` on it. With ``effects`` (and ``rng``)
+        the pipeline is applied here. ``hidden_bodies`` (e.g. the rendering rover's own
+        body) are left out of this frame.
+        """
+        if isinstance(weather, str):
+            weather = get_weather(weather)
+        intr = intrinsics.validate()
+        if not (0.0 < near < far):
+            raise ValueError(f"need 0 < near < far, got near={near}, far={far}")
+        pos = np.asarray(position, dtype=np.float64).reshape(3)
+        rot = np.asarray(rotation, dtype=np.float64)
+        if rot.shape != (3, 3) or not np.allclose(rot.T @ rot, np.eye(3), atol=1e-4) or np.linalg.det(rot) < 0:
+            raise ValueError(f"rotation must be a 3x3 proper rotation matrix (world_from_camera_link), got {rot}")
+        if not np.all(np.isfinite(pos)):
+            raise ValueError(f"position must be finite, got {position}")
+        for b in hidden_bodies:
+            if b not in self._rovers:
+                raise ValueError(f"hidden_bodies may only name rover bodies, got {b}")
+        sun_map = self.sun_shadow_map(weather) if weather.shadows else None
+        self._update_culling(pos, rot, intr, near, far)
+        # TinyRenderer divides by w without a guard: a vertex exactly in the camera's
+        # plane (w == 0, e.g. a terrain grid vertex right below a camera standing on the
+        # grid) wrecks its triangles. A 0.1 mm nudge along the view keeps w != 0.
+        eye = pos + rot[:, 0] * 1e-4
+        for b in hidden_bodies:
+            self._set_rover_alpha(b, False)
+        try:
+            rgb, depth, seg = self._draw(view_matrix(eye, rot), projection_matrix(intr, near, far), intr.width,
+                                         intr.height, near, far, weather)
+        finally:
+            for b in hidden_bodies:
+                self._set_rover_alpha(b, True)
+        depth += np.float32(1e-4)  # back to z-depth from ``position`` (inf stays inf)
+        if sun_map is not None:
+            rgb = shadow_shading(rgb, depth, intr, pos, rot, weather, sun_map)
+        if effects is not None:
+            rng = rng if rng is not None else np.random.default_rng(0)
+            rgb = apply_camera_pipeline(rgb, depth, weather, effects, rng, yaw_rate_rps, intr, rot)
+        return rgb, depth, seg
+
+    def _draw(self, view: np.ndarray, proj: np.ndarray, width: int, height: int, near: float, far: float,
+              weather: WeatherPreset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One TinyRenderer pass -> (rgb uint8, z-depth float32 with +inf for sky, seg int32)."""
+        _, _, rgba, zbuf, seg = p.getCameraImage(
+            width,
+            height,
+            viewMatrix=view.T.ravel().tolist(),
+            projectionMatrix=proj.T.ravel().tolist(),
+            lightDirection=list(weather.light_direction),
+            lightColor=list(weather.light_color),
+            lightDistance=100.0,
+            # TinyRenderer's own shadows triple the frame time, only dim the diffuse term by
+            # 20 % and use a light frustum fixed on the origin; see sun_shadow_map instead
+            shadow=0,
+            lightAmbientCoeff=weather.ambient,
+            lightDiffuseCoeff=weather.diffuse,
+            lightSpecularCoeff=weather.specular,
+            renderer=p.ER_TINY_RENDERER,
+            physicsClientId=self._client,
+        )
+        rgb = np.asarray(rgba, dtype=np.uint8).reshape(height, width, 4)[..., :3].copy()
+        seg = np.asarray(seg, dtype=np.int32).reshape(height, width)
+        depth = zbuffer_to_depth(np.asarray(zbuf, dtype=np.float32).reshape(height, width), near, far)
+        depth[seg < 0] = np.inf
+        return rgb, depth, seg
+
+    def sun_shadow_map(self, weather: WeatherPreset, texel_m: float = 0.06,
+                       max_pixels: int = 2048) -> SunShadowMap:
+        """The sun's depth map for ``weather.light_direction`` (rendered on first use, then cached).
+
+        Covers the world and the scenery up to the treeline; rovers cast no shadows.
+        """
+        key = tuple(round(float(c), 6) for c in weather.light_direction)
+        if key in self._sun_maps:
+            return self._sun_maps[key]
+        d = np.asarray(weather.light_direction, dtype=np.float64)
+        d /= np.linalg.norm(d)
+        if d[2] <= 0.02:
+            raise ValueError(f"{weather.name}: the sun must be above the horizon for shadows, direction {tuple(d)}")
+        reach = self.world.half_size + self.detail.treeline_offset_m
+        heights = self.world.terrain.heights
+        top = max([t.z + t.height for t in self.world.trees], default=float(heights.max())) + 1.0
+        box = np.array([[x, y, z] for x in (-reach, reach) for y in (-reach, reach)
+                        for z in (float(heights.min()) - 1.0, top)])
+        centre = box.mean(axis=0)
+        distance = 1000.0
+        eye = centre + d * distance
+        fwd = -d
+        left = np.cross([0.0, 0.0, 1.0], fwd)
+        left /= np.linalg.norm(left)
+        up = np.cross(fwd, left)
+        rot = np.column_stack([fwd, left, up])
+        c = (box - eye) @ rot
+        tan_x = np.max(np.abs(c[:, 1] / c[:, 0]))
+        tan_y = np.max(np.abs(c[:, 2] / c[:, 0]))
+        fx = distance / texel_m
+        fx = min(fx, max_pixels / (2 * tan_x), max_pixels / (2 * tan_y))
+        w = int(math.ceil(2 * tan_x * fx)) + 2
+        h = int(math.ceil(2 * tan_y * fx)) + 2
+        near = float(c[:, 0].min()) - 5.0
+        far = float(c[:, 0].max()) + 5.0
+        # every world body at its cheap level of detail, rovers out
+        saved = dict(self._visible)
+        for body, info in self.bodies.items():
+            if info.category == "rover":
+                self._set_rover_alpha(body, False)
+                continue
+            vis = info.lod != 0
+            if self._visible[body] != vis:
+                p.changeVisualShape(body, -1, rgbaColor=[1, 1, 1, 1.0 if vis else 0.0], physicsClientId=self._client)
+                self._visible[body] = vis
+        try:
+            proj = pinhole_projection(fx, fx, (w - 1) / 2, (h - 1) / 2, w, h, near, far)
+            _, depth, _ = self._draw(view_matrix(eye, rot), proj, w, h, near, far, weather)
+        finally:
+            for body in self._rovers:
+                self._set_rover_alpha(body, True)
+            del saved  # the next render's culling pass restores what it needs
+        sun_map = SunShadowMap(rot, eye, fx, (w - 1) / 2, (h - 1) / 2, depth, distance / fx)
+        self._sun_maps[key] = sun_map
+        return sun_map
+
+    def semantic_labels(self, seg: np.ndarray) -> np.ndarray:
+        """Map a body-id segmentation to :data:`CATEGORY_IDS` class ids (sky stays -1)."""
+        seg = np.asarray(seg)
+        lut_size = max(self.bodies, default=0) + 2
+        lut = np.full(lut_size, SKY_ID, dtype=np.int32)
+        for body, info in self.bodies.items():
+            lut[body + 1] = CATEGORY_IDS[info.category]
+        return lut[np.clip(seg, -1, lut_size - 2) + 1]
+
+    @property
+    def n_triangles(self) -> int:
+        """Triangles in the world geometry (rovers excluded)."""
+        return sum(b.n_triangles for b in self.bodies.values() if b.category != "rover")
+
+    def close(self) -> None:
+        """Disconnect the PyBullet client and delete the private temp dir; safe to call twice."""
+        if getattr(self, "_client", -1) >= 0:
+            try:
+                p.disconnect(physicsClientId=self._client)
+            except p.error:
+                pass
+            self._client = -1
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> ForestScene:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def camera_rotation(yaw: float, pitch: float = 0.0, roll: float = 0.0) -> np.ndarray:
+    """world_from_camera_link for a camera with REP 103 yaw (about z), pitch (about y, + looks down), roll."""
+    cy, sy = math.cos(yaw), math.sin(yaw)
+    cp, sp = math.cos(pitch), math.sin(pitch)
+    cr, sr = math.cos(roll), math.sin(roll)
+    rz = np.array([[cy, -sy, 0.0], [sy, cy, 0.0], [0.0, 0.0, 1.0]])
+    ry = np.array([[cp, 0.0, sp], [0.0, 1.0, 0.0], [-sp, 0.0, cp]])
+    rx = np.array([[1.0, 0.0, 0.0], [0.0, cr, -sr], [0.0, sr, cr]])
+    return rz @ ry @ rx
+
+
+def measure_render_fps(world: ForestWorld, intrinsics: CameraIntrinsics, n: int = 20,
+                       weather: str = "sunny") -> float:
+    """Frames per second of :meth:`ForestScene.render` (raw, no post-processing) along a loop at 0.2 m.
+
+    The camera walks a circle of 8 m radius around the origin, looking along the path;
+    one warm-up frame is not counted.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    with ForestScene(world) as scene:
+        poses = []
+        for k in range(n + 1):
+            a = 2 * math.pi * k / max(n, 1)
+            x, y = 8.0 * math.cos(a), 8.0 * math.sin(a)
+            z = float(world.terrain.height_at(x, y)) + 0.2
+            poses.append((np.array([x, y, z]), camera_rotation(a + math.pi / 2)))
+        scene.render(*poses[0], intrinsics, weather)
+        t0 = time.perf_counter()
+        for pos, rot in poses[1:]:
+            scene.render(pos, rot, intrinsics, weather)
+        return n / (time.perf_counter() - t0)
