@@ -86,6 +86,12 @@ class Mesh:
             np.concatenate([m.indices + off for m, off in zip(meshes, offsets)]),
         )
 
+    def without_degenerate(self, min_area: float = 1e-12) -> Mesh:
+        """The same mesh minus zero-area triangles (e.g. the pole fans of a UV sphere)."""
+        tri = self.vertices[self.indices]
+        area2 = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+        return Mesh(self.vertices, self.normals, self.uvs, self.indices[area2 > 2 * min_area])
+
     def face_normals(self) -> np.ndarray:
         """(M, 3) unit geometric normals from the winding (counter-clockwise = outward)."""
         v = self.vertices
@@ -282,21 +288,20 @@ def trunk_heights(tree: Tree, crown_top_fraction: float | None = None) -> np.nda
 
 
 def trunk_mesh(tree: Tree, sides: int = 16, heights: np.ndarray | None = None) -> Mesh:
-    """Tapered, leaning trunk whose rings sit on ``Tree.axis_at``/``Tree.radius_at``.
+    """Tapered, leaning trunk: horizontal rings centred on ``Tree.axis_at(h)`` with ``Tree.radius_at(h)``.
 
-    Vertex radii are scaled so the polygon has the circle's area (surface within
-    ~1 % of the model's radius whichever way one looks at it).
+    That is exactly the world model's cross-section at each ring height (the model is
+    linear in between). Vertex radii are scaled so the polygon has the circle's area
+    (surface within ~1 % of the model's radius whichever way one looks at it).
     """
     if sides < 3:
         raise ValueError(f"trunk needs at least 3 sides, got {sides}")
     hs = trunk_heights(tree) if heights is None else np.asarray(heights, dtype=np.float64)
     centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
     radii = np.array([_polygon_area_radius(tree.radius_at(h), sides) for h in hs])
-    axis = centres[-1] - centres[0]
     circumference = 2 * math.pi * tree.dbh / 2
     u_rep = max(1.0, round(circumference / (BARK_TILE_M * 0.6)))
-    return _ring_mesh(centres, radii, sides, u_rep, (hs + 1.0) / BARK_TILE_M,
-                      axis_dirs=np.tile(axis, (len(hs), 1)))
+    return _ring_mesh(centres, radii, sides, u_rep, (hs + 1.0) / BARK_TILE_M)
 
 
 def conifer_crown_mesh(tree: Tree, rng: np.random.Generator, sides: int = 10, tiers: int = 3) -> Mesh:
@@ -325,7 +330,9 @@ def conifer_crown_mesh(tree: Tree, rng: np.random.Generator, sides: int = 10, ti
     rag = np.exp(np.stack([_smooth_periodic(rng, sides, 0.1, harmonics=4) + rng.normal(0, 0.07, sides)
                            for _ in hs]))
     u_rep = max(1.0, round(2 * math.pi * tree.crown_radius / FOLIAGE_TILE_M))
-    side = _ring_mesh(centres, np.asarray(prof_r), sides, u_rep, (hs - hs[0]) / FOLIAGE_TILE_M, radial_noise=rag)
+    # v runs along the profile (not the height), so the overhanging tier skirts are not streaked
+    along = np.concatenate([[0.0], np.cumsum(np.hypot(np.diff(hs), np.diff(prof_r)))])
+    side = _ring_mesh(centres, np.asarray(prof_r), sides, u_rep, along / FOLIAGE_TILE_M, radial_noise=rag)
     # rims droop a little: lower every other ring's vertices (the tier rims)
     ring_len = sides + 1
     for k in range(0, len(hs) - 1, 2):
@@ -337,9 +344,9 @@ def conifer_crown_mesh(tree: Tree, rng: np.random.Generator, sides: int = 10, ti
     hub_h = tree.crown_base + 0.25 * span / (tiers + 0.5)
     hub = np.array([*tree.axis_at(hub_h), tree.z + hub_h])
     j = np.arange(sides)
-    under = Mesh(np.vstack([rim, hub[None]]), np.zeros((ring_len + 1, 3)),
-                 np.vstack([side.uvs[:ring_len], [[0.5, 0.0]]]),
-                 np.column_stack([j + 1, j, np.full(sides, ring_len)]))
+    under_v = np.vstack([rim, hub[None]])
+    under_uv = (under_v[:, :2] + 1000.0 * FOLIAGE_TILE_M) / FOLIAGE_TILE_M  # planar: no streaks to the hub
+    under = Mesh(under_v, np.zeros((ring_len + 1, 3)), under_uv, np.column_stack([j + 1, j, np.full(sides, ring_len)]))
     return smooth_normals(Mesh.merge([side, under]))
 
 
@@ -390,7 +397,7 @@ def ellipsoid_mesh(centre: np.ndarray, semi_axes: tuple[float, float, float], rn
     uvs = np.stack(np.meshgrid(u, v), -1).reshape(-1, 2)
     # rows run from the top pole downward: flip the quad winding so faces point out
     idx = _grid_indices(lat + 1, lon + 1)[:, [0, 2, 1]]
-    return Mesh(verts, normals, uvs, idx)
+    return Mesh(verts, normals, uvs, idx).without_degenerate()
 
 
 def broadleaf_crown_mesh(tree: Tree, rng: np.random.Generator, lat: int = 6, lon: int = 10) -> Mesh:
@@ -459,6 +466,21 @@ def rock_mesh(rock: Rock, rng: np.random.Generator, lat: int = 5, lon: int = 8) 
                           yaw=rock.yaw, uv_tile_m=ROCK_TILE_M)
 
 
+def twig_mesh(terrain: Terrain, x: float, y: float, yaw: float, length: float, diameter: float,
+              rng: np.random.Generator, sides: int = 5) -> Mesh:
+    """A fallen branch: a thin, slightly bent cylinder resting on the ground (render-only clutter)."""
+    t = np.array([-0.5, 0.0, 0.5])
+    xs = x + t * length * math.cos(yaw)
+    ys = y + t * length * math.sin(yaw)
+    zs = np.asarray(terrain.height_at(xs, ys)) + diameter * 0.45
+    zs[1] += rng.uniform(0.0, 0.4) * diameter  # bowed up a little
+    centres = np.column_stack([xs, ys, zs])
+    axis = np.tile(centres[-1] - centres[0], (3, 1))
+    radii = np.full(3, diameter / 2) * np.array([1.0, 0.9, 0.75])
+    v = (t + 0.5) * length / LOG_TILE_M
+    return _ring_mesh(centres, radii, sides, textures.LOG_BARK_U * 0.999, v, axis_dirs=axis)
+
+
 def treeline_mesh(terrain: Terrain, half_size: float, offset_m: float, rng: np.random.Generator,
                   segment_m: float = 3.0, uv_tile_m: float = 8.0) -> Mesh:
     """Render-only wall of distant forest: a square ring ``offset_m`` outside the world, facing in.
@@ -510,10 +532,11 @@ CATEGORIES: dict[str, str] = {
     "bush": "bush",
     "rock": "rock",
     "treeline": "treeline",
+    "twig": "log",
 }
 
 
-DRAW_ORDER = ("bush", "trunk_broadleaf", "trunk_conifer", "rock", "log", "moss", "grass", "terrain",
+DRAW_ORDER = ("bush", "trunk_broadleaf", "trunk_conifer", "rock", "log", "twig", "moss", "grass", "terrain",
               "crown_broadleaf", "crown_conifer", "treeline")
 
 LOD_ALL = -1
@@ -542,11 +565,20 @@ class MeshDetail:
     Trunks have a near variant (``trunk_sides``, >= 16, matching the model within a few
     mm) and a far variant (``far_trunk_sides``) that the renderer swaps in beyond
     ``lod_distance_m``; thin distant stems cost TinyRenderer mostly bounding-box scans.
+    Ground (terrain, moss, grass) is tiled finer (``ground_tile_m``) and drawn with its
+    full-resolution texture only within ``ground_lod_distance_m``, farther with a
+    pre-filtered copy (TinyRenderer has no mipmaps; seen at grazing angles from 0.2 m,
+    a sharp texture turns into sparkling noise).
+    Around the world: ground goes on as a coarse apron, a painted treeline wall stands
+    ``treeline_offset_m`` outside the border (0 = none), and ``backdrop_m`` > 0 adds
+    copies of the world's trees in a band that wide (costly: ~10 ms a frame at 6 m).
     """
 
     trunk_sides: int = 16
     far_trunk_sides: int = 6
     lod_distance_m: float = 8.0
+    ground_tile_m: float = 5.0
+    ground_lod_distance_m: float = 3.0
     crown_sides: int = 9
     crown_lat: int = 5
     crown_lon: int = 9
@@ -557,8 +589,9 @@ class MeshDetail:
     rock_lon: int = 7
     tile_m: float = 10.0
     ground_patches_per_ha: float = 120.0
-    backdrop_m: float = 6.0
-    treeline_offset_m: float = 10.0
+    twigs_per_ha: float = 800.0
+    backdrop_m: float = 0.0
+    treeline_offset_m: float = 6.0
 
     def validate(self) -> MeshDetail:
         """Raise ``ValueError`` naming the first bad field; return self when fine."""
@@ -572,10 +605,14 @@ class MeshDetail:
                 raise ValueError(f"{name} must be >= 2, got {getattr(self, name)}")
         if not 2.0 <= self.tile_m <= 1000.0:
             raise ValueError(f"tile_m must be within [2, 1000] m, got {self.tile_m}")
-        if not 0.0 <= self.lod_distance_m <= 1000.0:
-            raise ValueError(f"lod_distance_m must be within [0, 1000] m, got {self.lod_distance_m}")
-        if self.ground_patches_per_ha < 0:
-            raise ValueError(f"ground_patches_per_ha must be >= 0, got {self.ground_patches_per_ha}")
+        for name in ("lod_distance_m", "ground_lod_distance_m"):
+            if not 0.0 <= getattr(self, name) <= 1000.0:
+                raise ValueError(f"{name} must be within [0, 1000] m, got {getattr(self, name)}")
+        if not 1.0 <= self.ground_tile_m <= 1000.0:
+            raise ValueError(f"ground_tile_m must be within [1, 1000] m, got {self.ground_tile_m}")
+        if self.ground_patches_per_ha < 0 or self.twigs_per_ha < 0:
+            raise ValueError(f"ground_patches_per_ha and twigs_per_ha must be >= 0, got "
+                             f"{self.ground_patches_per_ha}, {self.twigs_per_ha}")
         if not 0.0 <= self.backdrop_m <= 100.0:
             raise ValueError(f"backdrop_m must be within [0, 100] m, got {self.backdrop_m}")
         if not 0.0 <= self.treeline_offset_m <= 200.0:
@@ -611,8 +648,7 @@ def far_trunk_mesh(tree: Tree, sides: int = 6) -> Mesh:
     hs = np.array([hs[0], 0.5, hs[-1]])
     centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
     radii = np.array([_polygon_area_radius(tree.radius_at(max(h, 0.0)), sides) for h in hs])
-    return _ring_mesh(centres, radii, sides, 1.0, (hs + 1.0) / BARK_TILE_M,
-                      axis_dirs=np.tile(centres[-1] - centres[0], (len(hs), 1)))
+    return _ring_mesh(centres, radii, sides, 1.0, (hs + 1.0) / BARK_TILE_M)
 
 
 def _tile_of(x: float, y: float, tile_m: float) -> tuple[int, int]:
@@ -630,15 +666,18 @@ def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> 
     tile = detail.tile_m
     parts: dict[tuple[str, tuple[int, int], int], list[Mesh]] = {}
 
+    ground_tile = detail.ground_tile_m
+
     def add(category: str, x: float, y: float, mesh: Mesh, lod: int = LOD_ALL) -> None:
-        parts.setdefault((category, _tile_of(x, y, tile), lod), []).append(mesh)
+        size = ground_tile if CATEGORIES[category] in textures.GROUND_TEXTURES else tile
+        parts.setdefault((category, _tile_of(x, y, size), lod), []).append(mesh)
 
     terrain = world.terrain
     xmin, xmax, ymin, ymax = terrain.extent
-    for tx in range(_tile_of(xmin, 0, tile)[0], _tile_of(xmax - 1e-9, 0, tile)[0] + 1):
-        for ty in range(_tile_of(0, ymin, tile)[1], _tile_of(0, ymax - 1e-9, tile)[1] + 1):
-            bounds = (max(tx * tile, xmin), min((tx + 1) * tile, xmax), max(ty * tile, ymin),
-                      min((ty + 1) * tile, ymax))
+    gt = ground_tile
+    for tx in range(_tile_of(xmin, 0, gt)[0], _tile_of(xmax - 1e-9, 0, gt)[0] + 1):
+        for ty in range(_tile_of(0, ymin, gt)[1], _tile_of(0, ymax - 1e-9, gt)[1] + 1):
+            bounds = (max(tx * gt, xmin), min((tx + 1) * gt, xmax), max(ty * gt, ymin), min((ty + 1) * gt, ymax))
             m = terrain_mesh(terrain, bounds)
             if m.n_vertices:
                 parts.setdefault(("terrain", (tx, ty), LOD_ALL), []).append(m)
@@ -657,6 +696,15 @@ def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> 
         radius = float(rng_patch.uniform(0.4, 2.0))
         kind = "moss" if rng_patch.random() < 0.6 else "grass"
         add(kind, x, y, ground_patch_mesh(terrain, float(x), float(y), radius, rng_patch))
+
+    # fallen branches: render-only clutter with strong close-range depth cues
+    rng_twig = np.random.default_rng([seed, 78])
+    for _ in range(int(rng_twig.poisson(detail.twigs_per_ha * area_ha))):
+        x, y = rng_twig.uniform(-world.half_size + 1, world.half_size - 1, 2)
+        length = float(rng_twig.uniform(0.3, 1.6))
+        diameter = float(rng_twig.uniform(0.012, 0.05))
+        add("twig", x, y, twig_mesh(terrain, float(x), float(y), float(rng_twig.uniform(0, math.pi)), length,
+                                    diameter, rng_twig))
 
     for t in world.trees:
         rng = _object_rng(seed, 1, t.x, t.y)
@@ -689,8 +737,19 @@ def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> 
     order = {c: i for i, c in enumerate(DRAW_ORDER)}
     groups = []
     for (category, tile_key, lod), meshes in sorted(parts.items(), key=lambda kv: (order[kv[0][0]], kv[0][1:])):
+        texture = CATEGORIES[category]
         for chunk in _chunks(meshes, max_vertices=60_000):
-            groups.append(MeshGroup(category, CATEGORIES[category], tile_key, Mesh.merge(chunk), lod))
+            merged = Mesh.merge(chunk)
+            if texture in textures.GROUND_TEXTURES:
+                # same ground twice: full-resolution texture near, pre-filtered texture far
+                far = texture + textures.FAR_SUFFIX
+                if lod == LOD_ALL and tile_key[0] >= 100_000:  # the apron beyond the world is always far
+                    groups.append(MeshGroup(category, far, tile_key, merged, LOD_ALL))
+                else:
+                    groups.append(MeshGroup(category, texture, tile_key, merged, 0))
+                    groups.append(MeshGroup(category, far, tile_key, merged, 1))
+            else:
+                groups.append(MeshGroup(category, texture, tile_key, merged, lod))
     return groups
 
 

@@ -16,7 +16,6 @@ optical axis in metres, +inf where nothing was hit (sky).
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,13 @@ import pybullet as p
 
 from forest_perception.sim.meshes import CATEGORIES, LOD_ALL, Mesh, MeshDetail, build_world_meshes
 from forest_perception.sim.robot import CameraIntrinsics, RoverGeometry
-from forest_perception.sim.textures import generate_textures
+from forest_perception.sim.textures import GROUND_TEXTURES, default_cache_dir, generate_textures
 from forest_perception.sim.weather import CameraEffects, WeatherPreset, apply_camera_pipeline, get_weather
 from forest_perception.sim.world import ForestWorld
 
 SKY_ID = -1
+TEXTURE_VARIANTS = 4
+"""Worlds share textures made from ``seed % TEXTURE_VARIANTS`` (texture sets take seconds to make)."""
 CATEGORY_IDS: dict[str, int] = {name: i for i, name in enumerate([*CATEGORIES, "rover"])}
 """Semantic class ids for :meth:`ForestScene.semantic_labels` (sky is -1)."""
 
@@ -261,21 +262,20 @@ def _rover_mesh_parts(geom: RoverGeometry) -> list[tuple[int, dict]]:
 class ForestScene:
     """A rendered forest: world geometry, rover bodies, and a camera that renders rgb/depth/seg.
 
-    ``ForestScene(world)`` builds textures (PNG, cached in ``cache_dir`` or a private
-    temp dir), meshes and PyBullet bodies. Use as a context manager or call
-    :meth:`close`.
+    ``ForestScene(world)`` builds textures (PNG, cached in ``cache_dir``, by default a
+    shared dir under the system temp dir), meshes and PyBullet bodies. Use as a context
+    manager or call :meth:`close`.
     """
 
     def __init__(self, world: ForestWorld, cache_dir: str | Path | None = None,
-                 detail: MeshDetail | None = None, texture_size: int = 256, cull: bool = True) -> None:
+                 detail: MeshDetail | None = None, texture_size: int = 256, cull: bool = True,
+                 texture_seed: int | None = None) -> None:
         self.world = world
         self.detail = (detail or MeshDetail()).validate()
         self.cull = cull
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        if cache_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="forest_scene_")
-            cache_dir = self._tmp.name
-        self.cache_dir = Path(cache_dir)
+        # a few texture variants across worlds; each is made once and cached
+        self.texture_seed = int(world.config.seed) % TEXTURE_VARIANTS if texture_seed is None else int(texture_seed)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._client = p.connect(p.DIRECT)
         if self._client < 0:
             raise RuntimeError("could not start a PyBullet DIRECT client")
@@ -294,13 +294,15 @@ class ForestScene:
         self._cull_min = np.array([self.bodies[b].aabb_min for b in cullable]).reshape(-1, 3)
         self._cull_max = np.array([self.bodies[b].aabb_max for b in cullable]).reshape(-1, 3)
         self._cull_lod = np.array([self.bodies[b].lod for b in cullable], dtype=np.int64)
+        ground = {c for c, t in CATEGORIES.items() if t in GROUND_TEXTURES}
+        self._lod_distance = np.array([self.detail.ground_lod_distance_m if self.bodies[b].category in ground
+                                       else self.detail.lod_distance_m for b in cullable])
 
     # ------------------------------------------------------------ building
 
     def _build(self, texture_size: int) -> None:
         cid = self._client
-        tex_paths = generate_textures(self.cache_dir / "textures", seed=int(self.world.config.seed),
-                                      size=texture_size)
+        tex_paths = generate_textures(self.cache_dir, seed=self.texture_seed, size=texture_size)
         self._textures = {name: p.loadTexture(str(path), physicsClientId=cid) for name, path in tex_paths.items()}
         for group in build_world_meshes(self.world, self.detail):
             body = self._add_mesh_body(group.mesh, self._textures[group.texture])
@@ -328,16 +330,18 @@ class ForestScene:
 
     # ------------------------------------------------------------ rovers
 
-    def add_rover_body(self, color: tuple[float, float, float, float] = (0.85, 0.45, 0.1, 1.0),
+    def add_rover_body(self, color: tuple[float, ...] = (0.85, 0.45, 0.1, 1.0),
                        geometry: RoverGeometry | None = None) -> int:
         """Add a rover visual (chassis, four wheels, camera mast) and return its body id.
 
-        The body has no collision shape; place it with :meth:`set_body_pose` (base_link pose).
+        ``color`` is RGB or RGBA within [0, 1]. The body has no collision shape; place it
+        with :meth:`set_body_pose` (base_link pose). It starts out of sight, below the ground.
         """
-        if len(color) != 4 or not all(0.0 <= c <= 1.0 for c in color):
-            raise ValueError(f"color must be RGBA within [0, 1], got {color}")
+        if len(color) not in (3, 4) or not all(0.0 <= float(c) <= 1.0 for c in color):
+            raise ValueError(f"color must be RGB or RGBA within [0, 1], got {color}")
+        rgba = [float(c) for c in color] + ([1.0] if len(color) == 3 else [])
         geom = geometry or RoverGeometry()
-        palette = {"body": list(color), "wheel": [0.08, 0.08, 0.08, 1.0], "head": [0.15, 0.15, 0.17, 1.0]}
+        palette = {"body": rgba, "wheel": [0.08, 0.08, 0.08, 1.0], "head": [0.15, 0.15, 0.17, 1.0]}
         parts = _rover_mesh_parts(geom)
         kwargs: dict[str, list] = {"shapeTypes": [], "halfExtents": [], "radii": [], "lengths": [],
                                    "rgbaColors": [], "visualFramePositions": [], "visualFrameOrientations": []}
@@ -388,7 +392,7 @@ class ForestScene:
         lo, hi = self._cull_min, self._cull_max
         # level of detail by the distance from the camera to the tile's box
         dist = np.linalg.norm(np.clip(position, lo, hi) - position, axis=1)
-        is_near = dist < self.detail.lod_distance_m
+        is_near = dist < self._lod_distance
         lod_ok = (self._cull_lod == LOD_ALL) | ((self._cull_lod == 0) & is_near) | ((self._cull_lod == 1) & ~is_near)
         if not self.cull:
             want = lod_ok
@@ -569,16 +573,13 @@ class ForestScene:
         return sum(b.n_triangles for b in self.bodies.values() if b.category != "rover")
 
     def close(self) -> None:
-        """Disconnect the PyBullet client and delete the private temp dir; safe to call twice."""
+        """Disconnect the PyBullet client; safe to call twice."""
         if getattr(self, "_client", -1) >= 0:
             try:
                 p.disconnect(physicsClientId=self._client)
             except p.error:
                 pass
             self._client = -1
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
     def __enter__(self) -> ForestScene:
         return self
@@ -604,20 +605,23 @@ def camera_rotation(yaw: float, pitch: float = 0.0, roll: float = 0.0) -> np.nda
     return rz @ ry @ rx
 
 
-def measure_render_fps(world: ForestWorld, intrinsics: CameraIntrinsics, n: int = 20,
-                       weather: str = "sunny") -> float:
-    """Frames per second of :meth:`ForestScene.render` (raw, no post-processing) along a loop at 0.2 m.
+def measure_render_fps(world: ForestWorld, intrinsics: CameraIntrinsics, n: int = 20, weather: str = "sunny",
+                       cache_dir: str | Path | None = None, texture_size: int = 256) -> float:
+    """Frames per second of :meth:`ForestScene.render` along a loop 0.2 m above the ground.
 
-    The camera walks a circle of 8 m radius around the origin, looking along the path;
-    one warm-up frame is not counted.
+    ``render`` includes the sun-shadow pass for presets with shadows (sunny, dusk) but
+    not the camera pipeline. The camera walks a circle of 8 m radius around the origin
+    (or of a third of the world's half size, if smaller), looking along the path; the
+    scene build, the sun's shadow map and one warm-up frame are not counted.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    with ForestScene(world) as scene:
+    radius = min(8.0, world.half_size / 3.0)
+    with ForestScene(world, cache_dir=cache_dir, texture_size=texture_size) as scene:
         poses = []
         for k in range(n + 1):
             a = 2 * math.pi * k / max(n, 1)
-            x, y = 8.0 * math.cos(a), 8.0 * math.sin(a)
+            x, y = radius * math.cos(a), radius * math.sin(a)
             z = float(world.terrain.height_at(x, y)) + 0.2
             poses.append((np.array([x, y, z]), camera_rotation(a + math.pi / 2)))
         scene.render(*poses[0], intrinsics, weather)

@@ -32,6 +32,7 @@ from forest_perception.sim.world import ForestWorld
 
 BEHAVIOURS = ("explore", "cmd_vel")
 NS_PER_S = 1_000_000_000
+CONTROL_RATE_HZ = 20.0
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,9 @@ class _SimRover:
             "camera": _Schedule(sim.config.camera_rate_hz, phase),
             "gps": _Schedule(sim.config.gps_rate_hz, phase),
             "wheels": _Schedule(sim.config.encoder_rate_hz, phase),
+            "control": _Schedule(min(CONTROL_RATE_HZ, sim.config.imu_rate_hz), 0),
         }
+        self.command: tuple[float, float] = (0.0, 0.0)
         self.body_id: int | None = None
         self.state: RoverState = self.rover.state
 
@@ -249,11 +252,13 @@ class ForestSimulator:
         events: list[SensorEvent] = []
         geometry_gps = self.config.geometry.gps_offset_m
         for r in self.rovers:
-            if r.cfg.behaviour == "explore":
-                v, w = r.explorer.command(r.state)
-            else:
-                v, w = r.teleop.command(now_s)
-            r.rover.command(v, w)
+            if r.schedules["control"].due(self.now_ns):
+                # the behaviour runs at a controller rate (20 Hz), as on the real rover
+                if r.cfg.behaviour == "explore":
+                    r.command = r.explorer.command(r.state)
+                else:
+                    r.command = r.teleop.command(now_s)
+            r.rover.command(*r.command)
             r.state = r.rover.step(dt)
             events.append(SensorEvent("imu", r.index, self.now_ns, r.imu.sample(r.state, dt)))
             if r.schedules["wheels"].due(self.now_ns):

@@ -11,6 +11,7 @@ frequencies to keep distant surfaces from turning into salt-and-pepper noise.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ import cv2
 import numpy as np
 
 # bump when a generator changes, so stale cached PNGs are not reused
-TEXTURE_VERSION = 4
+TEXTURE_VERSION = 7
 
 TEXTURE_NAMES = (
     "bark_conifer",
@@ -35,8 +36,15 @@ TEXTURE_NAMES = (
     "treeline",
 )
 
-# seen from 0.2 m, these get twice the pixels (nearest-neighbour sampling is blocky up close)
+# seen from 0.2 m, these get 4x the pixels (nearest-neighbour sampling is blocky up close):
+# 1024 px per 2 m litter tile is 2 mm a texel, about a pixel at 0.5 m for a 640 px wide image
 GROUND_TEXTURES = ("litter", "moss", "grass")
+# TinyRenderer samples nearest-neighbour without mipmaps: far ground uses these
+# pre-filtered copies (area-averaged FAR_FACTOR x down), swapped in per tile by distance
+FAR_SUFFIX = "_far"
+FAR_FACTOR = 16
+FAR_TEXTURE_NAMES = tuple(n + FAR_SUFFIX for n in GROUND_TEXTURES)
+ALL_TEXTURE_NAMES = TEXTURE_NAMES + FAR_TEXTURE_NAMES
 
 # Log texture atlas: bark on u in [0, LOG_BARK_U), end-grain rings in the square
 # LOG_CAP_U0..1 x LOG_CAP_V0..LOG_CAP_V1 (meshes.py maps cylinder sides and caps there).
@@ -91,15 +99,29 @@ def _cdf(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-1.7 * x))
 
 
-def _stamp_wrapped(img: np.ndarray, draw: Callable[[np.ndarray, tuple[int, int]], None], x: float, y: float,
-                   reach: float) -> None:
-    """Call ``draw(img, centre)`` at (x, y) and at the wrapped copies that touch the tile."""
-    h, w = img.shape[:2]
-    for dx in (-w, 0, w):
-        for dy in (-h, 0, h):
+def _wrapped_centres(x: float, y: float, reach: float, width: int, height: int) -> list[tuple[float, float]]:
+    """(x, y) and its copies shifted by one tile that come within ``reach`` of the tile (seamless stamping)."""
+    out = []
+    for dx in (-width, 0, width):
+        for dy in (-height, 0, height):
             cx, cy = x + dx, y + dy
-            if -reach <= cx <= w + reach and -reach <= cy <= h + reach:
-                draw(img, (int(round(cx)), int(round(cy))))
+            if -reach <= cx <= width + reach and -reach <= cy <= height + reach:
+                out.append((cx, cy))
+    return out
+
+
+def _line_wrapped(img: np.ndarray, x: float, y: float, length: float, angle: float,
+                  colour: tuple[float, float, float], thickness: int = 1) -> None:
+    """Anti-aliased line of ``length`` px centred on (x, y), drawn seamlessly."""
+    ex, ey = length * math.cos(angle) / 2, length * math.sin(angle) / 2
+    for cx, cy in _wrapped_centres(x, y, length, img.shape[1], img.shape[0]):
+        cv2.line(img, (int(round(cx - ex)), int(round(cy - ey))), (int(round(cx + ex)), int(round(cy + ey))),
+                 colour, thickness, lineType=cv2.LINE_AA)
+
+
+def _px(size: int, at_256: float) -> int:
+    """A stroke width given for a 256 px texture, scaled to ``size`` (at least 1 px)."""
+    return max(1, int(round(at_256 * size / 256.0)))
 
 
 def _stamp_leaves(
@@ -122,17 +144,11 @@ def _stamp_leaves(
         colour = tuple(float(c) for c in np.clip(base, 0, 255))
         rib = tuple(float(c) * 0.7 for c in colour)
         axes = (max(1, int(round(a))), max(1, int(round(b))))
-
-        def draw(im: np.ndarray, centre: tuple[int, int], axes=axes, ang=ang, colour=colour, rib=rib) -> None:
-            cv2.ellipse(im, centre, axes, ang, 0, 360, colour, -1, lineType=cv2.LINE_AA)
-            if midrib and axes[0] >= 3:
-                t = math.radians(ang)
-                ex, ey = axes[0] * 0.9 * math.cos(t), axes[0] * 0.9 * math.sin(t)
-                p0 = (int(round(centre[0] - ex)), int(round(centre[1] - ey)))
-                p1 = (int(round(centre[0] + ex)), int(round(centre[1] + ey)))
-                cv2.line(im, p0, p1, rib, 1, lineType=cv2.LINE_AA)
-
-        _stamp_wrapped(img, draw, x, y, a + 2)
+        for cx, cy in _wrapped_centres(x, y, a + 2, img.shape[1], img.shape[0]):
+            centre = (int(round(cx)), int(round(cy)))
+            cv2.ellipse(img, centre, axes, ang, 0, 360, colour, -1, lineType=cv2.LINE_AA)
+        if midrib and axes[0] >= 3:
+            _line_wrapped(img, x, y, 1.8 * axes[0], math.radians(ang), rib, max(1, axes[1] // 5))
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
@@ -179,18 +195,12 @@ def litter_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     scale = size / 512.0  # leaf sizes are set for 512 px per litter tile (2 m)
     _stamp_leaves(rng, img, int(5200 * scale**2), (5.0 * scale, 15.0 * scale), leaves, jitter=0.2)
     # twigs and needles: thin dark lines
-    for _ in range(int(480 * scale**2)):
+    for _ in range(int(300 * scale)):
         x, y = rng.uniform(0, size, 2)
         length = rng.uniform(8, 44) * scale
         ang = rng.uniform(0, math.pi)
         colour = tuple(float(c) for c in np.array([58, 40, 26]) * rng.uniform(0.7, 1.4))
-        ex, ey = length * math.cos(ang) / 2, length * math.sin(ang) / 2
-
-        def draw(im: np.ndarray, c: tuple[int, int], ex=ex, ey=ey, colour=colour) -> None:
-            cv2.line(im, (int(c[0] - ex), int(c[1] - ey)), (int(c[0] + ex), int(c[1] + ey)), colour, 1,
-                     lineType=cv2.LINE_AA)
-
-        _stamp_wrapped(img, draw, x, y, length)
+        _line_wrapped(img, x, y, length, ang, colour, _px(size, rng.uniform(0.15, 0.5)))
     # multi-scale damp/dry blotches modulate the whole floor
     shade = 1.0 + 0.22 * big + 0.1 * spectral_noise(rng, shape, beta=2.0, fmin=6.0)
     img = img * shade[..., None]
@@ -207,7 +217,8 @@ def moss_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     grain = spectral_noise(rng, shape, beta=0.8, fmin=24.0)
     t = 0.5 + 0.16 * big + 0.16 * cushions + 0.12 * grain
     img = _palette_mix(t, [(30, 44, 16), (58, 82, 26), (92, 114, 36), (138, 146, 58)])
-    _stamp_leaves(rng, img, int(90 * (size / 256) ** 2), (2.0, 5.0), [(110, 74, 38), (140, 96, 46)], midrib=False)
+    k = size / 256
+    _stamp_leaves(rng, img, int(90 * k**2), (2.0 * k, 5.0 * k), [(110, 74, 38), (140, 96, 46)], midrib=False)
     return _to_uint8(img)
 
 
@@ -217,19 +228,13 @@ def grass_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     img = _palette_mix(0.5 + 0.2 * spectral_noise(rng, shape, beta=2.5), [(30, 34, 16), (52, 58, 26), (70, 70, 34)])
     blades = [(74, 110, 38), (96, 132, 48), (120, 150, 60), (150, 150, 84), (60, 90, 30)]
     pal = np.asarray(blades, dtype=np.float64)
-    n = int(2600 * (size / 256) ** 2)
+    n = int(2600 * size / 256)  # blades get longer and wider with the size, so the count grows slower
     for _ in range(n):
         x, y = rng.uniform(0, size, 2)
         length = rng.uniform(5, 14) * size / 256
         ang = rng.uniform(0, math.pi)
         colour = tuple(float(c) for c in np.clip(pal[rng.integers(len(pal))] * rng.uniform(0.8, 1.2), 0, 255))
-        ex, ey = length * math.cos(ang) / 2, length * math.sin(ang) / 2
-
-        def draw(im: np.ndarray, c: tuple[int, int], ex=ex, ey=ey, colour=colour) -> None:
-            cv2.line(im, (int(c[0] - ex), int(c[1] - ey)), (int(c[0] + ex), int(c[1] + ey)), colour, 1,
-                     lineType=cv2.LINE_AA)
-
-        _stamp_wrapped(img, draw, x, y, length)
+        _line_wrapped(img, x, y, length, ang, colour, _px(size, 0.5))
     shade = 1.0 + 0.18 * spectral_noise(rng, shape, beta=3.0)
     return _to_uint8(img * shade[..., None])
 
@@ -363,33 +368,51 @@ def make_texture(name: str, seed: int = 0, size: int = 256) -> np.ndarray:
     return _GENERATORS[name](rng, int(size))
 
 
+def default_cache_dir() -> Path:
+    """Shared texture cache under the system temp dir (textures take seconds to make, so they are kept)."""
+    return Path(tempfile.gettempdir()) / "forest_perception_textures"
+
+
 def generate_textures(
-    cache_dir: str | Path | None = None, seed: int = 0, size: int = 256, names: tuple[str, ...] = TEXTURE_NAMES
+    cache_dir: str | Path | None = None, seed: int = 0, size: int = 256, names: tuple[str, ...] = ALL_TEXTURE_NAMES
 ) -> dict[str, Path]:
-    """Write the textures as PNG files into ``cache_dir`` (a new temp dir when None); return name -> path.
+    """Write the textures as PNG files into ``cache_dir`` (default: :func:`default_cache_dir`); return name -> path.
 
-    ``size`` is the base edge in pixels; see :func:`texture_size`.
-
-    Files already in the cache (same name, seed, size and generator version) are reused.
+    ``size`` is the base edge in pixels; see :func:`texture_size`. Files already in the
+    cache (same name, seed, size and generator version) are reused; new files appear
+    atomically, so processes can share one cache.
     """
-    if cache_dir is None:
-        cache_dir = tempfile.mkdtemp(prefix="forest_textures_")
-    out_dir = Path(cache_dir)
+    out_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    unknown = [n for n in names if n not in ALL_TEXTURE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown textures {unknown}; known textures: {', '.join(ALL_TEXTURE_NAMES)}")
     for name in names:
         px = texture_size(name, int(size))
         path = out_dir / f"{name}_s{int(seed)}_{px}_v{TEXTURE_VERSION}.png"
         if not path.is_file():
-            img = make_texture(name, seed, px)
-            tmp = path.with_suffix(".tmp.png")
-            if not cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
-                raise OSError(f"could not write texture {name!r} to {tmp}")
-            tmp.replace(path)  # atomic, so a parallel process never reads half a file
+            if name.endswith(FAR_SUFFIX):
+                base = generate_textures(out_dir, seed, size, (name[: -len(FAR_SUFFIX)],))[name[: -len(FAR_SUFFIX)]]
+                full = cv2.cvtColor(cv2.imread(str(base), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                img = cv2.resize(full, (px, px), interpolation=cv2.INTER_AREA)
+            else:
+                img = make_texture(name, seed, px)
+            fd, tmp_name = tempfile.mkstemp(suffix=".png", dir=out_dir)
+            os.close(fd)
+            tmp = Path(tmp_name)
+            try:
+                if not cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR)):
+                    raise OSError(f"could not write texture {name!r} to {tmp}")
+                tmp.replace(path)  # atomic, so a parallel process never reads half a file
+            finally:
+                tmp.unlink(missing_ok=True)
         paths[name] = path
     return paths
 
 
 def texture_size(name: str, base_size: int) -> int:
-    """Pixel size used for ``name``: ground textures get twice the base (the camera is 0.2 m above them)."""
-    return base_size * 2 if name in GROUND_TEXTURES else base_size
+    """Pixel size used for ``name``: ground textures get four times the base (the camera is 0.2 m above them)."""
+    if name.endswith(FAR_SUFFIX):
+        return texture_size(name[: -len(FAR_SUFFIX)], base_size) // FAR_FACTOR
+    return base_size * 4 if name in GROUND_TEXTURES else base_size

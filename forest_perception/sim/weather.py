@@ -55,6 +55,7 @@ class WeatherPreset:
     exposure_gain: float
     tint: RGB
     sun_glow: float = 0.0
+    saturation: float = 1.0
 
     def validate(self) -> WeatherPreset:
         """Raise ``ValueError`` naming the first out-of-range field; return self when fine."""
@@ -80,6 +81,8 @@ class WeatherPreset:
             raise ValueError(f"{self.name}: exposure_gain must be within [0.05, 8], got {self.exposure_gain}")
         if not 0.0 <= self.sun_glow <= 1.0:
             raise ValueError(f"{self.name}: sun_glow must be within [0, 1], got {self.sun_glow}")
+        if not 0.0 <= self.saturation <= 2.0:
+            raise ValueError(f"{self.name}: saturation must be within [0, 2], got {self.saturation}")
         return self
 
 
@@ -89,18 +92,19 @@ WEATHER_PRESETS: dict[str, WeatherPreset] = {
         WeatherPreset(
             name="sunny",
             light_direction=sun_direction(55.0, 35.0),
-            light_color=(1.25, 1.18, 1.02),
-            ambient=0.42,
-            diffuse=0.95,
+            light_color=(1.12, 1.06, 0.94),
+            ambient=0.55,
+            diffuse=1.0,
             specular=0.04,
             shadows=True,
             sky_top=(62.0, 122.0, 208.0),
             sky_horizon=(178.0, 208.0, 236.0),
             fog_density_per_m=0.004,
             fog_color=(182.0, 204.0, 228.0),
-            exposure_gain=1.08,
-            tint=(1.04, 1.0, 0.93),
+            exposure_gain=1.45,
+            tint=(1.06, 1.0, 0.9),
             sun_glow=0.5,
+            saturation=1.2,
         ),
         WeatherPreset(
             name="overcast",
@@ -114,24 +118,26 @@ WEATHER_PRESETS: dict[str, WeatherPreset] = {
             sky_horizon=(206.0, 208.0, 212.0),
             fog_density_per_m=0.012,
             fog_color=(176.0, 180.0, 186.0),
-            exposure_gain=0.95,
+            exposure_gain=1.05,
             tint=(0.94, 0.99, 1.06),
+            saturation=0.75,
         ),
         WeatherPreset(
             name="dusk",
             light_direction=sun_direction(7.0, 200.0),
-            light_color=(1.35, 0.78, 0.45),
-            ambient=0.30,
-            diffuse=0.85,
+            light_color=(1.3, 0.74, 0.42),
+            ambient=0.36,
+            diffuse=0.9,
             specular=0.03,
             shadows=True,
             sky_top=(38.0, 46.0, 96.0),
             sky_horizon=(236.0, 142.0, 78.0),
             fog_density_per_m=0.008,
             fog_color=(122.0, 88.0, 84.0),
-            exposure_gain=0.72,
+            exposure_gain=0.85,
             tint=(1.12, 0.9, 0.78),
             sun_glow=0.8,
+            saturation=1.05,
         ),
         WeatherPreset(
             name="fog",
@@ -147,6 +153,7 @@ WEATHER_PRESETS: dict[str, WeatherPreset] = {
             fog_color=(198.0, 202.0, 206.0),
             exposure_gain=1.0,
             tint=(0.97, 1.0, 1.03),
+            saturation=0.7,
         ),
         WeatherPreset(
             name="rain",
@@ -162,6 +169,7 @@ WEATHER_PRESETS: dict[str, WeatherPreset] = {
             fog_color=(124.0, 130.0, 138.0),
             exposure_gain=0.82,
             tint=(0.92, 0.98, 1.06),
+            saturation=0.8,
         ),
     )
 }
@@ -296,6 +304,9 @@ def apply_weather(rgb: np.ndarray, depth: np.ndarray, weather: WeatherPreset,
         keep_sky = math.exp(-weather.fog_density_per_m * SKY_FOG_DISTANCE_M)
         sky = sky * keep_sky + fog_col * (1.0 - keep_sky)
         img[sky_mask] = sky[sky_mask]
+    if weather.saturation != 1.0:
+        grey = img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        img = grey[..., None] + np.float32(weather.saturation) * (img - grey[..., None])
     gain = np.asarray(weather.tint, dtype=np.float32) * np.float32(weather.exposure_gain)
     return img * gain
 

@@ -1,0 +1,83 @@
+"""Simulator figures: rendered frames per second and real-time factor with 1 and 3 rovers.
+
+Run: .venv/bin/python bench/bench_sim.py [--seconds 10] [--seed 0]
+Prints a table; every figure of one run is measured on the same machine, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+
+from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.sim.scene import ForestScene
+from forest_perception.sim.simulator import ForestSimulator, RoverConfig, SimConfig
+from forest_perception.sim.weather import get_weather
+from forest_perception.sim.world import generate_world
+
+
+def render_fps(scene: ForestScene, world, intrinsics: CameraIntrinsics, n: int) -> tuple[float, float]:
+    """Raw renders and full camera frames (render + camera pipeline + depth model) per second."""
+    sim = ForestSimulator(world, SimConfig(camera=intrinsics), [RoverConfig(weather="sunny")], scene=scene)
+    position, rotation = sim.rovers[0].rover.camera_pose()
+    weather = get_weather("sunny")
+    scene.render(position, rotation, intrinsics, weather)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(n):
+        scene.render(position, rotation, intrinsics, weather)
+    raw = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        sim.render_camera(0)
+    full = n / (time.perf_counter() - t0)
+    sim.close()
+    return raw, full
+
+
+def real_time_factor(world, scene: ForestScene, rovers: int, seconds: float, camera_hz: float) -> float:
+    """Simulated seconds per wall second with ``rovers`` exploring rovers at 320x240."""
+    cfgs = [RoverConfig(name=f"rover_{i}", weather=("sunny", "overcast", "dusk")[i % 3]) for i in range(rovers)]
+    sim = ForestSimulator(world, SimConfig(camera_rate_hz=camera_hz), cfgs, scene=scene)
+    t0 = time.perf_counter()
+    sim.run(seconds)
+    wall = time.perf_counter() - t0
+    sim.close()
+    return seconds / wall
+
+
+def main() -> None:
+    """Print the benchmark table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0, help="simulated seconds per RTF run")
+    parser.add_argument("--frames", type=int, default=30, help="renders per resolution")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    world = generate_world(seed=args.seed)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"world: seed {args.seed}, {len(world.trees)} trees, {len(world.logs)} logs, "
+          f"{len(world.bushes)} bushes, {len(world.rocks)} rocks on {world.config.size_m:.0f} m square")
+    t0 = time.perf_counter()
+    scene = ForestScene(world)
+    print(f"scene build: {time.perf_counter() - t0:.2f} s")
+    print()
+    print(f"{'resolution':>12} {'raw render fps':>15} {'camera frame fps':>17} {'ms/frame':>9}")
+    for w, h in ((320, 240), (640, 480)):
+        raw, full = render_fps(scene, world, CameraIntrinsics(w, h), args.frames)
+        print(f"{w:>8}x{h:<3} {raw:>15.1f} {full:>17.1f} {1000 / full:>9.1f}")
+    print()
+    print(f"{'rovers':>6} {'camera Hz':>9} {'real-time factor':>17}   (320x240, IMU 200 Hz, GPS 10 Hz, encoders 50 Hz)")
+    for rovers in (1, 3):
+        for hz in (15.0, 30.0):
+            rtf = real_time_factor(world, scene, rovers, args.seconds, hz)
+            print(f"{rovers:>6} {hz:>9.0f} {rtf:>17.2f}")
+    scene.close()
+    np.set_printoptions()
+
+
+if __name__ == "__main__":
+    main()
