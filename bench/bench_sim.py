@@ -58,9 +58,14 @@ def main() -> None:
     args = parser.parse_args()
 
     world = generate_world(seed=args.seed)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
-    print(f"world: seed {args.seed}, {len(world.trees)} trees, {len(world.logs)} logs, "
-          f"{len(world.bushes)} bushes, {len(world.rocks)} rocks on {world.config.size_m:.0f} m square")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}"
+    )
+    print(
+        f"world: seed {args.seed}, {len(world.trees)} trees, {len(world.logs)} logs, "
+        f"{len(world.bushes)} bushes, {len(world.rocks)} rocks on {world.config.size_m:.0f} m square"
+    )
     t0 = time.perf_counter()
     scene = ForestScene(world)
     print(f"scene build: {time.perf_counter() - t0:.2f} s")

@@ -62,7 +62,7 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2, default=str))
     else:
         for key, value in summary.items():
-            if key != "segments":
+            if key != "per_segment":
                 print(f"{key:>24}: {value}")
     return 0
 

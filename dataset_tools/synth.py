@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +87,9 @@ class SynthReport:
         return out
 
 
-def free_start_pose(world: ForestWorld, rng: np.random.Generator, clearance_m: float = 1.2) -> tuple[float, float, float]:
+def free_start_pose(
+    world: ForestWorld, rng: np.random.Generator, clearance_m: float = 1.2
+) -> tuple[float, float, float]:
     """A random pose at least ``clearance_m`` from every obstacle, away from the edges."""
     circles = world.obstacle_circles()
     half = world.half_size - 3.0
@@ -97,8 +100,17 @@ def free_start_pose(world: ForestWorld, rng: np.random.Generator, clearance_m: f
     return 0.0, 0.0, 0.0  # the central clearing is always free
 
 
-def synthesize(out_dir: str | Path, config: SynthConfig, progress: bool = True, overwrite: bool = False) -> SynthReport:
-    """Generate the dataset; every finished frame is complete on disk even if interrupted."""
+def synthesize(
+    out_dir: str | Path,
+    config: SynthConfig,
+    progress: bool = True,
+    overwrite: bool = False,
+    on_frame: Callable[[Path, FrameRecord, np.ndarray, np.ndarray], None] | None = None,
+) -> SynthReport:
+    """Generate the dataset; every finished frame is complete on disk even if interrupted.
+
+    ``on_frame(segment_path, record, rgb, depth_m)`` is called after each frame is written.
+    """
     from tqdm import tqdm
 
     from forest_perception.sim.scene import ForestScene
@@ -177,6 +189,8 @@ def synthesize(out_dir: str | Path, config: SynthConfig, progress: bool = True, 
                                 },
                             )
                             writer.write_frame(frame.rgb, frame.depth, record)
+                            if on_frame is not None:
+                                on_frame(writer.path, record, frame.rgb, frame.depth)
                             valid_pixels += int(np.isfinite(frame.depth).sum())
                             all_pixels += frame.depth.size
                             report.frames += 1

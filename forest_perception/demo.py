@@ -61,7 +61,11 @@ def drive_over_ros(seed: int, seconds: float, weather: str) -> dict:
         return cb
 
     for name, kind in topics.items():
-        qos = 10 if name in ("/clock", "/diagnostics", "/rover_0/odom", "/rover_0/joint_states") else qos_profile_sensor_data
+        qos = (
+            10
+            if name in ("/clock", "/diagnostics", "/rover_0/odom", "/rover_0/joint_states")
+            else qos_profile_sensor_data
+        )
         listener.create_subscription(kind, name, make_cb(name), qos)
     executor = SingleThreadedExecutor()
     executor.add_node(sim)
@@ -73,8 +77,11 @@ def drive_over_ros(seed: int, seconds: float, weather: str) -> dict:
         executor.spin_once(timeout_sec=0.05)
         if time.perf_counter() >= next_print:
             st = sim.sim.rovers[0].state
-            print(f"  t_sim={sim.sim.time_s:6.1f} s  rover at ({st.x:6.2f}, {st.y:6.2f}) m  "
-                  f"v={st.v:4.2f} m/s  frames={counts['/rover_0/camera/image_raw']}", flush=True)
+            print(
+                f"  t_sim={sim.sim.time_s:6.1f} s  rover at ({st.x:6.2f}, {st.y:6.2f}) m  "
+                f"v={st.v:4.2f} m/s  frames={counts['/rover_0/camera/image_raw']}",
+                flush=True,
+            )
             next_print += 5.0
     wall = time.perf_counter() - t0
     sim_elapsed = sim.sim.time_s - sim_t0
@@ -105,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = apply_loopback_environment(
-        int(os.environ.get("ROS_DOMAIN_ID") or random.randint(30, 99)), out / "ros_log"
+    env = apply_loopback_environment(int(os.environ.get("ROS_DOMAIN_ID") or random.randint(30, 99)), out / "ros_log")
+    print(
+        f"ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']} ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, "
+        f"DDS profile {env['FASTDDS_DEFAULT_PROFILES_FILE']}"
     )
-    print(f"ROS_DOMAIN_ID={env['ROS_DOMAIN_ID']} ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, "
-          f"DDS profile {env['FASTDDS_DEFAULT_PROFILES_FILE']}")
 
     from dataset_tools.layout import dataset_summary, load_frame, read_segment
     from dataset_tools.synth import SynthConfig, synthesize
@@ -123,15 +130,18 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner(f"2. sim_node: one rover exploring for {args.drive_seconds:.0f} s over ROS 2 (loopback)")
     result = drive_over_ros(args.seed, args.drive_seconds, "sunny")
-    print(f"  simulated {result['sim_s']:.1f} s in {result['wall_s']:.1f} s wall "
-          f"(real-time factor {result['sim_s'] / result['wall_s']:.2f})")
+    print(
+        f"  simulated {result['sim_s']:.1f} s in {result['wall_s']:.1f} s wall "
+        f"(real-time factor {result['sim_s'] / result['wall_s']:.2f})"
+    )
     for topic, rate in result["rates"].items():
         print(f"  {topic:<34} {rate:7.1f} Hz")
     gps = result["gps"]
     if gps is not None:
         sigma = math.sqrt(gps.position_covariance[0])
-        print(f"  last GPS fix: {gps.latitude:.7f}, {gps.longitude:.7f}, status {gps.status.status}, "
-              f"sigma {sigma:.1f} m")
+        print(
+            f"  last GPS fix: {gps.latitude:.7f}, {gps.longitude:.7f}, status {gps.status.status}, sigma {sigma:.1f} m"
+        )
     x, y, _ = result["final_pose"]
     print(f"  rover ended at ({x:.2f}, {y:.2f}) m, collided: {result['collided']}")
 
@@ -156,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  read back: {summary['runs']} run(s), {summary['segments']} segment(s), {summary['frames']} frames")
     segment = read_segment(out / "dataset" / "Run-1" / "a")
     rgb, depth, record = load_frame(segment, len(segment) - 1)
-    print(f"  last frame: rgb {rgb.shape} {rgb.dtype}, depth {depth.dtype} "
-          f"median {float(_nanmedian(depth)):.2f} m, GPS {record.gps is not None}, IMU az {record.imu.linear_acceleration[2]:.2f}")
+    print(
+        f"  last frame: rgb {rgb.shape} {rgb.dtype}, depth {depth.dtype} "
+        f"median {float(_nanmedian(depth)):.2f} m, GPS {record.gps is not None}, "
+        f"IMU az {record.imu.linear_acceleration[2]:.2f} m/s^2"
+    )
     print(f"\nDone. Everything is under {out}")
     return 0
 

@@ -162,9 +162,7 @@ def navsat_msg(
     return msg
 
 
-def joint_state_msg(
-    stamp: Time, names: tuple[str, ...], positions: np.ndarray, velocities: np.ndarray
-) -> JointState:
+def joint_state_msg(stamp: Time, names: tuple[str, ...], positions: np.ndarray, velocities: np.ndarray) -> JointState:
     """sensor_msgs/JointState for the wheel joints (rad, rad/s)."""
     msg = JointState()
     msg.header.stamp = stamp
@@ -211,5 +209,7 @@ def diagnostic_status(
     status.name = name
     status.hardware_id = hardware_id
     status.message = message
-    status.values = [KeyValue(key=str(k), value=f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in values.items()]
+    status.values = [
+        KeyValue(key=str(k), value=f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in values.items()
+    ]
     return status

@@ -30,9 +30,7 @@ def console_scripts() -> dict[str, str]:
     for kw in call.keywords:
         if kw.arg == "entry_points":
             entry_points = ast.literal_eval(kw.value)
-            return dict(
-                (part.strip() for part in line.split("=", 1)) for line in entry_points["console_scripts"]
-            )
+            return dict((part.strip() for part in line.split("=", 1)) for line in entry_points["console_scripts"])
     raise AssertionError("no entry_points in setup.py")
 
 
@@ -98,9 +96,9 @@ def test_every_node_module_is_a_console_script():
 
 
 def test_launch_files_use_existing_executables_and_declared_parameters(rclpy_context):
-    from forest_perception.nodes.sim_node import SimNode
-
     from rclpy.parameter import Parameter
+
+    from forest_perception.nodes.sim_node import SimNode
 
     declared = {}
 
@@ -150,8 +148,9 @@ def test_ros_env_fixture_sets_loopback(ros_env):
     assert Path(os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file()
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
-                    reason="ruff not installed")
+@pytest.mark.skipif(
+    shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(), reason="ruff not installed"
+)
 def test_ruff_is_clean():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)

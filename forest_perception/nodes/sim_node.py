@@ -138,10 +138,14 @@ class SimNode(Node):
             ("encoder_rate_hz", 50.0, "wheel encoder, joint_states and odom rate", _frange(1, 1000), True),
             ("depth_max_range_m", 10.0, "depth camera max range; beyond is NaN", _frange(0.5, 65), True),
             ("motion_blur", True, "blur colour images when the rover turns", None, True),
-            ("real_time_factor", 1.0, "simulated seconds per wall second; 0 runs as fast as possible",
-             _frange(0, 100), False),
-            ("frame_prefix", False, "prefix frame ids with the rover name (several rovers in one TF tree)",
-             None, True),
+            (
+                "real_time_factor",
+                1.0,
+                "simulated seconds per wall second; 0 runs as fast as possible",
+                _frange(0, 100),
+                False,
+            ),
+            ("frame_prefix", False, "prefix frame ids with the rover name (several rovers in one TF tree)", None, True),
         ]
         values = {}
         for name, default, description, rng, read_only in specs:
@@ -188,9 +192,7 @@ class SimNode(Node):
                     "odom": self.create_publisher(Odometry, f"{name}/odom", reliable),
                 }
             )
-            self.create_subscription(
-                Twist, f"{name}/cmd_vel", lambda msg, idx=i: self._on_cmd_vel(idx, msg), reliable
-            )
+            self.create_subscription(Twist, f"{name}/cmd_vel", lambda msg, idx=i: self._on_cmd_vel(idx, msg), reliable)
         self.clock_pub = self.create_publisher(Clock, "/clock", QoSProfile(depth=10))
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
 

@@ -577,8 +577,8 @@ class MeshDetail:
     trunk_sides: int = 16
     far_trunk_sides: int = 6
     lod_distance_m: float = 8.0
-    ground_tile_m: float = 5.0
-    ground_lod_distance_m: float = 3.0
+    ground_tile_m: float = 3.0
+    ground_lod_distance_m: float = 1.5
     crown_sides: int = 9
     crown_lat: int = 5
     crown_lon: int = 9

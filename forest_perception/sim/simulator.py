@@ -135,17 +135,13 @@ class _SimRover:
         self.index = index
         self.cfg = cfg
         seed = np.random.SeedSequence([sim.config.seed, index])
-        rng_motion, rng_imu, rng_gps, rng_enc, rng_cam, rng_explore = (
-            np.random.default_rng(s) for s in seed.spawn(6)
-        )
+        rng_motion, rng_imu, rng_gps, rng_enc, rng_cam, rng_explore = (np.random.default_rng(s) for s in seed.spawn(6))
         world = sim.world
         geometry = sim.config.geometry
         self.weather: WeatherPreset = get_weather(cfg.weather)
         self.rover = DiffDriveRover(geometry, world.terrain, sim.obstacles, start=start, rng=rng_motion)
         half = world.half_size
-        self.explorer = ExplorationController(
-            sim.obstacles, (-half, half, -half, half), geometry, rng_explore
-        )
+        self.explorer = ExplorationController(sim.obstacles, (-half, half, -half, half), geometry, rng_explore)
         self.teleop = CmdVelController()
         self.imu = ImuModel(rng=rng_imu, rate_hz=sim.config.imu_rate_hz)
         c = world.config
@@ -268,7 +264,9 @@ class ForestSimulator:
                 events.append(SensorEvent("odom", r.index, self.now_ns, estimate))
             if r.schedules["gps"].due(self.now_ns):
                 cover = self.world.canopy_cover(r.state.x, r.state.y)
-                events.append(SensorEvent("gps", r.index, self.now_ns, r.gps.sample(r.state, cover, antenna_offset=geometry_gps)))
+                events.append(
+                    SensorEvent("gps", r.index, self.now_ns, r.gps.sample(r.state, cover, antenna_offset=geometry_gps))
+                )
         if self.scene is not None and len(self.rovers) > 1:
             self._sync_bodies()
         for r in self.rovers:

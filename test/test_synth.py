@@ -1,0 +1,86 @@
+"""Synthetic dataset generator and the forest-dataset CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dataset_tools.cli import main as dataset_cli
+from dataset_tools.layout import load_frame, read_segment
+from dataset_tools.synth import SynthConfig, synthesize
+from forest_perception.sim.world import WorldConfig
+
+SMALL = dict(
+    runs=1,
+    segments_per_run=2,
+    frames_per_segment=3,
+    seed=11,
+    weathers=("sunny", "fog"),
+    width=96,
+    height=72,
+    frame_interval_s=0.4,
+    world=WorldConfig(size_m=24.0),
+)
+
+
+def test_synth_round_trips_and_is_deterministic(tmp_path):
+    written = {}
+
+    def keep(path, record, rgb, depth):
+        written[(path.name, record.stem)] = (rgb.copy(), depth.copy(), record)
+
+    report = synthesize(tmp_path / "a", SynthConfig(**SMALL), progress=False, on_frame=keep)
+    assert report.frames == 6 and len(report.segments) == 2
+    for seg_name in ("a", "b"):
+        segment = read_segment(tmp_path / "a" / "Run-1" / seg_name)
+        assert len(segment) == 3 and segment.has_gps and segment.has_encoders
+        times = [f.timestamp for f in segment.frames]
+        assert np.all(np.diff(times) > 0)
+        for i in range(3):
+            rgb, depth, record = load_frame(segment, i)
+            rgb0, depth0, record0 = written[(seg_name, record.stem)]
+            assert np.array_equal(rgb, rgb0)
+            # 16-bit millimetres: within half a millimetre, NaN exactly where the sensor had no depth
+            assert np.array_equal(np.isnan(depth), ~np.isfinite(depth0))
+            ok = np.isfinite(depth0)
+            assert np.abs(depth[ok] - depth0[ok]).max() <= 0.0005 + 1e-6
+            assert depth[ok].min() >= 0.28 - 1e-3 and depth[ok].max() <= 10.0 + 1e-3
+            assert abs(record.gps.latitude - 50.869) < 0.01
+            assert 9.0 < record.imu.linear_acceleration[2] < 10.6
+            assert record.extras["weather"] == ("sunny", "fog")[ord(seg_name) - ord("a")]
+            assert record == record0
+
+    synthesize(tmp_path / "b", SynthConfig(**SMALL), progress=False)
+    for rel in ("Run-1/a/rgb_image/000002.png", "Run-1/b/depth_image/000001.png", "Run-1/a/metadata.csv"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_synth_refuses_to_overwrite(tmp_path):
+    cfg = SynthConfig(**{**SMALL, "segments_per_run": 1, "frames_per_segment": 1})
+    synthesize(tmp_path, cfg, progress=False)
+    with pytest.raises(FileExistsError):
+        synthesize(tmp_path, cfg, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--frames", "0"], "frames_per_segment"),
+        (["--weather", "tornado"], "tornado"),
+        (["--resolution", "0x240"], "resolution"),
+        (["--tree-density", "-1"], "tree_density_per_ha"),
+    ],
+)
+def test_cli_refuses_bad_input(tmp_path, capsys, args, words):
+    assert dataset_cli(["synth", "--out", str(tmp_path), "--quiet", *args]) == 2
+    assert words in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing is written for a refused request"
+
+
+def test_cli_synth_and_info(tmp_path, capsys):
+    args = ["synth", "--out", str(tmp_path), "--frames", "2", "--segments", "1", "--resolution", "64x48",
+            "--size", "20", "--quiet"]
+    assert dataset_cli(args) == 0
+    assert "wrote 2 frames" in capsys.readouterr().out
+    assert dataset_cli(["info", str(tmp_path)]) == 0
+    assert "frames" in capsys.readouterr().out
