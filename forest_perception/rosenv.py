@@ -36,8 +36,8 @@ def loopback_environment(domain_id: int, log_dir: Path | str | None = None) -> d
         "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
         "ROS_LOCALHOST_ONLY": "1",
         "RMW_IMPLEMENTATION": "rmw_fastrtps_cpp",
+        # Fast DDS 3 (Jazzy, Kilted); Humble's Fast DDS 2 reads FASTRTPS_DEFAULT_PROFILES_FILE instead
         "FASTDDS_DEFAULT_PROFILES_FILE": profile,
-        "FASTRTPS_DEFAULT_PROFILES_FILE": profile,
         "RCUTILS_COLORIZED_OUTPUT": "0",
     }
     if log_dir is not None:

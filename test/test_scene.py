@@ -22,7 +22,7 @@ from forest_perception.sim.meshes import (
 from forest_perception.sim.robot import CameraIntrinsics
 from forest_perception.sim.scene import CATEGORY_IDS, ForestScene, camera_rotation, measure_render_fps
 from forest_perception.sim.terrain import Terrain
-from forest_perception.sim.textures import TEXTURE_NAMES, generate_textures, make_texture
+from forest_perception.sim.textures import ALL_TEXTURE_NAMES, TEXTURE_NAMES, generate_textures, make_texture
 from forest_perception.sim.weather import NO_EFFECTS, apply_camera_pipeline, get_weather
 from forest_perception.sim.world import ForestWorld, Log, Tree, WorldConfig, generate_world
 
@@ -122,6 +122,34 @@ def test_rover_body_is_visible_and_can_be_hidden(known_scene):
         assert np.any(seg_again == body)
     finally:
         known_scene.set_body_pose(body, (0.0, 0.0, -50.0), (0.0, 0.0, 0.0, 1.0))
+
+
+def test_a_rover_camera_does_not_see_its_own_body(known_scene):
+    from forest_perception.sim.robot import RoverGeometry
+
+    geom = RoverGeometry()
+    body = known_scene.add_rover_body()
+    try:
+        base = np.array([1.0, -2.0, geom.wheel_radius_m])
+        known_scene.set_body_pose(body, base, (0.0, 0.0, 0.0, 1.0))
+        camera = base + np.array(geom.camera_offset_m)
+        _, _, seg = known_scene.render(camera, camera_rotation(0.0), INTR, "overcast")
+        assert not np.any(seg == body)
+        # seen from behind, it is there
+        _, _, seg = known_scene.render(camera - np.array([1.0, 0.0, 0.0]), camera_rotation(0.0), INTR, "overcast")
+        assert np.any(seg == body)
+    finally:
+        known_scene.set_body_pose(body, (0.0, 0.0, -50.0), (0.0, 0.0, 0.0, 1.0))
+
+
+def test_depth_to_world_recovers_the_trunk_front(known_scene):
+    from forest_perception.sim.scene import depth_to_world
+
+    _, depth, _ = _look_ahead(known_scene)
+    points = depth_to_world(depth, INTR, np.array([0.0, 0.0, CAM_H]), camera_rotation(0.0))
+    front = points[int(INTR.cy), int(INTR.cx)]
+    r = known_scene.world.trees[0].radius_at(CAM_H)
+    np.testing.assert_allclose(front, [TRUNK_D - r, 0.0, CAM_H], atol=0.02)
 
 
 def test_render_refuses_bad_inputs(known_scene):
@@ -289,8 +317,9 @@ def test_terrain_mesh_uses_the_grid_heights_and_tiles_uvs():
 def test_world_meshes_are_few_bodies_with_known_textures():
     world = generate_world(seed=0)
     groups = build_world_meshes(world)
-    assert len(groups) < 500
-    assert {g.texture for g in groups} <= set(TEXTURE_NAMES)
+    # ~900 objects and 3600 terrain cells; ground tiles come twice (near/far texture)
+    assert len(groups) < 1500
+    assert {g.texture for g in groups} <= set(ALL_TEXTURE_NAMES)
     assert {g.category for g in groups} <= set(CATEGORIES)
     assert all(g.mesh.n_vertices < 65_000 for g in groups)
     triangles = sum(g.mesh.n_triangles for g in groups if g.lod != 1)
@@ -324,7 +353,7 @@ def test_textures_are_deterministic_textured_and_cached(tmp_path):
         np.testing.assert_array_equal(img, make_texture(name, seed=1, size=64))
     assert np.any(make_texture("litter", seed=1, size=64) != make_texture("litter", seed=2, size=64))
     paths = generate_textures(tmp_path, seed=0, size=32)
-    assert set(paths) == set(TEXTURE_NAMES) and all(p.is_file() for p in paths.values())
+    assert set(paths) == set(ALL_TEXTURE_NAMES) and all(p.is_file() for p in paths.values())
     stamp = {n: p.stat().st_mtime_ns for n, p in paths.items()}
     again = generate_textures(tmp_path, seed=0, size=32)
     assert {n: p.stat().st_mtime_ns for n, p in again.items()} == stamp

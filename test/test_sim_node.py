@@ -30,12 +30,13 @@ def _collect(context, node, topics: dict, seconds: float, extra=None):
     """Spin the sim node and a listener; return {topic: [(receive_time, msg), ...]}."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import QoSProfile, qos_profile_sensor_data
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
 
     got = defaultdict(list)
     listener = rclpy.create_node("contract_listener", context=context)
     for name, (kind, reliable) in topics.items():
-        qos = QoSProfile(depth=50) if reliable else qos_profile_sensor_data
+        # best effort like qos_profile_sensor_data, with a deep queue so a busy test machine loses nothing
+        qos = QoSProfile(depth=50) if reliable else QoSProfile(depth=500, reliability=ReliabilityPolicy.BEST_EFFORT)
         listener.create_subscription(kind, name, lambda m, n=name: got[n].append(m), qos)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)

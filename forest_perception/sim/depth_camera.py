@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.sim.weather import standard_normal_image
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,17 @@ class DepthCameraModel:
 
         # disparity noise (in reference-width pixels), slightly correlated like block matching
         fb = np.float32(self.reference_fx(intrinsics) * self.baseline_m)
-        noise = rng.standard_normal((h, w), dtype=np.float32)
+        noise = standard_normal_image(rng, (h, w))
         if self.noise_correlation_px > 0:
             noise = cv2.GaussianBlur(noise, (0, 0), self.noise_correlation_px, borderType=cv2.BORDER_REFLECT)
             noise *= np.float32(1.0 / _gaussian_blur_gain(self.noise_correlation_px))
-        disparity = fb / z + np.float32(self.subpixel) * noise
-        measured = np.where(disparity > 0, fb / np.maximum(disparity, np.float32(1e-6)), np.float32(np.inf))
-
-        invalid = ~valid | (z_true < self.min_range_m) | (measured < self.min_range_m)
-        invalid |= (z_true > self.max_range_m) | (measured > self.max_range_m)
+        noise *= np.float32(self.subpixel)
+        noise += fb / z  # disparity, px at the reference width
+        with np.errstate(divide="ignore"):
+            measured = fb / noise  # a non-positive disparity gives a negative or infinite depth: out of range
+        lo, hi = np.float32(self.min_range_m), np.float32(self.max_range_m)
+        # comparisons with NaN are False, so "nothing there" stays invalid
+        invalid = ~((z_true >= lo) & (z_true <= hi) & (measured >= lo) & (measured <= hi))
 
         # holes where the depth jumps (stereo occlusion at object silhouettes)
         if self.edge_jump_rel > 0:
@@ -119,16 +122,20 @@ class DepthCameraModel:
 
         # dropout blobs: thresholded smooth noise, the threshold set for the wanted area fraction
         if self.dropout_fraction > 0:
-            blob = rng.standard_normal((h, w), dtype=np.float32)
-            blob = cv2.GaussianBlur(blob, (0, 0), self.dropout_blob_px, borderType=cv2.BORDER_REFLECT)
-            blob /= max(float(blob.std()), 1e-12)
+            # smooth noise made at a coarser grid and upsampled: the blobs are smooth anyway
+            step = max(1, int(self.dropout_blob_px // 1.5))
+            small = standard_normal_image(rng, (-(-h // step), -(-w // step)))
+            small = cv2.GaussianBlur(small, (0, 0), self.dropout_blob_px / step, borderType=cv2.BORDER_REFLECT)
+            small /= max(float(small.std()), 1e-12)
+            blob = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
             invalid |= blob > NormalDist().inv_cdf(1.0 - self.dropout_fraction)
 
         if self.invalid_left_band:
             cols = np.arange(w, dtype=np.float32)[None, :]
             invalid |= cols < (intrinsics.fx * self.baseline_m) / z
 
-        return np.where(invalid, np.float32(np.nan), measured).astype(np.float32)
+        measured[invalid] = np.nan
+        return measured
 
 
 def _gaussian_blur_gain(sigma: float) -> float:

@@ -3,9 +3,14 @@
 Builders take the world model's objects and return a :class:`Mesh` whose geometry
 matches the model: trunks use ``Tree.radius_at`` and ``Tree.axis_at`` at every ring,
 the terrain mesh uses the height grid's own vertices. Triangles wind counter-clockwise
-seen from outside (the renderer culls back faces). :func:`build_world_meshes` merges
-objects that share a texture into one mesh per category and spatial tile, so a whole
-forest is a few dozen renderer bodies.
+seen from outside (TinyRenderer culls back faces). :func:`build_world_meshes` merges
+objects that share a texture into one mesh per category, spatial tile and level of
+detail: ~1200 bodies for the default 60 m world (about 4500 objects and terrain
+cells), of which a frame draws ~100 after culling.
+
+Render-only scenery that is not in the world model (so not an obstacle): moss and
+grass cushions a few cm proud of the ground, fallen twigs, the ground apron beyond the
+border and the painted treeline wall around the world.
 """
 
 from __future__ import annotations
@@ -703,8 +708,9 @@ def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> 
         x, y = rng_twig.uniform(-world.half_size + 1, world.half_size - 1, 2)
         length = float(rng_twig.uniform(0.3, 1.6))
         diameter = float(rng_twig.uniform(0.012, 0.05))
+        # near variant only: beyond lod_distance_m a twig is under a pixel wide, so it is dropped
         add("twig", x, y, twig_mesh(terrain, float(x), float(y), float(rng_twig.uniform(0, math.pi)), length,
-                                    diameter, rng_twig))
+                                    diameter, rng_twig), lod=0)
 
     for t in world.trees:
         rng = _object_rng(seed, 1, t.x, t.y)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pybullet as p
 
@@ -113,8 +114,8 @@ def depth_to_world(depth: np.ndarray, intrinsics: CameraIntrinsics, position: np
     rays = pixel_rays_optical(intrinsics)
     z = np.asarray(depth, dtype=np.float32)
     # optical (x right, y down, z forward) -> camera_link (x forward, y left, z up)
-    link = np.stack([z, -rays[..., 0] * z, -rays[..., 1] * z], axis=-1)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"):  # inf depth (sky) times a zero ray component
+        link = np.stack([z, -rays[..., 0] * z, -rays[..., 1] * z], axis=-1)
         return link @ np.asarray(rotation, dtype=np.float32).T + np.asarray(position, dtype=np.float32)
 
 
@@ -182,11 +183,15 @@ def _edge_aware_diff(a: list[np.ndarray], axis: int) -> list[np.ndarray]:
 
 
 def _world_components(depth: np.ndarray, intrinsics: CameraIntrinsics, position: np.ndarray,
-                      rotation: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(finite mask, [x, y, z] world coordinate images) of a z-depth image; 0 where depth is not finite."""
-    finite = np.isfinite(depth)
-    z = np.where(finite, depth, 0.0).astype(np.float32)
-    rays = pixel_rays_optical(intrinsics)
+                      rotation: np.ndarray, stride: int = 1) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(finite mask, [x, y, z] world coordinate images) of every ``stride``-th pixel of a z-depth image.
+
+    Entries are 0 where the depth is not finite.
+    """
+    d = np.asarray(depth)[::stride, ::stride]
+    finite = np.isfinite(d)
+    z = np.where(finite, d, 0.0).astype(np.float32)
+    rays = pixel_rays_optical(intrinsics)[::stride, ::stride]
     rot = np.asarray(rotation, dtype=np.float32)
     comps = []
     for k in range(3):
@@ -196,23 +201,23 @@ def _world_components(depth: np.ndarray, intrinsics: CameraIntrinsics, position:
     return finite, comps
 
 
-def shadow_shading(rgb: np.ndarray, depth: np.ndarray, intrinsics: CameraIntrinsics, position: np.ndarray,
-                   rotation: np.ndarray, weather: WeatherPreset, sun_map: SunShadowMap,
-                   strength: float = 1.0) -> np.ndarray:
-    """Remove the sun's diffuse term where ``sun_map`` says a pixel's surface is shadowed -> uint8 rgb.
+def shadow_factor(depth: np.ndarray, intrinsics: CameraIntrinsics, position: np.ndarray, rotation: np.ndarray,
+                  weather: WeatherPreset, sun_map: SunShadowMap, stride: int = 1) -> np.ndarray:
+    """(H', W', 3) float32 colour multipliers that take the sun's diffuse term out of shadowed pixels.
 
     TinyRenderer lit each pixel as ``albedo * (ambient + diffuse * n.l * light)``; the
-    normal ``n`` is estimated from the depth image's world points, and a shadowed pixel
-    keeps ``ambient / (ambient + diffuse * n.l * light)`` of its colour.
+    normal ``n`` comes from the depth image's world points, and a shadowed pixel keeps
+    ``ambient / (ambient + diffuse * n.l * light)`` of its colour. Computed on every
+    ``stride``-th pixel (H' = ceil(H / stride)).
     """
-    finite, comps = _world_components(depth, intrinsics, np.asarray(position, dtype=np.float64), rotation)
-    camera_position = position
+    pos = np.asarray(position, dtype=np.float64)
+    finite, comps = _world_components(depth, intrinsics, pos, rotation, stride)
     du = _edge_aware_diff(comps, 1)
     dv = _edge_aware_diff(comps, 0)
     nx = du[1] * dv[2] - du[2] * dv[1]
     ny = du[2] * dv[0] - du[0] * dv[2]
     nz = du[0] * dv[1] - du[1] * dv[0]
-    cam = [np.float32(c) for c in np.asarray(camera_position, dtype=np.float64)]
+    cam = [np.float32(c) for c in pos]
     # face the camera
     flip = (nx * (cam[0] - comps[0]) + ny * (cam[1] - comps[1]) + nz * (cam[2] - comps[2])) < 0
     lx, ly, lz = (np.float32(c) for c in weather.light_direction)
@@ -223,13 +228,24 @@ def shadow_shading(rgb: np.ndarray, depth: np.ndarray, intrinsics: CameraIntrins
     bias = np.float32(sun_map.texel_m) * (1.5 + 1.5 * tan)
     lit = sun_map.lit_fraction(comps[0], comps[1], comps[2], bias)
     lit = np.where(finite, lit, np.float32(1.0))
-    shade = np.float32(strength) * (1.0 - lit) * ndl * np.float32(weather.diffuse)
-    out = rgb.astype(np.float32)
+    shade = (1.0 - lit) * ndl * np.float32(weather.diffuse)
+    factor = np.empty(lit.shape + (3,), dtype=np.float32)
     for c in range(3):
         lc = np.float32(weather.light_color[c])
         full = np.float32(weather.ambient) + np.float32(weather.diffuse) * ndl * lc
-        out[..., c] *= 1.0 - shade * lc / np.maximum(full, np.float32(1e-6))
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+        factor[..., c] = 1.0 - shade * lc / np.maximum(full, np.float32(1e-6))
+    return factor
+
+
+def shadow_shading(rgb: np.ndarray, depth: np.ndarray, intrinsics: CameraIntrinsics, position: np.ndarray,
+                   rotation: np.ndarray, weather: WeatherPreset, sun_map: SunShadowMap,
+                   stride: int = 1) -> np.ndarray:
+    """Apply :func:`shadow_factor` to a rendered frame -> uint8 rgb (factor upsampled when ``stride`` > 1)."""
+    factor = shadow_factor(depth, intrinsics, position, rotation, weather, sun_map, stride)
+    h, w = depth.shape
+    if factor.shape[:2] != (h, w):
+        factor = cv2.resize(factor, (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.clip(rgb.astype(np.float32) * factor + 0.5, 0, 255).astype(np.uint8)
 
 
 def _rover_mesh_parts(geom: RoverGeometry) -> list[tuple[int, dict]]:
@@ -470,7 +486,9 @@ class ForestScene:
                 self._set_rover_alpha(b, True)
         depth += np.float32(1e-4)  # back to z-depth from ``position`` (inf stays inf)
         if sun_map is not None:
-            rgb = shadow_shading(rgb, depth, intr, pos, rot, weather, sun_map)
+            # shadows are soft at this scale: half resolution is plenty above 320 px and 4x cheaper
+            stride = 2 if intr.width >= 320 else 1
+            rgb = shadow_shading(rgb, depth, intr, pos, rot, weather, sun_map, stride)
         if effects is not None:
             rng = rng if rng is not None else np.random.default_rng(0)
             rgb = apply_camera_pipeline(rgb, depth, weather, effects, rng, yaw_rate_rps, intr, rot)
@@ -537,8 +555,8 @@ class ForestScene:
         h = int(math.ceil(2 * tan_y * fx)) + 2
         near = float(c[:, 0].min()) - 5.0
         far = float(c[:, 0].max()) + 5.0
-        # every world body at its cheap level of detail, rovers out
-        saved = dict(self._visible)
+        # every world body at its cheap level of detail, rovers out; the next render's
+        # culling pass sets the visibility it needs again
         for body, info in self.bodies.items():
             if info.category == "rover":
                 self._set_rover_alpha(body, False)
@@ -553,7 +571,6 @@ class ForestScene:
         finally:
             for body in self._rovers:
                 self._set_rover_alpha(body, True)
-            del saved  # the next render's culling pass restores what it needs
         sun_map = SunShadowMap(rot, eye, fx, (w - 1) / 2, (h - 1) / 2, depth, distance / fx)
         self._sun_maps[key] = sun_map
         return sun_map
