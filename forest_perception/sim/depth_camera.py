@@ -8,8 +8,9 @@ REP 118). Effects, in the order applied:
   reference 640 px width) on the disparity ``d = fx_ref * baseline / z``, slightly
   spatially correlated, so the depth error grows as ``z^2 * subpixel / (fx_ref * baseline)``;
 * range limits: NaN below ``min_range_m`` and beyond ``max_range_m``;
-* holes at depth discontinuities (occlusion shadows of stereo): pixels whose 3x3
-  neighbourhood spans a relative depth jump above ``edge_jump_rel``, dilated;
+* holes at depth discontinuities (occlusion shadows of stereo): pixels where the second
+  difference of inverse depth exceeds ``edge_jump_rel`` of the local inverse depth (zero on
+  any plane, so grazing ground stays valid), dilated;
 * random dropout blobs (specular or texture-less patches the matcher rejects);
 * optionally the invalid band on the left image edge, where the left imager sees
   what the right one cannot: column u is invalid when ``u < fx * baseline / z``.
@@ -108,13 +109,16 @@ class DepthCameraModel:
         # comparisons with NaN are False, so "nothing there" stays invalid
         invalid = ~((z_true >= lo) & (z_true <= hi) & (measured >= lo) & (measured <= hi))
 
-        # holes where the depth jumps (stereo occlusion at object silhouettes)
+        # holes where the depth jumps (stereo occlusion at object silhouettes). Inverse depth is
+        # linear in the image over a plane, so its second difference is ~0 on surfaces seen at
+        # any angle (the ground at a grazing angle included) and large only at discontinuities.
         if self.edge_jump_rel > 0:
-            zf = np.where(valid, z_true, np.float32(1e4))
-            kernel = np.ones((3, 3), np.uint8)
-            zmax = cv2.dilate(zf, kernel)
-            zmin = cv2.erode(zf, kernel)
-            edges = (zmax - zmin) > self.edge_jump_rel * zmin
+            inv = np.where(valid, 1.0 / np.maximum(z_true, np.float32(1e-6)), np.float32(0.0)).astype(np.float32)
+            pad = np.pad(inv, 1, mode="edge")
+            d2x = np.abs(pad[1:-1, :-2] - 2.0 * inv + pad[1:-1, 2:])
+            d2y = np.abs(pad[:-2, 1:-1] - 2.0 * inv + pad[2:, 1:-1])
+            scale = np.maximum(inv, cv2.dilate(inv, np.ones((3, 3), np.uint8)))
+            edges = np.maximum(d2x, d2y) > self.edge_jump_rel * scale
             if self.edge_hole_px > 0:
                 size = 2 * self.edge_hole_px + 1
                 edges = cv2.dilate(edges.astype(np.uint8), np.ones((size, size), np.uint8)) > 0
