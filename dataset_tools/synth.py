@@ -119,7 +119,7 @@ def synthesize(
     root = Path(out_dir)
     report = SynthReport(root=root)
     total = config.runs * config.segments_per_run * config.frames_per_segment
-    bar = tqdm(total=total, desc="synth", unit="frame", disable=not progress)
+    bar = tqdm(total=total, desc="synth", unit="frame", disable=not progress, mininterval=1.0)
     t0 = time.perf_counter()
     valid_pixels = 0
     all_pixels = 0

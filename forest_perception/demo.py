@@ -16,6 +16,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from forest_perception.rosenv import apply_loopback_environment
 
 
@@ -30,7 +32,7 @@ def drive_over_ros(seed: int, seconds: float, weather: str) -> dict:
     from nav_msgs.msg import Odometry
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
-    from rclpy.qos import qos_profile_sensor_data
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import CameraInfo, Image, Imu, JointState, NavSatFix
 
@@ -60,12 +62,11 @@ def drive_over_ros(seed: int, seconds: float, weather: str) -> dict:
 
         return cb
 
+    # best effort like the publishers' sensor QoS, with a deep queue so the demo's own listener drops nothing
+    sensor_qos = QoSProfile(depth=500, reliability=ReliabilityPolicy.BEST_EFFORT)
+    reliable = ("/clock", "/diagnostics", "/rover_0/odom", "/rover_0/joint_states")
     for name, kind in topics.items():
-        qos = (
-            10
-            if name in ("/clock", "/diagnostics", "/rover_0/odom", "/rover_0/joint_states")
-            else qos_profile_sensor_data
-        )
+        qos = QoSProfile(depth=100) if name in reliable else sensor_qos
         listener.create_subscription(kind, name, make_cb(name), qos)
     executor = SingleThreadedExecutor()
     executor.add_node(sim)
@@ -73,8 +74,11 @@ def drive_over_ros(seed: int, seconds: float, weather: str) -> dict:
     t0 = time.perf_counter()
     sim_t0 = sim.sim.time_s
     next_print = t0 + 5.0
+    track = []
     while time.perf_counter() - t0 < seconds:
         executor.spin_once(timeout_sec=0.05)
+        st = sim.sim.rovers[0].state
+        track.append((st.x, st.y))
         if time.perf_counter() >= next_print:
             st = sim.sim.rovers[0].state
             print(
@@ -94,6 +98,7 @@ def drive_over_ros(seed: int, seconds: float, weather: str) -> dict:
         "odom": last.get("/rover_0/odom"),
         "final_pose": (state.x, state.y, state.yaw),
         "collided": state.collided,
+        "track": track,
     }
     executor.shutdown()
     listener.destroy_node()
@@ -121,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     from dataset_tools.layout import dataset_summary, load_frame, read_segment
     from dataset_tools.synth import SynthConfig, synthesize
     from forest_perception.sim.gazebo import export_gazebo
+    from forest_perception.sim.preview import contact_sheet, save_rgb, world_map
     from forest_perception.sim.world import generate_world
 
     _banner(f"1. Forest from seed {args.seed}")
@@ -159,7 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         weathers=("sunny", "fog"),
     )
-    report = synthesize(out / "dataset", config, overwrite=True)
+    samples = []
+    poses = []
+
+    def keep(path, record, rgb, depth):  # noqa: ANN001
+        poses.append((record.extras["pose_x"], record.extras["pose_y"]))
+        if int(record.stem) % 8 == 0:
+            samples.append((rgb, depth, f"{path.parent.name}/{path.name} {record.stem} {record.extras['weather']}"))
+
+    report = synthesize(out / "dataset", config, overwrite=True, on_frame=keep)
     for line in report.lines():
         print(f"  {line}")
     summary = dataset_summary(out / "dataset")
@@ -171,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         f"median {float(_nanmedian(depth)):.2f} m, GPS {record.gps is not None}, "
         f"IMU az {record.imu.linear_acceleration[2]:.2f} m/s^2"
     )
+
+    _banner("5. Pictures")
+    map_path = out / "forest_map.png"
+    save_rgb(str(map_path), world_map(world, [np.array(result["track"])], marks=poses))
+    sheet_path = out / "frames.png"
+    save_rgb(str(sheet_path), contact_sheet([(r, d) for r, d, _ in samples[:6]], [lbl for *_, lbl in samples[:6]]))
+    print(f"  {map_path}: top-down map, the ROS drive in red, dataset frames as crosses")
+    print(f"  {sheet_path}: dataset frames, RGB | depth (red near, blue far, black invalid)")
     print(f"\nDone. Everything is under {out}")
     return 0
 
