@@ -297,6 +297,7 @@ class ForestScene:
         self.world = world
         self.detail = (detail or MeshDetail()).validate()
         self.cull = cull
+        self.texture_size = int(texture_size)
         # a few texture variants across worlds; each is made once and cached
         self.texture_seed = int(world.config.seed) % TEXTURE_VARIANTS if texture_seed is None else int(texture_seed)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
