@@ -1,5 +1,8 @@
 """Simulator figures: rendered frames per second and real-time factor with 1 and 3 rovers.
 
+The real-time factor is measured with inline rendering (render_workers 0) and with 1 and 2
+background render processes, side by side (worker start-up, a scene build each, is not timed).
+
 Run: .venv/bin/python bench/bench_sim.py [--seconds 10] [--seed 0]
 Prints a table; every figure of one run is measured on the same machine, side by side.
 """
@@ -38,10 +41,12 @@ def render_fps(scene: ForestScene, world, intrinsics: CameraIntrinsics, n: int) 
     return raw, full
 
 
-def real_time_factor(world, scene: ForestScene, rovers: int, seconds: float, camera_hz: float) -> float:
+def real_time_factor(world, scene: ForestScene, rovers: int, seconds: float, camera_hz: float,
+                     render_workers: int = 0) -> float:
     """Simulated seconds per wall second with ``rovers`` exploring rovers at 320x240."""
     cfgs = [RoverConfig(name=f"rover_{i}", weather=("sunny", "overcast", "dusk")[i % 3]) for i in range(rovers)]
-    sim = ForestSimulator(world, SimConfig(camera_rate_hz=camera_hz), cfgs, scene=scene)
+    config = SimConfig(camera_rate_hz=camera_hz, render_workers=render_workers)
+    sim = ForestSimulator(world, config, cfgs, scene=scene)
     t0 = time.perf_counter()
     sim.run(seconds)
     wall = time.perf_counter() - t0
@@ -75,11 +80,17 @@ def main() -> None:
         raw, full = render_fps(scene, world, CameraIntrinsics(w, h), args.frames)
         print(f"{w:>8}x{h:<3} {raw:>15.1f} {full:>17.1f} {1000 / full:>9.1f}")
     print()
-    print(f"{'rovers':>6} {'camera Hz':>9} {'real-time factor':>17}   (320x240, IMU 200 Hz, GPS 10 Hz, encoders 50 Hz)")
+    print(
+        f"{'rovers':>6} {'camera Hz':>9} {'render workers':>14} {'real-time factor':>17} {'vs inline':>9}"
+        "   (320x240, IMU 200 Hz, GPS 10 Hz, encoders 50 Hz)"
+    )
     for rovers in (1, 3):
-        for hz in (15.0, 30.0):
-            rtf = real_time_factor(world, scene, rovers, args.seconds, hz)
-            print(f"{rovers:>6} {hz:>9.0f} {rtf:>17.2f}")
+        for hz, workers in ((15.0, (0, 1, 2)), (30.0, (0,))):
+            inline = None
+            for n in workers:
+                rtf = real_time_factor(world, scene, rovers, args.seconds, hz, n)
+                inline = rtf if n == 0 else inline
+                print(f"{rovers:>6} {hz:>9.0f} {n:>14} {rtf:>17.2f} {rtf / inline:>8.2f}x")
     scene.close()
     np.set_printoptions()
 

@@ -92,3 +92,67 @@ def test_bad_rover_configs_are_refused(rovers, words):
 def test_bad_sim_configs_are_refused(cfg, words):
     with pytest.raises(ValueError, match=words):
         cfg.validate()
+
+
+def _camera_events(render_workers: int, seconds: float = 1.0):
+    world = generate_world(**WORLD)
+    cfg = SimConfig(camera=CameraIntrinsics(96, 72), camera_rate_hz=10.0, render_workers=render_workers)
+    with ForestSimulator(world, cfg, [RoverConfig(name="a", weather="sunny"), RoverConfig(name="b")]) as sim:
+        events = sim.run(seconds)
+        extra = sim.render_camera(1)
+    return [e for e in events if e.kind == "camera"], extra
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_render_workers_deliver_frames_at_the_camera_rate_stamped_when_due(workers):
+    import multiprocessing
+
+    cams, _extra = _camera_events(workers)
+    inline, _ = _camera_events(0)
+    assert [(e.rover, e.stamp_ns) for e in cams] == [(e.rover, e.stamp_ns) for e in inline]
+    for rover in (0, 1):
+        stamps = [e.stamp_ns for e in cams if e.rover == rover]
+        assert abs(len(stamps) - 10) <= 1 and stamps == sorted(stamps)
+        assert all(abs((b - a) - 100_000_000) <= 5_000_000 for a, b in zip(stamps, stamps[1:]))
+    assert all(e.data.rgb.shape == (72, 96, 3) and e.data.depth.shape == (72, 96) for e in cams)
+    assert not multiprocessing.active_children()  # close() stopped the workers
+
+
+def test_render_workers_are_deterministic_and_match_inline_rendering():
+    first, extra1 = _camera_events(2, seconds=0.5)
+    second, extra2 = _camera_events(2, seconds=0.5)
+    inline, extra0 = _camera_events(0, seconds=0.5)
+    for run, extra in ((second, extra2), (inline, extra0)):
+        assert len(run) == len(first)
+        for a, b in zip(first + [None], run + [None]):
+            fa, fb = (a.data, b.data) if a is not None else (extra1, extra)
+            assert np.array_equal(fa.rgb, fb.rgb)
+            assert np.array_equal(fa.depth, fb.depth, equal_nan=True)
+            assert np.array_equal(fa.depth_true, fb.depth_true, equal_nan=True)
+
+
+def test_render_workers_events_come_later_in_order_and_close_stops_workers():
+    import multiprocessing
+
+    world = generate_world(**WORLD)
+    cfg = SimConfig(camera=CameraIntrinsics(96, 72), camera_rate_hz=20.0, render_workers=1)
+    sim = ForestSimulator(world, cfg, [RoverConfig(name="a")])
+    assert len(multiprocessing.active_children()) == 1
+    seen = []
+    for _ in range(60):
+        for e in sim.step():
+            if e.kind == "camera":
+                assert e.stamp_ns <= sim.now_ns
+                seen.append(e.stamp_ns)
+        assert sim._pool is not None and sim._pool.in_flight <= sim._pool.max_in_flight
+    seen += [e.stamp_ns for e in sim.flush() if e.kind == "camera"]
+    assert len(seen) == 7 and seen == sorted(seen)  # due at 5 ms, then every 50 ms up to 300 ms
+    sim.close()
+    sim.close()  # twice is fine
+    assert not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("workers", [-1, 17, 1.5, True])
+def test_bad_render_workers_are_refused(workers):
+    with pytest.raises(ValueError, match="render_workers"):
+        SimConfig(render_workers=workers).validate()

@@ -16,14 +16,15 @@ import signal
 import traceback
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from forest_perception.sim.meshes import MeshDetail
-from forest_perception.sim.robot import CameraIntrinsics
-from forest_perception.sim.weather import WeatherPreset
-from forest_perception.sim.world import ForestWorld
+if TYPE_CHECKING:
+    from forest_perception.sim.meshes import MeshDetail
+    from forest_perception.sim.robot import CameraIntrinsics
+    from forest_perception.sim.weather import WeatherPreset
+    from forest_perception.sim.world import ForestWorld
 
 MAX_WORKERS = 16
 JOBS_PER_WORKER = 2
@@ -177,7 +178,10 @@ class RenderPool:
                 if not block:
                     raise
                 if self._finalizer.alive and not any(p.is_alive() for p in self._procs):
-                    raise RuntimeError("all render workers died") from None
+                    raise RuntimeError(
+                        "all render workers died (a script that starts them needs an "
+                        "`if __name__ == '__main__':` guard: workers are spawned and import __main__)"
+                    ) from None
                 if not self._finalizer.alive:
                     raise RuntimeError("the render pool is closed") from None
 

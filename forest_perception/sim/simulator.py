@@ -4,17 +4,25 @@ Pure core (no rclpy). ``ForestSimulator.step()`` advances simulated time by one 
 (the IMU period) and returns the sensor events that fell due, each stamped with the
 simulated time; the ROS node and the dataset generator turn events into messages or
 files. Rendering happens only for camera events, so the cost follows the camera rate.
+
+With ``SimConfig.render_workers`` > 0 camera frames are rendered by background processes
+(:mod:`forest_perception.sim.render_pool`) while stepping goes on: a camera event is
+returned by a later ``step()`` once its render is done, still stamped with the tick it
+fell due at, in due order. The camera pipeline and depth model run in this process, in
+submission order, so frames equal those of inline rendering and do not depend on timing.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from forest_perception.sim.depth_camera import DepthCameraModel
 from forest_perception.sim.explore import CmdVelController, ExplorationController
+from forest_perception.sim.render_pool import RenderPool, SceneSpec
 from forest_perception.sim.robot import CameraIntrinsics, RoverGeometry
 from forest_perception.sim.rover import DiffDriveRover, RoverState
 from forest_perception.sim.sensors import (
@@ -33,6 +41,8 @@ from forest_perception.sim.world import ForestWorld
 BEHAVIOURS = ("explore", "cmd_vel")
 NS_PER_S = 1_000_000_000
 CONTROL_RATE_HZ = 20.0
+MAX_RENDER_WORKERS = 16
+ROVER_PALETTE = ((0.8, 0.3, 0.1), (0.1, 0.4, 0.8), (0.9, 0.8, 0.1), (0.5, 0.1, 0.6))
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,8 @@ class SimConfig:
     depth: DepthCameraModel = field(default_factory=DepthCameraModel)
     geometry: RoverGeometry = field(default_factory=RoverGeometry)
     seed: int = 0
+    render_workers: int = 0
+    """Background render processes: 0 renders inline in ``step()``; N renders on N workers."""
 
     def validate(self) -> SimConfig:
         """Raise ``ValueError`` naming the first rate or model parameter out of range."""
@@ -87,6 +99,11 @@ class SimConfig:
             if getattr(self, name) > self.imu_rate_hz:
                 raise ValueError(f"{name} ({getattr(self, name)}) must not exceed imu_rate_hz ({self.imu_rate_hz})")
         self.depth.validate()
+        workers = self.render_workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_RENDER_WORKERS:
+            raise ValueError(
+                f"render_workers must be an integer within [0, {MAX_RENDER_WORKERS}] (0: inline), got {workers!r}"
+            )
         return self
 
     @property
@@ -112,6 +129,18 @@ class SensorEvent:
     rover: int
     stamp_ns: int
     data: ImuSample | CameraFrame | GpsFix | WheelReading | OdometryEstimate
+
+
+@dataclass
+class _PendingFrame:
+    """A camera render submitted to the pool, with what its pipeline needs once it is back."""
+
+    job_id: int
+    rover: int
+    stamp_ns: int
+    yaw_rate_rps: float
+    weather: WeatherPreset
+    effects: CameraEffects
 
 
 class _Schedule:
@@ -185,16 +214,28 @@ class ForestSimulator:
         self.now_ns = 0
         self.scene = scene
         self._owns_scene = scene is None
+        self._pool: RenderPool | None = None
+        self._pending: deque[_PendingFrame] = deque()
+        self._ready: list[SensorEvent] = []
+        starts = self._start_poses(rover_cfgs)
+        self.rovers = [_SimRover(i, cfg, self, starts[i]) for i, cfg in enumerate(rover_cfgs)]
+        colors = tuple(ROVER_PALETTE[r.index % len(ROVER_PALETTE)] for r in self.rovers) if len(self.rovers) > 1 else ()
+        if render and self.config.render_workers > 0:
+            # the workers build their own scenes; a given scene only lends its build options
+            spec = SceneSpec(world, cache_dir=str(cache_dir) if cache_dir is not None else None, rover_colors=colors)
+            if scene is not None:
+                spec = replace(spec, cache_dir=str(getattr(scene, "cache_dir", cache_dir)),
+                               detail=getattr(scene, "detail", None), texture_size=getattr(scene, "texture_size", 256),
+                               cull=getattr(scene, "cull", True), texture_seed=getattr(scene, "texture_seed", None))
+            self._pool = RenderPool(spec, self.config.render_workers)
+            return
         if render and scene is None:
             from forest_perception.sim.scene import ForestScene  # PyBullet only when rendering
 
             self.scene = ForestScene(world, cache_dir=cache_dir)
-        starts = self._start_poses(rover_cfgs)
-        self.rovers = [_SimRover(i, cfg, self, starts[i]) for i, cfg in enumerate(rover_cfgs)]
-        if self.scene is not None and len(self.rovers) > 1:
-            palette = [(0.8, 0.3, 0.1), (0.1, 0.4, 0.8), (0.9, 0.8, 0.1), (0.5, 0.1, 0.6)]
-            for r in self.rovers:
-                r.body_id = self.scene.add_rover_body(color=palette[r.index % len(palette)])
+        if self.scene is not None and colors:
+            for r, color in zip(self.rovers, colors):
+                r.body_id = self.scene.add_rover_body(color=color)
             self._sync_bodies()
 
     # ------------------------------------------------------------------ set-up
@@ -214,6 +255,18 @@ class ForestSimulator:
             angle = 2.0 * math.pi * i / n
             poses.append((radius * math.cos(angle), radius * math.sin(angle), angle))
         return poses
+
+    @property
+    def can_render(self) -> bool:
+        """Whether camera frames can be rendered (inline scene or render workers)."""
+        return self._pool is not None or self.scene is not None
+
+    def _body_poses(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        """base_link (position, quat_xyzw) of every rover body, in rover order (none for a single rover)."""
+        if len(self.rovers) < 2:
+            return ()
+        return tuple((r.rover.world_from_base()[:3, 3].copy(), np.asarray(r.rover.quaternion_xyzw(), dtype=np.float64))
+                     for r in self.rovers)
 
     def _sync_bodies(self) -> None:
         if self.scene is None:
@@ -267,6 +320,19 @@ class ForestSimulator:
                 events.append(
                     SensorEvent("gps", r.index, self.now_ns, r.gps.sample(r.state, cover, antenna_offset=geometry_gps))
                 )
+        if self._pool is not None:
+            if render:
+                bodies = self._body_poses()
+                for r in self.rovers:
+                    if r.schedules["camera"].due(self.now_ns):
+                        self._submit(r, self.now_ns, bodies)
+            else:
+                for r in self.rovers:
+                    r.schedules["camera"].due(self.now_ns)
+            events.extend(self._ready)
+            self._ready.clear()
+            events.extend(self._collect(block=False))
+            return events
         if self.scene is not None and len(self.rovers) > 1:
             self._sync_bodies()
         for r in self.rovers:
@@ -274,32 +340,84 @@ class ForestSimulator:
                 events.append(SensorEvent("camera", r.index, self.now_ns, self.render_camera(r.index)))
         return events
 
-    def render_camera(self, rover: int) -> CameraFrame:
-        """Render the rover's colour image, its aligned depth (with sensor model) and true depth."""
-        if self.scene is None:
-            raise RuntimeError("this simulator was built with render=False")
-        r = self.rovers[rover]
+    def _submit(self, r: _SimRover, stamp_ns: int, bodies: tuple[tuple[np.ndarray, np.ndarray], ...]) -> None:
+        """Hand a render of rover ``r``'s camera to the pool (blocks while the pool is full)."""
+        assert self._pool is not None
         position, rotation = r.rover.camera_pose()
+        job = self._pool.submit(position, rotation, self.config.camera, r.weather, bodies)
+        self._pending.append(_PendingFrame(job, r.index, stamp_ns, float(r.state.w), r.weather, r.cfg.effects))
+
+    def _collect(self, block: bool) -> list[SensorEvent]:
+        """Camera events of finished renders, in submission order; all pending ones if ``block``."""
+        events: list[SensorEvent] = []
+        if self._pool is None:
+            return events
+        if not block:
+            self._pool.poll()
+        while self._pending and (block or self._pool.ready(self._pending[0].job_id)):
+            job = self._pending.popleft()
+            rgb, depth_true = self._pool.result(job.job_id)
+            frame = self._finish_frame(self.rovers[job.rover], rgb, depth_true, job.yaw_rate_rps, job.weather,
+                                       job.effects)
+            events.append(SensorEvent("camera", job.rover, job.stamp_ns, frame))
+        return events
+
+    def flush(self) -> list[SensorEvent]:
+        """Wait for every camera render in flight and return the events not yet returned by ``step()``."""
+        events = self._ready + self._collect(block=True)
+        self._ready = []
+        return events
+
+    def _finish_frame(self, r: _SimRover, rgb: np.ndarray, depth_true: np.ndarray, yaw_rate_rps: float,
+                      weather: WeatherPreset, effects: CameraEffects) -> CameraFrame:
+        """Camera pipeline and depth model on a raw render; consumes the rover's camera rng."""
         cam = self.config.camera
-        rgb, depth_true, _seg = self.scene.render(position, rotation, cam, r.weather)
-        rgb = apply_camera_pipeline(
-            rgb, depth_true, r.weather, r.cfg.effects, r.rng_cam, yaw_rate_rps=r.state.w, intrinsics=cam
-        )
+        rgb = apply_camera_pipeline(rgb, depth_true, weather, effects, r.rng_cam, yaw_rate_rps=yaw_rate_rps,
+                                    intrinsics=cam)
         depth = self.config.depth.apply(depth_true, cam, r.rng_cam)
         truth = depth_true.astype(np.float32, copy=True)
         truth[~np.isfinite(truth)] = np.nan
         return CameraFrame(rgb=rgb, depth=depth, depth_true=truth)
 
+    def render_camera(self, rover: int) -> CameraFrame:
+        """Render the rover's colour image, its aligned depth (with sensor model) and true depth, now.
+
+        With render workers, camera frames still in flight are finished first (their events
+        come with the next ``step()``), so the camera rng is used in the same order as inline.
+        """
+        r = self.rovers[rover]
+        if self._pool is not None:
+            self._ready.extend(self._collect(block=True))
+            position, rotation = r.rover.camera_pose()
+            job = self._pool.submit(position, rotation, self.config.camera, r.weather, self._body_poses())
+            rgb, depth_true = self._pool.result(job)
+            return self._finish_frame(r, rgb, depth_true, float(r.state.w), r.weather, r.cfg.effects)
+        if self.scene is None:
+            raise RuntimeError("this simulator was built with render=False")
+        position, rotation = r.rover.camera_pose()
+        rgb, depth_true, _seg = self.scene.render(position, rotation, self.config.camera, r.weather)
+        return self._finish_frame(r, rgb, depth_true, float(r.state.w), r.weather, r.cfg.effects)
+
     def run(self, seconds: float, render: bool = True) -> list[SensorEvent]:
-        """Step for ``seconds`` of simulated time and return all events (for tests and tools)."""
+        """Step for ``seconds`` of simulated time and return all events (for tests and tools).
+
+        With render workers the camera frames still in flight at the end are waited for,
+        so the result holds every frame that fell due.
+        """
         events: list[SensorEvent] = []
         n = int(round(seconds * NS_PER_S / self.config.tick_ns))
         for _ in range(n):
             events.extend(self.step(render=render))
+        events.extend(self.flush())
         return events
 
     def close(self) -> None:
-        """Release the renderer."""
+        """Release the renderer and stop any render workers (frames in flight are dropped)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        self._pending.clear()
+        self._ready.clear()
         if self.scene is not None and self._owns_scene:
             self.scene.close()
         self.scene = None
