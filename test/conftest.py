@@ -17,9 +17,9 @@ def _session_domain_id() -> int:
     return random.Random(os.getpid()).randint(30, 99)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def ros_env(tmp_path_factory):
-    """Loopback-only ROS environment (domain id, discovery range, DDS profile, log dir)."""
+    """Loopback-only ROS environment (domain id, discovery range, DDS profile, log dir), for every test."""
     env = apply_loopback_environment(_session_domain_id(), tmp_path_factory.mktemp("ros_log"))
     return env
 

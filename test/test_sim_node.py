@@ -172,6 +172,40 @@ def test_cmd_vel_drives_the_rover(rclpy_context):
         node.destroy_node()
 
 
+@pytest.mark.slow
+def test_several_rovers_share_one_world(rclpy_context):
+    from sensor_msgs.msg import Image, NavSatFix
+
+    from forest_perception.nodes.sim_node import SimNode
+
+    node = SimNode(
+        context=rclpy_context,
+        parameter_overrides=_params(rover_names=["rover_0", "rover_1"], weather=["sunny", "fog"], render_workers=0),
+    )
+    topics = {
+        f"/rover_{i}/{t}": (kind, False)
+        for i in (0, 1)
+        for t, kind in (("camera/image_raw", Image), ("gps/fix", NavSatFix))
+    }
+    try:
+        got = _collect(rclpy_context, node, topics, seconds=4.0)
+    finally:
+        node.destroy_node()
+    for name in topics:
+        assert got[name], f"nothing on {name}"
+    sunny = np.mean(array_from_image_mean(got["/rover_0/camera/image_raw"][-1]))
+    fog = np.mean(array_from_image_mean(got["/rover_1/camera/image_raw"][-1]))
+    assert sunny != fog  # each rover renders its own view and weather
+    a, b = got["/rover_0/gps/fix"][-1], got["/rover_1/gps/fix"][-1]
+    assert (a.latitude, a.longitude) != (b.latitude, b.longitude)
+
+
+def array_from_image_mean(msg):
+    from forest_perception.msgs import array_from_image
+
+    return array_from_image(msg).reshape(-1, 3).mean(axis=0)
+
+
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
