@@ -34,9 +34,11 @@ setup(
         "console_scripts": [
             # ROS 2 nodes (ros2 run forest_perception <name>)
             "sim_node = forest_perception.nodes.sim_node:main",
+            "depth_node = forest_perception.nodes.depth_node:main",
             # command-line tools
             "forest-sim = forest_perception.sim.cli:main",
             "forest-dataset = dataset_tools.cli:main",
+            "forest-train = models.cli:main",
         ],
     },
 )
