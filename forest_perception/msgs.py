@@ -14,7 +14,17 @@ from builtin_interfaces.msg import Time
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Quaternion
 from nav_msgs.msg import Odometry
-from sensor_msgs.msg import CameraInfo, Image, Imu, JointState, NavSatFix, NavSatStatus
+from sensor_msgs.msg import (
+    CameraInfo,
+    Image,
+    Imu,
+    JointState,
+    LaserScan,
+    NavSatFix,
+    NavSatStatus,
+    PointCloud2,
+    PointField,
+)
 
 from forest_perception.sim.robot import CameraIntrinsics
 
@@ -213,3 +223,84 @@ def diagnostic_status(
         KeyValue(key=str(k), value=f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in values.items()
     ]
     return status
+
+
+def camera_matrix_from_info(msg: CameraInfo) -> np.ndarray:
+    """3x3 K of a sensor_msgs/CameraInfo; raises ValueError when it is unset or not a camera matrix."""
+    K = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
+    if not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0 or msg.width == 0 or msg.height == 0:
+        raise ValueError(f"camera_info has no usable K ({K.ravel().tolist()}, {msg.width}x{msg.height})")
+    return K
+
+
+def pointcloud2_fields() -> list[PointField]:
+    """x, y, z float32 PointFields at offsets 0, 4, 8 (point_step 12)."""
+    return [PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1) for i, n in enumerate("xyz")]
+
+
+def pointcloud2_msg(points: np.ndarray, stamp: Time, frame_id: str) -> PointCloud2:
+    """Unordered sensor_msgs/PointCloud2 (height 1) of (N, 3) points, x y z float32 little endian.
+
+    ``is_dense`` is true only when every coordinate is finite.
+    """
+    points = np.asarray(points)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"points must be (N, 3), got shape {points.shape}")
+    points = np.ascontiguousarray(points, dtype="<f4")
+    msg = PointCloud2()
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = 1, int(points.shape[0])
+    msg.fields = pointcloud2_fields()
+    msg.is_bigendian = False
+    msg.point_step = 12
+    msg.row_step = 12 * msg.width
+    msg.is_dense = bool(np.isfinite(points).all())
+    msg.data = points.tobytes()
+    return msg
+
+
+def array_from_pointcloud2(msg: PointCloud2) -> np.ndarray:
+    """(N, 3) float32 x, y, z of a PointCloud2 whose x, y, z fields are FLOAT32 (other fields skipped)."""
+    offsets = {f.name: f.offset for f in msg.fields if f.datatype == PointField.FLOAT32}
+    if not {"x", "y", "z"} <= set(offsets):
+        raise ValueError(f"PointCloud2 needs FLOAT32 x, y, z fields, got {[f.name for f in msg.fields]}")
+    n = msg.width * msg.height
+    if len(msg.data) < n * msg.point_step:
+        raise ValueError(f"PointCloud2 data has {len(msg.data)} bytes, expected {n * msg.point_step}")
+    dtype = np.dtype(
+        {
+            "names": ["x", "y", "z"],
+            "formats": [(">" if msg.is_bigendian else "<") + "f4"] * 3,
+            "offsets": [offsets["x"], offsets["y"], offsets["z"]],
+            "itemsize": msg.point_step,
+        }
+    )
+    data = msg.data if isinstance(msg.data, bytes) else bytes(msg.data)
+    rec = np.frombuffer(data, dtype=dtype, count=n)
+    return np.stack([rec["x"], rec["y"], rec["z"]], axis=1).astype(np.float32)
+
+
+def laserscan_msg(
+    stamp: Time,
+    frame_id: str,
+    ranges: np.ndarray,
+    angle_min: float,
+    angle_increment: float,
+    range_min: float,
+    range_max: float,
+    scan_time: float = 0.0,
+) -> LaserScan:
+    """sensor_msgs/LaserScan (REP 117: +inf = no return within range); ``angle_max`` follows the ranges."""
+    ranges = np.asarray(ranges, dtype=np.float32).ravel()
+    msg = LaserScan()
+    msg.header.stamp = stamp
+    msg.header.frame_id = frame_id
+    msg.angle_min = float(angle_min)
+    msg.angle_increment = float(angle_increment)
+    msg.angle_max = float(angle_min + (len(ranges) - 1) * angle_increment)
+    msg.time_increment = 0.0  # every bearing comes from the same exposure
+    msg.scan_time = float(scan_time)
+    msg.range_min, msg.range_max = float(range_min), float(range_max)
+    msg.ranges = ranges
+    return msg

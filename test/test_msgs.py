@@ -79,3 +79,32 @@ def test_time_conversions():
         msgs.time_from_ns(-1)
     with pytest.raises(ValueError):
         msgs.time_from_sec(float("nan"))
+
+
+def test_pointcloud2_round_trip():
+    points = np.array([[0.0, 1.0, 2.0], [-1.5, 0.25, 3.0]], dtype=np.float32)
+    msg = msgs.pointcloud2_msg(points, msgs.time_from_sec(3.0), "camera_color_optical_frame")
+    assert [(f.name, f.offset, f.datatype) for f in msg.fields] == [("x", 0, 7), ("y", 4, 7), ("z", 8, 7)]
+    assert (msg.height, msg.width, msg.point_step, msg.row_step) == (1, 2, 12, 24)
+    assert msg.is_dense and not msg.is_bigendian and len(msg.data) == 24
+    assert np.array_equal(msgs.array_from_pointcloud2(msg), points)
+    empty = msgs.pointcloud2_msg(np.zeros((0, 3), np.float32), msgs.time_from_sec(0.0), "f")
+    assert empty.width == 0 and msgs.array_from_pointcloud2(empty).shape == (0, 3)
+    with pytest.raises(ValueError, match="N, 3"):
+        msgs.pointcloud2_msg(np.zeros((4, 2)), msgs.time_from_sec(0.0), "f")
+
+
+def test_laserscan_angle_max_follows_the_ranges():
+    ranges = np.array([1.0, np.inf, 2.0], dtype=np.float32)
+    msg = msgs.laserscan_msg(msgs.time_from_sec(1.0), "camera_link", ranges, -0.1, 0.1, 0.28, 10.0)
+    assert msg.angle_max == pytest.approx(0.1) and msg.header.frame_id == "camera_link"
+    assert list(msg.ranges)[1] == float("inf") and (msg.range_min, msg.range_max) == pytest.approx((0.28, 10.0))
+
+
+def test_camera_matrix_from_info():
+    info = msgs.camera_info_from_intrinsics(CameraIntrinsics(160, 120, 69.4), msgs.time_from_sec(0.0), "cam")
+    K = msgs.camera_matrix_from_info(info)
+    assert K.shape == (3, 3) and K[0, 0] == pytest.approx(CameraIntrinsics(160, 120, 69.4).fx)
+    info.k = [0.0] * 9
+    with pytest.raises(ValueError, match="no usable K"):
+        msgs.camera_matrix_from_info(info)

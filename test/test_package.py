@@ -110,6 +110,14 @@ def test_launch_files_use_existing_executables_and_declared_parameters(rclpy_con
         declared["sim_node"] = set(node._parameters)
     finally:
         node.destroy_node()
+    from forest_perception.nodes.depth_node import DepthNode
+
+    # a model that does not exist: the node must still construct (and report the error on /diagnostics)
+    node = DepthNode(context=rclpy_context, parameter_overrides=[Parameter("model_path", value="/no/such/model.onnx")])
+    try:
+        declared["depth_node"] = set(node._parameters)
+    finally:
+        node.destroy_node()
 
     scripts = console_scripts()
     nodes = launch_nodes()
@@ -122,13 +130,31 @@ def test_launch_files_use_existing_executables_and_declared_parameters(rclpy_con
         for key in kwargs.get("parameter_keys", []):
             assert key in declared.get(executable, set()), f"{path.name}: {executable} declares no {key!r}"
 
+    checked = set()
     for cfg in sorted((ROOT / "config").glob("*.yaml")):
-        data = yaml.safe_load(cfg.read_text())
-        for node_name, body in data.items():
-            if not isinstance(body, dict) or "ros__parameters" not in body or node_name not in declared:
+        for node_name, parameters in yaml_node_parameters(yaml.safe_load(cfg.read_text())):
+            if node_name not in declared:
                 continue
-            unknown = set(body["ros__parameters"]) - declared[node_name]
+            checked.add(node_name)
+            unknown = set(parameters) - declared[node_name]
             assert not unknown, f"{cfg.name}: {node_name} has undeclared parameters {sorted(unknown)}"
+    assert checked >= {"sim_node", "depth_node"}, f"no YAML parameters found for {sorted(set(declared) - checked)}"
+    launched = {kwargs.get("executable") for _, kwargs in nodes}
+    assert "depth_node" in launched, "no launch file starts depth_node"
+
+
+def yaml_node_parameters(data: dict, prefix: str = "") -> list[tuple[str, dict]]:
+    """(node name, ros__parameters) of a ROS 2 parameter file: ``node:``, ``/ns/node:``, ``/**/node:`` or nested."""
+    found = []
+    for key, body in (data or {}).items():
+        if not isinstance(body, dict):
+            continue
+        path = f"{prefix}/{key}".strip("/")
+        if "ros__parameters" in body:
+            found.append((path.rsplit("/", 1)[-1], body["ros__parameters"]))
+        else:
+            found += yaml_node_parameters(body, path)
+    return found
 
 
 def test_fastdds_profile_keeps_udp_on_loopback():

@@ -1,0 +1,436 @@
+"""Depth inference engines for the rover runtime (no ROS imports).
+
+An engine takes one camera frame (``rgb8``, HxWx3 uint8) and returns metric depth (float32 HxW metres) at the
+frame's own resolution, NaN where the prediction is outside ``[min_depth, max_depth]`` (REP 118).
+
+Pre-processing: resize to the network input with ``INTER_AREA`` when shrinking (it averages, so no aliasing from
+foliage texture) and ``INTER_LINEAR`` when enlarging; scale to [0, 1], normalise with the model's mean/std; NCHW
+float32 into a buffer allocated once. Post-processing: upsample the depth back to the camera resolution with
+``INTER_LINEAR`` (default; the network output is smooth at its own resolution and nearest-neighbour gives
+blocky steps on the ground plane; the cost is a few "flying" pixels blended across trunk edges - pass
+``upsample="nearest"`` to avoid them), then NaN outside the valid range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+_LOG = logging.getLogger(__name__)
+
+DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+DEFAULT_MIN_DEPTH_M = 0.1
+DEFAULT_MAX_DEPTH_M = 20.0
+#: Relative slack at the ends of the depth range: values within it are clamped, not invalidated (float rounding
+#: of the network's bounded head lands a hair outside the range).
+RANGE_SLACK = 1e-4
+
+SUPPORTED_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
+
+
+class ModelLoadError(ValueError):
+    """A model file is missing, unreadable or does not look like a depth network (the message names the path)."""
+
+
+# --------------------------------------------------------------------------------------------- image encodings
+
+
+def convert_image_encoding(data: np.ndarray, encoding: str) -> np.ndarray:
+    """Convert a ROS image array (``rgb8``, ``bgr8``, ``rgba8``, ``bgra8``, ``mono8``) to contiguous RGB uint8 HxWx3."""
+    array = np.asarray(data)
+    if array.dtype != np.uint8:
+        raise ValueError(f"image with encoding {encoding!r} must be uint8, got {array.dtype}")
+    channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}.get(encoding)
+    if channels is None:
+        raise ValueError(f"unsupported image encoding {encoding!r}; expected one of {', '.join(SUPPORTED_ENCODINGS)}")
+    if channels == 1 and array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    expected_ndim = 2 if channels == 1 else 3
+    if array.ndim != expected_ndim or (channels > 1 and array.shape[2] != channels):
+        raise ValueError(f"image with encoding {encoding!r} must be HxW{'' if channels == 1 else f'x{channels}'}, "
+                         f"got shape {array.shape}")
+    if encoding == "rgb8":
+        return np.ascontiguousarray(array)
+    code = {"bgr8": cv2.COLOR_BGR2RGB, "rgba8": cv2.COLOR_RGBA2RGB, "bgra8": cv2.COLOR_BGRA2RGB,
+            "mono8": cv2.COLOR_GRAY2RGB}[encoding]
+    return cv2.cvtColor(np.ascontiguousarray(array), code)
+
+
+# --------------------------------------------------------------------------------------------- pre/post-processing
+
+
+class Preprocessor:
+    """rgb8 frame -> normalised 1x3xHxW float32 network input, reusing its buffers between frames."""
+
+    def __init__(self, input_hw: Sequence[int], mean: Sequence[float] = DEFAULT_MEAN,
+                 std: Sequence[float] = DEFAULT_STD) -> None:
+        self.input_hw = (int(input_hw[0]), int(input_hw[1]))
+        mean_arr = np.asarray(mean, np.float32).reshape(3)
+        std_arr = np.asarray(std, np.float32).reshape(3)
+        if np.any(std_arr <= 0):
+            raise ValueError(f"normalisation std must be positive, got {tuple(std_arr)}")
+        # (x/255 - mean)/std == x*scale + offset: one multiply-add per pixel
+        self._scale = (1.0 / (255.0 * std_arr)).reshape(3, 1, 1)
+        self._offset = (-mean_arr / std_arr).reshape(3, 1, 1)
+        height, width = self.input_hw
+        self._resized = np.empty((height, width, 3), np.uint8)
+        self._chw = np.empty((3, height, width), np.float32)
+        self._nchw = np.empty((1, 3, height, width), np.float32)
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        """Return the network input for ``rgb`` (HxWx3 uint8); the returned array is reused by the next call."""
+        if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            shape = getattr(rgb, "shape", None)
+            dtype = getattr(rgb, "dtype", type(rgb).__name__)
+            raise ValueError(f"expected an rgb8 image (HxWx3 uint8), got shape {shape} dtype {dtype}")
+        height, width = self.input_hw
+        if rgb.shape[:2] == self.input_hw:
+            resized = rgb
+        else:
+            shrinking = rgb.shape[0] >= height and rgb.shape[1] >= width
+            interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+            resized = cv2.resize(rgb, (width, height), dst=self._resized, interpolation=interpolation)
+        np.copyto(self._chw, resized.transpose(2, 0, 1))
+        np.multiply(self._chw, self._scale, out=self._chw)
+        np.add(self._chw, self._offset, out=self._nchw[0])
+        return self._nchw
+
+
+def postprocess_depth(depth: np.ndarray, out_hw: Sequence[int], min_depth: float, max_depth: float,
+                      upsample: str = "linear") -> np.ndarray:
+    """Network depth (HxW, or 1x1xHxW) -> float32 ``out_hw`` metres, NaN where non-finite or outside the range."""
+    depth = np.asarray(depth, np.float32).reshape(np.asarray(depth).shape[-2:])
+    out_h, out_w = int(out_hw[0]), int(out_hw[1])
+    if depth.shape != (out_h, out_w):
+        interpolation = {"linear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}.get(upsample)
+        if interpolation is None:
+            raise ValueError(f"upsample must be 'linear' or 'nearest', got {upsample!r}")
+        depth = cv2.resize(depth, (out_w, out_h), interpolation=interpolation)
+    depth = np.array(depth, np.float32, copy=True)
+    # NaN compares False, so non-finite values are caught by the same mask
+    invalid = ~((depth >= min_depth * (1.0 - RANGE_SLACK)) & (depth <= max_depth * (1.0 + RANGE_SLACK)))
+    np.clip(depth, min_depth, max_depth, out=depth)
+    depth[invalid] = np.nan
+    return depth
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(state_dict: Mapping[str, Any]) -> str:
+    """Hex sha256 over a state dict's names, dtypes, shapes and values (sorted by name)."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        array = tensor.detach().cpu().contiguous().numpy() if hasattr(tensor, "detach") else np.asarray(tensor)
+        digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _meta_float(meta: Mapping[str, Any], key: str, default: float) -> float:
+    value = meta.get(key)
+    try:
+        return float(value) if value is not None and value != "" else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _meta_triplet(meta: Mapping[str, Any], key: str, default: Sequence[float]) -> tuple[float, float, float]:
+    value = meta.get(key)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return tuple(default)
+    try:
+        triplet = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return tuple(default)
+    return triplet if len(triplet) == 3 else tuple(default)
+
+
+def _meta_hw(meta: Mapping[str, Any]) -> tuple[int, int] | None:
+    value = meta.get("input_hw")
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    try:
+        height, width = (int(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return height, width
+
+
+# --------------------------------------------------------------------------------------------- engines
+
+
+class DepthEngine(ABC):
+    """Monocular depth: ``predict(rgb8 HxWx3) -> float32 HxW metres`` at the input resolution, NaN = invalid."""
+
+    backend: str = "abstract"
+
+    def __init__(self, input_hw: Sequence[int], meta: Mapping[str, Any], min_depth: float | None,
+                 max_depth: float | None, upsample: str = "linear") -> None:
+        self.metadata: dict[str, Any] = dict(meta)
+        self._input_hw = (int(input_hw[0]), int(input_hw[1]))
+        self.mean = _meta_triplet(meta, "mean", DEFAULT_MEAN)
+        self.std = _meta_triplet(meta, "std", DEFAULT_STD)
+        self.min_depth = float(min_depth) if min_depth is not None else _meta_float(meta, "min_depth",
+                                                                                     DEFAULT_MIN_DEPTH_M)
+        self.max_depth = float(max_depth) if max_depth is not None else _meta_float(meta, "max_depth",
+                                                                                     DEFAULT_MAX_DEPTH_M)
+        if not 0.0 <= self.min_depth < self.max_depth:
+            raise ValueError(f"need 0 <= min_depth < max_depth, got {self.min_depth}, {self.max_depth}")
+        if upsample not in ("linear", "nearest"):
+            raise ValueError(f"upsample must be 'linear' or 'nearest', got {upsample!r}")
+        self.upsample = upsample
+        self._preprocess = Preprocessor(self._input_hw, self.mean, self.std)
+        self.last_latency_ms = float("nan")
+        self.last_total_ms = float("nan")
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """Network input (height, width)."""
+        return self._input_hw
+
+    @property
+    def model_version(self) -> str:
+        """Model name and the first 12 hex digits of its weights' sha256."""
+        return str(self.metadata.get("version") or "unknown")
+
+    @abstractmethod
+    def _infer(self, nchw: np.ndarray) -> np.ndarray:
+        """Run the network on a 1x3xHxW float32 input; return its depth (any shape ending in HxW)."""
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        """Metric depth (float32 HxW metres, NaN = invalid) for one rgb8 frame, at the frame's resolution."""
+        start = time.perf_counter()
+        nchw = self._preprocess(rgb)
+        infer_start = time.perf_counter()
+        raw = self._infer(nchw)
+        infer_end = time.perf_counter()
+        depth = postprocess_depth(raw, rgb.shape[:2], self.min_depth, self.max_depth, self.upsample)
+        self.last_latency_ms = (infer_end - infer_start) * 1e3
+        self.last_total_ms = (time.perf_counter() - start) * 1e3
+        return depth
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(version={self.model_version!r}, input_hw={self.input_hw}, "
+                f"backend={self.backend!r}, depth=[{self.min_depth}, {self.max_depth}] m)")
+
+
+def select_providers(requested: Sequence[str]) -> list[str]:
+    """Keep the requested ONNX Runtime providers that exist here; warn and fall back to CPU for the others."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    requested = [requested] if isinstance(requested, str) else list(requested)
+    chosen = [name for name in requested if name in available]
+    missing = [name for name in requested if name not in available]
+    if missing:
+        warnings.warn(f"ONNX Runtime providers {missing} are not available (available: {available}); "
+                      f"{'using ' + str(chosen + ['CPUExecutionProvider']) if chosen else 'falling back to CPU'}",
+                      RuntimeWarning, stacklevel=3)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX model file (strings), read through ONNX Runtime."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = _open_session(Path(path), options, ["CPUExecutionProvider"])
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def _open_session(path: Path, options: Any, providers: list[str]) -> Any:
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise ModelLoadError(f"model file {str(path)!r} does not exist")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as error:  # ORT raises its own pybind exception types
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load ONNX model {str(path)!r}: {detail[:300]}") from error
+
+
+class OnnxDepthEngine(DepthEngine):
+    """Depth from an ONNX model through ONNX Runtime; normalisation and depth range from its metadata_props."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 2,
+                 min_depth: float | None = None, max_depth: float | None = None, upsample: str = "linear") -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = _open_session(self.path, options, select_providers(providers))
+        self.providers = self.session.get_providers()
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        where = f"ONNX model {str(self.path)!r}"
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise ModelLoadError(f"{where} must have one image input and a depth output, "
+                                 f"has {len(inputs)} inputs and {len(outputs)} outputs")
+        shape = inputs[0].shape
+        if len(shape) != 4 or shape[1] != 3:
+            raise ModelLoadError(f"{where} input {inputs[0].name!r} must be Nx3xHxW, got {shape}")
+        if inputs[0].type != "tensor(float)":
+            raise ModelLoadError(f"{where} input {inputs[0].name!r} must be float32, got {inputs[0].type}")
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        if isinstance(shape[2], int) and isinstance(shape[3], int):
+            input_hw = (shape[2], shape[3])
+        else:
+            input_hw = _meta_hw(meta)
+            if input_hw is None:
+                raise ModelLoadError(f"{where} has a dynamic input size {shape} and no input_hw in its metadata")
+        out_shape = outputs[0].shape
+        if len(out_shape) not in (3, 4) or (len(out_shape) == 4 and isinstance(out_shape[1], int)
+                                            and out_shape[1] != 1):
+            raise ModelLoadError(f"{where} output {outputs[0].name!r} must be Nx1xHxW depth, got {out_shape}")
+        if not meta.get("version"):
+            name = meta.get("model_name") or self.path.stem
+            meta["version"] = f"{name}-{(meta.get('weights_sha256') or file_sha256(self.path))[:12]}"
+        self._input_name = inputs[0].name
+        self._output_name = outputs[0].name
+        super().__init__(input_hw, meta, min_depth, max_depth, upsample)
+
+    def _infer(self, nchw: np.ndarray) -> np.ndarray:
+        return self.session.run([self._output_name], {self._input_name: nchw})[0]
+
+
+def load_torch_checkpoint(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """Load a training checkpoint into ``(model in eval mode, meta)``; ``ModelLoadError`` naming the path otherwise."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ModelLoadError(f"cannot read checkpoint {str(path)!r}: {str(error).strip()[:200]}") from error
+    # the trainer writes "model_state"; older/other tools "state_dict"
+    state_key = next((key for key in ("model_state", "state_dict") if isinstance(checkpoint, Mapping)
+                      and key in checkpoint), None)
+    if state_key is None:
+        raise ModelLoadError(f"checkpoint {str(path)!r} is not a training checkpoint "
+                             "(no 'model_state' or 'state_dict' key)")
+    if not checkpoint.get("model_name"):
+        raise ModelLoadError(f"checkpoint {str(path)!r} has no 'model_name'; cannot rebuild the network")
+    skip = {"model_state", "state_dict", "optimizer_state", "scheduler_state", "history"}
+    meta = {key: value for key, value in checkpoint.items() if key not in skip}
+    normalisation = meta.get("normalisation")
+    if isinstance(normalisation, Mapping):
+        meta.setdefault("mean", normalisation.get("mean"))
+        meta.setdefault("std", normalisation.get("std"))
+    input_hw = _meta_hw(meta) or (240, 320)
+    kwargs = dict(meta.get("model_kwargs") or {})
+    kwargs.pop("input_hw", None)
+    try:
+        from models.networks import build_model
+
+        model = build_model(str(meta["model_name"]), input_hw=input_hw, **kwargs)
+        model.load_state_dict(checkpoint[state_key])
+    except Exception as error:
+        raise ModelLoadError(f"checkpoint {str(path)!r}: cannot rebuild {meta['model_name']!r} "
+                             f"with {kwargs}: {str(error).strip()[:300]}") from error
+    model.eval()
+    meta["input_hw"] = list(input_hw)
+    meta.setdefault("weights_sha256", weights_sha256(checkpoint[state_key]))
+    return model, meta
+
+
+class TorchDepthEngine(DepthEngine):
+    """Depth from a PyTorch model (a training checkpoint path, or ``(model, meta)``), eager mode, no grad."""
+
+    backend = "torch"
+
+    def __init__(self, source: str | Path | tuple[Any, Mapping[str, Any]], threads: int = 2, device: str = "cpu",
+                 min_depth: float | None = None, max_depth: float | None = None, upsample: str = "linear") -> None:
+        import torch
+
+        if isinstance(source, (str, Path)):
+            self.path: Path | None = Path(source)
+            model, meta = load_torch_checkpoint(self.path)
+        else:
+            self.path = None
+            model, meta = source
+            meta = dict(meta)
+        where = f"checkpoint {str(self.path)!r}" if self.path else f"model {type(model).__name__}"
+        input_hw = _meta_hw(meta) or tuple(getattr(model, "input_hw", (240, 320)))
+        # torch's thread pool is process-wide: this also affects any other torch work in the process
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        if not meta.get("weights_sha256"):
+            meta["weights_sha256"] = weights_sha256(self.model.state_dict())
+        if not meta.get("version"):
+            name = meta.get("model_name") or type(model).__name__
+            meta["version"] = f"{name}-{meta['weights_sha256'][:12]}"
+        try:
+            with torch.inference_mode():
+                probe = self.model(torch.zeros(1, 3, *input_hw, device=self.device))
+        except Exception as error:
+            raise ModelLoadError(f"{where} does not accept a 1x3x{input_hw[0]}x{input_hw[1]} image: "
+                                 f"{str(error).strip()[:300]}") from error
+        if probe.ndim not in (3, 4) or (probe.ndim == 4 and probe.shape[1] != 1):
+            raise ModelLoadError(f"{where} must output Nx1xHxW depth, got {tuple(probe.shape)}")
+        super().__init__(input_hw, meta, min_depth, max_depth, upsample)
+
+    def _infer(self, nchw: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(nchw).to(self.device)).cpu().numpy()
+
+
+def load_engine(path: str | Path, backend: str = "auto", providers: Sequence[str] = ("CPUExecutionProvider",),
+                threads: int = 2, **kwargs: Any) -> DepthEngine:
+    """Open a depth model: ``auto`` picks ONNX Runtime for ``.onnx`` and torch for ``.pt``/``.pth``."""
+    path = Path(path)
+    if backend == "auto":
+        suffix = path.suffix.lower()
+        if suffix == ".onnx":
+            backend = "onnxruntime"
+        elif suffix in (".pt", ".pth"):
+            backend = "torch"
+        else:
+            raise ModelLoadError(f"cannot tell the backend of {str(path)!r} from its suffix {suffix!r}; "
+                                 "expected .onnx, .pt or .pth, or pass backend='onnxruntime'/'torch'")
+    if not path.is_file():
+        raise ModelLoadError(f"model file {str(path)!r} does not exist")
+    if backend in ("onnxruntime", "onnx", "ort"):
+        return OnnxDepthEngine(path, providers=providers, threads=threads, **kwargs)
+    if backend == "torch":
+        return TorchDepthEngine(path, threads=threads, **kwargs)
+    raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'onnxruntime' or 'torch'")

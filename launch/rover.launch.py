@@ -1,0 +1,68 @@
+"""A rover's perception: depth_node under the rover namespace, and optionally the simulator.
+
+ros2 launch forest_perception rover.launch.py model_path:=/path/to/depth.onnx
+ros2 launch forest_perception rover.launch.py sim:=true namespace:=rover_0 model_path:=...
+
+depth_node subscribes ``/<namespace>/camera/image_raw`` and ``camera/camera_info`` and publishes
+``depth/image``, ``depth/points``, ``depth/scan`` (frame ``camera_link``) and ``/diagnostics``.
+With ``sim:=true`` sim_node (config/sim.yaml) drives one rover named after the namespace and
+publishes ``/clock``, and depth_node runs on simulated time. Without a valid ``model_path`` the
+node still starts and reports the error on /diagnostics until the parameter is set.
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+
+def generate_launch_description() -> LaunchDescription:
+    share = get_package_share_directory("forest_perception")
+    namespace = LaunchConfiguration("namespace")
+    sim = LaunchConfiguration("sim")
+    return LaunchDescription(
+        [
+            DeclareLaunchArgument("namespace", default_value="rover_0", description="rover namespace"),
+            DeclareLaunchArgument(
+                "model_path",
+                default_value=os.path.join(share, "models", "depth.onnx"),
+                description="exported depth model (.onnx or .pt) for depth_node",
+            ),
+            DeclareLaunchArgument(
+                "params_file", default_value=os.path.join(share, "config", "rover.yaml"), description="depth_node YAML"
+            ),
+            DeclareLaunchArgument("sim", default_value="false", description="also run sim_node (true/false)"),
+            DeclareLaunchArgument(
+                "sim_params_file",
+                default_value=os.path.join(share, "config", "sim.yaml"),
+                description="sim_node parameter YAML",
+            ),
+            Node(
+                package="forest_perception",
+                executable="depth_node",
+                name="depth_node",
+                namespace=namespace,
+                output="screen",
+                parameters=[
+                    LaunchConfiguration("params_file"),
+                    {
+                        "model_path": LaunchConfiguration("model_path"),
+                        # launch_ros evaluates "true"/"false" as YAML booleans: simulated time with the simulator
+                        "use_sim_time": sim,
+                    },
+                ],
+            ),
+            Node(
+                package="forest_perception",
+                executable="sim_node",
+                name="sim_node",
+                output="screen",
+                condition=IfCondition(sim),
+                parameters=[LaunchConfiguration("sim_params_file"), {"rover_names": [namespace]}],
+            ),
+        ]
+    )

@@ -1,0 +1,305 @@
+"""Torch dataset of RGB/depth pairs in the forest dataset layout, with train-time augmentation.
+
+Reads our synthetic recordings and the real low-viewpoint forest dataset alike through
+``dataset_tools.layout`` (only the RGB and depth images are used, so segments without
+GPS or encoder columns are fine). Every sample is resized to the network input:
+RGB with ``INTER_AREA``, depth with nearest neighbour so no depth value is ever
+interpolated across an invalid pixel or an object edge.
+
+Augmentation (``augment=True``, training only) is drawn from a generator seeded by
+``(seed, epoch, index)``, so an epoch sees the same augmented samples whatever the
+number of loader workers, and a resumed run sees what an uninterrupted one saw.
+Splits are made by segment (one drive) or by run, never by frame: neighbouring frames
+of a drive are near-duplicates and would leak between train and validation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dataset_tools.layout import Segment, iter_segments, load_depth, load_rgb, read_segment
+
+# ImageNet statistics; overridden by models.transforms / models.networks when they define them.
+_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+MIN_DEPTH_M = 0.1
+"""Depth below this (metres) is treated as invalid: the RealSense gives no usable data that close."""
+
+
+def image_normalisation() -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(mean, std) per RGB channel of images scaled to [0, 1], as the networks expect."""
+    for module_name in ("models.transforms", "models.networks"):
+        try:
+            module = __import__(module_name, fromlist=["IMAGE_MEAN", "IMAGE_STD"])
+        except ImportError:
+            continue
+        mean, std = getattr(module, "IMAGE_MEAN", None), getattr(module, "IMAGE_STD", None)
+        if mean is not None and std is not None:
+            return tuple(float(v) for v in np.ravel(mean)), tuple(float(v) for v in np.ravel(std))
+    return _DEFAULT_MEAN, _DEFAULT_STD
+
+
+INPUT_MULTIPLE = 16
+"""Input sides must be multiples of this (the networks' four stride-2 stages; 240 is not a multiple of 32)."""
+
+
+def check_input_hw(input_hw: Sequence[int]) -> tuple[int, int]:
+    """Validate a network input size (height, width): two positive multiples of ``INPUT_MULTIPLE``."""
+    try:
+        height, width = (int(v) for v in input_hw)
+    except (TypeError, ValueError):
+        raise ValueError(f"input size must be two integers (height, width), got {input_hw!r}") from None
+    if height <= 0 or width <= 0 or height % INPUT_MULTIPLE or width % INPUT_MULTIPLE:
+        raise ValueError(
+            f"input size (height, width) must be positive multiples of {INPUT_MULTIPLE}, got {height}x{width}"
+        )
+    return height, width
+
+
+# --------------------------------------------------------------------------- segments
+
+
+def _as_path_list(source: str | os.PathLike | Iterable) -> list:
+    if isinstance(source, (str, os.PathLike, Segment)):
+        return [source]
+    return list(source)
+
+
+def collect_segments(source: str | os.PathLike | Segment | Iterable) -> list[Segment]:
+    """Segments from a dataset root, a segment folder, a ``Segment``, or a list of those.
+
+    Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` when a
+    root holds no ``Run-<N>/<segment>`` folders.
+    """
+    segments: list[Segment] = []
+    for item in _as_path_list(source):
+        if isinstance(item, Segment):
+            segments.append(item)
+            continue
+        path = Path(item)
+        if not path.is_dir():
+            raise FileNotFoundError(f"dataset folder {path} does not exist")
+        if (path / "metadata.csv").is_file():
+            segments.append(read_segment(path))
+            continue
+        found = list(iter_segments(path))
+        if not found:
+            raise ValueError(f"dataset folder {path} holds no Run-<N>/<segment>/metadata.csv segments")
+        segments.extend(found)
+    return segments
+
+
+def split_segments(
+    source: str | os.PathLike | Iterable,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+    seed: int = 0,
+    by: str = "segment",
+) -> tuple[list[Segment], list[Segment], list[Segment]]:
+    """Split segments into (train, val, test) by segment or by run (``by="run"``), never by frame.
+
+    Groups are shuffled with ``seed``; a non-zero fraction gets at least one group and
+    train always keeps at least one. Raises ``ValueError`` when there are too few groups.
+    """
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not (math.isfinite(value) and 0.0 <= value < 1.0):
+            raise ValueError(f"{name} must be within [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
+    if by not in ("segment", "run"):
+        raise ValueError(f"split by must be 'segment' or 'run', got {by!r}")
+    segments = [s for s in collect_segments(source) if len(s) > 0]
+    groups: dict[str, list[Segment]] = {}
+    for s in segments:
+        key = str(s.path.parent) if by == "run" else str(s.path)
+        groups.setdefault(key, []).append(s)
+    keys = sorted(groups)
+    wanted = [int(test_fraction > 0), int(val_fraction > 0)]
+    if len(keys) < 1 + sum(wanted):
+        raise ValueError(
+            f"need at least {1 + sum(wanted)} {by}s with frames to split train/val/test "
+            f"(val_fraction={val_fraction}, test_fraction={test_fraction}), found {len(keys)}"
+        )
+    order = np.random.default_rng(seed).permutation(len(keys))
+    keys = [keys[i] for i in order]
+    n_test = max(wanted[0], round(test_fraction * len(keys)))
+    n_val = max(wanted[1], round(val_fraction * len(keys)))
+    while n_test + n_val > len(keys) - 1:
+        if n_val >= n_test and n_val > wanted[1]:
+            n_val -= 1
+        else:
+            n_test -= 1
+    test_keys, val_keys, train_keys = keys[:n_test], keys[n_test : n_test + n_val], keys[n_test + n_val :]
+
+    def pick(chosen: list[str]) -> list[Segment]:
+        return sorted((s for k in chosen for s in groups[k]), key=lambda s: (s.run or 0, str(s.path)))
+
+    return pick(train_keys), pick(val_keys), pick(test_keys)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def resize_pair(rgb: np.ndarray, depth: np.ndarray, input_hw: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Resize RGB (area) and depth (nearest: never blends valid and invalid pixels) to (height, width)."""
+    height, width = int(input_hw[0]), int(input_hw[1])
+    if rgb.shape[:2] != (height, width):
+        interpolation = cv2.INTER_AREA if rgb.shape[0] >= height else cv2.INTER_LINEAR
+        rgb = cv2.resize(rgb, (width, height), interpolation=interpolation)
+    if depth.shape[:2] != (height, width):
+        depth = cv2.resize(depth, (width, height), interpolation=cv2.INTER_NEAREST)
+    return rgb, depth
+
+
+def colour_jitter(
+    rgb: np.ndarray,
+    rng: np.random.Generator,
+    brightness: float = 0.2,
+    contrast: float = 0.2,
+    saturation: float = 0.2,
+    hue: float = 0.05,
+) -> np.ndarray:
+    """Random brightness, contrast, saturation and hue change of an RGB float image in [0, 1]."""
+    out = rgb * rng.uniform(1 - brightness, 1 + brightness)
+    mean = out.mean()
+    out = (out - mean) * rng.uniform(1 - contrast, 1 + contrast) + mean
+    grey = out @ np.array([0.299, 0.587, 0.114], np.float32)
+    out = (out - grey[..., None]) * rng.uniform(1 - saturation, 1 + saturation) + grey[..., None]
+    out = np.clip(out, 0.0, 1.0).astype(np.float32)
+    shift = rng.uniform(-hue, hue)
+    if shift:
+        hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV)  # float input: hue in degrees [0, 360)
+        hsv[..., 0] = np.mod(hsv[..., 0] + 360.0 * shift, 360.0)
+        out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def augment_pair(
+    rgb: np.ndarray,
+    depth: np.ndarray,
+    rng: np.random.Generator,
+    flip_p: float = 0.5,
+    jitter_p: float = 0.8,
+    blur_p: float = 0.2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train-time augmentation of an RGB float [0, 1] image and its depth.
+
+    Horizontal flip moves image and depth together; colour jitter and Gaussian blur touch
+    only the image (depth geometry is unchanged by them).
+    """
+    if rng.random() < flip_p:
+        rgb = rgb[:, ::-1]
+        depth = depth[:, ::-1]
+    if rng.random() < jitter_p:
+        rgb = colour_jitter(rgb, rng)
+    if rng.random() < blur_p:
+        rgb = cv2.GaussianBlur(np.ascontiguousarray(rgb), (0, 0), sigmaX=float(rng.uniform(0.3, 1.2)))
+    return np.ascontiguousarray(rgb), np.ascontiguousarray(depth)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class ForestDepthDataset(Dataset):
+    """RGB/depth pairs from one or more dataset roots or segments, ready for a depth network.
+
+    Each item is a dict: ``image`` float32 3xHxW normalised, ``depth`` float32 1xHxW metres
+    with 0 where invalid (NaN, <= ``min_depth``), ``valid`` bool 1xHxW (``min_depth < d <=
+    max_depth``), ``segment`` (id like ``'1a'``), ``stem`` and ``index``.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | Segment | Iterable,
+        input_hw: Sequence[int] = (240, 320),
+        augment: bool = False,
+        max_depth: float = 10.0,
+        seed: int = 0,
+        min_depth: float = MIN_DEPTH_M,
+    ) -> None:
+        self.input_hw = check_input_hw(input_hw)
+        if not (math.isfinite(max_depth) and max_depth > min_depth > 0):
+            raise ValueError(f"need 0 < min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}")
+        self.segments = [s for s in collect_segments(source) if len(s) > 0]
+        self.index = [(si, fi) for si, s in enumerate(self.segments) for fi in range(len(s))]
+        if not self.index:
+            raise ValueError(f"no frames found in {_describe_source(source)}")
+        self.augment = bool(augment)
+        self.max_depth = float(max_depth)
+        self.min_depth = float(min_depth)
+        self.seed = int(seed)
+        self.epoch = 0
+        mean, std = image_normalisation()
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the augmentation draw of an epoch (call before iterating a loader)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw frame ``i``: RGB HxWx3 uint8 and depth HxW float32 metres (NaN invalid), full size."""
+        si, fi = self.index[i]
+        segment = self.segments[si]
+        rgb = load_rgb(segment.rgb_path(fi))
+        depth = load_depth(segment.depth_path(fi))
+        if depth.shape != rgb.shape[:2]:
+            raise ValueError(
+                f"frame {segment.frames[fi].stem!r} of {segment.path}: depth size {depth.shape[::-1]} "
+                f"differs from RGB size {rgb.shape[1::-1]}"
+            )
+        return rgb, depth
+
+    def __getitem__(self, i: int) -> dict:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for a dataset of {len(self)} frames")
+        i %= len(self)
+        rgb, depth = self.load(i)
+        rgb, depth = resize_pair(rgb, depth, self.input_hw)
+        image = rgb.astype(np.float32) / 255.0
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            image, depth = augment_pair(image, depth, rng)
+        depth = np.where(np.isfinite(depth) & (depth > self.min_depth), depth, 0.0).astype(np.float32)
+        valid = (depth > 0) & (depth <= self.max_depth)
+        image = (image - self.mean) / self.std
+        si, fi = self.index[i]
+        segment = self.segments[si]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "depth": torch.from_numpy(depth[None]),
+            "valid": torch.from_numpy(valid[None]),
+            "segment": segment.segment_id,
+            "stem": segment.frames[fi].stem,
+            "index": i,
+        }
+
+    def describe(self) -> str:
+        """One line: frames, segments, input size."""
+        ids = ",".join(s.segment_id for s in self.segments[:8]) + ("..." if len(self.segments) > 8 else "")
+        return f"{len(self)} frames in {len(self.segments)} segment(s) [{ids}] at {self.input_hw[1]}x{self.input_hw[0]}"
+
+
+def _describe_source(source: object) -> str:
+    names = [str(s.path) if isinstance(s, Segment) else str(s) for s in _as_path_list(source)]
+    return ", ".join(names) if names else "an empty list of segments"
+
+
+def denormalise_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Normalised 3xHxW image -> HxWx3 uint8 RGB, for pictures."""
+    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    mean, std = image_normalisation()
+    rgb = array.transpose(1, 2, 0) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    return np.ascontiguousarray((np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))

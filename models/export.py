@@ -1,0 +1,554 @@
+"""ONNX export, int8 quantisation and model cards for the depth networks.
+
+Export uses ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based exporter, default since torch 2.9;
+needs onnxscript). It folds BatchNorm into the convolutions and constant-folds, so the graph is plain
+Conv/Relu/Resize/Sigmoid/Exp with a static input shape, which ONNX Runtime fuses further. It natively targets
+opset 18 and down-converts to a lower requested opset; the opset actually written is read back from the file.
+``exporter="torchscript"`` selects the legacy exporter (deprecated, but 100x faster to run).
+Every export is checked against PyTorch in ONNX Runtime and refused above a tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import io
+import json
+import logging
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from forest_perception.inference import (
+    DEFAULT_MAX_DEPTH_M,
+    DEFAULT_MEAN,
+    DEFAULT_MIN_DEPTH_M,
+    DEFAULT_STD,
+    OnnxDepthEngine,
+    Preprocessor,
+    file_sha256,
+    load_torch_checkpoint,
+    read_onnx_metadata,
+    weights_sha256,
+)
+
+_LOG = logging.getLogger(__name__)
+
+EXPORT_FORMAT_VERSION = "1"
+INPUT_NAME = "image"
+OUTPUT_NAME = "depth"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+class ExportVerificationError(RuntimeError):
+    """ONNX Runtime's output differs from PyTorch's by more than the tolerance."""
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def _depth_range(model: nn.Module, meta: Mapping[str, Any]) -> tuple[float, float]:
+    """Valid depth range: the checkpoint's (training labels) if given, else the network head's, else defaults."""
+    head_min, head_max = DEFAULT_MIN_DEPTH_M, DEFAULT_MAX_DEPTH_M
+    for module in model.modules():
+        if hasattr(module, "min_depth") and hasattr(module, "max_depth"):
+            head_min, head_max = float(module.min_depth), float(module.max_depth)
+            break
+    min_depth = float(meta.get("min_depth") or head_min)
+    max_depth = float(meta.get("max_depth") or head_max)
+    return min_depth, max_depth
+
+
+def resolve_model(model_or_checkpoint: nn.Module | str | os.PathLike | tuple[nn.Module, Mapping[str, Any]],
+                  ) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model in eval mode, meta)`` from a module, a ``(module, meta)`` pair or a checkpoint path."""
+    if isinstance(model_or_checkpoint, (str, os.PathLike)):
+        return load_torch_checkpoint(model_or_checkpoint)
+    if isinstance(model_or_checkpoint, tuple):
+        model, meta = model_or_checkpoint
+        return model.eval(), dict(meta)
+    if isinstance(model_or_checkpoint, nn.Module):
+        return model_or_checkpoint.eval(), {}
+    raise TypeError(f"expected an nn.Module, (module, meta) or a checkpoint path, got {type(model_or_checkpoint)}")
+
+
+def synthetic_forest_image(height: int = 240, width: int = 320, seed: int = 0) -> np.ndarray:
+    """A real-looking forest frame (sky, canopy, ground, trunks, texture noise) as rgb8, for export checks."""
+    rng = np.random.default_rng(seed)
+    rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    sky = np.array([170, 190, 210], np.float32)
+    canopy = np.array([40, 80, 35], np.float32)
+    ground = np.array([90, 70, 45], np.float32)
+    image = np.where(rows < 0.25, sky + (canopy - sky) * rows * 4, canopy)
+    image = np.where(rows > 0.55, ground * (0.7 + 0.6 * rows), image) * np.ones((1, width, 1), np.float32)
+    for _ in range(6):
+        centre, half = rng.integers(0, width), rng.integers(3, max(4, width // 20))
+        image[: int(height * rng.uniform(0.6, 0.95)), max(0, centre - half): centre + half] = (60, 45, 30)
+    image += rng.normal(0.0, 12.0, image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _run_exporter(model: nn.Module, example: torch.Tensor, out_path: Path, opset: int, dynamic_batch: bool,
+                  exporter: str) -> None:
+    if exporter == "dynamo":
+        dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=256)},) if dynamic_batch else None
+        # the dynamo exporter prints progress and notes on opset down-conversion; keep the console readable
+        # (failures still raise)
+        exporter_log = logging.getLogger("torch.onnx")
+        level = exporter_log.level
+        exporter_log.setLevel(logging.ERROR)
+        try:
+            chatter = io.StringIO()
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset,
+                                            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                            dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
+        finally:
+            exporter_log.setLevel(level)
+        program.save(str(out_path))
+    elif exporter == "torchscript":
+        dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(out_path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
+                              do_constant_folding=True)
+    else:
+        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+
+
+def verify_onnx(onnx_path: str | Path, model: nn.Module, input_hw: Sequence[int],
+                mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
+                image: np.ndarray | None = None, batch: int = 1) -> dict[str, float]:
+    """Max abs error (metres) of ONNX Runtime vs PyTorch on a random input and on a real-looking frame."""
+    import onnxruntime as ort
+
+    height, width = int(input_hw[0]), int(input_hw[1])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(0)
+    random_input = torch.randn(batch, 3, height, width, generator=generator)
+    frame = image if image is not None else synthetic_forest_image(height, width)
+    frame_input = torch.from_numpy(Preprocessor((height, width), mean, std)(frame).copy()).repeat(batch, 1, 1, 1)
+    report: dict[str, float] = {}
+    for label, tensor in (("random", random_input), ("image", frame_input)):
+        with torch.inference_mode():
+            expected = model(tensor).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: tensor.numpy()})[0]
+        if got.shape != expected.shape:
+            raise ExportVerificationError(f"{onnx_path}: ONNX output shape {got.shape} != PyTorch {expected.shape}")
+        report[f"max_abs_error_{label}_m"] = float(np.max(np.abs(got - expected)))
+        report[f"max_rel_error_{label}"] = float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-6)))
+    report["max_abs_error_m"] = max(report["max_abs_error_random_m"], report["max_abs_error_image_m"])
+    return report
+
+
+def _git_commit(cwd: Path | None = None) -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                cwd=cwd or Path(__file__).resolve().parent, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = result.stdout.strip() if result.returncode == 0 else "unknown"
+    if commit != "unknown":
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=cwd or Path(__file__).resolve().parent, timeout=5, check=False)
+        if dirty.stdout.strip():
+            commit += "-dirty"
+    return commit
+
+
+def set_metadata(onnx_path: str | Path, props: Mapping[str, Any]) -> None:
+    """Write ``props`` (values JSON-encoded unless strings) into the model's metadata_props, in place."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    existing = {entry.key: entry.value for entry in model.metadata_props}
+    existing.update({key: value if isinstance(value, str) else json.dumps(value) for key, value in props.items()})
+    del model.metadata_props[:]
+    for key, value in existing.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(onnx_path))
+
+
+def export_onnx(model_or_checkpoint: nn.Module | str | os.PathLike | tuple[nn.Module, Mapping[str, Any]],
+                out_path: str | os.PathLike, input_hw: Sequence[int] | None = None, opset: int = 17,
+                dynamic_batch: bool = False, *, exporter: str = "dynamo", tolerance_m: float = 1e-3,
+                image: np.ndarray | None = None, export_command: str | None = None) -> Path:
+    """Export a depth network to ONNX with metadata, verify it against PyTorch, return the path.
+
+    ``input_hw`` defaults to the checkpoint's. Raises ``ExportVerificationError`` (and deletes the file) when
+    ONNX Runtime differs from PyTorch by more than ``tolerance_m`` metres on a random input or on ``image``
+    (a synthetic forest frame if not given). The verification figures are stored in the metadata too.
+    """
+    model, meta = resolve_model(model_or_checkpoint)
+    if input_hw is None:
+        input_hw = meta.get("input_hw") or getattr(model, "input_hw", None)
+        if input_hw is None:
+            raise ValueError("input_hw not given and not in the checkpoint")
+    height, width = int(input_hw[0]), int(input_hw[1])
+    mean = tuple(float(v) for v in (meta.get("mean") or DEFAULT_MEAN))
+    std = tuple(float(v) for v in (meta.get("std") or DEFAULT_STD))
+    min_depth, max_depth = _depth_range(model, meta)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    example = torch.randn(2 if dynamic_batch else 1, 3, height, width)
+    started = time.perf_counter()
+    _run_exporter(model, example, out_path, opset, dynamic_batch, exporter)
+    export_s = time.perf_counter() - started
+    report = verify_onnx(out_path, model, (height, width), mean, std, image, batch=2 if dynamic_batch else 1)
+    if not math.isfinite(report["max_abs_error_m"]) or report["max_abs_error_m"] > tolerance_m:
+        out_path.unlink(missing_ok=True)
+        raise ExportVerificationError(f"ONNX export of {meta.get('model_name', type(model).__name__)} differs from "
+                                      f"PyTorch by {report['max_abs_error_m']:.3g} m > tolerance {tolerance_m} m")
+    name = str(meta.get("model_name") or type(model).__name__)
+    sha = str(meta.get("weights_sha256") or weights_sha256(model.state_dict()))
+    command = meta.get("command")
+    if isinstance(command, (list, tuple)):
+        command = shlex.join(str(part) for part in command)
+    props = {
+        "model_name": name,
+        "model_kwargs": dict(meta.get("model_kwargs") or {}),
+        "input_hw": [height, width],
+        "input_format": "RGB float32 Nx3xHxW, (rgb/255 - mean)/std",
+        "output_format": "metric depth float32 Nx1xHxW metres along the optical axis",
+        "mean": list(mean),
+        "std": list(std),
+        "min_depth": min_depth,
+        "max_depth": max_depth,
+        "weights_sha256": sha,
+        "version": f"{name}-{sha[:12]}",
+        "export_format_version": EXPORT_FORMAT_VERSION,
+        "exporter": f"torch {torch.__version__} {exporter}",
+        "train_command": str(command or "unknown"),
+        "export_command": export_command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "metrics": dict(meta.get("metrics") or {}),
+        "git_commit": _git_commit(),
+        "train_git_commit": str(meta.get("git_commit") or "unknown"),
+        "verify_max_abs_error_m": report["max_abs_error_m"],
+    }
+    set_metadata(out_path, props)
+    _LOG.info("exported %s to %s in %.1f s, max abs error vs PyTorch %.2e m", name, out_path, export_s,
+              report["max_abs_error_m"])
+    return out_path
+
+
+# --------------------------------------------------------------------------------------------- int8
+
+
+def iter_calibration_images(source: str | os.PathLike | Iterable[np.ndarray], limit: int | None = None,
+                            ) -> Iterator[np.ndarray]:
+    """rgb8 frames from an iterable of arrays or a folder (searched recursively for png/jpg/bmp)."""
+    import cv2
+
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise ValueError(f"calibration folder {str(folder)!r} does not exist")
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                       and "depth" not in p.parent.name)
+        if not files:
+            raise ValueError(f"calibration folder {str(folder)!r} has no {'/'.join(IMAGE_SUFFIXES)} images")
+        source = (cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB) for bgr in (cv2.imread(str(f), cv2.IMREAD_COLOR)
+                                                                   for f in files) if bgr is not None)
+    for count, frame in enumerate(source):
+        if limit is not None and count >= limit:
+            return
+        yield frame
+
+
+def _calibration_reader(onnx_path: Path, images: Iterable[np.ndarray]) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    engine = OnnxDepthEngine(onnx_path)
+
+    class _Reader(CalibrationDataReader):
+        """Feeds frames through the inference engine's own pre-processing."""
+
+        def __init__(self) -> None:
+            self._frames = iter(images)
+            self._preprocess = Preprocessor(engine.input_hw, engine.mean, engine.std)
+            self._input_name = engine.session.get_inputs()[0].name
+            self.count = 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            frame = next(self._frames, None)
+            if frame is None:
+                return None
+            self.count += 1
+            return {self._input_name: self._preprocess(frame).copy()}
+
+    return _Reader()
+
+
+def quantize_int8(onnx_path: str | os.PathLike, calibration_images: str | os.PathLike | Iterable[np.ndarray],
+                  out_path: str | os.PathLike, per_channel: bool = True, max_images: int = 64,
+                  calibrate_method: str = "MinMax") -> Path:
+    """Static int8 QDQ quantisation (uint8 activations, int8 weights) calibrated on rgb8 frames; returns the path.
+
+    Metadata of the fp32 model is copied over and ``quantization`` is added.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    if not onnx_path.is_file():
+        raise ValueError(f"fp32 model {str(onnx_path)!r} does not exist")
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}.get(calibrate_method.lower())
+    if method is None:
+        raise ValueError(f"calibrate_method must be MinMax, Entropy or Percentile, got {calibrate_method!r}")
+    reader = _calibration_reader(onnx_path, iter_calibration_images(calibration_images, max_images))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    prepared = out_path.with_suffix(".prep.onnx")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
+            quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=method)
+    finally:
+        prepared.unlink(missing_ok=True)
+    if reader.count == 0:
+        out_path.unlink(missing_ok=True)
+        raise ValueError("no calibration images were given")
+    props = dict(read_onnx_metadata(onnx_path))
+    props["quantization"] = (f"int8 static QDQ, U8 activations / S8 weights, "
+                             f"{'per-channel' if per_channel else 'per-tensor'}, {calibrate_method} on "
+                             f"{reader.count} frames")
+    props["fp32_sha256"] = file_sha256(onnx_path)
+    set_metadata(out_path, props)
+    return out_path
+
+
+def _fallback_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    valid = np.isfinite(pred) & np.isfinite(gt) & (gt > 0)
+    p, g = pred[valid].astype(np.float64), gt[valid].astype(np.float64)
+    if p.size == 0:
+        return {"absrel": float("nan"), "rmse": float("nan"), "delta1": float("nan")}
+    ratio = np.maximum(p / g, g / p)
+    return {"absrel": float(np.mean(np.abs(p - g) / g)), "rmse": float(np.sqrt(np.mean((p - g) ** 2))),
+            "delta1": float(np.mean(ratio < 1.25))}
+
+
+def _depth_metrics(preds: list[np.ndarray], depths: list[np.ndarray]) -> dict[str, float]:
+    """Mean over frames of ``models.metrics.depth_metrics`` (or absrel/rmse/delta1 if it is not there)."""
+    try:
+        from models.metrics import depth_metrics
+    except ImportError:
+        depth_metrics = None
+    per_frame: list[dict[str, float]] = []
+    for pred, gt in zip(preds, depths):
+        gt = np.asarray(gt, np.float32)
+        if depth_metrics is not None:
+            try:
+                valid = np.isfinite(pred) & np.isfinite(gt) & (gt > 0)
+                result = depth_metrics(np.where(valid, pred, 0.0), np.where(valid, gt, 0.0))
+                per_frame.append({k: float(v) for k, v in dict(result).items()
+                                  if isinstance(v, (int, float, np.floating))})
+                continue
+            except (TypeError, ValueError):
+                pass
+        per_frame.append(_fallback_metrics(pred, gt))
+    keys = per_frame[0].keys() if per_frame else ()
+    return {key: float(np.nanmean([frame.get(key, np.nan) for frame in per_frame])) for key in keys}
+
+
+def _latency(engine: OnnxDepthEngine, frames: list[np.ndarray], runs: int, warmup: int) -> dict[str, float]:
+    for index in range(warmup):
+        engine.predict(frames[index % len(frames)])
+    infer, total = [], []
+    for index in range(runs):
+        engine.predict(frames[index % len(frames)])
+        infer.append(engine.last_latency_ms)
+        total.append(engine.last_total_ms)
+    return {"median_ms": float(np.median(infer)), "p95_ms": float(np.percentile(infer, 95)),
+            "total_median_ms": float(np.median(total))}
+
+
+def compare_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, images: Sequence[np.ndarray],
+                 depths: Sequence[np.ndarray] | None = None, threads: int = 2, runs: int = 30,
+                 warmup: int = 5) -> dict[str, Any]:
+    """Latency (on this CPU), file size, fp32-vs-int8 agreement and, with ``depths``, depth metrics of both."""
+    frames = [np.asarray(frame) for frame in images]
+    if not frames:
+        raise ValueError("compare_int8 needs at least one image")
+    if depths is not None and len(depths) != len(frames):
+        raise ValueError(f"got {len(frames)} images but {len(depths)} depth maps")
+    engines = {"fp32": OnnxDepthEngine(fp32_path, threads=threads), "int8": OnnxDepthEngine(int8_path, threads=threads)}
+    report: dict[str, Any] = {"threads": threads, "runs": runs}
+    preds: dict[str, list[np.ndarray]] = {}
+    for label, engine in engines.items():
+        path = Path(fp32_path if label == "fp32" else int8_path)
+        preds[label] = [engine.predict(frame) for frame in frames]
+        report[label] = {"size_bytes": path.stat().st_size, **_latency(engine, frames, runs, warmup)}
+        if depths is not None:
+            report[label]["metrics"] = _depth_metrics(preds[label], list(depths))
+    fp32 = np.concatenate([p.ravel() for p in preds["fp32"]])
+    int8 = np.concatenate([p.ravel() for p in preds["int8"]])
+    both = np.isfinite(fp32) & np.isfinite(int8)
+    diff = np.abs(fp32[both] - int8[both])
+    report["agreement"] = {
+        "max_abs_diff_m": float(diff.max()) if diff.size else float("nan"),
+        "mean_abs_diff_m": float(diff.mean()) if diff.size else float("nan"),
+        "mean_rel_diff": float(np.mean(diff / np.maximum(fp32[both], 1e-6))) if diff.size else float("nan"),
+        "correlation": float(np.corrcoef(fp32[both], int8[both])[0, 1]) if diff.size > 1 else float("nan"),
+        "valid_fraction_fp32": float(np.isfinite(fp32).mean()),
+        "valid_fraction_int8": float(np.isfinite(int8).mean()),
+    }
+    report["speedup"] = report["fp32"]["median_ms"] / max(report["int8"]["median_ms"], 1e-9)
+    report["size_ratio"] = report["int8"]["size_bytes"] / max(report["fp32"]["size_bytes"], 1)
+    return report
+
+
+def keep_int8(report: Mapping[str, Any], max_absrel_increase: float = 0.01) -> tuple[bool, str]:
+    """Keep the int8 model only if it is faster or smaller AND its absrel rises by at most ``max_absrel_increase``.
+
+    "Faster" means a median speed-up above 1.05x, "smaller" a file under 0.9x the fp32 one.
+    Without ground-truth metrics the mean relative fp32-vs-int8 difference stands in for the absrel increase.
+    """
+    faster = report["speedup"] > 1.05
+    smaller = report["size_ratio"] < 0.9
+    gain = (f"{report['speedup']:.2f}x speed, {report['size_ratio']:.2f}x size "
+            f"({report['fp32']['median_ms']:.1f} -> {report['int8']['median_ms']:.1f} ms)")
+    fp32_absrel = report["fp32"].get("metrics", {}).get("absrel")
+    int8_absrel = report["int8"].get("metrics", {}).get("absrel")
+    if fp32_absrel is not None and int8_absrel is not None and math.isfinite(fp32_absrel + int8_absrel):
+        increase, basis = int8_absrel - fp32_absrel, f"absrel {fp32_absrel:.4f} -> {int8_absrel:.4f}"
+    else:
+        increase, basis = report["agreement"]["mean_rel_diff"], "no ground truth; mean relative fp32/int8 difference"
+    accuracy = f"{basis} (+{increase:.4f}, allowed +{max_absrel_increase})"
+    if not (faster or smaller):
+        return False, f"int8 is neither faster nor smaller: {gain}"
+    if not math.isfinite(increase) or increase > max_absrel_increase:
+        return False, f"int8 loses too much accuracy: {accuracy}"
+    return True, f"int8 kept: {gain}; {accuracy}"
+
+
+# --------------------------------------------------------------------------------------------- model card
+
+
+def _onnx_summary(onnx_path: Path) -> dict[str, Any]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in model.graph.input[0].type.tensor_type.shape.dim]
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"opset": opset, "input_name": model.graph.input[0].name, "input_shape": dims,
+            "output_name": model.graph.output[0].name, "node_count": len(model.graph.node), "op_counts": ops}
+
+
+def _parse_json(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def write_model_card(onnx_path: str | os.PathLike, info: Mapping[str, Any] | None = None) -> Path:
+    """Write ``<name>.md`` and ``<name>.json`` beside the model (metadata, file facts, ``info``); return the .md.
+
+    ``info`` may hold ``metrics`` (dict), ``params``, ``flops``, ``train_command``, ``export_command``, ``int8``
+    (a ``compare_int8`` report) and ``notes``; it overrides the metadata.
+    """
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise ValueError(f"model {str(onnx_path)!r} does not exist")
+    meta = {key: _parse_json(value) for key, value in read_onnx_metadata(onnx_path).items()}
+    card: dict[str, Any] = {
+        "name": onnx_path.stem,
+        "file": onnx_path.name,
+        "model_name": meta.get("model_name", "unknown"),
+        "version": meta.get("version", "unknown"),
+        "sha256": file_sha256(onnx_path),
+        "size_bytes": onnx_path.stat().st_size,
+        **_onnx_summary(onnx_path),
+        "input_hw": meta.get("input_hw"),
+        "normalisation": {"mean": meta.get("mean", list(DEFAULT_MEAN)), "std": meta.get("std", list(DEFAULT_STD)),
+                          "formula": "(rgb/255 - mean)/std, RGB order, NCHW float32"},
+        "output": {"convention": "metric depth in metres along the optical axis, Nx1xHxW float32",
+                   "min_depth_m": meta.get("min_depth"), "max_depth_m": meta.get("max_depth"),
+                   "invalid": "the runtime sets NaN outside [min_depth, max_depth] (REP 118)"},
+        "metrics": meta.get("metrics") or {},
+        "params": None,
+        "flops": None,
+        "weights_sha256": meta.get("weights_sha256"),
+        "quantization": meta.get("quantization", "none (fp32)"),
+        "train_command": meta.get("train_command", "unknown"),
+        "export_command": meta.get("export_command", "unknown"),
+        "exporter": meta.get("exporter", "unknown"),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+    }
+    card.update({key: value for key, value in dict(info or {}).items() if value is not None})
+    json_path = onnx_path.with_suffix(".json")
+    json_path.write_text(json.dumps(card, indent=2, sort_keys=False, default=str) + "\n")
+    md_path = onnx_path.with_suffix(".md")
+    md_path.write_text(_card_markdown(card))
+    return md_path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"
+    return "n/a" if value is None else str(value)
+
+
+def _card_markdown(card: Mapping[str, Any]) -> str:
+    norm, out = card["normalisation"], card["output"]
+    lines = [
+        f"# {card['name']} ({card['model_name']})",
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| version | `{card['version']}` |",
+        f"| file | `{card['file']}`, {_fmt(card['size_bytes'])} bytes |",
+        f"| sha256 | `{card['sha256']}` |",
+        f"| ONNX opset | {card['opset']} |",
+        f"| input | `{card['input_name']}` {card['input_shape']} (H x W = {card['input_hw']}), "
+        f"RGB, {norm['formula']} |",
+        f"| mean / std | {norm['mean']} / {norm['std']} |",
+        f"| output | `{card['output_name']}`: {out['convention']} |",
+        f"| depth range | {_fmt(out['min_depth_m'])} - {_fmt(out['max_depth_m'])} m; {out['invalid']} |",
+        f"| params | {_fmt(card['params'])} |",
+        f"| FLOPs (2 x MACs, one frame) | {_fmt(card['flops'])} |",
+        f"| quantization | {card['quantization']} |",
+        f"| trained with | `{card['train_command']}` |",
+        f"| exported with | `{card['export_command']}` ({card['exporter']}) |",
+        f"| date | {card['date']} |",
+        f"| git commit | `{card['git_commit']}` |",
+        "",
+        "## Metrics",
+        "",
+    ]
+    metrics = card.get("metrics") or {}
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+    else:
+        lines.append("No evaluation metrics recorded (untrained or not evaluated).")
+    if card.get("int8"):
+        lines += ["", "## int8 vs fp32", "", "```json", json.dumps(card["int8"], indent=2, default=str), "```"]
+    if card.get("notes"):
+        lines += ["", "## Notes", "", str(card["notes"])]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,103 @@
+"""Monocular depth networks: a light auto-encoder and an Eigen-style multi-scale network.
+
+Both take normalised RGB ``Bx3xHxW`` (``models.transforms.normalise_image``) with H and W multiples of 16 and
+return metric depth ``Bx1xHxW`` in metres.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from models.networks.autoencoder import AutoEncoderDepth, DepthDecoder, DepthEncoder
+from models.networks.layers import SIZE_MULTIPLE, ConvBNReLU, LogDepthHead, SeparableConv, check_input_hw
+from models.networks.multiscale import CoarseNet, FineNet, MultiScaleDepth
+from models.transforms import IMAGE_MEAN, IMAGE_STD, normalise_image
+
+__all__ = [
+    "IMAGE_MEAN",
+    "IMAGE_STD",
+    "MODEL_NAMES",
+    "SIZE_MULTIPLE",
+    "AutoEncoderDepth",
+    "CoarseNet",
+    "ConvBNReLU",
+    "DepthDecoder",
+    "DepthEncoder",
+    "FineNet",
+    "LogDepthHead",
+    "MultiScaleDepth",
+    "SeparableConv",
+    "build_model",
+    "check_input_hw",
+    "count_flops",
+    "count_parameters",
+    "normalise_image",
+]
+
+MODEL_NAMES: tuple[str, ...] = ("autoencoder", "multiscale")
+
+
+def build_model(name: str, input_hw: Sequence[int] = (240, 320), **kwargs: object) -> nn.Module:
+    """Build a depth network by name (one of ``MODEL_NAMES``).
+
+    ``input_hw`` (H, W) must be positive multiples of 16; the multi-scale net is built for exactly that size,
+    the auto-encoder accepts any valid size. ``kwargs`` go to the network's constructor
+    (e.g. ``base_channels``, ``min_depth``, ``max_depth``).
+    """
+    if len(input_hw) != 2:
+        raise ValueError(f"input_hw must be (height, width), got {input_hw!r}")
+    height, width = int(input_hw[0]), int(input_hw[1])
+    check_input_hw(height, width)
+    if name == "autoencoder":
+        return AutoEncoderDepth(**kwargs)
+    if name == "multiscale":
+        return MultiScaleDepth(input_hw=(height, width), **kwargs)
+    raise ValueError(f"unknown model name {name!r}; known: {', '.join(MODEL_NAMES)}")
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (all of them, or only those with ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return output.numel() * (module.in_channels // module.groups) * kh * kw
+    if isinstance(module, nn.ConvTranspose2d):
+        kh, kw = module.kernel_size
+        return inputs[0].numel() * (module.out_channels // module.groups) * kh * kw
+    if isinstance(module, nn.Linear):
+        return output.numel() * module.in_features
+    return 0
+
+
+def count_flops(model: nn.Module, input_hw: Sequence[int] = (240, 320)) -> int:
+    """FLOPs of one forward pass on one ``3xHxW`` image, counted as ``2 * MACs``.
+
+    Only the multiply-accumulates of ``Conv2d``, ``ConvTranspose2d`` and ``Linear`` are counted (with forward
+    hooks); BatchNorm, activations, interpolation and the depth head are left out (they are a few % and fold
+    or fuse at export). Divide by 2 for the MAC count that some papers call FLOPs.
+    """
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        total += _macs(module, inputs, output)
+
+    kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, 3, int(input_hw[0]), int(input_hw[1]), device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return 2 * total

@@ -1,0 +1,557 @@
+"""Training of the monocular depth networks on the forest dataset layout (monodepth2-style ``Trainer``).
+
+``Trainer(opts).train()`` runs AdamW with a cosine or step learning-rate schedule, a tqdm
+bar per epoch, a validation pass every ``eval_every`` epochs, and after every epoch writes:
+
+- ``<out>/checkpoints/last.pt`` (and ``best.pt`` when validation absrel improved), holding
+  everything to rebuild the model (name, kwargs, input size, normalisation, depth range)
+  and to resume exactly (optimizer, scheduler, epoch, history, options, command, git commit);
+- ``<out>/log.csv``: one row per epoch (loss parts, val metrics, lr, seconds, images/s);
+- ``<out>/curves.png``: learning curves.
+
+Runs are reproducible: the shuffle order, the augmentation draw and torch's RNG are
+seeded from ``(seed, epoch)`` at the start of each epoch, so resuming from ``last.pt``
+gives the same weights as a run that was never interrupted (on the same device/threads).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import random
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.data import (
+    MIN_DEPTH_M,
+    ForestDepthDataset,
+    check_input_hw,
+    collect_segments,
+    image_normalisation,
+    split_segments,
+)
+
+CHECKPOINT_FORMAT = 1
+SCHEDULERS = ("cosine", "step", "none")
+
+
+@dataclass
+class TrainOptions:
+    """Everything a training run depends on; stored in every checkpoint."""
+
+    model: str = "autoencoder"
+    model_kwargs: dict = field(default_factory=dict)
+    input_hw: tuple[int, int] = (240, 320)
+    data: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    val_fraction: float = 0.2
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    scheduler: str = "cosine"
+    step_size: int = 10
+    gamma: float = 0.5
+    loss_silog: float = 1.0
+    loss_berhu: float = 0.0
+    loss_l1: float = 0.0
+    loss_smooth: float = 0.001
+    min_depth: float = MIN_DEPTH_M
+    max_depth: float = 10.0
+    augment: bool = True
+    workers: int = 0
+    seed: int = 0
+    out: str = "runs/depth"
+    device: str = "cpu"
+    threads: int = 0
+    resume: str | None = None
+    eval_every: int = 1
+    max_batches: int = 0
+    progress: bool = True
+    command: str = ""
+
+    def validate(self) -> TrainOptions:
+        """Raise ``ValueError`` naming the first bad option."""
+        self.input_hw = check_input_hw(self.input_hw)
+        if not self.data:
+            raise ValueError("no training data: give at least one dataset folder (--data)")
+        positive_ints = ("epochs", "batch_size", "eval_every", "step_size")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("workers", "threads", "seed", "max_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("lr", "weight_decay", "gamma", "loss_silog", "loss_berhu", "loss_l1", "loss_smooth"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (0 < self.min_depth < self.max_depth and math.isfinite(self.max_depth)):
+            raise ValueError(f"need 0 < min_depth < max_depth, got {self.min_depth} and {self.max_depth}")
+        if not (0.0 <= self.val_fraction < 1.0):
+            raise ValueError(f"val_fraction must be within [0, 1), got {self.val_fraction}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for but CUDA is not available here")
+        if self.model not in model_names():
+            raise ValueError(f"unknown model {self.model!r}; choose one of {list(model_names())}")
+        if self.resume is not None and not Path(self.resume).is_file():
+            raise FileNotFoundError(f"checkpoint to resume {self.resume} does not exist")
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain dict (lists, not tuples) for checkpoints and logs."""
+        out = dataclasses.asdict(self)
+        out["input_hw"] = list(self.input_hw)
+        return out
+
+
+# --------------------------------------------------------------------------- model plumbing
+
+
+def model_names() -> tuple[str, ...]:
+    """Network names ``build_model`` accepts."""
+    from models import networks
+
+    return tuple(networks.MODEL_NAMES)
+
+
+def build_model(name: str, input_hw: Sequence[int], **kwargs: object) -> nn.Module:
+    """Build a depth network by name (``models.networks.build_model``)."""
+    from models import networks
+
+    return networks.build_model(name, input_hw=tuple(input_hw), **kwargs)
+
+
+def build_loss(opts: TrainOptions) -> nn.Module:
+    """The depth loss with the weights of ``opts``."""
+    from models.losses import DepthLoss
+
+    return DepthLoss(silog=opts.loss_silog, berhu=opts.loss_berhu, l1=opts.loss_l1, smooth=opts.loss_smooth,
+                     min_depth=opts.min_depth, max_depth=opts.max_depth)
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    """Commit hash of the repository holding this file (``+dirty`` when modified), or None."""
+    cwd = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True,
+            timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available else cpu; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
+    """The dict saved by ``Trainer.save_model`` (tensors only unpickled: ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # a torn or foreign file: say which one
+        raise ValueError(f"checkpoint {path} cannot be read: {str(exc).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a forest-train checkpoint dict")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model saved in a checkpoint; returns (model in eval mode, checkpoint dict)."""
+    ckpt = read_checkpoint(path, device)
+    for key in ("model_name", "model_kwargs", "input_hw", "model_state"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint {path} has no {key!r}; is it a forest-train checkpoint?")
+    model = build_model(ckpt["model_name"], ckpt["input_hw"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model_state"])
+    return model.to(device).eval(), ckpt
+
+
+def _as_outputs(raw: object) -> list[torch.Tensor]:
+    if isinstance(raw, torch.Tensor):
+        return [raw]
+    if isinstance(raw, dict):
+        return list(raw.values())
+    return list(raw)
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Trains one depth network; see the module docstring for what it writes."""
+
+    def __init__(self, opts: TrainOptions) -> None:
+        self.opts = opts.validate()
+        self.out = Path(opts.out)
+        self.checkpoint_dir = self.out / "checkpoints"
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        self.device = resolve_device(opts.device)
+        seed_everything(opts.seed)
+
+        if opts.val:
+            train_segments, val_segments = collect_segments(opts.data), collect_segments(opts.val)
+        elif opts.val_fraction > 0:
+            train_segments, val_segments, _ = split_segments(opts.data, opts.val_fraction, 0.0, opts.seed)
+        else:
+            train_segments, val_segments = collect_segments(opts.data), []
+        common = {"input_hw": opts.input_hw, "max_depth": opts.max_depth, "min_depth": opts.min_depth}
+        self.train_dataset = ForestDepthDataset(train_segments, augment=opts.augment, seed=opts.seed, **common)
+        self.val_dataset = ForestDepthDataset(val_segments, **common) if val_segments else None
+
+        try:
+            self.model = build_model(opts.model, opts.input_hw, **opts.model_kwargs).to(self.device)
+        except TypeError as exc:
+            raise ValueError(f"model {opts.model!r} does not take the arguments {opts.model_kwargs}: {exc}") from None
+        self.loss_fn = build_loss(opts).to(self.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        if opts.scheduler == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=opts.epochs)
+        elif opts.scheduler == "step":
+            self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, opts.step_size, opts.gamma)
+        else:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+
+        self.epoch = 0  # next epoch to run
+        self.step = 0  # optimizer steps taken
+        self.history: list[dict] = []
+        self.best_score = math.inf
+        self.best_epoch: int | None = None
+        self.git_commit = git_commit()
+        self._last_plot = -math.inf
+        if opts.resume:
+            self.load_model(opts.resume)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        # appended, so a resumed run keeps the command that started it
+        with open(self.out / "command.txt", "a") as f:
+            f.write((opts.command or "(python API) Trainer(TrainOptions(...))") + "\n")
+
+    # ----------------------------------------------------------------- one batch
+
+    def process_batch(self, batch: dict) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """Forward a batch (coarse and fine outputs of ``forward_multi`` when training) and its losses."""
+        image = batch["image"].to(self.device, non_blocking=True)
+        if self.model.training and hasattr(self.model, "forward_multi"):
+            outputs = _as_outputs(self.model.forward_multi(image))
+        else:
+            outputs = _as_outputs(self.model(image))
+        return outputs, self.compute_losses(batch, outputs)
+
+    def compute_losses(self, batch: dict, outputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss of every output scale (upsampled to the target size), summed into ``loss``."""
+        target = batch["depth"].to(self.device, non_blocking=True)
+        image = batch["image"].to(self.device, non_blocking=True)
+        losses: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=self.device)
+        for i, pred in enumerate(outputs):
+            if pred.shape[-2:] != target.shape[-2:]:
+                pred = functional.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            scale_total, parts = self.loss_fn(pred, target, image)
+            total = total + scale_total
+            prefix = "" if i == len(outputs) - 1 else f"scale{i}_"
+            for name, value in parts.items():
+                losses[prefix + name] = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
+            if len(outputs) > 1:
+                losses[f"scale{i}_total"] = scale_total.detach()
+        losses["loss"] = total
+        return losses
+
+    # ----------------------------------------------------------------- epochs
+
+    def _loader(self, dataset: ForestDepthDataset, shuffle: bool, epoch: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.opts.seed * 100003 + epoch)
+        return DataLoader(
+            dataset,
+            batch_size=self.opts.batch_size,
+            shuffle=shuffle,
+            num_workers=self.opts.workers,
+            generator=generator,
+            drop_last=False,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def run_epoch(self) -> dict[str, float]:
+        """One pass over the training data; returns mean loss parts, images and seconds."""
+        epoch = self.epoch
+        torch.manual_seed(self.opts.seed * 100003 + epoch)  # dropout etc. identical on resume
+        self.train_dataset.set_epoch(epoch)
+        self.model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        start = time.perf_counter()
+        loader = self._loader(self.train_dataset, shuffle=True, epoch=epoch)
+        total = min(len(loader), self.opts.max_batches) if self.opts.max_batches else len(loader)
+        bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{self.opts.epochs}", leave=False,
+                   disable=not self.opts.progress, dynamic_ncols=True)
+        for b, batch in enumerate(bar):
+            if self.opts.max_batches and b >= self.opts.max_batches:
+                break
+            _, losses = self.process_batch(batch)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {b}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            n = batch["image"].shape[0]
+            count += n
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
+            bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        result = {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
+        result.update(train_images=count, train_seconds=seconds, images_per_s=count / max(seconds, 1e-9))
+        return result
+
+    @torch.no_grad()
+    def val(self) -> dict[str, float]:
+        """Metrics (``val_absrel``, ...) and mean loss on the validation set; {} without one."""
+        if self.val_dataset is None:
+            return {}
+        from models.metrics import MetricAccumulator
+
+        self.model.eval()
+        accumulator = MetricAccumulator(min_depth=self.opts.min_depth, max_depth=self.opts.max_depth)
+        loss_sum, count = 0.0, 0
+        loader = self._loader(self.val_dataset, shuffle=False, epoch=0)
+        for batch in tqdm(loader, desc="val", leave=False, disable=not self.opts.progress, dynamic_ncols=True):
+            outputs, losses = self.process_batch(batch)
+            pred = outputs[-1]
+            target = batch["depth"].to(self.device)
+            if pred.shape[-2:] != target.shape[-2:]:
+                pred = functional.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            accumulator.update(pred, target)
+            n = target.shape[0]
+            loss_sum += float(losses["loss"]) * n
+            count += n
+        metrics = {f"val_{k}": float(v) for k, v in accumulator.result().items()}
+        metrics["val_loss"] = loss_sum / max(count, 1)
+        return metrics
+
+    def train(self, max_epochs: int | None = None) -> list[dict]:
+        """Run the remaining epochs (at most ``max_epochs`` of them in this call); returns the history."""
+        opts = self.opts
+        stop = opts.epochs if max_epochs is None else min(opts.epochs, self.epoch + max_epochs)
+        if opts.progress:
+            print(f"train: {self.train_dataset.describe()}")
+            if self.val_dataset is not None:
+                print(f"val:   {self.val_dataset.describe()}")
+            print(f"model: {opts.model} on {self.device}, {sum(p.numel() for p in self.model.parameters()):,} "
+                  f"parameters; epochs {self.epoch + 1}..{opts.epochs}; out {self.out}")
+        while self.epoch < stop:
+            lr = self.optimizer.param_groups[0]["lr"]
+            row: dict = {"epoch": self.epoch + 1, "lr": lr}
+            start = time.perf_counter()
+            row.update(self.run_epoch())
+            if (self.epoch + 1) % opts.eval_every == 0 or self.epoch + 1 == opts.epochs:
+                row.update(self.val())
+            self.scheduler.step()
+            row["seconds"] = time.perf_counter() - start
+            row["step"] = self.step
+            self.history.append(row)
+            self.epoch += 1
+            self.log(row, plot=self.epoch == stop)
+            self.save_model()
+        return self.history
+
+    # ----------------------------------------------------------------- logging and checkpoints
+
+    def log(self, row: dict, plot: bool = False) -> None:
+        """Print a one-line epoch summary, rewrite ``log.csv`` and redraw ``curves.png``.
+
+        The plot (about a second) is redrawn when ``plot`` is set or the last one is over 30 s old.
+        """
+        if self.opts.progress:
+            shown = [f"epoch {row['epoch']}/{self.opts.epochs}", f"loss {row.get('train_loss', math.nan):.4f}"]
+            for key in ("val_absrel", "val_rmse", "val_delta1"):
+                if key in row:
+                    shown.append(f"{key[4:]} {row[key]:.4f}")
+            shown += [f"lr {row['lr']:.2e}", f"{row['images_per_s']:.1f} img/s", f"{row['seconds']:.1f} s"]
+            tqdm.write("  ".join(shown))
+        write_log_csv(self.history, self.out / "log.csv")
+        if not plot and time.monotonic() - self._last_plot < 30.0:
+            return
+        self._last_plot = time.monotonic()
+        try:
+            plot_curves(self.history, self.out / "curves.png")
+        except Exception as exc:  # a plot is a convenience: never lose a run over it
+            tqdm.write(f"warning: could not draw {self.out / 'curves.png'}: {exc}")
+
+    def _score(self, row: dict) -> float:
+        return float(row.get("val_absrel", math.inf) if self.val_dataset else row.get("train_loss", math.inf))
+
+    def checkpoint(self) -> dict:
+        """Everything needed to rebuild the model and to resume training."""
+        mean, std = image_normalisation()
+        last = self.history[-1] if self.history else {}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_name": self.opts.model,
+            "model_kwargs": dict(self.opts.model_kwargs),
+            "input_hw": list(self.opts.input_hw),
+            "normalisation": {"mean": list(mean), "std": list(std)},
+            "min_depth": self.opts.min_depth,
+            "max_depth": self.opts.max_depth,
+            "model_state": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "metrics": {k: float(v) for k, v in last.items() if isinstance(v, (int, float))},
+            "history": [{k: float(v) for k, v in r.items()} for r in self.history],
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "options": self.opts.to_dict(),
+            "command": self.opts.command,
+            "git_commit": self.git_commit,
+            "torch_version": str(torch.__version__),
+        }
+
+    def save_model(self) -> Path:
+        """Write ``last.pt`` (and ``best.pt`` when the epoch's score is the best yet); returns last.pt."""
+        last = self.checkpoint_dir / "last.pt"
+        row = self.history[-1] if self.history else {}
+        score = self._score(row)
+        improved = bool(row) and score < self.best_score and ("val_absrel" in row or self.val_dataset is None)
+        if improved:
+            self.best_score, self.best_epoch = score, self.epoch
+        ckpt = self.checkpoint()
+        _atomic_save(ckpt, last)
+        if improved:
+            _atomic_save(ckpt, self.checkpoint_dir / "best.pt")
+        return last
+
+    def load_model(self, path: str | os.PathLike) -> None:
+        """Restore model, optimizer, scheduler, epoch and history from a checkpoint to continue training."""
+        ckpt = read_checkpoint(path, self.device)
+        if ckpt.get("model_name") != self.opts.model:
+            raise ValueError(f"checkpoint {path} holds a {ckpt.get('model_name')!r} model, not {self.opts.model!r}")
+        if list(ckpt.get("input_hw", [])) != list(self.opts.input_hw):
+            raise ValueError(f"checkpoint {path} was trained at input {ckpt.get('input_hw')}, not {self.opts.input_hw}")
+        self.model.load_state_dict(ckpt["model_state"])
+        if "optimizer_state" in ckpt:
+            self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        if "scheduler_state" in ckpt:
+            self.scheduler.load_state_dict(ckpt["scheduler_state"])
+            self._stretch_cosine()
+        self.epoch = int(ckpt.get("epoch", 0))
+        self.step = int(ckpt.get("step", 0))
+        self.history = [dict(r) for r in ckpt.get("history", [])]
+        for r in self.history:
+            r["epoch"] = int(r["epoch"])
+        self.best_score = float(ckpt.get("best_score", math.inf))
+        self.best_epoch = ckpt.get("best_epoch")
+        if self.opts.progress:
+            print(f"resumed from {path}: {self.epoch} epoch(s), {self.step} step(s) done")
+
+
+    def _stretch_cosine(self) -> None:
+        # A run resumed with a different --epochs keeps its cosine curve's start but ends at the new last epoch.
+        scheduler = self.scheduler
+        if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or scheduler.T_max == self.opts.epochs:
+            return
+        scheduler.T_max = self.opts.epochs
+        t = min(scheduler.last_epoch, scheduler.T_max)
+        for group, base_lr in zip(self.optimizer.param_groups, scheduler.base_lrs):
+            cosine = (1 + math.cos(math.pi * t / scheduler.T_max)) / 2
+            group["lr"] = scheduler.eta_min + (base_lr - scheduler.eta_min) * cosine
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def write_log_csv(history: Sequence[dict], path: str | os.PathLike) -> None:
+    """One row per epoch; columns are the union of the rows' keys (empty where an epoch had no value)."""
+    columns: list[str] = []
+    for row in history:
+        columns.extend(k for k in row if k not in columns)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    os.replace(tmp, path)
+
+
+def plot_curves(history: Sequence[dict], path: str | os.PathLike) -> None:
+    """Learning curves: train/val loss, val absrel and delta1, learning rate (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+
+    def series(key: str) -> tuple[list, list]:
+        pairs = [(r["epoch"], r[key]) for r in history if key in r]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        x, y = series(key)
+        if x:
+            axes[0].plot(x, y, marker="o", label=label)
+    axes[0].set_title("loss")
+    axes[0].legend()
+    for key in ("val_absrel", "val_delta1"):
+        x, y = series(key)
+        if x:
+            axes[1].plot(x, y, marker="o", label=key[4:])
+    axes[1].set_title("validation")
+    if axes[1].lines:
+        axes[1].legend()
+    axes[2].plot(epochs, [r["lr"] for r in history], marker="o")
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

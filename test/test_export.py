@@ -1,0 +1,195 @@
+"""ONNX export, int8 quantisation, model cards and the export CLI, on small (64x96) depth networks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from forest_perception.inference import ModelLoadError, file_sha256, read_onnx_metadata, weights_sha256
+from models.export import (
+    ExportVerificationError,
+    compare_int8,
+    export_onnx,
+    keep_int8,
+    quantize_int8,
+    synthetic_forest_image,
+    verify_onnx,
+    write_model_card,
+)
+from models.export_cli import main as export_main
+from models.networks import build_model
+
+INPUT_HW = (64, 96)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A training-style checkpoint of an untrained auto-encoder at 64x96."""
+    torch.manual_seed(0)
+    model = build_model("autoencoder", input_hw=INPUT_HW).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "autoencoder.pt"
+    torch.save({"model_name": "autoencoder", "model_kwargs": {}, "input_hw": list(INPUT_HW),
+                "state_dict": model.state_dict(), "max_depth": 10.0, "mean": [0.485, 0.456, 0.406],
+                "std": [0.229, 0.224, 0.225], "metrics": {"absrel": 0.25}, "command": "forest-train train --x 1"},
+               path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    """The checkpoint exported with the legacy exporter (fast; the default one is tested on its own)."""
+    path, _ = checkpoint
+    return export_onnx(path, tmp_path_factory.mktemp("onnx") / "autoencoder.onnx", INPUT_HW, exporter="torchscript")
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return [synthetic_forest_image(120, 160, seed=seed) for seed in range(8)]
+
+
+@pytest.fixture(scope="module")
+def quantised(exported, frames):
+    return quantize_int8(exported, frames, exported.with_name("autoencoder_int8.onnx"))
+
+
+def test_export_matches_pytorch(exported, checkpoint):
+    _, model = checkpoint
+    report = verify_onnx(exported, model, INPUT_HW)
+    print("ONNX vs PyTorch:", report)
+    assert report["max_abs_error_m"] < 1e-4
+
+
+@pytest.mark.slow
+def test_default_dynamo_export(checkpoint, tmp_path):
+    """The default exporter (torch.export based): ~30 s on first use in a process."""
+    import onnx
+
+    path, model = checkpoint
+    out = export_onnx(path, tmp_path / "dynamo.onnx", INPUT_HW)
+    assert verify_onnx(out, model, INPUT_HW)["max_abs_error_m"] < 1e-4
+    graph = onnx.load(str(out)).graph
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [1, 3, *INPUT_HW]
+    assert "BatchNormalization" not in {node.op_type for node in graph.node}
+    assert read_onnx_metadata(out)["exporter"].endswith("dynamo")
+
+
+def test_metadata_round_trip(exported, checkpoint):
+    _, model = checkpoint
+    meta = read_onnx_metadata(exported)
+    assert meta["model_name"] == "autoencoder"
+    assert json.loads(meta["input_hw"]) == list(INPUT_HW)
+    assert json.loads(meta["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert json.loads(meta["std"]) == pytest.approx([0.229, 0.224, 0.225])
+    assert float(meta["max_depth"]) == 10.0 and float(meta["min_depth"]) == pytest.approx(0.1)
+    sha = weights_sha256(model.state_dict())
+    assert meta["weights_sha256"] == sha and meta["version"] == f"autoencoder-{sha[:12]}"
+    assert meta["train_command"] == "forest-train train --x 1"
+    assert json.loads(meta["metrics"]) == {"absrel": 0.25}
+
+
+def test_export_graph_is_static_and_bn_folded(exported):
+    import onnx
+
+    graph = onnx.load(str(exported)).graph
+    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, *INPUT_HW]
+    assert "BatchNormalization" not in {node.op_type for node in graph.node}
+
+
+def test_export_refuses_above_tolerance(checkpoint, tmp_path):
+    path, _ = checkpoint
+    out = tmp_path / "strict.onnx"
+    with pytest.raises(ExportVerificationError, match="tolerance"):
+        export_onnx(path, out, INPUT_HW, exporter="torchscript", tolerance_m=-1.0)
+    assert not out.exists()
+
+
+def test_dynamic_batch_torchscript(checkpoint, tmp_path):
+    import onnxruntime as ort
+
+    path = export_onnx(checkpoint[0], tmp_path / "dyn.onnx", INPUT_HW, dynamic_batch=True, exporter="torchscript")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"image": np.zeros((3, 3, *INPUT_HW), np.float32)})[0]
+    assert out.shape == (3, 1, *INPUT_HW)
+
+
+def test_int8_correlates_with_fp32(exported, quantised, frames):
+    meta = read_onnx_metadata(quantised)
+    assert "int8" in meta["quantization"] and meta["model_name"] == "autoencoder"
+    depths = [np.full(frame.shape[:2], 1.4, np.float32) for frame in frames]
+    report = compare_int8(exported, quantised, frames, depths, runs=5, warmup=1)
+    print("int8 vs fp32:", json.dumps(report, indent=1))
+    assert report["agreement"]["mean_rel_diff"] < 0.05
+    assert report["size_ratio"] < 0.5
+    assert "absrel" in report["fp32"]["metrics"] and "absrel" in report["int8"]["metrics"]
+    keep, reason = keep_int8(report, max_absrel_increase=0.05)
+    assert isinstance(keep, bool) and reason
+
+
+def test_keep_int8_decision():
+    base = {"fp32": {"median_ms": 10.0, "metrics": {"absrel": 0.10}}, "agreement": {"mean_rel_diff": 0.0}}
+    slower_bigger = {**base, "int8": {"median_ms": 12.0, "metrics": {"absrel": 0.10}}, "speedup": 0.8,
+                     "size_ratio": 1.0}
+    assert keep_int8(slower_bigger)[0] is False
+    assert "neither faster nor smaller" in keep_int8(slower_bigger)[1]
+    worse = {**base, "int8": {"median_ms": 5.0, "metrics": {"absrel": 0.13}}, "speedup": 2.0, "size_ratio": 0.3}
+    assert keep_int8(worse)[0] is False and "accuracy" in keep_int8(worse)[1]
+    good = {**base, "int8": {"median_ms": 12.0, "metrics": {"absrel": 0.105}}, "speedup": 0.8, "size_ratio": 0.3}
+    assert keep_int8(good)[0] is True
+
+
+def test_model_card_sha_matches_file(exported):
+    md = write_model_card(exported, {"params": 123, "flops": 456})
+    card = json.loads(exported.with_suffix(".json").read_text())
+    assert md == exported.with_suffix(".md") and md.is_file()
+    assert card["sha256"] == file_sha256(exported)
+    assert card["sha256"] in md.read_text()
+    assert card["opset"] in (17, 18) and card["input_hw"] == list(INPUT_HW)
+    assert card["train_command"] == "forest-train train --x 1" and card["params"] == 123
+    assert "absrel" in md.read_text()
+
+
+def test_cli_export_with_int8(checkpoint, tmp_path, capsys):
+    calib = tmp_path / "calib" / "rgb_image"
+    calib.mkdir(parents=True)
+    import cv2
+
+    for seed in range(4):
+        cv2.imwrite(str(calib / f"{seed}.png"), synthetic_forest_image(96, 128, seed=seed))
+    out = tmp_path / "cli.onnx"
+    status = export_main(["export", "--checkpoint", str(checkpoint[0]), "--out", str(out), "--exporter",
+                          "torchscript", "--int8", "--calib", str(tmp_path / "calib"), "--keep-int8-anyway"])
+    assert status == 0, capsys.readouterr().err
+    assert out.is_file() and out.with_suffix(".md").is_file() and (tmp_path / "cli_int8.onnx").is_file()
+    assert "forest-train export" in read_onnx_metadata(out)["export_command"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["export", "--checkpoint", "/nonexistent.pt", "--out", "x.onnx"], "/nonexistent.pt"),
+    (["export", "--out", "x.onnx"], "--checkpoint"),
+    (["bogus"], "invalid choice"),
+])
+def test_cli_bad_input_exit_2(argv, needle, capsys):
+    assert export_main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_corrupt_checkpoint_and_int8_without_calib(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00not a checkpoint" * 10)
+    assert export_main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "o.onnx")]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert export_main(["export", "--checkpoint", str(checkpoint[0]), "--out", str(tmp_path / "o.onnx"),
+                        "--int8"]) == 2
+    assert "--calib" in capsys.readouterr().err
+
+
+def test_checkpoint_without_model_name_is_rejected(tmp_path):
+    path = tmp_path / "weights_only.pt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ModelLoadError, match="model_name"):
+        export_onnx(path, tmp_path / "o.onnx", INPUT_HW)

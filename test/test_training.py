@@ -1,0 +1,241 @@
+"""Dataset, trainer, evaluation and CLI of models/ on a tiny synthetic dataset (CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter, frame_stem
+from models import cli
+from models.data import ForestDepthDataset, augment_pair, split_segments
+from models.evaluate import evaluate
+from models.trainer import Trainer, TrainOptions, load_checkpoint
+
+HEIGHT, WIDTH = 48, 64  # stored frames; the networks see INPUT_HW
+INPUT_HW = (64, 96)
+FRAMES = 3
+
+
+def _frame(i: int, run: int, segment: int) -> tuple[np.ndarray, np.ndarray]:
+    """A ground plane that gets farther up the image, plus a trunk; sky (top rows) invalid."""
+    rng = np.random.default_rng([run, segment, i])
+    rows = np.arange(HEIGHT, dtype=np.float32)[:, None]
+    depth = np.repeat(1.0 + 8.0 * (1.0 - rows / HEIGHT) ** 2, WIDTH, axis=1).astype(np.float32)
+    x0 = int(rng.integers(5, WIDTH - 15))
+    depth[:, x0 : x0 + 8] = np.minimum(depth[:, x0 : x0 + 8], 1.5 + i * 0.3)
+    depth[:4] = np.nan
+    shade = (255 * (1.0 - depth / 12.0)).clip(0, 255)
+    shade = np.nan_to_num(shade, nan=200.0)
+    rgb = np.stack([shade * 0.6, shade, shade * 0.3], axis=-1).astype(np.uint8)
+    rgb = np.clip(rgb.astype(np.int16) + rng.integers(-8, 8, rgb.shape), 0, 255).astype(np.uint8)
+    return rgb, depth
+
+
+def _write_dataset(root, runs=(1,), segments=2) -> None:
+    for run in runs:
+        for s in range(segments):
+            with SegmentWriter(root, run=run, segment="abcdefgh"[s]) as writer:
+                for i in range(FRAMES):
+                    rgb, depth = _frame(i, run, s)
+                    imu = ImuSample(angular_velocity=(0, 0, 0), linear_acceleration=(0, 0, 9.81))
+                    writer.write_frame(rgb, depth, FrameRecord(stem=frame_stem(i), timestamp=0.1 * (i + 1), imu=imu))
+
+
+@pytest.fixture(scope="module")
+def dataset_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("forest")
+    _write_dataset(root, runs=(1, 2), segments=2)
+    return root
+
+
+def _options(root, out, **kw) -> TrainOptions:
+    base = dict(model="autoencoder", model_kwargs={"base_channels": 4}, input_hw=INPUT_HW, data=[str(root)],
+                val_fraction=0.25, epochs=2, batch_size=4, lr=2e-3, out=str(out), seed=3, progress=False,
+                threads=1)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def test_dataset_shapes_masks_and_meta(dataset_root):
+    ds = ForestDepthDataset(dataset_root, input_hw=INPUT_HW, max_depth=5.0)
+    assert len(ds) == 4 * FRAMES
+    item = ds[0]
+    assert item["image"].shape == (3, *INPUT_HW) and item["image"].dtype == torch.float32
+    assert item["depth"].shape == (1, *INPUT_HW) and item["depth"].dtype == torch.float32
+    assert item["valid"].shape == (1, *INPUT_HW) and item["valid"].dtype == torch.bool
+    assert (item["segment"], item["stem"]) == ("1a", "000000")
+    depth, valid = item["depth"][0].numpy(), item["valid"][0].numpy()
+    assert np.isfinite(depth).all()
+    # NaN rows (top of the stored frame) are 0 and invalid; beyond max_depth is invalid too
+    assert (depth[:4] == 0).all() and not valid[:4].any()
+    assert valid.any() and (depth[valid] <= 5.0).all() and not valid[depth > 5.0].any()
+    # nearest-neighbour resize: every depth value is one of the stored values (no blends with invalid 0)
+    stored = ForestDepthDataset(dataset_root, input_hw=INPUT_HW).load(0)[1]
+    assert set(np.unique(depth[depth > 0])) <= set(np.unique(stored[np.isfinite(stored)]))
+
+
+def test_flip_moves_image_and_depth_together():
+    rgb = np.random.default_rng(0).random((16, 32, 3), dtype=np.float32)
+    depth = np.tile(np.arange(32, dtype=np.float32), (16, 1))
+    rng = np.random.default_rng(1)
+    out_rgb, out_depth = augment_pair(rgb, depth, rng, flip_p=1.0, jitter_p=0.0, blur_p=0.0)
+    np.testing.assert_array_equal(out_rgb, rgb[:, ::-1])
+    np.testing.assert_array_equal(out_depth, depth[:, ::-1])
+
+
+def test_augmentation_is_deterministic_per_epoch(dataset_root):
+    ds = ForestDepthDataset(dataset_root, input_hw=INPUT_HW, augment=True, seed=5)
+    first = ds[2]["image"]
+    assert torch.equal(first, ds[2]["image"])
+    plain = ForestDepthDataset(dataset_root, input_hw=INPUT_HW)[2]["image"]
+    draws = []
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        draws.append(ds[2]["image"])
+    assert any(not torch.equal(d, plain) for d in draws)
+    assert any(not torch.equal(d, draws[0]) for d in draws[1:])
+
+
+def test_split_by_segment_and_errors(dataset_root, tmp_path):
+    train, val, test = split_segments(dataset_root, val_fraction=0.25, test_fraction=0.25, seed=0)
+    ids = [s.segment_id for s in train + val + test]
+    assert sorted(ids) == ["1a", "1b", "2a", "2b"] and len(val) == 1 and len(test) == 1
+    train_r, val_r, _ = split_segments(dataset_root, val_fraction=0.5, seed=0, by="run")
+    assert {s.run for s in train_r}.isdisjoint({s.run for s in val_r})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ForestDepthDataset(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no Run-"):
+        ForestDepthDataset(tmp_path)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ForestDepthDataset(dataset_root, input_hw=(60, 96))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(dataset_root, tmp_path_factory):
+    """One uninterrupted 2-epoch run, shared by the tests that need a trained model."""
+    out = tmp_path_factory.mktemp("full")
+    trainer = Trainer(_options(dataset_root, out))
+    trainer.train()
+    return trainer, out
+
+
+def test_train_two_epochs_writes_everything(trained):
+    trainer, out = trained
+    history = trainer.history
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
+    assert (out / "curves.png").stat().st_size > 1000
+    rows = _rows(out / "log.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"train_loss", "val_absrel", "lr", "seconds"} <= set(rows[0])
+    model, ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 2 and ckpt["model_name"] == "autoencoder" and ckpt["input_hw"] == list(INPUT_HW)
+    assert ckpt["normalisation"]["mean"] and ckpt["options"]["epochs"] == 2 and "val_absrel" in ckpt["metrics"]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, *INPUT_HW)).shape == (1, 1, *INPUT_HW)
+
+
+def test_resume_matches_uninterrupted_run(dataset_root, trained, tmp_path):
+    full = trained[0]
+    Trainer(_options(dataset_root, tmp_path / "part")).train(max_epochs=1)  # as if killed after epoch 1
+    resumed = Trainer(_options(dataset_root, tmp_path / "part", resume=str(tmp_path / "part/checkpoints/last.pt")))
+    assert resumed.epoch == 1
+    resumed.train()
+    assert resumed.epoch == 2 and resumed.step == full.step
+    assert [r["epoch"] for r in _rows(tmp_path / "part" / "log.csv")] == ["1", "2"]
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+    assert resumed.scheduler.last_epoch == full.scheduler.last_epoch
+    assert resumed.optimizer.param_groups[0]["lr"] == full.optimizer.param_groups[0]["lr"]
+
+
+def test_resume_with_more_epochs_stretches_cosine(dataset_root, tmp_path):
+    Trainer(_options(dataset_root, tmp_path / "r", epochs=1, max_batches=1)).train()
+    longer = Trainer(_options(dataset_root, tmp_path / "r", epochs=3, max_batches=1,
+                              resume=str(tmp_path / "r/checkpoints/last.pt")))
+    lr0 = longer.opts.lr
+    assert longer.optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * (1 + np.cos(np.pi / 3)) / 2)
+    assert [r["epoch"] for r in longer.train(max_epochs=1)] == [1, 2]
+
+
+def test_multiscale_trains_both_scales(dataset_root, tmp_path):
+    trainer = Trainer(_options(dataset_root, tmp_path / "ms", model="multiscale",
+                               model_kwargs={"coarse_hidden": 16, "fine_channels": 8}, epochs=1, max_batches=1))
+    row = trainer.train()[-1]
+    assert "train_scale0_total" in row and "train_scale1_total" in row
+
+
+def test_evaluate_prints_table_and_writes_pictures(dataset_root, trained, tmp_path, capsys):
+    result = evaluate(trained[1] / "checkpoints/last.pt", dataset_root, out=tmp_path / "eval", num_examples=3,
+                      progress=False)
+    printed = capsys.readouterr().out
+    assert "absrel" in printed.lower()
+    assert result["frames"] == 4 * FRAMES and set(result["per_segment"]) == {"1a", "1b", "2a", "2b"}
+    assert len(result["examples"]) == 3 and (tmp_path / "eval" / "metrics.json").is_file()
+    import cv2
+
+    picture = cv2.imread(result["examples"][0])
+    assert picture.shape == (INPUT_HW[0], 4 * INPUT_HW[1], 3)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_and_eval(dataset_root, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["train", "--data", str(dataset_root), "--input-hw", "64x96", "--epochs", "1", "--batch-size", "4",
+            "--max-batches", "1",
+            "--model-kwarg", "base_channels=4", "--out", str(out), "--quiet", "--threads", "1"]
+    assert cli.main(argv) == 0
+    assert "forest-train train --data" in (out / "command.txt").read_text()
+    ckpt = torch.load(out / "checkpoints/last.pt", weights_only=True)
+    assert ckpt["command"].startswith("forest-train train")
+    assert cli.main(["eval", "--checkpoint", str(out / "checkpoints/last.pt"), "--data", str(dataset_root),
+                     "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    assert "absrel" in capsys.readouterr().out.lower()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data", "{missing}"], "does not exist"),
+        (["--data", "{root}", "--model", "resnet"], "unknown model"),
+        (["--data", "{root}", "--input-hw", "60x96"], "multiples of 16"),
+        (["--data", "{empty}"], "no Run-"),
+        (["--data", "{root}", "--epochs", "0"], "epochs"),
+        (["--data", "{root}", "--model-kwarg", "wings=2"], "does not take"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line(dataset_root, tmp_path, capsys, extra, message):
+    (tmp_path / "empty").mkdir()
+    names = {"missing": tmp_path / "missing", "root": dataset_root, "empty": tmp_path / "empty"}
+    argv = ["train", *(a.format(**names) for a in extra), "--out", str(tmp_path / "o"), "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_eval_missing_or_bad_checkpoint_exits_2(dataset_root, tmp_path, capsys):
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path)]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "junk.pt"), "--data", str(dataset_root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot be read" in err and len(err.splitlines()) == 1
+    assert cli.main(["train", "--data", str(dataset_root), "--resume", str(tmp_path / "junk.pt"),
+                     "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "cannot be read" in capsys.readouterr().err
