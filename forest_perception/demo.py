@@ -25,8 +25,8 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def drive_over_ros(seed: int, seconds: float, weather: str) -> dict:
-    """Run sim_node with one exploring rover and count what arrives on each topic."""
+def drive_over_ros(seed: int, seconds: float, weather: str, model_path: str | None = None) -> dict:
+    """Run sim_node with one exploring rover (and depth_node when a model is given); count what arrives."""
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from nav_msgs.msg import Odometry
@@ -43,6 +43,29 @@ def drive_over_ros(seed: int, seconds: float, weather: str) -> dict:
     last: dict[str, object] = {}
     sim = SimNode(parameter_overrides=[Parameter("seed", value=seed), Parameter("weather", value=[weather])])
     listener = rclpy.create_node("demo_listener")
+    depth_node = None
+    live = None
+    if model_path is not None:
+        from forest_perception.msgs import array_from_image
+        from forest_perception.nodes.depth_node import DepthNode
+        from models.metrics import MetricAccumulator
+
+        depth_node = DepthNode(namespace="rover_0", parameter_overrides=[Parameter("model_path", value=model_path)])
+        live = MetricAccumulator(min_depth=0.1, max_depth=10.0)
+        sensor_by_stamp: dict[tuple[int, int], object] = {}
+
+        def on_sensor_depth(msg: Image) -> None:
+            sensor_by_stamp[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = msg
+            while len(sensor_by_stamp) > 60:
+                sensor_by_stamp.pop(next(iter(sensor_by_stamp)))
+
+        def on_predicted(msg: Image) -> None:
+            counts["/rover_0/depth/image"] += 1
+            truth = sensor_by_stamp.get((msg.header.stamp.sec, msg.header.stamp.nanosec))
+            if truth is not None:
+                pred = array_from_image(msg)
+                live.update(np.where(np.isfinite(pred), pred, 10.0), np.nan_to_num(array_from_image(truth), nan=0.0))
+
     topics = {
         "/rover_0/camera/image_raw": Image,
         "/rover_0/camera/camera_info": CameraInfo,
@@ -68,9 +91,14 @@ def drive_over_ros(seed: int, seconds: float, weather: str) -> dict:
     for name, kind in topics.items():
         qos = QoSProfile(depth=100) if name in reliable else sensor_qos
         listener.create_subscription(kind, name, make_cb(name), qos)
+    if depth_node is not None:
+        listener.create_subscription(Image, "/rover_0/camera/depth/image_raw", on_sensor_depth, sensor_qos)
+        listener.create_subscription(Image, "/rover_0/depth/image", on_predicted, sensor_qos)
     executor = SingleThreadedExecutor()
     executor.add_node(sim)
     executor.add_node(listener)
+    if depth_node is not None:
+        executor.add_node(depth_node)
     t0 = time.perf_counter()
     sim_t0 = sim.sim.time_s
     next_print = t0 + 5.0
@@ -83,7 +111,13 @@ def drive_over_ros(seed: int, seconds: float, weather: str) -> dict:
             st = sim.sim.rovers[0].state
             print(
                 f"  t_sim={sim.sim.time_s:6.1f} s  rover at ({st.x:6.2f}, {st.y:6.2f}) m  "
-                f"v={st.v:4.2f} m/s  frames={counts['/rover_0/camera/image_raw']}",
+                f"v={st.v:4.2f} m/s  frames={counts['/rover_0/camera/image_raw']}"
+                + (
+                    f"  depth_node: {counts['/rover_0/depth/image']} depth images, live absrel "
+                    f"{live.result()['absrel']:.3f} delta1 {live.result()['delta1']:.3f}"
+                    if live is not None and counts["/rover_0/depth/image"]
+                    else ""
+                ),
                 flush=True,
             )
             next_print += 5.0
@@ -99,7 +133,11 @@ def drive_over_ros(seed: int, seconds: float, weather: str) -> dict:
         "final_pose": (state.x, state.y, state.yaw),
         "collided": state.collided,
         "track": track,
+        "live": live.result() if live is not None and counts["/rover_0/depth/image"] else None,
+        "depth_images": counts["/rover_0/depth/image"],
     }
+    if depth_node is not None:
+        depth_node.destroy_node()
     executor.shutdown()
     listener.destroy_node()
     sim.destroy_node()
@@ -114,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--drive-seconds", type=float, default=20.0, help="wall seconds of ROS driving")
     parser.add_argument("--frames", type=int, default=24, help="frames per dataset segment")
+    parser.add_argument("--model", default="multiscale_320x240.onnx", help="shipped depth model in models/")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -134,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in world.summary().items():
         print(f"  {key:>18}: {value:.3g}" if isinstance(value, float) else f"  {key:>18}: {value}")
 
-    _banner(f"2. sim_node: one rover exploring for {args.drive_seconds:.0f} s over ROS 2 (loopback)")
-    result = drive_over_ros(args.seed, args.drive_seconds, "sunny")
+    _banner(f"2. sim_node + depth_node: one rover exploring for {args.drive_seconds:.0f} s over ROS 2 (loopback)")
+    model = Path(__file__).resolve().parent.parent / "models" / args.model
+    if not model.is_file():
+        print(f"  (no shipped model at {model}: depth_node is left out)")
+    result = drive_over_ros(args.seed, args.drive_seconds, "sunny", str(model) if model.is_file() else None)
     print(
         f"  simulated {result['sim_s']:.1f} s in {result['wall_s']:.1f} s wall "
         f"(real-time factor {result['sim_s'] / result['wall_s']:.2f})"
@@ -147,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
         sigma = math.sqrt(gps.position_covariance[0])
         print(
             f"  last GPS fix: {gps.latitude:.7f}, {gps.longitude:.7f}, status {gps.status.status}, sigma {sigma:.1f} m"
+        )
+    if result["live"] is not None:
+        m = result["live"]
+        print(
+            f"  depth_node ({args.model}): {result['depth_images']} depth images; live accuracy against the "
+            f"simulated RealSense depth: absrel {m['absrel']:.3f}, rmse {m['rmse']:.2f} m, delta1 {m['delta1']:.3f}"
         )
     x, y, _ = result["final_pose"]
     print(f"  rover ended at ({x:.2f}, {y:.2f}) m, collided: {result['collided']}")
