@@ -29,7 +29,7 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument("namespace", default_value="rover_0", description="rover namespace"),
             DeclareLaunchArgument(
                 "model_path",
-                default_value=os.path.join(share, "models", "depth.onnx"),
+                default_value=os.path.join(share, "models", "multiscale_320x240_int8.onnx"),
                 description="exported depth model (.onnx or .pt) for depth_node",
             ),
             DeclareLaunchArgument(
