@@ -293,6 +293,9 @@ class OnnxDepthEngine(DepthEngine):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT's worker threads spin-wait between runs by default; on a 2-4 core rover that steals the
+        # cores the ROS executor and the camera driver need, so they sleep instead.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = _open_session(self.path, options, select_providers(providers))
         self.providers = self.session.get_providers()
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
