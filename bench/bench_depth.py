@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from forest_perception.inference import OnnxDepthEngine, TorchDepthEngine, load_torch_checkpoint  # noqa: E402
-from models.export import export_onnx, quantize_int8, synthetic_forest_image  # noqa: E402
+from models.export import engine_latency, export_onnx, quantize_int8, synthetic_forest_image  # noqa: E402
 from models.networks import build_model, count_flops, count_parameters  # noqa: E402
 
 SIZES = ((240, 320), (128, 160))
@@ -55,17 +55,6 @@ def _timed(fn: object) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def measure(engine: object, frames: list[np.ndarray], runs: int, warmup: int) -> tuple[float, float, float]:
-    for index in range(warmup):
-        engine.predict(frames[index % len(frames)])
-    infer, total = [], []
-    for index in range(runs):
-        engine.predict(frames[index % len(frames)])
-        infer.append(engine.last_latency_ms)
-        total.append(engine.last_total_ms)
-    return float(np.median(infer)), float(np.percentile(infer, 95)), float(np.median(total))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 reference = engines["ORT fp32"].predict(frames[0])
                 for backend, engine in engines.items():
-                    median, p95, total = measure(engine, frames, args.runs, args.warmup)
+                    latency = engine_latency(engine, frames, args.runs, args.warmup)
+                    median, p95, total = latency["median_ms"], latency["p95_ms"], latency["total_median_ms"]
                     error = np.nanmean(np.abs(engine.predict(frames[0]) - reference))
                     gflops = flops / (median / 1e3) / 1e9
                     size = os.path.getsize(int8 if backend == "ORT int8" else fp32) / 1e6

@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from forest_perception.sim.robot import CameraIntrinsics
+
 _open3d = None  # module once imported; False when it is not importable
 
 
@@ -34,8 +36,16 @@ def camera_matrix_from_hfov(width: int, height: int, hfov_deg: float) -> np.ndar
         raise ValueError(f"image size must be positive, got {width}x{height}")
     if not 0.0 < hfov_deg < 180.0:
         raise ValueError(f"hfov_deg must be within (0, 180) degrees, got {hfov_deg}")
-    f = width / (2.0 * math.tan(math.radians(hfov_deg) / 2.0))
-    return camera_matrix(f, f, (width - 1) / 2.0, (height - 1) / 2.0)
+    return CameraIntrinsics(width, height, hfov_deg).k
+
+
+def _check_depth(depth: np.ndarray, K: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    depth = np.asarray(depth)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be HxW, got shape {depth.shape}")
+    if int(stride) < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    return depth, _check_k(K)
 
 
 def _check_k(K: np.ndarray) -> np.ndarray:
@@ -62,12 +72,7 @@ def depth_to_points(depth: np.ndarray, K: np.ndarray, stride: int = 1) -> np.nda
 
     Every ``stride``-th pixel in both directions is used; invalid (NaN, inf, <= 0) pixels are skipped.
     """
-    depth = np.asarray(depth)
-    if depth.ndim != 2:
-        raise ValueError(f"depth must be HxW, got shape {depth.shape}")
-    if int(stride) < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    K = _check_k(K)
+    depth, K = _check_depth(depth, K, stride)
     stride = int(stride)
     z = depth[::stride, ::stride].astype(np.float32, copy=False)
     rays = _rays(depth.shape[0], depth.shape[1], K[0, 0], K[1, 1], K[0, 2], K[1, 2], stride)
@@ -179,12 +184,7 @@ def depth_to_scan(
     horizontal distances; those outside ``[range_min, range_max]`` are dropped. Bearings follow
     :func:`scan_layout` (see the module docstring for the frame).
     """
-    depth = np.asarray(depth)
-    if depth.ndim != 2:
-        raise ValueError(f"depth must be HxW, got shape {depth.shape}")
-    if int(stride) < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    K = _check_k(K)
+    depth, K = _check_depth(depth, K, stride)
     layout = scan_layout(K, depth.shape[1], angle_min, angle_max, angle_increment)
     stride = int(stride)
     fx, fy, cx, cy = (float(v) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))

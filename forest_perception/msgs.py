@@ -211,11 +211,11 @@ def odometry_msg(
 
 
 def diagnostic_status(
-    name: str, hardware_id: str, level: int, message: str, values: dict[str, object]
+    name: str, hardware_id: str, level: int | bytes, message: str, values: dict[str, object]
 ) -> DiagnosticStatus:
-    """diagnostic_msgs/DiagnosticStatus with key/values rendered as strings."""
+    """diagnostic_msgs/DiagnosticStatus with key/values rendered as strings; ``level`` as int or the msg constant."""
     status = DiagnosticStatus()
-    status.level = bytes([level])
+    status.level = level if isinstance(level, bytes) else bytes([level])
     status.name = name
     status.hardware_id = hardware_id
     status.message = message

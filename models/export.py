@@ -35,6 +35,7 @@ from forest_perception.inference import (
     DEFAULT_MEAN,
     DEFAULT_MIN_DEPTH_M,
     DEFAULT_STD,
+    DepthEngine,
     OnnxDepthEngine,
     Preprocessor,
     file_sha256,
@@ -369,7 +370,8 @@ def _depth_metrics(preds: list[np.ndarray], depths: list[np.ndarray]) -> dict[st
     return {key: float(np.nanmean([frame.get(key, np.nan) for frame in per_frame])) for key in keys}
 
 
-def _latency(engine: OnnxDepthEngine, frames: list[np.ndarray], runs: int, warmup: int) -> dict[str, float]:
+def engine_latency(engine: DepthEngine, frames: Sequence[np.ndarray], runs: int, warmup: int) -> dict[str, float]:
+    """Inference-only median and p95, and whole-call median (ms) of ``engine.predict`` cycling over ``frames``."""
     for index in range(warmup):
         engine.predict(frames[index % len(frames)])
     infer, total = [], []
@@ -396,7 +398,7 @@ def compare_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, ima
     for label, engine in engines.items():
         path = Path(fp32_path if label == "fp32" else int8_path)
         preds[label] = [engine.predict(frame) for frame in frames]
-        report[label] = {"size_bytes": path.stat().st_size, **_latency(engine, frames, runs, warmup)}
+        report[label] = {"size_bytes": path.stat().st_size, **engine_latency(engine, frames, runs, warmup)}
         if depths is not None:
             report[label]["metrics"] = _depth_metrics(preds[label], list(depths))
     fp32 = np.concatenate([p.ravel() for p in preds["fp32"]])

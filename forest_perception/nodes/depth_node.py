@@ -26,18 +26,15 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.msg import (
-    FloatingPointRange,
-    IntegerRange,
-    ParameterDescriptor,
     SetParametersResult,
 )
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, LaserScan, PointCloud2
 
 from forest_perception import depth_geometry, msgs
 from forest_perception.inference import SUPPORTED_ENCODINGS, ModelLoadError, convert_image_encoding, load_engine
+from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
 from forest_perception.sim.robot import FRAME_CAMERA
 
 BACKENDS = ("auto", "onnxruntime", "torch")
@@ -63,14 +60,6 @@ def load_inference_engine(path: str, backend: str, providers: tuple[str, ...], t
     if not path:
         raise ModelLoadError("model_path is empty: set it to an exported .onnx model or a .pt checkpoint")
     return load_engine(path, backend=backend, providers=tuple(providers), threads=int(threads))
-
-
-def _frange(lo: float, hi: float) -> list[FloatingPointRange]:
-    return [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
-
-
-def _irange(lo: int, hi: int) -> list[IntegerRange]:
-    return [IntegerRange(from_value=int(lo), to_value=int(hi), step=1)]
 
 
 def _percentile(values: deque[float], q: float) -> float:
@@ -132,34 +121,26 @@ class DepthNode(Node):
             ("model_path", "", "exported depth model (.onnx or torch); changing it hot-swaps the model", None),
             ("backend", "auto", f"inference backend: {list(BACKENDS)}", None),
             ("providers", ["CPUExecutionProvider"], "onnxruntime execution providers, in order", None),
-            ("threads", 2, "intra-op threads of the inference backend", _irange(1, 16)),
-            ("min_depth_m", 0.28, "predicted depth below this is invalid (NaN)", _frange(0.0, 100.0)),
-            ("max_depth_m", 10.0, "predicted depth beyond this is invalid (NaN)", _frange(0.1, 1000.0)),
+            ("threads", 2, "intra-op threads of the inference backend", int_range(1, 16)),
+            ("min_depth_m", 0.28, "predicted depth below this is invalid (NaN)", float_range(0.0, 100.0)),
+            ("max_depth_m", 10.0, "predicted depth beyond this is invalid (NaN)", float_range(0.1, 1000.0)),
             ("publish_points", True, "publish depth/points", None),
-            ("voxel_size_m", 0.05, "voxel side of the published cloud; 0 publishes every point", _frange(0.0, 5.0)),
-            ("point_stride", 2, "use every n-th pixel in each direction for the cloud", _irange(1, 64)),
+            ("voxel_size_m", 0.05, "voxel side of the published cloud; 0 publishes every point", float_range(0.0, 5.0)),
+            ("point_stride", 2, "use every n-th pixel in each direction for the cloud", int_range(1, 64)),
             ("publish_scan", True, "publish depth/scan", None),
             ("scan_frame_id", FRAME_CAMERA, "LaserScan frame (x forward, y left, z up, level)", None),
-            ("scan_angle_increment_rad", 0.0, "bearing step; 0 = one pixel at the image centre", _frange(0.0, 0.5)),
-            ("scan_range_min_m", 0.28, "scan range_min (closer points are dropped)", _frange(0.0, 100.0)),
-            ("scan_range_max_m", 10.0, "scan range_max (farther points are dropped)", _frange(0.1, 1000.0)),
-            ("scan_ground_clearance_m", 0.05, "points lower than this above the ground are ground", _frange(0, 2)),
-            ("scan_max_obstacle_height_m", 1.0, "points higher than this (canopy) are ignored", _frange(0.0, 50.0)),
-            ("scan_stride", 1, "use every n-th pixel in each direction for the scan", _irange(1, 16)),
-            ("camera_height_m", 0.20, "optical centre height above the ground", _frange(0.0, 10.0)),
-            ("camera_pitch_rad", 0.0, "camera pitch, positive looking down (REP 103)", _frange(-1.5, 1.5)),
-            ("fallback_hfov_deg", 69.4, "horizontal FOV used until camera_info arrives", _frange(10.0, 170.0)),
-            ("diagnostics_period_s", 1.0, "period of /diagnostics (read-only)", _frange(0.1, 60.0)),
+            ("scan_angle_increment_rad", 0.0, "bearing step; 0 = one pixel at the image centre", float_range(0.0, 0.5)),
+            ("scan_range_min_m", 0.28, "scan range_min (closer points are dropped)", float_range(0.0, 100.0)),
+            ("scan_range_max_m", 10.0, "scan range_max (farther points are dropped)", float_range(0.1, 1000.0)),
+            ("scan_ground_clearance_m", 0.05, "points lower than this above the ground are ground", float_range(0, 2)),
+            ("scan_max_obstacle_height_m", 1.0, "points higher than this (canopy) are ignored", float_range(0.0, 50.0)),
+            ("scan_stride", 1, "use every n-th pixel in each direction for the scan", int_range(1, 16)),
+            ("camera_height_m", 0.20, "optical centre height above the ground", float_range(0.0, 10.0)),
+            ("camera_pitch_rad", 0.0, "camera pitch, positive looking down (REP 103)", float_range(-1.5, 1.5)),
+            ("fallback_hfov_deg", 69.4, "horizontal FOV used until camera_info arrives", float_range(10.0, 170.0)),
+            ("diagnostics_period_s", 1.0, "period of /diagnostics (read-only)", float_range(0.1, 60.0)),
         ]
-        values = {}
-        for name, default, description, rng in specs:
-            descriptor = ParameterDescriptor(description=description, read_only=name in _READ_ONLY)
-            if rng is not None:
-                if isinstance(rng[0], FloatingPointRange):
-                    descriptor.floating_point_range = rng
-                else:
-                    descriptor.integer_range = rng
-            values[name] = self.declare_parameter(name, default, descriptor).value
+        values = declare_parameters(self, specs, _READ_ONLY)
         values["providers"] = tuple(values["providers"])
         if values["backend"] not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {values['backend']!r}")
@@ -374,7 +355,6 @@ class DepthNode(Node):
         level, message, values = self.diagnostics_values()
         array = DiagnosticArray()
         array.header.stamp = self.get_clock().now().to_msg()
-        level = level[0] if isinstance(level, bytes) else int(level)
         namespace = self.get_namespace().strip("/") or "depth_node"
         array.status.append(msgs.diagnostic_status(f"depth_node: {namespace}", namespace, level, message, values))
         self.diag_pub.publish(array)
@@ -391,20 +371,7 @@ class DepthNode(Node):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``ros2 run forest_perception depth_node``."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = DepthNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except ValueError as exc:  # a bad parameter: say which, no traceback
-        print(f"depth_node: {exc}")
-        raise SystemExit(2) from None
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(DepthNode, "depth_node", args)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ simulated time and ``/diagnostics``. The simulation runs in its own thread, pace
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -19,19 +20,16 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Twist
 from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import (
-    FloatingPointRange,
-    IntegerRange,
-    ParameterDescriptor,
     ParameterType,
     SetParametersResult,
 )
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image, Imu, JointState, NavSatFix
 
 from forest_perception import msgs
+from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
 from forest_perception.sim.depth_camera import DepthCameraModel
 from forest_perception.sim.robot import (
     FRAME_BASE,
@@ -58,14 +56,6 @@ _INT = ParameterType.PARAMETER_INTEGER
 # bench/bench_sim.py on 2 cores: 2 workers raise the real-time factor 1.37x (1 and 3 rovers at 15 Hz),
 # 1 worker only overlaps stepping with rendering (~1.0x); on one core workers only add copies
 DEFAULT_RENDER_WORKERS = 2 if (os.cpu_count() or 1) >= 2 else 0
-
-
-def _frange(lo: float, hi: float) -> list[FloatingPointRange]:
-    return [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
-
-
-def _irange(lo: int, hi: int) -> list[IntegerRange]:
-    return [IntegerRange(from_value=int(lo), to_value=int(hi), step=1)]
 
 
 class SimNode(Node):
@@ -130,51 +120,49 @@ class SimNode(Node):
     # ---------------------------------------------------------------- parameters
     def _declare_parameters(self) -> dict:
         specs = [
-            ("seed", 0, "world seed: the same seed gives the same forest", _irange(0, 2**31 - 1), True),
-            ("world_size_m", 60.0, "side of the square forest, metres", _frange(10, 1000), True),
-            ("tree_density_per_ha", 600.0, "standing trees per hectare", _frange(0, 5000), True),
-            ("terrain_roughness_m", 0.6, "peak amplitude of the rolling ground, metres", _frange(0, 10), True),
-            ("datum_latitude_deg", 50.869, "WGS84 latitude of the world origin", _frange(-90, 90), True),
-            ("datum_longitude_deg", -1.604, "WGS84 longitude of the world origin", _frange(-180, 180), True),
-            ("datum_altitude_m", 40.0, "ellipsoidal altitude of the world origin", _frange(-500, 9000), True),
+            ("seed", 0, "world seed: the same seed gives the same forest", int_range(0, 2**31 - 1), True),
+            ("world_size_m", 60.0, "side of the square forest, metres", float_range(10, 1000), True),
+            ("tree_density_per_ha", 600.0, "standing trees per hectare", float_range(0, 5000), True),
+            ("terrain_roughness_m", 0.6, "peak amplitude of the rolling ground, metres", float_range(0, 10), True),
+            ("datum_latitude_deg", 50.869, "WGS84 latitude of the world origin", float_range(-90, 90), True),
+            ("datum_longitude_deg", -1.604, "WGS84 longitude of the world origin", float_range(-180, 180), True),
+            ("datum_altitude_m", 40.0, "ellipsoidal altitude of the world origin", float_range(-500, 9000), True),
             ("rover_names", ["rover_0"], "rover namespaces, one rover each", None, True),
             ("weather", ["overcast"], f"weather preset, one or one per rover: {sorted(WEATHER_PRESETS)}", None, True),
             ("behaviour", "explore", f"how rovers move: {list(BEHAVIOURS)}", None, False),
-            ("camera_width", 320, "colour/depth image width, pixels", _irange(16, 4096), True),
-            ("camera_height", 240, "colour/depth image height, pixels", _irange(16, 4096), True),
-            ("camera_hfov_deg", 69.4, "horizontal field of view, degrees (D435 colour: 69.4)", _frange(10, 170), True),
-            ("camera_rate_hz", 15.0, "camera frame rate", _frange(0.5, 90), True),
-            ("imu_rate_hz", 200.0, "IMU rate (also the simulation step)", _frange(10, 1000), True),
-            ("gps_rate_hz", 10.0, "GPS fix rate", _frange(0.1, 50), True),
-            ("encoder_rate_hz", 50.0, "wheel encoder, joint_states and odom rate", _frange(1, 1000), True),
-            ("depth_max_range_m", 10.0, "depth camera max range; beyond is NaN", _frange(0.5, 65), True),
+            ("camera_width", 320, "colour/depth image width, pixels", int_range(16, 4096), True),
+            ("camera_height", 240, "colour/depth image height, pixels", int_range(16, 4096), True),
+            (
+                "camera_hfov_deg",
+                69.4,
+                "horizontal field of view, degrees (D435 colour: 69.4)",
+                float_range(10, 170),
+                True,
+            ),
+            ("camera_rate_hz", 15.0, "camera frame rate", float_range(0.5, 90), True),
+            ("imu_rate_hz", 200.0, "IMU rate (also the simulation step)", float_range(10, 1000), True),
+            ("gps_rate_hz", 10.0, "GPS fix rate", float_range(0.1, 50), True),
+            ("encoder_rate_hz", 50.0, "wheel encoder, joint_states and odom rate", float_range(1, 1000), True),
+            ("depth_max_range_m", 10.0, "depth camera max range; beyond is NaN", float_range(0.5, 65), True),
             ("motion_blur", True, "blur colour images when the rover turns", None, True),
             (
                 "real_time_factor",
                 1.0,
                 "simulated seconds per wall second; 0 runs as fast as possible",
-                _frange(0, 100),
+                float_range(0, 100),
                 False,
             ),
             (
                 "render_workers",
                 DEFAULT_RENDER_WORKERS,
                 "background camera render processes; 0 renders inline in the simulation loop",
-                _irange(0, MAX_RENDER_WORKERS),
+                int_range(0, MAX_RENDER_WORKERS),
                 True,
             ),
             ("frame_prefix", False, "prefix frame ids with the rover name (several rovers in one TF tree)", None, True),
         ]
-        values = {}
-        for name, default, description, rng, read_only in specs:
-            descriptor = ParameterDescriptor(description=description, read_only=read_only)
-            if rng is not None:
-                if isinstance(rng[0], FloatingPointRange):
-                    descriptor.floating_point_range = rng
-                else:
-                    descriptor.integer_range = rng
-            values[name] = self.declare_parameter(name, default, descriptor).value
-        return values
+        read_only = {name for name, *_, fixed in specs if fixed}
+        return declare_parameters(self, [spec[:4] for spec in specs], read_only)
 
     def _on_set_parameters(self, params: list) -> SetParametersResult:
         for param in params:
@@ -219,7 +207,7 @@ class SimNode(Node):
 
     def _on_cmd_vel(self, rover: int, msg: Twist) -> None:
         v, w = msg.linear.x, msg.angular.z
-        if not all(map(lambda x: x == x and abs(x) != float("inf"), (v, w))):
+        if not (math.isfinite(v) and math.isfinite(w)):
             self.get_logger().warn(f"dropped cmd_vel with non-finite values for {self.sim.rovers[rover].cfg.name}")
             return
         with self._lock:
@@ -227,7 +215,6 @@ class SimNode(Node):
 
     # ---------------------------------------------------------------- loop
     def _run(self) -> None:
-        tick_s = self.sim.config.tick_ns * 1e-9
         wall_start = time.perf_counter()
         sim_start = self.sim.time_s
         while not self._stop.is_set() and rclpy.ok(context=self.context):
@@ -249,8 +236,6 @@ class SimNode(Node):
                     self._stop.wait(delay)
                 elif delay < -0.5:  # fell behind by more than half a second: do not try to catch up
                     wall_start, sim_start = time.perf_counter(), self.sim.time_s
-            elif tick_s > 0:
-                pass
 
     def _publish(self, event) -> None:  # noqa: ANN001 - SensorEvent
         stamp = msgs.time_from_ns(event.stamp_ns)
@@ -326,7 +311,7 @@ class SimNode(Node):
                 msgs.diagnostic_status(
                     f"sim_node: {r.cfg.name}",
                     r.cfg.name,
-                    level[0] if isinstance(level, bytes) else level,
+                    level,
                     message,
                     {
                         "sim_time_s": self.sim.time_s,
@@ -353,20 +338,7 @@ class SimNode(Node):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``ros2 run forest_perception sim_node``."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = SimNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except ValueError as exc:  # a bad parameter: say which, no traceback
-        print(f"sim_node: {exc}")
-        raise SystemExit(2) from None
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+    run_node(SimNode, "sim_node", args)
 
 
 if __name__ == "__main__":
