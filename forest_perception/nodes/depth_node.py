@@ -265,6 +265,9 @@ class DepthNode(Node):
             depth = np.where((depth >= p["min_depth_m"]) & (depth <= p["max_depth_m"]), depth, np.float32(np.nan))
         stamp, frame_id = msg.header.stamp, msg.header.frame_id
         self.depth_pub.publish(msgs.image_from_array(depth, "32FC1", stamp, frame_id))
+        # latency ends when depth/image is out; points and scan follow on the same frame
+        now = time.monotonic()
+        stamp_ms = (self.get_clock().now().nanoseconds - (stamp.sec * 1_000_000_000 + stamp.nanosec)) * 1e-6
         if p["publish_points"] or p["publish_scan"]:
             K = self._camera_matrix(depth.shape[1], depth.shape[0], p["fallback_hfov_deg"])
         if p["publish_points"]:
@@ -296,8 +299,6 @@ class DepthNode(Node):
                     p["scan_range_max_m"],
                 )
             )
-        now = time.monotonic()
-        stamp_ms = (self.get_clock().now().nanoseconds - (stamp.sec * 1_000_000_000 + stamp.nanosec)) * 1e-6
         with self._lock:
             self.counts["processed"] += 1
             self._inference_ms.append(inference_ms)

@@ -1,0 +1,553 @@
+"""Federated aggregation for the rover swarm, in plain numpy (no torch, no Flower).
+
+Every aggregator works on deltas ``d_i = local_i - global`` (see :mod:`collab.updates`;
+full-weight updates are turned into deltas against the global model first) and returns
+``global + server_lr * aggregate(d)`` with the global model's dtypes. Sums run in float64.
+
+- :func:`fedavg`: ``x += sum_i n_i d_i / sum_i n_i`` (McMahan et al. 2017).
+- :func:`fedsubavg`: per row ``m`` (entry of axis 0), ``x_m += coef_m * sum_i n_i d_im / sum_i n_i``
+  with ``coef_m = total / heat_m``, ``heat_m`` the samples whose data involve row ``m``
+  (Ding et al., Federated Submodel Averaging).
+- :class:`FedLaAvgServer`: keeps every rover's latest delta and averages all N of them each
+  round; selects the least recently seen of the rovers available (Yan et al., FedLaAvg).
+- :class:`SemiCyclicServer`: MM-PSGD / MC-PSGD for block-cyclic data, per-block predictors
+  as running averages of that block's global models (Ding et al., ICML 2020).
+- :func:`robust_fedavg`: FedAvg with per-update norm clipping and/or coordinate-wise trimmed mean.
+
+The stateful servers refuse bad updates through :func:`collab.updates.screen_updates` (the
+global model is then untouched by them and the round goes on) and expose ``state_dict()`` /
+``load_state_dict()`` with numpy arrays and JSON types only (see :mod:`collab.state`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from collab.robust import clip_update_norm, trimmed_mean_params
+from collab.updates import ClientUpdate, NDArrays, Rejection, involvement, screen_updates, update_delta
+
+LOG = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class AggregateResult:
+    """What one aggregation round did: the new global model and which updates went in or were refused."""
+
+    params: NDArrays
+    server_round: int
+    accepted: list[str] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    block: int | None = None  # SemiCyclicServer: the block this round belongs to
+    chosen: str | None = None  # MC-PSGD: "mixed" or "separate", the chain that fed the block's predictor
+    losses: dict[str, float] = field(default_factory=dict)  # MC-PSGD: loss of each chain's new model
+
+
+def _check_updates_nonempty(updates: Sequence[ClientUpdate], what: str) -> None:
+    if len(updates) == 0:
+        raise ValueError(f"{what}: no updates to aggregate")
+
+
+def _apply(global_params: Sequence[np.ndarray], step: Sequence[np.ndarray], server_lr: float) -> NDArrays:
+    """``global + server_lr * step`` with each tensor back in the global model's dtype (integers rounded)."""
+    out = []
+    for base, s in zip(global_params, step):
+        base = np.asarray(base)
+        value = base.astype(np.float64) + server_lr * np.asarray(s, dtype=np.float64)
+        if np.issubdtype(base.dtype, np.integer):
+            value = np.rint(value)
+        out.append(np.asarray(value.astype(base.dtype)))  # 0-d tensors stay arrays, not numpy scalars
+    return out
+
+
+def _weighted_mean(deltas: Sequence[Sequence[np.ndarray]], weights: Sequence[float]) -> NDArrays:
+    """``sum_i w_i d_i / sum_i w_i`` tensor by tensor, float64."""
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"weights must sum to a positive number, got {total}")
+    out = [np.zeros(np.shape(d), dtype=np.float64) for d in deltas[0]]
+    for delta, w in zip(deltas, weights):
+        for t, d in enumerate(delta):
+            out[t] += (w / total) * np.asarray(d, dtype=np.float64)
+    return out
+
+
+def fedavg(global_params: Sequence[np.ndarray], updates: Sequence[ClientUpdate], server_lr: float = 1.0) -> NDArrays:
+    """Sample-weighted FedAvg: ``global + server_lr * sum_i n_i d_i / sum_i n_i``.
+
+    ``updates`` should have passed :func:`collab.updates.validate_update`; with ``server_lr = 1``
+    and ``weights`` updates this is the sample-weighted mean of the local models.
+    """
+    _check_updates_nonempty(updates, "fedavg")
+    deltas = [update_delta(u, global_params) for u in updates]
+    return _apply(global_params, _weighted_mean(deltas, [u.num_examples for u in updates]), server_lr)
+
+
+def robust_fedavg(
+    global_params: Sequence[np.ndarray],
+    updates: Sequence[ClientUpdate],
+    clip_norm: float | None = None,
+    trim_fraction: float = 0.0,
+    server_lr: float = 1.0,
+) -> NDArrays:
+    """FedAvg hardened against outliers.
+
+    Each delta is first clipped to L2 norm ``clip_norm`` (if given). With ``trim_fraction = 0``
+    the clipped deltas are sample-weighted as in :func:`fedavg`; with ``trim_fraction > 0``
+    they are combined by an unweighted coordinate-wise trimmed mean (sample counts are
+    client-reported, so a robust rule must not trust them).
+    """
+    _check_updates_nonempty(updates, "robust_fedavg")
+    deltas = [update_delta(u, global_params) for u in updates]
+    if clip_norm is not None:
+        deltas = [clip_update_norm(d, clip_norm)[0] for d in deltas]
+    if trim_fraction > 0:
+        step = trimmed_mean_params(deltas, trim_fraction)
+    else:
+        step = _weighted_mean(deltas, [u.num_examples for u in updates])
+    return _apply(global_params, step, server_lr)
+
+
+def row_heat(updates: Sequence[ClientUpdate], shapes: Sequence[tuple[int, ...]]) -> NDArrays:
+    """Per tensor, the number of samples whose data involve each row: ``heat_m = sum_{i involves m} n_i``.
+
+    A tensor without ``rows`` in an update counts as involving all its rows. Returns float64
+    arrays of shape ``(shape[0],)`` (shape ``()`` for scalar tensors).
+    """
+    heat = [np.zeros(shape[:1], dtype=np.float64) for shape in shapes]
+    for update in updates:
+        for t, mask in enumerate(involvement(update, shapes)):
+            heat[t] += update.num_examples * (1.0 if mask is None else mask.astype(np.float64))
+    return heat
+
+
+def fedsubavg(
+    global_params: Sequence[np.ndarray],
+    updates: Sequence[ClientUpdate],
+    heat: Sequence[np.ndarray] | None = None,
+    total_examples: float | None = None,
+    server_lr: float = 1.0,
+) -> NDArrays:
+    """Federated submodel averaging, row by row: ``x_m += coef_m * sum_i n_i d_im / sum_i n_i``.
+
+    ``coef_m = total / heat_m``. With ``heat=None`` the heat and total come from this round's
+    updates (their ``rows`` masks), so each row becomes the sample-weighted mean of the deltas
+    of the clients that involve it, and rows nobody involves stay put. With a server-side
+    population ``heat`` (per tensor, samples involving each row over all rovers) pass the
+    population ``total_examples`` too: the per-row step is then unbiased under client sampling,
+    as in the paper. A row of heat 0 is left unchanged.
+    """
+    _check_updates_nonempty(updates, "fedsubavg")
+    shapes = [tuple(np.shape(p)) for p in global_params]
+    round_total = float(sum(u.num_examples for u in updates))
+    round_heat = row_heat(updates, shapes)
+    if heat is None:
+        heat, total = round_heat, round_total
+    else:
+        if total_examples is None:
+            raise ValueError("fedsubavg: a given heat needs total_examples (the population's sample count)")
+        total = float(total_examples)
+        if len(heat) != len(shapes):
+            raise ValueError(f"fedsubavg: heat has {len(heat)} entries, the model has {len(shapes)} tensors")
+        heat = [np.asarray(h, dtype=np.float64) for h in heat]
+        for t, (h, rh, shape) in enumerate(zip(heat, round_heat, shapes)):
+            if h.shape != tuple(shape[:1]):
+                raise ValueError(f"fedsubavg: heat[{t}] has shape {h.shape}, expected {tuple(shape[:1])}")
+            if np.any(h < rh - 1e-9 * max(1.0, float(np.max(rh, initial=0.0)))):
+                m = int(np.argmax(rh - h)) if h.ndim else 0
+                raise ValueError(f"fedsubavg: heat[{t}] row {m} is below the samples that involve it in this round")
+        if total < round_total:
+            raise ValueError(f"fedsubavg: total_examples {total} is below this round's {round_total} samples")
+    step = []
+    deltas = [update_delta(u, global_params) for u in updates]
+    for t, shape in enumerate(shapes):
+        weighted = np.zeros(shape, dtype=np.float64)
+        for u, d in zip(updates, deltas):
+            weighted += u.num_examples * d[t]
+        h = heat[t]
+        coef = np.divide(total, h, out=np.zeros_like(h), where=h > 0)
+        coef = coef.reshape(coef.shape + (1,) * (len(shape) - coef.ndim))
+        step.append(coef * weighted / round_total)
+    return _apply(global_params, step, server_lr)
+
+
+# ---------------------------------------------------------------------------------------------- state helpers
+
+
+def _copy_arrays(arrays: Sequence[np.ndarray]) -> NDArrays:
+    return [np.array(a, copy=True) for a in arrays]
+
+
+def _check_like(what: str, arrays: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> None:
+    if len(arrays) != len(reference):
+        raise ValueError(f"{what}: {len(arrays)} tensors, the model has {len(reference)}")
+    for t, (a, r) in enumerate(zip(arrays, reference)):
+        if np.shape(a) != np.shape(r):
+            raise ValueError(f"{what}: tensor {t} has shape {np.shape(a)}, the model has {np.shape(r)}")
+
+
+def _check_state_header(state: dict, algorithm: str, config: dict) -> None:
+    if state.get("algorithm") != algorithm:
+        raise ValueError(f"state is for {state.get('algorithm')!r}, not {algorithm!r}")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"state version {state.get('version')!r}, this code reads version {STATE_VERSION}")
+    saved = state.get("config", {})
+    for key, value in config.items():
+        if saved.get(key) != value:
+            raise ValueError(f"state config {key}={saved.get(key)!r} differs from this server's {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- FedLaAvg
+
+
+class FedLaAvgServer:
+    """Federated Latest Averaging: the server keeps every rover's latest delta and averages all of them.
+
+    Each round the global model moves by the mean of the latest deltas of *all* N rovers heard
+    from so far (not only this round's), so rovers that are rarely available still count as
+    much as the others. ``weighting="uniform"`` (the paper: every client weighs 1/N) or
+    ``"samples"`` (weights ``n_i``). :meth:`select` picks the rovers heard from least recently.
+    A round whose updates are all refused leaves the global model unchanged.
+    """
+
+    ALGORITHM = "fedlaavg"
+
+    def __init__(
+        self,
+        initial_params: Sequence[np.ndarray],
+        weighting: Literal["uniform", "samples"] = "uniform",
+        server_lr: float = 1.0,
+        max_norm: float | None = None,
+        max_staleness: int = 0,
+        clip_norm: float | None = None,
+    ) -> None:
+        if weighting not in ("uniform", "samples"):
+            raise ValueError(f"FedLaAvgServer: weighting must be 'uniform' or 'samples', got {weighting!r}")
+        if max_staleness < 0:
+            raise ValueError(f"FedLaAvgServer: max_staleness must be >= 0, got {max_staleness}")
+        self.weighting = weighting
+        self.server_lr = float(server_lr)
+        self.max_norm = max_norm
+        self.max_staleness = int(max_staleness)
+        self.clip_norm = clip_norm
+        self._params = _copy_arrays(initial_params)
+        self._latest: dict[str, dict] = {}  # client_id -> {"delta": float64 arrays, "num_examples", "round"}
+        self._last_seen: dict[str, int] = {}  # client_id -> server round its last update was accepted
+        self._last_round = 0
+
+    @property
+    def params(self) -> NDArrays:
+        """A copy of the current global model."""
+        return _copy_arrays(self._params)
+
+    @property
+    def num_clients(self) -> int:
+        """N: how many rovers have a stored latest update."""
+        return len(self._latest)
+
+    def last_seen(self, client_id: str) -> int | None:
+        """The server round in which ``client_id``'s last update was accepted, or None if never."""
+        return self._last_seen.get(client_id)
+
+    def select(self, available_ids: Sequence[str], k: int) -> list[str]:
+        """Up to ``k`` of ``available_ids``, least recently seen first (never seen before all); ties by id."""
+        if k <= 0:
+            raise ValueError(f"FedLaAvgServer.select: k must be positive, got {k}")
+        unique = sorted(set(available_ids))
+        unique.sort(key=lambda cid: self._last_seen.get(cid, -math.inf))
+        return unique[:k]
+
+    def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        """Store this round's good updates as their rovers' latest and move the model by the mean over all N."""
+        if server_round <= self._last_round:
+            raise ValueError(f"FedLaAvgServer: round {server_round} is not after the last round {self._last_round}")
+        accepted, rejected = screen_updates(
+            updates, self._params, server_round, max_norm=self.max_norm, max_staleness=self.max_staleness, logger=LOG
+        )
+        kept = []
+        for update in accepted:
+            stored = self._latest.get(update.client_id)
+            if stored is not None and update.round <= stored["round"]:
+                rejection = Rejection(
+                    update.client_id,
+                    int(update.round),
+                    "stale",
+                    f"update from client {update.client_id!r} (round {update.round}): not newer than its stored "
+                    f"update from round {stored['round']}",
+                )
+                LOG.warning("refused %s [%s]", rejection.message, rejection.reason)
+                rejected.append(rejection)
+                continue
+            kept.append(update)
+        self._last_round = int(server_round)
+        if not kept:
+            return AggregateResult(self.params, int(server_round), [], rejected)
+        for update in kept:
+            delta = update_delta(update, self._params)
+            if self.clip_norm is not None:
+                delta = clip_update_norm(delta, self.clip_norm)[0]
+            self._latest[update.client_id] = {
+                "delta": delta,
+                "num_examples": int(update.num_examples),
+                "round": int(update.round),
+            }
+            self._last_seen[update.client_id] = int(server_round)
+        ids = sorted(self._latest)
+        weights = [1.0 if self.weighting == "uniform" else float(self._latest[c]["num_examples"]) for c in ids]
+        step = _weighted_mean([self._latest[c]["delta"] for c in ids], weights)
+        self._params = _apply(self._params, step, self.server_lr)
+        return AggregateResult(self.params, int(server_round), [u.client_id for u in kept], rejected)
+
+    def _config(self) -> dict:
+        return {
+            "weighting": self.weighting,
+            "server_lr": self.server_lr,
+            "max_norm": self.max_norm,
+            "max_staleness": self.max_staleness,
+            "clip_norm": self.clip_norm,
+        }
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: numpy arrays, str, int, float, None, lists and dicts only."""
+        return {
+            "algorithm": self.ALGORITHM,
+            "version": STATE_VERSION,
+            "config": self._config(),
+            "last_round": self._last_round,
+            "params": _copy_arrays(self._params),
+            "latest": {
+                cid: {"delta": _copy_arrays(s["delta"]), "num_examples": s["num_examples"], "round": s["round"]}
+                for cid, s in self._latest.items()
+            },
+            "last_seen": dict(self._last_seen),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; refuses a state of another algorithm, config or model shape."""
+        _check_state_header(state, self.ALGORITHM, self._config())
+        _check_like("state params", state["params"], self._params)
+        for cid, s in state["latest"].items():
+            _check_like(f"state latest[{cid!r}]", s["delta"], self._params)
+        self._params = [np.asarray(a).astype(p.dtype) for a, p in zip(state["params"], self._params)]
+        self._latest = {
+            str(cid): {
+                "delta": [np.asarray(d, dtype=np.float64) for d in s["delta"]],
+                "num_examples": int(s["num_examples"]),
+                "round": int(s["round"]),
+            }
+            for cid, s in state["latest"].items()
+        }
+        self._last_seen = {str(cid): int(r) for cid, r in state["last_seen"].items()}
+        self._last_round = int(state["last_round"])
+
+
+# ---------------------------------------------------------------------------------------------- MM-/MC-PSGD
+
+
+LossFn = Callable[[int, NDArrays], float]
+"""``loss_fn(block, params)``: the validation loss of ``params`` on ``block``'s data."""
+
+
+class SemiCyclicServer:
+    """MM-PSGD / MC-PSGD for block-cyclic data (e.g. lighting blocks through a day).
+
+    Rounds ``1, 2, ...`` fall into blocks ``block_of(r) = ((r - 1) // rounds_per_block) % num_blocks``
+    (or the caller names the block). The *mixed* chain ``x`` is trained by every block's rovers
+    with sample-weighted FedAvg. The predictor of block ``m`` is the running average of the
+    models chosen in block ``m``'s rounds over all cycles: ``p_m += (u - p_m) / (r_m + 1)``.
+    MM-PSGD (``mode="mm"``) uses ``u = x``. MC-PSGD (``mode="mc"``) also keeps a *separate*
+    chain ``y_m`` per block, trained only in block ``m``'s rounds, and uses whichever of the
+    new ``x`` and ``y_m`` has the lower ``loss_fn(m, .)`` (ties go to ``x``; a NaN/Inf loss loses).
+    A round with no accepted update in any chain leaves every model and predictor unchanged.
+    """
+
+    ALGORITHM = "semicyclic"
+
+    def __init__(
+        self,
+        initial_params: Sequence[np.ndarray],
+        num_blocks: int,
+        rounds_per_block: int = 1,
+        mode: Literal["mm", "mc"] = "mm",
+        server_lr: float = 1.0,
+        max_norm: float | None = None,
+        max_staleness: int = 0,
+    ) -> None:
+        if mode not in ("mm", "mc"):
+            raise ValueError(f"SemiCyclicServer: mode must be 'mm' or 'mc', got {mode!r}")
+        if num_blocks < 1 or rounds_per_block < 1:
+            raise ValueError(
+                f"SemiCyclicServer: num_blocks and rounds_per_block must be >= 1, got {num_blocks}, {rounds_per_block}"
+            )
+        if max_staleness < 0:
+            raise ValueError(f"SemiCyclicServer: max_staleness must be >= 0, got {max_staleness}")
+        self.mode = mode
+        self.num_blocks = int(num_blocks)
+        self.rounds_per_block = int(rounds_per_block)
+        self.server_lr = float(server_lr)
+        self.max_norm = max_norm
+        self.max_staleness = int(max_staleness)
+        self._mixed = _copy_arrays(initial_params)
+        self._separate = [_copy_arrays(initial_params) for _ in range(num_blocks)] if mode == "mc" else []
+        self._predictors: list[NDArrays | None] = [None] * self.num_blocks  # float64
+        self._counts = [0] * self.num_blocks
+        self._last_round = 0
+
+    def block_of(self, server_round: int) -> int:
+        """The block of round ``server_round`` (rounds count from 1) under the fixed cyclic schedule."""
+        if server_round < 1:
+            raise ValueError(f"SemiCyclicServer: rounds count from 1, got {server_round}")
+        return ((server_round - 1) // self.rounds_per_block) % self.num_blocks
+
+    @property
+    def params(self) -> NDArrays:
+        """A copy of the mixed chain's current model ``x``."""
+        return _copy_arrays(self._mixed)
+
+    def chain_params(self, block: int) -> NDArrays:
+        """A copy of block ``block``'s separate chain ``y_block`` (MC-PSGD only)."""
+        if self.mode != "mc":
+            raise ValueError("SemiCyclicServer: separate chains exist only in mode 'mc'")
+        return _copy_arrays(self._separate[self._check_block(block)])
+
+    def predictor(self, block: int) -> NDArrays | None:
+        """Block ``block``'s predictor in the model's dtypes, or None before any of its rounds."""
+        p = self._predictors[self._check_block(block)]
+        if p is None:
+            return None
+        return [np.asarray(a.astype(ref.dtype)) for a, ref in zip(p, self._mixed)]
+
+    def predictor_rounds(self, block: int) -> int:
+        """How many models block ``block``'s predictor averages."""
+        return self._counts[self._check_block(block)]
+
+    def _check_block(self, block: int) -> int:
+        if not 0 <= block < self.num_blocks:
+            raise ValueError(f"SemiCyclicServer: block {block} outside [0, {self.num_blocks})")
+        return int(block)
+
+    def _train_chain(
+        self, chain: NDArrays, server_round: int, updates: Sequence[ClientUpdate]
+    ) -> tuple[NDArrays, list[str], list[Rejection]]:
+        accepted, rejected = screen_updates(
+            updates, chain, server_round, max_norm=self.max_norm, max_staleness=self.max_staleness, logger=LOG
+        )
+        if not accepted:
+            return chain, [], rejected
+        return fedavg(chain, accepted, self.server_lr), [u.client_id for u in accepted], rejected
+
+    def aggregate(
+        self,
+        server_round: int,
+        updates: Sequence[ClientUpdate],
+        separate_updates: Sequence[ClientUpdate] = (),
+        loss_fn: LossFn | None = None,
+        block: int | None = None,
+    ) -> AggregateResult:
+        """One round: FedAvg the mixed chain (and, MC, block's separate chain) and update the block's predictor.
+
+        ``updates`` are deltas against :attr:`params`; ``separate_updates`` (MC only) deltas against
+        :meth:`chain_params` of the block. ``loss_fn`` is required in MC mode. The result's
+        ``params`` is the new mixed model; ``accepted`` lists ``"id"`` for mixed-chain and
+        ``"id@separate"`` for separate-chain updates.
+        """
+        if server_round <= self._last_round:
+            raise ValueError(f"SemiCyclicServer: round {server_round} is not after the last round {self._last_round}")
+        block = self.block_of(server_round) if block is None else self._check_block(block)
+        if self.mode == "mm" and len(separate_updates):
+            raise ValueError("SemiCyclicServer: separate_updates given in mode 'mm'")
+        if self.mode == "mc" and loss_fn is None:
+            raise ValueError("SemiCyclicServer: mode 'mc' needs loss_fn to choose between the chains")
+        mixed, accepted, rejected = self._train_chain(self._mixed, server_round, updates)
+        result = AggregateResult([], int(server_round), accepted, rejected, block=block)
+        separate = None
+        if self.mode == "mc":
+            separate, sep_accepted, sep_rejected = self._train_chain(
+                self._separate[block], server_round, separate_updates
+            )
+            result.accepted += [f"{cid}@separate" for cid in sep_accepted]
+            result.rejected += sep_rejected
+        if not result.accepted:
+            self._last_round = int(server_round)
+            result.params = self.params
+            return result
+        chosen, model = "mixed", mixed
+        if self.mode == "mc":
+            loss_mixed = float(loss_fn(block, _copy_arrays(mixed)))
+            loss_separate = float(loss_fn(block, _copy_arrays(separate)))
+            result.losses = {"mixed": loss_mixed, "separate": loss_separate}
+            finite_mixed, finite_separate = math.isfinite(loss_mixed), math.isfinite(loss_separate)
+            if not finite_mixed and not finite_separate:
+                LOG.warning("round %d block %d: both chain losses are non-finite; predictor not updated",
+                            server_round, block)
+                chosen, model = None, None
+            elif not finite_mixed or (finite_separate and loss_separate < loss_mixed):
+                chosen, model = "separate", separate
+            self._separate[block] = _copy_arrays(separate)
+        # commit only now: a loss_fn that raises leaves the server as it was, and the round can be retried
+        self._last_round = int(server_round)
+        self._mixed = mixed
+        result.chosen = chosen
+        if model is not None:
+            count = self._counts[block]
+            current = self._predictors[block]
+            model64 = [np.asarray(a, dtype=np.float64) for a in model]
+            if current is None:
+                self._predictors[block] = model64
+            else:
+                self._predictors[block] = [np.asarray(p + (u - p) / (count + 1)) for p, u in zip(current, model64)]
+            self._counts[block] = count + 1
+        result.params = self.params
+        return result
+
+    def _config(self) -> dict:
+        return {
+            "mode": self.mode,
+            "num_blocks": self.num_blocks,
+            "rounds_per_block": self.rounds_per_block,
+            "server_lr": self.server_lr,
+            "max_norm": self.max_norm,
+            "max_staleness": self.max_staleness,
+        }
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: numpy arrays, str, int, float, None, lists and dicts only."""
+        return {
+            "algorithm": self.ALGORITHM,
+            "version": STATE_VERSION,
+            "config": self._config(),
+            "last_round": self._last_round,
+            "mixed": _copy_arrays(self._mixed),
+            "separate": [_copy_arrays(y) for y in self._separate],
+            "predictors": [None if p is None else _copy_arrays(p) for p in self._predictors],
+            "counts": list(self._counts),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; refuses a state of another algorithm, config or model shape."""
+        _check_state_header(state, self.ALGORITHM, self._config())
+        _check_like("state mixed", state["mixed"], self._mixed)
+        if len(state["separate"]) != len(self._separate):
+            raise ValueError(f"state has {len(state['separate'])} separate chains, expected {len(self._separate)}")
+        for m, y in enumerate(state["separate"]):
+            _check_like(f"state separate[{m}]", y, self._mixed)
+        if len(state["predictors"]) != self.num_blocks or len(state["counts"]) != self.num_blocks:
+            raise ValueError(f"state predictors/counts are not one per block ({self.num_blocks})")
+        for m, p in enumerate(state["predictors"]):
+            if p is not None:
+                _check_like(f"state predictors[{m}]", p, self._mixed)
+        ref = self._mixed
+        self._mixed = [np.asarray(a).astype(r.dtype) for a, r in zip(state["mixed"], ref)]
+        self._separate = [[np.asarray(a).astype(r.dtype) for a, r in zip(y, ref)] for y in state["separate"]]
+        self._predictors = [
+            None if p is None else [np.asarray(a, dtype=np.float64) for a in p] for p in state["predictors"]
+        ]
+        self._counts = [int(c) for c in state["counts"]]
+        self._last_round = int(state["last_round"])
