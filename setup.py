@@ -35,6 +35,8 @@ setup(
             # ROS 2 nodes (ros2 run forest_perception <name>)
             "sim_node = forest_perception.nodes.sim_node:main",
             "depth_node = forest_perception.nodes.depth_node:main",
+            "sensor_sync_node = forest_perception.nodes.sensor_sync_node:main",
+            "capture_node = forest_perception.nodes.capture_node:main",
             # command-line tools
             "forest-sim = forest_perception.sim.cli:main",
             "forest-dataset = dataset_tools.cli:main",

@@ -1,0 +1,474 @@
+"""capture_node: record chosen topics into a rosbag2 bag with MCAP storage (``ros2 bag info/play`` read it).
+
+Each topic in ``topics`` (relative names resolve in the node's namespace) is subscribed as soon as
+a publisher advertises it (checked every ``topic_check_period_s``), with ``raw=True`` so the
+serialized CDR goes to the bag without being deserialised, and with the QoS adapted to the
+publishers' (best effort unless every publisher is reliable, as rosbag2 does); the publishers'
+offered QoS profiles and type hash are recorded in the bag. Writing happens on a separate thread
+(:class:`forest_perception.recorder.BagRecorder`): a callback only queues the bytes, and when the
+queue (``queue_size_mb``) is full the message is dropped and counted. Messages lost before they
+reach the node are counted too, from gaps in the publishers' sequence numbers.
+
+Services: ``~/start`` and ``~/stop`` (std_srvs/Trigger) open a new bag and close it; ``~/pause``
+(std_srvs/SetBool: true pauses, false resumes); ``~/split`` (Trigger) finishes the current file.
+The bag splits by size (``max_split_size_mb``) and duration (``max_split_duration_s``), chunks
+can be zstd-compressed (``compression``), and below ``min_free_space_mb`` of free disk the bag is
+closed cleanly and recording stops with an ERROR diagnostic. ``/diagnostics`` reports messages
+written, dropped and lost, bytes, rates, the current file and the free disk space. Parameter
+changes are validated; ``topics`` applies at once, the bag settings at the next ``~/start``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.subscription import Subscription
+from std_srvs.srv import SetBool, Trigger
+
+from forest_perception import msgs
+from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
+from forest_perception.recorder import (
+    COMPRESSIONS,
+    BagRecorder,
+    DiskUsage,
+    RecorderError,
+    RecorderStats,
+    adapted_subscription_qos,
+    qos_profile,
+)
+
+DEFAULT_TOPICS = [
+    "camera/image_raw",
+    "camera/camera_info",
+    "camera/depth/image_raw",
+    "imu/data",
+    "gps/fix",
+    "joint_states",
+    "odom",
+]
+_READ_ONLY = ("diagnostics_period_s", "topic_check_period_s")
+_BAG_PARAMS = ("output_dir", "bag_name", "max_split_size_mb", "max_split_duration_s", "compression",
+               "min_free_space_mb", "queue_size_mb", "chunk_size_kb")
+MB = 1_000_000
+# rclpy passes MessageInfo (publisher sequence number, source timestamp) to 2-argument callbacks since Iron
+_CALLBACK_WITH_INFO = hasattr(Subscription, "CallbackType")
+
+
+def offered_qos(qos: Any) -> dict[str, Any]:
+    """A publisher's rclpy QoSProfile as the profile mapping rosbag2 records (policy names, durations in ns)."""
+    def policy(value: Any) -> str:
+        return getattr(value, "name", str(value)).lower()
+
+    return qos_profile(
+        history=policy(qos.history),
+        depth=int(qos.depth),
+        reliability=policy(qos.reliability),
+        durability=policy(qos.durability),
+        deadline_ns=int(qos.deadline.nanoseconds),
+        lifespan_ns=int(qos.lifespan.nanoseconds),
+        liveliness=policy(qos.liveliness),
+        liveliness_lease_duration_ns=int(qos.liveliness_lease_duration.nanoseconds),
+        avoid_ros_namespace_conventions=bool(qos.avoid_ros_namespace_conventions),
+    )
+
+
+def message_class(type_name: str) -> type:
+    """The Python class of ``pkg/msg/Type`` (imported by name); ImportError/AttributeError when absent."""
+    package, kind, name = type_name.split("/")
+    return getattr(importlib.import_module(f"{package}.{kind}"), name)
+
+
+class CaptureNode(Node):
+    """Thin ROS wrapper over :class:`forest_perception.recorder.BagRecorder`."""
+
+    def __init__(self, disk_usage: DiskUsage | None = None, **kwargs: Any) -> None:
+        super().__init__("capture_node", **kwargs)
+        self.p = self._declare_parameters()
+        self._disk_usage = disk_usage  # shutil.disk_usage unless given (tests simulate a filling disk)
+        self._recorder: BagRecorder | None = None
+        self._topic_subs: dict[str, Any] = {}  # resolved topic -> Subscription
+        self._waiting: dict[str, str] = {}  # resolved topic -> why it is not recorded yet
+        self._sequence: dict[tuple[str, bytes], int] = {}
+        self.transport_lost: dict[str, int] = {}
+        self.last_error = ""
+        self.last_stats: RecorderStats | None = None
+        self._reported_drops = 0
+        self._reported_lost = 0
+        self._rate: deque[tuple[float, int, int]] = deque(maxlen=30)  # (monotonic, written, bytes)
+
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
+        self.create_service(Trigger, "~/start", self._on_start)
+        self.create_service(Trigger, "~/stop", self._on_stop)
+        self.create_service(SetBool, "~/pause", self._on_pause)
+        self.create_service(Trigger, "~/split", self._on_split)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.create_timer(self.p["topic_check_period_s"], self._check_topics)
+        self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
+        if self.p["autostart"]:
+            ok, message = self.start()
+            if not ok:
+                self.get_logger().error(f"autostart failed: {message}")
+
+    # ---------------------------------------------------------------- parameters
+    def _declare_parameters(self) -> dict[str, Any]:
+        specs = [
+            ("topics", list(DEFAULT_TOPICS), "topics to record; relative names resolve in the node's namespace", None),
+            ("output_dir", "bags", "folder the bags are created in", None),
+            ("bag_name", "", "bag directory name; empty = rosbag2_YYYY_MM_DD-HH_MM_SS (a suffix avoids clashes)", None),
+            ("max_split_size_mb", 512, "start a new file when one reaches this size (MB); 0 = no limit",
+             int_range(0, 1_000_000)),
+            ("max_split_duration_s", 0.0, "start a new file after this much recording; 0 = no limit",
+             float_range(0.0, 86400.0)),
+            ("compression", "none", f"MCAP chunk compression: {list(COMPRESSIONS)}", None),
+            ("min_free_space_mb", 512, "close the bag and stop recording below this free disk space (MB)",
+             int_range(0, 1_000_000)),
+            ("autostart", True, "start recording when the node starts", None),
+            ("queue_size_mb", 128, "memory for messages waiting to be written; beyond it they are dropped",
+             int_range(1, 16384)),
+            ("chunk_size_kb", 1024, "MCAP chunk size: at most this much is lost if the process is killed",
+             int_range(16, 65536)),
+            ("subscription_depth", 50, "history depth of the recording subscriptions", int_range(1, 10000)),
+            ("diagnostics_period_s", 1.0, "period of /diagnostics (read-only)", float_range(0.1, 60.0)),
+            ("topic_check_period_s", 1.0, "how often topics not yet advertised are looked for (read-only)",
+             float_range(0.05, 60.0)),
+        ]
+        values = declare_parameters(self, specs, _READ_ONLY)
+        reason = self._validate(values)
+        if reason:
+            raise ValueError(reason)
+        values["topics"] = list(values["topics"])
+        return values
+
+    def _validate(self, values: dict[str, Any]) -> str:
+        if values["compression"] not in COMPRESSIONS:
+            return f"compression must be one of {list(COMPRESSIONS)}, got {values['compression']!r}"
+        topics = list(values["topics"])
+        if not topics:
+            return "topics must name at least one topic"
+        for topic in topics:
+            try:
+                self._resolve(str(topic))
+            except Exception as exc:  # noqa: BLE001 - rclpy raises several kinds for invalid names
+                return f"topics: {topic!r} is not a valid topic name ({exc})"
+        if "/" in values["bag_name"] or values["bag_name"] in (".", ".."):
+            return f"bag_name must be a plain directory name, got {values['bag_name']!r}"
+        if not str(values["output_dir"]).strip():
+            return "output_dir must not be empty"
+        return ""
+
+    def _on_set_parameters(self, params: list) -> SetParametersResult:
+        new = dict(self.p)
+        for param in params:
+            new[param.name] = list(param.value) if param.name == "topics" else param.value
+        reason = self._validate(new)
+        if reason:
+            return SetParametersResult(successful=False, reason=reason)
+        changed_bag = [k for k in _BAG_PARAMS if new[k] != self.p[k]]
+        self.p = new
+        if changed_bag and self._recorder is not None:
+            self.get_logger().info(f"{', '.join(changed_bag)} changed: applies from the next ~/start")
+        return SetParametersResult(successful=True)
+
+    def _resolve(self, topic: str) -> str:
+        """Absolute name of ``topic`` in this node's namespace (remapped where rclpy can)."""
+        try:
+            return self.resolve_topic_name(topic)
+        except AttributeError:  # Humble's rclpy: expand by hand, then let rclpy validate it
+            from rclpy.validate_full_topic_name import validate_full_topic_name
+
+            if topic.startswith("~"):
+                name = self.get_fully_qualified_name() + topic[1:]
+            elif topic.startswith("/"):
+                name = topic
+            else:
+                name = self.get_namespace().rstrip("/") + "/" + topic
+            validate_full_topic_name(name)
+            return name
+
+    # ---------------------------------------------------------------- start / stop
+    @property
+    def recorder(self) -> BagRecorder | None:
+        """The bag being recorded, or None when idle."""
+        return self._recorder
+
+    def _bag_path(self) -> Path:
+        root = Path(os.path.expanduser(str(self.p["output_dir"])))
+        name = self.p["bag_name"] or time.strftime("rosbag2_%Y_%m_%d-%H_%M_%S")
+        path, n = root / name, 1
+        while path.exists():
+            path, n = root / f"{name}_{n}", n + 1
+        return path
+
+    def start(self) -> tuple[bool, str]:
+        """Open a new bag and subscribe to the topics; (success, message)."""
+        if self._recorder is not None:
+            return False, f"already recording to {self._recorder.path}"
+        path = self._bag_path()
+        namespace = self.get_namespace()
+        try:
+            recorder = BagRecorder(
+                path,
+                max_split_bytes=int(self.p["max_split_size_mb"]) * MB,
+                max_split_duration_s=float(self.p["max_split_duration_s"]),
+                compression=str(self.p["compression"]),
+                chunk_bytes=int(self.p["chunk_size_kb"]) * 1024,
+                min_free_bytes=int(self.p["min_free_space_mb"]) * MB,
+                queue_max_bytes=int(self.p["queue_size_mb"]) * MB,
+                custom_data={"recorder": "forest_perception capture_node", "namespace": namespace},
+                ros_distro=os.environ.get("ROS_DISTRO", "kilted"),
+                disk_usage=self._disk_usage,
+            )
+        except (RecorderError, OSError, ValueError) as exc:
+            self.last_error = f"cannot start recording: {exc}"
+            return False, self.last_error
+        self._recorder = recorder
+        self._sequence.clear()
+        self.transport_lost = {}
+        self._reported_drops = self._reported_lost = 0
+        self._rate.clear()
+        self.last_error = ""
+        self.get_logger().info(f"recording to {path}")
+        self._check_topics()
+        return True, f"recording to {path}"
+
+    def stop(self) -> tuple[bool, str]:
+        """Close the bag (everything queued is written); (success, message)."""
+        recorder = self._recorder
+        if recorder is None:
+            return False, "not recording"
+        for topic in list(self._topic_subs):
+            self._unsubscribe(topic)
+        self._recorder = None
+        try:
+            stats = recorder.close()
+        except RecorderError as exc:
+            self.last_error = str(exc)
+            return False, self.last_error
+        self.last_stats = stats
+        self._log_losses(stats)
+        self.get_logger().info(f"closed {stats.summary()}")
+        return True, stats.summary()
+
+    def _unsubscribe(self, topic: str) -> None:
+        subscription = self._topic_subs.pop(topic, None)
+        if subscription is not None:
+            self.destroy_subscription(subscription)
+
+    # ---------------------------------------------------------------- topics
+    def _wanted(self) -> dict[str, str]:
+        return {self._resolve(str(t)): str(t) for t in self.p["topics"]}
+
+    def _check_topics(self) -> None:
+        recorder = self._recorder
+        if recorder is None:
+            return
+        if recorder.state == "stopped":  # the disk guard or a write error ended it
+            self.last_error = recorder.stop_reason
+            self.get_logger().error(f"recording stopped: {recorder.stop_reason}")
+            self.stop()
+            self.last_error = recorder.stop_reason
+            return
+        wanted = self._wanted()
+        for topic in list(self._topic_subs):
+            if topic not in wanted:
+                self._unsubscribe(topic)
+        missing = [t for t in wanted if t not in self._topic_subs]
+        if not missing:
+            self._waiting = {}
+            return
+        advertised = dict(self.get_topic_names_and_types())
+        waiting: dict[str, str] = {}
+        for topic in missing:
+            types = advertised.get(topic)
+            publishers = self.get_publishers_info_by_topic(topic) if types else []
+            if not types or not publishers:
+                waiting[topic] = "no publisher yet"
+                continue
+            if len(types) > 1:
+                waiting[topic] = f"advertised with several types {types}: not recorded"
+                continue
+            try:
+                self._subscribe(recorder, topic, types[0], publishers)
+            except (ImportError, AttributeError, ValueError, RecorderError) as exc:
+                waiting[topic] = f"cannot record {types[0]}: {exc}"
+        for topic, why in waiting.items():
+            if self._waiting.get(topic) != why and why != "no publisher yet":
+                self.get_logger().error(f"{topic}: {why}")
+        self._waiting = waiting
+
+    def _subscribe(self, recorder: BagRecorder, topic: str, type_name: str, publishers: list) -> None:
+        profiles = [offered_qos(info.qos_profile) for info in publishers]
+        type_hash = str(getattr(publishers[0], "topic_type_hash", ""))
+        type_hash = type_hash if type_hash.startswith("RIHS01_") else None
+        msg_type = message_class(type_name)
+        recorder.add_topic(topic, type_name, profiles, type_hash=type_hash)
+        reliability, durability = adapted_subscription_qos(profiles)
+        qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=int(self.p["subscription_depth"]),
+            reliability=ReliabilityPolicy.RELIABLE if reliability == "reliable" else ReliabilityPolicy.BEST_EFFORT,
+            durability=(DurabilityPolicy.TRANSIENT_LOCAL if durability == "transient_local"
+                        else DurabilityPolicy.VOLATILE),
+        )
+        if _CALLBACK_WITH_INFO:
+            callback = functools.partial(self._on_message, topic)
+        else:
+            callback = functools.partial(self._on_message_without_info, topic)
+        self._topic_subs[topic] = self.create_subscription(msg_type, topic, callback, qos, raw=True)
+        self.transport_lost.setdefault(topic, 0)
+        self.get_logger().info(f"recording {topic} ({type_name}, {reliability}, {durability})")
+
+    def _on_message_without_info(self, topic: str, data: bytes) -> None:
+        self._on_message(topic, data, {})
+
+    def _on_message(self, topic: str, data: bytes, info: dict) -> None:
+        recorder = self._recorder
+        if recorder is None:
+            return
+        now = self.get_clock().now().nanoseconds
+        sequence = info.get("publication_sequence_number")
+        if sequence is not None:
+            gid = info.get("publisher_gid") or {}
+            key = (topic, bytes(gid.get("data", b"")))
+            last = self._sequence.get(key)
+            if last is not None and sequence > last + 1:
+                self.transport_lost[topic] = self.transport_lost.get(topic, 0) + int(sequence - last - 1)
+            if last is None or sequence > last:
+                self._sequence[key] = sequence
+        recorder.write(topic, data, now, info.get("source_timestamp") or now, sequence or 0)
+
+    # ---------------------------------------------------------------- services
+    def _on_start(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        response.success, response.message = self.start()
+        return response
+
+    def _on_stop(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        response.success, response.message = self.stop()
+        return response
+
+    def _on_pause(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        recorder = self._recorder
+        if recorder is None:
+            response.success, response.message = False, "not recording"
+            return response
+        try:
+            recorder.pause() if request.data else recorder.resume()
+        except RecorderError as exc:
+            response.success, response.message = False, str(exc)
+            return response
+        response.success, response.message = True, f"{recorder.state}: {recorder.path}"
+        return response
+
+    def _on_split(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        recorder = self._recorder
+        if recorder is None:
+            response.success, response.message = False, "not recording"
+            return response
+        try:
+            finished = recorder.split()
+        except RecorderError as exc:
+            response.success, response.message = False, str(exc)
+            return response
+        response.success = True
+        response.message = f"finished {finished}" if finished else "current file was empty: nothing to split"
+        return response
+
+    # ---------------------------------------------------------------- diagnostics
+    def _log_losses(self, stats: RecorderStats) -> None:
+        lost = sum(self.transport_lost.values())
+        if stats.dropped > self._reported_drops or lost > self._reported_lost:
+            per_topic = ", ".join(
+                f"{name}: {s.dropped} dropped, {self.transport_lost.get(name, 0)} lost"
+                for name, s in stats.topics.items()
+                if s.dropped or self.transport_lost.get(name, 0)
+            )
+            self.get_logger().warning(
+                f"cannot keep up: {stats.dropped} messages dropped (writer queue full), {lost} lost before "
+                f"reaching the recorder ({per_topic})"
+            )
+            self._reported_drops, self._reported_lost = stats.dropped, lost
+
+    def diagnostics_values(self) -> tuple[int, str, dict[str, object]]:
+        """(level, message, key/values) of the recorder's health right now."""
+        recorder = self._recorder
+        stats = recorder.stats if recorder is not None else self.last_stats
+        lost = sum(self.transport_lost.values())
+        values: dict[str, object] = {"state": "idle" if recorder is None else stats.state}
+        if stats is not None:
+            now = time.monotonic()
+            if recorder is not None:
+                self._rate.append((now, stats.written, stats.bytes_written))
+            rate_hz = mb_s = 0.0
+            if len(self._rate) >= 2 and self._rate[-1][0] > self._rate[0][0]:
+                (t0, n0, b0), (t1, n1, b1) = self._rate[0], self._rate[-1]
+                rate_hz, mb_s = (n1 - n0) / (t1 - t0), (b1 - b0) / (t1 - t0) / MB
+            values.update({
+                "bag": stats.bag_path,
+                "current_file": stats.current_file,
+                "files_finished": len(stats.files),
+                "messages_received": stats.received,
+                "messages_written": stats.written,
+                "messages_dropped": stats.dropped,
+                "messages_lost_in_transport": lost,
+                "mb_written": stats.file_bytes / MB,
+                "write_rate_hz": rate_hz,
+                "write_rate_mb_s": mb_s,
+                "queue_mb": stats.queue_bytes / MB,
+                "queue_peak_mb": stats.queue_peak_bytes / MB,
+                "disk_free_mb": stats.disk_free_bytes / MB if stats.disk_free_bytes >= 0 else -1.0,
+            })
+            for name, topic in stats.topics.items():
+                values[f"topic {name}"] = (
+                    f"written {topic.written}, dropped {topic.dropped}, lost {self.transport_lost.get(name, 0)}"
+                )
+        for topic, why in self._waiting.items():
+            values[f"waiting {topic}"] = why
+        values["last_error"] = self.last_error
+        if recorder is None:
+            if self.last_error:
+                return DiagnosticStatus.ERROR, self.last_error, values
+            return DiagnosticStatus.OK, "idle", values
+        if stats.state == "stopped":
+            return DiagnosticStatus.ERROR, stats.stop_reason, values
+        if stats.dropped or lost:
+            return DiagnosticStatus.WARN, f"recording; {stats.dropped} dropped, {lost} lost in transport", values
+        if stats.state == "paused":
+            return DiagnosticStatus.WARN, "paused", values
+        if self._waiting:
+            return DiagnosticStatus.WARN, f"recording; waiting for {len(self._waiting)} topic(s)", values
+        return DiagnosticStatus.OK, "recording", values
+
+    def _publish_diagnostics(self) -> None:
+        if self._recorder is not None:
+            self._log_losses(self._recorder.stats)
+        level, message, values = self.diagnostics_values()
+        array = DiagnosticArray()
+        array.header.stamp = self.get_clock().now().to_msg()
+        namespace = self.get_namespace().strip("/") or "capture_node"
+        array.status.append(msgs.diagnostic_status(f"capture_node: {namespace}", namespace, level, message, values))
+        self.diag_pub.publish(array)
+
+    def destroy_node(self) -> None:
+        """Close the bag cleanly, then the node."""
+        if self._recorder is not None:
+            self.stop()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of ``ros2 run forest_perception capture_node``."""
+    run_node(CaptureNode, "capture_node", args)
+
+
+if __name__ == "__main__":
+    main()
