@@ -1,13 +1,17 @@
-"""A rover's perception: depth_node under the rover namespace, and optionally the simulator.
+"""A rover's perception: depth, sensor sync and (optionally) recording under the rover namespace.
 
 ros2 launch forest_perception rover.launch.py model_path:=/path/to/depth.onnx
-ros2 launch forest_perception rover.launch.py sim:=true namespace:=rover_0 model_path:=...
+ros2 launch forest_perception rover.launch.py sim:=true namespace:=rover_0 record:=true bag_dir:=/data/bags
 
 depth_node subscribes ``/<namespace>/camera/image_raw`` and ``camera/camera_info`` and publishes
 ``depth/image``, ``depth/points``, ``depth/scan`` (frame ``camera_link``) and ``/diagnostics``.
-With ``sim:=true`` sim_node (config/sim.yaml) drives one rover named after the namespace and
-publishes ``/clock``, and depth_node runs on simulated time. Without a valid ``model_path`` the
-node still starts and reports the error on /diagnostics until the parameter is set.
+sensor_sync_node matches colour, depth and camera_info, interpolates IMU and wheels to each frame
+and publishes ``sync/*``, ``odom/fused`` and ``gps/enu``. With ``record:=true`` capture_node records
+the rover's sensor topics into an MCAP rosbag2 bag under ``bag_dir`` (services
+``capture_node/start|stop|pause|split``). With ``sim:=true`` sim_node (config/sim.yaml) drives one
+rover named after the namespace and publishes ``/clock``, and every node runs on simulated time.
+Without a valid ``model_path`` depth_node still starts and reports the error on /diagnostics until
+the parameter is set. Parameters of every node: ``params_file`` (config/rover.yaml).
 """
 
 import os
@@ -33,9 +37,14 @@ def generate_launch_description() -> LaunchDescription:
                 description="exported depth model (.onnx or .pt) for depth_node",
             ),
             DeclareLaunchArgument(
-                "params_file", default_value=os.path.join(share, "config", "rover.yaml"), description="depth_node YAML"
+                "params_file",
+                default_value=os.path.join(share, "config", "rover.yaml"),
+                description="parameter YAML of the rover's nodes",
             ),
             DeclareLaunchArgument("sim", default_value="false", description="also run sim_node (true/false)"),
+            DeclareLaunchArgument("sync", default_value="true", description="run sensor_sync_node (true/false)"),
+            DeclareLaunchArgument("record", default_value="false", description="run capture_node (true/false)"),
+            DeclareLaunchArgument("bag_dir", default_value="bags", description="folder capture_node records into"),
             DeclareLaunchArgument(
                 "sim_params_file",
                 default_value=os.path.join(share, "config", "sim.yaml"),
@@ -54,6 +63,27 @@ def generate_launch_description() -> LaunchDescription:
                         # launch_ros evaluates "true"/"false" as YAML booleans: simulated time with the simulator
                         "use_sim_time": sim,
                     },
+                ],
+            ),
+            Node(
+                package="forest_perception",
+                executable="sensor_sync_node",
+                name="sensor_sync_node",
+                namespace=namespace,
+                output="screen",
+                condition=IfCondition(LaunchConfiguration("sync")),
+                parameters=[LaunchConfiguration("params_file"), {"use_sim_time": sim}],
+            ),
+            Node(
+                package="forest_perception",
+                executable="capture_node",
+                name="capture_node",
+                namespace=namespace,
+                output="screen",
+                condition=IfCondition(LaunchConfiguration("record")),
+                parameters=[
+                    LaunchConfiguration("params_file"),
+                    {"output_dir": LaunchConfiguration("bag_dir"), "use_sim_time": sim},
                 ],
             ),
             Node(

@@ -119,6 +119,21 @@ def test_launch_files_use_existing_executables_and_declared_parameters(rclpy_con
     finally:
         node.destroy_node()
 
+    from forest_perception.nodes.sensor_sync_node import SensorSyncNode
+
+    node = SensorSyncNode(context=rclpy_context)
+    try:
+        declared["sensor_sync_node"] = set(node._parameters)
+    finally:
+        node.destroy_node()
+    from forest_perception.nodes.capture_node import CaptureNode
+
+    node = CaptureNode(context=rclpy_context, parameter_overrides=[Parameter("autostart", value=False)])
+    try:
+        declared["capture_node"] = set(node._parameters)
+    finally:
+        node.destroy_node()
+
     scripts = console_scripts()
     nodes = launch_nodes()
     assert nodes, "no launch_ros Node actions found in launch/"
@@ -138,9 +153,10 @@ def test_launch_files_use_existing_executables_and_declared_parameters(rclpy_con
             checked.add(node_name)
             unknown = set(parameters) - declared[node_name]
             assert not unknown, f"{cfg.name}: {node_name} has undeclared parameters {sorted(unknown)}"
-    assert checked >= {"sim_node", "depth_node"}, f"no YAML parameters found for {sorted(set(declared) - checked)}"
+    assert checked == set(declared), f"no YAML parameters found for {sorted(set(declared) - checked)}"
     launched = {kwargs.get("executable") for _, kwargs in nodes}
-    assert "depth_node" in launched, "no launch file starts depth_node"
+    for executable in ("depth_node", "sensor_sync_node", "capture_node"):
+        assert executable in launched, f"no launch file starts {executable}"
 
 
 def yaml_node_parameters(data: dict, prefix: str = "") -> list[tuple[str, dict]]:
