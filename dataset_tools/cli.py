@@ -1,4 +1,4 @@
-"""``forest-dataset``: create and inspect datasets in the low-viewpoint forest dataset layout."""
+"""``forest-dataset``: make, inspect, extract (from bags), repair, curate, split, validate, report datasets."""
 
 from __future__ import annotations
 
@@ -67,6 +67,210 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"workers must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"workers must be a positive integer, got {value}")
+    return value
+
+
+def _add_curate(sub: argparse._SubParsersAction) -> None:
+    from dataset_tools.curate import CurateConfig
+
+    d = CurateConfig()
+    p = sub.add_parser(
+        "curate",
+        help="keep sharp, distinct, spread-out frames into a new dataset (+ curation.csv with every decision)",
+    )
+    p.add_argument("source", help="input dataset root (Run-N/<segment>/ folders); only read")
+    p.add_argument("--out", required=True, help="new dataset folder (must not exist or be empty)")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--count", type=int, help="frames to keep (default: all that pass the filters)")
+    target.add_argument("--fraction", type=float, help="fraction of the input frames to keep, (0, 1]")
+    p.add_argument("--blur-ratio", type=float, default=d.blur_ratio,
+                   help="blurry below this fraction of the neighbours' sharpness (0 = off)")
+    p.add_argument("--blur-window", type=int, default=d.blur_window, help="neighbours either side, frames")
+    p.add_argument("--blur-percentile", type=float, default=d.blur_percentile,
+                   help="percentile of the neighbours' sharpness used as reference")
+    p.add_argument("--min-laplacian", type=float, default=d.min_laplacian,
+                   help="absolute floor of the variance of the Laplacian")
+    p.add_argument("--min-tenengrad", type=float, default=d.min_tenengrad, help="absolute floor of Tenengrad")
+    p.add_argument("--duplicate-distance", type=float, default=d.duplicate_distance,
+                   help="descriptor distance (0..2) under which frames are near duplicates (0 = off)")
+    p.add_argument("--duplicate-window", type=float, default=d.duplicate_window_s,
+                   help="seconds either side within a segment compared for duplicates")
+    p.add_argument("--duplicate-radius", type=float, default=d.duplicate_radius_m,
+                   help="with GPS, also compare frames of any segment within this many metres (0 = off)")
+    p.add_argument("--min-depth-valid", type=float, default=d.min_depth_valid,
+                   help="drop frames with a smaller fraction of valid depth pixels")
+    p.add_argument("--no-depth-check", action="store_true", help="do not decode depth (faster; no no_depth drops)")
+    p.add_argument("--min-spacing", type=float, default=d.min_spacing_m, help="metres between kept frames (GPS)")
+    p.add_argument("--min-interval", type=float, default=d.min_interval_s,
+                   help="seconds between kept frames of one segment")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the first farthest-point pick")
+    p.add_argument("--workers", type=_parse_workers, help="scoring threads (default: one per core)")
+    p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from dataset_tools.curate import CurateConfig, curate
+
+    config = CurateConfig(
+        count=args.count,
+        fraction=args.fraction,
+        blur_ratio=args.blur_ratio,
+        blur_window=args.blur_window,
+        blur_percentile=args.blur_percentile,
+        min_laplacian=args.min_laplacian,
+        min_tenengrad=args.min_tenengrad,
+        duplicate_distance=args.duplicate_distance,
+        duplicate_window_s=args.duplicate_window,
+        duplicate_radius_m=args.duplicate_radius,
+        min_depth_valid=args.min_depth_valid,
+        check_depth=not args.no_depth_check,
+        min_spacing_m=args.min_spacing,
+        min_interval_s=args.min_interval,
+        seed=args.seed,
+        workers=args.workers,
+        link=not args.copy,
+    )
+    result = curate(args.source, args.out, config, progress=not args.quiet)
+    print("\n".join(result.lines()))
+    return 0
+
+
+def _add_split(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("split", help="train/val/test split by segment, run or GPS region (never by frame)")
+    p.add_argument("root", help="dataset root")
+    p.add_argument("--by", choices=("segment", "run", "gps"), default="segment", help="what a group is")
+    p.add_argument("--fractions", default="0.8,0.1,0.1", help="train,val,test fractions summing to 1")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--cell", type=float, default=50.0, help="--by gps: grid cell side, metres")
+    p.add_argument("--gap", type=float, default=0.0,
+                   help="--by gps: leave out frames closer than this many metres to another split")
+    p.add_argument("--out", help="folder for splits.json and train/val/test.txt (default: the dataset root)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing split files")
+
+
+def _split(args: argparse.Namespace) -> int:
+    from dataset_tools.split import split_dataset, write_splits
+
+    result = split_dataset(args.root, by=args.by, fractions=args.fractions, seed=args.seed, cell_m=args.cell,
+                           gap_m=args.gap)
+    paths = write_splits(result, args.out, overwrite=args.overwrite)
+    print("\n".join(result.lines()))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
+    from dataset_tools.validate import ValidateConfig
+
+    d = ValidateConfig()
+    p = sub.add_parser("validate", help="check a dataset folder; list every problem with its file (exit 1 on errors)")
+    p.add_argument("root", help="dataset root")
+    p.add_argument("--max-depth", type=float, default=d.max_depth_m, help="plausible depth limit, metres")
+    p.add_argument("--max-far-fraction", type=float, default=d.max_far_fraction,
+                   help="error when more of a depth image's valid pixels lie beyond --max-depth")
+    p.add_argument("--quick", action="store_true", help="check PNG headers only, do not decode images")
+    p.add_argument("--workers", type=_parse_workers, help="decoding threads (default: one per core)")
+    p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from dataset_tools.validate import ValidateConfig, validate_dataset
+
+    config = ValidateConfig(
+        max_depth_m=args.max_depth, max_far_fraction=args.max_far_fraction, decode=not args.quick,
+        workers=args.workers,
+    )
+    report = validate_dataset(args.root, config, progress=not args.quiet and not args.json)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print("\n".join(report.lines()))
+    failed = not report.ok or (args.strict and report.warnings)
+    return 1 if failed else 0
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write a self-contained HTML report (plots, examples, curation, splits)")
+    p.add_argument("root", help="dataset root")
+    p.add_argument("--out", help="HTML file (default: ROOT/report.html)")
+    p.add_argument("--curation", help="curation.csv to show (default: ROOT/curation.csv when present)")
+    p.add_argument("--splits", help="splits.json to show (default: ROOT/splits.json when present)")
+    p.add_argument("--examples", type=int, default=6, help="example frames to show")
+    p.add_argument("--sample", type=int, default=200, help="frames decoded for the depth/sharpness histograms")
+    p.add_argument("--max-depth", type=float, default=10.0, help="far end of the depth colour map, metres")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dataset_tools.report import build_report
+
+    path = build_report(
+        args.root, args.out, curation=args.curation, splits=args.splits, examples=args.examples,
+        sample=args.sample, max_depth_m=args.max_depth, overwrite=args.overwrite,
+    )
+    print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+    return 0
+
+
+def _add_bags(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="bag -> frames in the dataset layout, through the rover's sensor sync")
+    p.add_argument("bag", help="rosbag2 bag directory (MCAP or sqlite3) or a single .mcap file")
+    p.add_argument("--out", required=True, help="dataset root; frames go to <out>/Run-N/<a, b, ...>")
+    p.add_argument("--run", type=int, default=None, help="Run-N number (default: the next free one)")
+    p.add_argument("--namespace", default=None, help="rover namespace in the bag (default: the only one)")
+    p.add_argument("--every", type=int, default=1, help="keep every n-th synchronised frame")
+    p.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0: all)")
+    p.add_argument("--segment-gap", type=float, default=2.0, help="a gap longer than this (s) starts a segment")
+    p.add_argument("--segment-frames", type=int, default=0, help="frames per segment at most (0: no limit)")
+    p.add_argument("--slop", type=float, default=0.02, help="approximate-time slop for colour/depth/info (s)")
+    p.add_argument("--queue-size", type=int, default=10, help="approximate-time queue size per camera stream")
+    p.add_argument("--gps-tolerance", type=float, default=1.0, help="a GPS fix older than this (s) is stale")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("repair", help="recover the MCAP files of a bag cut short and rebuild metadata.yaml")
+    p.add_argument("bag", help="rosbag2 bag directory")
+    p = sub.add_parser("bag-info", help="summarise a bag like `ros2 bag info` and list what is wrong with it")
+    p.add_argument("bag", help="rosbag2 bag directory or .mcap file")
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from dataset_tools.extract import ExtractConfig, extract_bag
+    from forest_perception.sync import SyncConfig
+
+    sync = SyncConfig(queue_size=args.queue_size, slop_s=args.slop, gps_tolerance_s=args.gps_tolerance)
+    config = ExtractConfig(
+        namespace=args.namespace, run=args.run, sync=sync, every=args.every, max_frames=args.max_frames,
+        segment_gap_s=args.segment_gap, segment_frames=args.segment_frames,
+    )
+    report = extract_bag(args.bag, args.out, config, progress=not args.quiet)
+    print("\n".join(report.lines()))
+    return 0 if report.frames_written else 1
+
+
+def _repair(args: argparse.Namespace) -> int:
+    from dataset_tools.bags import repair_bag
+
+    print(repair_bag(args.bag).summary())
+    return 0
+
+
+def _bag_info(args: argparse.Namespace) -> int:
+    from dataset_tools.bags import bag_info
+
+    info = bag_info(args.bag)
+    print(info.summary())
+    return 0 if info.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``forest-dataset`` argument parser."""
     parser = argparse.ArgumentParser(prog="forest-dataset", description=__doc__)
@@ -75,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="summarise a dataset folder")
     p.add_argument("root")
     p.add_argument("--json", action="store_true")
+    _add_curate(sub)
+    _add_split(sub)
+    _add_validate(sub)
+    _add_report(sub)
+    _add_bags(sub)
     return parser
 
 
@@ -82,10 +291,22 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; exits 2 with a one-line message on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"synth": _synth, "info": _info}
+    handlers = {
+        "synth": _synth,
+        "info": _info,
+        "curate": _curate,
+        "split": _split,
+        "validate": _validate,
+        "report": _report,
+        "extract": _extract,
+        "repair": _repair,
+        "bag-info": _bag_info,
+    }
+    from dataset_tools.bags import BagError
+
     try:
         return handlers[args.command](args)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, BagError) as exc:
         print(f"forest-dataset {args.command}: {exc}", file=sys.stderr)
         return 2
 

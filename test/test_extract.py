@@ -199,3 +199,21 @@ def test_bad_bags_and_outputs_are_refused_without_writing(tmp_path):
 def test_find_namespaces():
     topics = ["/rover_0/camera/image_raw", "/rover_1/camera/image_raw", "/camera/image_raw", "/rover_0/imu/data"]
     assert find_namespaces(topics) == ["", "/rover_0", "/rover_1"]
+
+
+def test_cli_extract_bag_info_and_repair(tmp_path, capsys):
+    from dataset_tools.cli import main
+
+    bag = _Bag(tmp_path / "bag")
+    bag.drive(T0, 0.5, 0)
+    bag.close()
+    assert main(["bag-info", str(tmp_path / "bag")]) == 0
+    assert "/rover_0/camera/image_raw" in capsys.readouterr().out
+    assert main(["extract", str(tmp_path / "bag"), "--out", str(tmp_path / "ds"), "--quiet", "--every", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "written: 3" in out and "Run-1" in out
+    assert main(["repair", str(tmp_path / "bag")]) == 0  # nothing to repair: says so, changes nothing
+    assert len(open_dataset(tmp_path / "ds")) == 3
+    assert main(["extract", str(tmp_path / "missing"), "--out", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err
+    assert "forest-dataset extract:" in err and "missing" in err
