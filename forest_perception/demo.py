@@ -1,9 +1,11 @@
-"""``make demo``: a forest, a rover exploring it over ROS 2 on loopback, and a synthetic dataset.
+"""``make demo``: a forest, a rover exploring it over ROS 2 on loopback, its recording curated into a dataset.
 
-Steps: generate a forest from a seed and print its stand statistics; run ``sim_node``
-in-process with one exploring rover and listen to its topics for a while (rates, GPS,
-distance driven); export the same forest for Gazebo; render a small synthetic dataset in
-the low-viewpoint forest dataset layout and read it back.
+Steps: generate a forest from a seed and print its stand statistics; run ``sim_node``,
+``depth_node`` (live accuracy against the simulated depth camera), ``sensor_sync_node`` and
+``capture_node`` in-process with one exploring rover, recording its topics to an MCAP bag; turn
+the bag into a dataset (extract, curate, split, validate, HTML report); export the same forest
+for Gazebo; render a small synthetic dataset in the low-viewpoint forest dataset layout and
+read it back; draw a map and a contact sheet.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import math
 import os
 import random
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -25,8 +28,11 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def drive_over_ros(seed: int, seconds: float, weather: str, model_path: str | None = None) -> dict:
-    """Run sim_node with one exploring rover (and depth_node when a model is given); count what arrives."""
+def drive_over_ros(
+    seed: int, seconds: float, weather: str, model_path: str | None = None, bag_dir: Path | None = None
+) -> dict:
+    """Run sim_node with one exploring rover, sensor_sync_node, depth_node when a model is given and
+    capture_node when ``bag_dir`` is given (recording the rover's topics there); count what arrives."""
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from nav_msgs.msg import Odometry
@@ -36,6 +42,7 @@ def drive_over_ros(seed: int, seconds: float, weather: str, model_path: str | No
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import CameraInfo, Image, Imu, JointState, NavSatFix
 
+    from forest_perception.nodes.sensor_sync_node import SensorSyncNode
     from forest_perception.nodes.sim_node import SimNode
 
     rclpy.init()
@@ -43,6 +50,17 @@ def drive_over_ros(seed: int, seconds: float, weather: str, model_path: str | No
     last: dict[str, object] = {}
     sim = SimNode(parameter_overrides=[Parameter("seed", value=seed), Parameter("weather", value=[weather])])
     listener = rclpy.create_node("demo_listener")
+    sync_node = SensorSyncNode(namespace="rover_0", parameter_overrides=[Parameter("use_sim_time", value=True)])
+    capture = None
+    if bag_dir is not None:
+        from forest_perception.nodes.capture_node import CaptureNode
+
+        capture = CaptureNode(namespace="rover_0", parameter_overrides=[
+            Parameter("output_dir", value=str(bag_dir.parent)),
+            Parameter("bag_name", value=bag_dir.name),
+            Parameter("max_split_duration_s", value=10.0),
+            Parameter("min_free_space_mb", value=256),
+        ])
     depth_node = None
     live = None
     if model_path is not None:
@@ -74,6 +92,8 @@ def drive_over_ros(seed: int, seconds: float, weather: str, model_path: str | No
         "/rover_0/gps/fix": NavSatFix,
         "/rover_0/joint_states": JointState,
         "/rover_0/odom": Odometry,
+        "/rover_0/odom/fused": Odometry,
+        "/rover_0/sync/image": Image,
         "/clock": Clock,
         "/diagnostics": DiagnosticArray,
     }
@@ -87,7 +107,7 @@ def drive_over_ros(seed: int, seconds: float, weather: str, model_path: str | No
 
     # best effort like the publishers' sensor QoS, with a deep queue so the demo's own listener drops nothing
     sensor_qos = QoSProfile(depth=500, reliability=ReliabilityPolicy.BEST_EFFORT)
-    reliable = ("/clock", "/diagnostics", "/rover_0/odom", "/rover_0/joint_states")
+    reliable = ("/clock", "/diagnostics", "/rover_0/odom", "/rover_0/joint_states", "/rover_0/odom/fused")
     for name, kind in topics.items():
         qos = QoSProfile(depth=100) if name in reliable else sensor_qos
         listener.create_subscription(kind, name, make_cb(name), qos)
@@ -97,8 +117,10 @@ def drive_over_ros(seed: int, seconds: float, weather: str, model_path: str | No
     executor = SingleThreadedExecutor()
     executor.add_node(sim)
     executor.add_node(listener)
-    if depth_node is not None:
-        executor.add_node(depth_node)
+    executor.add_node(sync_node)
+    for extra in (depth_node, capture):
+        if extra is not None:
+            executor.add_node(extra)
     t0 = time.perf_counter()
     sim_t0 = sim.sim.time_s
     next_print = t0 + 5.0
@@ -124,6 +146,11 @@ def drive_over_ros(seed: int, seconds: float, weather: str, model_path: str | No
     wall = time.perf_counter() - t0
     sim_elapsed = sim.sim.time_s - sim_t0
     state = sim.sim.rovers[0].state
+    capture_stats = None
+    if capture is not None:
+        capture.stop()
+        capture_stats = capture.last_stats
+    sync_summary = sync_node.sync.summary()
     result = {
         "wall_s": wall,
         "sim_s": sim_elapsed,
@@ -135,9 +162,13 @@ def drive_over_ros(seed: int, seconds: float, weather: str, model_path: str | No
         "track": track,
         "live": live.result() if live is not None and counts["/rover_0/depth/image"] else None,
         "depth_images": counts["/rover_0/depth/image"],
+        "fused": last.get("/rover_0/odom/fused"),
+        "sync": sync_summary,
+        "capture": capture_stats,
     }
-    if depth_node is not None:
-        depth_node.destroy_node()
+    for extra in (depth_node, capture, sync_node):
+        if extra is not None:
+            extra.destroy_node()
     executor.shutdown()
     listener.destroy_node()
     sim.destroy_node()
@@ -173,11 +204,19 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in world.summary().items():
         print(f"  {key:>18}: {value:.3g}" if isinstance(value, float) else f"  {key:>18}: {value}")
 
-    _banner(f"2. sim_node + depth_node: one rover exploring for {args.drive_seconds:.0f} s over ROS 2 (loopback)")
+    _banner(
+        f"2. sim_node + depth_node + sensor_sync_node + capture_node: one rover exploring for "
+        f"{args.drive_seconds:.0f} s over ROS 2 (loopback), recorded to a bag"
+    )
     model = Path(__file__).resolve().parent.parent / "models" / args.model
     if not model.is_file():
         print(f"  (no shipped model at {model}: depth_node is left out)")
-    result = drive_over_ros(args.seed, args.drive_seconds, "sunny", str(model) if model.is_file() else None)
+    bag_dir = out / "bags" / "rover_0_drive"
+    for stale in (out / "bags", out / "recorded", out / "curated"):
+        shutil.rmtree(stale, ignore_errors=True)  # a demo run starts from scratch
+    result = drive_over_ros(
+        args.seed, args.drive_seconds, "sunny", str(model) if model.is_file() else None, bag_dir=bag_dir
+    )
     print(
         f"  simulated {result['sim_s']:.1f} s in {result['wall_s']:.1f} s wall "
         f"(real-time factor {result['sim_s'] / result['wall_s']:.2f})"
@@ -198,14 +237,56 @@ def main(argv: list[str] | None = None) -> int:
         )
     x, y, _ = result["final_pose"]
     print(f"  rover ended at ({x:.2f}, {y:.2f}) m, collided: {result['collided']}")
+    fused, odom = result["fused"], result["odom"]
+    if fused is not None and odom is not None:
+        fx, fy = fused.pose.pose.position.x, fused.pose.pose.position.y
+        ox, oy = odom.pose.pose.position.x, odom.pose.pose.position.y
+        print(
+            f"  sensor_sync_node: {result['sync']['frames_released']} synchronised frame sets, fused odometry "
+            f"({fx:.2f}, {fy:.2f}) m vs sim wheel odometry ({ox:.2f}, {oy:.2f}) m, "
+            f"clock resets {result['sync']['clock_resets']}"
+        )
+    if result["capture"] is not None:
+        c = result["capture"]
+        print(f"  capture_node: {c.written} messages written, {c.dropped} dropped, {c.bytes_written / 1e6:.1f} MB "
+              f"in {len(c.files)} file(s) -> {bag_dir}")
 
-    _banner("3. Gazebo export of the same forest")
+    _banner("3. The recorded bag -> extracted, curated, split, validated dataset with a report")
+    from dataset_tools.bags import bag_info
+    from dataset_tools.curate import CurateConfig, curate
+    from dataset_tools.extract import ExtractConfig, extract_bag
+    from dataset_tools.report import build_report
+    from dataset_tools.split import split_dataset, write_splits
+    from dataset_tools.validate import validate_dataset
+
+    info = bag_info(bag_dir)
+    print(f"  bag: {len(info.files)} MCAP file(s), {info.message_count} messages, {info.duration_ns / 1e9:.1f} s, "
+          f"{len(info.topics)} topics, {'no problems' if info.ok else '; '.join(info.problems)}")
+    extracted = extract_bag(bag_dir, out / "recorded", ExtractConfig(run=1, segment_frames=40))
+    for line in extracted.lines()[1:]:
+        print(f"  {line.strip()}")
+    curated = curate(out / "recorded", out / "curated", CurateConfig(fraction=0.4))
+    for line in curated.lines():
+        print(f"  curate: {line}")
+    try:
+        split = split_dataset(out / "curated", by="segment", fractions=(0.6, 0.2, 0.2), seed=0)
+        write_splits(split, overwrite=True)
+        for line in split.lines():
+            print(f"  {line.strip()}")
+    except ValueError as exc:  # a very short drive: too few segments to fill three splits
+        print(f"  split skipped: {exc}")
+    validation = validate_dataset(out / "curated")
+    print(f"  validate: {len(validation.errors)} error(s), {len(validation.warnings)} warning(s)")
+    report_path = build_report(out / "curated", out / "dataset_report.html", overwrite=True)
+    print(f"  report: {report_path}")
+
+    _banner("4. Gazebo export of the same forest")
     export = export_gazebo(world, out / "gazebo", rover_names=("rover_0",))
     print(f"  {export.world_sdf}")
     for path in export.bridge_yamls if hasattr(export, "bridge_yamls") else [export.bridge_yaml]:
         print(f"  {path}")
 
-    _banner("4. Synthetic dataset in the low-viewpoint forest dataset layout")
+    _banner("5. Synthetic dataset in the low-viewpoint forest dataset layout")
     config = SynthConfig(
         runs=1,
         segments_per_run=2,
@@ -234,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         f"IMU az {record.imu.linear_acceleration[2]:.2f} m/s^2"
     )
 
-    _banner("5. Pictures")
+    _banner("6. Pictures")
     map_path = out / "forest_map.png"
     save_rgb(str(map_path), world_map(world, [np.array(result["track"])], marks=poses))
     sheet_path = out / "frames.png"
