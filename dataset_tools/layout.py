@@ -669,7 +669,7 @@ def _canonical(header: str, aliases: Mapping[str, str] | None) -> str | None:
     return COLUMN_SYNONYMS.get(norm)
 
 
-def _map_columns(header: Sequence[str], aliases: Mapping[str, str] | None) -> dict[str, int]:
+def map_columns(header: Sequence[str], aliases: Mapping[str, str] | None) -> dict[str, int]:
     """Standard column (or a scaled timestamp variant) -> index in ``header``."""
     if aliases:
         bad = {k: v for k, v in aliases.items() if v not in METADATA_COLUMNS}
@@ -801,7 +801,7 @@ def read_segment(
     torn_tail = not text.endswith(("\n", "\r"))
     rows = list(csv.reader(io.StringIO(text, newline="")))
     header = [h.strip() for h in rows[0]]
-    cols = _map_columns(header, aliases)
+    cols = map_columns(header, aliases)
     if STEM_COLUMN not in cols:
         raise ValueError(
             f"{csv_path}: no file-name column (expected {STEM_COLUMN!r} or one of "

@@ -51,7 +51,7 @@ from dataset_tools.layout import (
     RGB_DIR,
     STEM_COLUMN,
     TIMESTAMP_COLUMN,
-    _map_columns,  # the reader's own header matching, so validate and the reader agree
+    map_columns,  # the reader's own header matching, so validate and the reader agree
 )
 
 ERROR = "error"
@@ -222,7 +222,7 @@ def _check_metadata(
         out.error(csv_path, f"header line is not valid CSV ({exc})")
         return None
     try:
-        cols = _map_columns(header, aliases)
+        cols = map_columns(header, aliases)
     except ValueError as exc:
         out.error(csv_path, str(exc))
         return None
