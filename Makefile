@@ -55,6 +55,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_sim.py
+	$(PY) bench/bench_depth.py
+	$(PY) bench/bench_depth_node.py
+	$(PY) bench/bench_capture.py
+	$(PY) bench/bench_curate.py
+	$(PY) bench/bench_federated.py
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache build install log *.egg-info

@@ -41,6 +41,7 @@ setup(
             "forest-sim = forest_perception.sim.cli:main",
             "forest-dataset = dataset_tools.cli:main",
             "forest-train = models.cli:main",
+            "forest-fl = collab.flower.cli:main",
         ],
     },
 )

@@ -1,0 +1,209 @@
+"""The cloud coordinator ``ServerApp``: runs the rounds of one algorithm and keeps its state in SQLite.
+
+The algorithm comes from the run config (``algorithm`` = one of
+:data:`collab.flower.strategies.ALGORITHMS`), and so does everything else (see
+``[tool.flwr.app.config]`` in ``pyproject.toml`` and :data:`collab.flower.task.DEFAULT_RUN_CONFIG`).
+
+:class:`Coordinator` is the round loop (Flower's ``Strategy.start`` always starts at round 1;
+this one resumes): on start it opens the :class:`~collab.flower.store.CoordinatorStore` at
+``state-db``; an empty store gets the initial model as round 0, a store with rounds gives
+back the last completed round's model and algorithm state, and the loop continues with the
+next round. Each round is train (select, send, screen, aggregate), optionally evaluate, then
+one commit. A coordinator killed mid-round therefore repeats that round from its start on
+restart; the rovers' replies to the killed round are never applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from collab.flower.store import CoordinatorStore, RoundRecord
+from collab.flower.strategies import ALGORITHMS, RoverStrategy, StrategyConfig, arrays_to_record, build_strategy
+from collab.flower.task import TaskConfig, initial_arrays, merge_run_config
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerSettings:
+    """The coordinator's settings, read from the run config."""
+
+    algorithm: str = "fedavg"
+    num_rounds: int = 3
+    state_db: str = "coordinator.db"
+    keep_updates: bool = False
+    evaluate_every: int = 1
+    round_timeout: float = 600.0
+    population: str = ""
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train_config: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_run_config(cls, config: Mapping) -> ServerSettings:
+        """Validate and convert a run config (kebab-case keys, defaults filled in)."""
+        c = merge_run_config(config)
+        if c["algorithm"] not in ALGORITHMS:
+            raise ValueError(f"run config algorithm {c['algorithm']!r} is not one of {', '.join(ALGORITHMS)}")
+        for key in ("num-server-rounds", "evaluate-every"):
+            if c[key] < 0 or (key == "num-server-rounds" and c[key] < 1):
+                raise ValueError(f"run config {key} must be {'>= 1' if key == 'num-server-rounds' else '>= 0'}, "
+                                 f"got {c[key]}")
+        if not c["round-timeout"] > 0:
+            raise ValueError(f"run config round-timeout must be > 0 s, got {c['round-timeout']}")
+        if not c["state-db"]:
+            raise ValueError("run config state-db must name the coordinator's SQLite file")
+        strategy = StrategyConfig(
+            fraction_train=c["fraction-train"],
+            min_train_nodes=c["min-train-nodes"],
+            fraction_evaluate=c["fraction-evaluate"],
+            min_evaluate_nodes=c["min-evaluate-nodes"],
+            max_norm=c["max-norm"] if c["max-norm"] > 0 else None,
+            max_staleness=c["max-staleness"],
+            server_lr=c["server-lr"],
+            seed=c["seed"],
+            clip_norm=c["clip-norm"] if c["clip-norm"] > 0 else None,
+            trim_fraction=c["trim-fraction"],
+            weighting=c["fedlaavg-weighting"],
+            num_blocks=c["num-blocks"],
+            rounds_per_block=c["rounds-per-block"],
+        ).validate()
+        train_config = {k: c[k] for k in ("local-epochs", "local-steps", "lr", "batch-size", "max-staleness")}
+        return cls(
+            algorithm=c["algorithm"],
+            num_rounds=c["num-server-rounds"],
+            state_db=c["state-db"],
+            keep_updates=c["store-updates"],
+            evaluate_every=c["evaluate-every"],
+            round_timeout=c["round-timeout"],
+            population=c["population"],
+            strategy=strategy,
+            task=TaskConfig.from_run_config(c),
+            train_config=train_config,
+        )
+
+
+def run_identity(settings: ServerSettings, names: list[str], shapes: list[tuple[int, ...]]) -> dict:
+    """What a state file must match to be resumed: algorithm, model and its tensor layout."""
+    layout = hashlib.sha256(json.dumps([names, [list(s) for s in shapes]]).encode()).hexdigest()[:16]
+    return {
+        "algorithm": settings.algorithm,
+        "model": settings.task.model,
+        "base-channels": settings.task.base_channels,
+        "tensors": layout,
+    }
+
+
+class Coordinator:
+    """The resumable round loop around a strategy and a store."""
+
+    def __init__(self, strategy: RoverStrategy, store: CoordinatorStore, settings: ServerSettings) -> None:
+        self.strategy = strategy
+        self.store = store
+        self.settings = settings
+        self.records: list[RoundRecord] = []
+        self.resumed_from: int | None = None
+
+    def start(self) -> int:
+        """Load the last completed round (or save round 0); returns the last completed round."""
+        latest = self.store.latest()
+        if latest is None:
+            self.store.save_initial(self.strategy.names, self.strategy.params, self.strategy.state_dict())
+            LOG.info("coordinator: new run in %s (%s)", self.store.path, self.settings.algorithm)
+            return 0
+        last, names, _params, state = latest
+        if names != self.strategy.names:
+            raise ValueError(f"coordinator store {self.store.path} holds a model with other tensors than this run's")
+        self.strategy.load_state_dict(state)
+        self.resumed_from = last
+        LOG.info("coordinator: resuming %s from round %d (%s)", self.store.path, last, self.settings.algorithm)
+        return last
+
+    def run_round(self, grid: Grid, server_round: int) -> RoundRecord:
+        """Train (and maybe evaluate) one round, then commit it."""
+        strategy = self.strategy
+        arrays = arrays_to_record(strategy.names, strategy.params)
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout)) if messages else []
+        strategy.aggregate_train(server_round, replies)
+        record = strategy.last_record
+        every = self.settings.evaluate_every
+        if every and (server_round % every == 0 or server_round == self.settings.num_rounds):
+            arrays = arrays_to_record(strategy.names, strategy.params)
+            messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+            if messages:
+                replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
+                metrics = strategy.aggregate_evaluate(server_round, replies)
+                record.eval_metrics = {} if metrics is None else {k: float(v) for k, v in metrics.items()}
+        record.finished = time.time()
+        record.resumed = self.resumed_from is not None and server_round == self.resumed_from + 1
+        self.store.commit_round(record, strategy.names, strategy.params, strategy.state_dict())
+        self.records.append(record)
+        LOG.info(
+            "round %d committed: %d accepted, %d rejected, %d failed/missing; train-loss %s absrel %s; %.1f s",
+            server_round, record.count("accepted"), record.count("rejected"),
+            record.count("failed") + record.count("missing"),
+            _fmt(record.train_metrics.get("train-loss")), _fmt(record.train_metrics.get("absrel")),
+            record.finished - record.started,
+        )
+        return record
+
+    def run(self, grid: Grid, num_rounds: int | None = None) -> list[RoundRecord]:
+        """Resume or start, then run rounds up to ``num_rounds`` (default: the settings')."""
+        last = self.start()
+        total = self.settings.num_rounds if num_rounds is None else int(num_rounds)
+        for server_round in range(last + 1, total + 1):
+            self.run_round(grid, server_round)
+        return self.records
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def build_coordinator(config: Mapping) -> Coordinator:
+    """Strategy, store and loop from a (merged) run config."""
+    settings = ServerSettings.from_run_config(config)
+    names, initial = initial_arrays(settings.task)
+    availability = None
+    if settings.population:
+        from collab.flower.simulation import load_population
+
+        availability = load_population(settings.population).is_available
+    strategy = build_strategy(
+        settings.algorithm, names, initial, settings.strategy, settings.train_config, availability
+    )
+    identity = run_identity(settings, names, [tuple(a.shape) for a in initial])
+    store = CoordinatorStore(Path(settings.state_db), identity=identity, keep_updates=settings.keep_updates)
+    return Coordinator(strategy, store, settings)
+
+
+def make_server_app(overrides: Mapping | None = None) -> ServerApp:
+    """A coordinator ServerApp; ``overrides`` win over the run config (the simulation runner binds its config here)."""
+    bound = dict(overrides or {})
+    merge_run_config(bound)
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        coordinator = build_coordinator(merge_run_config(context.run_config, bound))
+        try:
+            coordinator.run(grid)
+        finally:
+            coordinator.store.close()
+
+    return server
+
+
+app = make_server_app()
+"""The ServerApp ``pyproject.toml`` names (``collab.flower.server_app:app``); configured by the run config."""

@@ -1,0 +1,439 @@
+"""What a rover does in a federated round: the depth model as named arrays, its local data, training, evaluation.
+
+Shared by the ServerApp (initial model, tensor names) and the ClientApp (everything else),
+as in Flower's quickstart ``task.py``. The model is one of :mod:`models.networks` (the
+small auto-encoder by default, ``base-channels`` 4 = 27k parameters for 100-rover
+simulations, 16 = the 0.36M-parameter network of the model cards) at a configurable input
+size (e.g. 64x80 or 128x160). Its parameters travel as the floating-point entries of the
+``state_dict`` (weights and BatchNorm statistics, not the integer batch counters), keyed
+by name, always in ``state_dict`` order.
+
+A rover trains on its own recordings in the forest dataset layout
+(``Run-N/<segment>/{rgb_image,depth_image,metadata.csv}``), split by segment into train
+and validation (:func:`models.data.split_segments`; with a single segment it validates on
+its training frames and says so). Decoded frames are cached per process, so a Ray actor
+that plays many virtual rovers reads each rover's PNGs once.
+
+``scope="decoder"`` trains only the decoder and head (a rover with little compute: the
+encoder is frozen, BatchNorm statistics included); its update then carries the encoder's
+tensors with zero rows, which FedSubAvg treats as "not involved".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from collab.updates import NDArrays
+
+SCOPES: dict[str, tuple[str, ...]] = {"all": ("",), "decoder": ("decoder.", "head.")}
+"""Which tensors (name prefixes) a rover of each scope trains."""
+
+DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
+    # the run
+    "num-server-rounds": 3,
+    "algorithm": "fedavg",
+    "state-db": "coordinator.db",
+    "store-updates": False,
+    "seed": 0,
+    # selection and screening
+    "fraction-train": 1.0,
+    "min-train-nodes": 1,
+    "fraction-evaluate": 0.0,
+    "min-evaluate-nodes": 0,
+    "evaluate-every": 1,
+    "round-timeout": 600.0,
+    "max-norm": 100.0,
+    "max-staleness": 0,
+    "server-lr": 1.0,
+    # algorithm specific
+    "clip-norm": 0.0,
+    "trim-fraction": 0.0,
+    "fedlaavg-weighting": "uniform",
+    "num-blocks": 2,
+    "rounds-per-block": 1,
+    # model and local training
+    "model": "autoencoder",
+    "base-channels": 4,
+    "input-height": 64,
+    "input-width": 80,
+    "batch-size": 4,
+    "local-epochs": 1,
+    "local-steps": 0,
+    "lr": 0.001,
+    "min-depth": 0.1,
+    "max-depth": 10.0,
+    "val-fraction": 0.25,
+    "torch-threads": 1,
+    # where rovers find their data (node config data-dir wins; see client_app)
+    "population": "",
+    "data-root": "",
+}
+"""Run configuration defaults; ``pyproject.toml``'s ``[tool.flwr.app.config]`` holds the same keys."""
+
+
+def merge_run_config(*layers: Mapping | None) -> dict:
+    """``DEFAULT_RUN_CONFIG`` overridden by each layer in turn; unknown keys or mistyped values are refused."""
+    merged = dict(DEFAULT_RUN_CONFIG)
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key not in DEFAULT_RUN_CONFIG:
+                raise ValueError(f"unknown run config key {key!r}; known: {', '.join(sorted(DEFAULT_RUN_CONFIG))}")
+            default = DEFAULT_RUN_CONFIG[key]
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"run config {key} must be true or false, got {value!r}")
+            elif isinstance(default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"run config {key} must be a number, got {value!r}")
+                value = float(value)
+            elif isinstance(default, int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"run config {key} must be an integer, got {value!r}")
+            elif not isinstance(value, str):
+                raise ValueError(f"run config {key} must be a string, got {value!r}")
+            merged[key] = value
+    return merged
+
+
+@dataclass
+class TaskConfig:
+    """Model and local-training settings of a rover."""
+
+    model: str = "autoencoder"
+    base_channels: int = 4
+    input_hw: tuple[int, int] = (64, 80)
+    batch_size: int = 4
+    local_epochs: int = 1
+    local_steps: int = 0  # optimiser steps per round at most (0: whole epochs)
+    lr: float = 1e-3
+    min_depth: float = 0.1
+    max_depth: float = 10.0
+    val_fraction: float = 0.25
+    seed: int = 0
+    threads: int = 1
+
+    @classmethod
+    def from_run_config(cls, config: Mapping) -> TaskConfig:
+        """From a (merged) run config with Flower's kebab-case keys."""
+        c = merge_run_config(config)
+        return cls(
+            model=c["model"],
+            base_channels=c["base-channels"],
+            input_hw=(c["input-height"], c["input-width"]),
+            batch_size=c["batch-size"],
+            local_epochs=c["local-epochs"],
+            local_steps=c["local-steps"],
+            lr=c["lr"],
+            min_depth=c["min-depth"],
+            max_depth=c["max-depth"],
+            val_fraction=c["val-fraction"],
+            seed=c["seed"],
+            threads=c["torch-threads"],
+        ).validate()
+
+    def validate(self) -> TaskConfig:
+        """Raise ``ValueError`` naming the first bad field."""
+        from models.data import check_input_hw
+
+        self.input_hw = check_input_hw(self.input_hw)
+        for name in ("base_channels", "batch_size", "local_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("local_steps", "seed", "threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not (0 < self.min_depth < self.max_depth and math.isfinite(self.max_depth)):
+            raise ValueError(f"need 0 < min_depth < max_depth, got {self.min_depth} and {self.max_depth}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be within [0, 1), got {self.val_fraction!r}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def build_model(config: TaskConfig) -> nn.Module:
+    """The depth network, initialised from ``config.seed`` (same seed, same initial weights everywhere)."""
+    from models.networks import MODEL_NAMES
+    from models.networks import build_model as build_network
+
+    if config.model not in MODEL_NAMES:
+        raise ValueError(f"unknown model {config.model!r}; choose one of {list(MODEL_NAMES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        # base-channels sizes the auto-encoder; the multi-scale net has fixed widths
+        kwargs = {"base_channels": config.base_channels} if config.model == "autoencoder" else {}
+        return build_network(config.model, config.input_hw, **kwargs)
+
+
+def tensor_names(model: nn.Module) -> list[str]:
+    """Names of the floating-point ``state_dict`` entries, in ``state_dict`` order (what travels)."""
+    return [k for k, v in model.state_dict().items() if v.is_floating_point()]
+
+
+def get_arrays(model: nn.Module) -> tuple[list[str], NDArrays]:
+    """Tensor names and numpy copies of the travelling tensors."""
+    state = model.state_dict()
+    names = tensor_names(model)
+    return names, [state[n].detach().cpu().numpy().copy() for n in names]
+
+
+def set_arrays(model: nn.Module, names: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
+    """Load named arrays into the model; ``ValueError`` naming a missing, unknown or mis-shaped tensor."""
+    expected = tensor_names(model)
+    if list(names) != expected:
+        missing = [n for n in expected if n not in set(names)]
+        extra = [n for n in names if n not in set(expected)]
+        raise ValueError(
+            f"model tensors differ from the ones received: {len(names)} received, {len(expected)} expected"
+            + (f"; missing {missing[:3]}" if missing else "") + (f"; unexpected {extra[:3]}" if extra else "")
+            + ("" if missing or extra else "; same names in another order")
+        )
+    state = model.state_dict()
+    new_state = {}
+    for name, value in zip(names, arrays):
+        value = np.asarray(value)
+        if tuple(value.shape) != tuple(state[name].shape):
+            raise ValueError(f"tensor {name!r}: received shape {value.shape}, the model has {tuple(state[name].shape)}")
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"tensor {name!r}: received NaN/Inf values")
+        new_state[name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)).to(state[name].dtype)
+    model.load_state_dict(new_state, strict=False)
+
+
+def initial_arrays(config: TaskConfig) -> tuple[list[str], NDArrays]:
+    """Names and arrays of the freshly initialised model (the coordinator's round 0)."""
+    return get_arrays(build_model(config))
+
+
+def scope_tensors(names: Sequence[str], scope: str) -> list[bool]:
+    """Per tensor, whether a rover of ``scope`` trains it."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; choose one of {list(SCOPES)}")
+    prefixes = SCOPES[scope]
+    return [any(n.startswith(p) for p in prefixes) for n in names]
+
+
+def _apply_scope(model: nn.Module, scope: str) -> None:
+    """Freeze (no grad, BatchNorm statistics fixed) every top-level part outside ``scope``."""
+    prefixes = SCOPES[scope]
+    model.train()
+    for child_name, child in model.named_children():
+        trained = any(f"{child_name}.".startswith(p) or p == "" for p in prefixes)
+        if not trained:
+            child.eval()
+        for p in child.parameters():
+            p.requires_grad_(trained)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class LocalData:
+    """A rover's frames as tensors: normalised images ``Nx3xHxW`` and depth ``Nx1xHxW`` (0 = invalid)."""
+
+    path: str
+    train_images: torch.Tensor
+    train_depth: torch.Tensor
+    val_images: torch.Tensor
+    val_depth: torch.Tensor
+    segments: list[str] = field(default_factory=list)
+    val_is_train: bool = False
+
+    @property
+    def num_train(self) -> int:
+        """Training frames."""
+        return int(self.train_images.shape[0])
+
+    @property
+    def num_val(self) -> int:
+        """Validation frames."""
+        return int(self.val_images.shape[0])
+
+
+_DATA_CACHE: OrderedDict[tuple, LocalData] = OrderedDict()
+_DATA_CACHE_SIZE = 256
+
+
+def _stack(dataset: object) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[i] for i in range(len(dataset))]
+    return torch.stack([it["image"] for it in items]), torch.stack([it["depth"] for it in items])
+
+
+def load_local_data(data_dir: str | Path, config: TaskConfig) -> LocalData:
+    """The rover's frames under ``data_dir`` (forest layout), split by segment, cached per process.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the folder when it is missing or holds no frames.
+    """
+    from models.data import ForestDepthDataset, collect_segments, split_segments
+
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"rover data folder {path} does not exist")
+    segments = [s for s in collect_segments(path) if len(s) > 0]
+    if not segments:
+        raise ValueError(f"rover data folder {path} holds no frames")
+    key = (
+        str(path.resolve()), config.input_hw, config.min_depth, config.max_depth, config.val_fraction, config.seed,
+        tuple((str(s.path), len(s)) for s in segments),
+    )
+    cached = _DATA_CACHE.get(key)
+    if cached is not None:
+        _DATA_CACHE.move_to_end(key)
+        return cached
+    common = {"input_hw": config.input_hw, "max_depth": config.max_depth, "min_depth": config.min_depth}
+    if len(segments) >= 2 and config.val_fraction > 0:
+        train_segments, val_segments, _ = split_segments(segments, config.val_fraction, 0.0, config.seed)
+        val_is_train = False
+    else:
+        train_segments, val_segments, val_is_train = segments, segments, True
+    train_images, train_depth = _stack(ForestDepthDataset(train_segments, **common))
+    if val_is_train:
+        val_images, val_depth = train_images, train_depth
+    else:
+        val_images, val_depth = _stack(ForestDepthDataset(val_segments, **common))
+    data = LocalData(
+        str(path), train_images, train_depth, val_images, val_depth,
+        [s.segment_id for s in segments], val_is_train,
+    )
+    _DATA_CACHE[key] = data
+    while len(_DATA_CACHE) > _DATA_CACHE_SIZE:
+        _DATA_CACHE.popitem(last=False)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- train / evaluate
+
+
+def _loss_fn(config: TaskConfig) -> nn.Module:
+    from models.losses import DepthLoss
+
+    return DepthLoss(silog=1.0, smooth=0.001, min_depth=config.min_depth, max_depth=config.max_depth)
+
+
+def train_local(
+    model: nn.Module, data: LocalData, config: TaskConfig, scope: str = "all", seed: int = 0
+) -> dict[str, float]:
+    """Local epochs of AdamW on the rover's training frames; returns ``train-loss``, ``steps``, ``train-s``.
+
+    ``seed`` fixes the shuffle order (the client passes ``(run seed, round, rover)``), so a
+    round replayed after a coordinator restart trains the same way.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    _apply_scope(model, scope)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    loss_fn = _loss_fn(config)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    steps, loss_sum, seen = 0, 0.0, 0
+    for _ in range(config.local_epochs):
+        order = torch.randperm(data.num_train, generator=generator)
+        for first in range(0, data.num_train, config.batch_size):
+            if config.local_steps and steps >= config.local_steps:
+                break
+            idx = order[first : first + config.batch_size]
+            image, target = data.train_images[idx], data.train_depth[idx]
+            loss, _ = loss_fn(model(image), target, image)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"local training loss became {loss.item()} at step {steps} on {data.path}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(idx)
+            seen += len(idx)
+    model.eval()
+    return {"train-loss": loss_sum / max(seen, 1), "steps": float(steps), "train-s": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, depth: torch.Tensor, config: TaskConfig) -> dict[str, float]:
+    """Loss and depth metrics (``absrel``, ``delta1``, ...) of the model on the given frames."""
+    from models.metrics import MetricAccumulator
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model.eval()
+    loss_fn = _loss_fn(config)
+    accumulator = MetricAccumulator(config.min_depth, config.max_depth)
+    loss_sum, count = 0.0, 0
+    for first in range(0, images.shape[0], config.batch_size):
+        image, target = images[first : first + config.batch_size], depth[first : first + config.batch_size]
+        pred = model(image)
+        loss, _ = loss_fn(pred, target, image)
+        accumulator.update(pred, target)
+        loss_sum += float(loss) * image.shape[0]
+        count += image.shape[0]
+    metrics = accumulator.result()
+    return {"loss": loss_sum / max(count, 1), "absrel": metrics["absrel"], "delta1": metrics["delta1"],
+            "rmse": metrics["rmse"], "num-examples": float(count)}
+
+
+@dataclass
+class LocalUpdate:
+    """What a rover sends back for one chain: deltas (compact where ``rows`` names rows) and metrics."""
+
+    deltas: NDArrays
+    rows: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def compute_delta(
+    names: Sequence[str], global_arrays: Sequence[np.ndarray], model: nn.Module, scope: str = "all"
+) -> tuple[NDArrays, dict[str, np.ndarray]]:
+    """``local - global`` per tensor in the global dtypes; tensors outside ``scope`` go compact with no rows."""
+    _, local = get_arrays(model)
+    trained = scope_tensors(names, scope)
+    deltas: NDArrays = []
+    rows: dict[str, np.ndarray] = {}
+    for name, base, value, used in zip(names, global_arrays, local, trained):
+        base = np.asarray(base)
+        if used or base.ndim == 0:
+            deltas.append((value.astype(np.float64) - base.astype(np.float64)).astype(base.dtype))
+        else:
+            deltas.append(np.zeros((0,) + base.shape[1:], dtype=base.dtype))
+            rows[name] = np.zeros(0, dtype=np.int64)
+    return deltas, rows
+
+
+def local_round(
+    names: Sequence[str],
+    global_arrays: Sequence[np.ndarray],
+    data: LocalData,
+    config: TaskConfig,
+    scope: str = "all",
+    seed: int = 0,
+) -> LocalUpdate:
+    """Train from the global model, evaluate the result on the validation frames, return the delta."""
+    model = build_model(config)
+    set_arrays(model, names, global_arrays)
+    train_metrics = train_local(model, data, config, scope, seed)
+    val = evaluate(model, data.val_images, data.val_depth, config)
+    deltas, rows = compute_delta(names, global_arrays, model, scope)
+    metrics = {
+        "num-examples": float(data.num_train),
+        "train-loss": train_metrics["train-loss"],
+        "val-loss": val["loss"],
+        "absrel": val["absrel"],
+        "delta1": val["delta1"],
+        "train-s": train_metrics["train-s"],
+        "steps": train_metrics["steps"],
+        "val-is-train": float(data.val_is_train),
+    }
+    return LocalUpdate(deltas, rows, metrics)

@@ -1,0 +1,339 @@
+"""Flower strategies driven through real Flower messages (no Ray): fake numpy rovers behind an in-process grid."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from collab.algorithms import FedLaAvgServer, SemiCyclicServer, fedavg, fedsubavg, robust_fedavg
+from collab.flower.simulation import LocalGrid
+from collab.flower.strategies import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    META_KEY,
+    METRICS_KEY,
+    ROWS_KEY,
+    SEPARATE_KEY,
+    SEPARATE_UPDATE_KEY,
+    UPDATE_KEY,
+    AveragingServer,
+    StrategyConfig,
+    arrays_to_record,
+    build_strategy,
+    parse_update,
+    record_to_arrays,
+)
+from collab.state import pack_state, unpack_state
+from collab.updates import ClientUpdate, UpdateRejected
+
+NAMES = ["encoder.conv.weight", "decoder.conv.weight", "decoder.conv.bias"]
+SHAPES = [(64, 8), (5, 2), (5,)]
+
+
+def initial() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.normal(size=s).astype(np.float32) for s in SHAPES]
+
+
+def honest_delta(rover: int, server_round: int) -> list[np.ndarray]:
+    rng = np.random.default_rng([rover, server_round])
+    return [(0.05 * rng.normal(size=s)).astype(np.float32) for s in SHAPES]
+
+
+def rover_id(context: Context) -> str:
+    return str(context.node_config.get("rover-id", f"rover_{int(context.node_config['partition-id'])}"))
+
+
+def fake_rover_app(behaviour: dict[str, str] | None = None, num_examples: dict[str, int] | None = None) -> ClientApp:
+    """Numpy rovers: an honest delta from (rover, round), or a misbehaviour named in ``behaviour``."""
+    behaviour = behaviour or {}
+    num_examples = num_examples or {}
+    app = ClientApp()
+
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        return Message(RecordDict({META_KEY: ConfigRecord({"rover-id": rover_id(context)})}), reply_to=message)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        rover = rover_id(context)
+        kind = behaviour.get(rover, "")
+        config = message.content[CONFIG_KEY]
+        server_round = int(config["server-round"])
+        if kind == "crash":
+            raise RuntimeError("wheel motor stalled")
+        record_to_arrays(message.content[ARRAYS_KEY], NAMES)  # the rover can read the model it was sent
+        deltas = honest_delta(int(rover.split("_")[1]), server_round)
+        names, rows, base_round, claimed = list(NAMES), None, server_round, rover
+        if kind == "nan":
+            deltas[1][0, 0] = np.nan
+        elif kind == "shape":
+            deltas[0] = deltas[0][:3]
+        elif kind == "dtype":
+            deltas[2] = deltas[2].astype(np.float64)
+        elif kind == "huge":
+            deltas = [d * 1e5 for d in deltas]
+        elif kind == "stale":
+            base_round = server_round - 1
+        elif kind == "count":
+            names, deltas = names[:2], deltas[:2]
+        elif kind == "spoof":
+            claimed = "rover_0"
+        elif kind == "decoder":  # trained only the decoder: the encoder goes compact, no rows
+            deltas[0] = np.zeros((0, 8), np.float32)
+            rows = {NAMES[0]: np.zeros(0, np.int64)}
+        content = RecordDict(
+            {
+                UPDATE_KEY: arrays_to_record(names, deltas),
+                METRICS_KEY: MetricRecord(
+                    {"num-examples": num_examples.get(rover, 10), "train-loss": 1.0 + 0.1 * int(rover[-1]),
+                     "val-loss": float(config.get("block", 0)) + 0.5, "absrel": 0.2, "delta1": 0.7}
+                ),
+                META_KEY: ConfigRecord({"rover-id": claimed, "base-round": base_round, "kind": "delta"}),
+            }
+        )
+        if rows:
+            content[ROWS_KEY] = arrays_to_record(list(rows), list(rows.values()))
+        if SEPARATE_KEY in message.content.array_records:
+            content[SEPARATE_UPDATE_KEY] = arrays_to_record(NAMES, [d * 0.5 for d in honest_delta(99, server_round)])
+            content[METRICS_KEY]["val-loss-separate"] = 0.1  # the separate chain fits this block better
+        return Message(content, reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        arrays = record_to_arrays(message.content[ARRAYS_KEY], NAMES)
+        score = float(sum(np.abs(a).sum() for a in arrays))
+        return Message(RecordDict({METRICS_KEY: MetricRecord({"num-examples": 5, "eval-loss": score})}),
+                       reply_to=message)
+
+    return app
+
+
+def run_round(strategy, grid, server_round):
+    messages = list(strategy.configure_train(server_round, arrays_to_record(NAMES, strategy.params), ConfigRecord(),
+                                             grid))
+    replies = grid.send_and_receive(messages)
+    arrays, metrics = strategy.aggregate_train(server_round, replies)
+    return messages, record_to_arrays(arrays, NAMES), metrics
+
+
+def updates_of(rovers, server_round, factor=1.0):
+    return [ClientUpdate(f"rover_{r}", server_round, 10, [d * factor for d in honest_delta(r, server_round)])
+            for r in rovers]
+
+
+# ---------------------------------------------------------------------------------------------- FedAvg and bad input
+
+
+def test_bad_updates_are_refused_with_reasons_and_the_model_is_the_mean_of_the_good_ones():
+    behaviour = {"rover_2": "nan", "rover_3": "shape", "rover_4": "dtype", "rover_5": "huge", "rover_6": "stale",
+                 "rover_7": "count", "rover_8": "spoof", "rover_9": "crash"}
+    silent = 1011  # node of rover_10: says who it is, then never answers a train message
+    grid = LocalGrid(fake_rover_app(behaviour, {"rover_1": 30}), 11,
+                     online=lambda node, rnd: node != silent or rnd == 0)
+    strategy = build_strategy("fedavg", NAMES, initial(), StrategyConfig(max_norm=10.0))
+    messages, params, metrics = run_round(strategy, grid, 1)
+
+    assert len(messages) == 11 and all(m.metadata.message_type == "train" for m in messages)
+    expected = fedavg(initial(), [ClientUpdate("rover_0", 1, 10, honest_delta(0, 1)),
+                                  ClientUpdate("rover_1", 1, 30, honest_delta(1, 1))])
+    for got, want in zip(params, expected):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+    assert all(np.all(np.isfinite(p)) for p in params)
+    status = {e.rover_id: (e.status, e.reason) for e in strategy.last_record.entries}
+    assert status == {
+        "rover_0": ("accepted", ""), "rover_1": ("accepted", ""), "rover_2": ("rejected", "non_finite"),
+        "rover_3": ("rejected", "shape"), "rover_4": ("rejected", "dtype"), "rover_5": ("rejected", "norm"),
+        "rover_6": ("rejected", "stale"), "rover_7": ("rejected", "count"), "rover_8": ("rejected", "client_id"),
+        "rover_9": ("failed", "client_error"), "rover_10": ("missing", "no_reply"),
+    }
+    messages_by_rover = {e.rover_id: e.message for e in strategy.last_record.entries}
+    assert "rover_2" in messages_by_rover["rover_2"] and "NaN" in messages_by_rover["rover_2"]
+    assert "wheel motor stalled" in messages_by_rover["rover_9"]
+    assert metrics["accepted"] == 2 and metrics["rejected"] == 7 and metrics["failed"] == 2
+    # the round's metrics are the sample-weighted mean over the accepted rovers only
+    assert metrics["train-loss"] == pytest.approx((10 * 1.0 + 30 * 1.1) / 40)
+    entry = next(e for e in strategy.last_record.entries if e.rover_id == "rover_0")
+    assert entry.bytes_down > 4 * sum(np.prod(s) for s in SHAPES) and entry.bytes_up > 0
+
+
+def test_a_round_of_only_bad_updates_leaves_the_model_unchanged():
+    grid = LocalGrid(fake_rover_app({"rover_0": "nan", "rover_1": "crash"}), 2)
+    strategy = build_strategy("fedavg", NAMES, initial())
+    _, params, metrics = run_round(strategy, grid, 1)
+    for got, want in zip(params, initial()):
+        np.testing.assert_array_equal(got, want)
+    assert metrics["accepted"] == 0 and math.isnan(strategy.last_record.train_metrics["train-loss"])
+
+
+def test_parse_update_names_what_is_missing():
+    with pytest.raises(UpdateRejected) as info:
+        parse_update(RecordDict({METRICS_KEY: MetricRecord({"num-examples": 1})}), NAMES, "rover_1", 3)
+    assert info.value.reason == "count" and "rover_1" in str(info.value)
+    content = RecordDict({UPDATE_KEY: arrays_to_record(NAMES, initial())})
+    with pytest.raises(UpdateRejected, match="meta"):
+        parse_update(content, NAMES, "rover_1", 3)
+    content[METRICS_KEY] = MetricRecord({"num-examples": 1})
+    content[META_KEY] = ConfigRecord({"rover-id": "rover_1", "base-round": 2})
+    content[ROWS_KEY] = arrays_to_record(["no.such.tensor"], [np.zeros(1, np.int64)])
+    with pytest.raises(UpdateRejected) as info:
+        parse_update(content, NAMES, "rover_1", 3)
+    assert info.value.reason == "rows" and "no.such.tensor" in str(info.value)
+    del content[ROWS_KEY]
+    content[UPDATE_KEY][NAMES[2]] = Array(dtype="float32", shape=(5,), stype="numpy.ndarray", data=b"not an array")
+    with pytest.raises(UpdateRejected) as info:
+        parse_update(content, NAMES, "rover_1", 3)
+    assert info.value.reason == "type" and "undecodable" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------- the other rules
+
+
+def test_fedsubavg_moves_a_row_by_the_mean_of_the_rovers_that_trained_it():
+    grid = LocalGrid(fake_rover_app({"rover_0": "decoder"}), 2)
+    sub = build_strategy("fedsubavg", NAMES, initial())
+    _, params, _ = run_round(sub, grid, 1)
+    d1 = honest_delta(1, 1)
+    # only rover_1 trained the encoder: it moves by rover_1's whole delta (FedAvg would halve it)
+    np.testing.assert_allclose(params[0], initial()[0] + d1[0], atol=1e-7)
+    expected = fedsubavg(initial(), [
+        ClientUpdate("rover_0", 1, 10, [np.zeros((0, 8), np.float32)] + honest_delta(0, 1)[1:],
+                     rows=[np.zeros(0, np.int64), None, None]),
+        ClientUpdate("rover_1", 1, 10, d1),
+    ])
+    for got, want in zip(params, expected):
+        np.testing.assert_allclose(got, want, atol=1e-7)
+    entries = {e.rover_id: e for e in sub.last_record.entries}
+    assert entries["rover_0"].bytes_up < entries["rover_1"].bytes_up  # the compact upload is smaller
+
+    plain = build_strategy("fedavg", NAMES, initial())
+    _, averaged, _ = run_round(plain, LocalGrid(fake_rover_app({"rover_0": "decoder"}), 2), 1)
+    np.testing.assert_allclose(averaged[0], initial()[0] + d1[0] / 2, atol=1e-7)
+
+
+def test_fedlaavg_asks_the_least_recently_seen_rovers_and_averages_everyones_latest_delta():
+    grid = LocalGrid(fake_rover_app(), 4)
+    strategy = build_strategy("fedlaavg", NAMES, initial(), StrategyConfig(fraction_train=0.5))
+    reference = FedLaAvgServer(initial(), max_norm=100.0)
+    picked = []
+    for server_round in (1, 2, 3):
+        messages, params, _ = run_round(strategy, grid, server_round)
+        rovers = sorted(strategy.directory[m.metadata.dst_node_id] for m in messages)
+        picked.append(rovers)
+        reference.aggregate(server_round, updates_of([int(r[-1]) for r in rovers], server_round))
+        for got, want in zip(params, reference.params):
+            np.testing.assert_allclose(got, want, atol=1e-7)
+    assert picked == [["rover_0", "rover_1"], ["rover_2", "rover_3"], ["rover_0", "rover_1"]]
+
+
+def test_robust_trimmed_mean_keeps_one_outlier_within_the_norm_limit_out():
+    grid = LocalGrid(fake_rover_app({"rover_4": "huge"}), 5)
+    config = StrategyConfig(max_norm=1e6, trim_fraction=0.2)
+    strategy = build_strategy("robust", NAMES, initial(), config)
+    _, params, _ = run_round(strategy, grid, 1)
+    updates = updates_of(range(4), 1) + [ClientUpdate("rover_4", 1, 10, [d * 1e5 for d in honest_delta(4, 1)])]
+    for got, want in zip(params, robust_fedavg(initial(), updates, trim_fraction=0.2)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert max(float(np.abs(g - i).max()) for g, i in zip(params, initial())) < 1.0  # FedAvg would jump ~1e4
+
+
+@pytest.mark.parametrize("mode", ["mm", "mc"])
+def test_semicyclic_rounds_carry_their_block_and_evaluation_uses_its_predictor(mode):
+    grid = LocalGrid(fake_rover_app(), 3)
+    strategy = build_strategy(f"{mode}-psgd", NAMES, initial(), StrategyConfig(num_blocks=2, fraction_evaluate=1.0))
+    reference = SemiCyclicServer(initial(), num_blocks=2, mode=mode, max_norm=100.0)
+    for server_round in (1, 2, 3):
+        messages, params, metrics = run_round(strategy, grid, server_round)
+        config = messages[0].content[CONFIG_KEY]
+        assert config["block"] == (server_round - 1) % 2
+        assert (SEPARATE_KEY in messages[0].content.array_records) == (mode == "mc")
+        separate = []
+        if mode == "mc":
+            separate = [ClientUpdate(f"rover_{r}", server_round, 10, [d * 0.5 for d in honest_delta(99, server_round)])
+                        for r in range(3)]
+        losses = iter([config["block"] + 0.5, 0.1])  # what the rovers report: mixed, then separate
+        reference.aggregate(server_round, updates_of(range(3), server_round), separate,
+                            loss_fn=lambda block, p, losses=losses: next(losses))
+        for got, want in zip(params, reference.params):
+            np.testing.assert_allclose(got, want, atol=1e-7)
+        if mode == "mc":
+            assert strategy.last_record.chosen == "separate" and metrics["loss-separate"] == pytest.approx(0.1)
+            assert {e.chain for e in strategy.last_record.entries} == {"mixed", "separate"}
+    evaluations = list(strategy.configure_evaluate(3, arrays_to_record(NAMES, strategy.params), ConfigRecord(), grid))
+    sent = record_to_arrays(evaluations[0].content[ARRAYS_KEY], NAMES)
+    for got, want in zip(sent, reference.predictor(0)):
+        np.testing.assert_allclose(got, want, atol=1e-7)
+    summary = strategy.aggregate_evaluate(3, grid.send_and_receive(evaluations))
+    assert summary["rovers"] == 3 and summary["eval-loss"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- selection and state
+
+
+def test_availability_limits_selection_and_sampling_repeats_for_the_same_seed_and_round():
+    def out(rover, server_round):
+        return int(rover[-1]) % 2 == server_round % 2
+
+    config = StrategyConfig(fraction_train=0.5, seed=7)
+    picks = []
+    for _ in range(2):
+        grid = LocalGrid(fake_rover_app(), 8)
+        strategy = build_strategy("fedavg", NAMES, initial(), config, availability=out)
+        messages, _, _ = run_round(strategy, grid, 3)
+        rovers = sorted(strategy.directory[m.metadata.dst_node_id] for m in messages)
+        assert len(rovers) == 2 and all(int(r[-1]) % 2 == 1 for r in rovers)
+        assert strategy.last_record.num_available == 4
+        picks.append(rovers)
+    assert picks[0] == picks[1]
+
+
+def test_the_directory_refuses_a_second_claim_to_a_rover_and_follows_a_reconnected_one():
+    grid = LocalGrid(fake_rover_app(), 3, node_configs=[{}, {"rover-id": "rover_0"}, {}])
+    strategy = build_strategy("fedavg", NAMES, initial())
+    messages, _, _ = run_round(strategy, grid, 1)
+    assert strategy.directory == {1001: "rover_0", 1003: "rover_2"}
+    assert sorted(m.metadata.dst_node_id for m in messages) == [1001, 1003]
+    # rover_0's SuperNode restarts: its old node id is gone, a new one says it is rover_0
+    moved = grid.contexts.pop(1001)
+    grid.contexts[2001] = Context(run_id=1, node_id=2001, node_config=dict(moved.node_config), state=RecordDict(),
+                                  run_config={})
+    messages, _, metrics = run_round(strategy, grid, 2)
+    assert strategy.directory == {2001: "rover_0", 1003: "rover_2"}
+    assert metrics["accepted"] == 2 and {e.rover_id for e in strategy.last_record.entries} == {"rover_0", "rover_2"}
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc-psgd", "robust"])
+def test_state_dict_survives_a_blob_and_resumes_identically(algorithm):
+    config = StrategyConfig(fraction_train=0.75, clip_norm=1.0 if algorithm == "robust" else None)
+    first = build_strategy(algorithm, NAMES, initial(), config)
+    grid = LocalGrid(fake_rover_app({"rover_1": "decoder"}), 4)
+    for server_round in (1, 2):
+        run_round(first, grid, server_round)
+    resumed = build_strategy(algorithm, NAMES, initial(), config)
+    resumed.load_state_dict(unpack_state(pack_state(first.state_dict())))
+    _, a, _ = run_round(first, grid, 3)
+    _, b, _ = run_round(resumed, LocalGrid(fake_rover_app({"rover_1": "decoder"}), 4), 3)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="algorithm|strategy"):
+        other = "fedavg" if algorithm != "fedavg" else "robust"
+        build_strategy(other, NAMES, initial(), config).load_state_dict(first.state_dict())
+
+
+def test_configuration_errors_name_the_field():
+    with pytest.raises(ValueError, match="unknown algorithm 'fedprox'"):
+        build_strategy("fedprox", NAMES, initial())
+    with pytest.raises(ValueError, match="fraction_train"):
+        StrategyConfig(fraction_train=1.5).validate()
+    with pytest.raises(ValueError, match="trim_fraction"):
+        StrategyConfig(trim_fraction=0.5).validate()
+    with pytest.raises(ValueError, match="3 tensor names"):
+        build_strategy("fedavg", NAMES, initial()[:2])
+    server = AveragingServer("fedavg", initial(), fedavg)
+    server.aggregate(1, updates_of([0], 1))
+    with pytest.raises(ValueError, match="round 1 is not after"):
+        server.aggregate(1, updates_of([0], 1))
