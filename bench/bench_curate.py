@@ -4,8 +4,9 @@ Builds a dataset of forest-like frames (multi-octave colour texture with trunks,
 window sliding along a panorama, so neighbouring frames overlap like a drive; every 10th
 frame motion-blurred, a stationary stretch of repeated views per segment; smooth depth with
 holes), PNG-encoded like a recording, then curates it to 10 % with one worker thread and
-with one per core, with and without the depth check of the kept frames. The dataset is written first, so its files
-are in the page cache: the figures are decode + compute, not disk reads.
+with one per core, with and without the depth check of the kept frames; then once more with the
+per-segment score cache that ``forest-dataset extract`` writes (no RGB PNG decoded). The dataset is
+written first, so its files are in the page cache: the figures are decode + compute, not disk reads.
 
 Besides wall-clock frames/s, it prints the CPU time each input frame costs (all threads of
 this process, from getrusage), and the frames/s that gives on 2 and on all usable cores when
@@ -31,7 +32,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataset_tools.curate import CurateConfig, curate, default_workers, frame_descriptor, sharpness
+from dataset_tools.curate import (
+    SCORES_FILE,
+    CurateConfig,
+    curate,
+    default_workers,
+    frame_descriptor,
+    frame_scores,
+    sharpness,
+    write_score_cache,
+)
 from dataset_tools.layout import FrameRecord, GpsFix, ImuSample, SegmentWriter, frame_stem, segment_name
 
 
@@ -153,6 +163,25 @@ def main() -> None:
                     + "  "
                     + ", ".join(f"{k} {v}" for k, v in s["reasons"].items() if v)
                 )
+        # as `forest-dataset extract` leaves it: the scores computed from the pixels it had in memory
+        for seg_dir in sorted((source / "Run-1").iterdir()):
+            write_score_cache(seg_dir, [
+                (p.stem, *frame_scores(cv2.imread(str(p), cv2.IMREAD_COLOR)[:, :, ::-1]))
+                for p in sorted((seg_dir / "rgb_image").glob("*.png"))
+            ])
+        for depth in (True, False):
+            out = work / f"out_cached_{int(depth)}"
+            shutil.rmtree(out, ignore_errors=True)
+            c0 = cpu_seconds()
+            result = curate(source, out, CurateConfig(fraction=0.1, workers=cores, check_depth=depth))
+            cpu_ms = 1000 * (cpu_seconds() - c0) / n
+            s = result.summary
+            print(
+                f"{cores:>7} {'yes' if depth else 'no':>5} {s['timing_s']['total_s']:7.2f} "
+                f"{s['frames_per_s']:8.0f} {cpu_ms:12.2f} {2000 / cpu_ms:17.0f}"
+                + (f" {cores * 1000 / cpu_ms:17.0f}" if more else "")
+                + f"  scores from {SCORES_FILE} (as extract writes it) for {s['scores_from_cache']} frames"
+            )
         print("# wall fps = input frames / total curate time (scan, score, blur, duplicates, selection, depth of the")
         print("# kept frames, write); fps @k free cores = k * 1000 / CPU ms per frame")
     finally:

@@ -475,12 +475,101 @@ def frame_table(segments: Sequence[Segment]) -> FrameTable:
     )
 
 
-def score_frames(table: FrameTable, *, workers: int | None = None, progress: bool = False) -> None:
-    """Fill sharpness and descriptors of every frame; mark frames that cannot be read ``unreadable``."""
-    results = parallel_map(
-        _score_frame, [table.paths(i) for i in range(len(table))], workers=workers, progress=progress, desc="score"
-    )
-    for i, (lap, ten, desc, error) in enumerate(results):
+# --------------------------------------------------------------------------- score cache
+
+SCORES_FILE = "frame_scores.npz"
+"""Per-segment cache of sharpness and descriptors, written by ``forest-dataset extract`` (and by
+``curate`` for its output): decoding the RGB PNG is most of what scoring costs, and the tool that
+wrote the PNG had the pixels in memory anyway."""
+
+
+def frame_scores(rgb: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """(laplacian_var, tenengrad, descriptor) of an HxWx3 uint8 RGB frame, exactly as scoring its PNG gives."""
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    lap, ten = sharpness(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
+    return lap, ten, frame_descriptor(bgr)
+
+
+def _file_key(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def write_score_cache(segment_dir: str | os.PathLike, rows: Sequence[tuple[str, float, float, np.ndarray]]) -> Path:
+    """Write ``SCORES_FILE`` for ``(stem, laplacian, tenengrad, descriptor)`` rows of a segment (atomically).
+
+    Each row is tied to its RGB file's size and mtime: a frame whose PNG changed later is scored again.
+    """
+    segment_dir = Path(segment_dir)
+    keys = [_file_key(segment_dir / RGB_DIR / f"{stem}.png") for stem, *_ in rows]
+    final = segment_dir / SCORES_FILE
+    tmp = segment_dir / f".{SCORES_FILE}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(
+            f,
+            stems=np.array([r[0] for r in rows], dtype=str),
+            size=np.array([k[0] for k in keys], np.int64),
+            mtime_ns=np.array([k[1] for k in keys], np.int64),
+            laplacian=np.array([r[1] for r in rows], np.float64),
+            tenengrad=np.array([r[2] for r in rows], np.float64),
+            descriptors=np.stack([r[3] for r in rows]).astype(np.float32)
+            if rows else np.zeros((0, DESCRIPTOR_SIZE), np.float32),
+        )
+    os.replace(tmp, final)
+    return final
+
+
+def _read_score_cache(segment: Segment) -> dict[str, tuple[int, int, float, float, np.ndarray]]:
+    """stem -> (size, mtime_ns, laplacian, tenengrad, descriptor); empty when absent or unreadable."""
+    path = segment.path / SCORES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stems, size, mtime = z["stems"], z["size"], z["mtime_ns"]
+            lap, ten, desc = z["laplacian"], z["tenengrad"], z["descriptors"]
+            if desc.shape[1:] != (DESCRIPTOR_SIZE,) or not (len(stems) == len(size) == len(lap) == len(desc)):
+                return {}
+            return {str(st): (int(size[k]), int(mtime[k]), float(lap[k]), float(ten[k]), desc[k])
+                    for k, st in enumerate(stems)}
+    except (OSError, ValueError, KeyError):
+        return {}  # a damaged cache is only a lost shortcut: score from the PNGs
+
+
+def _cached_score(cache: dict, segment: Segment, j: int) -> tuple[float, float, np.ndarray] | None:
+    entry = cache.get(segment.frames[j].stem)
+    if entry is None:
+        return None
+    try:
+        if _file_key(segment.rgb_path(j)) != entry[:2] or not segment.depth_path(j).is_file():
+            return None
+    except OSError:
+        return None
+    return entry[2], entry[3], entry[4]
+
+
+def score_frames(
+    table: FrameTable, *, workers: int | None = None, progress: bool = False, use_cache: bool = True
+) -> int:
+    """Fill sharpness and descriptors of every frame; mark frames that cannot be read ``unreadable``.
+
+    Frames whose segment has a valid ``SCORES_FILE`` entry are taken from it without decoding;
+    returns how many were.
+    """
+    todo: list[int] = []
+    cached = 0
+    caches = [_read_score_cache(seg) if use_cache else {} for seg in table.segments]
+    for i in range(len(table)):
+        s, j = int(table.segment_of[i]), int(table.index_in_segment[i])
+        hit = _cached_score(caches[s], table.segments[s], j) if caches[s] else None
+        if hit is None:
+            todo.append(i)
+            continue
+        table.laplacian[i], table.tenengrad[i], table.descriptors[i] = hit
+        cached += 1
+    results = parallel_map(_score_frame, [table.paths(i) for i in todo], workers=workers, progress=progress,
+                           desc="score")
+    for i, (lap, ten, desc, error) in zip(todo, results):
         table.laplacian[i] = lap
         table.tenengrad[i] = ten
         if error is not None:
@@ -488,6 +577,7 @@ def score_frames(table: FrameTable, *, workers: int | None = None, progress: boo
             table.detail[i] = error
         else:
             table.descriptors[i] = desc
+    return cached
 
 
 # --------------------------------------------------------------------------- selection steps
@@ -852,7 +942,9 @@ class CurationResult:
         out = [
             f"kept {s['kept']} of {s['input_frames']} frames ({reasons})",
             f"wrote {s['output']} ({s['linked']} images hard-linked, {s['copied']} copied) "
-            f"in {s['timing_s']['total_s']:.1f} s ({s['frames_per_s']:.0f} frames/s, {s['workers']} workers)",
+            f"in {s['timing_s']['total_s']:.1f} s ({s['frames_per_s']:.0f} frames/s, {s['workers']} workers"
+            + (f", {s['scores_from_cache']} frames scored from {SCORES_FILE}" if s.get("scores_from_cache") else "")
+            + ")",
         ]
         if s["target"] is not None and s["kept"] < s["target"]:
             out.append(f"note: asked for {s['target']} frames, only {s['kept']} passed the filters")
@@ -900,7 +992,7 @@ def curate(
     if len(table) == 0:
         raise ValueError(f"{src} has {len(segments)} segment(s) but no frames")
     t_scan = time.perf_counter()
-    score_frames(table, workers=config.workers, progress=progress)
+    from_cache = score_frames(table, workers=config.workers, progress=progress)
     t_score = time.perf_counter()
     timings = select_frames(table, config, progress=progress)
     t_select = time.perf_counter()
@@ -916,6 +1008,7 @@ def curate(
             "total_s": t_end - t_start,
         }
         summary = _summary(table, src, dst, config, timings, linked, copied)
+        summary["scores_from_cache"] = from_cache
         (staging / CURATION_JSON).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         if dst.exists():
             dst.rmdir()  # empty (checked before); the rename needs the name free
@@ -954,6 +1047,9 @@ def _stage_output(table: FrameTable, staging: Path, config: CurateConfig, *, pro
                         copied += 1
                 bar.update()
             (seg_dir / METADATA_FILE).write_text(_filtered_metadata(segment, stems), encoding="utf-8")
+            scored = [i for i in members if np.isfinite(table.laplacian[i])]
+            write_score_cache(seg_dir, [(segment.frames[int(table.index_in_segment[i])].stem, table.laplacian[i],
+                                         table.tenengrad[i], table.descriptors[i]) for i in scored])
     with open(staging / CURATION_CSV, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CURATION_COLUMNS)

@@ -5,7 +5,8 @@
 streams through the same :class:`forest_perception.sync.SensorSync` that ``sensor_sync_node``
 uses on the rover (colour, depth and camera_info matched by approximate time, IMU and wheel
 encoders interpolated to the colour stamp, the latest GPS fix within a tolerance) and writes
-every synchronised frame with :class:`dataset_tools.layout.SegmentWriter`::
+every synchronised frame with :class:`dataset_tools.layout.SegmentWriter` (plus the frame scores
+``forest-dataset curate`` needs, in ``frame_scores.npz``, so curation decodes no PNG)::
 
     <out>/Run-<N>/<a, b, ...>/{rgb_image/, depth_image/, metadata.csv}
 
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset_tools.bags import BagError, bag_info, read_bag
+from dataset_tools.curate import frame_scores, write_score_cache
 from dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter, frame_stem, run_dir_name, segment_name
 from forest_perception import msgs
 from forest_perception.inference import SUPPORTED_ENCODINGS, convert_image_encoding
@@ -183,13 +185,17 @@ class _SegmentCutter:
     def __init__(self, out: Path, run: int, config: ExtractConfig, report: ExtractReport) -> None:
         self.out, self.run, self.config, self.report = out, run, config, report
         self.writer: SegmentWriter | None = None
+        self.scores: list[tuple[str, float, float, np.ndarray]] = []
         self.index = 0
         self.last_ns: int | None = None
 
     def cut(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            # curate's sharpness and descriptors, from the pixels in hand: curating needs no PNG decoding
+            write_score_cache(self.writer.path, self.scores)
             self.writer = None
+            self.scores = []
 
     def write(self, rgb: np.ndarray, depth: np.ndarray, frame: SyncedFrame) -> None:
         # a gap, or time going back (a clock reset: the simulator restarted inside the bag)
@@ -202,7 +208,9 @@ class _SegmentCutter:
             self.index += 1
             self.writer = SegmentWriter(self.out, self.run, name, extra_columns=EXTRA_COLUMNS)
             self.report.segments[name] = 0
-        self.writer.write_frame(rgb, depth, _record(frame, frame_stem(self.writer.frames_written)))
+        stem = frame_stem(self.writer.frames_written)
+        self.writer.write_frame(rgb, depth, _record(frame, stem))
+        self.scores.append((stem, *frame_scores(rgb)))
         self.report.segments[self.writer.segment] += 1
         self.report.frames_written += 1
         self.last_ns = frame.stamp_ns

@@ -37,7 +37,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataset_tools.curate import CURATION_CSV, CURATION_JSON, parallel_map, png_info
+from dataset_tools.curate import CURATION_CSV, CURATION_JSON, SCORES_FILE, parallel_map, png_info
 from dataset_tools.layout import (
     ANGULAR_VELOCITY_COLUMNS,
     DEPTH_DIR,
@@ -432,7 +432,7 @@ def _check_segment(
             out.error(seg_dir, f"segment folder has files but no {METADATA_FILE}")
         return 0
     for p in sorted(seg_dir.iterdir()):
-        if p.name in (METADATA_FILE, RGB_DIR, DEPTH_DIR):
+        if p.name in (METADATA_FILE, RGB_DIR, DEPTH_DIR, SCORES_FILE):
             continue
         if p.name.startswith(".") and p.name.endswith(".tmp"):
             out.warning(p, "stray temporary file of an interrupted write; safe to delete")

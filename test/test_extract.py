@@ -217,3 +217,33 @@ def test_cli_extract_bag_info_and_repair(tmp_path, capsys):
     assert main(["extract", str(tmp_path / "missing"), "--out", str(tmp_path / "ds")]) == 2
     err = capsys.readouterr().err
     assert "forest-dataset extract:" in err and "missing" in err
+
+
+def test_extract_leaves_scores_that_curate_uses_instead_of_decoding(tmp_path):
+    from dataset_tools.curate import SCORES_FILE, CurateConfig, curate
+    from dataset_tools.validate import validate_dataset
+
+    bag = _Bag(tmp_path / "bag")
+    bag.drive(T0, 2.0, 0)
+    bag.close()
+    extract_bag(tmp_path / "bag", tmp_path / "ds")
+    assert (tmp_path / "ds" / "Run-1" / "a" / SCORES_FILE).is_file()
+    assert validate_dataset(tmp_path / "ds").ok
+    cached = curate(tmp_path / "ds", tmp_path / "cur1", CurateConfig(fraction=0.5, seed=1))
+    assert cached.summary["scores_from_cache"] == 20
+    # the same decisions as scoring the PNGs from scratch
+    (tmp_path / "ds" / "Run-1" / "a" / SCORES_FILE).unlink()
+    fresh = curate(tmp_path / "ds", tmp_path / "cur2", CurateConfig(fraction=0.5, seed=1))
+    assert fresh.summary["scores_from_cache"] == 0
+    assert cached.table.reason == fresh.table.reason
+    np.testing.assert_allclose(cached.table.laplacian, fresh.table.laplacian, rtol=1e-9)
+    np.testing.assert_allclose(cached.table.descriptors, fresh.table.descriptors, atol=1e-6)
+    # a frame whose PNG changed after extraction is scored again, not taken from the cache
+    extract_bag(tmp_path / "bag", tmp_path / "ds3")
+    png = tmp_path / "ds3" / "Run-1" / "a" / "rgb_image" / "000003.png"
+    import cv2
+
+    cv2.imwrite(str(png), cv2.GaussianBlur(cv2.imread(str(png)), (9, 9), 3))
+    again = curate(tmp_path / "ds3", tmp_path / "cur3", CurateConfig(fraction=0.5, seed=1))
+    assert again.summary["scores_from_cache"] == 19
+    assert (tmp_path / "cur3" / "Run-1" / "a" / SCORES_FILE).is_file()  # the output carries its scores on
