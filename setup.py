@@ -21,6 +21,7 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", _files("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", _files("config/*.yaml") + _files("config/*.xml")),
+        (f"share/{PACKAGE}/scripts", ["scripts/make_certs.sh"]),
         (f"share/{PACKAGE}/models", _files("models/*.onnx") + _files("models/*.md") + _files("models/*.json")),
     ],
     install_requires=["setuptools"],
@@ -37,6 +38,7 @@ setup(
             "depth_node = forest_perception.nodes.depth_node:main",
             "sensor_sync_node = forest_perception.nodes.sensor_sync_node:main",
             "capture_node = forest_perception.nodes.capture_node:main",
+            "collab_node = forest_perception.nodes.collab_node:main",
             # command-line tools
             "forest-sim = forest_perception.sim.cli:main",
             "forest-dataset = dataset_tools.cli:main",

@@ -8,7 +8,9 @@ depth_node subscribes ``/<namespace>/camera/image_raw`` and ``camera/camera_info
 sensor_sync_node matches colour, depth and camera_info, interpolates IMU and wheels to each frame
 and publishes ``sync/*``, ``odom/fused`` and ``gps/enu``. With ``record:=true`` capture_node records
 the rover's sensor topics into an MCAP rosbag2 bag under ``bag_dir`` (services
-``capture_node/start|stop|pause|split``). With ``sim:=true`` sim_node (config/sim.yaml) drives one
+``capture_node/start|stop|pause|split``). With ``collab:=true`` collab_node validates the global
+models the rover's Flower SuperNode drops into ``model_drop_dir`` on the rover's held-out frames and
+hot-swaps depth_node's model when it is no worse. With ``sim:=true`` sim_node (config/sim.yaml) drives one
 rover named after the namespace and publishes ``/clock``, and every node runs on simulated time.
 Without a valid ``model_path`` depth_node still starts and reports the error on /diagnostics until
 the parameter is set. Parameters of every node: ``params_file`` (config/rover.yaml).
@@ -45,6 +47,12 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument("sync", default_value="true", description="run sensor_sync_node (true/false)"),
             DeclareLaunchArgument("record", default_value="false", description="run capture_node (true/false)"),
             DeclareLaunchArgument("bag_dir", default_value="bags", description="folder capture_node records into"),
+            DeclareLaunchArgument("collab", default_value="false", description="run collab_node (true/false)"),
+            DeclareLaunchArgument(
+                "model_drop_dir",
+                default_value="models/incoming",
+                description="folder the rover's Flower SuperNode drops global models into (collab_node)",
+            ),
             DeclareLaunchArgument(
                 "sim_params_file",
                 default_value=os.path.join(share, "config", "sim.yaml"),
@@ -84,6 +92,18 @@ def generate_launch_description() -> LaunchDescription:
                 parameters=[
                     LaunchConfiguration("params_file"),
                     {"output_dir": LaunchConfiguration("bag_dir"), "use_sim_time": sim},
+                ],
+            ),
+            Node(
+                package="forest_perception",
+                executable="collab_node",
+                name="collab_node",
+                namespace=namespace,
+                output="screen",
+                condition=IfCondition(LaunchConfiguration("collab")),
+                parameters=[
+                    LaunchConfiguration("params_file"),
+                    {"model_source": LaunchConfiguration("model_drop_dir"), "use_sim_time": sim},
                 ],
             ),
             Node(

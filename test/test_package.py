@@ -134,6 +134,14 @@ def test_launch_files_use_existing_executables_and_declared_parameters(rclpy_con
     finally:
         node.destroy_node()
 
+    from forest_perception.nodes.collab_node import CollabNode
+
+    node = CollabNode(context=rclpy_context)
+    try:
+        declared["collab_node"] = set(node._parameters)
+    finally:
+        node.destroy_node()
+
     scripts = console_scripts()
     nodes = launch_nodes()
     assert nodes, "no launch_ros Node actions found in launch/"
@@ -155,7 +163,7 @@ def test_launch_files_use_existing_executables_and_declared_parameters(rclpy_con
             assert not unknown, f"{cfg.name}: {node_name} has undeclared parameters {sorted(unknown)}"
     assert checked == set(declared), f"no YAML parameters found for {sorted(set(declared) - checked)}"
     launched = {kwargs.get("executable") for _, kwargs in nodes}
-    for executable in ("depth_node", "sensor_sync_node", "capture_node"):
+    for executable in ("depth_node", "sensor_sync_node", "capture_node", "collab_node"):
         assert executable in launched, f"no launch file starts {executable}"
 
 

@@ -1,5 +1,9 @@
 """``forest-fl``: run a simulated federated swarm, prepare a population for ``flwr run``, inspect a coordinator.
 
+Also deploys the apps: ``certs`` makes the CA, the SuperLink's TLS certificate and one SuperNode
+key set per rover; ``deploy`` runs a SuperLink and one SuperNode per rover on this machine with
+TLS and SuperNode authentication and submits the app (see ``collab.deploy``).
+
 Examples::
 
     forest-fl simulate --out runs/fl --rovers 10 --rounds 3 --algorithm fedavg
@@ -7,6 +11,9 @@ Examples::
     forest-fl prepare --out runs/pop --rovers 10
     flwr run . --run-config "population='runs/pop/population.json'"   # the same apps through Flower's CLI
     forest-fl status --db runs/fl/coordinator.db
+    forest-fl certs --out certs --rovers 2
+    forest-fl deploy --certs certs --run-dir runs/deploy --virtual-rovers 2 --rounds 2
+    forest-fl deploy --certs certs --run-dir runs/deploy --rover rover_000=/data/r0 --rover rover_001=/data/r1
 
 ``simulate`` on an ``--out`` that already holds a coordinator store resumes it (same algorithm
 and model) from the last completed round.
@@ -121,6 +128,115 @@ def print_status(db: Path, show_updates: bool = False) -> None:
                       f"{u['message']}")
 
 
+def _add_certs(sub: argparse._SubParsersAction) -> None:
+    certs = sub.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and SuperNode keys per rover")
+    certs.add_argument("--out", required=True, type=Path, help="certificate folder (an existing one is extended)")
+    certs.add_argument("--rovers", type=int, default=0, help="keys for rover_000 .. rover_<N-1>")
+    certs.add_argument("--rover", action="append", default=[], metavar="ID", help="keys for this rover (repeatable)")
+    certs.add_argument("--host", action="append", default=None, metavar="HOST",
+                       help="address or name the SuperLink is reached at (repeatable; default 127.0.0.1, localhost)")
+    certs.add_argument("--days", type=int, default=365, help="validity of the TLS certificates")
+    certs.add_argument("--overwrite", action="store_true", help="make a new CA and new keys for every rover")
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from collab.deploy.certs import DEFAULT_HOSTS, check_deployment_certs, make_deployment_certs
+
+    rover_ids = [f"rover_{i:03d}" for i in range(args.rovers)] + list(args.rover)
+    if args.rovers < 0 or args.days < 1:
+        raise ValueError(f"--rovers must be >= 0 and --days >= 1, got {args.rovers} and {args.days}")
+    certs = make_deployment_certs(args.out, rover_ids, hosts=tuple(args.host or DEFAULT_HOSTS), days=args.days,
+                                  overwrite=args.overwrite)
+    check_deployment_certs(certs)
+    print(f"{certs.root}: CA {certs.ca_cert.name}, SuperLink {certs.server_cert.name} for {', '.join(certs.hosts)}")
+    for rover_id, keys in sorted(certs.rovers.items()):
+        print(f"  {rover_id}: {keys.auth_pub.relative_to(certs.root)} {keys.fingerprint}")
+    print(f"keep {certs.ca_key} off the rovers; each rover needs ca.crt and its own rovers/<id>/ folder")
+    return 0
+
+
+def _add_deploy(sub: argparse._SubParsersAction) -> None:
+    deploy = sub.add_parser("deploy", help="a SuperLink and one SuperNode per rover on this machine (TLS, SuperNode "
+                                           "authentication), then submit the app")
+    deploy.add_argument("--certs", required=True, type=Path, help="certificate folder of `forest-fl certs`")
+    deploy.add_argument("--run-dir", required=True, type=Path, help="logs, Flower homes, coordinator.db, nodes.json")
+    deploy.add_argument("--rover", action="append", default=[], metavar="ID=DATA_DIR",
+                        help="a rover and its recordings (forest dataset layout); repeatable")
+    deploy.add_argument("--virtual-rovers", type=int, default=0,
+                        help="also N simulated rovers rover_000.. with procedural data in RUN_DIR/rovers")
+    deploy.add_argument("--frames", type=int, default=4, help="frames per virtual rover")
+    deploy.add_argument("--data-size", type=int, nargs=2, default=(48, 64), metavar=("H", "W"),
+                        help="height and width of the virtual rovers' frames")
+    deploy.add_argument("--rounds", type=int, default=None, help="num-server-rounds (0: submit nothing)")
+    deploy.add_argument("--algorithm", default=None, help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust")
+    deploy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run config key")
+    deploy.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
+    deploy.add_argument("--port", type=int, default=0, help="SuperLink port (0: a free one)")
+    deploy.add_argument("--timeout", type=float, default=1800.0, help="seconds the run may take")
+    deploy.add_argument("--serve", action="store_true",
+                        help="keep the SuperLink and SuperNodes running (Ctrl-C stops them) for more `flwr run`s")
+
+
+def _deploy_rovers(args: argparse.Namespace) -> list:
+    from collab.deploy.local import RoverNode
+
+    rovers = []
+    if args.virtual_rovers:
+        from collab.flower.simulation import ensure_rover_data, make_population
+
+        height, width = args.data_size
+        population = make_population(args.virtual_rovers, args.run_dir.resolve() / "rovers", frames=args.frames,
+                                     availability=(1.0, 1.0))
+        for rover in population.rovers:
+            ensure_rover_data(rover, width, height)
+            rovers.append(RoverNode(rover.rover_id, rover.data_dir))
+    for item in args.rover:
+        rover_id, sep, data_dir = item.partition("=")
+        if not sep or not rover_id or not data_dir:
+            raise ValueError(f"--rover {item!r} is not ID=DATA_DIR")
+        rovers.append(RoverNode(rover_id.strip(), Path(data_dir.strip())))
+    if not rovers:
+        raise ValueError("name the rovers: --rover ID=DATA_DIR (repeatable) or --virtual-rovers N")
+    return rovers
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    import time
+
+    from collab.deploy.local import DeploySpec, LocalDeployment
+
+    run_config = _key_values(args.set, "--set")
+    if args.algorithm:
+        run_config["algorithm"] = args.algorithm
+    if args.rounds:
+        run_config["num-server-rounds"] = args.rounds
+    spec = DeploySpec(run_dir=args.run_dir, certs_dir=args.certs, rovers=_deploy_rovers(args), run_config=run_config,
+                      host=args.host, superlink_port=args.port)
+    deployment = LocalDeployment(spec)
+    try:
+        deployment.start()
+        print(f"SuperLink https://{deployment.superlink_address} (TLS, SuperNode authentication); "
+              f"logs in {deployment.logs_dir}")
+        for rover_id, node_id in deployment.nodes.items():
+            print(f"  {rover_id}: node {node_id}")
+        if args.rounds != 0:
+            result = deployment.run(timeout=args.timeout)
+            print(f"run {result.run_id} done in {result.wall_s:.1f} s; state in {result.state_db}")
+            print_status(result.state_db)
+        if args.serve:
+            print(f"serving; submit more runs with: FLWR_HOME={deployment.cli_home()} flwr run "
+                  f"{deployment.app_dir} forest --stream --run-config \"state-db='{deployment.state_db}'\"")
+            while all(p.popen.poll() is None for p in deployment.processes.values()):
+                time.sleep(1.0)
+            print("forest-fl: a deployment process exited; stopping", file=sys.stderr)
+            return 1
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        deployment.stop()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``forest-fl``."""
     parser = argparse.ArgumentParser(prog="forest-fl", description=__doc__.split("\n")[0])
@@ -137,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = sub.add_parser("status", help="print a coordinator store")
     status.add_argument("--db", required=True, type=Path)
     status.add_argument("--all", action="store_true", help="also list failed and missing updates")
+    _add_certs(sub)
+    _add_deploy(sub)
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -149,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             print_status(args.db, args.all)
             return 0
+        if args.command == "certs":
+            return _certs(args)
+        if args.command == "deploy":
+            return _deploy(args)
         spec = _spec(args)
         if args.command == "prepare":
             from collab.flower.simulation import prepare_population

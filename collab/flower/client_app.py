@@ -4,6 +4,9 @@ Where a rover finds itself (first match wins):
 
 1. node config (deployment, ``flower-supernode --node-config "data-dir='/data/forest' rover-id='rover_3'"``):
    ``data-dir``, optional ``rover-id`` (default: the folder name) and ``scope`` (``all`` or ``decoder``);
+   optional ``model-drop-dir``: every global model received for training is also written there as
+   ``global-r<round>.npz`` (:func:`collab.rover.write_global_model`) for the rover's ROS ``collab_node``,
+   which validates it on the rover's held-out frames before the depth node runs it;
 2. run config ``population`` (simulation): the JSON written by :mod:`collab.flower.simulation`, entry
    ``partition-id`` of the node config (rover id, data folder, scope, and a fault to inject in tests);
 3. run config ``data-root``: ``<data-root>/rover_<partition-id>``.
@@ -149,6 +152,20 @@ def inject_fault(
     return deltas, base_round
 
 
+def drop_global_model(context: Context, server_round: int, names: list[str], arrays: list[np.ndarray],
+                      task: TaskConfig) -> None:
+    """Deployment: hand the global model of ``server_round - 1`` to the rover's collab_node (``model-drop-dir``)."""
+    drop_dir = str(context.node_config.get("model-drop-dir", "") or "")
+    if not drop_dir:
+        return
+    from collab.rover import task_meta, write_global_model
+
+    try:
+        write_global_model(drop_dir, server_round - 1, names, arrays, task_meta(task))
+    except (OSError, ValueError) as exc:  # a full disk on the rover must not fail the round
+        LOG.warning("could not drop the global model of round %d into %s: %s", server_round - 1, drop_dir, exc)
+
+
 def handle_train(message: Message, context: Context, overrides: Mapping | None = None) -> Message:
     """Train on the local data from the global model (and MC-PSGD's separate chain); reply with the deltas."""
     base_config = merge_run_config(context.run_config, overrides)
@@ -168,6 +185,8 @@ def handle_train(message: Message, context: Context, overrides: Mapping | None =
     max_staleness = int(message.content.config_records[CONFIG_KEY].get("max-staleness", 0))
     for arrays_key, update_key, rows_key, suffix in chains:
         names, global_arrays = _global_arrays(message, arrays_key)
+        if not suffix:
+            drop_global_model(context, server_round, names, global_arrays, task)
         result = local_round(names, global_arrays, data, task, identity.scope, seed)
         deltas, reported_round = inject_fault(identity.fault, result.deltas, server_round, server_round, max_staleness)
         base_round = reported_round

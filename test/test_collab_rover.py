@@ -1,0 +1,402 @@
+"""collab.rover: global model drops, dataset watch, hold-out split, validation gate, local training, idleness."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from collab import rover
+
+HW = (48, 64)  # network input; frames are 64x48 as recorded
+
+
+def _task(**kwargs):
+    from collab.flower.task import TaskConfig
+
+    return TaskConfig(**{"base_channels": 4, "input_hw": HW, **kwargs}).validate()
+
+
+def write_segment(root: Path, run: int, segment: str, frames: int, depth_m: float = 3.0, seed: int = 0,
+                  first_stamp: float = 1.0):
+    """A segment of textured 64x48 frames looking at a wall ``depth_m`` away."""
+    from dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter
+
+    rng = np.random.default_rng(seed)
+    writer = SegmentWriter(root, run, segment)
+    for i in range(frames):
+        rgb = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        depth = np.full((48, 64), depth_m, np.float32)
+        depth[:4] = np.nan  # a few invalid pixels, as a real camera gives
+        writer.write_frame(rgb, depth, FrameRecord(f"{i:06d}", first_stamp + i, ImuSample((0, 0, 0), (0, 0, 9.81))))
+    return writer
+
+
+def constant_model(depth_m: float, server_round: int = 1) -> rover.GlobalModel:
+    """The small auto-encoder with its last layer set to predict ``depth_m`` everywhere."""
+    model = rover.initial_model(_task())
+    # LogDepthHead: depth = exp(log 0.1 + log(20 / 0.1) * sigmoid(logit)), the network's default range
+    share = (math.log(depth_m) - math.log(0.1)) / (math.log(20.0) - math.log(0.1))
+    logit = math.log(share / (1.0 - share))
+    arrays = []
+    for name, array in zip(model.names, model.arrays):
+        if name == "decoder.logit.weight":
+            array = np.zeros_like(array)
+        elif name == "decoder.logit.bias":
+            array = np.full_like(array, logit)
+        arrays.append(array)
+    return rover.GlobalModel(server_round, model.names, arrays, dict(model.meta), f"constant {depth_m} m")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Four segments of four frames; returns (root, train segments, held-out segments)."""
+    root = tmp_path_factory.mktemp("forest")
+    for i, name in enumerate("abcd"):
+        write_segment(root, 1, name, 4, seed=i).close()
+    scan = rover.DatasetWatcher(root).scan()
+    train_ids, held_ids = rover.holdout_split([s.segment_id for s in scan.segments], 0.5, seed=0)
+    return root, [scan.segment(i) for i in train_ids], [scan.segment(i) for i in held_ids]
+
+
+@pytest.fixture(scope="module")
+def running_models(tmp_path_factory):
+    """Constant 2.5 m and 3.0 m models exported to ONNX: {depth: path}."""
+    out = tmp_path_factory.mktemp("running")
+    paths = {}
+    for depth in (2.5, 3.0):
+        path, _ = rover.export_candidate(constant_model(depth), out / f"const_{depth}.onnx", _task(), "torchscript")
+        paths[depth] = str(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- drops
+
+
+def test_drop_roundtrip_listing_and_pruning(tmp_path):
+    drop = tmp_path / "incoming"
+    model = constant_model(3.0)
+    meta = rover.task_meta(_task())
+    for r in range(1, 8):
+        rover.write_global_model(drop, r, model.names, model.arrays, meta, keep=5)
+    (drop / ".global-r000009.npz.77.tmp").write_bytes(b"half a file")  # a writer that died
+    (drop / "notes.txt").write_text("not a model")
+    listed = rover.list_global_models(drop)
+    assert [p.name for p in listed] == [f"global-r{r:06d}.npz" for r in range(3, 8)]
+    back = rover.read_candidate(listed[-1])
+    assert back.round == 7 and back.names == model.names and back.meta == meta
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(back.arrays, model.arrays))
+    assert back.task_config(_task(base_channels=8)).base_channels == 4  # the model's own architecture wins
+
+    source = rover.open_model_source(drop)
+    ref = source.latest()
+    assert isinstance(source, rover.DropDirSource) and ref.round == 7 and ref.label == "global-r000007"
+    assert source.latest() == ref  # same content, same key
+    other = constant_model(2.0)
+    rover.write_global_model(drop, 7, other.names, other.arrays, meta)  # the same round sent again, other weights
+    assert source.latest().key != ref.key
+    with pytest.raises(ValueError, match="server_round"):
+        rover.write_global_model(drop, -1, model.names, model.arrays)
+    with pytest.raises(ValueError, match="names"):
+        rover.write_global_model(drop, 8, model.names[:-1], model.arrays)
+
+
+def test_bad_drops_are_refused_naming_the_file(tmp_path):
+    model = constant_model(3.0)
+    garbage = tmp_path / "global-r000001.npz"
+    garbage.write_bytes(b"not a zip at all" * 20)
+    with pytest.raises(ValueError, match="global-r000001.npz"):
+        rover.read_candidate(garbage)
+    no_header = tmp_path / "global-r000002.npz"
+    np.savez(no_header, x=np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="no header"):
+        rover.read_candidate(no_header)
+    good = rover.write_global_model(tmp_path / "ok", 3, model.names, model.arrays)
+    with np.load(good) as archive:
+        entries = {k: archive[k] for k in archive.files}
+    short = dict(entries)
+    del short["t00002"]
+    np.savez(tmp_path / "global-r000003.npz", **short)
+    with pytest.raises(ValueError, match="t00002"):
+        rover.read_candidate(tmp_path / "global-r000003.npz")
+    np.savez(tmp_path / "global-r000004.npz", **entries)  # header says round 3
+    with pytest.raises(ValueError, match="round 4, header 3"):
+        rover.read_candidate(tmp_path / "global-r000004.npz")
+    ints = dict(entries, t00000=np.zeros(entries["t00000"].shape, np.int64))
+    np.savez(tmp_path / "global-r000003.npz", **ints)
+    with pytest.raises(ValueError, match="dtype int64"):
+        rover.read_candidate(tmp_path / "global-r000003.npz")
+    with pytest.raises(ValueError, match="does not exist"):
+        rover.read_candidate(tmp_path / "global-r000099.npz")
+    (tmp_path / "file.db.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a .db"):
+        rover.open_model_source(tmp_path / "file.db.txt")
+
+
+def test_store_source_offers_the_last_round(tmp_path):
+    from collab.flower.store import CoordinatorStore
+
+    db = tmp_path / "coordinator.db"
+    source = rover.open_model_source(db)
+    assert isinstance(source, rover.StoreSource) and source.latest() is None  # not there yet
+    model = constant_model(3.0)
+    with CoordinatorStore(db, identity={"model": "autoencoder", "base-channels": 4}) as store:
+        assert source.latest() is None  # empty store
+        store.save_initial(model.names, model.arrays, {})
+    ref = source.latest()
+    assert ref.round == 0 and ref.key.startswith("store:")
+    loaded = source.load(ref)
+    assert loaded.names == model.names and loaded.meta == {"model": "autoencoder", "base-channels": 4}
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.arrays, model.arrays))
+    db.write_bytes(b"garbage, not sqlite" * 100)
+    with pytest.raises(ValueError, match="coordinator.db"):
+        source.latest()
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+def test_dataset_watcher_reports_new_grown_and_removed_segments(tmp_path):
+    from dataset_tools.layout import FrameRecord, ImuSample
+
+    root = tmp_path / "forest"
+    watcher = rover.DatasetWatcher(root)
+    empty = watcher.scan()
+    assert empty.segments == [] and not empty.errors and not empty.changed  # nothing recorded yet is normal
+
+    write_segment(root, 1, "a", 3).close()
+    recording = write_segment(root, 1, "b", 2, seed=1)  # still being recorded
+    first = watcher.scan()
+    assert sorted(first.new) == ["1a", "1b"] and first.frames == 5 and first.new_frames == 5
+    assert not watcher.scan().changed  # nothing happened in between
+
+    recording.write_frame(np.zeros((48, 64, 3), np.uint8), np.full((48, 64), 2.0, np.float32),
+                          FrameRecord("000002", 10.0, ImuSample((0, 0, 0), (0, 0, 9.81))))
+    grown = watcher.scan()
+    assert grown.grown == ["1b"] and grown.new == [] and grown.new_frames == 1 and grown.frames == 6
+    assert len(grown.segment("1b")) == 3
+    recording.close()
+
+    write_segment(root, 2, "a", 1).close()
+    broken = root / "Run-2" / "b"
+    broken.mkdir()
+    (broken / "metadata.csv").write_text("what,is,this\n1,2,3\n")
+    shutil.rmtree(root / "Run-1" / "a")
+    third = watcher.scan()
+    assert third.removed == ["1a"] and third.new == ["2a"] and third.frames == 4
+    assert list(third.errors) == [str(broken)] and "metadata.csv" in third.errors[str(broken)]
+    with pytest.raises(KeyError, match="1a"):
+        third.segment("1a")
+
+
+def test_holdout_split_is_by_segment_deterministic_and_stable():
+    ids = [f"{run}{name}" for run in range(1, 5) for name in "abcde"]
+    train, held = rover.holdout_split(ids, 0.25, seed=3)
+    assert rover.holdout_split(list(reversed(ids)), 0.25, seed=3) == (train, held)
+    assert set(train) | set(held) == set(ids) and not set(train) & set(held)
+    assert 2 <= len(held) <= 10  # ~5 of 20
+    more = ids + [f"{run}{name}" for run in range(5, 9) for name in "abcde"]
+    train2, held2 = rover.holdout_split(more, 0.25, seed=3)
+    assert set(held) <= set(held2) and set(train) <= set(train2)  # new segments never move old ones
+    assert rover.holdout_split(ids, 0.25, seed=4) != (train, held)
+    # small numbers: something on each side with two or more segments, nothing held out with one
+    for pair in (["1a", "1b"], ["7x", "9y"]):
+        tr, ho = rover.holdout_split(pair, 0.01)
+        assert len(tr) == 1 and len(ho) == 1
+        tr, ho = rover.holdout_split(pair, 0.99)
+        assert len(tr) == 1 and len(ho) == 1
+    assert rover.holdout_split(["1a"], 0.5) == (["1a"], [])
+    assert rover.holdout_split(ids, 0.0) == (sorted(ids), [])
+    with pytest.raises(ValueError, match="fraction"):
+        rover.holdout_split(ids, 1.0)
+
+
+def test_make_holdout_spreads_frames(dataset):
+    _, train, held = dataset
+    everything = train + held
+    full = rover.make_holdout(everything, max_frames=1000)
+    assert len(full) == 16
+    capped = rover.make_holdout(everything, max_frames=5)
+    assert len(capped) == 5 and capped.frames[0] == (0, 0) and capped.frames[-1] == (3, 3)
+    assert capped.signature != full.signature
+    frames = list(capped)
+    assert frames[0][0].shape == (48, 64, 3) and frames[0][1].dtype == np.float32
+    with pytest.raises(ValueError, match="max_frames"):
+        rover.make_holdout(everything, 0)
+
+
+# ---------------------------------------------------------------------------------------------- gate
+
+
+def test_compare_metrics_tolerances():
+    config = rover.GateConfig(tolerance_absrel=0.02, tolerance_delta1=0.05, max_absrel=0.5)
+    running = {"absrel": 0.10, "delta1": 0.90}
+    assert rover.compare_metrics({"absrel": 0.11, "delta1": 0.86}, running, config)[:2] == (True, "accepted")
+    ok, code, reason = rover.compare_metrics({"absrel": 0.13, "delta1": 0.95}, running, config)
+    assert not ok and code == "worse" and "absrel 0.1300 > running 0.1000" in reason
+    ok, code, reason = rover.compare_metrics({"absrel": 0.05, "delta1": 0.80}, running, config)
+    assert not ok and code == "worse" and "delta1" in reason and "absrel" not in reason
+    assert rover.compare_metrics({"absrel": 0.4, "delta1": 0.5}, None, config)[:2] == (True, "first_model")
+    assert rover.compare_metrics({"absrel": 0.6, "delta1": 0.5}, None, config)[:2] == (False, "too_inaccurate")
+    assert rover.compare_metrics({"absrel": math.nan, "delta1": math.nan}, running, config)[1] == "no_holdout"
+    with pytest.raises(ValueError, match="tolerance_absrel"):
+        rover.GateConfig(tolerance_absrel=-1.0).validate()
+    with pytest.raises(ValueError, match="exporter"):
+        rover.GateConfig(exporter="tflite").validate()
+
+
+def test_gate_accepts_a_better_model_and_refuses_worse_and_broken_ones(tmp_path, dataset, running_models):
+    _, _, held = dataset
+    holdout = rover.make_holdout(held)
+    models_dir = tmp_path / "models"
+    gate = rover.ValidationGate(models_dir, rover.GateConfig(exporter="torchscript", keep_refused=1))
+
+    better = gate.check(constant_model(3.0, server_round=4), running_models[2.5], holdout, _task())
+    assert better.accepted and better.code == "accepted", better.reason
+    assert better.label == "global-r000004" and better.round == 4
+    assert better.candidate_metrics["absrel"] < 0.01 and better.running_metrics["absrel"] > 0.1
+    published = Path(better.model_path)
+    assert published.parent == models_dir and published.is_file() and published.name.startswith("global-r000004-")
+    card = json.loads(published.with_suffix(".json").read_text())
+    assert card["version"] == better.model_version and card["metrics"]["absrel"] == pytest.approx(
+        better.candidate_metrics["absrel"])
+    assert "accepted" in published.with_suffix(".md").read_text()
+    assert not [p for p in models_dir.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+    # random weights (another seed) are worse than the running model
+    random_model = rover.initial_model(_task(seed=5))
+    random_model.round = 5
+    worse = gate.check(random_model, published, holdout, _task())
+    assert not worse.accepted and worse.code == "worse" and "absrel" in worse.reason
+    assert worse.running_model == str(published)
+    refused = Path(worse.model_path)
+    assert refused.parent == models_dir / "refused" and refused.is_file()
+    assert json.loads(refused.with_suffix(".decision.json").read_text())["code"] == "worse"
+    assert sorted(p.name for p in models_dir.glob("*.onnx")) == [published.name]
+
+    corrupt = tmp_path / "global-r000006.npz"
+    corrupt.write_bytes(os.urandom(2000))
+    broken = gate.check(corrupt, published, holdout, _task())
+    assert not broken.accepted and broken.code == "unreadable" and "global-r000006.npz" in broken.reason
+    assert broken.model_path == ""
+
+    nan_model = constant_model(3.0, server_round=7)
+    nan_model.arrays[0] = nan_model.arrays[0].copy()
+    nan_model.arrays[0].flat[0] = np.nan
+    with_nan = gate.check(nan_model, published, holdout, _task())
+    assert with_nan.code == "unreadable" and "NaN" in with_nan.reason
+    wider = rover.initial_model(_task(base_channels=8))
+    wider.meta = {}  # a model without architecture meta is read as the rover's own (4 channels): does not fit
+    mismatch = gate.check(wider, published, holdout, _task(), label="wider")
+    assert mismatch.code == "unreadable" and "shape" in mismatch.reason
+
+    nothing = gate.check(constant_model(3.0), published, rover.make_holdout([]), _task())
+    assert nothing.code == "no_holdout" and "two recorded segments" in nothing.reason
+    assert sorted(p.name for p in models_dir.glob("*.onnx")) == [published.name]
+
+
+def test_gate_tolerance_and_no_running_model(tmp_path, dataset, running_models):
+    _, _, held = dataset
+    holdout = rover.make_holdout(held)
+    slightly_worse = constant_model(2.85)  # absrel 0.05 against a perfect running model
+    lenient = rover.ValidationGate(tmp_path, rover.GateConfig(exporter="torchscript", tolerance_absrel=0.1))
+    decision = lenient.check(slightly_worse, running_models[3.0], holdout, _task(), label="lenient")
+    assert decision.accepted and decision.candidate_metrics["absrel"] == pytest.approx(0.05, abs=0.002)
+    strict = rover.ValidationGate(tmp_path, rover.GateConfig(exporter="torchscript", tolerance_absrel=0.01))
+    decision = strict.check(slightly_worse, running_models[3.0], holdout, _task(), label="strict")
+    assert not decision.accepted and "tolerance 0.01" in decision.reason
+    # nothing to compare with (the depth node runs no model, or one that does not load): accepted, said so
+    first = strict.check(slightly_worse, str(tmp_path / "gone.onnx"), holdout, _task(), label="first")
+    assert first.accepted and first.code == "first_model" and "gone.onnx" in first.reason
+
+
+# ---------------------------------------------------------------------------------------------- local training
+
+
+def test_local_training_uses_training_segments_and_returns_the_trained_model(dataset):
+    from collab.flower.task import evaluate
+
+    _, train, held = dataset
+    task = _task(local_epochs=2)
+    data = rover.build_local_data(train, held, task)
+    assert data.num_train == sum(len(s) for s in train) and data.num_val == sum(len(s) for s in held)
+    assert not data.val_is_train
+    base = constant_model(2.5)
+    result = rover.train_locally(base, data, task, seed=1)
+    assert result.metrics["steps"] == 2 * math.ceil(data.num_train / task.batch_size)
+    assert all(math.isfinite(result.metrics[k]) for k in ("train-loss", "val-loss", "absrel", "delta1"))
+    changed = [n for n, a, b in zip(base.names, base.arrays, result.model.arrays) if not np.array_equal(a, b)]
+    assert changed and result.model.names == base.names
+    # the returned model is the one that was evaluated: its held-out AbsRel matches the round's report
+    network, _, config = rover.build_network(result.model, task)
+    assert evaluate(network, data.val_images, data.val_depth, config)["absrel"] == pytest.approx(
+        result.metrics["absrel"], rel=1e-4)
+    with pytest.raises(ValueError, match="no training frames"):
+        rover.build_local_data([], held, task)
+
+
+# ---------------------------------------------------------------------------------------------- idleness, ledger
+
+
+def test_idle_detector():
+    idle = rover.IdleDetector(idle_speed_mps=0.05, idle_seconds=2.0, odom_timeout_s=0.5)
+    assert idle.state(0.0) == (False, "no odometry received yet")
+    idle.update(0.0, 0.8)
+    ok, why = idle.state(0.1)
+    assert not ok and "moving at 0.80 m/s" in why
+    for t in np.arange(0.1, 1.5, 0.1):
+        idle.update(float(t), 0.01)
+    ok, why = idle.state(1.45)
+    assert not ok and "stopped for 1.4 s of the 2.0 s" in why
+    for t in np.arange(1.5, 2.3, 0.1):
+        idle.update(float(t), 0.0)
+    assert idle.state(2.25)[0]
+    ok, why = idle.state(3.0)  # odometry went quiet: may be driving blind
+    assert not ok and "no odometry for" in why
+    idle.update(1.0, 0.0)  # time went backwards (simulation reset): history forgotten
+    assert not idle.state(1.0)[0]
+    with pytest.raises(ValueError, match="finite"):
+        idle.update(5.0, math.nan)
+    assert rover.odometry_speed((3.0, 4.0, 0.0)) == pytest.approx(5.0)
+    assert rover.train_permission(False, "moving", True, "")[0] is False
+    assert rover.train_permission(False, "moving", False, "")[0] is True
+    assert rover.train_permission(True, "", True, "gating global-r000003") == (False, "busy: gating global-r000003")
+
+
+def test_ledger_survives_restarts_and_damage(tmp_path):
+    ledger = rover.DeploymentLedger(tmp_path)
+    model = constant_model(3.0, server_round=2)
+    decision = rover.GateDecision(True, "accepted", "better", "global-r000002", 2, str(tmp_path / "m.onnx"), "v1",
+                                  {"absrel": math.nan})
+    ledger.record("drop:abc", decision, deployed=True, model=model)
+    ledger.record("drop:def", rover.GateDecision(False, "worse", "worse", "global-r000003", 3), deployed=False)
+    again = rover.DeploymentLedger(tmp_path)
+    assert again.seen("drop:abc") and again.seen("drop:def") and not again.seen("drop:xyz")
+    assert again.current["model_version"] == "v1" and again.current["round"] == 2
+    assert again.decisions[0]["candidate_metrics"]["absrel"] is None  # NaN stored as null
+    current = again.current_model()
+    assert current.round == 2 and all(np.array_equal(a, b) for a, b in zip(current.arrays, model.arrays))
+    (tmp_path / rover.LEDGER_FILE).write_text("{ not json")
+    with pytest.warns(UserWarning, match="unreadable"):
+        damaged = rover.DeploymentLedger(tmp_path)
+    assert damaged.current is None and list(tmp_path.glob(f"{rover.LEDGER_FILE}.damaged-*"))
+
+
+def test_prune_accepted_keeps_the_newest_and_the_deployed(tmp_path):
+    for i, name in enumerate(("old", "deployed", "mid", "new")):
+        for ext in (".onnx", ".json", ".md"):
+            path = tmp_path / f"{name}{ext}"
+            path.write_text(name)
+            os.utime(path, ns=(10**18 + i * 10**9, 10**18 + i * 10**9))
+    (tmp_path / "refused").mkdir()
+    (tmp_path / "refused" / "x.onnx").write_text("refused ones are pruned by the gate")
+    deleted = rover.prune_accepted(tmp_path, keep=1, protect={str(tmp_path / "deployed.onnx")})
+    assert sorted(p.name for p in deleted) == ["mid.onnx", "old.onnx"]
+    assert sorted(p.name for p in tmp_path.glob("*.*")) == [
+        "deployed.json", "deployed.md", "deployed.onnx", "new.json", "new.md", "new.onnx"]
+    assert (tmp_path / "refused" / "x.onnx").is_file()

@@ -1,0 +1,363 @@
+"""Deployment: certificates and keys, the commands and environment built, process control, and (slow) a real
+SuperLink with two authenticated SuperNodes over TLS on 127.0.0.1, an unregistered SuperNode refused."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from collab.algorithms import fedavg
+from collab.deploy.certs import (
+    certificate_hosts,
+    check_auth_pair,
+    check_deployment_certs,
+    check_key_matches,
+    check_signed_by,
+    load_deployment_certs,
+    make_deployment_certs,
+    public_key_fingerprint,
+)
+from collab.deploy.local import (
+    DeploySpec,
+    LocalDeployment,
+    ManagedProcess,
+    RoverNode,
+    group_members,
+    listening_sockets,
+    process_tree,
+    stop_process,
+    write_toml_table,
+)
+from collab.flower.cli import main as forest_fl
+from collab.flower.store import CoordinatorStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_deployment_certs(tmp_path_factory.mktemp("certs"), ["rover_000", "rover_001", "intruder"])
+
+
+def _rover_dirs(root: Path, count: int = 2) -> list[Path]:
+    dirs = [root / f"rover_{i:03d}" for i in range(count)]
+    for folder in dirs:
+        folder.mkdir(parents=True, exist_ok=True)
+    return dirs
+
+
+# ---------------------------------------------------------------------------------------------- certificates
+
+
+def test_certificates_chain_to_the_ca_name_loopback_and_match_their_keys(certs):
+    check_deployment_certs(certs)
+    check_signed_by(certs.server_cert, certs.ca_cert)
+    check_key_matches(certs.server_cert, certs.server_key)
+    assert certificate_hosts(certs.server_cert) == {"127.0.0.1", "localhost"}
+    server = x509.load_pem_x509_certificate(certs.server_cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(certs.ca_cert.read_bytes())
+    assert server.issuer == ca.subject and server.subject != ca.subject
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for keys in certs.rovers.values():
+        check_auth_pair(keys.auth_key, keys.auth_pub)
+        check_signed_by(keys.runtime_cert, certs.ca_cert)
+        assert certificate_hosts(keys.runtime_cert) == {"127.0.0.1", "localhost"}
+    private_keys = [certs.ca_key, certs.server_key] + [k.auth_key for k in certs.rovers.values()]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in private_keys)
+    # the rovers' keys differ, and the manifest records their fingerprints
+    fingerprints = {keys.fingerprint for keys in certs.rovers.values()}
+    assert len(fingerprints) == 3 and all(f.startswith("SHA256:") for f in fingerprints)
+    assert load_deployment_certs(certs.root).rovers.keys() == certs.rovers.keys()
+
+
+def test_keys_are_in_the_formats_flower_loads(certs):
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import bytes_to_public_key
+
+    keys = certs.rover("rover_000")
+    registered = bytes_to_public_key(try_load_public_key(keys.auth_pub))  # what `flwr supernode register` sends
+    # what flower-supernode --auth-supernode-private-key loads
+    private = serialization.load_ssh_private_key(keys.auth_key.read_bytes(), None)
+    assert private.public_key().public_numbers() == registered.public_numbers()
+    assert registered.curve.name == "secp384r1"
+    assert keys.auth_pub.read_text().startswith("ecdsa-sha2-nistp384 ") and "rover_000" in keys.auth_pub.read_text()
+
+
+def _handshake(cert: Path, key: Path, cafile: Path, server_hostname: str) -> str:
+    """A TLS handshake over 127.0.0.1 between a server with ``cert`` and a client trusting ``cafile``."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        try:
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.recv(1)
+        except (ssl.SSLError, OSError):
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client_ctx = ssl.create_default_context(cafile=str(cafile))
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
+                version = tls.version()
+                tls.sendall(b"x")
+                return version
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def test_tls_handshake_succeeds_with_the_ca_and_fails_for_others(certs, tmp_path):
+    assert _handshake(certs.server_cert, certs.server_key, certs.ca_cert, "127.0.0.1").startswith("TLS")
+    assert _handshake(certs.server_cert, certs.server_key, certs.ca_cert, "localhost").startswith("TLS")
+    with pytest.raises(ssl.SSLCertVerificationError, match="IP address mismatch|doesn't match"):
+        _handshake(certs.server_cert, certs.server_key, certs.ca_cert, "10.1.2.3")
+    other = make_deployment_certs(tmp_path / "other", [])
+    with pytest.raises(ssl.SSLCertVerificationError, match="certificate verify failed"):
+        _handshake(certs.server_cert, certs.server_key, other.ca_cert, "127.0.0.1")
+
+
+def test_certificate_problems_are_named(certs, tmp_path):
+    other = make_deployment_certs(tmp_path / "other", ["rover_000"])
+    with pytest.raises(ValueError, match=r"superlink.crt is not signed by the CA .*other/ca.crt"):
+        check_signed_by(certs.server_cert, other.ca_cert)
+    with pytest.raises(ValueError, match="does not belong to certificate"):
+        check_key_matches(certs.server_cert, other.server_key)
+    with pytest.raises(ValueError, match="does not match public key"):
+        check_auth_pair(certs.rover("rover_000").auth_key, other.rover("rover_000").auth_pub)
+    with pytest.raises(ValueError, match=r"is for \['127.0.0.1', 'localhost'\], not \['10.0.0.5'\]"):
+        check_deployment_certs(certs, hosts=["10.0.0.5"])
+    with pytest.raises(ValueError, match="no keys for rover 'rover_009'"):
+        certs.rover("rover_009")
+    with pytest.raises(ValueError, match="rover id '../x' must be"):
+        make_deployment_certs(tmp_path / "bad", ["../x"])
+    (other.root / "superlink.key").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks .*superlink.key"):
+        load_deployment_certs(other.root)
+    with pytest.raises(FileNotFoundError, match="manifest.json does not exist"):
+        load_deployment_certs(tmp_path / "nothing")
+    (tmp_path / "junk.pub").write_text("not a key\n")
+    with pytest.raises(ValueError, match="junk.pub is not an OpenSSH public key"):
+        public_key_fingerprint(tmp_path / "junk.pub")
+
+
+def test_adding_a_rover_keeps_the_ca_and_the_other_keys(tmp_path):
+    first = make_deployment_certs(tmp_path, ["rover_000"])
+    ca, fingerprint = first.ca_cert.read_bytes(), first.rover("rover_000").fingerprint
+    second = make_deployment_certs(tmp_path, ["rover_001"])
+    assert second.ca_cert.read_bytes() == ca and sorted(second.rovers) == ["rover_000", "rover_001"]
+    assert second.rover("rover_000").fingerprint == fingerprint
+    check_deployment_certs(second)
+    moved = make_deployment_certs(tmp_path, [], hosts=("127.0.0.1", "10.0.0.5"))  # new address: new server cert
+    assert certificate_hosts(moved.server_cert) == {"127.0.0.1", "10.0.0.5"} and moved.ca_cert.read_bytes() == ca
+    fresh = make_deployment_certs(tmp_path, ["rover_000"], overwrite=True)
+    assert fresh.ca_cert.read_bytes() != ca and fresh.rover("rover_000").fingerprint != fingerprint
+    assert sorted(fresh.rovers) == ["rover_000"]
+
+
+def test_cli_and_script_make_certificates(tmp_path, capsys):
+    assert forest_fl(["certs", "--out", str(tmp_path / "a"), "--rovers", "2", "--rover", "scout"]) == 0
+    assert "rover_001: rovers/rover_001/auth.pub SHA256:" in capsys.readouterr().out
+    assert sorted(load_deployment_certs(tmp_path / "a").rovers) == ["rover_000", "rover_001", "scout"]
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(REPO / "scripts" / "make_certs.sh"), "b", "--rovers", "1", "--host", "127.0.0.1"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    certs = load_deployment_certs(tmp_path / "b")  # relative to the caller's folder
+    check_deployment_certs(certs)
+    assert certificate_hosts(certs.server_cert) == {"127.0.0.1"} and list(certs.rovers) == ["rover_000"]
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def test_default_commands_use_tls_and_node_auth_on_loopback_and_never_insecure(certs, tmp_path):
+    rovers = [RoverNode(f"rover_{i:03d}", d) for i, d in enumerate(_rover_dirs(tmp_path / "data"))]
+    deployment = LocalDeployment(DeploySpec(run_dir=tmp_path / "run", certs_dir=certs.root, rovers=rovers))
+    commands = deployment.commands()
+    assert sorted(commands) == ["register-rover_000", "register-rover_001", "run", "superlink",
+                                "supernode-rover_000", "supernode-rover_001"]
+    for argv in commands.values():
+        assert not any("insecure" in arg for arg in argv), argv
+    superlink = commands["superlink"]
+
+    def value(argv: list[str], flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    assert Path(superlink[0]).name == "flower-superlink" and "--enable-supernode-auth" in superlink
+    assert value(superlink, "--ssl-certfile") == str(certs.server_cert)
+    assert value(superlink, "--ssl-keyfile") == str(certs.server_key)
+    assert value(superlink, "--ssl-ca-certfile") == str(certs.ca_cert)
+    assert value(superlink, "--host") == "127.0.0.1" and "--disable-runtime-dependency-installation" in superlink
+    port = int(value(superlink, "--port"))
+    for rover in rovers:
+        node = commands[f"supernode-{rover.rover_id}"]
+        assert value(node, "--superlink") == f"127.0.0.1:{port}"
+        assert value(node, "--root-certificates") == str(certs.ca_cert)
+        assert value(node, "--auth-supernode-private-key") == str(certs.rover(rover.rover_id).auth_key)
+        assert value(node, "--host") == "127.0.0.1" and value(node, "--ssl-certfile").endswith("runtime.crt")
+        assert value(node, "--node-config").endswith(f"{rover.rover_id}.toml")
+        register = commands[f"register-{rover.rover_id}"]
+        assert register[1:4] == ["supernode", "register", str(certs.rover(rover.rover_id).auth_pub)]
+    assert len({value(commands[f"supernode-{r.rover_id}"], "--port") for r in rovers} | {str(port)}) == 3
+
+    env = deployment.environment(tmp_path / "home")
+    assert env["FLWR_HOME"] == str(tmp_path / "home") and env["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    assert "FLWR_INTERNAL_GRPC_FLEET_API" not in env  # would open a gRPC Fleet API on 0.0.0.0:9092
+
+
+def test_node_config_file_is_what_flower_parses(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    odd = tmp_path / 'data "dir" with spaces'
+    odd.mkdir()
+    rover = RoverNode("rover_000", odd, scope="decoder", extra_config={"fault": "nan", "weight": 2.5, "on": True})
+    path = write_toml_table(tmp_path / "node.toml", rover.node_config())
+    assert parse_config_args([str(path)]) == {"data-dir": str(odd.resolve()), "rover-id": "rover_000",
+                                              "scope": "decoder", "fault": "nan", "weight": 2.5, "on": True}
+    with pytest.raises(ValueError, match="config key 'bad key'"):
+        write_toml_table(tmp_path / "x.toml", {"bad key": 1})
+
+
+def test_a_deployment_refuses_bad_input_before_starting_anything(certs, tmp_path, capsys):
+    data = _rover_dirs(tmp_path / "data")
+    with pytest.raises(ValueError, match="no keys for rover 'rover_777'"):
+        LocalDeployment(DeploySpec(tmp_path / "run", certs.root, [RoverNode("rover_777", data[0])]))
+    with pytest.raises(FileNotFoundError, match="rover rover_000: data dir .*missing does not exist"):
+        LocalDeployment(DeploySpec(tmp_path / "run", certs.root, [RoverNode("rover_000", tmp_path / "missing")]))
+    with pytest.raises(ValueError, match="rover ids are repeated"):
+        LocalDeployment(DeploySpec(tmp_path / "run", certs.root, [RoverNode("rover_000", data[0])] * 2))
+    with pytest.raises(ValueError, match=r"not \['10.9.8.7'\]"):  # the certificate does not name that address
+        LocalDeployment(DeploySpec(tmp_path / "run", certs.root, [RoverNode("rover_000", data[0])], host="10.9.8.7"))
+    code = forest_fl(["deploy", "--certs", str(certs.root), "--run-dir", str(tmp_path / "run"),
+                      "--rover", f"rover_555={data[0]}"])
+    assert code == 2 and "no keys for rover 'rover_555'" in capsys.readouterr().err
+    assert forest_fl(["deploy", "--certs", str(certs.root), "--run-dir", str(tmp_path / "run"),
+                      "--rover", "rover_000"]) == 2
+    assert "is not ID=DATA_DIR" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "logs").exists()  # nothing was started
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+_DETACHING_PARENT = textwrap.dedent("""
+    import socket, subprocess, sys, time
+    # like flower-superlink: a child in a session of its own (its SuperExec), plus one in our group
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    server = socket.create_server(("127.0.0.1", 0))
+    print("ready", server.getsockname()[1], flush=True)
+    time.sleep(600)
+""")
+
+
+def test_stop_ends_the_process_group_and_detached_descendants(tmp_path):
+    log_path = tmp_path / "p.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed by the test
+    popen = subprocess.Popen([sys.executable, "-c", _DETACHING_PARENT], stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    process = ManagedProcess("parent", [], popen, log_path, log)
+    try:
+        deadline = time.monotonic() + 30
+        while "ready" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = int(log_path.read_text().split()[1])
+        children = process_tree(popen.pid)
+        assert len(children) == 2 and popen.pid in group_members(popen.pid)
+        assert listening_sockets([popen.pid] + children) == [("127.0.0.1", port, popen.pid)]
+        for pid in children:
+            process.seen[pid] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        start = time.monotonic()
+        stop_process(process, grace=5.0)
+        assert time.monotonic() - start < 5.0  # they all obey SIGTERM
+        assert popen.poll() is not None and group_members(popen.pid) == []
+        for pid in children:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] \
+                if Path(f"/proc/{pid}").exists() else "gone"
+            assert state in ("Z", "gone")
+    finally:
+        stop_process(process, grace=1.0)
+        log.close()
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_deployed_rovers_train_over_tls_and_an_unregistered_node_is_refused(certs, tmp_path):
+    from collab.flower.simulation import ensure_rover_data, make_population
+
+    population = make_population(2, tmp_path / "rovers", seed=3, frames=4, availability=(1.0, 1.0))
+    for rover in population.rovers:
+        ensure_rover_data(rover, 64, 48)
+    rovers = [RoverNode(r.rover_id, r.data_dir) for r in population.rovers]
+    spec = DeploySpec(run_dir=tmp_path / "run", certs_dir=certs.root, rovers=rovers, start_timeout=180.0,
+                      run_config={"input-height": 48, "input-width": 64, "local-steps": 1, "store-updates": True,
+                                  "round-timeout": 300.0})
+    deployment = LocalDeployment(spec)
+    pids: list[int] = []
+    try:
+        deployment.start()
+        registered = deployment.nodes
+        assert sorted(registered) == ["rover_000", "rover_001"] and len(set(registered.values())) == 2
+        pids = deployment.pids()
+        # SuperLink, its SuperExec, two SuperNodes and their SuperExecs: all listening on 127.0.0.1 only
+        assert len(pids) >= 6
+        sockets = listening_sockets(pids)
+        assert {address for address, _, _ in sockets} == {"127.0.0.1"}
+        assert deployment.superlink_port in {port for _, port, _ in sockets}
+        for pid in pids:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert b"--insecure" not in argv, argv
+
+        # an intruder with a valid CA but a key nobody registered claims to be rover_000: refused, it exits
+        intruder = deployment.start_supernode(rovers[0], keys=certs.rover("intruder"), name="intruder")
+        assert intruder.popen.wait(120) != 0
+        assert "Failed to activate SuperNode" in intruder.log_text()
+        assert "No SuperNode found with the given public key" in deployment.processes["superlink"].log_text()
+
+        first = deployment.run({"num-server-rounds": 1}, timeout=600)
+        second = deployment.run({"num-server-rounds": 2}, timeout=600)  # same state-db: resumes at round 2
+        assert first.run_id != second.run_id and second.state_db == (tmp_path / "run" / "coordinator.db")
+    finally:
+        pids += deployment.pids()
+        deployment.stop()
+    assert [pid for pid in set(pids) if Path(f"/proc/{pid}").exists()
+            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"] == []
+
+    with CoordinatorStore(tmp_path / "run" / "coordinator.db", readonly=True) as store:
+        rounds = store.rounds()
+        assert [r["round"] for r in rounds] == [1, 2] and [r["resumed"] for r in rounds] == [False, True]
+        assert all(r["num_accepted"] == 2 and r["num_available"] == 2 and r["bytes_up"] > 0 for r in rounds)
+        updates = store.updates()
+        # who sent what: each rover's update came from the node its registered key was given
+        assert {(u["round"], u["rover_id"], int(u["node_id"]), u["status"]) for u in updates} == {
+            (rnd, rover, node, "accepted") for rnd in (1, 2) for rover, node in registered.items()}
+        assert all(u["num_examples"] > 0 and len(u["digest"]) == 64 for u in updates)
+        for server_round in (1, 2):
+            accepted = store.stored_updates(server_round)
+            expected = fedavg(store.model(server_round - 1)[1], accepted)
+            for got, want in zip(store.model(server_round)[1], expected):
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
