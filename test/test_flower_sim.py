@@ -175,13 +175,26 @@ def _rounds_in(db: Path) -> int:
         return 0
 
 
-def _no_ray_left_behind() -> list[str]:
+def _ray_processes() -> dict[int, str]:
     ps = subprocess.run(["ps", "-eo", "pid,cmd"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in ps if any(k in line for k in ("raylet", "gcs_server", "ray::ClientAppActor"))]
+    lines = [line.strip() for line in ps if any(k in line for k in ("raylet", "gcs_server", "ray::ClientAppActor"))]
+    return {int(line.split(None, 1)[0]): line for line in lines}
+
+
+def _no_ray_left_behind(before: dict[int, str], timeout: float = 30.0) -> list[str]:
+    """Ray processes started since ``before`` that are still alive after ``timeout`` s (actors exit a
+    few seconds after their driver; Ray of other jobs on the machine is not ours)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [line for pid, line in _ray_processes().items() if pid not in before]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 @pytest.mark.slow
 def test_ray_simulation_refuses_bad_rovers_and_resumes_after_being_killed(tmp_path):
+    ray_before = _ray_processes()
     out = tmp_path / "run"
     scratch = Path(tempfile.mkdtemp(prefix="flt-"))  # Ray needs short socket paths
     command = [
@@ -210,7 +223,7 @@ def test_ray_simulation_refuses_bad_rovers_and_resumes_after_being_killed(tmp_pa
             os.killpg(first.pid, signal.SIGKILL)
             first.wait(30)
         shutil.rmtree(scratch, ignore_errors=True)
-    assert _no_ray_left_behind() == []
+    assert _no_ray_left_behind(ray_before) == []
     with CoordinatorStore(out / "coordinator.db", readonly=True) as store:
         rounds = store.rounds()
         assert [r["round"] for r in rounds] == [1, 2, 3]
@@ -236,9 +249,10 @@ def test_flwr_run_drives_the_same_apps_through_a_superlink(tmp_path):
                           availability=(1.0, 1.0), faults={2: "dtype"}, client_cpus=2,
                           run_config={"num-server-rounds": 2, "input-height": 48, "input-width": 64,
                                       "local-steps": 1, "algorithm": "fedlaavg"})
+    ray_before = _ray_processes()
     result = run_with_flwr_cli(spec)
     assert [r["round"] for r in result.rounds] == [1, 2]
     assert result.summary["identity"]["algorithm"] == "fedlaavg"
     assert result.summary["rejection_reasons"] == {"dtype": 2}
     assert result.rounds[0]["num_accepted"] == 2 and result.rounds[0]["bytes_down"] > 0
-    assert _no_ray_left_behind() == []
+    assert _no_ray_left_behind(ray_before) == []
