@@ -258,6 +258,51 @@ def write_toml_table(path: str | Path, values: Mapping[str, bool | int | float |
     return path
 
 
+# ---------------------------------------------------------------------------------------------- shared builders
+
+
+def supernode_tls_command(executable: str | Path, superlink_address: str, root_cert: str | Path,
+                          auth_key: str | Path, node_config: str | Path, runtime_port: int,
+                          runtime_cert: str | Path, runtime_key: str | Path, connect_wait: float | None = None
+                          ) -> list[str]:
+    """``flower-supernode`` argv with TLS to the SuperLink, SuperNode authentication and a TLS Runtime API.
+
+    ``node_config``: a TOML file (or Flower's ``key=value`` text); the Runtime API listens on
+    ``127.0.0.1:<runtime_port>`` with ``runtime_cert``/``runtime_key``, verified with ``root_cert``.
+    """
+    argv = [
+        str(executable),
+        "--superlink", superlink_address,
+        "--root-certificates", str(root_cert),
+        "--auth-supernode-private-key", str(auth_key),
+        "--node-config", str(node_config),
+        "--isolation", "subprocess",
+        # the rover's local Runtime API (its SuperExec and ClientApps), TLS too
+        "--host", "127.0.0.1", "--port", str(runtime_port),
+        "--ssl-certfile", str(runtime_cert), "--ssl-keyfile", str(runtime_key),
+        "--ssl-ca-certfile", str(root_cert),
+    ]
+    if connect_wait is not None:
+        argv += ["--max-wait-time", str(float(connect_wait))]
+    return argv
+
+
+def flower_process_environment(home: str | Path, bin_dir: str | Path, cache_dir: str | Path) -> dict[str, str]:
+    """Environment of a Flower process: its own ``FLWR_HOME``, ``bin_dir`` first on ``PATH``, no telemetry/installs."""
+    from collab.flower.simulation import LOOPBACK_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in _EXTRA_LISTENER_ENV}
+    env.update(LOOPBACK_ENV)
+    env.update(
+        FLWR_HOME=str(home),
+        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        TORCHINDUCTOR_CACHE_DIR=str(Path(cache_dir) / "torchinductor"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 # ---------------------------------------------------------------------------------------------- deployment
 
 
@@ -321,21 +366,9 @@ class LocalDeployment:
         """``flower-supernode`` argv of a rover (``keys``: another key set, e.g. to show that it is refused)."""
         keys = keys or self.certs.rover(rover.rover_id)
         port = runtime_port or self.runtime_ports.get(rover.rover_id) or free_ports(1)[0]
-        argv = [
-            str(self.bin_dir / "flower-supernode"),
-            "--superlink", self.superlink_address,
-            "--root-certificates", str(self.certs.ca_cert),
-            "--auth-supernode-private-key", str(keys.auth_key),
-            "--node-config", str(self._node_config_path(rover)),
-            "--isolation", "subprocess",
-            # the rover's local Runtime API (its SuperExec and ClientApps), TLS too
-            "--host", "127.0.0.1", "--port", str(port),
-            "--ssl-certfile", str(keys.runtime_cert), "--ssl-keyfile", str(keys.runtime_key),
-            "--ssl-ca-certfile", str(self.certs.ca_cert),
-        ]
-        if self.spec.connect_wait is not None:
-            argv += ["--max-wait-time", str(float(self.spec.connect_wait))]
-        return argv
+        return supernode_tls_command(self.bin_dir / "flower-supernode", self.superlink_address, self.certs.ca_cert,
+                                     keys.auth_key, self._node_config_path(rover), port, keys.runtime_cert,
+                                     keys.runtime_key, self.spec.connect_wait)
 
     def register_command(self, rover_id: str) -> list[str]:
         """``flwr supernode register`` argv for a rover's public key."""
@@ -359,18 +392,7 @@ class LocalDeployment:
 
     def environment(self, home: str | Path) -> dict[str, str]:
         """Environment of a Flower process: its own ``FLWR_HOME``, venv on ``PATH``, telemetry and installs off."""
-        from collab.flower.simulation import LOOPBACK_ENV
-
-        env = {k: v for k, v in os.environ.items() if k not in _EXTRA_LISTENER_ENV}
-        env.update(LOOPBACK_ENV)
-        env.update(
-            FLWR_HOME=str(home),
-            PATH=f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-            TORCHINDUCTOR_CACHE_DIR=str(self.run_dir / "cache" / "torchinductor"),
-            PYTHONUNBUFFERED="1",
-        )
-        env.setdefault("OMP_NUM_THREADS", "1")
-        return env
+        return flower_process_environment(home, self.bin_dir, self.run_dir / "cache")
 
     def cli_home(self) -> Path:
         """``FLWR_HOME`` of the ``flwr`` CLI; its ``config.toml`` names the SuperLink connection ``forest``."""

@@ -20,12 +20,19 @@ Publishes ``collab/status`` (std_msgs/String, JSON, reliable + transient local: 
 last one) and ``/diagnostics``. Gating and training run on a worker thread; the ROS callbacks only poll and
 queue. What was decided and deployed is kept in ``<models_dir>/collab_ledger.json`` (a restarted node does
 not gate the same model again, and with ``restore_on_start`` puts the deployed model back on the depth node).
+
+With ``supernode`` set, the node also takes part in federated rounds: it runs the rover's ``flower-supernode``
+(TLS with ``root_certificates``, SuperNode authentication with ``auth_private_key``, a TLS Runtime API with the
+``runtime.crt``/``runtime.key`` next to that key, node config ``data-dir`` = ``dataset_dir`` and
+``model-drop-dir`` = ``model_source``) under :class:`collab.supervisor.SuperNodeSupervisor`, which restarts it
+with backoff; its state is in ``collab/status`` (``supernode``) and ``/diagnostics``; it is stopped with the node.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -41,6 +48,8 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from collab.deploy.certs import ROVER_ID_PATTERN
+from collab.deploy.local import free_ports
 from collab.rover import (
     EXPORTERS,
     CandidateRef,
@@ -62,13 +71,24 @@ from collab.rover import (
     train_locally,
     train_permission,
 )
+from collab.supervisor import (
+    BACKOFF,
+    FAILED,
+    STOPPED,
+    SUPERNODE_READY,
+    SuperNodeSupervisor,
+    supernode_argv,
+    supernode_environment,
+)
 from forest_perception import msgs
 from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
 
 MODELS = ("autoencoder", "multiscale")
 # wiring: fixed for the node's life
 _READ_ONLY = ("dataset_dir", "models_dir", "model_source", "depth_node", "poll_period_s", "status_period_s",
-              "diagnostics_period_s")
+              "diagnostics_period_s", "supernode", "superlink_address", "root_certificates", "auth_private_key",
+              "rover_id", "supernode_executable", "supernode_log")
+SUPERNODE_POLL_S = 1.0
 
 
 class CollabNode(Node):
@@ -130,6 +150,13 @@ class CollabNode(Node):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="collab_worker", daemon=True)
         self._thread.start()
+        # the rover's Flower SuperNode (optional); a problem with it is reported, the node runs on
+        self._supernode_lock = threading.Lock()
+        self.supervisor: SuperNodeSupervisor | None = None
+        self.supernode_error = ""
+        if self.p["supernode"]:
+            self._start_supernode()
+            self.create_timer(SUPERNODE_POLL_S, self._poll_supernode)
 
     # ---------------------------------------------------------------- parameters
     def _declare_parameters(self) -> dict[str, Any]:
@@ -178,6 +205,17 @@ class CollabNode(Node):
              float_range(0.05, 3600.0)),
             ("status_period_s", 2.0, "period of collab/status (read-only)", float_range(0.1, 3600.0)),
             ("diagnostics_period_s", 1.0, "period of /diagnostics (read-only)", float_range(0.1, 60.0)),
+            ("supernode", False, "run and supervise the rover's flower-supernode (read-only)", None),
+            ("superlink_address", "127.0.0.1:8000", "host:port of the SuperLink's Fleet API (read-only)", None),
+            ("root_certificates", "", "CA certificate (PEM) verifying the SuperLink, e.g. certs/ca.crt (read-only)",
+             None),
+            ("auth_private_key", "", "the rover's SuperNode authentication key, e.g. certs/rovers/<id>/auth.key; "
+             "runtime.crt and runtime.key are taken from its folder (read-only)", None),
+            ("rover_id", "", "rover id in the SuperNode's node config; empty: the namespace (read-only)", None),
+            ("supernode_executable", "flower-supernode", "SuperNode program: a path or a name on PATH (read-only)",
+             None),
+            ("supernode_log", "", "SuperNode log file; empty: <models_dir>/supernode/supernode.log (read-only)",
+             None),
         ]
         return declare_parameters(self, specs, set(_READ_ONLY))
 
@@ -336,6 +374,93 @@ class CollabNode(Node):
             self.fault = self.last_error = error
             self.counts[counter] += 1
         self.get_logger().error(error, throttle_duration_sec=10.0)
+
+    # ---------------------------------------------------------------- the SuperNode
+    def supernode_config_error(self) -> str:
+        """Why the SuperNode cannot be started with the parameters ("" if it can); names the missing file."""
+        p = self.p
+        if not str(p["superlink_address"]).strip():
+            return "superlink_address must not be empty"
+        if str(p["model_source"]).endswith(".db"):
+            return f"model_source {p['model_source']!r} is a coordinator store; the SuperNode needs a drop folder"
+        if not ROVER_ID_PATTERN.match(self.supernode_rover_id()):
+            return (f"rover_id {self.supernode_rover_id()!r} is not a rover id (letters, digits, '_', '.', '-'); "
+                    "set rover_id or run the node in the rover's namespace")
+        for name in ("root_certificates", "auth_private_key"):
+            if not str(p[name]).strip():
+                return f"{name} is not set: the SuperNode runs only with TLS and SuperNode authentication"
+        key = Path(p["auth_private_key"])
+        files = {"root_certificates": Path(p["root_certificates"]), "auth_private_key": key,
+                 "runtime certificate": key.with_name("runtime.crt"), "runtime key": key.with_name("runtime.key")}
+        for what, path in files.items():
+            if not path.is_file():
+                return f"{what}: {path} does not exist (make it with `forest-fl certs`)"
+            if not os.access(path, os.R_OK):
+                return f"{what}: {path} is not readable"
+        return ""
+
+    def supernode_rover_id(self) -> str:
+        """``rover_id``, or the node's namespace without slashes."""
+        return str(self.p["rover_id"]).strip() or self.get_namespace().strip("/").replace("/", "_")
+
+    def _start_supernode(self) -> None:
+        p = self.p
+        error = self.supernode_config_error()
+        if error:
+            self.supernode_error = f"SuperNode not started: {error}"
+            self.get_logger().error(self.supernode_error)
+            return
+        log = Path(p["supernode_log"] or Path(p["models_dir"]) / "supernode" / "supernode.log").resolve()
+        home = log.parent / "flwr_home"
+        key = Path(p["auth_private_key"]).resolve()
+        Path(p["model_source"]).mkdir(parents=True, exist_ok=True)
+        try:
+            argv = supernode_argv(
+                str(p["superlink_address"]), Path(p["root_certificates"]).resolve(), key, p["dataset_dir"],
+                self.supernode_rover_id(), p["model_source"], executable=str(p["supernode_executable"]),
+                node_config_file=log.parent / "node_config.toml", runtime_port=free_ports(1)[0],
+                runtime_cert=key.with_name("runtime.crt"), runtime_key=key.with_name("runtime.key"))
+            supervisor = SuperNodeSupervisor(argv, supernode_environment(home, log.parent / "cache"), log,
+                                             ready_pattern=SUPERNODE_READY)
+        except (ValueError, OSError) as exc:
+            self.supernode_error = f"SuperNode not started: {exc}"
+            self.get_logger().error(self.supernode_error)
+            return
+        with self._supernode_lock:
+            self.supervisor = supervisor
+            state = supervisor.start()
+        if state == FAILED:
+            self.get_logger().error(f"SuperNode: {supervisor.reason}")
+        else:
+            self.get_logger().info(f"SuperNode of rover {self.supernode_rover_id()} started for "
+                                   f"{p['superlink_address']} (log {log})")
+
+    def _poll_supernode(self) -> None:
+        with self._supernode_lock:
+            if self.supervisor is None:
+                return
+            before = self.supervisor.state
+            state = self.supervisor.poll()
+            reason = self.supervisor.reason
+        if state == before:
+            return
+        # rclpy refuses two severities from one call site: one call per severity
+        if state in (BACKOFF, FAILED):
+            self.get_logger().warning(f"SuperNode {before} -> {state}: {reason}")
+        else:
+            self.get_logger().info(f"SuperNode {before} -> {state}: {reason}")
+
+    def supernode_status(self) -> dict[str, Any]:
+        """The SuperNode part of ``collab/status``: state, restarts, node id, last log line, reason."""
+        with self._supernode_lock:
+            if self.supervisor is None:
+                enabled = bool(self.p["supernode"])
+                return {"enabled": enabled, "state": FAILED if enabled else STOPPED, "restarts": 0,
+                        "reason": self.supernode_error, "node_id": "", "last_line": "", "pid": None}
+            status = self.supervisor.status()
+        status["node_id"] = status.pop("ready_match")
+        status["enabled"] = True
+        return status
 
     # ---------------------------------------------------------------- worker
     def _run(self) -> None:
@@ -555,6 +680,7 @@ class CollabNode(Node):
                 "last_error": self.last_error,
                 "fault": self.fault,
             }
+        status["supernode"] = self.supernode_status()
         return status
 
     def publish_status(self) -> None:
@@ -579,8 +705,18 @@ class CollabNode(Node):
             **{f"count_{k}": v for k, v in status["counts"].items()},
             "last_error": status["last_error"],
         }
-        if status["fault"]:
-            return DiagnosticStatus.ERROR, status["fault"], values
+        supernode = status["supernode"]
+        if supernode["enabled"]:
+            values.update({"supernode_state": supernode["state"], "supernode_restarts": supernode["restarts"],
+                           "supernode_node_id": supernode["node_id"], "supernode_last_line": supernode["last_line"],
+                           "supernode_reason": supernode["reason"]})
+        errors = [status["fault"]] if status["fault"] else []
+        if supernode["enabled"] and supernode["state"] == FAILED:
+            errors.append(f"SuperNode: {supernode['reason']}")
+        if errors:
+            return DiagnosticStatus.ERROR, "; ".join(errors), values
+        if supernode["enabled"] and supernode["state"] == BACKOFF:
+            return DiagnosticStatus.WARN, f"SuperNode: {supernode['reason']}", values
         if last.get("deploy_error"):
             return DiagnosticStatus.WARN, f"deploy failed: {last['deploy_error']}", values
         if not status["dataset"]["holdout_frames"]:
@@ -596,7 +732,10 @@ class CollabNode(Node):
         self.diag_pub.publish(array)
 
     def destroy_node(self) -> None:
-        """Stop the worker (after its current job), then the node."""
+        """Stop the SuperNode (its whole process group), the worker (after its current job), then the node."""
+        with self._supernode_lock:  # kept (state "stopped"): polling a stopped supervisor starts nothing
+            if self.supervisor is not None:
+                self.supervisor.stop()
         self._stop.set()
         with self._wake:
             self._wake.notify_all()

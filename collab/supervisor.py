@@ -1,0 +1,354 @@
+"""Supervise one long-running process (the rover's Flower SuperNode): start, watch, restart with backoff, stop.
+
+Pure Python, no rclpy: :class:`SuperNodeSupervisor` is driven by :meth:`~SuperNodeSupervisor.poll` from the
+caller's timer (no thread of its own). The process runs in its own process group (its own session) with
+stdout/stderr appended to a log file; when it exits it is started again after a delay that doubles from
+``Backoff.initial_s`` up to ``Backoff.max_s`` and goes back to ``initial_s`` once a run lasted
+``Backoff.reset_after_s``. :meth:`~SuperNodeSupervisor.stop` ends the whole process group and every
+descendant seen while it ran (SIGTERM, SIGKILL after a grace period), never by name.
+
+:func:`supernode_argv` builds the SuperNode's command line as :class:`collab.deploy.local.LocalDeployment`
+does: TLS to the SuperLink with the deployment CA, SuperNode authentication with the rover's private key,
+the node config (``data-dir``, ``rover-id``, ``scope``, ``model-drop-dir``) and, with the rover's runtime
+certificate, a TLS Runtime API on 127.0.0.1. Never ``--insecure``.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from collab.deploy.local import (
+    ManagedProcess,
+    RoverNode,
+    _proc_stat,
+    process_tree,
+    stop_process,
+    supernode_tls_command,
+    write_toml_table,
+)
+
+STOPPED, STARTING, RUNNING, BACKOFF, FAILED = "stopped", "starting", "running", "backoff", "failed"
+STATES = (STOPPED, STARTING, RUNNING, BACKOFF, FAILED)
+SUPERNODE_READY = r"SuperNode ID: (\d+)"
+"""What a Flower 1.42 SuperNode logs once it has activated at the SuperLink (group 1: its node id)."""
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_READ_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Restart delays: ``initial_s`` doubling (``factor``) up to ``max_s``; reset after a run of ``reset_after_s``."""
+
+    initial_s: float = 1.0
+    max_s: float = 60.0
+    factor: float = 2.0
+    reset_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_s <= self.max_s:
+            raise ValueError(f"backoff: need 0 < initial_s <= max_s, got {self.initial_s}, {self.max_s}")
+        if self.factor < 1.0 or self.reset_after_s < 0:
+            raise ValueError(f"backoff: need factor >= 1 and reset_after_s >= 0, got {self.factor}, "
+                             f"{self.reset_after_s}")
+
+
+class SuperNodeSupervisor:
+    """Runs ``argv`` in its own process group, restarts it with backoff, keeps its log tail; see the module doc.
+
+    ``ready_pattern``: a regex that marks the process ``running`` when it appears in its log (group 1, if
+    any, is kept as ``ready_match``, e.g. the SuperNode's node id); without one it is ``running`` once it
+    has been up ``ready_after_s``. ``max_restarts``: ``failed`` after that many restarts (None: no limit).
+    """
+
+    def __init__(self, argv: list[str], env: Mapping[str, str] | None = None, log_path: str | Path = "supernode.log",
+                 *, cwd: str | Path | None = None, backoff: Backoff | None = None, ready_pattern: str | None = None,
+                 ready_after_s: float = 1.0, stop_grace_s: float = 10.0, tail_lines: int = 20,
+                 max_log_bytes: int = 5 * 1024 * 1024, max_restarts: int | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise ValueError(f"supervisor: argv must be a non-empty list of str, got {argv!r}")
+        self.argv = list(argv)
+        self.env = dict(os.environ if env is None else env)
+        self.log_path = Path(log_path)
+        self.cwd = Path(cwd) if cwd is not None else self.log_path.parent
+        self.backoff = backoff or Backoff()
+        self.ready_pattern = re.compile(ready_pattern) if ready_pattern else None
+        self.ready_after_s = float(ready_after_s)
+        self.stop_grace_s = float(stop_grace_s)
+        self.max_log_bytes = int(max_log_bytes)
+        self.max_restarts = max_restarts
+        self._clock = clock
+        self.state = STOPPED
+        self.reason = "not started"
+        self.restarts = 0
+        self.starts = 0
+        self.exit_code: int | None = None
+        self.ready_match = ""
+        self.tail: collections.deque[str] = collections.deque(maxlen=max(1, int(tail_lines)))
+        self._process: ManagedProcess | None = None
+        self._started_at = 0.0
+        self._next_start = 0.0
+        self._delay = self.backoff.initial_s
+        self._read_pos = 0
+        self._partial = b""
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> str:
+        """Start the process now (from any state but a live one); returns the state."""
+        if self._process is not None and self._process.popen.poll() is None:
+            return self.state
+        self._delay = self.backoff.initial_s
+        self._spawn()
+        return self.state
+
+    def poll(self) -> str:
+        """Look at the process: read its log, notice an exit, restart when its backoff is over; returns the state."""
+        now = self._clock()
+        process = self._process
+        if process is not None:
+            self._read_log()
+            self._remember_descendants(process)
+            code = process.popen.poll()
+            if code is None:
+                if self.state == STARTING and self._ready(now):
+                    self.state = RUNNING
+                    self.reason = f"up, ready ({self.ready_match})" if self.ready_match else "up"
+                return self.state
+            self._exited(process, code, now)
+        if self.state == BACKOFF and now >= self._next_start:
+            if self.max_restarts is not None and self.restarts >= self.max_restarts:
+                self.state = FAILED
+                self.reason = f"gave up after {self.restarts} restarts; last: {self.reason}"
+                return self.state
+            self.restarts += 1
+            self._spawn()
+        return self.state
+
+    def stop(self) -> None:
+        """End the process group and every descendant seen (SIGTERM, SIGKILL after ``stop_grace_s``)."""
+        process, self._process = self._process, None
+        if process is not None:
+            self._remember_descendants(process)
+            stop_process(process, self.stop_grace_s)
+            self._read_log(process)
+            if process.popen.returncode is not None:
+                self.exit_code = process.popen.returncode
+            process.log_file.close()
+        self.state, self.reason = STOPPED, "stopped"
+
+    # ------------------------------------------------------------------ what it looks like
+    @property
+    def pid(self) -> int | None:
+        """The process id (= its process group id) while one runs."""
+        process = self._process
+        return process.pid if process is not None and process.popen.poll() is None else None
+
+    def pids(self) -> list[int]:
+        """The live process and every live descendant seen (by pid and start time)."""
+        process = self._process
+        if process is None:
+            return []
+        out = [process.pid] if process.popen.poll() is None else []
+        out += [pid for pid in process_tree(process.pid) if pid not in out]
+        for pid, started in process.seen.items():
+            stat = _proc_stat(pid)
+            if stat is not None and stat[0] != "Z" and stat[3] == started and pid not in out:
+                out.append(pid)
+        return out
+
+    def retry_in(self) -> float | None:
+        """Seconds until the next restart while backing off, else None."""
+        return max(0.0, self._next_start - self._clock()) if self.state == BACKOFF else None
+
+    def status(self) -> dict[str, Any]:
+        """State, pid, restarts, exit code, reason, node id (``ready_match``), the log's last line and path."""
+        retry = self.retry_in()
+        return {
+            "state": self.state,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "exit_code": self.exit_code,
+            "reason": self.reason,
+            "ready_match": self.ready_match,
+            "retry_in_s": round(retry, 1) if retry is not None else None,
+            "uptime_s": round(self._clock() - self._started_at, 1) if self.pid is not None else None,
+            "last_line": self.tail[-1] if self.tail else "",
+            "log": str(self.log_path),
+        }
+
+    # ------------------------------------------------------------------ internals
+    def _ready(self, now: float) -> bool:
+        if self.ready_pattern is None:
+            return now - self._started_at >= self.ready_after_s
+        return bool(self.ready_match)
+
+    def _exited(self, process: ManagedProcess, code: int, now: float) -> None:
+        stop_process(process, grace=1.0)  # whatever it left in its group
+        self._read_log(process)
+        process.log_file.close()
+        self._process = None
+        self.exit_code = code
+        ran = now - self._started_at
+        if ran >= self.backoff.reset_after_s:
+            self._delay = self.backoff.initial_s
+        delay = self._delay
+        self._delay = min(self.backoff.max_s, self._delay * self.backoff.factor)
+        self._next_start = now + delay
+        last = self.tail[-1] if self.tail else "no output"
+        self.state = BACKOFF
+        self.reason = f"{Path(self.argv[0]).name} exited with code {code} after {ran:.1f} s ({last}); " \
+                      f"restart in {delay:.0f} s"
+        self.ready_match = ""
+
+    def _executable(self) -> str | None:
+        exe = self.argv[0]
+        if os.sep in exe:
+            return exe if os.path.isfile(exe) and os.access(exe, os.X_OK) else None
+        return shutil.which(exe, path=self.env.get("PATH", os.defpath))
+
+    def _spawn(self) -> None:
+        exe = self._executable()
+        if exe is None:
+            where = "not an executable file" if os.sep in self.argv[0] else \
+                f"not found on PATH ({self.env.get('PATH', os.defpath)})"
+            self.state, self.reason = FAILED, f"executable {self.argv[0]!r}: {where}"
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._rotate_log()
+        log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed when the process is stopped or exits
+        self._read_pos, self._partial = log_file.tell(), b""
+        log_file.write(f"$ {' '.join(self.argv)}\n".encode())
+        log_file.flush()
+        try:
+            popen = subprocess.Popen([exe] + self.argv[1:], env=self.env, cwd=str(self.cwd), stdout=log_file,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            log_file.close()
+            self.state, self.reason = FAILED, f"executable {self.argv[0]!r} did not start: {exc}"
+            return
+        self._process = ManagedProcess(Path(exe).name, self.argv, popen, self.log_path, log_file)
+        self._started_at = self._clock()
+        self.starts += 1
+        self.exit_code = None
+        self.ready_match = ""
+        waiting = f", waiting for /{self.ready_pattern.pattern}/ in its log" if self.ready_pattern else ""
+        self.state, self.reason = STARTING, f"started pid {popen.pid}{waiting}"
+
+    def _rotate_log(self) -> None:
+        try:
+            if self.log_path.stat().st_size > self.max_log_bytes:
+                os.replace(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
+        except FileNotFoundError:
+            pass
+
+    def _read_log(self, process: ManagedProcess | None = None) -> None:
+        process = process or self._process
+        if process is None:
+            return
+        if not process.log_file.closed:
+            process.log_file.flush()
+        try:
+            with open(self.log_path, "rb") as handle:
+                handle.seek(self._read_pos)
+                data = handle.read(_READ_CHUNK * 4)
+        except OSError:
+            return
+        self._read_pos += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()[-_READ_CHUNK:]
+        for raw in lines:
+            line = _ANSI.sub("", raw.decode(errors="replace")).strip()
+            if not line or line.startswith("$ "):
+                continue
+            self.tail.append(line)
+            if self.ready_pattern is not None and not self.ready_match:
+                match = self.ready_pattern.search(line)
+                if match:
+                    self.ready_match = (match.group(1) if match.groups() else "") or match.group(0)
+
+    @staticmethod
+    def _remember_descendants(process: ManagedProcess) -> None:
+        for pid in process_tree(process.pid):
+            stat = _proc_stat(pid)
+            if stat is not None:
+                process.seen.setdefault(pid, stat[3])
+
+
+def supernode_node_config(data_dir: str | Path, rover_id: str, model_drop_dir: str | Path,
+                          extra_node_config: Mapping[str, str | int | float | bool] | None = None
+                          ) -> dict[str, str | int | float | bool]:
+    """The SuperNode's node config as :class:`collab.deploy.local.RoverNode` makes it, plus ``model-drop-dir``."""
+    extra = {"model-drop-dir": str(Path(model_drop_dir).resolve()), **dict(extra_node_config or {})}
+    return RoverNode(rover_id, data_dir, extra_config=extra).node_config()
+
+
+def supernode_argv(superlink_address: str, root_cert: str | Path, private_key: str | Path, data_dir: str | Path,
+                   rover_id: str, model_drop_dir: str | Path,
+                   extra_node_config: Mapping[str, str | int | float | bool] | None = None,
+                   executable: str = "flower-supernode", *, node_config_file: str | Path | None = None,
+                   runtime_port: int | None = None, runtime_cert: str | Path | None = None,
+                   runtime_key: str | Path | None = None, connect_wait: float | None = None) -> list[str]:
+    """``flower-supernode`` argv with TLS (``root_cert``) and SuperNode authentication (``private_key``).
+
+    The node config goes to ``node_config_file`` (TOML, written here; paths with spaces or quotes survive),
+    else inline as Flower's ``key="value"`` text. With ``runtime_cert``/``runtime_key`` the local Runtime
+    API gets TLS on ``127.0.0.1:<runtime_port>`` exactly as :class:`~collab.deploy.local.LocalDeployment`
+    starts it; without them it keeps Flower's default Runtime API (127.0.0.1:9094).
+    """
+    if not str(superlink_address).strip():
+        raise ValueError("supernode: superlink_address must not be empty")
+    config = supernode_node_config(data_dir, rover_id, model_drop_dir, extra_node_config)
+    if node_config_file is not None:
+        node_config: str | Path = write_toml_table(node_config_file, config)
+    else:
+        node_config = _inline_config(config)
+    if (runtime_cert is None) != (runtime_key is None):
+        raise ValueError("supernode: runtime_cert and runtime_key go together")
+    if runtime_cert is not None:
+        if not runtime_port:
+            raise ValueError("supernode: a TLS Runtime API needs runtime_port")
+        return supernode_tls_command(executable, superlink_address, root_cert, private_key, node_config,
+                                     int(runtime_port), runtime_cert, runtime_key, connect_wait)
+    argv = [str(executable), "--superlink", superlink_address, "--root-certificates", str(root_cert),
+            "--auth-supernode-private-key", str(private_key), "--node-config", str(node_config),
+            "--isolation", "subprocess"]
+    if runtime_port:
+        argv += ["--host", "127.0.0.1", "--port", str(int(runtime_port))]
+    if connect_wait is not None:
+        argv += ["--max-wait-time", str(float(connect_wait))]
+    return argv
+
+
+def supernode_environment(home: str | Path, cache_dir: str | Path | None = None) -> dict[str, str]:
+    """Environment of the SuperNode: as :class:`~collab.deploy.local.LocalDeployment` gives it (own ``FLWR_HOME``)."""
+    from collab.deploy.local import flower_process_environment
+
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    return flower_process_environment(home, Path(sys.executable).parent, cache_dir or home / "cache")
+
+
+def _inline_config(config: Mapping[str, str | int | float | bool]) -> str:
+    parts = []
+    for key, value in config.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{key}={value!r}")
+        else:
+            text = str(value)
+            if any(c in text for c in "\"'\\\n"):
+                raise ValueError(f"supernode: node config {key}={text!r} has a quote or backslash; "
+                                 "pass node_config_file")
+            parts.append(f'{key}="{text}"')
+    return " ".join(parts)
