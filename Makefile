@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: all demo test test-fast lint bench sysdeps venv lock clean distclean
+.PHONY: all demo test test-fast lint bench experiments experiments-quick sysdeps venv lock clean distclean
 
 all: test
 
@@ -60,6 +60,13 @@ bench: $(STAMP)
 	$(PY) bench/bench_capture.py
 	$(PY) bench/bench_curate.py
 	$(PY) bench/bench_federated.py
+
+# reproduce the seed papers' claims on the forest depth task (experiments/results/README.md): ~20 min, quick ~2 min
+experiments: $(STAMP)
+	$(PY) -m experiments.run_all
+
+experiments-quick: $(STAMP)
+	$(PY) -m experiments.run_all --quick
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache .ruff_cache build install log *.egg-info

@@ -1,0 +1,269 @@
+"""Federated vs each rover training alone vs pooling every rover's data centrally.
+
+The claim behind federated learning: a model trained by the swarm without moving images
+gets close to one trained on all images pooled, and beats what any rover learns alone from
+its own few recordings.
+
+Forest version: ``num_rovers`` rovers, each with its own forest and light (procedural data,
+``frames_per_rover`` frames split by segment into train and local validation). Three ways to
+train the same network from the same initial weights, with the same local training
+(:func:`collab.flower.task.train_local`: AdamW, batch size, ``local_epochs`` per round):
+
+- **federated**: FedAvg through the real coordinator and rover ClientApps, every rover every round;
+- **local**: each rover trains alone on its training frames, ``local_epochs`` per round-equivalent;
+- **central**: one model trains on all rovers' training frames pooled, ``local_epochs`` per
+  round-equivalent (every frame is seen as often as in the other two; the same total compute).
+
+After every round (-equivalent) each model is scored on held-out frames (new poses) of
+every rover's own forest and light: ``own`` (each rover's frames with the model that rover
+would use; mean over rovers), ``all`` (all rovers' frames pooled; for ``local`` the mean over
+the rovers' models) and ``unseen`` (forests no rover has seen).
+
+    .venv/bin/python -m experiments.fed_vs_local_vs_central [--quick] [--seeds 0 1 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from collab.flower.client_app import make_client_app  # noqa: E402
+from collab.flower.simulation import make_population  # noqa: E402
+from collab.flower.strategies import RoverStrategy  # noqa: E402
+from collab.flower.task import LocalData, TaskConfig, build_model, get_arrays, load_local_data, train_local  # noqa: E402
+from experiments.common import (  # noqa: E402
+    HeldOut,
+    ModelScorer,
+    RoundHook,
+    cost_summary,
+    curve_stats,
+    experiment_arguments,
+    experiment_config,
+    fmt,
+    held_out_frames,
+    long_rows,
+    markdown_table,
+    mean_std,
+    pick_config,
+    plot_panels,
+    quiet_logs,
+    run_federated,
+    unseen_frames,
+    write_csv,
+    write_json,
+    write_population_data,
+)
+
+NAME = "fed_vs_local_vs_central"
+CLAIM = ("Federated training approaches pooling all data centrally and beats each rover training alone; "
+         "here: held-out AbsRel / delta<1.25 on the rovers' own forests and on unseen forests")
+METRICS = ("loss", "absrel", "delta1")
+SETTINGS = ("federated", "local", "central")
+WEATHERS = ("sunny", "overcast", "dusk", "fog", "rain")
+
+
+@dataclass(frozen=True)
+class FedLocalCentralConfig:
+    """Population, rounds and training of the federated / local / central comparison."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    num_rovers: int = 10
+    rounds: int = 15
+    frames_per_rover: int = 16
+    held_out_per_rover: int = 4
+    unseen_forests: int = 6
+    unseen_per_forest: int = 4
+    local_epochs: int = 2
+    lr: float = 0.003
+    base_channels: int = 4
+    hw: tuple[int, int] = (64, 80)
+
+    @classmethod
+    def quick(cls) -> FedLocalCentralConfig:
+        """A few-minute version: one seed, 6 rovers, 8 rounds."""
+        return cls(seeds=(0,), num_rovers=6, rounds=8, frames_per_rover=8, held_out_per_rover=3, unseen_forests=3,
+                   unseen_per_forest=3)
+
+
+def own_scores(scores: dict[str, float], rover_ids: list[str]) -> dict[str, float]:
+    """``own/<metric>``: the mean over rovers of each rover's own held-out score."""
+    return {f"own/{m}": statistics.fmean(scores[f"{r}/{m}"] for r in rover_ids) for m in METRICS}
+
+
+def federated_hook(scorer: ModelScorer, held: HeldOut, rover_ids: list[str]) -> RoundHook:
+    """After each round: the global model on every rover's frames, all of them pooled, and unseen forests."""
+
+    def hook(strategy: RoverStrategy, server_round: int) -> dict[str, float]:
+        scores = scorer.score(strategy.names, strategy.params, held)
+        return {**{k: v for k, v in scores.items() if k.split("/")[0] in ("all", "unseen")},
+                **own_scores(scores, rover_ids)}
+
+    return hook
+
+
+def pooled(datasets: list[LocalData]) -> LocalData:
+    """Every rover's training (and validation) frames in one dataset."""
+    return LocalData(
+        "all rovers pooled",
+        torch.cat([d.train_images for d in datasets]), torch.cat([d.train_depth for d in datasets]),
+        torch.cat([d.val_images for d in datasets]), torch.cat([d.val_depth for d in datasets]),
+    )
+
+
+def train_alone(
+    task: TaskConfig, datasets: dict[str, LocalData], held: HeldOut, rounds: int, seed: int
+) -> list[dict[str, float]]:
+    """Each rover trains its own model on its own frames; per round-equivalent, the means over the rovers' models."""
+    scorer = ModelScorer(task)
+    models = {r: build_model(task) for r in datasets}
+    rows = [{"round": 0.0, **_alone_scores(scorer, models, held)}]
+    for server_round in range(1, rounds + 1):
+        start = time.perf_counter()
+        for rover, model in models.items():
+            train_local(model, datasets[rover], task, seed=_seed(seed, server_round, rover))
+        train_s = time.perf_counter() - start
+        rows.append({"round": float(server_round), "train_s": train_s, **_alone_scores(scorer, models, held)})
+    return rows
+
+
+def _alone_scores(scorer: ModelScorer, models: dict[str, torch.nn.Module], held: HeldOut) -> dict[str, float]:
+    per_rover = []
+    for rover, model in models.items():
+        names, arrays = get_arrays(model)
+        scores = scorer.score(names, arrays, held, only=[rover, "all", "unseen"])
+        per_rover.append({**{f"own/{m}": scores[f"{rover}/{m}"] for m in METRICS},
+                          **{k: v for k, v in scores.items() if k.split("/")[0] in ("all", "unseen")}})
+    return {k: statistics.fmean(p[k] for p in per_rover) for k in per_rover[0]}
+
+
+def train_central(
+    task: TaskConfig, datasets: dict[str, LocalData], held: HeldOut, rounds: int, seed: int
+) -> list[dict[str, float]]:
+    """One model on all rovers' frames pooled; scored like the federated model after each round-equivalent."""
+    scorer = ModelScorer(task)
+    model = build_model(task)
+    data = pooled(list(datasets.values()))
+    rover_ids = list(datasets)
+
+    def scores() -> dict[str, float]:
+        s = scorer.score(*get_arrays(model), held)
+        return {**{k: v for k, v in s.items() if k.split("/")[0] in ("all", "unseen")}, **own_scores(s, rover_ids)}
+
+    rows = [{"round": 0.0, **scores()}]
+    for server_round in range(1, rounds + 1):
+        start = time.perf_counter()
+        train_local(model, data, task, seed=_seed(seed, server_round, "central"))
+        rows.append({"round": float(server_round), "train_s": time.perf_counter() - start, **scores()})
+    return rows
+
+
+def _seed(seed: int, server_round: int, who: str) -> int:
+    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(who.encode())) % (2**63)
+
+
+def run(config: FedLocalCentralConfig, out_dir: Path) -> dict:
+    """All three settings on every seed; write ``<out>/fed_vs_local_vs_central.{json,csv,png}``; return the result."""
+    quiet_logs()
+    started = time.perf_counter()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="exp-flc-") as tmp:
+        for seed in config.seeds:
+            root = Path(tmp) / f"seed{seed}"
+            population = make_population(config.num_rovers, root / "rovers", seed=seed, availability=(1.0, 1.0),
+                                          frames=config.frames_per_rover)
+            population_path = write_population_data(population, root, config.hw)
+            rover_ids = [r.rover_id for r in population.rovers]
+            parts = {r.rover_id: held_out_frames(r, config.held_out_per_rover, config.hw) for r in population.rovers}
+            parts["unseen"] = unseen_frames(seed, config.unseen_forests, config.unseen_per_forest, config.hw, WEATHERS)
+            held = HeldOut.build(parts, {**{r: [r] for r in rover_ids}, "all": rover_ids, "unseen": ["unseen"]})
+            run_config = experiment_config(**{
+                "algorithm": "fedavg", "num-server-rounds": config.rounds, "seed": seed, "fraction-train": 1.0,
+                "local-epochs": config.local_epochs, "lr": config.lr, "base-channels": config.base_channels,
+                "input-height": config.hw[0], "input-width": config.hw[1], "population": str(population_path),
+                "state-db": str(root / "fedavg.db"),
+            })
+            task = TaskConfig.from_run_config(run_config)
+            rows = run_federated(run_config, make_client_app(run_config), config.num_rovers,
+                                 federated_hook(ModelScorer(task), held, rover_ids))
+            runs.append({"setting": "federated", "seed": seed, "rounds": rows})
+            datasets = {r.rover_id: load_local_data(r.data_dir, task) for r in population.rovers}
+            runs.append({"setting": "local", "seed": seed,
+                         "rounds": train_alone(task, datasets, held, config.rounds, seed)})
+            runs.append({"setting": "central", "seed": seed,
+                         "rounds": train_central(task, datasets, held, config.rounds, seed)})
+    result = {
+        "experiment": NAME,
+        "claim": CLAIM,
+        "config": config,
+        "runs": runs,
+        "summary": summarise(config, runs),
+        "elapsed_s": time.perf_counter() - started,
+    }
+    write_outputs(result, config, out_dir)
+    return result
+
+
+def summarise(config: FedLocalCentralConfig, runs: list[dict]) -> dict:
+    """Last-round held-out metrics per setting (mean ± std over seeds); the federated run's costs."""
+    summary: dict = {"settings": {}}
+    for setting in SETTINGS:
+        mine = [r for r in runs if r["setting"] == setting]
+        last = [r["rounds"][-1] for r in mine]
+        s = {f"{group}/{m}": mean_std(row[f"{group}/{m}"] for row in last)
+             for group in ("own", "all", "unseen") for m in METRICS}
+        s["best_round_own/absrel"] = mean_std(min(row["own/absrel"] for row in r["rounds"]) for r in mine)
+        if setting == "federated":
+            s["costs"] = {k: mean_std(cost_summary(r["rounds"])[k] for r in mine)
+                          for k in ("wall_s_per_round", "kib_down_per_rover", "kib_up_per_rover",
+                                    "rovers_per_round")}
+        summary["settings"][setting] = s
+    return summary
+
+
+def table(result: dict) -> str:
+    """The results table (markdown)."""
+    config = result["config"]
+    rows = [[setting, fmt(s["own/absrel"]), fmt(s["own/delta1"]), fmt(s["all/absrel"]), fmt(s["unseen/absrel"]),
+             fmt(s["unseen/delta1"]), fmt(s["best_round_own/absrel"])]
+            for setting, s in result["summary"]["settings"].items()]
+    return markdown_table(["setting", f"AbsRel own forest (round {config.rounds})", "δ<1.25 own forest",
+                           "AbsRel all rovers' forests", "AbsRel unseen forests", "δ<1.25 unseen forests",
+                           "best AbsRel own forest (any round)"], rows)
+
+
+def write_outputs(result: dict, config: FedLocalCentralConfig, out_dir: Path) -> None:
+    """JSON (everything), CSV (one row per run and round), PNG (held-out curves)."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / f"{NAME}.json", {**result, "table": table(result)})
+    write_csv(out_dir / f"{NAME}.csv", long_rows(NAME, result["runs"]))
+    panels = []
+    for key, label in (("own/absrel", "AbsRel, each rover's own forest"), ("own/delta1", "δ<1.25, own forest"),
+                       ("unseen/absrel", "AbsRel, unseen forests")):
+        curves = {s: curve_stats([r["rounds"] for r in result["runs"] if r["setting"] == s], key) for s in SETTINGS}
+        panels.append({"title": label, "ylabel": key.split("/")[1], "curves": curves,
+                       "xlabel": "round (local / central: epochs / local-epochs)"})
+    plot_panels(out_dir / f"{NAME}.png", panels,
+                f"Federated vs local vs central, {config.num_rovers} rovers, {len(config.seeds)} seed(s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry."""
+    args = experiment_arguments(__doc__.split("\n")[0]).parse_args(argv)
+    config = pick_config(FedLocalCentralConfig, args.quick, args.seeds)
+    result = run(config, args.out)
+    print(table(result))
+    print(f"\n{NAME}: {result['elapsed_s']:.0f} s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

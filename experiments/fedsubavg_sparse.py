@@ -1,0 +1,513 @@
+"""FedSubAvg vs FedAvg on a model with a sparse part: a per-place scale embedding (Ding et al., FedSubAvg).
+
+The claim: when each client's data involve only a few rows of a large table (embeddings of
+items, words, places), FedAvg divides each row's update by *all* the clients of the round,
+most of which never touched it, so rare ("cold") rows learn slowly; FedSubAvg averages each
+row over the clients that involve it and reaches a target loss in fewer rounds.
+
+Forest version. The swarm works in ``num_places`` places (forest plots). The ground cover
+differs by place, so the camera sits 0.12-0.36 m above the surface the depth camera sees
+(log-uniform): a per-place depth scale that a 64x80 image barely reveals. The model is the
+federated auto-encoder of ``collab.flower.task`` times a learned per-place scale,
+``depth = net(image) * exp(place_log_scale[place])`` (:class:`PlaceScaledDepth`): an
+embedding table of one row per place. Each rover visits ``places_per_rover`` places, drawn
+with Zipf popularity (a few hot places, many cold ones). Rovers upload the place table
+compact, only the rows of their places (``rows``), as the FedSubAvg strategy expects; the
+dense rest of the network is averaged the same way by both algorithms.
+
+The ClientApp here is this module's (:func:`make_place_client_app`: the model takes the place
+id as a second input, which ``collab.flower.task`` does not have); the coordinator, strategies,
+screening and store are the real ones. Metric: held-out loss and AbsRel over every place a
+rover visits (new poses), after every round; rounds to reach a target loss.
+
+    .venv/bin/python -m experiments.fedsubavg_sparse [--quick] [--seeds 0 1 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from torch import nn  # noqa: E402
+
+from collab.flower.server_app import Coordinator  # noqa: E402
+from collab.flower.strategies import (  # noqa: E402
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    META_KEY,
+    METRICS_KEY,
+    ROWS_KEY,
+    UPDATE_KEY,
+    RoverStrategy,
+    arrays_to_record,
+    record_to_arrays,
+)
+from collab.flower.task import TaskConfig, build_model, get_arrays, set_arrays  # noqa: E402
+from experiments.common import (  # noqa: E402
+    HELD_OUT_STREAM,
+    HeldOut,
+    RoundHook,
+    build_coordinator_from,
+    cost_summary,
+    curve,
+    curve_stats,
+    experiment_arguments,
+    experiment_config,
+    fmt,
+    long_rows,
+    markdown_table,
+    mean_std,
+    nan_scores,
+    pick_config,
+    plot_panels,
+    pretrain_network,
+    quiet_logs,
+    render_frames,
+    rounds_to_target,
+    run_federated,
+    score_predictions,
+    write_csv,
+    write_json,
+)
+
+NAME = "fedsubavg_sparse"
+CLAIM = ("FedSubAvg reaches a target loss in fewer rounds than FedAvg when clients involve few rows of a sparse "
+         "part of the model; here: a per-place scale embedding on the depth auto-encoder")
+EMBEDDING = "place_log_scale.weight"
+"""Name of the place table in the model's ``state_dict``."""
+WEATHERS = ("sunny", "overcast", "dusk", "fog", "rain")
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+class PlaceScaledDepth(nn.Module):
+    """A depth network times a learned per-place scale: ``depth = net(image) * exp(place_log_scale[place])``."""
+
+    def __init__(self, net: nn.Module, num_places: int) -> None:
+        super().__init__()
+        if num_places < 1:
+            raise ValueError(f"num_places must be >= 1, got {num_places}")
+        self.net = net
+        self.place_log_scale = nn.Embedding(num_places, 1)
+        nn.init.zeros_(self.place_log_scale.weight)  # every place starts at the network's own scale
+
+    def forward(self, image: torch.Tensor, place: torch.Tensor) -> torch.Tensor:
+        """Metric depth ``Bx1xHxW`` from normalised RGB ``Bx3xHxW`` and place ids ``B`` (int64)."""
+        if place.shape != (image.shape[0],):
+            raise ValueError(f"need one place id per image: {tuple(place.shape)} ids for {image.shape[0]} images")
+        return self.net(image) * torch.exp(self.place_log_scale(place)).view(-1, 1, 1, 1)
+
+
+def build_place_model(task: TaskConfig, num_places: int) -> PlaceScaledDepth:
+    """The task's network (same initial weights for the same seed) with a zero place table."""
+    return PlaceScaledDepth(build_model(task), num_places)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Place:
+    """A forest plot: its trees (``forest_seed``), light, and the camera's height above the visible ground."""
+
+    place_id: int
+    forest_seed: int
+    weather: str
+    camera_height: float
+
+
+@dataclass
+class PlaceRover:
+    """A rover's frames, each with the id of the place it was recorded in."""
+
+    rover_id: str
+    places: tuple[int, ...]
+    images: torch.Tensor
+    depth: torch.Tensor
+    place_ids: torch.Tensor
+
+    @property
+    def num_frames(self) -> int:
+        """Training frames."""
+        return int(self.images.shape[0])
+
+
+def make_places(num_places: int, seed: int, height_range: tuple[float, float]) -> list[Place]:
+    """``num_places`` places with forest seeds, weathers and log-uniform camera heights, from ``seed``."""
+    lo, hi = height_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"height_range must be 0 < low <= high metres, got {height_range}")
+    rng = np.random.default_rng([seed, 23])
+    return [
+        Place(p, int(rng.integers(2**31)), WEATHERS[int(rng.integers(len(WEATHERS)))],
+              float(np.exp(rng.uniform(np.log(lo), np.log(hi)))))
+        for p in range(num_places)
+    ]
+
+
+def assign_places(num_rovers: int, num_places: int, per_rover: int, zipf: float, seed: int) -> list[tuple[int, ...]]:
+    """Distinct places per rover, drawn with popularity ``1 / (rank + 1) ** zipf`` over a shuffled place order."""
+    if not 1 <= per_rover <= num_places:
+        raise ValueError(f"places_per_rover must be within [1, {num_places}], got {per_rover}")
+    rng = np.random.default_rng([seed, 29])
+    order = rng.permutation(num_places)
+    popularity = np.empty(num_places)
+    popularity[order] = 1.0 / (np.arange(num_places) + 1.0) ** zipf
+    popularity /= popularity.sum()
+    return [tuple(sorted(int(p) for p in rng.choice(num_places, size=per_rover, replace=False, p=popularity)))
+            for _ in range(num_rovers)]
+
+
+def place_frames(place: Place, count: int, hw: tuple[int, int], stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frames of a place from the random stream ``stream`` (rovers and the held-out set use different streams)."""
+    return render_frames(place.forest_seed, place.weather, count, hw, stream, camera_height=place.camera_height)
+
+
+def make_rovers(
+    places: Sequence[Place], visits: Sequence[tuple[int, ...]], frames_per_place: int, hw: tuple[int, int]
+) -> list[PlaceRover]:
+    """Each rover's frames: ``frames_per_place`` of each place it visits, from its own poses."""
+    rovers = []
+    for i, visited in enumerate(visits):
+        images, depth, ids = [], [], []
+        for p in visited:
+            im, d = place_frames(places[p], frames_per_place, hw, stream=1000 + i)
+            images.append(im)
+            depth.append(d)
+            ids += [p] * im.shape[0]
+        rovers.append(PlaceRover(f"rover_{i:03d}", tuple(visited), torch.cat(images), torch.cat(depth),
+                                 torch.tensor(ids, dtype=torch.int64)))
+    return rovers
+
+
+# ---------------------------------------------------------------------------------------------- rover app
+
+
+def place_loss(task: TaskConfig, variance_focus: float) -> nn.Module:
+    """The task's loss (silog + smoothness) with the given silog ``variance_focus`` (0: scale-sensitive)."""
+    from models.losses import DepthLoss
+
+    return DepthLoss(silog=1.0, smooth=0.001, min_depth=task.min_depth, max_depth=task.max_depth,
+                     variance_focus=variance_focus)
+
+
+def train_place_model(
+    model: PlaceScaledDepth, rover: PlaceRover, task: TaskConfig, embedding_lr: float, seed: int,
+    variance_focus: float = 0.0,
+) -> dict[str, float]:
+    """Local AdamW epochs (task loss; place table at ``embedding_lr``): ``train-loss``, ``steps``, ``train-s``."""
+    if task.threads:
+        torch.set_num_threads(task.threads)
+    loss_fn = place_loss(task, variance_focus)
+    optimizer = torch.optim.AdamW(
+        [{"params": model.net.parameters(), "lr": task.lr},
+         {"params": model.place_log_scale.parameters(), "lr": embedding_lr}], weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    steps, loss_sum, seen = 0, 0.0, 0
+    for _ in range(task.local_epochs):
+        order = torch.randperm(rover.num_frames, generator=generator)
+        for first in range(0, rover.num_frames, task.batch_size):
+            if task.local_steps and steps >= task.local_steps:
+                break
+            idx = order[first : first + task.batch_size]
+            image = rover.images[idx]
+            loss, _ = loss_fn(model(image, rover.place_ids[idx]), rover.depth[idx], image)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"rover {rover.rover_id}: local loss became {loss.item()} at step {steps}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(idx)
+            seen += len(idx)
+    model.eval()
+    return {"train-loss": loss_sum / max(seen, 1), "steps": float(steps), "train-s": time.perf_counter() - start}
+
+
+def make_place_client_app(
+    rovers: Sequence[PlaceRover], task: TaskConfig, num_places: int, embedding_lr: float, variance_focus: float = 0.0
+) -> ClientApp:
+    """A rover ClientApp for :class:`PlaceScaledDepth`: node ``partition-id`` plays ``rovers[partition-id]``.
+
+    ``train`` replies like the real rover app: the dense deltas, the place table compact (only
+    the rover's places, named in ``rows``), ``metrics`` and ``meta``. ``query`` says which rover
+    the node is. Data are handed in (in-process simulation), not read from disk.
+    """
+    client = ClientApp()
+
+    def rover_of(context: Context) -> PlaceRover:
+        partition = int(context.node_config["partition-id"])
+        if not 0 <= partition < len(rovers):
+            raise ValueError(f"no rover for partition-id {partition} (there are {len(rovers)})")
+        return rovers[partition]
+
+    @client.train()
+    def train(message: Message, context: Context) -> Message:
+        rover = rover_of(context)
+        config = message.content.config_records[CONFIG_KEY]
+        server_round = int(config["server-round"])
+        local = dataclasses.replace(task, local_epochs=int(config.get("local-epochs", task.local_epochs)),
+                                    lr=float(config.get("lr", task.lr)),
+                                    batch_size=int(config.get("batch-size", task.batch_size)))
+        record = message.content.array_records[ARRAYS_KEY]
+        names = list(record.keys())
+        global_arrays = record_to_arrays(record, names)
+        model = build_place_model(local, num_places)
+        set_arrays(model, names, global_arrays)
+        seed = (task.seed * 1_000_003 + server_round * 7919 + zlib.crc32(rover.rover_id.encode())) % (2**63)
+        metrics = train_place_model(model, rover, local, embedding_lr, seed, variance_focus)
+        _, trained = get_arrays(model)
+        rows = np.array(rover.places, dtype=np.int64)
+        deltas = []
+        for name, base, value in zip(names, global_arrays, trained):
+            delta = (value.astype(np.float64) - base.astype(np.float64)).astype(base.dtype)
+            deltas.append(delta[rows] if name == EMBEDDING else delta)
+        content = RecordDict({
+            UPDATE_KEY: arrays_to_record(names, deltas),
+            ROWS_KEY: arrays_to_record([EMBEDDING], [rows]),
+            METRICS_KEY: MetricRecord({"num-examples": float(rover.num_frames), **metrics}),
+            META_KEY: ConfigRecord({"rover-id": rover.rover_id, "base-round": server_round, "kind": "delta",
+                                    "scope": "all"}),
+        })
+        return Message(content=content, reply_to=message)
+
+    @client.query()
+    def query(message: Message, context: Context) -> Message:
+        meta = ConfigRecord({"rover-id": rover_of(context).rover_id, "scope": "all"})
+        return Message(content=RecordDict({META_KEY: meta}), reply_to=message)
+
+    return client
+
+
+def build_place_coordinator(run_config: dict, num_places: int, net: nn.Module | None = None) -> Coordinator:
+    """The real coordinator (strategy of ``algorithm``, SQLite store) for :class:`PlaceScaledDepth`.
+
+    ``net`` (e.g. :func:`experiments.common.pretrain_network`) gives the initial network
+    weights; by default the task's initialisation.
+    """
+    task = TaskConfig.from_run_config(run_config)
+    model = build_place_model(task, num_places)
+    if net is not None:
+        model.net.load_state_dict(net.state_dict())
+    names, initial = get_arrays(model)
+    return build_coordinator_from(run_config, names, initial, model=f"place-scaled-{task.model}")
+
+
+# ---------------------------------------------------------------------------------------------- experiment
+
+
+@dataclass(frozen=True)
+class SubAvgConfig:
+    """Places, rovers, schedule and training of the FedSubAvg experiment."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    num_rovers: int = 12
+    num_places: int = 32
+    places_per_rover: int = 2
+    zipf: float = 1.0
+    camera_heights: tuple[float, float] = (0.12, 0.36)
+    frames_per_place: int = 4
+    held_out_per_place: int = 3
+    hot_rovers: int = 3  # a place visited by at least this many rovers is "hot"; by one rover, "cold"
+    rounds: int = 20
+    fraction_train: float = 0.5
+    local_epochs: int = 2
+    lr: float = 0.001  # the (pretrained) network is fine-tuned
+    embedding_lr: float = 0.05
+    variance_focus: float = 0.0  # silog's lambda: 0 makes the loss see the scale the place table exists for
+    base_channels: int = 4
+    hw: tuple[int, int] = (64, 80)
+    pretrain_forests: int = 8  # 0: start from the untrained network
+    pretrain_frames: int = 8
+    pretrain_epochs: int = 10
+    target_fractions: tuple[float, ...] = (0.5, 0.8, 0.9)
+    algorithms: tuple[str, ...] = ("fedavg", "fedsubavg")
+
+    @classmethod
+    def quick(cls) -> SubAvgConfig:
+        """A few-minute version: one seed, 8 rovers, 16 places, 10 rounds."""
+        return cls(seeds=(0,), num_rovers=8, num_places=16, rounds=10, held_out_per_place=2)
+
+
+def score_hook(
+    scorer_model: PlaceScaledDepth, held: HeldOut, held_places: torch.Tensor, task: TaskConfig, variance_focus: float
+) -> RoundHook:
+    """After each round: the global model on the held-out frames of every visited place (and hot/cold groups)."""
+
+    @torch.no_grad()
+    def hook(strategy: RoverStrategy, server_round: int) -> dict[str, float]:
+        try:
+            set_arrays(scorer_model, strategy.names, strategy.params)
+        except ValueError:
+            return nan_scores(held)
+        scorer_model.eval()
+        pred = torch.cat([scorer_model(held.images[i : i + 64], held_places[i : i + 64])
+                          for i in range(0, len(held), 64)])
+        if not bool(torch.isfinite(pred).all()):
+            return nan_scores(held)
+        return score_predictions(pred, held, task, variance_focus=variance_focus)
+
+    return hook
+
+
+def run(config: SubAvgConfig, out_dir: Path) -> dict:
+    """Run both algorithms on every seed; write ``<out>/fedsubavg_sparse.{json,csv,png}``; return the result."""
+    quiet_logs()
+    started = time.perf_counter()
+    runs, populations = [], []
+    with tempfile.TemporaryDirectory(prefix="exp-subavg-") as tmp:
+        for seed in config.seeds:
+            places = make_places(config.num_places, seed, config.camera_heights)
+            visits = assign_places(config.num_rovers, config.num_places, config.places_per_rover, config.zipf, seed)
+            rovers = make_rovers(places, visits, config.frames_per_place, config.hw)
+            visitors = {p: sum(p in v for v in visits) for p in range(config.num_places)}
+            visited = [p for p in range(config.num_places) if visitors[p]]
+            parts = {f"place_{p}": place_frames(places[p], config.held_out_per_place, config.hw, HELD_OUT_STREAM)
+                     for p in visited}
+            groups = {"all": list(parts),
+                      "hot": [f"place_{p}" for p in visited if visitors[p] >= config.hot_rovers],
+                      "cold": [f"place_{p}" for p in visited if visitors[p] == 1]}
+            held = HeldOut.build(parts, {k: v for k, v in groups.items() if v})
+            held_places = torch.tensor([p for p in visited for _ in range(config.held_out_per_place)],
+                                       dtype=torch.int64)
+            populations.append({"seed": seed, "places_visited": len(visited), "visits": visits,
+                                "visitors_per_place": visitors, "hot": len(groups["hot"]), "cold": len(groups["cold"]),
+                                "camera_heights": [round(p.camera_height, 3) for p in places]})
+            net = None
+            for algorithm in config.algorithms:
+                run_config = experiment_config(**{
+                    "algorithm": algorithm, "num-server-rounds": config.rounds, "seed": seed,
+                    "fraction-train": config.fraction_train, "local-epochs": config.local_epochs, "lr": config.lr,
+                    "base-channels": config.base_channels, "input-height": config.hw[0],
+                    "input-width": config.hw[1], "state-db": str(Path(tmp) / f"{seed}-{algorithm}.db"),
+                })
+                task = TaskConfig.from_run_config(run_config)
+                if net is None and config.pretrain_forests:
+                    net = pretrain_network(task, seed, config.pretrain_forests, config.pretrain_frames,
+                                           config.pretrain_epochs)
+                app = make_place_client_app(rovers, task, config.num_places, config.embedding_lr,
+                                            config.variance_focus)
+                hook = score_hook(build_place_model(task, config.num_places), held, held_places, task,
+                                  config.variance_focus)
+                coordinator = build_place_coordinator(run_config, config.num_places, net)
+                rows = run_federated(run_config, app, config.num_rovers, hook, coordinator=coordinator)
+                runs.append({"algorithm": algorithm, "seed": seed, "rounds": rows})
+    result = {
+        "experiment": NAME,
+        "claim": CLAIM,
+        "config": config,
+        "populations": populations,
+        "runs": runs,
+        "summary": summarise(config, runs),
+        "elapsed_s": time.perf_counter() - started,
+    }
+    write_outputs(result, config, out_dir)
+    return result
+
+
+def targets_of(runs: Sequence[dict], key: str, fractions: Sequence[float]) -> dict[float, float]:
+    """Per fraction q, the value ``start - q * (start - best)``: best = the lowest ``key`` any of ``runs`` reached.
+
+    ``start`` is the initial model's value (round 0, the same for every algorithm of a seed), so
+    a target means "q of the improvement the better algorithm made on this seed" and favours
+    neither algorithm.
+    """
+    values = np.concatenate([curve(r["rounds"], key) for r in runs])
+    finite = values[np.isfinite(values)]
+    start = float(curve(runs[0]["rounds"], key)[0]) if runs else math.nan
+    if finite.size == 0 or not math.isfinite(start):
+        return {q: math.nan for q in fractions}
+    best = float(finite.min())
+    return {q: start - q * (start - best) for q in fractions}
+
+
+def summarise(config: SubAvgConfig, runs: list[dict]) -> dict:
+    """Rounds to reach targets of held-out loss and AbsRel (per seed, then mean ± std), final metrics, costs."""
+    summary: dict = {"algorithms": {a: {} for a in config.algorithms}, "targets": {}}
+    for key in ("all/loss", "all/absrel"):
+        for seed in config.seeds:
+            mine = [r for r in runs if r["seed"] == seed]
+            summary["targets"].setdefault(key, {})[seed] = targets_of(mine, key, config.target_fractions)
+    for algorithm in config.algorithms:
+        mine = [r for r in runs if r["algorithm"] == algorithm]
+        s = summary["algorithms"][algorithm]
+        last = [r["rounds"][-1] for r in mine]
+        for key in ("all/loss", "all/absrel", "all/delta1", "hot/absrel", "cold/absrel"):
+            s[key] = mean_std(row.get(key, math.nan) for row in last)
+        for key in ("all/loss", "all/absrel"):
+            for q in config.target_fractions:
+                reached = []
+                for r in mine:
+                    target = summary["targets"][key][r["seed"]][q]
+                    hit = rounds_to_target(r["rounds"], key, target)
+                    reached.append(hit)
+                s[f"rounds_to_{q:g}_{key}"] = {
+                    **mean_std(math.nan if h is None else h for h in reached),
+                    "per_seed": reached, "never": sum(h is None for h in reached),
+                }
+        s["costs"] = {k: mean_std(cost_summary(r["rounds"])[k] for r in mine)
+                      for k in ("wall_s_per_round", "kib_down_per_rover", "kib_up_per_rover", "rovers_per_round")}
+    return summary
+
+
+def table(result: dict) -> str:
+    """The results table (markdown)."""
+    config = result["config"]
+    rows = []
+    for algorithm, s in result["summary"]["algorithms"].items():
+        reach = []
+        for q in config.target_fractions:
+            stat = s[f"rounds_to_{q:g}_all/loss"]
+            reach.append(fmt(stat, 1) + (f" ({stat['never']} never)" if stat["never"] else ""))
+        rows.append([algorithm, *reach, fmt(s["all/loss"]), fmt(s["all/absrel"]), fmt(s["hot/absrel"]),
+                     fmt(s["cold/absrel"]), fmt(s["costs"]["kib_up_per_rover"], 1)])
+    header = ["algorithm", *[f"rounds to {int(q * 100)} % of the loss drop" for q in config.target_fractions],
+              f"loss (round {config.rounds})", "AbsRel all", "AbsRel hot places", "AbsRel cold places",
+              "KiB up/rover/round"]
+    return markdown_table(header, rows)
+
+
+def write_outputs(result: dict, config: SubAvgConfig, out_dir: Path) -> None:
+    """JSON (everything), CSV (one row per run and round), PNG (held-out curves)."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / f"{NAME}.json", {**result, "table": table(result)})
+    write_csv(out_dir / f"{NAME}.csv", long_rows(NAME, result["runs"]))
+    panels = []
+    for key, label in (("all/loss", "held-out loss (silog + smoothness)"), ("all/absrel", "AbsRel, all places"),
+                       ("cold/absrel", "AbsRel, cold places (one rover)")):
+        curves = {a: curve_stats([r["rounds"] for r in result["runs"] if r["algorithm"] == a], key)
+                  for a in config.algorithms}
+        panels.append({"title": label, "ylabel": key.split("/")[1], "curves": curves})
+    plot_panels(out_dir / f"{NAME}.png", panels,
+                f"FedSubAvg vs FedAvg, {config.num_rovers} rovers, {config.num_places} places "
+                f"({config.places_per_rover} per rover), {len(config.seeds)} seed(s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry."""
+    args = experiment_arguments(__doc__.split("\n")[0]).parse_args(argv)
+    config = pick_config(SubAvgConfig, args.quick, args.seeds)
+    result = run(config, args.out)
+    print(table(result))
+    print(f"\n{NAME}: {result['elapsed_s']:.0f} s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

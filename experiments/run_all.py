@@ -1,0 +1,273 @@
+"""Run every experiment and write ``experiments/results/``: per-experiment JSON/CSV/PNG, costs, and README.md.
+
+    .venv/bin/python -m experiments.run_all            # the full version (about 15-25 min on 2 shared cores)
+    .venv/bin/python -m experiments.run_all --quick    # a few minutes: one seed, fewer rovers and rounds
+    .venv/bin/python -m experiments.run_all --only semicyclic --seeds 0 --out /tmp/results
+
+Besides each experiment's files, it writes ``costs.csv`` / ``costs.png`` (wall time per round
+and KiB down/up per rover per round of every federated run, in process on a LocalGrid) and
+``README.md`` (every results table, the plots, the configurations and seeds).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from experiments import fed_vs_local_vs_central, fedlaavg_vs_fedavg, fedsubavg_sparse, semicyclic  # noqa: E402
+from experiments.common import (  # noqa: E402
+    RESULTS_DIR,
+    cost_summary,
+    experiment_arguments,
+    markdown_table,
+    mean_std,
+    pick_config,
+    write_csv,
+    write_json,
+)
+
+EXPERIMENTS: dict[str, tuple[ModuleType, type]] = {
+    "fedlaavg_vs_fedavg": (fedlaavg_vs_fedavg, fedlaavg_vs_fedavg.LaAvgConfig),
+    "fedsubavg_sparse": (fedsubavg_sparse, fedsubavg_sparse.SubAvgConfig),
+    "semicyclic": (semicyclic, semicyclic.SemiCyclicConfig),
+    "fed_vs_local_vs_central": (fed_vs_local_vs_central, fed_vs_local_vs_central.FedLocalCentralConfig),
+}
+"""Experiment name -> (module with ``run``/``table``, config class with a ``quick()`` preset)."""
+
+SHORT = {"fedlaavg_vs_fedavg": "1 laavg", "fedsubavg_sparse": "2 subavg", "semicyclic": "3 cyclic",
+         "fed_vs_local_vs_central": "4 fed/local/central"}
+TITLES = {
+    "fedlaavg_vs_fedavg": "FedLaAvg vs FedAvg under intermittent availability",
+    "fedsubavg_sparse": "FedSubAvg vs FedAvg on a sparse (per-place) embedding",
+    "semicyclic": "MM-PSGD / MC-PSGD vs FedAvg on block-cyclic light",
+    "fed_vs_local_vs_central": "Federated vs local-only vs central",
+}
+
+
+def run_label(run: Mapping[str, Any]) -> str:
+    """How a run is named in the cost table: its variant or setting, else its algorithm."""
+    return str(run.get("variant") or run.get("setting") or run.get("algorithm"))
+
+
+def cost_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per experiment and run label: mean ± std over seeds of each federated run's per-round costs."""
+    rows = []
+    for name, result in results.items():
+        labels: dict[str, list[dict]] = {}
+        for run in result["runs"]:
+            if any("wall_s" in r for r in run["rounds"]):  # federated runs only (local/central have no rounds)
+                labels.setdefault(run_label(run), []).append(cost_summary(run["rounds"]))
+        for label, costs in labels.items():
+            row: dict[str, Any] = {"experiment": name, "run": label, "seeds": len(costs)}
+            for key in ("rovers_per_round", "round1_s", "wall_s_per_round", "rover_train_s", "kib_down_per_rover",
+                        "kib_up_per_rover"):
+                stat = mean_std(c[key] for c in costs)
+                row[key], row[f"{key}_std"] = stat["mean"], stat["std"]
+            rows.append(row)
+    return rows
+
+
+def plot_costs(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Two bar panels per run: steady wall s per round (and per rover trained), KiB down/up per rover per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f"{SHORT.get(r['experiment'], r['experiment'])}: {r['run']}" for r in rows]
+    y = np.arange(len(rows))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.42 * len(rows) + 1.6), sharey=True)
+    wall = [r["wall_s_per_round"] for r in rows]
+    per_rover = [r["wall_s_per_round"] / r["rovers_per_round"] if r["rovers_per_round"] else math.nan for r in rows]
+    ax1.barh(y - 0.2, wall, height=0.4, xerr=[r["wall_s_per_round_std"] for r in rows], label="s per round")
+    ax1.barh(y + 0.2, per_rover, height=0.4, label="s per round / rovers in it")
+    ax1.set_xlabel("seconds (in-process LocalGrid, rovers one after the other)")
+    ax1.set_yticks(y, labels, fontsize=8)
+    ax1.invert_yaxis()
+    ax1.legend(fontsize=8)
+    ax2.barh(y - 0.2, [r["kib_down_per_rover"] for r in rows], height=0.4, label="KiB down / rover / round")
+    ax2.barh(y + 0.2, [r["kib_up_per_rover"] for r in rows], height=0.4, label="KiB up / rover / round")
+    ax2.set_xlabel("KiB of tensors per rover per round")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The costs as a markdown table."""
+
+    def pm(row: Mapping[str, Any], key: str, digits: int) -> str:
+        value, spread = row[key], row[f"{key}_std"]
+        return "-" if not math.isfinite(value) else f"{value:.{digits}f} ± {spread:.{digits}f}"
+
+    return markdown_table(
+        ["experiment", "run", "rovers/round", "round 1 s", "steady s/round", "rover training s", "KiB down/rover/round",
+         "KiB up/rover/round"],
+        [[r["experiment"], r["run"], pm(r, "rovers_per_round", 1), pm(r, "round1_s", 2), pm(r, "wall_s_per_round", 2),
+          pm(r, "rover_train_s", 3), pm(r, "kib_down_per_rover", 1), pm(r, "kib_up_per_rover", 1)] for r in rows])
+
+
+def _config_line(config: Any) -> str:  # noqa: ANN401 - one of the experiments' config dataclasses
+    import dataclasses
+
+    return ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config))
+
+
+def write_report(out_dir: Path, results: Mapping[str, Mapping[str, Any]], meta: Mapping[str, Any]) -> Path:
+    """``costs.csv``, ``costs.png``, ``run_all.json`` and ``README.md`` from the experiments' results."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    costs = cost_rows(results)
+    write_csv(out_dir / "costs.csv", costs)
+    if costs:
+        plot_costs(out_dir / "costs.png", costs)
+    write_json(out_dir / "run_all.json", {
+        **meta, "experiments": {name: {"claim": r["claim"], "config": r["config"], "summary": r["summary"],
+                                       "elapsed_s": r["elapsed_s"]} for name, r in results.items()},
+        "costs": costs,
+    })
+    lines = [
+        "# Experiment results",
+        "",
+        f"Written by `python -m experiments.run_all{' --quick' if meta.get('quick') else ''}` on {meta['date']} "
+        f"in {meta['elapsed_s'] / 60:.1f} min ({meta['machine']}). Discussion: "
+        "[docs/experiments.md](../../docs/experiments.md). Every number is mean ± sample standard deviation over "
+        "the seeds listed; every federated run is the real coordinator (strategy, screening, SQLite store) and "
+        "rover ClientApps on an in-process `LocalGrid`.",
+        "",
+    ]
+    for i, (name, result) in enumerate(results.items(), start=1):
+        module, _ = EXPERIMENTS[name]
+        lines += [
+            f"## {i}. {TITLES.get(name, name)}",
+            "",
+            f"Claim: {result['claim']}.",
+            "",
+            f"Configuration: `{_config_line(result['config'])}` ({result['elapsed_s']:.0f} s).",
+            "",
+            module.table(result),
+            "",
+            f"![{name}]({name}.png)",
+            "",
+            f"Files: [{name}.json]({name}.json) (configuration, every run's rounds, summary), "
+            f"[{name}.csv]({name}.csv) (one row per run and round).",
+            "",
+        ]
+    if costs:
+        lines += [
+            "## Costs per round",
+            "",
+            "Wall time of a coordinator round with the rovers training one after the other in this process "
+            "(round 1 also asks every node who it is), and tensor bytes per rover per round (model down to each "
+            "selected rover, update up from each that replied). For the same figures through Ray, see "
+            "`bench/bench_federated.py` and the Figures section of [docs/federated.md](../../docs/federated.md).",
+            "",
+            cost_table(costs),
+            "",
+            "![costs](costs.png)",
+            "",
+        ]
+    path = out_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def config_from_json(config_class: type, data: Mapping[str, Any]) -> Any:  # noqa: ANN401 - a config dataclass
+    """A config dataclass back from its JSON form (lists become tuples again)."""
+    import dataclasses
+
+    def tuples(value: Any) -> Any:  # noqa: ANN401
+        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{config_class.__name__}: unknown field(s) {unknown} in the saved configuration")
+    return config_class(**{k: tuples(v) for k, v in data.items()})
+
+
+def rewrite_report(out_dir: Path = RESULTS_DIR) -> Path:
+    """Write ``README.md`` and the costs again from the experiments' JSON files in ``out_dir`` (no rerun)."""
+    out_dir = Path(out_dir)
+    results = {}
+    for name, (_, config_class) in EXPERIMENTS.items():
+        path = out_dir / f"{name}.json"
+        if path.is_file():
+            result = json.loads(path.read_text())
+            result["config"] = config_from_json(config_class, result["config"])
+            results[name] = result
+    if not results:
+        raise FileNotFoundError(f"no experiment results (<name>.json) in {out_dir}")
+    previous = out_dir / "run_all.json"
+    meta = json.loads(previous.read_text()) if previous.is_file() else {}
+    meta = {k: meta.get(k, default) for k, default in
+            (("date", "unknown"), ("quick", False), ("elapsed_s", math.nan), ("machine", "unknown"))}
+    return write_report(out_dir, results, meta)
+
+
+def run_all(
+    out_dir: Path = RESULTS_DIR,
+    quick: bool = False,
+    seeds: Sequence[int] | None = None,
+    only: Sequence[str] | None = None,
+    configs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the experiments (all, or ``only``) and write the report; ``configs`` replaces a name's configuration."""
+    unknown = [n for n in (only or []) if n not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; known: {', '.join(EXPERIMENTS)}")
+    started = time.perf_counter()
+    results = {}
+    for name, (module, config_class) in EXPERIMENTS.items():
+        if only and name not in only:
+            continue
+        config = (configs or {}).get(name) or pick_config(config_class, quick, seeds)
+        print(f"[run_all] {name} ...", flush=True)
+        results[name] = module.run(config, out_dir)
+        print(f"[run_all] {name}: {results[name]['elapsed_s']:.0f} s", flush=True)
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "quick": quick,
+        "elapsed_s": time.perf_counter() - started,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), load average "
+                   f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at the end, Python {platform.python_version()}, "
+                   f"torch {torch.__version__}",
+    }
+    write_report(out_dir, results, meta)
+    return {"meta": meta, "results": results}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry."""
+    parser = experiment_arguments(__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="run only these experiments")
+    parser.add_argument("--report-only", action="store_true", help="rewrite README.md and costs from the JSON files")
+    args = parser.parse_args(argv)
+    if args.report_only:
+        print(f"report: {rewrite_report(args.out)}")
+        return
+    out = run_all(args.out, args.quick, args.seeds, args.only)
+    print(f"\nall done in {out['meta']['elapsed_s'] / 60:.1f} min; report: {Path(args.out) / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()

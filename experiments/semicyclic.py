@@ -1,0 +1,264 @@
+"""MM-PSGD / MC-PSGD vs FedAvg on block-cyclic data: lighting blocks through a day (Ding et al., ICML 2020).
+
+The claim: when the clients that show up change with the time of day in a repeating cycle
+(block-cyclic data), the single model of FedAvg keeps drifting toward the block it trained
+on last; pluralistic predictors, one per block, do better on each block. MM-PSGD keeps, per
+block, the running average of the global models of that block's rounds; MC-PSGD also
+trains a separate chain per block and averages whichever of the two has the lower loss.
+
+Forest version: ``num_blocks`` blocks of ``rounds_per_block`` rounds repeat through the run
+(:func:`collab.flower.simulation.make_population` with ``num_blocks``): rover ``i`` drives
+in block ``i % num_blocks`` under that block's light (sunny, dusk, overcast, ...) and is
+out only in its block's rounds. FedAvg runs on the very same schedule. After every round,
+each block's held-out frames (new poses in the forests of that block's rovers, in its light)
+are scored with the model that block would use: FedAvg's global model, or the block's
+predictor (the global model until the block has one). The headline is the mean over blocks.
+MM-PSGD's mixed chain is FedAvg itself (same aggregation, same seeds), so any difference
+between the two comes from the predictors alone.
+
+Two starts: ``scratch`` (the task's freshly initialised network, as in the paper) and
+``pretrained`` (the network first trained centrally on other forests, standing in for the
+model a swarm already runs; the cycles then adapt it).
+
+    .venv/bin/python -m experiments.semicyclic [--quick] [--seeds 0 1 2] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from collab.flower.client_app import make_client_app  # noqa: E402
+from collab.flower.simulation import BLOCK_WEATHERS, make_population  # noqa: E402
+from collab.flower.strategies import RoverStrategy  # noqa: E402
+from collab.flower.task import TaskConfig, get_arrays  # noqa: E402
+from experiments.common import (  # noqa: E402
+    HeldOut,
+    ModelScorer,
+    RoundHook,
+    build_coordinator_from,
+    cost_summary,
+    curve_stats,
+    experiment_arguments,
+    experiment_config,
+    fmt,
+    held_out_frames,
+    long_rows,
+    markdown_table,
+    mean_std,
+    pick_config,
+    plot_panels,
+    pretrain_network,
+    quiet_logs,
+    run_federated,
+    write_csv,
+    write_json,
+    write_population_data,
+)
+
+NAME = "semicyclic"
+CLAIM = ("MM-PSGD / MC-PSGD (per-block predictors) beat FedAvg's single model on block-cyclic data; here: "
+         "lighting blocks through a day, held-out AbsRel / delta<1.25 per block")
+METRICS = ("loss", "absrel", "delta1")
+
+
+@dataclass(frozen=True)
+class SemiCyclicConfig:
+    """Blocks, population, schedule and training of the block-cyclic experiment."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    num_rovers: int = 12
+    num_blocks: int = 3
+    rounds_per_block: int = 2
+    rounds: int = 18  # 3 cycles of 3 blocks x 2 rounds
+    frames_per_rover: int = 16
+    held_out_per_rover: int = 4
+    availability: tuple[float, float] = (0.8, 1.0)  # within its block's rounds
+    fraction_train: float = 1.0
+    local_epochs: int = 2
+    lr: float = 0.003
+    base_channels: int = 4
+    hw: tuple[int, int] = (64, 80)
+    algorithms: tuple[str, ...] = ("fedavg", "mm-psgd", "mc-psgd")
+    # "scratch": the task's initial network; "pretrained": trained first on other forests (the swarm's model)
+    starts: tuple[str, ...] = ("scratch", "pretrained")
+    pretrain_forests: int = 8
+    pretrain_frames: int = 8
+    pretrain_epochs: int = 10
+
+    @classmethod
+    def quick(cls) -> SemiCyclicConfig:
+        """A few-minute version: one seed, 6 rovers, three cycles of 3 blocks x 1 round."""
+        return cls(seeds=(0,), num_rovers=6, rounds_per_block=1, rounds=9, frames_per_rover=8,
+                   held_out_per_rover=3)
+
+
+def block_predictors(strategy: RoverStrategy, num_blocks: int) -> list[list | None]:
+    """Per block, the MM/MC-PSGD predictor, or None where the block uses the global model (FedAvg, no predictor yet)."""
+    server = strategy.server
+    if not hasattr(server, "predictor"):
+        return [None] * num_blocks
+    return [server.predictor(m) for m in range(num_blocks)]
+
+
+def score_hook(scorer: ModelScorer, held: HeldOut, num_blocks: int) -> RoundHook:
+    """After each round: every block's held-out frames with that block's model; their mean; MC's chosen chain.
+
+    Also ``global/*``: the global model (MM/MC: the mixed chain) on all blocks' frames.
+    """
+    blocks = [f"block{b}" for b in range(num_blocks)]
+
+    def hook(strategy: RoverStrategy, server_round: int) -> dict[str, float]:
+        scores = scorer.score(strategy.names, strategy.params, held, only=["all", *blocks])
+        out = {k.replace("all/", "global/", 1): v for k, v in scores.items() if k.startswith("all/")}
+        for block, predictor in enumerate(block_predictors(strategy, num_blocks)):
+            name = blocks[block]
+            if predictor is None:
+                out.update({k: v for k, v in scores.items() if k.startswith(f"{name}/")})
+            else:
+                out.update(scorer.score(strategy.names, predictor, held, only=[name]))
+        for metric in METRICS:
+            out[f"mean/{metric}"] = statistics.fmean(out[f"{b}/{metric}"] for b in blocks)
+        record = strategy.last_record if server_round else None
+        if record is not None:
+            out["block"] = float(record.block) if record.block is not None else math.nan
+            out["chose_separate"] = 1.0 if record.chosen == "separate" else 0.0
+        return out
+
+    return hook
+
+
+def run(config: SemiCyclicConfig, out_dir: Path) -> dict:
+    """Run every algorithm on every seed; write ``<out>/semicyclic.{json,csv,png}``; return the result."""
+    quiet_logs()
+    if config.num_blocks < 2:
+        raise ValueError(f"num_blocks must be >= 2 for block-cyclic data, got {config.num_blocks}")
+    started = time.perf_counter()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="exp-cyclic-") as tmp:
+        for seed in config.seeds:
+            root = Path(tmp) / f"seed{seed}"
+            population = make_population(
+                config.num_rovers, root / "rovers", seed=seed, num_blocks=config.num_blocks,
+                rounds_per_block=config.rounds_per_block, availability=config.availability,
+                frames=config.frames_per_rover,
+            )
+            population_path = write_population_data(population, root, config.hw)
+            parts = {r.rover_id: held_out_frames(r, config.held_out_per_rover, config.hw) for r in population.rovers}
+            groups = {f"block{m}": [r.rover_id for r in population.rovers if r.block == m]
+                      for m in range(config.num_blocks)}
+            held = HeldOut.build(parts, {**groups, "all": list(parts)})
+            nets: dict = {}
+            for start, algorithm in itertools.product(config.starts, config.algorithms):
+                run_config = experiment_config(**{
+                    "algorithm": algorithm, "num-server-rounds": config.rounds, "seed": seed,
+                    "num-blocks": config.num_blocks, "rounds-per-block": config.rounds_per_block,
+                    "fraction-train": config.fraction_train, "local-epochs": config.local_epochs, "lr": config.lr,
+                    "base-channels": config.base_channels, "input-height": config.hw[0],
+                    "input-width": config.hw[1], "population": str(population_path),
+                    "state-db": str(root / f"{start}-{algorithm}.db"),
+                })
+                task = TaskConfig.from_run_config(run_config)
+                coordinator = None
+                if start == "pretrained":
+                    if start not in nets:
+                        nets[start] = pretrain_network(task, seed, config.pretrain_forests, config.pretrain_frames,
+                                                       config.pretrain_epochs)
+                    coordinator = build_coordinator_from(run_config, *get_arrays(nets[start]))
+                elif start != "scratch":
+                    raise ValueError(f"start must be 'scratch' or 'pretrained', got {start!r}")
+                hook = score_hook(ModelScorer(task), held, config.num_blocks)
+                rows = run_federated(run_config, make_client_app(run_config), config.num_rovers, hook,
+                                     coordinator=coordinator)
+                runs.append({"setting": f"{algorithm}, {start}", "algorithm": algorithm, "start": start,
+                             "seed": seed, "rounds": rows})
+    result = {
+        "experiment": NAME,
+        "claim": CLAIM,
+        "config": config,
+        "blocks": {m: BLOCK_WEATHERS[m % len(BLOCK_WEATHERS)] for m in range(config.num_blocks)},
+        "runs": runs,
+        "summary": summarise(config, runs),
+        "elapsed_s": time.perf_counter() - started,
+    }
+    write_outputs(result, config, out_dir)
+    return result
+
+
+def summarise(config: SemiCyclicConfig, runs: list[dict]) -> dict:
+    """Per algorithm: last-round and last-cycle-mean block metrics (mean ± std over seeds), MC's choices, costs."""
+    cycle = config.num_blocks * config.rounds_per_block
+    summary: dict = {"settings": {}}
+    for start, algorithm in itertools.product(config.starts, config.algorithms):
+        mine = [r for r in runs if r["algorithm"] == algorithm and r["start"] == start]
+        s: dict = {}
+        for metric in METRICS:
+            s[f"mean/{metric}"] = mean_std(r["rounds"][-1][f"mean/{metric}"] for r in mine)
+            s[f"last_cycle_mean/{metric}"] = mean_std(
+                statistics.fmean(row[f"mean/{metric}"] for row in r["rounds"][-cycle:]) for r in mine)
+            for m in range(config.num_blocks):
+                s[f"block{m}/{metric}"] = mean_std(r["rounds"][-1][f"block{m}/{metric}"] for r in mine)
+        s["global/absrel"] = mean_std(r["rounds"][-1]["global/absrel"] for r in mine)
+        s["chose_separate"] = mean_std(
+            statistics.fmean(row.get("chose_separate", 0.0) for row in r["rounds"][1:]) for r in mine)
+        s["costs"] = {k: mean_std(cost_summary(r["rounds"])[k] for r in mine)
+                      for k in ("wall_s_per_round", "kib_down_per_rover", "kib_up_per_rover", "rovers_per_round")}
+        summary["settings"][f"{algorithm}, {start}"] = s
+    return summary
+
+
+def table(result: dict) -> str:
+    """The results table (markdown)."""
+    config = result["config"]
+    blocks = {int(m): light for m, light in result["blocks"].items()}  # JSON keys are strings
+    rows = []
+    for setting, s in result["summary"]["settings"].items():
+        rows.append([
+            setting, fmt(s["mean/absrel"]), fmt(s["mean/delta1"]), fmt(s["last_cycle_mean/absrel"]),
+            *[fmt(s[f"block{m}/absrel"]) for m in range(config.num_blocks)],
+            fmt(s["chose_separate"], 2) if setting.startswith("mc-psgd") else "-",
+        ])
+    header = ["algorithm, start", f"AbsRel, mean over blocks (round {config.rounds})", "δ<1.25, mean over blocks",
+              "AbsRel, mean over the last cycle", *[f"AbsRel block {m} ({blocks[m]})" for m in blocks],
+              "rounds the separate chain won"]
+    return markdown_table(header, rows)
+
+
+def write_outputs(result: dict, config: SemiCyclicConfig, out_dir: Path) -> None:
+    """JSON (everything), CSV (one row per run and round), PNG (held-out curves)."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / f"{NAME}.json", {**result, "table": table(result)})
+    write_csv(out_dir / f"{NAME}.csv", long_rows(NAME, result["runs"]))
+    panels = []
+    for start in config.starts:
+        for key, label in (("mean/absrel", "AbsRel, mean over blocks"), ("block0/absrel", "AbsRel, block 0 "
+                                                                         f"({result['blocks'][0]})")):
+            curves = {a: curve_stats([r["rounds"] for r in result["runs"]
+                                      if r["algorithm"] == a and r["start"] == start], key)
+                      for a in config.algorithms}
+            panels.append({"title": f"{label}, {start}", "ylabel": key.split("/")[1], "curves": curves})
+    plot_panels(out_dir / f"{NAME}.png", panels, ncols=2, title=
+                f"Block-cyclic: {config.num_blocks} light blocks x {config.rounds_per_block} round(s), "
+                f"{config.num_rovers} rovers, {len(config.seeds)} seed(s)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry."""
+    args = experiment_arguments(__doc__.split("\n")[0]).parse_args(argv)
+    config = pick_config(SemiCyclicConfig, args.quick, args.seeds)
+    result = run(config, args.out)
+    print(table(result))
+    print(f"\n{NAME}: {result['elapsed_s']:.0f} s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
