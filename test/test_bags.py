@@ -110,26 +110,28 @@ def test_sigkill_mid_split_keeps_finished_splits_and_repair_recovers_the_rest(tm
         proc.stderr.close()
     assert written_at_kill, f"the recorder never got into a third split; stderr: {stderr[-2000:]}"
 
-    # finished splits are complete and listed; the one cut short is neither
+    # finished splits are complete and listed; the one cut short is neither. On a loaded machine the
+    # progress lines lag behind the writer, so the split being written at the kill may be a later one
+    files = sorted(bag.glob("killed_*.mcap"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     meta = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
     listed = meta["relative_file_paths"]
-    assert listed == ["killed_0.mcap", "killed_1.mcap"]
+    assert len(files) >= 3 and listed == [f.name for f in files[:-1]]
     for name, entry in zip(listed, meta["files"], strict=True):
         assert check_mcap(bag / name).complete
         assert _mcap_count(bag / name) == entry["message_count"] > 0
-    partial = bag / "killed_2.mcap"
+    partial = files[-1]
     check = check_mcap(partial)
     assert not check.complete and "no footer" in check.problem
     with Reader(bag) as reader:  # the bag as left is readable: the finished splits
         assert sum(1 for _ in reader.messages()) == meta["message_count"]
     info = bag_info(bag)
-    assert not info.ok and any("killed_2.mcap" in p and "repair" in p for p in info.problems)
+    assert not info.ok and any(partial.name in p and "repair" in p for p in info.problems)
 
     report = repair_bag(bag)
     actions = {f.name: f.action for f in report.files}
-    assert actions == {"killed_0.mcap": "ok", "killed_1.mcap": "ok", "killed_2.mcap": "recovered"}
-    assert report.metadata_rebuilt and (bag / "killed_2.mcap.damaged").stat().st_size == check.size
-    assert "killed_2.mcap: recovered" in report.summary()
+    assert actions == {**{name: "ok" for name in listed}, partial.name: "recovered"}
+    assert report.metadata_rebuilt and (bag / f"{partial.name}.damaged").stat().st_size == check.size
+    assert f"{partial.name}: recovered" in report.summary()
     recovered = [m.message.data for m in read_bag(bag)]
     # every recovered message intact, in order, with no gap; at most one chunk (16 kB = 4 messages) lost
     assert recovered == [_text(i) for i in range(len(recovered))]
