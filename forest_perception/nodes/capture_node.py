@@ -35,8 +35,13 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.subscription import Subscription
 from std_srvs.srv import SetBool, Trigger
 
-from forest_perception import msgs
-from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
+from forest_perception.nodes.common import (
+    declare_parameters,
+    float_range,
+    int_range,
+    publish_node_diagnostics,
+    run_node,
+)
 from forest_perception.recorder import (
     COMPRESSIONS,
     BagRecorder,
@@ -451,12 +456,7 @@ class CaptureNode(Node):
     def _publish_diagnostics(self) -> None:
         if self._recorder is not None:
             self._log_losses(self._recorder.stats)
-        level, message, values = self.diagnostics_values()
-        array = DiagnosticArray()
-        array.header.stamp = self.get_clock().now().to_msg()
-        namespace = self.get_namespace().strip("/") or "capture_node"
-        array.status.append(msgs.diagnostic_status(f"capture_node: {namespace}", namespace, level, message, values))
-        self.diag_pub.publish(array)
+        publish_node_diagnostics(self, self.diag_pub, "capture_node", *self.diagnostics_values())
 
     def destroy_node(self) -> None:
         """Close the bag cleanly, then the node."""

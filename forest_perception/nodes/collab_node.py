@@ -80,8 +80,13 @@ from collab.supervisor import (
     supernode_argv,
     supernode_environment,
 )
-from forest_perception import msgs
-from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
+from forest_perception.nodes.common import (
+    declare_parameters,
+    float_range,
+    int_range,
+    publish_node_diagnostics,
+    run_node,
+)
 
 MODELS = ("autoencoder", "multiscale")
 # wiring: fixed for the node's life
@@ -724,12 +729,7 @@ class CollabNode(Node):
         return DiagnosticStatus.OK, status["state"], values
 
     def _publish_diagnostics(self) -> None:
-        level, message, values = self.diagnostics_values()
-        array = DiagnosticArray()
-        array.header.stamp = self.get_clock().now().to_msg()
-        namespace = self.get_namespace().strip("/") or "collab_node"
-        array.status.append(msgs.diagnostic_status(f"collab_node: {namespace}", namespace, level, message, values))
-        self.diag_pub.publish(array)
+        publish_node_diagnostics(self, self.diag_pub, "collab_node", *self.diagnostics_values())
 
     def destroy_node(self) -> None:
         """Stop the SuperNode (its whole process group), the worker (after its current job), then the node."""

@@ -38,6 +38,20 @@ def declare_parameters(
     return values
 
 
+def publish_node_diagnostics(node: Node, publisher: object, kind: str, level: int | bytes, message: str,
+                             values: dict[str, object]) -> None:
+    """Publish one DiagnosticArray with the status ``"<kind>: <namespace>"`` (hardware id: the namespace)."""
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    from forest_perception import msgs
+
+    array = DiagnosticArray()
+    array.header.stamp = node.get_clock().now().to_msg()
+    namespace = node.get_namespace().strip("/") or kind
+    array.status.append(msgs.diagnostic_status(f"{kind}: {namespace}", namespace, level, message, values))
+    publisher.publish(array)
+
+
 def run_node(factory: Callable[[], Node], name: str, args: list[str] | None = None) -> None:
     """Init rclpy, build and spin a node until Ctrl-C; a bad parameter exits 2 with its message."""
     rclpy.init(args=args)

@@ -34,7 +34,13 @@ from sensor_msgs.msg import CameraInfo, Image, LaserScan, PointCloud2
 
 from forest_perception import depth_geometry, msgs
 from forest_perception.inference import SUPPORTED_ENCODINGS, ModelLoadError, convert_image_encoding, load_engine
-from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
+from forest_perception.nodes.common import (
+    declare_parameters,
+    float_range,
+    int_range,
+    publish_node_diagnostics,
+    run_node,
+)
 from forest_perception.sim.robot import FRAME_CAMERA
 
 BACKENDS = ("auto", "onnxruntime", "torch")
@@ -353,12 +359,7 @@ class DepthNode(Node):
         return DiagnosticStatus.OK, "running", values
 
     def _publish_diagnostics(self) -> None:
-        level, message, values = self.diagnostics_values()
-        array = DiagnosticArray()
-        array.header.stamp = self.get_clock().now().to_msg()
-        namespace = self.get_namespace().strip("/") or "depth_node"
-        array.status.append(msgs.diagnostic_status(f"depth_node: {namespace}", namespace, level, message, values))
-        self.diag_pub.publish(array)
+        publish_node_diagnostics(self, self.diag_pub, "depth_node", *self.diagnostics_values())
 
     def destroy_node(self) -> None:
         """Stop the worker thread, then the node."""
