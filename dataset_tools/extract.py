@@ -36,6 +36,7 @@ from forest_perception import msgs
 from forest_perception.inference import SUPPORTED_ENCODINGS, convert_image_encoding
 from forest_perception.sim.robot import WHEEL_JOINTS
 from forest_perception.sync import (
+    TOPICS,
     SensorSync,
     SyncConfig,
     SyncedFrame,
@@ -45,15 +46,8 @@ from forest_perception.sync import (
     wheels_from_joint_state,
 )
 
-#: topic (relative to the rover namespace) -> SensorSync kind
-STREAMS = {
-    "camera/image_raw": "image",
-    "camera/depth/image_raw": "depth",
-    "camera/camera_info": "camera_info",
-    "imu/data": "imu",
-    "gps/fix": "gps",
-    "joint_states": "joints",
-}
+#: topic (relative to the rover namespace) -> SensorSync kind, as sensor_sync_node subscribes them
+STREAMS = {topic: kind for kind, topic in TOPICS.items()}
 #: extra metadata.csv columns written for every frame
 EXTRA_COLUMNS = ("stamp_ns", "depth_offset_ms", "gps_age_s", "gps_stale", "sync_flags")
 _NO_IMU = ImuSample((float("nan"),) * 3, (float("nan"),) * 3)

@@ -44,6 +44,7 @@ from forest_perception.sim.geo import enu_to_geodetic, geodetic_to_enu, validate
 
 __all__ = [
     "KINDS",
+    "TOPICS",
     "CAMERA_KINDS",
     "ApproximateTimeSynchronizer",
     "ChannelCounts",
@@ -76,6 +77,15 @@ __all__ = [
 NS_PER_S = 1_000_000_000
 CAMERA_KINDS = ("image", "depth", "camera_info")
 KINDS = (*CAMERA_KINDS, "imu", "gps", "joints")
+#: the rover topic (relative to its namespace, DESIGN.md's contract) each kind comes from
+TOPICS = {
+    "image": "camera/image_raw",
+    "depth": "camera/depth/image_raw",
+    "camera_info": "camera/camera_info",
+    "imu": "imu/data",
+    "gps": "gps/fix",
+    "joints": "joint_states",
+}
 _WATERMARK_KINDS = frozenset(KINDS) - {"gps"}  # a receiver's own clock must not expire camera frames
 
 # SyncedFrame.flags

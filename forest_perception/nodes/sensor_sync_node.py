@@ -38,6 +38,7 @@ from forest_perception.nodes.common import declare_parameters, float_range, int_
 from forest_perception.sim.robot import WHEEL_JOINTS, RoverGeometry
 from forest_perception.sync import (
     KINDS,
+    TOPICS,
     EnuConverter,
     OdometryConfig,
     OdometryFusion,
@@ -78,14 +79,7 @@ _ODOM_PARAMS = {
 _ENU_PARAMS = ("enu_origin_from_first_fix", "enu_origin_latitude_deg", "enu_origin_longitude_deg",
                "enu_origin_altitude_m")
 _UNOBSERVED = 1e6
-_TOPICS = {
-    "image": "camera/image_raw",
-    "depth": "camera/depth/image_raw",
-    "camera_info": "camera/camera_info",
-    "imu": "imu/data",
-    "gps": "gps/fix",
-    "joints": "joint_states",
-}
+_TOPICS = TOPICS
 
 
 def check_image(msg: Image, what: str, encodings: tuple[str, ...] | None = None) -> Image:
