@@ -14,15 +14,22 @@ def _files(pattern: str) -> list[str]:
 setup(
     name=PACKAGE,
     version="0.1.0",
-    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*", "dataset_tools", "dataset_tools.*",
-                                    "models", "models.*", "collab", "collab.*"]),
+    # Only forest_perception is installed; models/, collab/ and dataset_tools/ stay top-level folders of
+    # the repository and are its subpackages through the symlinks forest_perception/{models,collab,
+    # dataset_tools} (docs/architecture.md): the same tree for pip (editable or not), wheels and develop.
+    packages=find_packages(include=[PACKAGE, f"{PACKAGE}.*"]),
+    package_data={
+        f"{PACKAGE}.models.weights": ["*.onnx", "*.pt", "*.md", "*.json", "*.csv", "*.png"],
+        f"{PACKAGE}.collab.flower": ["app/pyproject.toml"],
+    },
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", _files("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", _files("config/*.yaml") + _files("config/*.xml")),
         (f"share/{PACKAGE}/scripts", ["scripts/make_certs.sh"]),
-        (f"share/{PACKAGE}/models", _files("models/*.onnx") + _files("models/*.md") + _files("models/*.json")),
+        (f"share/{PACKAGE}/models", _files("models/weights/*.onnx") + _files("models/weights/*.md")
+         + _files("models/weights/*.json")),
     ],
     install_requires=["setuptools"],
     zip_safe=True,
@@ -41,9 +48,9 @@ setup(
             "collab_node = forest_perception.nodes.collab_node:main",
             # command-line tools
             "forest-sim = forest_perception.sim.cli:main",
-            "forest-dataset = dataset_tools.cli:main",
-            "forest-train = models.cli:main",
-            "forest-fl = collab.flower.cli:main",
+            "forest-dataset = forest_perception.dataset_tools.cli:main",
+            "forest-train = forest_perception.models.cli:main",
+            "forest-fl = forest_perception.collab.flower.cli:main",
         ],
     },
 )

@@ -5,7 +5,7 @@ wall clock, ``camera/image_raw`` (rgb8) + ``camera/camera_info`` and ``camera/de
 (32FC1) at 30 Hz, ``imu/data`` at 200 Hz, ``gps/fix`` at 10 Hz and ``joint_states`` at 50 Hz. It
 starts once capture_node (in this process, spun by one executor thread as ``ros2 run`` does) has
 subscribed to every topic, publishes for ``--seconds``, and reports what it published per topic.
-The bag is then closed and read back (``dataset_tools.bags.bag_info``). Printed per resolution:
+The bag is then closed and read back (``forest_perception.dataset_tools.bags.bag_info``). Printed per resolution:
 published / received / written / dropped (writer queue full) / lost in transport (publisher
 sequence gaps) per topic, write rate in MB/s, CPU of the capture process and of the publisher
 (% of one core), the writer queue's peak and the bag size. No pass/fail: figures only.
@@ -71,7 +71,7 @@ def publisher_main(domain_id: int, log_dir: str, width: int, height: int, second
     from sensor_msgs.msg import CameraInfo, Image, Imu, JointState, NavSatFix
 
     from forest_perception import msgs
-    from forest_perception.sim.robot import CameraIntrinsics
+    from forest_perception.frames import CameraIntrinsics
 
     rgbs, depths = make_frames(width, height)
     rclpy.init()
@@ -152,7 +152,7 @@ def run_resolution(width: int, height: int, args: argparse.Namespace, domain_id:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from dataset_tools.bags import bag_info
+    from forest_perception.dataset_tools.bags import bag_info
     from forest_perception.nodes.capture_node import CaptureNode
 
     bag_name = f"capture_{width}x{height}_{args.compression}"

@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataset_tools.curate import (
+from forest_perception.dataset_tools.curate import (
     SCORES_FILE,
     CurateConfig,
     curate,
@@ -42,7 +42,14 @@ from dataset_tools.curate import (
     sharpness,
     write_score_cache,
 )
-from dataset_tools.layout import FrameRecord, GpsFix, ImuSample, SegmentWriter, frame_stem, segment_name
+from forest_perception.dataset_tools.layout import (
+    FrameRecord,
+    GpsFix,
+    ImuSample,
+    SegmentWriter,
+    frame_stem,
+    segment_name,
+)
 
 
 def panorama(height: int, width: int, rng: np.random.Generator) -> np.ndarray:

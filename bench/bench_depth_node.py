@@ -72,7 +72,7 @@ def load_test_frames(n: int) -> list[np.ndarray]:
 
 def render_frames(n: int, seed: int, every: int = 4) -> list[np.ndarray]:
     """``n`` rgb frames from the simulator (one exploring rover, world ``seed``), every ``every``-th camera frame."""
-    from forest_perception.sim.robot import CameraIntrinsics
+    from forest_perception.frames import CameraIntrinsics
     from forest_perception.sim.simulator import ForestSimulator, SimConfig
     from forest_perception.sim.world import generate_world
 
@@ -100,7 +100,7 @@ def publisher_main(domain_id: int, log_dir: str, frames_path: str, rate_hz: floa
     from sensor_msgs.msg import CameraInfo, Image
 
     from forest_perception import msgs
-    from forest_perception.sim.robot import CameraIntrinsics
+    from forest_perception.frames import CameraIntrinsics
 
     frames = np.load(frames_path)
     rclpy.init()

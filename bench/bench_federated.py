@@ -1,6 +1,6 @@
 """Federated figures on this machine: per algorithm, wall time per round and bytes per rover per round; then
 100 simulated rovers x 10 rounds with the small network. Every run is a real Ray simulation of the coordinator
-ServerApp and the rover ClientApps (collab.flower.simulation.run_simulation), all on 127.0.0.1.
+ServerApp and the rover ClientApps (forest_perception.collab.flower.simulation.run_simulation), all on 127.0.0.1.
 
     .venv/bin/python bench/bench_federated.py                 # all algorithms, then 100 x 10
     .venv/bin/python bench/bench_federated.py --skip-swarm --algorithms fedavg fedlaavg --rounds 4
@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from collab.flower.simulation import SimulationSpec, run_simulation
-from collab.flower.strategies import ALGORITHMS
+from forest_perception.collab.flower.simulation import SimulationSpec, run_simulation
+from forest_perception.collab.flower.strategies import ALGORITHMS
 
 
 def run(out: Path, rovers: int, rounds: int, algorithm: str, client_cpus: float, data_root: Path,
@@ -35,7 +35,7 @@ def run(out: Path, rovers: int, rounds: int, algorithm: str, client_cpus: float,
 
 def per_rover(result: object) -> tuple[float, float]:
     """Mean KiB sent to each selected rover and received from each replying rover, per round."""
-    from collab.flower.store import CoordinatorStore
+    from forest_perception.collab.flower.store import CoordinatorStore
 
     with CoordinatorStore(result.state_db, readonly=True) as store:
         updates = store.updates()
@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--skip-swarm", action="store_true")
     parser.add_argument("--out", type=Path, default=None, help="keep runs here (default: a temporary folder)")
     args = parser.parse_args()
-    logging.getLogger("collab").setLevel(logging.ERROR)  # refusals and round lines: in the store
+    logging.getLogger("forest_perception.collab").setLevel(logging.ERROR)  # refusals and round lines: in the store
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-fl-")
     root = args.out or Path(tmp.name)

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.scene import ForestScene
 from forest_perception.sim.simulator import ForestSimulator, RoverConfig, SimConfig
 from forest_perception.sim.weather import get_weather

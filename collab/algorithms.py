@@ -1,6 +1,6 @@
 """Federated aggregation for the rover swarm, in plain numpy (no torch, no Flower).
 
-Every aggregator works on deltas ``d_i = local_i - global`` (see :mod:`collab.updates`;
+Every aggregator works on deltas ``d_i = local_i - global`` (see :mod:`forest_perception.collab.updates`;
 full-weight updates are turned into deltas against the global model first) and returns
 ``global + server_lr * aggregate(d)`` with the global model's dtypes. Sums run in float64.
 
@@ -14,9 +14,9 @@ full-weight updates are turned into deltas against the global model first) and r
   as running averages of that block's global models (Ding et al., ICML 2020).
 - :func:`robust_fedavg`: FedAvg with per-update norm clipping and/or coordinate-wise trimmed mean.
 
-The stateful servers refuse bad updates through :func:`collab.updates.screen_updates` (the
+The stateful servers refuse bad updates through :func:`forest_perception.collab.updates.screen_updates` (the
 global model is then untouched by them and the round goes on) and expose ``state_dict()`` /
-``load_state_dict()`` with numpy arrays and JSON types only (see :mod:`collab.state`).
+``load_state_dict()`` with numpy arrays and JSON types only (see :mod:`forest_perception.collab.state`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,15 @@ from typing import Literal
 
 import numpy as np
 
-from collab.robust import clip_update_norm, trimmed_mean_params
-from collab.updates import ClientUpdate, NDArrays, Rejection, involvement, screen_updates, update_delta
+from forest_perception.collab.robust import clip_update_norm, trimmed_mean_params
+from forest_perception.collab.updates import (
+    ClientUpdate,
+    NDArrays,
+    Rejection,
+    involvement,
+    screen_updates,
+    update_delta,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ def _weighted_mean(deltas: Sequence[Sequence[np.ndarray]], weights: Sequence[flo
 def fedavg(global_params: Sequence[np.ndarray], updates: Sequence[ClientUpdate], server_lr: float = 1.0) -> NDArrays:
     """Sample-weighted FedAvg: ``global + server_lr * sum_i n_i d_i / sum_i n_i``.
 
-    ``updates`` should have passed :func:`collab.updates.validate_update`; with ``server_lr = 1``
+    ``updates`` should have passed :func:`forest_perception.collab.updates.validate_update`; with ``server_lr = 1``
     and ``weights`` updates this is the sample-weighted mean of the local models.
     """
     _check_updates_nonempty(updates, "fedavg")

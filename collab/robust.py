@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from collab.updates import NDArrays, params_norm
+from forest_perception.collab.updates import NDArrays, params_norm
 
 
 def clip_update_norm(delta: Sequence[np.ndarray], max_norm: float) -> tuple[NDArrays, float]:

@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from dataset_tools.layout import METADATA_FILE, Segment, load_depth, load_rgb, read_segment
+from forest_perception.dataset_tools.layout import METADATA_FILE, Segment, load_depth, load_rgb, read_segment
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
-    from collab.flower.task import LocalData, TaskConfig
+    from forest_perception.collab.flower.task import LocalData, TaskConfig
 
 DROP_FORMAT = "forest-global-model/1"
 DROP_PATTERN = re.compile(r"^global-r(\d+)\.(npz|pt)$")
@@ -243,7 +243,7 @@ def _read_npz(path: Path) -> GlobalModel:
 
 
 def _read_checkpoint(path: Path, server_round: int | None) -> GlobalModel:
-    from collab.flower.task import get_arrays
+    from forest_perception.collab.flower.task import get_arrays
     from forest_perception.inference import load_torch_checkpoint
 
     try:
@@ -349,7 +349,7 @@ class StoreSource:
         self.path = Path(db_path)
 
     def _open(self) -> Any:  # noqa: ANN401 - CoordinatorStore
-        from collab.flower.store import CoordinatorStore
+        from forest_perception.collab.flower.store import CoordinatorStore
 
         return CoordinatorStore(self.path, readonly=True)
 
@@ -572,9 +572,9 @@ def evaluate_engines(
     """AbsRel, delta1, RMSE (pixels pooled) of each depth engine on the held-out frames, in one pass over them.
 
     Engines predict at the frame's resolution (as depth_node runs them); NaN predictions count as
-    ``max_depth`` (``models.metrics``), ground truth outside ``(min_depth, max_depth]`` is ignored.
+    ``max_depth`` (``forest_perception.models.metrics``), ground truth outside ``(min_depth, max_depth]`` is ignored.
     """
-    from models.metrics import MetricAccumulator
+    from forest_perception.models.metrics import MetricAccumulator
 
     accumulators = {name: MetricAccumulator(min_depth, max_depth) for name in engines}
     frames = 0
@@ -595,7 +595,7 @@ def evaluate_engines(
 
 def build_network(model: GlobalModel, base: TaskConfig) -> tuple[Any, dict[str, Any], TaskConfig]:
     """``(torch module with the model's arrays, checkpoint-style meta, task config)``; ``ValueError`` if unusable."""
-    from collab.flower.task import build_model, set_arrays
+    from forest_perception.collab.flower.task import build_model, set_arrays
 
     config = model.task_config(base)
     network = build_model(config)
@@ -617,8 +617,8 @@ def build_network(model: GlobalModel, base: TaskConfig) -> tuple[Any, dict[str, 
 def export_candidate(
     model: GlobalModel, out_path: str | os.PathLike, base: TaskConfig, exporter: str = "dynamo"
 ) -> tuple[Path, TaskConfig]:
-    """Export ``model`` to ONNX (checked against PyTorch by :func:`models.export.export_onnx`)."""
-    from models.export import export_onnx
+    """Export ``model`` to ONNX (checked against PyTorch by :func:`forest_perception.models.export.export_onnx`)."""
+    from forest_perception.models.export import export_onnx
 
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {list(EXPORTERS)}, got {exporter!r}")
@@ -626,7 +626,7 @@ def export_candidate(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
         path = export_onnx((network, meta), out_path, input_hw=config.input_hw, exporter=exporter,
-                           export_command=f"collab.rover.export_candidate ({exporter})")
+                           export_command=f"forest_perception.collab.rover.export_candidate ({exporter})")
     return path, config
 
 
@@ -814,7 +814,7 @@ class ValidationGate:
 
     def _publish(self, onnx_path: Path, label: str, version: str, accepted: bool, card: dict,
                  decision: GateDecision) -> Path:
-        from models.export import write_model_card
+        from forest_perception.models.export import write_model_card
 
         write_model_card(onnx_path, _json_clean(card))
         suffix = version.rsplit("-", 1)[-1] if "-" in version else hashlib.sha256(version.encode()).hexdigest()[:12]
@@ -897,8 +897,8 @@ def build_local_data(
 
     Frames are spread evenly when a side has more than its limit (memory on a small board).
     """
-    from collab.flower.task import LocalData
-    from models.data import ForestDepthDataset
+    from forest_perception.collab.flower.task import LocalData
+    from forest_perception.models.data import ForestDepthDataset
 
     train = [s for s in train_segments if len(s) > 0]
     held = [s for s in holdout_segments if len(s) > 0]
@@ -921,7 +921,7 @@ def train_locally(
     base: GlobalModel, data: LocalData, config: TaskConfig, seed: int = 0, label: str = "local"
 ) -> LocalTraining:
     """One :func:`collab.flower.task.local_round` from ``base`` on the rover's frames; the trained model back."""
-    from collab.flower.task import local_round
+    from forest_perception.collab.flower.task import local_round
 
     task = base.task_config(config)
     update = local_round(base.names, base.arrays, data, task, scope="all", seed=seed)
@@ -936,7 +936,7 @@ def train_locally(
 
 def initial_model(config: TaskConfig) -> GlobalModel:
     """The network as the coordinator initialises it (round 0 of a run with the same seed)."""
-    from collab.flower.task import initial_arrays
+    from forest_perception.collab.flower.task import initial_arrays
 
     names, arrays = initial_arrays(config)
     return GlobalModel(0, names, arrays, {**task_meta(config), "command": "initial model"}, "initial")

@@ -1,7 +1,7 @@
 """Server state to bytes and back, for a SQLite BLOB column (no pickle).
 
 A state is nested dicts (str keys) and lists of numpy arrays, str, int, float, bool and
-None, as the ``state_dict()`` of :mod:`collab.algorithms` servers returns. :func:`pack_state`
+None, as the ``state_dict()`` of :mod:`forest_perception.collab.algorithms` servers returns. :func:`pack_state`
 writes it as an ``.npz`` archive: every array under its own key, plus the JSON skeleton
 with each array replaced by a reference. :func:`unpack_state` loads with
 ``allow_pickle=False``, so a tampered blob cannot run code.

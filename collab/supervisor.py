@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from collab.deploy.local import (
+from forest_perception.collab.deploy.local import (
     ManagedProcess,
     RoverNode,
     _proc_stat,
@@ -331,7 +331,7 @@ def supernode_argv(superlink_address: str, root_cert: str | Path, private_key: s
 
 def supernode_environment(home: str | Path, cache_dir: str | Path | None = None) -> dict[str, str]:
     """Environment of the SuperNode: as :class:`~collab.deploy.local.LocalDeployment` gives it (own ``FLWR_HOME``)."""
-    from collab.deploy.local import flower_process_environment
+    from forest_perception.collab.deploy.local import flower_process_environment
 
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)

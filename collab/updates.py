@@ -2,7 +2,7 @@
 
 A rover's contribution to a round is a :class:`ClientUpdate`: a list of numpy arrays
 (Flower's ``NDArrays``) that is either a *delta* ``d_i = local - global`` (the default,
-what every aggregator in :mod:`collab.algorithms` works on) or the full local *weights*
+what every aggregator in :mod:`forest_perception.collab.algorithms` works on) or the full local *weights*
 (converted to a delta against the global model the server passes in). For FedSubAvg an
 update may carry ``rows``: per tensor, which rows (entries of axis 0) the rover's data
 involve; such a tensor may then be uploaded compact, only the involved rows.

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from dataset_tools.layout import dataset_summary
+from forest_perception.dataset_tools.layout import dataset_summary
 
 
 def _parse_resolution(text: str) -> tuple[int, int]:
@@ -35,7 +35,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from dataset_tools.synth import SynthConfig, synthesize
+    from forest_perception.dataset_tools.synth import SynthConfig, synthesize
     from forest_perception.sim.world import WorldConfig
 
     config = SynthConfig(
@@ -78,7 +78,7 @@ def _parse_workers(text: str) -> int:
 
 
 def _add_curate(sub: argparse._SubParsersAction) -> None:
-    from dataset_tools.curate import CurateConfig
+    from forest_perception.dataset_tools.curate import CurateConfig
 
     d = CurateConfig()
     p = sub.add_parser(
@@ -117,7 +117,7 @@ def _add_curate(sub: argparse._SubParsersAction) -> None:
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from dataset_tools.curate import CurateConfig, curate
+    from forest_perception.dataset_tools.curate import CurateConfig, curate
 
     config = CurateConfig(
         count=args.count,
@@ -157,7 +157,7 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from dataset_tools.split import split_dataset, write_splits
+    from forest_perception.dataset_tools.split import split_dataset, write_splits
 
     result = split_dataset(args.root, by=args.by, fractions=args.fractions, seed=args.seed, cell_m=args.cell,
                            gap_m=args.gap)
@@ -168,7 +168,7 @@ def _split(args: argparse.Namespace) -> int:
 
 
 def _add_validate(sub: argparse._SubParsersAction) -> None:
-    from dataset_tools.validate import ValidateConfig
+    from forest_perception.dataset_tools.validate import ValidateConfig
 
     d = ValidateConfig()
     p = sub.add_parser("validate", help="check a dataset folder; list every problem with its file (exit 1 on errors)")
@@ -184,7 +184,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from dataset_tools.validate import ValidateConfig, validate_dataset
+    from forest_perception.dataset_tools.validate import ValidateConfig, validate_dataset
 
     config = ValidateConfig(
         max_depth_m=args.max_depth, max_far_fraction=args.max_far_fraction, decode=not args.quick,
@@ -212,7 +212,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from dataset_tools.report import build_report
+    from forest_perception.dataset_tools.report import build_report
 
     path = build_report(
         args.root, args.out, curation=args.curation, splits=args.splits, examples=args.examples,
@@ -243,7 +243,7 @@ def _add_bags(sub: argparse._SubParsersAction) -> None:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from dataset_tools.extract import ExtractConfig, extract_bag
+    from forest_perception.dataset_tools.extract import ExtractConfig, extract_bag
     from forest_perception.sync import SyncConfig
 
     sync = SyncConfig(queue_size=args.queue_size, slop_s=args.slop, gps_tolerance_s=args.gps_tolerance)
@@ -257,14 +257,14 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _repair(args: argparse.Namespace) -> int:
-    from dataset_tools.bags import repair_bag
+    from forest_perception.dataset_tools.bags import repair_bag
 
     print(repair_bag(args.bag).summary())
     return 0
 
 
 def _bag_info(args: argparse.Namespace) -> int:
-    from dataset_tools.bags import bag_info
+    from forest_perception.dataset_tools.bags import bag_info
 
     info = bag_info(args.bag)
     print(info.summary())
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "repair": _repair,
         "bag-info": _bag_info,
     }
-    from dataset_tools.bags import BagError
+    from forest_perception.dataset_tools.bags import BagError
 
     try:
         return handlers[args.command](args)

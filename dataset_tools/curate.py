@@ -2,7 +2,7 @@
 
 The low-viewpoint forest dataset kept ~9,700 of >100k recorded pairs, chosen for sharpness and
 variety; this module does that selection for any dataset in the ``Run-N/<segment>/`` layout
-(``dataset_tools.layout``). Five steps, every one deterministic for a seed:
+(``forest_perception.dataset_tools.layout``). Five steps, every one deterministic for a seed:
 
 1. **Score** every frame (one thread per core; PNG decoding dominates, and releases the GIL): variance
    of the Laplacian and Tenengrad (mean squared Sobel gradient) of the grayscale image, and a
@@ -58,7 +58,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataset_tools.layout import (
+from forest_perception.dataset_tools.layout import (
     DEPTH_DIR,
     METADATA_FILE,
     RGB_DIR,

@@ -1,11 +1,11 @@
 """Bag -> frames: a recorded rover bag into the low-viewpoint forest dataset layout.
 
 :func:`extract_bag` reads a rosbag2 bag (ours from ``capture_node``, or one written by
-``ros2 bag record``; MCAP or sqlite3) with :func:`dataset_tools.bags.read_bag`, runs the rover's
+``ros2 bag record``; MCAP or sqlite3) with :func:`forest_perception.dataset_tools.bags.read_bag`, runs the rover's
 streams through the same :class:`forest_perception.sync.SensorSync` that ``sensor_sync_node``
 uses on the rover (colour, depth and camera_info matched by approximate time, IMU and wheel
 encoders interpolated to the colour stamp, the latest GPS fix within a tolerance) and writes
-every synchronised frame with :class:`dataset_tools.layout.SegmentWriter` (plus the frame scores
+every synchronised frame with :class:`forest_perception.dataset_tools.layout.SegmentWriter` (plus the frame scores
 ``forest-dataset curate`` needs, in ``frame_scores.npz``, so curation decodes no PNG)::
 
     <out>/Run-<N>/<a, b, ...>/{rgb_image/, depth_image/, metadata.csv}
@@ -29,12 +29,19 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset_tools.bags import BagError, bag_info, read_bag
-from dataset_tools.curate import frame_scores, write_score_cache
-from dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter, frame_stem, run_dir_name, segment_name
 from forest_perception import msgs
+from forest_perception.dataset_tools.bags import BagError, bag_info, read_bag
+from forest_perception.dataset_tools.curate import frame_scores, write_score_cache
+from forest_perception.dataset_tools.layout import (
+    FrameRecord,
+    ImuSample,
+    SegmentWriter,
+    frame_stem,
+    run_dir_name,
+    segment_name,
+)
+from forest_perception.frames import WHEEL_JOINTS
 from forest_perception.inference import SUPPORTED_ENCODINGS, convert_image_encoding
-from forest_perception.sim.robot import WHEEL_JOINTS
 from forest_perception.sync import (
     TOPICS,
     SensorSync,

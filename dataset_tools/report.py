@@ -36,7 +36,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataset_tools.curate import (
+from forest_perception.dataset_tools.curate import (
     CURATION_CSV,
     CURATION_JSON,
     local_enu,
@@ -44,8 +44,8 @@ from dataset_tools.curate import (
     reasons_count,
     sharpness,
 )
-from dataset_tools.layout import Segment, iter_segments, load_depth, load_rgb
-from dataset_tools.split import SPLIT_NAMES, SPLITS_JSON, read_split_file, segment_key
+from forest_perception.dataset_tools.layout import Segment, iter_segments, load_depth, load_rgb
+from forest_perception.dataset_tools.split import SPLIT_NAMES, SPLITS_JSON, read_split_file, segment_key
 
 REPORT_HTML = "report.html"
 

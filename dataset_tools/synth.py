@@ -17,8 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset_tools.layout import FrameRecord, GpsFix, ImuSample, SegmentWriter, WheelEncoders, frame_stem, segment_name
-from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.dataset_tools.layout import (
+    FrameRecord,
+    GpsFix,
+    ImuSample,
+    SegmentWriter,
+    WheelEncoders,
+    frame_stem,
+    segment_name,
+)
+from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.simulator import ForestSimulator, RoverConfig, SimConfig
 from forest_perception.sim.weather import get_weather
 from forest_perception.sim.world import ForestWorld, WorldConfig, generate_world

@@ -4,7 +4,7 @@
 (severity, path, message) records instead of stopping at the first one:
 
 - ``metadata.csv``: present, a file-name column plus the required timestamp and IMU gyro /
-  accelerometer columns (same column matching as ``dataset_tools.layout``), cells that parse
+  accelerometer columns (same column matching as ``forest_perception.dataset_tools.layout``), cells that parse
   as numbers, latitude within [-90, 90] and longitude within [-180, 180] (both or neither),
   quaternion norm within ``quaternion_tolerance`` of 1 (all four cells or none), stems that
   are plain file names and unique, timestamps strictly increasing. GPS, encoder and
@@ -37,8 +37,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from dataset_tools.curate import CURATION_CSV, CURATION_JSON, SCORES_FILE, parallel_map, png_info
-from dataset_tools.layout import (
+from forest_perception.dataset_tools.curate import CURATION_CSV, CURATION_JSON, SCORES_FILE, parallel_map, png_info
+from forest_perception.dataset_tools.layout import (
     ANGULAR_VELOCITY_COLUMNS,
     DEPTH_DIR,
     DEPTH_SCALE_MM_PER_M,

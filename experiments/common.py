@@ -1,6 +1,6 @@
 """Shared pieces of the experiments: held-out frames, the federated round loop, scoring, summaries and output.
 
-Every federated run here is the real coordinator (:func:`collab.flower.server_app.build_coordinator`,
+Every federated run here is the real coordinator (:func:`forest_perception.collab.flower.server_app.build_coordinator`,
 its strategy and SQLite store) talking to ClientApps through :class:`collab.flower.simulation.LocalGrid`
 (in process, no Ray, no network): the same messages, screening and aggregation as a Ray or
 deployed run, at a fraction of the cost on two cores. Rovers train one after the other, so a
@@ -8,7 +8,7 @@ round's wall time here is the coordinator plus the sum of the rovers' training, 
 parallel time of a real swarm (``bench/bench_federated.py`` gives the Ray figures).
 
 Held-out frames are rendered by the same procedural ray caster as the rovers' own data
-(:func:`collab.flower.simulation.render_procedural_frame`) from the rover's forest and
+(:func:`forest_perception.collab.flower.simulation.render_procedural_frame`) from the rover's forest and
 weather, but from poses drawn from another random stream, so no held-out frame is a
 training frame; :func:`unseen_frames` renders forests no rover has seen.
 """
@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from flwr.clientapp import ClientApp
 
-from collab.flower.server_app import Coordinator, build_coordinator
-from collab.flower.simulation import (
+from forest_perception.collab.flower.server_app import Coordinator, build_coordinator
+from forest_perception.collab.flower.simulation import (
     LocalGrid,
     Population,
     ProceduralForest,
@@ -42,9 +42,9 @@ from collab.flower.simulation import (
     ensure_rover_data,
     render_procedural_frame,
 )
-from collab.flower.store import RoundRecord
-from collab.flower.strategies import RoverStrategy
-from collab.flower.task import TaskConfig, build_model, merge_run_config, set_arrays
+from forest_perception.collab.flower.store import RoundRecord
+from forest_perception.collab.flower.strategies import RoverStrategy
+from forest_perception.collab.flower.task import TaskConfig, build_model, merge_run_config, set_arrays
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 """Where ``run_all`` and the scripts write by default."""
@@ -59,7 +59,7 @@ EXPERIMENT_RUN_CONFIG: dict[str, Any] = {
     "fraction-evaluate": 0.0,
     "evaluate-every": 0,
 }
-"""Run config shared by every experiment (on top of :data:`collab.flower.task.DEFAULT_RUN_CONFIG`)."""
+"""Run config shared by every experiment (on top of :data:`forest_perception.collab.flower.task.DEFAULT_RUN_CONFIG`)."""
 
 HELD_OUT_STREAM = 101
 """Random stream of held-out poses (the rovers' own frames use stream 1)."""
@@ -67,7 +67,7 @@ HELD_OUT_STREAM = 101
 
 def quiet_logs() -> None:
     """Keep the coordinator's per-round INFO lines and Flower's chatter out of the experiment output."""
-    for name in ("collab", "flwr"):
+    for name in ("forest_perception.collab", "flwr"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -78,7 +78,7 @@ def frames_to_tensors(
     rgb: Sequence[np.ndarray], depth: Sequence[np.ndarray], min_depth: float = 0.1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rendered frames as network inputs and targets, exactly as :class:`models.data.ForestDepthDataset` makes them."""
-    from models.data import image_normalisation
+    from forest_perception.models.data import image_normalisation
 
     if len(rgb) == 0 or len(rgb) != len(depth):
         raise ValueError(f"need as many RGB as depth frames, at least one; got {len(rgb)} and {len(depth)}")
@@ -204,12 +204,12 @@ def score_predictions(
 ) -> dict[str, float]:
     """``<group>/<metric>`` (loss, absrel, delta1, rmse) of predictions for every frame of ``held``.
 
-    Metrics pool the pixels of a group (:class:`models.metrics.MetricAccumulator`); the loss is
-    the task's loss (:class:`models.losses.DepthLoss`, silog + smoothness; ``variance_focus`` 0.85
+    Metrics pool the pixels of a group (:class:`forest_perception.models.metrics.MetricAccumulator`); the loss is
+    the task's loss (:class:`forest_perception.models.losses.DepthLoss`, silog + smoothness; ``variance_focus`` 0.85
     as in ``collab.flower.task``, 0 makes silog the fully scale-sensitive log RMSE x 10) averaged over frames.
     """
-    from models.losses import DepthLoss
-    from models.metrics import MetricAccumulator
+    from forest_perception.models.losses import DepthLoss
+    from forest_perception.models.metrics import MetricAccumulator
 
     if pred.shape != held.depth.shape:
         raise ValueError(f"predictions of shape {tuple(pred.shape)} for held-out depth {tuple(held.depth.shape)}")
@@ -276,14 +276,14 @@ def build_coordinator_from(
 ) -> Coordinator:
     """The real coordinator of ``config`` (strategy, store, population availability) from given initial arrays.
 
-    :func:`collab.flower.server_app.build_coordinator` starts from the task's freshly initialised
+    :func:`forest_perception.collab.flower.server_app.build_coordinator` starts from the task's freshly initialised
     network; this starts from ``initial`` (a pretrained network, or another model's tensors,
     then named ``model`` in the store's identity).
     """
-    from collab.flower.server_app import ServerSettings, run_identity
-    from collab.flower.simulation import load_population
-    from collab.flower.store import CoordinatorStore
-    from collab.flower.strategies import build_strategy
+    from forest_perception.collab.flower.server_app import ServerSettings, run_identity
+    from forest_perception.collab.flower.simulation import load_population
+    from forest_perception.collab.flower.store import CoordinatorStore
+    from forest_perception.collab.flower.strategies import build_strategy
 
     settings = ServerSettings.from_run_config(config)
     availability = load_population(settings.population).is_available if settings.population else None
@@ -301,7 +301,7 @@ def pretrain_network(task: TaskConfig, seed: int, forests: int, frames: int, epo
     Stands in for the depth model a swarm already runs when federated learning starts (the
     model cards' network), for the experiments that start from a trained network.
     """
-    from collab.flower.task import LocalData, train_local
+    from forest_perception.collab.flower.task import LocalData, train_local
 
     weathers = ("sunny", "overcast", "dusk", "fog", "rain")
     images, depth = unseen_frames(seed + 7_919, forests, frames, task.input_hw, weathers)
@@ -349,7 +349,7 @@ def run_federated(
     """Run every round of the run config through the real coordinator and ``client_app`` on a :class:`LocalGrid`.
 
     ``coordinator`` defaults to :func:`build_coordinator(config) <collab.flower.server_app.build_coordinator>`
-    (model from ``collab.flower.task``). One row per round: ``round``, ``wall_s`` (the coordinator's
+    (model from ``forest_perception.collab.flower.task``). One row per round: ``round``, ``wall_s`` (the coordinator's
     round, rovers training one after the other), :func:`round_costs`, and whatever ``on_round`` adds.
     With ``score_initial`` a first row ``round = 0`` holds ``on_round(strategy, 0)`` for the initial model.
     """

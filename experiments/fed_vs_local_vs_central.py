@@ -7,7 +7,7 @@ its own few recordings.
 Forest version: ``num_rovers`` rovers, each with its own forest and light (procedural data,
 ``frames_per_rover`` frames split by segment into train and local validation). Three ways to
 train the same network from the same initial weights, with the same local training
-(:func:`collab.flower.task.train_local`: AdamW, batch size, ``local_epochs`` per round):
+(:func:`forest_perception.collab.flower.task.train_local`: AdamW, batch size, ``local_epochs`` per round):
 
 - **federated**: FedAvg through the real coordinator and rover ClientApps, every rover every round;
 - **local**: each rover trains alone on its training frames, ``local_epochs`` per round-equivalent;
@@ -37,10 +37,6 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import torch  # noqa: E402
 
-from collab.flower.client_app import make_client_app  # noqa: E402
-from collab.flower.simulation import make_population  # noqa: E402
-from collab.flower.strategies import RoverStrategy  # noqa: E402
-from collab.flower.task import LocalData, TaskConfig, build_model, get_arrays, load_local_data, train_local  # noqa: E402
 from experiments.common import (  # noqa: E402
     HeldOut,
     ModelScorer,
@@ -62,6 +58,17 @@ from experiments.common import (  # noqa: E402
     write_csv,
     write_json,
     write_population_data,
+)
+from forest_perception.collab.flower.client_app import make_client_app  # noqa: E402
+from forest_perception.collab.flower.simulation import make_population  # noqa: E402
+from forest_perception.collab.flower.strategies import RoverStrategy  # noqa: E402
+from forest_perception.collab.flower.task import (  # noqa: E402
+    LocalData,
+    TaskConfig,
+    build_model,
+    get_arrays,
+    load_local_data,
+    train_local,
 )
 
 NAME = "fed_vs_local_vs_central"

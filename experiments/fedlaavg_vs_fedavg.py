@@ -29,10 +29,6 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import numpy as np  # noqa: E402
 
-from collab.flower.client_app import make_client_app  # noqa: E402
-from collab.flower.simulation import Population, VirtualRover  # noqa: E402
-from collab.flower.strategies import RoverStrategy  # noqa: E402
-from collab.flower.task import TaskConfig  # noqa: E402
 from experiments.common import (  # noqa: E402
     HeldOut,
     ModelScorer,
@@ -54,6 +50,10 @@ from experiments.common import (  # noqa: E402
     write_json,
     write_population_data,
 )
+from forest_perception.collab.flower.client_app import make_client_app  # noqa: E402
+from forest_perception.collab.flower.simulation import Population, VirtualRover  # noqa: E402
+from forest_perception.collab.flower.strategies import RoverStrategy  # noqa: E402
+from forest_perception.collab.flower.task import TaskConfig  # noqa: E402
 
 NAME = "fedlaavg_vs_fedavg"
 CLAIM = ("FedLaAvg beats FedAvg under intermittent client availability (paper: +4.23 points of test accuracy "

@@ -8,7 +8,7 @@ row over the clients that involve it and reaches a target loss in fewer rounds.
 Forest version. The swarm works in ``num_places`` places (forest plots). The ground cover
 differs by place, so the camera sits 0.12-0.36 m above the surface the depth camera sees
 (log-uniform): a per-place depth scale that a 64x80 image barely reveals. The model is the
-federated auto-encoder of ``collab.flower.task`` times a learned per-place scale,
+federated auto-encoder of ``forest_perception.collab.flower.task`` times a learned per-place scale,
 ``depth = net(image) * exp(place_log_scale[place])`` (:class:`PlaceScaledDepth`): an
 embedding table of one row per place. Each rover visits ``places_per_rover`` places, drawn
 with Zipf popularity (a few hot places, many cold ones). Rovers upload the place table
@@ -16,7 +16,7 @@ compact, only the rows of their places (``rows``), as the FedSubAvg strategy exp
 dense rest of the network is averaged the same way by both algorithms.
 
 The ClientApp here is this module's (:func:`make_place_client_app`: the model takes the place
-id as a second input, which ``collab.flower.task`` does not have); the coordinator, strategies,
+id as a second input, which ``forest_perception.collab.flower.task`` does not have); the coordinator, strategies,
 screening and store are the real ones. Metric: held-out loss and AbsRel over every place a
 rover visits (new poses), after every round; rounds to reach a target loss.
 
@@ -44,19 +44,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  #
 from flwr.clientapp import ClientApp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from collab.flower.server_app import Coordinator  # noqa: E402
-from collab.flower.strategies import (  # noqa: E402
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    META_KEY,
-    METRICS_KEY,
-    ROWS_KEY,
-    UPDATE_KEY,
-    RoverStrategy,
-    arrays_to_record,
-    record_to_arrays,
-)
-from collab.flower.task import TaskConfig, build_model, get_arrays, set_arrays  # noqa: E402
 from experiments.common import (  # noqa: E402
     HELD_OUT_STREAM,
     HeldOut,
@@ -83,6 +70,19 @@ from experiments.common import (  # noqa: E402
     write_csv,
     write_json,
 )
+from forest_perception.collab.flower.server_app import Coordinator  # noqa: E402
+from forest_perception.collab.flower.strategies import (  # noqa: E402
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    META_KEY,
+    METRICS_KEY,
+    ROWS_KEY,
+    UPDATE_KEY,
+    RoverStrategy,
+    arrays_to_record,
+    record_to_arrays,
+)
+from forest_perception.collab.flower.task import TaskConfig, build_model, get_arrays, set_arrays  # noqa: E402
 
 NAME = "fedsubavg_sparse"
 CLAIM = ("FedSubAvg reaches a target loss in fewer rounds than FedAvg when clients involve few rows of a sparse "
@@ -200,7 +200,7 @@ def make_rovers(
 
 def place_loss(task: TaskConfig, variance_focus: float) -> nn.Module:
     """The task's loss (silog + smoothness) with the given silog ``variance_focus`` (0: scale-sensitive)."""
-    from models.losses import DepthLoss
+    from forest_perception.models.losses import DepthLoss
 
     return DepthLoss(silog=1.0, smooth=0.001, min_depth=task.min_depth, max_depth=task.max_depth,
                      variance_focus=variance_focus)

@@ -64,9 +64,9 @@ def drive_over_ros(
     depth_node = None
     live = None
     if model_path is not None:
+        from forest_perception.models.metrics import MetricAccumulator
         from forest_perception.msgs import array_from_image
         from forest_perception.nodes.depth_node import DepthNode
-        from models.metrics import MetricAccumulator
 
         depth_node = DepthNode(namespace="rover_0", parameter_overrides=[Parameter("model_path", value=model_path)])
         live = MetricAccumulator(min_depth=0.1, max_depth=10.0)
@@ -181,9 +181,21 @@ def federated_swarm(out: Path, rovers: int = 3, rounds: int = 4, frames: int = 2
     simulation; the global depth model's accuracy on a held-out forest before and after."""
     import torch
 
-    from collab.flower.simulation import SimulationSpec, ensure_rover_data, make_population, run_simulation
-    from collab.flower.store import CoordinatorStore
-    from collab.flower.task import TaskConfig, build_model, evaluate, load_local_data, merge_run_config, set_arrays
+    from forest_perception.collab.flower.simulation import (
+        SimulationSpec,
+        ensure_rover_data,
+        make_population,
+        run_simulation,
+    )
+    from forest_perception.collab.flower.store import CoordinatorStore
+    from forest_perception.collab.flower.task import (
+        TaskConfig,
+        build_model,
+        evaluate,
+        load_local_data,
+        merge_run_config,
+        set_arrays,
+    )
 
     run_config = {"num-server-rounds": rounds, "algorithm": "fedavg", "base-channels": 8, "local-epochs": 2,
                   "lr": 0.003, "input-height": 64, "input-width": 80, "fraction-evaluate": 1.0}
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--drive-seconds", type=float, default=20.0, help="wall seconds of ROS driving")
     parser.add_argument("--frames", type=int, default=24, help="frames per dataset segment")
-    parser.add_argument("--model", default="multiscale_320x240.onnx", help="shipped depth model in models/")
+    parser.add_argument("--model", default="multiscale_320x240.onnx", help="shipped depth model (models/weights)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -224,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         f"DDS profile {env['FASTDDS_DEFAULT_PROFILES_FILE']}"
     )
 
-    from dataset_tools.layout import dataset_summary, load_frame, read_segment
-    from dataset_tools.synth import SynthConfig, synthesize
+    from forest_perception.dataset_tools.layout import dataset_summary, load_frame, read_segment
+    from forest_perception.dataset_tools.synth import SynthConfig, synthesize
+    from forest_perception.models.weights import shipped_model
     from forest_perception.sim.gazebo import export_gazebo
     from forest_perception.sim.preview import contact_sheet, save_rgb, world_map
     from forest_perception.sim.world import generate_world
@@ -239,14 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         f"2. sim_node + depth_node + sensor_sync_node + capture_node: one rover exploring for "
         f"{args.drive_seconds:.0f} s over ROS 2 (loopback), recorded to a bag"
     )
-    model = Path(__file__).resolve().parent.parent / "models" / args.model
-    if not model.is_file():
-        print(f"  (no shipped model at {model}: depth_node is left out)")
+    model = shipped_model(args.model)
     bag_dir = out / "bags" / "rover_0_drive"
     for stale in (out / "bags", out / "recorded", out / "curated"):
         shutil.rmtree(stale, ignore_errors=True)  # a demo run starts from scratch
     result = drive_over_ros(
-        args.seed, args.drive_seconds, "sunny", str(model) if model.is_file() else None, bag_dir=bag_dir
+        args.seed, args.drive_seconds, "sunny", str(model), bag_dir=bag_dir
     )
     print(
         f"  simulated {result['sim_s']:.1f} s in {result['wall_s']:.1f} s wall "
@@ -283,12 +294,12 @@ def main(argv: list[str] | None = None) -> int:
               f"in {len(c.files)} file(s) -> {bag_dir}")
 
     _banner("3. The recorded bag -> extracted, curated, split, validated dataset with a report")
-    from dataset_tools.bags import bag_info
-    from dataset_tools.curate import CurateConfig, curate
-    from dataset_tools.extract import ExtractConfig, extract_bag
-    from dataset_tools.report import build_report
-    from dataset_tools.split import split_dataset, write_splits
-    from dataset_tools.validate import validate_dataset
+    from forest_perception.dataset_tools.bags import bag_info
+    from forest_perception.dataset_tools.curate import CurateConfig, curate
+    from forest_perception.dataset_tools.extract import ExtractConfig, extract_bag
+    from forest_perception.dataset_tools.report import build_report
+    from forest_perception.dataset_tools.split import split_dataset, write_splits
+    from forest_perception.dataset_tools.validate import validate_dataset
 
     info = bag_info(bag_dir)
     print(f"  bag: {len(info.files)} MCAP file(s), {info.message_count} messages, {info.duration_ns / 1e9:.1f} s, "

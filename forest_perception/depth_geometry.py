@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.frames import CameraIntrinsics
 
 _open3d = None  # module once imported; False when it is not importable
 

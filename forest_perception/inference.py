@@ -359,7 +359,7 @@ def load_torch_checkpoint(path: str | Path) -> tuple[Any, dict[str, Any]]:
     kwargs = dict(meta.get("model_kwargs") or {})
     kwargs.pop("input_hw", None)
     try:
-        from models.networks import build_model
+        from forest_perception.models.networks import build_model
 
         model = build_model(str(meta["model_name"]), input_hw=input_hw, **kwargs)
         model.load_state_dict(checkpoint[state_key])

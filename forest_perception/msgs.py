@@ -26,7 +26,7 @@ from sensor_msgs.msg import (
     PointField,
 )
 
-from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.frames import CameraIntrinsics
 
 _ENCODINGS = {
     "rgb8": (np.uint8, 3),

@@ -11,7 +11,7 @@ Crash safety: messages go into MCAP chunks of at most ``chunk_bytes`` (or ``flus
 recording) that reach the kernel as soon as they close (the file is unbuffered), so a process
 killed with SIGKILL loses at most the chunk being filled. Each finished split gets its summary and
 footer and is fsynced, and only then is ``metadata.yaml`` rewritten (tmp file + rename) to list it.
-A split cut short is recovered by :func:`dataset_tools.bags.repair_bag`.
+A split cut short is recovered by :func:`forest_perception.dataset_tools.bags.repair_bag`.
 
 Throughput: :meth:`BagRecorder.write` never blocks: it appends to a queue bounded in bytes that one
 writer thread drains; when the queue is full the message is dropped and counted for its topic.

@@ -8,22 +8,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+from forest_perception.share import share_path
 
 
 def fastdds_profile_path() -> Path:
-    """The loopback Fast DDS profile, from the source tree or the installed share folder."""
-    candidates = [PACKAGE_ROOT / "config" / "fastdds_loopback.xml"]
-    try:  # installed with colcon: share/forest_perception/config
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.append(Path(get_package_share_directory("forest_perception")) / "config" / "fastdds_loopback.xml")
-    except Exception:  # noqa: BLE001 - ament index missing or package not installed there
-        pass
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"fastdds_loopback.xml not found in {', '.join(map(str, candidates))}")
+    """The loopback Fast DDS profile (``config/fastdds_loopback.xml``), from the source tree or an install."""
+    return share_path("config", "fastdds_loopback.xml")
 
 
 def loopback_environment(domain_id: int, log_dir: Path | str | None = None) -> dict[str, str]:

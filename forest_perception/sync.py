@@ -1,9 +1,9 @@
 """Sensor synchronisation core: camera sets, IMU/wheel interpolation, GPS freshness, fused odometry, ENU.
 
-Pure core (numpy, pymap3d via :mod:`forest_perception.sim.geo`, the standard library; never
+Pure core (numpy, pymap3d via :mod:`forest_perception.geo`, the standard library; never
 rclpy), used online by ``sensor_sync_node`` and offline by the bag extractor, which feeds it
 messages in log-time order. Everything takes plain values: integer nanosecond stamps, the
-``ImuSample`` / ``GpsFix`` / ``WheelEncoders`` records of :mod:`dataset_tools.layout` and
+``ImuSample`` / ``GpsFix`` / ``WheelEncoders`` records of :mod:`forest_perception.dataset_tools.layout` and
 opaque camera items (ROS messages, arrays, file names: the core never looks inside them).
 
 * :class:`ApproximateTimeSynchronizer`: the policy of the Python ``message_filters``
@@ -39,8 +39,8 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 
-from dataset_tools.layout import GpsFix, ImuSample, WheelEncoders
-from forest_perception.sim.geo import enu_to_geodetic, geodetic_to_enu, validate_lat_lon, wrap_angle
+from forest_perception.geo import enu_to_geodetic, geodetic_to_enu, validate_lat_lon, wrap_angle
+from forest_perception.readings import GpsFix, ImuSample, WheelEncoders
 
 __all__ = [
     "KINDS",
@@ -859,7 +859,7 @@ class SensorSync:
     def _validate(self, kind: str, value: Any, covariance: Sequence[float] | None) -> Any:
         if kind == "imu":
             if not isinstance(value, ImuSample):
-                raise ValueError(f"imu value must be a dataset_tools.layout.ImuSample, got {type(value).__name__}")
+                raise ValueError(f"imu value must be a readings.ImuSample, got {type(value).__name__}")
             _finite("imu angular_velocity", value.angular_velocity)
             _finite("imu linear_acceleration", value.linear_acceleration)
             if value.orientation is not None:
@@ -869,14 +869,14 @@ class SensorSync:
         elif kind == "joints":
             if not isinstance(value, WheelEncoders):
                 raise ValueError(
-                    f"joints value must be a dataset_tools.layout.WheelEncoders, got {type(value).__name__}"
+                    f"joints value must be a forest_perception.readings.WheelEncoders, got {type(value).__name__}"
                 )
             if value.left_position is None or value.right_position is None:
                 raise ValueError(f"joints need left and right wheel positions, got {value}")
             _finite("joints", (value.left_position, value.right_position, value.left_velocity, value.right_velocity))
         elif kind == "gps":
             if not isinstance(value, GpsFix):
-                raise ValueError(f"gps value must be a dataset_tools.layout.GpsFix, got {type(value).__name__}")
+                raise ValueError(f"gps value must be a forest_perception.readings.GpsFix, got {type(value).__name__}")
             if covariance is not None:
                 cov = tuple(float(v) for v in np.ravel(np.asarray(covariance, dtype=np.float64)))
                 if len(cov) != 9 or not all(math.isfinite(v) for v in cov):

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.trainer import SCHEDULERS, TrainOptions
+from forest_perception.models.trainer import SCHEDULERS, TrainOptions
 
 PROG = "forest-train"
 EXIT_USAGE = 2
@@ -120,7 +120,7 @@ def _check_dirs(paths: Sequence[str], what: str) -> None:
 
 
 def _train(args: argparse.Namespace, command: str) -> int:
-    from models.trainer import Trainer
+    from forest_perception.models.trainer import Trainer
 
     _check_dirs(args.data, "training data")
     _check_dirs(args.val, "validation data")
@@ -148,7 +148,7 @@ def _train(args: argparse.Namespace, command: str) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from models.evaluate import evaluate
+    from forest_perception.models.evaluate import evaluate
 
     if not Path(args.checkpoint).is_file():
         raise _InputError(f"checkpoint {args.checkpoint} does not exist")

@@ -1,7 +1,7 @@
 """Torch dataset of RGB/depth pairs in the forest dataset layout, with train-time augmentation.
 
 Reads our synthetic recordings and the real low-viewpoint forest dataset alike through
-``dataset_tools.layout`` (only the RGB and depth images are used, so segments without
+``forest_perception.dataset_tools.layout`` (only the RGB and depth images are used, so segments without
 GPS or encoder columns are fine). Every sample is resized to the network input:
 RGB with ``INTER_AREA``, depth with nearest neighbour so no depth value is ever
 interpolated across an invalid pixel or an object edge.
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dataset_tools.layout import Segment, iter_segments, load_depth, load_rgb, read_segment
+from forest_perception.dataset_tools.layout import Segment, iter_segments, load_depth, load_rgb, read_segment
 
 # ImageNet statistics; overridden by models.transforms / models.networks when they define them.
 _DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -37,7 +37,7 @@ MIN_DEPTH_M = 0.1
 
 def image_normalisation() -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """(mean, std) per RGB channel of images scaled to [0, 1], as the networks expect."""
-    for module_name in ("models.transforms", "models.networks"):
+    for module_name in ("forest_perception.models.transforms", "forest_perception.models.networks"):
         try:
             module = __import__(module_name, fromlist=["IMAGE_MEAN", "IMAGE_STD"])
         except ImportError:

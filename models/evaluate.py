@@ -2,7 +2,7 @@
 
 ``evaluate(checkpoint_or_model, data)`` runs the model over every frame of the given
 roots/segments at the model's input size, accumulates the standard depth metrics
-(``models.metrics``) per segment and overall, prints the table and, with ``out``, writes
+(``forest_perception.models.metrics``) per segment and overall, prints the table and, with ``out``, writes
 ``metrics.json``, ``metrics.csv`` and example pictures ``RGB | GT depth | predicted depth |
 abs error`` (colourised; invalid ground truth black) to that folder.
 """
@@ -23,9 +23,9 @@ from torch.nn import functional
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from forest_perception.models.data import MIN_DEPTH_M, ForestDepthDataset, denormalise_image
+from forest_perception.models.trainer import load_checkpoint, resolve_device
 from forest_perception.sim.preview import colorize_depth
-from models.data import MIN_DEPTH_M, ForestDepthDataset, denormalise_image
-from models.trainer import load_checkpoint, resolve_device
 
 OVERALL = "all"
 
@@ -67,7 +67,7 @@ def example_picture(
 
 
 def _accumulator(min_depth: float, max_depth: float) -> object:
-    from models.metrics import MetricAccumulator
+    from forest_perception.models.metrics import MetricAccumulator
 
     return MetricAccumulator(min_depth=min_depth, max_depth=max_depth)
 
@@ -92,7 +92,7 @@ def evaluate(
     bare model). Returns ``{"metrics": overall, "per_segment": {id: metrics}, "frames": n,
     "table": text, "examples": [paths]}``.
     """
-    from models.metrics import format_metric_table
+    from forest_perception.models.metrics import format_metric_table
 
     torch_device = resolve_device(device)
     if isinstance(model, (str, os.PathLike)):

@@ -350,7 +350,7 @@ def _fallback_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 def _depth_metrics(preds: list[np.ndarray], depths: list[np.ndarray]) -> dict[str, float]:
     """Mean over frames of ``models.metrics.depth_metrics`` (or absrel/rmse/delta1 if it is not there)."""
     try:
-        from models.metrics import depth_metrics
+        from forest_perception.models.metrics import depth_metrics
     except ImportError:
         depth_metrics = None
     per_frame: list[dict[str, float]] = []

@@ -50,7 +50,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace, command: str) -> int:
     """Do the export described by parsed ``args``; returns the exit status."""
-    from models.export import (
+    from forest_perception.models.export import (
         compare_int8,
         export_onnx,
         iter_calibration_images,
@@ -94,7 +94,7 @@ def _model_info(checkpoint: str) -> dict[str, object]:
     model, meta = load_torch_checkpoint(checkpoint)
     info: dict[str, object] = {}
     try:
-        from models.networks import count_flops, count_parameters
+        from forest_perception.models.networks import count_flops, count_parameters
 
         info["params"] = count_parameters(model)
         info["flops"] = count_flops(model, meta["input_hw"])
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: ``export --checkpoint PATH --out PATH [--int8 --calib DIR]``; 2 on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = shlex.join(["forest-train", *argv])
-    from models.export import ExportVerificationError
+    from forest_perception.models.export import ExportVerificationError
 
     try:
         args = build_parser().parse_args(argv)

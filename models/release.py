@@ -1,6 +1,6 @@
 """Turn a trained checkpoint into shipped weights: ONNX (+ int8 when worth it), held-out metrics, model card.
 
-python -m models.release --checkpoint runs/ms/checkpoints/best.pt --name multiscale_240x320 \
+python -m forest_perception.models.release --checkpoint runs/ms/checkpoints/best.pt --name multiscale_240x320 \
     --test /work/data/forest_test --calib /work/data/forest_train/Run-11 --out models/ \
     --train-command "forest-train train ..." --data-command "forest-dataset synth ..."
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset_tools.layout import iter_segments, load_frame
+from forest_perception.dataset_tools.layout import iter_segments, load_frame
 from forest_perception.inference import OnnxDepthEngine
-from models.metrics import MetricAccumulator, format_metric_table
+from forest_perception.models.metrics import MetricAccumulator, format_metric_table
 
 
 def held_out_frames(root: str | Path, limit: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -55,8 +55,14 @@ def evaluate_engine(
 
 def main(argv: list[str] | None = None) -> int:
     """Export, quantise, evaluate and write the model card; prints the metric table."""
-    from models.export import export_onnx, iter_calibration_images, keep_int8, quantize_int8, write_model_card
-    from models.export_cli import _model_info
+    from forest_perception.models.export import (
+        export_onnx,
+        iter_calibration_images,
+        keep_int8,
+        quantize_int8,
+        write_model_card,
+    )
+    from forest_perception.models.export_cli import _model_info
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     onnx_path = out / f"{args.name}.onnx"
     t0 = time.perf_counter()
-    export_onnx(args.checkpoint, onnx_path, export_command=" ".join(["python -m models.release", *sys.argv[1:]]))
+    command = " ".join(["python -m forest_perception.models.release", *sys.argv[1:]])
+    export_onnx(args.checkpoint, onnx_path, export_command=command)
     frames = held_out_frames(args.test)
     fp32 = evaluate_engine(onnx_path, frames)
     int8_path = out / f"{args.name}_int8.onnx"

@@ -34,7 +34,7 @@ from torch.nn import functional
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.data import (
+from forest_perception.models.data import (
     MIN_DEPTH_M,
     ForestDepthDataset,
     check_input_hw,
@@ -130,21 +130,21 @@ class TrainOptions:
 
 def model_names() -> tuple[str, ...]:
     """Network names ``build_model`` accepts."""
-    from models import networks
+    from forest_perception.models import networks
 
     return tuple(networks.MODEL_NAMES)
 
 
 def build_model(name: str, input_hw: Sequence[int], **kwargs: object) -> nn.Module:
-    """Build a depth network by name (``models.networks.build_model``)."""
-    from models import networks
+    """Build a depth network by name (``forest_perception.models.networks.build_model``)."""
+    from forest_perception.models import networks
 
     return networks.build_model(name, input_hw=tuple(input_hw), **kwargs)
 
 
 def build_loss(opts: TrainOptions) -> nn.Module:
     """The depth loss with the weights of ``opts``."""
-    from models.losses import DepthLoss
+    from forest_perception.models.losses import DepthLoss
 
     return DepthLoss(silog=opts.loss_silog, berhu=opts.loss_berhu, l1=opts.loss_l1, smooth=opts.loss_smooth,
                      min_depth=opts.min_depth, max_depth=opts.max_depth)
@@ -355,7 +355,7 @@ class Trainer:
         """Metrics (``val_absrel``, ...) and mean loss on the validation set; {} without one."""
         if self.val_dataset is None:
             return {}
-        from models.metrics import MetricAccumulator
+        from forest_perception.models.metrics import MetricAccumulator
 
         self.model.eval()
         accumulator = MetricAccumulator(min_depth=self.opts.min_depth, max_depth=self.opts.max_depth)

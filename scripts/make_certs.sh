@@ -18,4 +18,4 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-$repo/.venv/bin/python}"
 [[ -x "$python" ]] || python=python3
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" -m collab.flower.cli certs --out "$out" "$@"
+exec "$python" -m forest_perception.collab.flower.cli certs --out "$out" "$@"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dataset_tools.bags import BagError, bag_info, check_mcap, read_bag, repair_bag
+from forest_perception.dataset_tools.bags import BagError, bag_info, check_mcap, read_bag, repair_bag
 from forest_perception.recorder import BagRecorder, qos_profile
 
 ROOT = Path(__file__).resolve().parents[1]

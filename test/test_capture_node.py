@@ -116,8 +116,8 @@ def test_records_topics_with_qos_services_and_exact_pixels(rclpy_context, tmp_pa
     from rosbags.rosbag2 import Reader
     from sensor_msgs.msg import Image
 
-    from dataset_tools.bags import bag_info, read_bag
     from forest_perception import msgs
+    from forest_perception.dataset_tools.bags import bag_info, read_bag
     from forest_perception.nodes.capture_node import CaptureNode
 
     node = CaptureNode(
@@ -298,7 +298,7 @@ def test_disk_guard_closes_the_bag_and_reports_error(rclpy_context, tmp_path):
 
     from diagnostic_msgs.msg import DiagnosticStatus
 
-    from dataset_tools.bags import bag_info, read_bag
+    from forest_perception.dataset_tools.bags import bag_info, read_bag
     from forest_perception.nodes.capture_node import CaptureNode
 
     Usage = namedtuple("Usage", "total used free")

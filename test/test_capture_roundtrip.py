@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from rclpy.parameter import Parameter
 
-from dataset_tools.bags import bag_info
-from dataset_tools.extract import ExtractConfig, extract_bag
-from dataset_tools.layout import decode_depth_mm, encode_depth_mm, load_frame, open_dataset
 from forest_perception import msgs
+from forest_perception.dataset_tools.bags import bag_info
+from forest_perception.dataset_tools.extract import ExtractConfig, extract_bag
+from forest_perception.dataset_tools.layout import decode_depth_mm, encode_depth_mm, load_frame, open_dataset
 
 pytestmark = pytest.mark.usefixtures("ros_env")
 

@@ -7,10 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from collab.algorithms import FedLaAvgServer, SemiCyclicServer, fedavg, fedsubavg, robust_fedavg, row_heat
-from collab.robust import clip_update_norm, trimmed_mean, trimmed_mean_params
-from collab.state import pack_state, unpack_state
-from collab.updates import ClientUpdate
+from forest_perception.collab.algorithms import (
+    FedLaAvgServer,
+    SemiCyclicServer,
+    fedavg,
+    fedsubavg,
+    robust_fedavg,
+    row_heat,
+)
+from forest_perception.collab.robust import clip_update_norm, trimmed_mean, trimmed_mean_params
+from forest_perception.collab.state import pack_state, unpack_state
+from forest_perception.collab.updates import ClientUpdate
 
 BASE = np.array([[1.0, 2.0], [3.0, 4.0]])
 

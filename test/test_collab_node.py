@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collab import rover
+from forest_perception.collab import rover
 
 pytestmark = pytest.mark.usefixtures("ros_env")
 
@@ -19,13 +19,13 @@ HW = (48, 64)
 
 
 def _task(**kwargs):
-    from collab.flower.task import TaskConfig
+    from forest_perception.collab.flower.task import TaskConfig
 
     return TaskConfig(**{"base_channels": 4, "input_hw": HW, **kwargs}).validate()
 
 
 def _write_segment(root: Path, segment: str, frames: int, seed: int) -> None:
-    from dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter
+    from forest_perception.dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter
 
     rng = np.random.default_rng(seed)
     with SegmentWriter(root, 1, segment) as writer:

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collab import rover
+from forest_perception.collab import rover
 
 HW = (48, 64)  # network input; frames are 64x48 as recorded
 
 
 def _task(**kwargs):
-    from collab.flower.task import TaskConfig
+    from forest_perception.collab.flower.task import TaskConfig
 
     return TaskConfig(**{"base_channels": 4, "input_hw": HW, **kwargs}).validate()
 
@@ -25,7 +25,7 @@ def _task(**kwargs):
 def write_segment(root: Path, run: int, segment: str, frames: int, depth_m: float = 3.0, seed: int = 0,
                   first_stamp: float = 1.0):
     """A segment of textured 64x48 frames looking at a wall ``depth_m`` away."""
-    from dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter
+    from forest_perception.dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter
 
     rng = np.random.default_rng(seed)
     writer = SegmentWriter(root, run, segment)
@@ -139,7 +139,7 @@ def test_bad_drops_are_refused_naming_the_file(tmp_path):
 
 
 def test_store_source_offers_the_last_round(tmp_path):
-    from collab.flower.store import CoordinatorStore
+    from forest_perception.collab.flower.store import CoordinatorStore
 
     db = tmp_path / "coordinator.db"
     source = rover.open_model_source(db)
@@ -162,7 +162,7 @@ def test_store_source_offers_the_last_round(tmp_path):
 
 
 def test_dataset_watcher_reports_new_grown_and_removed_segments(tmp_path):
-    from dataset_tools.layout import FrameRecord, ImuSample
+    from forest_perception.dataset_tools.layout import FrameRecord, ImuSample
 
     root = tmp_path / "forest"
     watcher = rover.DatasetWatcher(root)
@@ -319,7 +319,7 @@ def test_gate_tolerance_and_no_running_model(tmp_path, dataset, running_models):
 
 
 def test_local_training_uses_training_segments_and_returns_the_trained_model(dataset):
-    from collab.flower.task import evaluate
+    from forest_perception.collab.flower.task import evaluate
 
     _, train, held = dataset
     task = _task(local_epochs=2)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from collab.deploy.local import DeploySpec, LocalDeployment, RoverNode
-from collab.supervisor import (
+from forest_perception.collab.deploy.local import DeploySpec, LocalDeployment, RoverNode
+from forest_perception.collab.supervisor import (
     BACKOFF,
     FAILED,
     RUNNING,
@@ -173,7 +173,7 @@ def test_a_missing_or_not_executable_program_fails_with_the_reason(tmp_path):
 def test_supernode_argv_is_the_deployments_tls_and_auth_command_and_never_insecure(tmp_path):
     from flwr.common.config import parse_config_args
 
-    from collab.deploy.certs import make_deployment_certs
+    from forest_perception.collab.deploy.certs import make_deployment_certs
 
     certs = make_deployment_certs(tmp_path / "certs", ["rover_000"])
     keys = certs.rover("rover_000")

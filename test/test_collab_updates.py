@@ -7,8 +7,8 @@ import logging
 import numpy as np
 import pytest
 
-from collab.algorithms import fedavg
-from collab.updates import (
+from forest_perception.collab.algorithms import fedavg
+from forest_perception.collab.updates import (
     REJECT_REASONS,
     ClientUpdate,
     UpdateRejected,
@@ -146,7 +146,7 @@ def test_screen_logs_each_refusal_and_keeps_the_good(caplog):
     nan_update = good("nan")
     nan_update.params[0][0, 0] = np.nan
     updates = [good("a", n=1, scale=1.0), nan_update, good("old", rnd=1), good("b", n=3, scale=5.0), good("a", n=9)]
-    with caplog.at_level(logging.WARNING, logger="collab.updates"):
+    with caplog.at_level(logging.WARNING, logger="forest_perception.collab.updates"):
         accepted, rejected = screen_updates(updates, GLOBAL, current_round=5)
     assert [u.client_id for u in accepted] == ["a", "b"]
     assert [(r.client_id, r.reason) for r in rejected] == [("nan", "non_finite"), ("old", "stale"), ("a", "duplicate")]

@@ -10,10 +10,10 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from collab.flower.server_app import Coordinator, ServerSettings
-from collab.flower.simulation import LocalGrid
-from collab.flower.store import CoordinatorStore, RoundRecord, UpdateEntry
-from collab.flower.strategies import (
+from forest_perception.collab.flower.server_app import Coordinator, ServerSettings
+from forest_perception.collab.flower.simulation import LocalGrid
+from forest_perception.collab.flower.store import CoordinatorStore, RoundRecord, UpdateEntry
+from forest_perception.collab.flower.strategies import (
     ARRAYS_KEY,
     CONFIG_KEY,
     META_KEY,
@@ -24,7 +24,7 @@ from collab.flower.strategies import (
     build_strategy,
     record_to_arrays,
 )
-from collab.updates import ClientUpdate
+from forest_perception.collab.updates import ClientUpdate
 
 NAMES = ["w", "b"]
 IDENTITY = {"algorithm": "fedavg", "model": "toy"}

@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from dataset_tools import curate as curate_mod
-from dataset_tools.cli import main as dataset_cli
-from dataset_tools.curate import (
+from forest_perception.dataset_tools import curate as curate_mod
+from forest_perception.dataset_tools.cli import main as dataset_cli
+from forest_perception.dataset_tools.curate import (
     CURATION_COLUMNS,
     CurateConfig,
     curate,
@@ -24,7 +24,14 @@ from dataset_tools.curate import (
     select_spread,
     sharpness,
 )
-from dataset_tools.layout import FrameRecord, GpsFix, ImuSample, SegmentWriter, frame_stem, open_dataset
+from forest_perception.dataset_tools.layout import (
+    FrameRecord,
+    GpsFix,
+    ImuSample,
+    SegmentWriter,
+    frame_stem,
+    open_dataset,
+)
 
 H, W = 72, 96
 

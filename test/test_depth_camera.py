@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.depth_camera import DepthCameraModel
-from forest_perception.sim.robot import CameraIntrinsics
 
 INTR = CameraIntrinsics(320, 240)
 CLEAN = DepthCameraModel(edge_jump_rel=1e9, dropout_fraction=0.0)  # noise and range limits only

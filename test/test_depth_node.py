@@ -52,7 +52,7 @@ def formula_loader(engines: dict[str, FormulaEngine]):
 def onnx_models(tmp_path_factory):
     """Two tiny auto-encoders (different weights) exported to ONNX: (path_a, path_b)."""
     torch = pytest.importorskip("torch")
-    from models.networks import build_model
+    from forest_perception.models.networks import build_model
 
     out = tmp_path_factory.mktemp("onnx")
     paths = []

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from forest_perception.frames import RoverGeometry
 from forest_perception.sim.explore import CmdVelController, ExplorationController, range_fan
-from forest_perception.sim.robot import RoverGeometry
 from forest_perception.sim.rover import DiffDriveRover, RoverState
 from forest_perception.sim.terrain import Terrain
 from forest_perception.sim.world import generate_world

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from forest_perception.inference import ModelLoadError, file_sha256, read_onnx_metadata, weights_sha256
-from models.export import (
+from forest_perception.models.export import (
     ExportVerificationError,
     compare_int8,
     export_onnx,
@@ -19,8 +19,8 @@ from models.export import (
     verify_onnx,
     write_model_card,
 )
-from models.export_cli import main as export_main
-from models.networks import build_model
+from forest_perception.models.export_cli import main as export_main
+from forest_perception.models.networks import build_model
 
 INPUT_HW = (64, 96)
 

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 from rclpy.serialization import serialize_message
 
-from dataset_tools.bags import BagError
-from dataset_tools.extract import ExtractConfig, extract_bag, find_namespaces
-from dataset_tools.layout import decode_depth_mm, encode_depth_mm, load_frame, open_dataset, read_segment
 from forest_perception import msgs
+from forest_perception.dataset_tools.bags import BagError
+from forest_perception.dataset_tools.extract import ExtractConfig, extract_bag, find_namespaces
+from forest_perception.dataset_tools.layout import (
+    decode_depth_mm,
+    encode_depth_mm,
+    load_frame,
+    open_dataset,
+    read_segment,
+)
+from forest_perception.frames import WHEEL_JOINTS, CameraIntrinsics
 from forest_perception.recorder import BagRecorder
-from forest_perception.sim.robot import WHEEL_JOINTS, CameraIntrinsics
 
 NS = "/rover_0"
 W, H = 64, 48
@@ -202,7 +208,7 @@ def test_find_namespaces():
 
 
 def test_cli_extract_bag_info_and_repair(tmp_path, capsys):
-    from dataset_tools.cli import main
+    from forest_perception.dataset_tools.cli import main
 
     bag = _Bag(tmp_path / "bag")
     bag.drive(T0, 0.5, 0)
@@ -220,8 +226,8 @@ def test_cli_extract_bag_info_and_repair(tmp_path, capsys):
 
 
 def test_extract_leaves_scores_that_curate_uses_instead_of_decoding(tmp_path):
-    from dataset_tools.curate import SCORES_FILE, CurateConfig, curate
-    from dataset_tools.validate import validate_dataset
+    from forest_perception.dataset_tools.curate import SCORES_FILE, CurateConfig, curate
+    from forest_perception.dataset_tools.validate import validate_dataset
 
     bag = _Bag(tmp_path / "bag")
     bag.drive(T0, 2.0, 0)

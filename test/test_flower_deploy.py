@@ -19,8 +19,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from collab.algorithms import fedavg
-from collab.deploy.certs import (
+from forest_perception.collab.algorithms import fedavg
+from forest_perception.collab.deploy.certs import (
     certificate_hosts,
     check_auth_pair,
     check_deployment_certs,
@@ -30,7 +30,7 @@ from collab.deploy.certs import (
     make_deployment_certs,
     public_key_fingerprint,
 )
-from collab.deploy.local import (
+from forest_perception.collab.deploy.local import (
     DeploySpec,
     LocalDeployment,
     ManagedProcess,
@@ -41,8 +41,8 @@ from collab.deploy.local import (
     stop_process,
     write_toml_table,
 )
-from collab.flower.cli import main as forest_fl
-from collab.flower.store import CoordinatorStore
+from forest_perception.collab.flower.cli import main as forest_fl
+from forest_perception.collab.flower.store import CoordinatorStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -307,7 +307,7 @@ def test_stop_ends_the_process_group_and_detached_descendants(tmp_path):
 
 @pytest.mark.slow
 def test_deployed_rovers_train_over_tls_and_an_unregistered_node_is_refused(certs, tmp_path):
-    from collab.flower.simulation import ensure_rover_data, make_population
+    from forest_perception.collab.flower.simulation import ensure_rover_data, make_population
 
     population = make_population(2, tmp_path / "rovers", seed=3, frames=4, availability=(1.0, 1.0))
     for rover in population.rovers:

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import tomllib
 
-from collab.algorithms import fedavg
-from collab.flower.client_app import make_client_app
-from collab.flower.server_app import build_coordinator
-from collab.flower.simulation import (
+from forest_perception.collab.algorithms import fedavg
+from forest_perception.collab.flower.client_app import make_client_app
+from forest_perception.collab.flower.server_app import build_coordinator
+from forest_perception.collab.flower.simulation import (
     LOOPBACK_ENV,
     LocalGrid,
     Population,
@@ -32,8 +32,8 @@ from collab.flower.simulation import (
     make_population,
     run_with_flwr_cli,
 )
-from collab.flower.store import CoordinatorStore
-from collab.flower.task import DEFAULT_RUN_CONFIG, TaskConfig, load_local_data, merge_run_config
+from forest_perception.collab.flower.store import CoordinatorStore
+from forest_perception.collab.flower.task import DEFAULT_RUN_CONFIG, TaskConfig, load_local_data, merge_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,9 +118,11 @@ def test_environment_keeps_flower_and_ray_on_loopback_in_a_scratch_dir(tmp_path,
 def test_pyproject_names_the_apps_and_holds_the_default_run_config():
     from flwr.common.config import validate_config
 
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    from forest_perception.collab.flower import app_dir
+
+    config = tomllib.loads((app_dir() / "pyproject.toml").read_text())
     assert config["tool"]["flwr"]["app"]["config"] == DEFAULT_RUN_CONFIG
-    valid, errors, _ = validate_config(config, check_module=True, project_dir=REPO)
+    valid, errors, _ = validate_config(config, check_module=True, project_dir=app_dir())
     assert valid, errors
     assert "federations" not in config["tool"]["flwr"]  # flwr run 1.42 would rewrite pyproject.toml
     with pytest.raises(ValueError, match="unknown run config key 'algorithmm'"):
@@ -198,7 +200,8 @@ def test_ray_simulation_refuses_bad_rovers_and_resumes_after_being_killed(tmp_pa
     out = tmp_path / "run"
     scratch = Path(tempfile.mkdtemp(prefix="flt-"))  # Ray needs short socket paths
     command = [
-        sys.executable, "-m", "collab.flower.cli", "simulate", "--out", str(out), "--rovers", "6", "--rounds", "3",
+        sys.executable, "-m", "forest_perception.collab.flower.cli", "simulate", "--out", str(out),
+        "--rovers", "6", "--rounds", "3",
         "--frames", "4", "--data-size", "48", "64", "--availability", "1", "1", "--client-cpus", "2",
         "--fault", "2=nan", "--fault", "3=shape", "--fault", "4=huge", "--fault", "5=stale",
         "--set", "store-updates=true", "--set", "input-height=48", "--set", "input-width=64",

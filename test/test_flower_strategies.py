@@ -9,9 +9,9 @@ import pytest
 from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from collab.algorithms import FedLaAvgServer, SemiCyclicServer, fedavg, fedsubavg, robust_fedavg
-from collab.flower.simulation import LocalGrid
-from collab.flower.strategies import (
+from forest_perception.collab.algorithms import FedLaAvgServer, SemiCyclicServer, fedavg, fedsubavg, robust_fedavg
+from forest_perception.collab.flower.simulation import LocalGrid
+from forest_perception.collab.flower.strategies import (
     ARRAYS_KEY,
     CONFIG_KEY,
     META_KEY,
@@ -27,8 +27,8 @@ from collab.flower.strategies import (
     parse_update,
     record_to_arrays,
 )
-from collab.state import pack_state, unpack_state
-from collab.updates import ClientUpdate, UpdateRejected
+from forest_perception.collab.state import pack_state, unpack_state
+from forest_perception.collab.updates import ClientUpdate, UpdateRejected
 
 NAMES = ["encoder.conv.weight", "decoder.conv.weight", "decoder.conv.bias"]
 SHAPES = [(64, 8), (5, 2), (5,)]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from forest_perception.frames import WHEEL_JOINTS, CameraIntrinsics, RoverGeometry
 from forest_perception.sim import gazebo
 from forest_perception.sim.cli import WORLD_FLAGS, main
 from forest_perception.sim.gazebo import (
@@ -30,7 +31,6 @@ from forest_perception.sim.gazebo import (
     spawn_poses,
     world_sdf,
 )
-from forest_perception.sim.robot import WHEEL_JOINTS, CameraIntrinsics, RoverGeometry
 from forest_perception.sim.terrain import Terrain
 from forest_perception.sim.weather import get_weather
 from forest_perception.sim.world import WorldConfig, generate_world

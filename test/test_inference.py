@@ -15,8 +15,8 @@ from forest_perception.inference import (
     load_engine,
     postprocess_depth,
 )
-from models.export import export_onnx, synthetic_forest_image
-from models.networks import build_model
+from forest_perception.models.export import export_onnx, synthetic_forest_image
+from forest_perception.models.networks import build_model
 
 INPUT_HW = (64, 96)
 CAMERA_HW = (240, 320)

@@ -1,4 +1,4 @@
-"""Tests of the dataset layout reader/writer (dataset_tools.layout)."""
+"""Tests of the dataset layout reader/writer (forest_perception.dataset_tools.layout)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dataset_tools import layout
-from dataset_tools.layout import (
+from forest_perception.dataset_tools import layout
+from forest_perception.dataset_tools.layout import (
     METADATA_COLUMNS,
     FrameRecord,
     GpsFix,
@@ -353,8 +353,8 @@ def test_abandoned_writer_process_leaves_earlier_frames_readable(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, numpy as np
-        from dataset_tools import layout
-        from dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter
+        from forest_perception.dataset_tools import layout
+        from forest_perception.dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter
         w = SegmentWriter({str(tmp_path)!r}, 1, "a")
         imu = ImuSample((0, 0, 0), (0, 0, 9.81), (0, 0, 0, 1))
         rgb = np.full((6, 8, 3), 7, np.uint8)
@@ -545,6 +545,6 @@ def test_writer_rejects_bad_names_and_use_after_close(tmp_path):
 
 
 def test_layout_core_does_not_import_rclpy():
-    code = "import sys, dataset_tools.layout; sys.exit('rclpy' in sys.modules)"
+    code = "import sys, forest_perception.dataset_tools.layout; sys.exit('rclpy' in sys.modules)"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.losses import DepthLoss, berhu_loss, edge_aware_smoothness, l1_loss, silog_loss, valid_mask
-from models.metrics import METRIC_NAMES, MetricAccumulator, depth_metrics, format_metric_table
+from forest_perception.models.losses import (
+    DepthLoss,
+    berhu_loss,
+    edge_aware_smoothness,
+    l1_loss,
+    silog_loss,
+    valid_mask,
+)
+from forest_perception.models.metrics import METRIC_NAMES, MetricAccumulator, depth_metrics, format_metric_table
 
 
 def _target() -> torch.Tensor:

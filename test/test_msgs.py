@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from forest_perception import msgs
-from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.frames import CameraIntrinsics
 
 
 @pytest.mark.parametrize(

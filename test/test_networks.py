@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.losses import DepthLoss
-from models.networks import (
+from forest_perception.models.losses import DepthLoss
+from forest_perception.models.networks import (
     IMAGE_MEAN,
     MODEL_NAMES,
     AutoEncoderDepth,
@@ -16,7 +16,7 @@ from models.networks import (
     count_flops,
     count_parameters,
 )
-from models.transforms import normalise_image
+from forest_perception.models.transforms import normalise_image
 
 SIZES = [(240, 320), (128, 160)]
 

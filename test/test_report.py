@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
-from dataset_tools.cli import main as dataset_cli
-from dataset_tools.curate import CurateConfig, curate
-from dataset_tools.layout import FrameRecord, GpsFix, ImuSample, SegmentWriter, frame_stem
-from dataset_tools.report import build_report
-from dataset_tools.split import split_dataset, write_splits
+from forest_perception.dataset_tools.cli import main as dataset_cli
+from forest_perception.dataset_tools.curate import CurateConfig, curate
+from forest_perception.dataset_tools.layout import FrameRecord, GpsFix, ImuSample, SegmentWriter, frame_stem
+from forest_perception.dataset_tools.report import build_report
+from forest_perception.dataset_tools.split import split_dataset, write_splits
 
 H, W = 48, 64
 VOID = {"meta", "img", "br", "hr", "link", "input"}

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from forest_perception.sim.geo import rotation_exp, rotation_from_quaternion, wrap_angle
-from forest_perception.sim.robot import RoverGeometry
+from forest_perception.frames import RoverGeometry
+from forest_perception.geo import rotation_exp, rotation_from_quaternion, wrap_angle
 from forest_perception.sim.rover import GRAVITY, DiffDriveRover
 from forest_perception.sim.terrain import Terrain
 from forest_perception.sim.world import generate_world

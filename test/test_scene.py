@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.meshes import (
     CATEGORIES,
     Mesh,
@@ -19,7 +20,6 @@ from forest_perception.sim.meshes import (
     trunk_mesh,
     write_obj,
 )
-from forest_perception.sim.robot import CameraIntrinsics
 from forest_perception.sim.scene import CATEGORY_IDS, ForestScene, camera_rotation, measure_render_fps
 from forest_perception.sim.terrain import Terrain
 from forest_perception.sim.textures import ALL_TEXTURE_NAMES, TEXTURE_NAMES, generate_textures, make_texture
@@ -125,7 +125,7 @@ def test_rover_body_is_visible_and_can_be_hidden(known_scene):
 
 
 def test_a_rover_camera_does_not_see_its_own_body(known_scene):
-    from forest_perception.sim.robot import RoverGeometry
+    from forest_perception.frames import RoverGeometry
 
     geom = RoverGeometry()
     body = known_scene.add_rover_body()

@@ -49,13 +49,13 @@ class Player:
 
     def info(self, t):
         from forest_perception import msgs
-        from forest_perception.sim.robot import CameraIntrinsics
+        from forest_perception.frames import CameraIntrinsics
 
         return msgs.camera_info_from_intrinsics(CameraIntrinsics(8, 6, 60.0), _t(t), OPTICAL)
 
     def imu(self, t, yaw_rate=None):
         from forest_perception import msgs
-        from forest_perception.sim.geo import quaternion_from_rpy
+        from forest_perception.geo import quaternion_from_rpy
 
         wz = 0.2 + 0.1 * t if yaw_rate is None else yaw_rate
         return msgs.imu_msg(
@@ -380,9 +380,9 @@ def test_with_sim_node(rclpy_context):
     from nav_msgs.msg import Odometry
     from sensor_msgs.msg import CameraInfo, Image, Imu, JointState
 
+    from forest_perception.geo import wrap_angle
     from forest_perception.nodes.sensor_sync_node import SensorSyncNode
     from forest_perception.nodes.sim_node import SimNode
-    from forest_perception.sim.geo import wrap_angle
 
     sim = SimNode(
         context=rclpy_context,

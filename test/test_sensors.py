@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from forest_perception.sim import geo
-from forest_perception.sim.robot import RoverGeometry
+from forest_perception import geo
+from forest_perception.frames import RoverGeometry
 from forest_perception.sim.rover import GRAVITY, DiffDriveRover
 from forest_perception.sim.sensors import (
     COVARIANCE_TYPE_DIAGONAL_KNOWN,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from forest_perception.inference import load_engine
-from models.metrics import depth_metrics
+from forest_perception.models.metrics import depth_metrics
+from forest_perception.models.weights import weights_dir
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = weights_dir()
 SHIPPED = sorted(MODELS.glob("*.onnx"))
 
 
@@ -38,7 +38,7 @@ def test_model_card_matches_file(path):
 @pytest.fixture(scope="module")
 def held_out_frames():
     """Frames of a forest seed that no shipped model was trained on (training used 100..111)."""
-    from forest_perception.sim.robot import CameraIntrinsics
+    from forest_perception.frames import CameraIntrinsics
     from forest_perception.sim.simulator import ForestSimulator, RoverConfig, SimConfig
     from forest_perception.sim.world import generate_world
 

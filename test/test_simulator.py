@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.simulator import ForestSimulator, RoverConfig, SimConfig
 from forest_perception.sim.world import generate_world
 

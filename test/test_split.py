@@ -9,10 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataset_tools.cli import main as dataset_cli
-from dataset_tools.curate import local_enu
-from dataset_tools.layout import FrameRecord, GpsFix, ImuSample, SegmentWriter, frame_stem, segment_name
-from dataset_tools.split import (
+from forest_perception.dataset_tools.cli import main as dataset_cli
+from forest_perception.dataset_tools.curate import local_enu
+from forest_perception.dataset_tools.layout import (
+    FrameRecord,
+    GpsFix,
+    ImuSample,
+    SegmentWriter,
+    frame_stem,
+    segment_name,
+)
+from forest_perception.dataset_tools.split import (
     load_splits,
     parse_fractions,
     read_split_file,

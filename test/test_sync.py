@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from dataset_tools.layout import GpsFix, ImuSample, WheelEncoders
-from forest_perception.sim.geo import quaternion_from_rpy, rotation_exp, rotation_from_quaternion, yaw_from_quaternion
+from forest_perception.geo import quaternion_from_rpy, rotation_exp, rotation_from_quaternion, yaw_from_quaternion
+from forest_perception.readings import GpsFix, ImuSample, WheelEncoders
 from forest_perception.sync import (
     GPS_STALE,
     IMU_EXTRAPOLATED,
@@ -191,7 +191,7 @@ def test_slerp_is_the_geodesic_and_takes_the_short_way():
     q0 = quaternion_from_rpy(0.1, -0.2, 0.3)
     delta = rotation_exp(axis * 1.2)  # 1.2 rad about axis, applied after q0
     R0 = rotation_from_quaternion(q0)
-    from forest_perception.sim.geo import quaternion_from_rotation
+    from forest_perception.geo import quaternion_from_rotation
 
     q1 = quaternion_from_rotation(delta @ R0)
     for f in (0.0, 0.25, 0.5, 0.9, 1.0):
@@ -682,7 +682,7 @@ def test_odometry_without_imu_coverage_falls_back_to_wheels():
 
 
 def test_enu_round_trip_and_first_fix_origin():
-    from forest_perception.sim.geo import enu_to_geodetic
+    from forest_perception.geo import enu_to_geodetic
 
     enu = EnuConverter()
     first = enu.convert(GpsFix(*GPS_ORIGIN, 0), covariance=np.diag([2.0, 3.0, 9.0]))

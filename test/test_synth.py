@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dataset_tools.cli import main as dataset_cli
-from dataset_tools.layout import load_frame, read_segment
-from dataset_tools.synth import SynthConfig, synthesize
+from forest_perception.dataset_tools.cli import main as dataset_cli
+from forest_perception.dataset_tools.layout import load_frame, read_segment
+from forest_perception.dataset_tools.synth import SynthConfig, synthesize
 from forest_perception.sim.world import WorldConfig
 
 SMALL = dict(

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter, frame_stem
-from models import cli
-from models.data import ForestDepthDataset, augment_pair, split_segments
-from models.evaluate import evaluate
-from models.trainer import Trainer, TrainOptions, load_checkpoint
+from forest_perception.dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter, frame_stem
+from forest_perception.models import cli
+from forest_perception.models.data import ForestDepthDataset, augment_pair, split_segments
+from forest_perception.models.evaluate import evaluate
+from forest_perception.models.trainer import Trainer, TrainOptions, load_checkpoint
 
 HEIGHT, WIDTH = 48, 64  # stored frames; the networks see INPUT_HW
 INPUT_HW = (64, 96)

@@ -1,4 +1,4 @@
-"""Dataset validation (dataset_tools.validate): every planted problem is found, with its file."""
+"""Dataset validation (forest_perception.dataset_tools.validate): every planted problem is found, with its file."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from dataset_tools.cli import main as dataset_cli
-from dataset_tools.layout import FrameRecord, GpsFix, ImuSample, SegmentWriter, frame_stem
-from dataset_tools.validate import ValidateConfig, validate_dataset
+from forest_perception.dataset_tools.cli import main as dataset_cli
+from forest_perception.dataset_tools.layout import FrameRecord, GpsFix, ImuSample, SegmentWriter, frame_stem
+from forest_perception.dataset_tools.validate import ValidateConfig, validate_dataset
 
 H, W = 24, 32
 

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.weather import (
     NO_EFFECTS,
     WEATHER_PRESETS,

@@ -3,7 +3,7 @@
 See ``docs/federated.md``, section "Deployment on loopback (TLS + SuperNode authentication)".
 """
 
-from collab.deploy.certs import (
+from forest_perception.collab.deploy.certs import (
     DEFAULT_HOSTS,
     DeploymentCerts,
     RoverKeys,
@@ -11,7 +11,7 @@ from collab.deploy.certs import (
     load_deployment_certs,
     make_deployment_certs,
 )
-from collab.deploy.local import DeployResult, DeploySpec, LocalDeployment, RoverNode
+from forest_perception.collab.deploy.local import DeployResult, DeploySpec, LocalDeployment, RoverNode
 
 __all__ = [
     "DEFAULT_HOSTS",

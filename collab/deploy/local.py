@@ -48,11 +48,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from collab.deploy.certs import DeploymentCerts, RoverKeys, check_deployment_certs, load_deployment_certs
+from forest_perception.collab.deploy.certs import (
+    DeploymentCerts,
+    RoverKeys,
+    check_deployment_certs,
+    load_deployment_certs,
+)
+from forest_perception.collab.flower import app_dir
 
 CONNECTION = "forest"
 """Name of the SuperLink connection in the CLI's ``$FLWR_HOME/config.toml``."""
-REPO_ROOT = Path(__file__).resolve().parents[2]
 _NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -83,7 +88,7 @@ class DeploySpec:
     certs_dir: str | Path
     rovers: Sequence[RoverNode]
     run_config: Mapping[str, bool | int | float | str] = field(default_factory=dict)
-    app_dir: str | Path = REPO_ROOT
+    app_dir: str | Path = field(default_factory=app_dir)
     host: str = "127.0.0.1"
     superlink_port: int = 0  # 0: a free port
     start_timeout: float = 120.0
@@ -289,7 +294,7 @@ def supernode_tls_command(executable: str | Path, superlink_address: str, root_c
 
 def flower_process_environment(home: str | Path, bin_dir: str | Path, cache_dir: str | Path) -> dict[str, str]:
     """Environment of a Flower process: its own ``FLWR_HOME``, ``bin_dir`` first on ``PATH``, no telemetry/installs."""
-    from collab.flower.simulation import LOOPBACK_ENV
+    from forest_perception.collab.flower.simulation import LOOPBACK_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in _EXTRA_LISTENER_ENV}
     env.update(LOOPBACK_ENV)
@@ -495,8 +500,8 @@ class LocalDeployment:
     def run(self, run_config: Mapping[str, bool | int | float | str] | None = None, timeout: float = 1800.0
             ) -> DeployResult:
         """Submit the app (``flwr run --stream``) and wait for it; coordinator state in ``<run_dir>/coordinator.db``."""
-        from collab.flower.store import CoordinatorStore
-        from collab.flower.task import merge_run_config
+        from forest_perception.collab.flower.store import CoordinatorStore
+        from forest_perception.collab.flower.task import merge_run_config
 
         if "superlink" not in self.processes:
             raise RuntimeError("the deployment is not started")

@@ -1,12 +1,20 @@
 """Flower apps of the swarm: the cloud coordinator ServerApp, the rover ClientApp and their simulation.
 
-- :mod:`collab.flower.strategies`: one Flower strategy per algorithm of :mod:`collab.algorithms`;
-- :mod:`collab.flower.server_app`: the coordinator (resumable round loop, state in SQLite);
-- :mod:`collab.flower.client_app`: the rover (local training of the depth network);
-- :mod:`collab.flower.store`: the coordinator's SQLite store;
-- :mod:`collab.flower.task`: model, local data, train and evaluate, run config defaults;
-- :mod:`collab.flower.simulation`: virtual rover population and the Ray simulation runner;
-- :mod:`collab.flower.cli`: the ``forest-fl`` command.
+- :mod:`.strategies`: one Flower strategy per algorithm of :mod:`forest_perception.collab.algorithms`;
+- :mod:`.server_app`: the coordinator (resumable round loop, state in SQLite);
+- :mod:`.client_app`: the rover (local training of the depth network);
+- :mod:`.store`: the coordinator's SQLite store;
+- :mod:`.task`: model, local data, train and evaluate, run config defaults;
+- :mod:`.simulation`: virtual rover population and the Ray simulation runner;
+- :mod:`.cli`: the ``forest-fl`` command.
 
 Importing this package imports nothing heavy; import the module you need.
 """
+
+from importlib import resources
+from pathlib import Path
+
+
+def app_dir() -> Path:
+    """The Flower app folder (``app/pyproject.toml``: components and run config) that ``flwr run`` submits."""
+    return Path(str(resources.files(__name__) / "app"))

@@ -2,7 +2,7 @@
 
 Also deploys the apps: ``certs`` makes the CA, the SuperLink's TLS certificate and one SuperNode
 key set per rover; ``deploy`` runs a SuperLink and one SuperNode per rover on this machine with
-TLS and SuperNode authentication and submits the app (see ``collab.deploy``).
+TLS and SuperNode authentication and submits the app (see ``forest_perception.collab.deploy``).
 
 Examples::
 
@@ -84,7 +84,7 @@ def _add_population_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _spec(args: argparse.Namespace) -> object:
-    from collab.flower.simulation import SimulationSpec
+    from forest_perception.collab.flower.simulation import SimulationSpec
 
     run_config = _key_values(args.set, "--set")
     if args.algorithm:
@@ -108,7 +108,7 @@ def _fmt(value: object, digits: int = 4) -> str:
 
 def print_status(db: Path, show_updates: bool = False) -> None:
     """Print a coordinator store: identity, one line per round, rejections."""
-    from collab.flower.store import CoordinatorStore
+    from forest_perception.collab.flower.store import CoordinatorStore
 
     with CoordinatorStore(db, readonly=True) as store:
         summary = store.summary()
@@ -140,7 +140,7 @@ def _add_certs(sub: argparse._SubParsersAction) -> None:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from collab.deploy.certs import DEFAULT_HOSTS, check_deployment_certs, make_deployment_certs
+    from forest_perception.collab.deploy.certs import DEFAULT_HOSTS, check_deployment_certs, make_deployment_certs
 
     rover_ids = [f"rover_{i:03d}" for i in range(args.rovers)] + list(args.rover)
     if args.rovers < 0 or args.days < 1:
@@ -178,11 +178,11 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
 
 
 def _deploy_rovers(args: argparse.Namespace) -> list:
-    from collab.deploy.local import RoverNode
+    from forest_perception.collab.deploy.local import RoverNode
 
     rovers = []
     if args.virtual_rovers:
-        from collab.flower.simulation import ensure_rover_data, make_population
+        from forest_perception.collab.flower.simulation import ensure_rover_data, make_population
 
         height, width = args.data_size
         population = make_population(args.virtual_rovers, args.run_dir.resolve() / "rovers", frames=args.frames,
@@ -203,7 +203,7 @@ def _deploy_rovers(args: argparse.Namespace) -> list:
 def _deploy(args: argparse.Namespace) -> int:
     import time
 
-    from collab.deploy.local import DeploySpec, LocalDeployment
+    from forest_perception.collab.deploy.local import DeploySpec, LocalDeployment
 
     run_config = _key_values(args.set, "--set")
     if args.algorithm:
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    collab_log = logging.getLogger("collab")  # Flower logs through its own handler
+    collab_log = logging.getLogger("forest_perception.collab")  # Flower logs through its own handler
     collab_log.addHandler(handler)
     collab_log.setLevel(logging.INFO)
     collab_log.propagate = False
@@ -273,14 +273,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _deploy(args)
         spec = _spec(args)
         if args.command == "prepare":
-            from collab.flower.simulation import prepare_population
+            from forest_perception.collab.flower.simulation import prepare_population
 
             population, path, seconds = prepare_population(spec)
             print(f"wrote {path} ({len(population)} rovers, data in {population.rovers[0].data_dir.rsplit('/', 1)[0]}"
                   f") in {seconds:.1f} s")
             print(f"flwr run . --run-config \"population='{path.resolve()}'\"")
             return 0
-        from collab.flower.simulation import run_simulation, run_with_flwr_cli
+        from forest_perception.collab.flower.simulation import run_simulation, run_with_flwr_cli
 
         result = run_with_flwr_cli(spec) if args.via == "flwr-run" else run_simulation(spec)
         print(f"simulation done in {result.wall_s:.1f} s (data {result.data_s:.1f} s); state in {result.state_db}")

@@ -7,11 +7,11 @@ Where a rover finds itself (first match wins):
    optional ``model-drop-dir``: every global model received for training is also written there as
    ``global-r<round>.npz`` (:func:`collab.rover.write_global_model`) for the rover's ROS ``collab_node``,
    which validates it on the rover's held-out frames before the depth node runs it;
-2. run config ``population`` (simulation): the JSON written by :mod:`collab.flower.simulation`, entry
+2. run config ``population`` (simulation): the JSON written by :mod:`forest_perception.collab.flower.simulation`, entry
    ``partition-id`` of the node config (rover id, data folder, scope, and a fault to inject in tests);
 3. run config ``data-root``: ``<data-root>/rover_<partition-id>``.
 
-Messages (keys in :mod:`collab.flower.strategies`): ``train`` gets the global model and the
+Messages (keys in :mod:`forest_perception.collab.flower.strategies`): ``train`` gets the global model and the
 round's config and replies with the delta (``update``; tensors outside the rover's scope
 compact with their ``rows``), the metrics (``num-examples``, ``train-loss``, ``val-loss``,
 ``absrel``, ``delta1``, ``train-s``) and ``meta`` (``rover-id``, ``base-round``, ``kind``);
@@ -37,7 +37,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from collab.flower.strategies import (
+from forest_perception.collab.flower.strategies import (
     ARRAYS_KEY,
     CONFIG_KEY,
     META_KEY,
@@ -49,8 +49,16 @@ from collab.flower.strategies import (
     UPDATE_KEY,
     arrays_to_record,
 )
-from collab.flower.task import SCOPES, TaskConfig, build_model, evaluate, load_local_data, local_round, merge_run_config
-from collab.flower.task import set_arrays as load_arrays
+from forest_perception.collab.flower.task import (
+    SCOPES,
+    TaskConfig,
+    build_model,
+    evaluate,
+    load_local_data,
+    local_round,
+    merge_run_config,
+)
+from forest_perception.collab.flower.task import set_arrays as load_arrays
 
 LOG = logging.getLogger(__name__)
 
@@ -82,7 +90,7 @@ def resolve_rover(context: Context, config: Mapping) -> RoverIdentity:
             fault=str(node.get("fault", "")),
         )
     elif config.get("population"):
-        from collab.flower.simulation import load_population
+        from forest_perception.collab.flower.simulation import load_population
 
         if "partition-id" not in node:
             raise ValueError("run config names a population but the node config has no partition-id")
@@ -158,7 +166,7 @@ def drop_global_model(context: Context, server_round: int, names: list[str], arr
     drop_dir = str(context.node_config.get("model-drop-dir", "") or "")
     if not drop_dir:
         return
-    from collab.rover import task_meta, write_global_model
+    from forest_perception.collab.rover import task_meta, write_global_model
 
     try:
         write_global_model(drop_dir, server_round - 1, names, arrays, task_meta(task))

@@ -1,11 +1,11 @@
 """The cloud coordinator ``ServerApp``: runs the rounds of one algorithm and keeps its state in SQLite.
 
 The algorithm comes from the run config (``algorithm`` = one of
-:data:`collab.flower.strategies.ALGORITHMS`), and so does everything else (see
-``[tool.flwr.app.config]`` in ``pyproject.toml`` and :data:`collab.flower.task.DEFAULT_RUN_CONFIG`).
+:data:`forest_perception.collab.flower.strategies.ALGORITHMS`), and so does everything else (see
+``[tool.flwr.app.config]`` in ``pyproject.toml`` and :data:`forest_perception.collab.flower.task.DEFAULT_RUN_CONFIG`).
 
 :class:`Coordinator` is the round loop (Flower's ``Strategy.start`` always starts at round 1;
-this one resumes): on start it opens the :class:`~collab.flower.store.CoordinatorStore` at
+this one resumes): on start it opens the :class:`~forest_perception.collab.flower.store.CoordinatorStore` at
 ``state-db``; an empty store gets the initial model as round 0, a store with rounds gives
 back the last completed round's model and algorithm state, and the loop continues with the
 next round. Each round is train (select, send, screen, aggregate), optionally evaluate, then
@@ -27,9 +27,15 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from collab.flower.store import CoordinatorStore, RoundRecord
-from collab.flower.strategies import ALGORITHMS, RoverStrategy, StrategyConfig, arrays_to_record, build_strategy
-from collab.flower.task import TaskConfig, initial_arrays, merge_run_config
+from forest_perception.collab.flower.store import CoordinatorStore, RoundRecord
+from forest_perception.collab.flower.strategies import (
+    ALGORITHMS,
+    RoverStrategy,
+    StrategyConfig,
+    arrays_to_record,
+    build_strategy,
+)
+from forest_perception.collab.flower.task import TaskConfig, initial_arrays, merge_run_config
 
 LOG = logging.getLogger(__name__)
 
@@ -177,7 +183,7 @@ def build_coordinator(config: Mapping) -> Coordinator:
     names, initial = initial_arrays(settings.task)
     availability = None
     if settings.population:
-        from collab.flower.simulation import load_population
+        from forest_perception.collab.flower.simulation import load_population
 
         availability = load_population(settings.population).is_available
     strategy = build_strategy(

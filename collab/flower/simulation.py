@@ -14,7 +14,7 @@ Local datasets are written in the forest dataset layout under ``<data_root>/<rov
 - ``procedural`` (default): a fast numpy ray caster (flat ground, tree trunks as vertical
   cylinders, the weather preset's sky, light, fog and tint), about a millisecond a frame,
   enough for 100 rovers on two cores;
-- ``synth``: :func:`dataset_tools.synth.synthesize` (the pybullet forest, ~0.3 s a frame).
+- ``synth``: :func:`forest_perception.dataset_tools.synth.synthesize` (the pybullet forest, ~0.3 s a frame).
 
 A folder is reused when its stamp matches the rover, so repeated runs do not regenerate data.
 
@@ -43,6 +43,8 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from forest_perception.collab.flower import app_dir as flower_app_dir
 
 POPULATION_VERSION = 1
 DATA_GENERATOR_VERSION = 1
@@ -157,7 +159,7 @@ def make_population(
 
     ``availability`` is the range each rover's probability of being out is drawn from;
     ``decoder_fraction`` of the rovers train only the decoder; ``faults`` maps partition ids to
-    a fault of :data:`collab.flower.client_app.FAULTS` (such rovers are always available).
+    a fault of :data:`forest_perception.collab.flower.client_app.FAULTS` (such rovers are always available).
     """
     from forest_perception.sim.weather import get_weather
 
@@ -327,7 +329,7 @@ def render_procedural_frame(
 
 def write_procedural_rover_data(rover: VirtualRover, width: int, height: int) -> Path:
     """Two segments (``Run-1/a``, ``Run-1/b``) of the rover's forest and weather under ``rover.data_dir``."""
-    from dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter, frame_stem, segment_name
+    from forest_perception.dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter, frame_stem, segment_name
 
     root = Path(rover.data_dir)
     forest = ProceduralForest.generate(rover.forest_seed)
@@ -353,7 +355,7 @@ def write_procedural_rover_data(rover: VirtualRover, width: int, height: int) ->
 
 def write_synth_rover_data(rover: VirtualRover, width: int, height: int) -> Path:
     """Two segments of the pybullet forest (:func:`dataset_tools.synth.synthesize`) under ``rover.data_dir``."""
-    from dataset_tools.synth import SynthConfig, synthesize
+    from forest_perception.dataset_tools.synth import SynthConfig, synthesize
     from forest_perception.sim.world import WorldConfig
 
     per_segment = max(1, rover.frames // 2)
@@ -493,7 +495,7 @@ def backend_config(ray_tmp: str | Path, client_cpus: float = 1.0, ray_cpus: int 
 
 def prepare_population(spec: SimulationSpec) -> tuple[Population, Path, float]:
     """Write the population JSON and every rover's data (reusing what is there); returns it, its path, seconds."""
-    from collab.flower.task import merge_run_config
+    from forest_perception.collab.flower.task import merge_run_config
 
     config = merge_run_config(spec.run_config)
     out = Path(spec.out_dir)
@@ -515,10 +517,10 @@ def prepare_population(spec: SimulationSpec) -> tuple[Population, Path, float]:
 
 def run_simulation(spec: SimulationSpec) -> SimulationResult:
     """Prepare the population and run the ServerApp and ClientApps on Ray; resumes a run found in ``out_dir``."""
-    from collab.flower.client_app import make_client_app
-    from collab.flower.server_app import make_server_app
-    from collab.flower.store import CoordinatorStore
-    from collab.flower.task import merge_run_config
+    from forest_perception.collab.flower.client_app import make_client_app
+    from forest_perception.collab.flower.server_app import make_server_app
+    from forest_perception.collab.flower.store import CoordinatorStore
+    from forest_perception.collab.flower.task import merge_run_config
 
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -598,7 +600,7 @@ def run_with_flwr_cli(
 
     Starts ``flower-superlink --simulation`` on free 127.0.0.1 ports with ``FLWR_HOME`` in a
     scratch folder (holding the SuperLink connection in ``config.toml``), submits the app in
-    ``app_dir`` (the repository: its ``pyproject.toml`` names the apps) with the population and
+    ``app_dir`` (default :func:`forest_perception.collab.flower.app_dir`) with the population and
     state file as run config overrides, streams the logs, then stops the SuperLink's process
     group by its pid. Flower 1.42 takes whole CPUs per client here (``client_cpus`` is rounded up).
     """
@@ -606,8 +608,8 @@ def run_with_flwr_cli(
     import subprocess
     import sys
 
-    from collab.flower.store import CoordinatorStore
-    from collab.flower.task import merge_run_config
+    from forest_perception.collab.flower.store import CoordinatorStore
+    from forest_perception.collab.flower.task import merge_run_config
 
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -615,7 +617,7 @@ def run_with_flwr_cli(
     state_db = Path(spec.run_config.get("state-db") or out / "coordinator.db").resolve()
     config = merge_run_config(spec.run_config, {"population": str(population_path.resolve()),
                                                 "state-db": str(state_db)})
-    app_dir = Path(app_dir) if app_dir else Path(__file__).resolve().parents[2]
+    app_dir = Path(app_dir) if app_dir else flower_app_dir()
     bin_dir = Path(sys.executable).parent
     scratch = Path(tempfile.mkdtemp(prefix="fl-"))
     http, fleet, control, health = _free_ports(4)

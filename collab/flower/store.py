@@ -3,7 +3,7 @@
 One :class:`CoordinatorStore` file holds one federated run. Every completed round is
 committed in **one transaction** (:meth:`CoordinatorStore.commit_round`): the round's row,
 one row per rover that was asked (accepted, rejected with its reason, failed or silent),
-the new global model and the algorithm's full state (``collab.state.pack_state`` of the
+the new global model and the algorithm's full state (``forest_perception.collab.state.pack_state`` of the
 server's ``state_dict()``). A coordinator killed mid-round leaves nothing of that round
 behind; on restart :meth:`CoordinatorStore.latest` gives the last completed round's model
 and state and the round is run again from scratch, so no update is lost or applied twice
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from collab.state import pack_state, unpack_state
-from collab.updates import ClientUpdate, NDArrays
+from forest_perception.collab.state import pack_state, unpack_state
+from forest_perception.collab.updates import ClientUpdate, NDArrays
 
 SCHEMA_VERSION = 1
 

@@ -2,12 +2,12 @@
 
 Every strategy subclasses Flower's :class:`flwr.serverapp.strategy.FedAvg` (its sampling knobs,
 evaluation aggregation and logging) and delegates the aggregation rule to the pure numpy
-servers of :mod:`collab.algorithms`:
+servers of :mod:`forest_perception.collab.algorithms`:
 
 ============  ==================================================================
 algorithm     rule
 ============  ==================================================================
-``fedavg``    sample-weighted FedAvg (:func:`collab.algorithms.fedavg`)
+``fedavg``    sample-weighted FedAvg (:func:`forest_perception.collab.algorithms.fedavg`)
 ``fedsubavg`` FedSubAvg, row by row over the rovers whose data involve each row
 ``fedlaavg``  FedLaAvg: latest delta of every rover heard from, least recently seen picked first
 ``mm-psgd``   block-cyclic MM-PSGD (per-block predictors of the mixed chain)
@@ -16,7 +16,7 @@ algorithm     rule
 ============  ==================================================================
 
 The strategy is the coordinator's single source of truth for the global model: it holds
-the algorithm server, whose ``state_dict()`` :class:`collab.flower.store.CoordinatorStore`
+the algorithm server, whose ``state_dict()`` :class:`forest_perception.collab.flower.store.CoordinatorStore`
 persists after each round. Rovers upload **deltas** (``local - global``) keyed by tensor
 name; a rover that trained only part of the network (``scope="decoder"``) uploads those
 tensors compact with their row indices, which FedSubAvg averages over the rovers involved
@@ -51,7 +51,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from collab.algorithms import (
+from forest_perception.collab.algorithms import (
     STATE_VERSION,
     AggregateResult,
     FedLaAvgServer,
@@ -60,8 +60,8 @@ from collab.algorithms import (
     fedsubavg,
     robust_fedavg,
 )
-from collab.flower.store import RoundRecord, UpdateEntry, params_digest
-from collab.updates import ClientUpdate, NDArrays, Rejection, UpdateRejected, screen_updates
+from forest_perception.collab.flower.store import RoundRecord, UpdateEntry, params_digest
+from forest_perception.collab.updates import ClientUpdate, NDArrays, Rejection, UpdateRejected, screen_updates
 
 LOG = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def parse_update(
 
     Only the message structure is checked here (records present, tensor names, decodable
     arrays, row indices); values, shapes, dtypes, norm and round are left to
-    :func:`collab.updates.validate_update`.
+    :func:`forest_perception.collab.updates.validate_update`.
     """
 
     def refuse(reason: str, message: str) -> UpdateRejected:
@@ -246,7 +246,7 @@ class StrategyConfig:
 class AveragingServer:
     """FedAvg, FedSubAvg and robust FedAvg behind the stateful servers' interface.
 
-    Holds the global model, screens each round's updates (:func:`collab.updates.screen_updates`),
+    Holds the global model, screens each round's updates (:func:`forest_perception.collab.updates.screen_updates`),
     applies ``rule(global, accepted)`` and keeps ``last_round`` so rounds run in order; a round
     whose updates are all refused leaves the model unchanged.
     """
@@ -352,7 +352,7 @@ class RoverStrategy(FedAvg):
 
     # ------------------------------------------------------------------ algorithm hooks
 
-    def make_server(self, initial: NDArrays) -> Any:  # noqa: ANN401 - one of the collab.algorithms servers
+    def make_server(self, initial: NDArrays) -> Any:  # noqa: ANN401 - one of the forest_perception.collab.algorithms servers
         """The algorithm server holding the global model."""
         s = self.settings
         return AveragingServer(

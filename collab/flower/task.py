@@ -1,7 +1,7 @@
 """What a rover does in a federated round: the depth model as named arrays, its local data, training, evaluation.
 
 Shared by the ServerApp (initial model, tensor names) and the ClientApp (everything else),
-as in Flower's quickstart ``task.py``. The model is one of :mod:`models.networks` (the
+as in Flower's quickstart ``task.py``. The model is one of :mod:`forest_perception.models.networks` (the
 small auto-encoder by default, ``base-channels`` 4 = 27k parameters for 100-rover
 simulations, 16 = the 0.36M-parameter network of the model cards) at a configurable input
 size (e.g. 64x80 or 128x160). Its parameters travel as the floating-point entries of the
@@ -10,7 +10,7 @@ by name, always in ``state_dict`` order.
 
 A rover trains on its own recordings in the forest dataset layout
 (``Run-N/<segment>/{rgb_image,depth_image,metadata.csv}``), split by segment into train
-and validation (:func:`models.data.split_segments`; with a single segment it validates on
+and validation (:func:`forest_perception.models.data.split_segments`; with a single segment it validates on
 its training frames and says so). Decoded frames are cached per process, so a Ray actor
 that plays many virtual rovers reads each rover's PNGs once.
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from collab.updates import NDArrays
+from forest_perception.collab.updates import NDArrays
 
 SCOPES: dict[str, tuple[str, ...]] = {"all": ("",), "decoder": ("decoder.", "head.")}
 """Which tensors (name prefixes) a rover of each scope trains."""
@@ -142,7 +142,7 @@ class TaskConfig:
 
     def validate(self) -> TaskConfig:
         """Raise ``ValueError`` naming the first bad field."""
-        from models.data import check_input_hw
+        from forest_perception.models.data import check_input_hw
 
         self.input_hw = check_input_hw(self.input_hw)
         for name in ("base_channels", "batch_size", "local_epochs"):
@@ -167,8 +167,8 @@ class TaskConfig:
 
 def build_model(config: TaskConfig) -> nn.Module:
     """The depth network, initialised from ``config.seed`` (same seed, same initial weights everywhere)."""
-    from models.networks import MODEL_NAMES
-    from models.networks import build_model as build_network
+    from forest_perception.models.networks import MODEL_NAMES
+    from forest_perception.models.networks import build_model as build_network
 
     if config.model not in MODEL_NAMES:
         raise ValueError(f"unknown model {config.model!r}; choose one of {list(MODEL_NAMES)}")
@@ -279,7 +279,7 @@ def load_local_data(data_dir: str | Path, config: TaskConfig) -> LocalData:
 
     Raises ``FileNotFoundError`` / ``ValueError`` naming the folder when it is missing or holds no frames.
     """
-    from models.data import ForestDepthDataset, collect_segments, split_segments
+    from forest_perception.models.data import ForestDepthDataset, collect_segments, split_segments
 
     path = Path(data_dir)
     if not path.is_dir():
@@ -320,7 +320,7 @@ def load_local_data(data_dir: str | Path, config: TaskConfig) -> LocalData:
 
 
 def _loss_fn(config: TaskConfig) -> nn.Module:
-    from models.losses import DepthLoss
+    from forest_perception.models.losses import DepthLoss
 
     return DepthLoss(silog=1.0, smooth=0.001, min_depth=config.min_depth, max_depth=config.max_depth)
 
@@ -365,7 +365,7 @@ def train_local(
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, depth: torch.Tensor, config: TaskConfig) -> dict[str, float]:
     """Loss and depth metrics (``absrel``, ``delta1``, ...) of the model on the given frames."""
-    from models.metrics import MetricAccumulator
+    from forest_perception.models.metrics import MetricAccumulator
 
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -48,9 +48,9 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from collab.deploy.certs import ROVER_ID_PATTERN
-from collab.deploy.local import free_ports
-from collab.rover import (
+from forest_perception.collab.deploy.certs import ROVER_ID_PATTERN
+from forest_perception.collab.deploy.local import free_ports
+from forest_perception.collab.rover import (
     EXPORTERS,
     CandidateRef,
     DatasetScan,
@@ -71,7 +71,7 @@ from collab.rover import (
     train_locally,
     train_permission,
 )
-from collab.supervisor import (
+from forest_perception.collab.supervisor import (
     BACKOFF,
     FAILED,
     STOPPED,
@@ -97,7 +97,7 @@ SUPERNODE_POLL_S = 1.0
 
 
 class CollabNode(Node):
-    """Thin ROS wrapper over :mod:`collab.rover` (gate, local training, idleness, ledger)."""
+    """Thin ROS wrapper over :mod:`forest_perception.collab.rover` (gate, local training, idleness, ledger)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("collab_node", **kwargs)
@@ -256,9 +256,9 @@ class CollabNode(Node):
             self._idle.odom_timeout_s = float(new["odom_timeout_s"])
         return SetParametersResult(successful=True)
 
-    def task_config(self, p: dict[str, Any] | None = None) -> Any:  # noqa: ANN401 - collab.flower.task.TaskConfig
+    def task_config(self, p: dict[str, Any] | None = None) -> Any:  # noqa: ANN401 - forest_perception.collab.flower.task.TaskConfig
         """The rover's task settings from the parameters (architecture of models that carry none)."""
-        from collab.flower.task import TaskConfig
+        from forest_perception.collab.flower.task import TaskConfig
 
         p = p or self.p
         return TaskConfig(

@@ -33,6 +33,7 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, LaserScan, PointCloud2
 
 from forest_perception import depth_geometry, msgs
+from forest_perception.frames import FRAME_CAMERA
 from forest_perception.inference import SUPPORTED_ENCODINGS, ModelLoadError, convert_image_encoding, load_engine
 from forest_perception.nodes.common import (
     declare_parameters,
@@ -41,7 +42,6 @@ from forest_perception.nodes.common import (
     publish_node_diagnostics,
     run_node,
 )
-from forest_perception.sim.robot import FRAME_CAMERA
 
 BACKENDS = ("auto", "onnxruntime", "torch")
 COLOUR_ENCODINGS = SUPPORTED_ENCODINGS

@@ -34,8 +34,8 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, Imu, JointState, NavSatFix
 
 from forest_perception import msgs
+from forest_perception.frames import WHEEL_JOINTS, RoverGeometry
 from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
-from forest_perception.sim.robot import WHEEL_JOINTS, RoverGeometry
 from forest_perception.sync import (
     KINDS,
     TOPICS,

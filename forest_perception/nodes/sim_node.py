@@ -29,9 +29,7 @@ from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image, Imu, JointState, NavSatFix
 
 from forest_perception import msgs
-from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
-from forest_perception.sim.depth_camera import DepthCameraModel
-from forest_perception.sim.robot import (
+from forest_perception.frames import (
     FRAME_BASE,
     FRAME_CAMERA_OPTICAL,
     FRAME_GPS,
@@ -40,6 +38,8 @@ from forest_perception.sim.robot import (
     WHEEL_JOINTS,
     CameraIntrinsics,
 )
+from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
+from forest_perception.sim.depth_camera import DepthCameraModel
 from forest_perception.sim.simulator import (
     BEHAVIOURS,
     MAX_RENDER_WORKERS,

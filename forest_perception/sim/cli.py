@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.gazebo import bridge_entries, export_gazebo
-from forest_perception.sim.robot import CameraIntrinsics
 from forest_perception.sim.weather import WEATHER_PRESETS
 from forest_perception.sim.world import WorldConfig, generate_world
 

@@ -25,7 +25,7 @@ from statistics import NormalDist
 import cv2
 import numpy as np
 
-from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.weather import standard_normal_image
 
 

@@ -19,8 +19,8 @@ import math
 
 import numpy as np
 
-from forest_perception.sim.geo import wrap_angle
-from forest_perception.sim.robot import RoverGeometry
+from forest_perception.frames import RoverGeometry
+from forest_perception.geo import wrap_angle
 from forest_perception.sim.rover import RoverState, validate_bounds, validate_obstacles
 
 

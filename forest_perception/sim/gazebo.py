@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from forest_perception.sim.meshes import terrain_mesh, write_obj
-from forest_perception.sim.robot import (
+from forest_perception.frames import (
     FRAME_BASE,
     FRAME_CAMERA,
     FRAME_CAMERA_OPTICAL,
@@ -38,6 +37,7 @@ from forest_perception.sim.robot import (
     CameraIntrinsics,
     RoverGeometry,
 )
+from forest_perception.sim.meshes import terrain_mesh, write_obj
 from forest_perception.sim.terrain import Terrain
 from forest_perception.sim.weather import WEATHER_PRESETS, WeatherPreset, get_weather
 from forest_perception.sim.world import ForestWorld

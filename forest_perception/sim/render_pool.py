@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from forest_perception.frames import CameraIntrinsics
     from forest_perception.sim.meshes import MeshDetail
-    from forest_perception.sim.robot import CameraIntrinsics
     from forest_perception.sim.weather import WeatherPreset
     from forest_perception.sim.world import ForestWorld
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from forest_perception.sim.geo import (
+from forest_perception.frames import RoverGeometry
+from forest_perception.geo import (
     quaternion_from_rpy,
     rot_y,
     rotation_from_rpy,
@@ -35,7 +36,6 @@ from forest_perception.sim.geo import (
     transform_matrix,
     wrap_angle,
 )
-from forest_perception.sim.robot import RoverGeometry
 from forest_perception.sim.terrain import Terrain
 
 GRAVITY = 9.80665  # m/s^2, standard gravity

@@ -32,8 +32,8 @@ import cv2
 import numpy as np
 import pybullet as p
 
+from forest_perception.frames import CameraIntrinsics, RoverGeometry
 from forest_perception.sim.meshes import CATEGORIES, LOD_ALL, Mesh, MeshDetail, build_world_meshes
-from forest_perception.sim.robot import CameraIntrinsics, RoverGeometry
 from forest_perception.sim.textures import GROUND_TEXTURES, default_cache_dir, generate_textures
 from forest_perception.sim.weather import CameraEffects, WeatherPreset, apply_camera_pipeline, get_weather
 from forest_perception.sim.world import ForestWorld

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from forest_perception.sim.geo import enu_to_geodetic, quaternion_multiply, validate_lat_lon, wrap_angle
-from forest_perception.sim.robot import RoverGeometry
+from forest_perception.frames import RoverGeometry
+from forest_perception.geo import enu_to_geodetic, quaternion_multiply, validate_lat_lon, wrap_angle
 from forest_perception.sim.rover import RoverState
 
 # sensor_msgs/NavSatStatus and NavSatFix constants

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from forest_perception.frames import CameraIntrinsics, RoverGeometry
 from forest_perception.sim.depth_camera import DepthCameraModel
 from forest_perception.sim.explore import CmdVelController, ExplorationController
 from forest_perception.sim.render_pool import RenderPool, SceneSpec
-from forest_perception.sim.robot import CameraIntrinsics, RoverGeometry
 from forest_perception.sim.rover import DiffDriveRover, RoverState
 from forest_perception.sim.sensors import (
     EncoderModel,

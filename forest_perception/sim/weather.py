@@ -17,7 +17,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from forest_perception.sim.robot import CameraIntrinsics
+from forest_perception.frames import CameraIntrinsics
 
 RGB = tuple[float, float, float]
 

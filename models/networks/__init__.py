@@ -11,10 +11,16 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.networks.autoencoder import AutoEncoderDepth, DepthDecoder, DepthEncoder
-from models.networks.layers import SIZE_MULTIPLE, ConvBNReLU, LogDepthHead, SeparableConv, check_input_hw
-from models.networks.multiscale import CoarseNet, FineNet, MultiScaleDepth
-from models.transforms import IMAGE_MEAN, IMAGE_STD, normalise_image
+from forest_perception.models.networks.autoencoder import AutoEncoderDepth, DepthDecoder, DepthEncoder
+from forest_perception.models.networks.layers import (
+    SIZE_MULTIPLE,
+    ConvBNReLU,
+    LogDepthHead,
+    SeparableConv,
+    check_input_hw,
+)
+from forest_perception.models.networks.multiscale import CoarseNet, FineNet, MultiScaleDepth
+from forest_perception.models.transforms import IMAGE_MEAN, IMAGE_STD, normalise_image
 
 __all__ = [
     "IMAGE_MEAN",

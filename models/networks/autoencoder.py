@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from torch import nn
 
-from models.networks.layers import SIZE_MULTIPLE, ConvBNReLU, LogDepthHead, SeparableConv, check_input_hw
+from forest_perception.models.networks.layers import (
+    SIZE_MULTIPLE,
+    ConvBNReLU,
+    LogDepthHead,
+    SeparableConv,
+    check_input_hw,
+)
 
 
 class DepthEncoder(nn.Module):

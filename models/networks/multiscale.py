@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from torch import nn
 
-from models.networks.layers import SIZE_MULTIPLE, ConvBNReLU, LogDepthHead, check_input_hw
+from forest_perception.models.networks.layers import SIZE_MULTIPLE, ConvBNReLU, LogDepthHead, check_input_hw
 
 #: Resolution of the coarse prediction relative to the input.
 COARSE_STRIDE = 16

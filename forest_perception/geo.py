@@ -1,4 +1,4 @@
-"""Geodesy and rotation helpers shared by the simulator cores.
+"""Geodesy and rotation helpers (WGS84 <-> ENU, quaternions, Euler angles) shared by every layer.
 
 Conventions: ENU world frame (REP 103), quaternions in ROS order ``(x, y, z, w)``,
 Euler angles as ROS/tf use them: ``R = Rz(yaw) @ Ry(pitch) @ Rx(roll)`` (fixed-axis

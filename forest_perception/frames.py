@@ -1,5 +1,4 @@
-"""Rover geometry, frame names and camera intrinsics shared by the simulator,
-the Gazebo export and the ROS nodes (REP 103 units, REP 105 frames)."""
+"""Frame ids, rover geometry and camera intrinsics of the topic contract (REP 103 units, REP 105 frames)."""
 
 from __future__ import annotations
 
