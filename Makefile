@@ -41,10 +41,13 @@ venv: $(STAMP)
 lock: $(STAMP)
 	$(PIP) freeze --exclude-editable | grep -v '^forest.perception' > constraints.txt
 
+# lint first (seconds), then every test: unit/ (pure cores), ros/ (nodes on loopback), e2e/ (slow, whole chains)
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	ROS_LOG_DIR=$(CURDIR)/.venv/ros_log $(PY) -m pytest -q
 
 test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)

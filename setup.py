@@ -3,8 +3,16 @@
 from glob import glob
 
 from setuptools import find_packages, setup
+from setuptools.command.develop import develop
 
 PACKAGE = "forest_perception"
+# `ros2 run` looks for executables in lib/<package>: setup.cfg says so for `install`; `develop` (what
+# `colcon build --symlink-install` runs) takes the same option only before setuptools 80, which refuses
+# it, so it is set here where supported instead of in setup.cfg.
+_DEVELOP_OPTIONS = (
+    {"develop": {"script_dir": f"$base/lib/{PACKAGE}"}}
+    if any(opt[0].startswith("script-dir") for opt in develop.user_options) else {}
+)
 
 
 def _files(pattern: str) -> list[str]:
@@ -31,6 +39,7 @@ setup(
         (f"share/{PACKAGE}/models", _files("models/weights/*.onnx") + _files("models/weights/*.md")
          + _files("models/weights/*.json")),
     ],
+    options=_DEVELOP_OPTIONS,
     install_requires=["setuptools"],
     zip_safe=True,
     maintainer="forest_perception developers",

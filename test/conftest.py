@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
 
 import pytest
 
@@ -36,3 +40,59 @@ def rclpy_context(ros_env):
         yield context
     finally:
         rclpy.try_shutdown(context=context)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, period: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; its last value as a bool."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(period)
+    return bool(predicate())
+
+
+def spin_and_listen(context, nodes, seconds: float, topics: dict, step=None) -> dict[str, list]:
+    """Spin ``nodes`` with a listener on ``topics`` for ``seconds``; {name: [msg, ...]}.
+
+    ``topics`` maps a name to its message type, or to ``(type, reliable)``; by default sensor topics
+    are heard best effort (deep queue, so a busy machine loses nothing) and ``/diagnostics`` reliably.
+    ``step(listener)`` runs after every spin.
+    """
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    got = defaultdict(list)
+    listener = rclpy.create_node("test_listener", context=context)
+    for name, kind in topics.items():
+        kind, reliable = kind if isinstance(kind, tuple) else (kind, name == "/diagnostics")
+        qos = QoSProfile(depth=50) if reliable else QoSProfile(depth=500, reliability=ReliabilityPolicy.BEST_EFFORT)
+        listener.create_subscription(kind, name, lambda m, n=name: got[n].append(m), qos)
+    executor = SingleThreadedExecutor(context=context)
+    for node in [*nodes, listener]:
+        executor.add_node(node)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.01)
+            if step is not None:
+                step(listener)
+    finally:
+        for node in [*nodes, listener]:
+            executor.remove_node(node)
+        listener.destroy_node()
+        executor.shutdown()
+    return got
+
+
+@pytest.fixture
+def wait():
+    """:func:`wait_until`: poll a predicate with a timeout."""
+    return wait_until
+
+
+@pytest.fixture
+def spin(rclpy_context):
+    """:func:`spin_and_listen` bound to this test's rclpy context: ``spin(nodes, seconds, topics, step=None)``."""
+    return functools.partial(spin_and_listen, rclpy_context)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections import defaultdict
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.usefixtures("ros_env")
 
 OPTICAL = "camera_color_optical_frame"
 
@@ -83,48 +80,11 @@ def _image(array: np.ndarray, encoding: str, stamp_s: float = 1.0):
     return msgs.image_from_array(array, encoding, msgs.time_from_sec(stamp_s), OPTICAL)
 
 
-def _wait(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
-def _spin(context, nodes, seconds: float, topics: dict, step=None):
-    """Spin ``nodes`` and a listener; return {topic: [msg, ...]}."""
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-
-    got = defaultdict(list)
-    listener = rclpy.create_node("depth_listener", context=context)
-    for name, kind in topics.items():
-        qos = QoSProfile(depth=500, reliability=ReliabilityPolicy.BEST_EFFORT)
-        if name == "/diagnostics":
-            qos = QoSProfile(depth=50)
-        listener.create_subscription(kind, name, lambda m, n=name: got[n].append(m), qos)
-    executor = SingleThreadedExecutor(context=context)
-    for node in [*nodes, listener]:
-        executor.add_node(node)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        executor.spin_once(timeout_sec=0.01)
-        if step is not None:
-            step(listener)
-    for node in [*nodes, listener]:
-        executor.remove_node(node)
-    listener.destroy_node()
-    executor.shutdown()
-    return got
-
-
 def _diag(array) -> dict[str, str]:
     return {kv.key: kv.value for kv in array.status[0].values}
 
 
-def test_starts_without_a_model_and_reports_error(rclpy_context):
+def test_starts_without_a_model_and_reports_error(rclpy_context, wait):
     from diagnostic_msgs.msg import DiagnosticStatus
 
     from forest_perception.nodes.depth_node import DepthNode
@@ -134,7 +94,7 @@ def test_starts_without_a_model_and_reports_error(rclpy_context):
         level, message, values = node.diagnostics_values()
         assert level == DiagnosticStatus.ERROR and "/nonexistent/model.onnx" in message
         node._on_image(_image(np.zeros((12, 16, 3), np.uint8), "rgb8"))
-        assert _wait(lambda: node.counts["skipped"] == 1)  # nothing to run it on
+        assert wait(lambda: node.counts["skipped"] == 1)  # nothing to run it on
         assert node.counts["processed"] == 0
         # a valid model brings it up
         engines = {"/models/good.onnx": FormulaEngine("good-1")}
@@ -143,14 +103,14 @@ def test_starts_without_a_model_and_reports_error(rclpy_context):
 
         assert node.set_parameters([Parameter("model_path", value="/models/good.onnx")])[0].successful
         node._on_image(_image(np.zeros((12, 16, 3), np.uint8), "rgb8"))
-        assert _wait(lambda: node.counts["processed"] == 1)
+        assert wait(lambda: node.counts["processed"] == 1)
         level, _, values = node.diagnostics_values()
         assert values["model_version"] == "good-1" and level != DiagnosticStatus.ERROR
     finally:
         node.destroy_node()
 
 
-def test_bad_images_are_dropped_and_counted(rclpy_context):
+def test_bad_images_are_dropped_and_counted(rclpy_context, wait):
     from forest_perception.nodes.depth_node import DepthNode
 
     engine = FormulaEngine()
@@ -184,12 +144,12 @@ def test_bad_images_are_dropped_and_counted(rclpy_context):
         ):
             node._on_image(_image(array, encoding))
             n = len(engine.seen)
-            assert _wait(lambda n=n: len(engine.seen) == n + 1), encoding
+            assert wait(lambda n=n: len(engine.seen) == n + 1), encoding
             assert list(engine.seen[-1]) == [200, 0, 0], encoding
         node._on_image(_image(np.full((12, 16), 77, np.uint8), "mono8"))
-        assert _wait(lambda: len(engine.seen) == 5)
+        assert wait(lambda: len(engine.seen) == 5)
         assert list(engine.seen[-1]) == [77, 77, 77]
-        assert _wait(lambda: node.counts["processed"] == 5)
+        assert wait(lambda: node.counts["processed"] == 5)
         _, _, values = node.diagnostics_values()
         assert values["frames_malformed"] == 5 and values["frames_processed"] == 5
         assert node._thread.is_alive()
@@ -197,7 +157,7 @@ def test_bad_images_are_dropped_and_counted(rclpy_context):
         node.destroy_node()
 
 
-def test_model_hot_swap_is_atomic_and_refuses_bad_files(rclpy_context, onnx_models, tmp_path):
+def test_model_hot_swap_is_atomic_and_refuses_bad_files(rclpy_context, onnx_models, tmp_path, wait):
     from rclpy.parameter import Parameter
 
     from forest_perception.nodes.depth_node import DepthNode
@@ -216,14 +176,14 @@ def test_model_hot_swap_is_atomic_and_refuses_bad_files(rclpy_context, onnx_mode
         assert node.get_parameter("model_path").value == path_a
         # the old model still runs
         node._on_image(_image(np.full((120, 160, 3), 90, np.uint8), "rgb8"))
-        assert _wait(lambda: node.counts["processed"] == 1, timeout=10.0)
+        assert wait(lambda: node.counts["processed"] == 1, timeout=10.0)
         assert node.diagnostics_values()[2]["model_version"] == first
 
         assert node.set_parameters([Parameter("model_path", value=path_b)])[0].successful
         second = node.diagnostics_values()[2]["model_version"]
         assert second != first
         node._on_image(_image(np.full((120, 160, 3), 90, np.uint8), "bgr8"))
-        assert _wait(lambda: node.counts["processed"] == 2, timeout=10.0)
+        assert wait(lambda: node.counts["processed"] == 2, timeout=10.0)
         bad_range = node.set_parameters([Parameter("min_depth_m", value=50.0)])[0]
         assert not bad_range.successful and "min_depth_m" in bad_range.reason
         assert not node.set_parameters([Parameter("threads", value=99)])[0].successful  # outside 1..16
@@ -232,7 +192,7 @@ def test_model_hot_swap_is_atomic_and_refuses_bad_files(rclpy_context, onnx_mode
 
 
 @pytest.mark.slow
-def test_with_sim_node_end_to_end(rclpy_context, onnx_models):
+def test_with_sim_node_end_to_end(rclpy_context, onnx_models, spin):
     from diagnostic_msgs.msg import DiagnosticArray
     from sensor_msgs.msg import Image, LaserScan, PointCloud2
 
@@ -259,7 +219,7 @@ def test_with_sim_node_end_to_end(rclpy_context, onnx_models):
         "/diagnostics": DiagnosticArray,
     }
     try:
-        got = _spin(rclpy_context, [sim, depth], 5.0, topics)
+        got = spin([sim, depth], 5.0, topics)
     finally:
         depth.destroy_node()
         sim.destroy_node()
@@ -303,7 +263,7 @@ def test_with_sim_node_end_to_end(rclpy_context, onnx_models):
 
 
 @pytest.mark.slow
-def test_faster_images_than_inference_are_skipped_not_queued(rclpy_context):
+def test_faster_images_than_inference_are_skipped_not_queued(rclpy_context, spin):
     from sensor_msgs.msg import Image
 
     from forest_perception.nodes.depth_node import DepthNode
@@ -330,7 +290,7 @@ def test_faster_images_than_inference_are_skipped_not_queued(rclpy_context):
             state["sent"] += 1
 
     try:
-        got = _spin(rclpy_context, [node], 3.0, {"depth/image": Image}, step=publish)
+        got = spin([node], 3.0, {"depth/image": Image}, step=publish)
         time.sleep(0.3)
         counts = dict(node.counts)
         _, _, values = node.diagnostics_values()

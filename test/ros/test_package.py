@@ -1,19 +1,15 @@
-"""Packaging checks: package.xml, setup.py entry points, launch files and ruff."""
+"""Packaging checks: package.xml, setup.py entry points, launch files against the nodes' parameters."""
 
 from __future__ import annotations
 
 import ast
 import importlib
-import shutil
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _setup_call() -> ast.Call:
@@ -196,12 +192,3 @@ def test_ros_env_fixture_sets_loopback(ros_env):
     assert os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
     assert 0 < int(os.environ["ROS_DOMAIN_ID"]) <= 101
     assert Path(os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file()
-
-
-@pytest.mark.skipif(
-    shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(), reason="ruff not installed"
-)
-def test_ruff_is_clean():
-    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr

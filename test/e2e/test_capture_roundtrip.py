@@ -6,15 +6,12 @@ import time
 from collections import defaultdict
 
 import numpy as np
-import pytest
 from rclpy.parameter import Parameter
 
 from forest_perception import msgs
 from forest_perception.dataset_tools.bags import bag_info
 from forest_perception.dataset_tools.extract import ExtractConfig, extract_bag
 from forest_perception.dataset_tools.layout import decode_depth_mm, encode_depth_mm, load_frame, open_dataset
-
-pytestmark = pytest.mark.usefixtures("ros_env")
 
 
 def _params(**values):

@@ -7,8 +7,6 @@ import time
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("ros_env")
-
 OPTICAL = "camera_color_optical_frame"
 
 

@@ -35,7 +35,7 @@ from forest_perception.collab.flower.simulation import (
 from forest_perception.collab.flower.store import CoordinatorStore
 from forest_perception.collab.flower.task import DEFAULT_RUN_CONFIG, TaskConfig, load_local_data, merge_run_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------- population

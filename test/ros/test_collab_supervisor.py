@@ -57,15 +57,6 @@ class Clock:
         return self.now
 
 
-def _wait(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def _gone(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -81,7 +72,7 @@ def _wait_exit(sup: SuperNodeSupervisor) -> None:
     process.popen.wait(10.0)
 
 
-def test_running_state_node_id_and_stop_ends_the_group_with_its_child(tmp_path):
+def test_running_state_node_id_and_stop_ends_the_group_with_its_child(tmp_path, wait):
     exe = _fake(tmp_path, "fake-supernode", _SUPERNODE_LIKE)
     sup = SuperNodeSupervisor([str(exe), "--superlink", "127.0.0.1:1"], dict(os.environ), tmp_path / "log" / "sn.log",
                               ready_pattern=SUPERNODE_READY, stop_grace_s=5.0)
@@ -90,7 +81,7 @@ def test_running_state_node_id_and_stop_ends_the_group_with_its_child(tmp_path):
         assert sup.start() == STARTING
         pid = sup.pid
         assert pid is not None and os.getpgid(pid) == pid  # its own process group
-        assert _wait(lambda: sup.poll() == RUNNING), sup.status()
+        assert wait(lambda: sup.poll() == RUNNING), sup.status()
         status = sup.status()
         assert status["ready_match"] == "4242" and status["restarts"] == 0 and status["pid"] == pid
         assert status["last_line"] == "INFO :      SuperNode ID: 4242"  # colour codes removed
@@ -220,8 +211,7 @@ def _rover_certs(root: Path) -> dict[str, str]:
     return {"root_certificates": str(root / "ca.crt"), "auth_private_key": str(root / "rovers/rover_0/auth.key")}
 
 
-@pytest.mark.usefixtures("ros_env")
-def test_collab_node_runs_the_supernode_reports_it_and_stops_it(rclpy_context, tmp_path):
+def test_collab_node_runs_the_supernode_reports_it_and_stops_it(rclpy_context, tmp_path, wait):
     import rclpy
     from diagnostic_msgs.msg import DiagnosticStatus
     from rclpy.executors import SingleThreadedExecutor
@@ -261,7 +251,7 @@ def test_collab_node_runs_the_supernode_reports_it_and_stops_it(rclpy_context, t
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
     try:
-        assert _wait(lambda: statuses["rover_0"] and statuses["rover_0"][-1]["supernode"]["state"] == RUNNING,
+        assert wait(lambda: statuses["rover_0"] and statuses["rover_0"][-1]["supernode"]["state"] == RUNNING,
                      timeout=15.0), statuses["rover_0"][-1:] or node.supernode_status()
         supernode = statuses["rover_0"][-1]["supernode"]
         assert supernode["node_id"] == "4242" and supernode["restarts"] == 0 and supernode["enabled"]
@@ -280,18 +270,18 @@ def test_collab_node_runs_the_supernode_reports_it_and_stops_it(rclpy_context, t
         assert values["supernode_state"] == RUNNING and values["supernode_node_id"] == "4242"
 
         # the SuperNode dies: WARN while backing off (its orphaned child is ended), then it runs again
-        assert _wait(lambda: node.diagnostics_values()[0] == DiagnosticStatus.OK or not node.fault), node.fault
+        assert wait(lambda: node.diagnostics_values()[0] == DiagnosticStatus.OK or not node.fault), node.fault
         os.kill(pid, signal.SIGKILL)
-        assert _wait(lambda: node.supernode_status()["state"] == BACKOFF, timeout=5.0)
+        assert wait(lambda: node.supernode_status()["state"] == BACKOFF, timeout=5.0)
         level, message, _ = node.diagnostics_values()
         assert level == DiagnosticStatus.WARN and "exited with code -9" in message, message
-        assert _wait(lambda: _gone(child), timeout=5.0)
-        assert _wait(lambda: statuses["rover_0"][-1]["supernode"]["state"] == RUNNING
+        assert wait(lambda: _gone(child), timeout=5.0)
+        assert wait(lambda: statuses["rover_0"][-1]["supernode"]["state"] == RUNNING
                      and statuses["rover_0"][-1]["supernode"]["restarts"] == 1, timeout=10.0), node.supernode_status()
         pid = statuses["rover_0"][-1]["supernode"]["pid"]
         child = int((tmp_path / "child.pid").read_text())
 
-        assert _wait(lambda: statuses["rover_1"] and statuses["rover_1"][-1]["supernode"]["state"] == FAILED)
+        assert wait(lambda: statuses["rover_1"] and statuses["rover_1"][-1]["supernode"]["state"] == FAILED)
         reason = statuses["rover_1"][-1]["supernode"]["reason"]
         assert "root_certificates" in reason and "missing-ca.crt" in reason and "does not exist" in reason
         level, message, _ = broken.diagnostics_values()

@@ -9,8 +9,6 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.usefixtures("ros_env")
-
 OPTICAL = "camera_color_optical_frame"
 S = 1_000_000_000
 
@@ -334,31 +332,6 @@ def test_parameters_are_validated(rclpy_context):
         node.destroy_node()
 
 
-def _spin(context, nodes, seconds, topics):
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-
-    got = defaultdict(list)
-    listener = rclpy.create_node("sync_listener", context=context)
-    for name, kind in topics.items():
-        qos = QoSProfile(depth=500, reliability=ReliabilityPolicy.BEST_EFFORT)
-        if name == "/diagnostics":
-            qos = QoSProfile(depth=50)
-        listener.create_subscription(kind, name, lambda m, n=name: got[n].append(m), qos)
-    executor = SingleThreadedExecutor(context=context)
-    for node in [*nodes, listener]:
-        executor.add_node(node)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        executor.spin_once(timeout_sec=0.01)
-    for node in [*nodes, listener]:
-        executor.remove_node(node)
-    listener.destroy_node()
-    executor.shutdown()
-    return got
-
-
 def _relative(poses: list[tuple[float, float, float]]) -> list[tuple[float, float, float]]:
     """Poses expressed in the frame of the first one (odometry starts wherever the node first heard)."""
     x0, y0, yaw0 = poses[0]
@@ -375,7 +348,7 @@ def _pose(odom) -> tuple[float, float, float]:
     return p.position.x, p.position.y, 2 * math.atan2(p.orientation.z, p.orientation.w)
 
 
-def test_with_sim_node(rclpy_context):
+def test_with_sim_node(rclpy_context, spin):
     from diagnostic_msgs.msg import DiagnosticArray
     from nav_msgs.msg import Odometry
     from sensor_msgs.msg import CameraInfo, Image, Imu, JointState
@@ -415,7 +388,7 @@ def test_with_sim_node(rclpy_context):
         "/diagnostics": DiagnosticArray,
     }
     try:
-        got = _spin(rclpy_context, [sim, sync], 6.0, topics)
+        got = spin([sim, sync], 6.0, topics)
         summary = sync.sync.summary()
     finally:
         sync.destroy_node()

@@ -34,7 +34,7 @@ from forest_perception.dataset_tools.layout import (
 )
 
 H, W = 6, 8
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _imu(i: int = 0) -> ImuSample:

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import math
-import time
-from collections import defaultdict
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.usefixtures("ros_env")
 
 SMALL_WORLD = {
     "world_size_m": 24.0,
@@ -26,39 +22,12 @@ def _params(**values):
     return [Parameter(k, value=v) for k, v in {**SMALL_WORLD, **values}.items()]
 
 
-def _collect(context, node, topics: dict, seconds: float, extra=None):
-    """Spin the sim node and a listener; return {topic: [(receive_time, msg), ...]}."""
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import QoSProfile, ReliabilityPolicy
-
-    got = defaultdict(list)
-    listener = rclpy.create_node("contract_listener", context=context)
-    for name, (kind, reliable) in topics.items():
-        # best effort like qos_profile_sensor_data, with a deep queue so a busy test machine loses nothing
-        qos = QoSProfile(depth=50) if reliable else QoSProfile(depth=500, reliability=ReliabilityPolicy.BEST_EFFORT)
-        listener.create_subscription(kind, name, lambda m, n=name: got[n].append(m), qos)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    executor.add_node(listener)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        executor.spin_once(timeout_sec=0.02)
-        if extra is not None:
-            extra(listener, got)
-    executor.remove_node(listener)
-    executor.remove_node(node)
-    listener.destroy_node()
-    executor.shutdown()
-    return got
-
-
 def _stamp(msg) -> float:
     return msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
 
 
 @pytest.mark.slow
-def test_topic_contract(rclpy_context):
+def test_topic_contract(rclpy_context, spin):
     from diagnostic_msgs.msg import DiagnosticArray
     from nav_msgs.msg import Odometry
     from rosgraph_msgs.msg import Clock
@@ -81,7 +50,7 @@ def test_topic_contract(rclpy_context):
         "/diagnostics": (DiagnosticArray, True),
     }
     try:
-        got = _collect(rclpy_context, node, topics, seconds=6.0)
+        got = spin([node], 6.0, topics)
     finally:
         node.destroy_node()
 
@@ -145,7 +114,7 @@ def test_topic_contract(rclpy_context):
 
 
 @pytest.mark.slow
-def test_cmd_vel_drives_the_rover(rclpy_context):
+def test_cmd_vel_drives_the_rover(rclpy_context, spin):
     from geometry_msgs.msg import Twist
 
     from forest_perception.nodes.sim_node import SimNode
@@ -154,7 +123,7 @@ def test_cmd_vel_drives_the_rover(rclpy_context):
     start = node.sim.rovers[0].state
     sent = {"pub": None}
 
-    def drive(listener, _got):
+    def drive(listener):
         if sent["pub"] is None:
             sent["pub"] = listener.create_publisher(Twist, "/rover_0/cmd_vel", 10)
         msg = Twist()
@@ -162,7 +131,7 @@ def test_cmd_vel_drives_the_rover(rclpy_context):
         sent["pub"].publish(msg)
 
     try:
-        _collect(rclpy_context, node, {}, seconds=3.0, extra=drive)
+        spin([node], 3.0, {}, step=drive)
         end = node.sim.rovers[0].state
         moved = math.hypot(end.x - start.x, end.y - start.y)
         # forward along the start heading, about v * t (the start yaw of rover_0 is 0)
@@ -173,7 +142,7 @@ def test_cmd_vel_drives_the_rover(rclpy_context):
 
 
 @pytest.mark.slow
-def test_several_rovers_share_one_world(rclpy_context):
+def test_several_rovers_share_one_world(rclpy_context, spin):
     from sensor_msgs.msg import Image, NavSatFix
 
     from forest_perception.nodes.sim_node import SimNode
@@ -188,7 +157,7 @@ def test_several_rovers_share_one_world(rclpy_context):
         for t, kind in (("camera/image_raw", Image), ("gps/fix", NavSatFix))
     }
     try:
-        got = _collect(rclpy_context, node, topics, seconds=4.0)
+        got = spin([node], 4.0, topics)
     finally:
         node.destroy_node()
     for name in topics:

@@ -13,8 +13,6 @@ import pytest
 
 from forest_perception.collab import rover
 
-pytestmark = pytest.mark.usefixtures("ros_env")
-
 HW = (48, 64)
 
 
@@ -52,15 +50,6 @@ def _params(**values):
     return [Parameter(k, value=v) for k, v in values.items()]
 
 
-def _wait(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def _decision(node, label: str):
     with node._lock:
         last = node.last_decision
@@ -70,7 +59,7 @@ def _decision(node, label: str):
 class Probe:
     """A node in the rover namespace: publishes odometry at 20 Hz, listens to collab/status and /diagnostics."""
 
-    def __init__(self, context) -> None:
+    def __init__(self, context, wait) -> None:
         import rclpy
         from diagnostic_msgs.msg import DiagnosticArray
         from nav_msgs.msg import Odometry
@@ -78,6 +67,7 @@ class Probe:
         from std_msgs.msg import String
         from std_srvs.srv import Trigger
 
+        self.wait = wait
         self.node = rclpy.create_node("probe", namespace="rover_0", context=context)
         self.speed: float | None = None  # None: publish no odometry
         self.statuses: list[dict] = []
@@ -106,7 +96,7 @@ class Probe:
 
         assert self.train_now.wait_for_service(timeout_sec=5.0)
         future = self.train_now.call_async(Trigger.Request())
-        assert _wait(future.done, timeout=10.0)
+        assert self.wait(future.done, timeout=10.0)
         return future.result()
 
 
@@ -119,7 +109,7 @@ def shipped_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def rig(rclpy_context, tmp_path, request, shipped_model):
+def rig(rclpy_context, tmp_path, request, shipped_model, wait):
     """A depth node running a constant-2.5 m model, a collab node watching a drop folder, a probe, spinning.
 
     The rover has recorded four segments of four frames (``indirect`` parameter: how many segments).
@@ -143,7 +133,7 @@ def rig(rclpy_context, tmp_path, request, shipped_model):
     )
     nodes = {"depth": depth, "collab": CollabNode(context=rclpy_context, namespace="rover_0",
                                                   parameter_overrides=_params(**collab_params))}
-    probe = Probe(rclpy_context)
+    probe = Probe(rclpy_context, wait)
     executor = SingleThreadedExecutor(context=rclpy_context)
     for node in (*nodes.values(), probe.node):
         executor.add_node(node)
@@ -169,20 +159,20 @@ def rig(rclpy_context, tmp_path, request, shipped_model):
             node.destroy_node()
 
 
-def test_collab_node_gates_deploys_refuses_and_trains_when_idle(rig):
+def test_collab_node_gates_deploys_refuses_and_trains_when_idle(rig, wait):
     depth, collab, probe, drop = rig["depth"], rig["collab"](), rig["probe"], rig["drop"]
     first_version = depth.diagnostics_values()[2]["model_version"]
     assert first_version and depth.get_parameter("model_path").value == rig["shipped"]
-    assert _wait(lambda: probe.statuses and probe.statuses[-1]["dataset"]["frames"] == 16, timeout=10.0)
+    assert wait(lambda: probe.statuses and probe.statuses[-1]["dataset"]["frames"] == 16, timeout=10.0)
     assert probe.statuses[-1]["dataset"]["holdout_frames"] > 0
     # the node asked the depth node what it runs
-    assert _wait(lambda: probe.statuses[-1]["model_path"] == rig["shipped"], timeout=10.0)
+    assert wait(lambda: probe.statuses[-1]["model_path"] == rig["shipped"], timeout=10.0)
     assert probe.statuses[-1]["model_version"] == first_version and probe.statuses[-1]["state"] == "idle"
 
     # a better global model (the wall's true distance) is accepted and swapped into the depth node
     better = _constant_model(3.0, 1)
     rover.write_global_model(drop, 1, better.names, better.arrays, rover.task_meta(_task()))
-    assert _wait(lambda: _decision(collab, "global-r000001")), collab.last_error
+    assert wait(lambda: _decision(collab, "global-r000001"), timeout=30.0), collab.last_error
     decision = _decision(collab, "global-r000001")
     assert decision["accepted"] and decision["deployed"] and decision["code"] == "accepted", decision
     assert decision["running_model"] == rig["shipped"]
@@ -190,12 +180,13 @@ def test_collab_node_gates_deploys_refuses_and_trains_when_idle(rig):
     assert Path(deployed_path).is_file() and depth.get_parameter("model_path").value == deployed_path
     version = depth.diagnostics_values()[2]["model_version"]
     assert version == decision["model_version"] and version != first_version
-    assert _wait(lambda: probe.statuses[-1]["model_version"] == version and probe.statuses[-1]["round"] == 1)
+    assert wait(lambda: probe.statuses[-1]["model_version"] == version and probe.statuses[-1]["round"] == 1,
+                timeout=30.0)
 
     # random weights: worse on the held-out frames, refused with the reason; the depth node keeps its model
     random_model = rover.initial_model(_task(seed=7))
     rover.write_global_model(drop, 2, random_model.names, random_model.arrays, rover.task_meta(_task()))
-    assert _wait(lambda: _decision(collab, "global-r000002")), collab.last_error
+    assert wait(lambda: _decision(collab, "global-r000002"), timeout=30.0), collab.last_error
     decision = _decision(collab, "global-r000002")
     assert not decision["accepted"] and not decision["deployed"] and decision["code"] == "worse"
     assert "absrel" in decision["reason"] and decision["running_model"] == deployed_path
@@ -204,27 +195,27 @@ def test_collab_node_gates_deploys_refuses_and_trains_when_idle(rig):
 
     # a corrupt drop: refused as unreadable, naming the file
     (drop / "global-r000003.npz").write_bytes(b"\x00garbage" * 300)
-    assert _wait(lambda: _decision(collab, "global-r000003")), collab.last_error
+    assert wait(lambda: _decision(collab, "global-r000003"), timeout=30.0), collab.last_error
     decision = _decision(collab, "global-r000003")
     assert decision["code"] == "unreadable" and "global-r000003.npz" in decision["reason"]
     assert depth.get_parameter("model_path").value == deployed_path
-    assert _wait(lambda: probe.statuses[-1]["last_gate"]["label"] == "global-r000003")
+    assert wait(lambda: probe.statuses[-1]["last_gate"]["label"] == "global-r000003", timeout=30.0)
     assert probe.statuses[-1]["counts"]["accepted"] == 1 and probe.statuses[-1]["counts"]["refused"] == 2
 
     # local training: refused while the rover moves or without odometry, accepted once it has stood still
     response = probe.call_train_now()
     assert not response.success and "no odometry" in response.message
     probe.speed = 0.6
-    assert _wait(lambda: "moving" in collab.idle_state()[1], timeout=5.0)
+    assert wait(lambda: "moving" in collab.idle_state()[1], timeout=5.0)
     response = probe.call_train_now()
     assert not response.success and "moving at 0.60 m/s" in response.message
     probe.speed = 0.0
-    assert _wait(lambda: collab.idle_state()[0], timeout=5.0)
+    assert wait(lambda: collab.idle_state()[0], timeout=5.0)
     response = probe.call_train_now()
     assert response.success, response.message
-    assert _wait(lambda: _decision(collab, "local-")), collab.last_error
+    assert wait(lambda: _decision(collab, "local-"), timeout=30.0), collab.last_error
     assert collab.counts["trainings"] == 1 and collab.counts["training_failed"] == 0
-    assert _wait(lambda: probe.statuses[-1]["local_metrics"].get("steps", 0) > 0)
+    assert wait(lambda: probe.statuses[-1]["local_metrics"].get("steps", 0) > 0, timeout=30.0)
     local = probe.statuses[-1]["local_metrics"]
     assert local["val-is-train"] == 0.0 and math.isfinite(local["absrel"])
     local_decision = _decision(collab, "local-")
@@ -238,17 +229,17 @@ def test_collab_node_gates_deploys_refuses_and_trains_when_idle(rig):
         ours = [a.status[0] for a in probe.diagnostics if a.status and a.status[0].name == "collab_node: rover_0"]
         return {kv.key: kv.value for kv in ours[-1].values} if ours else {}
 
-    assert _wait(lambda: collab_diagnostics().get("model_version") == running_version
+    assert wait(lambda: collab_diagnostics().get("model_version") == running_version
                  and collab_diagnostics().get("state") == "idle", timeout=5.0)
     values = collab_diagnostics()
     assert int(values["count_refused"]) >= 2 and values["global_round"] == "3" and values["count_trainings"] == "1"
 
 
-def test_collab_node_restores_its_model_and_does_not_regate_after_a_restart(rig):
+def test_collab_node_restores_its_model_and_does_not_regate_after_a_restart(rig, wait):
     depth, collab, drop = rig["depth"], rig["collab"](), rig["drop"]
     better = _constant_model(3.0, 4)
     rover.write_global_model(drop, 4, better.names, better.arrays, rover.task_meta(_task()))
-    assert _wait(lambda: _decision(collab, "global-r000004")), collab.last_error
+    assert wait(lambda: _decision(collab, "global-r000004"), timeout=30.0), collab.last_error
     deployed = _decision(collab, "global-r000004")["model_path"]
     assert depth.get_parameter("model_path").value == deployed
     # the depth node restarts with its launch-file model; the collab node restarts too
@@ -256,7 +247,7 @@ def test_collab_node_restores_its_model_and_does_not_regate_after_a_restart(rig)
 
     assert depth.set_parameters([Parameter("model_path", value=rig["shipped"])])[0].successful
     collab = rig["restart_collab"]()
-    assert _wait(lambda: depth.get_parameter("model_path").value == deployed, timeout=15.0)
+    assert wait(lambda: depth.get_parameter("model_path").value == deployed, timeout=15.0)
     time.sleep(1.0)  # several polls: the model it decided on before is not gated again
     assert collab.last_decision is None and collab.counts["accepted"] == collab.counts["refused"] == 0
     assert collab.status_dict()["round"] == 4
@@ -267,12 +258,12 @@ def test_collab_node_restores_its_model_and_does_not_regate_after_a_restart(rig)
 
 
 @pytest.mark.parametrize("rig", [1], indirect=True)
-def test_a_model_waits_for_held_out_frames(rig):
+def test_a_model_waits_for_held_out_frames(rig, wait):
     depth, collab, drop = rig["depth"], rig["collab"](), rig["drop"]
     better = _constant_model(3.0, 1)
     rover.write_global_model(drop, 1, better.names, better.arrays, rover.task_meta(_task()))
     # one segment: nothing can be held out, so nothing is validated and the depth node keeps its model
-    assert _wait(lambda: _decision(collab, "global-r000001")), collab.last_error
+    assert wait(lambda: _decision(collab, "global-r000001"), timeout=30.0), collab.last_error
     decision = _decision(collab, "global-r000001")
     assert decision["code"] == "no_holdout" and not decision["accepted"]
     assert depth.get_parameter("model_path").value == rig["shipped"]
@@ -280,5 +271,5 @@ def test_a_model_waits_for_held_out_frames(rig):
     assert level == b"\x01" and "no held-out frames" in message
     # the rover records a second segment: the same model is gated again and deployed
     _write_segment(rig["data"], "b", 4, seed=1)
-    assert _wait(lambda: (_decision(collab, "global-r000001") or {}).get("deployed")), collab.last_error
+    assert wait(lambda: (_decision(collab, "global-r000001") or {}).get("deployed"), timeout=30.0), collab.last_error
     assert depth.get_parameter("model_path").value == collab.last_decision["model_path"]

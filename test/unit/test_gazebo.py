@@ -35,7 +35,7 @@ from forest_perception.sim.terrain import Terrain
 from forest_perception.sim.weather import get_weather
 from forest_perception.sim.world import WorldConfig, generate_world
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SEED = 8  # a 20 m world with trees, logs, bushes and rocks
 ROVERS = ("rover_0", "rover_1")
 CAMERA = CameraIntrinsics(width=256, height=192, hfov_deg=80.0)

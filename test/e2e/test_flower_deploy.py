@@ -44,7 +44,7 @@ from forest_perception.collab.deploy.local import (
 from forest_perception.collab.flower.cli import main as forest_fl
 from forest_perception.collab.flower.store import CoordinatorStore
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import yaml
 from forest_perception.dataset_tools.bags import BagError, bag_info, check_mcap, read_bag, repair_bag
 from forest_perception.recorder import BagRecorder, qos_profile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_750_000_000_000_000_000
 TOPIC = "/rover_0/counter"
 MESSAGE_BYTES = 4_000
