@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from forest_perception.inference import OnnxDepthEngine, TorchDepthEngine, load_torch_checkpoint  # noqa: E402
+from forest_perception.inference import OnnxDepthEngine  # noqa: E402
 from forest_perception.models.export import engine_latency, export_onnx, quantize_int8, synthetic_forest_image  # noqa: E402
 from forest_perception.models.networks import build_model, count_flops, count_parameters  # noqa: E402
+from forest_perception.models.torch_engine import TorchDepthEngine, load_torch_checkpoint  # noqa: E402
 
 SIZES = ((240, 320), (128, 160))
 NETWORKS = ("autoencoder", "multiscale")

@@ -244,7 +244,7 @@ def _read_npz(path: Path) -> GlobalModel:
 
 def _read_checkpoint(path: Path, server_round: int | None) -> GlobalModel:
     from forest_perception.collab.flower.task import get_arrays
-    from forest_perception.inference import load_torch_checkpoint
+    from forest_perception.models.torch_engine import load_torch_checkpoint
 
     try:
         model, meta = load_torch_checkpoint(path)
@@ -764,7 +764,7 @@ class ValidationGate:
 
     def _check_staged(self, candidate: GlobalModel, running_model: str | os.PathLike | None, holdout: HoldoutSet,
                       base: TaskConfig, label: str, staging: Path, started: float) -> GateDecision:
-        from forest_perception.inference import load_engine
+        from forest_perception.models.torch_engine import load_engine
 
         server_round = candidate.round
         try:

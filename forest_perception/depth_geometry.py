@@ -1,6 +1,6 @@
 """Geometry on depth images: back-projection to points, voxel downsampling, a laser scan.
 
-Pure numpy (open3d is used for voxel downsampling when importable). Frames:
+Pure numpy (open3d only when asked for, to compare voxel filters: it costs ~70 MiB on a rover). Frames:
 
 - optical frame (``camera_color_optical_frame``, REP 103 camera convention): x right,
   y down, z forward; depth images hold metres along z, NaN = invalid (REP 118).
@@ -98,22 +98,22 @@ def _import_open3d():  # noqa: ANN202 - module or None
     return _open3d or None
 
 
-def voxel_downsample(points: np.ndarray, voxel_m: float, use_open3d: bool | None = None) -> np.ndarray:
+def voxel_downsample(points: np.ndarray, voxel_m: float, use_open3d: bool = False) -> np.ndarray:
     """Centroid of the points in each occupied voxel of side ``voxel_m`` as (M, 3) float32.
 
-    Uses open3d when importable (``use_open3d=None``), else numpy; both put the voxel grid origin
-    half a voxel below the points' minimum corner, as open3d does, so they agree voxel for voxel.
-    ``voxel_m <= 0`` returns the points unchanged.
+    numpy by default (faster here than open3d's ``voxel_down_sample`` and no 70 MiB import);
+    ``use_open3d=True`` runs open3d's. Both put the voxel grid origin half a voxel below the
+    points' minimum corner, so they agree voxel for voxel. ``voxel_m <= 0`` returns the points.
     """
     points = np.asarray(points, dtype=np.float32)
     if points.ndim != 2 or points.shape[1] != 3:
         raise ValueError(f"points must be (N, 3), got shape {points.shape}")
     if voxel_m <= 0 or len(points) == 0:
         return points
-    o3d = _import_open3d() if use_open3d in (None, True) else None
-    if use_open3d and o3d is None:
-        raise RuntimeError("open3d requested for voxel_downsample but it is not importable")
-    if o3d is not None:
+    if use_open3d:
+        o3d = _import_open3d()
+        if o3d is None:
+            raise RuntimeError("open3d requested for voxel_downsample but it is not importable")
         cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
         return np.asarray(cloud.voxel_down_sample(float(voxel_m)).points, dtype=np.float32)
     pts = points.astype(np.float64)

@@ -167,7 +167,8 @@ def _meta_triplet(meta: Mapping[str, Any], key: str, default: Sequence[float]) -
     return triplet if len(triplet) == 3 else tuple(default)
 
 
-def _meta_hw(meta: Mapping[str, Any]) -> tuple[int, int] | None:
+def meta_input_hw(meta: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(height, width)`` from a model's ``input_hw`` metadata (a list or its JSON), None if absent or bad."""
     value = meta.get("input_hw")
     if isinstance(value, str):
         try:
@@ -312,7 +313,7 @@ class OnnxDepthEngine(DepthEngine):
         if isinstance(shape[2], int) and isinstance(shape[3], int):
             input_hw = (shape[2], shape[3])
         else:
-            input_hw = _meta_hw(meta)
+            input_hw = meta_input_hw(meta)
             if input_hw is None:
                 raise ModelLoadError(f"{where} has a dynamic input size {shape} and no input_hw in its metadata")
         out_shape = outputs[0].shape
@@ -330,110 +331,25 @@ class OnnxDepthEngine(DepthEngine):
         return self.session.run([self._output_name], {self._input_name: nchw})[0]
 
 
-def load_torch_checkpoint(path: str | Path) -> tuple[Any, dict[str, Any]]:
-    """Load a training checkpoint into ``(model in eval mode, meta)``; ``ModelLoadError`` naming the path otherwise."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ModelLoadError(f"cannot read checkpoint {str(path)!r}: {str(error).strip()[:200]}") from error
-    # the trainer writes "model_state"; older/other tools "state_dict"
-    state_key = next((key for key in ("model_state", "state_dict") if isinstance(checkpoint, Mapping)
-                      and key in checkpoint), None)
-    if state_key is None:
-        raise ModelLoadError(f"checkpoint {str(path)!r} is not a training checkpoint "
-                             "(no 'model_state' or 'state_dict' key)")
-    if not checkpoint.get("model_name"):
-        raise ModelLoadError(f"checkpoint {str(path)!r} has no 'model_name'; cannot rebuild the network")
-    skip = {"model_state", "state_dict", "optimizer_state", "scheduler_state", "history"}
-    meta = {key: value for key, value in checkpoint.items() if key not in skip}
-    normalisation = meta.get("normalisation")
-    if isinstance(normalisation, Mapping):
-        meta.setdefault("mean", normalisation.get("mean"))
-        meta.setdefault("std", normalisation.get("std"))
-    input_hw = _meta_hw(meta) or (240, 320)
-    kwargs = dict(meta.get("model_kwargs") or {})
-    kwargs.pop("input_hw", None)
-    try:
-        from forest_perception.models.networks import build_model
-
-        model = build_model(str(meta["model_name"]), input_hw=input_hw, **kwargs)
-        model.load_state_dict(checkpoint[state_key])
-    except Exception as error:
-        raise ModelLoadError(f"checkpoint {str(path)!r}: cannot rebuild {meta['model_name']!r} "
-                             f"with {kwargs}: {str(error).strip()[:300]}") from error
-    model.eval()
-    meta["input_hw"] = list(input_hw)
-    meta.setdefault("weights_sha256", weights_sha256(checkpoint[state_key]))
-    return model, meta
-
-
-class TorchDepthEngine(DepthEngine):
-    """Depth from a PyTorch model (a training checkpoint path, or ``(model, meta)``), eager mode, no grad."""
-
-    backend = "torch"
-
-    def __init__(self, source: str | Path | tuple[Any, Mapping[str, Any]], threads: int = 2, device: str = "cpu",
-                 min_depth: float | None = None, max_depth: float | None = None, upsample: str = "linear") -> None:
-        import torch
-
-        if isinstance(source, (str, Path)):
-            self.path: Path | None = Path(source)
-            model, meta = load_torch_checkpoint(self.path)
-        else:
-            self.path = None
-            model, meta = source
-            meta = dict(meta)
-        where = f"checkpoint {str(self.path)!r}" if self.path else f"model {type(model).__name__}"
-        input_hw = _meta_hw(meta) or tuple(getattr(model, "input_hw", (240, 320)))
-        # torch's thread pool is process-wide: this also affects any other torch work in the process
-        if threads:
-            torch.set_num_threads(int(threads))
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        if not meta.get("weights_sha256"):
-            meta["weights_sha256"] = weights_sha256(self.model.state_dict())
-        if not meta.get("version"):
-            name = meta.get("model_name") or type(model).__name__
-            meta["version"] = f"{name}-{meta['weights_sha256'][:12]}"
-        try:
-            with torch.inference_mode():
-                probe = self.model(torch.zeros(1, 3, *input_hw, device=self.device))
-        except Exception as error:
-            raise ModelLoadError(f"{where} does not accept a 1x3x{input_hw[0]}x{input_hw[1]} image: "
-                                 f"{str(error).strip()[:300]}") from error
-        if probe.ndim not in (3, 4) or (probe.ndim == 4 and probe.shape[1] != 1):
-            raise ModelLoadError(f"{where} must output Nx1xHxW depth, got {tuple(probe.shape)}")
-        super().__init__(input_hw, meta, min_depth, max_depth, upsample)
-
-    def _infer(self, nchw: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(nchw).to(self.device)).cpu().numpy()
+TORCH_SUFFIXES = (".pt", ".pth")
 
 
 def load_engine(path: str | Path, backend: str = "auto", providers: Sequence[str] = ("CPUExecutionProvider",),
                 threads: int = 2, **kwargs: Any) -> DepthEngine:
-    """Open a depth model: ``auto`` picks ONNX Runtime for ``.onnx`` and torch for ``.pt``/``.pth``."""
+    """Open an exported ``.onnx`` depth model with ONNX Runtime (the rover's engine; no torch here).
+
+    PyTorch checkpoints (``.pt``) are opened by :func:`forest_perception.models.torch_engine.load_engine`,
+    which takes both kinds.
+    """
     path = Path(path)
-    if backend == "auto":
-        suffix = path.suffix.lower()
-        if suffix == ".onnx":
-            backend = "onnxruntime"
-        elif suffix in (".pt", ".pth"):
-            backend = "torch"
-        else:
-            raise ModelLoadError(f"cannot tell the backend of {str(path)!r} from its suffix {suffix!r}; "
-                                 "expected .onnx, .pt or .pth, or pass backend='onnxruntime'/'torch'")
+    if backend == "torch" or (backend == "auto" and path.suffix.lower() in TORCH_SUFFIXES):
+        raise ModelLoadError(f"{str(path)!r} is a PyTorch checkpoint: the rover runtime runs exported .onnx "
+                             "models; open checkpoints with forest_perception.models.torch_engine.load_engine")
+    if backend == "auto" and path.suffix.lower() != ".onnx":
+        raise ModelLoadError(f"cannot tell the backend of {str(path)!r} from its suffix {path.suffix.lower()!r}; "
+                             "expected .onnx, .pt or .pth, or pass backend='onnxruntime'/'torch'")
+    if backend not in ("auto", "onnxruntime", "onnx", "ort"):
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'onnxruntime' or 'torch'")
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist")
-    if backend in ("onnxruntime", "onnx", "ort"):
-        return OnnxDepthEngine(path, providers=providers, threads=threads, **kwargs)
-    if backend == "torch":
-        return TorchDepthEngine(path, threads=threads, **kwargs)
-    raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'onnxruntime' or 'torch'")
+    return OnnxDepthEngine(path, providers=providers, threads=threads, **kwargs)

@@ -39,10 +39,10 @@ from forest_perception.inference import (
     OnnxDepthEngine,
     Preprocessor,
     file_sha256,
-    load_torch_checkpoint,
     read_onnx_metadata,
     weights_sha256,
 )
+from forest_perception.models.torch_engine import load_torch_checkpoint
 
 _LOG = logging.getLogger(__name__)
 

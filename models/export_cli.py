@@ -89,7 +89,7 @@ def run_export(args: argparse.Namespace, command: str) -> int:
 
 
 def _model_info(checkpoint: str) -> dict[str, object]:
-    from forest_perception.inference import load_torch_checkpoint
+    from forest_perception.models.torch_engine import load_torch_checkpoint
 
     model, meta = load_torch_checkpoint(checkpoint)
     info: dict[str, object] = {}

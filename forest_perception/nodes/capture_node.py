@@ -29,16 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.subscription import Subscription
 from std_srvs.srv import SetBool, Trigger
 
 from forest_perception.nodes.common import (
+    ParamSpec,
+    add_validated_updates,
+    changed,
     declare_parameters,
-    float_range,
-    int_range,
     publish_node_diagnostics,
     run_node,
 )
@@ -61,7 +61,6 @@ DEFAULT_TOPICS = [
     "joint_states",
     "odom",
 ]
-_READ_ONLY = ("diagnostics_period_s", "topic_check_period_s")
 _BAG_PARAMS = ("output_dir", "bag_name", "max_split_size_mb", "max_split_duration_s", "compression",
                "min_free_space_mb", "queue_size_mb", "chunk_size_kb")
 MB = 1_000_000
@@ -93,12 +92,34 @@ def message_class(type_name: str) -> type:
     return getattr(importlib.import_module(f"{package}.{kind}"), name)
 
 
+PARAMS = [
+    ParamSpec("topics", list(DEFAULT_TOPICS), "topics to record; relative names resolve in the node's namespace"),
+    ParamSpec("output_dir", "bags", "folder the bags are created in"),
+    ParamSpec("bag_name", "", "bag directory name; empty = rosbag2_YYYY_MM_DD-HH_MM_SS (a suffix avoids clashes)"),
+    ParamSpec("max_split_size_mb", 512, "start a new file when one reaches this size (MB); 0 = no limit",
+              (0, 1_000_000)),
+    ParamSpec("max_split_duration_s", 0.0, "start a new file after this much recording; 0 = no limit", (0.0, 86400.0)),
+    ParamSpec("compression", "none", "MCAP chunk compression", choices=tuple(COMPRESSIONS)),
+    ParamSpec("min_free_space_mb", 512, "close the bag and stop recording below this free disk space (MB)",
+              (0, 1_000_000)),
+    ParamSpec("autostart", True, "start recording when the node starts"),
+    ParamSpec("queue_size_mb", 128, "memory for messages waiting to be written; beyond it they are dropped",
+              (1, 16384)),
+    ParamSpec("chunk_size_kb", 1024, "MCAP chunk size: at most this much is lost if the process is killed",
+              (16, 65536)),
+    ParamSpec("subscription_depth", 50, "history depth of the recording subscriptions", (1, 10000)),
+    ParamSpec("diagnostics_period_s", 1.0, "period of /diagnostics (read-only)", (0.1, 60.0), read_only=True),
+    ParamSpec("topic_check_period_s", 1.0, "how often topics not yet advertised are looked for (read-only)",
+              (0.05, 60.0), read_only=True),
+]
+
+
 class CaptureNode(Node):
     """Thin ROS wrapper over :class:`forest_perception.recorder.BagRecorder`."""
 
     def __init__(self, disk_usage: DiskUsage | None = None, **kwargs: Any) -> None:
         super().__init__("capture_node", **kwargs)
-        self.p = self._declare_parameters()
+        self.p = declare_parameters(self, PARAMS, self._validate)
         self._disk_usage = disk_usage  # shutil.disk_usage unless given (tests simulate a filling disk)
         self._recorder: BagRecorder | None = None
         self._topic_subs: dict[str, Any] = {}  # resolved topic -> Subscription
@@ -116,7 +137,7 @@ class CaptureNode(Node):
         self.create_service(Trigger, "~/stop", self._on_stop)
         self.create_service(SetBool, "~/pause", self._on_pause)
         self.create_service(Trigger, "~/split", self._on_split)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
+        add_validated_updates(self, PARAMS, lambda: self.p, self._validate, self._commit)
         self.create_timer(self.p["topic_check_period_s"], self._check_topics)
         self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
         if self.p["autostart"]:
@@ -125,38 +146,7 @@ class CaptureNode(Node):
                 self.get_logger().error(f"autostart failed: {message}")
 
     # ---------------------------------------------------------------- parameters
-    def _declare_parameters(self) -> dict[str, Any]:
-        specs = [
-            ("topics", list(DEFAULT_TOPICS), "topics to record; relative names resolve in the node's namespace", None),
-            ("output_dir", "bags", "folder the bags are created in", None),
-            ("bag_name", "", "bag directory name; empty = rosbag2_YYYY_MM_DD-HH_MM_SS (a suffix avoids clashes)", None),
-            ("max_split_size_mb", 512, "start a new file when one reaches this size (MB); 0 = no limit",
-             int_range(0, 1_000_000)),
-            ("max_split_duration_s", 0.0, "start a new file after this much recording; 0 = no limit",
-             float_range(0.0, 86400.0)),
-            ("compression", "none", f"MCAP chunk compression: {list(COMPRESSIONS)}", None),
-            ("min_free_space_mb", 512, "close the bag and stop recording below this free disk space (MB)",
-             int_range(0, 1_000_000)),
-            ("autostart", True, "start recording when the node starts", None),
-            ("queue_size_mb", 128, "memory for messages waiting to be written; beyond it they are dropped",
-             int_range(1, 16384)),
-            ("chunk_size_kb", 1024, "MCAP chunk size: at most this much is lost if the process is killed",
-             int_range(16, 65536)),
-            ("subscription_depth", 50, "history depth of the recording subscriptions", int_range(1, 10000)),
-            ("diagnostics_period_s", 1.0, "period of /diagnostics (read-only)", float_range(0.1, 60.0)),
-            ("topic_check_period_s", 1.0, "how often topics not yet advertised are looked for (read-only)",
-             float_range(0.05, 60.0)),
-        ]
-        values = declare_parameters(self, specs, _READ_ONLY)
-        reason = self._validate(values)
-        if reason:
-            raise ValueError(reason)
-        values["topics"] = list(values["topics"])
-        return values
-
     def _validate(self, values: dict[str, Any]) -> str:
-        if values["compression"] not in COMPRESSIONS:
-            return f"compression must be one of {list(COMPRESSIONS)}, got {values['compression']!r}"
         topics = list(values["topics"])
         if not topics:
             return "topics must name at least one topic"
@@ -171,18 +161,11 @@ class CaptureNode(Node):
             return "output_dir must not be empty"
         return ""
 
-    def _on_set_parameters(self, params: list) -> SetParametersResult:
-        new = dict(self.p)
-        for param in params:
-            new[param.name] = list(param.value) if param.name == "topics" else param.value
-        reason = self._validate(new)
-        if reason:
-            return SetParametersResult(successful=False, reason=reason)
-        changed_bag = [k for k in _BAG_PARAMS if new[k] != self.p[k]]
+    def _commit(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        changed_bag = changed(old, new, _BAG_PARAMS)
         self.p = new
         if changed_bag and self._recorder is not None:
             self.get_logger().info(f"{', '.join(changed_bag)} changed: applies from the next ~/start")
-        return SetParametersResult(successful=True)
 
     def _resolve(self, topic: str) -> str:
         """Absolute name of ``topic`` in this node's namespace (remapped where rclpy can)."""

@@ -41,7 +41,7 @@ from typing import Any
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from nav_msgs.msg import Odometry
 from rcl_interfaces.msg import Parameter as ParameterMsg
-from rcl_interfaces.msg import ParameterType, ParameterValue, SetParametersResult
+from rcl_interfaces.msg import ParameterType, ParameterValue
 from rcl_interfaces.srv import GetParameters, SetParameters
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -81,19 +81,79 @@ from forest_perception.collab.supervisor import (
     supernode_environment,
 )
 from forest_perception.nodes.common import (
+    ParamSpec,
+    add_validated_updates,
     declare_parameters,
-    float_range,
-    int_range,
     publish_node_diagnostics,
     run_node,
 )
 
 MODELS = ("autoencoder", "multiscale")
 # wiring: fixed for the node's life
-_READ_ONLY = ("dataset_dir", "models_dir", "model_source", "depth_node", "poll_period_s", "status_period_s",
-              "diagnostics_period_s", "supernode", "superlink_address", "root_certificates", "auth_private_key",
-              "rover_id", "supernode_executable", "supernode_log")
 SUPERNODE_POLL_S = 1.0
+
+
+PARAMS = [
+    ParamSpec("dataset_dir", "data/forest", "the rover's recordings (forest dataset layout: Run-N/<segment>/...)",
+              read_only=True),
+    ParamSpec("models_dir", "models/deployed", "where gated models (ONNX + card), refused/ and the ledger go",
+              read_only=True),
+    ParamSpec("model_source", "models/incoming",
+              "drop folder the rover's ClientApp writes global-r<round>.npz into, or a coordinator SQLite store (.db)",
+              read_only=True),
+    ParamSpec("depth_node", "depth_node", "depth node whose model_path is set (relative: in this namespace)",
+              read_only=True),
+    ParamSpec("holdout_fraction", 0.2, "share of segments held out for the gate (by segment hash)", (0.0, 0.9)),
+    ParamSpec("holdout_seed", 0, "seed of the segment hash of the hold-out split", (0, 2**31 - 1)),
+    ParamSpec("max_holdout_frames", 200, "held-out frames evaluated at most (spread evenly)", (1, 100_000)),
+    ParamSpec("gate_tolerance_absrel", 0.0, "accept a candidate with AbsRel at most this much above the running model",
+              (0.0, 1.0)),
+    ParamSpec("gate_tolerance_delta1", 0.01, "accept a candidate with delta1 at most this much below the running model",
+              (0.0, 1.0)),
+    ParamSpec("gate_max_absrel", 1.0, "refuse a candidate above this AbsRel even with no running model", (0.0, 100.0)),
+    ParamSpec("onnx_exporter", "dynamo", f"torch ONNX exporter: {list(EXPORTERS)}"),
+    ParamSpec("keep_refused", 3, "refused candidates kept under models_dir/refused", (0, 1000)),
+    ParamSpec("keep_accepted", 5, "accepted models kept in models_dir besides the deployed one", (1, 1000)),
+    ParamSpec("train_only_when_idle", True, "refuse local training unless the rover stands still"),
+    ParamSpec("idle_speed_mps", 0.05, "odometry speed at or below which the rover stands still", (0.0, 10.0)),
+    ParamSpec("idle_seconds", 10.0, "how long the rover must stand still to be idle", (0.0, 3600.0)),
+    ParamSpec("odom_timeout_s", 1.0, "no odometry for this long: not idle (odometry may be down)", (0.01, 600.0)),
+    ParamSpec("auto_train_min_new_frames", 0,
+              "train by itself when idle and this many new frames were recorded since the last training; "
+              "0 = only ~/train_now", (0, 10_000_000)),
+    ParamSpec("model", "autoencoder", f"network of global models without architecture meta: {list(MODELS)}"),
+    ParamSpec("base_channels", 4, "auto-encoder width of global models without meta", (1, 256)),
+    ParamSpec("input_height", 64, "network input height (multiple of 16)", (16, 4096)),
+    ParamSpec("input_width", 80, "network input width (multiple of 16)", (16, 4096)),
+    ParamSpec("min_depth_m", 0.1, "valid ground-truth depth from (training and evaluation)", (0.01, 100.0)),
+    ParamSpec("max_depth_m", 10.0, "valid ground-truth depth up to", (0.1, 1000.0)),
+    ParamSpec("batch_size", 4, "local training batch size", (1, 1024)),
+    ParamSpec("local_epochs", 1, "local training epochs", (1, 1000)),
+    ParamSpec("local_steps", 0, "local optimiser steps at most (0: whole epochs)", (0, 1_000_000)),
+    ParamSpec("lr", 1e-3, "local AdamW learning rate", (1e-7, 1.0)),
+    ParamSpec("max_train_frames", 2000, "training frames at most (spread evenly; memory)", (1, 1_000_000)),
+    ParamSpec("torch_threads", 1, "threads for local training and evaluation", (1, 64)),
+    ParamSpec("restore_on_start", True, "put the last deployed model back on the depth node at start"),
+    ParamSpec("service_timeout_s", 10.0, "wait this long for the depth node's parameter services", (0.1, 600.0)),
+    ParamSpec("poll_period_s", 5.0, "period of checking the model source and the dataset (read-only)",
+              (0.05, 3600.0), read_only=True),
+    ParamSpec("status_period_s", 2.0, "period of collab/status (read-only)", (0.1, 3600.0), read_only=True),
+    ParamSpec("diagnostics_period_s", 1.0, "period of /diagnostics (read-only)", (0.1, 60.0), read_only=True),
+    ParamSpec("supernode", False, "run and supervise the rover's flower-supernode (read-only)", read_only=True),
+    ParamSpec("superlink_address", "127.0.0.1:8000", "host:port of the SuperLink's Fleet API (read-only)",
+              read_only=True),
+    ParamSpec("root_certificates", "", "CA certificate (PEM) verifying the SuperLink, e.g. certs/ca.crt (read-only)",
+              read_only=True),
+    ParamSpec("auth_private_key", "",
+              "the rover's SuperNode authentication key, e.g. certs/rovers/<id>/auth.key; "
+              "runtime.crt and runtime.key are taken from its folder (read-only)", read_only=True),
+    ParamSpec("rover_id", "", "rover id in the SuperNode's node config; empty: the namespace (read-only)",
+              read_only=True),
+    ParamSpec("supernode_executable", "flower-supernode", "SuperNode program: a path or a name on PATH (read-only)",
+              read_only=True),
+    ParamSpec("supernode_log", "", "SuperNode log file; empty: <models_dir>/supernode/supernode.log (read-only)",
+              read_only=True),
+]
 
 
 class CollabNode(Node):
@@ -101,10 +161,7 @@ class CollabNode(Node):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("collab_node", **kwargs)
-        self.p = self._declare_parameters()
-        reason = self._validate(self.p)
-        if reason:
-            raise ValueError(reason)
+        self.p = declare_parameters(self, PARAMS, self._validate)
         self._lock = threading.Lock()  # guards everything the worker and the callbacks share
         self._wake = threading.Condition(self._lock)
         self._pending: tuple[str, Any] | None = None
@@ -148,7 +205,7 @@ class CollabNode(Node):
         # best effort subscribes to reliable and best-effort odometry publishers alike
         self.create_subscription(Odometry, "odom", self._on_odom, qos_profile_sensor_data)
         self.create_service(Trigger, "~/train_now", self._on_train_now)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
+        add_validated_updates(self, PARAMS, lambda: self.p, self._validate, self._commit)
         self.create_timer(self.p["poll_period_s"], self._poll)
         self.create_timer(self.p["status_period_s"], self.publish_status)
         self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
@@ -164,66 +221,6 @@ class CollabNode(Node):
             self.create_timer(SUPERNODE_POLL_S, self._poll_supernode)
 
     # ---------------------------------------------------------------- parameters
-    def _declare_parameters(self) -> dict[str, Any]:
-        specs = [
-            ("dataset_dir", "data/forest", "the rover's recordings (forest dataset layout: Run-N/<segment>/...)", None),
-            ("models_dir", "models/deployed", "where gated models (ONNX + card), refused/ and the ledger go", None),
-            ("model_source", "models/incoming", "drop folder the rover's ClientApp writes global-r<round>.npz "
-             "into, or a coordinator SQLite store (.db)", None),
-            ("depth_node", "depth_node", "depth node whose model_path is set (relative: in this namespace)", None),
-            ("holdout_fraction", 0.2, "share of segments held out for the gate (by segment hash)",
-             float_range(0.0, 0.9)),
-            ("holdout_seed", 0, "seed of the segment hash of the hold-out split", int_range(0, 2**31 - 1)),
-            ("max_holdout_frames", 200, "held-out frames evaluated at most (spread evenly)", int_range(1, 100_000)),
-            ("gate_tolerance_absrel", 0.0, "accept a candidate with AbsRel at most this much above the running model",
-             float_range(0.0, 1.0)),
-            ("gate_tolerance_delta1", 0.01, "accept a candidate with delta1 at most this much below the running model",
-             float_range(0.0, 1.0)),
-            ("gate_max_absrel", 1.0, "refuse a candidate above this AbsRel even with no running model",
-             float_range(0.0, 100.0)),
-            ("onnx_exporter", "dynamo", f"torch ONNX exporter: {list(EXPORTERS)}", None),
-            ("keep_refused", 3, "refused candidates kept under models_dir/refused", int_range(0, 1000)),
-            ("keep_accepted", 5, "accepted models kept in models_dir besides the deployed one", int_range(1, 1000)),
-            ("train_only_when_idle", True, "refuse local training unless the rover stands still", None),
-            ("idle_speed_mps", 0.05, "odometry speed at or below which the rover stands still", float_range(0.0, 10.0)),
-            ("idle_seconds", 10.0, "how long the rover must stand still to be idle", float_range(0.0, 3600.0)),
-            ("odom_timeout_s", 1.0, "no odometry for this long: not idle (odometry may be down)",
-             float_range(0.01, 600.0)),
-            ("auto_train_min_new_frames", 0, "train by itself when idle and this many new frames were recorded "
-             "since the last training; 0 = only ~/train_now", int_range(0, 10_000_000)),
-            ("model", "autoencoder", f"network of global models without architecture meta: {list(MODELS)}", None),
-            ("base_channels", 4, "auto-encoder width of global models without meta", int_range(1, 256)),
-            ("input_height", 64, "network input height (multiple of 16)", int_range(16, 4096)),
-            ("input_width", 80, "network input width (multiple of 16)", int_range(16, 4096)),
-            ("min_depth_m", 0.1, "valid ground-truth depth from (training and evaluation)", float_range(0.01, 100.0)),
-            ("max_depth_m", 10.0, "valid ground-truth depth up to", float_range(0.1, 1000.0)),
-            ("batch_size", 4, "local training batch size", int_range(1, 1024)),
-            ("local_epochs", 1, "local training epochs", int_range(1, 1000)),
-            ("local_steps", 0, "local optimiser steps at most (0: whole epochs)", int_range(0, 1_000_000)),
-            ("lr", 1e-3, "local AdamW learning rate", float_range(1e-7, 1.0)),
-            ("max_train_frames", 2000, "training frames at most (spread evenly; memory)", int_range(1, 1_000_000)),
-            ("torch_threads", 1, "threads for local training and evaluation", int_range(1, 64)),
-            ("restore_on_start", True, "put the last deployed model back on the depth node at start", None),
-            ("service_timeout_s", 10.0, "wait this long for the depth node's parameter services",
-             float_range(0.1, 600.0)),
-            ("poll_period_s", 5.0, "period of checking the model source and the dataset (read-only)",
-             float_range(0.05, 3600.0)),
-            ("status_period_s", 2.0, "period of collab/status (read-only)", float_range(0.1, 3600.0)),
-            ("diagnostics_period_s", 1.0, "period of /diagnostics (read-only)", float_range(0.1, 60.0)),
-            ("supernode", False, "run and supervise the rover's flower-supernode (read-only)", None),
-            ("superlink_address", "127.0.0.1:8000", "host:port of the SuperLink's Fleet API (read-only)", None),
-            ("root_certificates", "", "CA certificate (PEM) verifying the SuperLink, e.g. certs/ca.crt (read-only)",
-             None),
-            ("auth_private_key", "", "the rover's SuperNode authentication key, e.g. certs/rovers/<id>/auth.key; "
-             "runtime.crt and runtime.key are taken from its folder (read-only)", None),
-            ("rover_id", "", "rover id in the SuperNode's node config; empty: the namespace (read-only)", None),
-            ("supernode_executable", "flower-supernode", "SuperNode program: a path or a name on PATH (read-only)",
-             None),
-            ("supernode_log", "", "SuperNode log file; empty: <models_dir>/supernode/supernode.log (read-only)",
-             None),
-        ]
-        return declare_parameters(self, specs, set(_READ_ONLY))
-
     @staticmethod
     def _validate(p: dict[str, Any]) -> str:
         """Why ``p`` is not a usable configuration ("" if it is)."""
@@ -241,20 +238,13 @@ class CollabNode(Node):
                 return f"{name} must not be empty"
         return ""
 
-    def _on_set_parameters(self, params: list) -> SetParametersResult:
-        new = dict(self.p)
-        for param in params:
-            new[param.name] = param.value
-        reason = self._validate(new)
-        if reason:
-            return SetParametersResult(successful=False, reason=reason)
+    def _commit(self, _old: dict[str, Any], new: dict[str, Any]) -> None:
         with self._lock:
             self.p = new
             # thresholds apply to the samples already seen: no history is lost
             self._idle.idle_speed_mps = float(new["idle_speed_mps"])
             self._idle.idle_seconds = float(new["idle_seconds"])
             self._idle.odom_timeout_s = float(new["odom_timeout_s"])
-        return SetParametersResult(successful=True)
 
     def task_config(self, p: dict[str, Any] | None = None) -> Any:  # noqa: ANN401 - forest_perception.collab.flower.task.TaskConfig
         """The rover's task settings from the parameters (architecture of models that carry none)."""

@@ -1,109 +1,104 @@
 """depth_node: monocular depth from the rover camera, with its point cloud and a laser scan.
 
-Subscribes ``camera/image_raw`` (rgb8, bgr8, rgba8, bgra8 or mono8) and ``camera/camera_info``;
-publishes ``depth/image`` (32FC1 metres along the optical z axis, NaN invalid, the image's stamp
-and frame), ``depth/points`` (PointCloud2 in the image's optical frame, voxel-downsampled),
-``depth/scan`` (LaserScan in ``camera_link``: x forward, y left, nearest obstacle per bearing,
-ground and canopy removed, +inf = no return) and ``/diagnostics``.
-
-It keeps up in real time instead of queueing: the image callback only keeps the newest frame
-(the one it replaces is counted as skipped) and a worker thread runs the network on the newest
-frame. Changing ``model_path`` (or ``backend``, ``providers``, ``threads``) at run time loads the
-new engine first and swaps it in atomically; a file that does not load is refused with the
-loader's reason and the old engine keeps running. Malformed images are dropped and counted.
+Thin ROS wrapper over :mod:`forest_perception.depth_pipeline`; topics, parameters and the
+hot-swap rules are in README.md ("depth_node"). The newest frame always wins: a frame that
+arrives while the network runs replaces the waiting one (counted as skipped).
 """
 
 from __future__ import annotations
 
-import math
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
-import rclpy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rcl_interfaces.msg import (
-    SetParametersResult,
-)
+from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, LaserScan, PointCloud2
 
-from forest_perception import depth_geometry, msgs
+from forest_perception import msgs
+from forest_perception.depth_pipeline import (
+    CameraModel,
+    DepthEngineLike,
+    DepthSettings,
+    DepthStats,
+    depth_health,
+    depth_points,
+    depth_scan,
+    predict_depth,
+    scan_frame_id,
+)
 from forest_perception.frames import FRAME_CAMERA
-from forest_perception.inference import SUPPORTED_ENCODINGS, ModelLoadError, convert_image_encoding, load_engine
+from forest_perception.inference import SUPPORTED_ENCODINGS, TORCH_SUFFIXES, ModelLoadError, convert_image_encoding
 from forest_perception.nodes.common import (
+    ParamSpec,
+    add_validated_updates,
+    changed,
     declare_parameters,
-    float_range,
-    int_range,
     publish_node_diagnostics,
     run_node,
 )
+from forest_perception.worker import SlotWorker
 
 BACKENDS = ("auto", "onnxruntime", "torch")
-COLOUR_ENCODINGS = SUPPORTED_ENCODINGS
-
-
-class DepthEngineLike(Protocol):
-    """What the node needs of ``forest_perception.inference.DepthEngine``."""
-
-    model_version: str
-    backend: str
-
-    def predict(self, rgb: np.ndarray) -> np.ndarray:
-        """HxW float32 metres (NaN invalid) from an HxWx3 uint8 RGB image."""
-        ...
-
+# parameters that make the engine reload when they change
+ENGINE_PARAMS = ("model_path", "backend", "providers", "threads")
+PARAMS = [
+    ParamSpec("model_path", "", "exported depth model (.onnx, or a .pt checkpoint); changing it hot-swaps the model"),
+    ParamSpec("backend", "auto", "inference backend", choices=BACKENDS),
+    ParamSpec("providers", ["CPUExecutionProvider"], "onnxruntime execution providers, in order"),
+    ParamSpec("threads", 2, "intra-op threads of the inference backend", (1, 16)),
+    ParamSpec("min_depth_m", 0.28, "predicted depth below this is invalid (NaN)", (0.0, 100.0)),
+    ParamSpec("max_depth_m", 10.0, "predicted depth beyond this is invalid (NaN)", (0.1, 1000.0)),
+    ParamSpec("publish_points", True, "publish depth/points"),
+    ParamSpec("voxel_size_m", 0.05, "voxel side of the published cloud; 0 publishes every point", (0.0, 5.0)),
+    ParamSpec("point_stride", 2, "use every n-th pixel in each direction for the cloud", (1, 64)),
+    ParamSpec("publish_scan", True, "publish depth/scan"),
+    ParamSpec("scan_frame_id", FRAME_CAMERA, "LaserScan frame (x forward, y left, z up, level)"),
+    ParamSpec("scan_angle_increment_rad", 0.0, "bearing step; 0 = one pixel at the image centre", (0.0, 0.5)),
+    ParamSpec("scan_range_min_m", 0.28, "scan range_min (closer points are dropped)", (0.0, 100.0)),
+    ParamSpec("scan_range_max_m", 10.0, "scan range_max (farther points are dropped)", (0.1, 1000.0)),
+    ParamSpec("scan_ground_clearance_m", 0.05, "points lower than this above the ground are ground", (0.0, 2.0)),
+    ParamSpec("scan_max_obstacle_height_m", 1.0, "points higher than this (canopy) are ignored", (0.0, 50.0)),
+    ParamSpec("scan_stride", 1, "use every n-th pixel in each direction for the scan", (1, 16)),
+    ParamSpec("camera_height_m", 0.20, "optical centre height above the ground", (0.0, 10.0)),
+    ParamSpec("camera_pitch_rad", 0.0, "camera pitch, positive looking down (REP 103)", (-1.5, 1.5)),
+    ParamSpec("fallback_hfov_deg", 69.4, "horizontal FOV used until camera_info arrives", (10.0, 170.0)),
+    ParamSpec("diagnostics_period_s", 1.0, "period of /diagnostics", (0.1, 60.0), read_only=True),
+]
 
 EngineLoader = Callable[[str, str, tuple[str, ...], int], DepthEngineLike]
 
 
 def load_inference_engine(path: str, backend: str, providers: tuple[str, ...], threads: int) -> DepthEngineLike:
-    """The default loader: :func:`forest_perception.inference.load_engine` (raises ``ModelLoadError``)."""
+    """The default loader: ONNX Runtime for ``.onnx``; torch (imported only then) for ``.pt`` checkpoints."""
     if not path:
         raise ModelLoadError("model_path is empty: set it to an exported .onnx model or a .pt checkpoint")
+    if backend == "torch" or (backend == "auto" and path.lower().endswith(TORCH_SUFFIXES)):
+        from forest_perception.models.torch_engine import load_engine
+    else:
+        from forest_perception.inference import load_engine
     return load_engine(path, backend=backend, providers=tuple(providers), threads=int(threads))
 
 
-def _percentile(values: deque[float], q: float) -> float:
-    return float(np.percentile(np.fromiter(values, dtype=np.float64), q)) if values else 0.0
-
-
-_READ_ONLY = ("diagnostics_period_s",)
-# parameters that make the engine reload when they change
-_ENGINE_PARAMS = ("model_path", "backend", "providers", "threads")
-
-
 class DepthNode(Node):
-    """Thin ROS wrapper over a depth engine and :mod:`forest_perception.depth_geometry`."""
+    """Subscribes camera/image_raw and camera_info; publishes depth/image, depth/points, depth/scan."""
 
     def __init__(self, engine_loader: EngineLoader | None = None, **kwargs: Any) -> None:
         super().__init__("depth_node", **kwargs)
         self._loader: EngineLoader = engine_loader or load_inference_engine
-        self.p = self._declare_parameters()
-        self._lock = threading.Lock()  # guards the newest-frame slot, the engine and the counters
-        self._wake = threading.Condition(self._lock)
-        self._pending: tuple[np.ndarray, Image, float] | None = None
+        self.p = declare_parameters(self, PARAMS, self._check)
+        self.settings = DepthSettings.from_parameters(self.p)
+        self.stats = DepthStats()
+        self.camera = CameraModel()
         self._engine: DepthEngineLike | None = None
         self._engine_error = ""
-        self._K: np.ndarray | None = None
-        self._info_size: tuple[int, int] | None = None
+        self._candidate: DepthEngineLike | None = None
         self._warned_fallback = False
-        self.counts = {"received": 0, "processed": 0, "skipped": 0, "malformed": 0, "inference_errors": 0}
-        self.last_error = ""
-        self._latency_ms: deque[float] = deque(maxlen=200)
-        self._stamp_latency_ms: deque[float] = deque(maxlen=200)
-        self._inference_ms: deque[float] = deque(maxlen=200)
-        self._published: deque[float] = deque(maxlen=200)
-
         try:
-            self._engine = self._load(self.p["model_path"], self.p["backend"], self.p["providers"], self.p["threads"])
-            self.get_logger().info(
-                f"model {self.p['model_path']} ({self._engine.model_version}, {self._engine.backend}) loaded"
-            )
+            self._engine = self._load(self.p)
+            self.get_logger().info(f"model {self.p['model_path']} ({self._engine.model_version}, "
+                                   f"{self._engine.backend}) loaded")
         except Exception as exc:  # noqa: BLE001 - start anyway: a valid model_path can be set at run time
             self._engine_error = f"no model loaded: {exc}"
             self.get_logger().error(f"{self._engine_error}; processing nothing until a valid model_path is set")
@@ -115,259 +110,124 @@ class DepthNode(Node):
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         self.create_subscription(Image, "camera/image_raw", self._on_image, sensor)
         self.create_subscription(CameraInfo, "camera/camera_info", self._on_camera_info, sensor)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
+        add_validated_updates(self, PARAMS, lambda: self.p, self._check_update, self._commit)
         self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="depth_worker", daemon=True)
-        self._thread.start()
+        self.worker = SlotWorker("depth_worker", self._process)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Frames received, processed, skipped, malformed and inference errors."""
+        return self.stats.counts
+
+    @property
+    def last_error(self) -> str:
+        """The last dropped input or inference error."""
+        return self.stats.last_error
 
     # ---------------------------------------------------------------- parameters
-    def _declare_parameters(self) -> dict:
-        specs = [
-            ("model_path", "", "exported depth model (.onnx or torch); changing it hot-swaps the model", None),
-            ("backend", "auto", f"inference backend: {list(BACKENDS)}", None),
-            ("providers", ["CPUExecutionProvider"], "onnxruntime execution providers, in order", None),
-            ("threads", 2, "intra-op threads of the inference backend", int_range(1, 16)),
-            ("min_depth_m", 0.28, "predicted depth below this is invalid (NaN)", float_range(0.0, 100.0)),
-            ("max_depth_m", 10.0, "predicted depth beyond this is invalid (NaN)", float_range(0.1, 1000.0)),
-            ("publish_points", True, "publish depth/points", None),
-            ("voxel_size_m", 0.05, "voxel side of the published cloud; 0 publishes every point", float_range(0.0, 5.0)),
-            ("point_stride", 2, "use every n-th pixel in each direction for the cloud", int_range(1, 64)),
-            ("publish_scan", True, "publish depth/scan", None),
-            ("scan_frame_id", FRAME_CAMERA, "LaserScan frame (x forward, y left, z up, level)", None),
-            ("scan_angle_increment_rad", 0.0, "bearing step; 0 = one pixel at the image centre", float_range(0.0, 0.5)),
-            ("scan_range_min_m", 0.28, "scan range_min (closer points are dropped)", float_range(0.0, 100.0)),
-            ("scan_range_max_m", 10.0, "scan range_max (farther points are dropped)", float_range(0.1, 1000.0)),
-            ("scan_ground_clearance_m", 0.05, "points lower than this above the ground are ground", float_range(0, 2)),
-            ("scan_max_obstacle_height_m", 1.0, "points higher than this (canopy) are ignored", float_range(0.0, 50.0)),
-            ("scan_stride", 1, "use every n-th pixel in each direction for the scan", int_range(1, 16)),
-            ("camera_height_m", 0.20, "optical centre height above the ground", float_range(0.0, 10.0)),
-            ("camera_pitch_rad", 0.0, "camera pitch, positive looking down (REP 103)", float_range(-1.5, 1.5)),
-            ("fallback_hfov_deg", 69.4, "horizontal FOV used until camera_info arrives", float_range(10.0, 170.0)),
-            ("diagnostics_period_s", 1.0, "period of /diagnostics (read-only)", float_range(0.1, 60.0)),
-        ]
-        values = declare_parameters(self, specs, _READ_ONLY)
-        values["providers"] = tuple(values["providers"])
-        if values["backend"] not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {values['backend']!r}")
-        if values["min_depth_m"] >= values["max_depth_m"]:
-            lo, hi = values["min_depth_m"], values["max_depth_m"]
-            raise ValueError(f"min_depth_m ({lo}) must be below max_depth_m ({hi})")
-        return values
+    def _load(self, p: dict[str, Any]) -> DepthEngineLike:
+        return self._loader(str(p["model_path"]), str(p["backend"]), tuple(p["providers"]), int(p["threads"]))
 
-    def _load(self, path: str, backend: str, providers: tuple[str, ...], threads: int) -> DepthEngineLike:
-        return self._loader(str(path), str(backend), tuple(providers), int(threads))
+    @staticmethod
+    def _check(values: dict[str, Any]) -> str:
+        return DepthSettings.from_parameters(values).problem()
 
-    def _on_set_parameters(self, params: list) -> SetParametersResult:
-        new = dict(self.p)
-        for param in params:
-            new[param.name] = tuple(param.value) if param.name == "providers" else param.value
-        if new["backend"] not in BACKENDS:
-            return SetParametersResult(successful=False, reason=f"backend must be one of {list(BACKENDS)}")
-        if new["min_depth_m"] >= new["max_depth_m"]:
-            return SetParametersResult(successful=False, reason="min_depth_m must be below max_depth_m")
-        if new["scan_range_min_m"] >= new["scan_range_max_m"]:
-            return SetParametersResult(successful=False, reason="scan_range_min_m must be below scan_range_max_m")
-        engine = None
-        if any(new[k] != self.p[k] for k in _ENGINE_PARAMS):
-            # load before accepting: a bad file is refused and the running engine stays
-            try:
-                engine = self._load(new["model_path"], new["backend"], new["providers"], new["threads"])
-            except Exception as exc:  # noqa: BLE001 - any loader failure becomes the refusal's reason
-                reason = f"model_path {new['model_path']!r} not loaded ({type(exc).__name__}: {exc})"
-                self.get_logger().warning(f"refused: {reason}; keeping the running model")
-                return SetParametersResult(successful=False, reason=reason)
-        with self._lock:
-            self.p = new
-            if engine is not None:
-                self._engine, self._engine_error = engine, ""
+    def _check_update(self, new: dict[str, Any]) -> str:
+        reason = self._check(new)
+        self._candidate = None
+        if reason or not changed(self.p, new, ENGINE_PARAMS):
+            return reason
+        try:  # load before accepting: a bad file is refused and the running engine stays
+            self._candidate = self._load(new)
+        except Exception as exc:  # noqa: BLE001 - any loader failure becomes the refusal's reason
+            reason = f"model_path {new['model_path']!r} not loaded ({type(exc).__name__}: {exc})"
+            self.get_logger().warning(f"refused: {reason}; keeping the running model")
+        return reason
+
+    def _commit(self, _old: dict[str, Any], new: dict[str, Any]) -> None:
+        engine, self._candidate = self._candidate, None
+        self.p, self.settings = new, DepthSettings.from_parameters(new)
         if engine is not None:
+            self._engine, self._engine_error = engine, ""
             self.get_logger().info(f"model swapped to {new['model_path']} ({engine.model_version}, {engine.backend})")
-        return SetParametersResult(successful=True)
 
     # ---------------------------------------------------------------- input
     def _on_camera_info(self, msg: CameraInfo) -> None:
         try:
-            K = msgs.camera_matrix_from_info(msg)
+            self.camera.set_info(msgs.camera_matrix_from_info(msg), msg.width, msg.height)
         except ValueError as exc:
-            self._count_malformed(f"camera_info: {exc}")
-            return
-        with self._lock:
-            self._K, self._info_size = K, (int(msg.width), int(msg.height))
+            self._drop(f"camera_info: {exc}")
 
-    def _count_malformed(self, error: str) -> None:
-        with self._lock:
-            self.counts["malformed"] += 1
-            self.last_error = error
+    def _drop(self, error: str) -> None:
+        self.stats.count("malformed", error)
         self.get_logger().warning(f"dropped: {error}", throttle_duration_sec=5.0)
 
     def _on_image(self, msg: Image) -> None:
         received = time.monotonic()
         try:
-            if msg.encoding not in COLOUR_ENCODINGS:
-                raise ValueError(f"unsupported encoding {msg.encoding!r}, expected one of {list(COLOUR_ENCODINGS)}")
+            if msg.encoding not in SUPPORTED_ENCODINGS:
+                raise ValueError(f"unsupported encoding {msg.encoding!r}, expected one of {list(SUPPORTED_ENCODINGS)}")
             rgb = convert_image_encoding(msgs.array_from_image(msg), msg.encoding)
         except ValueError as exc:
-            self._count_malformed(f"image: {exc}")
+            self._drop(f"image: {exc}")
             return
-        with self._wake:
-            self.counts["received"] += 1
-            if self._pending is not None:
-                self.counts["skipped"] += 1  # never queue: the newer frame replaces it
-            self._pending = (rgb, msg, received)
-            self._wake.notify()
+        self.stats.count("received")
+        if self.worker.submit((rgb, msg, received)) is not None:
+            self.stats.count("skipped")  # never queue: the newer frame replaces it
 
     # ---------------------------------------------------------------- worker
-    def _run(self) -> None:
-        if self.p["publish_points"]:
-            # open3d's first import takes ~1.5 s: here, not on the first frame
-            depth_geometry.voxel_downsample(np.zeros((2, 3), np.float32), 0.1)
-        while not self._stop.is_set():
-            with self._wake:
-                if self._pending is None:
-                    self._wake.wait(timeout=0.1)
-                frame, self._pending = self._pending, None
-                engine, p = self._engine, self.p
-            if frame is None:
-                continue
-            if engine is None:
-                with self._lock:
-                    self.counts["skipped"] += 1  # no model: nothing to run it on
-                continue
-            try:
-                self._process(engine, p, *frame)
-            except Exception as exc:  # noqa: BLE001 - a bad frame or engine hiccup must not end the worker
-                with self._lock:
-                    self.counts["inference_errors"] += 1
-                    self.last_error = f"inference: {type(exc).__name__}: {exc}"
-                self.get_logger().error(self.last_error, throttle_duration_sec=5.0)
-            if not rclpy.ok(context=self.context):
-                break
-
-    def _camera_matrix(self, width: int, height: int, hfov_deg: float) -> np.ndarray:
-        with self._lock:
-            K, size = self._K, self._info_size
-        if K is None:
-            if not self._warned_fallback:
-                self._warned_fallback = True
-                self.get_logger().warning(f"no camera_info yet: using fallback_hfov_deg={hfov_deg}")
-            return depth_geometry.camera_matrix_from_hfov(width, height, hfov_deg)
-        if size != (width, height):  # info for another resolution of the same camera
-            K = K.copy()
-            K[0] *= width / size[0]
-            K[1] *= height / size[1]
-        return K
-
-    def _process(self, engine: DepthEngineLike, p: dict, rgb: np.ndarray, msg: Image, received: float) -> None:
-        t0 = time.perf_counter()
-        depth = np.asarray(engine.predict(rgb), dtype=np.float32)
-        predict_ms = (time.perf_counter() - t0) * 1e3
-        # the network alone when the engine says (DepthEngine.last_latency_ms), else the whole predict()
-        inference_ms = float(getattr(engine, "last_latency_ms", predict_ms))
-        inference_ms = inference_ms if math.isfinite(inference_ms) else predict_ms
-        if depth.shape != rgb.shape[:2]:
-            raise ValueError(f"engine returned depth of shape {depth.shape}, expected {rgb.shape[:2]}")
-        with np.errstate(invalid="ignore"):
-            depth = np.where((depth >= p["min_depth_m"]) & (depth <= p["max_depth_m"]), depth, np.float32(np.nan))
+    def _process(self, frame: tuple) -> None:
+        engine, settings = self._engine, self.settings
+        if engine is None:
+            self.stats.count("skipped")  # no model: nothing to run it on
+            return
+        rgb, msg, received = frame
+        try:
+            depth, inference_ms = predict_depth(engine, rgb, settings)
+        except Exception as exc:  # noqa: BLE001 - a bad frame or engine hiccup must not end the worker
+            self.stats.count("inference_errors", f"inference: {type(exc).__name__}: {exc}")
+            self.get_logger().error(self.stats.last_error, throttle_duration_sec=5.0)
+            return
         stamp, frame_id = msg.header.stamp, msg.header.frame_id
         self.depth_pub.publish(msgs.image_from_array(depth, "32FC1", stamp, frame_id))
         # latency ends when depth/image is out; points and scan follow on the same frame
         now = time.monotonic()
         stamp_ms = (self.get_clock().now().nanoseconds - (stamp.sec * 1_000_000_000 + stamp.nanosec)) * 1e-6
-        if p["publish_points"] or p["publish_scan"]:
-            K = self._camera_matrix(depth.shape[1], depth.shape[0], p["fallback_hfov_deg"])
-        if p["publish_points"]:
-            points = depth_geometry.depth_to_points(depth, K, p["point_stride"])
-            points = depth_geometry.voxel_downsample(points, p["voxel_size_m"])
-            self.points_pub.publish(msgs.pointcloud2_msg(points, stamp, frame_id))
-        if p["publish_scan"]:
-            layout = depth_geometry.scan_layout(K, depth.shape[1], angle_increment=p["scan_angle_increment_rad"])
-            ranges = depth_geometry.depth_to_scan(
-                depth,
-                K,
-                camera_height_m=p["camera_height_m"],
-                camera_pitch_rad=p["camera_pitch_rad"],
-                ground_clearance_m=p["scan_ground_clearance_m"],
-                max_obstacle_height_m=p["scan_max_obstacle_height_m"],
-                angle_increment=layout.angle_increment,
-                range_min=p["scan_range_min_m"],
-                range_max=p["scan_range_max_m"],
-                stride=p["scan_stride"],
-            )
-            self.scan_pub.publish(
-                msgs.laserscan_msg(
-                    stamp,
-                    self._scan_frame(frame_id, p["scan_frame_id"]),
-                    ranges,
-                    layout.angle_min,
-                    layout.angle_increment,
-                    p["scan_range_min_m"],
-                    p["scan_range_max_m"],
-                )
-            )
-        with self._lock:
-            self.counts["processed"] += 1
-            self._inference_ms.append(inference_ms)
-            self._latency_ms.append((now - received) * 1e3)
-            self._stamp_latency_ms.append(stamp_ms)
-            self._published.append(now)
-
-    @staticmethod
-    def _scan_frame(image_frame: str, scan_frame: str) -> str:
-        """``scan_frame`` with the image frame's prefix (sim_node ``frame_prefix``: ``rover_0/...``)."""
-        prefix, sep, _ = image_frame.rpartition("/")
-        return f"{prefix}{sep}{scan_frame}" if sep and "/" not in scan_frame else scan_frame
+        if settings.publish_points or settings.publish_scan:
+            if not self.camera.has_info and not self._warned_fallback:
+                self._warned_fallback = True
+                self.get_logger().warning(f"no camera_info yet: using fallback_hfov_deg={settings.fallback_hfov_deg}")
+            K = self.camera.matrix(depth.shape[1], depth.shape[0], settings.fallback_hfov_deg)
+        if settings.publish_points:
+            self.points_pub.publish(msgs.pointcloud2_msg(depth_points(depth, K, settings), stamp, frame_id))
+        if settings.publish_scan:
+            ranges, layout = depth_scan(depth, K, settings)
+            self.scan_pub.publish(msgs.laserscan_msg(
+                stamp, scan_frame_id(frame_id, self.p["scan_frame_id"]), ranges, layout.angle_min,
+                layout.angle_increment, settings.scan_range_min_m, settings.scan_range_max_m))
+        self.stats.processed(inference_ms, (now - received) * 1e3, stamp_ms, now)
 
     # ---------------------------------------------------------------- diagnostics
-    def diagnostics_values(self) -> tuple[int, str, dict[str, object]]:
+    def diagnostics_values(self) -> tuple[bytes, str, dict[str, object]]:
         """(level, message, key/values) of the node's health right now."""
-        with self._lock:
-            published = list(self._published)
-            engine, error, counts, p = self._engine, self._engine_error, dict(self.counts), self.p
-            values: dict[str, object] = {
-                "rate_hz": (len(published) - 1) / (published[-1] - published[0])
-                if len(published) >= 2 and published[-1] > published[0]
-                else 0.0,
-                "latency_ms_p50": _percentile(self._latency_ms, 50),
-                "latency_ms_p95": _percentile(self._latency_ms, 95),
-                "stamp_to_publish_ms_p50": _percentile(self._stamp_latency_ms, 50),
-                "stamp_to_publish_ms_p95": _percentile(self._stamp_latency_ms, 95),
-                "inference_ms_p50": _percentile(self._inference_ms, 50),
-                "inference_ms_p95": _percentile(self._inference_ms, 95),
-            }
-            camera_info = self._K is not None
-        if published and time.monotonic() - published[-1] > 5.0:
-            values["rate_hz"] = 0.0  # stalled: the window holds only old frames
-        values.update(
-            {
-                "frames_received": counts["received"],
-                "frames_processed": counts["processed"],
-                "frames_skipped": counts["skipped"],
-                "frames_malformed": counts["malformed"],
-                "inference_errors": counts["inference_errors"],
-                "last_error": self.last_error,
-                "model_path": p["model_path"],
-                "model_version": getattr(engine, "model_version", "") if engine else "",
-                "backend": getattr(engine, "backend", "") if engine else "",
-                "camera_info": camera_info,
-            }
-        )
-        if engine is None:
-            return DiagnosticStatus.ERROR, error or "no model loaded", values
-        if not camera_info and counts["processed"]:
-            return DiagnosticStatus.WARN, "no camera_info: K from fallback_hfov_deg", values
-        return DiagnosticStatus.OK, "running", values
+        engine, values = self._engine, self.stats.values()
+        values.update({
+            "model_path": self.p["model_path"],
+            "model_version": getattr(engine, "model_version", "") if engine else "",
+            "backend": getattr(engine, "backend", "") if engine else "",
+            "camera_info": self.camera.has_info,
+        })
+        level, message = depth_health(engine is not None, self._engine_error, self.camera.has_info,
+                                      values["frames_processed"])
+        return level, message, values
 
     def _publish_diagnostics(self) -> None:
         publish_node_diagnostics(self, self.diag_pub, "depth_node", *self.diagnostics_values())
 
     def destroy_node(self) -> None:
         """Stop the worker thread, then the node."""
-        self._stop.set()
-        with self._wake:
-            self._wake.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5.0)
+        if hasattr(self, "worker"):
+            self.worker.stop()
         super().destroy_node()
 
 

@@ -26,7 +26,6 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from nav_msgs.msg import Odometry
-from rcl_interfaces.msg import SetParametersResult
 from rclpy.clock import JumpThreshold
 from rclpy.duration import Duration
 from rclpy.node import Node
@@ -35,7 +34,7 @@ from sensor_msgs.msg import CameraInfo, Image, Imu, JointState, NavSatFix
 
 from forest_perception import msgs
 from forest_perception.frames import WHEEL_JOINTS, RoverGeometry
-from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
+from forest_perception.nodes.common import ParamSpec, add_validated_updates, changed, declare_parameters, run_node
 from forest_perception.sync import (
     KINDS,
     TOPICS,
@@ -54,7 +53,6 @@ from forest_perception.sync import (
 
 DEPTH_ENCODINGS = ("32FC1", "16UC1")
 _GEOMETRY = RoverGeometry()
-_READ_ONLY = ("diagnostics_period_s",)
 _SYNC_PARAMS = {
     "queue_size": "queue_size",
     "slop_s": "slop_s",
@@ -106,12 +104,43 @@ def _sensor_qos(depth: int) -> QoSProfile:
     return qos
 
 
+PARAMS = [
+    ParamSpec("queue_size", 10, "messages kept per camera stream while waiting for partners", (1, 1000)),
+    ParamSpec("slop_s", 0.02, "largest spread of colour/depth/camera_info stamps in one set, s", (0.0, 1.0)),
+    ParamSpec("use_depth", True, "match a depth image into every set (false: colour + camera_info only)"),
+    ParamSpec("max_wait_s", 0.3, "how long a frame waits (sensor time) for partners that may not come, s", (0.0, 5.0)),
+    ParamSpec("max_gap_s", 0.1, "farthest an IMU/wheel sample may be from the frame stamp, s", (0.001, 5.0)),
+    ParamSpec("gps_tolerance_s", 1.0, "a fix older than this at the frame stamp is stale, s", (0.01, 600.0)),
+    ParamSpec("missing_after_s", 1.0, "a sensor silent this long is missing (frames stop waiting), s", (0.05, 600.0)),
+    ParamSpec("clock_jump_s", 1.0, "going back in time by more than this is a clock reset, s", (0.01, 3600.0)),
+    ParamSpec("buffer_s", 2.0, "time span of IMU and wheel samples kept, s", (0.1, 60.0)),
+    ParamSpec("release_partial", True, "publish a colour image whose partners never came (with what it has)"),
+    ParamSpec("wheel_radius_m", _GEOMETRY.wheel_radius_m, "wheel radius, m", (0.005, 2.0)),
+    ParamSpec("track_width_m", _GEOMETRY.track_width_m, "distance between the left and right wheels, m", (0.02, 10.0)),
+    ParamSpec("left_wheel_joint", WHEEL_JOINTS[0], "joint_states name of the left wheel"),
+    ParamSpec("right_wheel_joint", WHEEL_JOINTS[1], "joint_states name of the right wheel"),
+    ParamSpec("use_imu_yaw_rate", True, "fuse the gyro's yaw rate into odom/fused (false: wheels only)"),
+    ParamSpec("wheel_error_per_m", 0.01, "wheel travel error std per sqrt(m)", (0.0, 1.0)),
+    ParamSpec("yaw_slip_fraction", 0.05, "std of the wheels' turn as a fraction of it (skid steer)", (0.0, 1.0)),
+    ParamSpec("gyro_noise_density", 2.4e-4, "gyro white noise, rad/s/sqrt(Hz)", (0.0, 1.0)),
+    ParamSpec("gyro_bias_sigma", 1.7e-3, "gyro bias uncertainty, rad/s", (0.0, 1.0)),
+    ParamSpec("enu_origin_from_first_fix", True, "ENU origin at the first good fix (false: the enu_origin_* values)"),
+    ParamSpec("enu_origin_latitude_deg", 0.0, "ENU origin latitude (WGS84)", (-90.0, 90.0)),
+    ParamSpec("enu_origin_longitude_deg", 0.0, "ENU origin longitude (WGS84)", (-180.0, 180.0)),
+    ParamSpec("enu_origin_altitude_m", 0.0, "ENU origin ellipsoidal altitude, m", (-1000.0, 10000.0)),
+    ParamSpec("odom_frame_id", "odom", "frame of odom/fused (REP 105)"),
+    ParamSpec("base_frame_id", "base_link", "child frame of odom/fused"),
+    ParamSpec("enu_frame_id", "enu", "frame of gps/enu"),
+    ParamSpec("diagnostics_period_s", 1.0, "period of /diagnostics (read-only), s", (0.1, 60.0), read_only=True),
+]
+
+
 class SensorSyncNode(Node):
     """Thin ROS wrapper over :class:`SensorSync`, :class:`OdometryFusion` and :class:`EnuConverter`."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("sensor_sync_node", **kwargs)
-        self.p = self._declare_parameters()
+        self.p = declare_parameters(self, PARAMS, self._validate)
         self._lock = threading.Lock()
         self.sync = SensorSync(self._sync_config(self.p))
         self.fusion = OdometryFusion(self._odometry_config(self.p))
@@ -146,7 +175,7 @@ class SensorSyncNode(Node):
         self.create_subscription(Imu, _TOPICS["imu"], self._on_imu, _sensor_qos(400))
         self.create_subscription(NavSatFix, _TOPICS["gps"], self._on_gps, _sensor_qos(10))
         self.create_subscription(JointState, _TOPICS["joints"], self._on_joints, _sensor_qos(100))
-        self.add_on_set_parameters_callback(self._on_set_parameters)
+        add_validated_updates(self, PARAMS, lambda: self.p, self._validate, self._commit)
         self._jump_handle = self.get_clock().create_jump_callback(
             JumpThreshold(
                 min_forward=None,
@@ -159,49 +188,6 @@ class SensorSyncNode(Node):
         self.create_timer(0.05, self._on_idle)
 
     # ---------------------------------------------------------------- parameters
-    def _declare_parameters(self) -> dict:
-        g = _GEOMETRY
-        specs = [
-            ("queue_size", 10, "messages kept per camera stream while waiting for partners", int_range(1, 1000)),
-            ("slop_s", 0.02, "largest spread of colour/depth/camera_info stamps in one set, s", float_range(0.0, 1.0)),
-            ("use_depth", True, "match a depth image into every set (false: colour + camera_info only)", None),
-            ("max_wait_s", 0.3, "how long a frame waits (sensor time) for partners that may not come, s",
-             float_range(0.0, 5.0)),
-            ("max_gap_s", 0.1, "farthest an IMU/wheel sample may be from the frame stamp, s", float_range(0.001, 5.0)),
-            ("gps_tolerance_s", 1.0, "a fix older than this at the frame stamp is stale, s", float_range(0.01, 600.0)),
-            ("missing_after_s", 1.0, "a sensor silent this long is missing (frames stop waiting), s",
-             float_range(0.05, 600.0)),
-            ("clock_jump_s", 1.0, "going back in time by more than this is a clock reset, s",
-             float_range(0.01, 3600.0)),
-            ("buffer_s", 2.0, "time span of IMU and wheel samples kept, s", float_range(0.1, 60.0)),
-            ("release_partial", True, "publish a colour image whose partners never came (with what it has)", None),
-            ("wheel_radius_m", g.wheel_radius_m, "wheel radius, m", float_range(0.005, 2.0)),
-            ("track_width_m", g.track_width_m, "distance between the left and right wheels, m",
-             float_range(0.02, 10.0)),
-            ("left_wheel_joint", WHEEL_JOINTS[0], "joint_states name of the left wheel", None),
-            ("right_wheel_joint", WHEEL_JOINTS[1], "joint_states name of the right wheel", None),
-            ("use_imu_yaw_rate", True, "fuse the gyro's yaw rate into odom/fused (false: wheels only)", None),
-            ("wheel_error_per_m", 0.01, "wheel travel error std per sqrt(m)", float_range(0.0, 1.0)),
-            ("yaw_slip_fraction", 0.05, "std of the wheels' turn as a fraction of it (skid steer)",
-             float_range(0.0, 1.0)),
-            ("gyro_noise_density", 2.4e-4, "gyro white noise, rad/s/sqrt(Hz)", float_range(0.0, 1.0)),
-            ("gyro_bias_sigma", 1.7e-3, "gyro bias uncertainty, rad/s", float_range(0.0, 1.0)),
-            ("enu_origin_from_first_fix", True, "ENU origin at the first good fix (false: the enu_origin_* values)",
-             None),
-            ("enu_origin_latitude_deg", 0.0, "ENU origin latitude (WGS84)", float_range(-90.0, 90.0)),
-            ("enu_origin_longitude_deg", 0.0, "ENU origin longitude (WGS84)", float_range(-180.0, 180.0)),
-            ("enu_origin_altitude_m", 0.0, "ENU origin ellipsoidal altitude, m", float_range(-1000.0, 10000.0)),
-            ("odom_frame_id", "odom", "frame of odom/fused (REP 105)", None),
-            ("base_frame_id", "base_link", "child frame of odom/fused", None),
-            ("enu_frame_id", "enu", "frame of gps/enu", None),
-            ("diagnostics_period_s", 1.0, "period of /diagnostics (read-only), s", float_range(0.1, 60.0)),
-        ]
-        values = declare_parameters(self, specs, _READ_ONLY)
-        error = self._validate(values)
-        if error:
-            raise ValueError(error)
-        return values
-
     @staticmethod
     def _sync_config(p: dict) -> SyncConfig:
         return SyncConfig(**{field: p[name] for name, field in _SYNC_PARAMS.items()})
@@ -232,24 +218,17 @@ class SensorSyncNode(Node):
                 return f"{name} must not be empty"
         return ""
 
-    def _on_set_parameters(self, params: list) -> SetParametersResult:
-        new = dict(self.p)
-        for param in params:
-            new[param.name] = param.value
-        error = self._validate(new)
-        if error:
-            return SetParametersResult(successful=False, reason=error)
+    def _commit(self, old: dict, new: dict) -> None:
         frames: list[SyncedFrame] = []
         with self._lock:
-            old, self.p = self.p, new
-            if any(old[k] != new[k] for k in _SYNC_PARAMS):
+            self.p = new
+            if changed(old, new, list(_SYNC_PARAMS)):
                 frames = self.sync.reconfigure(self._sync_config(new))
-            if any(old[k] != new[k] for k in _ODOM_PARAMS):
+            if changed(old, new, list(_ODOM_PARAMS)):
                 self.fusion.set_config(self._odometry_config(new))
-            if any(old[k] != new[k] for k in _ENU_PARAMS):
+            if changed(old, new, list(_ENU_PARAMS)):
                 self.enu = EnuConverter(self._enu_origin(new))
         self._publish_frames(frames)
-        return SetParametersResult(successful=True)
 
     # ---------------------------------------------------------------- input
     def _count_malformed(self, kind: str, error: str) -> None:

@@ -19,10 +19,6 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Twist
 from nav_msgs.msg import Odometry
-from rcl_interfaces.msg import (
-    ParameterType,
-    SetParametersResult,
-)
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rosgraph_msgs.msg import Clock
@@ -38,7 +34,7 @@ from forest_perception.frames import (
     WHEEL_JOINTS,
     CameraIntrinsics,
 )
-from forest_perception.nodes.common import declare_parameters, float_range, int_range, run_node
+from forest_perception.nodes.common import ParamSpec, add_validated_updates, changed, declare_parameters, run_node
 from forest_perception.sim.depth_camera import DepthCameraModel
 from forest_perception.sim.simulator import (
     BEHAVIOURS,
@@ -50,12 +46,49 @@ from forest_perception.sim.simulator import (
 from forest_perception.sim.weather import WEATHER_PRESETS, CameraEffects
 from forest_perception.sim.world import WorldConfig, generate_world
 
-# name -> (default, description, range or None, read_only)
-_FLOAT = ParameterType.PARAMETER_DOUBLE
-_INT = ParameterType.PARAMETER_INTEGER
 # bench/bench_sim.py on 2 cores: 2 workers raise the real-time factor 1.37x (1 and 3 rovers at 15 Hz),
 # 1 worker only overlaps stepping with rendering (~1.0x); on one core workers only add copies
 DEFAULT_RENDER_WORKERS = 2 if (os.cpu_count() or 1) >= 2 else 0
+
+
+PARAMS = [
+    ParamSpec("seed", 0, "world seed: the same seed gives the same forest", (0, 2**31 - 1), read_only=True),
+    ParamSpec("world_size_m", 60.0, "side of the square forest, metres", (10, 1000), read_only=True),
+    ParamSpec("tree_density_per_ha", 600.0, "standing trees per hectare", (0, 5000), read_only=True),
+    ParamSpec("terrain_roughness_m", 0.6, "peak amplitude of the rolling ground, metres", (0, 10), read_only=True),
+    ParamSpec("datum_latitude_deg", 50.869, "WGS84 latitude of the world origin", (-90, 90), read_only=True),
+    ParamSpec("datum_longitude_deg", -1.604, "WGS84 longitude of the world origin", (-180, 180), read_only=True),
+    ParamSpec("datum_altitude_m", 40.0, "ellipsoidal altitude of the world origin", (-500, 9000), read_only=True),
+    ParamSpec("rover_names", ["rover_0"], "rover namespaces, one rover each", read_only=True),
+    ParamSpec("weather", ["overcast"], "weather preset, one or one per rover", choices=tuple(sorted(WEATHER_PRESETS)),
+              read_only=True),
+    ParamSpec("behaviour", "explore", "how rovers move", choices=tuple(BEHAVIOURS)),
+    ParamSpec("camera_width", 320, "colour/depth image width, pixels", (16, 4096), read_only=True),
+    ParamSpec("camera_height", 240, "colour/depth image height, pixels", (16, 4096), read_only=True),
+    ParamSpec("camera_hfov_deg", 69.4, "horizontal field of view, degrees (D435 colour: 69.4)", (10, 170),
+              read_only=True),
+    ParamSpec("camera_rate_hz", 15.0, "camera frame rate", (0.5, 90), read_only=True),
+    ParamSpec("imu_rate_hz", 200.0, "IMU rate (also the simulation step)", (10, 1000), read_only=True),
+    ParamSpec("gps_rate_hz", 10.0, "GPS fix rate", (0.1, 50), read_only=True),
+    ParamSpec("encoder_rate_hz", 50.0, "wheel encoder, joint_states and odom rate", (1, 1000), read_only=True),
+    ParamSpec("depth_max_range_m", 10.0, "depth camera max range; beyond is NaN", (0.5, 65), read_only=True),
+    ParamSpec("motion_blur", True, "blur colour images when the rover turns", read_only=True),
+    ParamSpec("real_time_factor", 1.0, "simulated seconds per wall second; 0 runs as fast as possible", (0, 100)),
+    ParamSpec("render_workers", DEFAULT_RENDER_WORKERS,
+              "background camera render processes; 0 renders inline in the simulation loop", (0, MAX_RENDER_WORKERS),
+              read_only=True),
+    ParamSpec("frame_prefix", False, "prefix frame ids with the rover name (several rovers in one TF tree)",
+              read_only=True),
+]
+
+
+def _check(p: dict) -> str:
+    names, weathers = list(p["rover_names"]), list(p["weather"])
+    if not names or len(set(names)) != len(names):
+        return f"rover_names must be unique and not empty, got {names}"
+    if len(weathers) not in (0, 1, len(names)):
+        return f"weather must list one preset or one per rover ({len(names)}), got {weathers}"
+    return ""
 
 
 class SimNode(Node):
@@ -63,7 +96,7 @@ class SimNode(Node):
 
     def __init__(self, **kwargs) -> None:
         super().__init__("sim_node", **kwargs)
-        p = self._declare_parameters()
+        self.p = p = declare_parameters(self, PARAMS, _check)
         world_cfg = WorldConfig(
             seed=p["seed"],
             size_m=p["world_size_m"],
@@ -85,8 +118,6 @@ class SimNode(Node):
         ).validate()
         names = list(p["rover_names"])
         weathers = list(p["weather"]) or ["overcast"]
-        if len(weathers) not in (1, len(names)):
-            raise ValueError(f"weather must list one preset or one per rover ({len(names)}), got {weathers}")
         effects = CameraEffects(motion_blur=p["motion_blur"])
         rovers = [
             RoverConfig(
@@ -111,75 +142,20 @@ class SimNode(Node):
         self._render_ms: deque[float] = deque(maxlen=100)
         self._step_wall: deque[tuple[float, int]] = deque(maxlen=400)
         self._frames = [0] * len(names)
-        self.add_on_set_parameters_callback(self._on_set_parameters)
+        add_validated_updates(self, PARAMS, lambda: self.p, _check, self._commit)
         self.create_timer(1.0, self._publish_diagnostics)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sim_loop", daemon=True)
         self._thread.start()
 
     # ---------------------------------------------------------------- parameters
-    def _declare_parameters(self) -> dict:
-        specs = [
-            ("seed", 0, "world seed: the same seed gives the same forest", int_range(0, 2**31 - 1), True),
-            ("world_size_m", 60.0, "side of the square forest, metres", float_range(10, 1000), True),
-            ("tree_density_per_ha", 600.0, "standing trees per hectare", float_range(0, 5000), True),
-            ("terrain_roughness_m", 0.6, "peak amplitude of the rolling ground, metres", float_range(0, 10), True),
-            ("datum_latitude_deg", 50.869, "WGS84 latitude of the world origin", float_range(-90, 90), True),
-            ("datum_longitude_deg", -1.604, "WGS84 longitude of the world origin", float_range(-180, 180), True),
-            ("datum_altitude_m", 40.0, "ellipsoidal altitude of the world origin", float_range(-500, 9000), True),
-            ("rover_names", ["rover_0"], "rover namespaces, one rover each", None, True),
-            ("weather", ["overcast"], f"weather preset, one or one per rover: {sorted(WEATHER_PRESETS)}", None, True),
-            ("behaviour", "explore", f"how rovers move: {list(BEHAVIOURS)}", None, False),
-            ("camera_width", 320, "colour/depth image width, pixels", int_range(16, 4096), True),
-            ("camera_height", 240, "colour/depth image height, pixels", int_range(16, 4096), True),
-            (
-                "camera_hfov_deg",
-                69.4,
-                "horizontal field of view, degrees (D435 colour: 69.4)",
-                float_range(10, 170),
-                True,
-            ),
-            ("camera_rate_hz", 15.0, "camera frame rate", float_range(0.5, 90), True),
-            ("imu_rate_hz", 200.0, "IMU rate (also the simulation step)", float_range(10, 1000), True),
-            ("gps_rate_hz", 10.0, "GPS fix rate", float_range(0.1, 50), True),
-            ("encoder_rate_hz", 50.0, "wheel encoder, joint_states and odom rate", float_range(1, 1000), True),
-            ("depth_max_range_m", 10.0, "depth camera max range; beyond is NaN", float_range(0.5, 65), True),
-            ("motion_blur", True, "blur colour images when the rover turns", None, True),
-            (
-                "real_time_factor",
-                1.0,
-                "simulated seconds per wall second; 0 runs as fast as possible",
-                float_range(0, 100),
-                False,
-            ),
-            (
-                "render_workers",
-                DEFAULT_RENDER_WORKERS,
-                "background camera render processes; 0 renders inline in the simulation loop",
-                int_range(0, MAX_RENDER_WORKERS),
-                True,
-            ),
-            ("frame_prefix", False, "prefix frame ids with the rover name (several rovers in one TF tree)", None, True),
-        ]
-        read_only = {name for name, *_, fixed in specs if fixed}
-        return declare_parameters(self, [spec[:4] for spec in specs], read_only)
-
-    def _on_set_parameters(self, params: list) -> SetParametersResult:
-        for param in params:
-            if param.name == "behaviour" and param.value not in BEHAVIOURS:
-                return SetParametersResult(
-                    successful=False, reason=f"behaviour must be one of {list(BEHAVIOURS)}, got {param.value!r}"
-                )
-            if param.name == "real_time_factor" and not 0.0 <= float(param.value) <= 100.0:
-                return SetParametersResult(successful=False, reason="real_time_factor must be within [0, 100]")
-        for param in params:
-            if param.name == "behaviour":
-                with self._lock:
-                    for i in range(len(self.sim.rovers)):
-                        self.sim.set_behaviour(i, param.value)
-            elif param.name == "real_time_factor":
-                self.real_time_factor = float(param.value)
-        return SetParametersResult(successful=True)
+    def _commit(self, old: dict, new: dict) -> None:
+        self.p = new
+        if changed(old, new, ["behaviour"]):
+            with self._lock:
+                for i in range(len(self.sim.rovers)):
+                    self.sim.set_behaviour(i, new["behaviour"])
+        self.real_time_factor = float(new["real_time_factor"])
 
     # ---------------------------------------------------------------- interfaces
     def _make_interfaces(self, names: list[str]) -> None:

@@ -152,7 +152,7 @@ def test_bad_images_are_dropped_and_counted(rclpy_context, wait):
         assert wait(lambda: node.counts["processed"] == 5)
         _, _, values = node.diagnostics_values()
         assert values["frames_malformed"] == 5 and values["frames_processed"] == 5
-        assert node._thread.is_alive()
+        assert node.worker.alive
     finally:
         node.destroy_node()
 

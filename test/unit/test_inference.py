@@ -10,13 +10,13 @@ from forest_perception.inference import (
     ModelLoadError,
     OnnxDepthEngine,
     Preprocessor,
-    TorchDepthEngine,
     convert_image_encoding,
-    load_engine,
     postprocess_depth,
 )
+from forest_perception.inference import load_engine as load_onnx_engine
 from forest_perception.models.export import export_onnx, synthetic_forest_image
 from forest_perception.models.networks import build_model
+from forest_perception.models.torch_engine import TorchDepthEngine, load_engine
 
 INPUT_HW = (64, 96)
 CAMERA_HW = (240, 320)
@@ -164,3 +164,21 @@ def test_unavailable_gpu_provider_falls_back_to_cpu(model_files, frame):
         engine = load_engine(model_files[1], providers=("TensorrtExecutionProvider", "CUDAExecutionProvider"))
     assert engine.providers == ["CPUExecutionProvider"]
     assert engine.predict(frame).shape == CAMERA_HW
+
+
+def test_the_rover_runtime_opens_onnx_and_points_checkpoints_to_the_torch_engine(model_files):
+    checkpoint, onnx_path = model_files
+    assert load_onnx_engine(onnx_path).backend == "onnxruntime"
+    with pytest.raises(ModelLoadError, match="PyTorch checkpoint.*models.torch_engine"):
+        load_onnx_engine(checkpoint)
+
+
+def test_rover_runtime_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, forest_perception.inference, forest_perception.nodes.depth_node; "
+            "heavy = [m for m in ('torch', 'open3d', 'pybullet', 'flwr') if m in sys.modules]; "
+            "print(','.join(heavy), file=sys.stderr); sys.exit(1 if heavy else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, f"imported by the depth node: {result.stderr.strip()}"

@@ -87,7 +87,6 @@ KNOWN_WRONG = {
     "forest_perception.collab.flower.client_app",
     "forest_perception.collab.flower.server_app",
     "forest_perception.collab.supervisor",
-    "forest_perception.inference",
     "forest_perception.nodes.collab_node",
 }
 

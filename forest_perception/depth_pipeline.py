@@ -1,0 +1,207 @@
+"""What depth_node does with a camera frame, without ROS: network, range mask, cloud, scan and health.
+
+The node hands frames to :func:`predict_depth`, then :func:`depth_points` and :func:`depth_scan`
+(:mod:`forest_perception.depth_geometry`), keeps its camera matrix in :class:`CameraModel` and its
+counters and latency windows in :class:`DepthStats`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import numpy as np
+
+from forest_perception import depth_geometry
+
+OK, WARN, ERROR = b"\x00", b"\x01", b"\x02"  # diagnostic_msgs/DiagnosticStatus levels, as rclpy has them
+
+
+class DepthEngineLike(Protocol):
+    """What the pipeline needs of ``forest_perception.inference.DepthEngine``."""
+
+    model_version: str
+    backend: str
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        """HxW float32 metres (NaN invalid) from an HxWx3 uint8 RGB image."""
+        ...
+
+
+@dataclass(frozen=True)
+class DepthSettings:
+    """How a predicted depth image is masked and turned into a cloud and a scan (depth_node's parameters)."""
+
+    min_depth_m: float = 0.28
+    max_depth_m: float = 10.0
+    publish_points: bool = True
+    voxel_size_m: float = 0.05
+    point_stride: int = 2
+    publish_scan: bool = True
+    scan_angle_increment_rad: float = 0.0
+    scan_range_min_m: float = 0.28
+    scan_range_max_m: float = 10.0
+    scan_ground_clearance_m: float = 0.05
+    scan_max_obstacle_height_m: float = 1.0
+    scan_stride: int = 1
+    camera_height_m: float = 0.20
+    camera_pitch_rad: float = 0.0
+    fallback_hfov_deg: float = 69.4
+
+    @classmethod
+    def from_parameters(cls, values: Mapping[str, Any]) -> DepthSettings:
+        """The settings among a node's parameter values (other keys are ignored)."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+    def problem(self) -> str:
+        """Why these settings cannot work together ("" when they can)."""
+        if self.min_depth_m >= self.max_depth_m:
+            return f"min_depth_m ({self.min_depth_m}) must be below max_depth_m ({self.max_depth_m})"
+        if self.scan_range_min_m >= self.scan_range_max_m:
+            return (f"scan_range_min_m ({self.scan_range_min_m}) must be below "
+                    f"scan_range_max_m ({self.scan_range_max_m})")
+        return ""
+
+
+def predict_depth(engine: DepthEngineLike, rgb: np.ndarray, settings: DepthSettings) -> tuple[np.ndarray, float]:
+    """Depth in metres (NaN outside ``[min_depth_m, max_depth_m]``) and the network's latency in ms."""
+    t0 = time.perf_counter()
+    depth = np.asarray(engine.predict(rgb), dtype=np.float32)
+    predict_ms = (time.perf_counter() - t0) * 1e3
+    # the network alone when the engine says (DepthEngine.last_latency_ms), else the whole predict()
+    inference_ms = float(getattr(engine, "last_latency_ms", predict_ms))
+    inference_ms = inference_ms if math.isfinite(inference_ms) else predict_ms
+    if depth.shape != rgb.shape[:2]:
+        raise ValueError(f"engine returned depth of shape {depth.shape}, expected {rgb.shape[:2]}")
+    with np.errstate(invalid="ignore"):
+        inside = (depth >= settings.min_depth_m) & (depth <= settings.max_depth_m)
+    return np.where(inside, depth, np.float32(np.nan)), inference_ms
+
+
+def depth_points(depth: np.ndarray, K: np.ndarray, settings: DepthSettings) -> np.ndarray:
+    """The (N, 3) optical-frame cloud of a depth image, every ``point_stride`` pixel, voxel-filtered."""
+    points = depth_geometry.depth_to_points(depth, K, settings.point_stride)
+    return depth_geometry.voxel_downsample(points, settings.voxel_size_m)
+
+
+def depth_scan(depth: np.ndarray, K: np.ndarray, settings: DepthSettings
+               ) -> tuple[np.ndarray, depth_geometry.ScanLayout]:
+    """Nearest obstacle per bearing (ground and canopy removed) and the scan's bearings."""
+    layout = depth_geometry.scan_layout(K, depth.shape[1], angle_increment=settings.scan_angle_increment_rad)
+    ranges = depth_geometry.depth_to_scan(
+        depth, K, camera_height_m=settings.camera_height_m, camera_pitch_rad=settings.camera_pitch_rad,
+        ground_clearance_m=settings.scan_ground_clearance_m,
+        max_obstacle_height_m=settings.scan_max_obstacle_height_m, angle_increment=layout.angle_increment,
+        range_min=settings.scan_range_min_m, range_max=settings.scan_range_max_m, stride=settings.scan_stride,
+    )
+    return ranges, layout
+
+
+def scan_frame_id(image_frame: str, scan_frame: str) -> str:
+    """``scan_frame`` with the image frame's prefix (sim_node ``frame_prefix``: ``rover_0/...``)."""
+    prefix, sep, _ = image_frame.rpartition("/")
+    return f"{prefix}{sep}{scan_frame}" if sep and "/" not in scan_frame else scan_frame
+
+
+class CameraModel:
+    """The camera matrix for a depth image: from camera_info when one arrived, else from a field of view."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._K: np.ndarray | None = None
+        self._size: tuple[int, int] | None = None
+
+    def set_info(self, K: np.ndarray, width: int, height: int) -> None:
+        """Keep the K of a camera_info for images of ``width`` x ``height``."""
+        with self._lock:
+            self._K, self._size = np.asarray(K, dtype=np.float64), (int(width), int(height))
+
+    @property
+    def has_info(self) -> bool:
+        """True once a camera_info arrived."""
+        with self._lock:
+            return self._K is not None
+
+    def matrix(self, width: int, height: int, fallback_hfov_deg: float) -> np.ndarray:
+        """K for an image of this size: camera_info's, scaled to another resolution of the same camera."""
+        with self._lock:
+            K, size = self._K, self._size
+        if K is None:
+            return depth_geometry.camera_matrix_from_hfov(width, height, fallback_hfov_deg)
+        if size != (width, height):
+            K = K.copy()
+            K[0] *= width / size[0]
+            K[1] *= height / size[1]
+        return K
+
+
+def _percentile(values: deque[float], q: float) -> float:
+    return float(np.percentile(np.fromiter(values, dtype=np.float64), q)) if values else 0.0
+
+
+class DepthStats:
+    """Frame counters and latency windows of a depth node, safe to update from several threads."""
+
+    COUNTERS = ("received", "processed", "skipped", "malformed", "inference_errors")
+
+    def __init__(self, window: int = 200) -> None:
+        self._lock = threading.Lock()
+        self.counts = dict.fromkeys(self.COUNTERS, 0)
+        self.last_error = ""
+        self._latency_ms: deque[float] = deque(maxlen=window)
+        self._stamp_latency_ms: deque[float] = deque(maxlen=window)
+        self._inference_ms: deque[float] = deque(maxlen=window)
+        self._published: deque[float] = deque(maxlen=window)
+
+    def count(self, counter: str, error: str = "") -> None:
+        """One more of ``counter``; ``error`` becomes the last error when given."""
+        with self._lock:
+            self.counts[counter] += 1
+            if error:
+                self.last_error = error
+
+    def processed(self, inference_ms: float, latency_ms: float, stamp_latency_ms: float, now: float) -> None:
+        """A frame's depth went out: network time, receipt-to-publish and stamp-to-publish latency."""
+        with self._lock:
+            self.counts["processed"] += 1
+            self._inference_ms.append(inference_ms)
+            self._latency_ms.append(latency_ms)
+            self._stamp_latency_ms.append(stamp_latency_ms)
+            self._published.append(now)
+
+    def values(self, now: float | None = None) -> dict[str, Any]:
+        """Rate, latency percentiles and counters for /diagnostics."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            published = list(self._published)
+            rate = ((len(published) - 1) / (published[-1] - published[0])
+                    if len(published) >= 2 and published[-1] > published[0] else 0.0)
+            if published and now - published[-1] > 5.0:
+                rate = 0.0  # stalled: the window holds only old frames
+            values: dict[str, Any] = {
+                "rate_hz": rate,
+                "latency_ms_p50": _percentile(self._latency_ms, 50),
+                "latency_ms_p95": _percentile(self._latency_ms, 95),
+                "stamp_to_publish_ms_p50": _percentile(self._stamp_latency_ms, 50),
+                "stamp_to_publish_ms_p95": _percentile(self._stamp_latency_ms, 95),
+                "inference_ms_p50": _percentile(self._inference_ms, 50),
+                "inference_ms_p95": _percentile(self._inference_ms, 95),
+            }
+            values.update({f"frames_{name}" if name != "inference_errors" else name: count
+                           for name, count in self.counts.items()})
+            values["last_error"] = self.last_error
+        return values
+
+
+def depth_health(engine_loaded: bool, engine_error: str, camera_info: bool, processed: int) -> tuple[bytes, str]:
+    """(level, message) of a depth node: ERROR without a model, WARN on the fallback K."""
+    if not engine_loaded:
+        return ERROR, engine_error or "no model loaded"
+    if not camera_info and processed:
+        return WARN, "no camera_info: K from fallback_hfov_deg"
+    return OK, "running"
