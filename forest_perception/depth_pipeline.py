@@ -18,8 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from forest_perception import depth_geometry
-
-OK, WARN, ERROR = b"\x00", b"\x01", b"\x02"  # diagnostic_msgs/DiagnosticStatus levels, as rclpy has them
+from forest_perception.diagnostics import ERROR, OK, WARN
 
 
 class DepthEngineLike(Protocol):

@@ -51,16 +51,8 @@ from forest_perception.recorder import (
     adapted_subscription_qos,
     qos_profile,
 )
+from forest_perception.topics import SENSOR_TOPICS
 
-DEFAULT_TOPICS = [
-    "camera/image_raw",
-    "camera/camera_info",
-    "camera/depth/image_raw",
-    "imu/data",
-    "gps/fix",
-    "joint_states",
-    "odom",
-]
 _BAG_PARAMS = ("output_dir", "bag_name", "max_split_size_mb", "max_split_duration_s", "compression",
                "min_free_space_mb", "queue_size_mb", "chunk_size_kb")
 MB = 1_000_000
@@ -93,7 +85,7 @@ def message_class(type_name: str) -> type:
 
 
 PARAMS = [
-    ParamSpec("topics", list(DEFAULT_TOPICS), "topics to record; relative names resolve in the node's namespace"),
+    ParamSpec("topics", list(SENSOR_TOPICS), "topics to record; relative names resolve in the node's namespace"),
     ParamSpec("output_dir", "bags", "folder the bags are created in"),
     ParamSpec("bag_name", "", "bag directory name; empty = rosbag2_YYYY_MM_DD-HH_MM_SS (a suffix avoids clashes)"),
     ParamSpec("max_split_size_mb", 512, "start a new file when one reaches this size (MB); 0 = no limit",

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseWithCovarianceStamped
 from nav_msgs.msg import Odometry
 from rclpy.clock import JumpThreshold
@@ -50,6 +50,7 @@ from forest_perception.sync import (
     stamp_ns,
     wheels_from_joint_state,
 )
+from forest_perception.sync.health import sync_health
 
 DEPTH_ENCODINGS = ("32FC1", "16UC1")
 _GEOMETRY = RoverGeometry()
@@ -434,76 +435,13 @@ class SensorSyncNode(Node):
         self.published["odom"] += 1
 
     # ---------------------------------------------------------------- diagnostics
-    def diagnostics_values(self) -> tuple[int, str, dict[str, object], dict[str, tuple[int, str, dict]]]:
+    def diagnostics_values(self) -> tuple[bytes, str, dict[str, object], dict[str, tuple[bytes, str, dict]]]:
         """(level, message, key/values) of the whole node and the same per sensor."""
         with self._lock:
-            summary = self.sync.summary()
-            malformed = dict(self.malformed)
-            fusion = self.fusion.state()
-            fusion_counts = dict(self.fusion.counts)
-            published = dict(self.published)
-            last_flags = self._last_frame_flags
-            use_depth = self.p["use_depth"]
-            last_error = self.last_error
-        missing = [k for k in summary["missing"] if k != "depth" or use_depth]
-        streams = summary["streams"]
-        per_sensor: dict[str, tuple[int, str, dict]] = {}
-        for kind in KINDS:
-            s = streams[kind]
-            values = {
-                "topic": _TOPICS[kind],
-                "rate_hz": s["rate_hz"],
-                "lag_s": s["lag_s"],
-                "received": s["received"],
-                "malformed": malformed[kind],
-                "duplicates": s["duplicates"],
-                "late": s["late"],
-                "dropped": s["dropped"],
-                "used_in_frames": s["used"],
-                "missing_in_frames": s["missing_in_frames"],
-            }
-            level, message = DiagnosticStatus.OK, "ok"
-            if kind == "gps":
-                values.update({"stale_frames": s["stale"], "no_fix": s["no_fix"]})
-            if kind == "depth" and not use_depth:
-                message = "not used (use_depth is false)"
-            elif kind in missing:
-                level = DiagnosticStatus.ERROR if kind == "image" else DiagnosticStatus.WARN
-                message = "missing: no messages" if s["received"] == 0 else "missing: stopped"
-            elif kind == "gps" and "gps_stale" in last_flags:
-                level, message = DiagnosticStatus.WARN, "stale fix"
-            per_sensor[kind] = (level, message, values)
-        values = {
-            "frames_published": published["frames"],
-            "frames_incomplete": summary["frames_incomplete"],
-            "frames_pending": summary["pending"],
-            "missing_sensors": ",".join(missing) or "none",
-            "gps_stale": "gps_stale" in last_flags,
-            "clock_resets": summary["clock_resets"],
-            "malformed": sum(malformed.values()),
-            "last_error": last_error,
-            "odom_published": published["odom"],
-            "odom_x_m": fusion.x,
-            "odom_y_m": fusion.y,
-            "odom_yaw_rad": fusion.yaw,
-            "odom_distance_m": fusion.distance_m,
-            "odom_imu_gaps": fusion_counts["imu_gaps"],
-            "odom_encoder_jumps": fusion_counts["jumps"],
-            "gps_enu_published": published["enu"],
-        }
-        for kind in KINDS:
-            values[f"{kind}_rate_hz"] = streams[kind]["rate_hz"]
-            values[f"{kind}_dropped"] = streams[kind]["dropped"] + streams[kind]["late"] + malformed[kind]
-        level, message = DiagnosticStatus.OK, "synchronising"
-        if "image" in missing:
-            level, message = DiagnosticStatus.ERROR, "no colour images: no frames"
-        elif missing:
-            level, message = DiagnosticStatus.WARN, f"missing sensors: {', '.join(missing)}"
-        elif "gps_stale" in last_flags:
-            level, message = DiagnosticStatus.WARN, "gps fix is stale"
-        if summary["clock_resets"] > self._resets_reported:
-            level = max(level, DiagnosticStatus.WARN)
-            message += f"; clock reset ({summary['clock_resets']} so far)"
+            (level, message, values), per_sensor = sync_health(
+                self.sync.summary(), dict(self.malformed), self.fusion.state(), dict(self.fusion.counts),
+                dict(self.published), self._last_frame_flags, self.p["use_depth"], self.last_error,
+                self._resets_reported)
         return level, message, values, per_sensor
 
     def _publish_diagnostics(self) -> None:
