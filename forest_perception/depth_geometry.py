@@ -1,15 +1,6 @@
 """Geometry on depth images: back-projection to points, voxel downsampling, a laser scan.
 
-Pure numpy (open3d only when asked for, to compare voxel filters: it costs ~70 MiB on a rover). Frames:
-
-- optical frame (``camera_color_optical_frame``, REP 103 camera convention): x right,
-  y down, z forward; depth images hold metres along z, NaN = invalid (REP 118).
-- ``camera_link`` (REP 103 body convention): x forward, y left, z up. A laser scan built
-  here is expressed in it: bearing 0 straight ahead, counter-clockwise positive, so the
-  left side of the image has positive angles; +inf means no return within range (REP 117).
-  Ranges are horizontal distances in the gravity-levelled plane through the camera, so with
-  a non-zero ``camera_pitch_rad`` publish the scan in a levelled frame rather than the
-  pitched ``camera_link``.
+Details: docs/runtime.md (`depth_geometry`).
 """
 
 from __future__ import annotations

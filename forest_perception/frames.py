@@ -9,6 +9,7 @@ import numpy as np
 
 # Frame ids of the topic contract (prefixed with the rover namespace by the nodes
 # only when ``frame_prefix`` is set, so a single rover matches a real RealSense rig).
+FRAME_WORLD = "world"  # the simulated forest's ENU frame about its datum (ground truth)
 FRAME_ODOM = "odom"
 FRAME_BASE = "base_link"
 FRAME_CAMERA = "camera_link"

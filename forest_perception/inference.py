@@ -1,14 +1,6 @@
 """Depth inference engines for the rover runtime (no ROS imports).
 
-An engine takes one camera frame (``rgb8``, HxWx3 uint8) and returns metric depth (float32 HxW metres) at the
-frame's own resolution, NaN where the prediction is outside ``[min_depth, max_depth]`` (REP 118).
-
-Pre-processing: resize to the network input with ``INTER_AREA`` when shrinking (it averages, so no aliasing from
-foliage texture) and ``INTER_LINEAR`` when enlarging; scale to [0, 1], normalise with the model's mean/std; NCHW
-float32 into a buffer allocated once. Post-processing: upsample the depth back to the camera resolution with
-``INTER_LINEAR`` (default; the network output is smooth at its own resolution and nearest-neighbour gives
-blocky steps on the ground plane; the cost is a few "flying" pixels blended across trunk edges - pass
-``upsample="nearest"`` to avoid them), then NaN outside the valid range.
+Details: docs/runtime.md (`inference`).
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """Record serialized ROS 2 messages into a rosbag2 bag with MCAP storage: the core of capture_node (no rclpy).
 
-A bag is a directory ``<bag>/`` holding ``metadata.yaml`` and one MCAP file per split,
-``<bag>_0.mcap``, ``<bag>_1.mcap``..., laid out as rosbag2's MCAP storage plugin lays it out, so
-``ros2 bag info/play``, the ``mcap`` tools and ``rosbags`` read it: profile ``ros2``, one
-``ros2msg`` schema per type holding the full concatenated message definition, one ``cdr`` channel
-per topic whose metadata holds ``offered_qos_profiles`` and ``topic_type_hash``, and a ``rosbag2``
-metadata record in every finished file; ``metadata.yaml`` is rosbag2 format version 9.
-
-Crash safety: messages go into MCAP chunks of at most ``chunk_bytes`` (or ``flush_interval_s`` of
-recording) that reach the kernel as soon as they close (the file is unbuffered), so a process
-killed with SIGKILL loses at most the chunk being filled. Each finished split gets its summary and
-footer and is fsynced, and only then is ``metadata.yaml`` rewritten (tmp file + rename) to list it.
-A split cut short is recovered by :func:`forest_perception.dataset_tools.bags.repair_bag`.
-
-Throughput: :meth:`BagRecorder.write` never blocks: it appends to a queue bounded in bytes that one
-writer thread drains; when the queue is full the message is dropped and counted for its topic.
-A disk guard checks the free space and, below ``min_free_bytes``, finishes the split cleanly and
-stops recording, saying why.
+Details: docs/runtime.md (`recorder`).
 """
 
 from __future__ import annotations

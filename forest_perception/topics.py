@@ -13,6 +13,7 @@ GPS = "gps/fix"
 JOINT_STATES = "joint_states"
 ODOM = "odom"
 CMD_VEL = "cmd_vel"
+GROUND_TRUTH = "ground_truth/odom"  # sim only: true pose of base_link in the world (ENU) frame
 DEPTH_IMAGE = "depth/image"
 DEPTH_POINTS = "depth/points"
 DEPTH_SCAN = "depth/scan"

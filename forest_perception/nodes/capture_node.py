@@ -1,21 +1,6 @@
 """capture_node: record chosen topics into a rosbag2 bag with MCAP storage (``ros2 bag info/play`` read it).
 
-Each topic in ``topics`` (relative names resolve in the node's namespace) is subscribed as soon as
-a publisher advertises it (checked every ``topic_check_period_s``), with ``raw=True`` so the
-serialized CDR goes to the bag without being deserialised, and with the QoS adapted to the
-publishers' (best effort unless every publisher is reliable, as rosbag2 does); the publishers'
-offered QoS profiles and type hash are recorded in the bag. Writing happens on a separate thread
-(:class:`forest_perception.recorder.BagRecorder`): a callback only queues the bytes, and when the
-queue (``queue_size_mb``) is full the message is dropped and counted. Messages lost before they
-reach the node are counted too, from gaps in the publishers' sequence numbers.
-
-Services: ``~/start`` and ``~/stop`` (std_srvs/Trigger) open a new bag and close it; ``~/pause``
-(std_srvs/SetBool: true pauses, false resumes); ``~/split`` (Trigger) finishes the current file.
-The bag splits by size (``max_split_size_mb``) and duration (``max_split_duration_s``), chunks
-can be zstd-compressed (``compression``), and below ``min_free_space_mb`` of free disk the bag is
-closed cleanly and recording stops with an ERROR diagnostic. ``/diagnostics`` reports messages
-written, dropped and lost, bytes, rates, the current file and the free disk space. Parameter
-changes are validated; ``topics`` applies at once, the bag settings at the next ``~/start``.
+Topics, services and parameters: docs/nodes.md (`capture_node`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
 """sensor_sync_node: synchronised camera/IMU/GPS/wheel frame sets, fused odometry and GPS in local ENU.
 
-Subscribes (relative names, under the rover namespace, ``qos_profile_sensor_data``):
-``camera/image_raw``, ``camera/depth/image_raw``, ``camera/camera_info``, ``imu/data``,
-``gps/fix``, ``joint_states``. Publishes, every one stamped with the colour image's exact stamp
-so that a subscriber can pair them by stamp: ``sync/image``, ``sync/depth``, ``sync/camera_info``,
-``sync/imu`` (interpolated), ``sync/joint_states`` (interpolated) and ``sync/gps`` (only when the
-fix is fresh). Also ``odom/fused`` (nav_msgs/Odometry ``odom`` -> ``base_link``, wheel encoders
-fused with the gyro's yaw rate, covariances), ``gps/enu`` (PoseWithCovarianceStamped in a local
-ENU frame) and ``/diagnostics`` (per-sensor rate, drops, missing sensors, stale GPS, clock resets).
-
-The work is done by :mod:`forest_perception.sync` (``SensorSync``, ``OdometryFusion``,
-``EnuConverter``); this node converts messages, publishes and reports. A malformed message
-(NaN IMU, joint_states without the wheel joints, an image whose data does not fit its size) is
-dropped and counted. A jump back in time (``/clock`` reset, or stamps going back) releases what
-was waiting, clears the buffers and logs a warning.
+Topics, services and parameters: docs/nodes.md (`sensor_sync_node`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from geometry_msgs.msg import Twist
@@ -24,16 +25,18 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image, Imu, JointState, NavSatFix
 
-from forest_perception import msgs
+from forest_perception import msgs, topics
 from forest_perception.frames import (
     FRAME_BASE,
     FRAME_CAMERA_OPTICAL,
     FRAME_GPS,
     FRAME_IMU,
     FRAME_ODOM,
+    FRAME_WORLD,
     WHEEL_JOINTS,
     CameraIntrinsics,
 )
+from forest_perception.geo import quaternion_from_rpy
 from forest_perception.nodes.common import ParamSpec, add_validated_updates, changed, declare_parameters, run_node
 from forest_perception.sim.depth_camera import DepthCameraModel
 from forest_perception.sim.simulator import (
@@ -172,6 +175,7 @@ class SimNode(Node):
                     "gps": self.create_publisher(NavSatFix, f"{name}/gps/fix", sensor),
                     "joints": self.create_publisher(JointState, f"{name}/joint_states", reliable),
                     "odom": self.create_publisher(Odometry, f"{name}/odom", reliable),
+                    "truth": self.create_publisher(Odometry, f"{name}/{topics.GROUND_TRUTH}", reliable),
                 }
             )
             self.create_subscription(Twist, f"{name}/cmd_vel", lambda msg, idx=i: self._on_cmd_vel(idx, msg), reliable)
@@ -267,6 +271,12 @@ class SimNode(Node):
                     odo.twist_covariance,
                 )
             )
+            with self._lock:
+                truth = self.sim.rovers[i].state
+            pubs["truth"].publish(msgs.odometry_msg(
+                stamp, FRAME_WORLD, self._frame(i, FRAME_BASE), truth.position,
+                quaternion_from_rpy(truth.roll, truth.pitch, truth.yaw), (truth.v, 0.0, 0.0), (0.0, 0.0, truth.w),
+                np.zeros(36), np.zeros(36)))
 
     def _publish_diagnostics(self) -> None:
         array = DiagnosticArray()

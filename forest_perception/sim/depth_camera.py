@@ -1,19 +1,6 @@
 """RealSense D435-like active-stereo depth sensor model, applied to rendered (true) depth.
 
-The simulator keeps the noise-free z-depth for ground truth and publishes what this
-model makes of it on ``camera/depth/image_raw`` (``32FC1``, metres, NaN = invalid,
-REP 118). Effects, in the order applied:
-
-* disparity noise: the stereo matcher's sub-pixel error ``subpixel`` (px at the
-  reference 640 px width) on the disparity ``d = fx_ref * baseline / z``, slightly
-  spatially correlated, so the depth error grows as ``z^2 * subpixel / (fx_ref * baseline)``;
-* range limits: NaN below ``min_range_m`` and beyond ``max_range_m``;
-* holes at depth discontinuities (occlusion shadows of stereo): pixels where the second
-  difference of inverse depth exceeds ``edge_jump_rel`` of the local inverse depth (zero on
-  any plane, so grazing ground stays valid), dilated;
-* random dropout blobs (specular or texture-less patches the matcher rejects);
-* optionally the invalid band on the left image edge, where the left imager sees
-  what the right one cannot: column u is invalid when ``u < fx * baseline / z``.
+Details: docs/simulator.md (`depth_camera`).
 """
 
 from __future__ import annotations

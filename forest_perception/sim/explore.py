@@ -1,16 +1,6 @@
 """Rover behaviours for the simulator: autonomous exploration and cmd_vel teleoperation.
 
-:class:`ExplorationController` wanders a forest for unattended data collection. Each call
-it casts a simulated range fan against the obstacle circles (inflated by the rover's
-footprint radius and a safety margin, so a ray's length is how far the rover's centre
-can go straight along it) and against the world bounds, then steers toward the heading
-that best trades free space, a slowly drifting preferred heading (a random walk, pulled
-inward near the edges), little turning, and cells it has not visited yet. It slows down
-near obstacles, turns in place when the way ahead is blocked and escapes (backs off,
-picks a new heading) when it stops making progress. It is deterministic given its rng.
-
-:class:`CmdVelController` holds the last ``cmd_vel`` (v, w) and falls back to zero when
-no command came within a timeout, as a teleop safety stop.
+Details: docs/simulator.md (`explore`).
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """Export a generated forest to Gazebo (Harmonic, gz-sim 8) with a ros_gz_bridge config.
 
-``export_gazebo(world, out_dir)`` writes:
-
-- ``world.sdf`` (SDFormat 1.10): physics and the world systems, ``<spherical_coordinates>``
-  at the world's GPS datum (ENU), a sun, the terrain as a mesh, one static model per tree,
-  log, bush and rock, and one differential-drive rover model per namespace with an RGB-D
-  camera (0.2 m above the ground), an IMU and a NavSat sensor;
-- ``meshes/terrain.obj`` (visual: normals and UVs) and ``meshes/terrain_collision.obj``;
-- ``bridge.yaml`` for ``ros2 run ros_gz_bridge parameter_bridge --ros-args -p config_file:=...``,
-  which maps the Gazebo topics onto the rover topic contract (``BRIDGED_TOPICS``).
-
-Mesh URIs are relative to ``world.sdf``, so the folder can be moved as a whole. The same
-world and arguments give byte-identical files.
+Details: docs/simulator.md (`gazebo`).
 """
 
 from __future__ import annotations

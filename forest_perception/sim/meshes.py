@@ -1,16 +1,6 @@
 """Triangle meshes of the forest world (numpy arrays) and a Wavefront OBJ writer.
 
-Builders take the world model's objects and return a :class:`Mesh` whose geometry
-matches the model: trunks use ``Tree.radius_at`` and ``Tree.axis_at`` at every ring,
-the terrain mesh uses the height grid's own vertices. Triangles wind counter-clockwise
-seen from outside (TinyRenderer culls back faces). :func:`build_world_meshes` merges
-objects that share a texture into one mesh per category, spatial tile and level of
-detail: ~1200 bodies for the default 60 m world (about 4500 objects and terrain
-cells), of which a frame draws ~100 after culling.
-
-Render-only scenery that is not in the world model (so not an obstacle): moss and
-grass cushions a few cm proud of the ground, fallen twigs, the ground apron beyond the
-border and the painted treeline wall around the world.
+Details: docs/simulator.md (`meshes`).
 """
 
 from __future__ import annotations

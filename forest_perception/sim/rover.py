@@ -1,23 +1,6 @@
 """Kinematic differential-drive rover on a heightfield, with IMU-grade derivatives.
 
-Pure Python/numpy (no ROS, no physics engine). The rover moves in the horizontal plane
-with unicycle kinematics (exact arc per step), follows the terrain in height through a
-stiff critically damped suspension, takes roll and pitch from a plane fitted to the
-ground under its footprint, and refuses any step that would make its footprint circle
-overlap an obstacle circle or leave the world bounds.
-
-What an IMU at ``base_link`` would measure comes from the same trajectory:
-
-* specific force ``f = R^T (a_world + [0, 0, g])`` with the horizontal acceleration taken
-  analytically (along-track speed change plus centripetal ``v_h * yaw_rate``) and the
-  vertical one as the suspension's mean acceleration over the step, so that at rest on
-  flat ground ``f = (0, 0, +g)``, in a steady turn ``f_y = v * w`` and on a slope gravity
-  shows up on body x/y;
-* body angular velocity ``log(R_prev^T R) / dt``, the mean rate over the step.
-
-Frames: ENU world (REP 103); ``base_link`` on the axle centre, x forward, z up;
-``R = Rz(yaw) Ry(pitch) Rx(roll)``. ``v`` is speed along the ground (what the wheels
-roll), so horizontal speed is ``v * cos(pitch)``.
+Details: docs/simulator.md (`rover`).
 """
 
 from __future__ import annotations

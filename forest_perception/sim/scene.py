@@ -1,24 +1,6 @@
 """PyBullet scene of a :class:`ForestWorld`, rendered headless with TinyRenderer.
 
-One private ``DIRECT`` client per scene (never the GUI, never a server). The world's
-geometry is merged per category, spatial tile and level of detail
-(:func:`meshes.build_world_meshes`) into textured bodies; per frame, tiles outside the
-camera frustum and the wrong level of detail are hidden (TinyRenderer skips zero-alpha
-shapes), so a frame draws ~15k of the ~100k triangles.
-
-Sun shadows: TinyRenderer's own shadow pass (``shadow=1``) triples the frame time, only
-dims the diffuse term by 20 % and aims its light frustum at the origin. Instead the
-scene renders, once per light direction, a depth map of the world seen from the sun
-(:class:`SunShadowMap`), and each frame takes the sun's diffuse term out of the pixels
-whose surface point is behind something in that map (:func:`shadow_shading`). The
-ambient/diffuse/specular coefficients, light colour and direction go to
-``getCameraImage`` as they are.
-
-Conventions: the camera pose is ``position`` (ENU, metres) and ``rotation``, a 3x3
-world_from_camera_link matrix with REP 103 body axes (x forward, y left, z up). Images
-follow :class:`CameraIntrinsics` exactly: pixel (u, v) sees the ray through
-((u - cx) / fx, (v - cy) / fy) in the optical frame. Depth is z-depth along the
-optical axis in metres, +inf where nothing was hit (sky).
+Details: docs/simulator.md (`scene`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,6 @@
 """Sensor models of the simulated rover: IMU, GPS under canopy, wheel encoders, wheel odometry.
 
-Pure numpy cores (no ROS); the outputs carry exactly what the ROS messages need:
-
-* :class:`ImuModel` -> :class:`ImuSample` (``sensor_msgs/Imu``): white noise from noise
-  densities and a bias random walk like a BMI055/BMI088-class MEMS IMU, orientation
-  with small noise as an attitude filter would give it; 9-element row-major covariances.
-* :class:`GpsModel` -> :class:`GpsFix` (``sensor_msgs/NavSatFix``): ENU position to WGS84
-  with pymap3d, Gauss-Markov plus white error whose sigma grows with canopy cover, fix
-  losses under dense canopy, ENU covariance in m^2.
-* :class:`EncoderModel` -> :class:`WheelReading` (``sensor_msgs/JointState``): wheel
-  angles quantised to encoder ticks, velocity by differencing.
-* :class:`WheelOdometry` -> :class:`OdometryEstimate` (``nav_msgs/Odometry``): dead
-  reckoning from wheel readings with a propagated pose covariance.
-
-Every constructor validates its parameters and raises ``ValueError`` naming the bad one.
+Details: docs/simulator.md (`sensors`).
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
 """Multi-rover forest simulator: world + renderer + rover kinematics + sensor models.
 
-Pure core (no rclpy). ``ForestSimulator.step()`` advances simulated time by one tick
-(the IMU period) and returns the sensor events that fell due, each stamped with the
-simulated time; the ROS node and the dataset generator turn events into messages or
-files. Rendering happens only for camera events, so the cost follows the camera rate.
-
-With ``SimConfig.render_workers`` > 0 camera frames are rendered by background processes
-(:mod:`forest_perception.sim.render_pool`) while stepping goes on: a camera event is
-returned by a later ``step()`` once its render is done, still stamped with the tick it
-fell due at, in due order. The camera pipeline and depth model run in this process, in
-submission order, so frames equal those of inline rendering and do not depend on timing.
+Details: docs/simulator.md (`simulator`).
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ def test_topic_contract(rclpy_context, spin):
         f"{ns}/gps/fix": (NavSatFix, False),
         f"{ns}/joint_states": (JointState, True),
         f"{ns}/odom": (Odometry, True),
+        f"{ns}/ground_truth/odom": (Odometry, True),
         "/clock": (Clock, True),
         "/diagnostics": (DiagnosticArray, True),
     }
@@ -92,6 +93,17 @@ def test_topic_contract(rclpy_context, spin):
     assert list(joints.name) == ["left_wheel_joint", "right_wheel_joint"]
     odom = got[f"{ns}/odom"][-1]
     assert (odom.header.frame_id, odom.child_frame_id) == ("odom", "base_link")
+    # ground truth in the world frame: the dead-reckoned odometry drifts from it, but not by metres in 6 s
+    truths = {_stamp(m): m for m in got[f"{ns}/ground_truth/odom"]}
+    truth = got[f"{ns}/ground_truth/odom"][-1]
+    assert (truth.header.frame_id, truth.child_frame_id) == ("world", "base_link")
+    first_odom = next(m for m in got[f"{ns}/odom"] if _stamp(m) in truths)
+    first_truth = truths[_stamp(first_odom)]
+    travelled_odom = math.dist((odom.pose.pose.position.x, odom.pose.pose.position.y),
+                               (first_odom.pose.pose.position.x, first_odom.pose.pose.position.y))
+    travelled_truth = math.dist((truth.pose.pose.position.x, truth.pose.pose.position.y),
+                                (first_truth.pose.pose.position.x, first_truth.pose.pose.position.y))
+    assert abs(travelled_odom - travelled_truth) < 0.5
 
     # monotonic stamps and rates measured in simulated time
     for name, nominal in (
