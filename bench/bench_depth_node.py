@@ -17,7 +17,7 @@ so the goal checks are side by side:
 Frames: 60 rgb frames from /work/data/forest_test (held-out) when present, else rendered once
 with the simulator (seed 900, 320x240, every few camera frames).
 
-Run: .venv/bin/python bench/bench_depth_node.py [--seconds 15] [--models a.onnx b.onnx] [--threads 2]
+Run: .venv/bin/python bench/bench_depth_node.py [--seconds 15] [--models multiscale_320x240_int8 b.onnx] [--threads 2]
 """
 
 from __future__ import annotations
@@ -252,14 +252,12 @@ def run_model(model: Path, args: argparse.Namespace, domain_id: int, log_dir: st
         raise RuntimeError("publisher process never saw the depth node's subscription")
     if not started.wait(timeout=args.warmup + 30.0):
         raise RuntimeError("publisher process never started its measured window")
-    with node._lock:  # counters at the first measured frame (it may already be counted: off by one at most)
-        before = dict(node.counts)
+    before = dict(node.counts)  # counters at the first measured frame (it may already be counted: off by one)
     t_window0 = time.monotonic()
     ended.wait(timeout=args.seconds + 30.0)
     t_window1 = time.monotonic()
     time.sleep(0.15)  # the frame in flight at the end still belongs to the window
-    with node._lock:
-        after = dict(node.counts)
+    after = dict(node.counts)
     stats = result.get(timeout=30.0)
     time.sleep(0.3)  # drain the last depth frames in flight
     level, message, diag = node.diagnostics_values()
@@ -309,12 +307,42 @@ def run_model(model: Path, args: argparse.Namespace, domain_id: int, log_dir: st
     }
 
 
+def _run_model_process(model: str, args: argparse.Namespace, domain_id: int, log_dir: str, frames_path: str,
+                       result: mp.Queue) -> None:
+    """The depth node in a process of its own, as on a rover: its RSS is the node's alone."""
+    apply_loopback_environment(domain_id, log_dir)
+    import rclpy
+
+    rclpy.init()
+    try:
+        figures = run_model(Path(model), args, domain_id, log_dir, frames_path)
+        import sys as _sys
+
+        figures["heavy_modules"] = ",".join(m for m in ("torch", "open3d", "pybullet", "flwr") if m in _sys.modules)
+        result.put(figures)
+    finally:
+        rclpy.try_shutdown()
+
+
+def run_model_isolated(model: Path, args: argparse.Namespace, domain_id: int, log_dir: str,
+                       frames_path: str) -> dict:
+    """:func:`run_model` in a fresh spawned process (so earlier models and the bench add no memory)."""
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    proc = ctx.Process(target=_run_model_process, args=(str(model), args, domain_id, log_dir, frames_path, result))
+    proc.start()
+    try:
+        return result.get(timeout=args.warmup + args.seconds + 180.0)
+    finally:
+        proc.join(timeout=30.0)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
     """Print the benchmark table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
-                        help="model files (names are looked up in models/)")
+                        help="model files, or names of shipped models (models/weights)")
     parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per model")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds published before measuring")
     parser.add_argument("--rate", type=float, default=30.0, help="camera rate (Hz)")
@@ -326,12 +354,14 @@ def main() -> None:
     parser.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default random 30..99)")
     args = parser.parse_args()
 
+    from forest_perception.models.weights import shipped_model
+
     models = []
     for name in args.models:
-        path = Path(name) if Path(name).is_file() else ROOT / "models" / name
-        if not path.is_file():
-            parser.error(f"model {name!r} not found (looked in . and {ROOT / 'models'})")
-        models.append(path)
+        try:
+            models.append(Path(name) if Path(name).is_file() else shipped_model(name))
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
 
     domain_id = args.domain_id if args.domain_id is not None else random.randint(30, 99)
     tmp = tempfile.TemporaryDirectory(prefix="bench_depth_node_")
@@ -356,19 +386,13 @@ def main() -> None:
     print(f"frames: {source}")
     print()
 
-    import rclpy
-
-    rclpy.init()
     rows = []
-    try:
-        for model in models:
-            model_ms, model_infer_ms = standalone_latency(model, frames, args.threads, args.runs)
-            r = run_model(model, args, domain_id, log_dir, frames_path)
-            r.update(model=model.name, model_ms=model_ms, model_infer_ms=model_infer_ms)
-            rows.append(r)
-            print(f"  {model.name}: done ({r['depth_msgs']} depth frames received)", flush=True)
-    finally:
-        rclpy.try_shutdown()
+    for model in models:
+        model_ms, model_infer_ms = standalone_latency(model, frames, args.threads, args.runs)
+        r = run_model_isolated(model, args, domain_id, log_dir, frames_path)
+        r.update(model=model.name, model_ms=model_ms, model_infer_ms=model_infer_ms)
+        rows.append(r)
+        print(f"  {model.name}: done ({r['depth_msgs']} depth frames received)", flush=True)
 
     print()
     print("pub = image stamp (wall clock when the camera published) -> depth/image published by the node (the "
@@ -389,8 +413,13 @@ def main() -> None:
               f"{'yes' if p95_ok else 'NO':>6} {'yes' if rate_ok else 'NO':>5}")
     print()
     print("node inf = the engine's inference-only ms p50 inside the node (slower than standalone when it shares "
-          "the cores with the executor, points/scan and the publisher); RSS = this process now / peak so far "
-          "(ru_maxrss is cumulative over the models run before)")
+          "the cores with the executor, points/scan and the publisher); RSS = the node's own process (one per "
+          "model, as on a rover) at the end / peak")
+    print()
+    print("memory goal: depth_node under 200 MiB resident (the forest-depth paper's auto-encoder on a Pi 4: ~200 MB)")
+    for r in rows:
+        print(f"  {r['model']:<30} peak RSS {r['rss_peak_mb']:5.0f} MiB  {'yes' if r['rss_peak_mb'] < 200 else 'NO'}"
+              f"  heavy modules loaded: {r['heavy_modules'] or 'none'}")
     for r in rows:
         extra = []
         if r["malformed"] or r["errors"]:
