@@ -16,9 +16,13 @@ Job = TypeVar("Job")
 class SlotWorker(Generic[Job]):
     """Runs ``handle(job)`` on its own thread for the newest submitted job, one at a time."""
 
-    def __init__(self, name: str, handle: Callable[[Job], None], on_start: Callable[[], None] | None = None) -> None:
+    def __init__(self, name: str, handle: Callable[[Job], None], on_start: Callable[[], None] | None = None,
+                 on_error: Callable[[Exception], bool] | None = None) -> None:
+        """``on_error(exc)`` is called when ``handle`` raises: True goes on with the next job, False ends the
+        thread quietly; without it the exception ends the thread."""
         self._handle = handle
         self._on_start = on_start
+        self._on_error = on_error
         self._wake = threading.Condition()
         self._pending: Job | None = None
         self._running = False
@@ -73,6 +77,11 @@ class SlotWorker(Generic[Job]):
                 continue
             try:
                 self._handle(job)
+            except Exception as exc:
+                if self._on_error is None:
+                    raise
+                if not self._on_error(exc):
+                    return
             finally:
                 with self._wake:
                     self._running = False

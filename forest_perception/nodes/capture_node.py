@@ -419,15 +419,15 @@ class CaptureNode(Node):
         publish_node_diagnostics(self, self.diag_pub, "capture_node", *self.diagnostics_values())
 
     def destroy_node(self) -> None:
-        """Close the bag cleanly, then the node."""
-        if self._recorder is not None:
+        """Close the bag cleanly, then the node (also after a constructor that failed half way)."""
+        if getattr(self, "_recorder", None) is not None:
             self.stop()
         super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``ros2 run forest_perception capture_node``."""
-    run_node(CaptureNode, "capture_node", args)
+    run_node(CaptureNode, "capture_node", args, PARAMS, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import array
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +64,18 @@ class ParamSpec:
         return ""
 
 
+def _type_name(default: Any) -> str:  # noqa: ANN401 - any parameter default
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, (list, tuple)):
+        return "a list like [a, b]"
+    return "a string"
+
+
 def plain_value(value: Any) -> Any:  # noqa: ANN401 - any parameter value
     """A parameter value as plain Python: arrays (rclpy gives ``array.array`` for numbers) become lists."""
     if isinstance(value, (array.array, tuple)):
@@ -77,17 +91,21 @@ def declare_parameters(node: Node, specs: Sequence[ParamSpec], check: Check | No
     """
     from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 
+    overrides = getattr(node, "_parameter_overrides", {})  # what --ros-args -p / a YAML file gave
     values = {}
     for spec in specs:
+        given = overrides.get(spec.name)
+        shown = f"{spec.name}:={plain_value(given.value)!r}" if given is not None else spec.name
         try:
             value = node.declare_parameter(spec.name, spec.default, spec.descriptor()).value
-        except InvalidParameterTypeException as exc:
-            raise ValueError(f"{spec.name}: expected a {type(spec.default).__name__} "
-                             f"({spec.description}): {exc}") from None
+        except InvalidParameterTypeException:
+            raise ValueError(f"{shown} has the wrong type: expected {_type_name(spec.default)} "
+                             f"({spec.description})") from None
         except InvalidParameterValueException:
-            given = node.get_parameter_overrides().get(spec.name) if hasattr(node, "get_parameter_overrides") else None
-            shown = f":={given.value!r}" if given is not None else ""
-            raise ValueError(f"{spec.name}{shown} is outside its range {list(spec.range or ())}") from None
+            lo, hi = spec.range or (None, None)
+            raise ValueError(f"{shown} is outside its range [{lo}, {hi}] ({spec.description})") from None
+        if value is None and isinstance(spec.default, (list, tuple)):
+            value = []  # `-p topics:=[]` is an empty array of no type: rclpy leaves the parameter unset
         values[spec.name] = plain_value(value)
         reason = spec.problem(values[spec.name])
         if reason:
@@ -144,8 +162,36 @@ def publish_node_diagnostics(node: Node, publisher: object, kind: str, level: in
     publisher.publish(array_msg)
 
 
-def run_node(factory: Callable[[], Node], name: str, args: list[str] | None = None) -> None:
-    """Init rclpy, build and spin a node until Ctrl-C; a bad parameter exits 2 with its message."""
+def parameter_help(name: str, summary: str, specs: Sequence[ParamSpec]) -> str:
+    """``<node> --help``: what the node does and every parameter with its default and constraints."""
+    lines = [f"usage: ros2 run forest_perception {name} [--ros-args -p NAME:=VALUE ...]",
+             f"       (or .venv/bin/{name} [--ros-args ...] without a ROS install)", "", summary, "", "parameters:"]
+    for spec in specs:
+        facts = [f"default {spec.default!r}"]
+        if spec.range is not None:
+            facts.append(f"range [{spec.range[0]}, {spec.range[1]}]")
+        if spec.choices:
+            facts.append(f"one of {', '.join(spec.choices)}")
+        if spec.read_only:
+            facts.append("read-only")
+        lines.append(f"  {spec.name:<28} {spec.description} ({'; '.join(facts)})")
+    return "\n".join(lines)
+
+
+def run_node(factory: Callable[[], Node], name: str, args: list[str] | None = None,
+             specs: Sequence[ParamSpec] = (), summary: str = "") -> None:
+    """Init rclpy, build and spin a node until Ctrl-C; a bad parameter exits 2 with its message.
+
+    ``--help`` (before any ``--ros-args``) prints :func:`parameter_help` and exits.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    own = argv[: argv.index("--ros-args")] if "--ros-args" in argv else argv
+    if "-h" in own or "--help" in own:
+        try:
+            print(parameter_help(name, summary, specs), flush=True)
+        except BrokenPipeError:  # `| head`: the reader left early
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0)
     rclpy.init(args=args)
     node = None
     try:
@@ -156,6 +202,10 @@ def run_node(factory: Callable[[], Node], name: str, args: list[str] | None = No
     except ValueError as exc:  # a bad parameter: say which, no traceback
         print(f"{name}: {exc}")
         raise SystemExit(2) from None
+    except Exception:
+        if rclpy.ok():
+            raise
+        # Ctrl-C while the node was starting: rclpy's signal handler shut the context down under it
     finally:
         if node is not None:
             node.destroy_node()

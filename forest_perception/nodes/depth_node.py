@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
@@ -112,7 +113,7 @@ class DepthNode(Node):
         self.create_subscription(CameraInfo, "camera/camera_info", self._on_camera_info, sensor)
         add_validated_updates(self, PARAMS, lambda: self.p, self._check_update, self._commit)
         self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
-        self.worker = SlotWorker("depth_worker", self._process)
+        self.worker = SlotWorker("depth_worker", self._process, on_error=self._on_worker_error)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -207,6 +208,13 @@ class DepthNode(Node):
                 layout.angle_increment, settings.scan_range_min_m, settings.scan_range_max_m))
         self.stats.processed(inference_ms, (now - received) * 1e3, stamp_ms, now)
 
+    def _on_worker_error(self, exc: Exception) -> bool:
+        if not rclpy.ok(context=self.context):
+            return False  # shutting down (Ctrl-C): publishing failed because the context is gone
+        self.stats.count("inference_errors", f"depth: {type(exc).__name__}: {exc}")
+        self.get_logger().error(self.stats.last_error, throttle_duration_sec=5.0)
+        return True
+
     # ---------------------------------------------------------------- diagnostics
     def diagnostics_values(self) -> tuple[bytes, str, dict[str, object]]:
         """(level, message, key/values) of the node's health right now."""
@@ -233,7 +241,7 @@ class DepthNode(Node):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``ros2 run forest_perception depth_node``."""
-    run_node(DepthNode, "depth_node", args)
+    run_node(DepthNode, "depth_node", args, PARAMS, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

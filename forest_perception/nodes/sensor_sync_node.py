@@ -453,7 +453,7 @@ class SensorSyncNode(Node):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``ros2 run forest_perception sensor_sync_node``."""
-    run_node(SensorSyncNode, "sensor_sync_node", args)
+    run_node(SensorSyncNode, "sensor_sync_node", args, PARAMS, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

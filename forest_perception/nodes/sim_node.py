@@ -202,9 +202,14 @@ class SimNode(Node):
             with self._lock:
                 events = self.sim.step()
                 now_ns = self.sim.now_ns
-            for event in events:
-                self._publish(event)
-            self.clock_pub.publish(Clock(clock=msgs.time_from_ns(now_ns)))
+            try:
+                for event in events:
+                    self._publish(event)
+                self.clock_pub.publish(Clock(clock=msgs.time_from_ns(now_ns)))
+            except Exception:
+                if rclpy.ok(context=self.context):
+                    raise
+                return  # Ctrl-C: the context went down between the loop test and a publish
             self._step_wall.append((time.perf_counter(), now_ns))
             if any(e.kind == "camera" for e in events):
                 self._render_ms.append((time.perf_counter() - t0) * 1e3)
@@ -314,17 +319,18 @@ class SimNode(Node):
         self.diag_pub.publish(array)
 
     def destroy_node(self) -> None:
-        """Stop the simulation thread, then the node."""
-        self._stop.set()
-        if self._thread.is_alive():
+        """Stop the simulation thread, then the node (also after a constructor that failed half way)."""
+        if hasattr(self, "_thread"):
+            self._stop.set()
             self._thread.join(timeout=5.0)
-        self.sim.close()
+        if hasattr(self, "sim"):
+            self.sim.close()
         super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``ros2 run forest_perception sim_node``."""
-    run_node(SimNode, "sim_node", args)
+    run_node(SimNode, "sim_node", args, PARAMS, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -49,3 +49,29 @@ def test_stop_drops_the_waiting_job_and_the_start_hook_runs_first():
     gate.set()
     assert worker.stop(5.0)
     assert order[:2] == ["start", "a"] and order.count("b") <= 1
+
+
+def test_a_failing_job_goes_to_on_error_which_decides_whether_the_thread_goes_on():
+    errors: list[str] = []
+    done: list[int] = []
+
+    def handle(job: int) -> None:
+        if job < 0:
+            raise ValueError(f"bad job {job}")
+        done.append(job)
+
+    worker = SlotWorker("test", handle, on_error=lambda exc: errors.append(str(exc)) or "stop" not in str(exc))
+    try:
+        worker.submit(-1)
+        for _ in range(500):
+            if errors:
+                break
+            threading.Event().wait(0.01)
+        worker.submit(7)
+        for _ in range(500):
+            if done:
+                break
+            threading.Event().wait(0.01)
+        assert errors == ["bad job -1"] and done == [7] and worker.alive
+    finally:
+        worker.stop(5.0)
