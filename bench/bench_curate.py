@@ -32,24 +32,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from forest_perception.dataset_tools.curate import (
+from forest_perception.dataset_tools.curate import CurateConfig, curate
+from forest_perception.dataset_tools.layout import FrameRecord, SegmentWriter, frame_stem, segment_name
+from forest_perception.dataset_tools.parallel import default_workers
+from forest_perception.dataset_tools.scores import (
     SCORES_FILE,
-    CurateConfig,
-    curate,
-    default_workers,
     frame_descriptor,
     frame_scores,
     sharpness,
     write_score_cache,
 )
-from forest_perception.dataset_tools.layout import (
-    FrameRecord,
-    GpsFix,
-    ImuSample,
-    SegmentWriter,
-    frame_stem,
-    segment_name,
-)
+from forest_perception.readings import GpsFix, ImuSample
 
 
 def panorama(height: int, width: int, rng: np.random.Generator) -> np.ndarray:

@@ -31,7 +31,6 @@ import numpy as np
 
 from forest_perception import msgs
 from forest_perception.dataset_tools.bags import BagError, bag_info, read_bag
-from forest_perception.dataset_tools.curate import frame_scores, write_score_cache
 from forest_perception.dataset_tools.layout import (
     FrameRecord,
     ImuSample,
@@ -40,6 +39,7 @@ from forest_perception.dataset_tools.layout import (
     run_dir_name,
     segment_name,
 )
+from forest_perception.dataset_tools.scores import frame_scores, write_score_cache
 from forest_perception.frames import WHEEL_JOINTS
 from forest_perception.inference import SUPPORTED_ENCODINGS, convert_image_encoding
 from forest_perception.sync import (

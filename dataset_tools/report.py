@@ -36,16 +36,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from forest_perception.dataset_tools.curate import (
-    CURATION_CSV,
-    CURATION_JSON,
-    local_enu,
-    read_curation,
-    reasons_count,
-    sharpness,
-)
-from forest_perception.dataset_tools.layout import Segment, iter_segments, load_depth, load_rgb
-from forest_perception.dataset_tools.split import SPLIT_NAMES, SPLITS_JSON, read_split_file, segment_key
+from forest_perception.dataset_tools.curate import CURATION_CSV, CURATION_JSON, read_curation, reasons_count
+from forest_perception.dataset_tools.gps import local_enu
+from forest_perception.dataset_tools.images import load_depth, load_rgb
+from forest_perception.dataset_tools.layout import Segment, iter_segments, segment_key
+from forest_perception.dataset_tools.scores import sharpness
+from forest_perception.dataset_tools.split import SPLIT_NAMES, SPLITS_JSON, read_split_file
 
 REPORT_HTML = "report.html"
 

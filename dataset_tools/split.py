@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from forest_perception.dataset_tools.curate import local_enu, segment_key
-from forest_perception.dataset_tools.layout import METADATA_FILE, Segment, iter_segments, read_segment
+from forest_perception.dataset_tools.gps import local_enu
+from forest_perception.dataset_tools.layout import METADATA_FILE, Segment, iter_segments, read_segment, segment_key
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLITS_JSON = "splits.json"
