@@ -257,7 +257,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _repair(args: argparse.Namespace) -> int:
-    from forest_perception.dataset_tools.bags import repair_bag
+    from forest_perception.dataset_tools.bag_repair import repair_bag
 
     print(repair_bag(args.bag).summary())
     return 0
