@@ -1,0 +1,125 @@
+"""argparse types shared by every command line of the package (forest-dataset, forest-train, forest-sim, forest-fl).
+
+Each one turns the text of one argument into a value or raises ``argparse.ArgumentTypeError`` naming the
+text and what was expected (argparse puts the flag in front). Image sizes are written ``WIDTHxHEIGHT``
+(``320x240``), as cameras and the shipped model files write them, and come back as ``(height, width)``,
+the order numpy and the networks use. ``ArgumentParser`` reports a bad command line in one line.
+docs/dataset_tools.md ("Command-line conventions") lists the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import NoReturn
+
+
+class UsageError(Exception):
+    """A bad command line; the message is one line naming the program and what is wrong."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ``UsageError`` (one line) instead of printing the usage and exiting.
+
+    Give it to ``add_subparsers(parser_class=...)`` too; the entry point prints the error and returns 2.
+    """
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102 - argparse hook
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``"320x240"`` (WIDTHxHEIGHT, pixels) -> ``(240, 320)``, i.e. (height, width)."""
+    parts = text.strip().lower().split("x")
+    try:
+        width, height = (int(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"image size must be WIDTHxHEIGHT in pixels like 320x240, got {text!r}"
+        ) from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive WIDTHxHEIGHT like 320x240, got {text!r}")
+    return height, width
+
+
+def format_image_size(height_width: tuple[int, int]) -> str:
+    """``(240, 320)`` -> ``"320x240"``: an (height, width) pair written as ``image_size`` reads it."""
+    height, width = height_width
+    return f"{int(width)}x{int(height)}"
+
+
+def _number(text: str, kind: type, what: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = _number(text, float, "a number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = _number(text, float, "a number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share of something, within (0, 1]."""
+    value = _number(text, float, "a fraction within (0, 1]")
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction within (0, 1], got {text!r}")
+    return value
+
+
+def existing_dir(text: str) -> Path:
+    """A folder that exists."""
+    path = Path(text)
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"folder {text!r} {what}")
+    return path
+
+
+def existing_file(text: str) -> Path:
+    """A file that exists."""
+    path = Path(text)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise argparse.ArgumentTypeError(f"file {text!r} {what}")
+    return path
+
+
+def output_dir(text: str) -> Path:
+    """A folder to write into: it may exist or not, but must not be a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"output folder {text!r} is a file; give a folder")
+    return path
