@@ -5,6 +5,7 @@ What the scores measure and how the cache is kept valid: docs/dataset_tools.md (
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from forest_perception.dataset_tools.images import png_info
+from forest_perception.dataset_tools.images import IMAGE_SUFFIX, png_info, write_atomic
 from forest_perception.dataset_tools.layout import RGB_DIR, Segment
 
 THUMB_SIZE = (16, 12)
@@ -124,21 +125,20 @@ def write_score_cache(segment_dir: str | os.PathLike, rows: Sequence[tuple[str, 
     Each row is tied to its RGB file's size and mtime: a frame whose PNG changed later is scored again.
     """
     segment_dir = Path(segment_dir)
-    keys = [_file_key(segment_dir / RGB_DIR / f"{stem}.png") for stem, *_ in rows]
+    keys = [_file_key(segment_dir / RGB_DIR / f"{stem}{IMAGE_SUFFIX}") for stem, *_ in rows]
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        stems=np.array([r[0] for r in rows], dtype=str),
+        size=np.array([k[0] for k in keys], np.int64),
+        mtime_ns=np.array([k[1] for k in keys], np.int64),
+        laplacian=np.array([r[1] for r in rows], np.float64),
+        tenengrad=np.array([r[2] for r in rows], np.float64),
+        descriptors=np.stack([r[3] for r in rows]).astype(np.float32)
+        if rows else np.zeros((0, DESCRIPTOR_SIZE), np.float32),
+    )
     final = segment_dir / SCORES_FILE
-    tmp = segment_dir / f".{SCORES_FILE}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(
-            f,
-            stems=np.array([r[0] for r in rows], dtype=str),
-            size=np.array([k[0] for k in keys], np.int64),
-            mtime_ns=np.array([k[1] for k in keys], np.int64),
-            laplacian=np.array([r[1] for r in rows], np.float64),
-            tenengrad=np.array([r[2] for r in rows], np.float64),
-            descriptors=np.stack([r[3] for r in rows]).astype(np.float32)
-            if rows else np.zeros((0, DESCRIPTOR_SIZE), np.float32),
-        )
-    os.replace(tmp, final)
+    write_atomic(final, buffer.getvalue(), fsync=False)
     return final
 
 

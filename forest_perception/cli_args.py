@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -49,54 +50,40 @@ def format_image_size(height_width: tuple[int, int]) -> str:
     return f"{int(width)}x{int(height)}"
 
 
-def _number(text: str, kind: type, what: str) -> int | float:
+def _number(text: str, kind: type, expected: str, allowed: Callable[[float], bool]) -> int | float:
+    """``kind(text)`` if it is finite and ``allowed``; else ``ArgumentTypeError`` saying what was ``expected``."""
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        value = None
+    if value is None or not math.isfinite(value) or not allowed(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return _number(text, int, "a positive integer", lambda value: value >= 1)
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _number(text, int, "an integer >= 0", lambda value: value >= 0)
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0."""
-    value = _number(text, float, "a number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+    return _number(text, float, "a number > 0", lambda value: value > 0)
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0."""
-    value = _number(text, float, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return _number(text, float, "a number >= 0", lambda value: value >= 0)
 
 
 def fraction(text: str) -> float:
     """A share of something, within (0, 1]."""
-    value = _number(text, float, "a fraction within (0, 1]")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction within (0, 1], got {text!r}")
-    return value
+    return _number(text, float, "a fraction within (0, 1]", lambda value: 0 < value <= 1)
 
 
 def existing_dir(text: str) -> Path:

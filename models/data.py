@@ -1,16 +1,7 @@
-"""Torch dataset of RGB/depth pairs in the forest dataset layout, with train-time augmentation.
+"""Torch dataset of RGB/depth pairs in the forest dataset layout, with seeded train-time augmentation.
 
-Reads our synthetic recordings and the real low-viewpoint forest dataset alike through
-``forest_perception.dataset_tools.layout`` (only the RGB and depth images are used, so segments without
-GPS or encoder columns are fine). Every sample is resized to the network input:
-RGB with ``INTER_AREA``, depth with nearest neighbour so no depth value is ever
-interpolated across an invalid pixel or an object edge.
-
-Augmentation (``augment=True``, training only) is drawn from a generator seeded by
-``(seed, epoch, index)``, so an epoch sees the same augmented samples whatever the
-number of loader workers, and a resumed run sees what an uninterrupted one saw.
-Splits are made by segment (one drive) or by run, never by frame: neighbouring frames
-of a drive are near-duplicates and would leak between train and validation.
+Frames are resized to the network input (depth by nearest neighbour); splits are by segment or run, never
+by frame. Details in docs/training.md.
 """
 
 from __future__ import annotations
@@ -25,8 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from forest_perception.dataset_tools.images import load_depth, load_rgb
-from forest_perception.dataset_tools.layout import Segment, iter_segments, read_segment
+from forest_perception.dataset_tools.layout import Segment, iter_segments, load_frame, read_segment
 from forest_perception.inference import DEFAULT_MEAN, DEFAULT_STD
 from forest_perception.models.networks.layers import check_input_hw as check_network_input
 
@@ -236,14 +226,7 @@ class ForestDepthDataset(Dataset):
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw frame ``i``: RGB HxWx3 uint8 and depth HxW float32 metres (NaN invalid), full size."""
         si, fi = self.index[i]
-        segment = self.segments[si]
-        rgb = load_rgb(segment.rgb_path(fi))
-        depth = load_depth(segment.depth_path(fi))
-        if depth.shape != rgb.shape[:2]:
-            raise ValueError(
-                f"frame {segment.frames[fi].stem!r} of {segment.path}: depth size {depth.shape[::-1]} "
-                f"differs from RGB size {rgb.shape[1::-1]}"
-            )
+        rgb, depth, _ = load_frame(self.segments[si], fi)
         return rgb, depth
 
     def __getitem__(self, i: int) -> dict:

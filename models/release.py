@@ -73,14 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Export, quantise, evaluate and write the model card; prints the metric table."""
-    from forest_perception.models.export import (
-        export_onnx,
-        iter_calibration_images,
-        keep_int8,
-        model_info,
-        quantize_int8,
-        write_model_card,
-    )
+    from forest_perception.models import export  # torch: only once the command line is good
 
     args = build_parser().parse_args(argv)
 
@@ -88,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     onnx_path = out / f"{args.name}.onnx"
     t0 = time.perf_counter()
     command = " ".join(["python -m forest_perception.models.release", *sys.argv[1:]])
-    export_onnx(args.checkpoint, onnx_path, export_command=command)
+    export.export_onnx(args.checkpoint, onnx_path, export_command=command)
     frames = held_out_frames(args.test)
     fp32 = evaluate_engine(onnx_path, frames)
     int8_path = out / f"{args.name}_int8.onnx"
-    quantize_int8(onnx_path, list(iter_calibration_images(args.calib, 64)), int8_path)
+    export.quantize_int8(onnx_path, list(export.iter_calibration_images(args.calib, 64)), int8_path)
     int8 = evaluate_engine(int8_path, frames)
     report = {
         "fp32": {"median_ms": fp32["latency_ms"], "metrics": fp32, "bytes": onnx_path.stat().st_size},
@@ -101,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         "size_ratio": int8_path.stat().st_size / onnx_path.stat().st_size,
         "agreement": {"mean_rel_diff": float("nan")},
     }
-    keep, reason = keep_int8(report, args.max_absrel_increase)
-    info = model_info(args.checkpoint)
+    keep, reason = export.keep_int8(report, args.max_absrel_increase)
+    info = export.model_info(args.checkpoint)
     info.update(
         {
             "metrics": {k: v for k, v in fp32.items() if k != "latency_ms"},
@@ -111,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             "data_command": args.data_command,
         }
     )
-    write_model_card(onnx_path, info)
+    export.write_model_card(onnx_path, info)
     if keep:
-        write_model_card(int8_path, {**info, "metrics": {k: v for k, v in int8.items() if k != "latency_ms"},
+        export.write_model_card(int8_path, {**info, "metrics": {k: v for k, v in int8.items() if k != "latency_ms"},
                                      "int8": report})
     else:
         int8_path.unlink(missing_ok=True)

@@ -8,6 +8,11 @@ import pytest
 
 from forest_perception import cli_args
 from forest_perception.cli_args import UsageError
+from forest_perception.collab.flower import cli as fl_cli
+from forest_perception.dataset_tools import cli as dataset_cli
+from forest_perception.models import cli as train_cli
+from forest_perception.models import release
+from forest_perception.sim import cli as sim_cli
 
 
 @pytest.mark.parametrize(
@@ -74,37 +79,27 @@ def test_one_line_parser_raises_usage_error():
 
 @pytest.fixture
 def dataset_parser():
-    from forest_perception.dataset_tools.cli import build_parser
-
-    return build_parser()
+    return dataset_cli.build_parser()
 
 
 @pytest.fixture
 def train_parser():
-    from forest_perception.models.cli import build_parser
-
-    return build_parser()
+    return train_cli.build_parser()
 
 
 @pytest.fixture
 def release_parser():
-    from forest_perception.models.release import build_parser
-
-    return build_parser()
+    return release.build_parser()
 
 
 @pytest.fixture
 def sim_parser():
-    from forest_perception.sim.cli import build_parser
-
-    return build_parser()
+    return sim_cli.build_parser()
 
 
 @pytest.fixture
 def fl_parser():
-    from forest_perception.collab.flower.cli import build_parser
-
-    return build_parser()
+    return fl_cli.build_parser()
 
 
 def test_forest_dataset_synth_image_size(dataset_parser, tmp_path):
