@@ -1,26 +1,7 @@
-"""Check a dataset folder in the low-viewpoint forest layout and report every problem with its file.
+"""Check a dataset folder in the forest layout and report every problem with its file, not just the first.
 
-``validate_dataset(root)`` walks ``Run-N/<segment>/`` folders and collects ``Problem``
-(severity, path, message) records instead of stopping at the first one:
-
-- ``metadata.csv``: present, a file-name column plus the required timestamp and IMU gyro /
-  accelerometer columns (same column matching as ``forest_perception.dataset_tools.layout``), cells that parse
-  as numbers, latitude within [-90, 90] and longitude within [-180, 180] (both or neither),
-  quaternion norm within ``quaternion_tolerance`` of 1 (all four cells or none), stems that
-  are plain file names and unique, timestamps strictly increasing. GPS, encoder and
-  orientation columns are optional (the real dataset lacks them for some segments).
-- files: every row has its RGB and depth PNG; RGB is 8-bit colour, depth is 16-bit
-  single-channel, both the same size (read from the PNG header); with ``decode`` every PNG
-  is decoded (corrupt data) and the depth checked: no valid pixel is a warning, more than
-  ``max_far_fraction`` of the valid pixels beyond ``max_depth_m`` an error.
-- warnings: PNGs without a metadata row, stray ``.*.tmp`` files of an interrupted write,
-  unexpected files and folders, empty segments, a last line cut off by a crash.
-
-Errors make the dataset unusable as it is (a reader or trainer would fail or read garbage);
-warnings are worth a look but every indexed frame still reads. ``forest-dataset validate``
-prints them and exits 1 when there is an error.
-
-Pure core: numpy, OpenCV and the standard library; never rclpy.
+``validate_dataset`` collects ``Problem`` records (error or warning, path, message); the checks and what
+counts as an error are listed in docs/dataset_tools.md ("validate"). Pure core, never rclpy.
 """
 
 from __future__ import annotations

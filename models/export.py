@@ -1,11 +1,7 @@
-"""ONNX export, int8 quantisation and model cards for the depth networks.
+"""ONNX export, int8 quantisation and model cards of the depth networks (``forest-train export``).
 
-Export uses ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based exporter, default since torch 2.9;
-needs onnxscript). It folds BatchNorm into the convolutions and constant-folds, so the graph is plain
-Conv/Relu/Resize/Sigmoid/Exp with a static input shape, which ONNX Runtime fuses further. It natively targets
-opset 18 and down-converts to a lower requested opset; the opset actually written is read back from the file.
-``exporter="torchscript"`` selects the legacy exporter (deprecated, but 100x faster to run).
-Every export is checked against PyTorch in ONNX Runtime and refused above a tolerance.
+Every export is checked against PyTorch in ONNX Runtime and refused above a tolerance; which exporter is used
+and what the card records: docs/training.md ("Export").
 """
 
 from __future__ import annotations

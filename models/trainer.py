@@ -1,17 +1,7 @@
 """Training of the monocular depth networks on the forest dataset layout (monodepth2-style ``Trainer``).
 
-``Trainer(opts).train()`` runs AdamW with a cosine or step learning-rate schedule, a tqdm
-bar per epoch, a validation pass every ``eval_every`` epochs, and after every epoch writes:
-
-- ``<out>/checkpoints/last.pt`` (and ``best.pt`` when validation absrel improved), holding
-  everything to rebuild the model (name, kwargs, input size, normalisation, depth range)
-  and to resume exactly (optimizer, scheduler, epoch, history, options, command, git commit);
-- ``<out>/log.csv``: one row per epoch (loss parts, val metrics, lr, seconds, images/s);
-- ``<out>/curves.png``: learning curves.
-
-Runs are reproducible: the shuffle order, the augmentation draw and torch's RNG are
-seeded from ``(seed, epoch)`` at the start of each epoch, so resuming from ``last.pt``
-gives the same weights as a run that was never interrupted (on the same device/threads).
+``Trainer(opts).train()`` writes checkpoints, ``log.csv`` and ``curves.png`` after every epoch and resumes
+exactly from ``last.pt``; what each file holds and why runs are reproducible: docs/training.md.
 """
 
 from __future__ import annotations
