@@ -86,22 +86,24 @@ def fraction(text: str) -> float:
     return _number(text, float, "a fraction within (0, 1]", lambda value: 0 < value <= 1)
 
 
+def _existing(text: str, kind: str) -> Path:
+    """``text`` as a path to an existing ``kind`` ('folder' or 'file')."""
+    path = Path(text)
+    present, other = (path.is_dir(), "file") if kind == "folder" else (path.is_file(), "folder")
+    if not present:
+        what = f"is a {other}, not a {kind}" if path.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{kind} {text!r} {what}")
+    return path
+
+
 def existing_dir(text: str) -> Path:
     """A folder that exists."""
-    path = Path(text)
-    if not path.is_dir():
-        what = "is a file, not a folder" if path.exists() else "does not exist"
-        raise argparse.ArgumentTypeError(f"folder {text!r} {what}")
-    return path
+    return _existing(text, "folder")
 
 
 def existing_file(text: str) -> Path:
     """A file that exists."""
-    path = Path(text)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise argparse.ArgumentTypeError(f"file {text!r} {what}")
-    return path
+    return _existing(text, "file")
 
 
 def output_dir(text: str) -> Path:
