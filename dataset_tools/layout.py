@@ -102,7 +102,7 @@ RGB_DIR = "rgb_image"
 DEPTH_DIR = "depth_image"
 METADATA_FILE = "metadata.csv"
 RUN_PREFIX = "Run-"
-RUN_PATTERN = re.compile(r"^Run-(\d+)$")
+RUN_PATTERN = re.compile(rf"^{re.escape(RUN_PREFIX)}(\d+)$")
 """A run folder's name; group 1 is its number."""
 SEGMENT_PATTERN = re.compile(r"^[a-z]+$")
 """A segment folder's name: a, b, ..., z, aa, ab, ..."""
@@ -116,9 +116,6 @@ def frame_stem(index: int, width: int = 6) -> str:
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
         raise ValueError(f"frame index must be a non-negative int, got {index!r}")
     return f"{int(index):0{width}d}"
-
-
-# --------------------------------------------------------------------------- naming
 
 
 def segment_name(index: int) -> str:

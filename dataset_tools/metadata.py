@@ -1,7 +1,7 @@
 """``metadata.csv`` of a segment: its columns, how a header is matched, and rows to and from ``FrameRecord``.
 
 Column names, units and the matching rules for other datasets' headers are in docs/dataset_layout.md.
-Pure core: the standard library only.
+Pure core: numpy and the standard library.
 """
 
 from __future__ import annotations
