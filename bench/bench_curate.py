@@ -32,24 +32,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from forest_perception.dataset_tools.curate import (
+from forest_perception.dataset_tools.curate import CurateConfig, CurationResult, curate
+from forest_perception.dataset_tools.layout import FrameRecord, SegmentWriter, frame_stem, segment_name
+from forest_perception.dataset_tools.parallel import default_workers
+from forest_perception.dataset_tools.scores import (
     SCORES_FILE,
-    CurateConfig,
-    curate,
-    default_workers,
     frame_descriptor,
     frame_scores,
     sharpness,
     write_score_cache,
 )
-from forest_perception.dataset_tools.layout import (
-    FrameRecord,
-    GpsFix,
-    ImuSample,
-    SegmentWriter,
-    frame_stem,
-    segment_name,
-)
+from forest_perception.readings import GpsFix, ImuSample
 
 
 def panorama(height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -127,6 +120,21 @@ def step_costs(source: Path, n: int = 100) -> dict[str, float]:
     return {k: 1000 * v / len(rgb_paths) for k, v in costs.items()}
 
 
+def timed_curate(source: Path, out: Path, workers: int, depth: bool, frames: int) -> tuple[CurationResult, float]:
+    """Curate ``source`` to 10 % into a fresh ``out``; returns the result and the CPU milliseconds per input frame."""
+    shutil.rmtree(out, ignore_errors=True)
+    c0 = cpu_seconds()
+    result = curate(source, out, CurateConfig(fraction=0.1, workers=workers, check_depth=depth))
+    return result, 1000 * (cpu_seconds() - c0) / frames
+
+
+def table_row(workers: int, depth: bool, summary: dict, cpu_ms: float, cores: int) -> str:
+    """workers, depth check, wall s, wall fps, CPU ms/frame, fps on 2 free cores (and on ``cores`` when not 2)."""
+    row = (f"{workers:>7} {'yes' if depth else 'no':>5} {summary['timing_s']['total_s']:7.2f} "
+           f"{summary['frames_per_s']:8.0f} {cpu_ms:12.2f} {2000 / cpu_ms:17.0f}")
+    return row + (f" {cores * 1000 / cpu_ms:17.0f}" if cores != 2 else "")
+
+
 def main() -> None:
     """Print the benchmark table."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -156,20 +164,9 @@ def main() -> None:
               f"{'fps @2 free cores':>17}{more}  decisions")
         for workers in sorted({1, cores}):
             for depth in (True, False):
-                out = work / f"out_{workers}_{int(depth)}"
-                shutil.rmtree(out, ignore_errors=True)
-                config = CurateConfig(fraction=0.1, workers=workers, check_depth=depth)
-                c0 = cpu_seconds()
-                result = curate(source, out, config)
-                cpu_ms = 1000 * (cpu_seconds() - c0) / n
-                s = result.summary
-                print(
-                    f"{workers:>7} {'yes' if depth else 'no':>5} {s['timing_s']['total_s']:7.2f} "
-                    f"{s['frames_per_s']:8.0f} {cpu_ms:12.2f} {2000 / cpu_ms:17.0f}"
-                    + (f" {cores * 1000 / cpu_ms:17.0f}" if more else "")
-                    + "  "
-                    + ", ".join(f"{k} {v}" for k, v in s["reasons"].items() if v)
-                )
+                result, cpu_ms = timed_curate(source, work / f"out_{workers}_{int(depth)}", workers, depth, n)
+                decisions = ", ".join(f"{k} {v}" for k, v in result.summary["reasons"].items() if v)
+                print(table_row(workers, depth, result.summary, cpu_ms, cores) + "  " + decisions)
         # as `forest-dataset extract` leaves it: the scores computed from the pixels it had in memory
         for seg_dir in sorted((source / "Run-1").iterdir()):
             write_score_cache(seg_dir, [
@@ -177,18 +174,10 @@ def main() -> None:
                 for p in sorted((seg_dir / "rgb_image").glob("*.png"))
             ])
         for depth in (True, False):
-            out = work / f"out_cached_{int(depth)}"
-            shutil.rmtree(out, ignore_errors=True)
-            c0 = cpu_seconds()
-            result = curate(source, out, CurateConfig(fraction=0.1, workers=cores, check_depth=depth))
-            cpu_ms = 1000 * (cpu_seconds() - c0) / n
-            s = result.summary
-            print(
-                f"{cores:>7} {'yes' if depth else 'no':>5} {s['timing_s']['total_s']:7.2f} "
-                f"{s['frames_per_s']:8.0f} {cpu_ms:12.2f} {2000 / cpu_ms:17.0f}"
-                + (f" {cores * 1000 / cpu_ms:17.0f}" if more else "")
-                + f"  scores from {SCORES_FILE} (as extract writes it) for {s['scores_from_cache']} frames"
-            )
+            result, cpu_ms = timed_curate(source, work / f"out_cached_{int(depth)}", cores, depth, n)
+            cached = result.summary["scores_from_cache"]
+            print(table_row(cores, depth, result.summary, cpu_ms, cores)
+                  + f"  scores from {SCORES_FILE} (as extract writes it) for {cached} frames")
         print("# wall fps = input frames / total curate time (scan, score, blur, duplicates, selection, depth of the")
         print("# kept frames, write); fps @k free cores = k * 1000 / CPU ms per frame")
     finally:

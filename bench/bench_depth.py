@@ -1,7 +1,7 @@
 """Depth network latency on this CPU: PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime int8.
 
-For each network (autoencoder, multiscale) and network input (240x320 = the camera's full 320x240, and the
-low-res 128x160; sides must be multiples of 16, ``models.networks.SIZE_MULTIPLE``): median and p95 inference
+For each network (autoencoder, multiscale) and network input (the camera's full 320x240 and the low-res
+160x128, WIDTHxHEIGHT; sides must be multiples of 16, ``models.networks.SIZE_MULTIPLE``): median and p95 inference
 latency over N runs after warm-up with 2 threads, params, FLOPs (2 x MACs), achieved GFLOP/s, and the ratio
 to this machine's measured sgemm peak.
 
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from forest_perception.cli_args import format_image_size, non_negative_int, positive_int  # noqa: E402
 from forest_perception.inference import OnnxDepthEngine  # noqa: E402
 from forest_perception.models.export import engine_latency, export_onnx, quantize_int8, synthetic_forest_image  # noqa: E402
 from forest_perception.models.networks import build_model, count_flops, count_parameters  # noqa: E402
@@ -60,9 +61,9 @@ def _timed(fn: object) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=positive_int, default=50)
+    parser.add_argument("--warmup", type=non_negative_int, default=10)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     parser.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
                         help="trained checkpoint for a network (input size taken from the table, weights from it)")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# load average {load:.1f} at start (other processes share these CPUs: torch's OpenMP pool suffers most)")
     print(f"# sgemm 2048^3 peak: numpy {peak['numpy']:.1f} GFLOP/s, torch {peak['torch']:.1f} GFLOP/s")
-    print(f"# camera frames {CAMERA_HW[1]}x{CAMERA_HW[0]} rgb8 (synthetic forest images); latency = inference only, "
+    print(f"# camera frames {format_image_size(CAMERA_HW)} rgb8 (synthetic forest images); latency = inference only, "
           "'total' adds resize/normalise/upsample/NaN-mask")
     frames = [synthetic_forest_image(*CAMERA_HW, seed=seed) for seed in range(16)]
     rows = []
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                     model.load_state_dict(trained_model.state_dict())
                 meta = {"model_name": name, "input_hw": list(input_hw)}
                 params, flops = count_parameters(model), count_flops(model, input_hw)
-                tag = f"{name}_{input_hw[0]}x{input_hw[1]}"
+                tag = f"{name}_{format_image_size(input_hw)}"
                 fp32 = export_onnx((model, meta), Path(tmp) / f"{tag}.onnx", input_hw, exporter=args.exporter)
                 int8 = quantize_int8(fp32, frames, Path(tmp) / f"{tag}_int8.onnx")
                 engines = {
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     error = np.nanmean(np.abs(engine.predict(frames[0]) - reference))
                     gflops = flops / (median / 1e3) / 1e9
                     size = os.path.getsize(int8 if backend == "ORT int8" else fp32) / 1e6
-                    rows.append((name + ("" if trained else "*"), f"{input_hw[1]}x{input_hw[0]}", backend, median, p95,
+                    rows.append((name + ("" if trained else "*"), format_image_size(input_hw), backend, median, p95,
                                  total, params, flops / 1e9, gflops, gflops / peak_gflops, size, error))
     header = (f"{'network':<13}{'input WxH':<11}{'backend':<13}{'med ms':>8}{'p95 ms':>8}{'total ms':>9}"
               f"{'params':>10}{'GFLOP':>8}{'GFLOP/s':>9}{'%peak':>7}{'MB':>7}{'|d-fp32| m':>11}")

@@ -1,32 +1,41 @@
-"""``forest-dataset``: make, inspect, extract (from bags), repair, curate, split, validate, report datasets."""
+"""``forest-dataset``: make, inspect, extract (from bags), repair, curate, split, validate, report datasets.
+
+Bad input gives a one-line message on stderr and exit status 2; docs/dataset_tools.md has every command.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 
+from forest_perception.cli_args import (
+    ArgumentParser,
+    UsageError,
+    existing_dir,
+    format_image_size,
+    image_size,
+    output_dir,
+    positive_int,
+)
 from forest_perception.dataset_tools.layout import dataset_summary
 
-
-def _parse_resolution(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"resolution must look like 320x240, got {text!r}") from None
-    return width, height
+PROG = "forest-dataset"
+SYNTH_IMAGE_HW = (240, 320)
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="render a synthetic dataset from simulated forests")
-    p.add_argument("--out", required=True, help="dataset root folder")
+    p.add_argument("--out", required=True, type=output_dir, help="dataset root folder")
     p.add_argument("--runs", type=int, default=1, help="forests (Run-N folders), seeds seed..seed+runs-1")
     p.add_argument("--segments", type=int, default=2, help="drives per run (segments a, b, ...)")
     p.add_argument("--frames", type=int, default=50, help="frames per segment")
     p.add_argument("--seed", type=int, default=0, help="first world seed")
     p.add_argument("--first-run", type=int, default=1, help="number of the first Run-N folder")
     p.add_argument("--weather", default="overcast", help="comma-separated presets, cycled over segments")
-    p.add_argument("--resolution", type=_parse_resolution, default=(320, 240), help="WIDTHxHEIGHT")
+    p.add_argument("--image-size", type=image_size, default=SYNTH_IMAGE_HW, metavar="WIDTHxHEIGHT",
+                   help=f"camera frames (default {format_image_size(SYNTH_IMAGE_HW)})")
     p.add_argument("--interval", type=float, default=0.5, help="simulated seconds between saved frames")
     p.add_argument("--size", type=float, default=60.0, help="forest side length, metres")
     p.add_argument("--tree-density", type=float, default=600.0, help="trees per hectare")
@@ -45,8 +54,8 @@ def _synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         first_run=args.first_run,
         weathers=tuple(w.strip() for w in args.weather.split(",") if w.strip()),
-        width=args.resolution[0],
-        height=args.resolution[1],
+        width=args.image_size[1],
+        height=args.image_size[0],
         frame_interval_s=args.interval,
         world=WorldConfig(size_m=args.size, tree_density_per_ha=args.tree_density),
     )
@@ -67,16 +76,6 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"workers must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"workers must be a positive integer, got {value}")
-    return value
-
-
 def _add_curate(sub: argparse._SubParsersAction) -> None:
     from forest_perception.dataset_tools.curate import CurateConfig
 
@@ -85,8 +84,8 @@ def _add_curate(sub: argparse._SubParsersAction) -> None:
         "curate",
         help="keep sharp, distinct, spread-out frames into a new dataset (+ curation.csv with every decision)",
     )
-    p.add_argument("source", help="input dataset root (Run-N/<segment>/ folders); only read")
-    p.add_argument("--out", required=True, help="new dataset folder (must not exist or be empty)")
+    p.add_argument("source", type=existing_dir, help="input dataset root (Run-N/<segment>/ folders); only read")
+    p.add_argument("--out", required=True, type=output_dir, help="new dataset folder (must not exist or be empty)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--count", type=int, help="frames to keep (default: all that pass the filters)")
     target.add_argument("--fraction", type=float, help="fraction of the input frames to keep, (0, 1]")
@@ -111,7 +110,7 @@ def _add_curate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-interval", type=float, default=d.min_interval_s,
                    help="seconds between kept frames of one segment")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the first farthest-point pick")
-    p.add_argument("--workers", type=_parse_workers, help="scoring threads (default: one per core)")
+    p.add_argument("--workers", type=positive_int, help="scoring threads (default: one per core)")
     p.add_argument("--copy", action="store_true", help="copy images instead of hard-linking them")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -145,14 +144,15 @@ def _curate(args: argparse.Namespace) -> int:
 
 def _add_split(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("split", help="train/val/test split by segment, run or GPS region (never by frame)")
-    p.add_argument("root", help="dataset root")
+    p.add_argument("root", type=existing_dir, help="dataset root")
     p.add_argument("--by", choices=("segment", "run", "gps"), default="segment", help="what a group is")
     p.add_argument("--fractions", default="0.8,0.1,0.1", help="train,val,test fractions summing to 1")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
     p.add_argument("--cell", type=float, default=50.0, help="--by gps: grid cell side, metres")
     p.add_argument("--gap", type=float, default=0.0,
                    help="--by gps: leave out frames closer than this many metres to another split")
-    p.add_argument("--out", help="folder for splits.json and train/val/test.txt (default: the dataset root)")
+    p.add_argument("--out", type=output_dir,
+                   help="folder for splits.json and train/val/test.txt (default: the dataset root)")
     p.add_argument("--overwrite", action="store_true", help="replace existing split files")
 
 
@@ -172,12 +172,12 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
 
     d = ValidateConfig()
     p = sub.add_parser("validate", help="check a dataset folder; list every problem with its file (exit 1 on errors)")
-    p.add_argument("root", help="dataset root")
+    p.add_argument("root", type=existing_dir, help="dataset root")
     p.add_argument("--max-depth", type=float, default=d.max_depth_m, help="plausible depth limit, metres")
     p.add_argument("--max-far-fraction", type=float, default=d.max_far_fraction,
                    help="error when more of a depth image's valid pixels lie beyond --max-depth")
     p.add_argument("--quick", action="store_true", help="check PNG headers only, do not decode images")
-    p.add_argument("--workers", type=_parse_workers, help="decoding threads (default: one per core)")
+    p.add_argument("--workers", type=positive_int, help="decoding threads (default: one per core)")
     p.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -201,7 +201,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write a self-contained HTML report (plots, examples, curation, splits)")
-    p.add_argument("root", help="dataset root")
+    p.add_argument("root", type=existing_dir, help="dataset root")
     p.add_argument("--out", help="HTML file (default: ROOT/report.html)")
     p.add_argument("--curation", help="curation.csv to show (default: ROOT/curation.csv when present)")
     p.add_argument("--splits", help="splits.json to show (default: ROOT/splits.json when present)")
@@ -225,7 +225,7 @@ def _report(args: argparse.Namespace) -> int:
 def _add_bags(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("extract", help="bag -> frames in the dataset layout, through the rover's sensor sync")
     p.add_argument("bag", help="rosbag2 bag directory (MCAP or sqlite3) or a single .mcap file")
-    p.add_argument("--out", required=True, help="dataset root; frames go to <out>/Run-N/<a, b, ...>")
+    p.add_argument("--out", required=True, type=output_dir, help="dataset root; frames go to <out>/Run-N/<a, b, ...>")
     p.add_argument("--run", type=int, default=None, help="Run-N number (default: the next free one)")
     p.add_argument("--namespace", default=None, help="rover namespace in the bag (default: the only one)")
     p.add_argument("--every", type=int, default=1, help="keep every n-th synchronised frame")
@@ -257,7 +257,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _repair(args: argparse.Namespace) -> int:
-    from forest_perception.dataset_tools.bags import repair_bag
+    from forest_perception.dataset_tools.bag_repair import repair_bag
 
     print(repair_bag(args.bag).summary())
     return 0
@@ -273,11 +273,11 @@ def _bag_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``forest-dataset`` argument parser."""
-    parser = argparse.ArgumentParser(prog="forest-dataset", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     _add_synth(sub)
     p = sub.add_parser("info", help="summarise a dataset folder")
-    p.add_argument("root")
+    p.add_argument("root", type=existing_dir)
     p.add_argument("--json", action="store_true")
     _add_curate(sub)
     _add_split(sub)
@@ -287,10 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; exits 2 with a one-line message on bad input."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status, 2 with a one-line message on bad input."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     handlers = {
         "synth": _synth,
         "info": _info,
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except (ValueError, FileExistsError, FileNotFoundError, BagError) as exc:
-        print(f"forest-dataset {args.command}: {exc}", file=sys.stderr)
+        print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
         return 2
 
 

@@ -1,22 +1,8 @@
-"""Bag -> frames: a recorded rover bag into the low-viewpoint forest dataset layout.
+"""``forest-dataset extract``: a recorded rover bag -> frames in the forest dataset layout.
 
-:func:`extract_bag` reads a rosbag2 bag (ours from ``capture_node``, or one written by
-``ros2 bag record``; MCAP or sqlite3) with :func:`forest_perception.dataset_tools.bags.read_bag`, runs the rover's
-streams through the same :class:`forest_perception.sync.SensorSync` that ``sensor_sync_node``
-uses on the rover (colour, depth and camera_info matched by approximate time, IMU and wheel
-encoders interpolated to the colour stamp, the latest GPS fix within a tolerance) and writes
-every synchronised frame with :class:`forest_perception.dataset_tools.layout.SegmentWriter` (plus the frame scores
-``forest-dataset curate`` needs, in ``frame_scores.npz``, so curation decodes no PNG)::
-
-    <out>/Run-<N>/<a, b, ...>/{rgb_image/, depth_image/, metadata.csv}
-
-Pixels are written back exactly (PNG is lossless); depth is stored as 16-bit millimetres, so a
-``32FC1`` depth comes back as the published metres rounded to the millimetre. A new segment
-starts at a gap in the recording longer than ``segment_gap_s``, at a clock reset (a simulator
-restarted inside one bag) and after ``segment_frames`` frames. Frames without depth, or with a
-depth image of another size than the colour image, are counted and left out (a dataset pair
-needs both). A malformed message is counted and skipped; nothing is written for a bag that
-cannot be read, and a bag that breaks part-way keeps the segments written before the break.
+The bag's streams go through the rover's own ``forest_perception.sync.SensorSync`` and every synchronised
+frame is written with ``layout.SegmentWriter``, plus the frame scores curation needs (``scores``). How
+segments are cut and which frames are left out: docs/dataset_tools.md ("Bags").
 """
 
 from __future__ import annotations
@@ -31,7 +17,6 @@ import numpy as np
 
 from forest_perception import msgs
 from forest_perception.dataset_tools.bags import BagError, bag_info, read_bag
-from forest_perception.dataset_tools.curate import frame_scores, write_score_cache
 from forest_perception.dataset_tools.layout import (
     FrameRecord,
     ImuSample,
@@ -40,6 +25,7 @@ from forest_perception.dataset_tools.layout import (
     run_dir_name,
     segment_name,
 )
+from forest_perception.dataset_tools.scores import frame_scores, write_score_cache
 from forest_perception.frames import WHEEL_JOINTS
 from forest_perception.inference import SUPPORTED_ENCODINGS, convert_image_encoding
 from forest_perception.sync import (

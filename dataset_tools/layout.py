@@ -1,70 +1,12 @@
-"""Reader and writer of the low-viewpoint forest depth dataset layout.
+"""Reader and writer of the forest dataset layout: ``Run-N/<segment>/{rgb_image/, depth_image/, metadata.csv}``.
 
-The public low-viewpoint forest depth dataset (Niu, Tarapore, Zauner; Zenodo record
-3945526) stores every recording as ``Run-<N>/<segment>/`` with segments named ``a``,
-``b``, ``c``, ...; each segment holds ``rgb_image/``, ``depth_image/`` and a
-``metadata.csv`` with one row of IMU/GPS/encoder data per image, RGB and depth paired
-by file name. GPS and encoder data are missing for some segments; IMU is always there.
-This module writes that layout for our own recordings and reads it back::
-
-    <root>/Run-<N>/<segment>/metadata.csv
-    <root>/Run-<N>/<segment>/rgb_image/<stem>.png     8-bit colour PNG (OpenCV BGR order on disk)
-    <root>/Run-<N>/<segment>/depth_image/<stem>.png   16-bit single-channel PNG, millimetres
-
-Depth encoding: ``uint16`` millimetres along the optical z axis, rounded to the nearest
-millimetre; ``0`` means invalid (no return, NaN/inf, zero or negative, or anything that
-rounds to more than 65535 mm, i.e. >= 65.5355 m). Decoded depth is ``float32`` metres
-with ``NaN`` for invalid pixels (REP 118).
-
-``metadata.csv`` columns (``METADATA_COLUMNS``, in this order; an empty cell means
-"not recorded"):
-
-==========================  ======  ==========================================================
-column                      unit    meaning
-==========================  ======  ==========================================================
-stem                        --      file name stem; the frame is ``rgb_image/<stem>.png`` and
-                                    ``depth_image/<stem>.png``
-timestamp                   s       capture time (float seconds, ROS time / sim time)
-latitude                    deg     WGS84 latitude, empty when the segment has no GPS
-longitude                   deg     WGS84 longitude, empty when no GPS
-altitude                    m       WGS84 altitude above the ellipsoid, empty when unknown
-gps_status                  --      ``sensor_msgs/NavSatStatus`` status: -1 no fix, 0 fix,
-                                    1 SBAS fix, 2 GBAS fix; empty when unknown
-orientation_x .. _w         --      IMU orientation quaternion (x, y, z, w); empty when the
-                                    IMU gives no orientation (e.g. a bare gyro/accel unit)
-angular_velocity_x/_y/_z    rad/s   IMU angular velocity in the IMU frame
-linear_acceleration_x/_y/_z m/s^2   IMU linear acceleration in the IMU frame, incl. gravity
-left_wheel_position         rad     left wheel joint position, empty when no encoders
-right_wheel_position        rad     right wheel joint position
-left_wheel_velocity         rad/s   left wheel joint velocity
-right_wheel_velocity        rad/s   right wheel joint velocity
-==========================  ======  ==========================================================
-
-Any further columns are *extras* (``FrameRecord.extras``), e.g. ``weather``,
-``world_seed``, ``pose_x`` / ``pose_y`` / ``pose_yaw`` of our synthetic data; a reader
-keeps unknown columns as extras (values that parse as numbers come back as ``float``,
-the rest as ``str``).
-
-Naming of the real dataset: its README (Zenodo 3945526) documents the folder layout
-above and which segments lack GPS/encoders, but its ``metadata.csv`` header and image
-file naming were not available to us, so the reader cannot claim to know them. It
-matches column names case-insensitively after normalising separators (``.``, ``-``,
-spaces -> ``_``) and dropping a trailing unit in brackets (``"Timestamp [s]"`` ->
-``timestamp``), accepts the common synonyms in ``COLUMN_SYNONYMS`` (``lat``, ``lon``,
-``qx``, ``gyro_x``, ``acc_x``, ``time``, ``filename``, ...; these are generic synonyms,
-not verified against the real files) and takes an ``aliases`` mapping for anything else.
-
-Crash safety: each image is written to a hidden temporary name and moved into place with
-``os.replace``; the metadata row is appended (and flushed) only after both images of the
-frame are in place. ``metadata.csv`` is the index: files without a row (a frame that was
-being written when the process died, stray ``.*.tmp`` files) are ignored by the reader.
-
-This module is a pure core: numpy, OpenCV and the standard library only, never rclpy.
+The layout, the depth encoding, the ``metadata.csv`` columns and the crash-safety rules are described in
+docs/dataset_layout.md; ``images`` holds the PNG side and ``metadata`` the CSV side, both re-exported here.
+Pure core: numpy, OpenCV and the standard library, never rclpy.
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
@@ -72,161 +14,101 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from forest_perception.dataset_tools.images import (
+    DEPTH_INVALID,
+    DEPTH_MAX_MM,
+    DEPTH_SCALE_MM_PER_M,
+    IMAGE_SUFFIX,
+    decode_depth_mm,
+    encode_depth_mm,
+    encode_png,
+    load_depth,
+    load_rgb,
+    write_atomic,
+)
+from forest_perception.dataset_tools.metadata import (
+    ANGULAR_VELOCITY_COLUMNS,
+    COLUMN_SYNONYMS,
+    ENCODER_COLUMNS,
+    GPS_COLUMNS,
+    IMU_COLUMNS,
+    LINEAR_ACCELERATION_COLUMNS,
+    METADATA_COLUMNS,
+    ORIENTATION_COLUMNS,
+    STEM_COLUMN,
+    STEM_PATTERN,
+    TIMESTAMP_COLUMN,
+    FrameRecord,
+    check_extra_columns,
+    csv_line,
+    map_columns,
+    parse_metadata,
+    record_cells,
+)
 from forest_perception.readings import GpsFix, ImuSample, WheelEncoders
+
+__all__ = [
+    "ANGULAR_VELOCITY_COLUMNS",
+    "COLUMN_SYNONYMS",
+    "DEPTH_DIR",
+    "DEPTH_INVALID",
+    "DEPTH_MAX_MM",
+    "DEPTH_SCALE_MM_PER_M",
+    "ENCODER_COLUMNS",
+    "GPS_COLUMNS",
+    "IMAGE_SUFFIX",
+    "IMU_COLUMNS",
+    "LINEAR_ACCELERATION_COLUMNS",
+    "METADATA_COLUMNS",
+    "METADATA_FILE",
+    "ORIENTATION_COLUMNS",
+    "RGB_DIR",
+    "RUN_PATTERN",
+    "RUN_PREFIX",
+    "SEGMENT_PATTERN",
+    "STEM_COLUMN",
+    "TIMESTAMP_COLUMN",
+    "ForestDataset",
+    "FrameRecord",
+    "GpsFix",
+    "ImuSample",
+    "Segment",
+    "SegmentWriter",
+    "WheelEncoders",
+    "dataset_summary",
+    "decode_depth_mm",
+    "encode_depth_mm",
+    "frame_stem",
+    "iter_segments",
+    "load_depth",
+    "load_frame",
+    "load_rgb",
+    "map_columns",
+    "next_segment_name",
+    "open_dataset",
+    "read_segment",
+    "run_dir_name",
+    "segment_index",
+    "segment_key",
+    "segment_name",
+]
 
 RGB_DIR = "rgb_image"
 DEPTH_DIR = "depth_image"
 METADATA_FILE = "metadata.csv"
-IMAGE_SUFFIX = ".png"
 RUN_PREFIX = "Run-"
-
-DEPTH_SCALE_MM_PER_M = 1000.0
-DEPTH_MAX_MM = 65535
-DEPTH_INVALID = 0
-
-STEM_COLUMN = "stem"
-TIMESTAMP_COLUMN = "timestamp"
-GPS_COLUMNS = ("latitude", "longitude", "altitude", "gps_status")
-ORIENTATION_COLUMNS = ("orientation_x", "orientation_y", "orientation_z", "orientation_w")
-ANGULAR_VELOCITY_COLUMNS = ("angular_velocity_x", "angular_velocity_y", "angular_velocity_z")
-LINEAR_ACCELERATION_COLUMNS = ("linear_acceleration_x", "linear_acceleration_y", "linear_acceleration_z")
-IMU_COLUMNS = ORIENTATION_COLUMNS + ANGULAR_VELOCITY_COLUMNS + LINEAR_ACCELERATION_COLUMNS
-ENCODER_COLUMNS = (
-    "left_wheel_position",
-    "right_wheel_position",
-    "left_wheel_velocity",
-    "right_wheel_velocity",
-)
-
-METADATA_COLUMNS: tuple[str, ...] = (
-    (STEM_COLUMN, TIMESTAMP_COLUMN) + GPS_COLUMNS + IMU_COLUMNS + ENCODER_COLUMNS
-)
-"""Standard ``metadata.csv`` columns in the order they are written (see module docstring)."""
-
-# Cells that mean "not recorded". "--" is how the dataset README marks missing metadata.
-_MISSING_CELLS = frozenset({"", "--", "na", "n/a", "none", "null"})
+RUN_PATTERN = re.compile(rf"^{re.escape(RUN_PREFIX)}(\d+)$")
+"""A run folder's name; group 1 is its number."""
+SEGMENT_PATTERN = re.compile(r"^[a-z]+$")
+"""A segment folder's name: a, b, ..., z, aa, ab, ..."""
 
 
-def _synonyms() -> dict[str, str]:
-    table: dict[str, str] = {}
-    for name in ("file", "filename", "file_name", "image", "image_name", "image_file", "frame", "name"):
-        table[name] = STEM_COLUMN
-    for name in ("time", "stamp", "time_stamp", "timestamp_s", "time_s", "t"):
-        table[name] = TIMESTAMP_COLUMN
-    for canonical, names in {
-        "latitude": ("lat", "gps_lat", "gps_latitude"),
-        "longitude": ("lon", "lng", "long", "gps_lon", "gps_long", "gps_longitude"),
-        "altitude": ("alt", "gps_alt", "gps_altitude"),
-        "gps_status": ("status", "fix", "gps_fix", "fix_status", "gps_fix_status"),
-    }.items():
-        for name in names:
-            table[name] = canonical
-    for axis in "xyzw":
-        for name in (
-            f"q{axis}",
-            f"quat_{axis}",
-            f"quaternion_{axis}",
-            f"imu_orientation_{axis}",
-            f"orient_{axis}",
-        ):
-            table[name] = f"orientation_{axis}"
-    for axis in "xyz":
-        for name in (
-            f"gyro_{axis}",
-            f"gyr_{axis}",
-            f"w{axis}",
-            f"imu_angular_velocity_{axis}",
-            f"ang_vel_{axis}",
-        ):
-            table[name] = f"angular_velocity_{axis}"
-        for name in (
-            f"acc_{axis}",
-            f"accel_{axis}",
-            f"a{axis}",
-            f"imu_linear_acceleration_{axis}",
-            f"lin_acc_{axis}",
-        ):
-            table[name] = f"linear_acceleration_{axis}"
-    for side in ("left", "right"):
-        for name in (
-            f"{side}_position",
-            f"{side}_wheel_pos",
-            f"{side}_encoder",
-            f"encoder_{side}",
-            f"{side}_pos",
-        ):
-            table[name] = f"{side}_wheel_position"
-        for name in (f"{side}_velocity", f"{side}_wheel_vel", f"{side}_vel", f"encoder_{side}_velocity"):
-            table[name] = f"{side}_wheel_velocity"
-    return table
-
-
-COLUMN_SYNONYMS: Mapping[str, str] = _synonyms()
-"""Normalised header name -> standard column; generic synonyms, not taken from the real dataset."""
-
-# Timestamp columns in other units, scaled to seconds.
-_TIMESTAMP_SCALES = {
-    "timestamp_ms": 1e-3,
-    "time_ms": 1e-3,
-    "timestamp_us": 1e-6,
-    "timestamp_ns": 1e-9,
-    "time_ns": 1e-9,
-}
-
-_STEM_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
-_SEGMENT_RE = re.compile(r"^[a-z]+$")
-_RUN_RE = re.compile(r"^Run-(\d+)$")
-
-
-# --------------------------------------------------------------------------- depth codec
-
-
-def encode_depth_mm(depth_m: np.ndarray) -> np.ndarray:
-    """Metres (NaN/inf invalid) -> ``uint16`` millimetres, 0 = invalid.
-
-    Rounds to the nearest millimetre; NaN, +-inf, values <= 0 and values that round to
-    more than 65535 mm become 0.
-    """
-    depth = np.asarray(depth_m)
-    if not np.issubdtype(depth.dtype, np.floating):
-        raise ValueError(f"depth_m must be a floating-point array in metres, got dtype {depth.dtype}")
-    with np.errstate(invalid="ignore", over="ignore"):
-        mm = np.rint(depth.astype(np.float64) * DEPTH_SCALE_MM_PER_M)
-        valid = np.isfinite(mm) & (mm > 0) & (mm <= DEPTH_MAX_MM)
-    out = np.zeros(depth.shape, dtype=np.uint16)
-    out[valid] = mm[valid].astype(np.uint16)
-    return out
-
-
-def decode_depth_mm(depth_mm: np.ndarray) -> np.ndarray:
-    """``uint16`` millimetres -> ``float32`` metres with NaN where the value is 0."""
-    depth = np.asarray(depth_mm)
-    if depth.dtype != np.uint16:
-        raise ValueError(f"depth_mm must be a uint16 array of millimetres, got dtype {depth.dtype}")
-    out = depth.astype(np.float32) / np.float32(DEPTH_SCALE_MM_PER_M)
-    out[depth == DEPTH_INVALID] = np.nan
-    return out
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class FrameRecord:
-    """The ``metadata.csv`` row of one RGB/depth pair."""
-
-    stem: str
-    timestamp: float
-    imu: ImuSample
-    gps: GpsFix | None = None
-    encoders: WheelEncoders | None = None
-    extras: Mapping[str, str | float] = field(default_factory=dict)
+# --------------------------------------------------------------------------- naming
 
 
 def frame_stem(index: int, width: int = 6) -> str:
@@ -234,9 +116,6 @@ def frame_stem(index: int, width: int = 6) -> str:
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
         raise ValueError(f"frame index must be a non-negative int, got {index!r}")
     return f"{int(index):0{width}d}"
-
-
-# --------------------------------------------------------------------------- naming
 
 
 def segment_name(index: int) -> str:
@@ -253,7 +132,7 @@ def segment_name(index: int) -> str:
 
 def segment_index(name: str) -> int:
     """Inverse of ``segment_name``: 'a' -> 0, 'z' -> 25, 'aa' -> 26."""
-    if not isinstance(name, str) or not _SEGMENT_RE.match(name):
+    if not isinstance(name, str) or not SEGMENT_PATTERN.match(name):
         raise ValueError(f"segment name must be lowercase letters a-z (a, b, ..., z, aa, ...), got {name!r}")
     n = 0
     for ch in name:
@@ -268,6 +147,12 @@ def run_dir_name(run: int) -> str:
     return f"{RUN_PREFIX}{int(run)}"
 
 
+def segment_key(segment: Segment) -> str:
+    """``Run-N/<segment>``, the dataset-relative name of a segment."""
+    run = run_dir_name(segment.run) if segment.run is not None else segment.path.parent.name
+    return f"{run}/{segment.name}"
+
+
 def next_segment_name(root: str | os.PathLike, run: int) -> str:
     """First segment name after the existing segments of ``Run-<run>`` ('a' for a new run)."""
     run_dir = Path(root) / run_dir_name(run)
@@ -276,90 +161,17 @@ def next_segment_name(root: str | os.PathLike, run: int) -> str:
 
 
 def _segment_dirs(run_dir: Path) -> list[Path]:
-    dirs = [p for p in run_dir.iterdir() if p.is_dir() and _SEGMENT_RE.match(p.name)]
+    dirs = [p for p in run_dir.iterdir() if p.is_dir() and SEGMENT_PATTERN.match(p.name)]
     return sorted(dirs, key=lambda p: segment_index(p.name))
 
 
 def _run_dirs(root: Path) -> list[tuple[int, Path]]:
     runs = []
     for p in root.iterdir():
-        m = _RUN_RE.match(p.name)
+        m = RUN_PATTERN.match(p.name)
         if m and p.is_dir():
             runs.append((int(m.group(1)), p))
     return sorted(runs)
-
-
-# --------------------------------------------------------------------------- atomic I/O
-
-
-def _tmp_path(final: Path) -> Path:
-    # Hidden and with a suffix no reader looks for, so a leftover never passes for a frame.
-    return final.with_name(f".{final.name}.{os.getpid()}.tmp")
-
-
-def _write_atomic(final: Path, data: bytes, fsync: bool) -> None:
-    tmp = _tmp_path(final)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-
-
-def _encode_png(image: np.ndarray, what: str) -> bytes:
-    ok, buf = cv2.imencode(IMAGE_SUFFIX, image)
-    if not ok:
-        raise OSError(f"OpenCV could not encode the {what} image as PNG")
-    return buf.tobytes()
-
-
-def _cell(value: float | int | str | None) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return str(int(value))
-    return repr(float(value))
-
-
-def _record_cells(record: FrameRecord, extra_columns: Sequence[str]) -> list[str]:
-    gps = record.gps
-    imu = record.imu
-    enc = record.encoders
-    orientation = imu.orientation if imu.orientation is not None else (None,) * 4
-    cells = [record.stem, _cell(record.timestamp)]
-    cells += [
-        _cell(gps.latitude if gps else None),
-        _cell(gps.longitude if gps else None),
-        _cell(gps.altitude if gps else None),
-        _cell(gps.status if gps else None),
-    ]
-    cells += [_cell(v) for v in orientation]
-    cells += [_cell(v) for v in imu.angular_velocity]
-    cells += [_cell(v) for v in imu.linear_acceleration]
-    cells += [
-        _cell(enc.left_position if enc else None),
-        _cell(enc.right_position if enc else None),
-        _cell(enc.left_velocity if enc else None),
-        _cell(enc.right_velocity if enc else None),
-    ]
-    cells += [_cell(record.extras.get(name)) for name in extra_columns]
-    return cells
-
-
-def _csv_line(cells: Sequence[str]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(cells)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- writer
@@ -393,7 +205,7 @@ class SegmentWriter:
         self.fsync = fsync
         self._extra_columns: tuple[str, ...] | None = None
         if extra_columns is not None:
-            self._extra_columns = _check_extra_columns(extra_columns)
+            self._extra_columns = check_extra_columns(extra_columns)
         self._stems: set[str] = set()
         self._last_timestamp = -math.inf
         self._csv: io.TextIOWrapper | None = None
@@ -425,7 +237,7 @@ class SegmentWriter:
 
     def _open_csv(self) -> None:
         csv_path = self.path / METADATA_FILE
-        _write_atomic(csv_path, _csv_line(self.columns).encode("utf-8"), self.fsync)
+        write_atomic(csv_path, csv_line(self.columns).encode("utf-8"), self.fsync)
         self._csv = open(csv_path, "a", encoding="utf-8", newline="")
 
     def write_frame(self, rgb: np.ndarray, depth_m: np.ndarray, record: FrameRecord) -> None:
@@ -434,7 +246,7 @@ class SegmentWriter:
             raise RuntimeError(f"writer for {self.path} is closed")
         self._validate(rgb, depth_m, record)
         if self._extra_columns is None:
-            self._extra_columns = _check_extra_columns(tuple(record.extras))
+            self._extra_columns = check_extra_columns(tuple(record.extras))
             self._open_csv()
         unknown = sorted(set(record.extras) - set(self._extra_columns))
         if unknown:
@@ -442,13 +254,13 @@ class SegmentWriter:
                 f"record {record.stem!r} has extras {unknown} that are not columns of this segment "
                 f"(extra columns: {list(self._extra_columns)}); declare them with extra_columns="
             )
-        line = _csv_line(_record_cells(record, self._extra_columns))
+        line = csv_line(record_cells(record, self._extra_columns))
 
-        rgb_png = _encode_png(np.ascontiguousarray(rgb[..., ::-1]), "RGB")  # OpenCV writes BGR
-        depth_png = _encode_png(encode_depth_mm(depth_m), "depth")
+        rgb_png = encode_png(np.ascontiguousarray(rgb[..., ::-1]), "RGB")  # OpenCV writes BGR
+        depth_png = encode_png(encode_depth_mm(depth_m), "depth")
         name = record.stem + IMAGE_SUFFIX
-        _write_atomic(self.path / RGB_DIR / name, rgb_png, self.fsync)
-        _write_atomic(self.path / DEPTH_DIR / name, depth_png, self.fsync)
+        write_atomic(self.path / RGB_DIR / name, rgb_png, self.fsync)
+        write_atomic(self.path / DEPTH_DIR / name, depth_png, self.fsync)
         # The row goes last: a crash before this line leaves only unindexed files.
         assert self._csv is not None
         self._csv.write(line)
@@ -480,7 +292,7 @@ class SegmentWriter:
                 f"{rgb.shape[1]}x{rgb.shape[0]} (depth must be aligned to colour)"
             )
         stem = record.stem
-        if not isinstance(stem, str) or not _STEM_RE.match(stem):
+        if not isinstance(stem, str) or not STEM_PATTERN.match(stem):
             raise ValueError(
                 f"record.stem must be a plain file name stem (letters, digits, '_', '.', '+', '-', "
                 f"not starting with '.' or '-'), got {stem!r}"
@@ -537,23 +349,6 @@ class SegmentWriter:
         self.close()
 
 
-def _check_extra_columns(names: Sequence[str]) -> tuple[str, ...]:
-    names = tuple(names)
-    standard = set(METADATA_COLUMNS)
-    for name in names:
-        if not isinstance(name, str) or not name.strip() or name != name.strip():
-            raise ValueError(
-                f"extra column names must be non-empty strings without outer spaces, got {name!r}"
-            )
-        if name in standard or _canonical(name, None) is not None:
-            raise ValueError(f"extra column {name!r} clashes with a standard metadata column or its synonym")
-        if any(ch in name for ch in "\n\r"):
-            raise ValueError(f"extra column name must be a single line, got {name!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"extra column names must be unique, got {list(names)}")
-    return names
-
-
 def _describe(value: object) -> str:
     if isinstance(value, np.ndarray):
         return f"shape {value.shape} dtype {value.dtype}"
@@ -601,132 +396,8 @@ class Segment:
         return self.path / DEPTH_DIR / (self.frames[i].stem + IMAGE_SUFFIX)
 
 
-def _normalise(header: str) -> str:
-    name = re.sub(r"\s*[\[(][^\])]*[\])]\s*$", "", header.strip())  # drop "[s]" / "(deg)"
-    name = re.sub(r"[\s.\-/]+", "_", name.lower())
-    return re.sub(r"_+", "_", name).strip("_")
-
-
-def _canonical(header: str, aliases: Mapping[str, str] | None) -> str | None:
-    if aliases and header in aliases:
-        return aliases[header]
-    norm = _normalise(header)
-    if aliases:
-        for key, value in aliases.items():
-            if _normalise(key) == norm:
-                return value
-    if norm in METADATA_COLUMNS:
-        return norm
-    if norm in _TIMESTAMP_SCALES:
-        return norm
-    return COLUMN_SYNONYMS.get(norm)
-
-
-def map_columns(header: Sequence[str], aliases: Mapping[str, str] | None) -> dict[str, int]:
-    """Standard column (or a scaled timestamp variant) -> index in ``header``."""
-    if aliases:
-        bad = {k: v for k, v in aliases.items() if v not in METADATA_COLUMNS}
-        if bad:
-            raise ValueError(f"aliases must map to standard columns {list(METADATA_COLUMNS)}, got {bad}")
-    found: dict[str, int] = {}
-    exact: set[str] = set()
-    for idx, raw in enumerate(header):
-        canonical = _canonical(raw, aliases)
-        if canonical is None:
-            continue
-        is_exact = _normalise(raw) == canonical
-        # An exact standard name beats a synonym for the same column.
-        if canonical not in found or (is_exact and canonical not in exact):
-            found[canonical] = idx
-            if is_exact:
-                exact.add(canonical)
-    return found
-
-
-def _is_missing(cell: str | None) -> bool:
-    return cell is None or cell.strip().lower() in _MISSING_CELLS
-
-
-def _parse_extra(cell: str) -> str | float:
-    try:
-        return float(cell)
-    except ValueError:
-        return cell
-
-
-class _RowError(ValueError):
-    pass
-
-
-def _float_cell(row: Sequence[str], idx: int | None, column: str) -> float | None:
-    if idx is None or idx >= len(row) or _is_missing(row[idx]):
-        return None
-    try:
-        return float(row[idx])
-    except ValueError:
-        raise _RowError(f"column {column!r} must be a number, got {row[idx]!r}") from None
-
-
-def _stem_from_cell(cell: str) -> str:
-    name = cell.strip().replace("\\", "/").rsplit("/", 1)[-1]
-    for suffix in (".png", ".jpg", ".jpeg"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _parse_row(
-    row: Sequence[str], cols: Mapping[str, int], extra_cols: Sequence[tuple[int, str]]
-) -> FrameRecord:
-    def num(column: str) -> float | None:
-        return _float_cell(row, cols.get(column), column)
-
-    stem_idx = cols[STEM_COLUMN]
-    stem = _stem_from_cell(row[stem_idx]) if stem_idx < len(row) else ""
-    if not stem:
-        raise _RowError("the stem cell is empty")
-
-    timestamp = num(TIMESTAMP_COLUMN)
-    if timestamp is None:
-        for variant, scale in _TIMESTAMP_SCALES.items():
-            if variant in cols:
-                value = _float_cell(row, cols[variant], variant)
-                timestamp = None if value is None else value * scale
-                break
-    if timestamp is None:
-        raise _RowError("the timestamp cell is empty")
-
-    latitude, longitude = num("latitude"), num("longitude")
-    gps = None
-    if latitude is not None and longitude is not None:
-        status = num("gps_status")
-        status_int = int(status) if status is not None and math.isfinite(status) else None
-        gps = GpsFix(latitude, longitude, num("altitude"), status_int)
-
-    angular = [num(c) for c in ANGULAR_VELOCITY_COLUMNS]
-    linear = [num(c) for c in LINEAR_ACCELERATION_COLUMNS]
-    if any(v is None for v in angular + linear):
-        raise _RowError("IMU angular velocity / linear acceleration cells are empty")
-    orientation = [num(c) for c in ORIENTATION_COLUMNS]
-    imu = ImuSample(
-        tuple(angular),  # type: ignore[arg-type]
-        tuple(linear),  # type: ignore[arg-type]
-        None if any(v is None for v in orientation) else tuple(orientation),  # type: ignore[arg-type]
-    )
-
-    wheels = [num(c) for c in ENCODER_COLUMNS]
-    encoders = None if all(v is None for v in wheels) else WheelEncoders(*wheels)
-
-    extras = {
-        name: _parse_extra(row[idx])
-        for idx, name in extra_cols
-        if idx < len(row) and not _is_missing(row[idx])
-    }
-    return FrameRecord(stem, timestamp, imu, gps, encoders, extras)
-
-
 def _parse_run_segment(path: Path) -> tuple[int | None, str]:
-    m = _RUN_RE.match(path.parent.name)
+    m = RUN_PATTERN.match(path.parent.name)
     return (int(m.group(1)) if m else None), path.name
 
 
@@ -751,54 +422,7 @@ def read_segment(
     if not text.strip():
         warnings.warn(f"{csv_path} is empty; reading segment as 0 frames", stacklevel=2)
         return Segment(path, run, name, [], (), {})
-    torn_tail = not text.endswith(("\n", "\r"))
-    rows = list(csv.reader(io.StringIO(text, newline="")))
-    header = [h.strip() for h in rows[0]]
-    cols = map_columns(header, aliases)
-    if STEM_COLUMN not in cols:
-        raise ValueError(
-            f"{csv_path}: no file-name column (expected {STEM_COLUMN!r} or one of "
-            f"{sorted(k for k, v in COLUMN_SYNONYMS.items() if v == STEM_COLUMN)}); header is {header}; "
-            f"pass aliases={{'<column>': {STEM_COLUMN!r}}}"
-        )
-    has_time = TIMESTAMP_COLUMN in cols or any(v in cols for v in _TIMESTAMP_SCALES)
-    missing_imu = [c for c in ANGULAR_VELOCITY_COLUMNS + LINEAR_ACCELERATION_COLUMNS if c not in cols]
-    if not has_time or missing_imu:
-        need = ([TIMESTAMP_COLUMN] if not has_time else []) + missing_imu
-        raise ValueError(
-            f"{csv_path}: missing required columns {need}; header is {header}; "
-            f"map them with aliases={{'<column>': '<standard name>'}}"
-        )
-    used = set(cols.values())
-    extra_cols = [(i, h) for i, h in enumerate(header) if i not in used and h]
-
-    frames: list[FrameRecord] = []
-    body = rows[1:]
-    for n, row in enumerate(body):
-        line_no = n + 2
-        if not any(cell.strip() for cell in row):
-            continue
-        is_last = n == len(body) - 1
-        try:
-            if len(row) > len(header):
-                raise _RowError(f"{len(row)} cells for {len(header)} columns")
-            if is_last and torn_tail and len(row) != len(header):
-                raise _RowError(f"{len(row)} cells for {len(header)} columns")
-            frames.append(_parse_row(row, cols, extra_cols))
-        except _RowError as exc:
-            if is_last and torn_tail:
-                warnings.warn(
-                    f"{csv_path} line {line_no}: skipping unterminated last row ({exc})", stacklevel=2
-                )
-                continue
-            raise ValueError(f"{csv_path} line {line_no}: {exc}") from None
-
-    seen: set[str] = set()
-    for frame in frames:
-        if frame.stem in seen:
-            raise ValueError(f"{csv_path}: stem {frame.stem!r} appears in more than one row")
-        seen.add(frame.stem)
-
+    header, cols, frames = parse_metadata(text, csv_path, aliases)
     segment = Segment(path, run, name, frames, tuple(header), {header[i]: c for c, i in cols.items()})
     if check_files:
         for i, frame in enumerate(frames):
@@ -808,35 +432,6 @@ def read_segment(
                     f"{csv_path}: row for stem {frame.stem!r} has missing files {missing}"
                 )
     return segment
-
-
-def load_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Read a colour PNG as an HxWx3 ``uint8`` RGB array."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"RGB image {path} does not exist")
-    bgr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if bgr is None:
-        raise ValueError(f"RGB image {path} is not a readable image")
-    if bgr.dtype != np.uint8 or bgr.ndim != 3 or bgr.shape[2] not in (3, 4):
-        raise ValueError(f"RGB image {path} must be 8-bit colour, got shape {bgr.shape} dtype {bgr.dtype}")
-    return np.ascontiguousarray(bgr[..., 2::-1])
-
-
-def load_depth(path: str | os.PathLike) -> np.ndarray:
-    """Read a 16-bit millimetre depth PNG as HxW ``float32`` metres (NaN invalid)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"depth image {path} does not exist")
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if raw is None:
-        raise ValueError(f"depth image {path} is not a readable image")
-    if raw.dtype != np.uint16 or raw.ndim != 2:
-        raise ValueError(
-            f"depth image {path} must be a single-channel 16-bit PNG in millimetres, "
-            f"got shape {raw.shape} dtype {raw.dtype}"
-        )
-    return decode_depth_mm(raw)
 
 
 def load_frame(segment: Segment, i: int) -> tuple[np.ndarray, np.ndarray, FrameRecord]:

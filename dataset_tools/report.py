@@ -1,23 +1,7 @@
-"""One self-contained HTML page about a dataset: GPS track, sharpness, depth, example frames, splits.
+"""One self-contained HTML page about a dataset: GPS track, sharpness, depth, example frames, curation, splits.
 
-``build_report(root)`` reads the dataset's metadata, decodes an even sample of its frames
-and, when they are there, the ``curation.csv`` / ``curation.json`` of ``forest-dataset
-curate`` and the ``splits.json`` of ``forest-dataset split``; it writes one HTML file with
-every picture embedded as a base64 data URI (plots as PNG, drawn with matplotlib's Agg
-canvas without touching pyplot's global state; example frames as JPEG), so the page can be
-mailed or archived on its own:
-
-- a summary table (runs, segments, frames, which segments have GPS / encoders, image sizes,
-  curation reasons, split counts);
-- the GPS track in local east/north metres, coloured by curation decision when a
-  ``curation.csv`` is present (else by segment), and by split when splits exist;
-- sharpness histograms (variance of the Laplacian, Tenengrad, and the sharpness ratio with
-  the ``blur_ratio`` threshold of the curation);
-- a depth histogram and the valid-pixel fraction of the sampled frames;
-- example frames, RGB next to colourised depth;
-- per-split counts.
-
-Datasets without GPS get a note instead of a map. Pure core; never rclpy.
+What the page shows: docs/dataset_tools.md ("report"). Plots are drawn with matplotlib's Agg canvas, never
+pyplot's global state, and embedded as data URIs. Pure core, never rclpy.
 """
 
 from __future__ import annotations
@@ -36,16 +20,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from forest_perception.dataset_tools.curate import (
-    CURATION_CSV,
-    CURATION_JSON,
-    local_enu,
-    read_curation,
-    reasons_count,
-    sharpness,
-)
-from forest_perception.dataset_tools.layout import Segment, iter_segments, load_depth, load_rgb
-from forest_perception.dataset_tools.split import SPLIT_NAMES, SPLITS_JSON, read_split_file, segment_key
+from forest_perception.dataset_tools.curate import CURATION_CSV, CURATION_JSON, read_curation, reasons_count
+from forest_perception.dataset_tools.gps import local_enu
+from forest_perception.dataset_tools.images import load_depth, load_rgb, write_atomic
+from forest_perception.dataset_tools.layout import Segment, iter_segments, segment_key
+from forest_perception.dataset_tools.scores import sharpness
+from forest_perception.dataset_tools.split import SPLIT_NAMES, SPLITS_JSON, read_split_file
 
 REPORT_HTML = "report.html"
 
@@ -532,12 +512,6 @@ def build_report(
         + "\n</body>\n</html>\n"
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(out_path, page.encode("utf-8"), fsync=False)
     return out_path
 

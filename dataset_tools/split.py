@@ -1,29 +1,7 @@
-"""Train / val / test splits by place, never by random frame.
+"""Train / val / test splits by place, never by random frame: whole segments, runs or GPS cells go to one split.
 
-Neighbouring frames of a drive are near duplicates; a random frame split leaks them across
-splits and flatters every validation number. Here whole *groups* go to one split:
-
-- ``by="segment"``: a group is one ``Run-N/<segment>`` (one drive);
-- ``by="run"``: a group is one ``Run-N`` (one outing, all its drives);
-- ``by="gps"``: a group is one square cell of ``cell_m`` metres of the local east/north
-  plane (origin: the first GPS fix), so drives that cross the same patch of forest share
-  it; frames of a GPS segment without a fix join the cell of the nearest fix in time, and
-  segments without GPS at all are a group of their own. ``gap_m`` > 0 also leaves out every
-  frame closer than that to a frame of another split (a guard band along cell borders).
-
-Groups are shuffled with ``seed`` and dealt greedily to the split furthest below its target
-number of frames; every split with a non-zero fraction gets at least one group. Too few
-groups, or fractions that do not sum to 1, are refused.
-
-Written files (``write_splits``), in the dataset root or another folder:
-
-- ``train.txt``, ``val.txt``, ``test.txt``: one entry per line, ``Run-N/<segment>`` for a
-  whole segment or ``Run-N/<segment>/<stem>`` for a single frame (a segment split over
-  several GPS cells, or thinned by ``gap_m``), paths relative to the dataset root;
-- ``splits.json``: how the split was made, the split of every group and the counts.
-
-``load_splits`` reads them back as ``(Segment, frame indices)`` lists for a trainer.
-Pure core: numpy, pymap3d and the standard library; never rclpy.
+How groups are formed and dealt, and the files ``write_splits`` writes (``train.txt``, ``val.txt``, ``test.txt``,
+``splits.json``) that ``load_splits`` reads back: docs/dataset_tools.md ("split"). Pure core, never rclpy.
 """
 
 from __future__ import annotations
@@ -37,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from forest_perception.dataset_tools.curate import local_enu, segment_key
-from forest_perception.dataset_tools.layout import METADATA_FILE, Segment, iter_segments, read_segment
+from forest_perception.dataset_tools.gps import local_enu
+from forest_perception.dataset_tools.images import write_atomic
+from forest_perception.dataset_tools.layout import METADATA_FILE, Segment, iter_segments, read_segment, segment_key
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLITS_JSON = "splits.json"
@@ -302,16 +281,6 @@ def split_dataset(
     )
 
 
-def _write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_splits(
     result: SplitResult, out_dir: str | os.PathLike | None = None, *, overwrite: bool = False
 ) -> list[Path]:
@@ -328,10 +297,11 @@ def write_splits(
     out.mkdir(parents=True, exist_ok=True)
     for name, p in zip(SPLIT_NAMES, paths[1:]):
         entries = result.entries(name)
-        _write_atomic_text(p, "".join(line + "\n" for line in entries))
+        write_atomic(p, "".join(line + "\n" for line in entries).encode("utf-8"), fsync=False)
     data = result.to_dict()
     data["dataset"] = os.path.relpath(result.root.resolve(), out.resolve())
-    _write_atomic_text(paths[0], json.dumps(data, indent=2) + "\n")  # last: its presence means the set is complete
+    # last: its presence means the set is complete
+    write_atomic(paths[0], (json.dumps(data, indent=2) + "\n").encode("utf-8"), fsync=False)
     return paths
 
 

@@ -1,26 +1,7 @@
-"""Check a dataset folder in the low-viewpoint forest layout and report every problem with its file.
+"""Check a dataset folder in the forest layout and report every problem with its file, not just the first.
 
-``validate_dataset(root)`` walks ``Run-N/<segment>/`` folders and collects ``Problem``
-(severity, path, message) records instead of stopping at the first one:
-
-- ``metadata.csv``: present, a file-name column plus the required timestamp and IMU gyro /
-  accelerometer columns (same column matching as ``forest_perception.dataset_tools.layout``), cells that parse
-  as numbers, latitude within [-90, 90] and longitude within [-180, 180] (both or neither),
-  quaternion norm within ``quaternion_tolerance`` of 1 (all four cells or none), stems that
-  are plain file names and unique, timestamps strictly increasing. GPS, encoder and
-  orientation columns are optional (the real dataset lacks them for some segments).
-- files: every row has its RGB and depth PNG; RGB is 8-bit colour, depth is 16-bit
-  single-channel, both the same size (read from the PNG header); with ``decode`` every PNG
-  is decoded (corrupt data) and the depth checked: no valid pixel is a warning, more than
-  ``max_far_fraction`` of the valid pixels beyond ``max_depth_m`` an error.
-- warnings: PNGs without a metadata row, stray ``.*.tmp`` files of an interrupted write,
-  unexpected files and folders, empty segments, a last line cut off by a crash.
-
-Errors make the dataset unusable as it is (a reader or trainer would fail or read garbage);
-warnings are worth a look but every indexed frame still reads. ``forest-dataset validate``
-prints them and exits 1 when there is an error.
-
-Pure core: numpy, OpenCV and the standard library; never rclpy.
+``validate_dataset`` collects ``Problem`` records (error or warning, path, message); the checks and what
+counts as an error are listed in docs/dataset_tools.md ("validate"). Pure core, never rclpy.
 """
 
 from __future__ import annotations
@@ -29,7 +10,6 @@ import csv
 import io
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,42 +17,36 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from forest_perception.dataset_tools.curate import CURATION_CSV, CURATION_JSON, SCORES_FILE, parallel_map, png_info
-from forest_perception.dataset_tools.layout import (
+from forest_perception.dataset_tools.curate import CURATION_CSV, CURATION_JSON
+from forest_perception.dataset_tools.images import DEPTH_SCALE_MM_PER_M, IMAGE_SUFFIX, png_info
+from forest_perception.dataset_tools.layout import DEPTH_DIR, METADATA_FILE, RGB_DIR, RUN_PATTERN, SEGMENT_PATTERN
+from forest_perception.dataset_tools.metadata import (
     ANGULAR_VELOCITY_COLUMNS,
-    DEPTH_DIR,
-    DEPTH_SCALE_MM_PER_M,
     ENCODER_COLUMNS,
     GPS_COLUMNS,
-    IMAGE_SUFFIX,
     LINEAR_ACCELERATION_COLUMNS,
-    METADATA_FILE,
     ORIENTATION_COLUMNS,
-    RGB_DIR,
     STEM_COLUMN,
+    STEM_PATTERN,
     TIMESTAMP_COLUMN,
+    TIMESTAMP_SCALES,
+    is_missing,
     map_columns,  # the reader's own header matching, so validate and the reader agree
+    stem_from_cell,
 )
+from forest_perception.dataset_tools.parallel import parallel_map
+from forest_perception.dataset_tools.report import REPORT_HTML
+from forest_perception.dataset_tools.scores import SCORES_FILE
+from forest_perception.dataset_tools.split import SPLIT_NAMES, SPLITS_JSON
 
 ERROR = "error"
 WARNING = "warning"
 
-_RUN_RE = re.compile(r"^Run-(\d+)$")
-_SEGMENT_RE = re.compile(r"^[a-z]+$")
-_STEM_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
-_MISSING_CELLS = frozenset({"", "--", "na", "n/a", "none", "null"})
-_TIMESTAMP_VARIANTS = {
-    "timestamp_ms": 1e-3,
-    "time_ms": 1e-3,
-    "timestamp_us": 1e-6,
-    "timestamp_ns": 1e-9,
-    "time_ns": 1e-9,
-}
 _NUMERIC_COLUMNS = (
     GPS_COLUMNS + ORIENTATION_COLUMNS + ANGULAR_VELOCITY_COLUMNS + LINEAR_ACCELERATION_COLUMNS + ENCODER_COLUMNS
 )
 ROOT_FILES = frozenset(
-    {CURATION_CSV, CURATION_JSON, "splits.json", "train.txt", "val.txt", "test.txt", "report.html", "README.md"}
+    {CURATION_CSV, CURATION_JSON, SPLITS_JSON, *(f"{name}.txt" for name in SPLIT_NAMES), REPORT_HTML, "README.md"}
 )
 """Files our tools put at a dataset root; validate does not warn about them."""
 
@@ -181,23 +155,11 @@ class _Collector:
 # --------------------------------------------------------------------------- metadata.csv
 
 
-def _missing(cell: str) -> bool:
-    return cell.strip().lower() in _MISSING_CELLS
-
-
 def _number(cell: str) -> float | None:
     try:
         return float(cell)
     except ValueError:
         return None
-
-
-def _stem_of(cell: str) -> str:
-    name = cell.strip().replace("\\", "/").rsplit("/", 1)[-1]
-    for suffix in (".png", ".jpg", ".jpeg"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _check_metadata(
@@ -232,14 +194,14 @@ def _check_metadata(
         )
         return None
     time_col = (
-        TIMESTAMP_COLUMN if TIMESTAMP_COLUMN in cols else next((v for v in _TIMESTAMP_VARIANTS if v in cols), None)
+        TIMESTAMP_COLUMN if TIMESTAMP_COLUMN in cols else next((v for v in TIMESTAMP_SCALES if v in cols), None)
     )
     missing_cols = ([] if time_col else [TIMESTAMP_COLUMN]) + [
         c for c in ANGULAR_VELOCITY_COLUMNS + LINEAR_ACCELERATION_COLUMNS if c not in cols
     ]
     if missing_cols:
         out.error(csv_path, f"missing required columns {missing_cols}; header is {header}")
-    scale = _TIMESTAMP_VARIANTS.get(time_col, 1.0) if time_col else 1.0
+    scale = TIMESTAMP_SCALES.get(time_col, 1.0) if time_col else 1.0
     torn_tail = not text.endswith(("\n", "\r"))
 
     rows: list[tuple[str, int]] = []
@@ -271,12 +233,12 @@ def _check_metadata(
             idx = cols.get(column)
             return row[idx] if idx is not None and idx < len(row) else ""
 
-        stem = _stem_of(cell(STEM_COLUMN))
+        stem = stem_from_cell(cell(STEM_COLUMN))
         stem_ok = True
         if not stem:
             out.error(csv_path, f"{where}: the file-name cell is empty")
             stem_ok = False
-        elif not _STEM_RE.match(stem):
+        elif not STEM_PATTERN.match(stem):
             out.error(csv_path, f"{where}: stem {stem!r} is not a plain file name (letters, digits, '_.+-')")
             stem_ok = False
         elif stem in seen:
@@ -289,7 +251,7 @@ def _check_metadata(
         values: dict[str, float | None] = {}
         for column in _NUMERIC_COLUMNS:
             raw = cell(column)
-            if column not in cols or _missing(raw):
+            if column not in cols or is_missing(raw):
                 values[column] = None
                 continue
             value = _number(raw)
@@ -299,7 +261,7 @@ def _check_metadata(
 
         if time_col:
             raw = cell(time_col)
-            t = None if _missing(raw) else _number(raw)
+            t = None if is_missing(raw) else _number(raw)
             if t is None or not math.isfinite(t):
                 out.error(csv_path, f"{label}: timestamp must be a finite number of seconds, got {raw!r}")
             else:
@@ -482,7 +444,7 @@ def validate_dataset(
     tasks: list = []
     runs = []
     for p in sorted(root.iterdir()):
-        if _RUN_RE.match(p.name) and p.is_dir():
+        if RUN_PATTERN.match(p.name) and p.is_dir():
             runs.append(p)
         elif p.name.startswith(".") and p.name.endswith(".tmp"):
             out.warning(p, "stray temporary file of an interrupted write; safe to delete")
@@ -492,9 +454,9 @@ def validate_dataset(
             out.warning(p, "unexpected file at the dataset root")
     if not runs:
         out.error(root, "no Run-<N> folders: not a dataset in the Run-N/<segment>/ layout")
-    for run_dir in sorted(runs, key=lambda p: int(_RUN_RE.match(p.name).group(1))):  # type: ignore[union-attr]
+    for run_dir in sorted(runs, key=lambda p: int(RUN_PATTERN.match(p.name).group(1))):  # type: ignore[union-attr]
         segments = [p for p in sorted(run_dir.iterdir(), key=lambda p: (len(p.name), p.name))]
-        seg_dirs = [p for p in segments if p.is_dir() and _SEGMENT_RE.match(p.name)]
+        seg_dirs = [p for p in segments if p.is_dir() and SEGMENT_PATTERN.match(p.name)]
         for p in segments:
             if p not in seg_dirs:
                 out.warning(p, "not a segment folder (segments are named a, b, ..., z, aa, ...); ignored by readers")

@@ -1,16 +1,7 @@
-"""Torch dataset of RGB/depth pairs in the forest dataset layout, with train-time augmentation.
+"""Torch dataset of RGB/depth pairs in the forest dataset layout, with seeded train-time augmentation.
 
-Reads our synthetic recordings and the real low-viewpoint forest dataset alike through
-``forest_perception.dataset_tools.layout`` (only the RGB and depth images are used, so segments without
-GPS or encoder columns are fine). Every sample is resized to the network input:
-RGB with ``INTER_AREA``, depth with nearest neighbour so no depth value is ever
-interpolated across an invalid pixel or an object edge.
-
-Augmentation (``augment=True``, training only) is drawn from a generator seeded by
-``(seed, epoch, index)``, so an epoch sees the same augmented samples whatever the
-number of loader workers, and a resumed run sees what an uninterrupted one saw.
-Splits are made by segment (one drive) or by run, never by frame: neighbouring frames
-of a drive are near-duplicates and would leak between train and validation.
+Frames are resized to the network input (depth by nearest neighbour); splits are by segment or run, never
+by frame. Details in docs/training.md.
 """
 
 from __future__ import annotations
@@ -25,43 +16,26 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from forest_perception.dataset_tools.layout import Segment, iter_segments, load_depth, load_rgb, read_segment
-
-# ImageNet statistics; overridden by models.transforms / models.networks when they define them.
-_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-_DEFAULT_STD = (0.229, 0.224, 0.225)
+from forest_perception.dataset_tools.layout import Segment, iter_segments, load_frame, read_segment
+from forest_perception.inference import DEFAULT_MEAN, DEFAULT_STD
+from forest_perception.models.networks.layers import check_input_hw as check_network_input
 
 MIN_DEPTH_M = 0.1
 """Depth below this (metres) is treated as invalid: the RealSense gives no usable data that close."""
 
 
 def image_normalisation() -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """(mean, std) per RGB channel of images scaled to [0, 1], as the networks expect."""
-    for module_name in ("forest_perception.models.transforms", "forest_perception.models.networks"):
-        try:
-            module = __import__(module_name, fromlist=["IMAGE_MEAN", "IMAGE_STD"])
-        except ImportError:
-            continue
-        mean, std = getattr(module, "IMAGE_MEAN", None), getattr(module, "IMAGE_STD", None)
-        if mean is not None and std is not None:
-            return tuple(float(v) for v in np.ravel(mean)), tuple(float(v) for v in np.ravel(std))
-    return _DEFAULT_MEAN, _DEFAULT_STD
-
-
-INPUT_MULTIPLE = 16
-"""Input sides must be multiples of this (the networks' four stride-2 stages; 240 is not a multiple of 32)."""
+    """(mean, std) per RGB channel of images scaled to [0, 1], as the networks and the rover runtime expect."""
+    return DEFAULT_MEAN, DEFAULT_STD
 
 
 def check_input_hw(input_hw: Sequence[int]) -> tuple[int, int]:
-    """Validate a network input size (height, width): two positive multiples of ``INPUT_MULTIPLE``."""
+    """A network input size (height, width) as two ints; ``ValueError`` unless both are positive multiples of 16."""
     try:
         height, width = (int(v) for v in input_hw)
     except (TypeError, ValueError):
         raise ValueError(f"input size must be two integers (height, width), got {input_hw!r}") from None
-    if height <= 0 or width <= 0 or height % INPUT_MULTIPLE or width % INPUT_MULTIPLE:
-        raise ValueError(
-            f"input size (height, width) must be positive multiples of {INPUT_MULTIPLE}, got {height}x{width}"
-        )
+    check_network_input(height, width)
     return height, width
 
 
@@ -252,14 +226,7 @@ class ForestDepthDataset(Dataset):
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw frame ``i``: RGB HxWx3 uint8 and depth HxW float32 metres (NaN invalid), full size."""
         si, fi = self.index[i]
-        segment = self.segments[si]
-        rgb = load_rgb(segment.rgb_path(fi))
-        depth = load_depth(segment.depth_path(fi))
-        if depth.shape != rgb.shape[:2]:
-            raise ValueError(
-                f"frame {segment.frames[fi].stem!r} of {segment.path}: depth size {depth.shape[::-1]} "
-                f"differs from RGB size {rgb.shape[1::-1]}"
-            )
+        rgb, depth, _ = load_frame(self.segments[si], fi)
         return rgb, depth
 
     def __getitem__(self, i: int) -> dict:

@@ -1,11 +1,7 @@
-"""ONNX export, int8 quantisation and model cards for the depth networks.
+"""ONNX export, int8 quantisation and model cards of the depth networks (``forest-train export``).
 
-Export uses ``torch.onnx.export(..., dynamo=True)`` (the torch.export-based exporter, default since torch 2.9;
-needs onnxscript). It folds BatchNorm into the convolutions and constant-folds, so the graph is plain
-Conv/Relu/Resize/Sigmoid/Exp with a static input shape, which ONNX Runtime fuses further. It natively targets
-opset 18 and down-converts to a lower requested opset; the opset actually written is read back from the file.
-``exporter="torchscript"`` selects the legacy exporter (deprecated, but 100x faster to run).
-Every export is checked against PyTorch in ONNX Runtime and refused above a tolerance.
+Every export is checked against PyTorch in ONNX Runtime and refused above a tolerance; which exporter is used
+and what the card records: docs/training.md ("Export").
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ import logging
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
 import warnings
@@ -42,6 +37,7 @@ from forest_perception.inference import (
     read_onnx_metadata,
     weights_sha256,
 )
+from forest_perception.models.provenance import git_commit
 from forest_perception.models.torch_engine import load_torch_checkpoint
 
 _LOG = logging.getLogger(__name__)
@@ -157,21 +153,6 @@ def verify_onnx(onnx_path: str | Path, model: nn.Module, input_hw: Sequence[int]
     return report
 
 
-def _git_commit(cwd: Path | None = None) -> str:
-    try:
-        result = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                                cwd=cwd or Path(__file__).resolve().parent, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    commit = result.stdout.strip() if result.returncode == 0 else "unknown"
-    if commit != "unknown":
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=cwd or Path(__file__).resolve().parent, timeout=5, check=False)
-        if dirty.stdout.strip():
-            commit += "-dirty"
-    return commit
-
-
 def set_metadata(onnx_path: str | Path, props: Mapping[str, Any]) -> None:
     """Write ``props`` (values JSON-encoded unless strings) into the model's metadata_props, in place."""
     import onnx
@@ -238,7 +219,7 @@ def export_onnx(model_or_checkpoint: nn.Module | str | os.PathLike | tuple[nn.Mo
         "train_command": str(command or "unknown"),
         "export_command": export_command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "metrics": dict(meta.get("metrics") or {}),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit() or "unknown",
         "train_git_commit": str(meta.get("git_commit") or "unknown"),
         "verify_max_abs_error_m": report["max_abs_error_m"],
     }
@@ -445,6 +426,20 @@ def keep_int8(report: Mapping[str, Any], max_absrel_increase: float = 0.01) -> t
 # --------------------------------------------------------------------------------------------- model card
 
 
+def model_info(checkpoint: str | os.PathLike) -> dict[str, object]:
+    """``params`` and ``flops`` of a checkpoint's network for its model card (empty when they cannot be counted)."""
+    from forest_perception.models.networks import count_flops, count_parameters
+
+    model, meta = load_torch_checkpoint(checkpoint)
+    info: dict[str, object] = {}
+    try:
+        info["params"] = count_parameters(model)
+        info["flops"] = count_flops(model, meta["input_hw"])
+    except (RuntimeError, ValueError):
+        pass
+    return info
+
+
 def _onnx_summary(onnx_path: Path) -> dict[str, Any]:
     import onnx
 
@@ -499,7 +494,7 @@ def write_model_card(onnx_path: str | os.PathLike, info: Mapping[str, Any] | Non
         "export_command": meta.get("export_command", "unknown"),
         "exporter": meta.get("exporter", "unknown"),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit() or "unknown",
     }
     card.update({key: value for key, value in dict(info or {}).items() if value is not None})
     json_path = onnx_path.with_suffix(".json")

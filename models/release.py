@@ -1,11 +1,11 @@
 """Turn a trained checkpoint into shipped weights: ONNX (+ int8 when worth it), held-out metrics, model card.
 
-python -m forest_perception.models.release --checkpoint runs/ms/checkpoints/best.pt --name multiscale_240x320 \
-    --test /work/data/forest_test --calib /work/data/forest_train/Run-11 --out models/ \
-    --train-command "forest-train train ..." --data-command "forest-dataset synth ..."
+    python -m forest_perception.models.release --checkpoint runs/ms/checkpoints/best.pt --name multiscale_320x240 \
+        --test DATA/forest_test --calib DATA/forest_train/Run-11 --out models/weights \
+        --train-command "forest-train train ..." --data-command "forest-dataset synth ..."
 
-Metrics are measured through the rover runtime (``OnnxDepthEngine`` on full-resolution camera
-frames, depth upsampled back), pooled over every valid pixel of the held-out forests.
+Metrics are measured through the rover runtime (``OnnxDepthEngine`` on full-resolution camera frames, depth
+upsampled back), pooled over every valid pixel of the held-out forests; docs/training.md ("Shipping weights").
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from forest_perception.cli_args import existing_dir, existing_file, non_negative_float, output_dir
 from forest_perception.dataset_tools.layout import iter_segments, load_frame
 from forest_perception.inference import OnnxDepthEngine
 from forest_perception.models.metrics import MetricAccumulator, format_metric_table
@@ -53,37 +54,38 @@ def evaluate_engine(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Export, quantise, evaluate and write the model card; prints the metric table."""
-    from forest_perception.models.export import (
-        export_onnx,
-        iter_calibration_images,
-        keep_int8,
-        quantize_int8,
-        write_model_card,
-    )
-    from forest_perception.models.export_cli import _model_info
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--name", required=True, help="file stem, e.g. multiscale_240x320")
-    parser.add_argument("--test", required=True, help="held-out forests (never used in training)")
-    parser.add_argument("--calib", required=True, help="calibration images for int8 (training forests)")
-    parser.add_argument("--out", default="models")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m forest_perception.models.release`` argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m forest_perception.models.release", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=existing_file, help="a .pt written by forest-train")
+    parser.add_argument("--name", required=True, help="file stem: <model>_<WIDTHxHEIGHT>, e.g. multiscale_320x240")
+    parser.add_argument("--test", required=True, type=existing_dir, help="held-out forests (never used in training)")
+    parser.add_argument("--calib", required=True, type=existing_dir,
+                        help="calibration images for int8 (training forests)")
+    parser.add_argument("--out", default="models/weights", type=output_dir,
+                        help="folder of the shipped weights (default models/weights)")
     parser.add_argument("--train-command", default="")
     parser.add_argument("--data-command", default="")
-    parser.add_argument("--max-absrel-increase", type=float, default=0.01)
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-absrel-increase", type=non_negative_float, default=0.01)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export, quantise, evaluate and write the model card; prints the metric table."""
+    from forest_perception.models import export  # torch: only once the command line is good
+
+    args = build_parser().parse_args(argv)
 
     out = Path(args.out)
     onnx_path = out / f"{args.name}.onnx"
     t0 = time.perf_counter()
     command = " ".join(["python -m forest_perception.models.release", *sys.argv[1:]])
-    export_onnx(args.checkpoint, onnx_path, export_command=command)
+    export.export_onnx(args.checkpoint, onnx_path, export_command=command)
     frames = held_out_frames(args.test)
     fp32 = evaluate_engine(onnx_path, frames)
     int8_path = out / f"{args.name}_int8.onnx"
-    quantize_int8(onnx_path, list(iter_calibration_images(args.calib, 64)), int8_path)
+    export.quantize_int8(onnx_path, list(export.iter_calibration_images(args.calib, 64)), int8_path)
     int8 = evaluate_engine(int8_path, frames)
     report = {
         "fp32": {"median_ms": fp32["latency_ms"], "metrics": fp32, "bytes": onnx_path.stat().st_size},
@@ -92,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         "size_ratio": int8_path.stat().st_size / onnx_path.stat().st_size,
         "agreement": {"mean_rel_diff": float("nan")},
     }
-    keep, reason = keep_int8(report, args.max_absrel_increase)
-    info = _model_info(args.checkpoint)
+    keep, reason = export.keep_int8(report, args.max_absrel_increase)
+    info = export.model_info(args.checkpoint)
     info.update(
         {
             "metrics": {k: v for k, v in fp32.items() if k != "latency_ms"},
@@ -102,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             "data_command": args.data_command,
         }
     )
-    write_model_card(onnx_path, info)
+    export.write_model_card(onnx_path, info)
     if keep:
-        write_model_card(int8_path, {**info, "metrics": {k: v for k, v in int8.items() if k != "latency_ms"},
+        export.write_model_card(int8_path, {**info, "metrics": {k: v for k, v in int8.items() if k != "latency_ms"},
                                      "int8": report})
     else:
         int8_path.unlink(missing_ok=True)

@@ -1,17 +1,7 @@
 """Training of the monocular depth networks on the forest dataset layout (monodepth2-style ``Trainer``).
 
-``Trainer(opts).train()`` runs AdamW with a cosine or step learning-rate schedule, a tqdm
-bar per epoch, a validation pass every ``eval_every`` epochs, and after every epoch writes:
-
-- ``<out>/checkpoints/last.pt`` (and ``best.pt`` when validation absrel improved), holding
-  everything to rebuild the model (name, kwargs, input size, normalisation, depth range)
-  and to resume exactly (optimizer, scheduler, epoch, history, options, command, git commit);
-- ``<out>/log.csv``: one row per epoch (loss parts, val metrics, lr, seconds, images/s);
-- ``<out>/curves.png``: learning curves.
-
-Runs are reproducible: the shuffle order, the augmentation draw and torch's RNG are
-seeded from ``(seed, epoch)`` at the start of each epoch, so resuming from ``last.pt``
-gives the same weights as a run that was never interrupted (on the same device/threads).
+``Trainer(opts).train()`` writes checkpoints, ``log.csv`` and ``curves.png`` after every epoch and resumes
+exactly from ``last.pt``; what each file holds and why runs are reproducible: docs/training.md.
 """
 
 from __future__ import annotations
@@ -21,7 +11,6 @@ import dataclasses
 import math
 import os
 import random
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +31,8 @@ from forest_perception.models.data import (
     image_normalisation,
     split_segments,
 )
+from forest_perception.models.networks import MODEL_NAMES, build_model
+from forest_perception.models.provenance import git_commit
 
 CHECKPOINT_FORMAT = 1
 SCHEDULERS = ("cosine", "step", "none")
@@ -112,8 +103,8 @@ class TrainOptions:
             raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for but CUDA is not available here")
-        if self.model not in model_names():
-            raise ValueError(f"unknown model {self.model!r}; choose one of {list(model_names())}")
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {list(MODEL_NAMES)}")
         if self.resume is not None and not Path(self.resume).is_file():
             raise FileNotFoundError(f"checkpoint to resume {self.resume} does not exist")
         return self
@@ -128,42 +119,12 @@ class TrainOptions:
 # --------------------------------------------------------------------------- model plumbing
 
 
-def model_names() -> tuple[str, ...]:
-    """Network names ``build_model`` accepts."""
-    from forest_perception.models import networks
-
-    return tuple(networks.MODEL_NAMES)
-
-
-def build_model(name: str, input_hw: Sequence[int], **kwargs: object) -> nn.Module:
-    """Build a depth network by name (``forest_perception.models.networks.build_model``)."""
-    from forest_perception.models import networks
-
-    return networks.build_model(name, input_hw=tuple(input_hw), **kwargs)
-
-
 def build_loss(opts: TrainOptions) -> nn.Module:
     """The depth loss with the weights of ``opts``."""
     from forest_perception.models.losses import DepthLoss
 
     return DepthLoss(silog=opts.loss_silog, berhu=opts.loss_berhu, l1=opts.loss_l1, smooth=opts.loss_smooth,
                      min_depth=opts.min_depth, max_depth=opts.max_depth)
-
-
-def git_commit(path: str | os.PathLike | None = None) -> str | None:
-    """Commit hash of the repository holding this file (``+dirty`` when modified), or None."""
-    cwd = Path(path) if path else Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True,
-            timeout=5, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "") if commit else None
 
 
 def seed_everything(seed: int) -> None:

@@ -29,6 +29,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from forest_perception.cli_args import format_image_size, image_size
+
+SIMULATE_IMAGE_HW = (64, 80)
+DEPLOY_IMAGE_HW = (48, 64)
+
 
 def _parse_value(text: str) -> bool | int | float | str:
     lowered = text.strip().lower()
@@ -66,8 +71,8 @@ def _add_population_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder (population, data, coordinator.db)")
     parser.add_argument("--rovers", type=int, default=10, help="number of virtual rovers")
     parser.add_argument("--frames", type=int, default=8, help="frames per rover (two segments)")
-    parser.add_argument("--data-size", type=int, nargs=2, default=(64, 80), metavar=("H", "W"),
-                        help="height and width of the stored frames")
+    parser.add_argument("--image-size", dest="data_size", type=image_size, default=SIMULATE_IMAGE_HW,
+                        metavar="WIDTHxHEIGHT", help=f"stored frames (default {format_image_size(SIMULATE_IMAGE_HW)})")
     parser.add_argument("--data-source", choices=("procedural", "synth"), default="procedural")
     parser.add_argument("--data-root", type=Path, default=None, help="where rover data live (default OUT/rovers)")
     parser.add_argument("--availability", type=float, nargs=2, default=(0.6, 1.0), metavar=("LO", "HI"),
@@ -165,8 +170,9 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--virtual-rovers", type=int, default=0,
                         help="also N simulated rovers rover_000.. with procedural data in RUN_DIR/rovers")
     deploy.add_argument("--frames", type=int, default=4, help="frames per virtual rover")
-    deploy.add_argument("--data-size", type=int, nargs=2, default=(48, 64), metavar=("H", "W"),
-                        help="height and width of the virtual rovers' frames")
+    deploy.add_argument("--image-size", dest="data_size", type=image_size, default=DEPLOY_IMAGE_HW,
+                        metavar="WIDTHxHEIGHT",
+                        help=f"virtual rovers' frames (default {format_image_size(DEPLOY_IMAGE_HW)})")
     deploy.add_argument("--rounds", type=int, default=None, help="num-server-rounds (0: submit nothing)")
     deploy.add_argument("--algorithm", default=None, help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust")
     deploy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run config key")
@@ -237,8 +243,8 @@ def _deploy(args: argparse.Namespace) -> int:
         deployment.stop()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``forest-fl``."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``forest-fl`` argument parser with its subcommands."""
     parser = argparse.ArgumentParser(prog="forest-fl", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     simulate = sub.add_parser("simulate", help="run a federated simulation on Ray (resumes a run in --out)")
@@ -255,7 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     status.add_argument("--all", action="store_true", help="also list failed and missing updates")
     _add_certs(sub)
     _add_deploy(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``forest-fl``."""
+    args = build_parser().parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     collab_log = logging.getLogger("forest_perception.collab")  # Flower logs through its own handler

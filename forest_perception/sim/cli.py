@@ -1,11 +1,11 @@
 """``forest-sim``: inspect a generated forest or export it to Gazebo.
 
     forest-sim summary --seed 3 --size 60 --tree-density 800 [--json]
-    forest-sim export-gazebo --out /tmp/forest --rovers 2 --seed 3
+    forest-sim export-gazebo --out /tmp/forest --rovers 2 --seed 3 --image-size 320x240
 
-World flags map onto ``WorldConfig`` fields (``--size`` -> ``size_m``, ``--tree-density`` ->
-``tree_density_per_ha``, ...). A value ``WorldConfig.validate()`` refuses ends the command
-with its message and exit status 2.
+World flags map onto ``WorldConfig`` fields (``--size`` -> ``size_m``, the forest's side in metres,
+``--tree-density`` -> ``tree_density_per_ha``, ...). A value ``WorldConfig.validate()`` refuses ends the
+command with its message and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
-from pathlib import Path
 
+from forest_perception.cli_args import format_image_size, image_size, output_dir, positive_int
 from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.gazebo import bridge_entries, export_gazebo
 from forest_perception.sim.weather import WEATHER_PRESETS
@@ -42,7 +42,7 @@ _EXPORT_FLAGS = {
     "imu_rate_hz": "--imu-rate",
     "gps_rate_hz": "--gps-rate",
     "encoder_rate_hz": "--encoder-rate",
-    "camera resolution": "--camera-width/--camera-height",
+    "camera resolution": "--image-size",
     "hfov_deg": "--camera-hfov",
 }
 
@@ -77,13 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     summary.set_defaults(handler=_summary, parser=summary)
 
     export = sub.add_parser("export-gazebo", help="write a Gazebo world and its ros_gz_bridge config")
-    export.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
-    export.add_argument("--rovers", type=int, default=1, help="rovers rover_0..rover_{N-1} (default 1)")
+    export.add_argument("--out", type=output_dir, required=True, help="output folder (created if missing)")
+    export.add_argument("--rovers", type=positive_int, default=1, help="rovers rover_0..rover_{N-1} (default 1)")
     export.add_argument("--weather", choices=sorted(WEATHER_PRESETS), help="lighting (default overcast)")
     cam = CameraIntrinsics()
+    camera_hw = (cam.height, cam.width)
+    export.add_argument("--image-size", type=image_size, default=camera_hw, metavar="WIDTHxHEIGHT",
+                        help=f"camera images, pixels (default {format_image_size(camera_hw)})")
     for flag, kind, default, unit in (
-        ("--camera-width", int, cam.width, "pixels"),
-        ("--camera-height", int, cam.height, "pixels"),
         ("--camera-hfov", float, cam.hfov_deg, "degrees"),
         ("--camera-rate", float, 15.0, "Hz"),
         ("--imu-rate", float, 200.0, "Hz"),
@@ -126,15 +127,13 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    if args.rovers < 1:
-        args.parser.error(f"--rovers must be >= 1, got {args.rovers}")
     try:
         world = generate_world(_world_config(args))
         result = export_gazebo(
             world,
             args.out,
             rover_names=tuple(f"rover_{i}" for i in range(args.rovers)),
-            intrinsics=CameraIntrinsics(args.camera_width, args.camera_height, args.camera_hfov),
+            intrinsics=CameraIntrinsics(args.image_size[1], args.image_size[0], args.camera_hfov),
             camera_rate_hz=args.camera_rate,
             imu_rate_hz=args.imu_rate,
             gps_rate_hz=args.gps_rate,

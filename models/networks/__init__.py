@@ -20,11 +20,9 @@ from forest_perception.models.networks.layers import (
     check_input_hw,
 )
 from forest_perception.models.networks.multiscale import CoarseNet, FineNet, MultiScaleDepth
-from forest_perception.models.transforms import IMAGE_MEAN, IMAGE_STD, normalise_image
+from forest_perception.models.transforms import normalise_image
 
 __all__ = [
-    "IMAGE_MEAN",
-    "IMAGE_STD",
     "MODEL_NAMES",
     "SIZE_MULTIPLE",
     "AutoEncoderDepth",

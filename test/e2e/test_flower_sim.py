@@ -202,7 +202,7 @@ def test_ray_simulation_refuses_bad_rovers_and_resumes_after_being_killed(tmp_pa
     command = [
         sys.executable, "-m", "forest_perception.collab.flower.cli", "simulate", "--out", str(out),
         "--rovers", "6", "--rounds", "3",
-        "--frames", "4", "--data-size", "48", "64", "--availability", "1", "1", "--client-cpus", "2",
+        "--frames", "4", "--image-size", "64x48", "--availability", "1", "1", "--client-cpus", "2",
         "--fault", "2=nan", "--fault", "3=shape", "--fault", "4=huge", "--fault", "5=stale",
         "--set", "store-updates=true", "--set", "input-height=48", "--set", "input-width=64",
         "--set", "local-steps=1",

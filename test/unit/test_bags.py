@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from forest_perception.dataset_tools.bags import BagError, bag_info, check_mcap, read_bag, repair_bag
+from forest_perception.dataset_tools.bag_repair import repair_bag
+from forest_perception.dataset_tools.bags import BagError, bag_info, read_bag
+from forest_perception.dataset_tools.mcap_files import check_mcap
 from forest_perception.recorder import BagRecorder, qos_profile
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,16 +14,8 @@ import pytest
 
 from forest_perception.dataset_tools import curate as curate_mod
 from forest_perception.dataset_tools.cli import main as dataset_cli
-from forest_perception.dataset_tools.curate import (
-    CURATION_COLUMNS,
-    CurateConfig,
-    curate,
-    frame_descriptor,
-    parallel_map,
-    png_info,
-    select_spread,
-    sharpness,
-)
+from forest_perception.dataset_tools.curate import CURATION_COLUMNS, CurateConfig, curate
+from forest_perception.dataset_tools.images import png_info
 from forest_perception.dataset_tools.layout import (
     FrameRecord,
     GpsFix,
@@ -32,6 +24,9 @@ from forest_perception.dataset_tools.layout import (
     frame_stem,
     open_dataset,
 )
+from forest_perception.dataset_tools.parallel import parallel_map
+from forest_perception.dataset_tools.scores import frame_descriptor, score_frame_files, sharpness
+from forest_perception.dataset_tools.selection import REASONS, select_spread
 
 H, W = 72, 96
 
@@ -134,14 +129,14 @@ def test_parallel_map_on_threads_matches_serial_and_restores_opencv_threads(tmp_
         cv2.imwrite(str(tmp_path / f"{i}.png"), texture(i)[..., ::-1])
         cv2.imwrite(str(tmp_path / f"d{i}.png"), np.full((H, W), 1000 + i, np.uint16))
     items = [(str(tmp_path / f"{i}.png"), str(tmp_path / f"d{i}.png")) for i in range(3)]
-    serial = parallel_map(curate_mod._score_frame, items, workers=1)
+    serial = parallel_map(score_frame_files, items, workers=1)
     cv_threads = cv2.getNumThreads()
-    pooled = parallel_map(curate_mod._score_frame, items, workers=2, min_parallel=1)
+    pooled = parallel_map(score_frame_files, items, workers=2, min_parallel=1)
     assert cv2.getNumThreads() == cv_threads
     for a, b in zip(serial, pooled):
         assert a[:2] == b[:2] and np.array_equal(a[2], b[2]) and a[3] is None and b[3] is None
     with pytest.raises(ValueError, match="workers"):
-        parallel_map(curate_mod._score_frame, items, workers=0)
+        parallel_map(score_frame_files, items, workers=0)
 
 
 # ------------------------------------------------------------------ selection
@@ -306,7 +301,7 @@ def test_output_dataset_curation_csv_and_untouched_input(tmp_path):
     assert [r["stem"] for r in rows[:10]] == [frame_stem(i) for i in range(10)]
     assert rows[3]["reason"] == "blurry"
     assert rows[0]["latitude"] and not rows[10]["latitude"]
-    assert {r["reason"] for r in rows} <= set(curate_mod.REASONS)
+    assert {r["reason"] for r in rows} <= set(REASONS)
     kept = {(r["run"], r["segment"], r["stem"]) for r in rows if r["kept"] == "yes"}
     assert len(kept) == 8 and all(r["reason"] == "kept" for r in rows if r["kept"] == "yes")
 

@@ -1,4 +1,4 @@
-"""ONNX export, int8 quantisation, model cards and the export CLI, on small (64x96) depth networks."""
+"""ONNX export, int8 quantisation, model cards and ``forest-train export``, on small (64x96) depth networks."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from forest_perception.inference import ModelLoadError, file_sha256, read_onnx_metadata, weights_sha256
+from forest_perception.models.cli import main as train_cli
 from forest_perception.models.export import (
     ExportVerificationError,
     compare_int8,
@@ -19,7 +20,6 @@ from forest_perception.models.export import (
     verify_onnx,
     write_model_card,
 )
-from forest_perception.models.export_cli import main as export_main
 from forest_perception.models.networks import build_model
 
 INPUT_HW = (64, 96)
@@ -160,7 +160,7 @@ def test_cli_export_with_int8(checkpoint, tmp_path, capsys):
     for seed in range(4):
         cv2.imwrite(str(calib / f"{seed}.png"), synthetic_forest_image(96, 128, seed=seed))
     out = tmp_path / "cli.onnx"
-    status = export_main(["export", "--checkpoint", str(checkpoint[0]), "--out", str(out), "--exporter",
+    status = train_cli(["export", "--checkpoint", str(checkpoint[0]), "--out", str(out), "--exporter",
                           "torchscript", "--int8", "--calib", str(tmp_path / "calib"), "--keep-int8-anyway"])
     assert status == 0, capsys.readouterr().err
     assert out.is_file() and out.with_suffix(".md").is_file() and (tmp_path / "cli_int8.onnx").is_file()
@@ -173,7 +173,7 @@ def test_cli_export_with_int8(checkpoint, tmp_path, capsys):
     (["bogus"], "invalid choice"),
 ])
 def test_cli_bad_input_exit_2(argv, needle, capsys):
-    assert export_main(argv) == 2
+    assert train_cli(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
 
@@ -181,9 +181,9 @@ def test_cli_bad_input_exit_2(argv, needle, capsys):
 def test_cli_corrupt_checkpoint_and_int8_without_calib(checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00not a checkpoint" * 10)
-    assert export_main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "o.onnx")]) == 2
+    assert train_cli(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "o.onnx")]) == 2
     assert str(bad) in capsys.readouterr().err
-    assert export_main(["export", "--checkpoint", str(checkpoint[0]), "--out", str(tmp_path / "o.onnx"),
+    assert train_cli(["export", "--checkpoint", str(checkpoint[0]), "--out", str(tmp_path / "o.onnx"),
                         "--int8"]) == 2
     assert "--calib" in capsys.readouterr().err
 

@@ -226,7 +226,8 @@ def test_cli_extract_bag_info_and_repair(tmp_path, capsys):
 
 
 def test_extract_leaves_scores_that_curate_uses_instead_of_decoding(tmp_path):
-    from forest_perception.dataset_tools.curate import SCORES_FILE, CurateConfig, curate
+    from forest_perception.dataset_tools.curate import CurateConfig, curate
+    from forest_perception.dataset_tools.scores import SCORES_FILE
     from forest_perception.dataset_tools.validate import validate_dataset
 
     bag = _Bag(tmp_path / "bag")

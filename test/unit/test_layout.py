@@ -353,7 +353,7 @@ def test_abandoned_writer_process_leaves_earlier_frames_readable(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, numpy as np
-        from forest_perception.dataset_tools import layout
+        from forest_perception.dataset_tools import images, layout
         from forest_perception.dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter
         w = SegmentWriter({str(tmp_path)!r}, 1, "a")
         imu = ImuSample((0, 0, 0), (0, 0, 9.81), (0, 0, 0, 1))
@@ -361,13 +361,13 @@ def test_abandoned_writer_process_leaves_earlier_frames_readable(tmp_path):
         depth = np.full((6, 8), 1.5, np.float32)
         for i in range(3):
             w.write_frame(rgb, depth, FrameRecord(f"{{i:06d}}", float(i), imu))
-        real_write = layout._write_atomic
+        real_write = layout.write_atomic
         def dying_write(final, data, fsync):
             if final.parent.name == "depth_image":
-                open(layout._tmp_path(final), "wb").write(data[: len(data) // 2])
+                open(images.temporary_path(final), "wb").write(data[: len(data) // 2])
                 os._exit(17)
             real_write(final, data, fsync)
-        layout._write_atomic = dying_write
+        layout.write_atomic = dying_write
         w.write_frame(rgb, depth, FrameRecord("000003", 3.0, imu))
         """
     )
@@ -399,10 +399,10 @@ def test_failed_write_mid_frame_keeps_writer_consistent(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(layout.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         writer.write_frame(*_images(2, rng), _record(2))
-    monkeypatch.setattr(layout.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
     seg_dir = tmp_path / "Run-1" / "a"
     assert not any(p.name.endswith(".tmp") for p in (seg_dir / "depth_image").iterdir())
     assert len(read_segment(seg_dir)) == 2

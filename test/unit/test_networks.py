@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from forest_perception.inference import DEFAULT_MEAN
 from forest_perception.models.losses import DepthLoss
 from forest_perception.models.networks import (
-    IMAGE_MEAN,
     MODEL_NAMES,
     AutoEncoderDepth,
     MultiScaleDepth,
@@ -133,7 +133,7 @@ def test_normalise_image_numpy_and_torch_agree():
     from_torch = normalise_image(torch.from_numpy(rgb).permute(2, 0, 1))
     assert from_numpy.shape == (3, 4, 6) and from_numpy.dtype == np.float32
     np.testing.assert_allclose(from_numpy, from_torch.numpy(), atol=1e-6)
-    np.testing.assert_allclose(normalise_image(np.full((1, 1, 3), IMAGE_MEAN, np.float32)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(normalise_image(np.full((1, 1, 3), DEFAULT_MEAN, np.float32)), 0.0, atol=1e-6)
     with pytest.raises(ValueError, match="channels last"):
         normalise_image(np.zeros((3, 4, 6), np.uint8))
 

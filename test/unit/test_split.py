@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from forest_perception.dataset_tools.cli import main as dataset_cli
-from forest_perception.dataset_tools.curate import local_enu
+from forest_perception.dataset_tools.gps import local_enu
 from forest_perception.dataset_tools.layout import (
     FrameRecord,
     GpsFix,

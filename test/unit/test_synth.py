@@ -67,7 +67,7 @@ def test_synth_refuses_to_overwrite(tmp_path):
     [
         (["--frames", "0"], "frames_per_segment"),
         (["--weather", "tornado"], "tornado"),
-        (["--resolution", "0x240"], "resolution"),
+        (["--image-size", "0x240"], "image size"),
         (["--tree-density", "-1"], "tree_density_per_ha"),
     ],
 )
@@ -78,7 +78,7 @@ def test_cli_refuses_bad_input(tmp_path, capsys, args, words):
 
 
 def test_cli_synth_and_info(tmp_path, capsys):
-    args = ["synth", "--out", str(tmp_path), "--frames", "2", "--segments", "1", "--resolution", "64x48",
+    args = ["synth", "--out", str(tmp_path), "--frames", "2", "--segments", "1", "--image-size", "64x48",
             "--size", "20", "--quiet"]
     assert dataset_cli(args) == 0
     assert "wrote 2 frames" in capsys.readouterr().out

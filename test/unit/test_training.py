@@ -197,7 +197,7 @@ def test_evaluate_prints_table_and_writes_pictures(dataset_root, trained, tmp_pa
 
 def test_cli_train_and_eval(dataset_root, tmp_path, capsys):
     out = tmp_path / "cli"
-    argv = ["train", "--data", str(dataset_root), "--input-hw", "64x96", "--epochs", "1", "--batch-size", "4",
+    argv = ["train", "--data", str(dataset_root), "--image-size", "96x64", "--epochs", "1", "--batch-size", "4",
             "--max-batches", "1",
             "--model-kwarg", "base_channels=4", "--out", str(out), "--quiet", "--threads", "1"]
     assert cli.main(argv) == 0
@@ -214,7 +214,7 @@ def test_cli_train_and_eval(dataset_root, tmp_path, capsys):
     [
         (["--data", "{missing}"], "does not exist"),
         (["--data", "{root}", "--model", "resnet"], "unknown model"),
-        (["--data", "{root}", "--input-hw", "60x96"], "multiples of 16"),
+        (["--data", "{root}", "--image-size", "96x60"], "multiples of 16"),
         (["--data", "{empty}"], "no Run-"),
         (["--data", "{root}", "--epochs", "0"], "epochs"),
         (["--data", "{root}", "--model-kwarg", "wings=2"], "does not take"),

@@ -1,0 +1,114 @@
+"""argparse types shared by every command line of the package (forest-dataset, forest-train, forest-sim, forest-fl).
+
+Each one turns the text of one argument into a value or raises ``argparse.ArgumentTypeError`` naming the
+text and what was expected (argparse puts the flag in front). Image sizes are written ``WIDTHxHEIGHT``
+(``320x240``), as cameras and the shipped model files write them, and come back as ``(height, width)``,
+the order numpy and the networks use. ``ArgumentParser`` reports a bad command line in one line.
+docs/dataset_tools.md ("Command-line conventions") lists the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+
+class UsageError(Exception):
+    """A bad command line; the message is one line naming the program and what is wrong."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises ``UsageError`` (one line) instead of printing the usage and exiting.
+
+    Give it to ``add_subparsers(parser_class=...)`` too; the entry point prints the error and returns 2.
+    """
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102 - argparse hook
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def image_size(text: str) -> tuple[int, int]:
+    """``"320x240"`` (WIDTHxHEIGHT, pixels) -> ``(240, 320)``, i.e. (height, width)."""
+    parts = text.strip().lower().split("x")
+    try:
+        width, height = (int(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"image size must be WIDTHxHEIGHT in pixels like 320x240, got {text!r}"
+        ) from None
+    if width < 1 or height < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive WIDTHxHEIGHT like 320x240, got {text!r}")
+    return height, width
+
+
+def format_image_size(height_width: tuple[int, int]) -> str:
+    """``(240, 320)`` -> ``"320x240"``: an (height, width) pair written as ``image_size`` reads it."""
+    height, width = height_width
+    return f"{int(width)}x{int(height)}"
+
+
+def _number(text: str, kind: type, expected: str, allowed: Callable[[float], bool]) -> int | float:
+    """``kind(text)`` if it is finite and ``allowed``; else ``ArgumentTypeError`` saying what was ``expected``."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not allowed(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return _number(text, int, "a positive integer", lambda value: value >= 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    return _number(text, int, "an integer >= 0", lambda value: value >= 0)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    return _number(text, float, "a number > 0", lambda value: value > 0)
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    return _number(text, float, "a number >= 0", lambda value: value >= 0)
+
+
+def fraction(text: str) -> float:
+    """A share of something, within (0, 1]."""
+    return _number(text, float, "a fraction within (0, 1]", lambda value: 0 < value <= 1)
+
+
+def _existing(text: str, kind: str) -> Path:
+    """``text`` as a path to an existing ``kind`` ('folder' or 'file')."""
+    path = Path(text)
+    present, other = (path.is_dir(), "file") if kind == "folder" else (path.is_file(), "folder")
+    if not present:
+        what = f"is a {other}, not a {kind}" if path.exists() else "does not exist"
+        raise argparse.ArgumentTypeError(f"{kind} {text!r} {what}")
+    return path
+
+
+def existing_dir(text: str) -> Path:
+    """A folder that exists."""
+    return _existing(text, "folder")
+
+
+def existing_file(text: str) -> Path:
+    """A file that exists."""
+    return _existing(text, "file")
+
+
+def output_dir(text: str) -> Path:
+    """A folder to write into: it may exist or not, but must not be a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"output folder {text!r} is a file; give a folder")
+    return path
