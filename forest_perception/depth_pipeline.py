@@ -38,6 +38,8 @@ class DepthSettings:
 
     min_depth_m: float = 0.28
     max_depth_m: float = 10.0
+    min_valid_fraction: float = 0.2
+    max_latency_ms: float = 250.0
     publish_points: bool = True
     voxel_size_m: float = 0.05
     point_stride: int = 2
@@ -67,6 +69,22 @@ class DepthSettings:
         return ""
 
 
+def synthetic_forest_image(height: int = 240, width: int = 320, seed: int = 0) -> np.ndarray:
+    """A real-looking forest frame (sky, canopy, ground, trunks, texture noise) as rgb8, for export checks."""
+    rng = np.random.default_rng(seed)
+    rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    sky = np.array([170, 190, 210], np.float32)
+    canopy = np.array([40, 80, 35], np.float32)
+    ground = np.array([90, 70, 45], np.float32)
+    image = np.where(rows < 0.25, sky + (canopy - sky) * rows * 4, canopy)
+    image = np.where(rows > 0.55, ground * (0.7 + 0.6 * rows), image) * np.ones((1, width, 1), np.float32)
+    for _ in range(6):
+        centre, half = rng.integers(0, width), rng.integers(3, max(4, width // 20))
+        image[: int(height * rng.uniform(0.6, 0.95)), max(0, centre - half): centre + half] = (60, 45, 30)
+    image += rng.normal(0.0, 12.0, image.shape).astype(np.float32)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
 def predict_depth(engine: DepthEngineLike, rgb: np.ndarray, settings: DepthSettings) -> tuple[np.ndarray, float]:
     """Depth in metres (NaN outside ``[min_depth_m, max_depth_m]``) and the network's latency in ms."""
     t0 = time.perf_counter()
@@ -80,6 +98,47 @@ def predict_depth(engine: DepthEngineLike, rgb: np.ndarray, settings: DepthSetti
     with np.errstate(invalid="ignore"):
         inside = (depth >= settings.min_depth_m) & (depth <= settings.max_depth_m)
     return np.where(inside, depth, np.float32(np.nan)), inference_ms
+
+
+def valid_fraction(depth: np.ndarray) -> float:
+    """Share of pixels with a depth (not NaN)."""
+    return float(np.isfinite(depth).mean()) if depth.size else 0.0
+
+
+def check_candidate(engine: DepthEngineLike, frame: np.ndarray, settings: DepthSettings) -> str:
+    """Why a freshly loaded model must not replace the running one ("" if it may), from one frame.
+
+    The depth must have the frame's size, no inf, and at least ``min_valid_fraction`` of its pixels
+    inside ``[min_depth_m, max_depth_m]`` with some spread: a network that is not a depth network
+    (a single convolution, all NaN, a constant) fails here instead of going live.
+    """
+    try:
+        raw = np.asarray(engine.predict(frame), dtype=np.float32)
+    except Exception as exc:  # noqa: BLE001 - any failure on a good frame disqualifies the model
+        return f"it fails on a reference frame ({type(exc).__name__}: {exc})"
+    if raw.shape != frame.shape[:2]:
+        return f"its depth has shape {raw.shape} for a {frame.shape[1]}x{frame.shape[0]} frame"
+    if np.isinf(raw).any():
+        return "its depth holds inf values (invalid depth must be NaN, REP 118)"
+    depth, _ = predict_depth(_Fixed(raw), frame, settings)
+    valid = valid_fraction(depth)
+    if valid < settings.min_valid_fraction:
+        return (f"only {100 * valid:.0f} % of a reference frame gets a depth within [{settings.min_depth_m}, "
+                f"{settings.max_depth_m}] m (min_valid_fraction {settings.min_valid_fraction})")
+    if float(np.nanstd(depth)) < 0.01:  # a forest frame spans metres; an untrained net varies by millimetres
+        return f"it predicts a constant {float(np.nanmedian(depth)):.3f} m on a reference frame"
+    return ""
+
+
+class _Fixed:
+    """An engine that returns a depth computed already (to reuse :func:`predict_depth`'s masking)."""
+
+    def __init__(self, depth: np.ndarray) -> None:
+        self._depth = depth
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:  # noqa: ARG002 - same signature as an engine
+        """The fixed depth."""
+        return self._depth
 
 
 def depth_points(depth: np.ndarray, K: np.ndarray, settings: DepthSettings) -> np.ndarray:
@@ -156,6 +215,7 @@ class DepthStats:
         self._stamp_latency_ms: deque[float] = deque(maxlen=window)
         self._inference_ms: deque[float] = deque(maxlen=window)
         self._published: deque[float] = deque(maxlen=window)
+        self._valid: deque[float] = deque(maxlen=window)
 
     def count(self, counter: str, error: str = "") -> None:
         """One more of ``counter``; ``error`` becomes the last error when given."""
@@ -164,10 +224,13 @@ class DepthStats:
             if error:
                 self.last_error = error
 
-    def processed(self, inference_ms: float, latency_ms: float, stamp_latency_ms: float, now: float) -> None:
-        """A frame's depth went out: network time, receipt-to-publish and stamp-to-publish latency."""
+    def processed(self, inference_ms: float, latency_ms: float, stamp_latency_ms: float, now: float,
+                  valid: float = 1.0) -> None:
+        """A frame's depth went out: network time, receipt-to-publish and stamp-to-publish latency, and
+        the share of its pixels with a depth."""
         with self._lock:
             self.counts["processed"] += 1
+            self._valid.append(valid)
             self._inference_ms.append(inference_ms)
             self._latency_ms.append(latency_ms)
             self._stamp_latency_ms.append(stamp_latency_ms)
@@ -190,6 +253,7 @@ class DepthStats:
                 "stamp_to_publish_ms_p95": _percentile(self._stamp_latency_ms, 95),
                 "inference_ms_p50": _percentile(self._inference_ms, 50),
                 "inference_ms_p95": _percentile(self._inference_ms, 95),
+                "valid_fraction": float(np.mean(self._valid)) if self._valid else 0.0,
             }
             values.update({f"frames_{name}" if name != "inference_errors" else name: count
                            for name, count in self.counts.items()})
@@ -197,10 +261,26 @@ class DepthStats:
         return values
 
 
-def depth_health(engine_loaded: bool, engine_error: str, camera_info: bool, processed: int) -> tuple[bytes, str]:
-    """(level, message) of a depth node: ERROR without a model, WARN on the fallback K."""
+def depth_health(engine_loaded: bool, engine_error: str, camera_info: bool, values: Mapping[str, Any],
+                 settings: DepthSettings) -> tuple[bytes, str]:
+    """(level, message) of a depth node from its :meth:`DepthStats.values`.
+
+    ERROR: no model, or depth for fewer than a quarter of ``min_valid_fraction`` of the pixels
+    (the model sees nothing it knows). WARN: the valid share below ``min_valid_fraction``, the
+    stamp-to-publish p95 above ``max_latency_ms``, or K from the fallback field of view.
+    """
     if not engine_loaded:
         return ERROR, engine_error or "no model loaded"
-    if not camera_info and processed:
+    if not values["frames_processed"]:
+        return OK, "waiting for camera frames"
+    valid, band = values["valid_fraction"], settings.min_valid_fraction
+    if valid < 0.25 * band:
+        return ERROR, f"depth for only {100 * valid:.1f} % of the pixels (expected >= {100 * band:.0f} %)"
+    if valid < band:
+        return WARN, f"depth for only {100 * valid:.0f} % of the pixels (expected >= {100 * band:.0f} %)"
+    latency = values["stamp_to_publish_ms_p95"]
+    if settings.max_latency_ms > 0 and latency > settings.max_latency_ms:
+        return WARN, f"stamp-to-publish p95 {latency:.0f} ms is above max_latency_ms {settings.max_latency_ms:.0f}"
+    if not camera_info:
         return WARN, "no camera_info: K from fallback_hfov_deg"
     return OK, "running"

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from forest_perception.depth_pipeline import synthetic_forest_image
 from forest_perception.inference import (
     DEFAULT_MAX_DEPTH_M,
     DEFAULT_MEAN,
@@ -78,22 +79,6 @@ def resolve_model(model_or_checkpoint: nn.Module | str | os.PathLike | tuple[nn.
     if isinstance(model_or_checkpoint, nn.Module):
         return model_or_checkpoint.eval(), {}
     raise TypeError(f"expected an nn.Module, (module, meta) or a checkpoint path, got {type(model_or_checkpoint)}")
-
-
-def synthetic_forest_image(height: int = 240, width: int = 320, seed: int = 0) -> np.ndarray:
-    """A real-looking forest frame (sky, canopy, ground, trunks, texture noise) as rgb8, for export checks."""
-    rng = np.random.default_rng(seed)
-    rows = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
-    sky = np.array([170, 190, 210], np.float32)
-    canopy = np.array([40, 80, 35], np.float32)
-    ground = np.array([90, 70, 45], np.float32)
-    image = np.where(rows < 0.25, sky + (canopy - sky) * rows * 4, canopy)
-    image = np.where(rows > 0.55, ground * (0.7 + 0.6 * rows), image) * np.ones((1, width, 1), np.float32)
-    for _ in range(6):
-        centre, half = rng.integers(0, width), rng.integers(3, max(4, width // 20))
-        image[: int(height * rng.uniform(0.6, 0.95)), max(0, centre - half): centre + half] = (60, 45, 30)
-    image += rng.normal(0.0, 12.0, image.shape).astype(np.float32)
-    return np.clip(image, 0, 255).astype(np.uint8)
 
 
 def _run_exporter(model: nn.Module, example: torch.Tensor, out_path: Path, opset: int, dynamic_batch: bool,

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
@@ -23,11 +24,14 @@ from forest_perception.depth_pipeline import (
     DepthEngineLike,
     DepthSettings,
     DepthStats,
+    check_candidate,
     depth_health,
     depth_points,
     depth_scan,
     predict_depth,
     scan_frame_id,
+    synthetic_forest_image,
+    valid_fraction,
 )
 from forest_perception.frames import FRAME_CAMERA
 from forest_perception.inference import SUPPORTED_ENCODINGS, TORCH_SUFFIXES, ModelLoadError, convert_image_encoding
@@ -51,6 +55,10 @@ PARAMS = [
     ParamSpec("threads", 2, "intra-op threads of the inference backend", (1, 16)),
     ParamSpec("min_depth_m", 0.28, "predicted depth below this is invalid (NaN)", (0.0, 100.0)),
     ParamSpec("max_depth_m", 10.0, "predicted depth beyond this is invalid (NaN)", (0.1, 1000.0)),
+    ParamSpec("min_valid_fraction", 0.2, "share of pixels with a depth a model must reach on a reference frame "
+              "to be swapped in; below it live, /diagnostics warns (a quarter of it: error)", (0.0, 1.0)),
+    ParamSpec("max_latency_ms", 250.0, "/diagnostics warns when the image-stamp-to-depth p95 is above this; "
+              "0 = no check", (0.0, 10000.0)),
     ParamSpec("publish_points", True, "publish depth/points"),
     ParamSpec("voxel_size_m", 0.05, "voxel side of the published cloud; 0 publishes every point", (0.0, 5.0)),
     ParamSpec("point_stride", 2, "use every n-th pixel in each direction for the cloud", (1, 64)),
@@ -96,6 +104,7 @@ class DepthNode(Node):
         self._engine_error = ""
         self._candidate: DepthEngineLike | None = None
         self._warned_fallback = False
+        self._last_rgb: np.ndarray | None = None  # the newest camera frame: the reference a new model must pass
         try:
             self._engine = self._load(self.p)
             self.get_logger().info(f"model {self.p['model_path']} ({self._engine.model_version}, "
@@ -138,12 +147,22 @@ class DepthNode(Node):
         self._candidate = None
         if reason or not changed(self.p, new, ENGINE_PARAMS):
             return reason
-        try:  # load before accepting: a bad file is refused and the running engine stays
-            self._candidate = self._load(new)
+        try:  # load and try before accepting: a bad model is refused and the running engine stays
+            candidate = self._load(new)
+            problem = check_candidate(candidate, self._reference_frame(), DepthSettings.from_parameters(new))
         except Exception as exc:  # noqa: BLE001 - any loader failure becomes the refusal's reason
-            reason = f"model_path {new['model_path']!r} not loaded ({type(exc).__name__}: {exc})"
-            self.get_logger().warning(f"refused: {reason}; keeping the running model")
-        return reason
+            problem = f"not loaded ({type(exc).__name__}: {exc})"
+        if problem:
+            reason = f"model_path {new['model_path']!r} refused: {problem}"
+            self.get_logger().warning(f"{reason}; keeping the running model")
+            return reason
+        self._candidate = candidate
+        return ""
+
+    def _reference_frame(self) -> np.ndarray:
+        """A synthetic forest frame (it has structure, which a blank camera frame may not) at the camera's size."""
+        height, width = self._last_rgb.shape[:2] if self._last_rgb is not None else (240, 320)
+        return synthetic_forest_image(height, width)
 
     def _commit(self, _old: dict[str, Any], new: dict[str, Any]) -> None:
         engine, self._candidate = self._candidate, None
@@ -173,6 +192,7 @@ class DepthNode(Node):
             self._drop(f"image: {exc}")
             return
         self.stats.count("received")
+        self._last_rgb = rgb
         if self.worker.submit((rgb, msg, received)) is not None:
             self.stats.count("skipped")  # never queue: the newer frame replaces it
 
@@ -206,7 +226,7 @@ class DepthNode(Node):
             self.scan_pub.publish(msgs.laserscan_msg(
                 stamp, scan_frame_id(frame_id, self.p["scan_frame_id"]), ranges, layout.angle_min,
                 layout.angle_increment, settings.scan_range_min_m, settings.scan_range_max_m))
-        self.stats.processed(inference_ms, (now - received) * 1e3, stamp_ms, now)
+        self.stats.processed(inference_ms, (now - received) * 1e3, stamp_ms, now, valid_fraction(depth))
 
     def _on_worker_error(self, exc: Exception) -> bool:
         if not rclpy.ok(context=self.context):
@@ -225,8 +245,8 @@ class DepthNode(Node):
             "backend": getattr(engine, "backend", "") if engine else "",
             "camera_info": self.camera.has_info,
         })
-        level, message = depth_health(engine is not None, self._engine_error, self.camera.has_info,
-                                      values["frames_processed"])
+        level, message = depth_health(engine is not None, self._engine_error, self.camera.has_info, values,
+                                      self.settings)
         return level, message, values
 
     def _publish_diagnostics(self) -> None:

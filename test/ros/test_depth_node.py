@@ -47,7 +47,11 @@ def formula_loader(engines: dict[str, FormulaEngine]):
 
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory):
-    """Two tiny auto-encoders (different weights) exported to ONNX: (path_a, path_b)."""
+    """Two tiny auto-encoders (different weights) exported to ONNX: (path_a, path_b).
+
+    Untrained, a network predicts about one depth everywhere, which depth_node rightly refuses; the
+    weights are scaled up so that the depth follows the image, as a trained model's does.
+    """
     torch = pytest.importorskip("torch")
     from forest_perception.models.networks import build_model
 
@@ -56,6 +60,9 @@ def onnx_models(tmp_path_factory):
     for seed in (0, 1):
         torch.manual_seed(seed)
         model = build_model("autoencoder", input_hw=(64, 96)).eval()
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.mul_(1.5)
         path = out / f"auto_{seed}.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -304,3 +311,33 @@ def test_faster_images_than_inference_are_skipped_not_queued(rclpy_context, spin
     # a queue would make the latency grow to seconds; the newest frame waits at most one inference
     assert values["latency_ms_p95"] < 400.0 and values["stamp_to_publish_ms_p95"] < 400.0
     assert len(got["depth/image"]) >= 10
+
+
+def test_an_onnx_that_is_no_depth_network_is_refused_before_the_swap(rclpy_context, onnx_models, tmp_path):
+    torch = pytest.importorskip("torch")
+    from rclpy.parameter import Parameter
+
+    from forest_perception.nodes.depth_node import DepthNode
+
+    class AllNaN(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :1] * float("nan")
+
+    refused = {}
+    for name, module in (("conv", torch.nn.Conv2d(3, 1, 3, padding=1)), ("nan", AllNaN())):
+        path = tmp_path / f"{name}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module.eval(), (torch.rand(1, 3, 64, 96),), str(path), dynamo=False,
+                              input_names=["image"], output_names=["depth"])
+        refused[name] = str(path)
+    node = DepthNode(context=rclpy_context, parameter_overrides=_params(model_path=onnx_models[0]))
+    try:
+        running = node.diagnostics_values()[2]["model_version"]
+        for name, path in refused.items():
+            result = node.set_parameters([Parameter("model_path", value=path)])[0]
+            assert not result.successful and "reference frame" in result.reason, (name, result.reason)
+            assert node.get_parameter("model_path").value == onnx_models[0]
+            assert node.diagnostics_values()[2]["model_version"] == running
+    finally:
+        node.destroy_node()

@@ -1,0 +1,81 @@
+"""depth_pipeline: a model is tried on a reference frame before it goes live; health bands of the live depth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from forest_perception.depth_pipeline import (
+    DepthSettings,
+    DepthStats,
+    check_candidate,
+    depth_health,
+    predict_depth,
+    synthetic_forest_image,
+)
+from forest_perception.diagnostics import ERROR, OK, WARN
+
+FRAME = synthetic_forest_image(120, 160, seed=2)
+
+
+class Engine:
+    """Depth from a function of the frame."""
+
+    model_version, backend = "test", "test"
+
+    def __init__(self, depth_of) -> None:
+        self.depth_of = depth_of
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        return self.depth_of(rgb)
+
+
+def _like_a_depth_net(rgb: np.ndarray) -> np.ndarray:
+    return (1.0 + rgb[..., 1].astype(np.float32) / 255.0 * 6.0).astype(np.float32)
+
+
+@pytest.mark.parametrize(("depth_of", "words"), [
+    (lambda rgb: np.full(rgb.shape[:2], np.nan, np.float32), "0 %"),
+    (lambda rgb: rgb[..., 0].astype(np.float32) / 255.0 - 0.5, "0 %"),  # a conv's output: not metres
+    (lambda rgb: np.full(rgb.shape[:2], 3.0, np.float32), "constant"),
+    (lambda rgb: np.ones((10, 10), np.float32), "shape"),
+    (lambda rgb: np.full(rgb.shape[:2], np.inf, np.float32), "inf"),
+    (lambda rgb: 1 / 0, "ZeroDivisionError"),
+])
+def test_models_that_are_no_depth_network_are_refused_with_the_reason(depth_of, words):
+    reason = check_candidate(Engine(depth_of), FRAME, DepthSettings())
+    assert words in reason
+
+
+def test_a_depth_network_passes_and_the_band_is_a_parameter():
+    assert check_candidate(Engine(_like_a_depth_net), FRAME, DepthSettings()) == ""
+    half_sky = lambda rgb: np.where(np.arange(rgb.shape[0])[:, None] < rgb.shape[0] // 2, np.nan,  # noqa: E731
+                                    _like_a_depth_net(rgb))
+    assert check_candidate(Engine(half_sky), FRAME, DepthSettings(min_valid_fraction=0.4)) == ""
+    assert "50 %" in check_candidate(Engine(half_sky), FRAME, DepthSettings(min_valid_fraction=0.6))
+
+
+def _values(valid: float, latency_ms: float = 20.0, frames: int = 10) -> dict:
+    stats = DepthStats()
+    for i in range(frames):
+        stats.processed(5.0, latency_ms, latency_ms, float(i), valid)
+    return stats.values(now=float(frames))
+
+
+def test_health_leaves_ok_when_the_live_depth_or_latency_leaves_its_band():
+    settings = DepthSettings(min_valid_fraction=0.2, max_latency_ms=100.0)
+    assert depth_health(True, "", True, _values(0.8), settings) == (OK, "running")
+    level, message = depth_health(True, "", True, _values(0.1), settings)
+    assert level == WARN and "10 %" in message
+    level, message = depth_health(True, "", True, _values(0.02), settings)
+    assert level == ERROR and "2.0 %" in message
+    level, message = depth_health(True, "", True, _values(0.8, latency_ms=180.0), settings)
+    assert level == WARN and "max_latency_ms" in message
+    assert depth_health(False, "no model loaded: x", True, _values(0.8), settings)[0] == ERROR
+    assert depth_health(True, "", True, _values(0.8, frames=0), settings)[0] == OK
+
+
+def test_predict_depth_masks_the_range_and_measures_the_network():
+    depth, ms = predict_depth(Engine(_like_a_depth_net), FRAME, DepthSettings(min_depth_m=2.0, max_depth_m=5.0))
+    inside = depth[np.isfinite(depth)]
+    assert inside.min() >= 2.0 and inside.max() <= 5.0 and np.isnan(depth).any() and ms >= 0.0
