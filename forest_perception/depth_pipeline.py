@@ -125,7 +125,7 @@ def check_candidate(engine: DepthEngineLike, frame: np.ndarray, settings: DepthS
     if valid < settings.min_valid_fraction:
         return (f"only {100 * valid:.0f} % of a reference frame gets a depth within [{settings.min_depth_m}, "
                 f"{settings.max_depth_m}] m (min_valid_fraction {settings.min_valid_fraction})")
-    if float(np.nanstd(depth)) < 0.01:  # a forest frame spans metres; an untrained net varies by millimetres
+    if float(np.nanstd(depth)) < 1e-4:  # one value everywhere (zero weights): no depth network
         return f"it predicts a constant {float(np.nanmedian(depth)):.3f} m on a reference frame"
     return ""
 

@@ -34,11 +34,11 @@ def _write_segment(root: Path, segment: str, frames: int, seed: int) -> None:
 
 
 def _constant_model(depth_m: float, server_round: int) -> rover.GlobalModel:
+    """About ``depth_m`` everywhere (within a millimetre: depth_node refuses an exactly constant model)."""
     model = rover.initial_model(_task())
     share = (math.log(depth_m) - math.log(0.1)) / (math.log(20.0) - math.log(0.1))
     arrays = [
-        np.zeros_like(a) if n == "decoder.logit.weight"
-        else np.full_like(a, math.log(share / (1 - share))) if n == "decoder.logit.bias" else a
+        np.full_like(a, math.log(share / (1 - share))) if n == "decoder.logit.bias" else a
         for n, a in zip(model.names, model.arrays)
     ]
     return rover.GlobalModel(server_round, model.names, arrays, dict(model.meta))
