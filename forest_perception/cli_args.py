@@ -10,8 +10,11 @@ docs/dataset_tools.md ("Command-line conventions") lists the flags.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -112,3 +115,59 @@ def output_dir(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"output folder {text!r} is a file; give a folder")
     return path
+
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class InputError(Exception):
+    """Input the command cannot use (a file, a flag's value, the state of a folder): one line for the user.
+
+    Its message says what is wrong, which file or flag, and what to do; it is printed without a
+    traceback. Raise it (or a ``ValueError`` / ``OSError``, which are expected too) from command code.
+    """
+
+
+# the failures a user can cause and fix; anything else (TypeError, KeyError, ...) is a bug and keeps its traceback
+EXPECTED_ERRORS = (InputError, ValueError, OSError)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for an expected failure; OS errors name their file ("No space left on device: 'x.png'")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.errno == errno.ENOTDIR:
+            text = "a part of the path is a file, not a folder"
+        names = [n for n in (exc.filename, exc.filename2) if n is not None]
+        return f"{text}: {', '.join(repr(str(n)) for n in names)}" if names else text
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not a text file (byte {exc.start} is not {exc.encoding}): {exc.reason}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def run_command(prog: str, parser: argparse.ArgumentParser, handle: Callable[[argparse.Namespace], int | None],
+                argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run ``handle(args)``: THE place that turns expected failures into
+    ``<prog> <command>: error: <what>`` on stderr and exit status 2; Ctrl-C exits 130 without a traceback.
+
+    Unexpected exceptions propagate with their traceback (they are bugs to report); with
+    ``FOREST_DEBUG=1`` in the environment expected ones do too.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    where = " ".join([prog, *[str(getattr(args, name)) for name in ("command", "verb") if getattr(args, name, None)]])
+    try:
+        return int(handle(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except EXPECTED_ERRORS as exc:
+        if os.environ.get("FOREST_DEBUG"):
+            raise
+        print(f"{where}: error: {describe_error(exc)}", file=sys.stderr)
+        return EXIT_USAGE
