@@ -26,6 +26,7 @@ from forest_perception.nodes.common import (
     declare_parameters,
     publish_node_diagnostics,
     run_node,
+    writable_folder_problem,
 )
 from forest_perception.recorder import (
     COMPRESSIONS,
@@ -119,8 +120,8 @@ class CaptureNode(Node):
         self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
         if self.p["autostart"]:
             ok, message = self.start()
-            if not ok:
-                self.get_logger().error(f"autostart failed: {message}")
+            if not ok:  # asked to record and cannot: say so and stop rather than idle as if all were well
+                raise ValueError(f"autostart failed: {message}")
 
     # ---------------------------------------------------------------- parameters
     def _validate(self, values: dict[str, Any]) -> str:
@@ -136,7 +137,7 @@ class CaptureNode(Node):
             return f"bag_name must be a plain directory name, got {values['bag_name']!r}"
         if not str(values["output_dir"]).strip():
             return "output_dir must not be empty"
-        return ""
+        return writable_folder_problem("output_dir", values["output_dir"])
 
     def _commit(self, old: dict[str, Any], new: dict[str, Any]) -> None:
         changed_bag = changed(old, new, _BAG_PARAMS)

@@ -143,6 +143,22 @@ def add_validated_updates(node: Node, specs: Sequence[ParamSpec], current: Calla
     node.add_on_set_parameters_callback(on_set)
 
 
+def writable_folder_problem(name: str, folder: str) -> str:
+    """Why a node could not write into ``folder`` (parameter ``name``), "" when it can (it may not exist yet)."""
+    path = os.path.abspath(os.path.expanduser(str(folder)))
+    probe = path
+    while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{name}:={folder!r} cannot be a folder: {probe!r} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{name}:={folder!r} is not writable ({probe!r} refuses new files); choose a folder you can write"
+    return ""
+
+
 def changed(old: dict[str, Any], new: dict[str, Any], names: Sequence[str]) -> list[str]:
     """Which of ``names`` differ between two parameter sets."""
     return [name for name in names if old.get(name) != new.get(name)]
@@ -200,7 +216,7 @@ def run_node(factory: Callable[[], Node], name: str, args: list[str] | None = No
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except ValueError as exc:  # a bad parameter: say which, no traceback
-        print(f"{name}: {exc}")
+        print(f"{name}: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception:
         if rclpy.ok():
