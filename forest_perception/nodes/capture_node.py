@@ -1,6 +1,6 @@
 """capture_node: record chosen topics into a rosbag2 bag with MCAP storage (``ros2 bag info/play`` read it).
 
-Topics, services and parameters: docs/nodes.md (`capture_node`).
+Topics, services and parameters: docs/nodes.md (capture_node).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """depth_node: monocular depth from the rover camera, with its point cloud and a laser scan.
 
-Thin ROS wrapper over :mod:`forest_perception.depth_pipeline`; topics, parameters and the
-hot-swap rules are in README.md ("depth_node"). The newest frame always wins: a frame that
-arrives while the network runs replaces the waiting one (counted as skipped).
+Thin ROS wrapper over :mod:`forest_perception.depth_pipeline`. Topics, parameters and the
+hot-swap rules: docs/nodes.md (depth_node).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """sensor_sync_node: synchronised camera/IMU/GPS/wheel frame sets, fused odometry and GPS in local ENU.
 
-Topics, services and parameters: docs/nodes.md (`sensor_sync_node`).
+Topics, services and parameters: docs/nodes.md (sensor_sync_node).
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """sim_node: a simulated forest with one or more rovers publishing the real rover topic contract.
 
-Per rover namespace (``/<rover>/...``): ``camera/image_raw`` (rgb8), ``camera/camera_info``,
-``camera/depth/image_raw`` (32FC1 metres, NaN invalid, aligned to colour), ``imu/data``,
-``gps/fix``, ``joint_states``, ``odom``; subscribes ``cmd_vel``. Publishes ``/clock`` with the
-simulated time and ``/diagnostics``. The simulation runs in its own thread, paced to
-``real_time_factor`` times wall time (0 = as fast as it can).
+Thin ROS wrapper over :class:`forest_perception.sim.simulator.ForestSimulator`. Topics and
+parameters: docs/nodes.md (sim_node).
 """
 
 from __future__ import annotations

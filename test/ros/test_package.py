@@ -7,6 +7,7 @@ import importlib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -192,3 +193,13 @@ def test_ros_env_fixture_sets_loopback(ros_env):
     assert os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] == "LOCALHOST"
     assert 0 < int(os.environ["ROS_DOMAIN_ID"]) <= 101
     assert Path(os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file()
+
+
+@pytest.mark.parametrize("node", ["sim_node", "depth_node", "sensor_sync_node", "capture_node"])
+def test_docs_list_every_parameter_of_every_node(node):
+    text = (ROOT / "docs" / "nodes.md").read_text()
+    start = text.index(f"## {node}\n")
+    end = text.find("\n## ", start + 1)
+    section = text[start:end if end > 0 else None]
+    for spec in importlib.import_module(f"forest_perception.nodes.{node}").PARAMS:
+        assert f"| `{spec.name}` | `{spec.default!r}` |" in section, f"docs/nodes.md ({node}) lacks {spec.name}"
