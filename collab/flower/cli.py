@@ -178,7 +178,7 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
 
 
 def _deploy_rovers(args: argparse.Namespace) -> list:
-    from forest_perception.collab.deploy.local import RoverNode
+    from forest_perception.collab.deploy.supernode import RoverNode
 
     rovers = []
     if args.virtual_rovers:

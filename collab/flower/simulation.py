@@ -44,6 +44,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from forest_perception.collab.deploy.processes import free_ports
+from forest_perception.collab.flower import LOOPBACK_ENV
 from forest_perception.collab.flower import app_dir as flower_app_dir
 
 POPULATION_VERSION = 1
@@ -430,19 +432,6 @@ class SimulationResult:
     summary: dict
 
 
-LOOPBACK_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    # Ray resolves 127.0.0.1 to the machine's external address unless "clusters" are off;
-    # with them off every Ray gRPC server binds to 127.0.0.1 only
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-}
-
-
 @contextmanager
 def flower_environment(scratch: str | Path) -> Iterator[dict[str, str]]:
     """Environment for Flower and Ray inside ``scratch`` (homes, temp and caches), loopback only; restored after."""
@@ -554,20 +543,6 @@ def run_simulation(spec: SimulationSpec) -> SimulationResult:
     return SimulationResult(out, state_db, population_path, wall, data_s, rounds, summary)
 
 
-def _free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets, ports = [], []
-    for _ in range(count):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sockets.append(sock)
-        ports.append(sock.getsockname()[1])
-    for sock in sockets:
-        sock.close()
-    return ports
-
-
 def _toml_value(value: bool | int | float | str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -620,7 +595,7 @@ def run_with_flwr_cli(
     app_dir = Path(app_dir) if app_dir else flower_app_dir()
     bin_dir = Path(sys.executable).parent
     scratch = Path(tempfile.mkdtemp(prefix="fl-"))
-    http, fleet, control, health = _free_ports(4)
+    http, fleet, control, health = free_ports(4)
     superlink = None
     try:
         with flower_environment(scratch) as env:

@@ -49,7 +49,8 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from forest_perception.collab.deploy.certs import ROVER_ID_PATTERN
-from forest_perception.collab.deploy.local import free_ports
+from forest_perception.collab.deploy.processes import free_ports
+from forest_perception.collab.deploy.supernode import SUPERNODE_READY, supernode_argv, supernode_environment
 from forest_perception.collab.rover import (
     EXPORTERS,
     CandidateRef,
@@ -71,15 +72,7 @@ from forest_perception.collab.rover import (
     train_locally,
     train_permission,
 )
-from forest_perception.collab.supervisor import (
-    BACKOFF,
-    FAILED,
-    STOPPED,
-    SUPERNODE_READY,
-    SuperNodeSupervisor,
-    supernode_argv,
-    supernode_environment,
-)
+from forest_perception.collab.supervisor import BACKOFF, FAILED, STOPPED, SuperNodeSupervisor
 from forest_perception.nodes.common import (
     ParamSpec,
     add_validated_updates,

@@ -30,17 +30,15 @@ from forest_perception.collab.deploy.certs import (
     make_deployment_certs,
     public_key_fingerprint,
 )
-from forest_perception.collab.deploy.local import (
-    DeploySpec,
-    LocalDeployment,
+from forest_perception.collab.deploy.local import DeploySpec, LocalDeployment
+from forest_perception.collab.deploy.processes import (
     ManagedProcess,
-    RoverNode,
     group_members,
     listening_sockets,
     process_tree,
     stop_process,
-    write_toml_table,
 )
+from forest_perception.collab.deploy.supernode import RoverNode, write_toml_table
 from forest_perception.collab.flower.cli import main as forest_fl
 from forest_perception.collab.flower.store import CoordinatorStore
 

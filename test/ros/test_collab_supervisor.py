@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from forest_perception.collab.deploy.local import DeploySpec, LocalDeployment, RoverNode
+from forest_perception.collab.deploy.local import DeploySpec, LocalDeployment
+from forest_perception.collab.deploy.supernode import SUPERNODE_READY, RoverNode, supernode_argv
 from forest_perception.collab.supervisor import (
     BACKOFF,
     FAILED,
     RUNNING,
     STARTING,
     STOPPED,
-    SUPERNODE_READY,
     Backoff,
     SuperNodeSupervisor,
-    supernode_argv,
 )
 
 
