@@ -33,15 +33,10 @@ import numpy as np
 import torch
 from flwr.clientapp import ClientApp
 
+from forest_perception.collab.flower.local_grid import LocalGrid
+from forest_perception.collab.flower.population import Population, VirtualRover
+from forest_perception.collab.flower.rover_data import ProceduralForest, ensure_rover_data, render_procedural_frame
 from forest_perception.collab.flower.server_app import Coordinator, build_coordinator
-from forest_perception.collab.flower.simulation import (
-    LocalGrid,
-    Population,
-    ProceduralForest,
-    VirtualRover,
-    ensure_rover_data,
-    render_procedural_frame,
-)
 from forest_perception.collab.flower.store import RoundRecord
 from forest_perception.collab.flower.strategies import RoverStrategy
 from forest_perception.collab.flower.task import TaskConfig, build_model, merge_run_config, set_arrays
@@ -280,8 +275,8 @@ def build_coordinator_from(
     network; this starts from ``initial`` (a pretrained network, or another model's tensors,
     then named ``model`` in the store's identity).
     """
+    from forest_perception.collab.flower.population import load_population
     from forest_perception.collab.flower.server_app import ServerSettings, run_identity
-    from forest_perception.collab.flower.simulation import load_population
     from forest_perception.collab.flower.store import CoordinatorStore
     from forest_perception.collab.flower.strategies import build_strategy
 

@@ -60,7 +60,7 @@ from experiments.common import (  # noqa: E402
     write_population_data,
 )
 from forest_perception.collab.flower.client_app import make_client_app  # noqa: E402
-from forest_perception.collab.flower.simulation import make_population  # noqa: E402
+from forest_perception.collab.flower.population import make_population  # noqa: E402
 from forest_perception.collab.flower.strategies import RoverStrategy  # noqa: E402
 from forest_perception.collab.flower.task import (  # noqa: E402
     LocalData,

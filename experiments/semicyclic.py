@@ -7,7 +7,7 @@ block, the running average of the global models of that block's rounds; MC-PSGD 
 trains a separate chain per block and averages whichever of the two has the lower loss.
 
 Forest version: ``num_blocks`` blocks of ``rounds_per_block`` rounds repeat through the run
-(:func:`forest_perception.collab.flower.simulation.make_population` with ``num_blocks``): rover ``i`` drives
+(:func:`forest_perception.collab.flower.population.make_population` with ``num_blocks``): rover ``i`` drives
 in block ``i % num_blocks`` under that block's light (sunny, dusk, overcast, ...) and is
 out only in its block's rounds. FedAvg runs on the very same schedule. After every round,
 each block's held-out frames (new poses in the forests of that block's rovers, in its light)
@@ -61,7 +61,7 @@ from experiments.common import (  # noqa: E402
     write_population_data,
 )
 from forest_perception.collab.flower.client_app import make_client_app  # noqa: E402
-from forest_perception.collab.flower.simulation import BLOCK_WEATHERS, make_population  # noqa: E402
+from forest_perception.collab.flower.population import BLOCK_WEATHERS, make_population  # noqa: E402
 from forest_perception.collab.flower.strategies import RoverStrategy  # noqa: E402
 from forest_perception.collab.flower.task import TaskConfig, get_arrays  # noqa: E402
 

@@ -37,6 +37,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from forest_perception.collab.flower.population import load_population
 from forest_perception.collab.flower.strategies import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -90,8 +91,6 @@ def resolve_rover(context: Context, config: Mapping) -> RoverIdentity:
             fault=str(node.get("fault", "")),
         )
     elif config.get("population"):
-        from forest_perception.collab.flower.simulation import load_population
-
         if "partition-id" not in node:
             raise ValueError("run config names a population but the node config has no partition-id")
         rover = load_population(str(config["population"])).by_partition(int(node["partition-id"]))

@@ -27,6 +27,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from forest_perception.collab.flower.population import load_population
 from forest_perception.collab.flower.store import CoordinatorStore, RoundRecord
 from forest_perception.collab.flower.strategies import (
     ALGORITHMS,
@@ -183,8 +184,6 @@ def build_coordinator(config: Mapping) -> Coordinator:
     names, initial = initial_arrays(settings.task)
     availability = None
     if settings.population:
-        from forest_perception.collab.flower.simulation import load_population
-
         availability = load_population(settings.population).is_available
     strategy = build_strategy(
         settings.algorithm, names, initial, settings.strategy, settings.train_config, availability

@@ -305,7 +305,8 @@ def test_stop_ends_the_process_group_and_detached_descendants(tmp_path):
 
 @pytest.mark.slow
 def test_deployed_rovers_train_over_tls_and_an_unregistered_node_is_refused(certs, tmp_path):
-    from forest_perception.collab.flower.simulation import ensure_rover_data, make_population
+    from forest_perception.collab.flower.population import make_population
+    from forest_perception.collab.flower.rover_data import ensure_rover_data
 
     population = make_population(2, tmp_path / "rovers", seed=3, frames=4, availability=(1.0, 1.0))
     for rover in population.rovers:

@@ -10,8 +10,8 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from forest_perception.collab.flower.local_grid import LocalGrid
 from forest_perception.collab.flower.server_app import Coordinator, ServerSettings
-from forest_perception.collab.flower.simulation import LocalGrid
 from forest_perception.collab.flower.store import CoordinatorStore, RoundRecord, UpdateEntry
 from forest_perception.collab.flower.strategies import (
     ARRAYS_KEY,

@@ -10,7 +10,7 @@ from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from forest_perception.collab.algorithms import FedLaAvgServer, SemiCyclicServer, fedavg, fedsubavg, robust_fedavg
-from forest_perception.collab.flower.simulation import LocalGrid
+from forest_perception.collab.flower.local_grid import LocalGrid
 from forest_perception.collab.flower.strategies import (
     ARRAYS_KEY,
     CONFIG_KEY,
