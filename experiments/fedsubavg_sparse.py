@@ -70,18 +70,18 @@ from experiments.common import (  # noqa: E402
     write_csv,
     write_json,
 )
-from forest_perception.collab.flower.server_app import Coordinator  # noqa: E402
-from forest_perception.collab.flower.strategies import (  # noqa: E402
+from forest_perception.collab.flower.messages import (  # noqa: E402
     ARRAYS_KEY,
     CONFIG_KEY,
     META_KEY,
     METRICS_KEY,
     ROWS_KEY,
     UPDATE_KEY,
-    RoverStrategy,
     arrays_to_record,
     record_to_arrays,
 )
+from forest_perception.collab.flower.server_app import Coordinator  # noqa: E402
+from forest_perception.collab.flower.strategies import RoverStrategy  # noqa: E402
 from forest_perception.collab.flower.task import TaskConfig, build_model, get_arrays, set_arrays  # noqa: E402
 
 NAME = "fedsubavg_sparse"

@@ -27,15 +27,11 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from forest_perception.collab.flower.messages import arrays_to_record
 from forest_perception.collab.flower.population import load_population
+from forest_perception.collab.flower.rover_strategy import RoverStrategy, StrategyConfig
 from forest_perception.collab.flower.store import CoordinatorStore, RoundRecord
-from forest_perception.collab.flower.strategies import (
-    ALGORITHMS,
-    RoverStrategy,
-    StrategyConfig,
-    arrays_to_record,
-    build_strategy,
-)
+from forest_perception.collab.flower.strategies import ALGORITHMS, build_strategy
 from forest_perception.collab.flower.task import TaskConfig, initial_arrays, merge_run_config
 
 LOG = logging.getLogger(__name__)

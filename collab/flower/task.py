@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -217,6 +218,14 @@ def set_arrays(model: nn.Module, names: Sequence[str], arrays: Sequence[np.ndarr
 def initial_arrays(config: TaskConfig) -> tuple[list[str], NDArrays]:
     """Names and arrays of the freshly initialised model (the coordinator's round 0)."""
     return get_arrays(build_model(config))
+
+
+def round_seed(seed: int, server_round: int, who: str) -> int:
+    """The shuffle seed of ``who``'s local training in ``server_round`` of a run seeded ``seed``.
+
+    A round replayed after a coordinator restart trains the same way.
+    """
+    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(who.encode())) % (2**63)
 
 
 def scope_tensors(names: Sequence[str], scope: str) -> list[bool]:
