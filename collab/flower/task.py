@@ -278,8 +278,9 @@ _DATA_CACHE: OrderedDict[tuple, LocalData] = OrderedDict()
 _DATA_CACHE_SIZE = 256
 
 
-def _stack(dataset: object) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[i] for i in range(len(dataset))]
+def stack_frames(dataset: object, indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and depth maps of a ``ForestDepthDataset``'s items (all, or ``indices``) as two tensors."""
+    items = [dataset[i] for i in (range(len(dataset)) if indices is None else indices)]
     return torch.stack([it["image"] for it in items]), torch.stack([it["depth"] for it in items])
 
 
@@ -310,11 +311,11 @@ def load_local_data(data_dir: str | Path, config: TaskConfig) -> LocalData:
         val_is_train = False
     else:
         train_segments, val_segments, val_is_train = segments, segments, True
-    train_images, train_depth = _stack(ForestDepthDataset(train_segments, **common))
+    train_images, train_depth = stack_frames(ForestDepthDataset(train_segments, **common))
     if val_is_train:
         val_images, val_depth = train_images, train_depth
     else:
-        val_images, val_depth = _stack(ForestDepthDataset(val_segments, **common))
+        val_images, val_depth = stack_frames(ForestDepthDataset(val_segments, **common))
     data = LocalData(
         str(path), train_images, train_depth, val_images, val_depth,
         [s.segment_id for s in segments], val_is_train,
