@@ -200,7 +200,13 @@ def _check_like(what: str, arrays: Sequence[np.ndarray], reference: Sequence[np.
             raise ValueError(f"{what}: tensor {t} has shape {np.shape(a)}, the model has {np.shape(r)}")
 
 
-def _check_state_header(state: dict, algorithm: str, config: dict) -> None:
+def state_header(algorithm: str, config: dict, last_round: int) -> dict:
+    """What every server's state starts with: algorithm, state version, config and last round."""
+    return {"algorithm": algorithm, "version": STATE_VERSION, "config": config, "last_round": last_round}
+
+
+def check_state_header(state: dict, algorithm: str, config: dict) -> None:
+    """Refuse (``ValueError``) a state of another algorithm, state version or config."""
     if state.get("algorithm") != algorithm:
         raise ValueError(f"state is for {state.get('algorithm')!r}, not {algorithm!r}")
     if state.get("version") != STATE_VERSION:
@@ -324,10 +330,7 @@ class FedLaAvgServer:
     def state_dict(self) -> dict:
         """Everything needed to resume: numpy arrays, str, int, float, None, lists and dicts only."""
         return {
-            "algorithm": self.ALGORITHM,
-            "version": STATE_VERSION,
-            "config": self._config(),
-            "last_round": self._last_round,
+            **state_header(self.ALGORITHM, self._config(), self._last_round),
             "params": _copy_arrays(self._params),
             "latest": {
                 cid: {"delta": _copy_arrays(s["delta"]), "num_examples": s["num_examples"], "round": s["round"]}
@@ -338,7 +341,7 @@ class FedLaAvgServer:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`; refuses a state of another algorithm, config or model shape."""
-        _check_state_header(state, self.ALGORITHM, self._config())
+        check_state_header(state, self.ALGORITHM, self._config())
         _check_like("state params", state["params"], self._params)
         for cid, s in state["latest"].items():
             _check_like(f"state latest[{cid!r}]", s["delta"], self._params)
@@ -527,10 +530,7 @@ class SemiCyclicServer:
     def state_dict(self) -> dict:
         """Everything needed to resume: numpy arrays, str, int, float, None, lists and dicts only."""
         return {
-            "algorithm": self.ALGORITHM,
-            "version": STATE_VERSION,
-            "config": self._config(),
-            "last_round": self._last_round,
+            **state_header(self.ALGORITHM, self._config(), self._last_round),
             "mixed": _copy_arrays(self._mixed),
             "separate": [_copy_arrays(y) for y in self._separate],
             "predictors": [None if p is None else _copy_arrays(p) for p in self._predictors],
@@ -539,7 +539,7 @@ class SemiCyclicServer:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`; refuses a state of another algorithm, config or model shape."""
-        _check_state_header(state, self.ALGORITHM, self._config())
+        check_state_header(state, self.ALGORITHM, self._config())
         _check_like("state mixed", state["mixed"], self._mixed)
         if len(state["separate"]) != len(self._separate):
             raise ValueError(f"state has {len(state['separate'])} separate chains, expected {len(self._separate)}")

@@ -18,15 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forest_perception.collab.deploy.processes import (
-    ManagedProcess,
-    is_alive,
-    process_tree,
-    remember_descendants,
-    start_process,
-    stop_process,
-    strip_ansi,
-)
+from forest_perception.collab.deploy import processes
+from forest_perception.collab.deploy.processes import ManagedProcess
 
 STOPPED, STARTING, RUNNING, BACKOFF, FAILED = "stopped", "starting", "running", "backoff", "failed"
 STATES = (STOPPED, STARTING, RUNNING, BACKOFF, FAILED)
@@ -105,7 +98,7 @@ class SuperNodeSupervisor:
         process = self._process
         if process is not None:
             self._read_log()
-            remember_descendants(process)
+            processes.remember_descendants(process)
             code = process.popen.poll()
             if code is None:
                 if self.state == STARTING and self._ready(now):
@@ -126,8 +119,8 @@ class SuperNodeSupervisor:
         """End the process group and every descendant seen (SIGTERM, SIGKILL after ``stop_grace_s``)."""
         process, self._process = self._process, None
         if process is not None:
-            remember_descendants(process)
-            stop_process(process, self.stop_grace_s)
+            processes.remember_descendants(process)
+            processes.stop_process(process, self.stop_grace_s)
             self._read_log(process)
             if process.popen.returncode is not None:
                 self.exit_code = process.popen.returncode
@@ -147,8 +140,8 @@ class SuperNodeSupervisor:
         if process is None:
             return []
         out = [process.pid] if process.popen.poll() is None else []
-        out += [pid for pid in process_tree(process.pid) if pid not in out]
-        out += [pid for pid, started in process.seen.items() if pid not in out and is_alive(pid, started)]
+        out += [pid for pid in processes.process_tree(process.pid) if pid not in out]
+        out += [pid for pid, started in process.seen.items() if pid not in out and processes.is_alive(pid, started)]
         return out
 
     def retry_in(self) -> float | None:
@@ -178,7 +171,7 @@ class SuperNodeSupervisor:
         return bool(self.ready_match)
 
     def _exited(self, process: ManagedProcess, code: int, now: float) -> None:
-        stop_process(process, grace=1.0)  # whatever it left in its group
+        processes.stop_process(process, grace=1.0)  # whatever it left in its group
         self._read_log(process)
         process.log_file.close()
         self._process = None
@@ -216,7 +209,8 @@ class SuperNodeSupervisor:
             self._read_pos = 0
         self._partial = b""
         try:
-            self._process = start_process(Path(exe).name, self.argv, self.log_path, self.env, self.cwd, program=exe)
+            self._process = processes.start_process(Path(exe).name, self.argv, self.log_path, self.env, self.cwd,
+                                                    program=exe)
         except OSError as exc:
             self.state, self.reason = FAILED, f"executable {self.argv[0]!r} did not start: {exc}"
             return
@@ -250,7 +244,7 @@ class SuperNodeSupervisor:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()[-_READ_CHUNK:]
         for raw in lines:
-            line = strip_ansi(raw.decode(errors="replace")).strip()
+            line = processes.strip_ansi(raw.decode(errors="replace")).strip()
             if not line or line.startswith("$ "):
                 continue
             self.tail.append(line)

@@ -20,11 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from forest_perception.collab.algorithms import (
-    STATE_VERSION,
-    AggregateResult,
-    fedavg,
-)
+from forest_perception.collab.algorithms import AggregateResult, check_state_header, fedavg, state_header
 from forest_perception.collab.flower.messages import (
     ARRAYS_KEY,
     CHAIN_KEYS,
@@ -148,22 +144,11 @@ class AveragingServer:
 
     def state_dict(self) -> dict:
         """Algorithm, config, last round and the global model."""
-        return {
-            "algorithm": self.ALGORITHM,
-            "version": STATE_VERSION,
-            "config": dict(self._config),
-            "last_round": self._last_round,
-            "params": self.params,
-        }
+        return {**state_header(self.ALGORITHM, dict(self._config), self._last_round), "params": self.params}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`; refuses another algorithm, config or model shape."""
-        if state.get("algorithm") != self.ALGORITHM:
-            raise ValueError(f"state is for {state.get('algorithm')!r}, not {self.ALGORITHM!r}")
-        for key, value in self._config.items():
-            if state.get("config", {}).get(key) != value:
-                saved = state.get("config", {}).get(key)
-                raise ValueError(f"state config {key}={saved!r} differs from this server's {value!r}")
+        check_state_header(state, self.ALGORITHM, self._config)
         params = state["params"]
         if len(params) != len(self._params) or any(np.shape(a) != b.shape for a, b in zip(params, self._params)):
             raise ValueError("state params do not fit the model's tensors")
