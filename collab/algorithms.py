@@ -1,22 +1,9 @@
 """Federated aggregation for the rover swarm, in plain numpy (no torch, no Flower).
 
-Every aggregator works on deltas ``d_i = local_i - global`` (see :mod:`forest_perception.collab.updates`;
-full-weight updates are turned into deltas against the global model first) and returns
-``global + server_lr * aggregate(d)`` with the global model's dtypes. Sums run in float64.
-
-- :func:`fedavg`: ``x += sum_i n_i d_i / sum_i n_i`` (McMahan et al. 2017).
-- :func:`fedsubavg`: per row ``m`` (entry of axis 0), ``x_m += coef_m * sum_i n_i d_im / sum_i n_i``
-  with ``coef_m = total / heat_m``, ``heat_m`` the samples whose data involve row ``m``
-  (Ding et al., Federated Submodel Averaging).
-- :class:`FedLaAvgServer`: keeps every rover's latest delta and averages all N of them each
-  round; selects the least recently seen of the rovers available (Yan et al., FedLaAvg).
-- :class:`SemiCyclicServer`: MM-PSGD / MC-PSGD for block-cyclic data, per-block predictors
-  as running averages of that block's global models (Ding et al., ICML 2020).
-- :func:`robust_fedavg`: FedAvg with per-update norm clipping and/or coordinate-wise trimmed mean.
-
-The stateful servers refuse bad updates through :func:`forest_perception.collab.updates.screen_updates` (the
-global model is then untouched by them and the round goes on) and expose ``state_dict()`` /
-``load_state_dict()`` with numpy arrays and JSON types only (see :mod:`forest_perception.collab.state`).
+Every rule works on deltas ``d_i = local_i - global`` in float64 and returns ``global + server_lr * step``
+in the global model's dtypes: :func:`fedavg`, :func:`fedsubavg`, :func:`robust_fedavg`, and the stateful
+:class:`FedLaAvgServer` and :class:`SemiCyclicServer` (MM-/MC-PSGD), which screen updates and resume from
+``state_dict()``. Formulas, variants and references: ``docs/collab_algorithms.md``.
 """
 
 from __future__ import annotations

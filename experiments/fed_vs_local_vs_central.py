@@ -1,23 +1,8 @@
 """Federated vs each rover training alone vs pooling every rover's data centrally.
 
-The claim behind federated learning: a model trained by the swarm without moving images
-gets close to one trained on all images pooled, and beats what any rover learns alone from
-its own few recordings.
-
-Forest version: ``num_rovers`` rovers, each with its own forest and light (procedural data,
-``frames_per_rover`` frames split by segment into train and local validation). Three ways to
-train the same network from the same initial weights, with the same local training
-(:func:`forest_perception.collab.flower.task.train_local`: AdamW, batch size, ``local_epochs`` per round):
-
-- **federated**: FedAvg through the real coordinator and rover ClientApps, every rover every round;
-- **local**: each rover trains alone on its training frames, ``local_epochs`` per round-equivalent;
-- **central**: one model trains on all rovers' training frames pooled, ``local_epochs`` per
-  round-equivalent (every frame is seen as often as in the other two; the same total compute).
-
-After every round (-equivalent) each model is scored on held-out frames (new poses) of
-every rover's own forest and light: ``own`` (each rover's frames with the model that rover
-would use; mean over rovers), ``all`` (all rovers' frames pooled; for ``local`` the mean over
-the rovers' models) and ``unseen`` (forests no rover has seen).
+The same network, initial weights and local training (AdamW, ``local_epochs`` per round) in all three;
+scored on each rover's own forest, all rovers' forests and forests no rover has seen. Set-up and results:
+``docs/experiments.md``, section 4.
 
     .venv/bin/python -m experiments.fed_vs_local_vs_central [--quick] [--seeds 0 1 2] [--out DIR]
 """

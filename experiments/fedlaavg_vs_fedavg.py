@@ -1,16 +1,7 @@
 """FedLaAvg vs FedAvg when rovers are out only now and then (Yan et al.: +4.23 points of CIFAR-10 accuracy).
 
-The claim: when clients are intermittently available and the ones that are rarely available
-hold different data, FedAvg over whoever is available drifts toward the frequent clients;
-FedLaAvg (the server keeps every client's latest update and averages all N of them each
-round, asking the least recently seen first) optimises the average over all clients.
-
-Forest version: half the rovers drive in good light (sunny, overcast) and are out in most
-rounds (availability 0.8-1.0); the other half drive at dusk, in fog or rain and are out
-rarely (0.05-0.25). Each round the coordinator asks ``fraction-train`` of the available
-rovers. Both algorithms run the same population, seeds and rounds; the metric is the
-global model's AbsRel and delta<1.25 on held-out frames of every rover's own forest and
-light (each rover weighs the same, as in the paper's objective), after every round.
+Half the rovers drive in good light and are out often, half in poor light and rarely; both algorithms
+run the same population, seeds and rounds. Set-up and results: ``docs/experiments.md``, section 1.
 
     .venv/bin/python -m experiments.fedlaavg_vs_fedavg [--quick] [--seeds 0 1 2] [--out DIR]
 """

@@ -1,24 +1,8 @@
 """FedSubAvg vs FedAvg on a model with a sparse part: a per-place scale embedding (Ding et al., FedSubAvg).
 
-The claim: when each client's data involve only a few rows of a large table (embeddings of
-items, words, places), FedAvg divides each row's update by *all* the clients of the round,
-most of which never touched it, so rare ("cold") rows learn slowly; FedSubAvg averages each
-row over the clients that involve it and reaches a target loss in fewer rounds.
-
-Forest version. The swarm works in ``num_places`` places (forest plots). The ground cover
-differs by place, so the camera sits 0.12-0.36 m above the surface the depth camera sees
-(log-uniform): a per-place depth scale that a 64x80 image barely reveals. The model is the
-federated auto-encoder of ``forest_perception.collab.flower.task`` times a learned per-place scale,
-``depth = net(image) * exp(place_log_scale[place])`` (:class:`PlaceScaledDepth`): an
-embedding table of one row per place. Each rover visits ``places_per_rover`` places, drawn
-with Zipf popularity (a few hot places, many cold ones). Rovers upload the place table
-compact, only the rows of their places (``rows``), as the FedSubAvg strategy expects; the
-dense rest of the network is averaged the same way by both algorithms.
-
-The ClientApp here is this module's (:func:`make_place_client_app`: the model takes the place
-id as a second input, which ``forest_perception.collab.flower.task`` does not have); the coordinator, strategies,
-screening and store are the real ones. Metric: held-out loss and AbsRel over every place a
-rover visits (new poses), after every round; rounds to reach a target loss.
+The model is the federated auto-encoder times a learned per-place scale (:class:`PlaceScaledDepth`), so this
+module has its own ClientApp (:func:`make_place_client_app`); the coordinator, strategies, screening and
+store are the real ones. Set-up and results: ``docs/experiments.md``, section 2.
 
     .venv/bin/python -m experiments.fedsubavg_sparse [--quick] [--seeds 0 1 2] [--out DIR]
 """

@@ -1,24 +1,8 @@
 """MM-PSGD / MC-PSGD vs FedAvg on block-cyclic data: lighting blocks through a day (Ding et al., ICML 2020).
 
-The claim: when the clients that show up change with the time of day in a repeating cycle
-(block-cyclic data), the single model of FedAvg keeps drifting toward the block it trained
-on last; pluralistic predictors, one per block, do better on each block. MM-PSGD keeps, per
-block, the running average of the global models of that block's rounds; MC-PSGD also
-trains a separate chain per block and averages whichever of the two has the lower loss.
-
-Forest version: ``num_blocks`` blocks of ``rounds_per_block`` rounds repeat through the run
-(:func:`forest_perception.collab.flower.population.make_population` with ``num_blocks``): rover ``i`` drives
-in block ``i % num_blocks`` under that block's light (sunny, dusk, overcast, ...) and is
-out only in its block's rounds. FedAvg runs on the very same schedule. After every round,
-each block's held-out frames (new poses in the forests of that block's rovers, in its light)
-are scored with the model that block would use: FedAvg's global model, or the block's
-predictor (the global model until the block has one). The headline is the mean over blocks.
-MM-PSGD's mixed chain is FedAvg itself (same aggregation, same seeds), so any difference
-between the two comes from the predictors alone.
-
-Two starts: ``scratch`` (the task's freshly initialised network, as in the paper) and
-``pretrained`` (the network first trained centrally on other forests, standing in for the
-model a swarm already runs; the cycles then adapt it).
+Rover ``i`` drives in block ``i % num_blocks`` under that block's light and is out only in its block's
+rounds; each block is scored with the model it would use, from scratch and from a pretrained network.
+Set-up and results: ``docs/experiments.md``, section 3.
 
     .venv/bin/python -m experiments.semicyclic [--quick] [--seeds 0 1 2] [--out DIR]
 """

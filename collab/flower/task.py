@@ -1,22 +1,8 @@
 """What a rover does in a federated round: the depth model as named arrays, its local data, training, evaluation.
 
-Shared by the ServerApp (initial model, tensor names) and the ClientApp (everything else),
-as in Flower's quickstart ``task.py``. The model is one of :mod:`forest_perception.models.networks` (the
-small auto-encoder by default, ``base-channels`` 4 = 27k parameters for 100-rover
-simulations, 16 = the 0.36M-parameter network of the model cards) at a configurable input
-size (e.g. 64x80 or 128x160). Its parameters travel as the floating-point entries of the
-``state_dict`` (weights and BatchNorm statistics, not the integer batch counters), keyed
-by name, always in ``state_dict`` order.
-
-A rover trains on its own recordings in the forest dataset layout
-(``Run-N/<segment>/{rgb_image,depth_image,metadata.csv}``), split by segment into train
-and validation (:func:`forest_perception.models.data.split_segments`; with a single segment it validates on
-its training frames and says so). Decoded frames are cached per process, so a Ray actor
-that plays many virtual rovers reads each rover's PNGs once.
-
-``scope="decoder"`` trains only the decoder and head (a rover with little compute: the
-encoder is frozen, BatchNorm statistics included); its update then carries the encoder's
-tensors with zero rows, which FedSubAvg treats as "not involved".
+Shared by the ServerApp (initial model, tensor names) and the ClientApp (the rest), as in Flower's
+quickstart ``task.py``. Run configuration, what travels and the training scopes: ``docs/federated.md``
+("Run configuration", "Messages", "The strategies").
 """
 
 from __future__ import annotations
