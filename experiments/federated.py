@@ -1,10 +1,10 @@
 """Federated runs of the experiments: the real coordinator round by round on an in-process LocalGrid.
 
-Every run is :func:`forest_perception.collab.flower.server_app.build_coordinator`'s coordinator (strategy,
-screening, SQLite store) talking to ClientApps through a :class:`~forest_perception.collab.flower.local_grid.
-LocalGrid`: the messages of a Ray or deployed run at a fraction of the cost. Rovers train one after the
-other, so a round's wall time is the coordinator plus the sum of the rovers' training (see
-``docs/experiments.md``, "Method").
+Every run is the coordinator of :func:`~forest_perception.collab.flower.server_app.build_coordinator`
+(strategy, screening, SQLite store) talking to ClientApps through
+:class:`~forest_perception.collab.flower.local_grid.LocalGrid`: the messages of a Ray or deployed run at a
+fraction of the cost. Rovers train one after the other, so a round's wall time is the coordinator plus
+the sum of the rovers' training (see ``docs/experiments.md``, "Method").
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """collab_node: the rover's side of collaborative learning in the ROS graph: validate, deploy, train locally.
 
-Thin ROS wrapper over :mod:`forest_perception.collab.rover` (:class:`~forest_perception.collab.rover.agent.
-CollabAgent`: gate, deploy, train; :class:`~forest_perception.collab.rover.federation.RoverSuperNode`: the
-rover's Flower SuperNode). Topics, services, parameters and the gate's rules: ``docs/federated.md``
+Thin ROS wrapper over :mod:`forest_perception.collab.rover`: :class:`~forest_perception.collab.rover.agent.CollabAgent`
+gates, deploys and trains; :class:`~forest_perception.collab.rover.federation.RoverSuperNode` runs the
+rover's Flower SuperNode. Topics, services, parameters and the gate's rules: ``docs/federated.md``
 ("The rover's collab_node").
 """
 
