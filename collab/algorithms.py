@@ -1,22 +1,9 @@
 """Federated aggregation for the rover swarm, in plain numpy (no torch, no Flower).
 
-Every aggregator works on deltas ``d_i = local_i - global`` (see :mod:`forest_perception.collab.updates`;
-full-weight updates are turned into deltas against the global model first) and returns
-``global + server_lr * aggregate(d)`` with the global model's dtypes. Sums run in float64.
-
-- :func:`fedavg`: ``x += sum_i n_i d_i / sum_i n_i`` (McMahan et al. 2017).
-- :func:`fedsubavg`: per row ``m`` (entry of axis 0), ``x_m += coef_m * sum_i n_i d_im / sum_i n_i``
-  with ``coef_m = total / heat_m``, ``heat_m`` the samples whose data involve row ``m``
-  (Ding et al., Federated Submodel Averaging).
-- :class:`FedLaAvgServer`: keeps every rover's latest delta and averages all N of them each
-  round; selects the least recently seen of the rovers available (Yan et al., FedLaAvg).
-- :class:`SemiCyclicServer`: MM-PSGD / MC-PSGD for block-cyclic data, per-block predictors
-  as running averages of that block's global models (Ding et al., ICML 2020).
-- :func:`robust_fedavg`: FedAvg with per-update norm clipping and/or coordinate-wise trimmed mean.
-
-The stateful servers refuse bad updates through :func:`forest_perception.collab.updates.screen_updates` (the
-global model is then untouched by them and the round goes on) and expose ``state_dict()`` /
-``load_state_dict()`` with numpy arrays and JSON types only (see :mod:`forest_perception.collab.state`).
+Every rule works on deltas ``d_i = local_i - global`` in float64 and returns ``global + server_lr * step``
+in the global model's dtypes: :func:`fedavg`, :func:`fedsubavg`, :func:`robust_fedavg`, and the stateful
+:class:`FedLaAvgServer` and :class:`SemiCyclicServer` (MM-/MC-PSGD), which screen updates and resume from
+``state_dict()``. Formulas, variants and references: ``docs/collab_algorithms.md``.
 """
 
 from __future__ import annotations
@@ -200,7 +187,13 @@ def _check_like(what: str, arrays: Sequence[np.ndarray], reference: Sequence[np.
             raise ValueError(f"{what}: tensor {t} has shape {np.shape(a)}, the model has {np.shape(r)}")
 
 
-def _check_state_header(state: dict, algorithm: str, config: dict) -> None:
+def state_header(algorithm: str, config: dict, last_round: int) -> dict:
+    """What every server's state starts with: algorithm, state version, config and last round."""
+    return {"algorithm": algorithm, "version": STATE_VERSION, "config": config, "last_round": last_round}
+
+
+def check_state_header(state: dict, algorithm: str, config: dict) -> None:
+    """Refuse (``ValueError``) a state of another algorithm, state version or config."""
     if state.get("algorithm") != algorithm:
         raise ValueError(f"state is for {state.get('algorithm')!r}, not {algorithm!r}")
     if state.get("version") != STATE_VERSION:
@@ -324,10 +317,7 @@ class FedLaAvgServer:
     def state_dict(self) -> dict:
         """Everything needed to resume: numpy arrays, str, int, float, None, lists and dicts only."""
         return {
-            "algorithm": self.ALGORITHM,
-            "version": STATE_VERSION,
-            "config": self._config(),
-            "last_round": self._last_round,
+            **state_header(self.ALGORITHM, self._config(), self._last_round),
             "params": _copy_arrays(self._params),
             "latest": {
                 cid: {"delta": _copy_arrays(s["delta"]), "num_examples": s["num_examples"], "round": s["round"]}
@@ -338,7 +328,7 @@ class FedLaAvgServer:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`; refuses a state of another algorithm, config or model shape."""
-        _check_state_header(state, self.ALGORITHM, self._config())
+        check_state_header(state, self.ALGORITHM, self._config())
         _check_like("state params", state["params"], self._params)
         for cid, s in state["latest"].items():
             _check_like(f"state latest[{cid!r}]", s["delta"], self._params)
@@ -527,10 +517,7 @@ class SemiCyclicServer:
     def state_dict(self) -> dict:
         """Everything needed to resume: numpy arrays, str, int, float, None, lists and dicts only."""
         return {
-            "algorithm": self.ALGORITHM,
-            "version": STATE_VERSION,
-            "config": self._config(),
-            "last_round": self._last_round,
+            **state_header(self.ALGORITHM, self._config(), self._last_round),
             "mixed": _copy_arrays(self._mixed),
             "separate": [_copy_arrays(y) for y in self._separate],
             "predictors": [None if p is None else _copy_arrays(p) for p in self._predictors],
@@ -539,7 +526,7 @@ class SemiCyclicServer:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`; refuses a state of another algorithm, config or model shape."""
-        _check_state_header(state, self.ALGORITHM, self._config())
+        check_state_header(state, self.ALGORITHM, self._config())
         _check_like("state mixed", state["mixed"], self._mixed)
         if len(state["separate"]) != len(self._separate):
             raise ValueError(f"state has {len(state['separate'])} separate chains, expected {len(self._separate)}")

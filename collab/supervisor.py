@@ -1,16 +1,9 @@
 """Supervise one long-running process (the rover's Flower SuperNode): start, watch, restart with backoff, stop.
 
 Pure Python, no rclpy: :class:`SuperNodeSupervisor` is driven by :meth:`~SuperNodeSupervisor.poll` from the
-caller's timer (no thread of its own). The process runs in its own process group (its own session) with
-stdout/stderr appended to a log file; when it exits it is started again after a delay that doubles from
-``Backoff.initial_s`` up to ``Backoff.max_s`` and goes back to ``initial_s`` once a run lasted
-``Backoff.reset_after_s``. :meth:`~SuperNodeSupervisor.stop` ends the whole process group and every
-descendant seen while it ran (SIGTERM, SIGKILL after a grace period), never by name.
-
-:func:`supernode_argv` builds the SuperNode's command line as :class:`collab.deploy.local.LocalDeployment`
-does: TLS to the SuperLink with the deployment CA, SuperNode authentication with the rover's private key,
-the node config (``data-dir``, ``rover-id``, ``scope``, ``model-drop-dir``) and, with the rover's runtime
-certificate, a TLS Runtime API on 127.0.0.1. Never ``--insecure``.
+caller's timer (no thread of its own). The SuperNode's command line and environment come from
+:mod:`forest_perception.collab.deploy.supernode`; states, backoff and what collab_node reports:
+``docs/federated.md`` ("Taking part in rounds: the SuperNode under collab_node").
 """
 
 from __future__ import annotations
@@ -19,29 +12,17 @@ import collections
 import os
 import re
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forest_perception.collab.deploy.local import (
-    ManagedProcess,
-    RoverNode,
-    _proc_stat,
-    process_tree,
-    stop_process,
-    supernode_tls_command,
-    write_toml_table,
-)
+from forest_perception.collab.deploy import processes
+from forest_perception.collab.deploy.processes import ManagedProcess
 
 STOPPED, STARTING, RUNNING, BACKOFF, FAILED = "stopped", "starting", "running", "backoff", "failed"
 STATES = (STOPPED, STARTING, RUNNING, BACKOFF, FAILED)
-SUPERNODE_READY = r"SuperNode ID: (\d+)"
-"""What a Flower 1.42 SuperNode logs once it has activated at the SuperLink (group 1: its node id)."""
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _READ_CHUNK = 1 << 16
 
 
@@ -117,7 +98,7 @@ class SuperNodeSupervisor:
         process = self._process
         if process is not None:
             self._read_log()
-            self._remember_descendants(process)
+            processes.remember_descendants(process)
             code = process.popen.poll()
             if code is None:
                 if self.state == STARTING and self._ready(now):
@@ -138,8 +119,8 @@ class SuperNodeSupervisor:
         """End the process group and every descendant seen (SIGTERM, SIGKILL after ``stop_grace_s``)."""
         process, self._process = self._process, None
         if process is not None:
-            self._remember_descendants(process)
-            stop_process(process, self.stop_grace_s)
+            processes.remember_descendants(process)
+            processes.stop_process(process, self.stop_grace_s)
             self._read_log(process)
             if process.popen.returncode is not None:
                 self.exit_code = process.popen.returncode
@@ -159,11 +140,8 @@ class SuperNodeSupervisor:
         if process is None:
             return []
         out = [process.pid] if process.popen.poll() is None else []
-        out += [pid for pid in process_tree(process.pid) if pid not in out]
-        for pid, started in process.seen.items():
-            stat = _proc_stat(pid)
-            if stat is not None and stat[0] != "Z" and stat[3] == started and pid not in out:
-                out.append(pid)
+        out += [pid for pid in processes.process_tree(process.pid) if pid not in out]
+        out += [pid for pid, started in process.seen.items() if pid not in out and processes.is_alive(pid, started)]
         return out
 
     def retry_in(self) -> float | None:
@@ -193,7 +171,7 @@ class SuperNodeSupervisor:
         return bool(self.ready_match)
 
     def _exited(self, process: ManagedProcess, code: int, now: float) -> None:
-        stop_process(process, grace=1.0)  # whatever it left in its group
+        processes.stop_process(process, grace=1.0)  # whatever it left in its group
         self._read_log(process)
         process.log_file.close()
         self._process = None
@@ -225,24 +203,23 @@ class SuperNodeSupervisor:
             return
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._rotate_log()
-        log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed when the process is stopped or exits
-        self._read_pos, self._partial = log_file.tell(), b""
-        log_file.write(f"$ {' '.join(self.argv)}\n".encode())
-        log_file.flush()
         try:
-            popen = subprocess.Popen([exe] + self.argv[1:], env=self.env, cwd=str(self.cwd), stdout=log_file,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self._read_pos = self.log_path.stat().st_size  # the new run's lines start here
+        except FileNotFoundError:
+            self._read_pos = 0
+        self._partial = b""
+        try:
+            self._process = processes.start_process(Path(exe).name, self.argv, self.log_path, self.env, self.cwd,
+                                                    program=exe)
         except OSError as exc:
-            log_file.close()
             self.state, self.reason = FAILED, f"executable {self.argv[0]!r} did not start: {exc}"
             return
-        self._process = ManagedProcess(Path(exe).name, self.argv, popen, self.log_path, log_file)
         self._started_at = self._clock()
         self.starts += 1
         self.exit_code = None
         self.ready_match = ""
         waiting = f", waiting for /{self.ready_pattern.pattern}/ in its log" if self.ready_pattern else ""
-        self.state, self.reason = STARTING, f"started pid {popen.pid}{waiting}"
+        self.state, self.reason = STARTING, f"started pid {self._process.pid}{waiting}"
 
     def _rotate_log(self) -> None:
         try:
@@ -267,7 +244,7 @@ class SuperNodeSupervisor:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()[-_READ_CHUNK:]
         for raw in lines:
-            line = _ANSI.sub("", raw.decode(errors="replace")).strip()
+            line = processes.strip_ansi(raw.decode(errors="replace")).strip()
             if not line or line.startswith("$ "):
                 continue
             self.tail.append(line)
@@ -275,80 +252,3 @@ class SuperNodeSupervisor:
                 match = self.ready_pattern.search(line)
                 if match:
                     self.ready_match = (match.group(1) if match.groups() else "") or match.group(0)
-
-    @staticmethod
-    def _remember_descendants(process: ManagedProcess) -> None:
-        for pid in process_tree(process.pid):
-            stat = _proc_stat(pid)
-            if stat is not None:
-                process.seen.setdefault(pid, stat[3])
-
-
-def supernode_node_config(data_dir: str | Path, rover_id: str, model_drop_dir: str | Path,
-                          extra_node_config: Mapping[str, str | int | float | bool] | None = None
-                          ) -> dict[str, str | int | float | bool]:
-    """The SuperNode's node config as :class:`collab.deploy.local.RoverNode` makes it, plus ``model-drop-dir``."""
-    extra = {"model-drop-dir": str(Path(model_drop_dir).resolve()), **dict(extra_node_config or {})}
-    return RoverNode(rover_id, data_dir, extra_config=extra).node_config()
-
-
-def supernode_argv(superlink_address: str, root_cert: str | Path, private_key: str | Path, data_dir: str | Path,
-                   rover_id: str, model_drop_dir: str | Path,
-                   extra_node_config: Mapping[str, str | int | float | bool] | None = None,
-                   executable: str = "flower-supernode", *, node_config_file: str | Path | None = None,
-                   runtime_port: int | None = None, runtime_cert: str | Path | None = None,
-                   runtime_key: str | Path | None = None, connect_wait: float | None = None) -> list[str]:
-    """``flower-supernode`` argv with TLS (``root_cert``) and SuperNode authentication (``private_key``).
-
-    The node config goes to ``node_config_file`` (TOML, written here; paths with spaces or quotes survive),
-    else inline as Flower's ``key="value"`` text. With ``runtime_cert``/``runtime_key`` the local Runtime
-    API gets TLS on ``127.0.0.1:<runtime_port>`` exactly as :class:`~collab.deploy.local.LocalDeployment`
-    starts it; without them it keeps Flower's default Runtime API (127.0.0.1:9094).
-    """
-    if not str(superlink_address).strip():
-        raise ValueError("supernode: superlink_address must not be empty")
-    config = supernode_node_config(data_dir, rover_id, model_drop_dir, extra_node_config)
-    if node_config_file is not None:
-        node_config: str | Path = write_toml_table(node_config_file, config)
-    else:
-        node_config = _inline_config(config)
-    if (runtime_cert is None) != (runtime_key is None):
-        raise ValueError("supernode: runtime_cert and runtime_key go together")
-    if runtime_cert is not None:
-        if not runtime_port:
-            raise ValueError("supernode: a TLS Runtime API needs runtime_port")
-        return supernode_tls_command(executable, superlink_address, root_cert, private_key, node_config,
-                                     int(runtime_port), runtime_cert, runtime_key, connect_wait)
-    argv = [str(executable), "--superlink", superlink_address, "--root-certificates", str(root_cert),
-            "--auth-supernode-private-key", str(private_key), "--node-config", str(node_config),
-            "--isolation", "subprocess"]
-    if runtime_port:
-        argv += ["--host", "127.0.0.1", "--port", str(int(runtime_port))]
-    if connect_wait is not None:
-        argv += ["--max-wait-time", str(float(connect_wait))]
-    return argv
-
-
-def supernode_environment(home: str | Path, cache_dir: str | Path | None = None) -> dict[str, str]:
-    """Environment of the SuperNode: as :class:`~collab.deploy.local.LocalDeployment` gives it (own ``FLWR_HOME``)."""
-    from forest_perception.collab.deploy.local import flower_process_environment
-
-    home = Path(home)
-    home.mkdir(parents=True, exist_ok=True)
-    return flower_process_environment(home, Path(sys.executable).parent, cache_dir or home / "cache")
-
-
-def _inline_config(config: Mapping[str, str | int | float | bool]) -> str:
-    parts = []
-    for key, value in config.items():
-        if isinstance(value, bool):
-            parts.append(f"{key}={'true' if value else 'false'}")
-        elif isinstance(value, (int, float)):
-            parts.append(f"{key}={value!r}")
-        else:
-            text = str(value)
-            if any(c in text for c in "\"'\\\n"):
-                raise ValueError(f"supernode: node config {key}={text!r} has a quote or backslash; "
-                                 "pass node_config_file")
-            parts.append(f'{key}="{text}"')
-    return " ".join(parts)

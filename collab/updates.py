@@ -1,17 +1,8 @@
 """Client updates and the checks that keep bad ones out of the global model.
 
-A rover's contribution to a round is a :class:`ClientUpdate`: a list of numpy arrays
-(Flower's ``NDArrays``) that is either a *delta* ``d_i = local - global`` (the default,
-what every aggregator in :mod:`forest_perception.collab.algorithms` works on) or the full local *weights*
-(converted to a delta against the global model the server passes in). For FedSubAvg an
-update may carry ``rows``: per tensor, which rows (entries of axis 0) the rover's data
-involve; such a tensor may then be uploaded compact, only the involved rows.
-
-:func:`validate_update` refuses an update with a wrong tensor count, shape or dtype,
-NaN/Inf, a huge norm, a bad sample count or a stale (or future) round, raising
-:class:`UpdateRejected` whose ``reason`` is a short code for diagnostics counters.
-:func:`screen_updates` runs it over a round's updates, logs every refusal and returns
-the good ones, so one bad rover never stops the round nor touches the global model.
+A :class:`ClientUpdate` is a rover's delta (or full weights) with optional FedSubAvg ``rows``;
+:func:`validate_update` refuses a bad one with a short ``reason`` code and :func:`screen_updates` keeps a
+round going without it. See ``docs/collab_algorithms.md`` ("Parameters and updates", "Bad input").
 """
 
 from __future__ import annotations

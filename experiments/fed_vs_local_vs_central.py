@@ -1,23 +1,8 @@
 """Federated vs each rover training alone vs pooling every rover's data centrally.
 
-The claim behind federated learning: a model trained by the swarm without moving images
-gets close to one trained on all images pooled, and beats what any rover learns alone from
-its own few recordings.
-
-Forest version: ``num_rovers`` rovers, each with its own forest and light (procedural data,
-``frames_per_rover`` frames split by segment into train and local validation). Three ways to
-train the same network from the same initial weights, with the same local training
-(:func:`forest_perception.collab.flower.task.train_local`: AdamW, batch size, ``local_epochs`` per round):
-
-- **federated**: FedAvg through the real coordinator and rover ClientApps, every rover every round;
-- **local**: each rover trains alone on its training frames, ``local_epochs`` per round-equivalent;
-- **central**: one model trains on all rovers' training frames pooled, ``local_epochs`` per
-  round-equivalent (every frame is seen as often as in the other two; the same total compute).
-
-After every round (-equivalent) each model is scored on held-out frames (new poses) of
-every rover's own forest and light: ``own`` (each rover's frames with the model that rover
-would use; mean over rovers), ``all`` (all rovers' frames pooled; for ``local`` the mean over
-the rovers' models) and ``unseen`` (forests no rover has seen).
+The same network, initial weights and local training (AdamW, ``local_epochs`` per round) in all three;
+scored on each rover's own forest, all rovers' forests and forests no rover has seen. Set-up and results:
+``docs/experiments.md``, section 4.
 
     .venv/bin/python -m experiments.fed_vs_local_vs_central [--quick] [--seeds 0 1 2] [--out DIR]
 """
@@ -28,46 +13,24 @@ import statistics
 import sys
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from experiments.common import (  # noqa: E402
-    HeldOut,
-    ModelScorer,
-    RoundHook,
-    cost_summary,
-    curve_stats,
-    experiment_arguments,
-    experiment_config,
-    fmt,
-    held_out_frames,
-    long_rows,
-    markdown_table,
-    mean_std,
-    pick_config,
-    plot_panels,
-    quiet_logs,
-    run_federated,
-    unseen_frames,
-    write_csv,
-    write_json,
-    write_population_data,
-)
-from forest_perception.collab.flower.client_app import make_client_app  # noqa: E402
-from forest_perception.collab.flower.simulation import make_population  # noqa: E402
-from forest_perception.collab.flower.strategies import RoverStrategy  # noqa: E402
-from forest_perception.collab.flower.task import (  # noqa: E402
+from experiments import cli, federated, heldout, report
+from experiments.heldout import HeldOut, ModelScorer
+from experiments.report import curve_stats, fmt, markdown_table, mean_std
+from forest_perception.collab.flower.client_app import make_client_app
+from forest_perception.collab.flower.population import make_population
+from forest_perception.collab.flower.rover_strategy import RoverStrategy
+from forest_perception.collab.flower.task import (
     LocalData,
     TaskConfig,
     build_model,
     get_arrays,
     load_local_data,
+    round_seed,
     train_local,
 )
 
@@ -76,7 +39,6 @@ CLAIM = ("Federated training approaches pooling all data centrally and beats eac
          "here: held-out AbsRel / delta<1.25 on the rovers' own forests and on unseen forests")
 METRICS = ("loss", "absrel", "delta1")
 SETTINGS = ("federated", "local", "central")
-WEATHERS = ("sunny", "overcast", "dusk", "fog", "rain")
 
 
 @dataclass(frozen=True)
@@ -107,7 +69,7 @@ def own_scores(scores: dict[str, float], rover_ids: list[str]) -> dict[str, floa
     return {f"own/{m}": statistics.fmean(scores[f"{r}/{m}"] for r in rover_ids) for m in METRICS}
 
 
-def federated_hook(scorer: ModelScorer, held: HeldOut, rover_ids: list[str]) -> RoundHook:
+def federated_hook(scorer: ModelScorer, held: HeldOut, rover_ids: list[str]) -> federated.RoundHook:
     """After each round: the global model on every rover's frames, all of them pooled, and unseen forests."""
 
     def hook(strategy: RoverStrategy, server_round: int) -> dict[str, float]:
@@ -137,7 +99,7 @@ def train_alone(
     for server_round in range(1, rounds + 1):
         start = time.perf_counter()
         for rover, model in models.items():
-            train_local(model, datasets[rover], task, seed=_seed(seed, server_round, rover))
+            train_local(model, datasets[rover], task, seed=round_seed(seed, server_round, rover))
         train_s = time.perf_counter() - start
         rows.append({"round": float(server_round), "train_s": train_s, **_alone_scores(scorer, models, held)})
     return rows
@@ -169,18 +131,14 @@ def train_central(
     rows = [{"round": 0.0, **scores()}]
     for server_round in range(1, rounds + 1):
         start = time.perf_counter()
-        train_local(model, data, task, seed=_seed(seed, server_round, "central"))
+        train_local(model, data, task, seed=round_seed(seed, server_round, "central"))
         rows.append({"round": float(server_round), "train_s": time.perf_counter() - start, **scores()})
     return rows
 
 
-def _seed(seed: int, server_round: int, who: str) -> int:
-    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(who.encode())) % (2**63)
-
-
 def run(config: FedLocalCentralConfig, out_dir: Path) -> dict:
     """All three settings on every seed; write ``<out>/fed_vs_local_vs_central.{json,csv,png}``; return the result."""
-    quiet_logs()
+    federated.quiet_logs()
     started = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory(prefix="exp-flc-") as tmp:
@@ -188,19 +146,17 @@ def run(config: FedLocalCentralConfig, out_dir: Path) -> dict:
             root = Path(tmp) / f"seed{seed}"
             population = make_population(config.num_rovers, root / "rovers", seed=seed, availability=(1.0, 1.0),
                                           frames=config.frames_per_rover)
-            population_path = write_population_data(population, root, config.hw)
+            population_path = federated.write_population_data(population, root, config.hw)
             rover_ids = [r.rover_id for r in population.rovers]
-            parts = {r.rover_id: held_out_frames(r, config.held_out_per_rover, config.hw) for r in population.rovers}
-            parts["unseen"] = unseen_frames(seed, config.unseen_forests, config.unseen_per_forest, config.hw, WEATHERS)
+            parts = {r.rover_id: heldout.held_out_frames(r, config.held_out_per_rover, config.hw)
+                     for r in population.rovers}
+            parts["unseen"] = heldout.unseen_frames(seed, config.unseen_forests, config.unseen_per_forest, config.hw,
+                                                    heldout.WEATHERS)
             held = HeldOut.build(parts, {**{r: [r] for r in rover_ids}, "all": rover_ids, "unseen": ["unseen"]})
-            run_config = experiment_config(**{
-                "algorithm": "fedavg", "num-server-rounds": config.rounds, "seed": seed, "fraction-train": 1.0,
-                "local-epochs": config.local_epochs, "lr": config.lr, "base-channels": config.base_channels,
-                "input-height": config.hw[0], "input-width": config.hw[1], "population": str(population_path),
-                "state-db": str(root / "fedavg.db"),
-            })
+            run_config = federated.experiment_config(config, seed, root / "fedavg.db", algorithm="fedavg",
+                                                     population=str(population_path))
             task = TaskConfig.from_run_config(run_config)
-            rows = run_federated(run_config, make_client_app(run_config), config.num_rovers,
+            rows = federated.run_federated(run_config, make_client_app(run_config), config.num_rovers,
                                  federated_hook(ModelScorer(task), held, rover_ids))
             runs.append({"setting": "federated", "seed": seed, "rounds": rows})
             datasets = {r.rover_id: load_local_data(r.data_dir, task) for r in population.rovers}
@@ -208,14 +164,7 @@ def run(config: FedLocalCentralConfig, out_dir: Path) -> dict:
                          "rounds": train_alone(task, datasets, held, config.rounds, seed)})
             runs.append({"setting": "central", "seed": seed,
                          "rounds": train_central(task, datasets, held, config.rounds, seed)})
-    result = {
-        "experiment": NAME,
-        "claim": CLAIM,
-        "config": config,
-        "runs": runs,
-        "summary": summarise(config, runs),
-        "elapsed_s": time.perf_counter() - started,
-    }
+    result = report.experiment_result(NAME, CLAIM, config, runs, summarise(config, runs), started)
     write_outputs(result, config, out_dir)
     return result
 
@@ -230,9 +179,7 @@ def summarise(config: FedLocalCentralConfig, runs: list[dict]) -> dict:
              for group in ("own", "all", "unseen") for m in METRICS}
         s["best_round_own/absrel"] = mean_std(min(row["own/absrel"] for row in r["rounds"]) for r in mine)
         if setting == "federated":
-            s["costs"] = {k: mean_std(cost_summary(r["rounds"])[k] for r in mine)
-                          for k in ("wall_s_per_round", "kib_down_per_rover", "kib_up_per_rover",
-                                    "rovers_per_round")}
+            s["costs"] = report.cost_stats(mine)
         summary["settings"][setting] = s
     return summary
 
@@ -250,26 +197,20 @@ def table(result: dict) -> str:
 
 def write_outputs(result: dict, config: FedLocalCentralConfig, out_dir: Path) -> None:
     """JSON (everything), CSV (one row per run and round), PNG (held-out curves)."""
-    out_dir = Path(out_dir)
-    write_json(out_dir / f"{NAME}.json", {**result, "table": table(result)})
-    write_csv(out_dir / f"{NAME}.csv", long_rows(NAME, result["runs"]))
+    report.write_result(out_dir, result, table(result))
     panels = []
     for key, label in (("own/absrel", "AbsRel, each rover's own forest"), ("own/delta1", "δ<1.25, own forest"),
                        ("unseen/absrel", "AbsRel, unseen forests")):
         curves = {s: curve_stats([r["rounds"] for r in result["runs"] if r["setting"] == s], key) for s in SETTINGS}
         panels.append({"title": label, "ylabel": key.split("/")[1], "curves": curves,
                        "xlabel": "round (local / central: epochs / local-epochs)"})
-    plot_panels(out_dir / f"{NAME}.png", panels,
+    report.plot_panels(Path(out_dir) / f"{NAME}.png", panels,
                 f"Federated vs local vs central, {config.num_rovers} rovers, {len(config.seeds)} seed(s)")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry."""
-    args = experiment_arguments(__doc__.split("\n")[0]).parse_args(argv)
-    config = pick_config(FedLocalCentralConfig, args.quick, args.seeds)
-    result = run(config, args.out)
-    print(table(result))
-    print(f"\n{NAME}: {result['elapsed_s']:.0f} s; results in {args.out}")
+    cli.run_experiment(sys.modules[__name__], FedLocalCentralConfig, argv)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,7 @@
 """FedLaAvg vs FedAvg when rovers are out only now and then (Yan et al.: +4.23 points of CIFAR-10 accuracy).
 
-The claim: when clients are intermittently available and the ones that are rarely available
-hold different data, FedAvg over whoever is available drifts toward the frequent clients;
-FedLaAvg (the server keeps every client's latest update and averages all N of them each
-round, asking the least recently seen first) optimises the average over all clients.
-
-Forest version: half the rovers drive in good light (sunny, overcast) and are out in most
-rounds (availability 0.8-1.0); the other half drive at dusk, in fog or rain and are out
-rarely (0.05-0.25). Each round the coordinator asks ``fraction-train`` of the available
-rovers. Both algorithms run the same population, seeds and rounds; the metric is the
-global model's AbsRel and delta<1.25 on held-out frames of every rover's own forest and
-light (each rover weighs the same, as in the paper's objective), after every round.
+Half the rovers drive in good light and are out often, half in poor light and rarely; both algorithms
+run the same population, seeds and rounds. Set-up and results: ``docs/experiments.md``, section 1.
 
     .venv/bin/python -m experiments.fedlaavg_vs_fedavg [--quick] [--seeds 0 1 2] [--out DIR]
 """
@@ -24,36 +15,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from experiments.common import (  # noqa: E402
-    HeldOut,
-    ModelScorer,
-    RoundHook,
-    cost_summary,
-    curve_stats,
-    experiment_arguments,
-    experiment_config,
-    fmt,
-    held_out_frames,
-    long_rows,
-    markdown_table,
-    mean_std,
-    pick_config,
-    plot_panels,
-    quiet_logs,
-    run_federated,
-    write_csv,
-    write_json,
-    write_population_data,
-)
-from forest_perception.collab.flower.client_app import make_client_app  # noqa: E402
-from forest_perception.collab.flower.simulation import Population, VirtualRover  # noqa: E402
-from forest_perception.collab.flower.strategies import RoverStrategy  # noqa: E402
-from forest_perception.collab.flower.task import TaskConfig  # noqa: E402
+from experiments import cli, federated, heldout, report
+from experiments.report import curve_stats, fmt, markdown_table, mean_std
+from forest_perception.collab.flower.client_app import make_client_app
+from forest_perception.collab.flower.population import Population, VirtualRover
+from forest_perception.collab.flower.rover_strategy import RoverStrategy
+from forest_perception.collab.flower.task import TaskConfig
 
 NAME = "fedlaavg_vs_fedavg"
 CLAIM = ("FedLaAvg beats FedAvg under intermittent client availability (paper: +4.23 points of test accuracy "
@@ -112,7 +81,7 @@ def is_rare(rover_id: str) -> bool:
     return int(rover_id.rsplit("_", 1)[1]) % 2 == 1
 
 
-def score_hook(scorer: ModelScorer, held: HeldOut) -> RoundHook:
+def score_hook(scorer: heldout.ModelScorer, held: heldout.HeldOut) -> federated.RoundHook:
     """After each round: the global model on the held-out sets, and how many rare rovers trained."""
 
     def hook(strategy: RoverStrategy, server_round: int) -> dict[str, float]:
@@ -127,41 +96,31 @@ def score_hook(scorer: ModelScorer, held: HeldOut) -> RoundHook:
 
 def run(config: LaAvgConfig, out_dir: Path) -> dict:
     """Run every algorithm on every seed; write ``<out>/fedlaavg_vs_fedavg.{json,csv,png}``; return the result."""
-    quiet_logs()
+    federated.quiet_logs()
     started = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory(prefix="exp-laavg-") as tmp:
         for seed in config.seeds:
             root = Path(tmp) / f"seed{seed}"
             population = make_intermittent_population(config, root / "rovers", seed)
-            population_path = write_population_data(population, root, config.hw)
-            parts = {r.rover_id: held_out_frames(r, config.held_out_per_rover, config.hw) for r in population.rovers}
-            held = HeldOut.build(parts, {
+            population_path = federated.write_population_data(population, root, config.hw)
+            parts = {r.rover_id: heldout.held_out_frames(r, config.held_out_per_rover, config.hw)
+                     for r in population.rovers}
+            held = heldout.HeldOut.build(parts, {
                 "all": list(parts),
                 "frequent": [k for k in parts if not is_rare(k)],
                 "rare": [k for k in parts if is_rare(k)],
             })
             for algorithm, server_lr in config.variants:
                 label = variant_label(algorithm, server_lr)
-                run_config = experiment_config(**{
-                    "algorithm": algorithm, "server-lr": server_lr, "num-server-rounds": config.rounds, "seed": seed,
-                    "fraction-train": config.fraction_train, "local-epochs": config.local_epochs, "lr": config.lr,
-                    "base-channels": config.base_channels, "input-height": config.hw[0],
-                    "input-width": config.hw[1], "population": str(population_path),
-                    "state-db": str(root / f"{algorithm}-{server_lr}.db"),
-                })
-                hook = score_hook(ModelScorer(TaskConfig.from_run_config(run_config)), held)
-                rows = run_federated(run_config, make_client_app(run_config), config.num_rovers, hook)
+                run_config = federated.experiment_config(
+                    config, seed, root / f"{algorithm}-{server_lr}.db", algorithm=algorithm,
+                    population=str(population_path), **{"server-lr": server_lr})
+                hook = score_hook(heldout.ModelScorer(TaskConfig.from_run_config(run_config)), held)
+                rows = federated.run_federated(run_config, make_client_app(run_config), config.num_rovers, hook)
                 runs.append({"variant": label, "algorithm": algorithm, "server_lr": server_lr, "seed": seed,
                              "rounds": rows})
-    result = {
-        "experiment": NAME,
-        "claim": CLAIM,
-        "config": config,
-        "runs": runs,
-        "summary": summarise(config, runs),
-        "elapsed_s": time.perf_counter() - started,
-    }
+    result = report.experiment_result(NAME, CLAIM, config, runs, summarise(config, runs), started)
     write_outputs(result, config, out_dir)
     return result
 
@@ -188,8 +147,7 @@ def summarise(config: LaAvgConfig, runs: list[dict]) -> dict:
             "best_round_all/absrel": mean_std(min((row["all/absrel"] for row in r["rounds"]), default=math.nan)
                                               for r in mine),
             "rare_share_of_trainings": mean_std(r / t if t else math.nan for r, t in zip(rare, trained)),
-            "costs": {k: mean_std(cost_summary(r["rounds"])[k] for r in mine)
-                      for k in ("wall_s_per_round", "kib_down_per_rover", "kib_up_per_rover", "rovers_per_round")},
+            "costs": report.cost_stats(mine),
         }
     if "fedavg" in final:
         for label in final:
@@ -225,27 +183,21 @@ def table(result: dict) -> str:
 
 def write_outputs(result: dict, config: LaAvgConfig, out_dir: Path) -> None:
     """JSON (everything), CSV (one row per run and round), PNG (held-out curves)."""
-    out_dir = Path(out_dir)
-    write_json(out_dir / f"{NAME}.json", {**result, "table": table(result)})
-    write_csv(out_dir / f"{NAME}.csv", long_rows(NAME, result["runs"]))
+    report.write_result(out_dir, result, table(result))
     panels = []
     for key, label in (("all/absrel", "AbsRel, all rovers"), ("all/delta1", "δ<1.25, all rovers"),
                        ("rare/absrel", "AbsRel, rarely available rovers")):
         labels = [variant_label(a, lr) for a, lr in config.variants]
         curves = {v: curve_stats([r["rounds"] for r in result["runs"] if r["variant"] == v], key) for v in labels}
         panels.append({"title": label, "ylabel": key.split("/")[1], "curves": curves})
-    plot_panels(out_dir / f"{NAME}.png", panels,
+    report.plot_panels(Path(out_dir) / f"{NAME}.png", panels,
                 f"FedLaAvg vs FedAvg, {config.num_rovers} rovers (half rarely available), "
                 f"{len(config.seeds)} seed(s)")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry."""
-    args = experiment_arguments(__doc__.split("\n")[0]).parse_args(argv)
-    config = pick_config(LaAvgConfig, args.quick, args.seeds)
-    result = run(config, args.out)
-    print(table(result))
-    print(f"\n{NAME}: {result['elapsed_s']:.0f} s; results in {args.out}")
+    cli.run_experiment(sys.modules[__name__], LaAvgConfig, argv)
 
 
 if __name__ == "__main__":

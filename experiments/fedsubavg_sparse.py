@@ -1,24 +1,8 @@
 """FedSubAvg vs FedAvg on a model with a sparse part: a per-place scale embedding (Ding et al., FedSubAvg).
 
-The claim: when each client's data involve only a few rows of a large table (embeddings of
-items, words, places), FedAvg divides each row's update by *all* the clients of the round,
-most of which never touched it, so rare ("cold") rows learn slowly; FedSubAvg averages each
-row over the clients that involve it and reaches a target loss in fewer rounds.
-
-Forest version. The swarm works in ``num_places`` places (forest plots). The ground cover
-differs by place, so the camera sits 0.12-0.36 m above the surface the depth camera sees
-(log-uniform): a per-place depth scale that a 64x80 image barely reveals. The model is the
-federated auto-encoder of ``forest_perception.collab.flower.task`` times a learned per-place scale,
-``depth = net(image) * exp(place_log_scale[place])`` (:class:`PlaceScaledDepth`): an
-embedding table of one row per place. Each rover visits ``places_per_rover`` places, drawn
-with Zipf popularity (a few hot places, many cold ones). Rovers upload the place table
-compact, only the rows of their places (``rows``), as the FedSubAvg strategy expects; the
-dense rest of the network is averaged the same way by both algorithms.
-
-The ClientApp here is this module's (:func:`make_place_client_app`: the model takes the place
-id as a second input, which ``forest_perception.collab.flower.task`` does not have); the coordinator, strategies,
-screening and store are the real ones. Metric: held-out loss and AbsRel over every place a
-rover visits (new poses), after every round; rounds to reach a target loss.
+The model is the federated auto-encoder times a learned per-place scale (:class:`PlaceScaledDepth`), so this
+module has its own ClientApp (:func:`make_place_client_app`); the coordinator, strategies, screening and
+store are the real ones. Set-up and results: ``docs/experiments.md``, section 2.
 
     .venv/bin/python -m experiments.fedsubavg_sparse [--quick] [--seeds 0 1 2] [--out DIR]
 """
@@ -30,66 +14,37 @@ import math
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from torch import nn  # noqa: E402
-
-from experiments.common import (  # noqa: E402
-    HELD_OUT_STREAM,
-    HeldOut,
-    RoundHook,
-    build_coordinator_from,
-    cost_summary,
-    curve,
-    curve_stats,
-    experiment_arguments,
-    experiment_config,
-    fmt,
-    long_rows,
-    markdown_table,
-    mean_std,
-    nan_scores,
-    pick_config,
-    plot_panels,
-    pretrain_network,
-    quiet_logs,
-    render_frames,
-    rounds_to_target,
-    run_federated,
-    score_predictions,
-    write_csv,
-    write_json,
+from experiments import cli, federated, report
+from experiments.heldout import HELD_OUT_STREAM, WEATHERS, HeldOut, nan_scores, render_frames, score_predictions
+from experiments.report import curve, curve_stats, fmt, markdown_table, mean_std
+from forest_perception.collab.flower.messages import CONFIG_KEY, global_arrays, identity_reply, put_update, train_reply
+from forest_perception.collab.flower.rover_strategy import RoverStrategy
+from forest_perception.collab.flower.server_app import Coordinator
+from forest_perception.collab.flower.task import (
+    TaskConfig,
+    build_model,
+    depth_loss,
+    get_arrays,
+    round_seed,
+    run_local_epochs,
+    set_arrays,
 )
-from forest_perception.collab.flower.server_app import Coordinator  # noqa: E402
-from forest_perception.collab.flower.strategies import (  # noqa: E402
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    META_KEY,
-    METRICS_KEY,
-    ROWS_KEY,
-    UPDATE_KEY,
-    RoverStrategy,
-    arrays_to_record,
-    record_to_arrays,
-)
-from forest_perception.collab.flower.task import TaskConfig, build_model, get_arrays, set_arrays  # noqa: E402
 
 NAME = "fedsubavg_sparse"
 CLAIM = ("FedSubAvg reaches a target loss in fewer rounds than FedAvg when clients involve few rows of a sparse "
          "part of the model; here: a per-place scale embedding on the depth auto-encoder")
 EMBEDDING = "place_log_scale.weight"
 """Name of the place table in the model's ``state_dict``."""
-WEATHERS = ("sunny", "overcast", "dusk", "fog", "rain")
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -198,47 +153,24 @@ def make_rovers(
 # ---------------------------------------------------------------------------------------------- rover app
 
 
-def place_loss(task: TaskConfig, variance_focus: float) -> nn.Module:
-    """The task's loss (silog + smoothness) with the given silog ``variance_focus`` (0: scale-sensitive)."""
-    from forest_perception.models.losses import DepthLoss
-
-    return DepthLoss(silog=1.0, smooth=0.001, min_depth=task.min_depth, max_depth=task.max_depth,
-                     variance_focus=variance_focus)
-
-
 def train_place_model(
     model: PlaceScaledDepth, rover: PlaceRover, task: TaskConfig, embedding_lr: float, seed: int,
     variance_focus: float = 0.0,
 ) -> dict[str, float]:
     """Local AdamW epochs (task loss; place table at ``embedding_lr``): ``train-loss``, ``steps``, ``train-s``."""
-    if task.threads:
-        torch.set_num_threads(task.threads)
-    loss_fn = place_loss(task, variance_focus)
+    loss_fn = depth_loss(task, variance_focus)
     optimizer = torch.optim.AdamW(
         [{"params": model.net.parameters(), "lr": task.lr},
          {"params": model.place_log_scale.parameters(), "lr": embedding_lr}], weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        image = rover.images[idx]
+        return loss_fn(model(image, rover.place_ids[idx]), rover.depth[idx], image)[0]
+
     model.train()
-    start = time.perf_counter()
-    steps, loss_sum, seen = 0, 0.0, 0
-    for _ in range(task.local_epochs):
-        order = torch.randperm(rover.num_frames, generator=generator)
-        for first in range(0, rover.num_frames, task.batch_size):
-            if task.local_steps and steps >= task.local_steps:
-                break
-            idx = order[first : first + task.batch_size]
-            image = rover.images[idx]
-            loss, _ = loss_fn(model(image, rover.place_ids[idx]), rover.depth[idx], image)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"rover {rover.rover_id}: local loss became {loss.item()} at step {steps}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            loss_sum += float(loss.detach()) * len(idx)
-            seen += len(idx)
+    metrics = run_local_epochs(batch_loss, optimizer, rover.num_frames, task, seed, f"rover {rover.rover_id}")
     model.eval()
-    return {"train-loss": loss_sum / max(seen, 1), "steps": float(steps), "train-s": time.perf_counter() - start}
+    return metrics
 
 
 def make_place_client_app(
@@ -266,32 +198,25 @@ def make_place_client_app(
         local = dataclasses.replace(task, local_epochs=int(config.get("local-epochs", task.local_epochs)),
                                     lr=float(config.get("lr", task.lr)),
                                     batch_size=int(config.get("batch-size", task.batch_size)))
-        record = message.content.array_records[ARRAYS_KEY]
-        names = list(record.keys())
-        global_arrays = record_to_arrays(record, names)
+        names, arrays = global_arrays(message)
         model = build_place_model(local, num_places)
-        set_arrays(model, names, global_arrays)
-        seed = (task.seed * 1_000_003 + server_round * 7919 + zlib.crc32(rover.rover_id.encode())) % (2**63)
+        set_arrays(model, names, arrays)
+        seed = round_seed(task.seed, server_round, rover.rover_id)
         metrics = train_place_model(model, rover, local, embedding_lr, seed, variance_focus)
         _, trained = get_arrays(model)
         rows = np.array(rover.places, dtype=np.int64)
         deltas = []
-        for name, base, value in zip(names, global_arrays, trained):
+        for name, base, value in zip(names, arrays, trained):
             delta = (value.astype(np.float64) - base.astype(np.float64)).astype(base.dtype)
             deltas.append(delta[rows] if name == EMBEDDING else delta)
-        content = RecordDict({
-            UPDATE_KEY: arrays_to_record(names, deltas),
-            ROWS_KEY: arrays_to_record([EMBEDDING], [rows]),
-            METRICS_KEY: MetricRecord({"num-examples": float(rover.num_frames), **metrics}),
-            META_KEY: ConfigRecord({"rover-id": rover.rover_id, "base-round": server_round, "kind": "delta",
-                                    "scope": "all"}),
-        })
-        return Message(content=content, reply_to=message)
+        content = RecordDict()
+        put_update(content, names, deltas, {EMBEDDING: rows})
+        return train_reply(message, content, {"num-examples": float(rover.num_frames), **metrics}, rover.rover_id,
+                           server_round)
 
     @client.query()
     def query(message: Message, context: Context) -> Message:
-        meta = ConfigRecord({"rover-id": rover_of(context).rover_id, "scope": "all"})
-        return Message(content=RecordDict({META_KEY: meta}), reply_to=message)
+        return identity_reply(message, rover_of(context).rover_id)
 
     return client
 
@@ -299,7 +224,7 @@ def make_place_client_app(
 def build_place_coordinator(run_config: dict, num_places: int, net: nn.Module | None = None) -> Coordinator:
     """The real coordinator (strategy of ``algorithm``, SQLite store) for :class:`PlaceScaledDepth`.
 
-    ``net`` (e.g. :func:`experiments.common.pretrain_network`) gives the initial network
+    ``net`` (e.g. :func:`experiments.federated.pretrain_network`) gives the initial network
     weights; by default the task's initialisation.
     """
     task = TaskConfig.from_run_config(run_config)
@@ -307,7 +232,7 @@ def build_place_coordinator(run_config: dict, num_places: int, net: nn.Module | 
     if net is not None:
         model.net.load_state_dict(net.state_dict())
     names, initial = get_arrays(model)
-    return build_coordinator_from(run_config, names, initial, model=f"place-scaled-{task.model}")
+    return federated.build_coordinator_from(run_config, names, initial, model=f"place-scaled-{task.model}")
 
 
 # ---------------------------------------------------------------------------------------------- experiment
@@ -348,7 +273,7 @@ class SubAvgConfig:
 
 def score_hook(
     scorer_model: PlaceScaledDepth, held: HeldOut, held_places: torch.Tensor, task: TaskConfig, variance_focus: float
-) -> RoundHook:
+) -> federated.RoundHook:
     """After each round: the global model on the held-out frames of every visited place (and hot/cold groups)."""
 
     @torch.no_grad()
@@ -369,7 +294,7 @@ def score_hook(
 
 def run(config: SubAvgConfig, out_dir: Path) -> dict:
     """Run both algorithms on every seed; write ``<out>/fedsubavg_sparse.{json,csv,png}``; return the result."""
-    quiet_logs()
+    federated.quiet_logs()
     started = time.perf_counter()
     runs, populations = [], []
     with tempfile.TemporaryDirectory(prefix="exp-subavg-") as tmp:
@@ -392,32 +317,21 @@ def run(config: SubAvgConfig, out_dir: Path) -> dict:
                                 "camera_heights": [round(p.camera_height, 3) for p in places]})
             net = None
             for algorithm in config.algorithms:
-                run_config = experiment_config(**{
-                    "algorithm": algorithm, "num-server-rounds": config.rounds, "seed": seed,
-                    "fraction-train": config.fraction_train, "local-epochs": config.local_epochs, "lr": config.lr,
-                    "base-channels": config.base_channels, "input-height": config.hw[0],
-                    "input-width": config.hw[1], "state-db": str(Path(tmp) / f"{seed}-{algorithm}.db"),
-                })
+                run_config = federated.experiment_config(config, seed, Path(tmp) / f"{seed}-{algorithm}.db",
+                                                         algorithm=algorithm)
                 task = TaskConfig.from_run_config(run_config)
                 if net is None and config.pretrain_forests:
-                    net = pretrain_network(task, seed, config.pretrain_forests, config.pretrain_frames,
-                                           config.pretrain_epochs)
+                    net = federated.pretrain_network(task, seed, config.pretrain_forests, config.pretrain_frames,
+                                                     config.pretrain_epochs)
                 app = make_place_client_app(rovers, task, config.num_places, config.embedding_lr,
                                             config.variance_focus)
                 hook = score_hook(build_place_model(task, config.num_places), held, held_places, task,
                                   config.variance_focus)
                 coordinator = build_place_coordinator(run_config, config.num_places, net)
-                rows = run_federated(run_config, app, config.num_rovers, hook, coordinator=coordinator)
+                rows = federated.run_federated(run_config, app, config.num_rovers, hook, coordinator=coordinator)
                 runs.append({"algorithm": algorithm, "seed": seed, "rounds": rows})
-    result = {
-        "experiment": NAME,
-        "claim": CLAIM,
-        "config": config,
-        "populations": populations,
-        "runs": runs,
-        "summary": summarise(config, runs),
-        "elapsed_s": time.perf_counter() - started,
-    }
+    result = report.experiment_result(NAME, CLAIM, config, runs, summarise(config, runs), started,
+                                      populations=populations)
     write_outputs(result, config, out_dir)
     return result
 
@@ -456,14 +370,13 @@ def summarise(config: SubAvgConfig, runs: list[dict]) -> dict:
                 reached = []
                 for r in mine:
                     target = summary["targets"][key][r["seed"]][q]
-                    hit = rounds_to_target(r["rounds"], key, target)
+                    hit = report.rounds_to_target(r["rounds"], key, target)
                     reached.append(hit)
                 s[f"rounds_to_{q:g}_{key}"] = {
                     **mean_std(math.nan if h is None else h for h in reached),
                     "per_seed": reached, "never": sum(h is None for h in reached),
                 }
-        s["costs"] = {k: mean_std(cost_summary(r["rounds"])[k] for r in mine)
-                      for k in ("wall_s_per_round", "kib_down_per_rover", "kib_up_per_rover", "rovers_per_round")}
+        s["costs"] = report.cost_stats(mine)
     return summary
 
 
@@ -486,27 +399,21 @@ def table(result: dict) -> str:
 
 def write_outputs(result: dict, config: SubAvgConfig, out_dir: Path) -> None:
     """JSON (everything), CSV (one row per run and round), PNG (held-out curves)."""
-    out_dir = Path(out_dir)
-    write_json(out_dir / f"{NAME}.json", {**result, "table": table(result)})
-    write_csv(out_dir / f"{NAME}.csv", long_rows(NAME, result["runs"]))
+    report.write_result(out_dir, result, table(result))
     panels = []
     for key, label in (("all/loss", "held-out loss (silog + smoothness)"), ("all/absrel", "AbsRel, all places"),
                        ("cold/absrel", "AbsRel, cold places (one rover)")):
         curves = {a: curve_stats([r["rounds"] for r in result["runs"] if r["algorithm"] == a], key)
                   for a in config.algorithms}
         panels.append({"title": label, "ylabel": key.split("/")[1], "curves": curves})
-    plot_panels(out_dir / f"{NAME}.png", panels,
+    report.plot_panels(Path(out_dir) / f"{NAME}.png", panels,
                 f"FedSubAvg vs FedAvg, {config.num_rovers} rovers, {config.num_places} places "
                 f"({config.places_per_rover} per rover), {len(config.seeds)} seed(s)")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry."""
-    args = experiment_arguments(__doc__.split("\n")[0]).parse_args(argv)
-    config = pick_config(SubAvgConfig, args.quick, args.seeds)
-    result = run(config, args.out)
-    print(table(result))
-    print(f"\n{NAME}: {result['elapsed_s']:.0f} s; results in {args.out}")
+    cli.run_experiment(sys.modules[__name__], SubAvgConfig, argv)
 
 
 if __name__ == "__main__":

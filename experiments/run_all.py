@@ -16,29 +16,17 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from experiments import fed_vs_local_vs_central, fedlaavg_vs_fedavg, fedsubavg_sparse, semicyclic  # noqa: E402
-from experiments.common import (  # noqa: E402
-    RESULTS_DIR,
-    cost_summary,
-    experiment_arguments,
-    markdown_table,
-    mean_std,
-    pick_config,
-    write_csv,
-    write_json,
-)
+from experiments import fed_vs_local_vs_central, fedlaavg_vs_fedavg, fedsubavg_sparse, semicyclic
+from experiments.cli import RESULTS_DIR, experiment_arguments, pick_config
+from experiments.report import cost_summary, markdown_table, mean_std, write_csv, write_json
 
 EXPERIMENTS: dict[str, tuple[ModuleType, type]] = {
     "fedlaavg_vs_fedavg": (fedlaavg_vs_fedavg, fedlaavg_vs_fedavg.LaAvgConfig),

@@ -1,24 +1,8 @@
 """MM-PSGD / MC-PSGD vs FedAvg on block-cyclic data: lighting blocks through a day (Ding et al., ICML 2020).
 
-The claim: when the clients that show up change with the time of day in a repeating cycle
-(block-cyclic data), the single model of FedAvg keeps drifting toward the block it trained
-on last; pluralistic predictors, one per block, do better on each block. MM-PSGD keeps, per
-block, the running average of the global models of that block's rounds; MC-PSGD also
-trains a separate chain per block and averages whichever of the two has the lower loss.
-
-Forest version: ``num_blocks`` blocks of ``rounds_per_block`` rounds repeat through the run
-(:func:`forest_perception.collab.flower.simulation.make_population` with ``num_blocks``): rover ``i`` drives
-in block ``i % num_blocks`` under that block's light (sunny, dusk, overcast, ...) and is
-out only in its block's rounds. FedAvg runs on the very same schedule. After every round,
-each block's held-out frames (new poses in the forests of that block's rovers, in its light)
-are scored with the model that block would use: FedAvg's global model, or the block's
-predictor (the global model until the block has one). The headline is the mean over blocks.
-MM-PSGD's mixed chain is FedAvg itself (same aggregation, same seeds), so any difference
-between the two comes from the predictors alone.
-
-Two starts: ``scratch`` (the task's freshly initialised network, as in the paper) and
-``pretrained`` (the network first trained centrally on other forests, standing in for the
-model a swarm already runs; the cycles then adapt it).
+Rover ``i`` drives in block ``i % num_blocks`` under that block's light and is out only in its block's
+rounds; each block is scored with the model it would use, from scratch and from a pretrained network.
+Set-up and results: ``docs/experiments.md``, section 3.
 
     .venv/bin/python -m experiments.semicyclic [--quick] [--seeds 0 1 2] [--out DIR]
 """
@@ -34,36 +18,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.common import (  # noqa: E402
-    HeldOut,
-    ModelScorer,
-    RoundHook,
-    build_coordinator_from,
-    cost_summary,
-    curve_stats,
-    experiment_arguments,
-    experiment_config,
-    fmt,
-    held_out_frames,
-    long_rows,
-    markdown_table,
-    mean_std,
-    pick_config,
-    plot_panels,
-    pretrain_network,
-    quiet_logs,
-    run_federated,
-    write_csv,
-    write_json,
-    write_population_data,
-)
-from forest_perception.collab.flower.client_app import make_client_app  # noqa: E402
-from forest_perception.collab.flower.simulation import BLOCK_WEATHERS, make_population  # noqa: E402
-from forest_perception.collab.flower.strategies import RoverStrategy  # noqa: E402
-from forest_perception.collab.flower.task import TaskConfig, get_arrays  # noqa: E402
+from experiments import cli, federated, heldout, report
+from experiments.report import curve_stats, fmt, markdown_table, mean_std
+from forest_perception.collab.flower.client_app import make_client_app
+from forest_perception.collab.flower.population import BLOCK_WEATHERS, make_population
+from forest_perception.collab.flower.rover_strategy import RoverStrategy
+from forest_perception.collab.flower.task import TaskConfig, get_arrays
 
 NAME = "semicyclic"
 CLAIM = ("MM-PSGD / MC-PSGD (per-block predictors) beat FedAvg's single model on block-cyclic data; here: "
@@ -110,7 +70,7 @@ def block_predictors(strategy: RoverStrategy, num_blocks: int) -> list[list | No
     return [server.predictor(m) for m in range(num_blocks)]
 
 
-def score_hook(scorer: ModelScorer, held: HeldOut, num_blocks: int) -> RoundHook:
+def score_hook(scorer: heldout.ModelScorer, held: heldout.HeldOut, num_blocks: int) -> federated.RoundHook:
     """After each round: every block's held-out frames with that block's model; their mean; MC's chosen chain.
 
     Also ``global/*``: the global model (MM/MC: the mixed chain) on all blocks' frames.
@@ -139,7 +99,7 @@ def score_hook(scorer: ModelScorer, held: HeldOut, num_blocks: int) -> RoundHook
 
 def run(config: SemiCyclicConfig, out_dir: Path) -> dict:
     """Run every algorithm on every seed; write ``<out>/semicyclic.{json,csv,png}``; return the result."""
-    quiet_logs()
+    federated.quiet_logs()
     if config.num_blocks < 2:
         raise ValueError(f"num_blocks must be >= 2 for block-cyclic data, got {config.num_blocks}")
     started = time.perf_counter()
@@ -152,44 +112,34 @@ def run(config: SemiCyclicConfig, out_dir: Path) -> dict:
                 rounds_per_block=config.rounds_per_block, availability=config.availability,
                 frames=config.frames_per_rover,
             )
-            population_path = write_population_data(population, root, config.hw)
-            parts = {r.rover_id: held_out_frames(r, config.held_out_per_rover, config.hw) for r in population.rovers}
+            population_path = federated.write_population_data(population, root, config.hw)
+            parts = {r.rover_id: heldout.held_out_frames(r, config.held_out_per_rover, config.hw)
+                     for r in population.rovers}
             groups = {f"block{m}": [r.rover_id for r in population.rovers if r.block == m]
                       for m in range(config.num_blocks)}
-            held = HeldOut.build(parts, {**groups, "all": list(parts)})
+            held = heldout.HeldOut.build(parts, {**groups, "all": list(parts)})
             nets: dict = {}
             for start, algorithm in itertools.product(config.starts, config.algorithms):
-                run_config = experiment_config(**{
-                    "algorithm": algorithm, "num-server-rounds": config.rounds, "seed": seed,
-                    "num-blocks": config.num_blocks, "rounds-per-block": config.rounds_per_block,
-                    "fraction-train": config.fraction_train, "local-epochs": config.local_epochs, "lr": config.lr,
-                    "base-channels": config.base_channels, "input-height": config.hw[0],
-                    "input-width": config.hw[1], "population": str(population_path),
-                    "state-db": str(root / f"{start}-{algorithm}.db"),
-                })
+                run_config = federated.experiment_config(
+                    config, seed, root / f"{start}-{algorithm}.db", algorithm=algorithm,
+                    population=str(population_path),
+                    **{"num-blocks": config.num_blocks, "rounds-per-block": config.rounds_per_block})
                 task = TaskConfig.from_run_config(run_config)
                 coordinator = None
                 if start == "pretrained":
                     if start not in nets:
-                        nets[start] = pretrain_network(task, seed, config.pretrain_forests, config.pretrain_frames,
-                                                       config.pretrain_epochs)
-                    coordinator = build_coordinator_from(run_config, *get_arrays(nets[start]))
+                        nets[start] = federated.pretrain_network(
+                            task, seed, config.pretrain_forests, config.pretrain_frames, config.pretrain_epochs)
+                    coordinator = federated.build_coordinator_from(run_config, *get_arrays(nets[start]))
                 elif start != "scratch":
                     raise ValueError(f"start must be 'scratch' or 'pretrained', got {start!r}")
-                hook = score_hook(ModelScorer(task), held, config.num_blocks)
-                rows = run_federated(run_config, make_client_app(run_config), config.num_rovers, hook,
+                hook = score_hook(heldout.ModelScorer(task), held, config.num_blocks)
+                rows = federated.run_federated(run_config, make_client_app(run_config), config.num_rovers, hook,
                                      coordinator=coordinator)
                 runs.append({"setting": f"{algorithm}, {start}", "algorithm": algorithm, "start": start,
                              "seed": seed, "rounds": rows})
-    result = {
-        "experiment": NAME,
-        "claim": CLAIM,
-        "config": config,
-        "blocks": {m: BLOCK_WEATHERS[m % len(BLOCK_WEATHERS)] for m in range(config.num_blocks)},
-        "runs": runs,
-        "summary": summarise(config, runs),
-        "elapsed_s": time.perf_counter() - started,
-    }
+    blocks = {m: BLOCK_WEATHERS[m % len(BLOCK_WEATHERS)] for m in range(config.num_blocks)}
+    result = report.experiment_result(NAME, CLAIM, config, runs, summarise(config, runs), started, blocks=blocks)
     write_outputs(result, config, out_dir)
     return result
 
@@ -210,8 +160,7 @@ def summarise(config: SemiCyclicConfig, runs: list[dict]) -> dict:
         s["global/absrel"] = mean_std(r["rounds"][-1]["global/absrel"] for r in mine)
         s["chose_separate"] = mean_std(
             statistics.fmean(row.get("chose_separate", 0.0) for row in r["rounds"][1:]) for r in mine)
-        s["costs"] = {k: mean_std(cost_summary(r["rounds"])[k] for r in mine)
-                      for k in ("wall_s_per_round", "kib_down_per_rover", "kib_up_per_rover", "rovers_per_round")}
+        s["costs"] = report.cost_stats(mine)
         summary["settings"][f"{algorithm}, {start}"] = s
     return summary
 
@@ -235,9 +184,7 @@ def table(result: dict) -> str:
 
 def write_outputs(result: dict, config: SemiCyclicConfig, out_dir: Path) -> None:
     """JSON (everything), CSV (one row per run and round), PNG (held-out curves)."""
-    out_dir = Path(out_dir)
-    write_json(out_dir / f"{NAME}.json", {**result, "table": table(result)})
-    write_csv(out_dir / f"{NAME}.csv", long_rows(NAME, result["runs"]))
+    report.write_result(out_dir, result, table(result))
     panels = []
     for start in config.starts:
         for key, label in (("mean/absrel", "AbsRel, mean over blocks"), ("block0/absrel", "AbsRel, block 0 "
@@ -246,18 +193,14 @@ def write_outputs(result: dict, config: SemiCyclicConfig, out_dir: Path) -> None
                                       if r["algorithm"] == a and r["start"] == start], key)
                       for a in config.algorithms}
             panels.append({"title": f"{label}, {start}", "ylabel": key.split("/")[1], "curves": curves})
-    plot_panels(out_dir / f"{NAME}.png", panels, ncols=2, title=
+    report.plot_panels(Path(out_dir) / f"{NAME}.png", panels, ncols=2, title=
                 f"Block-cyclic: {config.num_blocks} light blocks x {config.rounds_per_block} round(s), "
                 f"{config.num_rovers} rovers, {len(config.seeds)} seed(s)")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry."""
-    args = experiment_arguments(__doc__.split("\n")[0]).parse_args(argv)
-    config = pick_config(SemiCyclicConfig, args.quick, args.seeds)
-    result = run(config, args.out)
-    print(table(result))
-    print(f"\n{NAME}: {result['elapsed_s']:.0f} s; results in {args.out}")
+    cli.run_experiment(sys.modules[__name__], SemiCyclicConfig, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Deployment of the Flower apps: certificates and keys (:mod:`.certs`), a SuperLink and SuperNodes (:mod:`.local`).
+"""Deployment of the Flower apps: certificates and keys (:mod:`.certs`), how a rover's SuperNode is started
+(:mod:`.supernode`), the processes it runs as (:mod:`.processes`); :mod:`.local` runs a whole deployment
+(SuperLink and SuperNodes) on this machine.
 
 See ``docs/federated.md``, section "Deployment on loopback (TLS + SuperNode authentication)".
 """
@@ -11,14 +13,11 @@ from forest_perception.collab.deploy.certs import (
     load_deployment_certs,
     make_deployment_certs,
 )
-from forest_perception.collab.deploy.local import DeployResult, DeploySpec, LocalDeployment, RoverNode
+from forest_perception.collab.deploy.supernode import RoverNode
 
 __all__ = [
     "DEFAULT_HOSTS",
-    "DeployResult",
-    "DeploySpec",
     "DeploymentCerts",
-    "LocalDeployment",
     "RoverKeys",
     "RoverNode",
     "check_deployment_certs",

@@ -1,27 +1,7 @@
 """Certificates and keys of a Flower deployment: a CA, the SuperLink's TLS certificate, one key set per rover.
 
-Made with the ``cryptography`` package (no ``openssl`` or ``ssh-keygen`` needed), in the roles
-Flower's own examples give them (``examples/flower-authentication``, ``generate.sh``):
-
-- the **CA** (``ca.crt``, ``ca.key``) signs every TLS certificate; SuperNodes, SuperExecs and the
-  ``flwr`` CLI trust it (``--root-certificates``, ``root-certificates``);
-- the **SuperLink** serves TLS with ``superlink.crt`` / ``superlink.key`` (``--ssl-certfile``,
-  ``--ssl-keyfile``, ``--ssl-ca-certfile``), whose subject alternative names are the addresses
-  the rovers dial (default ``127.0.0.1``, ``localhost``);
-- each **rover** has an EC P-384 key pair in OpenSSH format (``auth.key``, ``auth.pub``) for
-  SuperNode authentication: the public key is registered at the SuperLink
-  (``flwr supernode register``), the private key signs every Fleet API request
-  (``--auth-supernode-private-key``); a SuperNode whose key is not registered is refused;
-- each rover also gets ``runtime.crt`` / ``runtime.key`` for the SuperNode's local Runtime API
-  (its SuperExec and ClientApps connect to it), so nothing in a deployment runs without TLS.
-
-Layout under the output folder::
-
-    ca.crt  ca.key  superlink.crt  superlink.key  manifest.json
-    rovers/<rover_id>/auth.key  auth.pub  runtime.crt  runtime.key
-
-Private keys are written with mode 0600. ``manifest.json`` records the hosts, the rovers and
-the SHA256 fingerprints of their public keys (as ``ssh-keygen -l`` prints them).
+Made with the ``cryptography`` package (no ``openssl`` or ``ssh-keygen``), in the roles Flower's own
+examples give them. Files, roles and what uses each: ``docs/federated.md`` ("Certificates and keys").
 """
 
 from __future__ import annotations

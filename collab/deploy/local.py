@@ -1,52 +1,23 @@
-"""A Flower deployment on one machine: a SuperLink and one SuperNode per rover, TLS and SuperNode authentication on.
+"""A Flower deployment on this machine: a SuperLink and one SuperNode per rover, TLS and SuperNode authentication on.
 
-:class:`LocalDeployment` starts, as subprocesses in their own process groups, Flower 1.42's
-
-- ``flower-superlink`` with ``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile`` and
-  ``--enable-supernode-auth`` on ``host:port`` (one HTTPS port serves the Fleet, Control and
-  Runtime APIs in 1.42), its link state in memory (registrations are made again on each start);
-- one ``flower-supernode`` per rover with ``--root-certificates`` (the deployment CA),
-  ``--auth-supernode-private-key`` (the rover's key), ``--node-config`` (a TOML file with the
-  rover's ``data-dir``, ``rover-id`` and ``scope``, read by the ClientApp) and its local
-  Runtime API on ``127.0.0.1`` with the rover's own TLS certificate.
-
-In 1.42 SuperNode authentication means: the SuperLink refuses to let SuperNodes register
-themselves; every rover's public key is registered beforehand through the Control API
-(``flwr supernode register <key.pub> <superlink>``), which returns the rover's node id, and a
-SuperNode may only activate with a registered key (it signs every request with it). A SuperNode
-with any other key is refused (``Failed to activate SuperNode``, exit code 305 in its log) and
-exits. The node id of each rover is kept in ``<run_dir>/nodes.json`` and checked against the id
-each SuperNode reports, so the coordinator's ``node_id -> rover-id`` directory can be audited
-against the registered keys.
-
-:meth:`LocalDeployment.run` submits the app with ``flwr run <app_dir> <connection> --stream``
-and a run config whose ``state-db`` is ``<run_dir>/coordinator.db``: a second submission (or
-one after a crash) resumes the coordinator from its last completed round.
-
-No command carries ``--insecure``; every listener binds the given host (``127.0.0.1``);
-``FLWR_HOME`` of each process (the SuperLink, each rover, the ``flwr`` CLI) lives under
-``<run_dir>/homes``, logs under ``<run_dir>/logs``; telemetry, update checks and runtime
-dependency installation are off. :meth:`LocalDeployment.stop` ends every process it started by
-pid: the process group of each, then the descendants recorded while it ran (the SuperLink's
-SuperExec runs in a session of its own), SIGTERM first, SIGKILL after a grace period.
+:class:`LocalDeployment` starts them as subprocesses in their own process groups (command lines from
+:mod:`forest_perception.collab.deploy.supernode`), registers every rover's public key, submits the app with
+``flwr run`` and stops every process it started by pid. What each process gets, the run folder and the
+known limits: ``docs/federated.md``, "Deployment on loopback (TLS + SuperNode authentication)".
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 from forest_perception.collab.deploy.certs import (
     DeploymentCerts,
@@ -54,30 +25,30 @@ from forest_perception.collab.deploy.certs import (
     check_deployment_certs,
     load_deployment_certs,
 )
+from forest_perception.collab.deploy.processes import (
+    ManagedProcess,
+    free_ports,
+    group_members,
+    is_alive,
+    process_tree,
+    remember_descendants,
+    start_process,
+    stop_process,
+    strip_ansi,
+    terminate_group,
+)
+from forest_perception.collab.deploy.supernode import (
+    SUPERNODE_READY,
+    RoverNode,
+    flower_process_environment,
+    supernode_tls_command,
+    write_toml_table,
+)
 from forest_perception.collab.flower import app_dir
 
 CONNECTION = "forest"
 """Name of the SuperLink connection in the CLI's ``$FLWR_HOME/config.toml``."""
-_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# environment variables that would make Flower open extra (gRPC) listeners on its default addresses
-_EXTRA_LISTENER_ENV = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
-
-
-@dataclass(frozen=True)
-class RoverNode:
-    """One rover of a deployment: its id (which names its keys), where its recordings are, its training scope."""
-
-    rover_id: str
-    data_dir: str | Path
-    scope: str = "all"
-    extra_config: Mapping[str, str | int | float | bool] = field(default_factory=dict)
-
-    def node_config(self) -> dict[str, str | int | float | bool]:
-        """The SuperNode's ``--node-config`` (what the ClientApp reads as ``context.node_config``)."""
-        return {"data-dir": str(Path(self.data_dir).resolve()), "rover-id": self.rover_id, "scope": self.scope,
-                **dict(self.extra_config)}
 
 
 @dataclass
@@ -111,201 +82,6 @@ class DeployResult:
     nodes: dict[str, int]
     wall_s: float
     log: Path
-
-
-@dataclass
-class ManagedProcess:
-    """A subprocess this deployment started, with its log and the descendants seen while it ran."""
-
-    name: str
-    argv: list[str]
-    popen: subprocess.Popen
-    log_path: Path
-    log_file: IO[bytes]
-    seen: dict[int, int] = field(default_factory=dict)  # pid -> start time (guards against pid reuse)
-
-    @property
-    def pid(self) -> int:
-        """The process id (also its process group id)."""
-        return self.popen.pid
-
-    def log_text(self) -> str:
-        """The log so far, colour codes removed."""
-        if not self.log_file.closed:
-            self.log_file.flush()
-        return _ANSI.sub("", self.log_path.read_text(errors="replace"))
-
-
-# ---------------------------------------------------------------------------------------------- /proc helpers
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, ppid, pgrp, starttime) of a live process, None when gone (Linux /proc)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[2]), int(fields[19])
-
-
-def process_tree(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (children first); empty where /proc is not available."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if entry.isdigit():
-            stat = _proc_stat(int(entry))
-            if stat is not None and stat[0] != "Z":
-                children.setdefault(stat[1], []).append(int(entry))
-    out, queue = [], list(children.get(pid, []))
-    while queue:
-        child = queue.pop(0)
-        out.append(child)
-        queue.extend(children.get(child, []))
-    return out
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes of process group ``pgid`` (Linux /proc)."""
-    out = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return out
-    for entry in entries:
-        if entry.isdigit():
-            stat = _proc_stat(int(entry))
-            if stat is not None and stat[0] != "Z" and stat[2] == pgid:
-                out.append(int(entry))
-    return out
-
-
-def _alive(pid: int, started: int | None = None) -> bool:
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] != "Z" and (started is None or stat[3] == started)
-
-
-def _hex_address(text: str) -> str:
-    raw = bytes.fromhex(text)
-    if len(raw) == 4:
-        return socket.inet_ntop(socket.AF_INET, raw[::-1])
-    # /proc/net/tcp6: four 32-bit words, each in host (little-endian) order
-    return socket.inet_ntop(socket.AF_INET6, b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-
-
-def listening_sockets(pids: Iterable[int]) -> list[tuple[str, int, int]]:
-    """``(address, port, pid)`` of every TCP socket in LISTEN state that one of ``pids`` holds (Linux)."""
-    inodes: dict[str, int] = {}
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if target.startswith("socket:["):
-                    inodes[target[8:-1]] = pid
-        except OSError:
-            continue
-    out = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if len(parts) > 9 and parts[3] == "0A" and parts[9] in inodes:
-                address, port = parts[1].split(":")
-                out.append((_hex_address(address), int(port, 16), inodes[parts[9]]))
-    return sorted(out)
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct TCP ports free on ``host`` right now."""
-    sockets, ports = [], []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            sockets.append(sock)
-            ports.append(sock.getsockname()[1])
-    finally:
-        for sock in sockets:
-            sock.close()
-    return ports
-
-
-def _toml_value(value: bool | int | float | str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-
-
-def write_toml_table(path: str | Path, values: Mapping[str, bool | int | float | str]) -> Path:
-    """A flat TOML file of ``key = value`` lines (what ``--node-config`` and ``--run-config`` accept as a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for key, value in values.items():
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
-            raise ValueError(f"{path}: config key {key!r} must be letters, digits, '-' or '_'")
-        if not isinstance(value, (bool, int, float, str)):
-            raise ValueError(f"{path}: config {key} must be a bool, number or string, got {value!r}")
-        lines.append(f"{key} = {_toml_value(value)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------- shared builders
-
-
-def supernode_tls_command(executable: str | Path, superlink_address: str, root_cert: str | Path,
-                          auth_key: str | Path, node_config: str | Path, runtime_port: int,
-                          runtime_cert: str | Path, runtime_key: str | Path, connect_wait: float | None = None
-                          ) -> list[str]:
-    """``flower-supernode`` argv with TLS to the SuperLink, SuperNode authentication and a TLS Runtime API.
-
-    ``node_config``: a TOML file (or Flower's ``key=value`` text); the Runtime API listens on
-    ``127.0.0.1:<runtime_port>`` with ``runtime_cert``/``runtime_key``, verified with ``root_cert``.
-    """
-    argv = [
-        str(executable),
-        "--superlink", superlink_address,
-        "--root-certificates", str(root_cert),
-        "--auth-supernode-private-key", str(auth_key),
-        "--node-config", str(node_config),
-        "--isolation", "subprocess",
-        # the rover's local Runtime API (its SuperExec and ClientApps), TLS too
-        "--host", "127.0.0.1", "--port", str(runtime_port),
-        "--ssl-certfile", str(runtime_cert), "--ssl-keyfile", str(runtime_key),
-        "--ssl-ca-certfile", str(root_cert),
-    ]
-    if connect_wait is not None:
-        argv += ["--max-wait-time", str(float(connect_wait))]
-    return argv
-
-
-def flower_process_environment(home: str | Path, bin_dir: str | Path, cache_dir: str | Path) -> dict[str, str]:
-    """Environment of a Flower process: its own ``FLWR_HOME``, ``bin_dir`` first on ``PATH``, no telemetry/installs."""
-    from forest_perception.collab.flower.simulation import LOOPBACK_ENV
-
-    env = {k: v for k, v in os.environ.items() if k not in _EXTRA_LISTENER_ENV}
-    env.update(LOOPBACK_ENV)
-    env.update(
-        FLWR_HOME=str(home),
-        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        TORCHINDUCTOR_CACHE_DIR=str(Path(cache_dir) / "torchinductor"),
-        PYTHONUNBUFFERED="1",
-    )
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
 
 
 # ---------------------------------------------------------------------------------------------- deployment
@@ -432,7 +208,7 @@ class LocalDeployment:
         )
         superlink = self._spawn("superlink", self.superlink_command(), self.homes_dir / "superlink")
         self._wait_healthy(superlink)
-        self._remember_tree(superlink)
+        remember_descendants(superlink)
         self.nodes = self.register_rovers()
         for rover in self.spec.rovers:
             self.start_supernode(rover)
@@ -442,7 +218,7 @@ class LocalDeployment:
                 raise RuntimeError(f"rover {rover.rover_id}: SuperNode reports node id {node_id}, but its key was "
                                    f"registered as {self.nodes[rover.rover_id]} (see {self.nodes_path})")
         for process in self.processes.values():
-            self._remember_tree(process)
+            remember_descendants(process)
 
     def register_rovers(self) -> dict[str, int]:
         """Register each rover's public key at the SuperLink (``flwr supernode register``); rover -> node id.
@@ -487,7 +263,7 @@ class LocalDeployment:
         process = self.processes[name or f"supernode-{rover_id}"]
         deadline = time.monotonic() + self.spec.start_timeout
         while time.monotonic() < deadline:
-            match = _NODE_ID.search(process.log_text())
+            match = re.search(SUPERNODE_READY, process.log_text())
             if match:
                 return int(match.group(1))
             if process.popen.poll() is not None:
@@ -519,11 +295,11 @@ class LocalDeployment:
             try:
                 code = process.wait(timeout)
             except subprocess.TimeoutExpired:
-                _terminate_group(process.pid)
+                terminate_group(process.pid)
                 process.wait(10)
                 raise RuntimeError(f"flwr run did not finish within {timeout:.0f} s; see {log_path}") from None
         wall = time.perf_counter() - start
-        text = _ANSI.sub("", log_path.read_text(errors="replace"))
+        text = strip_ansi(log_path.read_text(errors="replace"))
         if code != 0:
             raise RuntimeError(f"flwr run failed with code {code}: {_tail(text)}")
         match = _RUN_ID.search(text)
@@ -543,10 +319,10 @@ class LocalDeployment:
         """Every live process of this deployment: the started ones and their descendants."""
         out = []
         for process in self.processes.values():
-            if _alive(process.pid):
+            if is_alive(process.pid):
                 out.append(process.pid)
             out += process_tree(process.pid) + group_members(process.pid)
-            out += [pid for pid, started in process.seen.items() if _alive(pid, started)]
+            out += [pid for pid, started in process.seen.items() if is_alive(pid, started)]
         return sorted(set(out))
 
     def stop(self, grace: float = 10.0) -> None:
@@ -554,7 +330,7 @@ class LocalDeployment:
         names = [n for n in self.processes if n != "superlink"] + [n for n in self.processes if n == "superlink"]
         for name in names:
             process = self.processes[name]
-            self._remember_tree(process)
+            remember_descendants(process)
             stop_process(process, grace)
             process.log_file.close()
         self.processes.clear()
@@ -563,25 +339,9 @@ class LocalDeployment:
 
     def _spawn(self, name: str, argv: list[str], home: Path) -> ManagedProcess:
         home.mkdir(parents=True, exist_ok=True)
-        log_path = self.logs_dir / f"{name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        log_file.write(f"$ {' '.join(argv)}\n".encode())
-        log_file.flush()
-        try:
-            popen = subprocess.Popen(argv, env=self.environment(home), cwd=str(self.run_dir), stdout=log_file,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        except BaseException:
-            log_file.close()
-            raise
-        process = ManagedProcess(name, argv, popen, log_path, log_file)
+        process = start_process(name, argv, self.logs_dir / f"{name}.log", self.environment(home), self.run_dir)
         self.processes[name] = process
         return process
-
-    def _remember_tree(self, process: ManagedProcess) -> None:
-        for pid in process_tree(process.pid):
-            stat = _proc_stat(pid)
-            if stat is not None:
-                process.seen.setdefault(pid, stat[3])
 
     def _wait_healthy(self, process: ManagedProcess) -> None:
         context = ssl.create_default_context(cafile=str(self.certs.ca_cert))
@@ -618,35 +378,3 @@ def _last_json(text: str) -> dict:
 
 def _tail(text: str, chars: int = 1500) -> str:
     return text[-chars:].strip()
-
-
-def _terminate_group(pgid: int, sig: int = signal.SIGTERM) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def stop_process(process: ManagedProcess, grace: float = 10.0) -> None:
-    """SIGTERM the process group and every recorded descendant, then SIGKILL what is left after ``grace``."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        _terminate_group(process.pid, sig)
-        for pid, started in process.seen.items():
-            if _alive(pid, started):
-                try:
-                    os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5.0)
-        while time.monotonic() < deadline:
-            if (process.popen.poll() is not None and not any(_alive(p, s) for p, s in process.seen.items())
-                    and not group_members(process.pid)):
-                break
-            time.sleep(0.1)
-        else:
-            continue
-        break
-    try:
-        process.popen.wait(1.0)
-    except subprocess.TimeoutExpired:
-        pass

@@ -1,22 +1,8 @@
 """``forest-fl``: run a simulated federated swarm, prepare a population for ``flwr run``, inspect a coordinator.
 
-Also deploys the apps: ``certs`` makes the CA, the SuperLink's TLS certificate and one SuperNode
-key set per rover; ``deploy`` runs a SuperLink and one SuperNode per rover on this machine with
-TLS and SuperNode authentication and submits the app (see ``forest_perception.collab.deploy``).
-
-Examples::
-
-    forest-fl simulate --out runs/fl --rovers 10 --rounds 3 --algorithm fedavg
-    forest-fl simulate --out runs/fl --rovers 6 --rounds 3 --fault 2=nan --fault 3=stale --set store-updates=true
-    forest-fl prepare --out runs/pop --rovers 10
-    flwr run . --run-config "population='runs/pop/population.json'"   # the same apps through Flower's CLI
-    forest-fl status --db runs/fl/coordinator.db
-    forest-fl certs --out certs --rovers 2
-    forest-fl deploy --certs certs --run-dir runs/deploy --virtual-rovers 2 --rounds 2
-    forest-fl deploy --certs certs --run-dir runs/deploy --rover rover_000=/data/r0 --rover rover_001=/data/r1
-
-``simulate`` on an ``--out`` that already holds a coordinator store resumes it (same algorithm
-and model) from the last completed round.
+Also ``certs`` (the deployment's CA and keys) and ``deploy`` (a SuperLink and SuperNodes on this machine
+with TLS and SuperNode authentication). Examples: ``docs/federated.md`` ("Quick start", "Deployment on
+loopback"); ``simulate`` on an ``--out`` that holds a coordinator store resumes it.
 """
 
 from __future__ import annotations
@@ -184,7 +170,7 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
 
 
 def _deploy_rovers(args: argparse.Namespace) -> list:
-    from forest_perception.collab.deploy.local import RoverNode
+    from forest_perception.collab.deploy.supernode import RoverNode
 
     rovers = []
     if args.virtual_rovers:

@@ -1,54 +1,33 @@
 """The rover ``ClientApp``: trains the depth network on the rover's own recordings and sends back a delta.
 
-Where a rover finds itself (first match wins):
-
-1. node config (deployment, ``flower-supernode --node-config "data-dir='/data/forest' rover-id='rover_3'"``):
-   ``data-dir``, optional ``rover-id`` (default: the folder name) and ``scope`` (``all`` or ``decoder``);
-   optional ``model-drop-dir``: every global model received for training is also written there as
-   ``global-r<round>.npz`` (:func:`collab.rover.write_global_model`) for the rover's ROS ``collab_node``,
-   which validates it on the rover's held-out frames before the depth node runs it;
-2. run config ``population`` (simulation): the JSON written by :mod:`forest_perception.collab.flower.simulation`, entry
-   ``partition-id`` of the node config (rover id, data folder, scope, and a fault to inject in tests);
-3. run config ``data-root``: ``<data-root>/rover_<partition-id>``.
-
-Messages (keys in :mod:`forest_perception.collab.flower.strategies`): ``train`` gets the global model and the
-round's config and replies with the delta (``update``; tensors outside the rover's scope
-compact with their ``rows``), the metrics (``num-examples``, ``train-loss``, ``val-loss``,
-``absrel``, ``delta1``, ``train-s``) and ``meta`` (``rover-id``, ``base-round``, ``kind``);
-MC-PSGD rounds also carry the block's separate chain, trained and returned alongside.
-``evaluate`` scores the model it is sent on the rover's validation frames. ``query`` says
-which rover this node is. The app is stateless: everything comes with the message.
-
-Faults (simulation and tests only, from the population entry or node config ``fault``) make
-a rover misbehave on purpose so the coordinator's screening can be exercised through the
-real Flower path: ``nan``, ``inf``, ``shape``, ``dtype``, ``count``, ``huge``, ``stale``,
-``no-data`` (a data folder that does not exist) and ``crash`` (raises).
+Stateless, as in Flower's quickstart: where a rover finds its data (node config ``data-dir``, run config
+``population`` or ``data-root``), the messages it answers and the faults tests inject are described in
+``docs/federated.md`` ("Messages", "Bad input"). With node config ``model-drop-dir`` every global model
+received for training is also handed to the rover's collab_node (:func:`drop_global_model`).
 """
 
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from forest_perception.collab.flower.strategies import (
-    ARRAYS_KEY,
+from forest_perception.collab.flower.messages import (
+    CHAIN_KEYS,
     CONFIG_KEY,
-    META_KEY,
-    METRICS_KEY,
-    ROWS_KEY,
     SEPARATE_KEY,
-    SEPARATE_ROWS_KEY,
-    SEPARATE_UPDATE_KEY,
-    UPDATE_KEY,
-    arrays_to_record,
+    global_arrays,
+    identity_reply,
+    metrics_reply,
+    put_update,
+    train_reply,
 )
+from forest_perception.collab.flower.population import load_population
 from forest_perception.collab.flower.task import (
     SCOPES,
     TaskConfig,
@@ -57,6 +36,7 @@ from forest_perception.collab.flower.task import (
     load_local_data,
     local_round,
     merge_run_config,
+    round_seed,
 )
 from forest_perception.collab.flower.task import set_arrays as load_arrays
 
@@ -90,8 +70,6 @@ def resolve_rover(context: Context, config: Mapping) -> RoverIdentity:
             fault=str(node.get("fault", "")),
         )
     elif config.get("population"):
-        from forest_perception.collab.flower.simulation import load_population
-
         if "partition-id" not in node:
             raise ValueError("run config names a population but the node config has no partition-id")
         rover = load_population(str(config["population"])).by_partition(int(node["partition-id"]))
@@ -121,21 +99,9 @@ def _round_config(config: Mapping, message: Message) -> tuple[dict, int]:
     return merge_run_config(config, overrides), server_round
 
 
-def _global_arrays(message: Message, key: str) -> tuple[list[str], list[np.ndarray]]:
-    if key not in message.content.array_records:
-        raise ValueError(f"message has no {key!r} ArrayRecord (records: {sorted(message.content.keys())})")
-    record = message.content.array_records[key]
-    names = list(record.keys())
-    return names, [record[n].numpy() for n in names]
-
-
 def _data_dir(identity: RoverIdentity) -> str:
     # fault "no-data": the rover looks for its recordings where there are none
     return str(Path(identity.data_dir) / "missing") if identity.fault == "no-data" else identity.data_dir
-
-
-def _round_seed(seed: int, server_round: int, rover_id: str) -> int:
-    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(rover_id.encode())) % (2**63)
 
 
 def inject_fault(
@@ -183,39 +149,29 @@ def handle_train(message: Message, context: Context, overrides: Mapping | None =
         raise RuntimeError(f"rover {identity.rover_id!r} crashed on purpose (fault injection)")
     task = TaskConfig.from_run_config(config)
     data = load_local_data(_data_dir(identity), task)
-    seed = _round_seed(task.seed, server_round, identity.rover_id)
+    seed = round_seed(task.seed, server_round, identity.rover_id)
     content = RecordDict()
     metrics: dict[str, float] = {}
-    chains = [(ARRAYS_KEY, UPDATE_KEY, ROWS_KEY, "")]
-    if SEPARATE_KEY in message.content.array_records:
-        chains.append((SEPARATE_KEY, SEPARATE_UPDATE_KEY, SEPARATE_ROWS_KEY, "-separate"))
+    chains = ["mixed", "separate"] if SEPARATE_KEY in message.content.array_records else ["mixed"]
     base_round = server_round
     max_staleness = int(message.content.config_records[CONFIG_KEY].get("max-staleness", 0))
-    for arrays_key, update_key, rows_key, suffix in chains:
-        names, global_arrays = _global_arrays(message, arrays_key)
-        if not suffix:
-            drop_global_model(context, server_round, names, global_arrays, task)
-        result = local_round(names, global_arrays, data, task, identity.scope, seed)
-        deltas, reported_round = inject_fault(identity.fault, result.deltas, server_round, server_round, max_staleness)
-        base_round = reported_round
-        sent_names = names[: len(deltas)]
-        content[update_key] = arrays_to_record(sent_names, deltas)
-        if result.rows:
-            content[rows_key] = arrays_to_record(list(result.rows), list(result.rows.values()))
-        if suffix:
-            metrics[f"val-loss{suffix}"] = result.metrics["val-loss"]
-        else:
+    for chain in chains:
+        names, arrays = global_arrays(message, CHAIN_KEYS[chain][0])
+        if chain == "mixed":
+            drop_global_model(context, server_round, names, arrays, task)
+        result = local_round(names, arrays, data, task, identity.scope, seed)
+        deltas, base_round = inject_fault(identity.fault, result.deltas, server_round, server_round, max_staleness)
+        put_update(content, names[: len(deltas)], deltas, result.rows, chain)
+        if chain == "mixed":
             metrics.update(result.metrics)
-    content[METRICS_KEY] = MetricRecord(metrics)
-    content[META_KEY] = ConfigRecord(
-        {"rover-id": identity.rover_id, "base-round": int(base_round), "kind": "delta", "scope": identity.scope}
-    )
+        else:
+            metrics["val-loss-separate"] = result.metrics["val-loss"]
     LOG.info(
         "rover %s round %d: train-loss %.4f val-loss %.4f absrel %.3f on %d frames",
         identity.rover_id, server_round, metrics["train-loss"], metrics["val-loss"], metrics["absrel"],
         int(metrics["num-examples"]),
     )
-    return Message(content=content, reply_to=message)
+    return train_reply(message, content, metrics, identity.rover_id, base_round, identity.scope)
 
 
 def handle_evaluate(message: Message, context: Context, overrides: Mapping | None = None) -> Message:
@@ -225,22 +181,18 @@ def handle_evaluate(message: Message, context: Context, overrides: Mapping | Non
     config, _ = _round_config(base_config, message)
     task = TaskConfig.from_run_config(config)
     data = load_local_data(_data_dir(identity), task)
-    names, arrays = _global_arrays(message, ARRAYS_KEY)
+    names, arrays = global_arrays(message)
     model = build_model(task)
     load_arrays(model, names, arrays)
     result = evaluate(model, data.val_images, data.val_depth, task)
-    metrics = MetricRecord(
-        {"num-examples": int(result["num-examples"]), "eval-loss": result["loss"], "absrel": result["absrel"],
-         "delta1": result["delta1"], "rmse": result["rmse"]}
-    )
-    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=message)
+    return metrics_reply(message, {"num-examples": int(result["num-examples"]), "eval-loss": result["loss"],
+                                   "absrel": result["absrel"], "delta1": result["delta1"], "rmse": result["rmse"]})
 
 
 def handle_query(message: Message, context: Context, overrides: Mapping | None = None) -> Message:
     """Say which rover this node is."""
     identity = resolve_rover(context, merge_run_config(context.run_config, overrides))
-    meta = ConfigRecord({"rover-id": identity.rover_id, "scope": identity.scope})
-    return Message(content=RecordDict({META_KEY: meta}), reply_to=message)
+    return identity_reply(message, identity.rover_id, identity.scope)
 
 
 def make_client_app(overrides: Mapping | None = None) -> ClientApp:

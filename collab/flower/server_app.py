@@ -1,16 +1,8 @@
 """The cloud coordinator ``ServerApp``: runs the rounds of one algorithm and keeps its state in SQLite.
 
-The algorithm comes from the run config (``algorithm`` = one of
-:data:`forest_perception.collab.flower.strategies.ALGORITHMS`), and so does everything else (see
-``[tool.flwr.app.config]`` in ``pyproject.toml`` and :data:`forest_perception.collab.flower.task.DEFAULT_RUN_CONFIG`).
-
-:class:`Coordinator` is the round loop (Flower's ``Strategy.start`` always starts at round 1;
-this one resumes): on start it opens the :class:`~forest_perception.collab.flower.store.CoordinatorStore` at
-``state-db``; an empty store gets the initial model as round 0, a store with rounds gives
-back the last completed round's model and algorithm state, and the loop continues with the
-next round. Each round is train (select, send, screen, aggregate), optionally evaluate, then
-one commit. A coordinator killed mid-round therefore repeats that round from its start on
-restart; the rovers' replies to the killed round are never applied.
+Everything comes from the run config (:data:`forest_perception.collab.flower.task.DEFAULT_RUN_CONFIG`).
+:class:`Coordinator` is the round loop that, unlike Flower's ``Strategy.start``, resumes from the last
+round its store committed; see ``docs/federated.md`` ("Coordinator state (SQLite) and resuming").
 """
 
 from __future__ import annotations
@@ -27,14 +19,11 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from forest_perception.collab.flower.messages import arrays_to_record
+from forest_perception.collab.flower.population import load_population
+from forest_perception.collab.flower.rover_strategy import RoverStrategy, StrategyConfig
 from forest_perception.collab.flower.store import CoordinatorStore, RoundRecord
-from forest_perception.collab.flower.strategies import (
-    ALGORITHMS,
-    RoverStrategy,
-    StrategyConfig,
-    arrays_to_record,
-    build_strategy,
-)
+from forest_perception.collab.flower.strategies import ALGORITHMS, build_strategy
 from forest_perception.collab.flower.task import TaskConfig, initial_arrays, merge_run_config
 
 LOG = logging.getLogger(__name__)
@@ -183,8 +172,6 @@ def build_coordinator(config: Mapping) -> Coordinator:
     names, initial = initial_arrays(settings.task)
     availability = None
     if settings.population:
-        from forest_perception.collab.flower.simulation import load_population
-
         availability = load_population(settings.population).is_available
     strategy = build_strategy(
         settings.algorithm, names, initial, settings.strategy, settings.train_config, availability

@@ -1,23 +1,8 @@
 """The cloud coordinator's state in SQLite: global model versions, round metrics, who sent what.
 
-One :class:`CoordinatorStore` file holds one federated run. Every completed round is
-committed in **one transaction** (:meth:`CoordinatorStore.commit_round`): the round's row,
-one row per rover that was asked (accepted, rejected with its reason, failed or silent),
-the new global model and the algorithm's full state (``forest_perception.collab.state.pack_state`` of the
-server's ``state_dict()``). A coordinator killed mid-round leaves nothing of that round
-behind; on restart :meth:`CoordinatorStore.latest` gives the last completed round's model
-and state and the round is run again from scratch, so no update is lost or applied twice
-(a second commit of a round number is refused).
-
-Pure Python (sqlite3 + numpy): no Flower, no torch, so the ROS collab node and the
-deployment tools can read it too. The database runs in WAL mode, so ``forest-fl status``
-can read it while the coordinator writes.
-
-Tables: ``meta`` (schema version, the run's identity), ``rounds``, ``updates``,
-``models`` (one global model per round, round 0 = the initial model), ``server_state``
-(only the latest, it can be large: FedLaAvg keeps every rover's latest delta) and, when
-asked for (``keep_updates=True``), ``update_blobs`` with the accepted updates as received
-(for audits and per-rover influence studies).
+Pure Python (sqlite3 + numpy, no Flower or torch), so the rover's collab_node and the tools can read it;
+one transaction per completed round, so a coordinator killed mid-round repeats that round and applies no
+update twice. Tables and resuming: ``docs/federated.md`` ("Coordinator state (SQLite) and resuming").
 """
 
 from __future__ import annotations

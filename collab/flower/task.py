@@ -1,30 +1,17 @@
 """What a rover does in a federated round: the depth model as named arrays, its local data, training, evaluation.
 
-Shared by the ServerApp (initial model, tensor names) and the ClientApp (everything else),
-as in Flower's quickstart ``task.py``. The model is one of :mod:`forest_perception.models.networks` (the
-small auto-encoder by default, ``base-channels`` 4 = 27k parameters for 100-rover
-simulations, 16 = the 0.36M-parameter network of the model cards) at a configurable input
-size (e.g. 64x80 or 128x160). Its parameters travel as the floating-point entries of the
-``state_dict`` (weights and BatchNorm statistics, not the integer batch counters), keyed
-by name, always in ``state_dict`` order.
-
-A rover trains on its own recordings in the forest dataset layout
-(``Run-N/<segment>/{rgb_image,depth_image,metadata.csv}``), split by segment into train
-and validation (:func:`forest_perception.models.data.split_segments`; with a single segment it validates on
-its training frames and says so). Decoded frames are cached per process, so a Ray actor
-that plays many virtual rovers reads each rover's PNGs once.
-
-``scope="decoder"`` trains only the decoder and head (a rover with little compute: the
-encoder is frozen, BatchNorm statistics included); its update then carries the encoder's
-tensors with zero rows, which FedSubAvg treats as "not involved".
+Shared by the ServerApp (initial model, tensor names) and the ClientApp (the rest), as in Flower's
+quickstart ``task.py``. Run configuration, what travels and the training scopes: ``docs/federated.md``
+("Run configuration", "Messages", "The strategies").
 """
 
 from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,16 +153,16 @@ class TaskConfig:
 
 
 def build_model(config: TaskConfig) -> nn.Module:
-    """The depth network, initialised from ``config.seed`` (same seed, same initial weights everywhere)."""
-    from forest_perception.models.networks import MODEL_NAMES
+    """:func:`forest_perception.models.networks.build_model` of ``config``, initialised from ``config.seed``.
+
+    The same seed gives the same initial weights everywhere (the coordinator's round 0 and every rover).
+    """
     from forest_perception.models.networks import build_model as build_network
 
-    if config.model not in MODEL_NAMES:
-        raise ValueError(f"unknown model {config.model!r}; choose one of {list(MODEL_NAMES)}")
+    # base-channels sizes the auto-encoder; the multi-scale net has fixed widths
+    kwargs = {"base_channels": config.base_channels} if config.model == "autoencoder" else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        # base-channels sizes the auto-encoder; the multi-scale net has fixed widths
-        kwargs = {"base_channels": config.base_channels} if config.model == "autoencoder" else {}
         return build_network(config.model, config.input_hw, **kwargs)
 
 
@@ -217,6 +204,14 @@ def set_arrays(model: nn.Module, names: Sequence[str], arrays: Sequence[np.ndarr
 def initial_arrays(config: TaskConfig) -> tuple[list[str], NDArrays]:
     """Names and arrays of the freshly initialised model (the coordinator's round 0)."""
     return get_arrays(build_model(config))
+
+
+def round_seed(seed: int, server_round: int, who: str) -> int:
+    """The shuffle seed of ``who``'s local training in ``server_round`` of a run seeded ``seed``.
+
+    A round replayed after a coordinator restart trains the same way.
+    """
+    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(who.encode())) % (2**63)
 
 
 def scope_tensors(names: Sequence[str], scope: str) -> list[bool]:
@@ -269,8 +264,9 @@ _DATA_CACHE: OrderedDict[tuple, LocalData] = OrderedDict()
 _DATA_CACHE_SIZE = 256
 
 
-def _stack(dataset: object) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[i] for i in range(len(dataset))]
+def stack_frames(dataset: object, indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and depth maps of a ``ForestDepthDataset``'s items (all, or ``indices``) as two tensors."""
+    items = [dataset[i] for i in (range(len(dataset)) if indices is None else indices)]
     return torch.stack([it["image"] for it in items]), torch.stack([it["depth"] for it in items])
 
 
@@ -301,11 +297,11 @@ def load_local_data(data_dir: str | Path, config: TaskConfig) -> LocalData:
         val_is_train = False
     else:
         train_segments, val_segments, val_is_train = segments, segments, True
-    train_images, train_depth = _stack(ForestDepthDataset(train_segments, **common))
+    train_images, train_depth = stack_frames(ForestDepthDataset(train_segments, **common))
     if val_is_train:
         val_images, val_depth = train_images, train_depth
     else:
-        val_images, val_depth = _stack(ForestDepthDataset(val_segments, **common))
+        val_images, val_depth = stack_frames(ForestDepthDataset(val_segments, **common))
     data = LocalData(
         str(path), train_images, train_depth, val_images, val_depth,
         [s.segment_id for s in segments], val_is_train,
@@ -319,10 +315,46 @@ def load_local_data(data_dir: str | Path, config: TaskConfig) -> LocalData:
 # ---------------------------------------------------------------------------------------------- train / evaluate
 
 
-def _loss_fn(config: TaskConfig) -> nn.Module:
+def depth_loss(config: TaskConfig, variance_focus: float = 0.85) -> nn.Module:
+    """The task's loss: silog + smoothness in ``config``'s depth range (``variance_focus`` 0: scale-sensitive)."""
     from forest_perception.models.losses import DepthLoss
 
-    return DepthLoss(silog=1.0, smooth=0.001, min_depth=config.min_depth, max_depth=config.max_depth)
+    return DepthLoss(silog=1.0, smooth=0.001, min_depth=config.min_depth, max_depth=config.max_depth,
+                     variance_focus=variance_focus)
+
+
+BatchLoss = Callable[[torch.Tensor], torch.Tensor]
+"""``batch_loss(indices)``: the loss of the model on those training frames (one scalar tensor)."""
+
+
+def run_local_epochs(batch_loss: BatchLoss, optimizer: torch.optim.Optimizer, num_frames: int, config: TaskConfig,
+                     seed: int, where: str) -> dict[str, float]:
+    """``config.local_epochs`` epochs of shuffled mini-batches (at most ``config.local_steps`` steps).
+
+    ``seed`` fixes the shuffle order; a non-finite loss raises ``FloatingPointError`` naming ``where``.
+    Returns ``train-loss`` (frame-weighted mean), ``steps``, ``train-s``.
+    """
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    steps, loss_sum, seen = 0, 0.0, 0
+    for _ in range(config.local_epochs):
+        order = torch.randperm(num_frames, generator=generator)
+        for first in range(0, num_frames, config.batch_size):
+            if config.local_steps and steps >= config.local_steps:
+                break
+            idx = order[first : first + config.batch_size]
+            loss = batch_loss(idx)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"local training loss became {loss.item()} at step {steps} on {where}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(idx)
+            seen += len(idx)
+    return {"train-loss": loss_sum / max(seen, 1), "steps": float(steps), "train-s": time.perf_counter() - start}
 
 
 def train_local(
@@ -330,36 +362,20 @@ def train_local(
 ) -> dict[str, float]:
     """Local epochs of AdamW on the rover's training frames; returns ``train-loss``, ``steps``, ``train-s``.
 
-    ``seed`` fixes the shuffle order (the client passes ``(run seed, round, rover)``), so a
-    round replayed after a coordinator restart trains the same way.
+    ``seed`` fixes the shuffle order (the client passes :func:`round_seed`), so a round replayed after a
+    coordinator restart trains the same way.
     """
-    if config.threads:
-        torch.set_num_threads(config.threads)
     _apply_scope(model, scope)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    loss_fn = _loss_fn(config)
-    generator = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    steps, loss_sum, seen = 0, 0.0, 0
-    for _ in range(config.local_epochs):
-        order = torch.randperm(data.num_train, generator=generator)
-        for first in range(0, data.num_train, config.batch_size):
-            if config.local_steps and steps >= config.local_steps:
-                break
-            idx = order[first : first + config.batch_size]
-            image, target = data.train_images[idx], data.train_depth[idx]
-            loss, _ = loss_fn(model(image), target, image)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"local training loss became {loss.item()} at step {steps} on {data.path}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            loss_sum += float(loss.detach()) * len(idx)
-            seen += len(idx)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
+    loss_fn = depth_loss(config)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        image = data.train_images[idx]
+        return loss_fn(model(image), data.train_depth[idx], image)[0]
+
+    metrics = run_local_epochs(batch_loss, optimizer, data.num_train, config, seed, data.path)
     model.eval()
-    return {"train-loss": loss_sum / max(seen, 1), "steps": float(steps), "train-s": time.perf_counter() - start}
+    return metrics
 
 
 @torch.no_grad()
@@ -370,7 +386,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, depth: torch.Tensor, config
     if config.threads:
         torch.set_num_threads(config.threads)
     model.eval()
-    loss_fn = _loss_fn(config)
+    loss_fn = depth_loss(config)
     accumulator = MetricAccumulator(config.min_depth, config.max_depth)
     loss_sum, count = 0.0, 0
     for first in range(0, images.shape[0], config.batch_size):

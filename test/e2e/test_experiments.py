@@ -21,10 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # experiments/ is a folder of the repository, not an installed package
     sys.path.insert(0, str(REPO))
 
-from experiments import common, run_all  # noqa: E402
+from experiments import heldout, run_all  # noqa: E402
 from experiments.fed_vs_local_vs_central import FedLocalCentralConfig  # noqa: E402
 from experiments.fedlaavg_vs_fedavg import LaAvgConfig  # noqa: E402
 from experiments.fedsubavg_sparse import PlaceScaledDepth, SubAvgConfig, assign_places, make_places  # noqa: E402
+from experiments.report import curve_stats, fmt, mean_std, rounds_to_target  # noqa: E402
 from experiments.semicyclic import SemiCyclicConfig  # noqa: E402
 
 HW = (32, 48)  # the smallest input the networks take comfortably; every script accepts it
@@ -182,28 +183,28 @@ def test_report_lists_every_experiment_and_the_costs(report):
 def test_held_out_groups_restrict_and_complain():
     parts = {name: (torch.full((n, 3, 4, 4), float(i)), torch.full((n, 1, 4, 4), float(i + 1)))
              for i, (name, n) in enumerate([("a", 2), ("b", 3), ("c", 1)])}
-    held = common.HeldOut.build(parts, {"ab": ["a", "b"], "c": ["c"], "all": ["a", "b", "c"]})
+    held = heldout.HeldOut.build(parts, {"ab": ["a", "b"], "c": ["c"], "all": ["a", "b", "c"]})
     assert len(held) == 6 and list(held.groups["c"]) == [5]
     sub = held.restrict(["c", "ab"])
     assert len(sub) == 6  # every frame is in one of them: nothing dropped
     only_c = held.restrict(["c"])
     assert len(only_c) == 1 and float(only_c.images[only_c.groups["c"]][0, 0, 0, 0]) == 2.0
     with pytest.raises(ValueError, match="names unknown or no parts: \\['z'\\]"):
-        common.HeldOut.build(parts, {"bad": ["a", "z"]})
+        heldout.HeldOut.build(parts, {"bad": ["a", "z"]})
     with pytest.raises(ValueError, match="unknown"):
         held.restrict(["nope"])
 
 
 def test_summaries_and_targets():
-    stat = common.mean_std([1.0, 3.0, math.nan])
+    stat = mean_std([1.0, 3.0, math.nan])
     assert (stat["mean"], stat["n"], stat["nonfinite"]) == (2.0, 2, 1) and stat["std"] == pytest.approx(math.sqrt(2))
-    assert common.fmt(stat, 1) == "2.0 ± 1.4 (1 diverged)"
-    assert common.fmt(common.mean_std([math.nan])) == "diverged"
+    assert fmt(stat, 1) == "2.0 ± 1.4 (1 diverged)"
+    assert fmt(mean_std([math.nan])) == "diverged"
     rows = [{"round": 0, "loss": 5.0}, {"round": 1, "loss": 4.0}, {"round": 2, "loss": math.nan},
             {"round": 3, "loss": 2.0}]
-    assert common.rounds_to_target(rows, "loss", 3.0) == 3
-    assert common.rounds_to_target(rows, "loss", 1.0) is None
-    rounds, mean, std = common.curve_stats([rows, rows], "loss")
+    assert rounds_to_target(rows, "loss", 3.0) == 3
+    assert rounds_to_target(rows, "loss", 1.0) is None
+    rounds, mean, std = curve_stats([rows, rows], "loss")
     assert list(rounds) == [0, 1, 2, 3] and mean[1] == 4.0 and std[1] == 0.0 and math.isnan(mean[2])
 
 

@@ -30,17 +30,15 @@ from forest_perception.collab.deploy.certs import (
     make_deployment_certs,
     public_key_fingerprint,
 )
-from forest_perception.collab.deploy.local import (
-    DeploySpec,
-    LocalDeployment,
+from forest_perception.collab.deploy.local import DeploySpec, LocalDeployment
+from forest_perception.collab.deploy.processes import (
     ManagedProcess,
-    RoverNode,
     group_members,
     listening_sockets,
     process_tree,
     stop_process,
-    write_toml_table,
 )
+from forest_perception.collab.deploy.supernode import RoverNode, write_toml_table
 from forest_perception.collab.flower.cli import main as forest_fl
 from forest_perception.collab.flower.store import CoordinatorStore
 
@@ -307,7 +305,8 @@ def test_stop_ends_the_process_group_and_detached_descendants(tmp_path):
 
 @pytest.mark.slow
 def test_deployed_rovers_train_over_tls_and_an_unregistered_node_is_refused(certs, tmp_path):
-    from forest_perception.collab.flower.simulation import ensure_rover_data, make_population
+    from forest_perception.collab.flower.population import make_population
+    from forest_perception.collab.flower.rover_data import ensure_rover_data
 
     population = make_population(2, tmp_path / "rovers", seed=3, frames=4, availability=(1.0, 1.0))
     for rover in population.rovers:

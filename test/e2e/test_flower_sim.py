@@ -18,18 +18,16 @@ import pytest
 import tomllib
 
 from forest_perception.collab.algorithms import fedavg
+from forest_perception.collab.flower import LOOPBACK_ENV
 from forest_perception.collab.flower.client_app import make_client_app
+from forest_perception.collab.flower.local_grid import LocalGrid
+from forest_perception.collab.flower.population import Population, load_population, make_population
+from forest_perception.collab.flower.rover_data import ensure_rover_data
 from forest_perception.collab.flower.server_app import build_coordinator
 from forest_perception.collab.flower.simulation import (
-    LOOPBACK_ENV,
-    LocalGrid,
-    Population,
     SimulationSpec,
     backend_config,
-    ensure_rover_data,
     flower_environment,
-    load_population,
-    make_population,
     run_with_flwr_cli,
 )
 from forest_perception.collab.flower.store import CoordinatorStore

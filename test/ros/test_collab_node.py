@@ -51,9 +51,10 @@ def _params(**values):
 
 
 def _decision(node, label: str):
-    with node._lock:
-        last = node.last_decision
-    return last if last and last["label"].startswith(label) and node.state == "idle" else None
+    agent = node.agent
+    with agent.lock:
+        last = agent.last_decision
+    return last if last and last["label"].startswith(label) and agent.state == "idle" else None
 
 
 class Probe:
@@ -172,7 +173,7 @@ def test_collab_node_gates_deploys_refuses_and_trains_when_idle(rig, wait):
     # a better global model (the wall's true distance) is accepted and swapped into the depth node
     better = _constant_model(3.0, 1)
     rover.write_global_model(drop, 1, better.names, better.arrays, rover.task_meta(_task()))
-    assert wait(lambda: _decision(collab, "global-r000001"), timeout=30.0), collab.last_error
+    assert wait(lambda: _decision(collab, "global-r000001"), timeout=30.0), collab.agent.last_error
     decision = _decision(collab, "global-r000001")
     assert decision["accepted"] and decision["deployed"] and decision["code"] == "accepted", decision
     assert decision["running_model"] == rig["shipped"]
@@ -186,7 +187,7 @@ def test_collab_node_gates_deploys_refuses_and_trains_when_idle(rig, wait):
     # random weights: worse on the held-out frames, refused with the reason; the depth node keeps its model
     random_model = rover.initial_model(_task(seed=7))
     rover.write_global_model(drop, 2, random_model.names, random_model.arrays, rover.task_meta(_task()))
-    assert wait(lambda: _decision(collab, "global-r000002"), timeout=30.0), collab.last_error
+    assert wait(lambda: _decision(collab, "global-r000002"), timeout=30.0), collab.agent.last_error
     decision = _decision(collab, "global-r000002")
     assert not decision["accepted"] and not decision["deployed"] and decision["code"] == "worse"
     assert "absrel" in decision["reason"] and decision["running_model"] == deployed_path
@@ -195,7 +196,7 @@ def test_collab_node_gates_deploys_refuses_and_trains_when_idle(rig, wait):
 
     # a corrupt drop: refused as unreadable, naming the file
     (drop / "global-r000003.npz").write_bytes(b"\x00garbage" * 300)
-    assert wait(lambda: _decision(collab, "global-r000003"), timeout=30.0), collab.last_error
+    assert wait(lambda: _decision(collab, "global-r000003"), timeout=30.0), collab.agent.last_error
     decision = _decision(collab, "global-r000003")
     assert decision["code"] == "unreadable" and "global-r000003.npz" in decision["reason"]
     assert depth.get_parameter("model_path").value == deployed_path
@@ -206,15 +207,15 @@ def test_collab_node_gates_deploys_refuses_and_trains_when_idle(rig, wait):
     response = probe.call_train_now()
     assert not response.success and "no odometry" in response.message
     probe.speed = 0.6
-    assert wait(lambda: "moving" in collab.idle_state()[1], timeout=5.0)
+    assert wait(lambda: "moving" in collab.agent.idle_state()[1], timeout=5.0)
     response = probe.call_train_now()
     assert not response.success and "moving at 0.60 m/s" in response.message
     probe.speed = 0.0
-    assert wait(lambda: collab.idle_state()[0], timeout=5.0)
+    assert wait(lambda: collab.agent.idle_state()[0], timeout=5.0)
     response = probe.call_train_now()
     assert response.success, response.message
-    assert wait(lambda: _decision(collab, "local-"), timeout=30.0), collab.last_error
-    assert collab.counts["trainings"] == 1 and collab.counts["training_failed"] == 0
+    assert wait(lambda: _decision(collab, "local-"), timeout=30.0), collab.agent.last_error
+    assert collab.agent.counts["trainings"] == 1 and collab.agent.counts["training_failed"] == 0
     assert wait(lambda: probe.statuses[-1]["local_metrics"].get("steps", 0) > 0, timeout=30.0)
     local = probe.statuses[-1]["local_metrics"]
     assert local["val-is-train"] == 0.0 and math.isfinite(local["absrel"])
@@ -239,7 +240,7 @@ def test_collab_node_restores_its_model_and_does_not_regate_after_a_restart(rig,
     depth, collab, drop = rig["depth"], rig["collab"](), rig["drop"]
     better = _constant_model(3.0, 4)
     rover.write_global_model(drop, 4, better.names, better.arrays, rover.task_meta(_task()))
-    assert wait(lambda: _decision(collab, "global-r000004"), timeout=30.0), collab.last_error
+    assert wait(lambda: _decision(collab, "global-r000004"), timeout=30.0), collab.agent.last_error
     deployed = _decision(collab, "global-r000004")["model_path"]
     assert depth.get_parameter("model_path").value == deployed
     # the depth node restarts with its launch-file model; the collab node restarts too
@@ -249,7 +250,8 @@ def test_collab_node_restores_its_model_and_does_not_regate_after_a_restart(rig,
     collab = rig["restart_collab"]()
     assert wait(lambda: depth.get_parameter("model_path").value == deployed, timeout=15.0)
     time.sleep(1.0)  # several polls: the model it decided on before is not gated again
-    assert collab.last_decision is None and collab.counts["accepted"] == collab.counts["refused"] == 0
+    agent = collab.agent
+    assert agent.last_decision is None and agent.counts["accepted"] == agent.counts["refused"] == 0
     assert collab.status_dict()["round"] == 4
     # a bad parameter update is refused with the reason
     result = collab.set_parameters([Parameter("input_height", value=50)])[0]
@@ -263,7 +265,7 @@ def test_a_model_waits_for_held_out_frames(rig, wait):
     better = _constant_model(3.0, 1)
     rover.write_global_model(drop, 1, better.names, better.arrays, rover.task_meta(_task()))
     # one segment: nothing can be held out, so nothing is validated and the depth node keeps its model
-    assert wait(lambda: _decision(collab, "global-r000001"), timeout=30.0), collab.last_error
+    assert wait(lambda: _decision(collab, "global-r000001"), timeout=30.0), collab.agent.last_error
     decision = _decision(collab, "global-r000001")
     assert decision["code"] == "no_holdout" and not decision["accepted"]
     assert depth.get_parameter("model_path").value == rig["shipped"]
@@ -271,5 +273,6 @@ def test_a_model_waits_for_held_out_frames(rig, wait):
     assert level == b"\x01" and "no held-out frames" in message
     # the rover records a second segment: the same model is gated again and deployed
     _write_segment(rig["data"], "b", 4, seed=1)
-    assert wait(lambda: (_decision(collab, "global-r000001") or {}).get("deployed"), timeout=30.0), collab.last_error
-    assert depth.get_parameter("model_path").value == collab.last_decision["model_path"]
+    deployed = wait(lambda: (_decision(collab, "global-r000001") or {}).get("deployed"), timeout=30.0)
+    assert deployed, collab.agent.last_error
+    assert depth.get_parameter("model_path").value == collab.agent.last_decision["model_path"]

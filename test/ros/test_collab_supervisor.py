@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from forest_perception.collab.deploy.local import DeploySpec, LocalDeployment, RoverNode
+from forest_perception.collab.deploy.local import DeploySpec, LocalDeployment
+from forest_perception.collab.deploy.supernode import SUPERNODE_READY, RoverNode, supernode_argv
 from forest_perception.collab.supervisor import (
     BACKOFF,
     FAILED,
     RUNNING,
     STARTING,
     STOPPED,
-    SUPERNODE_READY,
     Backoff,
     SuperNodeSupervisor,
-    supernode_argv,
 )
 
 
@@ -252,7 +251,7 @@ def test_collab_node_runs_the_supernode_reports_it_and_stops_it(rclpy_context, t
     spinner.start()
     try:
         assert wait(lambda: statuses["rover_0"] and statuses["rover_0"][-1]["supernode"]["state"] == RUNNING,
-                     timeout=15.0), statuses["rover_0"][-1:] or node.supernode_status()
+                     timeout=15.0), statuses["rover_0"][-1:] or node.supernode.status()
         supernode = statuses["rover_0"][-1]["supernode"]
         assert supernode["node_id"] == "4242" and supernode["restarts"] == 0 and supernode["enabled"]
         assert "SuperNode ID: 4242" in supernode["last_line"]
@@ -270,14 +269,15 @@ def test_collab_node_runs_the_supernode_reports_it_and_stops_it(rclpy_context, t
         assert values["supernode_state"] == RUNNING and values["supernode_node_id"] == "4242"
 
         # the SuperNode dies: WARN while backing off (its orphaned child is ended), then it runs again
-        assert wait(lambda: node.diagnostics_values()[0] == DiagnosticStatus.OK or not node.fault), node.fault
+        agent = node.agent
+        assert wait(lambda: node.diagnostics_values()[0] == DiagnosticStatus.OK or not agent.fault), agent.fault
         os.kill(pid, signal.SIGKILL)
-        assert wait(lambda: node.supernode_status()["state"] == BACKOFF, timeout=5.0)
+        assert wait(lambda: node.supernode.status()["state"] == BACKOFF, timeout=5.0)
         level, message, _ = node.diagnostics_values()
         assert level == DiagnosticStatus.WARN and "exited with code -9" in message, message
         assert wait(lambda: _gone(child), timeout=5.0)
         assert wait(lambda: statuses["rover_0"][-1]["supernode"]["state"] == RUNNING
-                     and statuses["rover_0"][-1]["supernode"]["restarts"] == 1, timeout=10.0), node.supernode_status()
+                     and statuses["rover_0"][-1]["supernode"]["restarts"] == 1, timeout=10.0), node.supernode.status()
         pid = statuses["rover_0"][-1]["supernode"]["pid"]
         child = int((tmp_path / "child.pid").read_text())
 
@@ -286,13 +286,13 @@ def test_collab_node_runs_the_supernode_reports_it_and_stops_it(rclpy_context, t
         assert "root_certificates" in reason and "missing-ca.crt" in reason and "does not exist" in reason
         level, message, _ = broken.diagnostics_values()
         assert level == DiagnosticStatus.ERROR and "SuperNode: " in message and "missing-ca.crt" in message
-        assert broken.supervisor is None and broken.request_training("test")[1]  # the node itself works
+        assert broken.supernode.supervisor is None and broken.request_training("test")[1]  # the node itself works
 
         executor.remove_node(node)
         live.remove(node)
         node.destroy_node()
         assert _gone(pid) and _gone(child)
-        assert node.supernode_status()["state"] == STOPPED
+        assert node.supernode.status()["state"] == STOPPED
     finally:
         executor.shutdown(timeout_sec=1.0)
         spinner.join(timeout=5.0)

@@ -1,4 +1,4 @@
-"""collab.rover: global model drops, dataset watch, hold-out split, validation gate, local training, idleness."""
+"""collab.rover: global model drops, dataset watch, hold-out split, gate, local training, idleness, node cores."""
 
 from __future__ import annotations
 
@@ -400,3 +400,108 @@ def test_prune_accepted_keeps_the_newest_and_the_deployed(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.*")) == [
         "deployed.json", "deployed.md", "deployed.onnx", "new.json", "new.md", "new.onnx"]
     assert (tmp_path / "refused" / "x.onnx").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- collab_node's cores
+
+
+def node_params(root: Path, out: Path, **overrides) -> dict:
+    """collab_node's parameter values (its defaults where they matter) for a rover recording into ``root``."""
+    return {
+        "dataset_dir": str(root), "models_dir": str(out / "deployed"), "model_source": str(out / "incoming"),
+        "depth_node": "depth_node", "holdout_fraction": 0.5, "holdout_seed": 0, "max_holdout_frames": 200,
+        "gate_tolerance_absrel": 0.0, "gate_tolerance_delta1": 0.01, "gate_max_absrel": 1.0,
+        "onnx_exporter": "torchscript", "keep_refused": 3, "keep_accepted": 5, "train_only_when_idle": True,
+        "idle_speed_mps": 0.05, "idle_seconds": 10.0, "odom_timeout_s": 1.0, "auto_train_min_new_frames": 0,
+        "model": "autoencoder", "base_channels": 4, "input_height": HW[0], "input_width": HW[1], "min_depth_m": 0.1,
+        "max_depth_m": 10.0, "batch_size": 4, "local_epochs": 1, "local_steps": 0, "lr": 1e-3,
+        "max_train_frames": 2000, "torch_threads": 1, "restore_on_start": True, "service_timeout_s": 1.0,
+        "superlink_address": "127.0.0.1:8000", "root_certificates": "", "auth_private_key": "", "rover_id": "",
+        "supernode_executable": "flower-supernode", "supernode_log": "", **overrides,
+    }
+
+
+class FakeDepthNode:
+    """The depth node's model_path as collab_node reaches it: read, set (refusing paths that do not exist), or away."""
+
+    def __init__(self, model_path: str) -> None:
+        self.model_path = model_path
+        self.away = False
+
+    def get(self) -> str:
+        if self.away:
+            raise RuntimeError("service depth_node/get_parameters not available after 1.0 s")
+        return self.model_path
+
+    def set(self, path: str) -> tuple[bool, str]:
+        if not Path(path).is_file():
+            return False, f"{path} does not exist"
+        self.model_path = path
+        return True, ""
+
+
+def test_node_settings_name_the_bad_parameter(tmp_path, dataset):
+    from forest_perception.collab.rover import settings
+
+    root = dataset[0]
+    assert settings.parameter_problem(node_params(root, tmp_path)) == ""
+    assert "multiple of 16" in settings.parameter_problem(node_params(root, tmp_path, input_height=50))
+    assert "model must be one of" in settings.parameter_problem(node_params(root, tmp_path, model="unet"))
+    assert "below max_depth_m" in settings.parameter_problem(node_params(root, tmp_path, min_depth_m=20.0))
+    assert settings.task_config(node_params(root, tmp_path)).input_hw == HW
+    assert settings.gate_config(node_params(root, tmp_path)).validate().exporter == "torchscript"
+    assert settings.supernode_rover_id(node_params(root, tmp_path), "/rover_3") == "rover_3"
+    assert "TLS" in settings.supernode_problem(node_params(root, tmp_path), "rover_3")
+    assert "not a rover id" in settings.supernode_problem(node_params(root, tmp_path), "rover 3")
+    missing = node_params(root, tmp_path, root_certificates=str(tmp_path / "ca.crt"),
+                          auth_private_key=str(tmp_path / "auth.key"))
+    assert str(tmp_path / "ca.crt") in settings.supernode_problem(missing, "rover_3")
+
+
+def test_agent_syncs_gates_deploys_and_reports_without_ros(tmp_path, dataset, running_models):
+    import logging
+
+    from forest_perception.collab.rover.agent import CollabAgent
+    from forest_perception.collab.rover.status import collab_health, status_text
+
+    depth = FakeDepthNode(running_models[2.5])
+    changes = []
+    agent = CollabAgent(node_params(dataset[0], tmp_path), depth.get, depth.set, logging.getLogger("test"),
+                        now=lambda: 100.0, on_change=lambda: changes.append(agent.state))
+    supernode = {"enabled": False, "state": "stopped"}
+    job = agent.poll()  # first: learn what the depth node runs
+    assert job == ("sync", None) and agent.poll() is None  # one job at a time
+    agent.run(job)
+    assert agent.running_model == running_models[2.5] and changes == ["syncing", "idle"]
+
+    better = constant_model(3.0, server_round=1)
+    rover.write_global_model(tmp_path / "incoming", 1, better.names, better.arrays, rover.task_meta(_task()))
+    job = agent.poll()
+    assert job[0] == "gate" and job[1].round == 1
+    refused, message = agent.request_training("test")
+    assert refused is None and "busy: gate queued" in message
+    agent.run(job)
+    decision = agent.last_decision
+    assert decision["accepted"] and decision["deployed"] and depth.model_path == decision["model_path"]
+    assert agent.counts["accepted"] == agent.counts["deployed"] == 1 and agent.ledger.seen(job[1].key)
+    assert agent.poll() is None  # decided once
+    status = agent.status(supernode)
+    assert status["round"] == 1 and status["model_path"] == decision["model_path"] and status["dataset"]["frames"] == 16
+    assert json.loads(status_text(status))["last_gate"]["code"] == "accepted"
+    level, message, values = collab_health(status)
+    assert level == b"\x00" and values["count_deployed"] == 1
+
+    # odometry: a malformed sample is counted; without recent odometry the rover may not train
+    assert "3 components" in agent.odometry((1.0, 2.0))
+    assert agent.counts["odom_malformed"] == 1
+    job, message = agent.request_training("test")
+    assert job is None and "no odometry" in message
+
+    # the depth node goes away: ERROR with the reason, and the candidate waits for it
+    depth.away = True
+    worse = rover.initial_model(_task(seed=3))
+    rover.write_global_model(tmp_path / "incoming", 2, worse.names, worse.arrays, rover.task_meta(_task()))
+    agent.run(agent.poll())
+    level, message, _ = collab_health(agent.status(supernode))
+    assert level == b"\x02" and message.startswith("depth node: ") and agent.last_decision["label"].endswith("1")
+    assert agent.poll() is None  # retried after service_timeout_s, not at once

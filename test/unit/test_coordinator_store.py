@@ -7,23 +7,21 @@ import sqlite3
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from forest_perception.collab.flower.server_app import Coordinator, ServerSettings
-from forest_perception.collab.flower.simulation import LocalGrid
-from forest_perception.collab.flower.store import CoordinatorStore, RoundRecord, UpdateEntry
-from forest_perception.collab.flower.strategies import (
+from forest_perception.collab.flower.local_grid import LocalGrid
+from forest_perception.collab.flower.messages import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    META_KEY,
-    METRICS_KEY,
-    UPDATE_KEY,
-    StrategyConfig,
-    arrays_to_record,
-    build_strategy,
+    identity_reply,
+    put_update,
     record_to_arrays,
+    train_reply,
 )
+from forest_perception.collab.flower.server_app import Coordinator, ServerSettings
+from forest_perception.collab.flower.store import CoordinatorStore, RoundRecord, UpdateEntry
+from forest_perception.collab.flower.strategies import StrategyConfig, build_strategy
 from forest_perception.collab.updates import ClientUpdate
 
 NAMES = ["w", "b"]
@@ -141,8 +139,7 @@ def toy_rover_app() -> ClientApp:
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        rover = f"rover_{context.node_config['partition-id']}"
-        return Message(RecordDict({META_KEY: ConfigRecord({"rover-id": rover})}), reply_to=message)
+        return identity_reply(message, f"rover_{context.node_config['partition-id']}")
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -150,11 +147,10 @@ def toy_rover_app() -> ClientApp:
         server_round = int(message.content[CONFIG_KEY]["server-round"])
         current = record_to_arrays(message.content[ARRAYS_KEY], NAMES)
         deltas = [np.full_like(a, (i + 1) * 0.01 * server_round) + 0.001 * a for a in current]
-        return Message(RecordDict({
-            UPDATE_KEY: arrays_to_record(NAMES, deltas),
-            METRICS_KEY: MetricRecord({"num-examples": 5 + i, "train-loss": 1.0 / server_round}),
-            META_KEY: ConfigRecord({"rover-id": f"rover_{i}", "base-round": server_round}),
-        }), reply_to=message)
+        content = RecordDict()
+        put_update(content, NAMES, deltas)
+        return train_reply(message, content, {"num-examples": 5 + i, "train-loss": 1.0 / server_round},
+                           f"rover_{i}", server_round)
 
     return app
 

@@ -10,23 +10,24 @@ from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from forest_perception.collab.algorithms import FedLaAvgServer, SemiCyclicServer, fedavg, fedsubavg, robust_fedavg
-from forest_perception.collab.flower.simulation import LocalGrid
-from forest_perception.collab.flower.strategies import (
+from forest_perception.collab.flower.local_grid import LocalGrid
+from forest_perception.collab.flower.messages import (
     ARRAYS_KEY,
     CONFIG_KEY,
     META_KEY,
     METRICS_KEY,
     ROWS_KEY,
     SEPARATE_KEY,
-    SEPARATE_UPDATE_KEY,
     UPDATE_KEY,
-    AveragingServer,
-    StrategyConfig,
     arrays_to_record,
-    build_strategy,
+    identity_reply,
+    metrics_reply,
     parse_update,
+    put_update,
     record_to_arrays,
+    train_reply,
 )
+from forest_perception.collab.flower.strategies import AveragingServer, StrategyConfig, build_strategy
 from forest_perception.collab.state import pack_state, unpack_state
 from forest_perception.collab.updates import ClientUpdate, UpdateRejected
 
@@ -56,7 +57,7 @@ def fake_rover_app(behaviour: dict[str, str] | None = None, num_examples: dict[s
 
     @app.query()
     def query(message: Message, context: Context) -> Message:
-        return Message(RecordDict({META_KEY: ConfigRecord({"rover-id": rover_id(context)})}), reply_to=message)
+        return identity_reply(message, rover_id(context))
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -86,29 +87,20 @@ def fake_rover_app(behaviour: dict[str, str] | None = None, num_examples: dict[s
         elif kind == "decoder":  # trained only the decoder: the encoder goes compact, no rows
             deltas[0] = np.zeros((0, 8), np.float32)
             rows = {NAMES[0]: np.zeros(0, np.int64)}
-        content = RecordDict(
-            {
-                UPDATE_KEY: arrays_to_record(names, deltas),
-                METRICS_KEY: MetricRecord(
-                    {"num-examples": num_examples.get(rover, 10), "train-loss": 1.0 + 0.1 * int(rover[-1]),
-                     "val-loss": float(config.get("block", 0)) + 0.5, "absrel": 0.2, "delta1": 0.7}
-                ),
-                META_KEY: ConfigRecord({"rover-id": claimed, "base-round": base_round, "kind": "delta"}),
-            }
-        )
-        if rows:
-            content[ROWS_KEY] = arrays_to_record(list(rows), list(rows.values()))
+        content = RecordDict()
+        put_update(content, names, deltas, rows)
+        metrics = {"num-examples": num_examples.get(rover, 10), "train-loss": 1.0 + 0.1 * int(rover[-1]),
+                   "val-loss": float(config.get("block", 0)) + 0.5, "absrel": 0.2, "delta1": 0.7}
         if SEPARATE_KEY in message.content.array_records:
-            content[SEPARATE_UPDATE_KEY] = arrays_to_record(NAMES, [d * 0.5 for d in honest_delta(99, server_round)])
-            content[METRICS_KEY]["val-loss-separate"] = 0.1  # the separate chain fits this block better
-        return Message(content, reply_to=message)
+            put_update(content, NAMES, [d * 0.5 for d in honest_delta(99, server_round)], chain="separate")
+            metrics["val-loss-separate"] = 0.1  # the separate chain fits this block better
+        return train_reply(message, content, metrics, claimed, base_round)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         arrays = record_to_arrays(message.content[ARRAYS_KEY], NAMES)
         score = float(sum(np.abs(a).sum() for a in arrays))
-        return Message(RecordDict({METRICS_KEY: MetricRecord({"num-examples": 5, "eval-loss": score})}),
-                       reply_to=message)
+        return metrics_reply(message, {"num-examples": 5, "eval-loss": score})
 
     return app
 

@@ -82,13 +82,7 @@ def imports_of(module: str, path: Path) -> list[tuple[int, str]]:
 
 MODULES = module_files()
 # being fixed (issue 9); each entry must still be wrong, so that a fix also removes it from here
-KNOWN_WRONG = {
-    "forest_perception.collab.deploy",
-    "forest_perception.collab.flower.client_app",
-    "forest_perception.collab.flower.server_app",
-    "forest_perception.collab.supervisor",
-    "forest_perception.nodes.collab_node",
-}
+KNOWN_WRONG: set[str] = set()
 
 
 def test_the_walk_sees_every_layer():

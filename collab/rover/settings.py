@@ -1,0 +1,112 @@
+"""collab_node's parameters as the cores take them: checks, task and gate settings, the SuperNode's start.
+
+Parameter values come as a plain dict (name -> value, as ``declare_parameters`` returns them); every
+check returns the reason a value is refused ("" when it is fine), naming the parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from forest_perception.collab.deploy.certs import ROVER_ID_PATTERN
+from forest_perception.collab.deploy.processes import free_ports
+from forest_perception.collab.deploy.supernode import supernode_argv, supernode_environment
+from forest_perception.collab.rover.gate import EXPORTERS, GateConfig
+from forest_perception.models.networks import MODEL_NAMES
+
+if TYPE_CHECKING:
+    from forest_perception.collab.flower.task import TaskConfig
+
+Params = dict[str, Any]
+
+
+def parameter_problem(p: Params) -> str:
+    """Why ``p`` is not a usable configuration of collab_node ("" if it is)."""
+    if p["onnx_exporter"] not in EXPORTERS:
+        return f"onnx_exporter must be one of {list(EXPORTERS)}, got {p['onnx_exporter']!r}"
+    if p["model"] not in MODEL_NAMES:
+        return f"model must be one of {list(MODEL_NAMES)}, got {p['model']!r}"
+    for name in ("input_height", "input_width"):
+        if p[name] % 16:
+            return f"{name} must be a multiple of 16, got {p[name]}"
+    if p["min_depth_m"] >= p["max_depth_m"]:
+        return f"min_depth_m ({p['min_depth_m']}) must be below max_depth_m ({p['max_depth_m']})"
+    for name in ("dataset_dir", "models_dir", "model_source", "depth_node"):
+        if not str(p[name]).strip():
+            return f"{name} must not be empty"
+    return ""
+
+
+def task_config(p: Params) -> TaskConfig:
+    """The rover's task settings (architecture of models that carry none, local training)."""
+    from forest_perception.collab.flower.task import TaskConfig
+
+    return TaskConfig(
+        model=p["model"], base_channels=p["base_channels"], input_hw=(p["input_height"], p["input_width"]),
+        batch_size=p["batch_size"], local_epochs=p["local_epochs"], local_steps=p["local_steps"], lr=p["lr"],
+        min_depth=p["min_depth_m"], max_depth=p["max_depth_m"], seed=p["holdout_seed"],
+        threads=p["torch_threads"],
+    ).validate()
+
+
+def gate_config(p: Params) -> GateConfig:
+    """How strict the validation gate is."""
+    return GateConfig(
+        tolerance_absrel=p["gate_tolerance_absrel"], tolerance_delta1=p["gate_tolerance_delta1"],
+        max_absrel=p["gate_max_absrel"], exporter=p["onnx_exporter"], threads=p["torch_threads"],
+        keep_refused=p["keep_refused"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the SuperNode
+
+
+def supernode_rover_id(p: Params, namespace: str) -> str:
+    """``rover_id``, or the node's namespace without slashes."""
+    return str(p["rover_id"]).strip() or namespace.strip("/").replace("/", "_")
+
+
+def supernode_problem(p: Params, rover_id: str) -> str:
+    """Why the SuperNode cannot be started with ``p`` ("" if it can); names the missing file."""
+    if not str(p["superlink_address"]).strip():
+        return "superlink_address must not be empty"
+    if str(p["model_source"]).endswith(".db"):
+        return f"model_source {p['model_source']!r} is a coordinator store; the SuperNode needs a drop folder"
+    if not ROVER_ID_PATTERN.match(rover_id):
+        return (f"rover_id {rover_id!r} is not a rover id (letters, digits, '_', '.', '-'); "
+                "set rover_id or run the node in the rover's namespace")
+    for name in ("root_certificates", "auth_private_key"):
+        if not str(p[name]).strip():
+            return f"{name} is not set: the SuperNode runs only with TLS and SuperNode authentication"
+    key = Path(p["auth_private_key"])
+    files = {"root_certificates": Path(p["root_certificates"]), "auth_private_key": key,
+             "runtime certificate": key.with_name("runtime.crt"), "runtime key": key.with_name("runtime.key")}
+    for what, path in files.items():
+        if not path.is_file():
+            return f"{what}: {path} does not exist (make it with `forest-fl certs`)"
+        if not os.access(path, os.R_OK):
+            return f"{what}: {path} is not readable"
+    return ""
+
+
+def supernode_log(p: Params) -> Path:
+    """The SuperNode's log file: ``supernode_log``, else ``<models_dir>/supernode/supernode.log``."""
+    return Path(p["supernode_log"] or Path(p["models_dir"]) / "supernode" / "supernode.log").resolve()
+
+
+def supernode_launch(p: Params, rover_id: str) -> tuple[list[str], dict[str, str]]:
+    """The SuperNode's argv and environment; its home, node config and caches go beside its log.
+
+    Creates the drop folder the ClientApp writes into. ``ValueError``/``OSError`` when they cannot be made.
+    """
+    log = supernode_log(p)
+    key = Path(p["auth_private_key"]).resolve()
+    Path(p["model_source"]).mkdir(parents=True, exist_ok=True)
+    argv = supernode_argv(
+        str(p["superlink_address"]), Path(p["root_certificates"]).resolve(), key, p["dataset_dir"], rover_id,
+        p["model_source"], executable=str(p["supernode_executable"]), node_config_file=log.parent / "node_config.toml",
+        runtime_port=free_ports(1)[0], runtime_cert=key.with_name("runtime.crt"),
+        runtime_key=key.with_name("runtime.key"))
+    return argv, supernode_environment(log.parent / "flwr_home", log.parent / "cache")
