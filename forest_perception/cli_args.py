@@ -1,4 +1,4 @@
-"""argparse types shared by every command line of the package (forest-dataset, forest-train, forest-sim, forest-fl).
+"""Input checks shared by every command line (forest-dataset, forest-train, forest-sim, forest-fl) and node.
 
 Each one turns the text of one argument into a value or raises ``argparse.ArgumentTypeError`` naming the
 text and what was expected (argparse puts the flag in front). Image sizes are written ``WIDTHxHEIGHT``
@@ -171,3 +171,19 @@ def run_command(prog: str, parser: argparse.ArgumentParser, handle: Callable[[ar
             raise
         print(f"{where}: error: {describe_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def writable_folder_problem(name: str, folder: str) -> str:
+    """Why a node could not write into ``folder`` (parameter ``name``), "" when it can (it may not exist yet)."""
+    path = os.path.abspath(os.path.expanduser(str(folder)))
+    probe = path
+    while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{name}:={folder!r} cannot be a folder: {probe!r} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{name}:={folder!r} is not writable ({probe!r} refuses new files); choose a folder you can write"
+    return ""

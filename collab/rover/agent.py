@@ -371,6 +371,8 @@ class CollabAgent:
                 "idle": idle,
                 "idle_reason": idle_reason,
                 "dataset": {
+                    "dir": str(self.p["dataset_dir"]),
+                    "dir_exists": Path(self.p["dataset_dir"]).is_dir(),
                     "segments": len(frames),
                     "frames": sum(frames.values()),
                     "train_segments": train_ids,

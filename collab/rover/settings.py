@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from forest_perception.cli_args import writable_folder_problem
 from forest_perception.collab.deploy.certs import ROVER_ID_PATTERN
 from forest_perception.collab.deploy.processes import free_ports
 from forest_perception.collab.deploy.supernode import supernode_argv, supernode_environment
@@ -36,7 +37,7 @@ def parameter_problem(p: Params) -> str:
     for name in ("dataset_dir", "models_dir", "model_source", "depth_node"):
         if not str(p[name]).strip():
             return f"{name} must not be empty"
-    return ""
+    return writable_folder_problem("models_dir", p["models_dir"])
 
 
 def task_config(p: Params) -> TaskConfig:

@@ -7,7 +7,7 @@ from typing import Any
 
 from forest_perception.collab.rover.files import json_clean
 from forest_perception.collab.supervisor import BACKOFF, FAILED
-from forest_perception.depth_pipeline import ERROR, OK, WARN
+from forest_perception.diagnostics import ERROR, OK, WARN
 
 
 def status_text(status: dict[str, Any]) -> str:
@@ -45,6 +45,10 @@ def collab_health(status: dict[str, Any]) -> tuple[bytes, str, dict[str, object]
         return WARN, f"SuperNode: {supernode['reason']}", values
     if last.get("deploy_error"):
         return WARN, f"deploy failed: {last['deploy_error']}", values
-    if not status["dataset"]["holdout_frames"]:
+    dataset = status["dataset"]
+    if not dataset.get("dir_exists", True):
+        return WARN, (f"dataset_dir {dataset['dir']!r} does not exist: no recordings to validate new models "
+                      "on or to train with (record with capture_node, then forest-dataset extract)"), values
+    if not dataset["holdout_frames"]:
         return WARN, "no held-out frames: new models cannot be validated", values
     return OK, status["state"], values

@@ -11,12 +11,9 @@ def federated_swarm(out: Path, rovers: int = 3, rounds: int = 4, frames: int = 2
     model's accuracy on a held-out forest before and after."""
     import torch
 
-    from forest_perception.collab.flower.simulation import (
-        SimulationSpec,
-        ensure_rover_data,
-        make_population,
-        run_simulation,
-    )
+    from forest_perception.collab.flower.population import make_population
+    from forest_perception.collab.flower.rover_data import ensure_rover_data
+    from forest_perception.collab.flower.simulation import SimulationSpec, run_simulation
     from forest_perception.collab.flower.store import CoordinatorStore
     from forest_perception.collab.flower.task import (
         TaskConfig,

@@ -19,6 +19,7 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from rclpy.subscription import Subscription
 from std_srvs.srv import SetBool, Trigger
 
+from forest_perception.cli_args import writable_folder_problem
 from forest_perception.nodes.common import (
     ParamSpec,
     add_validated_updates,
@@ -26,7 +27,6 @@ from forest_perception.nodes.common import (
     declare_parameters,
     publish_node_diagnostics,
     run_node,
-    writable_folder_problem,
 )
 from forest_perception.recorder import (
     COMPRESSIONS,

@@ -34,6 +34,7 @@ from forest_perception.nodes.common import (
     declare_parameters,
     publish_node_diagnostics,
     run_node,
+    worker_error_handler,
 )
 from forest_perception.worker import SlotWorker
 
@@ -123,7 +124,8 @@ class CollabNode(Node):
         self.create_timer(self.p["poll_period_s"], self._poll)
         self.create_timer(self.p["status_period_s"], self.publish_status)
         self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
-        self.worker: SlotWorker[Job] = SlotWorker("collab_worker", self.agent.run)
+        self.worker: SlotWorker[Job] = SlotWorker("collab_worker", self.agent.run,
+                                                 on_error=worker_error_handler(self, "collab job"))
         if self.p["supernode"]:
             self._start_supernode()
             self.create_timer(POLL_PERIOD_S, self._poll_supernode)
@@ -221,15 +223,18 @@ class CollabNode(Node):
         publish_node_diagnostics(self, self.diag_pub, "collab_node", *self.diagnostics_values())
 
     def destroy_node(self) -> None:
-        """Stop the SuperNode (its whole process group), the worker (after its current job), then the node."""
-        self.supernode.stop()
-        self.worker.stop(timeout=30.0)
+        """Stop the SuperNode (its whole process group), the worker (after its current job), then the node
+        (also after a constructor that failed half way)."""
+        if hasattr(self, "supernode"):
+            self.supernode.stop()
+        if hasattr(self, "worker"):
+            self.worker.stop(timeout=30.0)
         super().destroy_node()
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``ros2 run forest_perception collab_node``."""
-    run_node(CollabNode, "collab_node", args)
+    run_node(CollabNode, "collab_node", args, PARAMS, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

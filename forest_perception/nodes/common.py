@@ -143,20 +143,16 @@ def add_validated_updates(node: Node, specs: Sequence[ParamSpec], current: Calla
     node.add_on_set_parameters_callback(on_set)
 
 
-def writable_folder_problem(name: str, folder: str) -> str:
-    """Why a node could not write into ``folder`` (parameter ``name``), "" when it can (it may not exist yet)."""
-    path = os.path.abspath(os.path.expanduser(str(folder)))
-    probe = path
-    while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        return f"{name}:={folder!r} cannot be a folder: {probe!r} is a file"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{name}:={folder!r} is not writable ({probe!r} refuses new files); choose a folder you can write"
-    return ""
+def worker_error_handler(node: Node, what: str) -> Callable[[Exception], bool]:
+    """A ``SlotWorker`` ``on_error`` for a node: after shutdown (Ctrl-C) the thread ends quietly; before, the
+    error is logged with ``what`` failed and the worker takes the next job."""
+    def on_error(exc: Exception) -> bool:
+        if not rclpy.ok(context=node.context):
+            return False
+        node.get_logger().error(f"{what} failed: {type(exc).__name__}: {exc}")
+        return True
+
+    return on_error
 
 
 def changed(old: dict[str, Any], new: dict[str, Any], names: Sequence[str]) -> list[str]:

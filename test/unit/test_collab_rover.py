@@ -505,3 +505,23 @@ def test_agent_syncs_gates_deploys_and_reports_without_ros(tmp_path, dataset, ru
     level, message, _ = collab_health(agent.status(supernode))
     assert level == b"\x02" and message.startswith("depth node: ") and agent.last_decision["label"].endswith("1")
     assert agent.poll() is None  # retried after service_timeout_s, not at once
+
+
+def test_a_missing_dataset_dir_and_an_unusable_models_dir_are_said(tmp_path, dataset):
+    import logging
+
+    from forest_perception.collab.rover import settings
+    from forest_perception.collab.rover.agent import CollabAgent
+    from forest_perception.collab.rover.status import collab_health
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    problem = settings.parameter_problem(node_params(dataset[0], tmp_path, models_dir=str(afile / "models")))
+    assert "models_dir" in problem and "is a file" in problem
+    missing = tmp_path / "never_recorded"
+    depth = FakeDepthNode("")
+    agent = CollabAgent(node_params(missing, tmp_path), depth.get, depth.set, logging.getLogger("test"),
+                        now=lambda: 100.0)
+    agent.poll()
+    level, message, _ = collab_health(agent.status({"enabled": False, "state": "stopped"}))
+    assert level == b"\x01" and str(missing) in message and "does not exist" in message

@@ -81,8 +81,6 @@ def imports_of(module: str, path: Path) -> list[tuple[int, str]]:
 
 
 MODULES = module_files()
-# being fixed (issue 9); each entry must still be wrong, so that a fix also removes it from here
-KNOWN_WRONG: set[str] = set()
 
 
 def test_the_walk_sees_every_layer():
@@ -105,9 +103,6 @@ def test_imports_point_down_the_layers(module):
         if layer is not None and layer > own:
             wrong.append(f"line {line}: {target} ({LAYER_NAMES[layer]}, layer {layer}) is above "
                          f"{module} ({LAYER_NAMES[own]}, layer {own})")
-    if module in KNOWN_WRONG:
-        assert wrong, f"{module} imports down the layers now: remove it from KNOWN_WRONG"
-        return
     assert not wrong, f"{MODULES[module].relative_to(ROOT)}:\n" + "\n".join(wrong)
 
 
