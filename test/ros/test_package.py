@@ -195,7 +195,7 @@ def test_ros_env_fixture_sets_loopback(ros_env):
     assert Path(os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file()
 
 
-@pytest.mark.parametrize("node", ["sim_node", "depth_node", "sensor_sync_node", "capture_node"])
+@pytest.mark.parametrize("node", ["sim_node", "depth_node", "sensor_sync_node", "capture_node", "collab_node"])
 def test_docs_list_every_parameter_of_every_node(node):
     text = (ROOT / "docs" / "nodes.md").read_text()
     start = text.index(f"## {node}\n")
