@@ -15,10 +15,11 @@ import numpy as np
 import pybullet as p
 
 from forest_perception.frames import CameraIntrinsics, RoverGeometry
-from forest_perception.sim.meshes import CATEGORIES, LOD_ALL, Mesh, MeshDetail, build_world_meshes
+from forest_perception.sim.meshes import Mesh
 from forest_perception.sim.textures import GROUND_TEXTURES, default_cache_dir, generate_textures
 from forest_perception.sim.weather import CameraEffects, WeatherPreset, apply_camera_pipeline, get_weather
 from forest_perception.sim.world import ForestWorld
+from forest_perception.sim.world_meshes import CATEGORIES, LOD_ALL, MeshDetail, build_world_meshes
 
 SKY_ID = -1
 TEXTURE_VARIANTS = 4

@@ -9,10 +9,7 @@ import pytest
 
 from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.meshes import (
-    CATEGORIES,
     Mesh,
-    MeshDetail,
-    build_world_meshes,
     ellipsoid_mesh,
     log_mesh,
     terrain_mesh,
@@ -25,6 +22,7 @@ from forest_perception.sim.terrain import Terrain
 from forest_perception.sim.textures import ALL_TEXTURE_NAMES, TEXTURE_NAMES, generate_textures, make_texture
 from forest_perception.sim.weather import NO_EFFECTS, apply_camera_pipeline, get_weather
 from forest_perception.sim.world import ForestWorld, Log, Tree, WorldConfig, generate_world
+from forest_perception.sim.world_meshes import CATEGORIES, MeshDetail, build_world_meshes
 
 CAM_H = 0.2
 # odd sizes put a pixel centre exactly on the optical axis
