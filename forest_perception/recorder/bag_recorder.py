@@ -6,6 +6,7 @@ stops recording cleanly. Details: docs/runtime.md (`forest_perception.recorder`)
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -19,11 +20,13 @@ import yaml
 
 from forest_perception.recorder.mcap_split import McapSplit
 from forest_perception.recorder.metadata import FileRecord, bag_metadata, write_metadata
-from forest_perception.recorder.topic_spec import TopicSpec, new_topic_spec
+from forest_perception.recorder.qos import qos_profile_from
+from forest_perception.recorder.topic_spec import TopicSpec, message_definition
 
 COMPRESSIONS = ("none", "zstd")
 STATES = ("recording", "paused", "stopped", "closed")
 
+_TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*/(msg|srv|action)/[A-Za-z][A-Za-z0-9_]*$")
 _DISK_CHECK_BYTES = 16 << 20  # check the free space at least every 16 MiB written
 
 
@@ -196,7 +199,17 @@ class BagRecorder:
         type_hash: str | None = None,
     ) -> TopicSpec:
         """Declare a topic (absolute name, ``pkg/msg/Type``); its definition comes from the typestore unless given."""
-        spec = new_topic_spec(name, type_name, qos_profiles, msgdef=msgdef, type_hash=type_hash)
+        if not name.startswith("/"):
+            raise ValueError(f"topic name must be absolute (start with '/'), got {name!r}")
+        if not _TYPE_NAME.match(type_name):
+            raise ValueError(f"type name must look like 'sensor_msgs/msg/Image', got {type_name!r}")
+        if msgdef is None:
+            msgdef, store_hash = message_definition(type_name)
+            type_hash = type_hash or store_hash
+        profiles = tuple(qos_profile_from(p) for p in (qos_profiles or ()))
+        spec = TopicSpec(
+            name=name, type_name=type_name, msgdef=msgdef, type_hash=type_hash or "", qos_profiles=profiles
+        )
         with self._cond:
             self._ensure_open()
             known = self._topics.get(name)

@@ -7,16 +7,9 @@ them (capture_node passes the hash its publishers announce). Details: docs/runti
 
 from __future__ import annotations
 
-import re
 import threading
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from forest_perception.recorder.qos import qos_profile_from
-
-TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*/(msg|srv|action)/[A-Za-z][A-Za-z0-9_]*$")
-"""What a ROS 2 interface type name looks like (``pkg/msg/Type``)."""
 
 _TYPESTORE = None
 _TYPESTORE_LOCK = threading.Lock()
@@ -69,27 +62,3 @@ class TopicSpec:
             },
             "message_count": int(message_count),
         }
-
-
-def new_topic_spec(
-    name: str,
-    type_name: str,
-    qos_profiles: Sequence[Mapping[str, Any]] | None = None,
-    *,
-    msgdef: str | None = None,
-    type_hash: str | None = None,
-) -> TopicSpec:
-    """The spec of a topic (absolute name, ``pkg/msg/Type``); its definition comes from the typestore unless given.
-
-    Raises ``ValueError`` naming a relative topic name, a malformed type name, a type the typestore
-    lacks (when ``msgdef`` is not given) or a bad QoS profile.
-    """
-    if not name.startswith("/"):
-        raise ValueError(f"topic name must be absolute (start with '/'), got {name!r}")
-    if not TYPE_NAME.match(type_name):
-        raise ValueError(f"type name must look like 'sensor_msgs/msg/Image', got {type_name!r}")
-    if msgdef is None:
-        msgdef, store_hash = message_definition(type_name)
-        type_hash = type_hash or store_hash
-    profiles = tuple(qos_profile_from(p) for p in (qos_profiles or ()))
-    return TopicSpec(name=name, type_name=type_name, msgdef=msgdef, type_hash=type_hash or "", qos_profiles=profiles)
