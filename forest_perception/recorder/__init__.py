@@ -2,7 +2,8 @@
 
 One job a module: ``qos`` (offered QoS profiles), ``topic_spec`` (recorded topics, typestore definitions),
 ``metadata`` (metadata.yaml), ``mcap_split`` (one MCAP file being written), ``bag_recorder`` (the threaded
-``BagRecorder`` and its stats). Every public name is importable from here. Details: docs/runtime.md.
+``BagRecorder`` and its stats). The public names of the former single module are all importable from here.
+Details: docs/runtime.md.
 """
 
 from forest_perception.recorder.bag_recorder import (

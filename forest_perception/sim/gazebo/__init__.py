@@ -2,7 +2,8 @@
 
 One job a module: ``sdf`` (SDFormat element helpers), ``bridge`` (contract topics <-> Gazebo topics,
 bridge.yaml), ``rover_model`` (the rover's model and sensors, start poses), ``world_export`` (world.sdf,
-terrain meshes, ``export_gazebo``). Every public name is importable from here. Details: docs/simulator.md.
+terrain meshes, ``export_gazebo``). The public names of the former single module are all importable from here.
+Details: docs/simulator.md.
 """
 
 from forest_perception.geo import rotation_from_rpy
