@@ -22,9 +22,9 @@ import numpy as np
 
 if TYPE_CHECKING:
     from forest_perception.frames import CameraIntrinsics
-    from forest_perception.sim.meshes import MeshDetail
     from forest_perception.sim.weather import WeatherPreset
     from forest_perception.sim.world import ForestWorld
+    from forest_perception.sim.world_meshes import MeshDetail
 
 MAX_WORKERS = 16
 JOBS_PER_WORKER = 2

@@ -13,6 +13,7 @@ import numpy as np
 from forest_perception.frames import RoverGeometry
 from forest_perception.geo import enu_to_geodetic, quaternion_multiply, validate_lat_lon, wrap_angle
 from forest_perception.sim.rover import RoverState
+from forest_perception.sync.odometry import planar_covariances
 
 # sensor_msgs/NavSatStatus and NavSatFix constants
 STATUS_NO_FIX = -1
@@ -493,21 +494,8 @@ class WheelOdometry:
 
     def estimate(self) -> OdometryEstimate:
         """Current estimate with 36-element pose and twist covariances."""
-        big = self.UNOBSERVED_VARIANCE
-        c = self.cov
-        pose = np.array(
-            [
-                [c[0, 0], c[0, 1], 0.0, 0.0, 0.0, c[0, 2]],
-                [c[1, 0], c[1, 1], 0.0, 0.0, 0.0, c[1, 2]],
-                [0.0, 0.0, big, 0.0, 0.0, 0.0],
-                [0.0, 0.0, 0.0, big, 0.0, 0.0],
-                [0.0, 0.0, 0.0, 0.0, big, 0.0],
-                [c[2, 0], c[2, 1], 0.0, 0.0, 0.0, c[2, 2]],
-            ]
-        )
         sv = self.wheel_speed_sigma**2
-        # vy ~ 0 by the non-holonomic constraint (small variance); vz, wx, wy unobserved
-        twist = np.diag([0.5 * sv, 1e-6, big, big, big, 2.0 * sv / self.track**2])
+        pose, twist = planar_covariances(self.cov, 0.5 * sv, 2.0 * sv / self.track**2, self.UNOBSERVED_VARIANCE)
         return OdometryEstimate(
             t=0.0 if self.t is None else self.t,
             x=self.x,
@@ -515,6 +503,6 @@ class WheelOdometry:
             yaw=self.yaw,
             v=self.v,
             w=self.w,
-            pose_covariance=pose.reshape(36),
-            twist_covariance=twist.reshape(36),
+            pose_covariance=pose,
+            twist_covariance=twist,
         )

@@ -7,7 +7,7 @@ where it differs from ``message_filters``: docs/sensor_sync.md.
 
 from forest_perception.readings import GpsFix, ImuSample, WheelEncoders
 from forest_perception.sync.approx import ApproximateTimeSynchronizer, ChannelCounts, Stamped
-from forest_perception.sync.assembler import GpsReading, SensorSync, StreamStats, SyncConfig, SyncedFrame, SyncEvent
+from forest_perception.sync.assembler import SensorSync
 from forest_perception.sync.base import (
     CAMERA_KINDS,
     GPS_STALE,
@@ -35,6 +35,7 @@ from forest_perception.sync.interpolate import (
     slerp,
 )
 from forest_perception.sync.odometry import OdometryConfig, OdometryFusion, OdometryState
+from forest_perception.sync.records import GpsReading, StreamStats, SyncConfig, SyncedFrame, SyncEvent
 
 __all__ = [
     "ApproximateTimeSynchronizer", "CAMERA_KINDS", "ChannelCounts", "EnuConverter", "EnuPosition", "GPS_STALE",

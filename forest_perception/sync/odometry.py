@@ -12,6 +12,23 @@ from forest_perception.sync.base import NS_PER_S, check_finite, check_stamp
 from forest_perception.sync.interpolate import TimeSeriesBuffer, sample_at
 
 
+def planar_covariances(cov_xy_yaw: np.ndarray, var_v: float, var_w: float,
+                       unobserved: float) -> tuple[np.ndarray, np.ndarray]:
+    """36-element row-major pose and twist covariances (x, y, z, roll, pitch, yaw) of planar odometry.
+
+    The pose's (x, y, yaw) block is ``cov_xy_yaw`` (3x3); the twist has ``var_v`` on vx and ``var_w`` on
+    wz. Axes a planar model does not observe (z, roll, pitch; vz, wx, wy) get ``unobserved``, as
+    ``nav_msgs/Odometry`` readers expect.
+    """
+    pose = np.diag([0.0, 0.0, unobserved, unobserved, unobserved, 0.0])
+    for i, a in enumerate((0, 1, 5)):
+        for j, b in enumerate((0, 1, 5)):
+            pose[a, b] = cov_xy_yaw[i, j]
+    # vy ~ 0 by the non-holonomic constraint
+    twist = np.diag([var_v, 1e-6, unobserved, unobserved, unobserved, var_w])
+    return pose.reshape(36), twist.reshape(36)
+
+
 @dataclass(frozen=True)
 class OdometryConfig:
     """Geometry and noise model of :class:`OdometryFusion` (defaults: the sim rover, a BMI088-class gyro)."""
@@ -235,15 +252,8 @@ class OdometryFusion:
 
     def state(self) -> OdometryState:
         """The current estimate."""
-        big = self.UNOBSERVED_VARIANCE
-        c = self.cov
-        pose = np.diag([0.0, 0.0, big, big, big, 0.0])
-        for i, a in enumerate((0, 1, 5)):
-            for j, b in enumerate((0, 1, 5)):
-                pose[a, b] = c[i, j]
         var_v, var_w = self._twist_var
-        # vy ~ 0 by the non-holonomic constraint; vz, wx, wy unobserved
-        twist = np.diag([var_v, 1e-6, big, big, big, var_w])
+        pose, twist = planar_covariances(self.cov, var_v, var_w, self.UNOBSERVED_VARIANCE)
         return OdometryState(
             stamp_ns=self._stamp_ns,
             x=self.x,
@@ -251,8 +261,8 @@ class OdometryFusion:
             yaw=self.yaw,
             v=self.v,
             w=self.w,
-            pose_covariance=pose.reshape(36),
-            twist_covariance=twist.reshape(36),
+            pose_covariance=pose,
+            twist_covariance=twist,
             distance_m=self.distance_m,
             imu_used=self._imu_used,
         )

@@ -9,10 +9,7 @@ import pytest
 
 from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.meshes import (
-    CATEGORIES,
     Mesh,
-    MeshDetail,
-    build_world_meshes,
     ellipsoid_mesh,
     log_mesh,
     terrain_mesh,
@@ -25,6 +22,7 @@ from forest_perception.sim.terrain import Terrain
 from forest_perception.sim.textures import ALL_TEXTURE_NAMES, TEXTURE_NAMES, generate_textures, make_texture
 from forest_perception.sim.weather import NO_EFFECTS, apply_camera_pipeline, get_weather
 from forest_perception.sim.world import ForestWorld, Log, Tree, WorldConfig, generate_world
+from forest_perception.sim.world_meshes import CATEGORIES, MeshDetail, build_world_meshes
 
 CAM_H = 0.2
 # odd sizes put a pixel centre exactly on the optical axis
@@ -143,7 +141,7 @@ def test_a_rover_camera_does_not_see_its_own_body(known_scene):
 
 
 def test_depth_to_world_recovers_the_trunk_front(known_scene):
-    from forest_perception.sim.scene import depth_to_world
+    from forest_perception.sim.projection import depth_to_world
 
     _, depth, _ = _look_ahead(known_scene)
     points = depth_to_world(depth, INTR, np.array([0.0, 0.0, CAM_H]), camera_rotation(0.0))
@@ -219,9 +217,9 @@ def test_sun_shadows_darken_shadowed_ground(forest_scene):
     assert np.isfinite(sun_map.depth).mean() > 0.5
     pos = np.array([0.4, 0.3, forest_scene.world.terrain.height_at(0.4, 0.3) + CAM_H])
     rgb, depth, seg = forest_scene.render(pos, camera_rotation(0.7), INTR, weather)
-    from forest_perception.sim.scene import _world_components
+    from forest_perception.sim.sun_shadows import world_components
 
-    finite, comps = _world_components(depth, INTR, pos, camera_rotation(0.7))
+    finite, comps = world_components(depth, INTR, pos, camera_rotation(0.7))
     lit = sun_map.lit_fraction(*comps, 0.1)
     ground = (forest_scene.semantic_labels(seg) == CATEGORY_IDS["terrain"]) & finite
     shadowed = ground & (lit < 0.05)

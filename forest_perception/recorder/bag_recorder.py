@@ -1,11 +1,11 @@
-"""Record serialized ROS 2 messages into a rosbag2 bag with MCAP storage: the core of capture_node (no rclpy).
+"""BagRecorder: a rosbag2 MCAP bag written from serialized messages by one writer thread, with its stats.
 
-Details: docs/runtime.md (`recorder`).
+The core of capture_node (no rclpy): ``write`` never blocks, splits by size or duration, a disk guard
+stops recording cleanly. Details: docs/runtime.md (`forest_perception.recorder`).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import threading
@@ -17,20 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mcap.writer import CompressionType, IndexType
-from mcap.writer import Writer as McapWriter
 
-METADATA_VERSION = 9  # rosbag2 metadata.yaml format written (Jazzy and Kilted read it)
-STORAGE_ID = "mcap"
-MCAP_PROFILE = "ros2"
-LIBRARY = "forest_perception.recorder"
+from forest_perception.recorder.mcap_split import McapSplit
+from forest_perception.recorder.metadata import FileRecord, bag_metadata, write_metadata
+from forest_perception.recorder.qos import qos_profile_from
+from forest_perception.recorder.topic_spec import TopicSpec, message_definition
+
 COMPRESSIONS = ("none", "zstd")
 STATES = ("recording", "paused", "stopped", "closed")
-
-HISTORY = ("system_default", "keep_last", "keep_all", "unknown")
-RELIABILITY = ("system_default", "reliable", "best_effort", "unknown", "best_available")
-DURABILITY = ("system_default", "transient_local", "volatile", "unknown", "best_available")
-LIVELINESS = ("system_default", "automatic", "manual_by_node", "manual_by_topic", "unknown", "best_available")
 
 _TYPE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*/(msg|srv|action)/[A-Za-z][A-Za-z0-9_]*$")
 _DISK_CHECK_BYTES = 16 << 20  # check the free space at least every 16 MiB written
@@ -40,341 +34,6 @@ class RecorderError(RuntimeError):
     """The recorder cannot do what was asked (bag exists, disk full, already closed)."""
 
 
-# ------------------------------------------------------------------------------------------ QoS
-def _duration(ns: int) -> dict[str, int]:
-    ns = int(ns)
-    if ns < 0:
-        raise ValueError(f"QoS durations must be >= 0 ns, got {ns}")
-    return {"sec": ns // 1_000_000_000, "nsec": ns % 1_000_000_000}
-
-
-def _policy(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    value = str(value).lower()
-    if value not in allowed:
-        raise ValueError(f"QoS {name} must be one of {list(allowed)}, got {value!r}")
-    return value
-
-
-def qos_profile(
-    *,
-    history: str = "keep_last",
-    depth: int = 10,
-    reliability: str = "reliable",
-    durability: str = "volatile",
-    deadline_ns: int = 0,
-    lifespan_ns: int = 0,
-    liveliness: str = "system_default",
-    liveliness_lease_duration_ns: int = 0,
-    avoid_ros_namespace_conventions: bool = False,
-) -> dict[str, Any]:
-    """One offered QoS profile as rosbag2 (metadata version 9) stores it; policies by name, durations in ns."""
-    if int(depth) < 0:
-        raise ValueError(f"QoS depth must be >= 0, got {depth}")
-    return {
-        "history": _policy("history", history, HISTORY),
-        "depth": int(depth),
-        "reliability": _policy("reliability", reliability, RELIABILITY),
-        "durability": _policy("durability", durability, DURABILITY),
-        "deadline": _duration(deadline_ns),
-        "lifespan": _duration(lifespan_ns),
-        "liveliness": _policy("liveliness", liveliness, LIVELINESS),
-        "liveliness_lease_duration": _duration(liveliness_lease_duration_ns),
-        "avoid_ros_namespace_conventions": bool(avoid_ros_namespace_conventions),
-    }
-
-
-def qos_yaml(profiles: Sequence[Mapping[str, Any]]) -> str:
-    """The ``offered_qos_profiles`` string of an MCAP channel's metadata (a YAML list, as rosbag2 writes it)."""
-    return yaml.safe_dump([dict(p) for p in profiles], sort_keys=False, default_flow_style=False).strip()
-
-
-def adapted_subscription_qos(profiles: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
-    """(reliability, durability) a recorder subscribes with to hear every publisher, as rosbag2 adapts them.
-
-    Reliable only when every publisher offers reliable (a reliable reader never matches a best-effort
-    writer); transient-local only when every publisher offers it.
-    """
-    if profiles and all(p.get("reliability") == "reliable" for p in profiles):
-        reliability = "reliable"
-    else:
-        reliability = "best_effort"
-    if profiles and all(p.get("durability") == "transient_local" for p in profiles):
-        durability = "transient_local"
-    else:
-        durability = "volatile"
-    return reliability, durability
-
-
-# --------------------------------------------------------------------------------------- topics
-_TYPESTORE = None
-_TYPESTORE_LOCK = threading.Lock()
-
-
-def typestore() -> Any:
-    """The rosbags ROS 2 Kilted typestore (loaded once): message definitions and RIHS01 type hashes."""
-    global _TYPESTORE
-    with _TYPESTORE_LOCK:
-        if _TYPESTORE is None:
-            from rosbags.typesys import Stores, get_typestore
-
-            _TYPESTORE = get_typestore(Stores.ROS2_KILTED)
-        return _TYPESTORE
-
-
-def message_definition(type_name: str) -> tuple[str, str]:
-    """(full concatenated ``ros2msg`` definition, RIHS01 type hash) of a message type from the typestore."""
-    store = typestore()
-    if type_name not in store.fielddefs:
-        raise ValueError(
-            f"message type {type_name!r} is not in the rosbags ROS 2 Kilted typestore: "
-            "pass msgdef= and type_hash= to add_topic"
-        )
-    msgdef, _ = store.generate_msgdef(type_name, ros_version=2)
-    return msgdef, store.hash_rihs01(type_name)
-
-
-@dataclass(frozen=True)
-class TopicSpec:
-    """A recorded topic: absolute name, ROS type, message definition, type hash and offered QoS profiles."""
-
-    name: str
-    type_name: str
-    msgdef: str
-    type_hash: str = ""
-    qos_profiles: tuple[dict[str, Any], ...] = ()
-    serialization_format: str = "cdr"
-    msgdef_encoding: str = "ros2msg"
-
-    def metadata_entry(self, message_count: int) -> dict[str, Any]:
-        """This topic's entry of ``topics_with_message_count`` in metadata.yaml."""
-        return {
-            "topic_metadata": {
-                "name": self.name,
-                "type": self.type_name,
-                "serialization_format": self.serialization_format,
-                "offered_qos_profiles": [dict(p) for p in self.qos_profiles],
-                "type_description_hash": self.type_hash,
-            },
-            "message_count": int(message_count),
-        }
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    """One finished MCAP file of a bag: its name, message count, log-time range and per-topic counts."""
-
-    name: str
-    message_count: int
-    start_ns: int
-    end_ns: int
-    topic_counts: Mapping[str, int] = field(default_factory=dict)
-
-    def metadata_entry(self) -> dict[str, Any]:
-        """This file's entry of ``files`` in metadata.yaml."""
-        return {
-            "path": self.name,
-            "starting_time": {"nanoseconds_since_epoch": int(self.start_ns if self.message_count else 0)},
-            "duration": {"nanoseconds": int(self.end_ns - self.start_ns if self.message_count else 0)},
-            "message_count": int(self.message_count),
-        }
-
-
-def bag_metadata(
-    files: Sequence[FileRecord],
-    topics: Sequence[TopicSpec],
-    *,
-    custom_data: Mapping[str, str] | None = None,
-    ros_distro: str = "kilted",
-) -> dict[str, Any]:
-    """The ``rosbag2_bagfile_information`` mapping of metadata.yaml for these files and topics."""
-    counts: dict[str, int] = {t.name: 0 for t in topics}
-    for f in files:
-        for name, n in f.topic_counts.items():
-            counts[name] = counts.get(name, 0) + int(n)
-    with_messages = [f for f in files if f.message_count]
-    start = min((f.start_ns for f in with_messages), default=0)
-    end = max((f.end_ns for f in with_messages), default=0)
-    return {
-        "version": METADATA_VERSION,
-        "storage_identifier": STORAGE_ID,
-        "duration": {"nanoseconds": int(end - start)},
-        "starting_time": {"nanoseconds_since_epoch": int(start)},
-        "message_count": int(sum(f.message_count for f in files)),
-        "topics_with_message_count": [t.metadata_entry(counts.get(t.name, 0)) for t in topics],
-        # chunk compression is internal to the MCAP files: rosbag2 leaves these empty for it
-        "compression_format": "",
-        "compression_mode": "",
-        "relative_file_paths": [f.name for f in files],
-        "files": [f.metadata_entry() for f in files],
-        "custom_data": {str(k): str(v) for k, v in (custom_data or {}).items()},
-        "ros_distro": str(ros_distro),
-    }
-
-
-def metadata_yaml(information: Mapping[str, Any]) -> str:
-    """metadata.yaml text for a ``rosbag2_bagfile_information`` mapping."""
-    return yaml.safe_dump({"rosbag2_bagfile_information": dict(information)}, sort_keys=False)
-
-
-def write_metadata(bag_dir: Path | str, information: Mapping[str, Any]) -> Path:
-    """Write ``<bag_dir>/metadata.yaml`` atomically (tmp file, fsync, rename); a crash leaves the old or the new."""
-    bag_dir = Path(bag_dir)
-    target = bag_dir / "metadata.yaml"
-    tmp = bag_dir / ".metadata.yaml.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(metadata_yaml(information))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    _fsync_dir(bag_dir)
-    return target
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-# ------------------------------------------------------------------------------------ MCAP file
-class _UnbufferedFile:
-    """Write-only file for ``mcap.writer.Writer`` whose writes reach the kernel at once.
-
-    A buffered file would keep the end of the last chunk in this process, and SIGKILL would lose it.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._pos = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        view = memoryview(data)
-        while view.nbytes:
-            n = os.write(self._fd, view)
-            view = view[n:]
-            self._pos += n
-        return len(data)
-
-    def tell(self) -> int:
-        return self._pos
-
-    def flush(self) -> None:
-        pass
-
-    def fsync(self) -> None:
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-class McapSplit:
-    """One MCAP file of a bag being written: schemas, channels, chunked messages, then summary and footer."""
-
-    def __init__(self, path: Path, topics: Sequence[TopicSpec], compression: str, chunk_bytes: int) -> None:
-        self.path = Path(path)
-        self._file = _UnbufferedFile(self.path)
-        self._writer = McapWriter(
-            self._file,
-            chunk_size=int(chunk_bytes),
-            compression=CompressionType.ZSTD if compression == "zstd" else CompressionType.NONE,
-            index_types=IndexType.ALL,
-        )
-        self._writer.start(profile=MCAP_PROFILE, library=LIBRARY)
-        self._schemas: dict[str, int] = {}
-        self._channels: dict[str, int] = {}
-        self.topic_counts: dict[str, int] = {}
-        self.message_count = 0
-        self.start_ns: int | None = None
-        self.end_ns: int | None = None
-        self._pending = 0  # message bytes in the chunk being filled (not in the file yet)
-        self._flushed_pos = self._file.tell()
-        self.chunk_opened_at: float | None = None  # monotonic time of the first message of that chunk
-        for topic in topics:
-            self.add_topic(topic)
-
-    def add_topic(self, topic: TopicSpec) -> None:
-        """Register the topic's schema (once per type) and channel."""
-        if topic.name in self._channels:
-            return
-        schema_id = self._schemas.get(topic.type_name)
-        if schema_id is None:
-            schema_id = self._writer.register_schema(
-                name=topic.type_name, encoding=topic.msgdef_encoding, data=topic.msgdef.encode()
-            )
-            self._schemas[topic.type_name] = schema_id
-        self._channels[topic.name] = self._writer.register_channel(
-            topic=topic.name,
-            message_encoding=topic.serialization_format,
-            schema_id=schema_id,
-            metadata={"offered_qos_profiles": qos_yaml(topic.qos_profiles), "topic_type_hash": topic.type_hash},
-        )
-        self.topic_counts.setdefault(topic.name, 0)
-
-    @property
-    def size(self) -> int:
-        """Bytes in the file plus those of the chunk being filled (uncompressed)."""
-        return self._file.tell() + self._pending
-
-    def write(self, topic: str, data: bytes, log_time_ns: int, publish_time_ns: int, sequence: int = 0) -> None:
-        """Append one serialized message to the current chunk (the chunk is written out when full)."""
-        self._writer.add_message(
-            channel_id=self._channels[topic],
-            log_time=int(log_time_ns),
-            data=data,
-            publish_time=int(publish_time_ns),
-            sequence=int(sequence) & 0xFFFFFFFF,
-        )
-        self.message_count += 1
-        self.topic_counts[topic] = self.topic_counts.get(topic, 0) + 1
-        self.start_ns = log_time_ns if self.start_ns is None else min(self.start_ns, log_time_ns)
-        self.end_ns = log_time_ns if self.end_ns is None else max(self.end_ns, log_time_ns)
-        position = self._file.tell()
-        if position != self._flushed_pos:  # the writer closed the chunk with this message in it
-            self._flushed_pos, self._pending, self.chunk_opened_at = position, 0, None
-        else:
-            self._pending += len(data) + 31  # opcode, length and message header
-            if self.chunk_opened_at is None:
-                self.chunk_opened_at = time.monotonic()
-
-    def flush_chunk(self) -> None:
-        """Close the chunk being filled and write it out now (bounds what a crash can lose in time)."""
-        self._writer.flush()
-        self._flushed_pos, self._pending, self.chunk_opened_at = self._file.tell(), 0, None
-
-    def record(self) -> FileRecord:
-        """The FileRecord of this file as it stands."""
-        return FileRecord(
-            name=self.path.name,
-            message_count=self.message_count,
-            start_ns=self.start_ns or 0,
-            end_ns=self.end_ns or 0,
-            topic_counts=dict(self.topic_counts),
-        )
-
-    def finish(self, serialized_metadata: str) -> FileRecord:
-        """Write the rosbag2 metadata record, summary and footer, fsync and close; the file is complete."""
-        self._writer.add_metadata("rosbag2", {"serialized_metadata": serialized_metadata})
-        self._writer.finish()
-        self._file.fsync()
-        self._file.close()
-        return self.record()
-
-    def abort(self) -> None:
-        """Close without a footer (after a write error): :func:`dataset_tools.bags.repair_bag` recovers it."""
-        self._file.close()
-
-
-# ------------------------------------------------------------------------------------- recorder
 @dataclass
 class TopicStats:
     """Per-topic counters: messages handed to ``write`` while recording, written to the bag, dropped."""
@@ -547,7 +206,7 @@ class BagRecorder:
         if msgdef is None:
             msgdef, store_hash = message_definition(type_name)
             type_hash = type_hash or store_hash
-        profiles = tuple(qos_profile(**_profile_kwargs(p)) for p in (qos_profiles or ()))
+        profiles = tuple(qos_profile_from(p) for p in (qos_profiles or ()))
         spec = TopicSpec(
             name=name, type_name=type_name, msgdef=msgdef, type_hash=type_hash or "", qos_profiles=profiles
         )
@@ -865,22 +524,3 @@ class BagRecorder:
             self._queue = kept
             self._queued_bytes = 0
 
-
-def _profile_kwargs(profile: Mapping[str, Any]) -> dict[str, Any]:
-    """qos_profile() keyword arguments from a profile mapping (metadata form or keyword form)."""
-    def ns(value: Any) -> int:
-        if isinstance(value, Mapping):
-            return int(value.get("sec", 0)) * 1_000_000_000 + int(value.get("nsec", 0))
-        return int(value)
-
-    out: dict[str, Any] = {}
-    for key, value in profile.items():
-        if key in ("deadline", "lifespan", "liveliness_lease_duration"):
-            out[f"{key}_ns"] = ns(value)
-        elif key.endswith("_ns"):
-            out[key] = ns(value)
-        elif key in ("history", "depth", "reliability", "durability", "liveliness", "avoid_ros_namespace_conventions"):
-            out[key] = value
-        else:
-            raise ValueError(f"unknown QoS profile field {key!r}")
-    return out
