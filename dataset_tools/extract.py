@@ -33,10 +33,8 @@ from forest_perception.sync import (
     SensorSync,
     SyncConfig,
     SyncedFrame,
-    gps_from_navsat,
-    imu_sample_from_msg,
+    reading_from_msg,
     stamp_ns,
-    wheels_from_joint_state,
 )
 
 #: topic (relative to the rover namespace) -> SensorSync kind, as sensor_sync_node subscribes them
@@ -279,17 +277,8 @@ def extract_bag(
                 stamp = stamp_ns(item.message)
                 if kind == "image" and item.message.encoding not in SUPPORTED_ENCODINGS:
                     raise ValueError(f"colour encoding {item.message.encoding!r} is not one of {SUPPORTED_ENCODINGS}")
-                if kind == "imu":
-                    value = imu_sample_from_msg(item.message)
-                    frames = sync.add("imu", stamp, value)
-                elif kind == "gps":
-                    fix, covariance = gps_from_navsat(item.message)
-                    frames = sync.add("gps", stamp, fix, covariance)
-                elif kind == "joints":
-                    frames = sync.add("joints", stamp, wheels_from_joint_state(
-                        item.message, config.left_wheel, config.right_wheel))
-                else:
-                    frames = sync.add(kind, stamp, item.message)
+                value, covariance = reading_from_msg(kind, item.message, config.left_wheel, config.right_wheel)
+                frames = sync.add(kind, stamp, value, covariance)
             except ValueError as exc:
                 report.malformed[kind] += 1
                 if len(report.errors) < 20:

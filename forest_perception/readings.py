@@ -1,9 +1,12 @@
-"""Sensor readings as plain values (no ROS messages): GNSS fix, IMU sample, wheel encoders."""
+"""Sensor readings as plain values (no ROS messages): GNSS fix, IMU sample, wheel encoders, planar odometry."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -53,3 +56,21 @@ def _float_tuple(values: Sequence[float], n: int, name: str) -> tuple:
     if len(out) != n:
         raise ValueError(f"{name} must have {n} components, got {len(out)}")
     return out
+
+
+@dataclass(frozen=True)
+class PlanarOdometry:
+    """Planar pose (x, y, yaw) in ``odom`` and twist (v, w) in ``base_link`` (REP 105), with 6x6 row-major
+    covariances in the (x, y, z, roll, pitch, yaw) order of ``nav_msgs/Odometry``."""
+
+    x: float
+    y: float
+    yaw: float
+    v: float
+    w: float
+    pose_covariance: np.ndarray
+    twist_covariance: np.ndarray
+
+    def quaternion_xyzw(self) -> np.ndarray:
+        """Heading as a quaternion (x, y, z, w)."""
+        return np.array([0.0, 0.0, math.sin(0.5 * self.yaw), math.cos(0.5 * self.yaw)])

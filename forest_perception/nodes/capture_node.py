@@ -9,11 +9,10 @@ import functools
 import importlib
 import os
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.subscription import Subscription
@@ -37,11 +36,12 @@ from forest_perception.recorder import (
     adapted_subscription_qos,
     qos_profile,
 )
+from forest_perception.recorder.health import MB, WriteRate, recorder_health
 from forest_perception.topics import SENSOR_TOPICS
 
 _BAG_PARAMS = ("output_dir", "bag_name", "max_split_size_mb", "max_split_duration_s", "compression",
                "min_free_space_mb", "queue_size_mb", "chunk_size_kb")
-MB = 1_000_000
+
 # rclpy passes MessageInfo (publisher sequence number, source timestamp) to 2-argument callbacks since Iron
 _CALLBACK_WITH_INFO = hasattr(Subscription, "CallbackType")
 
@@ -108,7 +108,7 @@ class CaptureNode(Node):
         self.last_stats: RecorderStats | None = None
         self._reported_drops = 0
         self._reported_lost = 0
-        self._rate: deque[tuple[float, int, int]] = deque(maxlen=30)  # (monotonic, written, bytes)
+        self._rate = WriteRate()
 
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         self.create_service(Trigger, "~/start", self._on_start)
@@ -120,8 +120,8 @@ class CaptureNode(Node):
         self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
         if self.p["autostart"]:
             ok, message = self.start()
-            if not ok:  # asked to record and cannot: say so and stop rather than idle as if all were well
-                raise ValueError(f"autostart failed: {message}")
+            if not ok:  # e.g. the disk is full: ERROR on /diagnostics until ~/start succeeds
+                self.get_logger().error(f"autostart failed: {message}")
 
     # ---------------------------------------------------------------- parameters
     def _validate(self, values: dict[str, Any]) -> str:
@@ -364,55 +364,14 @@ class CaptureNode(Node):
             )
             self._reported_drops, self._reported_lost = stats.dropped, lost
 
-    def diagnostics_values(self) -> tuple[int, str, dict[str, object]]:
+    def diagnostics_values(self) -> tuple[bytes, str, dict[str, object]]:
         """(level, message, key/values) of the recorder's health right now."""
         recorder = self._recorder
         stats = recorder.stats if recorder is not None else self.last_stats
-        lost = sum(self.transport_lost.values())
-        values: dict[str, object] = {"state": "idle" if recorder is None else stats.state}
-        if stats is not None:
-            now = time.monotonic()
-            if recorder is not None:
-                self._rate.append((now, stats.written, stats.bytes_written))
-            rate_hz = mb_s = 0.0
-            if len(self._rate) >= 2 and self._rate[-1][0] > self._rate[0][0]:
-                (t0, n0, b0), (t1, n1, b1) = self._rate[0], self._rate[-1]
-                rate_hz, mb_s = (n1 - n0) / (t1 - t0), (b1 - b0) / (t1 - t0) / MB
-            values.update({
-                "bag": stats.bag_path,
-                "current_file": stats.current_file,
-                "files_finished": len(stats.files),
-                "messages_received": stats.received,
-                "messages_written": stats.written,
-                "messages_dropped": stats.dropped,
-                "messages_lost_in_transport": lost,
-                "mb_written": stats.file_bytes / MB,
-                "write_rate_hz": rate_hz,
-                "write_rate_mb_s": mb_s,
-                "queue_mb": stats.queue_bytes / MB,
-                "queue_peak_mb": stats.queue_peak_bytes / MB,
-                "disk_free_mb": stats.disk_free_bytes / MB if stats.disk_free_bytes >= 0 else -1.0,
-            })
-            for name, topic in stats.topics.items():
-                values[f"topic {name}"] = (
-                    f"written {topic.written}, dropped {topic.dropped}, lost {self.transport_lost.get(name, 0)}"
-                )
-        for topic, why in self._waiting.items():
-            values[f"waiting {topic}"] = why
-        values["last_error"] = self.last_error
-        if recorder is None:
-            if self.last_error:
-                return DiagnosticStatus.ERROR, self.last_error, values
-            return DiagnosticStatus.OK, "idle", values
-        if stats.state == "stopped":
-            return DiagnosticStatus.ERROR, stats.stop_reason, values
-        if stats.dropped or lost:
-            return DiagnosticStatus.WARN, f"recording; {stats.dropped} dropped, {lost} lost in transport", values
-        if stats.state == "paused":
-            return DiagnosticStatus.WARN, "paused", values
-        if self._waiting:
-            return DiagnosticStatus.WARN, f"recording; waiting for {len(self._waiting)} topic(s)", values
-        return DiagnosticStatus.OK, "recording", values
+        if recorder is not None:
+            self._rate.add(time.monotonic(), stats.written, stats.bytes_written)
+        return recorder_health(stats, recorder is not None, self._rate.rates(), self.transport_lost, self._waiting,
+                               self.last_error)
 
     def _publish_diagnostics(self) -> None:
         if self._recorder is not None:

@@ -34,14 +34,8 @@ from forest_perception.depth_pipeline import (
 )
 from forest_perception.frames import FRAME_CAMERA
 from forest_perception.inference import SUPPORTED_ENCODINGS, TORCH_SUFFIXES, ModelLoadError, convert_image_encoding
-from forest_perception.nodes.common import (
-    ParamSpec,
-    add_validated_updates,
-    changed,
-    declare_parameters,
-    publish_node_diagnostics,
-    run_node,
-)
+from forest_perception.nodes import common
+from forest_perception.nodes.common import ParamSpec, add_validated_updates, declare_parameters
 from forest_perception.worker import SlotWorker
 
 BACKENDS = ("auto", "onnxruntime", "torch")
@@ -144,7 +138,7 @@ class DepthNode(Node):
     def _check_update(self, new: dict[str, Any]) -> str:
         reason = self._check(new)
         self._candidate = None
-        if reason or not changed(self.p, new, ENGINE_PARAMS):
+        if reason or not common.changed(self.p, new, ENGINE_PARAMS):
             return reason
         try:  # load and try before accepting: a bad model is refused and the running engine stays
             candidate = self._load(new)
@@ -249,7 +243,7 @@ class DepthNode(Node):
         return level, message, values
 
     def _publish_diagnostics(self) -> None:
-        publish_node_diagnostics(self, self.diag_pub, "depth_node", *self.diagnostics_values())
+        common.publish_node_diagnostics(self, self.diag_pub, "depth_node", *self.diagnostics_values())
 
     def destroy_node(self) -> None:
         """Stop the worker thread, then the node."""
@@ -260,7 +254,7 @@ class DepthNode(Node):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``ros2 run forest_perception depth_node``."""
-    run_node(DepthNode, "depth_node", args, PARAMS, __doc__.splitlines()[0])
+    common.run_node(DepthNode, "depth_node", args, PARAMS, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

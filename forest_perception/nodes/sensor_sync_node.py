@@ -32,10 +32,8 @@ from forest_perception.sync import (
     SensorSync,
     SyncConfig,
     SyncedFrame,
-    gps_from_navsat,
-    imu_sample_from_msg,
+    reading_from_msg,
     stamp_ns,
-    wheels_from_joint_state,
 )
 from forest_perception.sync.health import sync_health
 
@@ -269,7 +267,7 @@ class SensorSyncNode(Node):
 
     def _on_imu(self, msg: Imu) -> None:
         try:
-            sample = imu_sample_from_msg(msg)
+            sample, _ = reading_from_msg("imu", msg)
         except ValueError as exc:
             self._count_malformed("imu", str(exc))
             return
@@ -287,7 +285,7 @@ class SensorSyncNode(Node):
 
     def _on_joints(self, msg: JointState) -> None:
         try:
-            wheels = wheels_from_joint_state(msg, self.p["left_wheel_joint"], self.p["right_wheel_joint"])
+            wheels, _ = reading_from_msg("joints", msg, self.p["left_wheel_joint"], self.p["right_wheel_joint"])
         except ValueError as exc:
             self._count_malformed("joints", str(exc))
             return
@@ -302,7 +300,7 @@ class SensorSyncNode(Node):
 
     def _on_gps(self, msg: NavSatFix) -> None:
         try:
-            fix, covariance = gps_from_navsat(msg)
+            fix, covariance = reading_from_msg("gps", msg)
         except ValueError as exc:
             self._count_malformed("gps", str(exc))
             return

@@ -149,6 +149,6 @@ class McapSplit:
         return self.record()
 
     def abort(self) -> None:
-        """Close without a footer (after a write error): :func:`dataset_tools.bags.repair_bag` recovers it."""
+        """Close without a footer (after a write error): :func:`dataset_tools.bag_repair.repair_bag` recovers it."""
         self._file.close()
 

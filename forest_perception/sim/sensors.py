@@ -12,6 +12,7 @@ import numpy as np
 
 from forest_perception.frames import RoverGeometry
 from forest_perception.geo import enu_to_geodetic, quaternion_multiply, validate_lat_lon, wrap_angle
+from forest_perception.readings import PlanarOdometry
 from forest_perception.sim.rover import RoverState
 from forest_perception.sync.odometry import planar_covariances
 
@@ -390,26 +391,11 @@ class EncoderModel:
 
 
 # ------------------------------------------------------------------ wheel odometry
-@dataclass
-class OdometryEstimate:
-    """Dead-reckoned pose in ``odom`` and twist in ``base_link``.
-
-    Covariances are 6x6 row-major as 36 floats (x, y, z, roll, pitch, yaw), as
-    ``nav_msgs/Odometry`` expects; unobserved axes get a large variance.
-    """
+@dataclass(frozen=True)
+class OdometryEstimate(PlanarOdometry):
+    """Dead-reckoned odometry of the simulated wheels at time ``t`` (s); unobserved axes get a large variance."""
 
     t: float
-    x: float
-    y: float
-    yaw: float
-    v: float
-    w: float
-    pose_covariance: np.ndarray
-    twist_covariance: np.ndarray
-
-    def quaternion_xyzw(self) -> np.ndarray:
-        """Planar heading as a quaternion (x, y, z, w)."""
-        return np.array([0.0, 0.0, math.sin(0.5 * self.yaw), math.cos(0.5 * self.yaw)])
 
 
 class WheelOdometry:
@@ -496,13 +482,5 @@ class WheelOdometry:
         """Current estimate with 36-element pose and twist covariances."""
         sv = self.wheel_speed_sigma**2
         pose, twist = planar_covariances(self.cov, 0.5 * sv, 2.0 * sv / self.track**2, self.UNOBSERVED_VARIANCE)
-        return OdometryEstimate(
-            t=0.0 if self.t is None else self.t,
-            x=self.x,
-            y=self.y,
-            yaw=self.yaw,
-            v=self.v,
-            w=self.w,
-            pose_covariance=pose,
-            twist_covariance=twist,
-        )
+        return OdometryEstimate(x=self.x, y=self.y, yaw=self.yaw, v=self.v, w=self.w, pose_covariance=pose,
+                                twist_covariance=twist, t=0.0 if self.t is None else self.t)

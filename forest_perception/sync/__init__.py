@@ -23,7 +23,13 @@ from forest_perception.sync.base import (
     TOPICS,
     WHEELS_EXTRAPOLATED,
 )
-from forest_perception.sync.convert import gps_from_navsat, imu_sample_from_msg, stamp_ns, wheels_from_joint_state
+from forest_perception.sync.convert import (
+    gps_from_navsat,
+    imu_sample_from_msg,
+    reading_from_msg,
+    stamp_ns,
+    wheels_from_joint_state,
+)
 from forest_perception.sync.enu import EnuConverter, EnuPosition
 from forest_perception.sync.interpolate import (
     Sampled,
@@ -43,6 +49,6 @@ __all__ = [
     "NO_IMU", "NO_WHEELS", "NS_PER_S", "OUT_OF_ORDER", "OdometryConfig", "OdometryFusion", "OdometryState",
     "Sampled", "SensorSync", "Stamped", "StreamStats", "SyncConfig", "SyncEvent", "SyncedFrame", "TOPICS",
     "TimeSeriesBuffer", "WHEELS_EXTRAPOLATED", "WheelEncoders", "extrapolate_wheels", "gps_from_navsat",
-    "imu_sample_from_msg", "interpolate_imu", "interpolate_wheels", "sample_at", "slerp", "stamp_ns",
-    "wheels_from_joint_state",
+    "imu_sample_from_msg", "interpolate_imu", "interpolate_wheels", "reading_from_msg", "sample_at", "slerp",
+    "stamp_ns", "wheels_from_joint_state",
 ]

@@ -16,21 +16,13 @@ from typing import Any
 import numpy as np
 
 from forest_perception.readings import GpsFix, ImuSample, WheelEncoders
+from forest_perception.sync import base as frame_flag  # SyncedFrame.flags: frame_flag.NO_DEPTH, ...
 from forest_perception.sync.approx import ApproximateTimeSynchronizer, Stamped
 from forest_perception.sync.base import (
     CAMERA_KINDS,
-    GPS_STALE,
-    IMU_EXTRAPOLATED,
     KINDS,
-    NO_CAMERA_INFO,
-    NO_DEPTH,
-    NO_GPS,
-    NO_IMU,
-    NO_WHEELS,
     NS_PER_S,
-    OUT_OF_ORDER,
     WATERMARK_KINDS,
-    WHEELS_EXTRAPOLATED,
     check_finite,
     check_stamp,
     seconds_to_ns,
@@ -434,7 +426,8 @@ class SensorSync:
         stats["image"].used += 1
         depth = matched.get("depth")
         info = matched.get("camera_info")
-        for kind, got, flag in (("depth", depth, NO_DEPTH), ("camera_info", info, NO_CAMERA_INFO)):
+        partners = (("depth", depth, frame_flag.NO_DEPTH), ("camera_info", info, frame_flag.NO_CAMERA_INFO))
+        for kind, got, flag in partners:
             if kind == "depth" and not self.config.use_depth:
                 continue
             if got is None:
@@ -446,8 +439,8 @@ class SensorSync:
         imu = sample_at(self._imu, stamp_ns, self._max_gap_ns, interpolate_imu, hold_value)
         wheels = sample_at(self._wheels, stamp_ns, self._max_gap_ns, interpolate_wheels, extrapolate_wheels)
         for kind, got, missing, extrapolated in (
-            ("imu", imu, NO_IMU, IMU_EXTRAPOLATED),
-            ("joints", wheels, NO_WHEELS, WHEELS_EXTRAPOLATED),
+            ("imu", imu, frame_flag.NO_IMU, frame_flag.IMU_EXTRAPOLATED),
+            ("joints", wheels, frame_flag.NO_WHEELS, frame_flag.WHEELS_EXTRAPOLATED),
         ):
             if got is None:
                 flags.add(missing)
@@ -461,7 +454,7 @@ class SensorSync:
         gps = None
         latest = self._gps.at_or_before(stamp_ns)
         if latest is None:
-            flags.add(NO_GPS)
+            flags.add(frame_flag.NO_GPS)
             stats["gps"].missing_in_frames += 1
         else:
             fix_stamp, reading = latest
@@ -469,18 +462,18 @@ class SensorSync:
             stale = age_ns > self._gps_tolerance_ns
             gps = replace(reading, age_s=age_ns / NS_PER_S, stale=stale)
             if stale:
-                flags.add(GPS_STALE)
+                flags.add(frame_flag.GPS_STALE)
                 stats["gps"].stale += 1
                 stats["gps"].missing_in_frames += 1
             else:
                 stats["gps"].used += 1
 
         if self._last_released_ns is not None and stamp_ns < self._last_released_ns:
-            flags.add(OUT_OF_ORDER)
+            flags.add(frame_flag.OUT_OF_ORDER)
         else:
             self._last_released_ns = stamp_ns
         self.frames_released += 1
-        if flags & {NO_DEPTH, NO_CAMERA_INFO, NO_IMU, NO_WHEELS}:
+        if flags & {frame_flag.NO_DEPTH, frame_flag.NO_CAMERA_INFO, frame_flag.NO_IMU, frame_flag.NO_WHEELS}:
             self.frames_incomplete += 1
         return SyncedFrame(
             stamp_ns=stamp_ns,

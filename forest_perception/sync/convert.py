@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from forest_perception.frames import WHEEL_JOINTS
 from forest_perception.readings import GpsFix, ImuSample, WheelEncoders
 from forest_perception.sync.base import NS_PER_S, check_stamp
 
@@ -75,3 +76,19 @@ def gps_from_navsat(msg: Any) -> tuple[GpsFix, np.ndarray | None]:
         if covariance.shape != (9,) or not np.isfinite(covariance).all():
             raise ValueError(f"gps position_covariance must be 9 finite numbers, got {covariance.tolist()}")
     return GpsFix(lat, lon, alt if math.isfinite(alt) else None, status), covariance
+
+
+def reading_from_msg(kind: str, msg: Any, left_wheel: str = WHEEL_JOINTS[0], right_wheel: str = WHEEL_JOINTS[1]
+                     ) -> tuple[Any, np.ndarray | None]:
+    """What :meth:`SensorSync.add` takes for a message of ``kind``: (value, covariance or None).
+
+    IMU, GPS and joint states become readings (``ValueError`` naming what is malformed); camera
+    kinds are passed on as they are: the core never looks inside them.
+    """
+    if kind == "imu":
+        return imu_sample_from_msg(msg), None
+    if kind == "gps":
+        return gps_from_navsat(msg)
+    if kind == "joints":
+        return wheels_from_joint_state(msg, left_wheel, right_wheel), None
+    return msg, None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from forest_perception.geo import wrap_angle
+from forest_perception.readings import PlanarOdometry
 from forest_perception.sync.base import NS_PER_S, check_finite, check_stamp
 from forest_perception.sync.interpolate import TimeSeriesBuffer, sample_at
 
@@ -70,27 +71,12 @@ class OdometryConfig:
 
 
 @dataclass(frozen=True)
-class OdometryState:
-    """Planar pose (x, y, yaw) in ``odom``, twist (v, w) in ``base_link``, 6x6 row-major covariances.
-
-    Covariance order (x, y, z, roll, pitch, yaw) as ``nav_msgs/Odometry``; axes the model does
-    not observe get ``OdometryFusion.UNOBSERVED_VARIANCE``.
-    """
+class OdometryState(PlanarOdometry):
+    """Fused odometry at ``stamp_ns``; axes the model does not observe get ``OdometryFusion.UNOBSERVED_VARIANCE``."""
 
     stamp_ns: int
-    x: float
-    y: float
-    yaw: float
-    v: float
-    w: float
-    pose_covariance: np.ndarray
-    twist_covariance: np.ndarray
     distance_m: float
     imu_used: bool
-
-    def quaternion_xyzw(self) -> np.ndarray:
-        """Heading as a quaternion (x, y, z, w)."""
-        return np.array([0.0, 0.0, math.sin(0.5 * self.yaw), math.cos(0.5 * self.yaw)])
 
 
 class OdometryFusion:
