@@ -213,7 +213,7 @@ def test_cli_train_and_eval(dataset_root, tmp_path, capsys):
     ("extra", "message"),
     [
         (["--data", "{missing}"], "does not exist"),
-        (["--data", "{root}", "--model", "resnet"], "unknown model"),
+        (["--data", "{root}", "--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
         (["--data", "{root}", "--image-size", "96x60"], "multiples of 16"),
         (["--data", "{empty}"], "no Run-"),
         (["--data", "{root}", "--epochs", "0"], "epochs"),
@@ -235,7 +235,7 @@ def test_cli_eval_missing_or_bad_checkpoint_exits_2(dataset_root, tmp_path, caps
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "junk.pt"), "--data", str(dataset_root)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "cannot be read" in err and len(err.splitlines()) == 1
+    assert "is not a forest-train checkpoint" in err and len(err.splitlines()) == 1
     assert cli.main(["train", "--data", str(dataset_root), "--resume", str(tmp_path / "junk.pt"),
                      "--out", str(tmp_path / "o"), "--quiet"]) == 2
-    assert "cannot be read" in capsys.readouterr().err
+    assert "is not a forest-train checkpoint" in capsys.readouterr().err
