@@ -258,7 +258,10 @@ def _export(args: argparse.Namespace, command: str) -> int:
         raise InputError("--int8 needs --calib DIR (calibration images)")
     frames = []
     if args.int8:
-        frames = list(iter_calibration_images(args.calib, args.calib_count))
+        try:
+            frames = list(iter_calibration_images(args.calib, args.calib_count))
+        except ValueError as exc:
+            raise InputError(f"--calib {args.calib}: {exc}") from exc
         if not frames:
             raise InputError(f"--calib {args.calib}: none of its images can be read; give a folder of RGB images")
     if args.input_hw is not None:
