@@ -298,7 +298,7 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_images: str | os.Pat
     reader = _calibration_reader(onnx_path, iter_calibration_images(calibration_images, max_images))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     staged = temporary_sibling(out_path)
-    prepared = staged.with_suffix(".prep.onnx")
+    prepared = staged.with_name(f"{staged.name}.prep")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -47,9 +47,12 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out", suffix: str 
 
 
 def temporary_sibling(path: str | os.PathLike) -> Path:
-    """A hidden name beside ``path`` with the same suffix, for writing before ``os.replace(tmp, path)``."""
+    """A hidden ``.tmp`` name beside ``path`` for writing before ``os.replace(tmp, path)``.
+
+    It does not end in the real suffix, so nobody looking for ``*.onnx`` models picks up a half-written one.
+    """
     path = Path(path)
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -311,3 +311,14 @@ def test_corrupt_frame_after_the_first_epoch_keeps_the_run_resumable(dataset_roo
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "000001.png" in err and "epoch 2" in err and "--resume" in err
     assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_cli_default_out_is_not_written_over_either(dataset_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "runs/depth"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints/best.pt").write_bytes(b"the best model of an earlier run")
+    assert cli.main(["train", "--data", str(dataset_root), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--out runs/depth already holds a training run (checkpoints/best.pt)" in err and "--resume" in err
+    assert (earlier / "checkpoints/best.pt").read_bytes() == b"the best model of an earlier run"
