@@ -119,6 +119,9 @@ def evaluate(
         name = name or type(model).__name__
     max_depth = 10.0 if max_depth is None else float(max_depth)
     min_depth = MIN_DEPTH_M if min_depth is None else float(min_depth)
+    if not 0 < min_depth < max_depth:
+        raise ValueError(f"--min-depth {min_depth:g} must be below --max-depth {max_depth:g} (each the checkpoint's "
+                         "unless given)")
 
     dataset = ForestDepthDataset(data, input_hw=input_hw, augment=False, max_depth=max_depth, min_depth=min_depth)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)

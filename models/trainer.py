@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -150,10 +151,7 @@ class TrainOptions:
             raise ValueError(f"--val-fraction must be within [0, 1), got {self.val_fraction}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device} asked for but CUDA is not available here; use --device cpu")
+        check_device(self.device)
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r} (--model); choose one of {', '.join(MODEL_NAMES)}")
         if self.resume is not None and self.overwrite:
@@ -208,11 +206,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_device(name: str) -> str:
+    """``name`` if it is cpu, cuda, cuda:N or auto and usable here; ``ValueError`` naming ``--device`` otherwise."""
+    if name not in ("cpu", "cuda", "auto") and not re.fullmatch(r"cuda:\d+", name):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for but CUDA is not available here; use --device cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s) here")
+    return name
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; anything else as given."""
+    """``auto`` -> cuda when available else cpu; anything else as given (checked by ``check_device``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(check_device(name))
 
 
 def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
@@ -322,8 +333,7 @@ class Trainer:
     def stop_message(self, reason: str) -> str:
         """``reason`` plus what is left of the run and how to go on."""
         if self._output_open:
-            return (f"{reason}; {self.checkpoint_dir / 'last.pt'} holds epoch {self.epoch}: continue with --resume "
-                    "once that is fixed")
+            return f"{reason}; {self.checkpoint_dir / 'last.pt'} holds epoch {self.epoch}: continue with --resume"
         return f"{reason}; nothing was written to {self.out}"
 
     # ----------------------------------------------------------------- one batch

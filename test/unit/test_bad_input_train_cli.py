@@ -152,6 +152,10 @@ CASES = [
      ["--out", "a_file"]),
     ("eval-batch-size-0", ["eval", "--checkpoint", "{good_pt}", "--data", "{data}", "--batch-size", "0"],
      ["--batch-size"]),
+    ("eval-device-unknown", ["eval", "--checkpoint", "{good_pt}", "--data", "{data}", "--device", "tpu"],
+     ["--device", "tpu"]),
+    ("eval-depth-range", ["eval", "--checkpoint", "{good_pt}", "--data", "{data}", "--min-depth", "20"],
+     ["--min-depth 20", "--max-depth 10"]),
     # --- forest-train export
     ("export-checkpoint-empty", ["export", "--checkpoint", "{empty_pt}", "--out", "{out}/m.onnx"], ["empty.pt"]),
     ("export-checkpoint-random", ["export", "--checkpoint", "{random_pt}", "--out", "{out}/m.onnx"],

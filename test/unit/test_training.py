@@ -322,3 +322,23 @@ def test_cli_default_out_is_not_written_over_either(dataset_root, tmp_path, monk
     err = capsys.readouterr().err
     assert "--out runs/depth already holds a training run (checkpoints/best.pt)" in err and "--resume" in err
     assert (earlier / "checkpoints/best.pt").read_bytes() == b"the best model of an earlier run"
+
+
+def test_cli_diverged_run_says_what_to_change(dataset_root, tmp_path, monkeypatch, capsys):
+    from torch import nn
+
+    from forest_perception.models import trainer as trainer_module
+
+    class NanLoss(nn.Module):
+        def forward(self, pred, target, image):
+            return pred.mean() * float("nan"), {}
+
+    monkeypatch.setattr(trainer_module, "build_loss", lambda opts: NanLoss())
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(dataset_root), "--image-size", "96x64", "--batch-size", "4", "--epochs", "1",
+            "--model-kwarg", "base_channels=4", "--out", str(out), "--quiet", "--threads", "1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "loss became nan in epoch 1" in err and "--lr" in err and "nothing was written" in err
+    assert not out.exists()
