@@ -3,18 +3,21 @@
 Examples::
 
     forest-train train --model autoencoder --data data/synth --val-fraction 0.2 --epochs 20 --out runs/ae
-    forest-train train --model autoencoder --data data/synth --resume runs/ae/checkpoints/last.pt --out runs/ae
+    forest-train train --model autoencoder --data data/synth --epochs 40 --out runs/ae --resume
     forest-train eval --checkpoint runs/ae/checkpoints/best.pt --data data/test --out runs/ae/eval
     forest-train export --checkpoint runs/ae/checkpoints/best.pt --out runs/ae/autoencoder_320x240.onnx
 
-Bad input (a missing folder, an unknown model, a bad input size, no frames) gives a one-line error on stderr
-and exit status 2; an export that differs from PyTorch beyond the tolerance exits 1. docs/training.md has more.
+A ``--out`` that already holds a run is refused unless ``--resume`` continues it or ``--overwrite`` replaces it.
+Bad input (a missing or broken file, a folder that is no dataset, a bad flag value, an ``--out`` that cannot be
+written) gives a one-line error on stderr and exit status 2, through ``forest_perception.cli_args.run_command``;
+an export that differs from PyTorch beyond the tolerance exits 1. docs/training.md has more.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from forest_perception.cli_args import (
     ArgumentParser,
-    UsageError,
+    InputError,
     existing_dir,
     existing_file,
     format_image_size,
@@ -31,16 +34,24 @@ from forest_perception.cli_args import (
     non_negative_int,
     positive_float,
     positive_int,
+    run_command,
 )
-from forest_perception.models.trainer import SCHEDULERS, TrainOptions
+from forest_perception.models.cli_types import DefaultsHelpFormatter, onnx_output, output_folder
+from forest_perception.models.networks import MODEL_NAMES
+from forest_perception.models.trainer import SCHEDULERS, TrainOptions, check_image_size
 
 PROG = "forest-train"
-EXIT_USAGE = 2
 EXIT_VERIFICATION = 1
 
 
-class _InputError(Exception):
-    pass
+def _fraction_below_one(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction within [0, 1), got {text!r}")
+    return value
 
 
 def _model_kwarg(text: str) -> tuple[str, object]:
@@ -55,44 +66,59 @@ def _model_kwarg(text: str) -> tuple[str, object]:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     defaults = TrainOptions()
-    train = sub.add_parser("train", help="train a depth network")
-    train.add_argument("--model", default=defaults.model, help="network name (autoencoder, multiscale)")
+    train = sub.add_parser("train", help="train a depth network", formatter_class=DefaultsHelpFormatter,
+                           description="Train a depth network; --out gets checkpoints/, log.csv, curves.png and "
+                           "command.txt once the first epoch is done. A --out that holds a run is refused unless "
+                           "--resume continues it or --overwrite replaces it.")
+    train.add_argument("--model", default=defaults.model, choices=MODEL_NAMES, help="network")
     train.add_argument("--model-kwarg", action="append", type=_model_kwarg, default=[], metavar="KEY=VALUE",
                        help="constructor argument of the network, repeatable (value parsed as JSON)")
-    train.add_argument("--image-size", dest="input_hw", type=image_size, default=defaults.input_hw,
-                       metavar="WIDTHxHEIGHT", help="network input, multiples of 16 "
-                       f"(default {format_image_size(defaults.input_hw)})")
+    # a string default goes through image_size like a typed value; --help shows it as written
+    train.add_argument("--image-size", dest="input_hw", type=image_size, default=format_image_size(defaults.input_hw),
+                       metavar="WIDTHxHEIGHT", help="network input, multiples of 16")
     train.add_argument("--data", nargs="+", required=True, type=existing_dir, metavar="DIR",
                        help="training dataset roots/segments")
     train.add_argument("--val", nargs="+", default=[], type=existing_dir, metavar="DIR",
                        help="validation roots (else --val-fraction)")
-    train.add_argument("--val-fraction", type=float, default=defaults.val_fraction,
-                       help="fraction of training segments held out for validation when no --val")
-    train.add_argument("--epochs", type=positive_int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    train.add_argument("--lr", type=positive_float, default=defaults.lr)
-    train.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay)
-    train.add_argument("--scheduler", choices=SCHEDULERS, default=defaults.scheduler)
+    train.add_argument("--val-fraction", type=_fraction_below_one, default=defaults.val_fraction,
+                       help="fraction of training segments held out for validation when no --val (0 = none)")
+    train.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="epochs in all (a resumed run "
+                       "counts the ones done)")
+    train.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="frames per batch")
+    train.add_argument("--lr", type=positive_float, default=defaults.lr, help="learning rate (AdamW)")
+    train.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay,
+                       help="AdamW weight decay")
+    train.add_argument("--scheduler", choices=SCHEDULERS, default=defaults.scheduler, help="learning-rate schedule")
     train.add_argument("--step-size", type=positive_int, default=defaults.step_size,
                        help="epochs per step (step scheduler)")
     train.add_argument("--gamma", type=non_negative_float, default=defaults.gamma,
                        help="lr factor per step (step scheduler)")
-    train.add_argument("--loss-silog", type=non_negative_float, default=defaults.loss_silog)
-    train.add_argument("--loss-berhu", type=non_negative_float, default=defaults.loss_berhu)
-    train.add_argument("--loss-l1", type=non_negative_float, default=defaults.loss_l1)
-    train.add_argument("--loss-smooth", type=non_negative_float, default=defaults.loss_smooth)
-    train.add_argument("--min-depth", type=positive_float, default=defaults.min_depth)
-    train.add_argument("--max-depth", type=positive_float, default=defaults.max_depth)
+    train.add_argument("--loss-silog", type=non_negative_float, default=defaults.loss_silog,
+                       help="weight of the scale-invariant log loss")
+    train.add_argument("--loss-berhu", type=non_negative_float, default=defaults.loss_berhu,
+                       help="weight of the berHu loss")
+    train.add_argument("--loss-l1", type=non_negative_float, default=defaults.loss_l1, help="weight of the L1 loss")
+    train.add_argument("--loss-smooth", type=non_negative_float, default=defaults.loss_smooth,
+                       help="weight of the edge-aware smoothness loss")
+    train.add_argument("--min-depth", type=positive_float, default=defaults.min_depth,
+                       help="metres; closer depth is invalid")
+    train.add_argument("--max-depth", type=positive_float, default=defaults.max_depth,
+                       help="metres; farther depth is left out of the loss and the metrics")
     train.add_argument("--no-augment", dest="augment", action="store_false", help="no flip/jitter/blur")
     train.add_argument("--workers", type=non_negative_int, default=defaults.workers,
                        help="DataLoader worker processes")
-    train.add_argument("--seed", type=non_negative_int, default=defaults.seed)
-    train.add_argument("--out", default=defaults.out, help="output folder (checkpoints/, log.csv, curves.png)")
+    train.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="seed of the split, "
+                       "augmentation and weights")
+    train.add_argument("--out", type=output_folder, default=defaults.out,
+                       help="run folder (checkpoints/, log.csv, curves.png, command.txt)")
     train.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto")
     train.add_argument("--threads", type=non_negative_int, default=defaults.threads,
-                       help="torch CPU threads (0 = default)")
-    train.add_argument("--resume", default=None, type=existing_file, metavar="CHECKPOINT",
-                       help="continue from a last.pt")
+                       help="torch CPU threads (0 = torch's default)")
+    again = train.add_mutually_exclusive_group()
+    again.add_argument("--resume", nargs="?", const=True, default=None, type=existing_file, metavar="CHECKPOINT",
+                       help="continue the run in --out from its checkpoints/last.pt, or from CHECKPOINT")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in --out (once this run's first epoch is done)")
     train.add_argument("--eval-every", type=positive_int, default=defaults.eval_every,
                        help="validate every N epochs")
     train.add_argument("--max-batches", type=non_negative_int, default=defaults.max_batches,
@@ -102,42 +128,52 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser("eval", help="evaluate a checkpoint")
+    ev = sub.add_parser("eval", help="evaluate a checkpoint", formatter_class=DefaultsHelpFormatter,
+                        description="Metric table of a checkpoint on dataset folders; with --out also example "
+                        "pictures, metrics.json and metrics.csv (replaced when there).")
     ev.add_argument("--checkpoint", required=True, type=existing_file, help="a .pt written by 'forest-train train'")
     ev.add_argument("--data", nargs="+", required=True, type=existing_dir, metavar="DIR",
                     help="dataset roots/segments")
-    ev.add_argument("--out", default=None, help="folder for example pictures and metrics.json")
-    ev.add_argument("--max-depth", type=positive_float, default=None, help="default: the checkpoint's")
-    ev.add_argument("--min-depth", type=positive_float, default=None, help="default: the checkpoint's")
-    ev.add_argument("--batch-size", type=positive_int, default=8)
+    ev.add_argument("--out", type=output_folder, default=None,
+                    help="folder for example pictures, metrics.json and metrics.csv (default: print only)")
+    ev.add_argument("--max-depth", type=positive_float, default=None, help="metres (default: the checkpoint's)")
+    ev.add_argument("--min-depth", type=positive_float, default=None, help="metres (default: the checkpoint's)")
+    ev.add_argument("--batch-size", type=positive_int, default=8, help="frames per batch")
     ev.add_argument("--examples", type=non_negative_int, default=8, help="number of example pictures")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--workers", type=non_negative_int, default=0)
-    ev.add_argument("--quiet", dest="progress", action="store_false")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    ev.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes")
+    ev.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
     ev.set_defaults(handler=_eval)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    export = sub.add_parser("export", help="checkpoint -> verified ONNX, model card, optional int8")
+    export = sub.add_parser("export", help="checkpoint -> verified ONNX, model card, optional int8",
+                            formatter_class=DefaultsHelpFormatter,
+                            description="Export a checkpoint to ONNX, check it against PyTorch (exit 1 beyond "
+                            "--tolerance, nothing written) and write its model card beside it; files appear whole "
+                            "or not at all.")
     export.add_argument("--checkpoint", required=True, type=existing_file, help="training checkpoint (.pt/.pth)")
-    export.add_argument("--out", required=True, type=Path, help="output .onnx path")
+    export.add_argument("--out", required=True, type=onnx_output, help="output .onnx path")
     export.add_argument("--image-size", dest="input_hw", type=image_size, default=None, metavar="WIDTHxHEIGHT",
                         help="network input (default: the checkpoint's)")
-    export.add_argument("--opset", type=positive_int, default=17)
+    export.add_argument("--opset", type=positive_int, default=17, help="ONNX opset written")
     export.add_argument("--dynamic-batch", action="store_true", help="dynamic batch dimension")
-    export.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    export.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                        help="torch.onnx exporter (torchscript: legacy, much faster to run)")
     export.add_argument("--tolerance", type=positive_float, default=1e-3, help="max abs error vs PyTorch, metres")
     export.add_argument("--int8", action="store_true", help="also write <out>_int8.onnx (needs --calib)")
     export.add_argument("--calib", type=existing_dir, help="folder of RGB calibration images (searched recursively)")
     export.add_argument("--calib-count", type=positive_int, default=64, help="calibration frames to use")
     export.add_argument("--keep-int8-anyway", action="store_true",
-                        help="keep the int8 model even when keep_int8() says it is not worth it")
+                        help="keep the int8 model even when it is neither faster nor smaller, or loses "
+                        "more than 0.01 absrel")
     export.set_defaults(handler=_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``forest-train`` argument parser with its ``train``, ``eval`` and ``export`` subcommands."""
-    parser = ArgumentParser(prog=PROG, description="Train, evaluate and export forest depth networks.")
+    parser = ArgumentParser(prog=PROG, description="Train, evaluate and export forest depth networks.",
+                            formatter_class=DefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     _add_train(sub)
     _add_eval(sub)
@@ -145,7 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _resume_checkpoint(args: argparse.Namespace) -> str | None:
+    """The checkpoint ``--resume`` names: its value, or the last.pt of the run in ``--out`` when given alone."""
+    if args.resume is None:
+        return None
+    if args.resume is True:
+        last = Path(args.out) / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise InputError(f"--resume continues the run in --out {args.out}, but {last} does not exist; start a "
+                             "new run without --resume, or give --resume CHECKPOINT")
+        return str(last)
+    return str(args.resume)
+
+
 def _train(args: argparse.Namespace, command: str) -> int:
+    import torch
+
     from forest_perception.models.trainer import Trainer
 
     opts = TrainOptions(
@@ -154,16 +205,23 @@ def _train(args: argparse.Namespace, command: str) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         scheduler=args.scheduler, step_size=args.step_size, gamma=args.gamma, loss_silog=args.loss_silog,
         loss_berhu=args.loss_berhu, loss_l1=args.loss_l1, loss_smooth=args.loss_smooth, min_depth=args.min_depth,
-        max_depth=args.max_depth, augment=args.augment, workers=args.workers, seed=args.seed, out=args.out,
-        device=args.device, threads=args.threads, resume=None if args.resume is None else str(args.resume),
+        max_depth=args.max_depth, augment=args.augment, workers=args.workers, seed=args.seed, out=str(args.out),
+        device=args.device, threads=args.threads, resume=_resume_checkpoint(args), overwrite=args.overwrite,
         eval_every=args.eval_every, max_batches=args.max_batches, progress=args.progress, command=command,
     )
+    trainer = Trainer(opts)
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     try:
-        trainer = Trainer(opts)
-    except (ValueError, FileNotFoundError) as exc:
-        raise _InputError(str(exc)) from None
-    # errors past this point are bugs or hardware trouble: let them show their traceback
-    history = trainer.train()
+        history = trainer.train()
+    except FloatingPointError as exc:  # a diverged run: the message says what is left and what to change
+        raise InputError(str(exc)) from exc
+    except out_of_memory as exc:
+        raise InputError(trainer.stop_message(f"out of memory on {trainer.device}: lower --batch-size or "
+                                          "--image-size")) from exc
+    except KeyboardInterrupt:
+        note = trainer.stop_message("stopped by Ctrl-C")
+        print(f"{PROG} train: {note}", file=sys.stderr)
+        raise
     last = history[-1] if history else {}
     summary = ", ".join(f"{k} {last[k]:.4f}" for k in ("train_loss", "val_absrel", "val_delta1") if k in last)
     print(f"done: {trainer.epoch} epoch(s){'; ' + summary if summary else ''}; "
@@ -174,17 +232,13 @@ def _train(args: argparse.Namespace, command: str) -> int:
 def _eval(args: argparse.Namespace, command: str) -> int:
     from forest_perception.models.evaluate import evaluate
 
-    try:
-        evaluate(args.checkpoint, [str(p) for p in args.data], max_depth=args.max_depth, min_depth=args.min_depth,
-                 out=args.out, batch_size=args.batch_size, num_examples=args.examples, device=args.device,
-                 workers=args.workers, progress=args.progress)
-    except (ValueError, FileNotFoundError) as exc:
-        raise _InputError(str(exc)) from None
+    evaluate(args.checkpoint, [str(p) for p in args.data], max_depth=args.max_depth, min_depth=args.min_depth,
+             out=args.out, batch_size=args.batch_size, num_examples=args.examples, device=args.device,
+             workers=args.workers, progress=args.progress)
     return 0
 
 
 def _export(args: argparse.Namespace, command: str) -> int:
-    from forest_perception.inference import ModelLoadError
     from forest_perception.models.export import (
         ExportVerificationError,
         compare_int8,
@@ -193,56 +247,61 @@ def _export(args: argparse.Namespace, command: str) -> int:
         keep_int8,
         model_info,
         quantize_int8,
+        remove_model_files,
         write_model_card,
     )
+    from forest_perception.models.outputs import temporary_sibling
+    from forest_perception.models.torch_engine import load_torch_checkpoint
 
-    if args.out.suffix.lower() != ".onnx":
-        raise _InputError(f"--out {str(args.out)!r} must end in .onnx")
+    # everything the export needs is checked before anything is written
     if args.int8 and not args.calib:
-        raise _InputError("--int8 needs --calib DIR (calibration images)")
+        raise InputError("--int8 needs --calib DIR (calibration images)")
+    frames = []
+    if args.int8:
+        try:
+            frames = list(iter_calibration_images(args.calib, args.calib_count))
+        except ValueError as exc:
+            raise InputError(f"--calib {args.calib}: {exc}") from exc
+        if not frames:
+            raise InputError(f"--calib {args.calib}: none of its images can be read; give a folder of RGB images")
+    if args.input_hw is not None:
+        check_image_size(args.input_hw)
+    model, meta = load_torch_checkpoint(args.checkpoint)
     try:
-        path = export_onnx(str(args.checkpoint), args.out, args.input_hw, opset=args.opset,
+        path = export_onnx((model, meta), args.out, args.input_hw, opset=args.opset,
                            dynamic_batch=args.dynamic_batch, exporter=args.exporter, tolerance_m=args.tolerance,
                            export_command=command)
-        info = model_info(str(args.checkpoint))
-        write_model_card(path, info)
-        print(f"wrote {path} and {path.with_suffix('.md').name}")
-        if args.int8:
-            int8_path = path.with_name(f"{path.stem}_int8.onnx")
-            frames = list(iter_calibration_images(args.calib, args.calib_count))
-            quantize_int8(path, frames, int8_path)
-            report = compare_int8(path, int8_path, frames[:16])
+    except ExportVerificationError as exc:
+        print(f"{PROG} export: error: {exc}; nothing was written", file=sys.stderr)
+        return EXIT_VERIFICATION
+    info = model_info((model, meta))
+    write_model_card(path, info)
+    print(f"wrote {path} and {path.with_suffix('.md').name}")
+    if args.int8:
+        int8_path = path.with_name(f"{path.stem}_int8.onnx")
+        staged = temporary_sibling(int8_path)
+        try:
+            quantize_int8(path, frames, staged)
+            report = compare_int8(path, staged, frames[:16])
             keep, reason = keep_int8(report)
             print(reason)
             if keep or args.keep_int8_anyway:
+                os.replace(staged, int8_path)
                 write_model_card(int8_path, {**info, "int8": report})
                 print(f"wrote {int8_path}")
             else:
-                int8_path.unlink(missing_ok=True)
-    except (ModelLoadError, ValueError) as exc:
-        raise _InputError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
-    except ExportVerificationError as exc:
-        print(f"{PROG} export: error: {exc}", file=sys.stderr)
-        return EXIT_VERIFICATION
+                for old in remove_model_files(int8_path):  # an earlier int8 of another fp32 model
+                    print(f"removed {old}: it belonged to an earlier export")
+        finally:
+            staged.unlink(missing_ok=True)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``forest-train``; returns the exit status."""
+    """Entry point of ``forest-train``; returns the exit status (2 for bad input, with one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = shlex.join([PROG, *argv])
-    try:
-        args = build_parser().parse_args(argv)
-        return args.handler(args, command)
-    except UsageError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_USAGE
-    except _InputError as exc:
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(PROG, build_parser(), lambda args: args.handler(args, command), argv)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from forest_perception.cli_args import describe_error
 from forest_perception.dataset_tools.layout import Segment, iter_segments, load_frame, read_segment
 from forest_perception.inference import DEFAULT_MEAN, DEFAULT_STD
 from forest_perception.models.networks.layers import check_input_hw as check_network_input
 
 MIN_DEPTH_M = 0.1
 """Depth below this (metres) is treated as invalid: the RealSense gives no usable data that close."""
+
+
+class FrameLoadError(ValueError):
+    """A frame's RGB or depth file cannot be read; the message names the file and the frame."""
 
 
 def image_normalisation() -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -233,7 +238,13 @@ class ForestDepthDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for a dataset of {len(self)} frames")
         i %= len(self)
-        rgb, depth = self.load(i)
+        try:
+            rgb, depth = self.load(i)
+        except (OSError, ValueError) as exc:
+            si, fi = self.index[i]
+            segment = self.segments[si]
+            raise FrameLoadError(f"frame {segment.frames[fi].stem} of segment {segment.segment_id}: "
+                                 f"{describe_error(exc)}; fix or remove that frame") from exc
         rgb, depth = resize_pair(rgb, depth, self.input_hw)
         image = rgb.astype(np.float32) / 255.0
         if self.augment:

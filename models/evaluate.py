@@ -9,10 +9,11 @@ abs error`` (colourised; invalid ground truth black) to that folder.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -23,8 +24,8 @@ from torch.nn import functional
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from forest_perception.models.data import MIN_DEPTH_M, ForestDepthDataset, denormalise_image
-from forest_perception.models.trainer import load_checkpoint, resolve_device
+from forest_perception.models.data import MIN_DEPTH_M, ForestDepthDataset, FrameLoadError, denormalise_image
+from forest_perception.models.trainer import load_checkpoint, resolve_device, worker_error_message
 from forest_perception.sim.preview import colorize_depth
 
 OVERALL = "all"
@@ -64,6 +65,15 @@ def example_picture(
     if label:
         _label(row, label, (4, row.shape[0] - 6))
     return row
+
+
+@contextlib.contextmanager
+def _clean_frame_errors() -> Iterator[None]:
+    """A frame that cannot be read: its one-line message, without a DataLoader worker's traceback text."""
+    try:
+        yield
+    except FrameLoadError as exc:
+        raise FrameLoadError(worker_error_message(exc)) from exc
 
 
 def _accumulator(min_depth: float, max_depth: float) -> object:
@@ -109,6 +119,9 @@ def evaluate(
         name = name or type(model).__name__
     max_depth = 10.0 if max_depth is None else float(max_depth)
     min_depth = MIN_DEPTH_M if min_depth is None else float(min_depth)
+    if not 0 < min_depth < max_depth:
+        raise ValueError(f"--min-depth {min_depth:g} must be below --max-depth {max_depth:g} (each the checkpoint's "
+                         "unless given)")
 
     dataset = ForestDepthDataset(data, input_hw=input_hw, augment=False, max_depth=max_depth, min_depth=min_depth)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
@@ -118,7 +131,7 @@ def evaluate(
     per_segment: dict[str, object] = {}
     examples: list[tuple[int, np.ndarray]] = []
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _clean_frame_errors():
         for batch in tqdm(loader, desc="eval", disable=not progress, dynamic_ncols=True):
             pred = model(batch["image"].to(torch_device))
             target = batch["depth"].to(torch_device)
@@ -156,7 +169,8 @@ def evaluate(
         out_dir.mkdir(parents=True, exist_ok=True)
         for index, picture in sorted(examples, key=lambda e: e[0]):
             path = out_dir / f"example_{index:05d}.png"
-            cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+            if not cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
+                raise OSError(f"cannot write the example picture {path}")
             result["examples"].append(str(path))
         (out_dir / "metrics.json").write_text(json.dumps(
             {"model": name, "frames": len(dataset), "min_depth": min_depth, "max_depth": max_depth,

@@ -1,7 +1,8 @@
 """ONNX export, int8 quantisation and model cards of the depth networks (``forest-train export``).
 
 Every export is checked against PyTorch in ONNX Runtime and refused above a tolerance; which exporter is used
-and what the card records: docs/training.md ("Export").
+and what the card records: docs/training.md ("Export"). Models and cards are written to a hidden temporary file
+and moved into place when complete, so a failed or interrupted export leaves no half-written file.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from forest_perception.inference import (
     read_onnx_metadata,
     weights_sha256,
 )
+from forest_perception.models.outputs import temporary_sibling, write_text_atomic
 from forest_perception.models.provenance import git_commit
 from forest_perception.models.torch_engine import load_torch_checkpoint
 
@@ -157,9 +159,10 @@ def export_onnx(model_or_checkpoint: nn.Module | str | os.PathLike | tuple[nn.Mo
                 image: np.ndarray | None = None, export_command: str | None = None) -> Path:
     """Export a depth network to ONNX with metadata, verify it against PyTorch, return the path.
 
-    ``input_hw`` defaults to the checkpoint's. Raises ``ExportVerificationError`` (and deletes the file) when
+    ``input_hw`` defaults to the checkpoint's. Raises ``ExportVerificationError`` (and writes nothing) when
     ONNX Runtime differs from PyTorch by more than ``tolerance_m`` metres on a random input or on ``image``
     (a synthetic forest frame if not given). The verification figures are stored in the metadata too.
+    The file appears at ``out_path`` only once it is verified and complete; until then an earlier file there is kept.
     """
     model, meta = resolve_model(model_or_checkpoint)
     if input_hw is None:
@@ -172,6 +175,22 @@ def export_onnx(model_or_checkpoint: nn.Module | str | os.PathLike | tuple[nn.Mo
     min_depth, max_depth = _depth_range(model, meta)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    staged = temporary_sibling(out_path)
+    try:
+        _export_verified(model, meta, staged, (height, width), mean, std, min_depth, max_depth, opset, dynamic_batch,
+                         exporter, tolerance_m, image, export_command)
+        os.replace(staged, out_path)
+    finally:
+        staged.unlink(missing_ok=True)
+    return out_path
+
+
+def _export_verified(model: nn.Module, meta: Mapping[str, Any], out_path: Path, input_hw: tuple[int, int],
+                     mean: tuple[float, ...], std: tuple[float, ...], min_depth: float, max_depth: float, opset: int,
+                     dynamic_batch: bool, exporter: str, tolerance_m: float, image: np.ndarray | None,
+                     export_command: str | None) -> None:
+    """Export to ``out_path``, verify against PyTorch (``ExportVerificationError`` beyond tolerance), add metadata."""
+    height, width = input_hw
     model = model.cpu().eval()
     example = torch.randn(2 if dynamic_batch else 1, 3, height, width)
     started = time.perf_counter()
@@ -179,7 +198,6 @@ def export_onnx(model_or_checkpoint: nn.Module | str | os.PathLike | tuple[nn.Mo
     export_s = time.perf_counter() - started
     report = verify_onnx(out_path, model, (height, width), mean, std, image, batch=2 if dynamic_batch else 1)
     if not math.isfinite(report["max_abs_error_m"]) or report["max_abs_error_m"] > tolerance_m:
-        out_path.unlink(missing_ok=True)
         raise ExportVerificationError(f"ONNX export of {meta.get('model_name', type(model).__name__)} differs from "
                                       f"PyTorch by {report['max_abs_error_m']:.3g} m > tolerance {tolerance_m} m")
     name = str(meta.get("model_name") or type(model).__name__)
@@ -209,9 +227,7 @@ def export_onnx(model_or_checkpoint: nn.Module | str | os.PathLike | tuple[nn.Mo
         "verify_max_abs_error_m": report["max_abs_error_m"],
     }
     set_metadata(out_path, props)
-    _LOG.info("exported %s to %s in %.1f s, max abs error vs PyTorch %.2e m", name, out_path, export_s,
-              report["max_abs_error_m"])
-    return out_path
+    _LOG.info("exported %s in %.1f s, max abs error vs PyTorch %.2e m", name, export_s, report["max_abs_error_m"])
 
 
 # --------------------------------------------------------------------------------------------- int8
@@ -281,25 +297,27 @@ def quantize_int8(onnx_path: str | os.PathLike, calibration_images: str | os.Pat
         raise ValueError(f"calibrate_method must be MinMax, Entropy or Percentile, got {calibrate_method!r}")
     reader = _calibration_reader(onnx_path, iter_calibration_images(calibration_images, max_images))
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    prepared = out_path.with_suffix(".prep.onnx")
+    staged = temporary_sibling(out_path)
+    prepared = staged.with_name(f"{staged.name}.prep")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
-            quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ,
+            quantize_static(str(prepared), str(staged), reader, quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=method)
+        if reader.count == 0:
+            raise ValueError("no calibration images were given")
+        props = dict(read_onnx_metadata(onnx_path))
+        props["quantization"] = (f"int8 static QDQ, U8 activations / S8 weights, "
+                                 f"{'per-channel' if per_channel else 'per-tensor'}, {calibrate_method} on "
+                                 f"{reader.count} frames")
+        props["fp32_sha256"] = file_sha256(onnx_path)
+        set_metadata(staged, props)
+        os.replace(staged, out_path)
     finally:
         prepared.unlink(missing_ok=True)
-    if reader.count == 0:
-        out_path.unlink(missing_ok=True)
-        raise ValueError("no calibration images were given")
-    props = dict(read_onnx_metadata(onnx_path))
-    props["quantization"] = (f"int8 static QDQ, U8 activations / S8 weights, "
-                             f"{'per-channel' if per_channel else 'per-tensor'}, {calibrate_method} on "
-                             f"{reader.count} frames")
-    props["fp32_sha256"] = file_sha256(onnx_path)
-    set_metadata(out_path, props)
+        staged.unlink(missing_ok=True)
     return out_path
 
 
@@ -411,11 +429,12 @@ def keep_int8(report: Mapping[str, Any], max_absrel_increase: float = 0.01) -> t
 # --------------------------------------------------------------------------------------------- model card
 
 
-def model_info(checkpoint: str | os.PathLike) -> dict[str, object]:
-    """``params`` and ``flops`` of a checkpoint's network for its model card (empty when they cannot be counted)."""
+def model_info(checkpoint: str | os.PathLike | tuple[nn.Module, Mapping[str, Any]]) -> dict[str, object]:
+    """``params`` and ``flops`` of a checkpoint's network (a path or the ``(model, meta)`` it loads into) for its
+    model card; empty when they cannot be counted."""
     from forest_perception.models.networks import count_flops, count_parameters
 
-    model, meta = load_torch_checkpoint(checkpoint)
+    model, meta = resolve_model(checkpoint)
     info: dict[str, object] = {}
     try:
         info["params"] = count_parameters(model)
@@ -482,11 +501,19 @@ def write_model_card(onnx_path: str | os.PathLike, info: Mapping[str, Any] | Non
         "git_commit": git_commit() or "unknown",
     }
     card.update({key: value for key, value in dict(info or {}).items() if value is not None})
-    json_path = onnx_path.with_suffix(".json")
-    json_path.write_text(json.dumps(card, indent=2, sort_keys=False, default=str) + "\n")
-    md_path = onnx_path.with_suffix(".md")
-    md_path.write_text(_card_markdown(card))
-    return md_path
+    write_text_atomic(onnx_path.with_suffix(".json"), json.dumps(card, indent=2, sort_keys=False, default=str) + "\n")
+    return write_text_atomic(onnx_path.with_suffix(".md"), _card_markdown(card))
+
+
+def remove_model_files(onnx_path: str | os.PathLike) -> list[Path]:
+    """Delete a model and its card (``.onnx``, ``.md``, ``.json``) where present; returns what was removed."""
+    onnx_path = Path(onnx_path)
+    removed = []
+    for path in (onnx_path, onnx_path.with_suffix(".md"), onnx_path.with_suffix(".json")):
+        if path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _fmt(value: Any) -> str:

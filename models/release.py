@@ -1,4 +1,4 @@
-"""Turn a trained checkpoint into shipped weights: ONNX (+ int8 when worth it), held-out metrics, model card.
+r"""Turn a trained checkpoint into shipped weights: ONNX (+ int8 when worth it), held-out metrics, model card.
 
     python -m forest_perception.models.release --checkpoint runs/ms/checkpoints/best.pt --name multiscale_320x240 \
         --test DATA/forest_test --calib DATA/forest_train/Run-11 --out models/weights \
@@ -6,27 +6,51 @@
 
 Metrics are measured through the rover runtime (``OnnxDepthEngine`` on full-resolution camera frames, depth
 upsampled back), pooled over every valid pixel of the held-out forests; docs/training.md ("Shipping weights").
+Every input is checked before the export starts, and the files are made in a hidden folder inside ``--out`` and
+moved into place only when all of them are complete: a failed release writes nothing (exit 2, one line; 1 when the
+export differs from PyTorch).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shlex
+import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from forest_perception.cli_args import existing_dir, existing_file, non_negative_float, output_dir
-from forest_perception.dataset_tools.layout import iter_segments, load_frame
+from forest_perception.cli_args import (
+    ArgumentParser,
+    InputError,
+    describe_error,
+    existing_dir,
+    existing_file,
+    format_image_size,
+    non_negative_float,
+    run_command,
+)
+from forest_perception.dataset_tools.layout import load_frame
 from forest_perception.inference import OnnxDepthEngine
+from forest_perception.models.cli_types import RawDefaultsHelpFormatter, output_folder
 from forest_perception.models.metrics import MetricAccumulator, format_metric_table
+
+PROG = "python -m forest_perception.models.release"
+EXIT_VERIFICATION = 1
+NAME_PATTERN = re.compile(r"^(?P<model>[a-z][a-z0-9]*)_(?P<width>\d+)x(?P<height>\d+)$")
 
 
 def held_out_frames(root: str | Path, limit: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(rgb, depth) pairs of every frame under ``root`` (forest dataset layout), in order."""
+    """(rgb, depth) pairs of every frame under ``root`` (a dataset root or segment folder), in order."""
+    from forest_perception.models.data import collect_segments
+
     frames = []
-    for segment in iter_segments(root):
+    for segment in collect_segments(root):
         for i in range(len(segment)):
             rgb, depth, _record = load_frame(segment, i)
             frames.append((rgb, depth))
@@ -54,67 +78,128 @@ def evaluate_engine(
     return result
 
 
+def check_name(name: str, model_name: str, input_hw: Sequence[int]) -> str:
+    """``name`` if it is ``<model>_<WIDTHxHEIGHT>`` of the checkpoint's network; ``InputError`` saying the right one."""
+    expected = f"{model_name}_{format_image_size(input_hw)}"
+    match = NAME_PATTERN.match(name)
+    if match is None:
+        raise InputError(f"--name {name!r} must be a file stem <model>_<WIDTHxHEIGHT>, without folder or .onnx; "
+                         f"for this checkpoint: --name {expected}")
+    if match["model"] != model_name:
+        raise InputError(f"--name {name} names the model {match['model']!r}, but the checkpoint holds "
+                         f"{model_name!r}: give --name {expected}")
+    size = f"{match['width']}x{match['height']}"
+    if size != format_image_size(input_hw):
+        swapped = " (HEIGHTxWIDTH; sizes are written WIDTHxHEIGHT)" if size == f"{input_hw[0]}x{input_hw[1]}" else ""
+        raise InputError(f"--name {name} says {size}{swapped}, but the checkpoint's input is "
+                         f"{format_image_size(input_hw)}: give --name {expected}")
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m forest_perception.models.release`` argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m forest_perception.models.release", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=RawDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=existing_file, help="a .pt written by forest-train")
     parser.add_argument("--name", required=True, help="file stem: <model>_<WIDTHxHEIGHT>, e.g. multiscale_320x240")
     parser.add_argument("--test", required=True, type=existing_dir, help="held-out forests (never used in training)")
     parser.add_argument("--calib", required=True, type=existing_dir,
                         help="calibration images for int8 (training forests)")
-    parser.add_argument("--out", default="models/weights", type=output_dir,
-                        help="folder of the shipped weights (default models/weights)")
-    parser.add_argument("--train-command", default="")
-    parser.add_argument("--data-command", default="")
-    parser.add_argument("--max-absrel-increase", type=non_negative_float, default=0.01)
+    parser.add_argument("--out", default="models/weights", type=output_folder,
+                        help="folder of the shipped weights; files of the same name are replaced")
+    parser.add_argument("--train-command", default="", help="the training command, for the model card")
+    parser.add_argument("--data-command", default="", help="the command that made the data, for the model card")
+    parser.add_argument("--max-absrel-increase", type=non_negative_float, default=0.01,
+                        help="int8 is dropped when its absrel is higher than fp32's by more than this")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Export, quantise, evaluate and write the model card; prints the metric table."""
-    from forest_perception.models import export  # torch: only once the command line is good
+def _inputs(args: argparse.Namespace) -> tuple[dict, list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
+    """Check every input before anything is written: checkpoint meta, held-out frames, calibration frames."""
+    from forest_perception.models import export
+    from forest_perception.models.torch_engine import load_torch_checkpoint
 
-    args = build_parser().parse_args(argv)
+    _model, meta = load_torch_checkpoint(args.checkpoint)
+    check_name(args.name, str(meta["model_name"]), meta["input_hw"])
+    try:
+        frames = held_out_frames(args.test)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"--test {args.test}: {describe_error(exc)}") from exc
+    try:
+        calib = list(export.iter_calibration_images(args.calib, 64))
+    except (ValueError, OSError) as exc:
+        raise InputError(f"--calib {args.calib}: {describe_error(exc)}") from exc
+    if not calib:
+        raise InputError(f"--calib {args.calib}: none of its images can be read; give a folder of RGB images")
+    return meta, frames, calib
 
-    out = Path(args.out)
-    onnx_path = out / f"{args.name}.onnx"
+
+def _release(args: argparse.Namespace, command: str) -> int:
+    from forest_perception.models import export
+
     t0 = time.perf_counter()
-    command = " ".join(["python -m forest_perception.models.release", *sys.argv[1:]])
-    export.export_onnx(args.checkpoint, onnx_path, export_command=command)
-    frames = held_out_frames(args.test)
-    fp32 = evaluate_engine(onnx_path, frames)
-    int8_path = out / f"{args.name}_int8.onnx"
-    export.quantize_int8(onnx_path, list(export.iter_calibration_images(args.calib, 64)), int8_path)
-    int8 = evaluate_engine(int8_path, frames)
-    report = {
-        "fp32": {"median_ms": fp32["latency_ms"], "metrics": fp32, "bytes": onnx_path.stat().st_size},
-        "int8": {"median_ms": int8["latency_ms"], "metrics": int8, "bytes": int8_path.stat().st_size},
-        "speedup": fp32["latency_ms"] / max(int8["latency_ms"], 1e-9),
-        "size_ratio": int8_path.stat().st_size / onnx_path.stat().st_size,
-        "agreement": {"mean_rel_diff": float("nan")},
-    }
-    keep, reason = export.keep_int8(report, args.max_absrel_increase)
-    info = export.model_info(args.checkpoint)
-    info.update(
-        {
-            "metrics": {k: v for k, v in fp32.items() if k != "latency_ms"},
-            "held_out": f"{len(frames)} frames of {args.test} (forest seeds never used in training)",
-            "train_command": args.train_command,
-            "data_command": args.data_command,
+    _meta, frames, calib = _inputs(args)
+    out = Path(args.out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = out / f".release-{args.name}-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        onnx_path = stage / f"{args.name}.onnx"
+        try:
+            export.export_onnx(args.checkpoint, onnx_path, export_command=command)
+        except export.ExportVerificationError as exc:
+            print(f"{PROG}: error: {exc}; nothing was written", file=sys.stderr)
+            return EXIT_VERIFICATION
+        fp32 = evaluate_engine(onnx_path, frames)
+        int8_path = stage / f"{args.name}_int8.onnx"
+        export.quantize_int8(onnx_path, calib, int8_path)
+        int8 = evaluate_engine(int8_path, frames)
+        report = {
+            "fp32": {"median_ms": fp32["latency_ms"], "metrics": fp32, "bytes": onnx_path.stat().st_size},
+            "int8": {"median_ms": int8["latency_ms"], "metrics": int8, "bytes": int8_path.stat().st_size},
+            "speedup": fp32["latency_ms"] / max(int8["latency_ms"], 1e-9),
+            "size_ratio": int8_path.stat().st_size / onnx_path.stat().st_size,
+            "agreement": {"mean_rel_diff": float("nan")},
         }
-    )
-    export.write_model_card(onnx_path, info)
-    if keep:
-        export.write_model_card(int8_path, {**info, "metrics": {k: v for k, v in int8.items() if k != "latency_ms"},
-                                     "int8": report})
-    else:
-        int8_path.unlink(missing_ok=True)
+        keep, reason = export.keep_int8(report, args.max_absrel_increase)
+        info = export.model_info(args.checkpoint)
+        info.update(
+            {
+                "metrics": {k: v for k, v in fp32.items() if k != "latency_ms"},
+                "held_out": f"{len(frames)} frames of {args.test} (forest seeds never used in training)",
+                "train_command": args.train_command,
+                "data_command": args.data_command,
+            }
+        )
+        export.write_model_card(onnx_path, info)
+        if keep:
+            export.write_model_card(int8_path, {**info, "metrics": {k: v for k, v in int8.items()
+                                                                    if k != "latency_ms"}, "int8": report})
+        else:
+            export.remove_model_files(int8_path)
+            for old in export.remove_model_files(out / int8_path.name):  # it belonged to an earlier fp32 model
+                print(f"removed {old}: the int8 model of an earlier release")
+        # everything is complete: move it into place, the fp32 model last
+        for path in sorted(stage.iterdir(), key=lambda p: p.name == onnx_path.name):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
     rows = {f"{args.name} fp32": fp32, f"{args.name} int8": int8}
     print(format_metric_table({k: {m: v for m, v in r.items() if m != "latency_ms"} for k, r in rows.items()}))
     print(f"latency (this CPU, 2 threads): fp32 {fp32['latency_ms']:.1f} ms, int8 {int8['latency_ms']:.1f} ms")
-    print(f"int8 {'kept' if keep else 'dropped'}: {reason}  ({time.perf_counter() - t0:.0f} s)")
+    print(f"{reason if keep else 'int8 dropped: ' + reason} ({time.perf_counter() - t0:.0f} s)")
+    print(f"wrote {args.name}.onnx{f' and {args.name}_int8.onnx' if keep else ''} with their cards to {out}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Export, quantise, evaluate and write the model card; prints the metric table. Returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = shlex.join([PROG, *argv])
+    return run_command(PROG, build_parser(), lambda args: _release(args, command), argv)
 
 
 if __name__ == "__main__":

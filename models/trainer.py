@@ -2,6 +2,10 @@
 
 ``Trainer(opts).train()`` writes checkpoints, ``log.csv`` and ``curves.png`` after every epoch and resumes
 exactly from ``last.pt``; what each file holds and why runs are reproducible: docs/training.md.
+
+Nothing of a run is lost: a folder that already holds a run is refused unless the run is continued (``resume``
+with one of its checkpoints) or replaced (``overwrite``), and nothing is written before the first epoch is done,
+so a run that fails on its data leaves no empty folders behind (docs/training.md, "The run folder").
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,19 +28,64 @@ from torch.nn import functional
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from forest_perception.cli_args import format_image_size
 from forest_perception.models.data import (
     MIN_DEPTH_M,
     ForestDepthDataset,
+    FrameLoadError,
     check_input_hw,
     collect_segments,
     image_normalisation,
     split_segments,
 )
 from forest_perception.models.networks import MODEL_NAMES, build_model
+from forest_perception.models.outputs import check_output_folder
 from forest_perception.models.provenance import git_commit
+from forest_perception.models.torch_engine import model_from_checkpoint, read_checkpoint_file
 
 CHECKPOINT_FORMAT = 1
 SCHEDULERS = ("cosine", "step", "none")
+RUN_FILES = ("checkpoints/last.pt", "checkpoints/best.pt", "log.csv", "command.txt", "curves.png")
+"""The files of a run in its ``out`` folder; any of them there means the folder holds a run."""
+
+
+class RunExistsError(FileExistsError):
+    """The output folder already holds a training run that this one would write over."""
+
+
+def check_image_size(input_hw: Sequence[int]) -> tuple[int, int]:
+    """``check_input_hw`` with a message in the ``--image-size WIDTHxHEIGHT`` spelling of the command lines."""
+    try:
+        return check_input_hw(input_hw)
+    except ValueError:
+        shown = format_image_size(input_hw) if len(input_hw) == 2 else repr(input_hw)
+        raise ValueError(f"--image-size {shown}: width and height must be positive multiples of 16 "
+                         "(e.g. 320x240, 160x128, 96x64)") from None
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a ``TrainOptions`` field (``val_fraction`` -> ``--val-fraction``)."""
+    return "--image-size" if name == "input_hw" else "--" + name.replace("_", "-")
+
+
+def existing_run_files(out: str | os.PathLike) -> list[str]:
+    """The ``RUN_FILES`` present in ``out`` (relative names), empty when it holds no run."""
+    out = Path(out)
+    return [name for name in RUN_FILES if (out / name).is_file()]
+
+
+def _inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+def worker_error_message(exc: BaseException) -> str:
+    """The original one-line message of an exception re-raised by a DataLoader worker (no worker traceback)."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    _, sep, message = last.partition(": ")
+    return message if sep else last
 
 
 @dataclass
@@ -72,42 +122,64 @@ class TrainOptions:
     max_batches: int = 0
     progress: bool = True
     command: str = ""
+    overwrite: bool = False
 
     def validate(self) -> TrainOptions:
-        """Raise ``ValueError`` naming the first bad option."""
-        self.input_hw = check_input_hw(self.input_hw)
+        """Raise ``ValueError`` naming the first bad option by its command-line flag (writes nothing)."""
+        self.input_hw = check_image_size(self.input_hw)
         if not self.data:
             raise ValueError("no training data: give at least one dataset folder (--data)")
         positive_ints = ("epochs", "batch_size", "eval_every", "step_size")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
         for name in ("workers", "threads", "seed", "max_batches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+                raise ValueError(f"{_flag(name)} must be an integer >= 0, got {value!r}")
         for name in ("lr", "weight_decay", "gamma", "loss_silog", "loss_berhu", "loss_l1", "loss_smooth"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value!r}")
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not (0 < self.min_depth < self.max_depth and math.isfinite(self.max_depth)):
-            raise ValueError(f"need 0 < min_depth < max_depth, got {self.min_depth} and {self.max_depth}")
+            raise ValueError(f"--min-depth ({self.min_depth}) must be above 0 and below --max-depth "
+                             f"({self.max_depth})")
         if not (0.0 <= self.val_fraction < 1.0):
-            raise ValueError(f"val_fraction must be within [0, 1), got {self.val_fraction}")
+            raise ValueError(f"--val-fraction must be within [0, 1), got {self.val_fraction}")
         if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for but CUDA is not available here")
+            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        check_device(self.device)
         if self.model not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {list(MODEL_NAMES)}")
+            raise ValueError(f"unknown model {self.model!r} (--model); choose one of {', '.join(MODEL_NAMES)}")
+        if self.resume is not None and self.overwrite:
+            raise ValueError(f"--resume continues the run in --out {self.out}, --overwrite replaces it: give one "
+                             "of them, not both")
         if self.resume is not None and not Path(self.resume).is_file():
-            raise FileNotFoundError(f"checkpoint to resume {self.resume} does not exist")
+            raise FileNotFoundError(f"--resume {self.resume} does not exist; give a checkpoint of the run to "
+                                    "continue (its checkpoints/last.pt)")
+        check_output_folder(self.out, "--out")
         return self
+
+    def check_run_folder(self) -> None:
+        """Refuse (``RunExistsError``) an ``out`` that holds a run this one would write over; reads only.
+
+        Allowed: a new or run-free folder, ``resume`` from a checkpoint inside ``out`` (continuing that run),
+        or ``overwrite``.
+        """
+        found = existing_run_files(self.out)
+        if not found or self.overwrite:
+            return
+        listing = ", ".join(found)
+        if self.resume is None:
+            raise RunExistsError(f"--out {self.out} already holds a training run ({listing}); continue it with "
+                                 "--resume, replace it with --overwrite, or give another --out")
+        if not _inside(self.resume, self.out):
+            raise RunExistsError(f"--out {self.out} already holds another training run ({listing}) and "
+                                 f"--resume {self.resume} is not one of its checkpoints: give --out the folder of "
+                                 "the run to continue, or a new folder to branch off from that checkpoint")
 
     def to_dict(self) -> dict:
         """Plain dict (lists, not tuples) for checkpoints and logs."""
@@ -134,25 +206,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_device(name: str) -> str:
+    """``name`` if it is cpu, cuda, cuda:N or auto and usable here; ``ValueError`` naming ``--device`` otherwise."""
+    if name not in ("cpu", "cuda", "auto") and not re.fullmatch(r"cuda:\d+", name):
+        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for but CUDA is not available here; use --device cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s) here")
+    return name
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; anything else as given."""
+    """``auto`` -> cuda when available else cpu; anything else as given (checked by ``check_device``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(check_device(name))
 
 
 def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
-    """The dict saved by ``Trainer.save_model`` (tensors only unpickled: ``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # a torn or foreign file: say which one
-        raise ValueError(f"checkpoint {path} cannot be read: {str(exc).splitlines()[0]}") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a forest-train checkpoint dict")
-    return ckpt
+    """The dict saved by ``Trainer.save_model`` (tensors only unpickled: ``weights_only=True``).
+
+    ``ModelLoadError`` (a ``ValueError``) naming the file when it is missing, empty, truncated or not ours.
+    """
+    return read_checkpoint_file(path, map_location=device)
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -160,9 +239,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     ckpt = read_checkpoint(path, device)
     for key in ("model_name", "model_kwargs", "input_hw", "model_state"):
         if key not in ckpt:
-            raise ValueError(f"checkpoint {path} has no {key!r}; is it a forest-train checkpoint?")
-    model = build_model(ckpt["model_name"], ckpt["input_hw"], **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["model_state"])
+            raise ValueError(f"checkpoint {str(path)!r} has no {key!r}: it is not a checkpoint written by "
+                             "'forest-train train'")
+    model, _meta = model_from_checkpoint(ckpt, path)
     return model.to(device).eval(), ckpt
 
 
@@ -187,9 +266,12 @@ class Trainer:
     """Trains one depth network; see the module docstring for what it writes."""
 
     def __init__(self, opts: TrainOptions) -> None:
+        # Nothing is written here: the run folder and its files appear once the first epoch is done.
         self.opts = opts.validate()
+        opts.check_run_folder()
         self.out = Path(opts.out)
         self.checkpoint_dir = self.out / "checkpoints"
+        self._output_open = False
         if opts.threads:
             torch.set_num_threads(opts.threads)
         self.device = resolve_device(opts.device)
@@ -198,7 +280,12 @@ class Trainer:
         if opts.val:
             train_segments, val_segments = collect_segments(opts.data), collect_segments(opts.val)
         elif opts.val_fraction > 0:
-            train_segments, val_segments, _ = split_segments(opts.data, opts.val_fraction, 0.0, opts.seed)
+            segments = [s for s in collect_segments(opts.data) if len(s) > 0]
+            if len(segments) < 2:
+                raise ValueError(f"--data {' '.join(opts.data)} holds {len(segments)} segment(s) with frames: too "
+                                 f"few to hold out --val-fraction {opts.val_fraction} of them for validation; give "
+                                 "--val DIR, or --val-fraction 0 to train without validation")
+            train_segments, val_segments, _ = split_segments(segments, opts.val_fraction, 0.0, opts.seed)
         else:
             train_segments, val_segments = collect_segments(opts.data), []
         common = {"input_hw": opts.input_hw, "max_depth": opts.max_depth, "min_depth": opts.min_depth}
@@ -207,8 +294,10 @@ class Trainer:
 
         try:
             self.model = build_model(opts.model, opts.input_hw, **opts.model_kwargs).to(self.device)
-        except TypeError as exc:
-            raise ValueError(f"model {opts.model!r} does not take the arguments {opts.model_kwargs}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            given = " ".join(f"{key}={value}" for key, value in opts.model_kwargs.items())
+            raise ValueError(f"--model-kwarg {given}: model {opts.model!r} does not take these arguments "
+                             f"({exc})") from None
         self.loss_fn = build_loss(opts).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         if opts.scheduler == "cosine":
@@ -227,10 +316,25 @@ class Trainer:
         self._last_plot = -math.inf
         if opts.resume:
             self.load_model(opts.resume)
+
+    def _open_output(self) -> None:
+        """Create the run folder on the first write; ``overwrite`` drops the earlier run's best.pt then."""
+        if self._output_open:
+            return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if self.opts.overwrite:
+            # last.pt, log.csv and curves.png are replaced as this epoch is written; best.pt might not be
+            (self.checkpoint_dir / "best.pt").unlink(missing_ok=True)
         # appended, so a resumed run keeps the command that started it
-        with open(self.out / "command.txt", "a") as f:
-            f.write((opts.command or "(python API) Trainer(TrainOptions(...))") + "\n")
+        with open(self.out / "command.txt", "w" if self.opts.overwrite else "a") as f:
+            f.write((self.opts.command or "(python API) Trainer(TrainOptions(...))") + "\n")
+        self._output_open = True
+
+    def stop_message(self, reason: str) -> str:
+        """``reason`` plus what is left of the run and how to go on."""
+        if self._output_open:
+            return f"{reason}; {self.checkpoint_dir / 'last.pt'} holds epoch {self.epoch}: continue with --resume"
+        return f"{reason}; nothing was written to {self.out}"
 
     # ----------------------------------------------------------------- one batch
 
@@ -295,7 +399,8 @@ class Trainer:
             _, losses = self.process_batch(batch)
             loss = losses["loss"]
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, batch {b}")
+                raise FloatingPointError(f"the loss became {loss.item()} in epoch {epoch + 1}, batch {b + 1}: "
+                                         f"training diverged; lower --lr (now {self.opts.lr:g}) or check the data")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -350,16 +455,21 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             row: dict = {"epoch": self.epoch + 1, "lr": lr}
             start = time.perf_counter()
-            row.update(self.run_epoch())
-            if (self.epoch + 1) % opts.eval_every == 0 or self.epoch + 1 == opts.epochs:
-                row.update(self.val())
+            try:
+                row.update(self.run_epoch())
+                if (self.epoch + 1) % opts.eval_every == 0 or self.epoch + 1 == opts.epochs:
+                    row.update(self.val())
+            except FrameLoadError as exc:
+                raise FrameLoadError(self.stop_message(f"epoch {self.epoch + 1}: {worker_error_message(exc)}")) from exc
+            except FloatingPointError as exc:
+                raise FloatingPointError(self.stop_message(str(exc))) from exc
             self.scheduler.step()
             row["seconds"] = time.perf_counter() - start
             row["step"] = self.step
             self.history.append(row)
             self.epoch += 1
-            self.log(row, plot=self.epoch == stop)
             self.save_model()
+            self.log(row, plot=self.epoch == stop)
         return self.history
 
     # ----------------------------------------------------------------- logging and checkpoints
@@ -376,6 +486,7 @@ class Trainer:
                     shown.append(f"{key[4:]} {row[key]:.4f}")
             shown += [f"lr {row['lr']:.2e}", f"{row['images_per_s']:.1f} img/s", f"{row['seconds']:.1f} s"]
             tqdm.write("  ".join(shown))
+        self._open_output()
         write_log_csv(self.history, self.out / "log.csv")
         if not plot and time.monotonic() - self._last_plot < 30.0:
             return
@@ -417,6 +528,7 @@ class Trainer:
 
     def save_model(self) -> Path:
         """Write ``last.pt`` (and ``best.pt`` when the epoch's score is the best yet); returns last.pt."""
+        self._open_output()
         last = self.checkpoint_dir / "last.pt"
         row = self.history[-1] if self.history else {}
         score = self._score(row)
@@ -432,23 +544,37 @@ class Trainer:
     def load_model(self, path: str | os.PathLike) -> None:
         """Restore model, optimizer, scheduler, epoch and history from a checkpoint to continue training."""
         ckpt = read_checkpoint(path, self.device)
+        where = f"--resume {path}"
+        if "model_state" not in ckpt:
+            raise ValueError(f"{where} has no 'model_state': it is not a checkpoint written by 'forest-train train'")
         if ckpt.get("model_name") != self.opts.model:
-            raise ValueError(f"checkpoint {path} holds a {ckpt.get('model_name')!r} model, not {self.opts.model!r}")
-        if list(ckpt.get("input_hw", [])) != list(self.opts.input_hw):
-            raise ValueError(f"checkpoint {path} was trained at input {ckpt.get('input_hw')}, not {self.opts.input_hw}")
-        self.model.load_state_dict(ckpt["model_state"])
-        if "optimizer_state" in ckpt:
-            self.optimizer.load_state_dict(ckpt["optimizer_state"])
-        if "scheduler_state" in ckpt:
-            self.scheduler.load_state_dict(ckpt["scheduler_state"])
-            self._stretch_cosine()
-        self.epoch = int(ckpt.get("epoch", 0))
-        self.step = int(ckpt.get("step", 0))
-        self.history = [dict(r) for r in ckpt.get("history", [])]
-        for r in self.history:
-            r["epoch"] = int(r["epoch"])
-        self.best_score = float(ckpt.get("best_score", math.inf))
-        self.best_epoch = ckpt.get("best_epoch")
+            raise ValueError(f"{where} holds a {ckpt.get('model_name')!r} model, not --model {self.opts.model}: "
+                             "give the --model it was trained with")
+        saved_hw = ckpt.get("input_hw")
+        if list(saved_hw or []) != list(self.opts.input_hw):
+            saved = format_image_size(saved_hw) if saved_hw and len(saved_hw) == 2 else repr(saved_hw)
+            raise ValueError(f"{where} was trained at --image-size {saved}, not "
+                             f"{format_image_size(self.opts.input_hw)}: give the --image-size it was trained with")
+        try:
+            self.model.load_state_dict(ckpt["model_state"])
+            if "optimizer_state" in ckpt:
+                self.optimizer.load_state_dict(ckpt["optimizer_state"])
+            if "scheduler_state" in ckpt:
+                self.scheduler.load_state_dict(ckpt["scheduler_state"])
+                self._stretch_cosine()
+            self.epoch = int(ckpt.get("epoch", 0))
+            self.step = int(ckpt.get("step", 0))
+            self.history = [dict(r) for r in ckpt.get("history", [])]
+            for r in self.history:
+                r["epoch"] = int(r["epoch"])
+            self.best_score = float(ckpt.get("best_score", math.inf))
+            self.best_epoch = ckpt.get("best_epoch")
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            detail = " ".join(str(exc).split())[:200]
+            raise ValueError(f"{where} does not fit this run (saved with --model-kwarg "
+                             f"{ckpt.get('model_kwargs') or 'none'}, --scheduler "
+                             f"{(ckpt.get('options') or {}).get('scheduler', '?')}): {detail}; give the flags it was "
+                             "trained with") from exc
         if self.opts.progress:
             print(f"resumed from {path}: {self.epoch} epoch(s), {self.step} step(s) done")
 

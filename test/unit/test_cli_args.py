@@ -142,7 +142,7 @@ def test_release_paths(release_parser, tmp_path):
     argv = ["--checkpoint", str(checkpoint), "--name", "multiscale_320x240", "--test", str(tmp_path),
             "--calib", str(tmp_path)]
     assert release_parser.parse_args(argv).out.as_posix() == "models/weights"
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="argument --checkpoint: file .*missing.pt.* does not exist"):
         release_parser.parse_args([*argv[:1], str(tmp_path / "missing.pt"), *argv[2:]])
 
 

@@ -99,12 +99,21 @@ def test_export_graph_is_static_and_bn_folded(exported):
     assert "BatchNormalization" not in {node.op_type for node in graph.node}
 
 
-def test_export_refuses_above_tolerance(checkpoint, tmp_path):
+def test_export_refuses_above_tolerance(checkpoint, tmp_path, monkeypatch, capsys):
+    from forest_perception.models import export
+
     path, _ = checkpoint
     out = tmp_path / "strict.onnx"
     with pytest.raises(ExportVerificationError, match="tolerance"):
         export_onnx(path, out, INPUT_HW, exporter="torchscript", tolerance_m=-1.0)
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.iterdir())
+    # an earlier model under that name is kept as it was: the new file only replaces it once verified
+    out.write_bytes(b"earlier model")
+    monkeypatch.setattr(export, "verify_onnx", lambda *_args, **_kwargs: {"max_abs_error_m": 0.5})
+    assert train_cli(["export", "--checkpoint", str(path), "--out", str(out), "--exporter", "torchscript"]) == 1
+    err = capsys.readouterr().err
+    assert "0.5 m > tolerance" in err and "nothing was written" in err and "Traceback" not in err
+    assert out.read_bytes() == b"earlier model" and [p.name for p in tmp_path.iterdir()] == ["strict.onnx"]
 
 
 def test_dynamic_batch_torchscript(checkpoint, tmp_path):
@@ -193,3 +202,67 @@ def test_checkpoint_without_model_name_is_rejected(tmp_path):
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ModelLoadError, match="model_name"):
         export_onnx(path, tmp_path / "o.onnx", INPUT_HW)
+
+
+# --------------------------------------------------------------------------- models.release
+
+
+@pytest.fixture
+def release_inputs(tmp_path, monkeypatch):
+    """A 64x96 checkpoint in the trainer's format, a 1-segment held-out set, and a fast (torchscript) export."""
+    import functools
+
+    from forest_perception.dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter, frame_stem
+    from forest_perception.models import export
+
+    torch.manual_seed(0)
+    model = build_model("autoencoder", input_hw=INPUT_HW, base_channels=4)
+    ckpt = tmp_path / "best.pt"
+    torch.save({"model_name": "autoencoder", "model_kwargs": {"base_channels": 4}, "input_hw": list(INPUT_HW),
+                "model_state": model.state_dict(), "max_depth": 10.0}, ckpt)
+    imu = ImuSample(angular_velocity=(0, 0, 0), linear_acceleration=(0, 0, 9.81))
+    with SegmentWriter(tmp_path / "test", run=1, segment="a") as writer:
+        for i in range(2):
+            rgb = synthetic_forest_image(INPUT_HW[0], INPUT_HW[1], seed=i)
+            depth = np.full(INPUT_HW, 3.0 + i, np.float32)
+            writer.write_frame(rgb, depth, FrameRecord(stem=frame_stem(i), timestamp=0.1 * (i + 1), imu=imu))
+    monkeypatch.setattr(export, "export_onnx", functools.partial(export.export_onnx, exporter="torchscript"))
+    argv = ["--checkpoint", str(ckpt), "--name", "autoencoder_96x64", "--test", str(tmp_path / "test"),
+            "--calib", str(tmp_path / "test"), "--out", str(tmp_path / "weights")]
+    return argv, tmp_path / "weights"
+
+
+def test_release_writes_all_or_nothing(release_inputs, monkeypatch, capsys):
+    from forest_perception.models import export, release
+
+    argv, out = release_inputs
+    assert release.main(argv) == 0, capsys.readouterr().err
+    names = {p.name for p in out.iterdir()}
+    assert {"autoencoder_96x64.onnx", "autoencoder_96x64.md", "autoencoder_96x64.json"} <= names
+    assert not [n for n in names if n.startswith(".")], names
+    shipped = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    # a failure half-way (after the fp32 export) leaves the earlier release exactly as it was
+    def broken(*_args, **_kwargs):
+        raise ValueError("quantisation failed")
+
+    monkeypatch.setattr(export, "quantize_int8", broken)
+    assert release.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "quantisation failed" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == shipped
+
+
+def test_release_drops_an_int8_model_of_an_earlier_release(release_inputs, monkeypatch, capsys):
+    from forest_perception.models import export, release
+
+    argv, out = release_inputs
+    out.mkdir()
+    for suffix in (".onnx", ".md", ".json"):
+        (out / f"autoencoder_96x64_int8{suffix}").write_text("an earlier int8 model")
+    monkeypatch.setattr(export, "keep_int8", lambda *_args: (False, "int8 loses too much accuracy: test"))
+    assert release.main(argv) == 0, capsys.readouterr().err
+    assert "int8 dropped" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["autoencoder_96x64.json", "autoencoder_96x64.md",
+                                                      "autoencoder_96x64.onnx"]

@@ -213,7 +213,7 @@ def test_cli_train_and_eval(dataset_root, tmp_path, capsys):
     ("extra", "message"),
     [
         (["--data", "{missing}"], "does not exist"),
-        (["--data", "{root}", "--model", "resnet"], "unknown model"),
+        (["--data", "{root}", "--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
         (["--data", "{root}", "--image-size", "96x60"], "multiples of 16"),
         (["--data", "{empty}"], "no Run-"),
         (["--data", "{root}", "--epochs", "0"], "epochs"),
@@ -235,7 +235,110 @@ def test_cli_eval_missing_or_bad_checkpoint_exits_2(dataset_root, tmp_path, caps
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "junk.pt"), "--data", str(dataset_root)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "cannot be read" in err and len(err.splitlines()) == 1
+    assert "is not a forest-train checkpoint" in err and len(err.splitlines()) == 1
     assert cli.main(["train", "--data", str(dataset_root), "--resume", str(tmp_path / "junk.pt"),
                      "--out", str(tmp_path / "o"), "--quiet"]) == 2
-    assert "cannot be read" in capsys.readouterr().err
+    assert "is not a forest-train checkpoint" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the run folder
+
+
+def _sha(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cli_run_folder_refused_resumed_overwritten(dataset_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(dataset_root), "--image-size", "96x64", "--batch-size", "4", "--max-batches", "1",
+            "--model-kwarg", "base_channels=4", "--out", str(out), "--quiet", "--threads", "1"]
+    assert cli.main([*argv, "--epochs", "1"]) == 0
+    first = _sha(out)
+    assert {"checkpoints/last.pt", "checkpoints/best.pt", "log.csv", "command.txt", "curves.png"} <= set(first)
+
+    # the same command again: refused, naming the folder and both ways on; nothing of the run touched
+    capsys.readouterr()
+    assert cli.main([*argv, "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--resume" in err and "--overwrite" in err and "Traceback" not in err
+    assert _sha(out) == first
+
+    # --resume alone continues the run in --out from its last.pt
+    assert cli.main([*argv, "--epochs", "2", "--resume"]) == 0
+    assert [r["epoch"] for r in _rows(out / "log.csv")] == ["1", "2"]
+    assert len((out / "command.txt").read_text().splitlines()) == 2
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 2
+
+    # --overwrite starts afresh in the same folder
+    assert cli.main([*argv, "--epochs", "1", "--overwrite"]) == 0
+    assert [r["epoch"] for r in _rows(out / "log.csv")] == ["1"]
+    assert (out / "command.txt").read_text().count("forest-train train") == 1
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_first_epoch_is_done(dataset_root, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_options(dataset_root, out, epochs=1, max_batches=1)).train()
+    earlier = _sha(out)
+    # refused through the Python API too, before anything is read or written
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        Trainer(_options(dataset_root, out, epochs=1))
+    trainer = Trainer(_options(dataset_root, out, epochs=2, eval_every=2, max_batches=1, overwrite=True))
+    assert _sha(out) == earlier  # nothing replaced yet
+    trainer.train(max_epochs=1)  # stopped after an epoch without validation: no best.pt of its own yet
+    assert not (out / "checkpoints/best.pt").exists(), "the earlier run's best.pt must not pass for this run's"
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 1
+    assert _sha(out)["checkpoints/last.pt"] != earlier["checkpoints/last.pt"]
+
+
+def test_corrupt_frame_after_the_first_epoch_keeps_the_run_resumable(dataset_root, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(dataset_root / "Run-2", bad / "Run-2")
+    (bad / "Run-2/a/depth_image/000001.png").write_bytes(b"")
+    out = tmp_path / "run"
+    # the bad frame is only read by the validation of epoch 2
+    argv = ["train", "--data", str(dataset_root / "Run-1/a"), str(dataset_root / "Run-1/b"), "--val", str(bad),
+            "--image-size", "96x64",
+            "--batch-size", "4", "--max-batches", "1", "--epochs", "2", "--eval-every", "2",
+            "--model-kwarg", "base_channels=4", "--out", str(out), "--quiet", "--threads", "1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "000001.png" in err and "epoch 2" in err and "--resume" in err
+    assert torch.load(out / "checkpoints/last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_cli_default_out_is_not_written_over_either(dataset_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "runs/depth"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints/best.pt").write_bytes(b"the best model of an earlier run")
+    assert cli.main(["train", "--data", str(dataset_root), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--out runs/depth already holds a training run (checkpoints/best.pt)" in err and "--resume" in err
+    assert (earlier / "checkpoints/best.pt").read_bytes() == b"the best model of an earlier run"
+
+
+def test_cli_diverged_run_says_what_to_change(dataset_root, tmp_path, monkeypatch, capsys):
+    from torch import nn
+
+    from forest_perception.models import trainer as trainer_module
+
+    class NanLoss(nn.Module):
+        def forward(self, pred, target, image):
+            return pred.mean() * float("nan"), {}
+
+    monkeypatch.setattr(trainer_module, "build_loss", lambda opts: NanLoss())
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(dataset_root), "--image-size", "96x64", "--batch-size", "4", "--epochs", "1",
+            "--model-kwarg", "base_channels=4", "--out", str(out), "--quiet", "--threads", "1"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "loss became nan in epoch 1" in err and "--lr" in err and "nothing was written" in err
+    assert not out.exists()
