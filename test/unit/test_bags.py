@@ -215,7 +215,7 @@ def test_empty_and_non_bags_give_clear_errors(tmp_path):
     notes.write_text("hello")
     with pytest.raises(BagError, match="notes.txt is not a bag"):
         read_bag(notes)
-    with pytest.raises(BagError, match="notes.txt is not a bag directory"):
+    with pytest.raises(BagError, match="notes.txt is not a bag: give a bag directory or an .mcap file"):
         repair_bag(notes)
 
     zero = _write_bag(tmp_path / "zero", 5)
@@ -238,7 +238,7 @@ def test_empty_and_non_bags_give_clear_errors(tmp_path):
 
     broken_yaml = _write_bag(tmp_path / "yaml", 5)
     (broken_yaml / "metadata.yaml").write_text("rosbag2_bagfile_information: [unclosed")
-    with pytest.raises(BagError, match="metadata.yaml is not valid YAML"):
+    with pytest.raises(BagError, match="metadata.yaml is unreadable: not valid YAML .*line 1.*forest-dataset repair"):
         read_bag(broken_yaml)
     (broken_yaml / "metadata.yaml").write_text("rosbag2_bagfile_information:\n  version: 9\n")
     with pytest.raises(BagError, match="lacks the field 'storage_identifier'"):
