@@ -292,15 +292,18 @@ class RowError(ValueError):
     """A row that cannot be read; the caller adds the file and line."""
 
 
-def _float_cell(row: Sequence[str], idx: int | None, column: str) -> float | None:
+def _float_cell(row: Sequence[str], idx: int | None, column: str, name: str = "") -> float | None:
+    """The number in ``row[idx]`` (None when missing); ``RowError`` naming the column (``name`` in the file)."""
     if idx is None or idx >= len(row) or is_missing(row[idx]):
         return None
     try:
         return float(row[idx])
     except ValueError:
+        name = name or column
+        label = repr(column) if name == column else f"{name!r} (read as {column})"
         raise RowError(
-            f"column {column!r} must be a number, got {row[idx]!r}; if that column is not {column}, keep it a "
-            f"plain column with --column-alias NAME= or column_aliases in forest_dataset.yaml"
+            f"column {label} must be a number, got {row[idx]!r}; if {name!r} is not {column}, keep it a plain "
+            f"column with --column-alias {name}= or column_aliases in forest_dataset.yaml"
         ) from None
 
 
@@ -353,12 +356,17 @@ def imu_from_values(
 
 
 def parse_row(
-    row: Sequence[str], cols: Mapping[str, int], extra_cols: Sequence[tuple[int, str]]
+    row: Sequence[str],
+    cols: Mapping[str, int],
+    extra_cols: Sequence[tuple[int, str]],
+    header: Sequence[str] | None = None,
 ) -> FrameRecord:
-    """The ``FrameRecord`` of one row; ``RowError`` saying which cell is wrong."""
+    """The ``FrameRecord`` of one row; ``RowError`` saying which cell is wrong (by its ``header`` name)."""
 
     def num(column: str) -> float | None:
-        return _float_cell(row, cols.get(column), column)
+        idx = cols.get(column)
+        name = header[idx] if header is not None and idx is not None and idx < len(header) else column
+        return _float_cell(row, idx, column, name)
 
     stem_idx = cols[STEM_COLUMN]
     stem = stem_from_cell(row[stem_idx]) if stem_idx < len(row) else ""
@@ -439,7 +447,7 @@ def parse_metadata(
                 raise RowError(f"{len(row)} cells for {len(header)} columns")
             if is_last and torn_tail and len(row) != len(header):
                 raise RowError(f"{len(row)} cells for {len(header)} columns")
-            frames.append(parse_row(row, cols, extra_cols))
+            frames.append(parse_row(row, cols, extra_cols, header))
         except RowError as exc:
             if is_last and torn_tail:
                 # stacklevel 3: the warning points at whoever asked to read the segment

@@ -16,7 +16,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from forest_perception.dataset_tools.layout import Segment, iter_segments, load_frame, read_segment
+from forest_perception.dataset_tools.layout import (
+    Segment,
+    check_depth_encoding,
+    iter_segments,
+    load_frame,
+    read_segment,
+)
 from forest_perception.dataset_tools.settings import DatasetSettings
 from forest_perception.inference import DEFAULT_MEAN, DEFAULT_STD
 from forest_perception.models.networks.layers import check_input_hw as check_network_input
@@ -211,6 +217,7 @@ class ForestDepthDataset(Dataset):
         if not (math.isfinite(max_depth) and max_depth > min_depth > 0):
             raise ValueError(f"need 0 < min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}")
         self.segments = [s for s in collect_segments(source, settings) if len(s) > 0]
+        check_depth_encoding(self.segments)  # an 8-bit dataset without a stated scale: say so now, not mid-epoch
         self.index = [(si, fi) for si, s in enumerate(self.segments) for fi in range(len(s))]
         if not self.index:
             raise ValueError(f"no frames found in {_describe_source(source)}")

@@ -11,8 +11,8 @@ from rclpy.parameter import Parameter
 
 from forest_perception import msgs
 from forest_perception.dataset_tools.bags import bag_info
-from forest_perception.dataset_tools.extract import ExtractConfig, extract_bag
 from forest_perception.dataset_tools.cli import main as dataset_cli
+from forest_perception.dataset_tools.extract import ExtractConfig, extract_bag
 from forest_perception.dataset_tools.layout import decode_depth_mm, encode_depth_mm, load_frame, open_dataset
 
 
