@@ -242,7 +242,7 @@ def repair_bag(path: Path | str) -> RepairReport:
     mcaps = sorted((p for p in bag.glob("*.mcap") if p.is_file()), key=split_order)
     if not mcaps and old_info is None:
         if old_problem:
-            raise BagError(f"{meta_path} is unreadable ({old_problem}) and {bag} holds no .mcap files to rebuild it "
+            raise BagError(f"{meta_path} is unreadable: {old_problem}; {bag} holds no .mcap files to rebuild it "
                            "from; nothing was changed")
         raise BagError(f"{bag} is not a bag directory: no metadata.yaml and no .mcap files")
 

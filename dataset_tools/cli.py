@@ -34,6 +34,8 @@ from forest_perception.dataset_tools.settings import add_reading_arguments, sett
 
 PROG = "forest-dataset"
 SYNTH_IMAGE_HW = (240, 320)
+SYNTH_MIN_SIZE_M = 12.0
+"""The smallest forest ``WorldConfig`` allows around its default central clearing (4 x 3 m)."""
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +51,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                    help="camera frames")
     p.add_argument("--interval", type=float_within(0.01, 60), default=0.5,
                    help="simulated seconds between saved frames")
-    p.add_argument("--size", type=float_within(10, 1000), default=60.0, help="forest side length, metres")
+    p.add_argument("--size", type=float_within(SYNTH_MIN_SIZE_M, 1000), default=60.0,
+                   help=f"forest side length, metres ({SYNTH_MIN_SIZE_M:g} to 1000)")
     p.add_argument("--tree-density", type=float_within(0, 5000), default=600.0, help="trees per hectare")
     p.add_argument("--overwrite", action="store_true", help="replace segments that already exist")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -210,7 +213,7 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check a dataset folder; list every problem with its file (exit 1 on errors)")
     p.add_argument("root", type=existing_dir, help="dataset root")
     p.add_argument("--max-depth", type=positive_float, default=d.max_depth_m, help="plausible depth limit, metres")
-    p.add_argument("--max-far-fraction", type=float_within(0, 0.999999), default=d.max_far_fraction,
+    p.add_argument("--max-far-fraction", type=float_within(0, 1, high_open=True), default=d.max_far_fraction,
                    help="error when more of a depth image's valid pixels lie beyond --max-depth")
     p.add_argument("--quick", action="store_true", help="check PNG headers only, do not decode images")
     p.add_argument("--workers", type=positive_int, help="decoding threads (default: one per core)")

@@ -300,10 +300,11 @@ def _float_cell(row: Sequence[str], idx: int | None, column: str, name: str = ""
         return float(row[idx])
     except ValueError:
         name = name or column
-        label = repr(column) if name == column else f"{name!r} (read as {column})"
+        if name == column:
+            raise RowError(f"column {column!r} must be a number, got {row[idx]!r}") from None
         raise RowError(
-            f"column {label} must be a number, got {row[idx]!r}; if {name!r} is not {column}, keep it a plain "
-            f"column with --column-alias {name}= or column_aliases in forest_dataset.yaml"
+            f"column {name!r} (read as {column}) must be a number, got {row[idx]!r}; if {name!r} is not {column}, "
+            f"keep it a plain column with --column-alias {name}= or column_aliases in forest_dataset.yaml"
         ) from None
 
 

@@ -72,7 +72,10 @@ def _load_splits(path: Path) -> tuple[dict, dict[str, str]]:
     """splits.json contents and (segment key or frame key) -> split of its list files."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a splits.json: not a text file (byte {exc.start} is not UTF-8); give "
+                         "another --splits or remove it") from None
+    except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a readable splits.json ({exc}); give another --splits or remove it") from None
     if not isinstance(data, dict) or "counts" not in data:
         raise ValueError(f"{path} is not a splits.json written by forest-dataset split (no 'counts')")

@@ -112,13 +112,15 @@ def fraction(text: str) -> float:
     return _number(text, float, "a fraction within (0, 1]", lambda value: 0 < value <= 1)
 
 
-def float_within(low: float, high: float) -> Callable[[str], float]:
-    """An argparse type: a finite number within [``low``, ``high``]."""
+def float_within(low: float, high: float, *, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number within [``low``, ``high``] (``high`` excluded with ``high_open``)."""
+    span = f"[{low:g}, {high:g}{')' if high_open else ']'}"
 
     def within(text: str) -> float:
-        return _number(text, float, f"a number within [{low:g}, {high:g}]", lambda value: low <= value <= high)
+        return _number(text, float, f"a number within {span}",
+                       lambda value: low <= value and (value < high if high_open else value <= high))
 
-    within.__name__ = f"number within [{low:g}, {high:g}]"
+    within.__name__ = f"number within {span}"
     return within
 
 
