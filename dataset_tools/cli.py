@@ -97,7 +97,7 @@ def _info(args: argparse.Namespace) -> int:
                 value = ", ".join(f"{k} -> {v or '(plain)'}" for k, v in value.items()) or "-"
             elif isinstance(value, list):
                 value = ", ".join(str(v) for v in value) or "-"
-            print(f"{key:>24}: {value}")
+            print(f"{key:>24}: {'-' if value in ('', None) else value}")
     return 0
 
 

@@ -609,20 +609,23 @@ def _unindexed_files(segment: Segment) -> int:
     return count
 
 
-def _depth_png(segment: Segment) -> str:
-    """What the first depth PNG of ``segment`` is and whether it can be read ('' without frames)."""
+def _depth_png(segment: Segment) -> tuple[str, str]:
+    """(what the first depth PNG of ``segment`` is, why it cannot be read or ''); ('', '') without frames."""
     if not segment.frames:
-        return ""
+        return "", ""
     path = segment.depth_path(0)
     try:
         info = png_info(path)
-        bits = info.depth_bits
-        if bits is None:
-            return f"{info.describe()}: not a depth map"
-        segment.depth_encoding.scale_for(bits, path)
     except (OSError, ValueError) as exc:
-        return f"unreadable: {exc}"
-    return info.describe()
+        return "", str(exc)
+    kind = info.describe().split(" ", 1)[1]  # '8-bit grayscale', without the size
+    if info.depth_bits is None:
+        return kind, f"{path}: not a depth map"
+    try:
+        segment.depth_encoding.scale_for(info.depth_bits, path)
+    except ValueError as exc:
+        return kind, str(exc)
+    return kind, ""
 
 
 def dataset_summary(
@@ -636,11 +639,12 @@ def dataset_summary(
 
     ``unindexed_files`` counts files in the image folders without a metadata row (temp
     files or the half-written frame of an interrupted recording); ``depth_png`` describes each
-    segment's first depth PNG (or why it cannot be read).
+    segment's first depth PNG and ``depth_problem`` says why it cannot be read ('' when it can).
     """
     dataset = open_dataset(root, aliases=aliases, check_files=check_files, settings=settings)
     per_segment = []
     for s in dataset.segments:
+        depth_png, depth_problem = _depth_png(s)
         per_segment.append(
             {
                 "run": s.run,
@@ -656,7 +660,8 @@ def dataset_summary(
                 "has_timestamps": s.has_timestamps,
                 "columns_used": {h: c for h, c in s.column_map.items() if h != c},
                 "extra_columns": [c for c in s.columns if c not in s.column_map],
-                "depth_png": _depth_png(s),
+                "depth_png": depth_png,
+                "depth_problem": depth_problem,
                 "unindexed_files": _unindexed_files(s),
             }
         )
@@ -679,6 +684,7 @@ def dataset_summary(
         "plain_columns": extras,
         "depth_pngs": sorted({e["depth_png"] for e in per_segment if e["depth_png"]}),
         "depth_encoding": settings_used.depth_encoding().describe(),
+        "depth_problem": next((e["depth_problem"] for e in per_segment if e["depth_problem"]), ""),
         "settings_file": settings_used.source if Path(settings_used.source).is_file() else None,
         "per_segment": per_segment,
     }
