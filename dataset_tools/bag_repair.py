@@ -49,6 +49,8 @@ class RepairReport:
     files: tuple[FileRepair, ...]
     message_count: int
     metadata_rebuilt: bool
+    metadata_problem: str = ""  # why the old metadata.yaml could not be used, when it could not
+    metadata_backup: str = ""  # where the old metadata.yaml was kept
 
     @property
     def changed(self) -> bool:
@@ -70,7 +72,15 @@ class RepairReport:
             if f.detail:
                 text += f" ({f.detail})"
             lines.append(text)
-        lines.append("  metadata.yaml rebuilt from the files" if self.metadata_rebuilt else "  metadata.yaml unchanged")
+        if self.bag.suffix == ".mcap":  # a single file: no metadata.yaml
+            return "\n".join(lines)
+        if self.metadata_problem:
+            lines.append(f"  the old metadata.yaml was unreadable ({self.metadata_problem})")
+        if self.metadata_rebuilt:
+            kept = f"; the old one kept as {self.metadata_backup}" if self.metadata_backup else ""
+            lines.append(f"  metadata.yaml rebuilt from the files{kept}")
+        else:
+            lines.append("  metadata.yaml unchanged")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -178,55 +188,72 @@ def _rewrite(path: Path, compression: str) -> tuple[_FileScan, Path | None, str]
     return scan, path, damaged.name
 
 
+def _repair_file(path: Path) -> tuple[FileRepair, _FileScan | None]:
+    """Make one MCAP file complete: rewritten with every complete message when it is damaged, else untouched.
+
+    Returns what was done and the scan of the messages kept (None when nothing could be kept).
+    """
+    check = check_mcap(path)
+    if check.size == 0 or (not check and check.problem.startswith("is not an MCAP")):
+        damaged = _free_name(path.with_name(path.name + ".damaged"))
+        os.replace(path, damaged)
+        return FileRepair(path.name, "unrecoverable", 0, damaged.name, detail=check.problem), None
+    scan = _scan_file(path)
+    if check and scan.clean:
+        return FileRepair(path.name, "ok", scan.record.message_count), scan
+    detail = check.problem if not check else scan.stop_reason or "corrupt chunks"
+    scan, kept, damaged_name = _rewrite(path, scan.compression)
+    repair = FileRepair(path.name, "unrecoverable" if kept is None else "recovered", scan.record.message_count,
+                        damaged_name, scan.bad_chunks, scan.orphans, detail)
+    return repair, (None if kept is None else scan)
+
+
 def repair_bag(path: Path | str) -> RepairReport:
     """Make every MCAP file of a bag complete and rebuild metadata.yaml from the files.
 
     A file without a footer (recorder killed mid-split) or with corrupt chunks is rewritten with every
     complete message it holds; the original is renamed ``<file>.damaged`` and never deleted. Files
-    that are complete and whose chunks pass their CRCs are left untouched. BagError when ``path`` is
-    not a bag directory or not MCAP storage.
+    that are complete and whose chunks pass their CRCs are left untouched. ``path`` may also be a
+    single ``.mcap`` file, repaired the same way (no metadata.yaml). BagError when ``path`` is
+    neither, or a bag directory not in MCAP storage.
     """
     bag = Path(path)
+    if bag.is_file():
+        if bag.suffix != ".mcap":
+            raise BagError(f"{bag} is not a bag: give a bag directory or an .mcap file")
+        repair, _ = _repair_file(bag)
+        return RepairReport(bag, (repair,), repair.message_count, False)
     if not bag.is_dir():
         raise BagError(f"{bag} is not a bag directory" + (" (it does not exist)" if not bag.exists() else ""))
     meta_path = bag / "metadata.yaml"
     old_info: dict[str, Any] | None = None
     old_text = ""
+    old_problem = ""
     if meta_path.is_file():
         old_text = meta_path.read_text(encoding="utf-8", errors="replace")
         try:
             old_info = load_bag_metadata(bag)
-        except BagError:
+        except BagError as exc:
             old_info = None  # unreadable: rebuilt from the files, the old one is kept as .bak
+            old_problem = str(exc).split(" is unreadable: ", 1)[-1]
         if old_info is not None and old_info.get("storage_identifier") not in (None, "mcap"):
             storage = old_info.get("storage_identifier")
             raise BagError(f"{bag}: storage {storage!r} is not MCAP; repair handles MCAP bags only")
     mcaps = sorted((p for p in bag.glob("*.mcap") if p.is_file()), key=split_order)
     if not mcaps and old_info is None:
+        if old_problem:
+            raise BagError(f"{meta_path} is unreadable: {old_problem}; {bag} holds no .mcap files to rebuild it "
+                           "from; nothing was changed")
         raise BagError(f"{bag} is not a bag directory: no metadata.yaml and no .mcap files")
 
     repairs: list[FileRepair] = []
     records: list[FileRecord] = []
     specs: dict[str, TopicSpec] = {}
     for mcap_path in mcaps:
-        check = check_mcap(mcap_path)
-        if check.size == 0 or (not check and check.problem.startswith("is not an MCAP")):
-            damaged = _free_name(mcap_path.with_name(mcap_path.name + ".damaged"))
-            os.replace(mcap_path, damaged)
-            repairs.append(FileRepair(mcap_path.name, "unrecoverable", 0, damaged.name, detail=check.problem))
+        repair, scan = _repair_file(mcap_path)
+        repairs.append(repair)
+        if scan is None:
             continue
-        scan = _scan_file(mcap_path)
-        if check and scan.clean:
-            repairs.append(FileRepair(mcap_path.name, "ok", scan.record.message_count))
-        else:
-            detail = check.problem if not check else scan.stop_reason or "corrupt chunks"
-            scan, kept, damaged_name = _rewrite(mcap_path, scan.compression)
-            if kept is None:
-                repairs.append(FileRepair(mcap_path.name, "unrecoverable", 0, damaged_name, scan.bad_chunks,
-                                          scan.orphans, detail))
-                continue
-            repairs.append(FileRepair(mcap_path.name, "recovered", scan.record.message_count, damaged_name,
-                                      scan.bad_chunks, scan.orphans, detail))
         records.append(scan.record)
         for name, spec in scan.specs.items():
             specs.setdefault(name, spec)
@@ -259,8 +286,12 @@ def repair_bag(path: Path | str) -> RepairReport:
     )
     new_text = yaml.safe_dump({"rosbag2_bagfile_information": information}, sort_keys=False)
     rebuilt = new_text != old_text
+    backup = ""
     if rebuilt:
-        if old_text:
-            (bag / "metadata.yaml.bak").write_text(old_text, encoding="utf-8")
+        if meta_path.is_file():
+            # the old file byte for byte, beside any earlier backup (never over it)
+            backup_path = _free_name(bag / "metadata.yaml.bak")
+            backup_path.write_bytes(meta_path.read_bytes())
+            backup = backup_path.name
         write_metadata(bag, information)
-    return RepairReport(bag, tuple(repairs), information["message_count"], rebuilt)
+    return RepairReport(bag, tuple(repairs), information["message_count"], rebuilt, old_problem, backup)

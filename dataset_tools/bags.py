@@ -18,6 +18,7 @@ import yaml
 from mcap.records import Channel, Schema
 
 from forest_perception.dataset_tools.mcap_files import BagError, check_mcap, iter_mcap_messages, read_summary
+from forest_perception.dataset_tools.settings import yaml_problem
 from forest_perception.recorder import TopicSpec
 
 __all__ = ["BagError", "BagFileInfo", "BagInfo", "BagMessage", "BagTopicInfo", "bag_info", "read_bag"]
@@ -45,18 +46,32 @@ def load_bag_metadata(bag: Path) -> dict[str, Any]:
     try:
         document = yaml.safe_load(meta_path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise BagError(f"{meta_path} cannot be read: {exc.strerror or exc}") from None
+        raise BagError(f"{meta_path} is unreadable: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise BagError(f"{meta_path} is unreadable: not a text file (byte {exc.start} is not UTF-8)") from None
     except yaml.YAMLError as exc:
-        raise BagError(f"{meta_path} is not valid YAML: {exc}") from None
+        raise BagError(f"{meta_path} is unreadable: not valid YAML ({yaml_problem(exc)})") from None
     info = document.get("rosbag2_bagfile_information") if isinstance(document, dict) else None
     if not isinstance(info, dict):
-        raise BagError(f"{meta_path} has no 'rosbag2_bagfile_information' mapping")
+        raise BagError(f"{meta_path} is unreadable: it has no 'rosbag2_bagfile_information' mapping")
     for key in ("storage_identifier", "relative_file_paths", "topics_with_message_count"):
         if key not in info:
-            raise BagError(f"{meta_path} lacks the field {key!r}")
+            raise BagError(f"{meta_path} is unreadable: it lacks the field {key!r}")
     if not isinstance(info["relative_file_paths"], list) or not isinstance(info["topics_with_message_count"], list):
-        raise BagError(f"{meta_path}: 'relative_file_paths' and 'topics_with_message_count' must be lists")
+        raise BagError(f"{meta_path} is unreadable: 'relative_file_paths' and 'topics_with_message_count' "
+                       "must be lists")
     return info
+
+
+def _load_metadata_or_hint(bag: Path) -> dict[str, Any]:
+    """``load_bag_metadata``, its error ending in how to rebuild the file when the bag's .mcap files are there."""
+    try:
+        return load_bag_metadata(bag)
+    except BagError as exc:
+        if any(bag.glob("*.mcap")):
+            raise BagError(f"{exc}; run `forest-dataset repair {bag}` to rebuild it from the .mcap files "
+                           "(the old one is kept as metadata.yaml.bak)") from None
+        raise
 
 
 def _bag_files(bag: Path, info: Mapping[str, Any]) -> list[Path]:
@@ -73,9 +88,9 @@ def _resolve_bag(path: Path | str) -> tuple[Path, dict[str, Any] | None]:
             raise BagError(f"{path} is not a bag: expected a bag directory or an .mcap file")
         return path, None
     if not path.is_dir():
-        raise BagError(f"{path} does not exist")
+        raise BagError(f"{path} does not exist: give a bag directory or an .mcap file")
     if (path / "metadata.yaml").is_file():
-        return path, load_bag_metadata(path)
+        return path, _load_metadata_or_hint(path)
     mcaps = sorted(path.glob("*.mcap"), key=split_order)
     if not mcaps:
         raise BagError(f"{path} is not a bag directory: no metadata.yaml and no .mcap files")
@@ -193,7 +208,8 @@ def read_bag(path: Path | str, topics: Iterable[str] | None = None, *, raw: bool
             for f in files:
                 check = check_mcap(f)
                 if not check:
-                    raise BagError(f"{f} {check.problem}")
+                    raise BagError(f"{f} {check.problem}: run `forest-dataset repair {target}` to recover its "
+                                   "complete messages")
                 with open(f, "rb") as fh:
                     stats = read_summary(fh, check).statistics
                 total += stats.message_count if stats is not None else 1
@@ -204,8 +220,8 @@ def read_bag(path: Path | str, topics: Iterable[str] | None = None, *, raw: bool
     for f in files:
         check = check_mcap(f)
         if not check:
-            hint = f": run `forest-dataset repair {target}`" if info is not None else ""
-            raise BagError(f"{f} {check.problem}{hint}")
+            raise BagError(f"{f} {check.problem}: run `forest-dataset repair {target}` to recover its complete "
+                           "messages")
     return _read_mcap_files(files, wanted, raw)
 
 

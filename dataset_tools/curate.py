@@ -25,7 +25,9 @@ from forest_perception.dataset_tools.layout import (
     METADATA_FILE,
     RGB_DIR,
     Segment,
+    check_depth_encoding,
     iter_segments,
+    read_text_file,
     segment_key,
 )
 from forest_perception.dataset_tools.metadata import stem_from_cell
@@ -38,6 +40,7 @@ from forest_perception.dataset_tools.scores import (
     write_score_cache,
 )
 from forest_perception.dataset_tools.selection import REASONS, CurateConfig, FrameTable, frame_table, select_frames
+from forest_perception.dataset_tools.settings import DatasetSettings, resolve_settings, write_settings
 
 CURATION_CSV = "curation.csv"
 CURATION_JSON = "curation.json"
@@ -80,8 +83,8 @@ def score_frames(
             continue
         table.laplacian[i], table.tenengrad[i], table.descriptors[i] = hit
         cached += 1
-    results = parallel_map(score_frame_files, [table.paths(i) for i in todo], workers=workers, progress=progress,
-                           desc="score")
+    items = [(*table.paths(i), table.depth_encoding(i)) for i in todo]
+    results = parallel_map(score_frame_files, items, workers=workers, progress=progress, desc="score")
     for i, (lap, ten, desc, error) in zip(todo, results):
         table.laplacian[i] = lap
         table.tenengrad[i] = ten
@@ -98,7 +101,7 @@ def score_frames(
 
 def _filtered_metadata(segment: Segment, keep: set[str]) -> str:
     """``metadata.csv`` of ``segment`` with only the rows of the stems in ``keep``, cells unchanged."""
-    text = (segment.path / METADATA_FILE).read_text(encoding="utf-8-sig")
+    text = read_text_file(segment.path / METADATA_FILE)
     rows = list(csv.reader(io.StringIO(text, newline="")))
     stem_col = next(i for i, h in enumerate(rows[0]) if segment.column_map.get(h.strip()) == "stem")
     out = io.StringIO()
@@ -159,12 +162,14 @@ def read_curation(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"curation file {path} does not exist")
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(read_text_file(path), newline=""))
+    try:
         missing = [c for c in ("run", "segment", "stem", "kept", "reason") if c not in (reader.fieldnames or ())]
         if missing:
             raise ValueError(f"{path} is not a curation.csv: missing columns {missing}")
         return list(reader)
+    except csv.Error as exc:
+        raise ValueError(f"{path} line {reader.line_num}: not valid CSV text ({exc})") from None
 
 
 @dataclass
@@ -188,8 +193,6 @@ class CurationResult:
         ]
         if s["target"] is not None and s["kept"] < s["target"]:
             out.append(f"note: asked for {s['target']} frames, only {s['kept']} passed the filters")
-        if s["kept"] == 0:
-            out.append("warning: no frame was kept; see the reasons in " + CURATION_CSV)
         if s["reasons"].get("unreadable"):
             out.append(f"warning: {s['reasons']['unreadable']} unreadable frame(s); see {CURATION_CSV}")
         return out
@@ -202,7 +205,44 @@ def _check_output(src: Path, dst: Path) -> None:
     if dst_r in src_r.parents:
         raise ValueError(f"output {dst} must not contain the input dataset {src}")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"output {dst} already exists; choose a new folder or remove it")
+        raise FileExistsError(f"output {dst} already exists and is not empty; it was left as it is: give a new "
+                              "folder as --out")
+
+
+# what to change when a reason dropped every frame
+_ADVICE = {
+    "unreadable": "run `forest-dataset validate` on the input to list every bad file",
+    "blurry": "lower --blur-ratio (or --min-laplacian / --min-tenengrad)",
+    "duplicate": "lower --duplicate-distance",
+    "no_depth": "lower --min-depth-valid or give --no-depth-check",
+    "not_selected": "raise --count / --fraction or lower --min-spacing / --min-interval",
+}
+
+
+def _nothing_kept(table: FrameTable, src: Path, dst: Path) -> ValueError:
+    """The error for a curation that kept no frame: the reasons, an example and what to change."""
+    counts = {r: table.reason.count(r) for r in REASONS if table.reason.count(r)}
+    main = max(counts, key=counts.get)  # type: ignore[arg-type]
+    example = next((table.frame_id(i), table.detail[i]) for i in range(len(table)) if table.reason[i] == main)
+    reasons = ", ".join(f"{k} {v}" for k, v in counts.items())
+    return ValueError(
+        f"kept none of the {len(table)} frames of {src} ({reasons}; e.g. {example[0]}: {example[1] or main}); "
+        f"nothing was written to {dst}: {_ADVICE.get(main, 'loosen the filters')}"
+    )
+
+
+def _check_readable(segments: list[Segment], src: Path) -> None:
+    """Refuse, before any work, what curate cannot read: depth PNGs of an unstated encoding, frames without time."""
+    for segment in segments:
+        if not segment.frames:
+            continue
+        if not segment.has_timestamps:
+            raise ValueError(
+                f"{segment.path / METADATA_FILE}: frames without a timestamp (no time column, or empty cells); "
+                f"curate compares frames over time (--duplicate-window, --min-interval): map the time column with "
+                f"--column-alias NAME=timestamp or column_aliases in {src}/forest_dataset.yaml"
+            )
+    check_depth_encoding(segments)
 
 
 def curate(
@@ -212,12 +252,15 @@ def curate(
     *,
     progress: bool = False,
     aliases: dict[str, str] | None = None,
+    settings: DatasetSettings | None = None,
 ) -> CurationResult:
     """Curate the dataset at ``source`` into a new dataset folder ``output`` (docs/dataset_tools.md, "curate").
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the folder or ``metadata.csv`` for a
-    missing or non-dataset input and ``FileExistsError`` for an existing non-empty output; in
-    every failure nothing is left at ``output``.
+    ``settings`` (and ``aliases``) override the input's ``forest_dataset.yaml``; the output gets the
+    settings it was read with. Raises ``FileNotFoundError`` / ``ValueError`` naming the folder or
+    ``metadata.csv`` for a missing or non-dataset input, a depth encoding it does not state and a
+    curation that keeps no frame, and ``FileExistsError`` for an existing non-empty output; in every
+    failure nothing is left at ``output``.
     """
     config = (config or CurateConfig()).validate()
     src, dst = Path(source), Path(output)
@@ -225,20 +268,25 @@ def curate(
         raise FileNotFoundError(f"input dataset folder {src} does not exist or is not a folder")
     _check_output(src, dst)
     t_start = time.perf_counter()
-    segments = list(iter_segments(src, aliases=aliases, check_files=False))
+    resolved = resolve_settings(src, settings, aliases)
+    segments = list(iter_segments(src, check_files=False, settings=resolved))
     if not segments:
         raise ValueError(f"{src} holds no Run-<N>/<segment>/metadata.csv segments; is it a forest dataset?")
     table = frame_table(segments)
     if len(table) == 0:
         raise ValueError(f"{src} has {len(segments)} segment(s) but no frames")
+    _check_readable(segments, src)
     t_scan = time.perf_counter()
     from_cache = score_frames(table, workers=config.workers, progress=progress)
     t_score = time.perf_counter()
     timings = select_frames(table, config, progress=progress)
     t_select = time.perf_counter()
+    if not table.kept.any():
+        raise _nothing_kept(table, src, dst)
     staging = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     try:
         linked, copied = _stage_output(table, staging, config, progress=progress)
+        write_settings(staging, resolved)  # the output is read the way the input was
         t_end = time.perf_counter()
         timings = {
             "scan_s": t_scan - t_start,

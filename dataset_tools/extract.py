@@ -2,7 +2,8 @@
 
 The bag's streams go through the rover's own ``forest_perception.sync.SensorSync`` and every synchronised
 frame is written with ``layout.SegmentWriter``, plus the frame scores curation needs (``scores``). How
-segments are cut and which frames are left out: docs/dataset_tools.md ("Bags").
+segments are cut and which frames are left out: docs/dataset_tools.md ("Bags"). A frame from before the
+first IMU message is written with empty IMU cells (``metadata.imu_problem`` has the one rule every tool uses).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from forest_perception import msgs
 from forest_perception.dataset_tools.bags import BagError, bag_info, read_bag
 from forest_perception.dataset_tools.layout import (
     FrameRecord,
-    ImuSample,
     SegmentWriter,
     frame_stem,
     run_dir_name,
@@ -41,7 +41,6 @@ from forest_perception.sync import (
 STREAMS = {topic: kind for kind, topic in TOPICS.items()}
 #: extra metadata.csv columns written for every frame
 EXTRA_COLUMNS = ("stamp_ns", "depth_offset_ms", "gps_age_s", "gps_stale", "sync_flags")
-_NO_IMU = ImuSample((float("nan"),) * 3, (float("nan"),) * 3)
 
 
 @dataclass
@@ -91,6 +90,8 @@ class ExtractReport:
     malformed: Counter = field(default_factory=Counter)
     frames_synced: int = 0
     frames_written: int = 0
+    frames_without_imu: int = 0
+    """written with empty IMU cells: no IMU message came before them (the layout's rule for such frames)"""
     skipped: Counter = field(default_factory=Counter)
     clock_resets: int = 0
     sync_summary: dict = field(default_factory=dict)
@@ -104,6 +105,9 @@ class ExtractReport:
             f"  synchronised frames: {self.frames_synced}, written: {self.frames_written} in "
             f"{len(self.segments)} segment(s): " + ", ".join(f"{k} {v}" for k, v in self.segments.items()),
         ]
+        if self.frames_without_imu:
+            out.append(f"  frames without an IMU reading (before the first IMU message; IMU cells left empty): "
+                       f"{self.frames_without_imu}")
         if self.skipped:
             out.append("  frames left out: " + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))
         if self.malformed:
@@ -161,7 +165,8 @@ def _record(frame: SyncedFrame, stem: str) -> FrameRecord:
         "gps_stale": ("1" if frame.gps.stale else "0") if frame.gps is not None else "",
         "sync_flags": "|".join(sorted(frame.flags)),
     }
-    return FrameRecord(stem, frame.stamp_s, frame.imu or _NO_IMU, gps, frame.wheels, extras)
+    # no IMU reading yet: empty IMU cells, the layout's form of "not recorded" (never NaN)
+    return FrameRecord(stem, frame.stamp_s, frame.imu, gps, frame.wheels, extras)
 
 
 class _SegmentCutter:
@@ -198,6 +203,7 @@ class _SegmentCutter:
         self.scores.append((stem, *frame_scores(rgb)))
         self.report.segments[self.writer.segment] += 1
         self.report.frames_written += 1
+        self.report.frames_without_imu += frame.imu is None
         self.last_ns = frame.stamp_ns
 
 
@@ -217,12 +223,22 @@ def extract_bag(
     config = (config or ExtractConfig()).validate()
     bag, out = Path(bag), Path(out)
     info = bag_info(bag)
+    # a damaged file is the reason, not "no camera topic": say so before looking for topics
+    for f in info.files:
+        if f.problem and (f.listed or bag.is_file()):
+            what = "is listed in metadata.yaml but missing" if f.problem == "missing" else f.problem
+            raise BagError(
+                f"{bag if bag.is_file() else bag / f.name} {what}; nothing was extracted: run "
+                f"`forest-dataset repair {bag}` to recover its complete messages, then extract again"
+            )
     topics = [t.name for t in info.topics]
     namespace = _resolve_namespace(config.namespace, topics, bag)
     kinds = {f"{namespace}/{rel}": kind for rel, kind in STREAMS.items()}
     run = int(config.run) if config.run is not None else _next_run(out)
     if (out / run_dir_name(run)).exists():
-        raise FileExistsError(f"{out / run_dir_name(run)} already exists: choose another --run or output folder")
+        raise FileExistsError(
+            f"{out / run_dir_name(run)} already exists and was left as it is: choose another --run or --out"
+        )
     messages = read_bag(bag, [t for t in kinds if t in topics])  # checks the bag before anything is written
     report = ExtractReport(bag, out, namespace or "/", run)
     sync = SensorSync(config.sync)

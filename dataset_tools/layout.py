@@ -14,7 +14,7 @@ import re
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +24,13 @@ from forest_perception.dataset_tools.images import (
     DEPTH_MAX_MM,
     DEPTH_SCALE_MM_PER_M,
     IMAGE_SUFFIX,
+    DepthEncoding,
     decode_depth_mm,
     encode_depth_mm,
     encode_png,
     load_depth,
     load_rgb,
+    png_info,
     write_atomic,
 )
 from forest_perception.dataset_tools.metadata import (
@@ -46,10 +48,12 @@ from forest_perception.dataset_tools.metadata import (
     FrameRecord,
     check_extra_columns,
     csv_line,
+    imu_problem,
     map_columns,
     parse_metadata,
     record_cells,
 )
+from forest_perception.dataset_tools.settings import DatasetSettings, dataset_root_of, resolve_settings
 from forest_perception.readings import GpsFix, ImuSample, WheelEncoders
 
 __all__ = [
@@ -73,6 +77,8 @@ __all__ = [
     "SEGMENT_PATTERN",
     "STEM_COLUMN",
     "TIMESTAMP_COLUMN",
+    "DatasetSettings",
+    "DepthEncoding",
     "ForestDataset",
     "FrameRecord",
     "GpsFix",
@@ -80,6 +86,7 @@ __all__ = [
     "Segment",
     "SegmentWriter",
     "WheelEncoders",
+    "check_depth_encoding",
     "dataset_summary",
     "decode_depth_mm",
     "encode_depth_mm",
@@ -218,8 +225,9 @@ class SegmentWriter:
             if any(self.path.iterdir()):
                 if not overwrite:
                     raise FileExistsError(
-                        f"segment {self.path} already exists; pass overwrite=True to replace it "
-                        f"or write to segment {next_segment_name(self.root, self.run)!r}"
+                        f"segment {self.path} already exists and was left as it is; write to segment "
+                        f"{next_segment_name(self.root, self.run)!r}, another run or another folder, or replace "
+                        f"it on purpose (--overwrite)"
                     )
                 shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -311,8 +319,15 @@ class SegmentWriter:
                 f"record.timestamp {ts!r} of {stem!r} is not after the previous frame's "
                 f"{self._last_timestamp!r}; timestamps must increase strictly"
             )
-        if not isinstance(record.imu, ImuSample):
-            raise ValueError(f"record.imu must be an ImuSample, got {type(record.imu).__name__}")
+        if record.imu is not None:
+            if not isinstance(record.imu, ImuSample):
+                raise ValueError(f"record.imu must be an ImuSample or None, got {type(record.imu).__name__}")
+            why = imu_problem(record.imu.angular_velocity, record.imu.linear_acceleration)
+            orientation = record.imu.orientation
+            if not why and orientation is not None and not all(math.isfinite(v) for v in orientation):
+                why = "IMU orientation must be finite (or None)"
+            if why:
+                raise ValueError(f"record {stem!r}: {why}; a frame without an IMU reading has imu=None")
         if record.gps is not None and not isinstance(record.gps, GpsFix):
             raise ValueError(f"record.gps must be a GpsFix or None, got {type(record.gps).__name__}")
         if record.encoders is not None and not isinstance(record.encoders, WheelEncoders):
@@ -368,9 +383,26 @@ class Segment:
     frames: list[FrameRecord]
     columns: tuple[str, ...]
     column_map: dict[str, str]
+    settings: DatasetSettings = field(default_factory=DatasetSettings)
+    """How the dataset is read (depth encoding, column aliases): its forest_dataset.yaml and the flags."""
 
     def __len__(self) -> int:
         return len(self.frames)
+
+    @property
+    def depth_encoding(self) -> DepthEncoding:
+        """How this segment's depth PNGs map to metres."""
+        return self.settings.depth_encoding()
+
+    @property
+    def has_timestamps(self) -> bool:
+        """True when every frame has a timestamp (a dataset may lack a time column)."""
+        return all(f.timestamp is not None for f in self.frames)
+
+    @property
+    def has_imu(self) -> bool:
+        """True when at least one frame has an IMU reading."""
+        return any(f.imu is not None for f in self.frames)
 
     @property
     def has_gps(self) -> bool:
@@ -402,28 +434,37 @@ def _parse_run_segment(path: Path) -> tuple[int | None, str]:
 
 
 def read_segment(
-    path: str | os.PathLike, *, aliases: Mapping[str, str] | None = None, check_files: bool = True
+    path: str | os.PathLike,
+    *,
+    aliases: Mapping[str, str] | None = None,
+    check_files: bool = True,
+    settings: DatasetSettings | None = None,
 ) -> Segment:
     """Read ``<path>/metadata.csv`` into a ``Segment``.
 
-    Missing GPS/encoder columns or empty cells give ``None`` fields; unknown columns are
-    kept as extras. ``aliases`` maps extra header names to standard columns. With
-    ``check_files`` every row's RGB and depth PNG must exist (FileNotFoundError otherwise).
-    An unterminated, unparseable last line (a write torn by a crash) is skipped with a warning.
+    Missing GPS/encoder/IMU/time columns or empty cells give ``None`` fields; unknown columns are
+    kept as extras. The dataset's ``forest_dataset.yaml`` (at the root above ``Run-N``) is read, then
+    ``settings`` and ``aliases`` (header name -> standard column) override it. With ``check_files``
+    every row's RGB and depth PNG must exist (FileNotFoundError otherwise). An unterminated,
+    unparseable last line (a write torn by a crash) is skipped with a warning.
     """
     path = Path(path)
+    return _read_segment(path, resolve_settings(dataset_root_of(path), settings, aliases), check_files)
+
+
+def _read_segment(path: Path, settings: DatasetSettings, check_files: bool) -> Segment:
     csv_path = path / METADATA_FILE
     if not path.is_dir():
         raise FileNotFoundError(f"segment directory {path} does not exist")
     if not csv_path.is_file():
         raise FileNotFoundError(f"segment {path} has no {METADATA_FILE}")
-    text = csv_path.read_text(encoding="utf-8-sig")
+    text = read_text_file(csv_path)
     run, name = _parse_run_segment(path)
     if not text.strip():
-        warnings.warn(f"{csv_path} is empty; reading segment as 0 frames", stacklevel=2)
-        return Segment(path, run, name, [], (), {})
-    header, cols, frames = parse_metadata(text, csv_path, aliases)
-    segment = Segment(path, run, name, frames, tuple(header), {header[i]: c for c, i in cols.items()})
+        warnings.warn(f"{csv_path} is empty; reading segment as 0 frames", stacklevel=3)
+        return Segment(path, run, name, [], (), {}, settings)
+    header, cols, frames = parse_metadata(text, csv_path, settings.column_aliases)
+    segment = Segment(path, run, name, frames, tuple(header), {header[i]: c for c, i in cols.items()}, settings)
     if check_files:
         for i, frame in enumerate(frames):
             missing = [str(p) for p in (segment.rgb_path(i), segment.depth_path(i)) if not p.is_file()]
@@ -434,19 +475,49 @@ def read_segment(
     return segment
 
 
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path`` (a leading BOM dropped); ``ValueError`` naming the file when it is not text."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not a text file (byte {exc.start} is not UTF-8); it may be damaged: replace it with a "
+            "good copy"
+        ) from None
+
+
 def load_frame(segment: Segment, i: int) -> tuple[np.ndarray, np.ndarray, FrameRecord]:
-    """Frame ``i`` of ``segment``: (RGB HxWx3 uint8, depth HxW float32 metres NaN invalid, record)."""
+    """Frame ``i`` of ``segment``: (RGB HxWx3 uint8, depth HxW float32 metres NaN invalid, record).
+
+    Depth is decoded with the segment's ``depth_encoding`` (16-bit millimetres unless the dataset states
+    otherwise; 8-bit PNGs need a stated scale).
+    """
     n = len(segment.frames)
     if not -n <= i < n:
         raise IndexError(f"frame index {i} out of range for segment {segment.path} with {n} frames")
     rgb = load_rgb(segment.rgb_path(i))
-    depth = load_depth(segment.depth_path(i))
+    depth = load_depth(segment.depth_path(i), segment.depth_encoding)
     if depth.shape != rgb.shape[:2]:
         raise ValueError(
             f"frame {segment.frames[i].stem!r} of {segment.path}: depth size {depth.shape[::-1]} "
             f"differs from RGB size {rgb.shape[1::-1]}"
         )
     return rgb, depth, segment.frames[i]
+
+
+def check_depth_encoding(segments: Sequence[Segment]) -> None:
+    """``DepthScaleError`` (naming the file, the flags and the settings file) when a segment's depth PNGs are
+    of a bit depth its encoding does not state (8-bit without a scale); each segment's first frame is looked at."""
+    for segment in segments:
+        if not segment.frames:
+            continue
+        path = segment.depth_path(0)
+        try:
+            bits = png_info(path).depth_bits
+        except (OSError, ValueError):
+            continue  # a bad file is that frame's problem, reported where the frame is read
+        if bits is not None:
+            segment.depth_encoding.scale_for(bits, path)
 
 
 # --------------------------------------------------------------------------- dataset
@@ -461,17 +532,25 @@ def _is_abandoned(seg_dir: Path) -> bool:
 
 
 def iter_segments(
-    root: str | os.PathLike, *, aliases: Mapping[str, str] | None = None, check_files: bool = True
+    root: str | os.PathLike,
+    *,
+    aliases: Mapping[str, str] | None = None,
+    check_files: bool = True,
+    settings: DatasetSettings | None = None,
 ) -> Iterator[Segment]:
-    """Segments under ``root`` in (run number, segment order), read one at a time."""
+    """Segments under ``root`` in (run number, segment order), read one at a time.
+
+    ``root/forest_dataset.yaml`` is read once, then ``settings`` and ``aliases`` override it.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist")
+    resolved = resolve_settings(root, settings, aliases)
     for _, run_dir in _run_dirs(root):
         for seg_dir in _segment_dirs(run_dir):
             if not (seg_dir / METADATA_FILE).exists() and _is_abandoned(seg_dir):
                 continue
-            yield read_segment(seg_dir, aliases=aliases, check_files=check_files)
+            yield _read_segment(seg_dir, resolved, check_files)
 
 
 @dataclass
@@ -509,10 +588,15 @@ class ForestDataset:
 
 
 def open_dataset(
-    root: str | os.PathLike, *, aliases: Mapping[str, str] | None = None, check_files: bool = True
+    root: str | os.PathLike,
+    *,
+    aliases: Mapping[str, str] | None = None,
+    check_files: bool = True,
+    settings: DatasetSettings | None = None,
 ) -> ForestDataset:
     """Read every segment's metadata under ``root`` (images are loaded on access)."""
-    return ForestDataset(Path(root), list(iter_segments(root, aliases=aliases, check_files=check_files)))
+    segments = iter_segments(root, aliases=aliases, check_files=check_files, settings=settings)
+    return ForestDataset(Path(root), list(segments))
 
 
 def _unindexed_files(segment: Segment) -> int:
@@ -525,17 +609,42 @@ def _unindexed_files(segment: Segment) -> int:
     return count
 
 
+def _depth_png(segment: Segment) -> tuple[str, str]:
+    """(what the first depth PNG of ``segment`` is, why it cannot be read or ''); ('', '') without frames."""
+    if not segment.frames:
+        return "", ""
+    path = segment.depth_path(0)
+    try:
+        info = png_info(path)
+    except (OSError, ValueError) as exc:
+        return "", str(exc)
+    kind = info.describe().split(" ", 1)[1]  # '8-bit grayscale', without the size
+    if info.depth_bits is None:
+        return kind, f"{path}: not a depth map"
+    try:
+        segment.depth_encoding.scale_for(info.depth_bits, path)
+    except ValueError as exc:
+        return kind, str(exc)
+    return kind, ""
+
+
 def dataset_summary(
-    root: str | os.PathLike, *, aliases: Mapping[str, str] | None = None, check_files: bool = False
+    root: str | os.PathLike,
+    *,
+    aliases: Mapping[str, str] | None = None,
+    check_files: bool = False,
+    settings: DatasetSettings | None = None,
 ) -> dict:
-    """Counts of runs, segments and frames, and which segments carry GPS / encoders.
+    """Counts of runs, segments and frames, which segments carry GPS / encoders / IMU, the columns used.
 
     ``unindexed_files`` counts files in the image folders without a metadata row (temp
-    files or the half-written frame of an interrupted recording).
+    files or the half-written frame of an interrupted recording); ``depth_png`` describes each
+    segment's first depth PNG and ``depth_problem`` says why it cannot be read ('' when it can).
     """
-    dataset = open_dataset(root, aliases=aliases, check_files=check_files)
+    dataset = open_dataset(root, aliases=aliases, check_files=check_files, settings=settings)
     per_segment = []
     for s in dataset.segments:
+        depth_png, depth_problem = _depth_png(s)
         per_segment.append(
             {
                 "run": s.run,
@@ -544,12 +653,24 @@ def dataset_summary(
                 "frames": len(s),
                 "gps_frames": sum(f.gps is not None for f in s.frames),
                 "encoder_frames": sum(f.encoders is not None for f in s.frames),
+                "imu_frames": sum(f.imu is not None for f in s.frames),
                 "has_gps": s.has_gps,
                 "has_encoders": s.has_encoders,
+                "has_imu": s.has_imu,
+                "has_timestamps": s.has_timestamps,
+                "columns_used": {h: c for h, c in s.column_map.items() if h != c},
                 "extra_columns": [c for c in s.columns if c not in s.column_map],
+                "depth_png": depth_png,
+                "depth_problem": depth_problem,
                 "unindexed_files": _unindexed_files(s),
             }
         )
+    settings_used = resolve_settings(Path(root), settings, aliases)
+    renamed: dict[str, str] = {}
+    extras: list[str] = []
+    for entry in per_segment:
+        renamed.update(entry["columns_used"])
+        extras += [c for c in entry["extra_columns"] if c not in extras]
     return {
         "root": str(dataset.root),
         "runs": len(dataset.runs),
@@ -557,5 +678,13 @@ def dataset_summary(
         "frames": len(dataset),
         "segments_with_gps": [s.segment_id for s in dataset.segments if s.has_gps],
         "segments_with_encoders": [s.segment_id for s in dataset.segments if s.has_encoders],
+        "segments_with_imu": [s.segment_id for s in dataset.segments if s.has_imu],
+        "frames_without_imu": sum(f.imu is None for s in dataset.segments for f in s.frames),
+        "columns_read_as": renamed,
+        "plain_columns": extras,
+        "depth_pngs": sorted({e["depth_png"] for e in per_segment if e["depth_png"]}),
+        "depth_encoding": settings_used.depth_encoding().describe(),
+        "depth_problem": next((e["depth_problem"] for e in per_segment if e["depth_problem"]), ""),
+        "settings_file": settings_used.source if Path(settings_used.source).is_file() else None,
         "per_segment": per_segment,
     }

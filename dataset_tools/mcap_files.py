@@ -21,6 +21,8 @@ from mcap.records import Channel, Chunk, ChunkIndex, Message, Schema, Statistics
 from mcap.stream_reader import breakup_chunk
 from zstandard import ZstdError
 
+from forest_perception.cli_args import InputError
+
 MAGIC = b"\x89MCAP0\r\n"
 _FOOTER_BYTES = 9 + 20  # opcode + length + summary_start, summary_offset_start, summary_crc
 # what a damaged record raises while it is decoded (zstandard.ZstdError, lz4's RuntimeError included)
@@ -28,7 +30,7 @@ _DECODE_ERRORS = (McapError, ValueError, struct.error, EOFError, UnicodeDecodeEr
                   RuntimeError, ZstdError)
 
 
-class BagError(Exception):
+class BagError(InputError):
     """A bag (or one of its files) that cannot be read or repaired; the message says which and why."""
 
 

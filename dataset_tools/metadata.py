@@ -69,6 +69,7 @@ def _synonyms() -> dict[str, str]:
         for name in (
             f"gyro_{axis}",
             f"gyr_{axis}",
+            f"g{axis}",
             f"w{axis}",
             f"imu_angular_velocity_{axis}",
             f"ang_vel_{axis}",
@@ -111,14 +112,21 @@ TIMESTAMP_SCALES = {
 STEM_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 """A plain file-name stem: letters, digits, ``_ . + -``, not starting with ``.`` or ``-``."""
 
+ALIAS_HINT = "map it with --column-alias NAME=COLUMN or column_aliases in forest_dataset.yaml"
+"""How a user maps a column of their own name onto a standard one (the flag and the settings file)."""
+
 
 @dataclass(frozen=True)
 class FrameRecord:
-    """The ``metadata.csv`` row of one RGB/depth pair."""
+    """The ``metadata.csv`` row of one RGB/depth pair.
+
+    ``timestamp`` is None only for a dataset without a time column; ``imu`` is None for a frame without an
+    IMU reading (``imu_from_values`` has the rule), ``gps`` and ``encoders`` when not recorded.
+    """
 
     stem: str
-    timestamp: float
-    imu: ImuSample
+    timestamp: float | None
+    imu: ImuSample | None = None
     gps: GpsFix | None = None
     encoders: WheelEncoders | None = None
     extras: Mapping[str, str | float] = field(default_factory=dict)
@@ -138,11 +146,13 @@ def _cell(value: float | int | str | None) -> str:
 
 
 def record_cells(record: FrameRecord, extra_columns: Sequence[str]) -> list[str]:
-    """The cells of ``record``'s row: the standard columns, then ``extra_columns``."""
+    """The cells of ``record``'s row: the standard columns, then ``extra_columns`` (no IMU: empty IMU cells)."""
     gps = record.gps
     imu = record.imu
     enc = record.encoders
-    orientation = imu.orientation if imu.orientation is not None else (None,) * 4
+    orientation = imu.orientation if imu is not None and imu.orientation is not None else (None,) * 4
+    angular = imu.angular_velocity if imu is not None else (None,) * 3
+    linear = imu.linear_acceleration if imu is not None else (None,) * 3
     cells = [record.stem, _cell(record.timestamp)]
     cells += [
         _cell(gps.latitude if gps else None),
@@ -151,8 +161,8 @@ def record_cells(record: FrameRecord, extra_columns: Sequence[str]) -> list[str]
         _cell(gps.status if gps else None),
     ]
     cells += [_cell(v) for v in orientation]
-    cells += [_cell(v) for v in imu.angular_velocity]
-    cells += [_cell(v) for v in imu.linear_acceleration]
+    cells += [_cell(v) for v in angular]
+    cells += [_cell(v) for v in linear]
     cells += [
         _cell(enc.left_position if enc else None),
         _cell(enc.right_position if enc else None),
@@ -197,14 +207,28 @@ def _normalise(header: str) -> str:
     return re.sub(r"_+", "_", name).strip("_")
 
 
+def check_aliases(aliases: Mapping[str, str] | None) -> None:
+    """``ValueError`` unless every alias maps a column name onto a standard column (or '' = keep it plain)."""
+    allowed = set(METADATA_COLUMNS) | set(TIMESTAMP_SCALES)
+    for name, target in (aliases or {}).items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"a column alias needs a column name, got {name!r}")
+        if not isinstance(target, str) or (target and target not in allowed):
+            raise ValueError(
+                f"column alias {name}={target}: {target!r} is not a standard column; the standard columns are "
+                f"{', '.join(METADATA_COLUMNS)} (or timestamp_ms/_us/_ns; nothing after '=' keeps {name!r} a "
+                f"plain column)"
+            )
+
+
 def _canonical(header: str, aliases: Mapping[str, str] | None) -> str | None:
     if aliases and header in aliases:
-        return aliases[header]
+        return aliases[header] or None
     norm = _normalise(header)
     if aliases:
         for key, value in aliases.items():
             if _normalise(key) == norm:
-                return value
+                return value or None
     if norm in METADATA_COLUMNS:
         return norm
     if norm in TIMESTAMP_SCALES:
@@ -213,11 +237,12 @@ def _canonical(header: str, aliases: Mapping[str, str] | None) -> str | None:
 
 
 def map_columns(header: Sequence[str], aliases: Mapping[str, str] | None) -> dict[str, int]:
-    """Standard column (or a scaled timestamp variant) -> index in ``header``."""
-    if aliases:
-        bad = {k: v for k, v in aliases.items() if v not in METADATA_COLUMNS}
-        if bad:
-            raise ValueError(f"aliases must map to standard columns {list(METADATA_COLUMNS)}, got {bad}")
+    """Standard column (or a scaled timestamp variant) -> index in ``header``.
+
+    An incomplete group of IMU columns (some of the three gyro and three accelerometer columns, or some of the
+    four orientation columns) is left unmapped: those columns stay plain columns, nothing is read from them.
+    """
+    check_aliases(aliases)
     found: dict[str, int] = {}
     exact: set[str] = set()
     for idx, raw in enumerate(header):
@@ -230,7 +255,25 @@ def map_columns(header: Sequence[str], aliases: Mapping[str, str] | None) -> dic
             found[canonical] = idx
             if is_exact:
                 exact.add(canonical)
+    for group in (ANGULAR_VELOCITY_COLUMNS + LINEAR_ACCELERATION_COLUMNS, ORIENTATION_COLUMNS):
+        if not all(c in found for c in group):
+            for c in group:
+                found.pop(c, None)
     return found
+
+
+def incomplete_column_groups(header: Sequence[str], aliases: Mapping[str, str] | None) -> list[tuple[str, list[str]]]:
+    """(group, header names) of every IMU column group the header has only part of; ``map_columns`` reads none
+    of those columns."""
+    out = []
+    for group, columns in (
+        ("IMU gyro/accelerometer", ANGULAR_VELOCITY_COLUMNS + LINEAR_ACCELERATION_COLUMNS),
+        ("IMU orientation", ORIENTATION_COLUMNS),
+    ):
+        matched = [h for h in header if _canonical(h, aliases) in columns]
+        if matched and len({_canonical(h, aliases) for h in matched}) < len(columns):
+            out.append((f"{group} ({', '.join(columns)})", matched))
+    return out
 
 
 def is_missing(cell: str | None) -> bool:
@@ -249,13 +292,20 @@ class RowError(ValueError):
     """A row that cannot be read; the caller adds the file and line."""
 
 
-def _float_cell(row: Sequence[str], idx: int | None, column: str) -> float | None:
+def _float_cell(row: Sequence[str], idx: int | None, column: str, name: str = "") -> float | None:
+    """The number in ``row[idx]`` (None when missing); ``RowError`` naming the column (``name`` in the file)."""
     if idx is None or idx >= len(row) or is_missing(row[idx]):
         return None
     try:
         return float(row[idx])
     except ValueError:
-        raise RowError(f"column {column!r} must be a number, got {row[idx]!r}") from None
+        name = name or column
+        if name == column:
+            raise RowError(f"column {column!r} must be a number, got {row[idx]!r}") from None
+        raise RowError(
+            f"column {name!r} (read as {column}) must be a number, got {row[idx]!r}; if {name!r} is not {column}, "
+            f"keep it a plain column with --column-alias {name}= or column_aliases in forest_dataset.yaml"
+        ) from None
 
 
 def stem_from_cell(cell: str) -> str:
@@ -267,13 +317,57 @@ def stem_from_cell(cell: str) -> str:
     return name
 
 
+def imu_problem(angular: Sequence[float | None], linear: Sequence[float | None]) -> str:
+    """Why a row's gyro / accelerometer values break the IMU rule ('' when they follow it).
+
+    The rule, one for every tool (extract, the writer, the reader, curate, split, validate): a frame either
+    has an IMU reading (all six gyro and accelerometer values, finite) or has none (all six cells empty: a
+    frame recorded before the first IMU message, or a dataset without IMU columns); six cells half filled
+    are an error.
+    """
+    values = list(angular) + list(linear)
+    given = [v is not None for v in values]
+    if any(given) and not all(given):
+        return (
+            f"IMU cells are only partly filled ({sum(given)} of 6 gyro/accelerometer values); "
+            "a frame has all six or, without an IMU reading, none"
+        )
+    if all(given) and not all(math.isfinite(v) for v in values):  # type: ignore[arg-type]
+        return "IMU gyro/accelerometer values must be finite numbers; a frame without an IMU reading has empty cells"
+    return ""
+
+
+def imu_from_values(
+    angular: Sequence[float | None], linear: Sequence[float | None], orientation: Sequence[float | None]
+) -> ImuSample | None:
+    """The ``ImuSample`` of a row's IMU values, None for a frame without an IMU reading (``imu_problem``'s rule).
+
+    ``RowError`` for values that break the rule; an orientation with a missing component is None.
+    """
+    why = imu_problem(angular, linear)
+    if why:
+        raise RowError(why)
+    if any(v is None for v in angular):
+        return None
+    return ImuSample(
+        tuple(angular),  # type: ignore[arg-type]
+        tuple(linear),  # type: ignore[arg-type]
+        None if any(v is None for v in orientation) else tuple(orientation),  # type: ignore[arg-type]
+    )
+
+
 def parse_row(
-    row: Sequence[str], cols: Mapping[str, int], extra_cols: Sequence[tuple[int, str]]
+    row: Sequence[str],
+    cols: Mapping[str, int],
+    extra_cols: Sequence[tuple[int, str]],
+    header: Sequence[str] | None = None,
 ) -> FrameRecord:
-    """The ``FrameRecord`` of one row; ``RowError`` saying which cell is wrong."""
+    """The ``FrameRecord`` of one row; ``RowError`` saying which cell is wrong (by its ``header`` name)."""
 
     def num(column: str) -> float | None:
-        return _float_cell(row, cols.get(column), column)
+        idx = cols.get(column)
+        name = header[idx] if header is not None and idx is not None and idx < len(header) else column
+        return _float_cell(row, idx, column, name)
 
     stem_idx = cols[STEM_COLUMN]
     stem = stem_from_cell(row[stem_idx]) if stem_idx < len(row) else ""
@@ -287,8 +381,6 @@ def parse_row(
                 value = _float_cell(row, cols[variant], variant)
                 timestamp = None if value is None else value * scale
                 break
-    if timestamp is None:
-        raise RowError("the timestamp cell is empty")
 
     latitude, longitude = num("latitude"), num("longitude")
     gps = None
@@ -297,15 +389,10 @@ def parse_row(
         status_int = int(status) if status is not None and math.isfinite(status) else None
         gps = GpsFix(latitude, longitude, num("altitude"), status_int)
 
-    angular = [num(c) for c in ANGULAR_VELOCITY_COLUMNS]
-    linear = [num(c) for c in LINEAR_ACCELERATION_COLUMNS]
-    if any(v is None for v in angular + linear):
-        raise RowError("IMU angular velocity / linear acceleration cells are empty")
-    orientation = [num(c) for c in ORIENTATION_COLUMNS]
-    imu = ImuSample(
-        tuple(angular),  # type: ignore[arg-type]
-        tuple(linear),  # type: ignore[arg-type]
-        None if any(v is None for v in orientation) else tuple(orientation),  # type: ignore[arg-type]
+    imu = imu_from_values(
+        [num(c) for c in ANGULAR_VELOCITY_COLUMNS],
+        [num(c) for c in LINEAR_ACCELERATION_COLUMNS],
+        [num(c) for c in ORIENTATION_COLUMNS],
     )
 
     wheels = [num(c) for c in ENCODER_COLUMNS]
@@ -324,26 +411,27 @@ def parse_metadata(
 ) -> tuple[list[str], dict[str, int], list[FrameRecord]]:
     """(header, standard column -> index, one ``FrameRecord`` per row) of a ``metadata.csv``'s non-empty text.
 
-    ``ValueError`` naming ``csv_path`` and the line for a missing required column or a bad row; an
+    Only the file-name column is required (it pairs the RGB and depth images); every other standard column
+    is read when present and every unknown column is kept in ``FrameRecord.extras``. ``ValueError`` naming
+    ``csv_path`` and the line for a missing file-name column, text that is not CSV or a bad row; an
     unterminated, unparseable last line (a write torn by a crash) is skipped with a warning.
     """
     torn_tail = not text.endswith(("\n", "\r"))
-    rows = list(csv.reader(io.StringIO(text, newline="")))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as exc:
+        raise ValueError(f"{csv_path} line {reader.line_num}: not valid CSV text ({exc})") from None
     header = [h.strip() for h in rows[0]]
-    cols = map_columns(header, aliases)
+    try:
+        cols = map_columns(header, aliases)
+    except ValueError as exc:
+        raise ValueError(f"{csv_path}: {exc}") from None
     if STEM_COLUMN not in cols:
         raise ValueError(
             f"{csv_path}: no file-name column (expected {STEM_COLUMN!r} or one of "
             f"{sorted(k for k, v in COLUMN_SYNONYMS.items() if v == STEM_COLUMN)}); header is {header}; "
-            f"pass aliases={{'<column>': {STEM_COLUMN!r}}}"
-        )
-    has_time = TIMESTAMP_COLUMN in cols or any(v in cols for v in TIMESTAMP_SCALES)
-    missing_imu = [c for c in ANGULAR_VELOCITY_COLUMNS + LINEAR_ACCELERATION_COLUMNS if c not in cols]
-    if not has_time or missing_imu:
-        need = ([TIMESTAMP_COLUMN] if not has_time else []) + missing_imu
-        raise ValueError(
-            f"{csv_path}: missing required columns {need}; header is {header}; "
-            f"map them with aliases={{'<column>': '<standard name>'}}"
+            f"{ALIAS_HINT} (COLUMN {STEM_COLUMN})"
         )
     used = set(cols.values())
     extra_cols = [(i, h) for i, h in enumerate(header) if i not in used and h]
@@ -360,7 +448,7 @@ def parse_metadata(
                 raise RowError(f"{len(row)} cells for {len(header)} columns")
             if is_last and torn_tail and len(row) != len(header):
                 raise RowError(f"{len(row)} cells for {len(header)} columns")
-            frames.append(parse_row(row, cols, extra_cols))
+            frames.append(parse_row(row, cols, extra_cols, header))
         except RowError as exc:
             if is_last and torn_tail:
                 # stacklevel 3: the warning points at whoever asked to read the segment

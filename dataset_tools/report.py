@@ -23,8 +23,9 @@ import numpy as np
 from forest_perception.dataset_tools.curate import CURATION_CSV, CURATION_JSON, read_curation, reasons_count
 from forest_perception.dataset_tools.gps import local_enu
 from forest_perception.dataset_tools.images import load_depth, load_rgb, write_atomic
-from forest_perception.dataset_tools.layout import Segment, iter_segments, segment_key
+from forest_perception.dataset_tools.layout import Segment, check_depth_encoding, iter_segments, segment_key
 from forest_perception.dataset_tools.scores import sharpness
+from forest_perception.dataset_tools.settings import DatasetSettings
 from forest_perception.dataset_tools.split import SPLIT_NAMES, SPLITS_JSON, read_split_file
 
 REPORT_HTML = "report.html"
@@ -71,8 +72,11 @@ def _load_splits(path: Path) -> tuple[dict, dict[str, str]]:
     """splits.json contents and (segment key or frame key) -> split of its list files."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not a splits.json: not a text file (byte {exc.start} is not UTF-8); give "
+                         "another --splits or remove it") from None
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not a readable splits.json ({exc})") from None
+        raise ValueError(f"{path} is not a readable splits.json ({exc}); give another --splits or remove it") from None
     if not isinstance(data, dict) or "counts" not in data:
         raise ValueError(f"{path} is not a splits.json written by forest-dataset split (no 'counts')")
     membership: dict[str, str] = {}
@@ -88,7 +92,7 @@ def _curation_config(path: Path) -> dict:
     """The ``config`` of a ``curation.json`` (thresholds for the plots); empty when absent or unreadable."""
     try:
         config = json.loads(path.read_text(encoding="utf-8")).get("config", {})
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return {}
     return config if isinstance(config, dict) else {}
 
@@ -299,7 +303,7 @@ def _sample_frames(flat: Sequence[tuple[Segment, int]], sample: int, sharpness_t
         segment, j = flat[int(i)]
         try:
             rgb = load_rgb(segment.rgb_path(j))
-            depth = load_depth(segment.depth_path(j))
+            depth = load_depth(segment.depth_path(j), segment.depth_encoding)
         except (OSError, ValueError) as exc:
             out.unreadable.append(str(exc))
             continue
@@ -406,7 +410,8 @@ def _examples_section(
         segment, j = pool[int(i)]
         try:
             label = f"{segment_key(segment)}/{segment.frames[j].stem}"
-            pairs.append((load_rgb(segment.rgb_path(j)), load_depth(segment.depth_path(j)), label))
+            pairs.append((load_rgb(segment.rgb_path(j)), load_depth(segment.depth_path(j), segment.depth_encoding),
+                          label))
         except (OSError, ValueError):
             continue
     if not pairs:
@@ -448,6 +453,7 @@ def build_report(
     max_depth_m: float = 10.0,
     overwrite: bool = False,
     aliases: Mapping[str, str] | None = None,
+    settings: DatasetSettings | None = None,
 ) -> Path:
     """Write the HTML report of the dataset at ``root`` to ``out`` (default ``root/report.html``).
 
@@ -455,21 +461,25 @@ def build_report(
     those exist. ``sample`` frames (evenly spaced) are decoded for the depth histogram and,
     without a curation file, for the sharpness histograms. Raises ``FileNotFoundError`` /
     ``ValueError`` naming the input for a missing or non-dataset folder or a bad curation /
-    splits file, ``FileExistsError`` for an existing ``out`` unless ``overwrite``.
+    splits file or depth PNGs of an encoding the dataset does not state, ``FileExistsError`` for an
+    existing ``out`` unless ``overwrite``. ``settings`` / ``aliases`` override the dataset's
+    ``forest_dataset.yaml``.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist or is not a folder")
     out_path = Path(out) if out is not None else root / REPORT_HTML
     if out_path.exists() and not overwrite:
-        raise FileExistsError(f"{out_path} already exists; pass --overwrite to replace it")
+        raise FileExistsError(f"{out_path} already exists and was left as it is; give another --out, or "
+                              "--overwrite to replace it")
     if not (math.isfinite(max_depth_m) and max_depth_m > 0):
         raise ValueError(f"max_depth_m must be a positive number of metres, got {max_depth_m!r}")
     if examples < 0 or sample < 0:
         raise ValueError(f"examples and sample must be >= 0, got {examples} and {sample}")
-    segments = list(iter_segments(root, aliases=aliases, check_files=False))
+    segments = list(iter_segments(root, aliases=aliases, check_files=False, settings=settings))
     if not segments:
         raise ValueError(f"{root} holds no Run-<N>/<segment>/metadata.csv segments; is it a forest dataset?")
+    check_depth_encoding(segments)
     frames = _frames_table(segments)
     curation_path = Path(curation) if curation is not None else root / CURATION_CSV
     cur_rows = read_curation(curation_path) if (curation is not None or curation_path.is_file()) else None

@@ -14,7 +14,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from forest_perception.dataset_tools.images import IMAGE_SUFFIX, png_info, write_atomic
+from forest_perception.dataset_tools.images import (
+    IMAGE_SUFFIX,
+    DepthEncoding,
+    check_depth_header,
+    grayscale_depth,
+    png_info,
+    write_atomic,
+)
 from forest_perception.dataset_tools.layout import RGB_DIR, Segment
 
 THUMB_SIZE = (16, 12)
@@ -59,22 +66,20 @@ def frame_descriptor(bgr: np.ndarray) -> np.ndarray:
     return (np.concatenate([thumb, hist]) * np.float32(math.sqrt(0.5))).astype(np.float32)
 
 
-def score_frame_files(paths: tuple[str, str]) -> tuple:
-    """(laplacian_var, tenengrad, descriptor or None, error or None) of one frame's (RGB, depth) PNG paths.
+def score_frame_files(paths: tuple) -> tuple:
+    """(laplacian_var, tenengrad, descriptor or None, error or None) of one frame's (RGB, depth[, encoding]).
 
-    Checks both PNG headers and decodes only the RGB; never raises for a bad file (the error says which).
+    Checks both PNG headers (the depth one against the ``DepthEncoding``, 16-bit millimetres when not
+    given) and decodes only the RGB; never raises for a bad file (the error says which).
     """
-    rgb_path, depth_path = paths
+    rgb_path, depth_path, *rest = paths
+    encoding = rest[0] if rest else DepthEncoding()
     try:
         rgb_info = png_info(rgb_path)
         if not rgb_info.is_rgb8:
             raise ValueError(f"RGB image {rgb_path} must be an 8-bit colour PNG, got {rgb_info.describe()}")
         depth_info = png_info(depth_path)
-        if not depth_info.is_depth16:
-            raise ValueError(
-                f"depth image {depth_path} must be a 16-bit single-channel PNG (millimetres), "
-                f"got {depth_info.describe()}"
-            )
+        check_depth_header(depth_info, encoding, depth_path)
         if (depth_info.width, depth_info.height) != (rgb_info.width, rgb_info.height):
             raise ValueError(
                 f"depth image {depth_path} is {depth_info.width}x{depth_info.height}, "
@@ -89,14 +94,21 @@ def score_frame_files(paths: tuple[str, str]) -> tuple:
         return math.nan, math.nan, None, str(exc)
 
 
-def depth_valid_fraction(depth_path: str) -> tuple[float, str | None]:
-    """(fraction of valid depth pixels, error or None) of one depth PNG; never raises for a bad file."""
-    raw = cv2.imread(depth_path, cv2.IMREAD_UNCHANGED)
+def depth_valid_fraction(item: str | tuple[str, DepthEncoding]) -> tuple[float, str | None]:
+    """(fraction of valid depth pixels, error or None) of one depth PNG path (or (path, encoding)).
+
+    Never raises for a bad file; the encoding (16-bit millimetres when not given) must be able to read it.
+    """
+    depth_path, encoding = (item, DepthEncoding()) if isinstance(item, (str, os.PathLike)) else item
+    raw = cv2.imread(str(depth_path), cv2.IMREAD_UNCHANGED)
     if raw is None:
         return math.nan, f"depth image {depth_path} could not be decoded (corrupt PNG data)"
-    if raw.dtype != np.uint16 or raw.ndim != 2:
-        return math.nan, f"depth image {depth_path} decoded as shape {raw.shape} dtype {raw.dtype}, not 16-bit"
-    return cv2.countNonZero(raw) / raw.size, None
+    try:
+        values = grayscale_depth(raw, depth_path)
+        encoding.scale_for(16 if values.dtype == np.uint16 else 8, depth_path)
+    except ValueError as exc:
+        return math.nan, str(exc)
+    return cv2.countNonZero(values) / values.size, None
 
 
 # --------------------------------------------------------------------------- score cache

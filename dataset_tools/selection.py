@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from forest_perception.dataset_tools.gps import local_enu
-from forest_perception.dataset_tools.layout import Segment, segment_key
+from forest_perception.dataset_tools.layout import DepthEncoding, Segment, segment_key
 from forest_perception.dataset_tools.parallel import parallel_map
 from forest_perception.dataset_tools.scores import DESCRIPTOR_SIZE, depth_valid_fraction
 
@@ -142,6 +142,10 @@ class FrameTable:
         j = int(self.index_in_segment[i])
         return str(segment.rgb_path(j)), str(segment.depth_path(j))
 
+    def depth_encoding(self, i: int) -> DepthEncoding:
+        """How frame ``i``'s depth PNG maps to metres."""
+        return self.segments[int(self.segment_of[i])].depth_encoding
+
     @property
     def kept(self) -> np.ndarray:
         """Boolean mask of the kept frames."""
@@ -155,7 +159,7 @@ def frame_table(segments: Sequence[Segment]) -> FrameTable:
         for j, frame in enumerate(segment.frames):
             seg_of.append(s)
             idx.append(j)
-            ts.append(frame.timestamp)
+            ts.append(math.nan if frame.timestamp is None else frame.timestamp)
             lat.append(frame.gps.latitude if frame.gps else math.nan)
             lon.append(frame.gps.longitude if frame.gps else math.nan)
     n = len(seg_of)
@@ -363,7 +367,7 @@ def select_spread(
 
 def check_depth(table: FrameTable, frames: Sequence[int], config: CurateConfig, *, progress: bool = False) -> list[int]:
     """Decode the depth of ``frames``; mark and return the ones that are unreadable or lack valid depth."""
-    depth_paths = [table.paths(i)[1] for i in frames]
+    depth_paths = [(table.paths(i)[1], table.depth_encoding(i)) for i in frames]
     results = parallel_map(depth_valid_fraction, depth_paths, workers=config.workers, progress=progress, desc="depth")
     failed = []
     for i, (valid, error) in zip(frames, results):

@@ -17,7 +17,15 @@ import numpy as np
 
 from forest_perception.dataset_tools.gps import local_enu
 from forest_perception.dataset_tools.images import write_atomic
-from forest_perception.dataset_tools.layout import METADATA_FILE, Segment, iter_segments, read_segment, segment_key
+from forest_perception.dataset_tools.layout import (
+    METADATA_FILE,
+    Segment,
+    iter_segments,
+    read_segment,
+    read_text_file,
+    segment_key,
+)
+from forest_perception.dataset_tools.settings import DatasetSettings
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLITS_JSON = "splits.json"
@@ -132,7 +140,9 @@ def _gps_groups(
         if fixed.size == 0:
             labels.append([segment_key(segment)] * n)
             continue
-        nearest = fixed if fixed.size == n else _nearest_in_time(np.array([f.timestamp for f in segment.frames]), fixed)
+        # without timestamps, capture order (the row order) stands in for time
+        times = np.array([f.timestamp for f in segment.frames] if segment.has_timestamps else range(n), np.float64)
+        nearest = fixed if fixed.size == n else _nearest_in_time(times, fixed)
         cx = np.floor(east[nearest] / cell_m).astype(np.int64)
         cy = np.floor(north[nearest] / cell_m).astype(np.int64)
         labels.append([f"cell({x},{y})" for x, y in zip(cx, cy)])
@@ -212,8 +222,11 @@ def split_dataset(
     cell_m: float = 50.0,
     gap_m: float = 0.0,
     aliases: Mapping[str, str] | None = None,
+    settings: DatasetSettings | None = None,
 ) -> SplitResult:
     """Split the dataset at ``root`` into train/val/test by place (see the module docstring).
+
+    ``settings`` and ``aliases`` override the dataset's ``forest_dataset.yaml`` (column names).
 
     Raises ``ValueError`` for bad fractions, an unknown ``by``, a folder without segments or
     fewer groups than splits to fill; ``FileNotFoundError`` for a missing folder.
@@ -230,7 +243,7 @@ def split_dataset(
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist or is not a folder")
-    segments = [s for s in iter_segments(root, aliases=aliases, check_files=False) if len(s) > 0]
+    segments = [s for s in iter_segments(root, aliases=aliases, check_files=False, settings=settings) if len(s) > 0]
     if not segments:
         raise ValueError(f"{root} holds no Run-<N>/<segment>/metadata.csv segments with frames")
 
@@ -249,7 +262,7 @@ def split_dataset(
             sizes[label] = sizes.get(label, 0) + 1
     wanted = sum(1 for f in fracs if f > 0)
     if len(sizes) < wanted:
-        hint = "a smaller --cell-m, " if by == "gps" else "--by gps, "
+        hint = "a smaller --cell, " if by == "gps" else "--by gps, "
         raise ValueError(
             f"only {len(sizes)} {by} group(s) with frames under {root}, need at least {wanted} to fill "
             f"{', '.join(n for n, f in zip(SPLIT_NAMES, fracs) if f > 0)}; use {hint}or a fraction of 0"
@@ -293,7 +306,8 @@ def write_splits(
     if not overwrite:
         for p in paths:
             if p.exists():
-                raise FileExistsError(f"{p} already exists; pass overwrite (--overwrite) to replace the split")
+                raise FileExistsError(f"{p} already exists and was left as it is; give another --out folder, or "
+                                      "--overwrite to replace the split")
     out.mkdir(parents=True, exist_ok=True)
     for name, p in zip(SPLIT_NAMES, paths[1:]):
         entries = result.entries(name)
@@ -310,7 +324,7 @@ def read_split_file(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"split file {path} does not exist")
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    lines = (line.strip() for line in read_text_file(path).splitlines())
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -365,7 +379,7 @@ def load_splits(path: str | os.PathLike) -> dict[str, list[tuple[Segment, list[i
     try:
         data = json.loads(json_path.read_text(encoding="utf-8"))
         files = data["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"{json_path} is not a splits.json written by forest-dataset split ({exc})") from None
     root = (json_path.parent / data.get("dataset", ".")).resolve()
     return {

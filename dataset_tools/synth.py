@@ -24,6 +24,7 @@ from forest_perception.dataset_tools.layout import (
     SegmentWriter,
     WheelEncoders,
     frame_stem,
+    run_dir_name,
     segment_name,
 )
 from forest_perception.frames import CameraIntrinsics
@@ -125,6 +126,20 @@ def synthesize(
 
     config.validate()
     root = Path(out_dir)
+    # every segment this run would write, checked before any is: a refusal leaves the folder as it was
+    taken = [
+        str(root / run_dir_name(config.first_run + r) / segment_name(s))
+        for r in range(config.runs)
+        for s in range(config.segments_per_run)
+        if (root / run_dir_name(config.first_run + r) / segment_name(s)).exists()
+        and any((root / run_dir_name(config.first_run + r) / segment_name(s)).iterdir())
+    ]
+    if taken and not overwrite:
+        raise FileExistsError(
+            f"{len(taken)} segment(s) to write already exist ({', '.join(taken[:3])}{', ...' if len(taken) > 3 else ''}"
+            f") and were left as they are: give another --out or --first-run, or replace them on purpose "
+            f"(--overwrite)"
+        )
     report = SynthReport(root=root)
     total = config.runs * config.segments_per_run * config.frames_per_segment
     bar = tqdm(total=total, desc="synth", unit="frame", disable=not progress, mininterval=1.0)

@@ -18,9 +18,17 @@ import cv2
 import numpy as np
 
 from forest_perception.dataset_tools.curate import CURATION_CSV, CURATION_JSON
-from forest_perception.dataset_tools.images import DEPTH_SCALE_MM_PER_M, IMAGE_SUFFIX, png_info
+from forest_perception.dataset_tools.images import (
+    IMAGE_SUFFIX,
+    SETTINGS_FILE,
+    DepthEncoding,
+    DepthScaleError,
+    grayscale_depth,
+    png_info,
+)
 from forest_perception.dataset_tools.layout import DEPTH_DIR, METADATA_FILE, RGB_DIR, RUN_PATTERN, SEGMENT_PATTERN
 from forest_perception.dataset_tools.metadata import (
+    ALIAS_HINT,
     ANGULAR_VELOCITY_COLUMNS,
     ENCODER_COLUMNS,
     GPS_COLUMNS,
@@ -30,6 +38,8 @@ from forest_perception.dataset_tools.metadata import (
     STEM_PATTERN,
     TIMESTAMP_COLUMN,
     TIMESTAMP_SCALES,
+    imu_problem,  # the one rule for a frame's IMU cells, as the reader and the writer use it
+    incomplete_column_groups,
     is_missing,
     map_columns,  # the reader's own header matching, so validate and the reader agree
     stem_from_cell,
@@ -37,6 +47,7 @@ from forest_perception.dataset_tools.metadata import (
 from forest_perception.dataset_tools.parallel import parallel_map
 from forest_perception.dataset_tools.report import REPORT_HTML
 from forest_perception.dataset_tools.scores import SCORES_FILE
+from forest_perception.dataset_tools.settings import DatasetSettings, load_settings
 from forest_perception.dataset_tools.split import SPLIT_NAMES, SPLITS_JSON
 
 ERROR = "error"
@@ -46,7 +57,8 @@ _NUMERIC_COLUMNS = (
     GPS_COLUMNS + ORIENTATION_COLUMNS + ANGULAR_VELOCITY_COLUMNS + LINEAR_ACCELERATION_COLUMNS + ENCODER_COLUMNS
 )
 ROOT_FILES = frozenset(
-    {CURATION_CSV, CURATION_JSON, SPLITS_JSON, *(f"{name}.txt" for name in SPLIT_NAMES), REPORT_HTML, "README.md"}
+    {CURATION_CSV, CURATION_JSON, SPLITS_JSON, *(f"{name}.txt" for name in SPLIT_NAMES), REPORT_HTML, "README.md",
+     SETTINGS_FILE}
 )
 """Files our tools put at a dataset root; validate does not warn about them."""
 
@@ -171,8 +183,11 @@ def _check_metadata(
     """
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        out.error(csv_path, f"cannot be read as UTF-8 text ({exc})")
+    except UnicodeDecodeError as exc:
+        out.error(csv_path, f"is not a text file (byte {exc.start} is not UTF-8); it may be damaged")
+        return None
+    except OSError as exc:
+        out.error(csv_path, f"cannot be read ({exc.strerror or exc})")
         return None
     if not text.strip():
         out.error(csv_path, "is empty (no header line)")
@@ -190,17 +205,25 @@ def _check_metadata(
         return None
     if STEM_COLUMN not in cols:
         out.error(
-            csv_path, f"no file-name column ({STEM_COLUMN!r} or a synonym such as 'filename'); header is {header}"
+            csv_path,
+            f"no file-name column ({STEM_COLUMN!r} or a synonym such as 'filename'); header is {header}; "
+            f"{ALIAS_HINT} (COLUMN {STEM_COLUMN})",
         )
         return None
     time_col = (
         TIMESTAMP_COLUMN if TIMESTAMP_COLUMN in cols else next((v for v in TIMESTAMP_SCALES if v in cols), None)
     )
-    missing_cols = ([] if time_col else [TIMESTAMP_COLUMN]) + [
-        c for c in ANGULAR_VELOCITY_COLUMNS + LINEAR_ACCELERATION_COLUMNS if c not in cols
-    ]
-    if missing_cols:
-        out.error(csv_path, f"missing required columns {missing_cols}; header is {header}")
+    if not time_col:
+        out.warning(
+            csv_path,
+            f"no timestamp column (header is {header}): training reads the frames, but curate needs times; "
+            f"{ALIAS_HINT} (COLUMN {TIMESTAMP_COLUMN})",
+        )
+    for group, names in incomplete_column_groups(header, aliases):
+        out.warning(
+            csv_path,
+            f"only part of the {group} columns: {names}; none of them is read; {ALIAS_HINT}",
+        )
     scale = TIMESTAMP_SCALES.get(time_col, 1.0) if time_col else 1.0
     torn_tail = not text.endswith(("\n", "\r"))
 
@@ -274,9 +297,11 @@ def _check_metadata(
                     )
                 last_time = (t, stem, line)
 
-        for column in ANGULAR_VELOCITY_COLUMNS + LINEAR_ACCELERATION_COLUMNS:
-            if column in cols and values[column] is None:
-                out.error(csv_path, f"{label}: required IMU cell {column!r} is empty")
+        imu_why = imu_problem(
+            [values[c] for c in ANGULAR_VELOCITY_COLUMNS], [values[c] for c in LINEAR_ACCELERATION_COLUMNS]
+        )
+        if imu_why and "finite" not in imu_why:  # non-finite cells are reported above, cell by cell
+            out.error(csv_path, f"{label}: {imu_why}")
 
         lat, lon = values["latitude"], values["longitude"]
         if (lat is None) != (lon is None):
@@ -308,8 +333,12 @@ def _check_metadata(
 # --------------------------------------------------------------------------- images
 
 
-def _check_pair_headers(rgb: Path, depth: Path, line: int, out: _Collector) -> bool:
-    """Existence, PNG type and matching size of one pair; True when both can be decoded further."""
+def _check_pair_headers(rgb: Path, depth: Path, line: int, out: _Collector, encoding: DepthEncoding,
+                        unstated: list[Path]) -> bool:
+    """Existence, PNG type and matching size of one pair; True when both can be decoded further.
+
+    A depth PNG of a bit depth ``encoding`` does not state goes to ``unstated`` (reported once per segment).
+    """
     infos = {}
     for path, kind in ((rgb, "RGB"), (depth, "depth")):
         try:
@@ -326,10 +355,18 @@ def _check_pair_headers(rgb: Path, depth: Path, line: int, out: _Collector) -> b
         elif not info.is_rgb8:
             out.error(rgb, f"RGB image must be an 8-bit 3-channel PNG, got {info.describe()}")
             ok = False
-    if "depth" in infos and not infos["depth"].is_depth16:
-        got = infos["depth"].describe()
-        out.error(depth, f"depth image must be a 16-bit single-channel PNG in millimetres, got {got}")
-        ok = False
+    if "depth" in infos:
+        bits = infos["depth"].depth_bits
+        if bits is None:
+            got = infos["depth"].describe()
+            out.error(depth, f"depth image must be a single-channel 16-bit (millimetres) or 8-bit PNG, got {got}")
+            ok = False
+        else:
+            try:
+                encoding.scale_for(bits, depth)
+            except DepthScaleError:
+                unstated.append(depth)
+                ok = False
     if len(infos) == 2:
         a, b = infos["RGB"], infos["depth"]
         if (a.width, a.height) != (b.width, b.height):
@@ -340,9 +377,9 @@ def _check_pair_headers(rgb: Path, depth: Path, line: int, out: _Collector) -> b
     return ok and len(infos) == 2
 
 
-def _decode_pair(task: tuple[str, str, float, float]) -> list[tuple[str, str, str]]:
+def _decode_pair(task: tuple[str, str, float, float, DepthEncoding]) -> list[tuple[str, str, str]]:
     """Worker: decode one pair; (severity, path, message) of what is wrong."""
-    rgb, depth, max_depth_m, max_far_fraction = task
+    rgb, depth, max_depth_m, max_far_fraction, encoding = task
     found = []
     if cv2.imread(rgb, cv2.IMREAD_UNCHANGED) is None:
         found.append((ERROR, rgb, "RGB image could not be decoded (corrupt PNG data)"))
@@ -350,19 +387,25 @@ def _decode_pair(task: tuple[str, str, float, float]) -> list[tuple[str, str, st
     if raw is None:
         found.append((ERROR, depth, "depth image could not be decoded (corrupt PNG data)"))
         return found
-    valid = int(cv2.countNonZero(raw))
+    try:
+        values = grayscale_depth(raw, depth)
+        metres = encoding.to_metres(values, depth)
+    except ValueError as exc:
+        found.append((ERROR, depth, str(exc).replace(f"depth image {depth} ", "depth image ")))
+        return found
+    valid = int(cv2.countNonZero(values))
     if valid == 0:
         found.append((WARNING, depth, "depth image has no valid pixel (all 0)"))
         return found
-    limit_mm = max_depth_m * DEPTH_SCALE_MM_PER_M
-    far = int(np.count_nonzero(raw > limit_mm))
+    with np.errstate(invalid="ignore"):
+        far = int(np.count_nonzero(metres > max_depth_m))
     if far > max_far_fraction * valid:
         found.append(
             (
                 ERROR,
                 depth,
                 f"{100 * far / valid:.1f} % of the valid depth pixels are beyond {max_depth_m:g} m "
-                f"(max {raw.max() / DEPTH_SCALE_MM_PER_M:.3f} m); wrong units or scale?",
+                f"(max {np.nanmax(metres):.3f} m); wrong units or scale ({encoding.describe()})?",
             )
         )
     return found
@@ -384,7 +427,8 @@ def _check_image_folder(folder: Path, indexed: set[str], out: _Collector) -> Non
 
 
 def _check_segment(
-    seg_dir: Path, out: _Collector, aliases: Mapping[str, str] | None, config: ValidateConfig, tasks: list
+    seg_dir: Path, out: _Collector, aliases: Mapping[str, str] | None, config: ValidateConfig, tasks: list,
+    encoding: DepthEncoding,
 ) -> int:
     csv_path = seg_dir / METADATA_FILE
     if not csv_path.is_file():
@@ -416,11 +460,15 @@ def _check_segment(
         if (seg_dir / sub).is_dir():
             _check_image_folder(seg_dir / sub, indexed, out)
     if folders_ok:
+        unstated: list[Path] = []
         for stem, line in rows:
             rgb = seg_dir / RGB_DIR / (stem + IMAGE_SUFFIX)
             depth = seg_dir / DEPTH_DIR / (stem + IMAGE_SUFFIX)
-            if _check_pair_headers(rgb, depth, line, out) and config.decode:
-                tasks.append((str(rgb), str(depth), config.max_depth_m, config.max_far_fraction))
+            if _check_pair_headers(rgb, depth, line, out, encoding, unstated) and config.decode:
+                tasks.append((str(rgb), str(depth), config.max_depth_m, config.max_far_fraction, encoding))
+        if unstated:
+            more = f" ({len(unstated) - 1} more depth image(s) of this segment alike)" if len(unstated) > 1 else ""
+            out.error(unstated[0], encoding.unstated_8bit().join(("8-bit depth image, and ", more)))
     return len(rows)
 
 
@@ -430,9 +478,11 @@ def validate_dataset(
     *,
     aliases: Mapping[str, str] | None = None,
     progress: bool = False,
+    settings: DatasetSettings | None = None,
 ) -> ValidationReport:
     """Check every segment under ``root``; never raises for a problem in the data, only reports it.
 
+    The dataset is read as its ``forest_dataset.yaml`` says, with ``settings`` and ``aliases`` over it.
     Raises ``FileNotFoundError`` when ``root`` is not a folder.
     """
     config = (config or ValidateConfig()).validate()
@@ -441,6 +491,15 @@ def validate_dataset(
         raise FileNotFoundError(f"dataset folder {root} does not exist or is not a folder")
     report = ValidationReport(root)
     out = _Collector()
+    try:
+        stated = load_settings(root)
+    except ValueError as exc:
+        out.error(root / SETTINGS_FILE, str(exc).replace(f"{root / SETTINGS_FILE}: ", "").replace(
+            f"{root / SETTINGS_FILE} ", ""))
+        stated = DatasetSettings(source=str(root / SETTINGS_FILE))
+    resolved = stated.merged(settings).with_aliases(aliases)
+    aliases = resolved.column_aliases
+    encoding = resolved.depth_encoding()
     tasks: list = []
     runs = []
     for p in sorted(root.iterdir()):
@@ -464,7 +523,7 @@ def validate_dataset(
             out.warning(run_dir, "run folder holds no segment")
         for seg_dir in seg_dirs:
             report.segments += 1
-            report.frames += _check_segment(seg_dir, out, aliases, config, tasks)
+            report.frames += _check_segment(seg_dir, out, aliases, config, tasks, encoding)
     if tasks:
         for found in parallel_map(_decode_pair, tasks, workers=config.workers, progress=progress, desc="decode"):
             for severity, path, message in found:

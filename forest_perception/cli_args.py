@@ -33,6 +33,29 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message}")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that shows every option's default, unless its help text already names one.
+
+    Unlike ``argparse.ArgumentDefaultsHelpFormatter`` it leaves out defaults that say nothing
+    (None, False, empty lists) and never repeats a default the help text gives itself.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text.lower()
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return action.help
+        shown = str(format_image_size(default) if action.type is image_size else default).replace("%", "%%")
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
 def image_size(text: str) -> tuple[int, int]:
     """``"320x240"`` (WIDTHxHEIGHT, pixels) -> ``(240, 320)``, i.e. (height, width)."""
     parts = text.strip().lower().split("x")
@@ -89,6 +112,18 @@ def fraction(text: str) -> float:
     return _number(text, float, "a fraction within (0, 1]", lambda value: 0 < value <= 1)
 
 
+def float_within(low: float, high: float, *, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number within [``low``, ``high``] (``high`` excluded with ``high_open``)."""
+    span = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def within(text: str) -> float:
+        return _number(text, float, f"a number within {span}",
+                       lambda value: low <= value and (value < high if high_open else value <= high))
+
+    within.__name__ = f"number within {span}"
+    return within
+
+
 def _existing(text: str, kind: str) -> Path:
     """``text`` as a path to an existing ``kind`` ('folder' or 'file')."""
     path = Path(text)
@@ -109,11 +144,37 @@ def existing_file(text: str) -> Path:
     return _existing(text, "file")
 
 
+def _file_above(path: Path) -> Path | None:
+    """The first existing ancestor of ``path`` that is not a folder (nothing can be written under it), or None."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def output_dir(text: str) -> Path:
-    """A folder to write into: it may exist or not, but must not be a file."""
+    """A folder to write into: it may exist or not, but must not be a file nor lie under one."""
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"output folder {text!r} is a file; give a folder")
+    blocker = _file_above(path)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(
+            f"output folder {text!r} lies under {str(blocker)!r}, which is a file, not a folder; give a folder"
+        )
+    return path
+
+
+def output_file(text: str) -> Path:
+    """A file to write: it may exist or not, but must not be a folder nor lie under a file."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"output file {text!r} is a folder; give a file name")
+    blocker = _file_above(path)
+    if blocker is not None:
+        raise argparse.ArgumentTypeError(
+            f"output file {text!r} lies under {str(blocker)!r}, which is a file, not a folder; give another path"
+        )
     return path
 
 

@@ -36,6 +36,7 @@ from forest_perception.cli_args import (
     positive_int,
     run_command,
 )
+from forest_perception.dataset_tools.settings import add_reading_arguments
 from forest_perception.models.cli_types import DefaultsHelpFormatter, onnx_output, output_folder
 from forest_perception.models.networks import MODEL_NAMES
 from forest_perception.models.trainer import SCHEDULERS, TrainOptions, check_image_size
@@ -124,6 +125,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--max-batches", type=non_negative_int, default=defaults.max_batches,
                        help="stop each epoch after N batches (0 = all; for quick runs and benchmarks)")
     train.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+    add_reading_arguments(train)
     train.set_defaults(handler=_train)
 
 
@@ -138,6 +140,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                     help="folder for example pictures, metrics.json and metrics.csv (default: print only)")
     ev.add_argument("--max-depth", type=positive_float, default=None, help="metres (default: the checkpoint's)")
     ev.add_argument("--min-depth", type=positive_float, default=None, help="metres (default: the checkpoint's)")
+    add_reading_arguments(ev)
     ev.add_argument("--batch-size", type=positive_int, default=8, help="frames per batch")
     ev.add_argument("--examples", type=non_negative_int, default=8, help="number of example pictures")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -208,6 +211,7 @@ def _train(args: argparse.Namespace, command: str) -> int:
         max_depth=args.max_depth, augment=args.augment, workers=args.workers, seed=args.seed, out=str(args.out),
         device=args.device, threads=args.threads, resume=_resume_checkpoint(args), overwrite=args.overwrite,
         eval_every=args.eval_every, max_batches=args.max_batches, progress=args.progress, command=command,
+        depth_scale=args.depth_scale, depth_larger=args.depth_larger, column_aliases=dict(args.column_aliases),
     )
     trainer = Trainer(opts)
     out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -230,9 +234,12 @@ def _train(args: argparse.Namespace, command: str) -> int:
 
 
 def _eval(args: argparse.Namespace, command: str) -> int:
+    from forest_perception.dataset_tools.settings import settings_from_args
+    from forest_perception.models.data import collect_segments
     from forest_perception.models.evaluate import evaluate
 
-    evaluate(args.checkpoint, [str(p) for p in args.data], max_depth=args.max_depth, min_depth=args.min_depth,
+    data = collect_segments([str(p) for p in args.data], settings_from_args(args))
+    evaluate(args.checkpoint, data, max_depth=args.max_depth, min_depth=args.min_depth,
              out=args.out, batch_size=args.batch_size, num_examples=args.examples, device=args.device,
              workers=args.workers, progress=args.progress)
     return 0

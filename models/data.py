@@ -17,7 +17,14 @@ import torch
 from torch.utils.data import Dataset
 
 from forest_perception.cli_args import describe_error
-from forest_perception.dataset_tools.layout import Segment, iter_segments, load_frame, read_segment
+from forest_perception.dataset_tools.layout import (
+    Segment,
+    check_depth_encoding,
+    iter_segments,
+    load_frame,
+    read_segment,
+)
+from forest_perception.dataset_tools.settings import DatasetSettings
 from forest_perception.inference import DEFAULT_MEAN, DEFAULT_STD
 from forest_perception.models.networks.layers import check_input_hw as check_network_input
 
@@ -53,9 +60,13 @@ def _as_path_list(source: str | os.PathLike | Iterable) -> list:
     return list(source)
 
 
-def collect_segments(source: str | os.PathLike | Segment | Iterable) -> list[Segment]:
+def collect_segments(
+    source: str | os.PathLike | Segment | Iterable, settings: DatasetSettings | None = None
+) -> list[Segment]:
     """Segments from a dataset root, a segment folder, a ``Segment``, or a list of those.
 
+    Each dataset is read as its ``forest_dataset.yaml`` says (depth encoding, column aliases), with
+    ``settings`` (e.g. from command-line flags) over it; only the file-name column is required.
     Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` when a
     root holds no ``Run-<N>/<segment>`` folders.
     """
@@ -68,9 +79,9 @@ def collect_segments(source: str | os.PathLike | Segment | Iterable) -> list[Seg
         if not path.is_dir():
             raise FileNotFoundError(f"dataset folder {path} does not exist")
         if (path / "metadata.csv").is_file():
-            segments.append(read_segment(path))
+            segments.append(read_segment(path, settings=settings))
             continue
-        found = list(iter_segments(path))
+        found = list(iter_segments(path, settings=settings))
         if not found:
             raise ValueError(f"dataset folder {path} holds no Run-<N>/<segment>/metadata.csv segments")
         segments.extend(found)
@@ -83,6 +94,7 @@ def split_segments(
     test_fraction: float = 0.0,
     seed: int = 0,
     by: str = "segment",
+    settings: DatasetSettings | None = None,
 ) -> tuple[list[Segment], list[Segment], list[Segment]]:
     """Split segments into (train, val, test) by segment or by run (``by="run"``), never by frame.
 
@@ -96,7 +108,7 @@ def split_segments(
         raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
     if by not in ("segment", "run"):
         raise ValueError(f"split by must be 'segment' or 'run', got {by!r}")
-    segments = [s for s in collect_segments(source) if len(s) > 0]
+    segments = [s for s in collect_segments(source, settings) if len(s) > 0]
     groups: dict[str, list[Segment]] = {}
     for s in segments:
         key = str(s.path.parent) if by == "run" else str(s.path)
@@ -204,11 +216,13 @@ class ForestDepthDataset(Dataset):
         max_depth: float = 10.0,
         seed: int = 0,
         min_depth: float = MIN_DEPTH_M,
+        settings: DatasetSettings | None = None,
     ) -> None:
         self.input_hw = check_input_hw(input_hw)
         if not (math.isfinite(max_depth) and max_depth > min_depth > 0):
             raise ValueError(f"need 0 < min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}")
-        self.segments = [s for s in collect_segments(source) if len(s) > 0]
+        self.segments = [s for s in collect_segments(source, settings) if len(s) > 0]
+        check_depth_encoding(self.segments)  # an 8-bit dataset without a stated scale: say so now, not mid-epoch
         self.index = [(si, fi) for si, s in enumerate(self.segments) for fi in range(len(s))]
         if not self.index:
             raise ValueError(f"no frames found in {_describe_source(source)}")

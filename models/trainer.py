@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from forest_perception.cli_args import format_image_size
+from forest_perception.dataset_tools.settings import DatasetSettings
 from forest_perception.models.data import (
     MIN_DEPTH_M,
     ForestDepthDataset,
@@ -123,6 +124,17 @@ class TrainOptions:
     progress: bool = True
     command: str = ""
     overwrite: bool = False
+    # how to read the datasets, over their forest_dataset.yaml (--depth-scale, --depth-larger, --column-alias)
+    depth_scale: float | None = None
+    depth_larger: str | None = None
+    column_aliases: dict = field(default_factory=dict)
+
+    def dataset_settings(self) -> DatasetSettings:
+        """The reading settings the options state (none stated: each dataset's own file decides)."""
+        return DatasetSettings(
+            depth_scale_m_per_unit=self.depth_scale,
+            depth_larger_is_farther=None if self.depth_larger is None else self.depth_larger == "farther",
+            column_aliases=dict(self.column_aliases), source="the command line")
 
     def validate(self) -> TrainOptions:
         """Raise ``ValueError`` naming the first bad option by its command-line flag (writes nothing)."""
@@ -277,17 +289,18 @@ class Trainer:
         self.device = resolve_device(opts.device)
         seed_everything(opts.seed)
 
+        reading = opts.dataset_settings()
         if opts.val:
-            train_segments, val_segments = collect_segments(opts.data), collect_segments(opts.val)
+            train_segments, val_segments = collect_segments(opts.data, reading), collect_segments(opts.val, reading)
         elif opts.val_fraction > 0:
-            segments = [s for s in collect_segments(opts.data) if len(s) > 0]
+            segments = [s for s in collect_segments(opts.data, reading) if len(s) > 0]
             if len(segments) < 2:
                 raise ValueError(f"--data {' '.join(opts.data)} holds {len(segments)} segment(s) with frames: too "
                                  f"few to hold out --val-fraction {opts.val_fraction} of them for validation; give "
                                  "--val DIR, or --val-fraction 0 to train without validation")
             train_segments, val_segments, _ = split_segments(segments, opts.val_fraction, 0.0, opts.seed)
         else:
-            train_segments, val_segments = collect_segments(opts.data), []
+            train_segments, val_segments = collect_segments(opts.data, reading), []
         common = {"input_hw": opts.input_hw, "max_depth": opts.max_depth, "min_depth": opts.min_depth}
         self.train_dataset = ForestDepthDataset(train_segments, augment=opts.augment, seed=opts.seed, **common)
         self.val_dataset = ForestDepthDataset(val_segments, **common) if val_segments else None

@@ -70,7 +70,7 @@ class HoldoutSet:
         """(rgb8 HxWx3, depth HxW metres NaN invalid) per held-out frame."""
         for s, i in self.frames:
             segment = self.segments[s]
-            rgb, depth = load_rgb(segment.rgb_path(i)), load_depth(segment.depth_path(i))
+            rgb, depth = load_rgb(segment.rgb_path(i)), load_depth(segment.depth_path(i), segment.depth_encoding)
             if depth.shape != rgb.shape[:2]:
                 raise ValueError(f"frame {segment.frames[i].stem!r} of {segment.path}: depth {depth.shape} "
                                  f"and RGB {rgb.shape[:2]} differ in size")

@@ -59,5 +59,6 @@ def synthetic_dataset(out: Path, seed: int, frames: int) -> tuple[list[str], lis
     rgb, depth, record = load_frame(segment, len(segment) - 1)
     median = float(np.nanmedian(depth)) if np.isfinite(depth).any() else float("nan")
     lines.append(f"last frame: rgb {rgb.shape} {rgb.dtype}, depth {depth.dtype} median {median:.2f} m, "
-                 f"GPS {record.gps is not None}, IMU az {record.imu.linear_acceleration[2]:.2f} m/s^2")
+                 f"GPS {record.gps is not None}, "
+                 + (f"IMU az {record.imu.linear_acceleration[2]:.2f} m/s^2" if record.imu is not None else "no IMU"))
     return lines, samples, poses

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{after['delta1']:.3f}")
 
     _banner("5. Gazebo export of the same forest")
-    export = export_gazebo(world, out / "gazebo", rover_names=("rover_0",))
+    export = export_gazebo(world, out / "gazebo", rover_names=("rover_0",), overwrite=True)  # a demo run starts anew
     print(f"  {export.world_sdf}")
     print(f"  {export.bridge_yaml}")
 

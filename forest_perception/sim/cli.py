@@ -5,18 +5,29 @@
 
 World flags map onto ``WorldConfig`` fields (``--size`` -> ``size_m``, the forest's side in metres,
 ``--tree-density`` -> ``tree_density_per_ha``, ...). A value ``WorldConfig.validate()`` refuses ends the
-command with its message and exit status 2.
+command with its message, the field named by its flag, and exit status 2 (``cli_args.run_command``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
+from functools import partial
 
-from forest_perception.cli_args import format_image_size, image_size, output_dir, positive_int
+from forest_perception.cli_args import (
+    ArgumentParser,
+    DefaultsHelpFormatter,
+    InputError,
+    image_size,
+    output_dir,
+    positive_float,
+    positive_int,
+    run_command,
+)
 from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.gazebo import bridge_entries, export_gazebo
 from forest_perception.sim.weather import WEATHER_PRESETS
@@ -58,7 +69,7 @@ def _add_world_arguments(parser: argparse.ArgumentParser) -> None:
             type=int if isinstance(default, int) else float,
             default=default,
             metavar="N" if isinstance(default, int) else "X",
-            help=f"{f.name} (default {default})",
+            help=f"WorldConfig.{f.name} (default {default})",
         )
 
 
@@ -68,8 +79,10 @@ def _world_config(args: argparse.Namespace) -> WorldConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``forest-sim`` argument parser with its subcommands."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Generate procedural forests and export them.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{summary,export-gazebo}")
+    parser = ArgumentParser(prog=PROG, description="Generate procedural forests and export them.",
+                            formatter_class=DefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{summary,export-gazebo}",
+                                parser_class=partial(ArgumentParser, formatter_class=DefaultsHelpFormatter))
 
     summary = sub.add_parser("summary", help="generate a world and print its stand statistics")
     _add_world_arguments(summary)
@@ -78,18 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export-gazebo", help="write a Gazebo world and its ros_gz_bridge config")
     export.add_argument("--out", type=output_dir, required=True, help="output folder (created if missing)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace the world an earlier export wrote into --out")
     export.add_argument("--rovers", type=positive_int, default=1, help="rovers rover_0..rover_{N-1} (default 1)")
     export.add_argument("--weather", choices=sorted(WEATHER_PRESETS), help="lighting (default overcast)")
     cam = CameraIntrinsics()
     camera_hw = (cam.height, cam.width)
     export.add_argument("--image-size", type=image_size, default=camera_hw, metavar="WIDTHxHEIGHT",
-                        help=f"camera images, pixels (default {format_image_size(camera_hw)})")
+                        help="camera images, pixels")
     for flag, kind, default, unit in (
-        ("--camera-hfov", float, cam.hfov_deg, "degrees"),
-        ("--camera-rate", float, 15.0, "Hz"),
-        ("--imu-rate", float, 200.0, "Hz"),
-        ("--gps-rate", float, 10.0, "Hz"),
-        ("--encoder-rate", float, 50.0, "Hz, odometry and joint states"),
+        ("--camera-hfov", positive_float, cam.hfov_deg, "degrees"),
+        ("--camera-rate", positive_float, 15.0, "Hz"),
+        ("--imu-rate", positive_float, 200.0, "Hz"),
+        ("--gps-rate", positive_float, 10.0, "Hz"),
+        ("--encoder-rate", positive_float, 50.0, "Hz, odometry and joint states"),
     ):
         export.add_argument(flag, type=kind, default=default, help=f"{unit} (default {default})")
     export.add_argument("--json", action="store_true", help="print what was written as JSON")
@@ -98,11 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _flag_hint(message: str) -> str:
-    """Append the command-line flag of the parameter a message starts with."""
-    for name, flag in {**WORLD_FLAGS, **_EXPORT_FLAGS}.items():
-        if message.startswith(name):
-            return f"{message} ({flag})"
+def with_flags(message: str) -> str:
+    """A core's message with the ``WorldConfig`` / ``export_gazebo`` parameters it names put as their flags."""
+    for name, flag in sorted({**WORLD_FLAGS, **_EXPORT_FLAGS}.items(), key=lambda item: -len(item[0])):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w])", flag, message)
     return message
 
 
@@ -113,11 +127,15 @@ def _print_table(rows: dict[str, object]) -> None:
         print(f"{key:<{width}}  {text}")
 
 
-def _summary(args: argparse.Namespace) -> int:
+def _world(args: argparse.Namespace):  # noqa: ANN202 - ForestWorld
     try:
-        world = generate_world(_world_config(args))
+        return generate_world(_world_config(args))
     except ValueError as exc:
-        args.parser.error(_flag_hint(str(exc)))
+        raise InputError(with_flags(str(exc))) from None
+
+
+def _summary(args: argparse.Namespace) -> int:
+    world = _world(args)
     summary = world.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -127,8 +145,8 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    world = _world(args)
     try:
-        world = generate_world(_world_config(args))
         result = export_gazebo(
             world,
             args.out,
@@ -139,9 +157,10 @@ def _export(args: argparse.Namespace) -> int:
             gps_rate_hz=args.gps_rate,
             encoder_rate_hz=args.encoder_rate,
             weather=args.weather,
+            overwrite=args.overwrite,
         )
     except ValueError as exc:
-        args.parser.error(_flag_hint(str(exc)))
+        raise InputError(with_flags(str(exc))) from None
     world_sdf = result.world_sdf.resolve()
     bridge = result.bridge_yaml.resolve()
     commands = {
@@ -174,9 +193,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``forest-sim``; returns the exit status (argparse exits 2 on bad input)."""
-    args = build_parser().parse_args(argv)
-    return args.handler(args)
+    """Entry point of ``forest-sim``; returns the exit status: 2 with ``forest-sim <command>: error: ...``."""
+    return run_command(PROG, build_parser(), lambda args: args.handler(args), argv)
 
 
 if __name__ == "__main__":

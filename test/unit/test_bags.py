@@ -215,7 +215,7 @@ def test_empty_and_non_bags_give_clear_errors(tmp_path):
     notes.write_text("hello")
     with pytest.raises(BagError, match="notes.txt is not a bag"):
         read_bag(notes)
-    with pytest.raises(BagError, match="notes.txt is not a bag directory"):
+    with pytest.raises(BagError, match="notes.txt is not a bag: give a bag directory or an .mcap file"):
         repair_bag(notes)
 
     zero = _write_bag(tmp_path / "zero", 5)
@@ -238,7 +238,7 @@ def test_empty_and_non_bags_give_clear_errors(tmp_path):
 
     broken_yaml = _write_bag(tmp_path / "yaml", 5)
     (broken_yaml / "metadata.yaml").write_text("rosbag2_bagfile_information: [unclosed")
-    with pytest.raises(BagError, match="metadata.yaml is not valid YAML"):
+    with pytest.raises(BagError, match="metadata.yaml is unreadable: not valid YAML .*line 1.*forest-dataset repair"):
         read_bag(broken_yaml)
     (broken_yaml / "metadata.yaml").write_text("rosbag2_bagfile_information:\n  version: 9\n")
     with pytest.raises(BagError, match="lacks the field 'storage_identifier'"):
@@ -310,3 +310,48 @@ def _imu_bytes(i: int) -> bytes:
     msg.header.frame_id = "imu_link"
     msg.linear_acceleration.z = 9.81 + i
     return serialize_message(msg)
+
+
+def test_a_truncated_single_mcap_is_named_as_such_and_repaired_in_place(healthy_bag, tmp_path, capsys):
+    from forest_perception.dataset_tools.cli import main
+    from forest_perception.dataset_tools.extract import extract_bag
+
+    single = tmp_path / "drive.mcap"
+    data = (healthy_bag / "good_0.mcap").read_bytes()
+    single.write_bytes(data[: len(data) // 2])
+    # not "no camera topic; topics in the bag: []": the file is damaged, and repair is the way out
+    with pytest.raises(BagError, match=r"drive\.mcap is truncated at byte \d+.*nothing was extracted.*"
+                                       r"forest-dataset repair .*drive\.mcap"):
+        extract_bag(single, tmp_path / "ds")
+    with pytest.raises(BagError, match=r"drive\.mcap is truncated.*forest-dataset repair"):
+        read_bag(single)
+    assert not (tmp_path / "ds").exists()
+    assert main(["repair", str(single)]) == 0
+    assert "drive.mcap: recovered" in capsys.readouterr().out
+    assert (tmp_path / "drive.mcap.damaged").read_bytes() == data[: len(data) // 2]  # the original, kept
+    texts = [m.message.data for m in read_bag(single)]
+    assert 20 < len(texts) < 60 and texts == [_text(i) for i in range(len(texts))]
+
+
+def test_repair_says_an_existing_metadata_yaml_is_unreadable_and_keeps_every_backup(healthy_bag, tmp_path):
+    bag, _ = _copy(healthy_bag, tmp_path, "garbage")
+    (bag / "metadata.yaml.bak").write_text("an earlier backup\n")
+    garbage = bytes(range(200, 256)) * 3  # not even text
+    (bag / "metadata.yaml").write_bytes(garbage)
+    with pytest.raises(BagError, match="metadata.yaml is unreadable: not a text file.*forest-dataset repair"):
+        bag_info(bag)
+    report = repair_bag(bag)
+    summary = report.summary()
+    assert "the old metadata.yaml was unreadable (not a text file" in summary and "no metadata.yaml" not in summary
+    assert "old one kept as metadata.yaml.bak.1" in summary
+    assert (bag / "metadata.yaml.bak").read_text() == "an earlier backup\n"  # never overwritten
+    assert (bag / "metadata.yaml.bak.1").read_bytes() == garbage
+    assert bag_info(bag).ok and len(list(read_bag(bag))) == 60
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "metadata.yaml").write_text("rosbag2_bagfile_information: {files: 3\n")
+    with pytest.raises(BagError, match=r"lone/metadata\.yaml is unreadable: not valid YAML .*no \.mcap files.*"
+                                       r"nothing was changed"):
+        repair_bag(lone)
+    assert sorted(p.name for p in lone.iterdir()) == ["metadata.yaml"]

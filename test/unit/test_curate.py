@@ -343,7 +343,7 @@ def test_unreadable_frames_are_dropped_with_their_file_named(tmp_path):
     assert "000001.png does not exist" in rows["000001"]["detail"]
     assert "rgb_image/000002.png is not a PNG" in rows["000002"]["detail"]
     assert "is 48x36, its RGB image is 96x72" in rows["000003"]["detail"]
-    assert "must be a 16-bit single-channel PNG" in rows["000004"]["detail"]
+    assert "is an 8-bit PNG and the dataset does not state" in rows["000004"]["detail"]
     assert result.summary["kept"] == 4 and any("4 unreadable" in line for line in result.lines())
     assert sorted(p.name for p in (tmp_path / "out" / "Run-1" / "a" / "depth_image").iterdir()) == [
         f"00000{i}.png" for i in (0, 5, 6, 7)
@@ -443,7 +443,7 @@ def test_cli_curate(tmp_path, capsys):
     assert dataset_cli(["curate", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert dataset_cli(["curate", str(src), "--out", str(tmp_path / "o"), "--fraction", "2", "--quiet"]) == 2
-    assert "fraction must be within (0, 1]" in capsys.readouterr().err
+    assert "argument --fraction: expected a fraction within (0, 1], got '2'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -464,7 +464,7 @@ def test_threads_give_the_same_decisions_and_nothing_kept_is_reported(tmp_path):
     seg = write_segment(dark, 1, "a", [texture(i) for i in range(3)])
     for p in (seg / "depth_image").iterdir():
         p.unlink()
-    result = curate(dark, tmp_path / "none", CurateConfig(**FAST))
-    assert result.summary["kept"] == 0 and result.summary["reasons"]["unreadable"] == 3
-    assert any("no frame was kept" in line for line in result.lines())
-    assert len(list(csv.DictReader(open(tmp_path / "none" / "curation.csv")))) == 3
+    with pytest.raises(ValueError, match=r"kept none of the 3 frames .*unreadable 3; e.g. Run-1/a/000000: .*"
+                                         r"000000.png does not exist.*nothing was written.*validate"):
+        curate(dark, tmp_path / "none", CurateConfig(**FAST))
+    assert not (tmp_path / "none").exists()

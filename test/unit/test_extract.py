@@ -254,3 +254,50 @@ def test_extract_leaves_scores_that_curate_uses_instead_of_decoding(tmp_path):
     again = curate(tmp_path / "ds3", tmp_path / "cur3", CurateConfig(fraction=0.5, seed=1))
     assert again.summary["scores_from_cache"] == 19
     assert (tmp_path / "cur3" / "Run-1" / "a" / SCORES_FILE).is_file()  # the output carries its scores on
+
+
+def test_imu_starting_late_records_extract_curate_and_validate(tmp_path, capsys):
+    """A fresh recording: camera frames before the first IMU message. The one rule (empty IMU cells) holds
+    through extract, curate, split and validate."""
+    from forest_perception.dataset_tools.cli import main
+    from forest_perception.dataset_tools.metadata import IMU_COLUMNS
+
+    bag = _Bag(tmp_path / "bag")
+    imu_from = T0 + 600_000_000  # the IMU driver comes up 0.6 s after the camera
+    for k in range(200):  # 2 s: camera 10 Hz, wheels 50 Hz, GPS 5 Hz from the start, IMU 100 Hz from 0.6 s
+        t = T0 + k * 10_000_000
+        if t >= imu_from:
+            bag.imu(t, wz=0.1)
+        if k % 2 == 0:
+            bag.joints(t, left=0.01 * k, right=0.02 * k)
+        if k % 20 == 0:
+            bag.gps(t, lat=50.0 + 1e-5 * k)
+        if k % 10 == 0:
+            bag.camera(k // 10, t)
+    bag.close()
+
+    assert main(["extract", str(tmp_path / "bag"), "--out", str(tmp_path / "ds"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    segment = open_dataset(tmp_path / "ds").segments[0]
+    assert len(segment) == 20
+    without = [r for r in segment.frames if r.imu is None]
+    # the frames well before the first IMU message have none (the sync may reach a little way back)
+    assert 4 <= len(without) <= 6 and without == segment.frames[: len(without)]
+    assert all("no_imu" in str(r.extras["sync_flags"]) for r in without)
+    assert f"frames without an IMU reading (before the first IMU message; IMU cells left empty): {len(without)}" in out
+    # in the file: six empty IMU cells, never "nan"
+    text = (segment.path / "metadata.csv").read_text()
+    assert "nan" not in text.lower()
+    header = text.splitlines()[0].split(",")
+    first = text.splitlines()[1].split(",")
+    assert all(first[header.index(c)] == "" for c in IMU_COLUMNS)
+
+    assert main(["validate", str(tmp_path / "ds"), "--quiet", "--workers", "1"]) == 0
+    assert "OK: 0 error(s), 0 warning(s)" in capsys.readouterr().out
+    assert main(["curate", str(tmp_path / "ds"), "--out", str(tmp_path / "cur"), "--quiet", "--workers", "1",
+                 "--duplicate-distance", "0", "--blur-ratio", "0"]) == 0
+    kept = open_dataset(tmp_path / "cur").segments[0]
+    assert sum(r.imu is None for r in kept.frames) == len(without)  # kept, in the form the layout allows
+    assert main(["validate", str(tmp_path / "cur"), "--quiet", "--workers", "1"]) == 0
+    assert main(["split", str(tmp_path / "cur"), "--by", "gps", "--cell", "2", "--fractions", "0.5,0.5,0"]) == 0
+    capsys.readouterr()

@@ -469,22 +469,40 @@ def test_cli_export_gazebo(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "names"),
     [
-        (["summary", "--tree-density", "-1"], ("tree_density_per_ha", "--tree-density")),
-        (["summary", "--size", "5"], ("size_m", "--size")),
-        (["export-gazebo", "--out", "{tmp}", "--conifer-fraction", "2"], ("conifer_fraction",)),
-        (["export-gazebo", "--out", "{tmp}", "--imu-rate", "0"], ("imu_rate_hz", "--imu-rate")),
+        (["summary", "--tree-density", "-1"], ("--tree-density",)),
+        (["summary", "--size", "5"], ("--size",)),
+        (["summary", "--terrain-resolution", "100"], ("--terrain-resolution", "--size/4")),
+        (["export-gazebo", "--out", "{tmp}", "--conifer-fraction", "2"], ("--conifer-fraction",)),
+        (["export-gazebo", "--out", "{tmp}", "--imu-rate", "0"], ("--imu-rate",)),
         (["export-gazebo", "--out", "{tmp}", "--rovers", "0"], ("--rovers",)),
     ],
 )
-def test_cli_refuses_bad_values_with_exit_2(argv, names, tmp_path, capsys):
+def test_cli_refuses_bad_values_with_exit_2_naming_the_flag(argv, names, tmp_path, capsys):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"forest-sim {argv[0]}: error: ")
     for name in names:
         assert name in err
+    for python_name in ("tree_density_per_ha", "size_m", "terrain_resolution_m", "conifer_fraction", "imu_rate_hz"):
+        assert python_name not in err
+
+
+def test_export_into_a_folder_with_an_earlier_world_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "forest"
+    argv = ["export-gazebo", "--out", str(out), "--seed", "4", "--size", "20"]
+    assert main(argv) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*argv[:-2], "--size", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds an exported world" in err and "--overwrite" in err and "overwrite=" not in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing replaced
+    assert main([*argv[:-2], "--size", "30", "--overwrite"]) == 0
+    assert (out / "world.sdf").read_bytes() != before[out / "world.sdf"]
+    with pytest.raises(FileExistsError, match="nothing was replaced"):
+        export_gazebo(generate_world(seed=4, size_m=20.0), out)
 
 
 # ----------------------------------------------------------------------------- launch file

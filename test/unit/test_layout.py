@@ -328,20 +328,28 @@ def test_row_with_missing_files_is_a_clear_error(tmp_path):
         load_frame(seg, 1)
 
 
-def test_non_16_bit_depth_png_is_rejected(tmp_path):
+def test_8_bit_depth_png_without_a_stated_scale_names_the_flags_and_the_file(tmp_path):
     _write_segment(tmp_path, 1, "a", 1)
     seg = read_segment(tmp_path / "Run-1" / "a")
     cv2.imwrite(str(seg.depth_path(0)), np.full((H, W), 128, np.uint8))  # 8-bit grayscale
-    with pytest.raises(ValueError, match="16-bit PNG.*uint8"):
+    with pytest.raises(ValueError, match="8-bit PNG.*--depth-scale.*--depth-larger.*forest_dataset.yaml") as error:
+        load_frame(seg, 0)
+    assert str(seg.depth_path(0)) in str(error.value) and str(tmp_path / "forest_dataset.yaml") in str(error.value)
+    cv2.imwrite(str(seg.depth_path(0)), np.full((H, W), 128, np.uint32).astype(np.float32))  # 32-bit float
+    with pytest.raises(ValueError, match="depth"):
         load_frame(seg, 0)
 
 
-def test_missing_imu_columns_are_named(tmp_path):
+def test_a_segment_without_imu_columns_reads_with_imu_none(tmp_path):
     seg_dir = tmp_path / "Run-1" / "a"
     _write_pair(seg_dir, "x", np.random.default_rng(6))
     (seg_dir / "metadata.csv").write_text("stem,timestamp,latitude,longitude\nx,1.0,50,1\n")
-    with pytest.raises(ValueError, match="angular_velocity_x"):
-        read_segment(seg_dir)
+    seg = read_segment(seg_dir)
+    assert seg.frames[0].imu is None and not seg.has_imu and seg.frames[0].gps.latitude == 50.0
+    # half an IMU (only the gyro) is read as no IMU; its columns stay plain columns, nothing is lost
+    (seg_dir / "metadata.csv").write_text("stem,timestamp,gx,gy,gz\nx,1.0,0.1,0.2,0.3\n")
+    seg = read_segment(seg_dir)
+    assert seg.frames[0].imu is None and seg.frames[0].extras == {"gx": 0.1, "gy": 0.2, "gz": 0.3}
 
 
 # ------------------------------------------------------------------ crash safety
@@ -520,7 +528,7 @@ def test_duplicate_stem_and_undeclared_extras_are_refused(tmp_path):
 
 def test_existing_segment_is_not_overwritten_unless_asked(tmp_path):
     _write_segment(tmp_path, 1, "a", 3)
-    with pytest.raises(FileExistsError, match=r"Run-1/a already exists.*overwrite=True.*'b'"):
+    with pytest.raises(FileExistsError, match=r"Run-1/a already exists.*'b'.*--overwrite"):
         SegmentWriter(tmp_path, 1, "a")
     assert len(read_segment(tmp_path / "Run-1" / "a")) == 3  # untouched
 

@@ -65,10 +65,10 @@ def test_synth_refuses_to_overwrite(tmp_path):
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["--frames", "0"], "frames_per_segment"),
+        (["--frames", "0"], "argument --frames: expected a positive integer"),
         (["--weather", "tornado"], "tornado"),
         (["--image-size", "0x240"], "image size"),
-        (["--tree-density", "-1"], "tree_density_per_ha"),
+        (["--tree-density", "-1"], "argument --tree-density"),
     ],
 )
 def test_cli_refuses_bad_input(tmp_path, capsys, args, words):

@@ -77,7 +77,7 @@ def test_every_planted_file_problem_is_reported_with_its_file(tmp_path):
     assert not report.ok
     assert _has(report, "error", depth / "000001.png", "depth image is missing", "line 3")
     assert _has(report, "error", rgb / "000002.png", "8-bit 3-channel", "16-bit grayscale")
-    assert _has(report, "error", depth / "000003.png", "16-bit single-channel", "8-bit grayscale")
+    assert _has(report, "error", depth / "000003.png", "8-bit depth image", "--depth-scale", "forest_dataset.yaml")
     assert _has(report, "error", depth / "000004.png", "32x12", "000004.png is 32x24")
     assert _has(report, "error", rgb / "000005.png", "could not be decoded")
     assert _has(report, "error", depth / "000006.png", "100.0 % of the valid depth pixels are beyond 20 m")
@@ -113,7 +113,7 @@ def test_every_planted_metadata_problem_is_reported_with_its_line(tmp_path):
     edit(4, latitude="95.0")  # outside [-90, 90]
     edit(5, orientation_w="0.5")  # |q| = 0.5
     edit(6, longitude="")  # latitude without longitude
-    edit(7, linear_acceleration_x="")  # required IMU cell empty
+    edit(7, linear_acceleration_x="")  # an IMU cell empty, the others not
     lines.append(lines[8])  # stem 000007 twice (and a timestamp that does not increase)
     csv_path.write_text("\n".join(lines) + "\n")
 
@@ -123,7 +123,7 @@ def test_every_planted_metadata_problem_is_reported_with_its_line(tmp_path):
     assert _has(report, "error", csv_path, "line 5", "latitude 95.0 is outside [-90, 90]")
     assert _has(report, "error", csv_path, "line 6", "quaternion norm 0.5000")
     assert _has(report, "error", csv_path, "line 7", "latitude and longitude must both be given")
-    assert _has(report, "error", csv_path, "line 8", "required IMU cell 'linear_acceleration_x' is empty")
+    assert _has(report, "error", csv_path, "line 8", "IMU cells are only partly filled (5 of 6")
     assert _has(report, "error", csv_path, "line 10", "stem '000007' repeats the row at line 9")
     # the files themselves are fine
     assert all(p.path == csv_path for p in report.errors), _found(report, "error")
@@ -174,9 +174,15 @@ def test_real_dataset_style_header_and_missing_columns(tmp_path):
     (seg / "metadata.csv").write_text("\n".join(rows) + "\n")
     assert validate_dataset(tmp_path, FAST).problems == []
 
+    # only the file-name column is required: no time and half an IMU are warnings (curate needs time)
     (seg / "metadata.csv").write_text("Image Name,gyro_x\n0.png,0\n")
     report = validate_dataset(tmp_path, FAST)
-    assert _has(report, "error", seg / "metadata.csv", "missing required columns ['timestamp', 'angular_velocity_y'")
+    assert report.ok, _found(report, "error")
+    assert _has(report, "warning", seg / "metadata.csv", "no timestamp column", "--column-alias")
+    assert _has(report, "warning", seg / "metadata.csv", "only part of the IMU gyro/accelerometer", "['gyro_x']")
+    (seg / "metadata.csv").write_text("Time,gyro_x\n0.0,0\n")
+    assert _has(validate_dataset(tmp_path, FAST), "error", seg / "metadata.csv", "no file-name column",
+                "--column-alias NAME=COLUMN")
 
 
 def test_cli_validate_exit_codes_and_json(tmp_path, capsys):

@@ -292,11 +292,14 @@ def export_gazebo(
     encoder_rate_hz: float = 50.0,
     weather: WeatherPreset | str | None = None,
     geometry: RoverGeometry | None = None,
+    overwrite: bool = False,
 ) -> GazeboExport:
     """Write ``world.sdf``, ``bridge.yaml`` and the terrain meshes of ``world`` into ``out_dir``.
 
     ``intrinsics`` defaults to ``CameraIntrinsics()``; ``weather`` sets the sun and sky (see
-    :func:`resolve_weather`). Raises ``ValueError`` naming a bad rover name, rate or camera.
+    :func:`resolve_weather`). Raises ``ValueError`` naming a bad rover name, rate or camera, and
+    ``FileExistsError`` naming the files when ``out_dir`` holds an earlier export and ``overwrite``
+    is False (then nothing is written).
     """
     plan = _plan(world, rover_names, intrinsics, camera_rate_hz, imu_rate_hz, gps_rate_hz, encoder_rate_hz,
                  weather, geometry)
@@ -312,6 +315,12 @@ def export_gazebo(
         rover_names=plan.names,
         rover_poses=plan.poses,
     )
+    earlier = [p.name for p in result.files if p.exists()]
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds an exported world ({', '.join(earlier)}); nothing was replaced: give another "
+            "folder, or replace it on purpose (--overwrite)"
+        )
     write_obj(terrain_mesh(world.terrain), result.terrain_obj)
     write_obj(terrain_mesh(collision_terrain(world.terrain)), result.terrain_collision_obj)
     _write(result.bridge_yaml, bridge_yaml(plan.names))
