@@ -52,7 +52,8 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
             or not action.option_strings
         ):
             return action.help
-        shown = str(format_image_size(default) if action.type is image_size else default).replace("%", "%%")
+        as_size = action.type is image_size and not isinstance(default, str)  # argparse passes string defaults
+        shown = str(format_image_size(default) if as_size else default).replace("%", "%%")
         return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
@@ -144,37 +145,46 @@ def existing_file(text: str) -> Path:
     return _existing(text, "file")
 
 
-def _file_above(path: Path) -> Path | None:
-    """The first existing ancestor of ``path`` that is not a folder (nothing can be written under it), or None."""
-    for parent in path.absolute().parents:
-        if parent.exists():
-            return None if parent.is_dir() else parent
-    return None
+def folder_problem(path: str | os.PathLike, label: str, holds_output: bool = False) -> str:
+    """Why nothing can be written into the folder ``path``, "" when it can (it need not exist yet).
+
+    The nearest existing one of the path and the folders above it decides: a file there, or a
+    folder that refuses new entries. ``label`` names the input in the message (``"--out 'runs/x'"``,
+    ``"output_dir:='bags'"``); with ``holds_output`` the label names a file to be written in ``path``.
+    Creates nothing.
+    """
+    path = Path(os.path.expanduser(str(path)))
+    for folder in (path, *path.absolute().parents):
+        if not (folder.exists() or folder.is_symlink()):
+            continue
+        if not folder.is_dir():
+            if folder == path and not holds_output:
+                return f"{label} is a file, not a folder; give a folder"
+            return f"{label} cannot be created: {str(folder)!r} is a file, not a folder; give a path not under a file"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"{label} cannot be written: the folder {str(folder)!r} is not writable"
+        return ""
+    return ""
 
 
 def output_dir(text: str) -> Path:
     """A folder to write into: it may exist or not, but must not be a file nor lie under one."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"output folder {text!r} is a file; give a folder")
-    blocker = _file_above(path)
-    if blocker is not None:
-        raise argparse.ArgumentTypeError(
-            f"output folder {text!r} lies under {str(blocker)!r}, which is a file, not a folder; give a folder"
-        )
-    return path
+    problem = folder_problem(text, f"output folder {text!r}")
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return Path(text)
 
 
-def output_file(text: str) -> Path:
+def output_file(text: str, suffix: str | None = None) -> Path:
     """A file to write: it may exist or not, but must not be a folder nor lie under a file."""
     path = Path(text)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise argparse.ArgumentTypeError(f"output file {text!r} must end in {suffix}")
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"output file {text!r} is a folder; give a file name")
-    blocker = _file_above(path)
-    if blocker is not None:
-        raise argparse.ArgumentTypeError(
-            f"output file {text!r} lies under {str(blocker)!r}, which is a file, not a folder; give another path"
-        )
+    problem = folder_problem(path.parent, f"output file {text!r}", holds_output=True)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return path
 
 
@@ -236,15 +246,4 @@ def run_command(prog: str, parser: argparse.ArgumentParser, handle: Callable[[ar
 
 def writable_folder_problem(name: str, folder: str) -> str:
     """Why a node could not write into ``folder`` (parameter ``name``), "" when it can (it may not exist yet)."""
-    path = os.path.abspath(os.path.expanduser(str(folder)))
-    probe = path
-    while not os.path.exists(probe):  # the nearest existing ancestor must let us create the rest
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        return f"{name}:={folder!r} cannot be a folder: {probe!r} is a file"
-    if not os.access(probe, os.W_OK | os.X_OK):
-        return f"{name}:={folder!r} is not writable ({probe!r} refuses new files); choose a folder you can write"
-    return ""
+    return folder_problem(folder, f"{name}:={str(folder)!r}")

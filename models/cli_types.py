@@ -9,18 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from forest_perception.cli_args import DefaultsHelpFormatter
 from forest_perception.models.outputs import check_output_file, check_output_folder
-
-
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with each option's default; none shown for flags, empty values or ``None`` ("not set")."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        default = action.default
-        if (action.help is None or "default" in action.help or default is argparse.SUPPRESS or default is None
-                or isinstance(default, bool) or default in ([], "") or not action.option_strings):
-            return action.help
-        return super()._get_help_string(action)
 
 
 class RawDefaultsHelpFormatter(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -11,27 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-def _check_folders(path: Path, folders: tuple[Path, ...], flag: str) -> None:
-    # the nearest existing one of ``folders`` (path itself, then the folders above it) decides
-    for folder in folders:
-        if not (folder.exists() or folder.is_symlink()):
-            continue
-        if not folder.is_dir():
-            if folder == path:
-                raise ValueError(f"{flag} {str(path)!r} is a file, not a folder; give a folder")
-            raise ValueError(f"{flag} {str(path)!r} cannot be created: {str(folder)!r} is a file, not a folder; "
-                             "give a path that is not under a file")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ValueError(f"{flag} {str(path)!r} cannot be written: the folder {str(folder)!r} is not writable")
-        return
+from forest_perception.cli_args import folder_problem
 
 
 def check_output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     """``path`` as a folder that exists or can be created; ``ValueError`` naming ``flag`` otherwise (writes nothing)."""
-    path = Path(path)
-    _check_folders(path, (path, *path.parents), flag)
-    return path
+    problem = folder_problem(path, f"{flag} {str(path)!r}")
+    if problem:
+        raise ValueError(problem)
+    return Path(path)
 
 
 def check_output_file(path: str | os.PathLike, flag: str = "--out", suffix: str | None = None) -> Path:
@@ -42,7 +30,9 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out", suffix: str 
     if path.is_dir():
         ending = f" ending in {suffix}" if suffix else ""
         raise ValueError(f"{flag} {str(path)!r} is a folder; give a file name{ending}")
-    _check_folders(path, tuple(path.parents), flag)
+    problem = folder_problem(path.parent, f"{flag} {str(path)!r}", holds_output=True)
+    if problem:
+        raise ValueError(problem)
     return path
 
 
