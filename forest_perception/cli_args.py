@@ -125,6 +125,15 @@ def float_within(low: float, high: float, *, high_open: bool = False) -> Callabl
     return within
 
 
+def int_within(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer within [``low``, ``high``]."""
+    def within(text: str) -> int:
+        return _number(text, int, f"an integer within [{low}, {high}]", lambda value: low <= value <= high)
+
+    within.__name__ = f"integer within [{low}, {high}]"
+    return within
+
+
 def _existing(text: str, kind: str) -> Path:
     """``text`` as a path to an existing ``kind`` ('folder' or 'file')."""
     path = Path(text)

@@ -11,11 +11,28 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from forest_perception.cli_args import format_image_size, image_size
+from forest_perception.cli_args import (
+    ArgumentParser,
+    DefaultsHelpFormatter,
+    InputError,
+    existing_dir,
+    existing_file,
+    float_within,
+    image_size,
+    int_within,
+    non_negative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    run_command,
+)
+
+PROG = "forest-fl"
 
 SIMULATE_IMAGE_HW = (64, 80)
 DEPLOY_IMAGE_HW = (48, 64)
@@ -37,7 +54,7 @@ def _key_values(items: Sequence[str], what: str) -> dict[str, bool | int | float
     out = {}
     for item in items:
         if "=" not in item:
-            raise SystemExit(f"forest-fl: {what} {item!r} is not KEY=VALUE")
+            raise InputError(f"{what} {item!r} is not KEY=VALUE")
         key, value = item.split("=", 1)
         out[key.strip()] = _parse_value(value)
     return out
@@ -49,39 +66,44 @@ def _faults(items: Sequence[str]) -> dict[int, str]:
         try:
             faults[int(key)] = str(value)
         except ValueError:
-            raise SystemExit(f"forest-fl: --fault {key}={value}: the key must be a rover index") from None
+            raise InputError(f"--fault {key}={value}: the key must be a rover index, like --fault 2=nan") from None
     return faults
 
 
 def _add_population_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, type=Path, help="output folder (population, data, coordinator.db)")
-    parser.add_argument("--rovers", type=int, default=10, help="number of virtual rovers")
-    parser.add_argument("--frames", type=int, default=8, help="frames per rover (two segments)")
+    parser.add_argument("--out", required=True, type=output_dir,
+                        help="output folder (population, data, coordinator.db)")
+    parser.add_argument("--rovers", type=positive_int, default=10, help="number of virtual rovers")
+    parser.add_argument("--frames", type=positive_int, default=8, help="frames per rover (two segments)")
     parser.add_argument("--image-size", dest="data_size", type=image_size, default=SIMULATE_IMAGE_HW,
-                        metavar="WIDTHxHEIGHT", help=f"stored frames (default {format_image_size(SIMULATE_IMAGE_HW)})")
-    parser.add_argument("--data-source", choices=("procedural", "synth"), default="procedural")
-    parser.add_argument("--data-root", type=Path, default=None, help="where rover data live (default OUT/rovers)")
-    parser.add_argument("--availability", type=float, nargs=2, default=(0.6, 1.0), metavar=("LO", "HI"),
-                        help="range of each rover's probability of being out in a round")
-    parser.add_argument("--decoder-fraction", type=float, default=0.0,
+                        metavar="WIDTHxHEIGHT", help="stored frames")
+    parser.add_argument("--data-source", choices=("procedural", "synth"), default="procedural",
+                        help="how rover frames are made")
+    parser.add_argument("--data-root", type=output_dir, default=None,
+                        help="where rover data live (default OUT/rovers)")
+    parser.add_argument("--availability", type=float_within(0.0, 1.0), nargs=2, default=(0.6, 1.0),
+                        metavar=("LO", "HI"), help="range of each rover's probability of being out in a round")
+    parser.add_argument("--decoder-fraction", type=float_within(0.0, 1.0), default=0.0,
                         help="share of rovers that train only the decoder (FedSubAvg submodels)")
     parser.add_argument("--fault", action="append", default=[], metavar="I=KIND",
                         help="make rover I misbehave: nan, inf, shape, dtype, count, huge, stale, no-data, crash")
-    parser.add_argument("--population-seed", type=int, default=0)
+    parser.add_argument("--population-seed", type=non_negative_int, default=0, help="seed of the rover population")
     parser.add_argument("--algorithm", default=None, help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust")
-    parser.add_argument("--rounds", type=int, default=None, help="num-server-rounds")
+    parser.add_argument("--rounds", type=positive_int, default=None,
+                        help="num-server-rounds (default: the run config's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any run config key of [tool.flwr.app.config] (repeatable)")
 
 
 def _spec(args: argparse.Namespace) -> object:
     from forest_perception.collab.flower.simulation import SimulationSpec
+    from forest_perception.collab.flower.task import merge_run_config
 
-    run_config = _key_values(args.set, "--set")
-    if args.algorithm:
-        run_config["algorithm"] = args.algorithm
-    if args.rounds:
-        run_config["num-server-rounds"] = args.rounds
+    run_config = _run_config(args)
+    lo, hi = args.availability
+    if lo > hi:
+        raise InputError(f"--availability {lo} {hi}: LO must not be above HI")
+    merge_run_config(run_config)  # refuse an unknown key or a mistyped value before any data are made
     return SimulationSpec(
         out_dir=args.out, num_rovers=args.rovers, run_config=run_config, frames_per_rover=args.frames,
         data_size=tuple(args.data_size), data_source=args.data_source, data_root=args.data_root,
@@ -89,6 +111,16 @@ def _spec(args: argparse.Namespace) -> object:
         population_seed=args.population_seed, client_cpus=getattr(args, "client_cpus", 1.0),
         ray_cpus=getattr(args, "ray_cpus", 2), verbose=getattr(args, "verbose", False),
     )
+
+
+def _run_config(args: argparse.Namespace) -> dict[str, bool | int | float | str]:
+    """``--set`` KEY=VALUE pairs with ``--algorithm`` and ``--rounds`` over them."""
+    run_config = _key_values(args.set, "--set")
+    if args.algorithm:
+        run_config["algorithm"] = args.algorithm
+    if args.rounds is not None:
+        run_config["num-server-rounds"] = args.rounds
+    return run_config
 
 
 def _fmt(value: object, digits: int = 4) -> str:
@@ -99,9 +131,18 @@ def _fmt(value: object, digits: int = 4) -> str:
 
 def print_status(db: Path, show_updates: bool = False) -> None:
     """Print a coordinator store: identity, one line per round, rejections."""
+    import sqlite3
+
     from forest_perception.collab.flower.store import CoordinatorStore
 
-    with CoordinatorStore(db, readonly=True) as store:
+    try:
+        _print_store(CoordinatorStore(db, readonly=True), db, show_updates)
+    except sqlite3.DatabaseError as exc:
+        raise InputError(f"--db {str(db)!r} is not a readable coordinator store ({exc})") from None
+
+
+def _print_store(store: object, db: Path, show_updates: bool) -> None:
+    with store:
         summary = store.summary()
         print(f"{db}: {json.dumps(summary['identity'])}")
         print(f"last completed round {summary['last_round']}; updates {summary['updates']}; "
@@ -119,14 +160,15 @@ def print_status(db: Path, show_updates: bool = False) -> None:
                       f"{u['message']}")
 
 
-def _add_certs(sub: argparse._SubParsersAction) -> None:
-    certs = sub.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and SuperNode keys per rover")
-    certs.add_argument("--out", required=True, type=Path, help="certificate folder (an existing one is extended)")
-    certs.add_argument("--rovers", type=int, default=0, help="keys for rover_000 .. rover_<N-1>")
+def _add_certs(sub: argparse._SubParsersAction, add: Callable[..., argparse.ArgumentParser]) -> None:
+    certs = add("certs", help="make a CA, the SuperLink's TLS certificate and SuperNode keys per rover")
+    certs.add_argument("--out", required=True, type=output_dir,
+                       help="certificate folder (an existing one is extended)")
+    certs.add_argument("--rovers", type=non_negative_int, default=0, help="keys for rover_000 .. rover_<N-1>")
     certs.add_argument("--rover", action="append", default=[], metavar="ID", help="keys for this rover (repeatable)")
     certs.add_argument("--host", action="append", default=None, metavar="HOST",
                        help="address or name the SuperLink is reached at (repeatable; default 127.0.0.1, localhost)")
-    certs.add_argument("--days", type=int, default=365, help="validity of the TLS certificates")
+    certs.add_argument("--days", type=positive_int, default=365, help="validity of the TLS certificates")
     certs.add_argument("--overwrite", action="store_true", help="make a new CA and new keys for every rover")
 
 
@@ -134,8 +176,6 @@ def _certs(args: argparse.Namespace) -> int:
     from forest_perception.collab.deploy.certs import DEFAULT_HOSTS, check_deployment_certs, make_deployment_certs
 
     rover_ids = [f"rover_{i:03d}" for i in range(args.rovers)] + list(args.rover)
-    if args.rovers < 0 or args.days < 1:
-        raise ValueError(f"--rovers must be >= 0 and --days >= 1, got {args.rovers} and {args.days}")
     certs = make_deployment_certs(args.out, rover_ids, hosts=tuple(args.host or DEFAULT_HOSTS), days=args.days,
                                   overwrite=args.overwrite)
     check_deployment_certs(certs)
@@ -146,25 +186,26 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_deploy(sub: argparse._SubParsersAction) -> None:
-    deploy = sub.add_parser("deploy", help="a SuperLink and one SuperNode per rover on this machine (TLS, SuperNode "
+def _add_deploy(sub: argparse._SubParsersAction, add: Callable[..., argparse.ArgumentParser]) -> None:
+    deploy = add("deploy", help="a SuperLink and one SuperNode per rover on this machine (TLS, SuperNode "
                                            "authentication), then submit the app")
-    deploy.add_argument("--certs", required=True, type=Path, help="certificate folder of `forest-fl certs`")
-    deploy.add_argument("--run-dir", required=True, type=Path, help="logs, Flower homes, coordinator.db, nodes.json")
+    deploy.add_argument("--certs", required=True, type=existing_dir, help="certificate folder of `forest-fl certs`")
+    deploy.add_argument("--run-dir", required=True, type=output_dir,
+                        help="logs, Flower homes, coordinator.db, nodes.json")
     deploy.add_argument("--rover", action="append", default=[], metavar="ID=DATA_DIR",
                         help="a rover and its recordings (forest dataset layout); repeatable")
-    deploy.add_argument("--virtual-rovers", type=int, default=0,
+    deploy.add_argument("--virtual-rovers", type=non_negative_int, default=0,
                         help="also N simulated rovers rover_000.. with procedural data in RUN_DIR/rovers")
-    deploy.add_argument("--frames", type=int, default=4, help="frames per virtual rover")
+    deploy.add_argument("--frames", type=positive_int, default=4, help="frames per virtual rover")
     deploy.add_argument("--image-size", dest="data_size", type=image_size, default=DEPLOY_IMAGE_HW,
-                        metavar="WIDTHxHEIGHT",
-                        help=f"virtual rovers' frames (default {format_image_size(DEPLOY_IMAGE_HW)})")
-    deploy.add_argument("--rounds", type=int, default=None, help="num-server-rounds (0: submit nothing)")
+                        metavar="WIDTHxHEIGHT", help="virtual rovers' frames")
+    deploy.add_argument("--rounds", type=non_negative_int, default=None,
+                        help="num-server-rounds (0: start the swarm, submit nothing)")
     deploy.add_argument("--algorithm", default=None, help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust")
     deploy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run config key")
     deploy.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
-    deploy.add_argument("--port", type=int, default=0, help="SuperLink port (0: a free one)")
-    deploy.add_argument("--timeout", type=float, default=1800.0, help="seconds the run may take")
+    deploy.add_argument("--port", type=int_within(0, 65535), default=0, help="SuperLink port (0: a free one)")
+    deploy.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds the run may take")
     deploy.add_argument("--serve", action="store_true",
                         help="keep the SuperLink and SuperNodes running (Ctrl-C stops them) for more `flwr run`s")
 
@@ -174,7 +215,8 @@ def _deploy_rovers(args: argparse.Namespace) -> list:
 
     rovers = []
     if args.virtual_rovers:
-        from forest_perception.collab.flower.simulation import ensure_rover_data, make_population
+        from forest_perception.collab.flower.population import make_population
+        from forest_perception.collab.flower.rover_data import ensure_rover_data
 
         height, width = args.data_size
         population = make_population(args.virtual_rovers, args.run_dir.resolve() / "rovers", frames=args.frames,
@@ -196,12 +238,12 @@ def _deploy(args: argparse.Namespace) -> int:
     import time
 
     from forest_perception.collab.deploy.local import DeploySpec, LocalDeployment
+    from forest_perception.collab.flower.task import merge_run_config
 
-    run_config = _key_values(args.set, "--set")
-    if args.algorithm:
-        run_config["algorithm"] = args.algorithm
-    if args.rounds:
-        run_config["num-server-rounds"] = args.rounds
+    run_config = _run_config(args)
+    if args.rounds == 0:
+        run_config.pop("num-server-rounds")
+    merge_run_config(run_config)  # an unknown key or a mistyped value: refused before anything starts
     spec = DeploySpec(run_dir=args.run_dir, certs_dir=args.certs, rovers=_deploy_rovers(args), run_config=run_config,
                       host=args.host, superlink_port=args.port)
     deployment = LocalDeployment(spec)
@@ -231,61 +273,77 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``forest-fl`` argument parser with its subcommands."""
-    parser = argparse.ArgumentParser(prog="forest-fl", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    simulate = sub.add_parser("simulate", help="run a federated simulation on Ray (resumes a run in --out)")
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    def add(name: str, **kwargs: object) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=DefaultsHelpFormatter, **kwargs)
+
+    simulate = add("simulate", help="run a federated simulation on Ray (resumes a run in --out)")
     _add_population_args(simulate)
-    simulate.add_argument("--client-cpus", type=float, default=1.0, help="Ray CPUs per ClientApp actor")
-    simulate.add_argument("--ray-cpus", type=int, default=2, help="CPUs Ray may use in total")
+    simulate.add_argument("--client-cpus", type=positive_float, default=1.0, help="Ray CPUs per ClientApp actor")
+    simulate.add_argument("--ray-cpus", type=positive_int, default=2, help="CPUs Ray may use in total")
     simulate.add_argument("--verbose", action="store_true", help="Flower debug logging")
     simulate.add_argument("--via", choices=("run-simulation", "flwr-run"), default="run-simulation",
                           help="flwr.simulation.run_simulation in this process, or a SuperLink and `flwr run`")
-    prepare = sub.add_parser("prepare", help="write a population and its data (for flwr run)")
+    prepare = add("prepare", help="write a population and its data (for flwr run)")
     _add_population_args(prepare)
-    status = sub.add_parser("status", help="print a coordinator store")
-    status.add_argument("--db", required=True, type=Path)
+    status = add("status", help="print a coordinator store")
+    status.add_argument("--db", required=True, type=existing_file, help="the coordinator's SQLite store")
     status.add_argument("--all", action="store_true", help="also list failed and missing updates")
-    _add_certs(sub)
-    _add_deploy(sub)
+    _add_certs(sub, add)
+    _add_deploy(sub, add)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``forest-fl``."""
-    args = build_parser().parse_args(argv)
+def _rover_data_root(args: argparse.Namespace) -> Path:
+    return Path(args.data_root) if args.data_root else Path(args.out) / "rovers"
+
+
+def _run(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     collab_log = logging.getLogger("forest_perception.collab")  # Flower logs through its own handler
     collab_log.addHandler(handler)
     collab_log.setLevel(logging.INFO)
     collab_log.propagate = False
-
+    if args.command == "status":
+        print_status(args.db, args.all)
+        return 0
+    if args.command == "certs":
+        return _certs(args)
+    if args.command == "deploy":
+        return _deploy(args)
+    spec = _spec(args)
+    data_root = _rover_data_root(args)
+    made_here = not data_root.exists()  # a failed first run must not leave half-made rover data
     try:
-        if args.command == "status":
-            print_status(args.db, args.all)
-            return 0
-        if args.command == "certs":
-            return _certs(args)
-        if args.command == "deploy":
-            return _deploy(args)
-        spec = _spec(args)
         if args.command == "prepare":
+            from forest_perception.collab.flower import app_dir
             from forest_perception.collab.flower.simulation import prepare_population
 
             population, path, seconds = prepare_population(spec)
-            print(f"wrote {path} ({len(population)} rovers, data in {population.rovers[0].data_dir.rsplit('/', 1)[0]}"
-                  f") in {seconds:.1f} s")
-            print(f"flwr run . --run-config \"population='{path.resolve()}'\"")
+            print(f"wrote {path} ({len(population)} rovers, data in {data_root}) in {seconds:.1f} s")
+            print(f"flwr run {app_dir()} <connection> --run-config \"population='{path.resolve()}'\"")
             return 0
         from forest_perception.collab.flower.simulation import run_simulation, run_with_flwr_cli
 
         result = run_with_flwr_cli(spec) if args.via == "flwr-run" else run_simulation(spec)
-        print(f"simulation done in {result.wall_s:.1f} s (data {result.data_s:.1f} s); state in {result.state_db}")
-        print_status(result.state_db)
-        return 0
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"forest-fl: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:
+        if made_here and data_root.exists():
+            shutil.rmtree(data_root, ignore_errors=True)
+            print(f"{PROG} {args.command}: removed the rover data this run had begun in {data_root}", file=sys.stderr)
+        if isinstance(exc, RuntimeError):  # a failed Flower run: its message says why and where the log is
+            raise InputError(str(exc)) from exc
+        raise
+    print(f"simulation done in {result.wall_s:.1f} s (data {result.data_s:.1f} s); state in {result.state_db}")
+    print_status(result.state_db)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``forest-fl``; expected failures are one line and exit status 2."""
+    return run_command(PROG, build_parser(), _run, argv)
 
 
 if __name__ == "__main__":
