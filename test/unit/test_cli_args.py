@@ -198,6 +198,5 @@ def test_forest_fl_image_size(fl_parser, tmp_path, capsys, command, default):
         "deploy", "--certs", str(tmp_path), "--run-dir", str(tmp_path)]
     assert fl_parser.parse_args(base).data_size == default
     assert fl_parser.parse_args([*base, "--image-size", "64x48"]).data_size == (48, 64)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="argument --image-size: image size must be WIDTHxHEIGHT"):
         fl_parser.parse_args([*base, "--image-size", "48", "64"])
-    assert "argument --image-size: image size must be WIDTHxHEIGHT" in capsys.readouterr().err
