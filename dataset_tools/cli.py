@@ -10,12 +10,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from functools import partial
 
 from forest_perception.cli_args import (
-    ArgumentParser,
-    DefaultsHelpFormatter,
     InputError,
+    command_parser,
     existing_dir,
     existing_file,
     float_within,
@@ -320,9 +318,7 @@ def _bag_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``forest-dataset`` argument parser (every subcommand's ``--help`` shows the defaults)."""
-    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True,
-                                parser_class=partial(ArgumentParser, formatter_class=DefaultsHelpFormatter))
+    parser, sub = command_parser(PROG, __doc__.split("\n")[0])
     _add_synth(sub)
     p = sub.add_parser("info", help="summarise a dataset folder: runs, segments, frames, columns, depth PNGs")
     p.add_argument("root", type=existing_dir, help="dataset root (the folder above the Run-N folders)")

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import NoReturn
 
@@ -55,6 +56,16 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         as_size = action.type is image_size and not isinstance(default, str)  # argparse passes string defaults
         shown = str(format_image_size(default) if as_size else default).replace("%", "%%")
         return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+def command_parser(prog: str, description: str, **subparsers: object
+                   ) -> tuple[ArgumentParser, argparse._SubParsersAction]:
+    """A command's parser and its subcommand group (``dest="command"``): one-line errors and defaults in
+    ``--help`` at every level; ``subparsers`` go to ``add_subparsers`` (e.g. ``metavar``)."""
+    parser = ArgumentParser(prog=prog, description=description, formatter_class=DefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, **subparsers,
+                                parser_class=partial(ArgumentParser, formatter_class=DefaultsHelpFormatter))
+    return parser, sub
 
 
 def image_size(text: str) -> tuple[int, int]:

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from forest_perception.cli_args import (
-    ArgumentParser,
     InputError,
+    command_parser,
     existing_dir,
     existing_file,
     format_image_size,
@@ -175,9 +175,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``forest-train`` argument parser with its ``train``, ``eval`` and ``export`` subcommands."""
-    parser = ArgumentParser(prog=PROG, description="Train, evaluate and export forest depth networks.",
-                            formatter_class=DefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    parser, sub = command_parser(PROG, "Train, evaluate and export forest depth networks.")
     _add_train(sub)
     _add_eval(sub)
     _add_export(sub)

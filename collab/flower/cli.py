@@ -13,13 +13,12 @@ import logging
 import math
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from forest_perception.cli_args import (
-    ArgumentParser,
-    DefaultsHelpFormatter,
     InputError,
+    command_parser,
     existing_dir,
     existing_file,
     float_within,
@@ -160,8 +159,8 @@ def _print_store(store: object, db: Path, show_updates: bool) -> None:
                       f"{u['message']}")
 
 
-def _add_certs(sub: argparse._SubParsersAction, add: Callable[..., argparse.ArgumentParser]) -> None:
-    certs = add("certs", help="make a CA, the SuperLink's TLS certificate and SuperNode keys per rover")
+def _add_certs(sub: argparse._SubParsersAction) -> None:
+    certs = sub.add_parser("certs", help="make a CA, the SuperLink's TLS certificate and SuperNode keys per rover")
     certs.add_argument("--out", required=True, type=output_dir,
                        help="certificate folder (an existing one is extended)")
     certs.add_argument("--rovers", type=non_negative_int, default=0, help="keys for rover_000 .. rover_<N-1>")
@@ -186,8 +185,8 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_deploy(sub: argparse._SubParsersAction, add: Callable[..., argparse.ArgumentParser]) -> None:
-    deploy = add("deploy", help="a SuperLink and one SuperNode per rover on this machine (TLS, SuperNode "
+def _add_deploy(sub: argparse._SubParsersAction) -> None:
+    deploy = sub.add_parser("deploy", help="a SuperLink and one SuperNode per rover on this machine (TLS, SuperNode "
                                            "authentication), then submit the app")
     deploy.add_argument("--certs", required=True, type=existing_dir, help="certificate folder of `forest-fl certs`")
     deploy.add_argument("--run-dir", required=True, type=output_dir,
@@ -273,26 +272,22 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``forest-fl`` argument parser with its subcommands."""
-    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=DefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    parser, sub = command_parser(PROG, __doc__.split("\n")[0])
 
-    def add(name: str, **kwargs: object) -> argparse.ArgumentParser:
-        return sub.add_parser(name, formatter_class=DefaultsHelpFormatter, **kwargs)
-
-    simulate = add("simulate", help="run a federated simulation on Ray (resumes a run in --out)")
+    simulate = sub.add_parser("simulate", help="run a federated simulation on Ray (resumes a run in --out)")
     _add_population_args(simulate)
     simulate.add_argument("--client-cpus", type=positive_float, default=1.0, help="Ray CPUs per ClientApp actor")
     simulate.add_argument("--ray-cpus", type=positive_int, default=2, help="CPUs Ray may use in total")
     simulate.add_argument("--verbose", action="store_true", help="Flower debug logging")
     simulate.add_argument("--via", choices=("run-simulation", "flwr-run"), default="run-simulation",
                           help="flwr.simulation.run_simulation in this process, or a SuperLink and `flwr run`")
-    prepare = add("prepare", help="write a population and its data (for flwr run)")
+    prepare = sub.add_parser("prepare", help="write a population and its data (for flwr run)")
     _add_population_args(prepare)
-    status = add("status", help="print a coordinator store")
+    status = sub.add_parser("status", help="print a coordinator store")
     status.add_argument("--db", required=True, type=existing_file, help="the coordinator's SQLite store")
     status.add_argument("--all", action="store_true", help="also list failed and missing updates")
-    _add_certs(sub, add)
-    _add_deploy(sub, add)
+    _add_certs(sub)
+    _add_deploy(sub)
     return parser
 
 

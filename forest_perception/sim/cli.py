@@ -16,12 +16,10 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
-from functools import partial
 
 from forest_perception.cli_args import (
-    ArgumentParser,
-    DefaultsHelpFormatter,
     InputError,
+    command_parser,
     image_size,
     output_dir,
     positive_float,
@@ -79,10 +77,8 @@ def _world_config(args: argparse.Namespace) -> WorldConfig:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``forest-sim`` argument parser with its subcommands."""
-    parser = ArgumentParser(prog=PROG, description="Generate procedural forests and export them.",
-                            formatter_class=DefaultsHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{summary,export-gazebo}",
-                                parser_class=partial(ArgumentParser, formatter_class=DefaultsHelpFormatter))
+    parser, sub = command_parser(PROG, "Generate procedural forests and export them.",
+                                 metavar="{summary,export-gazebo}")
 
     summary = sub.add_parser("summary", help="generate a world and print its stand statistics")
     _add_world_arguments(summary)
