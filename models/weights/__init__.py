@@ -24,6 +24,23 @@ def shipped_models() -> list[str]:
     return sorted(p.stem for p in weights_dir().glob("*.onnx"))
 
 
+def shipped_checkpoint(name: str) -> Path:
+    """Path of the PyTorch checkpoint (``<name>.pt``) beside a shipped ONNX model, for fine-tuning.
+
+    ``name`` is a shipped model name; an int8 name (``..._int8``) gives its fp32 network's checkpoint.
+    Raises ``FileNotFoundError`` that lists the shipped checkpoints when there is none.
+    """
+    stem = name[: -len(".pt")] if name.endswith(".pt") else name
+    stem = stem[: -len("_int8")] if stem.endswith("_int8") else stem
+    path = weights_dir() / f"{stem}.pt"
+    if not path.is_file():
+        have = sorted(p.stem for p in weights_dir().glob("*.pt"))
+        raise FileNotFoundError(
+            f"no shipped checkpoint {name!r} in {weights_dir()}; shipped: {', '.join(have) or 'none'}"
+        )
+    return path
+
+
 def shipped_model(name: str = DEFAULT_MODEL) -> Path:
     """Path of a shipped model by name (``multiscale_320x240_int8``; a trailing ``.onnx`` is allowed).
 
