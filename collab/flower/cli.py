@@ -1,7 +1,9 @@
 """``forest-fl``: run a simulated federated swarm, prepare a population for ``flwr run``, inspect a coordinator.
 
 Also ``certs`` (the deployment's CA and keys) and ``deploy`` (a SuperLink and SuperNodes on this machine
-with TLS and SuperNode authentication). Examples: ``docs/federated.md`` ("Quick start", "Deployment on
+with TLS and SuperNode authentication). ``--init`` starts from a shipped network or a checkpoint,
+``--rover-data`` gives each rover a recorded dataset folder, ``--cloud-test`` a test folder the coordinator
+scores every round. Examples: ``docs/federated.md`` ("Quick start", "The real networks", "Deployment on
 loopback"); ``simulate`` on an ``--out`` that holds a coordinator store resumes it.
 """
 
@@ -69,19 +71,34 @@ def _faults(items: Sequence[str]) -> dict[int, str]:
     return faults
 
 
+def _add_network_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--init", default=None, metavar="NAME|CHECKPOINT",
+                        help="initial global model: a shipped network (multiscale_160x128, autoencoder_320x240, ...)"
+                             " or a forest-train checkpoint; the run trains that network at its size (run config "
+                             "init; default: the quick 27k-parameter net from random weights)")
+    parser.add_argument("--cloud-test", type=existing_dir, default=None, metavar="DIR",
+                        help="a test folder (forest dataset layout) the coordinator scores the global model on "
+                             "every round (run config cloud-test)")
+
+
 def _add_population_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=output_dir,
                         help="output folder (population, data, coordinator.db)")
-    parser.add_argument("--rovers", type=positive_int, default=10, help="number of virtual rovers")
-    parser.add_argument("--frames", type=positive_int, default=8, help="frames per rover (two segments)")
-    parser.add_argument("--image-size", dest="data_size", type=image_size, default=SIMULATE_IMAGE_HW,
-                        metavar="WIDTHxHEIGHT", help="stored frames")
+    parser.add_argument("--rovers", type=positive_int, default=None,
+                        help="number of virtual rovers (default 10; not with --rover-data)")
+    parser.add_argument("--rover-data", nargs="+", type=existing_dir, default=None, metavar="DIR",
+                        help="one recorded dataset folder per rover (forest dataset layout; only read, never "
+                             "written), instead of generated rovers")
+    parser.add_argument("--frames", type=positive_int, default=8, help="frames per generated rover (two segments)")
+    parser.add_argument("--image-size", dest="data_size", type=image_size, default=None, metavar="WIDTHxHEIGHT",
+                        help="generated rovers' frames (default: the network's input size, 80x64 without --init)")
     parser.add_argument("--data-source", choices=("procedural", "synth"), default="procedural",
-                        help="how rover frames are made")
+                        help="how generated rover frames are made")
     parser.add_argument("--data-root", type=output_dir, default=None,
-                        help="where rover data live (default OUT/rovers)")
-    parser.add_argument("--availability", type=float_within(0.0, 1.0), nargs=2, default=(0.6, 1.0),
-                        metavar=("LO", "HI"), help="range of each rover's probability of being out in a round")
+                        help="where generated rover data live (default OUT/rovers)")
+    parser.add_argument("--availability", type=float_within(0.0, 1.0), nargs=2, default=None,
+                        metavar=("LO", "HI"), help="range of each rover's probability of being out in a round "
+                                                   "(default 0.6 1.0; 1 1 with --rover-data)")
     parser.add_argument("--decoder-fraction", type=float_within(0.0, 1.0), default=0.0,
                         help="share of rovers that train only the decoder (FedSubAvg submodels)")
     parser.add_argument("--fault", action="append", default=[], metavar="I=KIND",
@@ -92,6 +109,28 @@ def _add_population_args(parser: argparse.ArgumentParser) -> None:
                         help="num-server-rounds (default: the run config's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any run config key of [tool.flwr.app.config] (repeatable)")
+    _add_network_args(parser)
+
+
+def _network_size(run_config: dict, unset: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The network input (height, width) a run config trains at (``unset`` when neither init nor an input size
+    is given); its init checkpoint is read and checked now, so a wrong ``--init`` fails before anything starts."""
+    from forest_perception.collab.flower.network import architecture_from_run_config
+    from forest_perception.collab.flower.task import merge_run_config
+
+    config = merge_run_config(run_config)
+    architecture, _ = architecture_from_run_config(config)
+    if unset is not None and not config["init"] and not (config["input-height"] or config["input-width"]):
+        return unset
+    return architecture.input_hw
+
+
+def data_size(args: argparse.Namespace) -> tuple[int, int]:
+    """Generated rovers' frame size (height, width): ``--image-size``, else the network's input size, else the
+    command's default (80x64 for simulate/prepare, 64x48 for deploy). Reads and checks ``--init``."""
+    unset = DEPLOY_IMAGE_HW if args.command == "deploy" else SIMULATE_IMAGE_HW
+    network = _network_size(_run_config(args), unset)
+    return tuple(args.data_size) if args.data_size else network
 
 
 def _spec(args: argparse.Namespace) -> object:
@@ -99,26 +138,40 @@ def _spec(args: argparse.Namespace) -> object:
     from forest_perception.collab.flower.task import merge_run_config
 
     run_config = _run_config(args)
-    lo, hi = args.availability
+    merge_run_config(run_config)  # refuse an unknown key or a mistyped value before any data are made
+    size = data_size(args)  # a wrong --init fails here, before any data are made
+    recorded = list(args.rover_data or [])
+    if recorded and args.rovers is not None:
+        raise InputError(f"--rovers {args.rovers} and --rover-data: give one of them (--rover-data makes one rover "
+                         "per folder)")
+    lo, hi = args.availability or ((1.0, 1.0) if recorded else (0.6, 1.0))
     if lo > hi:
         raise InputError(f"--availability {lo} {hi}: LO must not be above HI")
-    merge_run_config(run_config)  # refuse an unknown key or a mistyped value before any data are made
     return SimulationSpec(
-        out_dir=args.out, num_rovers=args.rovers, run_config=run_config, frames_per_rover=args.frames,
-        data_size=tuple(args.data_size), data_source=args.data_source, data_root=args.data_root,
-        availability=tuple(args.availability), decoder_fraction=args.decoder_fraction, faults=_faults(args.fault),
-        population_seed=args.population_seed, client_cpus=getattr(args, "client_cpus", 1.0),
-        ray_cpus=getattr(args, "ray_cpus", 2), verbose=getattr(args, "verbose", False),
+        out_dir=args.out, num_rovers=len(recorded) or args.rovers or 10, run_config=run_config,
+        frames_per_rover=args.frames, data_size=size, data_source=args.data_source,
+        data_root=args.data_root, availability=(lo, hi), decoder_fraction=args.decoder_fraction,
+        faults=_faults(args.fault), population_seed=args.population_seed, rover_data=[str(p) for p in recorded],
+        client_cpus=getattr(args, "client_cpus", 1.0), ray_cpus=getattr(args, "ray_cpus", 2),
+        verbose=getattr(args, "verbose", False),
     )
 
 
 def _run_config(args: argparse.Namespace) -> dict[str, bool | int | float | str]:
-    """``--set`` KEY=VALUE pairs with ``--algorithm`` and ``--rounds`` over them."""
+    """``--set`` KEY=VALUE pairs with ``--algorithm``, ``--rounds``, ``--init`` and ``--cloud-test`` over them.
+
+    Paths become absolute: the apps may run elsewhere (``flwr run`` installs them under ``FLWR_HOME``).
+    """
     run_config = _key_values(args.set, "--set")
     if args.algorithm:
         run_config["algorithm"] = args.algorithm
     if args.rounds is not None:
         run_config["num-server-rounds"] = args.rounds
+    init = getattr(args, "init", None)
+    if init is not None:
+        run_config["init"] = str(Path(init).resolve()) if Path(init).is_file() else init
+    if getattr(args, "cloud_test", None) is not None:
+        run_config["cloud-test"] = str(Path(args.cloud_test).resolve())
     return run_config
 
 
@@ -128,8 +181,11 @@ def _fmt(value: object, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def print_status(db: Path, show_updates: bool = False) -> None:
-    """Print a coordinator store: identity, one line per round, rejections."""
+def print_status(db: Path, show_updates: bool = False, plot: bool = False) -> Path | None:
+    """Print a coordinator store: identity, one line per round, the federated evaluation, rejections.
+
+    With ``plot`` also draw the evaluation curves beside the store; returns the PNG's path.
+    """
     import sqlite3
 
     from forest_perception.collab.flower.store import CoordinatorStore
@@ -138,6 +194,17 @@ def print_status(db: Path, show_updates: bool = False) -> None:
         _print_store(CoordinatorStore(db, readonly=True), db, show_updates)
     except sqlite3.DatabaseError as exc:
         raise InputError(f"--db {str(db)!r} is not a readable coordinator store ({exc})") from None
+    if not plot:
+        return None
+    from forest_perception.collab.flower.curves import plot_store_curves
+
+    path = plot_store_curves(db)
+    print(f"curves: {path}")
+    return path
+
+
+MAX_ROVER_LINES = 12
+"""More rovers than this: per-rover evaluation lines only with ``--all``."""
 
 
 def _print_store(store: object, db: Path, show_updates: bool) -> None:
@@ -146,17 +213,35 @@ def _print_store(store: object, db: Path, show_updates: bool) -> None:
         print(f"{db}: {json.dumps(summary['identity'])}")
         print(f"last completed round {summary['last_round']}; updates {summary['updates']}; "
               f"rejections {summary['rejection_reasons'] or '{}'}")
-        print("round  avail  sel  acc  rej  fail   train-loss  absrel   delta1   KiB down  KiB up   wall s")
+        print("round  avail  sel  acc  rej  fail   train-loss  absrel   delta1   KiB down  KiB up   wall s"
+              "   (absrel, delta1: the rovers' trained models on their held-out segments)")
         for r in store.rounds():
             m = r["train_metrics"]
             print(f"{r['round']:5d}  {r['num_available']:5d}  {r['num_selected']:3d}  {r['num_accepted']:3d}  "
                   f"{r['num_rejected']:3d}  {r['num_failed']:4d}   {_fmt(m.get('train-loss')):>10}  "
                   f"{_fmt(m.get('absrel')):>6}  {_fmt(m.get('delta1')):>7}  {r['bytes_down'] / 1024:9.1f}  "
                   f"{r['bytes_up'] / 1024:7.1f}  {r['wall_s']:7.2f}{'  (resumed)' if r['resumed'] else ''}")
+        _print_evaluations(store.evaluations(), show_updates)
         for u in store.updates():
-            if u["status"] != "accepted" and (show_updates or u["status"] == "rejected"):
+            if u["status"] != "accepted" and (show_updates or u["status"] in ("rejected", "failed")):
                 print(f"  round {u['round']} {u['rover_id']} [{u['chain']}] {u['status']} {u['reason']}: "
                       f"{u['message']}")
+
+
+def _print_evaluations(rows: list[dict], show_all: bool) -> None:
+    if not rows:
+        return
+    rovers = {r["name"] for r in rows if r["kind"] == "rover"}
+    per_rover = show_all or len(rovers) <= MAX_ROVER_LINES
+    note = "" if per_rover else f" (per rover: --all, {len(rovers)} rovers)"
+    print(f"federated evaluation of the global model (round 0: the initial model){note}")
+    print("round  who                   status      frames  absrel   delta1     rmse")
+    for r in rows:
+        if r["kind"] == "rover" and not per_rover:
+            continue
+        who = {"rovers": "rovers (mean)", "cloud": "cloud test"}.get(r["kind"], r["name"])
+        print(f"{r['round']:5d}  {who[:20]:20}  {r['status']:10}  {r['frames']:6d}  {_fmt(r['absrel']):>6}  "
+              f"{_fmt(r['delta1']):>7}  {_fmt(r['rmse']):>7}")
 
 
 def _add_certs(sub: argparse._SubParsersAction) -> None:
@@ -196,12 +281,13 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--virtual-rovers", type=non_negative_int, default=0,
                         help="also N simulated rovers rover_000.. with procedural data in RUN_DIR/rovers")
     deploy.add_argument("--frames", type=positive_int, default=4, help="frames per virtual rover")
-    deploy.add_argument("--image-size", dest="data_size", type=image_size, default=DEPLOY_IMAGE_HW,
-                        metavar="WIDTHxHEIGHT", help="virtual rovers' frames")
+    deploy.add_argument("--image-size", dest="data_size", type=image_size, default=None, metavar="WIDTHxHEIGHT",
+                        help="virtual rovers' frames (default: the network's input size, 64x48 without --init)")
     deploy.add_argument("--rounds", type=non_negative_int, default=None,
                         help="num-server-rounds (0: start the swarm, submit nothing)")
     deploy.add_argument("--algorithm", default=None, help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust")
     deploy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run config key")
+    _add_network_args(deploy)
     deploy.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
     deploy.add_argument("--port", type=int_within(0, 65535), default=0, help="SuperLink port (0: a free one)")
     deploy.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds the run may take")
@@ -217,7 +303,7 @@ def _deploy_rovers(args: argparse.Namespace) -> list:
         from forest_perception.collab.flower.population import make_population
         from forest_perception.collab.flower.rover_data import ensure_rover_data
 
-        height, width = args.data_size
+        height, width = data_size(args)
         population = make_population(args.virtual_rovers, args.run_dir.resolve() / "rovers", frames=args.frames,
                                      availability=(1.0, 1.0))
         for rover in population.rovers:
@@ -243,6 +329,7 @@ def _deploy(args: argparse.Namespace) -> int:
     if args.rounds == 0:
         run_config.pop("num-server-rounds")
     merge_run_config(run_config)  # an unknown key or a mistyped value: refused before anything starts
+    _network_size(run_config)  # so is a wrong --init
     spec = DeploySpec(run_dir=args.run_dir, certs_dir=args.certs, rovers=_deploy_rovers(args), run_config=run_config,
                       host=args.host, superlink_port=args.port)
     deployment = LocalDeployment(spec)
@@ -255,7 +342,7 @@ def _deploy(args: argparse.Namespace) -> int:
         if args.rounds != 0:
             result = deployment.run(timeout=args.timeout)
             print(f"run {result.run_id} done in {result.wall_s:.1f} s; state in {result.state_db}")
-            print_status(result.state_db)
+            print_status(result.state_db, plot=_has_evaluations(result.state_db))
         if args.serve:
             print(f"serving; submit more runs with: FLWR_HOME={deployment.cli_home()} flwr run "
                   f"{deployment.app_dir} forest --stream --run-config \"state-db='{deployment.state_db}'\"")
@@ -285,7 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_population_args(prepare)
     status = sub.add_parser("status", help="print a coordinator store")
     status.add_argument("--db", required=True, type=existing_file, help="the coordinator's SQLite store")
-    status.add_argument("--all", action="store_true", help="also list failed and missing updates")
+    status.add_argument("--all", action="store_true",
+                        help="also list missing updates and every rover's evaluation")
+    status.add_argument("--plot", action="store_true",
+                        help="draw AbsRel and delta1 per round (each rover, their mean, the cloud test) into "
+                             "<store>_curves.png beside the store")
     _add_certs(sub)
     _add_deploy(sub)
     return parser
@@ -303,7 +394,7 @@ def _run(args: argparse.Namespace) -> int:
     collab_log.setLevel(logging.INFO)
     collab_log.propagate = False
     if args.command == "status":
-        print_status(args.db, args.all)
+        print_status(args.db, args.all, args.plot)
         return 0
     if args.command == "certs":
         return _certs(args)
@@ -311,15 +402,18 @@ def _run(args: argparse.Namespace) -> int:
         return _deploy(args)
     spec = _spec(args)
     data_root = _rover_data_root(args)
-    made_here = not data_root.exists()  # a failed first run must not leave half-made rover data
+    # a failed first run must not leave half-made rover data (recorded rover folders are never touched)
+    made_here = not spec.rover_data and not data_root.exists()
     try:
         if args.command == "prepare":
             from forest_perception.collab.flower import app_dir
             from forest_perception.collab.flower.simulation import prepare_population
 
             population, path, seconds = prepare_population(spec)
-            print(f"wrote {path} ({len(population)} rovers, data in {data_root}) in {seconds:.1f} s")
-            print(f"flwr run {app_dir()} <connection> --run-config \"population='{path.resolve()}'\"")
+            where = f"recorded data in {len(spec.rover_data)} folder(s)" if spec.rover_data else f"data in {data_root}"
+            print(f"wrote {path} ({len(population)} rovers, {where}) in {seconds:.1f} s")
+            extra = "".join(f" {k}='{v}'" for k, v in spec.run_config.items() if k in ("init", "cloud-test"))
+            print(f"flwr run {app_dir()} <connection> --run-config \"population='{path.resolve()}'{extra}\"")
             return 0
         from forest_perception.collab.flower.simulation import run_simulation, run_with_flwr_cli
 
@@ -332,8 +426,15 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError(str(exc)) from exc
         raise
     print(f"simulation done in {result.wall_s:.1f} s (data {result.data_s:.1f} s); state in {result.state_db}")
-    print_status(result.state_db)
+    print_status(result.state_db, plot=_has_evaluations(result.state_db))
     return 0
+
+
+def _has_evaluations(db: Path) -> bool:
+    from forest_perception.collab.flower.store import CoordinatorStore
+
+    with CoordinatorStore(db, readonly=True) as store:
+        return bool(store.evaluations())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

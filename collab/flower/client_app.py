@@ -1,9 +1,13 @@
 """The rover ``ClientApp``: trains the depth network on the rover's own recordings and sends back a delta.
 
 Stateless, as in Flower's quickstart: where a rover finds its data (node config ``data-dir``, run config
-``population`` or ``data-root``), the messages it answers and the faults tests inject are described in
-``docs/federated.md`` ("Messages", "Bad input"). With node config ``model-drop-dir`` every global model
-received for training is also handed to the rover's collab_node (:func:`drop_global_model`).
+``population``, ``rover-data`` or ``data-root``), the messages it answers and the faults tests inject are
+described in ``docs/federated.md`` ("Messages", "Bad input"). It trains only on the training segments of
+:func:`forest_perception.collab.rover.holdout.rover_split` and evaluates on the held-out ones (node config
+``holdout-fraction``/``holdout-seed`` win over the run config's, so collab_node's gate holds out the same).
+A rover without usable recordings answers ``no-data`` and the round goes on without it. With node config
+``model-drop-dir`` every global model received for training is also handed to the rover's collab_node
+(:func:`drop_global_model`).
 """
 
 from __future__ import annotations
@@ -20,16 +24,21 @@ from flwr.clientapp import ClientApp
 from forest_perception.collab.flower.messages import (
     CHAIN_KEYS,
     CONFIG_KEY,
+    NO_DATA,
+    NO_HOLDOUT,
     SEPARATE_KEY,
     global_arrays,
     identity_reply,
     metrics_reply,
     put_update,
+    status_reply,
     train_reply,
 )
-from forest_perception.collab.flower.population import load_population
+from forest_perception.collab.flower.network import ARCHITECTURE_KEYS
+from forest_perception.collab.flower.population import load_population, recorded_rover_ids, rover_data_folders
 from forest_perception.collab.flower.task import (
     SCOPES,
+    NoDataError,
     TaskConfig,
     build_model,
     evaluate,
@@ -44,8 +53,10 @@ LOG = logging.getLogger(__name__)
 
 FAULTS = ("", "nan", "inf", "shape", "dtype", "count", "huge", "stale", "no-data", "crash")
 
-# run config keys the server may override per round (sent in the message's config record)
-_ROUND_KEYS = ("local-epochs", "local-steps", "lr", "batch-size")
+# run config keys the server sends with every message: local training and the network it trains
+_ROUND_KEYS = ("local-epochs", "local-steps", "lr", "batch-size", *ARCHITECTURE_KEYS, "min-depth", "max-depth")
+# node config keys that win over the run config: the rover's own hold-out split (collab_node writes them)
+NODE_SPLIT_KEYS = ("holdout-fraction", "holdout-seed")
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,15 @@ def resolve_rover(context: Context, config: Mapping) -> RoverIdentity:
             raise ValueError("run config names a population but the node config has no partition-id")
         rover = load_population(str(config["population"])).by_partition(int(node["partition-id"]))
         identity = RoverIdentity(rover.rover_id, rover.data_dir, rover.scope, rover.fault)
+    elif config.get("rover-data"):
+        if "partition-id" not in node:
+            raise ValueError("run config rover-data needs a partition-id in the node config")
+        folders = rover_data_folders(str(config["rover-data"]))
+        partition = int(node["partition-id"])
+        if not 0 <= partition < len(folders):
+            raise NoDataError(f"run config rover-data names {len(folders)} folder(s), none for partition-id "
+                              f"{partition}: run as many SuperNodes as folders")
+        identity = RoverIdentity(recorded_rover_ids(folders)[partition], folders[partition])
     elif config.get("data-root"):
         if "partition-id" not in node:
             raise ValueError("run config data-root needs a partition-id in the node config")
@@ -90,13 +110,16 @@ def resolve_rover(context: Context, config: Mapping) -> RoverIdentity:
     return identity
 
 
-def _round_config(config: Mapping, message: Message) -> tuple[dict, int]:
+def _round_config(config: Mapping, message: Message, context: Context) -> tuple[dict, int]:
     record = message.content.config_records.get(CONFIG_KEY, ConfigRecord())
     server_round = record.get("server-round")
     if not isinstance(server_round, int):
         raise ValueError(f"message config has no integer server-round (got {server_round!r})")
     overrides = {k: record[k] for k in _ROUND_KEYS if k in record}
-    return merge_run_config(config, overrides), server_round
+    node_split = {k: context.node_config[k] for k in NODE_SPLIT_KEYS if k in context.node_config}
+    if "holdout-fraction" in node_split:
+        node_split["holdout-fraction"] = float(node_split["holdout-fraction"])
+    return merge_run_config(config, overrides, node_split), server_round
 
 
 def _data_dir(identity: RoverIdentity) -> str:
@@ -141,14 +164,21 @@ def drop_global_model(context: Context, server_round: int, names: list[str], arr
 
 
 def handle_train(message: Message, context: Context, overrides: Mapping | None = None) -> Message:
-    """Train on the local data from the global model (and MC-PSGD's separate chain); reply with the deltas."""
+    """Train on the local training segments from the global model (and MC-PSGD's separate chain); reply with deltas.
+
+    A rover without usable recordings replies ``no-data`` (naming the folder) instead of an update.
+    """
     base_config = merge_run_config(context.run_config, overrides)
     identity = resolve_rover(context, base_config)
-    config, server_round = _round_config(base_config, message)
+    config, server_round = _round_config(base_config, message, context)
     if identity.fault == "crash":
         raise RuntimeError(f"rover {identity.rover_id!r} crashed on purpose (fault injection)")
     task = TaskConfig.from_run_config(config)
-    data = load_local_data(_data_dir(identity), task)
+    try:
+        data = load_local_data(_data_dir(identity), task)
+    except NoDataError as exc:
+        LOG.warning("rover %s round %d: no data: %s", identity.rover_id, server_round, exc)
+        return status_reply(message, identity.rover_id, NO_DATA, str(exc))
     seed = round_seed(task.seed, server_round, identity.rover_id)
     content = RecordDict()
     metrics: dict[str, float] = {}
@@ -175,18 +205,28 @@ def handle_train(message: Message, context: Context, overrides: Mapping | None =
 
 
 def handle_evaluate(message: Message, context: Context, overrides: Mapping | None = None) -> Message:
-    """Score the model in the message on the rover's validation frames."""
+    """Score the model in the message on the rover's held-out segments (never trained on).
+
+    Replies ``no-data`` without usable recordings and ``no-holdout`` when nothing is held out (one segment).
+    """
     base_config = merge_run_config(context.run_config, overrides)
     identity = resolve_rover(context, base_config)
-    config, _ = _round_config(base_config, message)
+    config, _ = _round_config(base_config, message, context)
     task = TaskConfig.from_run_config(config)
-    data = load_local_data(_data_dir(identity), task)
+    try:
+        data = load_local_data(_data_dir(identity), task)
+    except NoDataError as exc:
+        return status_reply(message, identity.rover_id, NO_DATA, str(exc))
+    if data.val_is_train:
+        return status_reply(message, identity.rover_id, NO_HOLDOUT,
+                            f"rover {identity.rover_id!r}: one segment ({data.segments[0]}), nothing held out")
     names, arrays = global_arrays(message)
     model = build_model(task)
     load_arrays(model, names, arrays)
     result = evaluate(model, data.val_images, data.val_depth, task)
     return metrics_reply(message, {"num-examples": int(result["num-examples"]), "eval-loss": result["loss"],
-                                   "absrel": result["absrel"], "delta1": result["delta1"], "rmse": result["rmse"]})
+                                   "absrel": result["absrel"], "delta1": result["delta1"], "rmse": result["rmse"]},
+                         identity.rover_id)
 
 
 def handle_query(message: Message, context: Context, overrides: Mapping | None = None) -> Message:

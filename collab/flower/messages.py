@@ -23,6 +23,8 @@ SEPARATE_ROWS_KEY = "rows-separate"
 METRICS_KEY = "metrics"  # rover -> server: MetricRecord with num-examples, train-loss, val-loss, absrel, delta1
 META_KEY = "meta"  # rover -> server: ConfigRecord with rover-id, base-round, kind
 NUM_EXAMPLES = "num-examples"
+NO_DATA = "no-data"  # meta status of a rover that has no usable recordings (nothing trained or evaluated)
+NO_HOLDOUT = "no-holdout"  # meta status of an evaluation by a rover with nothing held out (a single segment)
 
 REPORTED_METRICS = ("train-loss", "val-loss", "absrel", "delta1")
 """Rover metrics the strategies average (weighted by num-examples) over the accepted updates."""
@@ -162,9 +164,29 @@ def train_reply(message: Message, content: RecordDict, metrics: Mapping[str, flo
     return Message(content=content, reply_to=message)
 
 
-def metrics_reply(message: Message, metrics: Mapping[str, float]) -> Message:
-    """The reply to an evaluate message."""
-    return Message(content=RecordDict({METRICS_KEY: MetricRecord(dict(metrics))}), reply_to=message)
+def metrics_reply(message: Message, metrics: Mapping[str, float], rover_id: str | None = None) -> Message:
+    """The reply to an evaluate message (with the rover's id in ``meta`` when given)."""
+    content = RecordDict({METRICS_KEY: MetricRecord(dict(metrics))})
+    if rover_id is not None:
+        content[META_KEY] = ConfigRecord({"rover-id": rover_id, "status": "ok"})
+    return Message(content=content, reply_to=message)
+
+
+def status_reply(message: Message, rover_id: str, status: str, reason: str) -> Message:
+    """A rover's answer that it trained or evaluated nothing (``status`` :data:`NO_DATA` or :data:`NO_HOLDOUT`)."""
+    content = RecordDict({
+        METRICS_KEY: MetricRecord({NUM_EXAMPLES: 0}),
+        META_KEY: ConfigRecord({"rover-id": rover_id, "status": status, "message": reason}),
+    })
+    return Message(content=content, reply_to=message)
+
+
+def reply_status(content: RecordDict) -> tuple[str, str]:
+    """``(status, message)`` a reply's meta states (``("ok", "")`` when it states none)."""
+    meta = content.config_records.get(META_KEY)
+    if meta is None:
+        return "ok", ""
+    return str(meta.get("status", "ok")), str(meta.get("message", ""))
 
 
 def identity_reply(message: Message, rover_id: str, scope: str = "all") -> Message:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -35,6 +36,7 @@ class VirtualRover:
     fault: str = ""
     data_dir: str = ""
     frames: int = 8
+    recorded: bool = False  # data_dir holds real recordings (--rover-data): never generated, never written
 
 
 @dataclass
@@ -166,6 +168,62 @@ def make_population(
             )
         )
     return Population(rovers, seed=seed, num_blocks=num_blocks, rounds_per_block=rounds_per_block)
+
+
+def rover_data_folders(text: str) -> list[str]:
+    """Run config ``rover-data``: rover data folders separated by ``os.pathsep`` (``:``), as ``PATH`` is written."""
+    return [part.strip() for part in str(text).split(os.pathsep) if part.strip()]
+
+
+def recorded_rover_ids(folders: Sequence[str | Path]) -> list[str]:
+    """One rover id per data folder: its name (characters outside ``[A-Za-z0-9_.-]`` become ``_``), made unique.
+
+    ``--rover-data`` (a population) and run config ``rover-data`` name the rovers this one way.
+    """
+    ids: list[str] = []
+    for i, folder in enumerate(folders):
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(folder).resolve().name).lstrip("_.-")[:56] or f"rover_{i:03d}"
+        candidate, copy = name, 1
+        while candidate in ids:
+            copy += 1
+            candidate = f"{name}-{copy}"
+        ids.append(candidate)
+    return ids
+
+
+def recorded_population(
+    folders: Sequence[str | Path],
+    seed: int = 0,
+    availability: tuple[float, float] = (1.0, 1.0),
+    decoder_fraction: float = 0.0,
+    faults: Mapping[int, str] | None = None,
+) -> Population:
+    """A population whose rover ``i`` is the recordings in ``folders[i]`` (forest dataset layout, read only).
+
+    Rover ids come from :func:`recorded_rover_ids`; availability, decoder-only rovers and faults are drawn as
+    :func:`make_population` draws them. A folder that is empty or unreadable makes its rover report no data.
+    """
+    if not folders:
+        raise ValueError("recorded_population needs at least one rover data folder")
+    lo, hi = availability
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"availability must be a range within (0, 1], got {availability}")
+    faults = dict(faults or {})
+    bad = {k: v for k, v in faults.items() if not 0 <= k < len(folders)}
+    if bad:
+        raise ValueError(f"faults name rovers outside 0..{len(folders) - 1}: {bad}")
+    rng = np.random.default_rng([seed, 7])
+    decoder_ids = set(rng.choice(len(folders), size=round(decoder_fraction * len(folders)), replace=False).tolist())
+    rovers = [
+        VirtualRover(
+            rover_id=rover_id, partition_id=i, forest_seed=0, weather="", block=0,
+            availability=1.0 if i in faults else float(round(rng.uniform(lo, hi), 4)),
+            scope="decoder" if i in decoder_ids else "all", fault=faults.get(i, ""),
+            data_dir=str(Path(folder).resolve()), frames=0, recorded=True,
+        )
+        for i, (rover_id, folder) in enumerate(zip(recorded_rover_ids(folders), folders))
+    ]
+    return Population(rovers, seed=seed)
 
 
 @lru_cache(maxsize=8)

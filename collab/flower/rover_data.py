@@ -162,7 +162,12 @@ def write_synth_rover_data(rover: VirtualRover, width: int, height: int) -> Path
 
 
 def ensure_rover_data(rover: VirtualRover, width: int, height: int, source: str = "procedural") -> bool:
-    """Write the rover's dataset unless its folder already holds this exact one; True when written."""
+    """Write the rover's dataset unless its folder already holds this exact one; True when written.
+
+    A rover with real recordings (``rover.recorded``) is never written: its folder is only read.
+    """
+    if rover.recorded:
+        return False
     if source not in DATA_SOURCES:
         raise ValueError(f"data source must be one of {DATA_SOURCES}, got {source!r}")
     root = Path(rover.data_dir)

@@ -27,14 +27,23 @@ from forest_perception.collab.flower.messages import (
     CONFIG_KEY,
     META_KEY,
     METRICS_KEY,
+    NO_DATA,
+    NO_HOLDOUT,
     NUM_EXAMPLES,
     REPORTED_METRICS,
     arrays_to_record,
     metric_value,
     parse_update,
     record_bytes,
+    reply_status,
 )
-from forest_perception.collab.flower.store import RoundRecord, UpdateEntry, params_digest
+from forest_perception.collab.flower.store import (
+    EvalEntry,
+    RoundRecord,
+    UpdateEntry,
+    aggregate_evaluations,
+    params_digest,
+)
 from forest_perception.collab.updates import ClientUpdate, NDArrays, Rejection, UpdateRejected, screen_updates
 
 LOG = logging.getLogger(__name__)
@@ -194,6 +203,7 @@ class RoverStrategy(FedAvg):
         self.directory: dict[int, str] = {}  # Flower node id -> rover id
         self._unusable: set[int] = set()  # nodes whose identity answer was refused
         self.last_record: RoundRecord | None = None
+        self.last_evaluation: dict[int, EvalEntry] = {}  # node -> its evaluation in the last evaluate stage
         self.server = self.make_server([np.asarray(a) for a in initial])
 
     # ------------------------------------------------------------------ algorithm hooks
@@ -370,6 +380,13 @@ class RoverStrategy(FedAvg):
                 continue
             content = msg.content
             up = record_bytes(content)
+            status, reason = reply_status(content)
+            if status == NO_DATA:
+                for chain in chains:
+                    entry = self._entry(record, node, rover, chain)
+                    entry.status, entry.reason, entry.message = "failed", "no_data", reason
+                LOG.warning("round %d: rover %r has no data: %s", server_round, rover, reason)
+                continue
             meta = content.config_records.get(META_KEY)
             claimed = None if meta is None else meta.get("rover-id")
             for c, chain in enumerate(chains):
@@ -443,42 +460,53 @@ class RoverStrategy(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the model to evaluate (global, or the block's predictor) to a sample of available rovers."""
+        """Send the model to evaluate (global, or the block's predictor) to a sample of available rovers.
+
+        ``server_round`` 0 evaluates the initial model.
+        """
         available = self.available(grid, server_round)
         k = self._sample_size(self.settings.fraction_evaluate, self.settings.min_evaluate_nodes, len(available))
+        self.last_evaluation = {}
         if not k:
             return []
         nodes = self.select(available, server_round + 1_000_003, k)
         merged = ConfigRecord({**self.train_config, **dict(config.items())})
         merged["server-round"] = server_round
-        content = RecordDict({ARRAYS_KEY: arrays_to_record(self.names, self.eval_params(server_round)),
-                              CONFIG_KEY: merged})
+        params = self.params if server_round == 0 else self.eval_params(server_round)
+        content = RecordDict({ARRAYS_KEY: arrays_to_record(self.names, params), CONFIG_KEY: merged})
+        self.last_evaluation = {
+            n: EvalEntry(available[n], status="missing", message=f"no reply in round {server_round}") for n in nodes
+        }
         return self._construct_messages(content, nodes, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sample-weighted mean of the rovers' evaluation metrics (error replies and non-finite values skipped)."""
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
-        rovers = 0
+        """Frame-weighted mean of the rovers' held-out metrics; each rover's result kept in ``last_evaluation``.
+
+        Error replies, rovers without data or held-out segments and non-finite values are left out of the mean.
+        """
         for msg in replies:
+            node = msg.metadata.src_node_id
+            entry = self.last_evaluation.setdefault(node, EvalEntry(self.directory.get(node, f"node-{node}")))
             if msg.has_error():
+                entry.status, entry.message = "failed", str(msg.error.reason)
                 continue
+            status, reason = reply_status(msg.content)
             record = msg.content.metric_records.get(METRICS_KEY)
             n = metric_value(record, NUM_EXAMPLES)
-            if record is None or n is None or n <= 0:
+            if status in (NO_DATA, NO_HOLDOUT):
+                entry.status, entry.message = status.replace("-", "_"), reason
                 continue
-            rovers += 1
-            for key in record.keys():
-                value = metric_value(record, key)
-                if key == NUM_EXAMPLES or value is None or not math.isfinite(value):
-                    continue
-                sums[key] = sums.get(key, 0.0) + n * value
-                weights[key] = weights.get(key, 0.0) + n
-        if not rovers:
+            if record is None or n is None or n <= 0:
+                entry.status, entry.message = "failed", "reply without metrics or num-examples"
+                continue
+            entry.status, entry.frames, entry.message = "ok", int(n), ""
+            entry.metrics = {key: value for key in record.keys() if key != NUM_EXAMPLES
+                             and (value := metric_value(record, key)) is not None and math.isfinite(value)}
+        mean = aggregate_evaluations(list(self.last_evaluation.values()))
+        if mean.status != "ok":
             return None
-        out = {k: sums[k] / weights[k] for k in sums}
-        out["rovers"] = float(rovers)
-        return MetricRecord(out)
+        rovers = sum(1 for e in self.last_evaluation.values() if e.status == "ok" and e.frames > 0)
+        return MetricRecord({**mean.metrics, "frames": float(mean.frames), "rovers": float(rovers)})
 
 
 def _match_rejections(

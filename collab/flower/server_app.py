@@ -1,8 +1,11 @@
 """The cloud coordinator ``ServerApp``: runs the rounds of one algorithm and keeps its state in SQLite.
 
-Everything comes from the run config (:data:`forest_perception.collab.flower.task.DEFAULT_RUN_CONFIG`).
-:class:`Coordinator` is the round loop that, unlike Flower's ``Strategy.start``, resumes from the last
-round its store committed; see ``docs/federated.md`` ("Coordinator state (SQLite) and resuming").
+Everything comes from the run config (:data:`forest_perception.collab.flower.task.DEFAULT_RUN_CONFIG`); the
+initial global model is the ``init`` checkpoint when the run config names one. :class:`Coordinator` is the
+round loop that, unlike Flower's ``Strategy.start``, resumes from the last round its store committed and
+evaluates the global model after every round (round 0: the initial model) on each rover's held-out segments
+and the ``cloud-test`` folder; see ``docs/federated.md`` ("Coordinator state (SQLite) and resuming",
+"Federated evaluation").
 """
 
 from __future__ import annotations
@@ -20,11 +23,27 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from forest_perception.collab.flower.messages import arrays_to_record
+from forest_perception.collab.flower.network import InitCheckpoint, architecture_from_run_config, kwargs_text
 from forest_perception.collab.flower.population import load_population
 from forest_perception.collab.flower.rover_strategy import RoverStrategy, StrategyConfig
-from forest_perception.collab.flower.store import CoordinatorStore, RoundRecord
+from forest_perception.collab.flower.store import (
+    CLOUD,
+    CoordinatorStore,
+    EvalEntry,
+    RoundRecord,
+    aggregate_evaluations,
+)
 from forest_perception.collab.flower.strategies import ALGORITHMS, build_strategy
-from forest_perception.collab.flower.task import TaskConfig, initial_arrays, merge_run_config
+from forest_perception.collab.flower.task import (
+    TaskConfig,
+    build_model,
+    evaluate,
+    initial_arrays,
+    load_test_frames,
+    merge_run_config,
+    set_arrays,
+)
+from forest_perception.collab.updates import NDArrays
 
 LOG = logging.getLogger(__name__)
 
@@ -43,6 +62,8 @@ class ServerSettings:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train_config: dict = field(default_factory=dict)
+    init: InitCheckpoint | None = None
+    cloud_test: str = ""
 
     @classmethod
     def from_run_config(cls, config: Mapping) -> ServerSettings:
@@ -73,7 +94,16 @@ class ServerSettings:
             num_blocks=c["num-blocks"],
             rounds_per_block=c["rounds-per-block"],
         ).validate()
+        architecture, init = architecture_from_run_config(c)  # reads and checks init against the set keys
+        task = TaskConfig.from_run_config({
+            **c, "model": architecture.model, "model-kwargs": kwargs_text(architecture.kwargs), "base-channels": 0,
+            "input-height": architecture.input_hw[0], "input-width": architecture.input_hw[1]})
+        if init is not None and init.max_depth is not None and init.max_depth != task.max_depth:
+            LOG.warning("init %s was trained up to %.1f m, this run trains and scores up to max-depth %.1f m",
+                        init.init, init.max_depth, task.max_depth)
+        # sent with every message: local training, and the network every rover must build
         train_config = {k: c[k] for k in ("local-epochs", "local-steps", "lr", "batch-size", "max-staleness")}
+        train_config.update(task.run_config())
         return cls(
             algorithm=c["algorithm"],
             num_rounds=c["num-server-rounds"],
@@ -83,29 +113,57 @@ class ServerSettings:
             round_timeout=c["round-timeout"],
             population=c["population"],
             strategy=strategy,
-            task=TaskConfig.from_run_config(c),
+            task=task,
             train_config=train_config,
+            init=init,
+            cloud_test=c["cloud-test"],
         )
 
 
 def run_identity(settings: ServerSettings, names: list[str], shapes: list[tuple[int, ...]]) -> dict:
     """What a state file must match to be resumed: algorithm, model and its tensor layout."""
     layout = hashlib.sha256(json.dumps([names, [list(s) for s in shapes]]).encode()).hexdigest()[:16]
+    task = settings.task
     return {
         "algorithm": settings.algorithm,
-        "model": settings.task.model,
-        "base-channels": settings.task.base_channels,
+        "model": task.model,
+        "model-kwargs": kwargs_text(task.network_kwargs()),
+        "input": f"{task.input_hw[1]}x{task.input_hw[0]}",
         "tensors": layout,
     }
+
+
+@dataclass
+class CloudTest:
+    """The coordinator's own test folder (forest layout): every frame's segment, at most ``max_frames`` of them."""
+
+    folder: str
+    task: TaskConfig
+    images: object = None
+    depth: object = None
+
+    def __post_init__(self) -> None:
+        self.images, self.depth = load_test_frames(self.folder, self.task)
+
+    def evaluate(self, names: list[str], params: NDArrays) -> EvalEntry:
+        """The model's AbsRel, delta1, RMSE and loss on the test frames (at the network's input size)."""
+        model = build_model(self.task)
+        set_arrays(model, names, params)
+        result = evaluate(model, self.images, self.depth, self.task)
+        metrics = {"absrel": result["absrel"], "delta1": result["delta1"], "rmse": result["rmse"],
+                   "eval-loss": result["loss"]}
+        return EvalEntry(CLOUD, "cloud", "ok", int(result["num-examples"]), metrics, self.folder)
 
 
 class Coordinator:
     """The resumable round loop around a strategy and a store."""
 
-    def __init__(self, strategy: RoverStrategy, store: CoordinatorStore, settings: ServerSettings) -> None:
+    def __init__(self, strategy: RoverStrategy, store: CoordinatorStore, settings: ServerSettings,
+                 cloud: CloudTest | None = None) -> None:
         self.strategy = strategy
         self.store = store
         self.settings = settings
+        self.cloud = cloud
         self.records: list[RoundRecord] = []
         self.resumed_from: int | None = None
 
@@ -134,12 +192,7 @@ class Coordinator:
         record = strategy.last_record
         every = self.settings.evaluate_every
         if every and (server_round % every == 0 or server_round == self.settings.num_rounds):
-            arrays = arrays_to_record(strategy.names, strategy.params)
-            messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-            if messages:
-                replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout))
-                metrics = strategy.aggregate_evaluate(server_round, replies)
-                record.eval_metrics = {} if metrics is None else {k: float(v) for k, v in metrics.items()}
+            record.evaluations, record.eval_metrics = self.evaluate(grid, server_round)
         record.finished = time.time()
         record.resumed = self.resumed_from is not None and server_round == self.resumed_from + 1
         self.store.commit_round(record, strategy.names, strategy.params, strategy.state_dict())
@@ -153,9 +206,46 @@ class Coordinator:
         )
         return record
 
+    def evaluate(self, grid: Grid, server_round: int) -> tuple[list[EvalEntry], dict[str, float]]:
+        """The model after ``server_round`` on every selected rover's held-out segments and the cloud test.
+
+        Returns the entries (per rover, their frame-weighted mean, the cloud test) and the round's
+        ``eval_metrics`` (the mean's, and the cloud test's as ``cloud-<metric>``).
+        """
+        strategy = self.strategy
+        arrays = arrays_to_record(strategy.names, strategy.params)
+        messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout)) if messages else []
+        metrics = strategy.aggregate_evaluate(server_round, replies) if messages else None
+        entries = sorted(strategy.last_evaluation.values(), key=lambda e: e.name)
+        summary = {} if metrics is None else {k: float(v) for k, v in metrics.items()}
+        if entries:
+            entries.append(aggregate_evaluations(entries))
+        if self.cloud is not None:
+            params = strategy.params if server_round == 0 else strategy.eval_params(server_round)
+            cloud = self.cloud.evaluate(strategy.names, params)
+            entries.append(cloud)
+            summary.update({f"cloud-{k}": v for k, v in cloud.metrics.items()})
+            summary["cloud-frames"] = float(cloud.frames)
+        if summary:
+            LOG.info("round %d evaluated: held-out absrel %s delta1 %s (%d frames); cloud absrel %s", server_round,
+                     _fmt(summary.get("absrel")), _fmt(summary.get("delta1")), int(summary.get("frames", 0)),
+                     _fmt(summary.get("cloud-absrel")))
+        return entries, summary
+
+    def evaluate_initial(self, grid: Grid) -> None:
+        """Evaluate the initial model (round 0) once per store: the curves' starting point."""
+        if not self.settings.evaluate_every or self.store.evaluations(0):
+            return
+        entries, _ = self.evaluate(grid, 0)
+        if entries:
+            self.store.commit_evaluation(0, entries)
+
     def run(self, grid: Grid, num_rounds: int | None = None) -> list[RoundRecord]:
-        """Resume or start, then run rounds up to ``num_rounds`` (default: the settings')."""
+        """Resume or start (evaluating the initial model), then run rounds up to ``num_rounds`` (default: settings')."""
         last = self.start()
+        if last == 0:
+            self.evaluate_initial(grid)
         total = self.settings.num_rounds if num_rounds is None else int(num_rounds)
         for server_round in range(last + 1, total + 1):
             self.run_round(grid, server_round)
@@ -169,7 +259,14 @@ def _fmt(value: float | None) -> str:
 def build_coordinator(config: Mapping) -> Coordinator:
     """Strategy, store and loop from a (merged) run config."""
     settings = ServerSettings.from_run_config(config)
-    names, initial = initial_arrays(settings.task)
+    if settings.init is not None:
+        names, initial = settings.init.names, settings.init.arrays
+        set_arrays(build_model(settings.task), names, initial)  # the network every rover builds takes them
+        LOG.info("coordinator: initial model %s (%s, weights %s)", settings.init.init,
+                 settings.task.model, settings.init.weights_sha256[:12])
+    else:
+        names, initial = initial_arrays(settings.task)
+    cloud = CloudTest(settings.cloud_test, settings.task) if settings.cloud_test else None
     availability = None
     if settings.population:
         availability = load_population(settings.population).is_available
@@ -178,7 +275,7 @@ def build_coordinator(config: Mapping) -> Coordinator:
     )
     identity = run_identity(settings, names, [tuple(a.shape) for a in initial])
     store = CoordinatorStore(Path(settings.state_db), identity=identity, keep_updates=settings.keep_updates)
-    return Coordinator(strategy, store, settings)
+    return Coordinator(strategy, store, settings, cloud)
 
 
 def make_server_app(overrides: Mapping | None = None) -> ServerApp:

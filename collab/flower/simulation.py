@@ -24,7 +24,7 @@ from forest_perception.collab.deploy.processes import free_ports, remember_desce
 from forest_perception.collab.deploy.supernode import write_toml_table
 from forest_perception.collab.flower import LOOPBACK_ENV
 from forest_perception.collab.flower import app_dir as flower_app_dir
-from forest_perception.collab.flower.population import Population, make_population
+from forest_perception.collab.flower.population import Population, make_population, recorded_population
 from forest_perception.collab.flower.rover_data import ensure_rover_data
 
 __all__ = [
@@ -55,6 +55,7 @@ class SimulationSpec:
     decoder_fraction: float = 0.0
     faults: dict[int, str] = field(default_factory=dict)
     population_seed: int = 0
+    rover_data: list[str] = field(default_factory=list)  # recorded dataset folders, one rover each (read only)
     client_cpus: float = 1.0
     ray_cpus: int = 2
     verbose: bool = False
@@ -122,11 +123,18 @@ def backend_config(ray_tmp: str | Path, client_cpus: float = 1.0, ray_cpus: int 
 
 
 def prepare_population(spec: SimulationSpec) -> tuple[Population, Path, float]:
-    """Write the population JSON and every rover's data (reusing what is there); returns it, its path, seconds."""
+    """Write the population JSON and every rover's data (reusing what is there); returns it, its path, seconds.
+
+    With ``spec.rover_data`` the rovers are those recorded folders (read, never written) and no data are made.
+    """
     from forest_perception.collab.flower.task import merge_run_config
 
     config = merge_run_config(spec.run_config)
     out = Path(spec.out_dir)
+    if spec.rover_data:
+        population = recorded_population(spec.rover_data, seed=spec.population_seed, availability=spec.availability,
+                                         decoder_fraction=spec.decoder_fraction, faults=spec.faults)
+        return population, population.save(out / "population.json"), 0.0
     data_root = Path(spec.data_root) if spec.data_root else out / "rovers"
     semicyclic = config["algorithm"] in ("mm-psgd", "mc-psgd")
     population = make_population(

@@ -22,7 +22,8 @@ import numpy as np
 from forest_perception.collab.state import pack_state, unpack_state
 from forest_perception.collab.updates import ClientUpdate, NDArrays
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_READABLE_SCHEMAS = (1, 2)  # version 1 had no evaluations table; opened for writing it is upgraded
 
 UPDATE_STATUSES = ("accepted", "rejected", "failed", "missing")
 """``accepted``/``rejected``: screened by the server; ``failed``: the rover replied with an error;
@@ -75,6 +76,19 @@ CREATE TABLE IF NOT EXISTS server_state (
     round INTEGER NOT NULL,
     state BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS evaluations (
+    round INTEGER NOT NULL,
+    name TEXT NOT NULL,  -- a rover id, "rovers" (their frame-weighted mean) or "cloud"
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    frames INTEGER NOT NULL,
+    absrel REAL,
+    delta1 REAL,
+    rmse REAL,
+    loss REAL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (round, name)
+);
 CREATE TABLE IF NOT EXISTS update_blobs (
     round INTEGER NOT NULL,
     rover_id TEXT NOT NULL,
@@ -105,6 +119,39 @@ class UpdateEntry:
     update: ClientUpdate | None = None  # the parsed update, written to update_blobs when kept
 
 
+EVAL_KINDS = ("rover", "rovers", "cloud")
+"""``rover``: one rover's held-out segments; ``rovers``: their frame-weighted mean; ``cloud``: the cloud test folder."""
+EVAL_STATUSES = ("ok", "no_data", "no_holdout", "failed", "missing")
+AGGREGATE = "rovers"
+CLOUD = "cloud"
+
+
+@dataclass
+class EvalEntry:
+    """The global model of one round scored on one rover's held-out segments, their mean, or the cloud test."""
+
+    name: str  # rover id, AGGREGATE or CLOUD
+    kind: str = "rover"
+    status: str = "ok"
+    frames: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # absrel, delta1, rmse, eval-loss
+    message: str = ""
+
+
+def aggregate_evaluations(entries: Sequence[EvalEntry]) -> EvalEntry:
+    """The frame-weighted mean of the rovers' ``ok`` evaluations (status ``missing`` when there is none)."""
+    scored = [e for e in entries if e.kind == "rover" and e.status == "ok" and e.frames > 0]
+    frames = sum(e.frames for e in scored)
+    metrics: dict[str, float] = {}
+    for key in ("absrel", "delta1", "rmse", "eval-loss"):
+        pairs = [(e.frames, e.metrics[key]) for e in scored if math.isfinite(e.metrics.get(key, math.nan))]
+        weight = sum(n for n, _ in pairs)
+        if weight:
+            metrics[key] = sum(n * v for n, v in pairs) / weight
+    status = "ok" if scored else "missing"
+    return EvalEntry(AGGREGATE, "rovers", status, frames, metrics, f"{len(scored)} of {len(entries)} rover(s)")
+
+
 @dataclass
 class RoundRecord:
     """Everything one completed round leaves in the store (besides the model and state)."""
@@ -119,6 +166,7 @@ class RoundRecord:
     chosen: str | None = None
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    evaluations: list[EvalEntry] = field(default_factory=list)
     resumed: bool = False
 
     def count(self, status: str) -> int:
@@ -225,10 +273,14 @@ class CoordinatorStore:
                 with self._transaction() as conn:
                     conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             return
-        if int(version) != SCHEMA_VERSION:
+        if int(version) not in _READABLE_SCHEMAS:
             raise ValueError(
-                f"coordinator store {self.path} has schema version {version}, this code reads {SCHEMA_VERSION}"
+                f"coordinator store {self.path} has schema version {version}, this code reads "
+                f"{', '.join(map(str, _READABLE_SCHEMAS))}"
             )
+        if int(version) < SCHEMA_VERSION and not self.readonly:  # the schema script added the new tables
+            with self._transaction() as conn:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     # ------------------------------------------------------------------ identity
 
@@ -347,9 +399,36 @@ class CoordinatorStore:
                         (record.server_round, entry.rover_id, entry.chain, seq, blob),
                     )
                     seq += 1
+            self._insert_evaluations(conn, record.server_round, record.evaluations)
             self._insert_model(conn, record.server_round, names, params)
             conn.execute(
                 "INSERT OR REPLACE INTO server_state VALUES (1, ?, ?)", (record.server_round, pack_state(state))
+            )
+
+    def commit_evaluation(self, server_round: int, entries: Sequence[EvalEntry]) -> None:
+        """Store the evaluations of an already committed round's model (round 0: the initial model) at once."""
+        last = self.last_round()
+        if last is None or server_round > last:
+            raise ValueError(f"coordinator store {self.path}: no model of round {server_round} to have evaluated")
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM evaluations WHERE round = ?", (int(server_round),))
+            self._insert_evaluations(conn, server_round, entries)
+
+    @staticmethod
+    def _insert_evaluations(conn: sqlite3.Connection, server_round: int, entries: Sequence[EvalEntry]) -> None:
+        for e in entries:
+            if e.kind not in EVAL_KINDS or e.status not in EVAL_STATUSES:
+                raise ValueError(f"evaluation {e.name!r} of round {server_round}: kind {e.kind!r} / status "
+                                 f"{e.status!r} not in {EVAL_KINDS} / {EVAL_STATUSES}")
+
+            def number(key: str, metrics: dict = e.metrics) -> float | None:
+                value = metrics.get(key)
+                return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+            conn.execute(
+                "INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (int(server_round), e.name, e.kind, e.status, int(e.frames), number("absrel"), number("delta1"),
+                 number("rmse"), number("eval-loss"), e.message),
             )
 
     @staticmethod
@@ -423,6 +502,21 @@ class CoordinatorStore:
             item["metrics"] = json.loads(item["metrics"])
             out.append(item)
         return out
+
+    def evaluations(self, server_round: int | None = None) -> list[dict]:
+        """Evaluation rows (round, name, kind, status, frames, absrel, delta1, rmse, loss, message) by round, name.
+
+        A store of schema version 1 has none.
+        """
+        if self._conn.execute("SELECT name FROM sqlite_master WHERE name = 'evaluations'").fetchone() is None:
+            return []
+        query, args = "SELECT * FROM evaluations", []
+        if server_round is not None:
+            query, args = query + " WHERE round = ?", [int(server_round)]
+        cursor = self._conn.execute(
+            query + " ORDER BY round, CASE kind WHEN 'rovers' THEN 0 WHEN 'cloud' THEN 1 ELSE 2 END, name", args)
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row)) for row in cursor.fetchall()]
 
     def rejections(self, server_round: int | None = None) -> list[dict]:
         """The refused updates (with ``reason`` and ``message``)."""

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from forest_perception.collab.rover.holdout import DEFAULT_HOLDOUT_FRACTION
 from forest_perception.collab.updates import NDArrays
 
-SCOPES: dict[str, tuple[str, ...]] = {"all": ("",), "decoder": ("decoder.", "head.")}
-"""Which tensors (name prefixes) a rover of each scope trains."""
+SCOPES: dict[str, tuple[str, ...]] = {"all": ("",), "decoder": ("decoder.", "fine.", "head.")}
+"""Which tensors (name prefixes) a rover of each scope trains: ``decoder`` freezes the auto-encoder's encoder or
+the multi-scale net's coarse net and trains the rest."""
 
 DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     # the run
@@ -34,7 +36,7 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     # selection and screening
     "fraction-train": 1.0,
     "min-train-nodes": 1,
-    "fraction-evaluate": 0.0,
+    "fraction-evaluate": 1.0,
     "min-evaluate-nodes": 0,
     "evaluate-every": 1,
     "round-timeout": 600.0,
@@ -47,22 +49,32 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "fedlaavg-weighting": "uniform",
     "num-blocks": 2,
     "rounds-per-block": 1,
-    # model and local training
-    "model": "autoencoder",
-    "base-channels": 4,
-    "input-height": 64,
-    "input-width": 80,
+    # the network: init (a shipped name or a checkpoint) and/or the architecture keys ("" / 0: unset)
+    "init": "",
+    "model": "",
+    "model-kwargs": "",
+    "base-channels": 0,
+    "input-height": 0,
+    "input-width": 0,
+    # local training
     "batch-size": 4,
     "local-epochs": 1,
     "local-steps": 0,
     "lr": 0.001,
     "min-depth": 0.1,
     "max-depth": 10.0,
-    "val-fraction": 0.25,
     "torch-threads": 1,
+    # the rover's data and its one hold-out split (collab_node's gate uses the same)
+    "holdout-fraction": 0.2,
+    "holdout-seed": 0,
+    "max-train-frames": 2000,
+    "max-holdout-frames": 200,
     # where rovers find their data (node config data-dir wins; see client_app)
     "population": "",
+    "rover-data": "",
     "data-root": "",
+    # the coordinator's own test folder, evaluated every round
+    "cloud-test": "",
 }
 """Run configuration defaults; ``pyproject.toml``'s ``[tool.flwr.app.config]`` holds the same keys."""
 
@@ -93,7 +105,11 @@ def merge_run_config(*layers: Mapping | None) -> dict:
 
 @dataclass
 class TaskConfig:
-    """Model and local-training settings of a rover."""
+    """Model and local-training settings of a rover.
+
+    ``base_channels`` sizes the auto-encoder (ignored by the multi-scale net); ``model_kwargs`` holds the
+    network's other constructor keywords (a ``base_channels`` there moves into the field).
+    """
 
     model: str = "autoencoder"
     base_channels: int = 4
@@ -104,39 +120,91 @@ class TaskConfig:
     lr: float = 1e-3
     min_depth: float = 0.1
     max_depth: float = 10.0
-    val_fraction: float = 0.25
     seed: int = 0
     threads: int = 1
+    model_kwargs: dict = field(default_factory=dict)
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION
+    holdout_seed: int = 0
+    max_train_frames: int = 2000
+    max_holdout_frames: int = 200
 
     @classmethod
     def from_run_config(cls, config: Mapping) -> TaskConfig:
-        """From a (merged) run config with Flower's kebab-case keys."""
+        """From a (merged) run config with Flower's kebab-case keys.
+
+        Unset architecture keys come from ``init`` (read only then) or the quick default network
+        (:func:`forest_perception.collab.flower.network.architecture_from_run_config`).
+        """
+        from forest_perception.collab.flower.network import (
+            ARCHITECTURE_KEYS,
+            Architecture,
+            architecture_from_run_config,
+            complete_kwargs,
+            parse_model_kwargs,
+        )
+
         c = merge_run_config(config)
+        if all(c[k] not in ("", 0) for k in ARCHITECTURE_KEYS if k != "base-channels"):
+            # every key given (what the coordinator sends): no checkpoint to read
+            kwargs = parse_model_kwargs(c["model-kwargs"])
+            if c["base-channels"]:
+                kwargs["base_channels"] = c["base-channels"]
+            arch = Architecture(c["model"], complete_kwargs(c["model"], kwargs, "run config model-kwargs"),
+                                (c["input-height"], c["input-width"]))
+        else:
+            arch, _ = architecture_from_run_config(c)
         return cls(
-            model=c["model"],
-            base_channels=c["base-channels"],
-            input_hw=(c["input-height"], c["input-width"]),
+            model=arch.model,
+            model_kwargs=dict(arch.kwargs),
+            input_hw=arch.input_hw,
             batch_size=c["batch-size"],
             local_epochs=c["local-epochs"],
             local_steps=c["local-steps"],
             lr=c["lr"],
             min_depth=c["min-depth"],
             max_depth=c["max-depth"],
-            val_fraction=c["val-fraction"],
             seed=c["seed"],
             threads=c["torch-threads"],
+            holdout_fraction=c["holdout-fraction"],
+            holdout_seed=c["holdout-seed"],
+            max_train_frames=c["max-train-frames"],
+            max_holdout_frames=c["max-holdout-frames"],
         ).validate()
+
+    def network_kwargs(self) -> dict:
+        """The network's constructor keywords (``base_channels`` included for the auto-encoder)."""
+        kwargs = {k: v for k, v in self.model_kwargs.items() if k != "base_channels"}
+        if self.model == "autoencoder":
+            kwargs["base_channels"] = self.base_channels
+        return kwargs
+
+    def run_config(self) -> dict[str, bool | int | float | str]:
+        """The architecture and depth range as run-config keys (what the coordinator sends every rover)."""
+        from forest_perception.collab.flower.network import kwargs_text
+
+        return {
+            "model": self.model,
+            "model-kwargs": kwargs_text(self.network_kwargs()),
+            "base-channels": int(self.base_channels) if self.model == "autoencoder" else 0,
+            "input-height": int(self.input_hw[0]),
+            "input-width": int(self.input_hw[1]),
+            "min-depth": float(self.min_depth),
+            "max-depth": float(self.max_depth),
+        }
 
     def validate(self) -> TaskConfig:
         """Raise ``ValueError`` naming the first bad field."""
         from forest_perception.models.data import check_input_hw
 
         self.input_hw = check_input_hw(self.input_hw)
-        for name in ("base_channels", "batch_size", "local_epochs"):
+        self.model_kwargs = dict(self.model_kwargs or {})
+        if "base_channels" in self.model_kwargs:
+            self.base_channels = self.model_kwargs.pop("base_channels")
+        for name in ("base_channels", "batch_size", "local_epochs", "max_train_frames", "max_holdout_frames"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("local_steps", "seed", "threads"):
+        for name in ("local_steps", "seed", "threads", "holdout_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -144,8 +212,8 @@ class TaskConfig:
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if not (0 < self.min_depth < self.max_depth and math.isfinite(self.max_depth)):
             raise ValueError(f"need 0 < min_depth < max_depth, got {self.min_depth} and {self.max_depth}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be within [0, 1), got {self.val_fraction!r}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be within [0, 1), got {self.holdout_fraction!r}")
         return self
 
 
@@ -159,11 +227,9 @@ def build_model(config: TaskConfig) -> nn.Module:
     """
     from forest_perception.models.networks import build_model as build_network
 
-    # base-channels sizes the auto-encoder; the multi-scale net has fixed widths
-    kwargs = {"base_channels": config.base_channels} if config.model == "autoencoder" else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return build_network(config.model, config.input_hw, **kwargs)
+        return build_network(config.model, config.input_hw, **config.network_kwargs())
 
 
 def tensor_names(model: nn.Module) -> list[str]:
@@ -237,9 +303,18 @@ def _apply_scope(model: nn.Module, scope: str) -> None:
 # ---------------------------------------------------------------------------------------------- data
 
 
+class NoDataError(ValueError):
+    """A rover has no usable recordings (missing, empty or unreadable folder); the message names the folder."""
+
+
 @dataclass
 class LocalData:
-    """A rover's frames as tensors: normalised images ``Nx3xHxW`` and depth ``Nx1xHxW`` (0 = invalid)."""
+    """A rover's frames as tensors: normalised images ``Nx3xHxW`` and depth ``Nx1xHxW`` (0 = invalid).
+
+    ``train_*`` are the frames of its training segments, ``val_*`` those of its held-out segments
+    (:func:`forest_perception.collab.rover.holdout.rover_split`); with a single segment nothing is held out
+    and ``val_*`` are the training frames (``val_is_train``).
+    """
 
     path: str
     train_images: torch.Tensor
@@ -248,6 +323,8 @@ class LocalData:
     val_depth: torch.Tensor
     segments: list[str] = field(default_factory=list)
     val_is_train: bool = False
+    train_segments: list[str] = field(default_factory=list)
+    holdout_segments: list[str] = field(default_factory=list)
 
     @property
     def num_train(self) -> int:
@@ -256,12 +333,21 @@ class LocalData:
 
     @property
     def num_val(self) -> int:
-        """Validation frames."""
+        """Validation (held-out) frames."""
         return int(self.val_images.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the tensors hold."""
+        tensors = [self.train_images, self.train_depth]
+        if not self.val_is_train:
+            tensors += [self.val_images, self.val_depth]
+        return sum(t.element_size() * t.nelement() for t in tensors)
 
 
 _DATA_CACHE: OrderedDict[tuple, LocalData] = OrderedDict()
-_DATA_CACHE_SIZE = 256
+_DATA_CACHE_BYTES = 1 << 30
+"""Decoded frames kept per process (a Ray actor plays many virtual rovers and reads each one's PNGs once)."""
 
 
 def stack_frames(dataset: object, indices: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,45 +357,72 @@ def stack_frames(dataset: object, indices: Sequence[int] | None = None) -> tuple
 
 
 def load_local_data(data_dir: str | Path, config: TaskConfig) -> LocalData:
-    """The rover's frames under ``data_dir`` (forest layout), split by segment, cached per process.
+    """The rover's frames under ``data_dir`` (forest layout), split by :func:`~.rover.holdout.rover_split`.
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the folder when it is missing or holds no frames.
+    Segments are found as collab_node finds them (:func:`forest_perception.collab.rover.dataset.scan_recordings`:
+    unreadable segments are skipped) and split with ``config.holdout_fraction`` / ``holdout_seed``, so the
+    frames this rover trains on are never among those its gate holds out. At most ``max_train_frames`` /
+    ``max_holdout_frames`` frames, spread evenly. Cached per process. Nothing under ``data_dir`` is written.
+
+    Raises :class:`NoDataError` naming the folder when it is missing, holds no readable frames, or a frame
+    does not load.
     """
-    from forest_perception.models.data import ForestDepthDataset, collect_segments, split_segments
+    from forest_perception.collab.rover.dataset import scan_recordings
+    from forest_perception.collab.rover.holdout import rover_split
+    from forest_perception.collab.rover.training import build_local_data
 
     path = Path(data_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"rover data folder {path} does not exist")
-    segments = [s for s in collect_segments(path) if len(s) > 0]
-    if not segments:
-        raise ValueError(f"rover data folder {path} holds no frames")
+        raise NoDataError(f"rover data folder {path} does not exist")
+    scan = scan_recordings(path)
+    frames = {state.segment_id: state.frames for state in scan.segments}
+    train_ids, held_ids = rover_split(frames, config.holdout_fraction, config.holdout_seed)
+    if not train_ids:
+        skipped = f"; {len(scan.errors)} unreadable segment(s), first: {next(iter(scan.errors.values()))}" \
+            if scan.errors else ""
+        raise NoDataError(f"rover data folder {path} holds no frames in Run-<N>/<segment>/ folders{skipped}")
     key = (
-        str(path.resolve()), config.input_hw, config.min_depth, config.max_depth, config.val_fraction, config.seed,
-        tuple((str(s.path), len(s)) for s in segments),
+        str(path.resolve()), config.input_hw, config.min_depth, config.max_depth, config.holdout_fraction,
+        config.holdout_seed, config.max_train_frames, config.max_holdout_frames,
+        tuple((s.segment_id, str(s.path), s.frames, s.stamp) for s in scan.segments),
     )
     cached = _DATA_CACHE.get(key)
     if cached is not None:
         _DATA_CACHE.move_to_end(key)
         return cached
-    common = {"input_hw": config.input_hw, "max_depth": config.max_depth, "min_depth": config.min_depth}
-    if len(segments) >= 2 and config.val_fraction > 0:
-        train_segments, val_segments, _ = split_segments(segments, config.val_fraction, 0.0, config.seed)
-        val_is_train = False
-    else:
-        train_segments, val_segments, val_is_train = segments, segments, True
-    train_images, train_depth = stack_frames(ForestDepthDataset(train_segments, **common))
-    if val_is_train:
-        val_images, val_depth = train_images, train_depth
-    else:
-        val_images, val_depth = stack_frames(ForestDepthDataset(val_segments, **common))
-    data = LocalData(
-        str(path), train_images, train_depth, val_images, val_depth,
-        [s.segment_id for s in segments], val_is_train,
-    )
+    try:
+        data = build_local_data([scan.segment(i) for i in train_ids], [scan.segment(i) for i in held_ids], config,
+                                config.max_train_frames, config.max_holdout_frames, label=str(path))
+    except (OSError, ValueError) as exc:
+        raise NoDataError(f"rover data folder {path}: {exc}") from exc
     _DATA_CACHE[key] = data
-    while len(_DATA_CACHE) > _DATA_CACHE_SIZE:
+    while len(_DATA_CACHE) > 1 and sum(d.nbytes for d in _DATA_CACHE.values()) > _DATA_CACHE_BYTES:
         _DATA_CACHE.popitem(last=False)
     return data
+
+
+def load_test_frames(folder: str | Path, config: TaskConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and depth of a test folder (forest layout, every segment), at most ``max_holdout_frames`` spread evenly.
+
+    The coordinator's ``cloud-test``; ``ValueError`` naming the folder when it has no readable frames.
+    """
+    from forest_perception.collab.rover.dataset import scan_recordings
+    from forest_perception.collab.rover.holdout import spread_indices
+    from forest_perception.models.data import ForestDepthDataset
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"cloud test folder {path} does not exist")
+    scan = scan_recordings(path)
+    segments = [scan.segment(s.segment_id) for s in scan.segments if s.frames > 0]
+    if not segments:
+        raise ValueError(f"cloud test folder {path} holds no frames in Run-<N>/<segment>/ folders")
+    try:
+        dataset = ForestDepthDataset(segments, input_hw=config.input_hw, min_depth=config.min_depth,
+                                     max_depth=config.max_depth)
+        return stack_frames(dataset, spread_indices(len(dataset), config.max_holdout_frames))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cloud test folder {path}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------- train / evaluate

@@ -7,7 +7,7 @@ settings and status (:mod:`.agent`, :mod:`.settings`, :mod:`.status`). Torch, ON
 imported only by the functions that need them. See ``docs/federated.md`` ("The rover's collab_node").
 """
 
-from forest_perception.collab.rover.dataset import DatasetScan, DatasetWatcher, SegmentState
+from forest_perception.collab.rover.dataset import DatasetScan, DatasetWatcher, SegmentState, scan_recordings
 from forest_perception.collab.rover.gate import (
     EXPORTERS,
     GATE_CODES,
@@ -21,7 +21,14 @@ from forest_perception.collab.rover.gate import (
     export_candidate,
     prune_accepted,
 )
-from forest_perception.collab.rover.holdout import HoldoutSet, holdout_split, make_holdout, spread_indices
+from forest_perception.collab.rover.holdout import (
+    DEFAULT_HOLDOUT_FRACTION,
+    HoldoutSet,
+    holdout_split,
+    make_holdout,
+    rover_split,
+    spread_indices,
+)
 from forest_perception.collab.rover.idle import IdleDetector, odometry_speed, train_permission
 from forest_perception.collab.rover.ledger import CURRENT_ARRAYS_FILE, LEDGER_FILE, DeploymentLedger
 from forest_perception.collab.rover.models import (
@@ -49,6 +56,7 @@ from forest_perception.collab.rover.training import LocalTraining, build_local_d
 
 __all__ = [
     "CURRENT_ARRAYS_FILE",
+    "DEFAULT_HOLDOUT_FRACTION",
     "DROP_FORMAT",
     "DROP_PATTERN",
     "EXPORTERS",
@@ -86,6 +94,8 @@ __all__ = [
     "prune_accepted",
     "read_candidate",
     "read_global_model_file",
+    "rover_split",
+    "scan_recordings",
     "spread_indices",
     "task_from_meta",
     "task_meta",

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from forest_perception.collab.rover.dataset import DatasetScan, DatasetWatcher
 from forest_perception.collab.rover.gate import GateDecision, ValidationGate, prune_accepted
-from forest_perception.collab.rover.holdout import HoldoutSet, holdout_split, make_holdout
+from forest_perception.collab.rover.holdout import HoldoutSet, make_holdout, rover_split
 from forest_perception.collab.rover.idle import IdleDetector, odometry_speed, train_permission
 from forest_perception.collab.rover.ledger import DeploymentLedger
 from forest_perception.collab.rover.models import GlobalModel
@@ -141,8 +141,8 @@ class CollabAgent:
 
     # ---------------------------------------------------------------- polling
     def _split_locked(self) -> tuple[list[str], list[str]]:
-        ids = [s.segment_id for s in self._scan.segments if s.frames > 0]
-        return holdout_split(ids, float(self.p["holdout_fraction"]), int(self.p["holdout_seed"]))
+        frames = {s.segment_id: s.frames for s in self._scan.segments}
+        return rover_split(frames, float(self.p["holdout_fraction"]), int(self.p["holdout_seed"]))
 
     def poll(self) -> Job | None:
         """Rescan the dataset and the model source; the job to run next (gate, sync or auto-training), if any."""

@@ -110,3 +110,12 @@ class DatasetWatcher:
     def segment(self, segment_id: str) -> Segment:
         """The parsed segment of the last scan (``KeyError`` if it was not there)."""
         return self._known[segment_id].segment
+
+
+def scan_recordings(root: str | os.PathLike) -> DatasetScan:
+    """One scan of a rover's recordings (what collab_node's watcher sees): readable segments and skipped ones.
+
+    The rover's ClientApp and collab_node both find the segments this way, so they agree on what the rover
+    recorded; an unreadable segment is in ``errors``, not in ``segments``.
+    """
+    return DatasetWatcher(root).scan()

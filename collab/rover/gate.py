@@ -66,9 +66,13 @@ def build_network(model: GlobalModel, base: TaskConfig) -> tuple[Any, dict[str, 
 
     config = model.task_config(base)
     network = build_model(config)
-    set_arrays(network, model.names, model.arrays)  # refuses missing/unknown/mis-shaped/non-finite tensors
+    try:
+        set_arrays(network, model.names, model.arrays)  # refuses missing/unknown/mis-shaped/non-finite tensors
+    except ValueError as exc:
+        arch = f"{config.model} at {config.input_hw[1]}x{config.input_hw[0]} {config.network_kwargs()}"
+        raise ValueError(f"its tensors are not those of the network it names ({arch}): {exc}") from None
     network.eval()
-    kwargs = {"base_channels": config.base_channels} if config.model == "autoencoder" else {}
+    kwargs = config.network_kwargs()
     meta = {
         "model_name": config.model,
         "model_kwargs": kwargs,

@@ -1,10 +1,15 @@
-"""The rover's held-out frames: split by segment, never by frame, stable as new segments arrive."""
+"""The rover's held-out frames: split by segment, never by frame, stable as new segments arrive.
+
+:func:`rover_split` is THE split of a rover's recordings: the rover's Flower ClientApp trains only on its
+``train`` segments and evaluates on its ``holdout`` segments, and collab_node's gate evaluates candidates on
+exactly those ``holdout`` segments (``docs/federated.md``, "One hold-out split").
+"""
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +48,21 @@ def holdout_split(segment_ids: Sequence[str], fraction: float, seed: int = 0) ->
     if len(holdout) == len(ids):
         holdout.discard(max(ids, key=scores.__getitem__))
     return [s for s in ids if s not in holdout], [s for s in ids if s in holdout]
+
+
+DEFAULT_HOLDOUT_FRACTION = 0.2
+"""Share of a rover's segments held out, for collab_node (``holdout_fraction``) and the ClientApp alike."""
+
+
+def rover_split(frames_by_segment: Mapping[str, int], fraction: float = DEFAULT_HOLDOUT_FRACTION,
+                seed: int = 0) -> tuple[list[str], list[str]]:
+    """``(train, holdout)`` segment ids of a rover's recordings: :func:`holdout_split` of the segments with frames.
+
+    ``frames_by_segment`` maps segment ids (``'1a'`` = ``Run-1/a``) to their frame counts, as
+    :func:`forest_perception.collab.rover.dataset.scan_recordings` finds them. Segments without frames are on
+    neither side. The two lists are disjoint and together hold every segment with frames.
+    """
+    return holdout_split([s for s, n in frames_by_segment.items() if n > 0], fraction, seed)
 
 
 @dataclass

@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # torch is imported only by the functions that need it
 
 DROP_FORMAT = "forest-global-model/1"
 DROP_PATTERN = re.compile(r"^global-r(\d+)\.(npz|pt)$")
-TASK_META_KEYS = ("model", "base-channels", "input-height", "input-width", "min-depth", "max-depth")
-"""Run-config keys a dropped model carries so the rover can rebuild its network."""
+TASK_META_KEYS = ("model", "model-kwargs", "base-channels", "input-height", "input-width", "min-depth", "max-depth")
+"""Run-config keys a dropped model carries so the rover can rebuild its network (and ``normalisation``)."""
 
 
 @dataclass
@@ -48,28 +48,52 @@ class GlobalModel:
 
 
 def task_meta(config: TaskConfig) -> dict[str, Any]:
-    """The architecture part of a task config in run-config spelling (what a dropped model carries)."""
+    """The architecture part of a task config in run-config spelling, and the image normalisation it was trained
+    with (what a dropped model carries)."""
+    from forest_perception.collab.flower.network import image_normalisation
+
+    run_config = config.run_config()
+    mean, std = image_normalisation()
     return {
         "model": config.model,
+        "model-kwargs": run_config["model-kwargs"],
         "base-channels": int(config.base_channels),
         "input-height": int(config.input_hw[0]),
         "input-width": int(config.input_hw[1]),
         "min-depth": float(config.min_depth),
         "max-depth": float(config.max_depth),
+        "normalisation": {"mean": mean, "std": std},
     }
 
 
 def task_from_meta(meta: Mapping[str, Any], base: TaskConfig) -> TaskConfig:
-    """``base`` overridden by the architecture keys present in ``meta``; ``ValueError`` naming a bad value."""
+    """``base`` overridden by the architecture keys present in ``meta``; ``ValueError`` naming a bad value.
+
+    A model of another network than ``base``'s without ``model-kwargs`` gets that network's defaults; one trained
+    with another image normalisation than the task's is refused naming both.
+    """
     from dataclasses import replace
 
+    from forest_perception.collab.flower.network import normalisation_problem, parse_model_kwargs
+
+    problem = normalisation_problem(meta.get("normalisation"), "the model")
+    if problem:
+        raise ValueError(problem)
     height = meta.get("input-height", base.input_hw[0])
     width = meta.get("input-width", base.input_hw[1])
+    model = str(meta.get("model", base.model))
     try:
+        if "model-kwargs" in meta:
+            kwargs = parse_model_kwargs(str(meta["model-kwargs"]))
+        else:
+            kwargs = dict(base.model_kwargs) if model == base.model else {}
+        if "base-channels" in meta and model == "autoencoder":
+            kwargs["base_channels"] = int(meta["base-channels"])
         config = replace(
             base,
-            model=str(meta.get("model", base.model)),
-            base_channels=int(meta.get("base-channels", base.base_channels)),
+            model=model,
+            model_kwargs=kwargs,
+            base_channels=int(kwargs.get("base_channels", base.base_channels)),
             input_hw=(int(height), int(width)),
             min_depth=float(meta.get("min-depth", base.min_depth)),
             max_depth=float(meta.get("max-depth", base.max_depth)),
@@ -179,6 +203,7 @@ def read_global_model_file(path: Path) -> GlobalModel:
 
 
 def _read_checkpoint(path: Path, server_round: int | None) -> GlobalModel:
+    from forest_perception.collab.flower.network import complete_kwargs, kwargs_text, normalisation_problem
     from forest_perception.collab.flower.task import get_arrays
     from forest_perception.models.torch_engine import load_torch_checkpoint
 
@@ -186,10 +211,14 @@ def _read_checkpoint(path: Path, server_round: int | None) -> GlobalModel:
         model, meta = load_torch_checkpoint(path)
     except ValueError as exc:  # ModelLoadError names the path
         raise ValueError(str(exc)) from None
+    problem = normalisation_problem(meta.get("normalisation"), f"checkpoint {str(path)!r}")
+    if problem:
+        raise ValueError(problem)
     names, arrays = get_arrays(model)
-    kwargs = dict(meta.get("model_kwargs") or {})
+    name = str(meta["model_name"])
+    kwargs = complete_kwargs(name, dict(meta.get("model_kwargs") or {}), f"checkpoint {str(path)!r}: model_kwargs")
     height, width = (int(v) for v in meta["input_hw"])
-    task = {"model": str(meta["model_name"]), "input-height": height, "input-width": width}
+    task = {"model": name, "model-kwargs": kwargs_text(kwargs), "input-height": height, "input-width": width}
     if "base_channels" in kwargs:
         task["base-channels"] = int(kwargs["base_channels"])
     for key, meta_key in (("min-depth", "min_depth"), ("max-depth", "max_depth")):

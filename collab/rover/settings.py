@@ -48,7 +48,8 @@ def task_config(p: Params) -> TaskConfig:
         model=p["model"], base_channels=p["base_channels"], input_hw=(p["input_height"], p["input_width"]),
         batch_size=p["batch_size"], local_epochs=p["local_epochs"], local_steps=p["local_steps"], lr=p["lr"],
         min_depth=p["min_depth_m"], max_depth=p["max_depth_m"], seed=p["holdout_seed"],
-        threads=p["torch_threads"],
+        threads=p["torch_threads"], holdout_fraction=float(p["holdout_fraction"]), holdout_seed=p["holdout_seed"],
+        max_train_frames=p["max_train_frames"], max_holdout_frames=p["max_holdout_frames"],
     ).validate()
 
 
@@ -92,6 +93,11 @@ def supernode_problem(p: Params, rover_id: str) -> str:
     return ""
 
 
+def split_node_config(p: Params) -> dict[str, float | int]:
+    """The hold-out split in node-config spelling: the rover's ClientApp uses it over the run config's."""
+    return {"holdout-fraction": float(p["holdout_fraction"]), "holdout-seed": int(p["holdout_seed"])}
+
+
 def supernode_log(p: Params) -> Path:
     """The SuperNode's log file: ``supernode_log``, else ``<models_dir>/supernode/supernode.log``."""
     return Path(p["supernode_log"] or Path(p["models_dir"]) / "supernode" / "supernode.log").resolve()
@@ -100,14 +106,17 @@ def supernode_log(p: Params) -> Path:
 def supernode_launch(p: Params, rover_id: str) -> tuple[list[str], dict[str, str]]:
     """The SuperNode's argv and environment; its home, node config and caches go beside its log.
 
-    Creates the drop folder the ClientApp writes into. ``ValueError``/``OSError`` when they cannot be made.
+    The node config carries the node's ``holdout_fraction``/``holdout_seed``, so the ClientApp never trains on
+    the segments this node's gate holds out (:func:`split_node_config`). Creates the drop folder the ClientApp
+    writes into. ``ValueError``/``OSError`` when they cannot be made.
     """
     log = supernode_log(p)
     key = Path(p["auth_private_key"]).resolve()
     Path(p["model_source"]).mkdir(parents=True, exist_ok=True)
     argv = supernode_argv(
         str(p["superlink_address"]), Path(p["root_certificates"]).resolve(), key, p["dataset_dir"], rover_id,
-        p["model_source"], executable=str(p["supernode_executable"]), node_config_file=log.parent / "node_config.toml",
+        p["model_source"], split_node_config(p), executable=str(p["supernode_executable"]),
+        node_config_file=log.parent / "node_config.toml",
         runtime_port=free_ports(1)[0], runtime_cert=key.with_name("runtime.crt"),
         runtime_key=key.with_name("runtime.key"))
     return argv, supernode_environment(log.parent / "flwr_home", log.parent / "cache")

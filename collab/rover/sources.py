@@ -116,7 +116,10 @@ class StoreSource:
                 identity = store.identity
         except (sqlite3.Error, LookupError, ValueError) as exc:
             raise ValueError(f"coordinator store {str(self.path)!r}, round {ref.round}: {exc}") from None
-        meta = {k: identity[k] for k in ("model", "base-channels") if k in identity}
+        meta = {k: identity[k] for k in ("model", "model-kwargs", "base-channels") if k in identity}
+        if isinstance(identity.get("input"), str) and "x" in identity["input"]:  # "WIDTHxHEIGHT"
+            width, height = identity["input"].split("x", 1)
+            meta.update({"input-width": int(width), "input-height": int(height)})
         return GlobalModel(ref.round, names, [np.asarray(a) for a in arrays], meta, str(self.path))
 
 

@@ -53,7 +53,8 @@ def build_local_data(
     else:
         val_images, val_depth, val_is_train = train_images, train_depth, True
     return LocalData(label, train_images, train_depth, val_images, val_depth,
-                     [s.segment_id for s in train + held], val_is_train)
+                     [s.segment_id for s in train + held], val_is_train,
+                     train_segments=[s.segment_id for s in train], holdout_segments=[s.segment_id for s in held])
 
 
 def train_locally(

@@ -31,7 +31,13 @@ from forest_perception.collab.flower.simulation import (
     run_with_flwr_cli,
 )
 from forest_perception.collab.flower.store import CoordinatorStore
-from forest_perception.collab.flower.task import DEFAULT_RUN_CONFIG, TaskConfig, load_local_data, merge_run_config
+from forest_perception.collab.flower.task import (
+    DEFAULT_RUN_CONFIG,
+    NoDataError,
+    TaskConfig,
+    load_local_data,
+    merge_run_config,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -96,7 +102,7 @@ def test_rover_data_are_non_iid_in_the_dataset_layout_and_reused(tmp_path):
     # fog washes the colours out: far less spread between the channels of a pixel than in sunlight
     assert float(b.train_images.std(dim=1).mean()) < 0.5 * float(a.train_images.std(dim=1).mean())
     assert load_local_data(sunny.data_dir, config) is a  # decoded once per process
-    with pytest.raises(FileNotFoundError, match="missing does not exist"):
+    with pytest.raises(NoDataError, match="missing does not exist"):
         load_local_data(tmp_path / "missing", config)
 
 
@@ -149,7 +155,7 @@ def test_real_apps_train_screen_and_store_in_process(tmp_path):
     status = {(e.rover_id, e.status, e.reason) for e in records[0].entries}
     assert status == {("rover_000", "accepted", ""), ("rover_001", "accepted", ""),
                       ("rover_002", "rejected", "non_finite"), ("rover_003", "rejected", "stale"),
-                      ("rover_004", "failed", "client_error")}
+                      ("rover_004", "failed", "no_data")}
     failed = next(e for e in records[0].entries if e.rover_id == "rover_004")
     assert "does not exist" in failed.message
     with CoordinatorStore(tmp_path / "c.db", readonly=True) as store:

@@ -196,7 +196,10 @@ def test_forest_sim_camera_image_size(sim_parser, tmp_path, capsys):
 def test_forest_fl_image_size(fl_parser, tmp_path, capsys, command, default):
     base = ["simulate", "--out", str(tmp_path)] if command == "simulate" else [
         "deploy", "--certs", str(tmp_path), "--run-dir", str(tmp_path)]
-    assert fl_parser.parse_args(base).data_size == default
+    from forest_perception.collab.flower.cli import data_size
+
+    args = fl_parser.parse_args(base)
+    assert args.data_size is None and data_size(args) == default  # no --init: the command's default
     assert fl_parser.parse_args([*base, "--image-size", "64x48"]).data_size == (48, 64)
     with pytest.raises(UsageError, match="argument --image-size: image size must be WIDTHxHEIGHT"):
         fl_parser.parse_args([*base, "--image-size", "48", "64"])
