@@ -278,6 +278,9 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
                         help="logs, Flower homes, coordinator.db, nodes.json")
     deploy.add_argument("--rover", action="append", default=[], metavar="ID=DATA_DIR",
                         help="a rover and its recordings (forest dataset layout); repeatable")
+    deploy.add_argument("--rover-data", nargs="+", type=existing_dir, default=[], metavar="DIR",
+                        help="recorded dataset folders, one SuperNode each, named after the folder (certs must "
+                             "hold keys for those names); only read, never written")
     deploy.add_argument("--virtual-rovers", type=non_negative_int, default=0,
                         help="also N simulated rovers rover_000.. with procedural data in RUN_DIR/rovers")
     deploy.add_argument("--frames", type=positive_int, default=4, help="frames per virtual rover")
@@ -314,8 +317,14 @@ def _deploy_rovers(args: argparse.Namespace) -> list:
         if not sep or not rover_id or not data_dir:
             raise ValueError(f"--rover {item!r} is not ID=DATA_DIR")
         rovers.append(RoverNode(rover_id.strip(), Path(data_dir.strip())))
+    if args.rover_data:
+        from forest_perception.collab.flower.population import recorded_rover_ids
+
+        folders = [Path(d).resolve() for d in args.rover_data]
+        rovers += [RoverNode(rover_id, folder) for rover_id, folder in zip(recorded_rover_ids(folders), folders)]
     if not rovers:
-        raise ValueError("name the rovers: --rover ID=DATA_DIR (repeatable) or --virtual-rovers N")
+        raise ValueError("name the rovers: --rover ID=DATA_DIR (repeatable), --rover-data DIR [DIR ...] or "
+                         "--virtual-rovers N")
     return rovers
 
 

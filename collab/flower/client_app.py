@@ -1,10 +1,11 @@
 """The rover ``ClientApp``: trains the depth network on the rover's own recordings and sends back a delta.
 
-Stateless, as in Flower's quickstart: where a rover finds its data (node config ``data-dir``, run config
-``population``, ``rover-data`` or ``data-root``), the messages it answers and the faults tests inject are
-described in ``docs/federated.md`` ("Messages", "Bad input"). It trains only on the training segments of
-:func:`forest_perception.collab.rover.holdout.rover_split` and evaluates on the held-out ones (node config
-``holdout-fraction``/``holdout-seed`` win over the run config's, so collab_node's gate holds out the same).
+Stateless, as in Flower's quickstart: where a rover finds its data (node config ``data-dir`` or
+``rover-data``, run config ``population``, ``rover-data`` or ``data-root``, in this order), the messages it
+answers and the faults tests inject are described in ``docs/federated.md`` ("Messages", "Bad input").
+It trains only on the training segments of :func:`forest_perception.collab.rover.holdout.rover_split` and
+evaluates on the held-out ones (node config ``holdout-fraction``/``holdout-seed`` win over the run config's,
+so collab_node's gate holds out the same).
 A rover without usable recordings answers ``no-data`` and the round goes on without it. With node config
 ``model-drop-dir`` every global model received for training is also handed to the rover's collab_node
 (:func:`drop_global_model`).
@@ -80,20 +81,24 @@ def resolve_rover(context: Context, config: Mapping) -> RoverIdentity:
             scope=str(node.get("scope", "all")),
             fault=str(node.get("fault", "")),
         )
+    elif node.get("rover-data") or (config.get("rover-data") and not config.get("population")):
+        # node config rover-data (a deployed SuperNode: its own folder) wins over the run config's list
+        where = "node config" if node.get("rover-data") else "run config"
+        folders = rover_data_folders(str(node.get("rover-data") or config["rover-data"]))
+        if "partition-id" not in node and len(folders) != 1:
+            raise ValueError(f"{where} rover-data names {len(folders)} folders: the node config needs a partition-id")
+        partition = 0 if len(folders) == 1 else int(node["partition-id"])  # one folder: this node's own
+        if not 0 <= partition < len(folders):
+            raise NoDataError(f"{where} rover-data names {len(folders)} folder(s), none for partition-id "
+                              f"{partition}: run as many SuperNodes as folders")
+        rover_id = str(node.get("rover-id", recorded_rover_ids(folders)[partition]))
+        identity = RoverIdentity(rover_id, folders[partition], str(node.get("scope", "all")),
+                                 str(node.get("fault", "")))
     elif config.get("population"):
         if "partition-id" not in node:
             raise ValueError("run config names a population but the node config has no partition-id")
         rover = load_population(str(config["population"])).by_partition(int(node["partition-id"]))
         identity = RoverIdentity(rover.rover_id, rover.data_dir, rover.scope, rover.fault)
-    elif config.get("rover-data"):
-        if "partition-id" not in node:
-            raise ValueError("run config rover-data needs a partition-id in the node config")
-        folders = rover_data_folders(str(config["rover-data"]))
-        partition = int(node["partition-id"])
-        if not 0 <= partition < len(folders):
-            raise NoDataError(f"run config rover-data names {len(folders)} folder(s), none for partition-id "
-                              f"{partition}: run as many SuperNodes as folders")
-        identity = RoverIdentity(recorded_rover_ids(folders)[partition], folders[partition])
     elif config.get("data-root"):
         if "partition-id" not in node:
             raise ValueError("run config data-root needs a partition-id in the node config")
@@ -101,7 +106,8 @@ def resolve_rover(context: Context, config: Mapping) -> RoverIdentity:
         identity = RoverIdentity(rover_id, str(Path(str(config["data-root"])) / rover_id))
     else:
         raise ValueError(
-            "this rover has no data: set node config data-dir (deployment) or run config population / data-root"
+            "this rover has no data: set node config data-dir or rover-data (deployment) or run config population / "
+            "rover-data / data-root"
         )
     if identity.scope not in SCOPES:
         raise ValueError(f"rover {identity.rover_id!r}: unknown scope {identity.scope!r}; choose one of {list(SCOPES)}")
