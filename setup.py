@@ -36,7 +36,8 @@ setup(
         (f"share/{PACKAGE}/launch", _files("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", _files("config/*.yaml") + _files("config/*.xml")),
         (f"share/{PACKAGE}/scripts", ["scripts/make_certs.sh"]),
-        (f"share/{PACKAGE}/models", _files("models/weights/*.onnx") + _files("models/weights/*.md")
+        (f"share/{PACKAGE}/models", _files("models/weights/*.onnx") + _files("models/weights/*.pt")
+         + _files("models/weights/*.md")
          + _files("models/weights/*.json")),
     ],
     options=_DEVELOP_OPTIONS,

@@ -6,6 +6,9 @@ Examples::
     forest-train train --model autoencoder --data data/synth --epochs 40 --out runs/ae --resume
     forest-train eval --checkpoint runs/ae/checkpoints/best.pt --data data/test --out runs/ae/eval
     forest-train export --checkpoint runs/ae/checkpoints/best.pt --out runs/ae/autoencoder_320x240.onnx
+    forest-train train --init multiscale_320x240 --data DATA/rover_1 DATA/rover_2 --epochs 5 --lr 1e-4 --out runs/ft
+    forest-train eval --model multiscale_320x240 --data data/test
+    forest-train eval-styles --model multiscale_320x240 autoencoder_160x128 --data styles/hilly styles/dense --out r
 
 A ``--out`` that already holds a run is refused unless ``--resume`` continues it or ``--overwrite`` replaces it.
 Bad input (a missing or broken file, a folder that is no dataset, a bad flag value, an ``--out`` that cannot be
@@ -38,8 +41,16 @@ from forest_perception.cli_args import (
 )
 from forest_perception.dataset_tools.settings import add_reading_arguments
 from forest_perception.models.cli_types import DefaultsHelpFormatter, onnx_output, output_folder
+from forest_perception.models.data import MIN_DEPTH_M
 from forest_perception.models.networks import MODEL_NAMES
-from forest_perception.models.trainer import SCHEDULERS, TrainOptions, check_image_size
+from forest_perception.models.train_options import (
+    DEFAULT_INPUT_HW,
+    DEFAULT_MAX_DEPTH_M,
+    DEFAULT_MODEL,
+    SCHEDULERS,
+    TrainOptions,
+    check_image_size,
+)
 
 PROG = "forest-train"
 EXIT_VERIFICATION = 1
@@ -65,18 +76,37 @@ def _model_kwarg(text: str) -> tuple[str, object]:
         return key, value
 
 
+def _checkpoint_or_name(text: str) -> Path:
+    """A checkpoint file or a shipped fp32 network's name (its ``models/weights/<name>.pt``)."""
+    from forest_perception.models.checkpoints import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(text, allow_int8=False)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     defaults = TrainOptions()
     train = sub.add_parser("train", help="train a depth network", formatter_class=DefaultsHelpFormatter,
                            description="Train a depth network; --out gets checkpoints/, log.csv, curves.png and "
                            "command.txt once the first epoch is done. A --out that holds a run is refused unless "
                            "--resume continues it or --overwrite replaces it.")
-    train.add_argument("--model", default=defaults.model, choices=MODEL_NAMES, help="network")
+    train.add_argument("--model", default=None, choices=MODEL_NAMES,
+                       help=f"network; with --init the checkpoint's (default: {DEFAULT_MODEL})")
+    train.add_argument("--init", default=None, metavar="CHECKPOINT_OR_NAME",
+                       help="start from these weights (fine-tuning): a .pt file or a shipped model name such as "
+                       "multiscale_320x240 (an ..._int8 name means its fp32 network); network, input size and depth "
+                       "range come from it, flags that disagree are refused")
+    train.add_argument("--freeze-encoder", action="store_true", default=None,
+                       help="keep the encoder fixed (auto-encoder: its encoder; multi-scale: the coarse global "
+                       "network); weights and BatchNorm statistics stay bit-identical")
     train.add_argument("--model-kwarg", action="append", type=_model_kwarg, default=[], metavar="KEY=VALUE",
                        help="constructor argument of the network, repeatable (value parsed as JSON)")
     # a string default goes through image_size like a typed value; --help shows it as written
-    train.add_argument("--image-size", dest="input_hw", type=image_size, default=format_image_size(defaults.input_hw),
-                       metavar="WIDTHxHEIGHT", help="network input, multiples of 16")
+    train.add_argument("--image-size", dest="input_hw", type=image_size, default=None, metavar="WIDTHxHEIGHT",
+                       help="network input, multiples of 16; with --init the checkpoint's "
+                       f"(default: {format_image_size(DEFAULT_INPUT_HW)})")
     train.add_argument("--data", nargs="+", required=True, type=existing_dir, metavar="DIR",
                        help="training dataset roots/segments")
     train.add_argument("--val", nargs="+", default=[], type=existing_dir, metavar="DIR",
@@ -101,11 +131,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--loss-l1", type=non_negative_float, default=defaults.loss_l1, help="weight of the L1 loss")
     train.add_argument("--loss-smooth", type=non_negative_float, default=defaults.loss_smooth,
                        help="weight of the edge-aware smoothness loss")
-    train.add_argument("--min-depth", type=positive_float, default=defaults.min_depth,
-                       help="metres; closer depth is invalid")
-    train.add_argument("--max-depth", type=positive_float, default=defaults.max_depth,
-                       help="metres; farther depth is left out of the loss and the metrics")
-    train.add_argument("--no-augment", dest="augment", action="store_false", help="no flip/jitter/blur")
+    train.add_argument("--loss-log-l1", type=non_negative_float, default=defaults.loss_log_l1,
+                       help="weight of the L1 loss on log depth (metric scale, relative error)")
+    train.add_argument("--loss-gradient", type=non_negative_float, default=defaults.loss_gradient,
+                       help="weight of the multi-scale gradient matching loss on log depth (scale-invariant)")
+    train.add_argument("--loss-silog-scale", type=non_negative_float, default=defaults.loss_silog_scale,
+                       help="share of the global scale error inside silog, within [0, 1] (0: fully "
+                       "scale-invariant; 1: log RMSE)")
+    train.add_argument("--min-depth", type=positive_float, default=None,
+                       help=f"metres; closer depth is invalid; with --init the checkpoint's (default: {MIN_DEPTH_M:g})")
+    train.add_argument("--max-depth", type=positive_float, default=None,
+                       help="metres; farther depth is left out of the loss and the metrics; with --init the "
+                       f"checkpoint's (default: {DEFAULT_MAX_DEPTH_M:g})")
+    train.add_argument("--no-augment", dest="augment", action="store_false",
+                       help="no augmentation (flip; white balance, colour jitter, gamma, blur, noise)")
+    train.add_argument("--cache", type=output_folder, default=None, metavar="DIR",
+                       help="frame cache folder: frames resized once to the input size and read memory-mapped "
+                       "after that (bounded memory, reused by later runs on the same data and size)")
+    train.add_argument("--amp", action="store_true",
+                       help="mixed precision autocast (bfloat16, float16 on GPUs without it); losses in float32")
     train.add_argument("--workers", type=non_negative_int, default=defaults.workers,
                        help="DataLoader worker processes")
     train.add_argument("--seed", type=non_negative_int, default=defaults.seed, help="seed of the split, "
@@ -133,7 +177,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint", formatter_class=DefaultsHelpFormatter,
                         description="Metric table of a checkpoint on dataset folders; with --out also example "
                         "pictures, metrics.json and metrics.csv (replaced when there).")
-    ev.add_argument("--checkpoint", required=True, type=existing_file, help="a .pt written by 'forest-train train'")
+    which = ev.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", type=_checkpoint_or_name,
+                       help="a .pt written by 'forest-train train', or a shipped model name")
+    which.add_argument("--model", dest="checkpoint", type=_checkpoint_or_name,
+                       help="a shipped model name such as multiscale_320x240 (its PyTorch checkpoint), or a .pt")
     ev.add_argument("--data", nargs="+", required=True, type=existing_dir, metavar="DIR",
                     help="dataset roots/segments")
     ev.add_argument("--out", type=output_folder, default=None,
@@ -173,11 +221,33 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     export.set_defaults(handler=_export)
 
 
+def _add_eval_styles(sub: argparse._SubParsersAction) -> None:
+    styles = sub.add_parser("eval-styles", help="metrics of models per dataset folder (forest style) and the worst",
+                            formatter_class=DefaultsHelpFormatter,
+                            description="One row per dataset folder and the worst folder (highest absrel) for every "
+                            "model, on full camera frames as the rover runs it; with --out also styles.json, "
+                            "styles.csv and styles.png.")
+    styles.add_argument("--model", nargs="+", required=True, metavar="MODEL",
+                        help="shipped model names (their ONNX files, int8 too), .onnx files or .pt checkpoints")
+    styles.add_argument("--data", nargs="+", required=True, type=existing_dir, metavar="DIR",
+                        help="dataset folders, one per style (each a row)")
+    styles.add_argument("--out", type=output_folder, default=None, help="folder for styles.json/.csv/.png")
+    styles.add_argument("--max-frames", type=non_negative_int, default=0,
+                        help="frames per folder, spread evenly (0 = all)")
+    styles.add_argument("--threads", type=positive_int, default=2, help="CPU threads of the engines")
+    styles.add_argument("--min-depth", type=positive_float, default=None, help="metres (default: the first model's)")
+    styles.add_argument("--max-depth", type=positive_float, default=None, help="metres (default: the first model's)")
+    add_reading_arguments(styles)
+    styles.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
+    styles.set_defaults(handler=_eval_styles)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``forest-train`` argument parser with its ``train``, ``eval`` and ``export`` subcommands."""
+    """The ``forest-train`` argument parser with its ``train``, ``eval``, ``eval-styles`` and ``export`` commands."""
     parser, sub = command_parser(PROG, "Train, evaluate and export forest depth networks.")
     _add_train(sub)
     _add_eval(sub)
+    _add_eval_styles(sub)
     _add_export(sub)
     return parser
 
@@ -201,14 +271,17 @@ def _train(args: argparse.Namespace, command: str) -> int:
     from forest_perception.models.trainer import Trainer
 
     opts = TrainOptions(
-        model=args.model, model_kwargs=dict(args.model_kwarg), input_hw=args.input_hw,
+        model=args.model, model_kwargs=dict(args.model_kwarg) if args.model_kwarg else None, input_hw=args.input_hw,
         data=[str(p) for p in args.data], val=[str(p) for p in args.val], val_fraction=args.val_fraction,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         scheduler=args.scheduler, step_size=args.step_size, gamma=args.gamma, loss_silog=args.loss_silog,
-        loss_berhu=args.loss_berhu, loss_l1=args.loss_l1, loss_smooth=args.loss_smooth, min_depth=args.min_depth,
+        loss_berhu=args.loss_berhu, loss_l1=args.loss_l1, loss_smooth=args.loss_smooth, loss_log_l1=args.loss_log_l1,
+        loss_gradient=args.loss_gradient, loss_silog_scale=args.loss_silog_scale, min_depth=args.min_depth,
         max_depth=args.max_depth, augment=args.augment, workers=args.workers, seed=args.seed, out=str(args.out),
         device=args.device, threads=args.threads, resume=_resume_checkpoint(args), overwrite=args.overwrite,
         eval_every=args.eval_every, max_batches=args.max_batches, progress=args.progress, command=command,
+        init=args.init, freeze_encoder=args.freeze_encoder, cache=None if args.cache is None else str(args.cache),
+        amp=args.amp,
         depth_scale=args.depth_scale, depth_larger=args.depth_larger, column_aliases=dict(args.column_aliases),
     )
     trainer = Trainer(opts)
@@ -240,6 +313,16 @@ def _eval(args: argparse.Namespace, command: str) -> int:
     evaluate(args.checkpoint, data, max_depth=args.max_depth, min_depth=args.min_depth,
              out=args.out, batch_size=args.batch_size, num_examples=args.examples, device=args.device,
              workers=args.workers, progress=args.progress)
+    return 0
+
+
+def _eval_styles(args: argparse.Namespace, command: str) -> int:
+    from forest_perception.dataset_tools.settings import settings_from_args
+    from forest_perception.models.styles import evaluate_styles
+
+    evaluate_styles(args.model, [str(p) for p in args.data], out=args.out, max_frames=args.max_frames,
+                    threads=args.threads, min_depth=args.min_depth, max_depth=args.max_depth,
+                    settings=settings_from_args(args), progress=args.progress)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -26,6 +27,7 @@ from forest_perception.dataset_tools.layout import (
 )
 from forest_perception.dataset_tools.settings import DatasetSettings
 from forest_perception.inference import DEFAULT_MEAN, DEFAULT_STD
+from forest_perception.models.frame_cache import MAX_CACHED_DEPTH_M, FrameCache
 from forest_perception.models.networks.layers import check_input_hw as check_network_input
 
 MIN_DEPTH_M = 0.1
@@ -174,26 +176,73 @@ def colour_jitter(
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class PhotometricAugment:
+    """Train-time changes of the image alone (the depth stays true): each applied with its probability.
+
+    White balance (a gain per channel), colour jitter (brightness, contrast, saturation, hue), gamma, Gaussian blur
+    and sensor noise, in that order; the image stays in [0, 1]. They stand in for other cameras, exposures and
+    light than those of the training forests.
+    """
+
+    white_balance_p: float = 0.5
+    white_balance: float = 0.12
+    """each channel's gain is drawn from [1 - white_balance, 1 + white_balance]"""
+    jitter_p: float = 0.8
+    brightness: float = 0.25
+    contrast: float = 0.25
+    saturation: float = 0.3
+    hue: float = 0.05
+    gamma_p: float = 0.5
+    gamma: tuple[float, float] = (0.7, 1.5)
+    """``image ** g`` with ``g`` log-uniform in this range"""
+    blur_p: float = 0.2
+    blur_sigma: tuple[float, float] = (0.3, 1.2)
+    noise_p: float = 0.3
+    noise_std: float = 0.03
+    """Gaussian noise with a standard deviation drawn from [0, noise_std] (image units)"""
+
+    def __call__(self, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The changed copy of an RGB float32 image in [0, 1]."""
+        out = np.asarray(rgb, np.float32)
+        if rng.random() < self.white_balance_p:
+            gains = rng.uniform(1 - self.white_balance, 1 + self.white_balance, 3).astype(np.float32)
+            out = np.clip(out * gains, 0.0, 1.0)
+        if rng.random() < self.jitter_p:
+            out = colour_jitter(out, rng, self.brightness, self.contrast, self.saturation, self.hue)
+        if rng.random() < self.gamma_p:
+            gamma = math.exp(rng.uniform(math.log(self.gamma[0]), math.log(self.gamma[1])))
+            out = np.power(np.clip(out, 0.0, 1.0), gamma, dtype=np.float32)
+        if rng.random() < self.blur_p:
+            sigma = float(rng.uniform(*self.blur_sigma))
+            out = cv2.GaussianBlur(np.ascontiguousarray(out), (0, 0), sigmaX=sigma)
+        if rng.random() < self.noise_p:
+            std = float(rng.uniform(0.0, self.noise_std))
+            out = np.clip(out + rng.normal(0.0, std, out.shape).astype(np.float32), 0.0, 1.0)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+DEFAULT_PHOTOMETRIC = PhotometricAugment()
+
+
 def augment_pair(
     rgb: np.ndarray,
     depth: np.ndarray,
     rng: np.random.Generator,
     flip_p: float = 0.5,
-    jitter_p: float = 0.8,
-    blur_p: float = 0.2,
+    photometric: PhotometricAugment | None = DEFAULT_PHOTOMETRIC,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train-time augmentation of an RGB float [0, 1] image and its depth.
 
-    Horizontal flip moves image and depth together; colour jitter and Gaussian blur touch
-    only the image (depth geometry is unchanged by them).
+    Horizontal flip moves image and depth together (a mirrored scene has the same metric depth for the same
+    camera); ``photometric`` touches only the image. Nothing crops or rescales: a crop resized back to the input is
+    a longer focal length, which would teach the network wrong metric depth for the rover's camera.
     """
     if rng.random() < flip_p:
         rgb = rgb[:, ::-1]
         depth = depth[:, ::-1]
-    if rng.random() < jitter_p:
-        rgb = colour_jitter(rgb, rng)
-    if rng.random() < blur_p:
-        rgb = cv2.GaussianBlur(np.ascontiguousarray(rgb), (0, 0), sigmaX=float(rng.uniform(0.3, 1.2)))
+    if photometric is not None:
+        rgb = photometric(np.ascontiguousarray(rgb), rng)
     return np.ascontiguousarray(rgb), np.ascontiguousarray(depth)
 
 
@@ -206,6 +255,10 @@ class ForestDepthDataset(Dataset):
     Each item is a dict: ``image`` float32 3xHxW normalised, ``depth`` float32 1xHxW metres
     with 0 where invalid (NaN, <= ``min_depth``), ``valid`` bool 1xHxW (``min_depth < d <=
     max_depth``), ``segment`` (id like ``'1a'``), ``stem`` and ``index``.
+
+    Frames are read when an item is asked for (nothing is held in memory); with ``cache`` (a folder) they come
+    from the memory-mapped shards of ``models.frame_cache`` once ``prepare_cache`` has built them.
+    ``photometric`` is the image augmentation used when ``augment`` (horizontal flip is always part of it).
     """
 
     def __init__(
@@ -217,6 +270,8 @@ class ForestDepthDataset(Dataset):
         seed: int = 0,
         min_depth: float = MIN_DEPTH_M,
         settings: DatasetSettings | None = None,
+        cache: str | os.PathLike | None = None,
+        photometric: PhotometricAugment | None = DEFAULT_PHOTOMETRIC,
     ) -> None:
         self.input_hw = check_input_hw(input_hw)
         if not (math.isfinite(max_depth) and max_depth > min_depth > 0):
@@ -227,6 +282,11 @@ class ForestDepthDataset(Dataset):
         if not self.index:
             raise ValueError(f"no frames found in {_describe_source(source)}")
         self.augment = bool(augment)
+        self.photometric = photometric
+        if cache is not None and max_depth > MAX_CACHED_DEPTH_M:
+            raise ValueError(f"--max-depth {max_depth:g} is beyond the {MAX_CACHED_DEPTH_M:g} m the frame cache "
+                             "stores (uint16 millimetres); lower --max-depth or train without --cache")
+        self.cache = FrameCache(cache, self.segments, self.input_hw) if cache is not None else None
         self.max_depth = float(max_depth)
         self.min_depth = float(min_depth)
         self.seed = int(seed)
@@ -248,22 +308,36 @@ class ForestDepthDataset(Dataset):
         rgb, depth, _ = load_frame(self.segments[si], fi)
         return rgb, depth
 
+    def load_resized(self, si: int, fi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frame ``fi`` of segment ``si`` at the input size: from the frame cache when it holds it, else decoded and
+        resized (``resize_pair``). ``FrameLoadError`` naming the frame when its files cannot be read."""
+        if self.cache is not None:
+            cached = self.cache.read(si, fi)
+            if cached is not None:
+                return cached
+        segment = self.segments[si]
+        try:
+            rgb, depth, _ = load_frame(segment, fi)
+        except (OSError, ValueError) as exc:
+            raise FrameLoadError(f"frame {segment.frames[fi].stem} of segment {segment.segment_id}: "
+                                 f"{describe_error(exc)}; fix or remove that frame") from exc
+        return resize_pair(rgb, depth, self.input_hw)
+
+    def prepare_cache(self, workers: int = 0, progress: bool = False) -> int:
+        """Build the frame cache's missing shards (no-op without a cache); returns the frames written."""
+        if self.cache is None:
+            return 0
+        return self.cache.build(self.load_resized, workers=workers, progress=progress)
+
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for a dataset of {len(self)} frames")
         i %= len(self)
-        try:
-            rgb, depth = self.load(i)
-        except (OSError, ValueError) as exc:
-            si, fi = self.index[i]
-            segment = self.segments[si]
-            raise FrameLoadError(f"frame {segment.frames[fi].stem} of segment {segment.segment_id}: "
-                                 f"{describe_error(exc)}; fix or remove that frame") from exc
-        rgb, depth = resize_pair(rgb, depth, self.input_hw)
+        rgb, depth = self.load_resized(*self.index[i])
         image = rgb.astype(np.float32) / 255.0
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, i])
-            image, depth = augment_pair(image, depth, rng)
+            image, depth = augment_pair(image, depth, rng, photometric=self.photometric)
         depth = np.where(np.isfinite(depth) & (depth > self.min_depth), depth, 0.0).astype(np.float32)
         valid = (depth > 0) & (depth <= self.max_depth)
         image = (image - self.mean) / self.std
@@ -281,7 +355,8 @@ class ForestDepthDataset(Dataset):
     def describe(self) -> str:
         """One line: frames, segments, input size."""
         ids = ",".join(s.segment_id for s in self.segments[:8]) + ("..." if len(self.segments) > 8 else "")
-        return f"{len(self)} frames in {len(self.segments)} segment(s) [{ids}] at {self.input_hw[1]}x{self.input_hw[0]}"
+        line = f"{len(self)} frames in {len(self.segments)} segment(s) [{ids}] at {self.input_hw[1]}x{self.input_hw[0]}"
+        return f"{line}; {self.cache.describe()}" if self.cache is not None else line
 
 
 def _describe_source(source: object) -> str:

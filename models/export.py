@@ -226,6 +226,8 @@ def _export_verified(model: nn.Module, meta: Mapping[str, Any], out_path: Path, 
         "train_git_commit": str(meta.get("git_commit") or "unknown"),
         "verify_max_abs_error_m": report["max_abs_error_m"],
     }
+    if meta.get("init"):  # a fine-tuned network: the checkpoint it started from (name, file, sha256)
+        props["init"] = dict(meta["init"])
     set_metadata(out_path, props)
     _LOG.info("exported %s in %.1f s, max abs error vs PyTorch %.2e m", name, export_s, report["max_abs_error_m"])
 
@@ -500,8 +502,25 @@ def write_model_card(onnx_path: str | os.PathLike, info: Mapping[str, Any] | Non
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit() or "unknown",
     }
+    if meta.get("init"):
+        card["init"] = meta["init"]
     card.update({key: value for key, value in dict(info or {}).items() if value is not None})
     write_text_atomic(onnx_path.with_suffix(".json"), json.dumps(card, indent=2, sort_keys=False, default=str) + "\n")
+    return write_text_atomic(onnx_path.with_suffix(".md"), _card_markdown(card))
+
+
+def update_model_card(onnx_path: str | os.PathLike, fields: Mapping[str, Any]) -> Path:
+    """Add or replace ``fields`` in the card of a model (``<name>.json``) and rewrite its ``.md``; returns the .md.
+
+    Everything else in the card (date, metrics, commands) is kept as it was.
+    """
+    onnx_path = Path(onnx_path)
+    card_path = onnx_path.with_suffix(".json")
+    if not card_path.is_file():
+        raise ValueError(f"model card {str(card_path)!r} does not exist")
+    card = json.loads(card_path.read_text())
+    card.update(fields)
+    write_text_atomic(card_path, json.dumps(card, indent=2, sort_keys=False, default=str) + "\n")
     return write_text_atomic(onnx_path.with_suffix(".md"), _card_markdown(card))
 
 
@@ -556,6 +575,17 @@ def _card_markdown(card: Mapping[str, Any]) -> str:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
     else:
         lines.append("No evaluation metrics recorded (untrained or not evaluated).")
+    if card.get("init"):
+        lines += ["", "## Fine-tuned from", "", "| field | value |", "|---|---|"]
+        lines += [f"| {key} | `{_fmt(value)}` |" for key, value in card["init"].items()]
+    if card.get("checkpoint"):
+        lines += ["", "## PyTorch checkpoint", "", "| field | value |", "|---|---|"]
+        for key, value in card["checkpoint"].items():
+            if key == "size_bytes":
+                lines.append(f"| size | {_fmt(value)} bytes |")
+            else:
+                label = f"{key[:-2]} (m)" if key.endswith("_m") else key
+                lines.append(f"| {label.replace('_', ' ')} | `{_fmt(value)}` |")
     if card.get("int8"):
         lines += ["", "## int8 vs fp32", "", "```json", json.dumps(card["int8"], indent=2, default=str), "```"]
     if card.get("notes"):

@@ -83,6 +83,45 @@ def berhu_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, c_f
     return torch.where(diff <= c, diff, (diff * diff + c * c) / (2.0 * c)).mean()
 
 
+def log_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean ``|log(pred) - log(target)|`` over the valid pixels of the batch: a metric (not scale-invariant) term
+    that weighs near and far pixels alike by their relative error, unlike L1 in metres, which far pixels dominate."""
+    _check(pred, target, mask)
+    if not bool(mask.any()):
+        return _zero_like(pred)
+    return (torch.log(pred[mask].clamp(min=_EPS)) - torch.log(target[mask])).abs().mean()
+
+
+def gradient_matching_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, scales: int = 4
+                           ) -> torch.Tensor:
+    """Multi-scale gradient matching of log depth (MiDaS, Ranftl et al. 2020; Li and Snavely 2018).
+
+    ``r = log(pred) - log(target)``; at each of ``scales`` scales (every 1st, 2nd, 4th, 8th pixel) the mean of
+    ``|r(x+1) - r(x)| + |r(y+1) - r(y)|`` over neighbour pairs that are both valid. Invariant to the global scale,
+    it asks for depth edges and slopes where the target has them (trunks against the ground, the ground's
+    slope), which the depth of a camera at another height or field of view keeps.
+    """
+    _check(pred, target, mask)
+    if not bool(mask.any()):
+        return _zero_like(pred)
+    safe_target = torch.where(mask, target, torch.ones_like(target))
+    residual = torch.where(mask, torch.log(pred.clamp(min=_EPS)) - torch.log(safe_target), torch.zeros_like(pred))
+    total = _zero_like(pred)
+    used = 0
+    for k in range(scales):
+        step = 2**k
+        r, m = residual[..., ::step, ::step], mask[..., ::step, ::step]
+        pairs_x, pairs_y = m[..., :, 1:] & m[..., :, :-1], m[..., 1:, :] & m[..., :-1, :]
+        count = pairs_x.sum() + pairs_y.sum()
+        if int(count) == 0:
+            continue
+        grad_x = (r[..., :, 1:] - r[..., :, :-1]).abs() * pairs_x
+        grad_y = (r[..., 1:, :] - r[..., :-1, :]).abs() * pairs_y
+        total = total + (grad_x.sum() + grad_y.sum()) / count
+        used += 1
+    return total / max(used, 1)
+
+
 def edge_aware_smoothness(depth: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     """Edge-aware smoothness of mean-normalised inverse depth (monodepth2), weighted by ``exp(-|image grad|)``.
 
@@ -100,11 +139,14 @@ def edge_aware_smoothness(depth: torch.Tensor, image: torch.Tensor) -> torch.Ten
 
 
 class DepthLoss(nn.Module):
-    """Weighted sum of silog, BerHu, L1 and edge-aware smoothness; ``forward`` returns ``(total, parts)``.
+    """Weighted sum of the terms in ``TERMS``; ``forward`` returns ``(total, parts)``.
 
     Terms with weight 0 are skipped. ``parts`` holds the unweighted, detached value of each term used.
     The mask defaults to ``valid_mask(target, min_depth, max_depth)``; smoothness needs ``image``.
+    ``variance_focus`` is silog's lambda: ``1 - variance_focus`` weighs the global scale error inside silog.
     """
+
+    TERMS = ("silog", "berhu", "l1", "log_l1", "gradient", "smooth")
 
     def __init__(
         self,
@@ -115,16 +157,23 @@ class DepthLoss(nn.Module):
         min_depth: float = 0.1,
         max_depth: float = 20.0,
         variance_focus: float = 0.85,
+        log_l1: float = 0.0,
+        gradient: float = 0.0,
+        gradient_scales: int = 4,
     ) -> None:
         super().__init__()
-        weights = {"silog": silog, "berhu": berhu, "l1": l1, "smooth": smooth}
+        weights = {"silog": silog, "berhu": berhu, "l1": l1, "log_l1": log_l1, "gradient": gradient,
+                   "smooth": smooth}
         negative = {k: v for k, v in weights.items() if v < 0}
         if negative:
             raise ValueError(f"loss weights must be >= 0, got {negative}")
+        if not 0.0 <= variance_focus <= 1.0:
+            raise ValueError(f"variance_focus (silog lambda) must be within [0, 1], got {variance_focus}")
         self.weights = weights
         self.min_depth = min_depth
         self.max_depth = max_depth
         self.variance_focus = variance_focus
+        self.gradient_scales = int(gradient_scales)
 
     def forward(
         self,
@@ -140,6 +189,8 @@ class DepthLoss(nn.Module):
             "silog": lambda: silog_loss(pred, target, mask, self.variance_focus),
             "berhu": lambda: berhu_loss(pred, target, mask),
             "l1": lambda: l1_loss(pred, target, mask),
+            "log_l1": lambda: log_l1_loss(pred, target, mask),
+            "gradient": lambda: gradient_matching_loss(pred, target, mask, self.gradient_scales),
         }
         total = _zero_like(pred)
         parts: dict[str, torch.Tensor] = {}
@@ -156,4 +207,4 @@ class DepthLoss(nn.Module):
 
     def extra_repr(self) -> str:
         """Show the weights in ``print(loss)``."""
-        return ", ".join(f"{k}={v}" for k, v in self.weights.items())
+        return ", ".join(f"{k}={v}" for k, v in self.weights.items()) + f", silog_lambda={self.variance_focus}"

@@ -11,14 +11,11 @@ so a run that fails on its data leaves no empty folders behind (docs/training.md
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,186 +26,39 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from forest_perception.cli_args import format_image_size
-from forest_perception.dataset_tools.settings import DatasetSettings
+from forest_perception.models.checkpoints import checkpoint_reference, save_checkpoint
 from forest_perception.models.data import (
-    MIN_DEPTH_M,
     ForestDepthDataset,
     FrameLoadError,
-    check_input_hw,
     collect_segments,
     image_normalisation,
     split_segments,
 )
-from forest_perception.models.networks import MODEL_NAMES, build_model
-from forest_perception.models.outputs import check_output_folder
+from forest_perception.models.networks import build_model, freeze_encoder, set_train_mode
 from forest_perception.models.provenance import git_commit
 from forest_perception.models.torch_engine import model_from_checkpoint, read_checkpoint_file
 
-CHECKPOINT_FORMAT = 1
-SCHEDULERS = ("cosine", "step", "none")
-RUN_FILES = ("checkpoints/last.pt", "checkpoints/best.pt", "log.csv", "command.txt", "curves.png")
-"""The files of a run in its ``out`` folder; any of them there means the folder holds a run."""
-
-
-class RunExistsError(FileExistsError):
-    """The output folder already holds a training run that this one would write over."""
-
-
-def check_image_size(input_hw: Sequence[int]) -> tuple[int, int]:
-    """``check_input_hw`` with a message in the ``--image-size WIDTHxHEIGHT`` spelling of the command lines."""
-    try:
-        return check_input_hw(input_hw)
-    except ValueError:
-        shown = format_image_size(input_hw) if len(input_hw) == 2 else repr(input_hw)
-        raise ValueError(f"--image-size {shown}: width and height must be positive multiples of 16 "
-                         "(e.g. 320x240, 160x128, 96x64)") from None
-
-
-def _flag(name: str) -> str:
-    """The command-line flag of a ``TrainOptions`` field (``val_fraction`` -> ``--val-fraction``)."""
-    return "--image-size" if name == "input_hw" else "--" + name.replace("_", "-")
-
-
-def existing_run_files(out: str | os.PathLike) -> list[str]:
-    """The ``RUN_FILES`` present in ``out`` (relative names), empty when it holds no run."""
-    out = Path(out)
-    return [name for name in RUN_FILES if (out / name).is_file()]
-
-
-def _inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
-    return Path(path).resolve().is_relative_to(Path(folder).resolve())
-
-
-def worker_error_message(exc: BaseException) -> str:
-    """The original one-line message of an exception re-raised by a DataLoader worker (no worker traceback)."""
-    text = str(exc)
-    if "Original Traceback" not in text:
-        return text
-    last = [line for line in text.splitlines() if line.strip()][-1]
-    _, sep, message = last.partition(": ")
-    return message if sep else last
-
-
-@dataclass
-class TrainOptions:
-    """Everything a training run depends on; stored in every checkpoint."""
-
-    model: str = "autoencoder"
-    model_kwargs: dict = field(default_factory=dict)
-    input_hw: tuple[int, int] = (240, 320)
-    data: list[str] = field(default_factory=list)
-    val: list[str] = field(default_factory=list)
-    val_fraction: float = 0.2
-    epochs: int = 20
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    scheduler: str = "cosine"
-    step_size: int = 10
-    gamma: float = 0.5
-    loss_silog: float = 1.0
-    loss_berhu: float = 0.0
-    loss_l1: float = 0.0
-    loss_smooth: float = 0.001
-    min_depth: float = MIN_DEPTH_M
-    max_depth: float = 10.0
-    augment: bool = True
-    workers: int = 0
-    seed: int = 0
-    out: str = "runs/depth"
-    device: str = "cpu"
-    threads: int = 0
-    resume: str | None = None
-    eval_every: int = 1
-    max_batches: int = 0
-    progress: bool = True
-    command: str = ""
-    overwrite: bool = False
-    # how to read the datasets, over their forest_dataset.yaml (--depth-scale, --depth-larger, --column-alias)
-    depth_scale: float | None = None
-    depth_larger: str | None = None
-    column_aliases: dict = field(default_factory=dict)
-
-    def dataset_settings(self) -> DatasetSettings:
-        """The reading settings the options state (none stated: each dataset's own file decides)."""
-        return DatasetSettings(
-            depth_scale_m_per_unit=self.depth_scale,
-            depth_larger_is_farther=None if self.depth_larger is None else self.depth_larger == "farther",
-            column_aliases=dict(self.column_aliases), source="the command line")
-
-    def validate(self) -> TrainOptions:
-        """Raise ``ValueError`` naming the first bad option by its command-line flag (writes nothing)."""
-        self.input_hw = check_image_size(self.input_hw)
-        if not self.data:
-            raise ValueError("no training data: give at least one dataset folder (--data)")
-        positive_ints = ("epochs", "batch_size", "eval_every", "step_size")
-        for name in positive_ints:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        for name in ("workers", "threads", "seed", "max_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{_flag(name)} must be an integer >= 0, got {value!r}")
-        for name in ("lr", "weight_decay", "gamma", "loss_silog", "loss_berhu", "loss_l1", "loss_smooth"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value!r}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if not (0 < self.min_depth < self.max_depth and math.isfinite(self.max_depth)):
-            raise ValueError(f"--min-depth ({self.min_depth}) must be above 0 and below --max-depth "
-                             f"({self.max_depth})")
-        if not (0.0 <= self.val_fraction < 1.0):
-            raise ValueError(f"--val-fraction must be within [0, 1), got {self.val_fraction}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        check_device(self.device)
-        if self.model not in MODEL_NAMES:
-            raise ValueError(f"unknown model {self.model!r} (--model); choose one of {', '.join(MODEL_NAMES)}")
-        if self.resume is not None and self.overwrite:
-            raise ValueError(f"--resume continues the run in --out {self.out}, --overwrite replaces it: give one "
-                             "of them, not both")
-        if self.resume is not None and not Path(self.resume).is_file():
-            raise FileNotFoundError(f"--resume {self.resume} does not exist; give a checkpoint of the run to "
-                                    "continue (its checkpoints/last.pt)")
-        check_output_folder(self.out, "--out")
-        return self
-
-    def check_run_folder(self) -> None:
-        """Refuse (``RunExistsError``) an ``out`` that holds a run this one would write over; reads only.
-
-        Allowed: a new or run-free folder, ``resume`` from a checkpoint inside ``out`` (continuing that run),
-        or ``overwrite``.
-        """
-        found = existing_run_files(self.out)
-        if not found or self.overwrite:
-            return
-        listing = ", ".join(found)
-        if self.resume is None:
-            raise RunExistsError(f"--out {self.out} already holds a training run ({listing}); continue it with "
-                                 "--resume, replace it with --overwrite, or give another --out")
-        if not _inside(self.resume, self.out):
-            raise RunExistsError(f"--out {self.out} already holds another training run ({listing}) and "
-                                 f"--resume {self.resume} is not one of its checkpoints: give --out the folder of "
-                                 "the run to continue, or a new folder to branch off from that checkpoint")
-
-    def to_dict(self) -> dict:
-        """Plain dict (lists, not tuples) for checkpoints and logs."""
-        out = dataclasses.asdict(self)
-        out["input_hw"] = list(self.input_hw)
-        return out
-
+# the options and --init checks live in train_options; re-exported here, where callers have always found them
+from forest_perception.models.train_options import (  # noqa: F401
+    CHECKPOINT_FORMAT,
+    DEFAULT_INPUT_HW,
+    DEFAULT_MAX_DEPTH_M,
+    DEFAULT_MODEL,
+    RUN_FILES,
+    SCHEDULERS,
+    RunExistsError,
+    TrainOptions,
+    build_loss,
+    check_device,
+    check_image_size,
+    check_init_normalisation,
+    existing_run_files,
+    load_init_weights,
+    resolve_device,
+    worker_error_message,
+)
 
 # --------------------------------------------------------------------------- model plumbing
-
-
-def build_loss(opts: TrainOptions) -> nn.Module:
-    """The depth loss with the weights of ``opts``."""
-    from forest_perception.models.losses import DepthLoss
-
-    return DepthLoss(silog=opts.loss_silog, berhu=opts.loss_berhu, l1=opts.loss_l1, smooth=opts.loss_smooth,
-                     min_depth=opts.min_depth, max_depth=opts.max_depth)
 
 
 def seed_everything(seed: int) -> None:
@@ -216,26 +66,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def check_device(name: str) -> str:
-    """``name`` if it is cpu, cuda, cuda:N or auto and usable here; ``ValueError`` naming ``--device`` otherwise."""
-    if name not in ("cpu", "cuda", "auto") and not re.fullmatch(r"cuda:\d+", name):
-        raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} asked for but CUDA is not available here; use --device cpu")
-        index = int(name.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s) here")
-    return name
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; anything else as given (checked by ``check_device``)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(check_device(name))
 
 
 def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict:
@@ -257,18 +87,23 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     return model.to(device).eval(), ckpt
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast type of ``--amp``: bfloat16 where the device has it (no loss scaling needed), else float16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+class _NotARunError(Exception):
+    """A ``--resume`` checkpoint with weights only (no optimizer state)."""
+
+
 def _as_outputs(raw: object) -> list[torch.Tensor]:
     if isinstance(raw, torch.Tensor):
         return [raw]
     if isinstance(raw, dict):
         return list(raw.values())
     return list(raw)
-
-
-def _atomic_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -279,7 +114,14 @@ class Trainer:
 
     def __init__(self, opts: TrainOptions) -> None:
         # Nothing is written here: the run folder and its files appear once the first epoch is done.
-        self.opts = opts.validate()
+        init_path = opts.check_sources()
+        source = None
+        if opts.resume is not None:
+            source = read_checkpoint(opts.resume)
+        elif init_path is not None:
+            source = read_checkpoint(init_path)
+            check_init_normalisation(source, opts.init)
+        self.opts = opts.settle(source).validate()
         opts.check_run_folder()
         self.out = Path(opts.out)
         self.checkpoint_dir = self.out / "checkpoints"
@@ -301,17 +143,34 @@ class Trainer:
             train_segments, val_segments, _ = split_segments(segments, opts.val_fraction, 0.0, opts.seed)
         else:
             train_segments, val_segments = collect_segments(opts.data, reading), []
-        common = {"input_hw": opts.input_hw, "max_depth": opts.max_depth, "min_depth": opts.min_depth}
+        common = {"input_hw": opts.input_hw, "max_depth": opts.max_depth, "min_depth": opts.min_depth,
+                  "cache": opts.cache}
         self.train_dataset = ForestDepthDataset(train_segments, augment=opts.augment, seed=opts.seed, **common)
         self.val_dataset = ForestDepthDataset(val_segments, **common) if val_segments else None
 
         try:
-            self.model = build_model(opts.model, opts.input_hw, **opts.model_kwargs).to(self.device)
+            model = build_model(opts.model, opts.input_hw, **opts.model_kwargs)
         except (TypeError, ValueError) as exc:
             given = " ".join(f"{key}={value}" for key, value in opts.model_kwargs.items())
             raise ValueError(f"--model-kwarg {given}: model {opts.model!r} does not take these arguments "
                              f"({exc})") from None
+        # what the run started from: the --init checkpoint now, the run's own record when resumed
+        self.init: dict | None = None
+        if init_path is not None:
+            load_init_weights(model, source, opts)
+            self.init = checkpoint_reference(opts.init, init_path, source)
+        elif source is not None and isinstance(source.get("init"), dict):
+            self.init = dict(source["init"])
+        self.start_metrics: dict[str, float] = {}  # the --init network's validation metrics before training
+        self.frozen_parameters = freeze_encoder(model) if opts.freeze_encoder else 0
+        self.model = model.to(self.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels once
+        self.amp_dtype = amp_dtype(self.device) if opts.amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn = build_loss(opts).to(self.device)
+        # frozen parameters get no gradient, so AdamW leaves them (and their weight decay) alone; keeping them in
+        # the optimizer keeps its state the same shape with and without --freeze-encoder
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         if opts.scheduler == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=opts.epochs)
@@ -352,12 +211,18 @@ class Trainer:
     # ----------------------------------------------------------------- one batch
 
     def process_batch(self, batch: dict) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """Forward a batch (coarse and fine outputs of ``forward_multi`` when training) and its losses."""
+        """Forward a batch (coarse and fine outputs of ``forward_multi`` when training) and its losses.
+
+        With ``amp`` the network runs in bfloat16/float16 autocast; the losses are always computed in float32.
+        """
         image = batch["image"].to(self.device, non_blocking=True)
-        if self.model.training and hasattr(self.model, "forward_multi"):
-            outputs = _as_outputs(self.model.forward_multi(image))
-        else:
-            outputs = _as_outputs(self.model(image))
+        autocast = self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=autocast):
+            if self.model.training and hasattr(self.model, "forward_multi"):
+                outputs = _as_outputs(self.model.forward_multi(image))
+            else:
+                outputs = _as_outputs(self.model(image))
+        outputs = [output.float() for output in outputs]
         return outputs, self.compute_losses(batch, outputs)
 
     def compute_losses(self, batch: dict, outputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -398,7 +263,7 @@ class Trainer:
         epoch = self.epoch
         torch.manual_seed(self.opts.seed * 100003 + epoch)  # dropout etc. identical on resume
         self.train_dataset.set_epoch(epoch)
-        self.model.train()
+        set_train_mode(self.model, frozen_encoder=bool(self.opts.freeze_encoder))
         sums: dict[str, float] = {}
         count = 0
         start = time.perf_counter()
@@ -415,14 +280,15 @@ class Trainer:
                 raise FloatingPointError(f"the loss became {loss.item()} in epoch {epoch + 1}, batch {b + 1}: "
                                          f"training diverged; lower --lr (now {self.opts.lr:g}) or check the data")
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()  # the scaler passes through unless float16 autocast needs it
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.step += 1
             n = batch["image"].shape[0]
             count += n
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
-            bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+            bar.set_postfix(loss=f"{sums['loss'] / count:.4f}", img_s=f"{count / (time.perf_counter() - start):.1f}")
         bar.close()
         seconds = time.perf_counter() - start
         result = {f"train_{k}": v / max(count, 1) for k, v in sums.items()}
@@ -458,12 +324,30 @@ class Trainer:
         """Run the remaining epochs (at most ``max_epochs`` of them in this call); returns the history."""
         opts = self.opts
         stop = opts.epochs if max_epochs is None else min(opts.epochs, self.epoch + max_epochs)
+        if opts.cache is not None and self.epoch < stop:
+            try:
+                for dataset in (self.train_dataset, self.val_dataset):
+                    if dataset is not None:
+                        dataset.prepare_cache(workers=opts.workers, progress=opts.progress)
+            except FrameLoadError as exc:
+                raise FrameLoadError(self.stop_message(f"--cache {opts.cache}: {worker_error_message(exc)}")) from exc
         if opts.progress:
             print(f"train: {self.train_dataset.describe()}")
             if self.val_dataset is not None:
                 print(f"val:   {self.val_dataset.describe()}")
-            print(f"model: {opts.model} on {self.device}, {sum(p.numel() for p in self.model.parameters()):,} "
-                  f"parameters; epochs {self.epoch + 1}..{opts.epochs}; out {self.out}")
+            total = sum(p.numel() for p in self.model.parameters())
+            trainable = total - self.frozen_parameters
+            started = f"; from {self.init['source']}" if self.init else ""
+            print(f"model: {opts.model} on {self.device}{' with ' + str(self.amp_dtype) if self.amp_dtype else ''}, "
+                  f"{total:,} parameters ({trainable:,} trained){started}; epochs {self.epoch + 1}..{opts.epochs}; "
+                  f"out {self.out}")
+        if self.init is not None and self.epoch == 0 and self.val_dataset is not None and not self.start_metrics:
+            # where fine-tuning starts: the --init network on the validation data, before any step
+            self.start_metrics = self.val()
+            if opts.progress:
+                shown = "  ".join(f"{key[4:]} {self.start_metrics[key]:.4f}" for key in
+                                  ("val_loss", "val_absrel", "val_rmse", "val_delta1") if key in self.start_metrics)
+                tqdm.write(f"epoch 0 (--init {opts.init}, before training)  {shown}")
         while self.epoch < stop:
             lr = self.optimizer.param_groups[0]["lr"]
             row: dict = {"epoch": self.epoch + 1, "lr": lr}
@@ -533,6 +417,9 @@ class Trainer:
             "history": [{k: float(v) for k, v in r.items()} for r in self.history],
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
+            "scaler_state": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "init": self.init,
+            "start_metrics": dict(self.start_metrics),
             "options": self.opts.to_dict(),
             "command": self.opts.command,
             "git_commit": self.git_commit,
@@ -549,9 +436,9 @@ class Trainer:
         if improved:
             self.best_score, self.best_epoch = score, self.epoch
         ckpt = self.checkpoint()
-        _atomic_save(ckpt, last)
+        save_checkpoint(ckpt, last)
         if improved:
-            _atomic_save(ckpt, self.checkpoint_dir / "best.pt")
+            save_checkpoint(ckpt, self.checkpoint_dir / "best.pt")
         return last
 
     def load_model(self, path: str | os.PathLike) -> None:
@@ -570,18 +457,26 @@ class Trainer:
                              f"{format_image_size(self.opts.input_hw)}: give the --image-size it was trained with")
         try:
             self.model.load_state_dict(ckpt["model_state"])
+            if "optimizer_state" not in ckpt:  # checked once the weights fit, so a misfit is named first
+                raise _NotARunError()
             if "optimizer_state" in ckpt:
                 self.optimizer.load_state_dict(ckpt["optimizer_state"])
             if "scheduler_state" in ckpt:
                 self.scheduler.load_state_dict(ckpt["scheduler_state"])
                 self._stretch_cosine()
+            if ckpt.get("scaler_state") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(ckpt["scaler_state"])
             self.epoch = int(ckpt.get("epoch", 0))
             self.step = int(ckpt.get("step", 0))
             self.history = [dict(r) for r in ckpt.get("history", [])]
+            self.start_metrics = {k: float(v) for k, v in (ckpt.get("start_metrics") or {}).items()}
             for r in self.history:
                 r["epoch"] = int(r["epoch"])
             self.best_score = float(ckpt.get("best_score", math.inf))
             self.best_epoch = ckpt.get("best_epoch")
+        except _NotARunError:
+            raise ValueError(f"{where} holds weights without the optimizer state of a run (a shipped or released "
+                             "checkpoint): start a new run from it with --init instead") from None
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             detail = " ".join(str(exc).split())[:200]
             raise ValueError(f"{where} does not fit this run (saved with --model-kwarg "

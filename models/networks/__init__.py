@@ -23,6 +23,7 @@ from forest_perception.models.networks.multiscale import CoarseNet, FineNet, Mul
 from forest_perception.models.transforms import normalise_image
 
 __all__ = [
+    "ENCODER_PARTS",
     "MODEL_NAMES",
     "SIZE_MULTIPLE",
     "AutoEncoderDepth",
@@ -38,10 +39,18 @@ __all__ = [
     "check_input_hw",
     "count_flops",
     "count_parameters",
+    "encoder_modules",
+    "freeze_encoder",
     "normalise_image",
+    "set_train_mode",
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("autoencoder", "multiscale")
+
+#: What ``--freeze-encoder`` keeps fixed, per network: the auto-encoder's image encoder (its decoder and depth
+#: head train), the multi-scale network's coarse global network, convs and FC layers (its fine refinement network
+#: trains). The frozen part's BatchNorm statistics are frozen too.
+ENCODER_PARTS: dict[str, tuple[str, ...]] = {"autoencoder": ("encoder",), "multiscale": ("coarse",)}
 
 
 def build_model(name: str, input_hw: Sequence[int] = (240, 320), **kwargs: object) -> nn.Module:
@@ -60,6 +69,38 @@ def build_model(name: str, input_hw: Sequence[int] = (240, 320), **kwargs: objec
     if name == "multiscale":
         return MultiScaleDepth(input_hw=(height, width), **kwargs)
     raise ValueError(f"unknown model name {name!r}; known: {', '.join(MODEL_NAMES)}")
+
+
+def encoder_modules(model: nn.Module) -> list[nn.Module]:
+    """The submodules of ``model`` that ``--freeze-encoder`` keeps fixed (``ENCODER_PARTS``)."""
+    classes = {"autoencoder": AutoEncoderDepth, "multiscale": MultiScaleDepth}
+    for name, parts in ENCODER_PARTS.items():
+        if isinstance(model, classes[name]):
+            return [model.get_submodule(part) for part in parts]
+    raise ValueError(f"no encoder is defined for {type(model).__name__}; known networks: {', '.join(MODEL_NAMES)}")
+
+
+def freeze_encoder(model: nn.Module) -> int:
+    """Stop the gradients of the encoder part (``encoder_modules``); returns the number of parameters frozen.
+
+    Their BatchNorm layers must also stay in eval mode while training (``set_train_mode``), or their running
+    statistics would still drift with the new data.
+    """
+    frozen = 0
+    for module in encoder_modules(model):
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    return frozen
+
+
+def set_train_mode(model: nn.Module, frozen_encoder: bool = False) -> nn.Module:
+    """``model.train()``, with the encoder part in eval mode when it is frozen (fixed BatchNorm statistics)."""
+    model.train()
+    if frozen_encoder:
+        for module in encoder_modules(model):
+            module.eval()
+    return model
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

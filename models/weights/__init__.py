@@ -1,4 +1,5 @@
-"""The depth models we ship: ONNX files with their model cards, training logs and curves.
+"""The depth models we ship: ONNX files with their model cards, training logs and curves, and the PyTorch
+checkpoint of every fp32 network (``<name>.pt``, for fine-tuning).
 
 Package data of ``forest_perception.models.weights``, so the same lookup works from the source
 tree, an editable install, a wheel and a colcon build. Importing this module loads no torch.
@@ -27,10 +28,12 @@ def shipped_models() -> list[str]:
 def shipped_checkpoint(name: str) -> Path:
     """Path of the PyTorch checkpoint (``<name>.pt``) beside a shipped ONNX model, for fine-tuning.
 
-    ``name`` is a shipped model name; an int8 name (``..._int8``) gives its fp32 network's checkpoint.
-    Raises ``FileNotFoundError`` that lists the shipped checkpoints when there is none.
+    ``name`` is a shipped model name (a trailing ``.pt`` or ``.onnx`` is allowed); an int8 name (``..._int8``) gives
+    its fp32 network's checkpoint. Raises ``FileNotFoundError`` that lists the shipped checkpoints when there is none.
     """
-    stem = name[: -len(".pt")] if name.endswith(".pt") else name
+    stem = name
+    for suffix in (".pt", ".onnx"):
+        stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
     stem = stem[: -len("_int8")] if stem.endswith("_int8") else stem
     path = weights_dir() / f"{stem}.pt"
     if not path.is_file():

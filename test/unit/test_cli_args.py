@@ -155,7 +155,8 @@ def test_forest_dataset_synth_image_size(dataset_parser, tmp_path):
 def test_forest_train_image_size(train_parser, tmp_path):
     args = train_parser.parse_args(["train", "--data", str(tmp_path), "--image-size", "160x128"])
     assert args.input_hw == (128, 160) and args.data == [tmp_path]
-    assert train_parser.parse_args(["train", "--data", str(tmp_path)]).input_hw == (240, 320)
+    # no --image-size: the --init checkpoint's, else 320x240 (TrainOptions.settle)
+    assert train_parser.parse_args(["train", "--data", str(tmp_path)]).input_hw is None
     with pytest.raises(UsageError, match="argument --image-size: .*'128 160'"):
         train_parser.parse_args(["train", "--data", str(tmp_path), "--image-size", "128 160"])
     with pytest.raises(UsageError, match="argument --epochs"):

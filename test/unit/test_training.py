@@ -84,7 +84,7 @@ def test_flip_moves_image_and_depth_together():
     rgb = np.random.default_rng(0).random((16, 32, 3), dtype=np.float32)
     depth = np.tile(np.arange(32, dtype=np.float32), (16, 1))
     rng = np.random.default_rng(1)
-    out_rgb, out_depth = augment_pair(rgb, depth, rng, flip_p=1.0, jitter_p=0.0, blur_p=0.0)
+    out_rgb, out_depth = augment_pair(rgb, depth, rng, flip_p=1.0, photometric=None)
     np.testing.assert_array_equal(out_rgb, rgb[:, ::-1])
     np.testing.assert_array_equal(out_depth, depth[:, ::-1])
 

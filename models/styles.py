@@ -1,0 +1,180 @@
+"""Depth metrics of models on several dataset folders at once (``forest-train eval-styles``): one row per folder.
+
+Each model (an ``.onnx`` or ``.pt`` file, or a shipped name, which opens the shipped ONNX model the rover runs) goes
+through ``models.torch_engine.load_engine`` and predicts the full camera frames as on the rover (resized to its
+input, depth upsampled back, NaN outside its range); the metrics pool every valid pixel of a folder. The worst
+folder is the one with the highest absrel. Writes ``styles.json``, ``styles.csv`` and ``styles.png`` (bars per
+folder). docs/training.md, "Evaluating on forest styles".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from forest_perception.cli_args import describe_error
+from forest_perception.dataset_tools.layout import load_frame
+from forest_perception.dataset_tools.settings import DatasetSettings
+from forest_perception.models.data import FrameLoadError, collect_segments
+from forest_perception.models.metrics import METRIC_NAMES, MetricAccumulator, format_metric_table
+from forest_perception.models.weights import shipped_model, shipped_models
+
+MODEL_SUFFIXES = (".onnx", ".pt", ".pth")
+WORST_BY = "absrel"
+
+
+def resolve_model_file(text: str | os.PathLike) -> Path:
+    """A model file (``.onnx``, ``.pt``, ``.pth``) or a shipped model name (-> its ONNX file); ``ValueError`` else."""
+    text = str(text)
+    path = Path(text)
+    if path.is_file():
+        if path.suffix.lower() not in MODEL_SUFFIXES:
+            raise ValueError(f"model {text!r} is neither ONNX (.onnx) nor a PyTorch checkpoint (.pt, .pth)")
+        return path
+    if path.is_dir():
+        raise ValueError(f"model {text!r} is a folder; give a .onnx or .pt file or a shipped model name")
+    try:
+        return shipped_model(text)
+    except FileNotFoundError:
+        raise ValueError(f"model {text!r} is neither a model file nor a shipped model; shipped: "
+                         f"{', '.join(shipped_models())}") from None
+
+
+def folder_labels(folders: Sequence[str | os.PathLike]) -> list[str]:
+    """Short unique names for the folders: their last path parts, as many as tell them apart."""
+    parts = [Path(os.path.abspath(f)).parts for f in folders]
+    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(f) for f in folders]
+
+
+def _frames(folder: str | os.PathLike, settings: DatasetSettings | None, max_frames: int) -> list[tuple[Any, int]]:
+    index = [(segment, i) for segment in collect_segments(folder, settings) for i in range(len(segment))]
+    if not index:
+        raise ValueError(f"dataset folder {folder} holds no frames")
+    if max_frames and len(index) > max_frames:
+        picks = np.unique(np.linspace(0, len(index) - 1, max_frames).round().astype(int))
+        index = [index[i] for i in picks]
+    return index
+
+
+def evaluate_folder(engine: Any, frames: Sequence[tuple[Any, int]], min_depth: float, max_depth: float,
+                    progress: bool = False, label: str = "") -> dict[str, float]:
+    """Pooled metrics of ``engine`` on full camera frames ``(segment, index)``, with frames and median latency."""
+    accumulator = MetricAccumulator(min_depth=min_depth, max_depth=max_depth)
+    latency = []
+    for segment, i in tqdm(frames, desc=label or "eval", disable=not progress, leave=False, dynamic_ncols=True):
+        try:
+            rgb, depth, _ = load_frame(segment, i)
+        except (OSError, ValueError) as exc:
+            raise FrameLoadError(f"frame {segment.frames[i].stem} of segment {segment.segment_id} ({segment.path}): "
+                                 f"{describe_error(exc)}; fix or remove that frame") from exc
+        pred = engine.predict(rgb)
+        latency.append(engine.last_latency_ms)
+        accumulator.update(np.where(np.isfinite(pred), pred, max_depth), np.nan_to_num(depth, nan=0.0))
+    return {**accumulator.result(), "frames": len(frames), "valid_pixels": accumulator.count,
+            "latency_ms": float(np.median(latency))}
+
+
+def evaluate_styles(models: Sequence[str | os.PathLike], folders: Sequence[str | os.PathLike],
+                    out: str | os.PathLike | None = None, max_frames: int = 0, threads: int = 2,
+                    min_depth: float | None = None, max_depth: float | None = None,
+                    settings: DatasetSettings | None = None, progress: bool = True) -> dict[str, Any]:
+    """Metrics of every model on every folder; prints the table and, with ``out``, writes JSON, CSV and a chart.
+
+    The depth range defaults to the first model's. Returns ``{"models": [{"model", "file", "version", "backend",
+    "rows": [{"folder", "path", "frames", metrics...}], "worst": row}], "min_depth", "max_depth", "table"}``.
+    """
+    from forest_perception.models.torch_engine import load_engine
+
+    labels = folder_labels(folders)
+    frames = {label: _frames(folder, settings, max_frames) for label, folder in zip(labels, folders)}
+    engines = [(str(spec), load_engine(resolve_model_file(spec), threads=threads)) for spec in models]
+    first = engines[0][1]
+    min_depth = float(first.min_depth if min_depth is None else min_depth)
+    max_depth = float(first.max_depth if max_depth is None else max_depth)
+    if not 0 < min_depth < max_depth:
+        raise ValueError(f"--min-depth {min_depth:g} must be above 0 and below --max-depth {max_depth:g} (each the "
+                         "first model's unless given)")
+    result: dict[str, Any] = {"min_depth": min_depth, "max_depth": max_depth, "models": []}
+    tables = []
+    for spec, engine in engines:
+        rows = []
+        for label, folder in zip(labels, folders):
+            metrics = evaluate_folder(engine, frames[label], min_depth, max_depth, progress, f"{spec} on {label}")
+            rows.append({"folder": label, "path": str(folder), **metrics})
+        scored = [row for row in rows if np.isfinite(row[WORST_BY])]
+        worst = max(scored, key=lambda row: row[WORST_BY]) if scored else rows[0]
+        result["models"].append({"model": spec, "file": str(getattr(engine, "path", "") or ""),
+                                 "version": engine.model_version, "backend": engine.backend, "rows": rows,
+                                 "worst": worst})
+        table_rows = {f"{row['folder']} ({row['frames']} frames)": row for row in rows}
+        table_rows[f"worst by {WORST_BY}: {worst['folder']}"] = worst
+        tables.append(f"{spec} ({engine.model_version}, {engine.backend}), depth {min_depth:g}-{max_depth:g} m\n"
+                      + format_metric_table(table_rows).replace("| model |", "| folder |", 1))
+    result["table"] = "\n\n".join(tables)
+    print(result["table"])
+    if out is not None:
+        written = write_styles(result, out)
+        if progress:
+            print(f"wrote {', '.join(str(p) for p in written)}")
+    return result
+
+
+def write_styles(result: dict[str, Any], out: str | os.PathLike) -> list[Path]:
+    """``styles.json``, ``styles.csv`` (one line per model and folder) and ``styles.png`` in ``out``."""
+    from forest_perception.models.outputs import write_text_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    saved = {key: value for key, value in result.items() if key != "table"}
+    json_path = write_text_atomic(out / "styles.json", json.dumps(saved, indent=2, default=float) + "\n")
+    columns = ["model", "folder", "path", "frames", *METRIC_NAMES, "valid_pixels", "latency_ms", "worst"]
+    csv_path = out / "styles.csv"
+    with open(csv_path, "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for entry in result["models"]:
+            for row in entry["rows"]:
+                writer.writerow({**row, "model": entry["model"], "worst": row["folder"] == entry["worst"]["folder"]})
+    png_path = plot_styles(result, out / "styles.png")
+    return [json_path, csv_path, png_path]
+
+
+def plot_styles(result: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Bars of absrel and delta1 per folder, one bar per model; each model's worst folder is outlined in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = result["models"]
+    folders = [row["folder"] for row in entries[0]["rows"]]
+    x = np.arange(len(folders))
+    width = 0.8 / max(len(entries), 1)
+    fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.2 * len(folders) + 4), 3.8))
+    for ax, metric, arrow in ((axes[0], "absrel", "lower is better"), (axes[1], "delta1", "higher is better")):
+        for k, entry in enumerate(entries):
+            values = [row[metric] for row in entry["rows"]]
+            bars = ax.bar(x + (k - (len(entries) - 1) / 2) * width, values, width, label=Path(entry["model"]).name)
+            worst = folders.index(entry["worst"]["folder"])
+            bars[worst].set_edgecolor("red")
+            bars[worst].set_linewidth(2.0)
+        ax.set_xticks(x, folders, rotation=30, ha="right")
+        ax.set_title(f"{metric} ({arrow})")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.suptitle(f"depth {result['min_depth']:g}-{result['max_depth']:g} m; red outline: worst folder by {WORST_BY}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
