@@ -38,7 +38,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
     """``--help`` that shows every option's default, unless its help text already names one.
 
     Unlike ``argparse.ArgumentDefaultsHelpFormatter`` it leaves out defaults that say nothing
-    (None, False, empty lists) and never repeats a default the help text gives itself.
+    (None, False, empty lists, on/off flags) and never repeats a default the help text gives itself.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -51,6 +51,7 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
             or default == []
             or default is argparse.SUPPRESS
             or not action.option_strings
+            or action.nargs == 0  # flags (store_true / store_false): the default is the flag's absence
         ):
             return action.help
         as_size = action.type is image_size and not isinstance(default, str)  # argparse passes string defaults

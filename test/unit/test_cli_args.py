@@ -98,11 +98,12 @@ def test_help_shows_defaults_once():
     parser.add_argument("--size", type=cli_args.image_size, default=(240, 320), help="frames")
     parser.add_argument("--ratio", type=float, default=0.5, help="share (default 0.5)")
     parser.add_argument("--quiet", action="store_true", help="no bar")
+    parser.add_argument("--no-augment", dest="augment", action="store_false", help="plain frames")
     parser.add_argument("--name", default=None, help="who")
     text = " ".join(parser.format_help().split())
     assert "Hz (default: 2.5)" in text and "frames (default: 320x240)" in text
     assert "share (default 0.5) " in text and text.count("default") == 3
-    assert "no bar" in text and "who" in text
+    assert "no bar" in text and "who" in text and "plain frames" in text
 
 
 def test_one_line_parser_raises_usage_error():
