@@ -543,6 +543,22 @@ def _fmt(value: Any) -> str:
     return "n/a" if value is None else str(value)
 
 
+def _styles_markdown(styles: Mapping[str, Any]) -> list[str]:
+    """The "Forest styles" section of a card: one row per style folder, held-out ones marked, and the worst."""
+    held_out = set(styles.get("held_out") or ())
+    lines = ["", "## Forest styles", "", str(styles.get("note") or ""), "",
+             "| style | in training | frames | absrel | rmse | delta1 |", "|---|---|---:|---:|---:|---:|"]
+    for row in styles.get("rows") or ():
+        name = row["folder"]
+        lines.append(f"| {name} | {'no (held out)' if name in held_out else 'yes (other seeds)'} | {row['frames']} "
+                     f"| {_fmt(row['absrel'])} | {_fmt(row['rmse'])} | {_fmt(row['delta1'])} |")
+    worst = styles.get("worst_held_out")
+    if worst:
+        lines.append(f"| **worst held-out: {worst['folder']}** | no | {worst['frames']} | {_fmt(worst['absrel'])} "
+                     f"| {_fmt(worst['rmse'])} | {_fmt(worst['delta1'])} |")
+    return lines
+
+
 def _card_markdown(card: Mapping[str, Any]) -> str:
     norm, out = card["normalisation"], card["output"]
     lines = [
@@ -586,6 +602,8 @@ def _card_markdown(card: Mapping[str, Any]) -> str:
             else:
                 label = f"{key[:-2]} (m)" if key.endswith("_m") else key
                 lines.append(f"| {label.replace('_', ' ')} | `{_fmt(value)}` |")
+    if card.get("styles"):
+        lines += _styles_markdown(card["styles"])
     if card.get("int8"):
         lines += ["", "## int8 vs fp32", "", "```json", json.dumps(card["int8"], indent=2, default=str), "```"]
     if card.get("notes"):

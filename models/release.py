@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of the shipped weights; files of the same name are replaced")
     parser.add_argument("--train-command", default="", help="the training command, for the model card")
     parser.add_argument("--data-command", default="", help="the command that made the data, for the model card")
+    parser.add_argument("--styles", nargs="+", type=existing_dir, default=[], metavar="DIR",
+                        help="dataset folders named after their forest style (other seeds of training styles and "
+                             "styles kept out of training): a per-style table in the card")
+    parser.add_argument("--held-out-styles", nargs="+", default=[], metavar="NAME",
+                        help="which --styles folders are styles kept out of training entirely")
     parser.add_argument("--max-absrel-increase", type=non_negative_float, default=0.01,
                         help="int8 is dropped when its absrel is higher than fp32's by more than this")
     return parser
@@ -130,7 +135,48 @@ def _inputs(args: argparse.Namespace) -> tuple[dict, list[tuple[np.ndarray, np.n
         raise InputError(f"--calib {args.calib}: {describe_error(exc)}") from exc
     if not calib:
         raise InputError(f"--calib {args.calib}: none of its images can be read; give a folder of RGB images")
+    labels = {Path(folder).name for folder in args.styles}
+    unknown = sorted(set(args.held_out_styles) - labels)
+    if unknown:
+        raise InputError(f"--held-out-styles {', '.join(unknown)}: not among the --styles folders "
+                         f"({', '.join(sorted(labels)) or 'none given'})")
     return meta, frames, calib
+
+
+def style_table(onnx_path: Path, folders: Sequence[str | Path], held_out: Sequence[str]) -> dict:
+    """The card's ``styles`` entry: metrics per style folder (labels only, no paths) and the worst held-out style."""
+    from forest_perception.models.styles import evaluate_styles
+
+    result = evaluate_styles([onnx_path], folders, progress=False)["models"][0]
+    keep = ("folder", "frames", "absrel", "sqrel", "rmse", "rmse_log", "delta1", "delta2", "delta3")
+    rows = [{key: row[key] for key in keep if key in row} for row in result["rows"]]
+    scored = [row for row in rows if row["folder"] in set(held_out) and np.isfinite(row["absrel"])]
+    return {
+        "note": "each folder is forests of one style with seeds never used in training; 'held out' styles were "
+                "kept out of training entirely (docs/training.md, 'Forest styles')",
+        "held_out": list(held_out),
+        "rows": rows,
+        "worst_held_out": max(scored, key=lambda row: row["absrel"]) if scored else None,
+    }
+
+
+def write_checkpoint(checkpoint_path: Path, out_pt: Path, made_with: str) -> dict:
+    """Save the slim checkpoint (weights, no optimizer) as ``out_pt``; returns the card's ``checkpoint`` entry."""
+    import torch
+
+    from forest_perception.inference import file_sha256, weights_sha256
+    from forest_perception.models.checkpoints import save_checkpoint, slim_checkpoint
+
+    checkpoint = slim_checkpoint(torch.load(checkpoint_path, map_location="cpu", weights_only=False))
+    save_checkpoint(checkpoint, out_pt)
+    return {
+        "file": out_pt.name,
+        "size_bytes": out_pt.stat().st_size,
+        "sha256": file_sha256(out_pt),
+        "weights_sha256": weights_sha256(checkpoint["model_state"]),
+        "holds": "state dict, model name and kwargs, input size, normalisation, depth range (no optimizer)",
+        "made_with": made_with,
+    }
 
 
 def _release(args: argparse.Namespace, command: str) -> int:
@@ -172,10 +218,20 @@ def _release(args: argparse.Namespace, command: str) -> int:
                 "data_command": args.data_command,
             }
         )
+        info["checkpoint"] = write_checkpoint(Path(args.checkpoint), stage / f"{args.name}.pt",
+                                              f"{args.train_command} (its best checkpoint, without optimizer state)")
+        if args.styles:
+            info["styles"] = style_table(onnx_path, args.styles, args.held_out_styles)
         export.write_model_card(onnx_path, info)
         if keep:
-            export.write_model_card(int8_path, {**info, "metrics": {k: v for k, v in int8.items()
-                                                                    if k != "latency_ms"}, "int8": report})
+            int8_info = {**info, "metrics": {k: v for k, v in int8.items() if k != "latency_ms"}, "int8": report,
+                         "checkpoint": {**{k: info["checkpoint"][k] for k in ("file", "size_bytes", "sha256",
+                                                                              "weights_sha256")},
+                                        "holds": f"the weights of the fp32 network {args.name} (fine-tuning "
+                                                 "starts from them)"}}
+            if args.styles:
+                int8_info["styles"] = style_table(int8_path, args.styles, args.held_out_styles)
+            export.write_model_card(int8_path, int8_info)
         else:
             export.remove_model_files(int8_path)
             for old in export.remove_model_files(out / int8_path.name):  # it belonged to an earlier fp32 model

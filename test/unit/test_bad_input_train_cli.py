@@ -205,6 +205,9 @@ RELEASE_CASES = [
       "--out", "{out}"], ["--calib", "empty"]),
     ("release-name-missing", ["--calib", "{data}", "--checkpoint", "{good_pt}", "--test", "{data}", "--out", "{out}"],
      ["--name"]),
+    ("release-held-out-style-unknown", RELEASE + ["--checkpoint", "{good_pt}", "--test", "{data}", "--out", "{out}",
+                                                  "--styles", "{data}", "--held-out-styles", "boreal"],
+     ["--held-out-styles boreal", "not among the --styles"]),
     ("release-absrel-negative", RELEASE + ["--checkpoint", "{good_pt}", "--test", "{data}", "--out", "{out}",
                                            "--max-absrel-increase=-1"], ["--max-absrel-increase"]),
 ]

@@ -265,4 +265,35 @@ def test_release_drops_an_int8_model_of_an_earlier_release(release_inputs, monke
     assert release.main(argv) == 0, capsys.readouterr().err
     assert "int8 dropped" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["autoencoder_96x64.json", "autoencoder_96x64.md",
-                                                      "autoencoder_96x64.onnx"]
+                                                      "autoencoder_96x64.onnx", "autoencoder_96x64.pt"]
+
+
+def test_release_ships_the_checkpoint_and_a_style_table(release_inputs, tmp_path, capsys):
+    import json
+    import shutil
+
+    from forest_perception.inference import weights_sha256
+    from forest_perception.models import release
+
+    argv, out = release_inputs
+    for style in ("mossy", "sunny"):  # folders named after their style
+        shutil.copytree(tmp_path / "test", tmp_path / "styles" / style)
+    # the second style's depth is twice as far: the same predictions are worse there
+    for depth_png in (tmp_path / "styles" / "sunny").rglob("depth_image/*.png"):
+        import cv2
+
+        cv2.imwrite(str(depth_png), (cv2.imread(str(depth_png), cv2.IMREAD_UNCHANGED) * 2).astype(np.uint16))
+    styles = [str(tmp_path / "styles" / s) for s in ("mossy", "sunny")]
+    assert release.main(argv + ["--styles", *styles, "--held-out-styles", "sunny"]) == 0, capsys.readouterr().err
+    card = json.loads((out / "autoencoder_96x64.json").read_text())
+    rows = {row["folder"]: row for row in card["styles"]["rows"]}
+    assert set(rows) == {"mossy", "sunny"} and card["styles"]["held_out"] == ["sunny"]
+    assert card["styles"]["worst_held_out"]["folder"] == "sunny"
+    assert rows["sunny"]["absrel"] != rows["mossy"]["absrel"]
+    assert str(tmp_path) not in json.dumps(card["styles"])  # labels only, no machine folders
+    shipped = torch.load(out / "autoencoder_96x64.pt", weights_only=False)
+    original = torch.load(argv[argv.index("--checkpoint") + 1], weights_only=False)
+    assert weights_sha256(shipped["model_state"]) == weights_sha256(original["model_state"])
+    assert card["checkpoint"]["weights_sha256"] == weights_sha256(original["model_state"])
+    assert "optimizer_state" not in shipped
+    assert "## Forest styles" in (out / "autoencoder_96x64.md").read_text()
