@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from forest_perception.dataset_tools.layout import (
+    STYLE_FILE,
     FrameRecord,
     GpsFix,
     ImuSample,
@@ -40,8 +41,6 @@ from forest_perception.sim.world import ForestWorld, WorldConfig, generate_world
 EXTRA_COLUMNS = ("weather", "world_seed", "pose_x", "pose_y", "pose_z", "pose_yaw", "canopy_cover")
 STYLE_COLUMNS = ("style", "style_seed", "camera_height_m", "camera_pitch_deg")
 """Columns added after ``EXTRA_COLUMNS`` to the segments of a styled dataset."""
-STYLE_FILE = "style.json"
-"""Beside a styled segment's ``metadata.csv``: the style, its seed, every sampled factor, the world's summary."""
 STYLE_KEEPS = ("size_m", "terrain_resolution_m", "clearing_radius_m", "datum_lat_deg", "datum_lon_deg", "datum_alt_m")
 """``SynthConfig.world`` fields a styled segment keeps; the style samples every other one."""
 DEFAULT_WEATHER = "overcast"
