@@ -34,7 +34,7 @@ from forest_perception.dataset_tools.layout import (
 from forest_perception.frames import CameraIntrinsics
 from forest_perception.geo import wrap_angle
 from forest_perception.sim.simulator import ForestSimulator, RoverConfig, SimConfig
-from forest_perception.sim.styles import STYLE_NAMES, StyleSample, sample
+from forest_perception.sim.styles import RANDOMISED, STYLE_NAMES, StyleSample, sample
 from forest_perception.sim.weather import WeatherPreset, get_weather
 from forest_perception.sim.world import ForestWorld, WorldConfig, generate_world
 
@@ -61,6 +61,7 @@ class SynthConfig:
     its own; ``world_overrides`` (``WorldConfig`` field, value) pairs then override every
     sample (``world`` gives only the :data:`STYLE_KEEPS` fields). ``min_spacing_m`` > 0 holds
     each frame back until the rover has moved that far or turned 30 degrees since the last one.
+    ``exclude_styles`` are styles ``randomised`` never draws from (those held out of training).
     """
 
     runs: int = 1
@@ -76,6 +77,7 @@ class SynthConfig:
     styles: tuple[str, ...] = ()
     world_overrides: tuple[tuple[str, float], ...] = ()
     min_spacing_m: float = 0.0
+    exclude_styles: tuple[str, ...] = ()
 
     def validate(self) -> SynthConfig:
         """Raise ``ValueError`` naming the first bad value."""
@@ -90,6 +92,13 @@ class SynthConfig:
         for style in self.styles:
             if style not in STYLE_NAMES:
                 raise ValueError(f"unknown style {style!r}; known styles: {', '.join(STYLE_NAMES)}")
+            if style in self.exclude_styles:
+                raise ValueError(f"style {style} is both asked for and excluded")
+        for style in self.exclude_styles:
+            if style not in STYLE_NAMES or style == RANDOMISED:
+                raise ValueError(f"unknown style {style!r} to exclude; known styles: {', '.join(STYLE_NAMES[:-1])}")
+        if self.exclude_styles and set(self.exclude_styles) >= set(STYLE_NAMES[:-1]):
+            raise ValueError("exclude_styles leaves no style for randomised to draw from")
         CameraIntrinsics(self.width, self.height).validate()
         if not (math.isfinite(self.frame_interval_s) and 0.01 <= self.frame_interval_s <= 60.0):
             raise ValueError(f"frame_interval_s must be within [0.01, 60] s, got {self.frame_interval_s}")
@@ -235,7 +244,8 @@ def synthesize(
             for s in range(config.segments_per_run):
                 # a styled segment is a forest of its own: its world, palette, light and camera mount
                 k = r * config.segments_per_run + s
-                style = sample(config.styles[k % len(config.styles)], style_seed(config.seed, run, s))
+                style = sample(config.styles[k % len(config.styles)], style_seed(config.seed, run, s),
+                               exclude=config.exclude_styles)
                 world = generate_world(config.segment_world(style))
                 weather = config.weathers[k % len(config.weathers)] if config.weathers else style.weather()
                 with ForestScene(world, detail=style.mesh_detail(), palette=style.palette()) as scene:

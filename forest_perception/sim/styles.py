@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -297,7 +297,8 @@ STYLES: dict[str, Style] = _styles(
           }),
     Style("pine_plantation", "even-aged pine in regular rows: straight orange stems of one size, high crowns, "
           "needle litter, little undergrowth, flat ground", {
-              "terrain_roughness_m": (0.1, 0.4), "tree_pattern": (0.75, 1.0), "conifer_fraction": (1.0, 1.0),
+              "terrain_roughness_m": (0.1, 0.4), "hill_height_m": (0.0, 0.3), "tree_pattern": (0.75, 1.0),
+              "conifer_fraction": (1.0, 1.0),
               "tree_density_per_ha": (500.0, 1100.0), "dbh_median_m": (0.18, 0.3), "dbh_sigma": (0.1, 0.2),
               "snag_fraction": (0.0, 0.03), "log_density_per_ha": (5.0, 30.0), "conifer_crown_base": (0.5, 0.7),
               "conifer_crown_width": (0.9, 1.3), "crown_irregularity": (0.1, 0.3),
@@ -330,6 +331,10 @@ STYLES: dict[str, Style] = _styles(
 """The registry of named styles."""
 STYLE_NAMES: tuple[str, ...] = (*STYLES, RANDOMISED)
 """Every name :func:`sample` takes: the styles, then the ``randomised`` pseudo-style."""
+HOLD_OUT: tuple[str, ...] = ("foggy_ravine", "pine_plantation")
+"""The styles we suggest keeping out of training for evaluation: each differs from the rest in terrain
+(valleys and ridges; flat ground with trees in rows) and in look (thick fog and grey light; orange stems
+of one size under high crowns). ``hilly_deadwood`` stays in training, so hills are seen."""
 
 
 def _key(text: str) -> int:
@@ -406,13 +411,15 @@ class StyleSample:
                 "factors": asdict(self.factors)}
 
 
-def sample(style: str | Style, seed: int) -> StyleSample:
+def sample(style: str | Style, seed: int, exclude: Sequence[str] = ()) -> StyleSample:
     """Draw one configuration from ``style`` (a registered name, ``randomised`` or a :class:`Style`) and ``seed``.
 
     Deterministic: every factor has its own random stream from (seed, style, factor), so the same
     style and seed always give the same factors, and adding a factor changes no other. ``randomised``
     draws, per seed, a registered style for each factor group (:data:`GROUPS`) and samples the group's
-    factors from it: new combinations, each group plausible on its own.
+    factors from it: new combinations, each group plausible on its own; it never draws from the
+    styles in ``exclude`` (those held out of training, e.g. :data:`HOLD_OUT`), and the other draws of
+    a seed stay as they are when ``exclude`` is empty.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"style seed must be a non-negative integer, got {seed!r}")
@@ -424,8 +431,15 @@ def sample(style: str | Style, seed: int) -> StyleSample:
         chosen = STYLES[style]
     else:
         raise ValueError(f"unknown style {style!r}; known styles: {', '.join(STYLE_NAMES)}")
+    for held in exclude:
+        if held not in STYLES:
+            raise ValueError(f"unknown style {held!r} to exclude; known styles: {', '.join(STYLES)}")
     name = RANDOMISED if chosen is None else chosen.name
-    names = sorted(STYLES)
+    if chosen is not None and name in exclude:
+        raise ValueError(f"style {name} is held out (excluded); choose another or stop excluding it")
+    names = sorted(set(STYLES) - set(exclude))
+    if not names:
+        raise ValueError("every style is excluded: randomised has nothing left to draw from")
     sources: dict[str, str] = {}
     for group in GROUPS:
         if chosen is None:

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from forest_perception.dataset_tools.cli import build_parser
 from forest_perception.dataset_tools.cli import main as dataset_cli
 from forest_perception.dataset_tools.layout import STYLE_FILE, load_frame, read_segment
 from forest_perception.dataset_tools.synth import SynthConfig, synthesize
@@ -16,6 +17,7 @@ from forest_perception.dataset_tools.validate import validate_dataset
 from forest_perception.sim.styles import (
     FACTORS,
     GROUPS,
+    HOLD_OUT,
     RANDOMISED,
     STYLE_NAMES,
     STYLES,
@@ -224,3 +226,35 @@ def test_cli_synth_style_and_montage(tmp_path, capsys):
     assert image.shape == (48 + 2, 2 * (2 * 64 + 2), 3)
     assert all(f.render_ms and np.isfinite(f.depth).any() for f in frames)
     assert np.abs(frames[0].rgb.astype(int) - frames[1].rgb.astype(int)).mean() > 5
+
+
+def test_randomised_never_draws_the_held_out_styles(capsys):
+    assert set(HOLD_OUT) <= set(STYLES) and len(HOLD_OUT) >= 2
+    for seed in range(30):
+        assert not set(sample(RANDOMISED, seed, exclude=HOLD_OUT).sources.values()) & set(HOLD_OUT)
+    assert sample(RANDOMISED, 4, exclude=()) == sample(RANDOMISED, 4)
+    with pytest.raises(ValueError, match="held out"):
+        sample(HOLD_OUT[0], 0, exclude=HOLD_OUT)
+    with pytest.raises(ValueError, match="both asked for and excluded"):
+        SynthConfig(styles=(HOLD_OUT[0],), exclude_styles=HOLD_OUT).validate()
+    with pytest.raises(ValueError, match="no style"):
+        SynthConfig(styles=(RANDOMISED,), exclude_styles=tuple(STYLES)).validate()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["synth", "--help"])
+    assert ",".join(HOLD_OUT) in capsys.readouterr().out.replace("\n", " ").replace(" ", "")
+
+
+def test_docs_list_every_factor_and_style():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "simulator.md").read_text()
+    section = text[text.index("## Styles"):]
+    for row in factor_table():
+        low, high = row["range"]
+        assert f"| `{row['name']}` | {row['group']} | {row['unit']} | {low:g} .. {high:g} |" in section, row["name"]
+    for name in STYLE_NAMES:
+        assert f"| `{name}` |" in section, name
+    assert "images/styles.png" in section
+    montage_png = root / "docs" / "images" / "styles.png"
+    assert montage_png.is_file() and montage_png.stat().st_size < 400_000
