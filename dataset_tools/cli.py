@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 from forest_perception.cli_args import (
     InputError,
@@ -36,6 +37,19 @@ SYNTH_MIN_SIZE_M = 12.0
 """The smallest forest ``WorldConfig`` allows around its default central clearing (4 x 3 m)."""
 
 
+def style_names(text: str) -> tuple[str, ...]:
+    """``--style``: comma-separated style names (``forest_perception.sim.styles.STYLE_NAMES``)."""
+    from forest_perception.sim.styles import STYLE_NAMES
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"give at least one style; known styles: {', '.join(STYLE_NAMES)}")
+    for name in names:
+        if name not in STYLE_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown style {name!r}; known styles: {', '.join(STYLE_NAMES)}")
+    return names
+
+
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="render a synthetic dataset from simulated forests")
     p.add_argument("--out", required=True, type=output_dir, help="dataset root folder")
@@ -44,14 +58,25 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=positive_int, default=50, help="frames per segment")
     p.add_argument("--seed", type=non_negative_int, default=0, help="first world seed")
     p.add_argument("--first-run", type=non_negative_int, default=1, help="number of the first Run-N folder")
-    p.add_argument("--weather", default="overcast", help="comma-separated presets, cycled over segments")
+    p.add_argument("--style", type=style_names, default=(), metavar="NAME[,NAME...]",
+                   help="forest styles cycled over the segments, each segment a forest of its own sampled from "
+                        "its style (randomised: mixes the styles); see 'forest-dataset styles'")
+    p.add_argument("--exclude-styles", type=style_names, default=(), metavar="NAME[,NAME...]",
+                   help="styles randomised never draws from: those held out of training (suggested: "
+                        "foggy_ravine,pine_plantation)")
+    p.add_argument("--weather", default="",
+                   help="comma-separated presets, cycled over segments (default: overcast; with --style, each "
+                        "style's own sampled light)")
     p.add_argument("--image-size", type=image_size, default=SYNTH_IMAGE_HW, metavar="WIDTHxHEIGHT",
                    help="camera frames")
     p.add_argument("--interval", type=float_within(0.01, 60), default=0.5,
                    help="simulated seconds between saved frames")
     p.add_argument("--size", type=float_within(SYNTH_MIN_SIZE_M, 1000), default=60.0,
                    help=f"forest side length, metres ({SYNTH_MIN_SIZE_M:g} to 1000)")
-    p.add_argument("--tree-density", type=float_within(0, 5000), default=600.0, help="trees per hectare")
+    p.add_argument("--tree-density", type=float_within(0, 5000), default=None,
+                   help="trees per hectare (default: 600; with --style, the style's sampled density)")
+    p.add_argument("--min-spacing", type=float_within(0, 20), default=0.0,
+                   help="hold a frame back until the rover moved this far (m) or turned 30 degrees; 0: off")
     p.add_argument("--overwrite", action="store_true", help="replace segments that already exist")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -60,6 +85,7 @@ def _synth(args: argparse.Namespace) -> int:
     from forest_perception.dataset_tools.synth import SynthConfig, synthesize
     from forest_perception.sim.world import WorldConfig
 
+    density = args.tree_density
     config = SynthConfig(
         runs=args.runs,
         segments_per_run=args.segments,
@@ -70,11 +96,67 @@ def _synth(args: argparse.Namespace) -> int:
         width=args.image_size[1],
         height=args.image_size[0],
         frame_interval_s=args.interval,
-        world=WorldConfig(size_m=args.size, tree_density_per_ha=args.tree_density),
+        world=WorldConfig(size_m=args.size, tree_density_per_ha=600.0 if density is None else density),
+        styles=args.style,
+        world_overrides=(("tree_density_per_ha", density),) if args.style and density is not None else (),
+        min_spacing_m=args.min_spacing,
+        exclude_styles=args.exclude_styles,
     )
     config.validate()
     report = synthesize(args.out, config, progress=not args.quiet, overwrite=args.overwrite)
     print("\n".join(report.lines()))
+    return 0
+
+
+def _add_styles(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("styles", help="list the forest styles of synth --style, their factors, or render a montage")
+    p.add_argument("--factors", action="store_true", help="list every randomised factor: unit, range, meaning")
+    p.add_argument("--json", action="store_true", help="print the styles (and factors) as JSON")
+    p.add_argument("--montage", type=partial(output_file, suffix=".png"), default=None, metavar="PNG",
+                   help="render one frame of each style (RGB | depth) into this PNG, and time the renders")
+    p.add_argument("--only", type=style_names, default=None, metavar="NAME[,NAME...]",
+                   help="styles for --montage (default: all)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="style seed of the montage frames")
+    p.add_argument("--image-size", type=image_size, default=(120, 160), metavar="WIDTHxHEIGHT",
+                   help="montage frames")
+    p.add_argument("--frames", type=positive_int, default=1,
+                   help="frames rendered per style, 0.5 s apart (more: steadier timing; the last is shown)")
+
+
+def _styles(args: argparse.Namespace) -> int:
+    from forest_perception.sim.styles import FACTORS, RANDOMISED, STYLES, factor_table
+
+    if args.montage is not None:
+        from forest_perception.sim.style_preview import style_montage
+        from forest_perception.sim.styles import STYLE_NAMES
+
+        frames = style_montage(args.montage, args.only or STYLE_NAMES, seed=args.seed, width=args.image_size[1],
+                               height=args.image_size[0], frames=args.frames)
+        h, w = args.image_size
+        print(f"wrote {args.montage}: {len(frames)} styles, {w}x{h}, seed {args.seed}")
+        for f in frames:
+            print(f"  {f.style.style:<20} scene built in {f.build_s:5.2f} s, first frame {f.render_ms[0]:6.1f} ms, "
+                  f"then {f.median_render_ms:6.1f} ms/frame")
+        return 0
+    styles = {name: {"description": s.description, "ranges": {k: list(v) for k, v in s.ranges.items()}}
+              for name, s in STYLES.items()}
+    styles[RANDOMISED] = {"description": "mixes the styles: each group of factors from a style drawn per seed",
+                          "ranges": {}}
+    if args.json:
+        data = {"styles": styles}
+        if args.factors:
+            data["factors"] = factor_table()
+        print(json.dumps(data, indent=2))
+        return 0
+    if args.factors:
+        width = max(len(n) for n in FACTORS)
+        for row in factor_table():
+            low, high = row["range"]
+            print(f"{row['name']:<{width}}  {row['group']:<11} [{low:g}, {high:g}] {row['unit']}: {row['doc']}")
+        return 0
+    width = max(len(n) for n in styles)
+    for name, style in styles.items():
+        print(f"{name:<{width}}  {style['description']}")
     return 0
 
 
@@ -320,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``forest-dataset`` argument parser (every subcommand's ``--help`` shows the defaults)."""
     parser, sub = command_parser(PROG, __doc__.split("\n")[0])
     _add_synth(sub)
+    _add_styles(sub)
     p = sub.add_parser("info", help="summarise a dataset folder: runs, segments, frames, columns, depth PNGs")
     p.add_argument("root", type=existing_dir, help="dataset root (the folder above the Run-N folders)")
     p.add_argument("--json", action="store_true", help="print every field, per segment too, as JSON")
@@ -334,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 HANDLERS = {
     "synth": _synth,
+    "styles": _styles,
     "info": _info,
     "curate": _curate,
     "split": _split,

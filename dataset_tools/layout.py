@@ -108,6 +108,8 @@ __all__ = [
 RGB_DIR = "rgb_image"
 DEPTH_DIR = "depth_image"
 METADATA_FILE = "metadata.csv"
+STYLE_FILE = "style.json"
+"""Beside a synthetic segment's metadata.csv (``forest-dataset synth --style``): what forest style made it."""
 RUN_PREFIX = "Run-"
 RUN_PATTERN = re.compile(rf"^{re.escape(RUN_PREFIX)}(\d+)$")
 """A run folder's name; group 1 is its number."""

@@ -1,23 +1,27 @@
 """Synthetic forest dataset: render frames along exploring rovers into the forest dataset layout.
 
-Run ``r`` is a forest generated from ``seed + r``; each segment of a run is one drive of
-a rover from a random free start pose under one weather preset (cycling through the
-presets given), like one RealSense bag of the real dataset. Frames are saved every
-``frame_interval_s`` of simulated time, with the IMU, GPS and wheel readings of that
-instant in ``metadata.csv``.
+Without styles, run ``r`` is a forest generated from ``seed + r``; each segment of a run is one drive
+of a rover from a random free start pose under one weather preset (cycling through the presets
+given), like one RealSense bag of the real dataset. With ``styles``, every segment is a forest of its
+own, sampled from a style (cycling through the styles given, :mod:`forest_perception.sim.styles`), and
+``style.json`` beside its ``metadata.csv`` records what made it. Frames are saved every
+``frame_interval_s`` of simulated time (and, with ``min_spacing_m``, once the rover has moved or
+turned enough), with the IMU, GPS and wheel readings of that instant in ``metadata.csv``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from forest_perception.dataset_tools.layout import (
+    STYLE_FILE,
     FrameRecord,
     GpsFix,
     ImuSample,
@@ -28,27 +32,52 @@ from forest_perception.dataset_tools.layout import (
     segment_name,
 )
 from forest_perception.frames import CameraIntrinsics
+from forest_perception.geo import wrap_angle
 from forest_perception.sim.simulator import ForestSimulator, RoverConfig, SimConfig
-from forest_perception.sim.weather import get_weather
+from forest_perception.sim.styles import RANDOMISED, STYLE_NAMES, StyleSample, sample
+from forest_perception.sim.weather import WeatherPreset, get_weather
 from forest_perception.sim.world import ForestWorld, WorldConfig, generate_world
 
 EXTRA_COLUMNS = ("weather", "world_seed", "pose_x", "pose_y", "pose_z", "pose_yaw", "canopy_cover")
+STYLE_COLUMNS = ("style", "style_seed", "camera_height_m", "camera_pitch_deg")
+"""Columns added after ``EXTRA_COLUMNS`` to the segments of a styled dataset."""
+STYLE_KEEPS = ("size_m", "terrain_resolution_m", "clearing_radius_m", "datum_lat_deg", "datum_lon_deg", "datum_alt_m")
+"""``SynthConfig.world`` fields a styled segment keeps; the style samples every other one."""
+DEFAULT_WEATHER = "overcast"
+SPREAD_TURN_RAD = math.radians(30.0)
+"""With ``min_spacing_m``, a turn of this much on the spot also makes the next frame a new view."""
+SPREAD_MAX_WAIT_S = 20.0
+"""With ``min_spacing_m``, a rover that neither moves nor turns still saves a frame after this long."""
 
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """What to generate: runs x segments x frames, at a resolution and frame spacing."""
+    """What to generate: runs x segments x frames, at a resolution and frame spacing.
+
+    ``weathers`` are presets cycled over the segments; empty means ``overcast`` without styles and
+    each style's own sampled light with ``styles``, where a preset replaces the style's light.
+    ``styles`` (names of :data:`forest_perception.sim.styles.STYLE_NAMES`, cycled over the
+    segments) give every segment a forest, palette, light, camera pipeline and camera mount of
+    its own; ``world_overrides`` (``WorldConfig`` field, value) pairs then override every
+    sample (``world`` gives only the :data:`STYLE_KEEPS` fields). ``min_spacing_m`` > 0 holds
+    each frame back until the rover has moved that far or turned 30 degrees since the last one.
+    ``exclude_styles`` are styles ``randomised`` never draws from (those held out of training).
+    """
 
     runs: int = 1
     segments_per_run: int = 2
     frames_per_segment: int = 50
     seed: int = 0
-    weathers: tuple[str, ...] = ("overcast",)
+    weathers: tuple[str, ...] = ()
     width: int = 320
     height: int = 240
     frame_interval_s: float = 0.5
     world: WorldConfig = field(default_factory=WorldConfig)
     first_run: int = 1
+    styles: tuple[str, ...] = ()
+    world_overrides: tuple[tuple[str, float], ...] = ()
+    min_spacing_m: float = 0.0
+    exclude_styles: tuple[str, ...] = ()
 
     def validate(self) -> SynthConfig:
         """Raise ``ValueError`` naming the first bad value."""
@@ -58,17 +87,44 @@ class SynthConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if not self.weathers:
-            raise ValueError("weathers must name at least one preset")
         for w in self.weathers:
             get_weather(w)
+        for style in self.styles:
+            if style not in STYLE_NAMES:
+                raise ValueError(f"unknown style {style!r}; known styles: {', '.join(STYLE_NAMES)}")
+            if style in self.exclude_styles:
+                raise ValueError(f"style {style} is both asked for and excluded")
+        for style in self.exclude_styles:
+            if style not in STYLE_NAMES or style == RANDOMISED:
+                raise ValueError(f"unknown style {style!r} to exclude; known styles: {', '.join(STYLE_NAMES[:-1])}")
+        if self.exclude_styles and set(self.exclude_styles) >= set(STYLE_NAMES[:-1]):
+            raise ValueError("exclude_styles leaves no style for randomised to draw from")
         CameraIntrinsics(self.width, self.height).validate()
         if not (math.isfinite(self.frame_interval_s) and 0.01 <= self.frame_interval_s <= 60.0):
             raise ValueError(f"frame_interval_s must be within [0.01, 60] s, got {self.frame_interval_s}")
+        if not (math.isfinite(self.min_spacing_m) and 0.0 <= self.min_spacing_m <= 20.0):
+            raise ValueError(f"min_spacing_m must be within [0, 20] m, got {self.min_spacing_m}")
         if self.first_run < 0:
             raise ValueError(f"first_run must be >= 0, got {self.first_run}")
         self.world.validate()
+        known = {f.name for f in fields(WorldConfig)}
+        for name, value in self.world_overrides:
+            if name not in known or name == "seed":
+                raise ValueError(f"world_overrides: {name!r} is not a WorldConfig field one can override")
+            WorldConfig(**{name: value}).validate()
+        if self.world_overrides and not self.styles:
+            raise ValueError("world_overrides apply to styled segments only: set the fields in world instead")
         return self
+
+    def segment_world(self, style: StyleSample) -> WorldConfig:
+        """The world of a styled segment: the sample's, with ``world``'s kept fields and ``world_overrides``."""
+        kept = {name: getattr(self.world, name) for name in STYLE_KEEPS}
+        return style.world_config(**{**kept, **dict(self.world_overrides)})
+
+
+def style_seed(seed: int, run: int, segment: int) -> int:
+    """The style seed of segment ``segment`` (0 = a) of ``run``: a new, fixed draw for each."""
+    return int(np.random.SeedSequence([int(seed), int(run), int(segment)]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 @dataclass
@@ -89,8 +145,9 @@ class SynthReport:
             f"valid depth pixels: {100 * self.valid_depth_fraction:.1f} %",
         ]
         for s in self.segments:
+            style = f"style {s['style']} (seed {s['style_seed']}), " if "style" in s else ""
             out.append(
-                f"  {s['path']}: {s['frames']} frames, weather {s['weather']}, world seed {s['world_seed']}, "
+                f"  {s['path']}: {s['frames']} frames, {style}weather {s['weather']}, world seed {s['world_seed']}, "
                 f"{s['distance_m']:.1f} m driven"
             )
         return out
@@ -144,92 +201,150 @@ def synthesize(
     total = config.runs * config.segments_per_run * config.frames_per_segment
     bar = tqdm(total=total, desc="synth", unit="frame", disable=not progress, mininterval=1.0)
     t0 = time.perf_counter()
-    valid_pixels = 0
-    all_pixels = 0
+    counts = [0, 0]  # valid depth pixels, all pixels
     intrinsics = CameraIntrinsics(config.width, config.height)
+
+    def drive(run: int, s: int, world: ForestWorld, scene: object, rng: np.random.Generator,
+              weather: str | WeatherPreset, style: StyleSample | None) -> None:
+        geometry = style.rover_geometry() if style is not None else None
+        sim_cfg = SimConfig(camera=intrinsics, seed=int(rng.integers(2**31)))
+        rover = RoverConfig(name="rover_0", weather=weather, start=free_start_pose(world, rng))
+        if style is not None:
+            sim_cfg = replace(sim_cfg, geometry=geometry)
+            rover = replace(rover, effects=style.camera_effects())
+        sim = ForestSimulator(world, sim_cfg, [rover], scene=scene)
+        writer = SegmentWriter(root, run, segment_name(s), overwrite=overwrite,
+                               extra_columns=EXTRA_COLUMNS + (STYLE_COLUMNS if style is not None else ()))
+        weather_name = weather.name if isinstance(weather, WeatherPreset) else weather
+        if style is not None:
+            _write_style_file(writer.path / STYLE_FILE, style, world, weather_name, geometry)
+        try:
+            distance = _record_segment(sim, writer, world, config, s, weather_name, style, bar, counts, on_frame)
+        finally:
+            sim.close()
+        report.frames += config.frames_per_segment
+        entry = {"path": str(writer.path), "frames": config.frames_per_segment, "weather": weather_name,
+                 "world_seed": world.config.seed, "distance_m": distance}
+        if style is not None:
+            entry.update(style=style.style, style_seed=style.seed)
+        report.segments.append(entry)
+
     try:
         for r in range(config.runs):
             run = config.first_run + r
-            world_seed = config.seed + r
-            world = generate_world(config.world, seed=world_seed)
             rng = np.random.default_rng([config.seed, run])
-            with ForestScene(world) as scene:
-                for s in range(config.segments_per_run):
-                    weather = config.weathers[(r * config.segments_per_run + s) % len(config.weathers)]
-                    seg = segment_name(s)
-                    sim = ForestSimulator(
-                        world,
-                        SimConfig(camera=intrinsics, seed=int(rng.integers(2**31))),
-                        [RoverConfig(name="rover_0", weather=weather, start=free_start_pose(world, rng))],
-                        scene=scene,
-                    )
-                    writer = SegmentWriter(root, run, seg, overwrite=overwrite, extra_columns=EXTRA_COLUMNS)
-                    latest: dict[str, object] = {}
-                    distance = 0.0
-                    last_xy = None
-                    with writer:
-                        for i in range(config.frames_per_segment):
-                            target = (i + 1) * config.frame_interval_s
-                            while sim.time_s < target - 1e-9:
-                                for event in sim.step(render=False):
-                                    latest[event.kind] = event.data
-                                st = sim.rovers[0].state
-                                if last_xy is not None:
-                                    distance += math.hypot(st.x - last_xy[0], st.y - last_xy[1])
-                                last_xy = (st.x, st.y)
-                            frame = sim.render_camera(0)
-                            state = sim.rovers[0].state
-                            imu = latest["imu"]
-                            gps = latest.get("gps")
-                            wheels = latest.get("wheels")
-                            record = FrameRecord(
-                                stem=frame_stem(i),
-                                timestamp=round(s * 10_000.0 + sim.time_s, 9),
-                                imu=ImuSample(
-                                    angular_velocity=tuple(imu.angular_velocity),
-                                    linear_acceleration=tuple(imu.linear_acceleration),
-                                    orientation=tuple(imu.orientation_xyzw),
-                                ),
-                                gps=None
-                                if gps is None
-                                else GpsFix(gps.latitude, gps.longitude, gps.altitude, int(gps.status)),
-                                encoders=None
-                                if wheels is None
-                                else WheelEncoders(
-                                    float(wheels.position[0]),
-                                    float(wheels.position[1]),
-                                    float(wheels.velocity[0]),
-                                    float(wheels.velocity[1]),
-                                ),
-                                extras={
-                                    "weather": weather,
-                                    "world_seed": world_seed,
-                                    "pose_x": state.x,
-                                    "pose_y": state.y,
-                                    "pose_z": state.z,
-                                    "pose_yaw": state.yaw,
-                                    "canopy_cover": world.canopy_cover(state.x, state.y),
-                                },
-                            )
-                            writer.write_frame(frame.rgb, frame.depth, record)
-                            if on_frame is not None:
-                                on_frame(writer.path, record, frame.rgb, frame.depth)
-                            valid_pixels += int(np.isfinite(frame.depth).sum())
-                            all_pixels += frame.depth.size
-                            report.frames += 1
-                            bar.update(1)
-                    sim.close()
-                    report.segments.append(
-                        {
-                            "path": str(writer.path),
-                            "frames": config.frames_per_segment,
-                            "weather": weather,
-                            "world_seed": world_seed,
-                            "distance_m": distance,
-                        }
-                    )
+            if not config.styles:
+                world = generate_world(config.world, seed=config.seed + r)
+                with ForestScene(world) as scene:
+                    for s in range(config.segments_per_run):
+                        k = r * config.segments_per_run + s
+                        weathers = config.weathers or (DEFAULT_WEATHER,)
+                        drive(run, s, world, scene, rng, weathers[k % len(weathers)], None)
+                continue
+            for s in range(config.segments_per_run):
+                # a styled segment is a forest of its own: its world, palette, light and camera mount
+                k = r * config.segments_per_run + s
+                style = sample(config.styles[k % len(config.styles)], style_seed(config.seed, run, s),
+                               exclude=config.exclude_styles)
+                world = generate_world(config.segment_world(style))
+                weather = config.weathers[k % len(config.weathers)] if config.weathers else style.weather()
+                with ForestScene(world, detail=style.mesh_detail(), palette=style.palette()) as scene:
+                    drive(run, s, world, scene, rng, weather, style)
     finally:
         bar.close()
     report.seconds = time.perf_counter() - t0
-    report.valid_depth_fraction = valid_pixels / max(all_pixels, 1)
+    report.valid_depth_fraction = counts[0] / max(counts[1], 1)
     return report
+
+
+def _write_style_file(path: Path, style: StyleSample, world: ForestWorld, weather: str, geometry: object) -> None:
+    """``style.json``: the style, its seed and factors, the light used, the camera mount and the world's summary."""
+    data = {
+        **style.to_dict(),
+        "weather": weather,
+        "camera_height_m": geometry.camera_height_m,
+        "camera_pitch_deg": math.degrees(geometry.camera_pitch_rad),
+        "world_seed": world.config.seed,
+        "world": world.summary(),
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _record_segment(sim: ForestSimulator, writer: SegmentWriter, world: ForestWorld, config: SynthConfig, s: int,
+                    weather: str, style: StyleSample | None, bar: object, counts: list[int],
+                    on_frame: Callable[[Path, FrameRecord, np.ndarray, np.ndarray], None] | None) -> float:
+    """Drive the rover and save ``config.frames_per_segment`` frames; returns the distance driven, metres."""
+    latest: dict[str, object] = {}
+    distance = 0.0
+    last_xy = None
+    saved: tuple[float, float, float, float] | None = None  # (t, x, y, yaw) of the last saved frame
+
+    def advance(target: float) -> None:
+        nonlocal distance, last_xy
+        while sim.time_s < target - 1e-9:
+            for event in sim.step(render=False):
+                latest[event.kind] = event.data
+            st = sim.rovers[0].state
+            if last_xy is not None:
+                distance += math.hypot(st.x - last_xy[0], st.y - last_xy[1])
+            last_xy = (st.x, st.y)
+
+    with writer:
+        for i in range(config.frames_per_segment):
+            if config.min_spacing_m <= 0 or saved is None:
+                advance((i + 1) * config.frame_interval_s)
+            else:
+                # a new view: moved far enough or turned enough since the last frame (or waited long enough)
+                advance(saved[0] + config.frame_interval_s)
+                while True:
+                    st = sim.rovers[0].state
+                    if (math.hypot(st.x - saved[1], st.y - saved[2]) >= config.min_spacing_m
+                            or abs(wrap_angle(st.yaw - saved[3])) >= SPREAD_TURN_RAD
+                            or sim.time_s - saved[0] >= config.frame_interval_s + SPREAD_MAX_WAIT_S):
+                        break
+                    advance(sim.time_s + 0.1)
+            frame = sim.render_camera(0)
+            state = sim.rovers[0].state
+            saved = (sim.time_s, state.x, state.y, state.yaw)
+            imu = latest["imu"]
+            gps = latest.get("gps")
+            wheels = latest.get("wheels")
+            extras = {
+                "weather": weather,
+                "world_seed": world.config.seed,
+                "pose_x": state.x,
+                "pose_y": state.y,
+                "pose_z": state.z,
+                "pose_yaw": state.yaw,
+                "canopy_cover": world.canopy_cover(state.x, state.y),
+            }
+            if style is not None:
+                geometry = sim.config.geometry
+                extras.update(style=style.style, style_seed=style.seed, camera_height_m=geometry.camera_height_m,
+                              camera_pitch_deg=math.degrees(geometry.camera_pitch_rad))
+            record = FrameRecord(
+                stem=frame_stem(i),
+                timestamp=round(s * 10_000.0 + sim.time_s, 9),
+                imu=ImuSample(
+                    angular_velocity=tuple(imu.angular_velocity),
+                    linear_acceleration=tuple(imu.linear_acceleration),
+                    orientation=tuple(imu.orientation_xyzw),
+                ),
+                gps=None if gps is None else GpsFix(gps.latitude, gps.longitude, gps.altitude, int(gps.status)),
+                encoders=None
+                if wheels is None
+                else WheelEncoders(
+                    float(wheels.position[0]),
+                    float(wheels.position[1]),
+                    float(wheels.velocity[0]),
+                    float(wheels.velocity[1]),
+                ),
+                extras=extras,
+            )
+            writer.write_frame(frame.rgb, frame.depth, record)
+            if on_frame is not None:
+                on_frame(writer.path, record, frame.rgb, frame.depth)
+            counts[0] += int(np.isfinite(frame.depth).sum())
+            counts[1] += frame.depth.size
+            bar.update(1)
+    return distance

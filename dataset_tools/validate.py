@@ -26,7 +26,14 @@ from forest_perception.dataset_tools.images import (
     grayscale_depth,
     png_info,
 )
-from forest_perception.dataset_tools.layout import DEPTH_DIR, METADATA_FILE, RGB_DIR, RUN_PATTERN, SEGMENT_PATTERN
+from forest_perception.dataset_tools.layout import (
+    DEPTH_DIR,
+    METADATA_FILE,
+    RGB_DIR,
+    RUN_PATTERN,
+    SEGMENT_PATTERN,
+    STYLE_FILE,
+)
 from forest_perception.dataset_tools.metadata import (
     ALIAS_HINT,
     ANGULAR_VELOCITY_COLUMNS,
@@ -438,7 +445,7 @@ def _check_segment(
             out.error(seg_dir, f"segment folder has files but no {METADATA_FILE}")
         return 0
     for p in sorted(seg_dir.iterdir()):
-        if p.name in (METADATA_FILE, RGB_DIR, DEPTH_DIR, SCORES_FILE):
+        if p.name in (METADATA_FILE, RGB_DIR, DEPTH_DIR, SCORES_FILE, STYLE_FILE):
             continue
         if p.name.startswith(".") and p.name.endswith(".tmp"):
             out.warning(p, "stray temporary file of an interrupted write; safe to delete")

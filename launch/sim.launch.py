@@ -1,6 +1,7 @@
 """Simulated forest with one or more rovers publishing the rover topic contract.
 
 ros2 launch forest_perception sim.launch.py rovers:="[rover_0, rover_1]" weather:="[sunny, dusk]"
+ros2 launch forest_perception sim.launch.py style:=hilly_deadwood seed:=4
 """
 
 import os
@@ -19,7 +20,9 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument("params_file", default_value=config, description="sim_node parameter YAML"),
             DeclareLaunchArgument("seed", default_value="0", description="forest seed"),
             DeclareLaunchArgument("rovers", default_value="[rover_0]", description="rover namespaces"),
-            DeclareLaunchArgument("weather", default_value="[overcast]", description="weather preset(s)"),
+            DeclareLaunchArgument("weather", default_value="[auto]",
+                                  description="weather preset(s); auto: overcast, or the style's own light"),
+            DeclareLaunchArgument("style", default_value="none", description="forest style (docs/simulator.md)"),
             DeclareLaunchArgument("behaviour", default_value="explore", description="explore or cmd_vel"),
             Node(
                 package="forest_perception",
@@ -33,6 +36,7 @@ def generate_launch_description() -> LaunchDescription:
                         "seed": LaunchConfiguration("seed"),
                         "rover_names": LaunchConfiguration("rovers"),
                         "weather": LaunchConfiguration("weather"),
+                        "style": LaunchConfiguration("style"),
                         "behaviour": LaunchConfiguration("behaviour"),
                     },
                 ],

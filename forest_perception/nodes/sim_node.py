@@ -43,16 +43,23 @@ from forest_perception.sim.simulator import (
     RoverConfig,
     SimConfig,
 )
+from forest_perception.sim.styles import STYLE_NAMES, sample
 from forest_perception.sim.weather import WEATHER_PRESETS, CameraEffects
 from forest_perception.sim.world import WorldConfig, generate_world
 
 # bench/bench_sim.py on 2 cores: 2 workers raise the real-time factor 1.37x (1 and 3 rovers at 15 Hz),
 # 1 worker only overlaps stepping with rendering (~1.0x); on one core workers only add copies
 DEFAULT_RENDER_WORKERS = 2 if (os.cpu_count() or 1) >= 2 else 0
+NO_STYLE = "none"
+AUTO_WEATHER = "auto"
+"""``weather`` entry: overcast, or the style's own sampled light when ``style`` is set."""
 
 
 PARAMS = [
     ParamSpec("seed", 0, "world seed: the same seed gives the same forest", (0, 2**31 - 1), read_only=True),
+    ParamSpec("style", NO_STYLE, "forest style (docs/simulator.md): samples the forest, textures, light, camera "
+              "pipeline and mount from seed, replacing tree_density_per_ha and terrain_roughness_m; none: the "
+              "parameters' forest", choices=(NO_STYLE, *STYLE_NAMES), read_only=True),
     ParamSpec("world_size_m", 60.0, "side of the square forest, metres", (10, 1000), read_only=True),
     ParamSpec("tree_density_per_ha", 600.0, "standing trees per hectare", (0, 5000), read_only=True),
     ParamSpec("terrain_roughness_m", 0.6, "peak amplitude of the rolling ground, metres", (0, 10), read_only=True),
@@ -60,8 +67,8 @@ PARAMS = [
     ParamSpec("datum_longitude_deg", -1.604, "WGS84 longitude of the world origin", (-180, 180), read_only=True),
     ParamSpec("datum_altitude_m", 40.0, "ellipsoidal altitude of the world origin", (-500, 9000), read_only=True),
     ParamSpec("rover_names", ["rover_0"], "rover namespaces, one rover each", read_only=True),
-    ParamSpec("weather", ["overcast"], "weather preset, one or one per rover", choices=tuple(sorted(WEATHER_PRESETS)),
-              read_only=True),
+    ParamSpec("weather", [AUTO_WEATHER], "weather preset, one or one per rover; auto: overcast, or the style's "
+              "own light", choices=(AUTO_WEATHER, *sorted(WEATHER_PRESETS)), read_only=True),
     ParamSpec("behaviour", "explore", "how rovers move", choices=tuple(BEHAVIOURS)),
     ParamSpec("camera_width", 320, "colour/depth image width, pixels", (16, 4096), read_only=True),
     ParamSpec("camera_height", 240, "colour/depth image height, pixels", (16, 4096), read_only=True),
@@ -97,15 +104,14 @@ class SimNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("sim_node", **kwargs)
         self.p = p = declare_parameters(self, PARAMS, _check)
-        world_cfg = WorldConfig(
-            seed=p["seed"],
-            size_m=p["world_size_m"],
-            tree_density_per_ha=p["tree_density_per_ha"],
-            terrain_roughness_m=p["terrain_roughness_m"],
-            datum_lat_deg=p["datum_latitude_deg"],
-            datum_lon_deg=p["datum_longitude_deg"],
-            datum_alt_m=p["datum_altitude_m"],
-        ).validate()
+        world_args = dict(seed=p["seed"], size_m=p["world_size_m"], datum_lat_deg=p["datum_latitude_deg"],
+                          datum_lon_deg=p["datum_longitude_deg"], datum_alt_m=p["datum_altitude_m"])
+        style = None if p["style"] == NO_STYLE else sample(p["style"], p["seed"])
+        if style is None:
+            world_cfg = WorldConfig(**world_args, tree_density_per_ha=p["tree_density_per_ha"],
+                                    terrain_roughness_m=p["terrain_roughness_m"]).validate()
+        else:
+            world_cfg = style.world_config(**world_args)
         sim_cfg = SimConfig(
             camera=CameraIntrinsics(p["camera_width"], p["camera_height"], p["camera_hfov_deg"]),
             camera_rate_hz=p["camera_rate_hz"],
@@ -115,14 +121,17 @@ class SimNode(Node):
             depth=DepthCameraModel(max_range_m=p["depth_max_range_m"]),
             seed=p["seed"],
             render_workers=p["render_workers"],
+            **({} if style is None else {"geometry": style.rover_geometry()}),
         ).validate()
         names = list(p["rover_names"])
-        weathers = list(p["weather"]) or ["overcast"]
-        effects = CameraEffects(motion_blur=p["motion_blur"])
+        weathers = list(p["weather"]) or [AUTO_WEATHER]
+        auto = "overcast" if style is None else style.weather()
+        effects = (CameraEffects(motion_blur=p["motion_blur"]) if style is None
+                   else style.camera_effects(motion_blur=p["motion_blur"]))
         rovers = [
             RoverConfig(
                 name=n,
-                weather=weathers[i if len(weathers) > 1 else 0],
+                weather=auto if (w := weathers[i if len(weathers) > 1 else 0]) == AUTO_WEATHER else w,
                 behaviour=p["behaviour"],
                 effects=effects,
             )
@@ -130,9 +139,12 @@ class SimNode(Node):
         ]
         t0 = time.perf_counter()
         self.world = generate_world(world_cfg)
-        self.sim = ForestSimulator(self.world, sim_cfg, rovers)
+        self.sim = ForestSimulator(self.world, sim_cfg, rovers,
+                                   palette=None if style is None else style.palette(),
+                                   detail=None if style is None else style.mesh_detail())
         self.get_logger().info(
-            f"forest seed {world_cfg.seed}: {len(self.world.trees)} trees on {world_cfg.size_m:.0f} m square, "
+            f"forest seed {world_cfg.seed}{'' if style is None else ', style ' + style.style}: "
+            f"{len(self.world.trees)} trees on {world_cfg.size_m:.0f} m square, "
             f"{len(rovers)} rover(s) {names}, built in {time.perf_counter() - t0:.1f} s"
         )
         self.real_time_factor = float(p["real_time_factor"])
@@ -307,7 +319,7 @@ class SimNode(Node):
                         "requested_real_time_factor": self.real_time_factor,
                         "camera_frames": self._frames[i],
                         "step_with_render_ms_p95": p95,
-                        "weather": r.cfg.weather,
+                        "weather": getattr(r.cfg.weather, "name", r.cfg.weather),
                         "behaviour": r.cfg.behaviour,
                         "collided": bool(r.state.collided),
                     },

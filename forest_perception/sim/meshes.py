@@ -15,7 +15,7 @@ import numpy as np
 
 from forest_perception.sim import textures
 from forest_perception.sim.terrain import Terrain
-from forest_perception.sim.world import Bush, Log, Rock, Tree
+from forest_perception.sim.world import Bush, Fern, Log, Rock, Tree
 
 # texture repeat lengths (metres per texture tile)
 LITTER_TILE_M = 2.0
@@ -287,30 +287,45 @@ def trunk_heights(tree: Tree, crown_top_fraction: float | None = None) -> np.nda
     return np.array(hs)
 
 
-def trunk_mesh(tree: Tree, sides: int = 16, heights: np.ndarray | None = None) -> Mesh:
+def _snag_tip(tree: Tree, hs: np.ndarray, radii: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A snag's broken top: one more ring, narrow and a little above the break, so the tube is closed."""
+    r_top = float(radii[-1])
+    return np.append(hs, hs[-1] + 1.5 * r_top + 0.05), np.append(radii, 0.25 * r_top)
+
+
+def trunk_mesh(tree: Tree, sides: int = 16, heights: np.ndarray | None = None,
+               bark_tile_m: float = BARK_TILE_M) -> Mesh:
     """Tapered, leaning trunk: horizontal rings centred on ``Tree.axis_at(h)`` with ``Tree.radius_at(h)``.
 
     That is exactly the world model's cross-section at each ring height (the model is
     linear in between). Vertex radii are scaled so the polygon has the circle's area
-    (surface within ~1 % of the model's radius whichever way one looks at it).
+    (surface within ~1 % of the model's radius whichever way one looks at it). The bark
+    texture repeats every ``bark_tile_m`` up the stem. A snag (``tree.dead``) gets a pointed,
+    broken top.
     """
     if sides < 3:
         raise ValueError(f"trunk needs at least 3 sides, got {sides}")
+    if not bark_tile_m > 0:
+        raise ValueError(f"bark_tile_m must be > 0, got {bark_tile_m}")
     hs = trunk_heights(tree) if heights is None else np.asarray(heights, dtype=np.float64)
-    centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
     radii = np.array([_polygon_area_radius(tree.radius_at(h), sides) for h in hs])
+    if tree.dead and heights is None:
+        hs, radii = _snag_tip(tree, hs, radii)
+    centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
     circumference = 2 * math.pi * tree.dbh / 2
-    u_rep = max(1.0, round(circumference / (BARK_TILE_M * 0.6)))
-    return _ring_mesh(centres, radii, sides, u_rep, (hs + 1.0) / BARK_TILE_M)
+    u_rep = max(1.0, round(circumference / (bark_tile_m * 0.6)))
+    return _ring_mesh(centres, radii, sides, u_rep, (hs + 1.0) / bark_tile_m)
 
 
-def far_trunk_mesh(tree: Tree, sides: int = 6) -> Mesh:
+def far_trunk_mesh(tree: Tree, sides: int = 6, bark_tile_m: float = BARK_TILE_M) -> Mesh:
     """Cheap trunk for distant views: few sides, rings at the base, 0.5 m and the top only."""
     hs = trunk_heights(tree)
     hs = np.array([hs[0], 0.5, hs[-1]])
-    centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
     radii = np.array([_polygon_area_radius(tree.radius_at(max(h, 0.0)), sides) for h in hs])
-    return _ring_mesh(centres, radii, sides, 1.0, (hs + 1.0) / BARK_TILE_M)
+    if tree.dead:
+        hs, radii = _snag_tip(tree, hs, radii)
+    centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
+    return _ring_mesh(centres, radii, sides, 1.0, (hs + 1.0) / bark_tile_m)
 
 
 def conifer_crown_mesh(tree: Tree, rng: np.random.Generator, sides: int = 10, tiers: int = 3) -> Mesh:
@@ -336,7 +351,8 @@ def conifer_crown_mesh(tree: Tree, rng: np.random.Generator, sides: int = 10, ti
     prof_r.append(0.02)
     hs = np.asarray(prof_h)
     centres = np.array([[*tree.axis_at(h), tree.z + h] for h in hs])
-    rag = np.exp(np.stack([_smooth_periodic(rng, sides, 0.1, harmonics=4) + rng.normal(0, 0.07, sides)
+    k = _irregularity_scale(tree)
+    rag = np.exp(np.stack([_smooth_periodic(rng, sides, 0.1 * k, harmonics=4) + rng.normal(0, 0.07 * k, sides)
                            for _ in hs]))
     u_rep = max(1.0, round(2 * math.pi * tree.crown_radius / FOLIAGE_TILE_M))
     # v runs along the profile (not the height), so the overhanging tier skirts are not streaked
@@ -416,12 +432,51 @@ def broadleaf_crown_mesh(tree: Tree, rng: np.random.Generator, lat: int = 6, lon
     """
     span = tree.height - tree.crown_base
     cx, cy = tree.axis_at(tree.crown_base + 0.5 * span)
-    off = rng.normal(0, 0.12 * tree.crown_radius, 2)
+    k = _irregularity_scale(tree)
+    off = rng.normal(0, 0.12 * k * tree.crown_radius, 2)
     centre = np.array([cx + off[0], cy + off[1], tree.z + tree.crown_base + 0.5 * span])
     r = tree.crown_radius
-    crown = ellipsoid_mesh(centre, (r, r * rng.uniform(0.8, 1.0), 0.55 * span), rng, lat, lon, roughness=0.3,
-                           yaw=float(rng.uniform(0, math.pi)))
+    crown = ellipsoid_mesh(centre, (r, r * rng.uniform(0.8, 1.0), 0.55 * span), rng, lat, lon,
+                           roughness=0.3 * k**0.6, yaw=float(rng.uniform(0, math.pi)))
     return smooth_normals(crown)
+
+
+def _irregularity_scale(tree: Tree) -> float:
+    """Crown raggedness relative to the default ``crown_roughness`` of 0.3 (exactly 1.0 for it)."""
+    return tree.crown_roughness / 0.3
+
+
+def fern_mesh(fern: Fern, rng: np.random.Generator, segments: int = 4) -> Mesh:
+    """A fern clump: ``fern.fronds`` arching strips from the centre, two-sided (TinyRenderer culls back faces).
+
+    Each frond rises to about ``fern.height`` half-way out and droops toward its tip at
+    ``fern.radius``; the texture's v runs along the frond, u across it.
+    """
+    s = np.linspace(0.0, 1.0, segments + 1)
+    rise = s * (1.15 - s) / 0.330625  # 1 at its top, s = 0.575
+    meshes = []
+    for k in range(fern.fronds):
+        ang = 2 * math.pi * (k + rng.uniform(-0.3, 0.3)) / fern.fronds
+        length = fern.radius * rng.uniform(0.8, 1.1)
+        lift = fern.height * rng.uniform(0.75, 1.0)
+        half_w = 0.14 * length * np.sin(math.pi * np.clip(s, 0.04, 0.96)) ** 0.7
+        along = np.array([math.cos(ang), math.sin(ang)])
+        side = np.array([-along[1], along[0]])
+        cx = fern.x + along[0] * length * s
+        cy = fern.y + along[1] * length * s
+        cz = fern.z + 0.02 + lift * rise
+        left = np.column_stack([cx + side[0] * half_w, cy + side[1] * half_w, cz - 0.35 * half_w])
+        right = np.column_stack([cx - side[0] * half_w, cy - side[1] * half_w, cz - 0.35 * half_w])
+        verts = np.stack([left, right], axis=1).reshape(-1, 3)  # rows along the frond, 2 columns
+        uvs = np.stack([np.stack([np.zeros_like(s), s * length / 0.5], -1),
+                        np.stack([np.ones_like(s), s * length / 0.5], -1)], axis=1).reshape(-1, 2)
+        idx = _grid_indices(len(s), 2)
+        top = Mesh(verts, np.tile([0.0, 0.0, 1.0], (len(verts), 1)), uvs, idx)
+        if np.mean(top.face_normals()[:, 2]) < 0:
+            top.indices = top.indices[:, [0, 2, 1]]
+        under = Mesh(verts, np.tile([0.0, 0.0, -1.0], (len(verts), 1)), uvs, top.indices[:, [0, 2, 1]])
+        meshes.extend([top, under])
+    return Mesh.merge(meshes)
 
 
 def log_mesh(log: Log, sides: int = 12) -> Mesh:

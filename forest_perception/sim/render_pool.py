@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from forest_perception.frames import CameraIntrinsics
+    from forest_perception.frames import CameraIntrinsics, RoverGeometry
+    from forest_perception.sim.textures import Palette
     from forest_perception.sim.weather import WeatherPreset
     from forest_perception.sim.world import ForestWorld
     from forest_perception.sim.world_meshes import MeshDetail
@@ -42,6 +43,8 @@ class SceneSpec:
     cull: bool = True
     texture_seed: int | None = None
     rover_colors: tuple[tuple[float, ...], ...] = ()
+    palette: Palette | None = None
+    geometry: RoverGeometry | None = None
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,9 @@ def _worker_main(spec: SceneSpec, jobs: Any, results: Any) -> None:  # noqa: ANN
 
     try:
         scene = ForestScene(spec.world, cache_dir=spec.cache_dir, detail=spec.detail,
-                            texture_size=spec.texture_size, cull=spec.cull, texture_seed=spec.texture_seed)
-        body_ids = [scene.add_rover_body(color=c) for c in spec.rover_colors]
+                            texture_size=spec.texture_size, cull=spec.cull, texture_seed=spec.texture_seed,
+                            palette=spec.palette)
+        body_ids = [scene.add_rover_body(color=c, geometry=spec.geometry) for c in spec.rover_colors]
     except BaseException:  # noqa: BLE001 - report any build failure to the owner
         results.put(("error", -1, traceback.format_exc()))
         return

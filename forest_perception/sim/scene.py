@@ -8,6 +8,7 @@ renders rgb, depth and segmentation; the camera model is :mod:`projection`'s, th
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,13 @@ from forest_perception.sim.projection import (
     zbuffer_to_depth,
 )
 from forest_perception.sim.sun_shadows import SunShadowMap, shadow_shading
-from forest_perception.sim.textures import GROUND_TEXTURES, default_cache_dir, generate_textures
+from forest_perception.sim.textures import (
+    GROUND_TEXTURES,
+    Palette,
+    default_cache_dir,
+    generate_textures,
+    toned_textures,
+)
 from forest_perception.sim.weather import CameraEffects, WeatherPreset, apply_camera_pipeline, get_weather
 from forest_perception.sim.world import ForestWorld
 from forest_perception.sim.world_meshes import CATEGORIES, LOD_ALL, MeshDetail, build_world_meshes
@@ -67,8 +74,10 @@ def _rover_mesh_parts(geom: RoverGeometry) -> list[tuple[int, dict]]:
     cam_z = geom.camera_height_m - geom.wheel_radius_m
     top = body_z + geom.body_height_m / 2
     mast_x = geom.camera_forward_m - 0.06
-    parts.append((p.GEOM_BOX, {"halfExtents": [0.012, 0.012, (cam_z - top) / 2],
-                               "visualFramePosition": [mast_x, 0.0, (cam_z + top) / 2], "color": "wheel"}))
+    # a camera mounted below the body top (a low rig) needs no mast: keep a stub, PyBullet refuses sizes <= 0
+    mast_half, mast_z = ((cam_z - top) / 2, (cam_z + top) / 2) if cam_z - top > 0.01 else (0.005, top + 0.005)
+    parts.append((p.GEOM_BOX, {"halfExtents": [0.012, 0.012, mast_half],
+                               "visualFramePosition": [mast_x, 0.0, mast_z], "color": "wheel"}))
     # camera head sits behind the optical centre, so the rover's own camera never sees it
     parts.append((p.GEOM_BOX, {"halfExtents": [0.025, 0.05, 0.015],
                                "visualFramePosition": [geom.camera_forward_m - 0.035, 0.0, cam_z],
@@ -86,9 +95,10 @@ class ForestScene:
 
     def __init__(self, world: ForestWorld, cache_dir: str | Path | None = None,
                  detail: MeshDetail | None = None, texture_size: int = 256, cull: bool = True,
-                 texture_seed: int | None = None) -> None:
+                 texture_seed: int | None = None, palette: Palette | None = None) -> None:
         self.world = world
         self.detail = (detail or MeshDetail()).validate()
+        self.palette = (palette or Palette()).validate()
         self.cull = cull
         self.texture_size = int(texture_size)
         # a few texture variants across worlds; each is made once and cached
@@ -121,7 +131,14 @@ class ForestScene:
     def _build(self, texture_size: int) -> None:
         cid = self._client
         tex_paths = generate_textures(self.cache_dir, seed=self.texture_seed, size=texture_size)
-        self._textures = {name: p.loadTexture(str(path), physicsClientId=cid) for name, path in tex_paths.items()}
+        if self.palette.is_identity:
+            self._textures = {name: p.loadTexture(str(path), physicsClientId=cid) for name, path in tex_paths.items()}
+        else:
+            # toned copies are throw-away files: a cache of every sampled palette would grow without end,
+            # and PyBullet holds the pixels once a texture is loaded
+            with tempfile.TemporaryDirectory(prefix="forest_palette_") as tmp:
+                toned = toned_textures(tex_paths, self.palette, tmp)
+                self._textures = {name: p.loadTexture(str(path), physicsClientId=cid) for name, path in toned.items()}
         for group in build_world_meshes(self.world, self.detail):
             body = self._add_mesh_body(group.mesh, self._textures[group.texture])
             lo, hi = group.mesh.bounds()

@@ -26,8 +26,10 @@ from forest_perception.sim.sensors import (
     WheelOdometry,
     WheelReading,
 )
+from forest_perception.sim.textures import Palette
 from forest_perception.sim.weather import CameraEffects, WeatherPreset, apply_camera_pipeline, get_weather
 from forest_perception.sim.world import ForestWorld
+from forest_perception.sim.world_meshes import MeshDetail
 
 BEHAVIOURS = ("explore", "cmd_vel")
 NS_PER_S = 1_000_000_000
@@ -38,10 +40,13 @@ ROVER_PALETTE = ((0.8, 0.3, 0.1), (0.1, 0.4, 0.8), (0.9, 0.8, 0.1), (0.5, 0.1, 0
 
 @dataclass(frozen=True)
 class RoverConfig:
-    """One simulated rover: its name (ROS namespace), weather, behaviour and start pose."""
+    """One simulated rover: its name (ROS namespace), weather, behaviour and start pose.
+
+    ``weather`` is a preset's name or a :class:`WeatherPreset` of its own (e.g. a style's sampled light).
+    """
 
     name: str = "rover_0"
-    weather: str = "overcast"
+    weather: str | WeatherPreset = "overcast"
     behaviour: str = "explore"
     start: tuple[float, float, float] | None = None
     effects: CameraEffects = field(default_factory=CameraEffects)
@@ -52,7 +57,10 @@ class RoverConfig:
             raise ValueError(
                 f"rover name {self.name!r} is not a valid ROS namespace token (letters, digits, _; no leading digit)"
             )
-        get_weather(self.weather)
+        if isinstance(self.weather, WeatherPreset):
+            self.weather.validate()
+        else:
+            get_weather(self.weather)
         if self.behaviour not in BEHAVIOURS:
             raise ValueError(f"unknown behaviour {self.behaviour!r}; expected one of {BEHAVIOURS}")
         self.effects.validate()
@@ -158,7 +166,8 @@ class _SimRover:
         rng_motion, rng_imu, rng_gps, rng_enc, rng_cam, rng_explore = (np.random.default_rng(s) for s in seed.spawn(6))
         world = sim.world
         geometry = sim.config.geometry
-        self.weather: WeatherPreset = get_weather(cfg.weather)
+        weather = cfg.weather
+        self.weather: WeatherPreset = weather if isinstance(weather, WeatherPreset) else get_weather(weather)
         self.rover = DiffDriveRover(geometry, world.terrain, sim.obstacles, start=start, rng=rng_motion)
         half = world.half_size
         self.explorer = ExplorationController(sim.obstacles, (-half, half, -half, half), geometry, rng_explore)
@@ -194,6 +203,8 @@ class ForestSimulator:
         render: bool = True,
         cache_dir: str | None = None,
         scene: object | None = None,
+        palette: Palette | None = None,
+        detail: MeshDetail | None = None,
     ) -> None:
         self.world = world
         self.config = (config or SimConfig()).validate()
@@ -213,20 +224,22 @@ class ForestSimulator:
         colors = tuple(ROVER_PALETTE[r.index % len(ROVER_PALETTE)] for r in self.rovers) if len(self.rovers) > 1 else ()
         if render and self.config.render_workers > 0:
             # the workers build their own scenes; a given scene only lends its build options
-            spec = SceneSpec(world, cache_dir=str(cache_dir) if cache_dir is not None else None, rover_colors=colors)
+            spec = SceneSpec(world, cache_dir=str(cache_dir) if cache_dir is not None else None, detail=detail,
+                             rover_colors=colors, palette=palette, geometry=self.config.geometry)
             if scene is not None:
                 spec = replace(spec, cache_dir=str(getattr(scene, "cache_dir", cache_dir)),
                                detail=getattr(scene, "detail", None), texture_size=getattr(scene, "texture_size", 256),
-                               cull=getattr(scene, "cull", True), texture_seed=getattr(scene, "texture_seed", None))
+                               cull=getattr(scene, "cull", True), texture_seed=getattr(scene, "texture_seed", None),
+                               palette=getattr(scene, "palette", None))
             self._pool = RenderPool(spec, self.config.render_workers)
             return
         if render and scene is None:
             from forest_perception.sim.scene import ForestScene  # PyBullet only when rendering
 
-            self.scene = ForestScene(world, cache_dir=cache_dir)
+            self.scene = ForestScene(world, cache_dir=cache_dir, detail=detail, palette=palette)
         if self.scene is not None and colors:
             for r, color in zip(self.rovers, colors):
-                r.body_id = self.scene.add_rover_body(color=color)
+                r.body_id = self.scene.add_rover_body(color=color, geometry=self.config.geometry)
             self._sync_bodies()
 
     # ------------------------------------------------------------------ set-up

@@ -1,9 +1,11 @@
-"""Uneven forest-floor terrain: a fractal heightfield with bilinear look-ups."""
+"""Forest-floor terrain: a fractal heightfield with optional hills, valleys and ridges, and bilinear look-ups."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 
@@ -95,16 +97,106 @@ class Terrain:
         return n / np.linalg.norm(n)
 
 
+@dataclass(frozen=True)
+class Relief:
+    """Large landforms on top of the rolling ground (all zero: today's gentle fractal bumps only).
+
+    ``hill_height_m`` is the peak height of smooth hills of about ``hill_wavelength_m`` from crest
+    to crest; ``valley_count`` meandering valleys (gullies when narrow) are cut ``valley_depth_m``
+    deep with a Gaussian cross-section of half-width ``valley_width_m``; ``ridge_count`` ridges
+    rise the same way. ``max_slope`` (rise over run) caps the steepest ground slope of the whole
+    grid: landforms are scaled down until it holds, so the rover can always drive.
+    """
+
+    hill_height_m: float = 0.0
+    hill_wavelength_m: float = 40.0
+    valley_count: int = 0
+    valley_depth_m: float = 1.5
+    valley_width_m: float = 6.0
+    ridge_count: int = 0
+    ridge_height_m: float = 1.5
+    ridge_width_m: float = 6.0
+    max_slope: float = 1.0
+
+
+def _hills(rng: np.random.Generator, n: int, resolution: float, wavelength_m: float) -> np.ndarray:
+    """Smooth random hills, peak |h| = 1: white noise low-passed to about ``wavelength_m`` crest to crest."""
+    sigma_cells = max(wavelength_m / (2.0 * math.pi * resolution), 0.5)
+    pad = int(math.ceil(3 * sigma_cells))
+    # noise beyond the grid, so the hills do not flatten at the border the way reflected noise would
+    white = rng.standard_normal((n + 2 * pad, n + 2 * pad)).astype(np.float32)
+    smooth = cv2.GaussianBlur(white, (0, 0), sigma_cells, borderType=cv2.BORDER_REFLECT)[pad:pad + n, pad:pad + n]
+    smooth = smooth.astype(np.float64) - float(smooth.mean())
+    peak = float(np.abs(smooth).max())
+    return smooth / peak if peak > 0 else smooth
+
+
+def _meander_profile(rng: np.random.Generator, gx: np.ndarray, gy: np.ndarray, size_m: float,
+                     width_m: float) -> np.ndarray:
+    """A Gaussian trough profile (1 on the line, 0 far away) along a meandering line across the world."""
+    heading = rng.uniform(0.0, math.pi)
+    offset = rng.uniform(-0.3, 0.3) * size_m  # where the line crosses the centre, across it
+    along = gx * math.cos(heading) + gy * math.sin(heading)
+    across = -gx * math.sin(heading) + gy * math.cos(heading) - offset
+    # meanders: a few bends per world, an amplitude of a tenth of the world
+    bend_m = rng.uniform(0.6, 1.2) * size_m / 2.0
+    amp = rng.uniform(0.05, 0.12) * size_m
+    phase = rng.uniform(0.0, 2.0 * math.pi)
+    centre = amp * np.sin(2.0 * math.pi * along / bend_m + phase)
+    slope = amp * 2.0 * math.pi / bend_m * np.cos(2.0 * math.pi * along / bend_m + phase)
+    distance = (across - centre) / np.sqrt(1.0 + slope * slope)  # perpendicular distance to the line, roughly
+    return np.exp(-0.5 * (distance / width_m) ** 2)
+
+
+def max_grid_slope(heights: np.ndarray, resolution: float) -> float:
+    """Steepest slope (rise over run) between grid neighbours, along x, y or a diagonal."""
+    if heights.shape[0] < 2 or heights.shape[1] < 2:
+        return 0.0
+    sx = np.abs(np.diff(heights, axis=1)).max() / resolution
+    sy = np.abs(np.diff(heights, axis=0)).max() / resolution
+    # the mesh triangulates each cell along a diagonal: its slope is what the rover drives on
+    gx = np.diff(heights, axis=1)[:-1, :] / resolution
+    gy = np.diff(heights, axis=0)[:, :-1] / resolution
+    return float(max(sx, sy, np.hypot(gx, gy).max()))
+
+
 def generate_terrain(
-    rng: np.random.Generator, size_m: float, resolution: float, roughness_m: float
+    rng: np.random.Generator, size_m: float, resolution: float, roughness_m: float, bump_m: float = 0.05,
+    relief: Relief | None = None, relief_rng: np.random.Generator | None = None,
 ) -> Terrain:
-    """Rolling ground with ``roughness_m`` peak amplitude plus fine bumps (about 5 cm)."""
+    """Rolling ground with ``roughness_m`` peak amplitude plus fine bumps (``bump_m``, about 5 cm), plus ``relief``.
+
+    The landforms of ``relief`` draw from ``relief_rng`` (not ``rng``), so a world without them is
+    the same as before they existed; their slope is capped at ``relief.max_slope``.
+    """
     n = int(round(size_m / resolution)) + 1
     broad = fractal_noise(rng, (n, n), octaves=4, persistence=0.45)
     fine = rng.normal(0.0, 1.0, size=(n, n))
     # light 3x3 box blur so the fine bumps are bumps, not spikes
     padded = np.pad(fine, 1, mode="edge")
     fine = sum(padded[dy : dy + n, dx : dx + n] for dy in range(3) for dx in range(3)) / 9.0
-    heights = roughness_m * broad + 0.05 * fine / max(np.abs(fine).max(), 1e-9)
+    bumps = bump_m * fine / max(np.abs(fine).max(), 1e-9)
+    landforms = roughness_m * broad
+    relief = relief or Relief()
+    if relief.hill_height_m > 0 or relief.valley_count > 0 or relief.ridge_count > 0:
+        relief_rng = relief_rng if relief_rng is not None else np.random.default_rng(0)
+        half = (n - 1) * resolution / 2.0
+        axis = np.linspace(-half, half, n)
+        gx, gy = np.meshgrid(axis, axis)
+        if relief.hill_height_m > 0:
+            landforms = landforms + relief.hill_height_m * _hills(relief_rng, n, resolution, relief.hill_wavelength_m)
+        for _ in range(int(relief.valley_count)):
+            landforms = landforms - relief.valley_depth_m * _meander_profile(relief_rng, gx, gy, size_m,
+                                                                             relief.valley_width_m)
+        for _ in range(int(relief.ridge_count)):
+            landforms = landforms + relief.ridge_height_m * _meander_profile(relief_rng, gx, gy, size_m,
+                                                                             relief.ridge_width_m)
+    # the steepest slope of the sum is at most the sum of the steepest slopes: scale the landforms
+    # so that, with the bumps at their steepest, no cell is steeper than max_slope
+    slope_landforms = max_grid_slope(landforms, resolution)
+    room = relief.max_slope - max_grid_slope(bumps, resolution)
+    if slope_landforms > room:
+        landforms = landforms * max(room, 0.0) / slope_landforms
+    heights = landforms + bumps
     half = (n - 1) * resolution / 2.0
     return Terrain(heights=heights.astype(np.float64), resolution=resolution, x0=-half, y0=-half)

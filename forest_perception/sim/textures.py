@@ -1,4 +1,4 @@
-"""Procedural forest textures (bark, leaf litter, moss, grass, rock, foliage, log), made with numpy.
+"""Procedural forest textures (bark, leaf litter, moss, grass, rock, foliage, log, fern), made with numpy.
 
 Every texture is seamless (it tiles in both directions, built from periodic spectral
 noise and wrapped stamps) and deterministic from a seed. Textures carry the cues a
@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -34,6 +35,8 @@ TEXTURE_NAMES = (
     "bush",
     "log",
     "treeline",
+    "bark_snag",
+    "fern",
 )
 
 # seen from 0.2 m, these get 4x the pixels (nearest-neighbour sampling is blocky up close):
@@ -341,6 +344,40 @@ def treeline_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
     return _to_uint8(img)
 
 
+def snag_bark_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """Standing dead wood: silver-grey weathered wood with long checks, bark left in dark patches."""
+    shape = (size, size)
+    checks = spectral_noise(rng, shape, beta=2.0, stretch=(1.0, 12.0), fmin=4.0)
+    cracks = 1.0 - np.abs(np.tanh(1.4 * checks))  # thin dark checks along the stem
+    grain = spectral_noise(rng, shape, beta=1.2, stretch=(1.0, 6.0), fmin=10.0)
+    wood = _palette_mix(0.55 + 0.15 * grain + 0.25 * (cracks - 0.5),
+                        [(58, 54, 50), (112, 106, 98), (150, 144, 134), (178, 172, 160)])
+    bark_left = _cdf(2.2 * (spectral_noise(rng, shape, beta=2.6, stretch=(1.0, 2.5), fmin=2.0) - 0.5))
+    bark = _palette_mix(0.5 + 0.2 * spectral_noise(rng, shape, beta=1.5, fmin=8.0),
+                        [(30, 24, 20), (62, 50, 40), (88, 72, 58)])
+    img = wood * (1 - bark_left[..., None]) + bark * bark_left[..., None]
+    return _to_uint8(img)
+
+
+def fern_texture(rng: np.random.Generator, size: int = 256) -> np.ndarray:
+    """A fern frond seen from above: midrib down the middle (v), pinnae angled out to both edges (u)."""
+    img = _palette_mix(0.5 + 0.2 * spectral_noise(rng, (size, size), beta=2.0, fmin=2.0),
+                       [(14, 26, 8), (26, 44, 14), (40, 60, 20)])
+    greens = np.asarray([(70, 122, 34), (88, 140, 40), (104, 150, 52), (62, 108, 30)], dtype=np.float64)
+    rows = np.arange(0, size, max(2, size // 40))
+    for y in rows:
+        for sign in (-1.0, 1.0):
+            colour = tuple(float(c) for c in greens[rng.integers(len(greens))] * rng.uniform(0.85, 1.15))
+            length = size * rng.uniform(0.36, 0.48)
+            angle = math.radians(90.0 + sign * rng.uniform(58.0, 72.0))
+            x0, y0 = size / 2.0, float(y)
+            x1, y1 = x0 - sign * length * abs(math.sin(angle)), y0 + length * math.cos(angle) * 0.4
+            cv2.line(img, (int(x0), int(y0)), (int(round(x1)), int(round(y1))), colour,
+                     _px(size, 3.0), lineType=cv2.LINE_AA)
+    cv2.line(img, (size // 2, 0), (size // 2, size - 1), (96, 120, 44), _px(size, 2.0), lineType=cv2.LINE_AA)
+    return _to_uint8(img)
+
+
 _GENERATORS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "bark_conifer": lambda rng, s: bark_texture(rng, s, conifer=True),
     "bark_broadleaf": lambda rng, s: bark_texture(rng, s, conifer=False),
@@ -353,7 +390,128 @@ _GENERATORS: dict[str, Callable[[np.random.Generator, int], np.ndarray]] = {
     "bush": bush_texture,
     "log": log_texture,
     "treeline": treeline_texture,
+    "bark_snag": snag_bark_texture,
+    "fern": fern_texture,
 }
+
+
+@dataclass(frozen=True)
+class Tone:
+    """A colour change of a texture: hue rotation (degrees), saturation and value (brightness) factors.
+
+    ``Tone()`` leaves a texture as it is. Hue turns the HSV hue circle: green foliage at -40
+    degrees turns autumn yellow-orange, at +20 blue-green.
+    """
+
+    hue_deg: float = 0.0
+    saturation: float = 1.0
+    value: float = 1.0
+
+    def validate(self, name: str = "tone") -> Tone:
+        """Raise ``ValueError`` naming ``name`` and the field out of range; return self when fine."""
+        if not (math.isfinite(self.hue_deg) and -180.0 <= self.hue_deg <= 180.0):
+            raise ValueError(f"{name}.hue_deg must be within [-180, 180] degrees, got {self.hue_deg}")
+        for field_name in ("saturation", "value"):
+            v = getattr(self, field_name)
+            if not (math.isfinite(v) and 0.0 <= v <= 3.0):
+                raise ValueError(f"{name}.{field_name} must be within [0, 3], got {v}")
+        return self
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the tone changes nothing."""
+        return self.hue_deg == 0.0 and self.saturation == 1.0 and self.value == 1.0
+
+    def key(self) -> str:
+        """A short file-name-safe key of the tone (rounded)."""
+        return f"h{self.hue_deg:+.1f}s{self.saturation:.3f}v{self.value:.3f}"
+
+
+def apply_tone(rgb: np.ndarray, tone: Tone) -> np.ndarray:
+    """``rgb`` (uint8, H x W x 3) with its hue turned and saturation and value scaled, as uint8."""
+    if tone.is_identity:
+        return rgb
+    hsv = cv2.cvtColor(rgb.astype(np.float32) / np.float32(255.0), cv2.COLOR_RGB2HSV)  # H in [0, 360)
+    hsv[..., 0] = np.mod(hsv[..., 0] + np.float32(tone.hue_deg), np.float32(360.0))
+    hsv[..., 1] = np.clip(hsv[..., 1] * np.float32(tone.saturation), 0.0, 1.0)
+    hsv[..., 2] = hsv[..., 2] * np.float32(tone.value)  # kept unclipped: HSV2RGB scales, the clip is below
+    out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * np.float32(255.0)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Palette:
+    """Colour of every texture group of a scene; ``Palette()`` is today's look.
+
+    Which textures each group tones: ``litter`` (the forest floor), ``moss`` and ``grass`` (ground
+    cushions), ``bark`` (both barks, snags, logs and twigs), ``rock``, ``conifer_foliage`` (conifer
+    crowns and the treeline wall), ``broadleaf_foliage`` (broadleaf crowns, bushes, ferns).
+    """
+
+    litter: Tone = Tone()
+    moss: Tone = Tone()
+    grass: Tone = Tone()
+    bark: Tone = Tone()
+    rock: Tone = Tone()
+    conifer_foliage: Tone = Tone()
+    broadleaf_foliage: Tone = Tone()
+
+    def validate(self) -> Palette:
+        """Raise ``ValueError`` naming the first group whose tone is out of range."""
+        for f in fields(self):
+            getattr(self, f.name).validate(f.name)
+        return self
+
+    def tone_of(self, texture: str) -> Tone:
+        """The tone a texture (or its ``_far`` copy) gets."""
+        base = texture[: -len(FAR_SUFFIX)] if texture.endswith(FAR_SUFFIX) else texture
+        return getattr(self, TEXTURE_GROUPS[base])
+
+    @property
+    def is_identity(self) -> bool:
+        """True when no texture changes."""
+        return all(getattr(self, f.name).is_identity for f in fields(self))
+
+
+TEXTURE_GROUPS: dict[str, str] = {
+    "litter": "litter",
+    "moss": "moss",
+    "grass": "grass",
+    "bark_conifer": "bark",
+    "bark_broadleaf": "bark",
+    "bark_snag": "bark",
+    "log": "bark",
+    "rock": "rock",
+    "foliage_conifer": "conifer_foliage",
+    "treeline": "conifer_foliage",
+    "foliage_broadleaf": "broadleaf_foliage",
+    "bush": "broadleaf_foliage",
+    "fern": "broadleaf_foliage",
+}
+"""Texture -> the :class:`Palette` group whose tone it gets."""
+
+
+def toned_textures(paths: dict[str, Path], palette: Palette, out_dir: str | Path) -> dict[str, Path]:
+    """Copies of the textures in ``paths`` with ``palette``'s tones, written into ``out_dir``; name -> path.
+
+    Textures whose tone is the identity keep their path. The copies are throw-away files for one
+    scene (PyBullet loads textures from files): PNG at the fastest compression.
+    """
+    palette.validate()
+    out = Path(out_dir)
+    toned: dict[str, Path] = {}
+    for name, path in paths.items():
+        tone = palette.tone_of(name)
+        if tone.is_identity:
+            toned[name] = path
+            continue
+        rgb = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        target = out / f"{name}_{tone.key()}.png"
+        if not cv2.imwrite(str(target), cv2.cvtColor(apply_tone(rgb, tone), cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 0]):
+            raise OSError(f"could not write texture {name!r} to {target}")
+        toned[name] = target
+    return toned
 
 
 def make_texture(name: str, seed: int = 0, size: int = 256) -> np.ndarray:

@@ -5,19 +5,26 @@ y north, z up, origin at the centre of the world and at the GPS datum.
 
 Stand statistics follow temperate forest plots: 200-1500 stems per hectare, trunk
 diameter at breast height (DBH) log-normal around 0.25 m, height from a DBH allometry,
-a few tens of fallen logs per hectare, understorey bushes and rocks.
+a few tens of fallen logs per hectare, understorey bushes and rocks. The fields added for
+domain randomisation (relief, spatial pattern, snags, crowns, ferns) default to values that
+leave a world exactly as it was without them; :mod:`styles` samples them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from forest_perception.sim.terrain import Terrain, generate_terrain
+from forest_perception.sim.terrain import Relief, Terrain, generate_terrain, max_grid_slope
 
 HECTARE_M2 = 10_000.0
+MIN_CROWN_BASE_M = 0.5
+"""Lowest crown base, metres, before the allowance for drooping rims: crowns stay above the camera."""
+FERN_OBSTACLE_SHARE = 0.6
+"""Part of a fern clump's radius that is an obstacle circle."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,46 @@ class WorldConfig:
     datum_lat_deg: float = 50.8690
     datum_lon_deg: float = -1.6040
     datum_alt_m: float = 40.0
+    # --- relief (terrain.Relief): 0 hills/valleys/ridges is today's gently rolling floor
+    terrain_bump_m: float = 0.05
+    """Peak height of the fine ground bumps (one grid cell wide), [0, 0.5] m."""
+    hill_height_m: float = 0.0
+    """Peak height of smooth hills above/below the mean ground, [0, 20] m."""
+    hill_wavelength_m: float = 40.0
+    """Crest-to-crest distance of the hills, [5, 500] m."""
+    valley_count: int = 0
+    """Meandering valleys (gullies when narrow) cut across the world, [0, 6]."""
+    valley_depth_m: float = 1.5
+    """Depth of each valley on its line, [0, 10] m."""
+    valley_width_m: float = 6.0
+    """Half-width (Gaussian sigma) of a valley's cross-section, [1, 100] m."""
+    ridge_count: int = 0
+    """Meandering ridges across the world, [0, 6]."""
+    ridge_height_m: float = 1.5
+    """Height of each ridge on its line, [0, 10] m."""
+    ridge_width_m: float = 6.0
+    """Half-width (Gaussian sigma) of a ridge's cross-section, [1, 100] m."""
+    terrain_max_slope: float = 1.0
+    """Steepest ground slope allowed (rise over run; 1 = 45 degrees), [0.02, 1]: landforms are scaled to it."""
+    # --- stand structure
+    tree_pattern: float = 0.0
+    """Spatial pattern of the stems, [-1, 1]: -1 clustered (groups), 0 random with spacing, 1 regular rows."""
+    snag_fraction: float = 0.0
+    """Share of standing dead trees (no foliage, broken top, weathered bark), [0, 1]."""
+    # --- crowns
+    conifer_crown_base: float = 0.35
+    """Crown base of a conifer as a fraction of its height (about +-20 % per tree), [0.03, 0.9]."""
+    broadleaf_crown_base: float = 0.5
+    """Crown base of a broadleaf tree as a fraction of its height (about +-20 % per tree), [0.03, 0.9]."""
+    conifer_crown_width: float = 1.0
+    """Conifer crown radius relative to the DBH allometry (< 1: slender spires), [0.3, 2]."""
+    broadleaf_crown_width: float = 1.0
+    """Broadleaf crown radius relative to the DBH allometry, [0.3, 2]."""
+    crown_irregularity: float = 0.3
+    """Lumpiness of crowns, [0, 1]: 0 smooth cones and ellipsoids, 1 ragged, lopsided crowns."""
+    # --- undergrowth
+    fern_density_per_ha: float = 0.0
+    """Fern clumps per hectare (obstacles to the rover, 0.3-0.9 m tall), [0, 3000]."""
 
     def validate(self) -> WorldConfig:
         """Raise ``ValueError`` naming the first bad parameter; return self when fine."""
@@ -77,7 +124,53 @@ class WorldConfig:
             raise ValueError(f"datum_lat_deg must be within [-90, 90], got {self.datum_lat_deg}")
         if not -180.0 <= self.datum_lon_deg <= 180.0:
             raise ValueError(f"datum_lon_deg must be within [-180, 180], got {self.datum_lon_deg}")
+        for name, low, high in _RANGES:
+            value = getattr(self, name)
+            if name in _INTEGER_FIELDS and not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)):
+                raise ValueError(f"{name} must be an integer within [{low:g}, {high:g}], got {value!r}")
+            if not (isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value)
+                    and low <= value <= high):
+                raise ValueError(f"{name} must be within [{low:g}, {high:g}], got {value!r}")
         return self
+
+    @property
+    def relief(self) -> Relief:
+        """The terrain landforms these fields describe."""
+        return Relief(
+            hill_height_m=self.hill_height_m,
+            hill_wavelength_m=self.hill_wavelength_m,
+            valley_count=int(self.valley_count),
+            valley_depth_m=self.valley_depth_m,
+            valley_width_m=self.valley_width_m,
+            ridge_count=int(self.ridge_count),
+            ridge_height_m=self.ridge_height_m,
+            ridge_width_m=self.ridge_width_m,
+            max_slope=self.terrain_max_slope,
+        )
+
+
+# (field, low, high) of the fields added for domain randomisation, as their docstrings state
+_RANGES: tuple[tuple[str, float, float], ...] = (
+    ("terrain_bump_m", 0.0, 0.5),
+    ("hill_height_m", 0.0, 20.0),
+    ("hill_wavelength_m", 5.0, 500.0),
+    ("valley_count", 0, 6),
+    ("valley_depth_m", 0.0, 10.0),
+    ("valley_width_m", 1.0, 100.0),
+    ("ridge_count", 0, 6),
+    ("ridge_height_m", 0.0, 10.0),
+    ("ridge_width_m", 1.0, 100.0),
+    ("terrain_max_slope", 0.02, 1.0),
+    ("tree_pattern", -1.0, 1.0),
+    ("snag_fraction", 0.0, 1.0),
+    ("conifer_crown_base", 0.03, 0.9),
+    ("broadleaf_crown_base", 0.03, 0.9),
+    ("conifer_crown_width", 0.3, 2.0),
+    ("broadleaf_crown_width", 0.3, 2.0),
+    ("crown_irregularity", 0.0, 1.0),
+    ("fern_density_per_ha", 0.0, 3000.0),
+)
+_INTEGER_FIELDS = frozenset({"valley_count", "ridge_count"})
 
 
 @dataclass(frozen=True)
@@ -94,6 +187,10 @@ class Tree:
     lean: float
     lean_dir: float
     conifer: bool
+    dead: bool = False
+    """A snag: standing dead, no foliage (``crown_radius`` 0), the top broken off at ``height``."""
+    crown_roughness: float = 0.3
+    """Lumpiness of the crown mesh (``WorldConfig.crown_irregularity``)."""
 
     def radius_at(self, h: float) -> float:
         """Trunk radius ``h`` metres above its base: root flare below 0.5 m, linear taper above."""
@@ -149,6 +246,18 @@ class Rock:
     yaw: float
 
 
+@dataclass(frozen=True)
+class Fern:
+    """A fern clump: fronds arching out from (x, y, z) to ``radius``, ``height`` tall."""
+
+    x: float
+    y: float
+    z: float
+    radius: float
+    height: float
+    fronds: int
+
+
 @dataclass
 class ForestWorld:
     """A generated forest: terrain and every object in it."""
@@ -159,6 +268,7 @@ class ForestWorld:
     logs: list[Log] = field(default_factory=list)
     bushes: list[Bush] = field(default_factory=list)
     rocks: list[Rock] = field(default_factory=list)
+    ferns: list[Fern] = field(default_factory=list)
 
     @property
     def half_size(self) -> float:
@@ -178,6 +288,9 @@ class ForestWorld:
             rows.append((b.x, b.y, b.radius))
         for r in self.rocks:
             rows.append((r.x, r.y, r.radius))
+        for f in self.ferns:
+            # fronds bend aside; the dense centre is what stops a small rover
+            rows.append((f.x, f.y, FERN_OBSTACLE_SHARE * f.radius))
         for log in self.logs:
             (x0, y0), (x1, y1) = log.endpoints()
             n = max(2, int(math.ceil(log.length / max(log.diameter, 0.1))) + 1)
@@ -213,6 +326,9 @@ class ForestWorld:
             "logs": len(self.logs),
             "bushes": len(self.bushes),
             "rocks": len(self.rocks),
+            "ferns": len(self.ferns),
+            "snags": sum(1 for t in self.trees if t.dead),
+            "max_slope": max_grid_slope(self.terrain.heights, self.terrain.resolution),
             "terrain_relief_m": float(self.terrain.heights.max() - self.terrain.heights.min()),
         }
 
@@ -230,6 +346,7 @@ class ForestWorld:
             "logs": [asdict(o) for o in self.logs],
             "bushes": [asdict(o) for o in self.bushes],
             "rocks": [asdict(o) for o in self.rocks],
+            "ferns": [asdict(o) for o in self.ferns],
         }
 
 
@@ -245,8 +362,12 @@ def generate_world(config: WorldConfig | None = None, **overrides) -> ForestWorl
         config = WorldConfig(**{**asdict(config), **overrides})
     config.validate()
     rng = np.random.default_rng(config.seed)
+    # the randomisation fields draw from streams of their own, so a world that leaves them at their
+    # defaults is drawn exactly as before they existed
+    relief_rng, pattern_rng, extra_rng = (np.random.default_rng([config.seed, k]) for k in (101, 102, 103))
     terrain = generate_terrain(
-        rng, config.size_m, config.terrain_resolution_m, config.terrain_roughness_m
+        rng, config.size_m, config.terrain_resolution_m, config.terrain_roughness_m,
+        bump_m=config.terrain_bump_m, relief=config.relief, relief_rng=relief_rng,
     )
     half = config.size_m / 2.0
     margin = 1.0
@@ -263,10 +384,11 @@ def generate_world(config: WorldConfig | None = None, **overrides) -> ForestWorl
 
     trees: list[Tree] = []
     n_trees = _count(rng, config.tree_density_per_ha, area)
+    stem_xy = _stem_positions(config.tree_pattern, n_trees, half - margin, pattern_rng)
     attempts = 0
     while len(trees) < n_trees and attempts < n_trees * 30:
         attempts += 1
-        x, y = uniform_xy()
+        x, y = uniform_xy() if stem_xy is None else stem_xy()
         dbh = float(np.clip(rng.lognormal(math.log(config.dbh_median_m), config.dbh_sigma), 0.06, 1.2))
         if in_clearing(x, y, dbh):
             continue
@@ -277,8 +399,20 @@ def generate_world(config: WorldConfig | None = None, **overrides) -> ForestWorl
         conifer = bool(rng.random() < config.conifer_fraction)
         # Naslund-type height curve: about 20 m at 0.3 m DBH, saturating near 32 m
         height = float(1.3 + (dbh * 100) ** 2 / (1.5 + 0.17 * dbh * 100) ** 2 * rng.uniform(0.85, 1.15))
-        crown_radius = float(np.clip((0.6 + 9.0 * dbh) * (0.7 if conifer else 1.0), 0.6, 7.0))
-        crown_base = float(height * (0.35 if conifer else 0.5) * rng.uniform(0.8, 1.2))
+        width = config.conifer_crown_width if conifer else config.broadleaf_crown_width
+        crown_radius = float(np.clip((0.6 + 9.0 * dbh) * (0.7 if conifer else 1.0) * width, 0.6, 7.0))
+        base_fraction = config.conifer_crown_base if conifer else config.broadleaf_crown_base
+        crown_base = float(height * base_fraction * rng.uniform(0.8, 1.2))
+        # a crown low enough to touch the camera would be driven through; tier rims droop up to ~0.2 r
+        crown_base = max(crown_base, MIN_CROWN_BASE_M + 0.25 * crown_radius)
+        lean = float(abs(rng.normal(0.0, 0.04)))
+        lean_dir = float(rng.uniform(-math.pi, math.pi))
+        dead = config.snag_fraction > 0 and bool(extra_rng.random() < config.snag_fraction)
+        if dead:
+            # snags lose their crown and, sooner or later, their top
+            height = max(height * float(extra_rng.uniform(0.35, 0.95)), 2.0)
+            crown_radius = 0.0
+            crown_base = height
         trees.append(
             Tree(
                 x=x,
@@ -288,9 +422,11 @@ def generate_world(config: WorldConfig | None = None, **overrides) -> ForestWorl
                 height=height,
                 crown_radius=crown_radius,
                 crown_base=crown_base,
-                lean=float(abs(rng.normal(0.0, 0.04))),
-                lean_dir=float(rng.uniform(-math.pi, math.pi)),
+                lean=lean,
+                lean_dir=lean_dir,
                 conifer=conifer,
+                dead=dead,
+                crown_roughness=float(config.crown_irregularity),
             )
         )
 
@@ -346,4 +482,69 @@ def generate_world(config: WorldConfig | None = None, **overrides) -> ForestWorl
             )
             break
 
-    return ForestWorld(config=config, terrain=terrain, trees=trees, logs=logs, bushes=bushes, rocks=rocks)
+    ferns: list[Fern] = []
+    for _ in range(_count(extra_rng, config.fern_density_per_ha, area)):
+        for _try in range(20):
+            x, y = (float(v) for v in extra_rng.uniform(-half + margin, half - margin, 2))
+            radius = float(extra_rng.uniform(0.3, 0.8))
+            if in_clearing(x, y, radius) or not clear_of_trees(x, y, radius * 0.5):
+                continue
+            height = float(min(radius * extra_rng.uniform(0.8, 1.3), 0.9))
+            ferns.append(Fern(x, y, float(terrain.height_at(x, y)), radius, height, int(extra_rng.integers(5, 10))))
+            break
+
+    return ForestWorld(config=config, terrain=terrain, trees=trees, logs=logs, bushes=bushes, rocks=rocks,
+                       ferns=ferns)
+
+
+def _stem_positions(pattern: float, n_trees: int, half: float,
+                    rng: np.random.Generator) -> Callable[[], tuple[float, float]] | None:
+    """Candidate stem positions for a spatial ``pattern`` in [-1, 1]; None for 0 (uniform, the old draw).
+
+    Clustered (< 0): a share ``-pattern`` of the candidates falls around cluster centres (groups of
+    regeneration, 2-4 m across); regular (> 0): candidates sit on a rotated square grid of the
+    stand's mean spacing, jittered by ``(1 - pattern)`` of a cell (1: plantation rows).
+    """
+    if pattern == 0 or n_trees == 0:
+        return None
+    lo, hi = -half, half
+
+    def uniform() -> tuple[float, float]:
+        return float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi))
+
+    if pattern < 0:
+        share = -pattern
+        per_cluster = 3.0 + 12.0 * share
+        centres = rng.uniform(lo, hi, size=(max(1, int(round(n_trees / per_cluster))), 2))
+        spread = 1.0 + 2.5 * (1.0 - share)
+
+        def clustered() -> tuple[float, float]:
+            if rng.random() >= share:
+                return uniform()
+            cx, cy = centres[rng.integers(len(centres))]
+            return (float(np.clip(cx + rng.normal(0.0, spread), lo, hi)),
+                    float(np.clip(cy + rng.normal(0.0, spread), lo, hi)))
+
+        return clustered
+    spacing = 2.0 * half / math.sqrt(n_trees)
+    angle = rng.uniform(0.0, math.pi / 2)
+    reach = int(math.ceil(math.sqrt(2.0) * half / spacing)) + 1
+    ij = np.stack(np.meshgrid(np.arange(-reach, reach + 1), np.arange(-reach, reach + 1)), -1).reshape(-1, 2)
+    offset = rng.uniform(0.0, spacing, 2)
+    c, s = math.cos(angle), math.sin(angle)
+    grid = ij * spacing + offset
+    grid = grid @ np.array([[c, s], [-s, c]])
+    grid = grid[(np.abs(grid) <= half).all(axis=1)]
+    if len(grid) == 0:
+        return uniform
+    order = rng.permutation(len(grid))
+    jitter = 0.5 * (1.0 - pattern) + 0.04
+    state = {"k": 0}
+
+    def regular() -> tuple[float, float]:
+        gx, gy = grid[order[state["k"] % len(grid)]]
+        state["k"] += 1
+        return (float(np.clip(gx + rng.uniform(-jitter, jitter) * spacing, lo, hi)),
+                float(np.clip(gy + rng.uniform(-jitter, jitter) * spacing, lo, hi)))
+
+    return regular

@@ -21,6 +21,7 @@ from forest_perception.sim.meshes import (
     bush_mesh,
     conifer_crown_mesh,
     far_trunk_mesh,
+    fern_mesh,
     ground_patch_mesh,
     log_mesh,
     object_rng,
@@ -42,16 +43,18 @@ CATEGORIES: dict[str, str] = {
     "trunk_broadleaf": "bark_broadleaf",
     "crown_conifer": "foliage_conifer",
     "crown_broadleaf": "foliage_broadleaf",
+    "trunk_snag": "bark_snag",
     "log": "log",
     "bush": "bush",
+    "fern": "fern",
     "rock": "rock",
     "treeline": "treeline",
     "twig": "log",
 }
 
 
-DRAW_ORDER = ("bush", "trunk_broadleaf", "trunk_conifer", "rock", "log", "twig", "moss", "grass", "terrain",
-              "crown_broadleaf", "crown_conifer", "treeline")
+DRAW_ORDER = ("bush", "fern", "trunk_broadleaf", "trunk_conifer", "trunk_snag", "rock", "log", "twig", "moss", "grass",
+              "terrain", "crown_broadleaf", "crown_conifer", "treeline")
 
 LOD_ALL = -1
 """``MeshGroup.lod`` of geometry drawn at every distance; 0 = near variant, 1 = far variant."""
@@ -86,6 +89,8 @@ class MeshDetail:
     Around the world: ground goes on as a coarse apron, a painted treeline wall stands
     ``treeline_offset_m`` outside the border (0 = none), and ``backdrop_m`` > 0 adds
     copies of the world's trees in a band that wide (costly: ~10 ms a frame at 6 m).
+    ``bark_tile_m`` is the bark texture's repeat up a stem (its scale); ``ground_patch_moss_fraction``
+    the share of ground cushions that are moss (the rest grass).
     """
 
     trunk_sides: int = 16
@@ -106,6 +111,8 @@ class MeshDetail:
     twigs_per_ha: float = 800.0
     backdrop_m: float = 0.0
     treeline_offset_m: float = 6.0
+    bark_tile_m: float = 1.0
+    ground_patch_moss_fraction: float = 0.6
 
     def validate(self) -> MeshDetail:
         """Raise ``ValueError`` naming the first bad field; return self when fine."""
@@ -131,6 +138,10 @@ class MeshDetail:
             raise ValueError(f"backdrop_m must be within [0, 100] m, got {self.backdrop_m}")
         if not 0.0 <= self.treeline_offset_m <= 200.0:
             raise ValueError(f"treeline_offset_m must be within [0, 200] m, got {self.treeline_offset_m}")
+        if not (math.isfinite(self.bark_tile_m) and 0.1 <= self.bark_tile_m <= 10.0):
+            raise ValueError(f"bark_tile_m must be within [0.1, 10] m, got {self.bark_tile_m}")
+        if not (math.isfinite(self.ground_patch_moss_fraction) and 0.0 <= self.ground_patch_moss_fraction <= 1.0):
+            raise ValueError(f"ground_patch_moss_fraction must be within [0, 1], got {self.ground_patch_moss_fraction}")
         return self
 
 
@@ -199,7 +210,7 @@ def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> 
     for _ in range(int(rng_patch.poisson(detail.ground_patches_per_ha * area_ha))):
         x, y = rng_patch.uniform(-world.half_size + 1, world.half_size - 1, 2)
         radius = float(rng_patch.uniform(0.4, 2.0))
-        kind = "moss" if rng_patch.random() < 0.6 else "grass"
+        kind = "moss" if rng_patch.random() < detail.ground_patch_moss_fraction else "grass"
         add(kind, x, y, ground_patch_mesh(terrain, float(x), float(y), radius, rng_patch))
 
     # fallen branches: render-only clutter with strong close-range depth cues
@@ -215,8 +226,11 @@ def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> 
     for t in world.trees:
         rng = object_rng(seed, 1, t.x, t.y)
         kind = "conifer" if t.conifer else "broadleaf"
-        add(f"trunk_{kind}", t.x, t.y, trunk_mesh(t, detail.trunk_sides), lod=0)
-        add(f"trunk_{kind}", t.x, t.y, far_trunk_mesh(t, detail.far_trunk_sides), lod=1)
+        trunk = "trunk_snag" if t.dead else f"trunk_{kind}"
+        add(trunk, t.x, t.y, trunk_mesh(t, detail.trunk_sides, bark_tile_m=detail.bark_tile_m), lod=0)
+        add(trunk, t.x, t.y, far_trunk_mesh(t, detail.far_trunk_sides, bark_tile_m=detail.bark_tile_m), lod=1)
+        if t.dead:
+            continue
         if t.conifer:
             crown = conifer_crown_mesh(t, rng, detail.crown_sides)
         else:
@@ -225,7 +239,10 @@ def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> 
     for t in backdrop_trees(world, detail.backdrop_m):
         rng = object_rng(seed, 5, t.x, t.y)
         kind = "conifer" if t.conifer else "broadleaf"
-        add(f"trunk_{kind}", t.x, t.y, far_trunk_mesh(t, detail.far_trunk_sides))
+        add("trunk_snag" if t.dead else f"trunk_{kind}", t.x, t.y,
+            far_trunk_mesh(t, detail.far_trunk_sides, bark_tile_m=detail.bark_tile_m))
+        if t.dead:
+            continue
         if t.conifer:
             crown = conifer_crown_mesh(t, rng, max(6, detail.crown_sides - 3), tiers=2)
         else:
@@ -237,6 +254,8 @@ def build_world_meshes(world: ForestWorld, detail: MeshDetail | None = None) -> 
         add("bush", b.x, b.y, bush_mesh(b, object_rng(seed, 2, b.x, b.y), detail.bush_lat, detail.bush_lon))
     for r in world.rocks:
         add("rock", r.x, r.y, rock_mesh(r, object_rng(seed, 3, r.x, r.y), detail.rock_lat, detail.rock_lon))
+    for f in world.ferns:
+        add("fern", f.x, f.y, fern_mesh(f, object_rng(seed, 4, f.x, f.y)))
 
     # TinyRenderer draws bodies in creation order and skips shading of z-rejected pixels:
     # put the near, opaque occluders first and the big background surfaces last

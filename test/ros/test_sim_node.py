@@ -193,6 +193,7 @@ def array_from_image_mean(msg):
         ({"tree_density_per_ha": -5.0}, "tree_density_per_ha"),
         ({"camera_width": 0}, "camera_width"),
         ({"weather": ["tornado"]}, "tornado"),
+        ({"style": "jungle"}, "jungle"),
         ({"rover_names": ["rover_0", "rover_0"]}, "unique"),
     ],
 )
@@ -201,6 +202,24 @@ def test_invalid_parameters_are_refused(rclpy_context, overrides, words):
 
     with pytest.raises(Exception, match=words):
         SimNode(context=rclpy_context, parameter_overrides=_params(**overrides))
+
+
+def test_style_parameter_builds_the_styled_forest(rclpy_context):
+    from forest_perception.nodes.sim_node import SimNode
+    from forest_perception.sim.styles import sample
+
+    node = SimNode(context=rclpy_context,
+                   parameter_overrides=_params(style="hilly_deadwood", seed=3, render_workers=0, real_time_factor=0.0))
+    try:
+        expected = sample("hilly_deadwood", 3)
+        assert node.world.config == expected.world_config(size_m=24.0)
+        assert node.world.summary()["snags"] > 0
+        rover = node.sim.rovers[0]
+        assert rover.weather.name == "style:hilly_deadwood"
+        assert rover.cfg.effects == expected.camera_effects()
+        assert node.sim.config.geometry.camera_height_m == expected.factors.camera_height_m
+    finally:
+        node.destroy_node()
 
 
 def test_runtime_parameter_updates_are_validated(rclpy_context):

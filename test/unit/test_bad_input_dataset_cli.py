@@ -176,6 +176,12 @@ DATASET_CASES = [
     ("synth-frames", ["synth", "--out", "{in}/new", "--frames", "0"], ["--frames"]),
     ("synth-weather", ["synth", "--out", "{in}/new", "--weather", "tornado"], ["tornado"]),
     ("synth-size", ["synth", "--out", "{in}/new", "--size", "1"], ["--size"]),
+    ("synth-style", ["synth", "--out", "{in}/new", "--style", "jungle"], ["--style", "jungle", "hilly_deadwood"]),
+    ("synth-style-excluded", ["synth", "--out", "{in}/new", "--style", "old_open", "--exclude-styles", "old_open"],
+     ["old_open", "excluded"]),
+    ("styles-montage-not-png", ["styles", "--montage", "{in}/m.jpg"], ["--montage", ".png"]),
+    ("styles-montage-under-file", ["styles", "--montage", "{in}/a_file.txt/m.png"], ["--montage", "a_file.txt"]),
+    ("styles-only", ["styles", "--montage", "{in}/m.png", "--only", "jungle"], ["--only", "jungle"]),
     # extract
     ("extract-truncated-mcap", ["extract", "{in}/truncated.mcap", "--out", "{in}/new"],
      ["truncated.mcap", "is truncated", "forest-dataset repair"]),
