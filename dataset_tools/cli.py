@@ -51,6 +51,8 @@ def style_names(text: str) -> tuple[str, ...]:
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
+    from forest_perception.sim.styles import HOLD_OUT
+
     p = sub.add_parser("synth", help="render a synthetic dataset from simulated forests")
     p.add_argument("--out", required=True, type=output_dir, help="dataset root folder")
     p.add_argument("--runs", type=positive_int, default=1, help="forests (Run-N folders), seeds seed..seed+runs-1")
@@ -62,8 +64,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                    help="forest styles cycled over the segments, each segment a forest of its own sampled from "
                         "its style (randomised: mixes the styles); see 'forest-dataset styles'")
     p.add_argument("--exclude-styles", type=style_names, default=(), metavar="NAME[,NAME...]",
-                   help="styles randomised never draws from: those held out of training (suggested: "
-                        "foggy_ravine,pine_plantation)")
+                   help="styles randomised never draws from: those held out of training (the shipped networks': "
+                        f"{','.join(HOLD_OUT)})")
     p.add_argument("--weather", default="",
                    help="comma-separated presets, cycled over segments (default: overcast; with --style, each "
                         "style's own sampled light)")
