@@ -7,47 +7,20 @@ import csv
 import numpy as np
 import pytest
 import torch
+from tiny_forest import FRAMES, write_tiny_dataset
 
-from forest_perception.dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter, frame_stem
 from forest_perception.models import cli
 from forest_perception.models.data import ForestDepthDataset, augment_pair, split_segments
 from forest_perception.models.evaluate import evaluate
 from forest_perception.models.trainer import Trainer, TrainOptions, load_checkpoint
 
-HEIGHT, WIDTH = 48, 64  # stored frames; the networks see INPUT_HW
-INPUT_HW = (64, 96)
-FRAMES = 3
-
-
-def _frame(i: int, run: int, segment: int) -> tuple[np.ndarray, np.ndarray]:
-    """A ground plane that gets farther up the image, plus a trunk; sky (top rows) invalid."""
-    rng = np.random.default_rng([run, segment, i])
-    rows = np.arange(HEIGHT, dtype=np.float32)[:, None]
-    depth = np.repeat(1.0 + 8.0 * (1.0 - rows / HEIGHT) ** 2, WIDTH, axis=1).astype(np.float32)
-    x0 = int(rng.integers(5, WIDTH - 15))
-    depth[:, x0 : x0 + 8] = np.minimum(depth[:, x0 : x0 + 8], 1.5 + i * 0.3)
-    depth[:4] = np.nan
-    shade = (255 * (1.0 - depth / 12.0)).clip(0, 255)
-    shade = np.nan_to_num(shade, nan=200.0)
-    rgb = np.stack([shade * 0.6, shade, shade * 0.3], axis=-1).astype(np.uint8)
-    rgb = np.clip(rgb.astype(np.int16) + rng.integers(-8, 8, rgb.shape), 0, 255).astype(np.uint8)
-    return rgb, depth
-
-
-def _write_dataset(root, runs=(1,), segments=2) -> None:
-    for run in runs:
-        for s in range(segments):
-            with SegmentWriter(root, run=run, segment="abcdefgh"[s]) as writer:
-                for i in range(FRAMES):
-                    rgb, depth = _frame(i, run, s)
-                    imu = ImuSample(angular_velocity=(0, 0, 0), linear_acceleration=(0, 0, 9.81))
-                    writer.write_frame(rgb, depth, FrameRecord(stem=frame_stem(i), timestamp=0.1 * (i + 1), imu=imu))
+INPUT_HW = (64, 96)  # the networks' input; tiny_forest stores 48x64 frames
 
 
 @pytest.fixture(scope="module")
 def dataset_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("forest")
-    _write_dataset(root, runs=(1, 2), segments=2)
+    write_tiny_dataset(root, runs=(1, 2), segments=2)
     return root
 
 

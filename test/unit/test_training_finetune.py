@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from tiny_forest import FRAMES, write_tiny_dataset
 
-from forest_perception.dataset_tools.layout import FrameRecord, ImuSample, SegmentWriter, frame_stem
 from forest_perception.models import cli
 from forest_perception.models.data import ForestDepthDataset
 from forest_perception.models.evaluate import evaluate
@@ -17,38 +17,13 @@ from forest_perception.models.networks import encoder_modules
 from forest_perception.models.trainer import Trainer, TrainOptions
 from forest_perception.models.weights import shipped_checkpoint
 
-HEIGHT, WIDTH = 48, 64
-FRAMES = 3
 AE = "autoencoder_160x128"  # the smallest shipped network: quick on CPU
-
-
-def _frame(i: int, run: int, segment: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng([run, segment, i])
-    rows = np.arange(HEIGHT, dtype=np.float32)[:, None]
-    depth = np.repeat(1.0 + 8.0 * (1.0 - rows / HEIGHT) ** 2, WIDTH, axis=1).astype(np.float32)
-    x0 = int(rng.integers(5, WIDTH - 15))
-    depth[:, x0 : x0 + 8] = np.minimum(depth[:, x0 : x0 + 8], 1.5 + i * 0.3)
-    depth[:4] = np.nan
-    shade = np.nan_to_num((255 * (1.0 - depth / 12.0)).clip(0, 255), nan=200.0)
-    rgb = np.stack([shade * 0.6, shade, shade * 0.3], axis=-1).astype(np.uint8)
-    rgb = np.clip(rgb.astype(np.int16) + rng.integers(-8, 8, rgb.shape), 0, 255).astype(np.uint8)
-    return rgb, depth
-
-
-def _write(root, runs=(1,), segments=2) -> None:
-    for run in runs:
-        for s in range(segments):
-            with SegmentWriter(root, run=run, segment="abcdefgh"[s]) as writer:
-                for i in range(FRAMES):
-                    rgb, depth = _frame(i, run, s)
-                    imu = ImuSample(angular_velocity=(0, 0, 0), linear_acceleration=(0, 0, 9.81))
-                    writer.write_frame(rgb, depth, FrameRecord(stem=frame_stem(i), timestamp=0.1 * (i + 1), imu=imu))
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     folder = tmp_path_factory.mktemp("forest")
-    _write(folder, runs=(1, 2))
+    write_tiny_dataset(folder, runs=(1, 2))
     return folder
 
 
@@ -202,8 +177,8 @@ def test_eval_takes_a_shipped_name(root, tmp_path, capsys):
 
 def test_eval_styles_one_row_per_folder_and_worst(tmp_path, capsys):
     folders = [tmp_path / "style_a", tmp_path / "style_b"]
-    _write(folders[0], runs=(1,), segments=1)
-    _write(folders[1], runs=(3,), segments=1)
+    write_tiny_dataset(folders[0], runs=(1,), segments=1)
+    write_tiny_dataset(folders[1], runs=(3,), segments=1)
     assert cli.main(["eval-styles", "--model", AE, "--data", *map(str, folders), "--out", str(tmp_path / "s"),
                      "--threads", "1", "--quiet"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "s/styles.csv")))
