@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     fl = swarm["result"]
     print(f"  {len(fl.rounds)} rounds in {fl.wall_s:.1f} s; coordinator state in {fl.state_db}")
     for r in fl.rounds:
-        train = r.get("train_metrics") or {}
+        loss = (r.get("train_metrics") or {}).get("train-loss")
         print(f"  round {r['round']}: {r['num_accepted']} of {r['num_selected']} updates accepted, "
-              f"train loss {train.get('train-loss', float('nan')):.3f}, {r['wall_s']:.1f} s, "
+              f"train loss {float('nan') if loss is None else loss:.3f}, {r['wall_s']:.1f} s, "
               f"{r['bytes_up'] / 1e6:.1f} MB up")
     accuracy = swarm["accuracy"]
     if accuracy:
