@@ -226,7 +226,7 @@ trained) during local training, ``train`` updates the statistics, ``auto`` freez
 
 
 def batchnorm_frozen(config: Mapping) -> bool:
-    """Whether local training keeps BatchNorm statistics fixed under a (merged) run config; ``ValueError`` on a bad mode."""
+    """Whether local training keeps BatchNorm statistics fixed under a merged run config; ValueError on a bad mode."""
     mode = config.get("batchnorm", "auto")
     if mode not in BATCHNORM_MODES:
         raise ValueError(f"run config batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got {mode!r}")

@@ -147,7 +147,7 @@ def drive_swarm(spec: SwarmRecording, bags: Path, progress_every_s: float = 10.0
 
 
 def bag_to_rover_folder(bag: Path, work: Path, folder: Path, segment_frames: int) -> tuple[int, int]:
-    """``extract`` (segments of ``segment_frames``) then ``curate`` one rover's bag into ``folder``; (frames, segments)."""
+    """``extract`` (``segment_frames`` a segment) then ``curate`` a rover's bag into ``folder``; (frames, segments)."""
     import shutil
 
     from forest_perception.dataset_tools.curate import CurateConfig, curate
