@@ -61,6 +61,7 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "local-epochs": 1,
     "local-steps": 0,
     "lr": 0.001,
+    "batchnorm": "auto",
     "min-depth": 0.1,
     "max-depth": 10.0,
     "torch-threads": 1,
@@ -127,6 +128,7 @@ class TaskConfig:
     holdout_seed: int = 0
     max_train_frames: int = 2000
     max_holdout_frames: int = 200
+    freeze_batchnorm: bool = False  # fine-tuning: BatchNorm keeps its running statistics during local training
 
     @classmethod
     def from_run_config(cls, config: Mapping) -> TaskConfig:
@@ -169,6 +171,7 @@ class TaskConfig:
             holdout_seed=c["holdout-seed"],
             max_train_frames=c["max-train-frames"],
             max_holdout_frames=c["max-holdout-frames"],
+            freeze_batchnorm=batchnorm_frozen(c),
         ).validate()
 
     def network_kwargs(self) -> dict:
@@ -215,6 +218,19 @@ class TaskConfig:
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be within [0, 1), got {self.holdout_fraction!r}")
         return self
+
+
+BATCHNORM_MODES = ("auto", "frozen", "train")
+"""Run config ``batchnorm``: ``frozen`` keeps BatchNorm in eval mode (running statistics fixed, affine weights still
+trained) during local training, ``train`` updates the statistics, ``auto`` freezes them when ``init`` is given."""
+
+
+def batchnorm_frozen(config: Mapping) -> bool:
+    """Whether local training keeps BatchNorm statistics fixed under a merged run config; ValueError on a bad mode."""
+    mode = config.get("batchnorm", "auto")
+    if mode not in BATCHNORM_MODES:
+        raise ValueError(f"run config batchnorm must be one of {', '.join(BATCHNORM_MODES)}, got {mode!r}")
+    return mode == "frozen" or (mode == "auto" and bool(str(config.get("init", "")).strip()))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -288,10 +304,18 @@ def scope_tensors(names: Sequence[str], scope: str) -> list[bool]:
     return [any(n.startswith(p) for p in prefixes) for n in names]
 
 
-def _apply_scope(model: nn.Module, scope: str) -> None:
-    """Freeze (no grad, BatchNorm statistics fixed) every top-level part outside ``scope``."""
+def _apply_scope(model: nn.Module, scope: str, freeze_batchnorm: bool = False) -> None:
+    """Freeze (no grad, BatchNorm statistics fixed) every top-level part outside ``scope``.
+
+    With ``freeze_batchnorm`` every BatchNorm layer stays in eval mode (statistics fixed; its affine
+    weights are still trained inside ``scope``): fine-tuning a shipped network on a few frames.
+    """
     prefixes = SCOPES[scope]
     model.train()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     for child_name, child in model.named_children():
         trained = any(f"{child_name}.".startswith(p) or p == "" for p in prefixes)
         if not trained:
@@ -475,10 +499,12 @@ def train_local(
 ) -> dict[str, float]:
     """Local epochs of AdamW on the rover's training frames; returns ``train-loss``, ``steps``, ``train-s``.
 
+    BatchNorm statistics stay fixed when ``config.freeze_batchnorm`` (run config ``batchnorm``).
+
     ``seed`` fixes the shuffle order (the client passes :func:`round_seed`), so a round replayed after a
     coordinator restart trains the same way.
     """
-    _apply_scope(model, scope)
+    _apply_scope(model, scope, config.freeze_batchnorm)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
     loss_fn = depth_loss(config)
 

@@ -1,21 +1,34 @@
-"""Demo step: a swarm of simulated rovers through FedAvg rounds on Flower's Ray simulation (127.0.0.1)."""
+"""Demo step: rovers record a forest no shipped network was trained on, then adapt the shipped network by FedAvg.
+
+The adaptation path of ``experiments/adaptation.py`` at demo size: :func:`forest_perception.demo.swarm.record_swarm`
+(sim_node with several rovers in a ``clustered_regrowth`` forest, capture_node per rover, extract + curate into
+one dataset folder per rover), then ``forest-fl simulate --init autoencoder_160x128 --rover-data ...`` (the
+ServerApp and ClientApps on Flower's Ray simulation, 127.0.0.1), and the global model scored on every rover's
+held-out segments (the ClientApp's own split) before (round 0 = the shipped weights) and after.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+DEMO_RUN_CONFIG: dict[str, Any] = {"algorithm": "fedavg", "init": "autoencoder_160x128", "lr": 0.0003,
+                                   "local-epochs": 1, "batch-size": 8, "holdout-fraction": 0.25,
+                                   "fraction-evaluate": 1.0, "max-norm": 0.0}
+"""What the demo's swarm trains with (the experiment's settings); ``batchnorm`` auto: frozen, as ``init`` is set."""
 
-def federated_swarm(out: Path, rovers: int = 3, rounds: int = 4, frames: int = 24) -> dict[str, Any]:
-    """``rovers`` simulated rovers (own forest and weather) through FedAvg rounds; the global depth
-    model's accuracy on a held-out forest before and after."""
+
+def federated_swarm(out: Path, rovers: int = 3, rounds: int = 3, seconds: float = 20.0, seed: int = 11,
+                    style: str = "clustered_regrowth") -> dict[str, Any]:
+    """Record ``rovers`` rovers for ``seconds`` simulated seconds, then ``rounds`` FedAvg rounds from the shipped
+    weights; returns the recording, the simulation result and the pooled held-out score per round."""
     import torch
 
-    from forest_perception.collab.flower.population import make_population
-    from forest_perception.collab.flower.rover_data import ensure_rover_data
     from forest_perception.collab.flower.simulation import SimulationSpec, run_simulation
     from forest_perception.collab.flower.store import CoordinatorStore
     from forest_perception.collab.flower.task import (
+        LocalData,
+        NoDataError,
         TaskConfig,
         build_model,
         evaluate,
@@ -23,24 +36,32 @@ def federated_swarm(out: Path, rovers: int = 3, rounds: int = 4, frames: int = 2
         merge_run_config,
         set_arrays,
     )
+    from forest_perception.demo.swarm import SwarmRecording, record_swarm
 
-    run_config = {"num-server-rounds": rounds, "algorithm": "fedavg", "base-channels": 8, "local-epochs": 2,
-                  "lr": 0.003, "input-height": 64, "input-width": 80, "fraction-evaluate": 1.0}
-    spec = SimulationSpec(out_dir=out, num_rovers=rovers, run_config=run_config, frames_per_rover=frames,
-                          data_source="synth", availability=(1.0, 1.0), client_cpus=1.0)
-    result = run_simulation(spec)
-    # a held-out rover in a forest none of the swarm drove in
-    held_out = make_population(1, out / "held_out", seed=99, frames=frames, availability=(1.0, 1.0))
-    ensure_rover_data(held_out.rovers[0], 80, 64, "synth")
-    config = TaskConfig.from_run_config(merge_run_config(run_config))
-    data = load_local_data(held_out.rovers[0].data_dir, config)
-    images = torch.cat([data.train_images, data.val_images]) if not data.val_is_train else data.train_images
-    depth = torch.cat([data.train_depth, data.val_depth]) if not data.val_is_train else data.train_depth
-    model = build_model(config)
+    recording = record_swarm(SwarmRecording(seed=seed, style=style, rovers=rovers, seconds=seconds,
+                                            segment_frames=10), out / "swarm", reuse=False)
+    run_config = merge_run_config(DEMO_RUN_CONFIG, {"num-server-rounds": rounds})
+    result = run_simulation(SimulationSpec(out_dir=out / "flower", num_rovers=rovers, run_config=run_config,
+                                           rover_data=[str(f) for f in recording.folders.values()],
+                                           availability=(1.0, 1.0), client_cpus=1.0))
+    task = TaskConfig.from_run_config(run_config)
+    held, status = [], {}
+    for name, folder in recording.folders.items():
+        try:
+            data: LocalData = load_local_data(folder, task)
+        except NoDataError as exc:
+            status[name] = f"no data: {exc}"
+            continue
+        status[name] = f"{data.num_train} training / {data.num_val} held-out frames"
+        if not data.val_is_train:
+            held.append((data.val_images, data.val_depth))
     accuracy = {}
-    with CoordinatorStore(result.state_db, readonly=True) as store, torch.no_grad():
-        for label, server_round in (("before", 0), ("after", result.rounds[-1]["round"])):
-            names, params = store.model(server_round)
-            set_arrays(model, names, params)
-            accuracy[label] = evaluate(model, images, depth, config)
-    return {"result": result, "accuracy": accuracy, "held_out_frames": int(images.shape[0])}
+    if held:
+        images, depth = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
+        model = build_model(task)
+        with CoordinatorStore(result.state_db, readonly=True) as store:
+            for server_round in range(0, result.rounds[-1]["round"] + 1):
+                set_arrays(model, *store.model(server_round))
+                accuracy[server_round] = evaluate(model, images, depth, task)
+    return {"recording": recording, "result": result, "accuracy": accuracy, "status": status,
+            "held_out_frames": int(sum(h[0].shape[0] for h in held))}

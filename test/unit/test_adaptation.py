@@ -1,0 +1,103 @@
+"""The adaptation experiment's pieces on tiny data: rover folders, scoring, FedAvg round 0 = shipped, no-data rovers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from experiments import adaptation
+from forest_perception.collab.flower.task import (
+    TaskConfig,
+    batchnorm_frozen,
+    build_model,
+    merge_run_config,
+    train_local,
+)
+
+
+@pytest.fixture(scope="module")
+def rover_folders(tmp_path_factory):
+    """Two rovers with three tiny synthetic segments each, and one empty folder."""
+    from forest_perception.dataset_tools.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("rovers")
+    folders = {}
+    for i in range(2):
+        folders[f"rover_{i}"] = root / f"rover_{i}"
+        synthesize(folders[f"rover_{i}"], SynthConfig(segments_per_run=3, frames_per_segment=2, seed=i, width=64,
+                                                      height=48, weathers=("sunny",)))
+    (root / "rover_empty").mkdir()
+    folders["rover_empty"] = root / "rover_empty"
+    return folders
+
+
+def tiny_config(**overrides) -> adaptation.AdaptationConfig:
+    return dataclasses.replace(adaptation.AdaptationConfig(seeds=(0,), rounds=1, engine="local", batch_size=4,
+                                                           holdout_fraction=0.4), **overrides)
+
+
+def test_batchnorm_frozen_with_init_by_default_and_statistics_stay():
+    assert batchnorm_frozen(merge_run_config({"init": "autoencoder_160x128"}))
+    assert not batchnorm_frozen(merge_run_config({}))
+    assert batchnorm_frozen(merge_run_config({"batchnorm": "frozen"}))
+    assert not batchnorm_frozen(merge_run_config({"init": "autoencoder_160x128", "batchnorm": "train"}))
+    with pytest.raises(ValueError, match="batchnorm"):
+        batchnorm_frozen(merge_run_config({"batchnorm": "sometimes"}))
+    task = TaskConfig.from_run_config(merge_run_config({"batchnorm": "frozen"}))
+    assert task.freeze_batchnorm
+    model = build_model(task)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+    assert stats, "the quick network has BatchNorm layers"
+    from forest_perception.collab.flower.task import LocalData
+
+    images = torch.randn(4, 3, *task.input_hw)
+    depth = torch.rand(4, 1, *task.input_hw) * 5 + 1
+    data = LocalData("x", images, depth, images, depth, val_is_train=True)
+    train_local(model, data, task)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in stats.items())
+    moved = build_model(dataclasses.replace(task, freeze_batchnorm=False))
+    train_local(moved, data, dataclasses.replace(task, freeze_batchnorm=False))
+    assert any(not torch.equal(moved.state_dict()[k], v) for k, v in stats.items())
+
+
+def test_empty_rover_folder_reports_no_data(rover_folders):
+    config = tiny_config()
+    task = TaskConfig.from_run_config(adaptation.run_config(config, 0))
+    rovers = adaptation.load_rovers(rover_folders, task)
+    assert isinstance(rovers["rover_empty"], str) and rovers["rover_empty"].startswith(adaptation.NO_DATA)
+    held = adaptation.held_out(rovers)
+    assert sorted(held) == ["rover_0", "rover_1"]
+    row = adaptation.score(adaptation.shipped_model(config, task), held, task, alone="rover_0")
+    assert row["own/absrel"] == row["rover_0/absrel"] and row["others/absrel"] == row["rover_1/absrel"]
+    n0, n1 = held["rover_0"][0].shape[0], held["rover_1"][0].shape[0]
+    assert row["absrel"] == pytest.approx((n0 * row["rover_0/absrel"] + n1 * row["rover_1/absrel"]) / (n0 + n1))
+
+
+@pytest.mark.slow
+def test_every_method_runs_and_fedavg_round0_is_the_shipped_model(rover_folders, tmp_path):
+    result = adaptation.run(tiny_config(), tmp_path, folders=rover_folders)
+    runs = result["runs"]
+    methods = [r["method"] for r in runs]
+    assert methods.count("alone") == 2 and {"shipped", "fedavg", "pooled", "rovers"} <= set(methods)
+    shipped = next(r for r in runs if r["method"] == "shipped")["rounds"][0]
+    fed = next(r for r in runs if r["method"] == "fedavg")["rounds"]
+    assert [r["round"] for r in fed] == [0.0, 1.0]
+    assert fed[0]["absrel"] == shipped["absrel"] and fed[0]["delta1"] == shipped["delta1"]
+    assert fed[1]["selected"] == 3 and fed[1]["accepted"] == 2  # the empty rover replied no data; the round went on
+    assert fed[1]["bytes_up"] > 0 and fed[1]["absrel"] != shipped["absrel"]
+    status = result["summary"]["rovers"]
+    assert status["rover_0"] == "ok" and status["rover_empty"].startswith(adaptation.NO_DATA)
+    assert math.isfinite(result["summary"]["goal"]["fedavg_gain_vs_shipped"])
+    for suffix in ("json", "csv", "png"):
+        assert (tmp_path / f"adaptation.{suffix}").is_file()
+    assert "FedAvg" in adaptation.table(result) and "rover_empty" in adaptation.table(result)
+    assert not any(p.name != "Run-1" for p in rover_folders["rover_0"].iterdir() if p.is_dir())  # inputs untouched
+
+
+def test_bad_engine_is_refused(rover_folders, tmp_path):
+    with pytest.raises(ValueError, match="engine"):
+        adaptation.run_fedavg(tiny_config(engine="grpc"), rover_folders, tmp_path, 0)
