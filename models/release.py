@@ -160,7 +160,27 @@ def style_table(onnx_path: Path, folders: Sequence[str | Path], held_out: Sequen
     }
 
 
-def write_checkpoint(checkpoint_path: Path, out_pt: Path, made_with: str) -> dict:
+def checkpoint_vs_onnx(checkpoint_path: Path, onnx_path: Path) -> float:
+    """Largest difference (metres) between a checkpoint in PyTorch and its ONNX model, on two synthetic frames."""
+    import torch
+
+    from forest_perception.depth_pipeline import synthetic_forest_image
+    from forest_perception.inference import Preprocessor
+    from forest_perception.models.torch_engine import load_torch_checkpoint
+
+    model, _meta = load_torch_checkpoint(checkpoint_path)
+    engine = OnnxDepthEngine(onnx_path, threads=1)
+    preprocess = Preprocessor(engine.input_hw, engine.mean, engine.std)
+    worst = 0.0
+    for seed in (7, 8):
+        x = preprocess(synthetic_forest_image(480, 640, seed=seed)).copy()
+        with torch.inference_mode():
+            got = model(torch.from_numpy(x)).numpy()
+        worst = max(worst, float(np.abs(got - engine._infer(x)).max()))
+    return worst
+
+
+def write_checkpoint(checkpoint_path: Path, out_pt: Path, onnx_path: Path, made_with: str) -> dict:
     """Save the slim checkpoint (weights, no optimizer) as ``out_pt``; returns the card's ``checkpoint`` entry."""
     import torch
 
@@ -175,6 +195,8 @@ def write_checkpoint(checkpoint_path: Path, out_pt: Path, made_with: str) -> dic
         "sha256": file_sha256(out_pt),
         "weights_sha256": weights_sha256(checkpoint["model_state"]),
         "holds": "state dict, model name and kwargs, input size, normalisation, depth range (no optimizer)",
+        "max_abs_diff_vs_onnx_m": checkpoint_vs_onnx(out_pt, onnx_path),
+        "frames_compared": 2,
         "made_with": made_with,
     }
 
@@ -218,7 +240,7 @@ def _release(args: argparse.Namespace, command: str) -> int:
                 "data_command": args.data_command,
             }
         )
-        info["checkpoint"] = write_checkpoint(Path(args.checkpoint), stage / f"{args.name}.pt",
+        info["checkpoint"] = write_checkpoint(Path(args.checkpoint), stage / f"{args.name}.pt", onnx_path,
                                               f"{args.train_command} (its best checkpoint, without optimizer state)")
         if args.styles:
             info["styles"] = style_table(onnx_path, args.styles, args.held_out_styles)

@@ -296,4 +296,5 @@ def test_release_ships_the_checkpoint_and_a_style_table(release_inputs, tmp_path
     assert weights_sha256(shipped["model_state"]) == weights_sha256(original["model_state"])
     assert card["checkpoint"]["weights_sha256"] == weights_sha256(original["model_state"])
     assert "optimizer_state" not in shipped
+    assert card["checkpoint"]["max_abs_diff_vs_onnx_m"] < 1e-3
     assert "## Forest styles" in (out / "autoencoder_96x64.md").read_text()
