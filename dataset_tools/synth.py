@@ -153,19 +153,6 @@ class SynthReport:
         return out
 
 
-def free_start_pose(
-    world: ForestWorld, rng: np.random.Generator, clearance_m: float = 1.2
-) -> tuple[float, float, float]:
-    """A random pose at least ``clearance_m`` from every obstacle, away from the edges."""
-    circles = world.obstacle_circles()
-    half = world.half_size - 3.0
-    for _ in range(2000):
-        x, y = rng.uniform(-half, half, size=2)
-        if circles.size == 0 or (np.hypot(circles[:, 0] - x, circles[:, 1] - y) - circles[:, 2]).min() > clearance_m:
-            return float(x), float(y), float(rng.uniform(-math.pi, math.pi))
-    return 0.0, 0.0, 0.0  # the central clearing is always free
-
-
 def synthesize(
     out_dir: str | Path,
     config: SynthConfig,
@@ -208,7 +195,7 @@ def synthesize(
               weather: str | WeatherPreset, style: StyleSample | None) -> None:
         geometry = style.rover_geometry() if style is not None else None
         sim_cfg = SimConfig(camera=intrinsics, seed=int(rng.integers(2**31)))
-        rover = RoverConfig(name="rover_0", weather=weather, start=free_start_pose(world, rng))
+        rover = RoverConfig(name="rover_0", weather=weather, start=world.free_pose(rng))
         if style is not None:
             sim_cfg = replace(sim_cfg, geometry=geometry)
             rover = replace(rover, effects=style.camera_effects())

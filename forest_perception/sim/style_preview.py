@@ -9,7 +9,6 @@ calls it.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.preview import colorize_depth, save_rgb
 from forest_perception.sim.styles import STYLE_NAMES, StyleSample, sample
-from forest_perception.sim.world import ForestWorld, generate_world
+from forest_perception.sim.world import generate_world
 
 
 @dataclass
@@ -40,17 +39,6 @@ class StyleFrame:
         first frame (which also builds the sun's shadow map in sunny light, about a second, once per scene)."""
         times = self.render_ms[1:] or self.render_ms
         return float(np.median(times)) if times else float("nan")
-
-
-def free_pose(world: ForestWorld, rng: np.random.Generator, clearance_m: float = 1.5) -> tuple[float, float, float]:
-    """A random pose (x, y, yaw) at least ``clearance_m`` from every obstacle, away from the edges."""
-    circles = world.obstacle_circles()
-    half = world.half_size - 3.0
-    for _ in range(2000):
-        x, y = rng.uniform(-half, half, size=2)
-        if circles.size == 0 or (np.hypot(circles[:, 0] - x, circles[:, 1] - y) - circles[:, 2]).min() > clearance_m:
-            return float(x), float(y), float(rng.uniform(-math.pi, math.pi))
-    return 0.0, 0.0, 0.0  # the central clearing is always free
 
 
 def render_style_frame(style: str, seed: int = 0, width: int = 160, height: int = 120, frames: int = 1,
@@ -74,7 +62,7 @@ def render_style_frame(style: str, seed: int = 0, width: int = 160, height: int 
     try:
         config = SimConfig(camera=CameraIntrinsics(width, height), seed=seed, geometry=drawn.rover_geometry())
         rover = RoverConfig(weather=drawn.weather(), effects=drawn.camera_effects(),
-                            start=free_pose(world, np.random.default_rng([seed, 7])))
+                            start=world.free_pose(np.random.default_rng([seed, 7]), clearance_m=1.5))
         sim = ForestSimulator(world, config, [rover], scene=scene)
         try:
             times = []

@@ -275,6 +275,17 @@ class ForestWorld:
         """Half the side of the square world, in metres."""
         return self.config.size_m / 2.0
 
+    def free_pose(self, rng: np.random.Generator, clearance_m: float = 1.2) -> tuple[float, float, float]:
+        """A random pose (x, y, yaw) at least ``clearance_m`` from every obstacle, away from the edges."""
+        circles = self.obstacle_circles()
+        half = self.half_size - 3.0
+        for _ in range(2000):
+            x, y = rng.uniform(-half, half, size=2)
+            if circles.size == 0 or (np.hypot(circles[:, 0] - x, circles[:, 1] - y)
+                                     - circles[:, 2]).min() > clearance_m:
+                return float(x), float(y), float(rng.uniform(-math.pi, math.pi))
+        return 0.0, 0.0, 0.0  # the central clearing is always free
+
     def obstacle_circles(self, clearance_h: float = 0.3) -> np.ndarray:
         """(N, 3) array of (x, y, radius) footprints a low rover must not enter.
 
