@@ -212,8 +212,9 @@ def run_with_flwr_cli(
 
     Starts ``flower-superlink --simulation`` on free 127.0.0.1 ports with ``FLWR_HOME`` in a
     scratch folder (holding the SuperLink connection in ``config.toml``), submits the app in
-    ``app_dir`` (default :func:`forest_perception.collab.flower.app_dir`) with the population and
-    state file in a run config file, streams the logs, then stops the SuperLink's process
+    ``app_dir`` (default :func:`forest_perception.collab.flower.app_dir`) with the population (recorded
+    folders with no drawn availability, scope or fault: run config ``rover-data`` instead) and state file in
+    a run config file, streams the logs, then stops the SuperLink's process
     group (and its descendants) by pid. Flower 1.42 takes whole CPUs per client here (``client_cpus`` is rounded up).
     """
     from forest_perception.collab.flower.store import CoordinatorStore
@@ -221,10 +222,13 @@ def run_with_flwr_cli(
 
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _, population_path, data_s = prepare_population(spec)
+    population, population_path, data_s = prepare_population(spec)
     state_db = Path(spec.run_config.get("state-db") or out / "coordinator.db").resolve()
-    config = merge_run_config(spec.run_config, {"population": str(population_path.resolve()),
-                                                "state-db": str(state_db)})
+    rovers = {"population": str(population_path.resolve())}
+    if spec.rover_data and all(r.availability == 1.0 and r.scope == "all" and not r.fault for r in population.rovers):
+        # recorded rovers with nothing drawn for them: the run config key a user writes for `flwr run` by hand
+        rovers = {"population": "", "rover-data": os.pathsep.join(str(Path(f).resolve()) for f in spec.rover_data)}
+    config = merge_run_config(spec.run_config, {**rovers, "state-db": str(state_db)})
     config_path = write_toml_table(out / "run_config.toml", config)
     app_dir = Path(app_dir) if app_dir else flower_app_dir()
     bin_dir = Path(sys.executable).parent

@@ -257,6 +257,39 @@ def test_a_deployment_refuses_bad_input_before_starting_anything(certs, tmp_path
     assert not (tmp_path / "run" / "logs").exists()  # nothing was started
 
 
+def test_deploy_rover_data_runs_one_supernode_per_folder_that_reads_only_that_folder(certs, tmp_path, capsys):
+    """`forest-fl deploy --rover-data A B`: each folder becomes a SuperNode named after it, whose node config
+    makes the ClientApp train on exactly that folder; a folder without keys is refused before anything starts."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import parse_config_args
+
+    from forest_perception.collab.flower.cli import _deploy_rovers, build_parser
+    from forest_perception.collab.flower.client_app import resolve_rover
+
+    folders = _rover_dirs(tmp_path / "recordings")
+    args = build_parser().parse_args(["deploy", "--certs", str(certs.root), "--run-dir", str(tmp_path / "run"),
+                                      "--rover-data", *map(str, folders)])
+    rovers = _deploy_rovers(args)
+    assert [(r.rover_id, Path(r.data_dir)) for r in rovers] == [("rover_000", folders[0].resolve()),
+                                                                ("rover_001", folders[1].resolve())]
+    deployment = LocalDeployment(DeploySpec(tmp_path / "run", certs.root, rovers))
+    for rover, folder in zip(rovers, folders):
+        argv = deployment.commands()[f"supernode-{rover.rover_id}"]
+        path = write_toml_table(Path(argv[argv.index("--node-config") + 1]), rover.node_config())
+        node = parse_config_args([str(path)])
+        context = Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})
+        # the run config's list (what `flwr run` gets) does not override a deployed node's own folder
+        identity = resolve_rover(context, {"rover-data": str(tmp_path / "elsewhere")})
+        assert (identity.rover_id, Path(identity.data_dir)) == (rover.rover_id, folder.resolve())
+
+    stranger = tmp_path / "recordings" / "rover_999"
+    stranger.mkdir()
+    code = forest_fl(["deploy", "--certs", str(certs.root), "--run-dir", str(tmp_path / "run2"),
+                      "--rover-data", str(folders[0]), str(stranger)])
+    assert code == 2 and "no keys for rover 'rover_999'" in capsys.readouterr().err
+    assert not (tmp_path / "run2" / "logs").exists()
+
+
 # ---------------------------------------------------------------------------------------------- processes
 
 

@@ -263,3 +263,31 @@ def test_flwr_run_drives_the_same_apps_through_a_superlink(tmp_path):
     assert result.summary["rejection_reasons"] == {"dtype": 2}
     assert result.rounds[0]["num_accepted"] == 2 and result.rounds[0]["bytes_down"] > 0
     assert _no_ray_left_behind(ray_before) == []
+
+
+@pytest.mark.slow
+def test_flwr_run_takes_recorded_folders_from_run_config_rover_data(tmp_path):
+    """Recorded folders reach `flwr run` as the run config key ``rover-data`` (no population file): each
+    partition trains and is evaluated on its own folder, an empty folder replies "no data" and the round goes on."""
+    recorded = make_population(2, tmp_path / "recorded", frames=4, availability=(1.0, 1.0))
+    for rover in recorded.rovers:
+        ensure_rover_data(rover, 64, 48)
+    empty = tmp_path / "recorded" / "empty"
+    empty.mkdir()
+    folders = [Path(r.data_dir) for r in recorded.rovers] + [empty]
+    before = sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "recorded").rglob("*"))
+    spec = SimulationSpec(out_dir=tmp_path / "run", num_rovers=3, rover_data=[str(f) for f in folders],
+                          availability=(1.0, 1.0), client_cpus=2,
+                          run_config={"num-server-rounds": 1, "input-height": 48, "input-width": 64,
+                                      "local-steps": 1})
+    result = run_with_flwr_cli(spec)
+    submitted = tomllib.loads((tmp_path / "run" / "run_config.toml").read_text())
+    assert submitted["population"] == ""
+    assert submitted["rover-data"].split(os.pathsep) == [str(f.resolve()) for f in folders]
+    assert result.rounds[0]["num_accepted"] == 2
+    with CoordinatorStore(result.state_db, readonly=True) as store:
+        last = {row["name"]: row for row in store.evaluations() if row["round"] == 1}
+    assert last["rover_000"]["status"] == last["rover_001"]["status"] == "ok"
+    assert last["rover_000"]["frames"] > 0 and last["rover_001"]["frames"] > 0
+    assert last["empty"]["status"] == "no_data"
+    assert sorted((p, p.stat().st_mtime_ns) for p in (tmp_path / "recorded").rglob("*")) == before

@@ -301,3 +301,32 @@ def test_imu_starting_late_records_extract_curate_and_validate(tmp_path, capsys)
     assert main(["validate", str(tmp_path / "cur"), "--quiet", "--workers", "1"]) == 0
     assert main(["split", str(tmp_path / "cur"), "--by", "gps", "--cell", "2", "--fractions", "0.5,0.5,0"]) == 0
     capsys.readouterr()
+
+
+def test_a_rovers_bag_becomes_a_curated_rover_folder_with_held_out_segments(tmp_path):
+    """The demo's and the adaptation experiment's path (bag -> extract -> curate), which the ClientApp then splits."""
+    import hashlib
+
+    from forest_perception.collab.rover.dataset import scan_recordings
+    from forest_perception.collab.rover.holdout import rover_split
+    from forest_perception.demo.swarm import bag_to_rover_folder
+
+    bag = _Bag(tmp_path / "bag")
+    n = bag.drive(T0, 4.0, 0)
+    bag.close()
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "bag").iterdir()}
+
+    frames, segments = bag_to_rover_folder(tmp_path / "bag", tmp_path / "work", tmp_path / "rover_0", segment_frames=10)
+    assert n == 40 and 0 < frames <= n and segments == 4  # 10 frames a segment; curation may drop some
+    assert not (tmp_path / "work" / "rover_0_extracted").exists()  # the intermediate extract is removed
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "bag").iterdir()} == digest
+    scan = scan_recordings(tmp_path / "rover_0")
+    assert not scan.errors and scan.frames == frames
+    train, held_out = rover_split({s.segment_id: s.frames for s in scan.segments}, fraction=0.25)
+    assert train and held_out and not set(train) & set(held_out)
+    kept = scan.segments[0]
+    rgb, depth, _ = load_frame(kept.segment, 0)
+    assert rgb.shape == (H, W, 3) and depth.shape == (H, W)  # the frames are the bag's, paired
+
+    # run again into the same folder: replaced, not appended to
+    assert bag_to_rover_folder(tmp_path / "bag", tmp_path / "work", tmp_path / "rover_0", 10) == (frames, segments)
