@@ -121,16 +121,20 @@ class ServerSettings:
 
 
 def run_identity(settings: ServerSettings, names: list[str], shapes: list[tuple[int, ...]]) -> dict:
-    """What a state file must match to be resumed: algorithm, model and its tensor layout."""
+    """What a state file must match to be resumed: algorithm, model, its tensor layout and (with ``init``) the
+    starting weights, so a run from other weights (say, a newly shipped model) never resumes an old one."""
     layout = hashlib.sha256(json.dumps([names, [list(s) for s in shapes]]).encode()).hexdigest()[:16]
     task = settings.task
-    return {
+    identity = {
         "algorithm": settings.algorithm,
         "model": task.model,
         "model-kwargs": kwargs_text(task.network_kwargs()),
         "input": f"{task.input_hw[1]}x{task.input_hw[0]}",
         "tensors": layout,
     }
+    if settings.init is not None:
+        identity["init-sha256"] = settings.init.weights_sha256[:16]
+    return identity
 
 
 @dataclass

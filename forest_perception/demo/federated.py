@@ -40,7 +40,9 @@ def federated_swarm(out: Path, rovers: int = 3, rounds: int = 3, seconds: float 
 
     recording = record_swarm(SwarmRecording(seed=seed, style=style, rovers=rovers, seconds=seconds,
                                             segment_frames=10), out / "swarm", reuse=False)
-    run_config = merge_run_config(DEMO_RUN_CONFIG, {"num-server-rounds": rounds})
+    # the store lives in the demo's own (wiped) folder: the default "coordinator.db" is relative to the working folder
+    run_config = merge_run_config(DEMO_RUN_CONFIG, {"num-server-rounds": rounds,
+                                                    "state-db": str(out / "flower" / "coordinator.db")})
     result = run_simulation(SimulationSpec(out_dir=out / "flower", num_rovers=rovers, run_config=run_config,
                                            rover_data=[str(f) for f in recording.folders.values()],
                                            availability=(1.0, 1.0), client_cpus=1.0))

@@ -127,6 +127,21 @@ def test_init_refuses_a_wrong_checkpoint_naming_the_mismatch(tmp_path):
         read_init(str(tmp_path / "missing.pt"))
 
 
+def test_a_store_started_from_other_weights_is_not_resumed(tmp_path):
+    """Same network, other starting weights (a newly shipped model): the old run's store is refused by name."""
+    from forest_perception.collab.flower.server_app import build_coordinator
+    from forest_perception.collab.flower.task import merge_run_config
+
+    def coordinator(init: Path):
+        return build_coordinator(merge_run_config({"init": str(init), "state-db": str(tmp_path / "c.db")}))
+
+    first = write_checkpoint(tmp_path / "first.pt", seed=3)
+    coordinator(first).store.close()
+    coordinator(first).store.close()  # the same weights resume
+    with pytest.raises(ValueError, match=r"holds a run with init-sha256='[0-9a-f]{16}', this run has init-sha256="):
+        coordinator(write_checkpoint(tmp_path / "second.pt", seed=4))
+
+
 def test_forest_fl_refuses_a_wrong_init_in_one_line_before_making_data(tmp_path, capsys):
     from forest_perception.collab.flower.cli import main
 
