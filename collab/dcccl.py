@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from forest_perception.models.networks.collaborative import (
     LogDepthEnsemble,
     LogDepthMember,
     ResidualDepthNet,
+    ResidualOnFrozen,
     fuse_log_depth,
 )
 
@@ -149,12 +151,7 @@ def build_mimic(spec: DcCclSpec, large: LargeSubmodel) -> Part:
 
 def build_small(spec: DcCclSpec, mimic: Part, seed: int = 0) -> Part:
     """A fresh small submodel at the mimic's input size (zero output: the fused model starts as the mimic)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = ResidualDepthNet(spec.small_channels)
-    member = LogDepthMember(net, mimic.input_hw, log_output=True)
-    return Part("small", member, "residual", {"base_channels": spec.small_channels}, mimic.large_version,
-                mimic.version)
+    return small_part_of(mimic, spec.small_channels, seed)
 
 
 def rover_model(mimic: Part, small: Part, spec: DcCclSpec) -> FusedDepth:
@@ -257,6 +254,45 @@ def load_part(path: str | os.PathLike, kind: str | None = None) -> Part:
         raise ValueError(f"DC-CCL part {path}: its weights are {part.version}, the file says {bundle['version']} "
                          "(changed after it was written)")
     return part
+
+
+@lru_cache(maxsize=4)
+def _load_part_cached(path: str, kind: str | None, stamp: tuple[int, int]) -> Part:
+    return load_part(path, kind)
+
+
+def read_part(path: str | os.PathLike, kind: str | None = None) -> Part:
+    """:func:`load_part`, cached per process until the file changes (a Ray actor plays many rovers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"DC-CCL {kind or 'part'} file {path} does not exist")
+    stat = path.stat()
+    return _load_part_cached(str(path), kind, (stat.st_mtime_ns, stat.st_size))
+
+
+def small_part_of(mimic: Part, channels: int, seed: int = 0) -> Part:
+    """A fresh small submodel (zero output) at ``mimic``'s input size, trained with ``mimic``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ResidualDepthNet(channels)
+    return Part("small", LogDepthMember(net, mimic.input_hw, log_output=True), "residual",
+                {"base_channels": int(channels)}, mimic.large_version, mimic.version)
+
+
+def rover_training_model(mimic_path: str | os.PathLike, channels: int, input_hw: Sequence[int], min_depth: float,
+                         max_depth: float, seed: int = 0) -> ResidualOnFrozen:
+    """What a dc-ccl rover trains: its mimic (read from ``mimic_path``, frozen) + a fresh small submodel.
+
+    Only the small submodel is state (what travels and trains); ``ValueError`` when the mimic does not run at
+    ``input_hw`` (the run's network input).
+    """
+    mimic = read_part(mimic_path, "mimic")
+    hw = (int(input_hw[0]), int(input_hw[1]))
+    if mimic.input_hw != hw:
+        raise ValueError(f"mimic {mimic.version} ({mimic_path}) runs at {mimic.input_hw[1]}x{mimic.input_hw[0]}, the "
+                         f"run's network input is {hw[1]}x{hw[0]}")
+    small = small_part_of(mimic, channels, seed)
+    return ResidualOnFrozen(mimic.module, small.module, hw, min_depth, max_depth)
 
 
 # ---------------------------------------------------------------------------------------------- distillation

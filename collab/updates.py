@@ -38,6 +38,7 @@ REJECT_REASONS = (
     "stale",  # trained from a round older than current_round - max_staleness
     "future_round",  # claims a round the server has not started
     "duplicate",  # second update from the same client in one batch
+    "stale_mimic",  # dc-ccl: trained with another mimic than the running one
 )
 
 

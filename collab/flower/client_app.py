@@ -55,9 +55,12 @@ LOG = logging.getLogger(__name__)
 FAULTS = ("", "nan", "inf", "shape", "dtype", "count", "huge", "stale", "no-data", "crash")
 
 # run config keys the server sends with every message: local training and the network it trains
-_ROUND_KEYS = ("local-epochs", "local-steps", "lr", "batch-size", *ARCHITECTURE_KEYS, "min-depth", "max-depth")
-# node config keys that win over the run config: the rover's own hold-out split (collab_node writes them)
+_ROUND_KEYS = ("local-epochs", "local-steps", "lr", "batch-size", *ARCHITECTURE_KEYS, "min-depth", "max-depth",
+               "dcccl-small-channels")
+# node config keys that win over the run config: the rover's own hold-out split (collab_node writes them) and,
+# in dc-ccl, the rover's own copy of the mimic
 NODE_SPLIT_KEYS = ("holdout-fraction", "holdout-seed")
+NODE_OVERRIDE_KEYS = (*NODE_SPLIT_KEYS, "dcccl-mimic")
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def _round_config(config: Mapping, message: Message, context: Context) -> tuple[
     if not isinstance(server_round, int):
         raise ValueError(f"message config has no integer server-round (got {server_round!r})")
     overrides = {k: record[k] for k in _ROUND_KEYS if k in record}
-    node_split = {k: context.node_config[k] for k in NODE_SPLIT_KEYS if k in context.node_config}
+    node_split = {k: context.node_config[k] for k in NODE_OVERRIDE_KEYS if k in context.node_config}
     if "holdout-fraction" in node_split:
         node_split["holdout-fraction"] = float(node_split["holdout-fraction"])
     return merge_run_config(config, overrides, node_split), server_round
@@ -207,7 +210,15 @@ def handle_train(message: Message, context: Context, overrides: Mapping | None =
         identity.rover_id, server_round, metrics["train-loss"], metrics["val-loss"], metrics["absrel"],
         int(metrics["num-examples"]),
     )
-    return train_reply(message, content, metrics, identity.rover_id, base_round, identity.scope)
+    extra = {"mimic-version": mimic_version(task)} if task.dcccl_mimic else None
+    return train_reply(message, content, metrics, identity.rover_id, base_round, identity.scope, extra)
+
+
+def mimic_version(task: TaskConfig) -> str:
+    """dc-ccl: the version of the mimic this rover trains with (what its update is screened by)."""
+    from forest_perception.collab.dcccl import read_part
+
+    return read_part(task.dcccl_mimic, "mimic").version
 
 
 def handle_evaluate(message: Message, context: Context, overrides: Mapping | None = None) -> Message:

@@ -156,11 +156,14 @@ def put_update(content: RecordDict, names: Sequence[str], deltas: Sequence[np.nd
 
 
 def train_reply(message: Message, content: RecordDict, metrics: Mapping[str, float], rover_id: str,
-                base_round: int, scope: str = "all") -> Message:
-    """The reply to a train message: ``content`` (from :func:`put_update`), the metrics and the rover's meta."""
+                base_round: int, scope: str = "all", extra_meta: Mapping[str, str] | None = None) -> Message:
+    """The reply to a train message: ``content`` (from :func:`put_update`), the metrics and the rover's meta.
+
+    ``extra_meta`` adds entries to the meta (dc-ccl: the ``mimic-version`` the rover trained with).
+    """
     content[METRICS_KEY] = MetricRecord(dict(metrics))
     content[META_KEY] = ConfigRecord(
-        {"rover-id": rover_id, "base-round": int(base_round), "kind": "delta", "scope": scope})
+        {"rover-id": rover_id, "base-round": int(base_round), "kind": "delta", "scope": scope, **(extra_meta or {})})
     return Message(content=content, reply_to=message)
 
 

@@ -229,6 +229,9 @@ class RoverStrategy(FedAvg):
         """Extra config entries for this round's train messages."""
         return {}
 
+    def screen_reply(self, content: RecordDict, rover: str, server_round: int) -> None:
+        """Refuse a whole reply before its update is parsed (raise ``UpdateRejected``); every reply passes here."""
+
     def run_server(
         self, server_round: int, updates: list[ClientUpdate], separate: list[ClientUpdate]
     ) -> AggregateResult:
@@ -401,6 +404,7 @@ class RoverStrategy(FedAvg):
                             f"the node is {rover!r}",
                             rover,
                         )
+                    self.screen_reply(content, rover, server_round)
                     update = parse_update(content, self.names, rover, server_round, *keys)
                 except UpdateRejected as exc:
                     entry.status, entry.reason, entry.message = "rejected", exc.reason, str(exc)

@@ -38,6 +38,7 @@ from forest_perception.collab.flower.task import (
     TaskConfig,
     build_model,
     evaluate,
+    get_arrays,
     initial_arrays,
     load_test_frames,
     merge_run_config,
@@ -64,6 +65,8 @@ class ServerSettings:
     train_config: dict = field(default_factory=dict)
     init: InitCheckpoint | None = None
     cloud_test: str = ""
+    dcccl_mimic_version: str = ""  # dc-ccl: the running mimic (its file is run config dcccl-mimic)
+    dcccl_small: str = ""  # dc-ccl: a small submodel file to start from ("": a fresh one)
 
     @classmethod
     def from_run_config(cls, config: Mapping) -> ServerSettings:
@@ -94,6 +97,9 @@ class ServerSettings:
             num_blocks=c["num-blocks"],
             rounds_per_block=c["rounds-per-block"],
         ).validate()
+        mimic_version = ""
+        if c["algorithm"] == "dc-ccl" or c["dcccl-mimic"] or c["dcccl-small"]:
+            c, mimic_version = dcccl_run_config(c)
         architecture, init = architecture_from_run_config(c)  # reads and checks init against the set keys
         task = TaskConfig.from_run_config({
             **c, "model": architecture.model, "model-kwargs": kwargs_text(architecture.kwargs), "base-channels": 0,
@@ -104,6 +110,8 @@ class ServerSettings:
         # sent with every message: local training, and the network every rover must build
         train_config = {k: c[k] for k in ("local-epochs", "local-steps", "lr", "batch-size", "max-staleness")}
         train_config.update(task.run_config())
+        if mimic_version:
+            train_config["mimic-version"] = mimic_version
         return cls(
             algorithm=c["algorithm"],
             num_rounds=c["num-server-rounds"],
@@ -117,7 +125,36 @@ class ServerSettings:
             train_config=train_config,
             init=init,
             cloud_test=c["cloud-test"],
+            dcccl_mimic_version=mimic_version,
+            dcccl_small=c["dcccl-small"],
         )
+
+
+def dcccl_run_config(c: Mapping) -> tuple[dict, str]:
+    """A dc-ccl run config with the mimic's network as the architecture, and the mimic's version.
+
+    ``ValueError`` naming the key when dc-ccl keys come with another algorithm, the mimic is missing or not a
+    mimic, ``init`` or architecture keys are set (the rovers train at the mimic's input).
+    """
+    from forest_perception.collab.dcccl import read_part
+    from forest_perception.collab.flower.network import complete_kwargs, explicit_architecture
+
+    if c["algorithm"] != "dc-ccl":
+        raise ValueError(f"run config dcccl-mimic / dcccl-small belong to algorithm dc-ccl, not {c['algorithm']!r}")
+    if not c["dcccl-mimic"]:
+        raise ValueError("algorithm dc-ccl needs run config dcccl-mimic: the mimic file the rovers train on "
+                         "(written by forest-fl dcccl distil)")
+    if str(c["init"]).strip():
+        raise ValueError("algorithm dc-ccl starts from dcccl-small (or a fresh small submodel), not init: leave init "
+                         "unset")
+    given = explicit_architecture(c)
+    if given:
+        raise ValueError(f"algorithm dc-ccl trains at the mimic's network input: leave {', '.join(sorted(given))} "
+                         "unset")
+    mimic = read_part(c["dcccl-mimic"], "mimic")
+    arch = {"model": mimic.network, "model-kwargs": kwargs_text(complete_kwargs(mimic.network, mimic.network_kwargs)),
+            "input-height": mimic.input_hw[0], "input-width": mimic.input_hw[1]}
+    return {**c, **arch}, mimic.version
 
 
 def run_identity(settings: ServerSettings, names: list[str], shapes: list[tuple[int, ...]]) -> dict:
@@ -134,6 +171,8 @@ def run_identity(settings: ServerSettings, names: list[str], shapes: list[tuple[
     }
     if settings.init is not None:
         identity["init-sha256"] = settings.init.weights_sha256[:16]
+    if settings.dcccl_mimic_version:
+        identity["dcccl-mimic"] = settings.dcccl_mimic_version
     return identity
 
 
@@ -268,6 +307,8 @@ def build_coordinator(config: Mapping) -> Coordinator:
         set_arrays(build_model(settings.task), names, initial)  # the network every rover builds takes them
         LOG.info("coordinator: initial model %s (%s, weights %s)", settings.init.init,
                  settings.task.model, settings.init.weights_sha256[:12])
+    elif settings.dcccl_small:
+        names, initial = dcccl_start(settings)
     else:
         names, initial = initial_arrays(settings.task)
     cloud = CloudTest(settings.cloud_test, settings.task) if settings.cloud_test else None
@@ -280,6 +321,26 @@ def build_coordinator(config: Mapping) -> Coordinator:
     identity = run_identity(settings, names, [tuple(a.shape) for a in initial])
     store = CoordinatorStore(Path(settings.state_db), identity=identity, keep_updates=settings.keep_updates)
     return Coordinator(strategy, store, settings, cloud)
+
+
+def dcccl_start(settings: ServerSettings) -> tuple[list[str], NDArrays]:
+    """The global model of a dc-ccl run that starts from the small submodel file ``settings.dcccl_small``.
+
+    ``VersionMismatchError`` when that small submodel was trained with another mimic than the running one.
+    """
+    from forest_perception.collab.dcccl import VersionMismatchError, read_part
+
+    small = read_part(settings.dcccl_small, "small")
+    if small.mimic_version != settings.dcccl_mimic_version:
+        raise VersionMismatchError(f"dcccl-small {settings.dcccl_small} ({small.version}) was trained with mimic "
+                                   f"{small.mimic_version}, the run's mimic is {settings.dcccl_mimic_version}")
+    channels = int(small.network_kwargs.get("base_channels", 0))
+    if channels != settings.task.dcccl_small_channels:
+        raise ValueError(f"dcccl-small {settings.dcccl_small} has {channels} base channels, run config "
+                         f"dcccl-small-channels is {settings.task.dcccl_small_channels}")
+    model = build_model(settings.task)
+    model.part.load_state_dict(small.module.state_dict())
+    return get_arrays(model)
 
 
 def make_server_app(overrides: Mapping | None = None) -> ServerApp:

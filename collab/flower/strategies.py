@@ -21,17 +21,18 @@ from forest_perception.collab.algorithms import (
     AggregateResult,
     FedLaAvgServer,
     SemiCyclicServer,
+    fedavg,
     fedsubavg,
     robust_fedavg,
 )
-from forest_perception.collab.flower.messages import SEPARATE_KEY, arrays_to_record
+from forest_perception.collab.flower.messages import META_KEY, SEPARATE_KEY, arrays_to_record
 from forest_perception.collab.flower.rover_strategy import Availability, AveragingServer, RoverStrategy, StrategyConfig
 from forest_perception.collab.flower.store import params_digest
-from forest_perception.collab.updates import ClientUpdate, NDArrays, screen_updates
+from forest_perception.collab.updates import ClientUpdate, NDArrays, UpdateRejected, screen_updates
 
 LOG = logging.getLogger(__name__)
 
-ALGORITHMS: tuple[str, ...] = ("fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc-psgd", "robust")
+ALGORITHMS: tuple[str, ...] = ("fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc-psgd", "robust", "dc-ccl")
 
 
 class FedAvgStrategy(RoverStrategy):
@@ -52,6 +53,42 @@ class FedSubAvgStrategy(RoverStrategy):
             "fedsubavg", initial, partial(fedsubavg, server_lr=s.server_lr), s.max_norm, s.max_staleness,
             {"server_lr": s.server_lr},
         )
+
+
+class DcCclStrategy(RoverStrategy):
+    """DC-CCL: sample-weighted FedAvg of the rovers' small submodels, each trained on the running mimic.
+
+    The mimic's version goes to every rover with the round config (``mimic-version``, from the train config); an
+    update trained with any other mimic is refused (reason ``stale_mimic``) and counted in the round record.
+    """
+
+    algorithm = "dc-ccl"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - RoverStrategy's arguments
+        super().__init__(*args, **kwargs)
+        self.mimic_version = str(self.train_config.get("mimic-version", ""))
+        if not self.mimic_version:
+            raise ValueError("the dc-ccl strategy needs the running mimic's version (train config mimic-version)")
+
+    def make_server(self, initial: NDArrays) -> AveragingServer:
+        """FedAvg of the small submodels."""
+        s = self.settings
+        return AveragingServer(
+            "dc-ccl", initial, partial(fedavg, server_lr=s.server_lr), s.max_norm, s.max_staleness,
+            {"server_lr": s.server_lr},
+        )
+
+    def screen_reply(self, content: RecordDict, rover: str, server_round: int) -> None:
+        """Refuse an update whose rover trained with another mimic than the running one."""
+        meta = content.config_records.get(META_KEY)
+        version = None if meta is None else meta.get("mimic-version")
+        if version != self.mimic_version:
+            raise UpdateRejected(
+                "stale_mimic",
+                f"update from rover {rover!r} (round {server_round}) was trained with mimic {version or 'unknown'}, "
+                f"the running mimic is {self.mimic_version}",
+                rover,
+            )
 
 
 class RobustStrategy(RoverStrategy):
@@ -189,6 +226,8 @@ def build_strategy(
         return FedSubAvgStrategy(names, initial, **kwargs)
     if algorithm == "robust":
         return RobustStrategy(names, initial, **kwargs)
+    if algorithm == "dc-ccl":
+        return DcCclStrategy(names, initial, **kwargs)
     if algorithm == "fedlaavg":
         return FedLaAvgStrategy(names, initial, **kwargs)
     if algorithm in ("mm-psgd", "mc-psgd"):
@@ -199,6 +238,7 @@ def build_strategy(
 __all__ = [
     "ALGORITHMS",
     "AveragingServer",
+    "DcCclStrategy",
     "FedAvgStrategy",
     "FedLaAvgStrategy",
     "FedSubAvgStrategy",

@@ -76,6 +76,10 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "data-root": "",
     # the coordinator's own test folder, evaluated every round
     "cloud-test": "",
+    # dc-ccl: the frozen mimic the rovers train their small submodel on, and the small submodel's start
+    "dcccl-mimic": "",
+    "dcccl-small": "",
+    "dcccl-small-channels": 8,
 }
 """Run configuration defaults; ``pyproject.toml``'s ``[tool.flwr.app.config]`` holds the same keys."""
 
@@ -129,6 +133,8 @@ class TaskConfig:
     max_train_frames: int = 2000
     max_holdout_frames: int = 200
     freeze_batchnorm: bool = False  # fine-tuning: BatchNorm keeps its running statistics during local training
+    dcccl_mimic: str = ""  # dc-ccl: the mimic part file; the model is then mimic (frozen) + small submodel
+    dcccl_small_channels: int = 8
 
     @classmethod
     def from_run_config(cls, config: Mapping) -> TaskConfig:
@@ -172,6 +178,8 @@ class TaskConfig:
             max_train_frames=c["max-train-frames"],
             max_holdout_frames=c["max-holdout-frames"],
             freeze_batchnorm=batchnorm_frozen(c),
+            dcccl_mimic=c["dcccl-mimic"],
+            dcccl_small_channels=c["dcccl-small-channels"],
         ).validate()
 
     def network_kwargs(self) -> dict:
@@ -193,6 +201,7 @@ class TaskConfig:
             "input-width": int(self.input_hw[1]),
             "min-depth": float(self.min_depth),
             "max-depth": float(self.max_depth),
+            "dcccl-small-channels": int(self.dcccl_small_channels),
         }
 
     def validate(self) -> TaskConfig:
@@ -203,7 +212,8 @@ class TaskConfig:
         self.model_kwargs = dict(self.model_kwargs or {})
         if "base_channels" in self.model_kwargs:
             self.base_channels = self.model_kwargs.pop("base_channels")
-        for name in ("base_channels", "batch_size", "local_epochs", "max_train_frames", "max_holdout_frames"):
+        for name in ("base_channels", "batch_size", "local_epochs", "max_train_frames", "max_holdout_frames",
+                     "dcccl_small_channels"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -240,9 +250,16 @@ def build_model(config: TaskConfig) -> nn.Module:
     """:func:`forest_perception.models.networks.build_model` of ``config``, initialised from ``config.seed``.
 
     The same seed gives the same initial weights everywhere (the coordinator's round 0 and every rover).
+    With ``config.dcccl_mimic`` (dc-ccl) the model is the rover's mimic, frozen, plus a fresh small submodel
+    (:func:`forest_perception.collab.dcccl.rover_training_model`): its tensors, what travels, are the small one's.
     """
     from forest_perception.models.networks import build_model as build_network
 
+    if config.dcccl_mimic:
+        from forest_perception.collab.dcccl import rover_training_model
+
+        return rover_training_model(config.dcccl_mimic, config.dcccl_small_channels, config.input_hw,
+                                    config.min_depth, config.max_depth, config.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return build_network(config.model, config.input_hw, **config.network_kwargs())

@@ -139,3 +139,36 @@ def fuse_log_depth(base_log: torch.Tensor, residual: torch.Tensor, min_depth: fl
     """Depth from a cached log depth plus a residual, as :class:`FusedDepth` computes it (same clamp)."""
     return torch.exp(torch.clamp(base_log + _resize(residual, tuple(base_log.shape[-2:])),
                                  math.log(min_depth), math.log(max_depth)))
+
+
+class ResidualOnFrozen(nn.Module):
+    """A trainable part on a frozen base, fused as :class:`FusedDepth` fuses them; only the part is state.
+
+    The base (a rover's mimic) is kept outside the module tree: ``state_dict``, ``parameters``, ``train()`` and
+    ``eval()`` see the trainable part alone, so federated code that sends, trains and averages "the model" sends,
+    trains and averages the small submodel, while the forward pass is the whole rover model. :meth:`fused` gives
+    the same network with both parts registered (for ONNX export).
+    """
+
+    def __init__(self, base: nn.Module, part: nn.Module, input_hw: Sequence[int], min_depth: float = 0.1,
+                 max_depth: float = 10.0) -> None:
+        super().__init__()
+        base.eval().requires_grad_(False)
+        object.__setattr__(self, "base", base)  # deliberately not a registered submodule
+        self.part = part
+        self.input_hw = (int(input_hw[0]), int(input_hw[1]))
+        check_input_hw(*self.input_hw)
+        if not 0.0 < min_depth < max_depth:
+            raise ValueError(f"need 0 < min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}")
+        self.min_depth = float(min_depth)
+        self.max_depth = float(max_depth)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Metric depth ``Bx1xHxW``: ``exp(clamp(base(x) + part(x)))`` at ``input_hw``."""
+        with torch.no_grad():
+            base = _resize(self.base(x), self.input_hw)
+        return fuse_log_depth(base, self.part(x), self.min_depth, self.max_depth)
+
+    def fused(self) -> FusedDepth:
+        """Base and part as one :class:`FusedDepth` (both registered; what is exported and deployed)."""
+        return FusedDepth([self.base, self.part], self.input_hw, self.min_depth, self.max_depth).eval()
