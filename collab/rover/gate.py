@@ -65,6 +65,8 @@ def build_network(model: GlobalModel, base: TaskConfig) -> tuple[Any, dict[str, 
     from forest_perception.collab.flower.task import build_model, set_arrays
 
     config = model.task_config(base)
+    if config.dcccl_mimic:
+        check_mimic(model, config)
     network = build_model(config)
     try:
         set_arrays(network, model.names, model.arrays)  # refuses missing/unknown/mis-shaped/non-finite tensors
@@ -72,9 +74,11 @@ def build_network(model: GlobalModel, base: TaskConfig) -> tuple[Any, dict[str, 
         arch = f"{config.model} at {config.input_hw[1]}x{config.input_hw[0]} {config.network_kwargs()}"
         raise ValueError(f"its tensors are not those of the network it names ({arch}): {exc}") from None
     network.eval()
+    if config.dcccl_mimic:  # dc-ccl: the rover's model is its mimic + the small submodel, one graph
+        network = network.fused()
     kwargs = config.network_kwargs()
     meta = {
-        "model_name": config.model,
+        "model_name": "dcccl_rover" if config.dcccl_mimic else config.model,
         "model_kwargs": kwargs,
         "input_hw": list(config.input_hw),
         "min_depth": config.min_depth,
@@ -83,6 +87,17 @@ def build_network(model: GlobalModel, base: TaskConfig) -> tuple[Any, dict[str, 
         "metrics": {},
     }
     return network, meta, config
+
+
+def check_mimic(model: GlobalModel, config: TaskConfig) -> None:
+    """A dc-ccl global model must have been made with the mimic this rover holds: ``VersionMismatchError`` otherwise."""
+    from forest_perception.collab.dcccl import VersionMismatchError, read_part
+
+    expected = str(model.meta.get("mimic-version", ""))
+    held = read_part(config.dcccl_mimic, "mimic").version
+    if expected != held:
+        raise VersionMismatchError(f"the small submodel was made for mimic {expected or 'unknown'}, this rover's mimic "
+                                   f"({config.dcccl_mimic}) is {held}")
 
 
 def export_candidate(

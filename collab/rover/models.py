@@ -28,8 +28,10 @@ if TYPE_CHECKING:  # torch is imported only by the functions that need it
 
 DROP_FORMAT = "forest-global-model/1"
 DROP_PATTERN = re.compile(r"^global-r(\d+)\.(npz|pt)$")
-TASK_META_KEYS = ("model", "model-kwargs", "base-channels", "input-height", "input-width", "min-depth", "max-depth")
-"""Run-config keys a dropped model carries so the rover can rebuild its network (and ``normalisation``)."""
+TASK_META_KEYS = ("model", "model-kwargs", "base-channels", "input-height", "input-width", "min-depth", "max-depth",
+                  "dcccl-mimic", "dcccl-small-channels")
+"""Run-config keys a dropped model carries so the rover can rebuild its network (and ``normalisation``); a dc-ccl
+model also names the rover's mimic file and carries its ``mimic-version``."""
 
 
 @dataclass
@@ -54,7 +56,7 @@ def task_meta(config: TaskConfig) -> dict[str, Any]:
 
     run_config = config.run_config()
     mean, std = image_normalisation()
-    return {
+    meta = {
         "model": config.model,
         "model-kwargs": run_config["model-kwargs"],
         "base-channels": int(config.base_channels),
@@ -64,6 +66,12 @@ def task_meta(config: TaskConfig) -> dict[str, Any]:
         "max-depth": float(config.max_depth),
         "normalisation": {"mean": mean, "std": std},
     }
+    if config.dcccl_mimic:
+        from forest_perception.collab.dcccl import read_part
+
+        meta.update({"dcccl-mimic": str(config.dcccl_mimic), "dcccl-small-channels": int(config.dcccl_small_channels),
+                     "mimic-version": read_part(config.dcccl_mimic, "mimic").version})
+    return meta
 
 
 def task_from_meta(meta: Mapping[str, Any], base: TaskConfig) -> TaskConfig:
@@ -97,6 +105,8 @@ def task_from_meta(meta: Mapping[str, Any], base: TaskConfig) -> TaskConfig:
             input_hw=(int(height), int(width)),
             min_depth=float(meta.get("min-depth", base.min_depth)),
             max_depth=float(meta.get("max-depth", base.max_depth)),
+            dcccl_mimic=str(meta.get("dcccl-mimic", "")),
+            dcccl_small_channels=int(meta.get("dcccl-small-channels", base.dcccl_small_channels)),
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"model meta {dict((k, meta.get(k)) for k in TASK_META_KEYS)} is not usable: {exc}") from None

@@ -133,3 +133,36 @@ def test_a_store_of_another_mimic_is_not_resumed(setup, tmp_path):
     with pytest.raises(ValueError, match=f"dcccl-mimic='{setup['mimic'].version}', this run has dcccl-mimic="
                                          f"'{setup['old'].version}'"):
         build_coordinator(run_config(setup, tmp_path, **{"dcccl-mimic": str(setup["old_path"])}))
+
+
+def test_the_rover_gate_exports_mimic_plus_small_as_one_model_and_refuses_one_made_for_another_mimic(setup, tmp_path):
+    from forest_perception.collab import rover
+    from forest_perception.collab.flower.task import TaskConfig, build_model, get_arrays
+    from forest_perception.inference import Preprocessor, load_engine
+
+    task = TaskConfig(model="autoencoder", base_channels=8, input_hw=HW, dcccl_mimic=str(setup["mimic_path"]),
+                      dcccl_small_channels=CHANNELS).validate()
+    network = build_model(task)
+    with torch.no_grad():
+        network.part.net.decoder.logit.bias.fill_(0.3)  # the small submodel deepens everything by 35 %
+    names, arrays = get_arrays(network)
+    meta = rover.task_meta(task)
+    assert meta["mimic-version"] == setup["mimic"].version
+    scan = rover.DatasetWatcher(setup["base"] / "rover_0").scan()
+    holdout = rover.make_holdout([scan.segment(s.segment_id) for s in scan.segments])
+    gate = rover.ValidationGate(tmp_path / "models", rover.GateConfig(exporter="torchscript"))
+
+    decision = gate.check(rover.GlobalModel(3, names, arrays, meta), None, holdout, task)
+    assert decision.accepted and decision.code == "first_model", decision.reason
+    engine = load_engine(decision.model_path, backend="onnxruntime", threads=1)
+    image = np.random.default_rng(0).integers(0, 256, (HW[0], HW[1], 3), dtype=np.uint8)
+    with torch.no_grad():
+        want = network(torch.from_numpy(Preprocessor(HW, engine.mean, engine.std)(image).copy()))[0, 0].numpy()
+    got = engine.predict(image)
+    assert np.isfinite(got).mean() > 0.9
+    np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(got)], rtol=1e-3, atol=1e-3)
+
+    stale = dict(meta, **{"mimic-version": setup["old"].version})
+    refused = gate.check(rover.GlobalModel(4, names, arrays, stale), decision.model_path, holdout, task)
+    assert not refused.accepted and refused.code == "unreadable"
+    assert f"made for mimic {setup['old'].version}" in refused.reason and setup["mimic"].version in refused.reason
