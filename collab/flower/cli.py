@@ -270,6 +270,68 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dcccl(sub: argparse._SubParsersAction) -> None:
+    dc = sub.add_parser("dcccl", help="device-cloud collaborative learning: distil the mimic, export the two models")
+    steps = dc.add_subparsers(dest="dcccl_command", metavar="STEP", required=True)
+    distil = steps.add_parser("distil", help="distil the large cloud submodel into the mimic the rovers train on")
+    distil.add_argument("--data", nargs="+", required=True, type=existing_dir, metavar="DIR",
+                        help="cloud dataset folders (public layout) to distil on")
+    distil.add_argument("--out", required=True, help="the mimic part file to write (.pt; a .json summary beside it)")
+    distil.add_argument("--large", nargs="+", default=["multiscale_320x240"], metavar="MODEL",
+                        help="shipped networks or checkpoints whose mean log depth is the large submodel")
+    distil.add_argument("--no-flip", action="store_true", help="do not average the large submodel with its mirror")
+    distil.add_argument("--mimic-init", default="autoencoder_160x128", metavar="MODEL",
+                        help="the network the mimic starts from (its architecture and input size are the rover's)")
+    distil.add_argument("--small-channels", type=positive_int, default=8,
+                        help="width of the rovers' small submodel (its FLOPs and bytes go into the summary)")
+    distil.add_argument("--epochs", type=positive_int, default=4)
+    distil.add_argument("--lr", type=positive_float, default=3e-4)
+    distil.add_argument("--max-frames", type=positive_int, default=1200, help="cloud frames used at most")
+    distil.add_argument("--batch-size", type=positive_int, default=8)
+    distil.add_argument("--seed", type=non_negative_int, default=0)
+    distil.add_argument("--cache", default=None, metavar="DIR", help="frame cache folder (as forest-train --cache)")
+    distil.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's default)")
+    export = steps.add_parser("export", help="the rover model (mimic + small) and the base-station model (large + "
+                                             "small) as ONNX with model cards")
+    export.add_argument("--mimic", required=True, type=existing_file, help="the mimic part file (distil's --out)")
+    small = export.add_mutually_exclusive_group(required=True)
+    small.add_argument("--db", type=existing_file, help="a dc-ccl coordinator store: its averaged small submodel")
+    small.add_argument("--small", type=existing_file, help="a small submodel part file")
+    export.add_argument("--round", type=non_negative_int, default=None, help="the store's round (default: the last)")
+    export.add_argument("--out", required=True, type=output_dir, help="folder for the two ONNX models and cards")
+
+
+def _dcccl(args: argparse.Namespace, argv_text: str) -> int:
+    import torch
+
+    from forest_perception.collab import dcccl, dcccl_cloud
+
+    if args.dcccl_command == "distil":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        spec = dcccl.DcCclSpec(large=tuple(args.large), large_flip=not args.no_flip, mimic_init=args.mimic_init,
+                               small_channels=args.small_channels).validate()
+        summary = dcccl_cloud.distil_from_folders(
+            spec, args.data, args.out, epochs=args.epochs, lr=args.lr, max_frames=args.max_frames,
+            batch_size=args.batch_size, seed=args.seed, cache=args.cache, command=argv_text)
+        flops = summary["flops"]
+        print(f"mimic {summary['mimic_version']} (from {summary['large_version']}) written to {summary['mimic']}: "
+              f"{summary['frames']} frames, mse(log depth) {summary['loss_start']:.4f} -> "
+              f"{summary['loss_by_epoch'][-1]:.4f} in {summary['teacher_s'] + summary['distil_s']:.0f} s; large "
+              f"{flops['large'] / 1e9:.2f} GFLOPs ({flops['large_over_rover_reference']:.1f}x the rover auto-encoder),"
+              f" rover model {flops['rover_model'] / 1e9:.3f} GFLOPs")
+        return 0
+    mimic = dcccl.load_part(args.mimic, "mimic")
+    spec_dict = torch.load(args.mimic, map_location="cpu", weights_only=True).get("spec") or {}
+    spec = dcccl.DcCclSpec(**{**spec_dict, "large": tuple(spec_dict.get("large", dcccl.DcCclSpec().large))})
+    small = dcccl_cloud.small_from_store(args.db, mimic, args.round) if args.db else dcccl.load_part(args.small,
+                                                                                                      "small")
+    written = dcccl_cloud.export_deployables(spec, mimic, small, args.out, command=argv_text)
+    for kind, path in written.items():
+        print(f"{kind}: {path} (card {path.with_suffix('.md').name})")
+    return 0
+
+
 def _add_deploy(sub: argparse._SubParsersAction) -> None:
     deploy = sub.add_parser("deploy", help="a SuperLink and one SuperNode per rover on this machine (TLS, SuperNode "
                                            "authentication), then submit the app")
@@ -388,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "<store>_curves.png beside the store")
     _add_certs(sub)
     _add_deploy(sub)
+    _add_dcccl(sub)
     return parser
 
 
@@ -409,6 +472,8 @@ def _run(args: argparse.Namespace) -> int:
         return _certs(args)
     if args.command == "deploy":
         return _deploy(args)
+    if args.command == "dcccl":
+        return _dcccl(args, " ".join([PROG, *sys.argv[1:]]))
     spec = _spec(args)
     data_root = _rover_data_root(args)
     # a failed first run must not leave half-made rover data (recorded rover folders are never touched)

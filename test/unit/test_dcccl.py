@@ -233,3 +233,47 @@ def test_the_rover_model_exports_to_onnx_and_matches_pytorch(tmp_path):
     meta = read_onnx_metadata(path)
     assert float(meta["max_depth"]) == SPEC.max_depth
     assert float(meta["verify_max_abs_error_m"]) < 1e-3
+
+
+@pytest.mark.slow
+def test_forest_fl_dcccl_distils_the_shipped_large_model_and_exports_both_deployables(tmp_path, capsys):
+    import json
+
+    from tiny_forest import write_tiny_dataset
+
+    from forest_perception.collab.flower.cli import main
+    from forest_perception.inference import load_engine
+
+    write_tiny_dataset(tmp_path / "cloud", segments=2)
+    mimic_path = tmp_path / "mimic.pt"
+    assert main(["dcccl", "distil", "--data", str(tmp_path / "cloud"), "--out", str(mimic_path), "--epochs", "2",
+                 "--max-frames", "6", "--lr", "1e-3"]) == 0
+    summary = json.loads(mimic_path.with_suffix(".json").read_text())
+    assert summary["frames"] == 6 and len(summary["loss_by_epoch"]) == 2
+    assert summary["flops"]["large_over_rover_reference"] >= 10
+    assert summary["mimic_version"] != summary["mimic_start_version"]  # distillation changed the weights
+    mimic = dcccl.load_part(mimic_path, "mimic")
+    assert mimic.large_version == summary["large_version"] and "distilled_from" in mimic.info
+
+    small = dcccl.build_small(DcCclSpec(), mimic)
+    dcccl.save_part(small, tmp_path / "small.pt")
+    assert main(["dcccl", "export", "--mimic", str(mimic_path), "--small", str(tmp_path / "small.pt"), "--out",
+                 str(tmp_path / "deploy")]) == 0
+    out = capsys.readouterr().out
+    assert "rover:" in out and "cloud:" in out
+    rover = load_engine(tmp_path / "deploy" / "dcccl_rover_160x128.onnx", backend="onnxruntime", threads=1)
+    cloud = load_engine(tmp_path / "deploy" / "dcccl_cloud_320x240.onnx", backend="onnxruntime", threads=1)
+    card = json.loads((tmp_path / "deploy" / "dcccl_cloud_320x240.json").read_text())
+    assert card["dcccl"]["versions"] == {"large": summary["large_version"], "mimic": mimic.version,
+                                         "small": small.version}
+    image = np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    assert rover.input_hw == (128, 160) and cloud.input_hw == (240, 320)
+    assert np.isfinite(rover.predict(image)).mean() > 0.5 and np.isfinite(cloud.predict(image)).mean() > 0.5
+
+    # a small submodel of another mimic is refused by name, and nothing is written
+    other = dcccl.build_small(DcCclSpec(), tiny_mimic())
+    dcccl.save_part(other, tmp_path / "other.pt")
+    assert main(["dcccl", "export", "--mimic", str(mimic_path), "--small", str(tmp_path / "other.pt"), "--out",
+                 str(tmp_path / "refused")]) == 2
+    assert f"not {mimic.version}" in capsys.readouterr().err
+    assert not list((tmp_path / "refused").glob("*.onnx"))
