@@ -112,6 +112,7 @@ def small_from_store(db: str | os.PathLike, mimic: Part, server_round: int | Non
         if identity.get("dcccl-mimic") != mimic.version:
             raise VersionMismatchError(f"coordinator store {db} trained with mimic {identity.get('dcccl-mimic')}, "
                                        f"not {mimic.version}")
+        server_round = store.last_round() if server_round is None else int(server_round)
         names, params = store.model(server_round)
     prefix = "part."
     if not names or not all(n.startswith(prefix) for n in names):
@@ -128,6 +129,32 @@ def small_from_store(db: str | os.PathLike, mimic: Part, server_round: int | Non
     small.module.load_state_dict(state)
     small.info["from_store"] = {"db": Path(db).name, "round": server_round}
     return small
+
+
+def drop_cloud_model(onnx_path: str | os.PathLike, drop_dir: str | os.PathLike, server_round: int | None = None,
+                     ) -> Path:
+    """Copy the cloud model into a base station's drop folder as ``global-r<round>.onnx`` (atomically, card beside).
+
+    Its collab_node gates it on the base station's held-out segments like any global model. ``server_round``
+    defaults to one after the newest model already there.
+    """
+    import shutil
+
+    from forest_perception.collab.rover.models import DROP_PATTERN, global_model_name
+
+    drop = Path(drop_dir)
+    drop.mkdir(parents=True, exist_ok=True)
+    if server_round is None:
+        rounds = [int(m.group(1)) for p in drop.iterdir() if (m := DROP_PATTERN.match(p.name))]
+        server_round = max(rounds, default=0) + 1
+    final = drop / global_model_name(int(server_round), "onnx")
+    staged = drop / f".{final.name}.{os.getpid()}.tmp"
+    try:
+        shutil.copyfile(onnx_path, staged)
+        os.replace(staged, final)
+    finally:
+        staged.unlink(missing_ok=True)
+    return final
 
 
 def export_deployables(spec: DcCclSpec, mimic: Part, small: Part, out_dir: str | os.PathLike,

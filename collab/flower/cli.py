@@ -104,7 +104,9 @@ def _add_population_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fault", action="append", default=[], metavar="I=KIND",
                         help="make rover I misbehave: nan, inf, shape, dtype, count, huge, stale, no-data, crash")
     parser.add_argument("--population-seed", type=non_negative_int, default=0, help="seed of the rover population")
-    parser.add_argument("--algorithm", default=None, help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust")
+    parser.add_argument("--algorithm", default=None,
+                        help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust, dc-ccl (needs --set "
+                             "dcccl-mimic=FILE)")
     parser.add_argument("--rounds", type=positive_int, default=None,
                         help="num-server-rounds (default: the run config's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -299,6 +301,9 @@ def _add_dcccl(sub: argparse._SubParsersAction) -> None:
     small.add_argument("--small", type=existing_file, help="a small submodel part file")
     export.add_argument("--round", type=non_negative_int, default=None, help="the store's round (default: the last)")
     export.add_argument("--out", required=True, type=output_dir, help="folder for the two ONNX models and cards")
+    export.add_argument("--base-station-drop", type=output_dir, default=None, metavar="DIR",
+                        help="also hand the cloud model to a base station's collab_node: global-r<round>.onnx in its "
+                             "model_drop_dir, gated there on its held-out segments like any global model")
 
 
 def _dcccl(args: argparse.Namespace, argv_text: str) -> int:
@@ -329,6 +334,10 @@ def _dcccl(args: argparse.Namespace, argv_text: str) -> int:
     written = dcccl_cloud.export_deployables(spec, mimic, small, args.out, command=argv_text)
     for kind, path in written.items():
         print(f"{kind}: {path} (card {path.with_suffix('.md').name})")
+    if args.base_station_drop:
+        server_round = small.info.get("from_store", {}).get("round") if args.db else None
+        drop = dcccl_cloud.drop_cloud_model(written["cloud"], args.base_station_drop, server_round)
+        print(f"base station: {drop}")
     return 0
 
 

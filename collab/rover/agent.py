@@ -262,7 +262,8 @@ class CollabAgent:
         holdout, _, _ = self._holdout()
         decision = ValidationGate(p["models_dir"], gate_config(p)).check(candidate, running, holdout, task_config(p),
                                                                           label=ref.label)
-        self._finish(ref.key, decision, candidate if decision.accepted else None)
+        # an exported model has no arrays to train on: local training keeps the last model that had them
+        self._finish(ref.key, decision, candidate if decision.accepted and not candidate.onnx else None)
 
     def _train(self) -> None:
         p = dict(self.p)

@@ -254,7 +254,13 @@ class ValidationGate:
 
         server_round = candidate.round
         try:
-            onnx_path, config = export_candidate(candidate, staging / f"{label}.onnx", base, self.config.exporter)
+            if candidate.onnx:  # exported already (a dc-ccl cloud model): gate the file as it is
+                onnx_path, config = staging / f"{label}.onnx", base
+                shutil.copyfile(candidate.onnx, onnx_path)
+            else:
+                onnx_path, config = export_candidate(candidate, staging / f"{label}.onnx", base, self.config.exporter)
+        except OSError as exc:
+            return self._refused(label, server_round, "unreadable", f"{candidate.source or label}: {exc}", started)
         except ValueError as exc:  # wrong tensors for the network, non-finite values, bad meta
             return self._refused(label, server_round, "unreadable", f"{candidate.source or label}: {exc}", started)
         except Exception as exc:  # noqa: BLE001 - exporter failures of any kind refuse the candidate

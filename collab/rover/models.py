@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # torch is imported only by the functions that need it
     from forest_perception.collab.flower.task import TaskConfig
 
 DROP_FORMAT = "forest-global-model/1"
-DROP_PATTERN = re.compile(r"^global-r(\d+)\.(npz|pt)$")
+DROP_PATTERN = re.compile(r"^global-r(\d+)\.(npz|pt|onnx)$")
 TASK_META_KEYS = ("model", "model-kwargs", "base-channels", "input-height", "input-width", "min-depth", "max-depth",
                   "dcccl-mimic", "dcccl-small-channels")
 """Run-config keys a dropped model carries so the rover can rebuild its network (and ``normalisation``); a dc-ccl
@@ -43,6 +43,11 @@ class GlobalModel:
     arrays: list[np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)  # TASK_META_KEYS and free-form facts (source, ...)
     source: str = ""  # file or store it came from
+
+    @property
+    def onnx(self) -> str:
+        """The ONNX file of an already exported model (a dc-ccl cloud model for the base station), else ""."""
+        return str(self.meta.get("onnx", ""))
 
     def task_config(self, base: TaskConfig) -> TaskConfig:
         """``base`` (the rover's training settings) with this model's architecture and depth range."""
@@ -255,4 +260,20 @@ def read_candidate(path: str | os.PathLike) -> GlobalModel:
         return model
     if path.suffix in (".pt", ".pth"):
         return _read_checkpoint(path, file_round)
-    raise ValueError(f"global model {str(path)!r}: unknown suffix {path.suffix!r}; expected .npz or .pt")
+    if path.suffix == ".onnx":
+        return _read_onnx(path, file_round)
+    raise ValueError(f"global model {str(path)!r}: unknown suffix {path.suffix!r}; expected .npz, .pt or .onnx")
+
+
+def _read_onnx(path: Path, server_round: int | None) -> GlobalModel:
+    """An exported model (no arrays): gated as it is, on its own metadata (``ValueError`` if it is no depth model)."""
+    from forest_perception.inference import read_onnx_metadata
+
+    try:
+        meta = dict(read_onnx_metadata(path))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is refused with its reason
+        raise ValueError(f"global model {str(path)!r} is not a readable ONNX model: {str(exc)[:200]}") from None
+    if "input_hw" not in meta:
+        raise ValueError(f"global model {str(path)!r} has no input_hw in its metadata: not a forest_perception export")
+    return GlobalModel(server_round, [], [], {"onnx": str(path), "version": meta.get("version", ""),
+                                              "model_name": meta.get("model_name", "")}, str(path))

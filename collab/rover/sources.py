@@ -51,7 +51,8 @@ class ModelSource(Protocol):
 
 
 class DropDirSource:
-    """Global models dropped into a folder by the rover's ClientApp (``global-r<round>.npz`` / ``.pt``)."""
+    """Global models dropped into a folder by the rover's ClientApp (``global-r<round>.npz`` / ``.pt``), or exported
+    models (``global-r<round>.onnx``: a dc-ccl cloud model for a base station)."""
 
     def __init__(self, drop_dir: str | os.PathLike) -> None:
         self.path = Path(drop_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,6 +270,23 @@ def test_forest_fl_dcccl_distils_the_shipped_large_model_and_exports_both_deploy
     image = np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8)
     assert rover.input_hw == (128, 160) and cloud.input_hw == (240, 320)
     assert np.isfinite(rover.predict(image)).mean() > 0.5 and np.isfinite(cloud.predict(image)).mean() > 0.5
+
+    # the base station's collab_node gates the cloud model from its drop folder like any global model
+    from forest_perception.collab import rover
+    from forest_perception.collab.flower.task import TaskConfig
+
+    assert main(["dcccl", "export", "--mimic", str(mimic_path), "--small", str(tmp_path / "small.pt"), "--out",
+                 str(tmp_path / "deploy"), "--base-station-drop", str(tmp_path / "drop")]) == 0
+    dropped = rover.DropDirSource(tmp_path / "drop")
+    ref = dropped.latest()
+    assert ref.location.endswith("global-r000001.onnx")
+    candidate = dropped.load(ref)
+    scan = rover.DatasetWatcher(tmp_path / "cloud").scan()
+    holdout = rover.make_holdout([scan.segment(s.segment_id) for s in scan.segments])
+    decision = rover.ValidationGate(tmp_path / "models").check(candidate, None, holdout, TaskConfig().validate(),
+                                                               label=ref.label)
+    assert decision.accepted and decision.code == "first_model", decision.reason
+    assert decision.model_version == cloud.model_version and Path(decision.model_path).is_file()
 
     # a small submodel of another mimic is refused by name, and nothing is written
     other = dcccl.build_small(DcCclSpec(), tiny_mimic())

@@ -1,0 +1,61 @@
+"""The DC-CCL experiment's pieces on tiny data: every method scored on the same frames, round 0 of DC-CCL equal to the
+mimic and to the large model (the small submodel starts at zero), the claims read from paired differences."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from experiments import dcccl as experiment
+
+
+def test_claims_come_from_paired_differences_over_seeds():
+    def run(method, seed, absrel):
+        return {"method": method, "seed": seed, "rounds": [{"round": 1.0, "absrel": absrel, "delta1": 0.8}]}
+
+    runs = [run("large", 0, 0.30), run("dcccl_cloud", 0, 0.25), run("large", 1, 0.30), run("dcccl_cloud", 1, 0.27),
+            run("alone", 0, 0.20), run("alone", 0, 0.22), run("dcccl_rover", 0, 0.23),
+            run("alone", 1, 0.20), run("dcccl_rover", 1, 0.19)]
+    summary = experiment.summarise(experiment.DcCclConfig(seeds=(0, 1)), runs)
+    assert summary["paired"]["dcccl_cloud - large"]["mean"] == pytest.approx(-0.04)
+    # alone is averaged over its rovers first: seed 0 0.21, seed 1 0.20
+    assert summary["paired"]["dcccl_rover - alone"]["mean"] == pytest.approx(((0.23 - 0.21) + (0.19 - 0.20)) / 2)
+    claims = list(summary["claims"].values())
+    assert claims == [True, False]
+
+
+@pytest.mark.slow
+def test_a_seed_scores_every_method_on_the_same_frames(tmp_path):
+    from forest_perception.collab import dcccl
+    from forest_perception.collab.dcccl_cloud import distil_from_folders
+    from forest_perception.dataset_tools.synth import SynthConfig, synthesize
+
+    folders = {}
+    for i in range(2):
+        folders[f"rover_{i}"] = tmp_path / f"rover_{i}"
+        synthesize(folders[f"rover_{i}"], SynthConfig(segments_per_run=3, frames_per_segment=2, seed=i, width=64,
+                                                      height=48, weathers=("sunny",)), progress=False)
+    config = dataclasses.replace(experiment.DcCclConfig(seeds=(0,), rounds=1, batch_size=4, holdout_fraction=0.4),
+                                 small_channels=2)
+    spec = dcccl.DcCclSpec(small_channels=2)
+    mimic = tmp_path / "mimic.pt"
+    distil_from_folders(spec, [folders["rover_0"]], mimic, epochs=1, max_frames=4, progress=False)
+    large = dcccl.build_large(spec)
+    work = tmp_path / "work"
+    work.mkdir()
+    runs = experiment.run_seed(config, folders, 0, work, mimic, large, spec)
+
+    by = {r["method"]: r for r in runs if r["method"] != "alone"}
+    assert set(experiment.METHODS) - {"alone"} <= set(by)
+    assert sum(r["method"] == "alone" for r in runs) == 2
+    first = {m: by[m]["rounds"][0] for m in ("mimic", "dcccl_rover", "dcccl_cloud", "large")}
+    # round 0: the small submodel is zero, so DC-CCL's rover model is the mimic and its cloud model the large one
+    assert first["dcccl_rover"]["absrel"] == pytest.approx(first["mimic"]["absrel"])
+    assert first["dcccl_cloud"]["absrel"] == pytest.approx(first["large"]["absrel"], rel=1e-4)
+    last = by["dcccl_rover"]["rounds"][-1]
+    assert last["round"] == 1.0 and math.isfinite(last["absrel"]) and last["kib_up_per_rover"] > 0
+    assert by["dcccl_rover"]["rounds"][-1]["absrel"] != pytest.approx(first["mimic"]["absrel"])
+    assert math.isfinite(by["dcccl_cloud"]["rounds"][-1]["absrel"])
+    assert by["rovers"]["status"] == {"rover_0": "ok", "rover_1": "ok"}
