@@ -324,11 +324,13 @@ class DistilResult:
 
 def distil(student: Part, images: torch.Tensor, targets: torch.Tensor, epochs: int = 3, lr: float = 3e-4,
            batch_size: int = 8, seed: int = 0, log_range: tuple[float, float] | None = None,
-           progress: Callable[[int, float], None] | None = None) -> DistilResult:
+           progress: Callable[[int, float], None] | None = None, freeze_batchnorm: bool = True) -> DistilResult:
     """Train ``student`` to output ``targets`` (the teacher's log depth) on ``images``: MSE in log depth, AdamW.
 
     ``images`` are at the student's input size; ``targets`` ``Nx1xhxw`` at its output size. ``log_range`` clamps the
-    targets (the fused models' depth range). ``progress(epoch, loss)`` is called after every epoch.
+    targets (the fused models' depth range). ``progress(epoch, loss)`` is called after every epoch. With
+    ``freeze_batchnorm`` (the default) BatchNorm keeps the statistics the student was trained with: a few hundred cloud
+    frames would otherwise replace them and cost more than distillation gains.
     """
     if images.shape[0] != targets.shape[0] or images.shape[0] == 0:
         raise ValueError(f"distillation needs as many targets as images (> 0), got {images.shape[0]} images and "
@@ -344,6 +346,10 @@ def distil(student: Part, images: torch.Tensor, targets: torch.Tensor, epochs: i
     losses = []
     for epoch in range(epochs):
         module.train()
+        if freeze_batchnorm:
+            for layer in module.modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                    layer.eval()
         order = torch.randperm(images.shape[0], generator=generator)
         total, seen = 0.0, 0
         for first in range(0, images.shape[0], batch_size):

@@ -24,7 +24,14 @@ from typing import Any
 
 import torch
 
-from experiments import adaptation, fed_vs_local_vs_central, fedlaavg_vs_fedavg, fedsubavg_sparse, semicyclic
+from experiments import (
+    adaptation,
+    dcccl,
+    fed_vs_local_vs_central,
+    fedlaavg_vs_fedavg,
+    fedsubavg_sparse,
+    semicyclic,
+)
 from experiments.cli import RESULTS_DIR, experiment_arguments, pick_config
 from experiments.report import cost_summary, markdown_table, mean_std, write_csv, write_json
 
@@ -34,17 +41,20 @@ EXPERIMENTS: dict[str, tuple[ModuleType, type]] = {
     "semicyclic": (semicyclic, semicyclic.SemiCyclicConfig),
     "fed_vs_local_vs_central": (fed_vs_local_vs_central, fed_vs_local_vs_central.FedLocalCentralConfig),
     "adaptation": (adaptation, adaptation.AdaptationConfig),
+    "dcccl": (dcccl, dcccl.DcCclConfig),
 }
 """Experiment name -> (module with ``run``/``table``, config class with a ``quick()`` preset)."""
 
 SHORT = {"fedlaavg_vs_fedavg": "1 laavg", "fedsubavg_sparse": "2 subavg", "semicyclic": "3 cyclic",
-         "fed_vs_local_vs_central": "4 fed/local/central", "adaptation": "5 new forest"}
+         "fed_vs_local_vs_central": "4 fed/local/central", "adaptation": "5 new forest",
+         "dcccl": "6 dc-ccl"}
 TITLES = {
     "fedlaavg_vs_fedavg": "FedLaAvg vs FedAvg under intermittent availability",
     "fedsubavg_sparse": "FedSubAvg vs FedAvg on a sparse (per-place) embedding",
     "semicyclic": "MM-PSGD / MC-PSGD vs FedAvg on block-cyclic light",
     "fed_vs_local_vs_central": "Federated vs local-only vs central",
     "adaptation": "Adaptation to a new forest from the shipped weights (recorded over ROS, FedAvg on Flower/Ray)",
+    "dcccl": "DC-CCL in the new forest: rover model (mimic + small) and cloud model (large + small)",
 }
 
 

@@ -158,8 +158,11 @@ def test_distillation_brings_the_mimic_close_to_the_teacher():
     mimic = tiny_mimic()
     big = images(48, (64, 96), seed=1)
     small_images = torch.nn.functional.interpolate(big, size=HW, mode="area")
+    stats = {k: v.clone() for k, v in mimic.module.state_dict().items() if "running" in k}
     result = dcccl.distil_mimic(mimic, large, big, small_images, SPEC, epochs=12, lr=3e-3, batch_size=8)
     assert result.epoch_loss[-1] < 0.5 * result.start_loss
+    # BatchNorm keeps the statistics the mimic was trained with (a few cloud frames must not replace them)
+    assert all(torch.equal(stats[k], v) for k, v in mimic.module.state_dict().items() if k in stats)
     assert mimic.large_version == "large-cccccccccccc"
     assert mimic.info["distilled_from"] == "large-cccccccccccc"
 
