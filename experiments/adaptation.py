@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from experiments import cli, report
-from experiments.report import curve_stats, fmt, markdown_table, mean_std
+from experiments.report import curve_stats, fmt, last_round_mean, markdown_table, mean_std
 from forest_perception.collab.flower.task import (
     LocalData,
     NoDataError,
@@ -311,21 +310,13 @@ def run(config: AdaptationConfig, out_dir: Path, folders: dict[str, Path] | None
 # ---------------------------------------------------------------------------------------------- summary and outputs
 
 
-def _last(runs: list[dict], method: str, key: str) -> dict[str, float]:
-    """Mean ± std over seeds of ``key`` in the last round of ``method``'s runs (alone: mean over rovers first)."""
-    per_seed: dict[int, list[float]] = {}
-    for run in runs:
-        if run["method"] == method and run["rounds"]:
-            per_seed.setdefault(run["seed"], []).append(float(run["rounds"][-1].get(key, math.nan)))
-    return mean_std(statistics.fmean(v) for v in per_seed.values())
-
 
 def summarise(config: AdaptationConfig, runs: list[dict]) -> dict:
     """Last-round scores per method, FedAvg's curve and costs, and the goal's three tests (mean over seeds)."""
     summary: dict[str, Any] = {"methods": {}}
     for method in METHODS:
         keys = ("own/absrel", "own/delta1", "others/absrel", "others/delta1") if method == "alone" else ()
-        summary["methods"][method] = {k: _last(runs, method, k) for k in ("absrel", "delta1", *keys)}
+        summary["methods"][method] = {k: last_round_mean(runs, method, k) for k in ("absrel", "delta1", *keys)}
     fed = [r for r in runs if r["method"] == "fedavg"]
     if fed:
         _, mean, std = curve_stats([r["rounds"] for r in fed], "absrel")

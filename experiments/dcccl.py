@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 
 from experiments import adaptation, cli, report
-from experiments.report import curve_stats, fmt, markdown_table, mean_std
+from experiments.report import curve_stats, fmt, last_round_mean, markdown_table, mean_std
 from forest_perception.collab.flower.server_app import ServerSettings
 from forest_perception.collab.flower.task import (
     LocalData,
@@ -328,13 +328,6 @@ def run(config: DcCclConfig, out_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- summary and outputs
 
 
-def _last(runs: list[dict], method: str, key: str) -> dict[str, float]:
-    per_seed: dict[int, list[float]] = {}
-    for run in runs:
-        if run["method"] == method and run["rounds"]:
-            per_seed.setdefault(run["seed"], []).append(float(run["rounds"][-1].get(key, math.nan)))
-    return mean_std(statistics.fmean(v) for v in per_seed.values())
-
 
 def _paired(runs: list[dict], a: str, b: str) -> dict[str, float]:
     """Mean ± std over seeds of ``absrel(a) - absrel(b)`` in the last round (negative: a is better)."""
@@ -348,7 +341,8 @@ def _paired(runs: list[dict], a: str, b: str) -> dict[str, float]:
 
 def summarise(config: DcCclConfig, runs: list[dict]) -> dict:
     """Last-round scores per method, DC-CCL's curves and bytes, and the paper's two claims tested."""
-    summary: dict[str, Any] = {"methods": {m: {k: _last(runs, m, k) for k in ("absrel", "delta1")} for m in METHODS}}
+    summary: dict[str, Any] = {"methods": {m: {k: last_round_mean(runs, m, k) for k in ("absrel", "delta1")}
+                                           for m in METHODS}}
     for method in ("fedavg", "dcccl_rover", "dcccl_cloud"):
         mine = [r["rounds"] for r in runs if r["method"] == method]
         if mine:

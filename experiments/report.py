@@ -216,3 +216,15 @@ def write_result(out_dir: str | Path, result: Mapping[str, Any], table: str) -> 
     out_dir, name = Path(out_dir), result["experiment"]
     write_csv(out_dir / f"{name}.csv", long_rows(name, result["runs"]))
     return write_json(out_dir / f"{name}.json", {**result, "table": table})
+
+
+def last_round_mean(runs: Sequence[Mapping[str, Any]], method: str, key: str) -> dict[str, float]:
+    """Mean ± std over seeds of ``key`` in the last round of ``method``'s runs (several runs of one seed, such as one
+    per rover, are averaged first)."""
+    import statistics
+
+    per_seed: dict[int, list[float]] = {}
+    for run in runs:
+        if run["method"] == method and run["rounds"]:
+            per_seed.setdefault(run["seed"], []).append(float(run["rounds"][-1].get(key, math.nan)))
+    return mean_std(statistics.fmean(v) for v in per_seed.values())
