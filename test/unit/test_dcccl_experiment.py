@@ -37,8 +37,10 @@ def test_a_seed_scores_every_method_on_the_same_frames(tmp_path):
         folders[f"rover_{i}"] = tmp_path / f"rover_{i}"
         synthesize(folders[f"rover_{i}"], SynthConfig(segments_per_run=3, frames_per_segment=2, seed=i, width=64,
                                                       height=48, weathers=("sunny",)), progress=False)
+    # two local epochs: a single AdamW step moves every weight by exactly +-lr, so two rovers whose mimic errs in
+    # opposite directions would cancel to the last bit in the average, and the small submodel would stay at zero
     config = dataclasses.replace(experiment.DcCclConfig(seeds=(0,), rounds=1, batch_size=4, holdout_fraction=0.4),
-                                 small_channels=2)
+                                 small_channels=2, local_epochs=2)
     spec = dcccl.DcCclSpec(small_channels=2)
     mimic = tmp_path / "mimic.pt"
     distil_from_folders(spec, [folders["rover_0"]], mimic, epochs=1, max_frames=4, progress=False)
