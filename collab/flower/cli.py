@@ -16,6 +16,7 @@ import math
 import shutil
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from forest_perception.cli_args import (
@@ -28,6 +29,7 @@ from forest_perception.cli_args import (
     int_within,
     non_negative_int,
     output_dir,
+    output_file,
     positive_float,
     positive_int,
     run_command,
@@ -278,7 +280,8 @@ def _add_dcccl(sub: argparse._SubParsersAction) -> None:
     distil = steps.add_parser("distil", help="distil the large cloud submodel into the mimic the rovers train on")
     distil.add_argument("--data", nargs="+", required=True, type=existing_dir, metavar="DIR",
                         help="cloud dataset folders (public layout) to distil on")
-    distil.add_argument("--out", required=True, help="the mimic part file to write (.pt; a .json summary beside it)")
+    distil.add_argument("--out", required=True, type=partial(output_file, suffix=".pt"),
+                        help="the mimic part file to write (.pt; a .json summary beside it; folders are made)")
     distil.add_argument("--large", nargs="+", default=["multiscale_320x240"], metavar="MODEL",
                         help="shipped networks or checkpoints whose mean log depth is the large submodel")
     distil.add_argument("--no-flip", action="store_true", help="do not average the large submodel with its mirror")

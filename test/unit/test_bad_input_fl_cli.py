@@ -33,6 +33,8 @@ BAD_INPUT = [
     (["deploy", "--certs", "{tmp}/certs_in", "--run-dir", "{tmp}/dep", "--port", "70000"], ["--port"]),
     (["deploy", "--certs", "{tmp}/certs_in", "--run-dir", "{tmp}/dep", "--virtual-rovers", "1", "--set", "x=1"],
      ["unknown run config key 'x'"]),
+    (["dcccl", "distil", "--data", "{tmp}/certs_in", "--out", "{tmp}/afile/mimic.pt"], ["--out", "afile"]),
+    (["dcccl", "distil", "--data", "{tmp}/certs_in", "--out", "{tmp}/mimic.onnx"], ["--out", "must end in .pt"]),
     (["simulte", "--out", "{tmp}/run"], ["invalid choice", "simulte"]),
 ]
 

@@ -249,7 +249,7 @@ def test_forest_fl_dcccl_distils_the_shipped_large_model_and_exports_both_deploy
     from forest_perception.inference import load_engine
 
     write_tiny_dataset(tmp_path / "cloud", segments=2)
-    mimic_path = tmp_path / "mimic.pt"
+    mimic_path = tmp_path / "runs" / "dcccl" / "mimic.pt"  # folders that do not exist yet are made
     assert main(["dcccl", "distil", "--data", str(tmp_path / "cloud"), "--out", str(mimic_path), "--epochs", "2",
                  "--max-frames", "6", "--lr", "1e-3"]) == 0
     summary = json.loads(mimic_path.with_suffix(".json").read_text())
