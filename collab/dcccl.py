@@ -213,7 +213,6 @@ def save_part(part: Part, path: str | os.PathLike, spec: DcCclSpec | None = None
         "spec": asdict(spec) if spec is not None else None,
         "state": part.module.net.state_dict(),
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return save_checkpoint(bundle, path)
 
 

@@ -75,10 +75,12 @@ def checkpoint_reference(text: str | os.PathLike, path: str | os.PathLike, check
 
 
 def save_checkpoint(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """``torch.save`` to a hidden temporary file beside ``path``, renamed when complete (never half a file)."""
+    """``torch.save`` to a hidden temporary file beside ``path`` (its folder made), renamed when complete (never half a
+    file)."""
     import torch
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(dict(checkpoint), tmp)
