@@ -62,10 +62,11 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--first-run", type=non_negative_int, default=1, help="number of the first Run-N folder")
     p.add_argument("--style", type=style_names, default=(), metavar="NAME[,NAME...]",
                    help="forest styles cycled over the segments, each segment a forest of its own sampled from "
-                        "its style (randomised: mixes the styles); see 'forest-dataset styles'")
+                        "its style (randomised: mixes the styles; wide: every factor on its own, on the styles' ranges "
+                        "stretched); see 'forest-dataset styles'")
     p.add_argument("--exclude-styles", type=style_names, default=(), metavar="NAME[,NAME...]",
-                   help="styles randomised never draws from: those held out of training (the shipped networks': "
-                        f"{','.join(HOLD_OUT)})")
+                   help="styles randomised and wide never draw from: those held out of training "
+                        f"(the shipped networks': {','.join(HOLD_OUT)})")
     p.add_argument("--weather", default="",
                    help="comma-separated presets, cycled over segments (default: overcast; with --style, each "
                         "style's own sampled light)")
@@ -126,7 +127,7 @@ def _add_styles(sub: argparse._SubParsersAction) -> None:
 
 
 def _styles(args: argparse.Namespace) -> int:
-    from forest_perception.sim.styles import FACTORS, RANDOMISED, STYLES, factor_table
+    from forest_perception.sim.styles import FACTORS, RANDOMISED, STYLES, WIDE, factor_table, wide_range
 
     if args.montage is not None:
         from forest_perception.sim.style_preview import style_montage
@@ -144,6 +145,9 @@ def _styles(args: argparse.Namespace) -> int:
               for name, s in STYLES.items()}
     styles[RANDOMISED] = {"description": "mixes the styles: each group of factors from a style drawn per seed",
                           "ranges": {}}
+    styles[WIDE] = {"description": "plain domain randomisation: every factor on its own, uniformly on the styles' "
+                                   "joint range stretched by a quarter at both ends",
+                    "ranges": {f: list(wide_range(f)) for f in FACTORS}}
     if args.json:
         data = {"styles": styles}
         if args.factors:

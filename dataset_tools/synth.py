@@ -34,7 +34,7 @@ from forest_perception.dataset_tools.layout import (
 from forest_perception.frames import CameraIntrinsics
 from forest_perception.geo import wrap_angle
 from forest_perception.sim.simulator import ForestSimulator, RoverConfig, SimConfig
-from forest_perception.sim.styles import RANDOMISED, STYLE_NAMES, StyleSample, sample
+from forest_perception.sim.styles import PSEUDO_STYLES, STYLE_NAMES, STYLES, StyleSample, sample
 from forest_perception.sim.weather import WeatherPreset, get_weather
 from forest_perception.sim.world import ForestWorld, WorldConfig, generate_world
 
@@ -61,7 +61,7 @@ class SynthConfig:
     its own; ``world_overrides`` (``WorldConfig`` field, value) pairs then override every
     sample (``world`` gives only the :data:`STYLE_KEEPS` fields). ``min_spacing_m`` > 0 holds
     each frame back until the rover has moved that far or turned 30 degrees since the last one.
-    ``exclude_styles`` are styles ``randomised`` never draws from (those held out of training).
+    ``exclude_styles`` are styles ``randomised`` and ``wide`` never draw from (those held out of training).
     """
 
     runs: int = 1
@@ -95,10 +95,10 @@ class SynthConfig:
             if style in self.exclude_styles:
                 raise ValueError(f"style {style} is both asked for and excluded")
         for style in self.exclude_styles:
-            if style not in STYLE_NAMES or style == RANDOMISED:
-                raise ValueError(f"unknown style {style!r} to exclude; known styles: {', '.join(STYLE_NAMES[:-1])}")
-        if self.exclude_styles and set(self.exclude_styles) >= set(STYLE_NAMES[:-1]):
-            raise ValueError("exclude_styles leaves no style for randomised to draw from")
+            if style not in STYLES:
+                raise ValueError(f"unknown style {style!r} to exclude; known styles: {', '.join(STYLES)}")
+        if self.exclude_styles and set(self.exclude_styles) >= set(STYLES):
+            raise ValueError(f"exclude_styles leaves no style for {' or '.join(PSEUDO_STYLES)} to draw from")
         CameraIntrinsics(self.width, self.height).validate()
         if not (math.isfinite(self.frame_interval_s) and 0.01 <= self.frame_interval_s <= 60.0):
             raise ValueError(f"frame_interval_s must be within [0.01, 60] s, got {self.frame_interval_s}")

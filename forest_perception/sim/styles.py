@@ -27,6 +27,10 @@ from forest_perception.sim.world_meshes import MeshDetail
 
 RANDOMISED = "randomised"
 """The pseudo-style that mixes all styles: each group of factors comes from a style drawn per seed."""
+WIDE = "wide"
+"""The pseudo-style of plain domain randomisation: every factor drawn on its own from :func:`wide_range`."""
+WIDE_MARGIN = 0.25
+"""How far ``wide`` reaches past the styles it draws from, as a share of the width of their joint range."""
 GROUPS = ("terrain", "stand", "crowns", "undergrowth", "palette", "light", "camera")
 """Factor groups, in the order of :class:`StyleFactors` (``randomised`` draws one style per group)."""
 
@@ -329,8 +333,10 @@ STYLES: dict[str, Style] = _styles(
           }),
 )
 """The registry of named styles."""
-STYLE_NAMES: tuple[str, ...] = (*STYLES, RANDOMISED)
-"""Every name :func:`sample` takes: the styles, then the ``randomised`` pseudo-style."""
+PSEUDO_STYLES: tuple[str, ...] = (RANDOMISED, WIDE)
+"""The names :func:`sample` takes besides the styles: mixes of the styles, no ranges of their own."""
+STYLE_NAMES: tuple[str, ...] = (*STYLES, *PSEUDO_STYLES)
+"""Every name :func:`sample` takes: the styles, then the pseudo-styles ``randomised`` and ``wide``."""
 HOLD_OUT: tuple[str, ...] = ("hilly_deadwood", "autumn_broadleaf", "clustered_regrowth")
 """The styles kept out of all training of the shipped networks, for evaluation on forests never seen: steep
 hills cut by gullies with many snags and logs (the relief of ``foggy_ravine``, in training, is gentler); a
@@ -412,6 +418,23 @@ class StyleSample:
                 "factors": asdict(self.factors)}
 
 
+def wide_range(factor: str, exclude: Sequence[str] = ()) -> tuple[float, float]:
+    """The range ``wide`` draws ``factor`` from: the union of every style's range of it (but those in
+    ``exclude``), stretched by :data:`WIDE_MARGIN` of its width at both ends, within the factor's allowed range.
+
+    A factor that every style keeps at one value stays there (no width to stretch).
+    """
+    if factor not in FACTORS:
+        raise ValueError(f"unknown factor {factor!r}; factors: {', '.join(FACTORS)}")
+    ranges = [s.range_of(factor) for name, s in STYLES.items() if name not in exclude]
+    if not ranges:
+        raise ValueError("every style is excluded: wide has nothing left to span")
+    low, high = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    allowed_low, allowed_high = FACTORS[factor]["range"]
+    margin = WIDE_MARGIN * (high - low)
+    return max(float(allowed_low), low - margin), min(float(allowed_high), high + margin)
+
+
 def sample(style: str | Style, seed: int, exclude: Sequence[str] = ()) -> StyleSample:
     """Draw one configuration from ``style`` (a registered name, ``randomised`` or a :class:`Style`) and ``seed``.
 
@@ -420,13 +443,15 @@ def sample(style: str | Style, seed: int, exclude: Sequence[str] = ()) -> StyleS
     draws, per seed, a registered style for each factor group (:data:`GROUPS`) and samples the group's
     factors from it: new combinations, each group plausible on its own; it never draws from the
     styles in ``exclude`` (those held out of training, e.g. :data:`HOLD_OUT`), and the other draws of
-    a seed stay as they are when ``exclude`` is empty.
+    a seed stay as they are when ``exclude`` is empty. ``wide`` draws every factor on its own, uniformly
+    on :func:`wide_range` (the styles but ``exclude``, stretched): combinations and values no style
+    has, the plain domain randomisation.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"style seed must be a non-negative integer, got {seed!r}")
     if isinstance(style, Style):
         chosen = style.validate()
-    elif style == RANDOMISED:
+    elif style in PSEUDO_STYLES:
         chosen = None
     elif isinstance(style, str) and style in STYLES:
         chosen = STYLES[style]
@@ -435,12 +460,17 @@ def sample(style: str | Style, seed: int, exclude: Sequence[str] = ()) -> StyleS
     for held in exclude:
         if held not in STYLES:
             raise ValueError(f"unknown style {held!r} to exclude; known styles: {', '.join(STYLES)}")
-    name = RANDOMISED if chosen is None else chosen.name
+    name = str(style) if chosen is None else chosen.name
     if chosen is not None and name in exclude:
         raise ValueError(f"style {name} is held out (excluded); choose another or stop excluding it")
     names = sorted(set(STYLES) - set(exclude))
     if not names:
-        raise ValueError("every style is excluded: randomised has nothing left to draw from")
+        raise ValueError(f"every style is excluded: {name} has nothing left to draw from")
+    if name == WIDE:
+        values = {factor: _draw(np.random.default_rng([int(seed), _key(WIDE), _key(factor)]), factor,
+                                *wide_range(factor, exclude)) for factor in FACTORS}
+        return StyleSample(style=WIDE, seed=int(seed), factors=StyleFactors(**values).validate(),
+                           sources=dict.fromkeys(GROUPS, WIDE))
     sources: dict[str, str] = {}
     for group in GROUPS:
         if chosen is None:

@@ -18,22 +18,26 @@ from forest_perception.sim.styles import (
     FACTORS,
     GROUPS,
     HOLD_OUT,
+    PSEUDO_STYLES,
     RANDOMISED,
     STYLE_NAMES,
     STYLES,
+    WIDE,
+    WIDE_MARGIN,
     Style,
     StyleFactors,
     factor_table,
     sample,
+    wide_range,
 )
 from forest_perception.sim.terrain import Relief, generate_terrain, max_grid_slope
 from forest_perception.sim.textures import Palette, Tone, apply_tone
 from forest_perception.sim.world import WorldConfig, generate_world
 
 
-def test_there_are_eight_styles_and_randomised():
+def test_there_are_eight_styles_and_two_pseudo_styles():
     assert len(STYLES) >= 8
-    assert STYLE_NAMES[-1] == RANDOMISED and set(STYLE_NAMES[:-1]) == set(STYLES)
+    assert PSEUDO_STYLES == (RANDOMISED, WIDE) and STYLE_NAMES == (*STYLES, RANDOMISED, WIDE)
     for row in factor_table():
         low, high = row["range"]
         t_low, t_high = row["typical"]
@@ -242,6 +246,39 @@ def test_randomised_never_draws_the_held_out_styles(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["synth", "--help"])
     assert ",".join(HOLD_OUT) in capsys.readouterr().out.replace("\n", " ").replace(" ", "")
+
+
+def test_wide_draws_every_factor_on_its_own_within_the_stretched_union_of_the_styles():
+    kept = [n for n in STYLES if n not in HOLD_OUT]
+    for factor, meta in FACTORS.items():
+        low, high = wide_range(factor, HOLD_OUT)
+        union = (min(STYLES[n].range_of(factor)[0] for n in kept), max(STYLES[n].range_of(factor)[1] for n in kept))
+        margin = WIDE_MARGIN * (union[1] - union[0])
+        assert low == pytest.approx(max(meta["range"][0], union[0] - margin)), factor
+        assert high == pytest.approx(min(meta["range"][1], union[1] + margin)), factor
+    # the hold-out is not spanned: clustered_regrowth's 400-900 shrubs/ha reach past the others' 0-500 (+25 %)
+    assert wide_range("bush_density_per_ha", HOLD_OUT) == pytest.approx((0.0, 625.0))
+    assert wide_range("bush_density_per_ha")[1] > 900.0
+    assert wide_range("hill_height_m", HOLD_OUT)[1] < STYLES["hilly_deadwood"].range_of("hill_height_m")[1]
+    draws = [sample(WIDE, seed, exclude=HOLD_OUT) for seed in range(40)]
+    assert all(set(d.sources.values()) == {WIDE} and d.style == WIDE for d in draws)
+    for factor in ("tree_density_per_ha", "sun_elevation_deg", "bark_hue_deg", "camera_height_m"):
+        values = np.array([getattr(d.factors, factor) for d in draws])
+        low, high = wide_range(factor, HOLD_OUT)
+        assert values.min() >= low and values.max() <= high, factor
+        assert values.max() - values.min() > 0.6 * (high - low), factor  # spread over the range, not a style's
+    # factors are drawn independently: dense stands come with any light, unlike in a single style
+    dens = np.array([d.factors.tree_density_per_ha for d in draws])
+    sun = np.array([d.factors.sun_elevation_deg for d in draws])
+    assert abs(np.corrcoef(dens, sun)[0, 1]) < 0.5
+    assert sample(WIDE, 7, exclude=HOLD_OUT) == sample(WIDE, 7, exclude=HOLD_OUT)
+    assert sample(WIDE, 7) != sample(WIDE, 7, exclude=HOLD_OUT)
+    with pytest.raises(ValueError, match="unknown factor 'nope'"):
+        wide_range("nope")
+    with pytest.raises(ValueError, match="every style is excluded"):
+        sample(WIDE, 0, exclude=tuple(STYLES))
+    with pytest.raises(ValueError, match="unknown style 'wide' to exclude"):
+        SynthConfig(styles=(RANDOMISED,), exclude_styles=(WIDE,)).validate()
 
 
 def test_docs_list_every_factor_and_style():
