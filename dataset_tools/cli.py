@@ -106,7 +106,11 @@ def _synth(args: argparse.Namespace) -> int:
         exclude_styles=args.exclude_styles,
     )
     config.validate()
-    report = synthesize(args.out, config, progress=not args.quiet, overwrite=args.overwrite)
+    from forest_perception.dataset_tools.synth import fork_available
+
+    # each forest in a child process: PyBullet keeps memory of every scene, so a long job would grow
+    report = synthesize(args.out, config, progress=not args.quiet, overwrite=args.overwrite,
+                        isolate=fork_available())
     print("\n".join(report.lines()))
     return 0
 

@@ -7,7 +7,7 @@ import pytest
 
 from forest_perception.dataset_tools.cli import main as dataset_cli
 from forest_perception.dataset_tools.layout import load_frame, read_segment
-from forest_perception.dataset_tools.synth import SynthConfig, synthesize
+from forest_perception.dataset_tools.synth import SynthConfig, fork_available, synthesize
 from forest_perception.sim.world import WorldConfig
 
 SMALL = dict(
@@ -53,6 +53,52 @@ def test_synth_round_trips_and_is_deterministic(tmp_path):
     synthesize(tmp_path / "b", SynthConfig(**SMALL), progress=False)
     for rel in ("Run-1/a/rgb_image/000002.png", "Run-1/b/depth_image/000001.png", "Run-1/a/metadata.csv"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+@pytest.mark.skipif(not fork_available(), reason="isolate forks child processes")
+@pytest.mark.parametrize("styles", [(), ("wide", "boreal_dense")])
+def test_isolated_children_write_the_same_frames_as_one_process(tmp_path, styles):
+    cfg = SynthConfig(**{**SMALL, "runs": 2, "frames_per_segment": 2}, styles=styles)
+    one = synthesize(tmp_path / "one", cfg, progress=False)
+    forked = synthesize(tmp_path / "forked", cfg, progress=False, isolate=True)
+    assert forked.frames == one.frames == 8 and len(forked.segments) == 4
+    assert [e["distance_m"] for e in forked.segments] == [e["distance_m"] for e in one.segments]
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) == 4 * (1 + 2 * 2 + (1 if styles else 0))
+    for rel in files:  # the run's random stream passes from child to child: every byte the same
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "forked" / rel).read_bytes(), rel
+
+
+@pytest.mark.skipif(not fork_available(), reason="isolate forks child processes")
+def test_a_child_that_fails_or_dies_is_named_and_earlier_segments_stay(tmp_path, monkeypatch):
+    import os
+
+    from forest_perception.dataset_tools import synth
+
+    cfg = SynthConfig(**{**SMALL, "frames_per_segment": 1}, styles=("temperate_mixed",))
+    real = synth._render_unit
+
+    def second_fails(root, config, r, s, *rest, **kw):
+        if s == 1:
+            raise MemoryError("no room")
+        return real(root, config, r, s, *rest, **kw)
+
+    monkeypatch.setattr(synth, "_render_unit", second_fails)
+    with pytest.raises(RuntimeError, match="rendering Run-1/b failed: MemoryError: no room"):
+        synthesize(tmp_path / "a", cfg, progress=False, isolate=True)
+    assert len(read_segment(tmp_path / "a" / "Run-1" / "a")) == 1
+
+    def second_dies(root, config, r, s, *rest, **kw):
+        if s == 1:
+            os._exit(9)
+        return real(root, config, r, s, *rest, **kw)
+
+    monkeypatch.setattr(synth, "_render_unit", second_dies)
+    with pytest.raises(RuntimeError, match="rendering Run-1/b died \\(exit code 9"):
+        synthesize(tmp_path / "b", cfg, progress=False, isolate=True)
+    assert len(read_segment(tmp_path / "b" / "Run-1" / "a")) == 1
+    with pytest.raises(ValueError, match="no on_frame"):
+        synthesize(tmp_path / "c", cfg, progress=False, isolate=True, on_frame=lambda *a: None)
 
 
 def test_synth_refuses_to_overwrite(tmp_path):
