@@ -118,7 +118,9 @@ def distil_mimic(config: DcCclConfig, cloud: Path, out_dir: Path) -> tuple[Path,
     summary_path = path.with_suffix(".json")
     if path.is_file() and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        if summary.get("spec", {}).get("large") == list(config.large):
+        # reused only for the large model running now: a re-shipped network has another version
+        if (summary.get("spec", {}).get("large") == list(config.large)
+                and summary.get("large_version") == dcccl.build_large(spec).version):
             return path, summary
     summary = distil_from_folders(spec, [cloud], path, epochs=config.distil_epochs, max_frames=100_000,
                                   progress=False, command=f"experiments.dcccl (cloud forests {cloud.name})")

@@ -26,6 +26,35 @@ def test_claims_come_from_paired_differences_over_seeds():
     assert claims == [True, False]
 
 
+def test_a_cached_mimic_of_another_large_model_is_distilled_again(tmp_path, monkeypatch):
+    import json
+    from types import SimpleNamespace
+
+    from forest_perception.collab import dcccl, dcccl_cloud
+
+    config = experiment.DcCclConfig()
+    cache = tmp_path / "dcccl_cache"
+    cache.mkdir()
+    cloud = cache / "cloud_2x30"
+    path = cache / f"mimic_{cloud.name}_e{config.distil_epochs}.pt"
+    path.write_bytes(b"cached")
+    path.with_suffix(".json").write_text(json.dumps({"spec": {"large": list(config.large)},
+                                                     "large_version": "large-aaaaaaaaaaaa"}))
+    calls = []
+
+    def distil(spec, folders, out, **kw):
+        calls.append(out)
+        return {"large_version": "large-bbbbbbbbbbbb", "spec": {"large": list(spec.large)}}
+
+    monkeypatch.setattr(dcccl_cloud, "distil_from_folders", distil)
+    monkeypatch.setattr(dcccl, "build_large", lambda spec: SimpleNamespace(version="large-aaaaaaaaaaaa"))
+    assert experiment.distil_mimic(config, cloud, tmp_path)[1]["large_version"] == "large-aaaaaaaaaaaa"
+    assert calls == []  # the same large model: the cached mimic is reused
+    monkeypatch.setattr(dcccl, "build_large", lambda spec: SimpleNamespace(version="large-bbbbbbbbbbbb"))
+    assert experiment.distil_mimic(config, cloud, tmp_path)[1]["large_version"] == "large-bbbbbbbbbbbb"
+    assert calls == [path]  # the large model was re-shipped: its mimic is distilled again
+
+
 @pytest.mark.slow
 def test_a_seed_scores_every_method_on_the_same_frames(tmp_path):
     from forest_perception.collab import dcccl
