@@ -174,7 +174,7 @@ def synthesize(
 
     ``isolate`` renders each styled segment (each run without styles) in a forked child process, which
     hands its memory back when it ends: PyBullet keeps some of every scene after it disconnects (about
-    25 MB for a 40 m forest, some 250 MB for a dense 60 m one), so a long job in one process grows until
+    30 MB for a 40 m forest, some 200 MB for a dense 60 m one, as measured), so a long job in one process grows until
     it is killed. The frames are the same either way (the run's random stream passes from child to
     child). A child that dies (killed for memory, say) stops the job with an error naming its segment;
     the segments before it stay complete. Needs the fork start method (Linux) and no ``on_frame``.
@@ -213,7 +213,8 @@ def synthesize(
             run = config.first_run + r
             args = (root, config, r, s, states.get(r), overwrite)
             if isolate:
-                entries, unit_counts, states[r] = _in_child(args, f"{run_dir_name(run)}/{segment_name(s or 0)}")
+                name = run_dir_name(run) if s is None else f"{run_dir_name(run)}/{segment_name(s)}"
+                entries, unit_counts, states[r] = _in_child(args, name)
                 bar.update(sum(e["frames"] for e in entries))
             else:
                 entries, unit_counts, states[r] = _render_unit(*args, bar=bar, on_frame=on_frame)

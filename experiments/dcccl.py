@@ -108,8 +108,12 @@ def cloud_data(config: DcCclConfig, out_dir: Path) -> Path:
     return folder
 
 
-def distil_mimic(config: DcCclConfig, cloud: Path, out_dir: Path) -> tuple[Path, dict]:
-    """The cloud's mimic of its large submodel, distilled on ``cloud`` (cached beside the cloud data)."""
+def distil_mimic(config: DcCclConfig, cloud: Path, out_dir: Path,
+                 large_version: str | None = None) -> tuple[Path, dict]:
+    """The cloud's mimic of its large submodel, distilled on ``cloud`` (cached beside the cloud data).
+
+    ``large_version``: the running large model's version when the caller has built it (else it is built here).
+    """
     from forest_perception.collab import dcccl
     from forest_perception.collab.dcccl_cloud import distil_from_folders
 
@@ -119,8 +123,9 @@ def distil_mimic(config: DcCclConfig, cloud: Path, out_dir: Path) -> tuple[Path,
     if path.is_file() and summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         # reused only for the large model running now: a re-shipped network has another version
-        if (summary.get("spec", {}).get("large") == list(config.large)
-                and summary.get("large_version") == dcccl.build_large(spec).version):
+        if large_version is None:
+            large_version = dcccl.build_large(spec).version
+        if summary.get("spec", {}).get("large") == list(config.large) and summary.get("large_version") == large_version:
             return path, summary
     summary = distil_from_folders(spec, [cloud], path, epochs=config.distil_epochs, max_frames=100_000,
                                   progress=False, command=f"experiments.dcccl (cloud forests {cloud.name})")
@@ -301,9 +306,9 @@ def run(config: DcCclConfig, out_dir: Path) -> dict:
     started = time.perf_counter()
     folders, recording = adaptation.record(config.adaptation(), out_dir)
     cloud = cloud_data(config, out_dir)
-    mimic, distil = distil_mimic(config, cloud, out_dir)
     spec = dcccl.DcCclSpec(large=config.large, mimic_init=config.model, small_channels=config.small_channels)
     large = dcccl.build_large(spec)
+    mimic, distil = distil_mimic(config, cloud, out_dir, large.version)
     print(f"[{NAME}] mimic {distil['mimic_version']} of {distil['large_version']} on {distil['frames']} cloud frames: "
           f"mse(log depth) {distil['loss_start']:.4f} -> {distil['loss_by_epoch'][-1]:.4f}", flush=True)
     runs: list[dict] = []
