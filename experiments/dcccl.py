@@ -3,10 +3,10 @@ cloud model (large + small) vs the large model without rover data.
 
 The new-forest set-up of :mod:`experiments.adaptation` (four simulated rovers record a ``clustered_regrowth`` forest
 through capture_node; one dataset folder per rover, each with its own held-out segments). The cloud distils its large
-submodel (the shipped multi-scale 320x240, flip-averaged) into the mimic on forests of the training styles it
-generates itself; the rovers then run ``algorithm dc-ccl`` through the same coordinator and ClientApp as FedAvg
-(in-process LocalGrid). Every method is scored on the same held-out frames against the same 160x128 depth. Set-up
-and results: ``docs/collaborative.md``.
+submodel (the shipped multi-scale 320x240, flip-averaged) into the mimic on ``wide`` domain-randomised forests it
+generates itself (never drawing a held-out style, so never the rovers' forest); the rovers then run ``algorithm
+dc-ccl`` through the same coordinator and ClientApp as FedAvg (in-process LocalGrid). Every method is scored on the
+same held-out frames against the same 160x128 depth. Set-up and results: ``docs/collaborative.md``.
 
     .venv/bin/python -m experiments.dcccl [--quick] [--seeds 0 1 2] [--out DIR]
 """
@@ -43,8 +43,6 @@ NAME = "dcccl"
 CLAIM = ("the cloud model (large + small) gains from rover data it never saw raw, and the rover model (mimic + "
          "small) beats rover-only training")
 METHODS = ("shipped", "alone", "fedavg", "mimic", "dcccl_rover", "large", "dcccl_cloud")
-TRAINING_STYLES = ("temperate_mixed", "boreal_dense", "old_open", "bright_meadow_edge", "dark_wet", "pine_plantation",
-                   "foggy_ravine")
 
 
 @dataclass(frozen=True)
@@ -67,15 +65,15 @@ class DcCclConfig:
     small_lr: float = 0.001
     batch_size: int = 8
     small_channels: int = 8
-    cloud_segments: int = 2  # per training style
-    cloud_frames: int = 30  # per segment
+    cloud_forests: int = 50  # 'wide' forests (one segment each) the cloud distils on
+    cloud_frames: int = 12  # per forest
     distil_epochs: int = 4
     latency_runs: int = 30
 
     @classmethod
     def quick(cls) -> DcCclConfig:
         """A few-minute version: one seed, a shorter drive, 4 rounds, a smaller cloud set."""
-        return cls(seeds=(0,), drive_s=24.0, segment_frames=8, rounds=4, cloud_segments=1, cloud_frames=12,
+        return cls(seeds=(0,), drive_s=24.0, segment_frames=8, rounds=4, cloud_forests=8, cloud_frames=8,
                    distil_epochs=2, latency_runs=10)
 
     def adaptation(self) -> adaptation.AdaptationConfig:
@@ -91,17 +89,21 @@ class DcCclConfig:
 
 
 def cloud_data(config: DcCclConfig, out_dir: Path) -> Path:
-    """Forests of the training styles the cloud trains and distils on (generated once, cached)."""
+    """The cloud's own forests, on which it distils: ``wide`` domain randomisation over every style's ranges but the
+    held-out styles' (:data:`~forest_perception.sim.styles.HOLD_OUT`, the rovers' style among them); generated once,
+    cached. The teacher labels them, so their depth is not used.
+    """
     from forest_perception.dataset_tools.cli import main as dataset_main
+    from forest_perception.sim.styles import HOLD_OUT, WIDE
 
-    folder = Path(out_dir) / "dcccl_cache" / f"cloud_{config.cloud_segments}x{config.cloud_frames}"
+    folder = Path(out_dir) / "dcccl_cache" / f"cloud_wide_{config.cloud_forests}x{config.cloud_frames}"
     done = folder / "DONE"
     if done.is_file():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
-    code = dataset_main(["synth", "--out", str(folder), "--style", ",".join(TRAINING_STYLES), "--runs", "1",
-                         "--segments", str(config.cloud_segments * len(TRAINING_STYLES)), "--frames",
-                         str(config.cloud_frames), "--seed", "8100", "--interval", "1.0", "--quiet"])
+    code = dataset_main(["synth", "--out", str(folder), "--style", WIDE, "--exclude-styles", ",".join(HOLD_OUT),
+                         "--runs", "1", "--segments", str(config.cloud_forests), "--frames", str(config.cloud_frames),
+                         "--seed", "8100", "--interval", "1.5", "--quiet"])
     if code != 0:
         raise RuntimeError(f"forest-dataset synth of the cloud forests failed ({code})")
     done.write_text("ok\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,27 @@ def test_a_seed_scores_every_method_on_the_same_frames(tmp_path):
     assert by["dcccl_rover"]["rounds"][-1]["absrel"] != pytest.approx(first["mimic"]["absrel"])
     assert math.isfinite(by["dcccl_cloud"]["rounds"][-1]["absrel"])
     assert by["rovers"]["status"] == {"rover_0": "ok", "rover_1": "ok"}
+
+
+def test_the_cloud_distils_on_wide_forests_that_never_draw_a_held_out_style(tmp_path, monkeypatch):
+    from forest_perception.dataset_tools import cli as dataset_cli
+    from forest_perception.sim.styles import HOLD_OUT
+
+    calls = []
+
+    def synth(argv):
+        calls.append(argv)
+        Path(argv[argv.index("--out") + 1]).mkdir(parents=True)
+        return 0
+
+    monkeypatch.setattr(dataset_cli, "main", synth)
+    config = experiment.DcCclConfig.quick()
+    folder = experiment.cloud_data(config, tmp_path)
+    argv = calls[0]
+    assert argv[argv.index("--style") + 1] == "wide"
+    assert set(argv[argv.index("--exclude-styles") + 1].split(",")) == set(HOLD_OUT)
+    assert config.style in HOLD_OUT  # so the rovers' forest style is never among the cloud's
+    assert int(argv[argv.index("--segments") + 1]) == config.cloud_forests
+    assert (folder / "DONE").is_file()
+    experiment.cloud_data(config, tmp_path)
+    assert len(calls) == 1  # cached
