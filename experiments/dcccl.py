@@ -101,6 +101,8 @@ def cloud_data(config: DcCclConfig, out_dir: Path) -> Path:
     if done.is_file():
         return folder
     shutil.rmtree(folder, ignore_errors=True)
+    print(f"[{NAME}] rendering {config.cloud_forests} '{WIDE}' cloud forests x {config.cloud_frames} frames once "
+          f"(about 12 s a forest on 2 cores) -> {folder}", flush=True)
     code = dataset_main(["synth", "--out", str(folder), "--style", WIDE, "--exclude-styles", ",".join(HOLD_OUT),
                          "--runs", "1", "--segments", str(config.cloud_forests), "--frames", str(config.cloud_frames),
                          "--seed", "8100", "--interval", "1.5", "--quiet"])
