@@ -73,6 +73,8 @@ def write_model_card(onnx_path: str | os.PathLike, info: Mapping[str, Any] | Non
     }
     if meta.get("init"):
         card["init"] = meta["init"]
+    if meta.get("blend"):
+        card["blend"] = meta["blend"]
     card.update({key: value for key, value in dict(info or {}).items() if value is not None})
     write_text_atomic(onnx_path.with_suffix(".json"), json.dumps(card, indent=2, sort_keys=False, default=str) + "\n")
     return write_text_atomic(onnx_path.with_suffix(".md"), _card_markdown(card))
@@ -163,6 +165,9 @@ def _card_markdown(card: Mapping[str, Any]) -> str:
     if card.get("init"):
         lines += ["", "## Fine-tuned from", "", "| field | value |", "|---|---|"]
         lines += [f"| {key} | `{_fmt(value)}` |" for key, value in card["init"].items()]
+    if card.get("blend"):
+        lines += ["", "## Blended from (forest-train blend)", "", "| weight | source | sha256 |", "|---:|---|---|"]
+        lines += [f"| {_fmt(b.get('weight'))} | `{b.get('source')}` | `{b.get('sha256')}` |" for b in card["blend"]]
     if card.get("checkpoint"):
         lines += ["", "## PyTorch checkpoint", "", "| field | value |", "|---|---|"]
         for key, value in card["checkpoint"].items():

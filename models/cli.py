@@ -9,6 +9,7 @@ Examples::
     forest-train train --init multiscale_320x240 --data DATA/rover_1 DATA/rover_2 --epochs 5 --lr 1e-4 --out runs/ft
     forest-train eval --model multiscale_320x240 --data data/test
     forest-train eval-styles --model multiscale_320x240 autoencoder_160x128 --data styles/hilly styles/dense --out r
+    forest-train blend --checkpoint autoencoder_320x240 runs/ft/checkpoints/best.pt --weights 0.5 0.5 --out b.pt
 
 A ``--out`` that already holds a run is refused unless ``--resume`` continues it or ``--overwrite`` replaces it.
 Bad input (a missing or broken file, a folder that is no dataset, a bad flag value, an ``--out`` that cannot be
@@ -242,13 +243,31 @@ def _add_eval_styles(sub: argparse._SubParsersAction) -> None:
     styles.set_defaults(handler=_eval_styles)
 
 
+def _add_blend(sub: argparse._SubParsersAction) -> None:
+    blend = sub.add_parser("blend", help="weight-space blend of checkpoints of one network (WiSE-FT)",
+                           formatter_class=DefaultsHelpFormatter,
+                           description="Average the weights of two or more checkpoints of the same network, "
+                           "weights in [0, 1] summing to 1: a fine-tuned network blended with the one it started "
+                           "from trades what the fine-tuning won against what it lost, at no run-time cost. The "
+                           "output is a checkpoint for eval, export, --init and the release; it names its sources "
+                           "and their sha256.")
+    blend.add_argument("--checkpoint", nargs="+", required=True, type=_checkpoint_or_name, metavar="CKPT",
+                       help="checkpoint files or shipped model names, two or more")
+    blend.add_argument("--weights", nargs="+", required=True, type=float, metavar="W",
+                       help="one weight per checkpoint, in [0, 1], summing to 1")
+    blend.add_argument("--out", required=True, type=Path, help="output checkpoint (.pt)")
+    blend.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    blend.set_defaults(handler=_blend)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``forest-train`` argument parser with its ``train``, ``eval``, ``eval-styles`` and ``export`` commands."""
+    """The ``forest-train`` parser: ``train``, ``eval``, ``eval-styles``, ``export`` and ``blend`` commands."""
     parser, sub = command_parser(PROG, "Train, evaluate and export forest depth networks.")
     _add_train(sub)
     _add_eval(sub)
     _add_eval_styles(sub)
     _add_export(sub)
+    _add_blend(sub)
     return parser
 
 
@@ -382,6 +401,36 @@ def _export(args: argparse.Namespace, command: str) -> int:
                     print(f"removed {old}: it belonged to an earlier export")
         finally:
             staged.unlink(missing_ok=True)
+    return 0
+
+
+def _blend(args: argparse.Namespace, command: str) -> int:
+    from forest_perception.inference import ModelLoadError
+    from forest_perception.models.blend import blend_checkpoints
+    from forest_perception.models.checkpoints import checkpoint_reference, save_checkpoint
+    from forest_perception.models.torch_engine import read_checkpoint_file
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".pt", ".pth"):
+        raise InputError(f"--out {out}: give a checkpoint file name ending in .pt")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a checkpoint file name ending in .pt")
+    if out.exists() and not args.overwrite:
+        raise InputError(f"--out {out} exists; add --overwrite to replace it")
+    sources = [str(p) for p in args.checkpoint]
+    try:
+        checkpoints = [read_checkpoint_file(p) for p in args.checkpoint]
+        blended = blend_checkpoints(checkpoints, args.weights, names=sources)
+    except (ModelLoadError, ValueError) as exc:
+        raise InputError(str(exc)) from exc
+    blended["blend"] = [
+        {**checkpoint_reference(source, path, ckpt), "weight": float(w)}
+        for source, path, ckpt, w in zip(sources, args.checkpoint, checkpoints, args.weights)
+    ]
+    blended["command"] = command
+    save_checkpoint(blended, out)
+    parts = " + ".join(f"{w:g} x {Path(s).name}" for s, w in zip(sources, args.weights))
+    print(f"wrote {out}: {blended['model_name']} = {parts}")
     return 0
 
 

@@ -228,6 +228,8 @@ def _export_verified(model: nn.Module, meta: Mapping[str, Any], out_path: Path, 
     }
     if meta.get("init"):  # a fine-tuned network: the checkpoint it started from (name, file, sha256)
         props["init"] = dict(meta["init"])
+    if meta.get("blend"):  # a weight-space blend: its source checkpoints (name, file, sha256, weight)
+        props["blend"] = [dict(source) for source in meta["blend"]]
     set_metadata(out_path, props)
     _LOG.info("exported %s in %.1f s, max abs error vs PyTorch %.2e m", name, export_s, report["max_abs_error_m"])
 
