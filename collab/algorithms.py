@@ -187,37 +187,160 @@ def _check_like(what: str, arrays: Sequence[np.ndarray], reference: Sequence[np.
             raise ValueError(f"{what}: tensor {t} has shape {np.shape(a)}, the model has {np.shape(r)}")
 
 
-def state_header(algorithm: str, config: dict, last_round: int) -> dict:
+def state_header(algorithm: str, config: dict, last_round: int, version: int = STATE_VERSION) -> dict:
     """What every server's state starts with: algorithm, state version, config and last round."""
-    return {"algorithm": algorithm, "version": STATE_VERSION, "config": config, "last_round": last_round}
+    return {"algorithm": algorithm, "version": version, "config": config, "last_round": last_round}
 
 
-def check_state_header(state: dict, algorithm: str, config: dict) -> None:
+def check_state_header(state: dict, algorithm: str, config: dict, version: int = STATE_VERSION) -> None:
     """Refuse (``ValueError``) a state of another algorithm, state version or config."""
     if state.get("algorithm") != algorithm:
         raise ValueError(f"state is for {state.get('algorithm')!r}, not {algorithm!r}")
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"state version {state.get('version')!r}, this code reads version {STATE_VERSION}")
+    if state.get("version") != version:
+        raise ValueError(f"state version {state.get('version')!r}, this code reads version {version}")
     saved = state.get("config", {})
     for key, value in config.items():
         if saved.get(key) != value:
             raise ValueError(f"state config {key}={saved.get(key)!r} differs from this server's {value!r}")
 
 
+# ---------------------------------------------------------------------------------------------- FedSubAvg
+
+
+class FedSubAvgServer:
+    """FedSubAvg with the population's heat, as the paper and its official code run it.
+
+    Each rover's update names the rows its data involve (``rows``) and its sample count. The server keeps every
+    rover's latest involvement and count, so that ``heat_m`` (samples of all rovers whose data involve row ``m``) and
+    the total are counted over the population heard from so far, not over this round's rovers; each row then moves by
+    ``(total / heat_m) * sum_i n_i d_im / sum_i n_i`` (:func:`fedsubavg`). Once every rover has reported, this is the
+    official ``coef = total samples / samples of the clients involving the row``; the per-round variant (heat of this
+    round's rovers only) is ``round_heat=True``. A round whose updates are all refused leaves the model unchanged.
+    """
+
+    ALGORITHM = "fedsubavg"
+
+    def __init__(
+        self,
+        initial_params: Sequence[np.ndarray],
+        server_lr: float = 1.0,
+        max_norm: float | None = None,
+        max_staleness: int = 0,
+        round_heat: bool = False,
+    ) -> None:
+        if max_staleness < 0:
+            raise ValueError(f"FedSubAvgServer: max_staleness must be >= 0, got {max_staleness}")
+        self.server_lr = float(server_lr)
+        self.max_norm = max_norm
+        self.max_staleness = int(max_staleness)
+        self.round_heat = bool(round_heat)
+        self._params = _copy_arrays(initial_params)
+        self._shapes = [tuple(np.shape(p)) for p in self._params]
+        self._rovers: dict[str, dict] = {}  # client_id -> {"num_examples", "rows": [row indices or None per tensor]}
+        self._last_round = 0
+
+    @property
+    def params(self) -> NDArrays:
+        """A copy of the current global model."""
+        return _copy_arrays(self._params)
+
+    def population_heat(self) -> tuple[NDArrays, float]:
+        """Per tensor, the samples of all known rovers involving each row, and their total sample count."""
+        heat = [np.zeros(shape[:1], dtype=np.float64) for shape in self._shapes]
+        for stats in self._rovers.values():
+            for t, rows in enumerate(stats["rows"]):
+                if rows is None:
+                    heat[t] += stats["num_examples"]
+                else:
+                    heat[t][rows] += stats["num_examples"]
+        return heat, float(sum(s["num_examples"] for s in self._rovers.values()))
+
+    def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> AggregateResult:
+        """Screen, record the rovers' involvement, and move each row by the population-weighted FedSubAvg step."""
+        if server_round <= self._last_round:
+            raise ValueError(f"FedSubAvgServer: round {server_round} is not after the last round {self._last_round}")
+        accepted, rejected = screen_updates(
+            updates, self._params, server_round, max_norm=self.max_norm, max_staleness=self.max_staleness, logger=LOG
+        )
+        self._last_round = int(server_round)
+        if not accepted:
+            return AggregateResult(self.params, int(server_round), [], rejected)
+        for update in accepted:
+            masks = involvement(update, self._shapes)
+            self._rovers[update.client_id] = {
+                "num_examples": int(update.num_examples),
+                "rows": [None if m is None else np.flatnonzero(m).astype(np.int64) for m in masks],
+            }
+        if self.round_heat:
+            self._params = fedsubavg(self._params, accepted, server_lr=self.server_lr)
+        else:
+            heat, total = self.population_heat()
+            self._params = fedsubavg(self._params, accepted, heat=heat, total_examples=total,
+                                     server_lr=self.server_lr)
+        return AggregateResult(self.params, int(server_round), [u.client_id for u in accepted], rejected)
+
+    def _config(self) -> dict:
+        return {"server_lr": self.server_lr, "max_norm": self.max_norm, "max_staleness": self.max_staleness,
+                "round_heat": self.round_heat}
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: the model and every rover's latest involvement."""
+        return {
+            **state_header(self.ALGORITHM, self._config(), self._last_round),
+            "params": _copy_arrays(self._params),
+            "rovers": {cid: {"num_examples": s["num_examples"],
+                             "rows": [None if r is None else np.array(r, copy=True) for r in s["rows"]]}
+                       for cid, s in self._rovers.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; refuses a state of another algorithm, config or model shape."""
+        check_state_header(state, self.ALGORITHM, self._config())
+        _check_like("state params", state["params"], self._params)
+        rovers = {}
+        for cid, s in state["rovers"].items():
+            if len(s["rows"]) != len(self._shapes):
+                raise ValueError(f"state rovers[{cid!r}] has {len(s['rows'])} row entries, the model has "
+                                 f"{len(self._shapes)} tensors")
+            rovers[str(cid)] = {"num_examples": int(s["num_examples"]),
+                                "rows": [None if r is None else np.asarray(r, dtype=np.int64) for r in s["rows"]]}
+        self._params = [np.asarray(a).astype(p.dtype) for a, p in zip(state["params"], self._params)]
+        self._rovers = rovers
+        self._last_round = int(state["last_round"])
+
+
 # ---------------------------------------------------------------------------------------------- FedLaAvg
 
 
-class FedLaAvgServer:
-    """Federated Latest Averaging: the server keeps every rover's latest delta and averages all of them.
+NORMALISATION_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+"""State-dict name endings of normalisation statistics: buffers, not parameters trained by gradients."""
 
-    Each round the global model moves by the mean of the latest deltas of *all* N rovers heard
-    from so far (not only this round's), so rovers that are rarely available still count as
-    much as the others. ``weighting="uniform"`` (the paper: every client weighs 1/N) or
-    ``"samples"`` (weights ``n_i``). :meth:`select` picks the rovers heard from least recently.
-    A round whose updates are all refused leaves the global model unchanged.
+
+def normalisation_buffers(names: Sequence[str]) -> list[bool]:
+    """Per tensor name, whether it is a normalisation buffer (BatchNorm running statistics or batch counter)."""
+    return [str(name).rsplit(".", 1)[-1] in NORMALISATION_BUFFER_SUFFIXES for name in names]
+
+
+class FedLaAvgServer:
+    """Federated Latest Averaging (Yan et al. 2020): every round, the mean of all N rovers' latest updates.
+
+    The server keeps each rover's latest *scaled gradient sum* ``g_i = delta_i / lr_i`` (``lr_i`` is the local
+    learning rate the rover reports as metric ``lr``; 1 when it reports none), over the trainable tensors only, and
+    moves the model by ``server_lr * lr * sum_i w_i g_i / W`` with ``lr`` the learning rate of this round (the
+    server step equals the local one). ``W`` counts the whole population: ``population`` rovers (at least those heard
+    from), so a rover never heard from counts as zero, as in the paper. ``weighting="uniform"`` gives every rover
+    ``1/N``; ``"samples"`` weighs ``n_i`` and counts an unheard rover as the mean sample count. During the first
+    ``warmup_rounds`` rounds latest gradients are collected and the model stays put (the official code's warm-up).
+
+    ``buffers`` marks normalisation statistics (BatchNorm running mean / variance / counter, see
+    :func:`normalisation_buffers`). They are no gradients: re-adding their old deltas every round drives the running
+    variance below zero within a few rounds. They are averaged over this round's updates instead (FedAvg).
+    :meth:`select` picks the rovers heard from least recently. A round whose updates are all refused leaves the
+    model unchanged.
     """
 
     ALGORITHM = "fedlaavg"
+    STATE_VERSION = 2
 
     def __init__(
         self,
@@ -227,18 +350,32 @@ class FedLaAvgServer:
         max_norm: float | None = None,
         max_staleness: int = 0,
         clip_norm: float | None = None,
+        buffers: Sequence[bool] | None = None,
+        population: int = 0,
+        warmup_rounds: int = 0,
     ) -> None:
         if weighting not in ("uniform", "samples"):
             raise ValueError(f"FedLaAvgServer: weighting must be 'uniform' or 'samples', got {weighting!r}")
         if max_staleness < 0:
             raise ValueError(f"FedLaAvgServer: max_staleness must be >= 0, got {max_staleness}")
+        if warmup_rounds < 0:
+            raise ValueError(f"FedLaAvgServer: warmup_rounds must be >= 0, got {warmup_rounds}")
+        if population < 0:
+            raise ValueError(f"FedLaAvgServer: population must be >= 0, got {population}")
+        self._params = _copy_arrays(initial_params)
+        buffers = [False] * len(self._params) if buffers is None else [bool(b) for b in buffers]
+        if len(buffers) != len(self._params):
+            raise ValueError(f"FedLaAvgServer: buffers marks {len(buffers)} tensors, the model has {len(self._params)}")
         self.weighting = weighting
         self.server_lr = float(server_lr)
         self.max_norm = max_norm
         self.max_staleness = int(max_staleness)
         self.clip_norm = clip_norm
-        self._params = _copy_arrays(initial_params)
-        self._latest: dict[str, dict] = {}  # client_id -> {"delta": float64 arrays, "num_examples", "round"}
+        self.buffers = buffers
+        self.warmup_rounds = int(warmup_rounds)
+        self.population = int(population)
+        self._trainable = [t for t, b in enumerate(buffers) if not b]
+        self._latest: dict[str, dict] = {}  # client_id -> {"grad": float64 arrays (trainable), "num_examples", "round"}
         self._last_seen: dict[str, int] = {}  # client_id -> server round its last update was accepted
         self._last_round = 0
 
@@ -249,12 +386,22 @@ class FedLaAvgServer:
 
     @property
     def num_clients(self) -> int:
-        """N: how many rovers have a stored latest update."""
+        """How many rovers have a stored latest update."""
         return len(self._latest)
+
+    @property
+    def population_size(self) -> int:
+        """N of the average: the population, or the rovers heard from when that is more."""
+        return max(self.population, len(self._latest))
 
     def last_seen(self, client_id: str) -> int | None:
         """The server round in which ``client_id``'s last update was accepted, or None if never."""
         return self._last_seen.get(client_id)
+
+    def latest_gradient(self, client_id: str) -> NDArrays | None:
+        """A copy of ``client_id``'s stored scaled gradient sum over the trainable tensors, or None."""
+        stored = self._latest.get(client_id)
+        return None if stored is None else _copy_arrays(stored["grad"])
 
     def select(self, available_ids: Sequence[str], k: int) -> list[str]:
         """Up to ``k`` of ``available_ids``, least recently seen first (never seen before all); ties by id."""
@@ -264,44 +411,77 @@ class FedLaAvgServer:
         unique.sort(key=lambda cid: self._last_seen.get(cid, -math.inf))
         return unique[:k]
 
-    def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> AggregateResult:
-        """Store this round's good updates as their rovers' latest and move the model by the mean over all N."""
-        if server_round <= self._last_round:
-            raise ValueError(f"FedLaAvgServer: round {server_round} is not after the last round {self._last_round}")
-        accepted, rejected = screen_updates(
-            updates, self._params, server_round, max_norm=self.max_norm, max_staleness=self.max_staleness, logger=LOG
-        )
+    def _screen_replays(self, accepted: Sequence[ClientUpdate], rejected: list[Rejection]) -> list[ClientUpdate]:
         kept = []
         for update in accepted:
             stored = self._latest.get(update.client_id)
+            lr = update.metrics.get("lr", 1.0)
             if stored is not None and update.round <= stored["round"]:
-                rejection = Rejection(
-                    update.client_id,
-                    int(update.round),
-                    "stale",
-                    f"update from client {update.client_id!r} (round {update.round}): not newer than its stored "
-                    f"update from round {stored['round']}",
-                )
-                LOG.warning("refused %s [%s]", rejection.message, rejection.reason)
-                rejected.append(rejection)
+                reason, message = "stale", (f"update from client {update.client_id!r} (round {update.round}): not "
+                                            f"newer than its stored update from round {stored['round']}")
+            elif not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+                reason, message = "bad_metric", (f"update from client {update.client_id!r} (round {update.round}) "
+                                                 f"reports learning rate {lr!r}; expected a positive number")
+            else:
+                kept.append(update)
                 continue
-            kept.append(update)
+            rejection = Rejection(update.client_id, int(update.round), reason, message)
+            LOG.warning("refused %s [%s]", rejection.message, rejection.reason)
+            rejected.append(rejection)
+        return kept
+
+    def aggregate(
+        self, server_round: int, updates: Sequence[ClientUpdate], population: int | None = None,
+        step_lr: float | None = None,
+    ) -> AggregateResult:
+        """Store this round's good updates as their rovers' latest and step with the mean over all N.
+
+        ``population`` updates N (the strategy passes the rovers it knows); ``step_lr`` is this round's learning
+        rate (default: the mean ``lr`` the accepted updates report, 1 when none does).
+        """
+        if server_round <= self._last_round:
+            raise ValueError(f"FedLaAvgServer: round {server_round} is not after the last round {self._last_round}")
+        if population is not None:
+            if population < 0:
+                raise ValueError(f"FedLaAvgServer: population must be >= 0, got {population}")
+            self.population = int(population)
+        accepted, rejected = screen_updates(
+            updates, self._params, server_round, max_norm=self.max_norm, max_staleness=self.max_staleness, logger=LOG
+        )
+        kept = self._screen_replays(accepted, rejected)
         self._last_round = int(server_round)
         if not kept:
             return AggregateResult(self.params, int(server_round), [], rejected)
-        for update in kept:
-            delta = update_delta(update, self._params)
+        deltas = [update_delta(u, self._params) for u in kept]
+        rates = [float(u.metrics.get("lr", 1.0)) for u in kept]
+        for update, delta, lr in zip(kept, deltas, rates):
+            trainable = [delta[t] for t in self._trainable]
             if self.clip_norm is not None:
-                delta = clip_update_norm(delta, self.clip_norm)[0]
+                trainable = clip_update_norm(trainable, self.clip_norm)[0]
             self._latest[update.client_id] = {
-                "delta": delta,
+                "grad": [np.asarray(d, dtype=np.float64) / lr for d in trainable],
                 "num_examples": int(update.num_examples),
                 "round": int(update.round),
             }
             self._last_seen[update.client_id] = int(server_round)
+        if server_round <= self.warmup_rounds:
+            return AggregateResult(self.params, int(server_round), [u.client_id for u in kept], rejected)
+        lr = float(step_lr) if step_lr is not None else float(np.mean(rates))
         ids = sorted(self._latest)
         weights = [1.0 if self.weighting == "uniform" else float(self._latest[c]["num_examples"]) for c in ids]
-        step = _weighted_mean([self._latest[c]["delta"] for c in ids], weights)
+        # W: N rovers; an unheard rover weighs 1 (uniform) or the mean sample count of those heard from (samples)
+        total = self.population_size * float(np.mean(weights))
+        step = [np.zeros(p.shape, dtype=np.float64) for p in self._params]
+        for j, t in enumerate(self._trainable):
+            acc = np.zeros(self._params[t].shape, dtype=np.float64)
+            for cid, w in zip(ids, weights):
+                acc += w * self._latest[cid]["grad"][j]
+            step[t] = lr * acc / total
+        buffer_ids = [t for t, b in enumerate(self.buffers) if b]
+        if buffer_ids:  # normalisation statistics: this round's sample-weighted mean, never re-added later
+            mean = _weighted_mean([[d[t] for t in buffer_ids] for d in deltas], [u.num_examples for u in kept])
+            for t, value in zip(buffer_ids, mean):
+                step[t] = value / self.server_lr
         self._params = _apply(self._params, step, self.server_lr)
         return AggregateResult(self.params, int(server_round), [u.client_id for u in kept], rejected)
 
@@ -312,30 +492,35 @@ class FedLaAvgServer:
             "max_norm": self.max_norm,
             "max_staleness": self.max_staleness,
             "clip_norm": self.clip_norm,
+            "buffers": list(self.buffers),
+            "warmup_rounds": self.warmup_rounds,
         }
 
     def state_dict(self) -> dict:
         """Everything needed to resume: numpy arrays, str, int, float, None, lists and dicts only."""
         return {
-            **state_header(self.ALGORITHM, self._config(), self._last_round),
+            **state_header(self.ALGORITHM, self._config(), self._last_round, self.STATE_VERSION),
             "params": _copy_arrays(self._params),
+            "population": self.population,
             "latest": {
-                cid: {"delta": _copy_arrays(s["delta"]), "num_examples": s["num_examples"], "round": s["round"]}
+                cid: {"grad": _copy_arrays(s["grad"]), "num_examples": s["num_examples"], "round": s["round"]}
                 for cid, s in self._latest.items()
             },
             "last_seen": dict(self._last_seen),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict`; refuses a state of another algorithm, config or model shape."""
-        check_state_header(state, self.ALGORITHM, self._config())
+        """Resume from :meth:`state_dict`; refuses a state of another algorithm, version, config or model shape."""
+        check_state_header(state, self.ALGORITHM, self._config(), self.STATE_VERSION)
         _check_like("state params", state["params"], self._params)
+        trainable_ref = [self._params[t] for t in self._trainable]
         for cid, s in state["latest"].items():
-            _check_like(f"state latest[{cid!r}]", s["delta"], self._params)
+            _check_like(f"state latest[{cid!r}]", s["grad"], trainable_ref)
         self._params = [np.asarray(a).astype(p.dtype) for a, p in zip(state["params"], self._params)]
+        self.population = int(state.get("population", 0))
         self._latest = {
             str(cid): {
-                "delta": [np.asarray(d, dtype=np.float64) for d in s["delta"]],
+                "grad": [np.asarray(d, dtype=np.float64) for d in s["grad"]],
                 "num_examples": int(s["num_examples"]),
                 "round": int(s["round"]),
             }

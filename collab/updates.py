@@ -39,6 +39,7 @@ REJECT_REASONS = (
     "future_round",  # claims a round the server has not started
     "duplicate",  # second update from the same client in one batch
     "stale_mimic",  # dc-ccl: trained with another mimic than the running one
+    "bad_metric",  # fedlaavg: a reported learning rate that is not a positive number
 )
 
 

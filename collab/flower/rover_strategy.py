@@ -73,6 +73,11 @@ class StrategyConfig:
     trim_fraction: float = 0.0
     # fedlaavg
     weighting: str = "uniform"
+    fedlaavg_population: int = 0  # N of the average; 0: every rover the coordinator has identified
+    fedlaavg_warmup: int = 0  # rounds that only collect latest gradients
+    # the local learning rate of round r: lr * lr_decay ** ((r - 1) // lr_decay_every) (sent with every round)
+    lr_decay: float = 1.0
+    lr_decay_every: int = 1
     # mm-psgd / mc-psgd
     num_blocks: int = 2
     rounds_per_block: int = 1
@@ -83,11 +88,12 @@ class StrategyConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name} must be within [0, 1], got {value!r}")
-        for name in ("min_train_nodes", "min_evaluate_nodes", "max_staleness", "seed"):
+        for name in ("min_train_nodes", "min_evaluate_nodes", "max_staleness", "seed", "fedlaavg_population",
+                     "fedlaavg_warmup"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("num_blocks", "rounds_per_block"):
+        for name in ("num_blocks", "rounds_per_block", "lr_decay_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -95,6 +101,8 @@ class StrategyConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number or None, got {value!r}")
+        if not (isinstance(self.lr_decay, (int, float)) and math.isfinite(self.lr_decay) and 0 < self.lr_decay <= 1):
+            raise ValueError(f"lr_decay must be within (0, 1], got {self.lr_decay!r}")
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
             raise ValueError(f"server_lr must be a positive finite number, got {self.server_lr!r}")
         if not 0.0 <= self.trim_fraction < 0.5:
@@ -225,6 +233,12 @@ class RoverStrategy(FedAvg):
         """The model rovers evaluate after ``server_round`` (the global model)."""
         return self.params
 
+    def round_lr(self, server_round: int) -> float:
+        """The local learning rate of ``server_round`` under the schedule (train config ``lr``, ``lr_decay``)."""
+        lr = float(self.train_config.get("lr", 1.0))
+        steps = max(server_round - 1, 0) // self.settings.lr_decay_every
+        return lr * self.settings.lr_decay ** steps
+
     def round_extras(self, server_round: int) -> dict:
         """Extra config entries for this round's train messages."""
         return {}
@@ -331,6 +345,8 @@ class RoverStrategy(FedAvg):
         merged = ConfigRecord({**self.train_config, **dict(config.items())})
         merged["server-round"] = server_round
         merged["algorithm"] = self.algorithm
+        if "lr" in merged:
+            merged["lr"] = self.round_lr(server_round)
         for key, value in self.round_extras(server_round).items():
             merged[key] = value
         content = self.train_content(server_round, merged)

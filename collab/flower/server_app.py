@@ -94,6 +94,10 @@ class ServerSettings:
             clip_norm=c["clip-norm"] if c["clip-norm"] > 0 else None,
             trim_fraction=c["trim-fraction"],
             weighting=c["fedlaavg-weighting"],
+            fedlaavg_population=c["fedlaavg-population"],
+            fedlaavg_warmup=c["fedlaavg-warmup"],
+            lr_decay=c["lr-decay"],
+            lr_decay_every=c["lr-decay-every"],
             num_blocks=c["num-blocks"],
             rounds_per_block=c["rounds-per-block"],
         ).validate()
@@ -108,7 +112,8 @@ class ServerSettings:
             LOG.warning("init %s was trained up to %.1f m, this run trains and scores up to max-depth %.1f m",
                         init.init, init.max_depth, task.max_depth)
         # sent with every message: local training, and the network every rover must build
-        train_config = {k: c[k] for k in ("local-epochs", "local-steps", "lr", "batch-size", "max-staleness")}
+        train_config = {k: c[k] for k in ("local-epochs", "local-steps", "lr", "optimizer", "batch-size",
+                                          "max-staleness")}
         train_config.update(task.run_config())
         if mimic_version:
             train_config["mimic-version"] = mimic_version

@@ -20,9 +20,10 @@ from flwr.app import ConfigRecord, RecordDict
 from forest_perception.collab.algorithms import (
     AggregateResult,
     FedLaAvgServer,
+    FedSubAvgServer,
     SemiCyclicServer,
     fedavg,
-    fedsubavg,
+    normalisation_buffers,
     robust_fedavg,
 )
 from forest_perception.collab.flower.messages import META_KEY, SEPARATE_KEY, arrays_to_record
@@ -42,17 +43,18 @@ class FedAvgStrategy(RoverStrategy):
 
 
 class FedSubAvgStrategy(RoverStrategy):
-    """FedSubAvg: each row moves by the sample-weighted mean delta of the rovers whose data involve it."""
+    """FedSubAvg: each row moves by ``total / heat_m`` times the round's sample-weighted mean delta on it.
+
+    ``heat_m`` and the total count the samples of every rover heard from (the population's heat, as in the paper);
+    rows nobody in the round involved stay put.
+    """
 
     algorithm = "fedsubavg"
 
-    def make_server(self, initial: NDArrays) -> AveragingServer:
-        """FedSubAvg with this round's heat (rows nobody involved stay put)."""
+    def make_server(self, initial: NDArrays) -> FedSubAvgServer:
+        """The FedSubAvg server (keeps each rover's involvement and sample count)."""
         s = self.settings
-        return AveragingServer(
-            "fedsubavg", initial, partial(fedsubavg, server_lr=s.server_lr), s.max_norm, s.max_staleness,
-            {"server_lr": s.server_lr},
-        )
+        return FedSubAvgServer(initial, server_lr=s.server_lr, max_norm=s.max_norm, max_staleness=s.max_staleness)
 
 
 class DcCclStrategy(RoverStrategy):
@@ -107,17 +109,35 @@ class RobustStrategy(RoverStrategy):
 
 
 class FedLaAvgStrategy(RoverStrategy):
-    """FedLaAvg: the model moves by the mean latest delta of every rover heard from; least recently seen go first."""
+    """FedLaAvg: the model moves by the mean latest gradient of all N rovers; least recently seen go first.
+
+    N is ``fedlaavg_population`` or, when 0, every rover the coordinator has identified; BatchNorm statistics are
+    averaged per round, never kept as latest updates; the server step is this round's local learning rate.
+    """
 
     algorithm = "fedlaavg"
 
     def make_server(self, initial: NDArrays) -> FedLaAvgServer:
-        """The FedLaAvg server (keeps every rover's latest delta)."""
+        """The FedLaAvg server (keeps every rover's latest gradient)."""
         s = self.settings
         return FedLaAvgServer(
             initial, weighting=s.weighting, server_lr=s.server_lr, max_norm=s.max_norm,
-            max_staleness=s.max_staleness, clip_norm=s.clip_norm,
+            max_staleness=s.max_staleness, clip_norm=s.clip_norm, buffers=normalisation_buffers(self.names),
+            population=s.fedlaavg_population, warmup_rounds=s.fedlaavg_warmup,
         )
+
+    def population(self) -> int:
+        """N: the configured population, or the rovers identified so far."""
+        return self.settings.fedlaavg_population or len(set(self.directory.values()))
+
+    def run_server(
+        self, server_round: int, updates: list[ClientUpdate], separate: list[ClientUpdate]
+    ) -> AggregateResult:
+        """Aggregate with N from the population and the step at this round's learning rate."""
+        # rovers report the learning rate they used; raw deltas without one step as they are
+        reported = any("lr" in u.metrics for u in updates)
+        return self.server.aggregate(server_round, updates, population=self.population(),
+                                     step_lr=self.round_lr(server_round) if reported else None)
 
     def select(self, available: dict[int, str], server_round: int, k: int) -> list[int]:
         """The ``k`` available rovers heard from least recently (``FedLaAvgServer.select``)."""

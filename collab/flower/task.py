@@ -47,6 +47,8 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "clip-norm": 0.0,
     "trim-fraction": 0.0,
     "fedlaavg-weighting": "uniform",
+    "fedlaavg-population": 0,
+    "fedlaavg-warmup": 0,
     "num-blocks": 2,
     "rounds-per-block": 1,
     # the network: init (a shipped name or a checkpoint) and/or the architecture keys ("" / 0: unset)
@@ -61,6 +63,9 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "local-epochs": 1,
     "local-steps": 0,
     "lr": 0.001,
+    "optimizer": "adamw",
+    "lr-decay": 1.0,
+    "lr-decay-every": 1,
     "batchnorm": "auto",
     "min-depth": 0.1,
     "max-depth": 10.0,
@@ -123,6 +128,7 @@ class TaskConfig:
     local_epochs: int = 1
     local_steps: int = 0  # optimiser steps per round at most (0: whole epochs)
     lr: float = 1e-3
+    optimizer: str = "adamw"  # local optimiser: adamw, or sgd (plain SGD, as FedLaAvg's analysis assumes)
     min_depth: float = 0.1
     max_depth: float = 10.0
     seed: int = 0
@@ -169,6 +175,7 @@ class TaskConfig:
             local_epochs=c["local-epochs"],
             local_steps=c["local-steps"],
             lr=c["lr"],
+            optimizer=c["optimizer"],
             min_depth=c["min-depth"],
             max_depth=c["max-depth"],
             seed=c["seed"],
@@ -223,12 +230,18 @@ class TaskConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not (0 < self.min_depth < self.max_depth and math.isfinite(self.max_depth)):
             raise ValueError(f"need 0 < min_depth < max_depth, got {self.min_depth} and {self.max_depth}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be within [0, 1), got {self.holdout_fraction!r}")
         return self
 
+
+OPTIMIZERS = ("adamw", "sgd")
+"""Run config ``optimizer``: local AdamW (the default), or plain SGD (FedLaAvg's analysis; its server step equals
+the local learning rate)."""
 
 BATCHNORM_MODES = ("auto", "frozen", "train")
 """Run config ``batchnorm``: ``frozen`` keeps BatchNorm in eval mode (running statistics fixed, affine weights still
@@ -514,7 +527,7 @@ def run_local_epochs(batch_loss: BatchLoss, optimizer: torch.optim.Optimizer, nu
 def train_local(
     model: nn.Module, data: LocalData, config: TaskConfig, scope: str = "all", seed: int = 0
 ) -> dict[str, float]:
-    """Local epochs of AdamW on the rover's training frames; returns ``train-loss``, ``steps``, ``train-s``.
+    """Local epochs of AdamW (or SGD) on the rover's training frames; returns ``train-loss``, ``steps``, ``train-s``.
 
     BatchNorm statistics stay fixed when ``config.freeze_batchnorm`` (run config ``batchnorm``).
 
@@ -522,7 +535,11 @@ def train_local(
     coordinator restart trains the same way.
     """
     _apply_scope(model, scope, config.freeze_batchnorm)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=0.0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(trainable, lr=config.lr)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
     loss_fn = depth_loss(config)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
@@ -606,6 +623,7 @@ def local_round(
         "delta1": val["delta1"],
         "train-s": train_metrics["train-s"],
         "steps": train_metrics["steps"],
+        "lr": float(config.lr),
         "val-is-train": float(data.val_is_train),
     }
     return LocalUpdate(deltas, rows, metrics)

@@ -101,3 +101,31 @@ def test_every_method_runs_and_fedavg_round0_is_the_shipped_model(rover_folders,
 def test_bad_engine_is_refused(rover_folders, tmp_path):
     with pytest.raises(ValueError, match="engine"):
         adaptation.run_fedavg(tiny_config(engine="grpc"), rover_folders, tmp_path, 0)
+
+
+def test_local_sgd_takes_plain_gradient_steps_and_a_bad_optimizer_is_refused():
+    from forest_perception.collab.flower.task import LocalData, get_arrays, local_round
+
+    task = TaskConfig.from_run_config(merge_run_config({"optimizer": "sgd", "lr": 0.01, "local-steps": 1,
+                                                        "batch-size": 4, "batchnorm": "frozen"}))
+    assert task.optimizer == "sgd"
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, *task.input_hw)
+    depth = torch.rand(4, 1, *task.input_hw) * 5 + 1
+    data = LocalData("x", images, depth, images, depth, val_is_train=True)
+    names, arrays = get_arrays(build_model(task))
+    # one SGD step: delta = -lr * gradient of the first batch
+    from forest_perception.collab.flower.task import depth_loss
+
+    reference = build_model(task)
+    reference.eval()  # frozen BatchNorm, as the task trains it
+    loss = depth_loss(task)(reference(images), depth, images)[0]
+    loss.backward()
+    grads = {n: p.grad for n, p in reference.named_parameters()}
+    update = local_round(names, arrays, data, task, seed=0)
+    assert update.metrics["lr"] == 0.01 and update.metrics["steps"] == 1
+    for name, delta in zip(names, update.deltas):
+        if name in grads and grads[name] is not None:
+            torch.testing.assert_close(torch.from_numpy(delta), -0.01 * grads[name], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="optimizer must be one of adamw, sgd"):
+        TaskConfig.from_run_config(merge_run_config({"optimizer": "adam"}))

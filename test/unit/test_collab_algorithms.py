@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -9,9 +10,11 @@ import pytest
 
 from forest_perception.collab.algorithms import (
     FedLaAvgServer,
+    FedSubAvgServer,
     SemiCyclicServer,
     fedavg,
     fedsubavg,
+    normalisation_buffers,
     robust_fedavg,
     row_heat,
 )
@@ -162,6 +165,52 @@ def test_fedsubavg_without_rows_is_fedavg():
     np.testing.assert_allclose(fedsubavg(global_params, updates)[0], fedavg(global_params, updates)[0], rtol=1e-12)
 
 
+def test_fedsubavg_server_counts_heat_over_the_population_as_the_paper_does():
+    # rows 0-1 of the tensor: rover a (n=1) involves row 0 only, rover b (n=3) both rows
+    a_rows, b_rows = [np.array([0])], [None]
+    server = FedSubAvgServer([np.zeros((2, 2))])
+    server.aggregate(1, [upd("a", np.ones((1, 2)), n=1, rows=a_rows), upd("b", np.full((2, 2), 2.0), n=3, rows=b_rows)])
+    heat, total = server.population_heat()
+    np.testing.assert_array_equal(heat[0], [4.0, 3.0])
+    assert total == 4.0
+    # round 1 holds the whole population: row 0 the mean of a and b, row 1 b's delta
+    np.testing.assert_allclose(server.params[0], [[1.75, 1.75], [2.0, 2.0]])
+    # round 2: only a trains: row 0 moves by coef = total / heat = 4 / 4 times a's delta, row 1 stays
+    server.aggregate(2, [upd("a", np.ones((1, 2)), n=1, rnd=2, rows=a_rows)])
+    np.testing.assert_allclose(server.params[0], [[1.75 + 4 / 4 * 1.0, 2.75], [2.0, 2.0]])
+    # round 3: only b trains. Row 1 (heat 3 of 4) moves by 4/3 of b's delta, row 0 by 4/4; the per-round variant
+    # would give row 1 exactly b's delta
+    server.aggregate(3, [upd("b", np.full((2, 2), 3.0), n=3, rnd=3, rows=b_rows)])
+    np.testing.assert_allclose(server.params[0], [[2.75 + 3.0, 5.75], [2.0 + 4 / 3 * 3.0, 6.0]])
+    per_round = FedSubAvgServer([np.zeros((2, 2))], round_heat=True)
+    for r, us in enumerate([[upd("a", np.ones((1, 2)), n=1, rows=a_rows), upd("b", np.full((2, 2), 2.0), n=3,
+                                                                              rows=b_rows)],
+                            [upd("a", np.ones((1, 2)), n=1, rows=a_rows)], [upd("b", np.full((2, 2), 3.0), n=3,
+                                                                                 rows=b_rows)]], start=1):
+        per_round.aggregate(r, [dataclasses.replace(u, round=r) for u in us])
+    np.testing.assert_allclose(per_round.params[0][1], [5.0, 5.0])
+
+
+def test_fedsubavg_server_resumes_with_the_population_it_had_seen():
+    def rounds(server, first, last):
+        for r in range(first, last + 1):
+            cid = "ab"[r % 2]
+            rows = [np.array([0])] if cid == "a" else [None]
+            delta = np.ones((1, 2)) if cid == "a" else np.full((2, 2), float(r))
+            server.aggregate(r, [upd(cid, delta, n=1 + 2 * (cid == "b"), rnd=r, rows=rows)])
+
+    straight = FedSubAvgServer([np.zeros((2, 2))])
+    rounds(straight, 1, 5)
+    first = FedSubAvgServer([np.zeros((2, 2))])
+    rounds(first, 1, 2)
+    resumed = FedSubAvgServer([np.zeros((2, 2))])
+    resumed.load_state_dict(unpack_state(pack_state(first.state_dict())))
+    rounds(resumed, 3, 5)
+    np.testing.assert_array_equal(resumed.params[0], straight.params[0])
+    with pytest.raises(ValueError, match="round_heat"):
+        FedSubAvgServer([np.zeros((2, 2))], round_heat=True).load_state_dict(first.state_dict())
+
+
 # ---------------------------------------------------------------------------------------------- FedLaAvg
 
 
@@ -207,6 +256,67 @@ def test_fedlaavg_refusals_leave_model_and_roster_alone():
     result = server.aggregate(3, [upd("b", BASE * 3, n=1, rnd=3), upd("e", np.ones((3, 3)), rnd=3)])
     assert result.accepted == ["b"] and [r.reason for r in result.rejected] == ["shape"]
     np.testing.assert_allclose(server.params[0], BASE * (1 + (1 + 3) / 2))
+
+
+def test_fedlaavg_divides_by_the_population_not_by_those_heard_from():
+    # the paper's N: a rover never heard from counts as a zero gradient
+    server = FedLaAvgServer([np.zeros((2, 2))], population=4)
+    server.aggregate(1, [upd("a", BASE * 1), upd("b", BASE * 3)])
+    np.testing.assert_allclose(server.params[0], BASE * (1 + 3) / 4)
+    assert server.population_size == 4
+    # the strategy may tell a larger population later; never fewer than those heard from
+    server.aggregate(2, [upd("c", BASE * 2, rnd=2)], population=2)
+    assert server.population_size == 3
+    np.testing.assert_allclose(server.params[0], BASE * (1 + (1 + 3 + 2) / 3))
+
+
+def test_fedlaavg_stores_gradients_and_steps_with_this_rounds_learning_rate():
+    server = FedLaAvgServer([np.zeros(2)], population=2)
+    # local SGD at lr 0.1: delta = -0.1 * gradient sum
+    server.aggregate(1, [upd("a", np.array([-0.1, -0.2]), metrics={"lr": 0.1})])
+    np.testing.assert_allclose(server.latest_gradient("a")[0], [-1.0, -2.0])
+    np.testing.assert_allclose(server.params[0], [-0.05, -0.1])  # 0.1 * (g_a + 0) / 2
+    # the schedule halved the learning rate: the stored gradient of a is re-used at the new rate
+    server.aggregate(2, [upd("b", np.array([0.05, 0.0]), rnd=2, metrics={"lr": 0.05})])
+    np.testing.assert_allclose(server.latest_gradient("b")[0], [1.0, 0.0])
+    np.testing.assert_allclose(server.params[0], [-0.05 + 0.05 * 0.0 / 2, -0.1 + 0.05 * -2.0 / 2])
+    # a rover reporting an unusable learning rate is refused, not divided by
+    result = server.aggregate(3, [upd("c", np.ones(2), rnd=3, metrics={"lr": 0.0})])
+    assert [r.reason for r in result.rejected] == ["bad_metric"] and server.latest_gradient("c") is None
+
+
+def test_fedlaavg_warm_up_collects_gradients_before_moving():
+    server = FedLaAvgServer([np.zeros(2)], warmup_rounds=2, population=3)
+    server.aggregate(1, [upd("a", np.array([3.0, 0.0]))])
+    server.aggregate(2, [upd("b", np.array([0.0, 3.0]), rnd=2)])
+    np.testing.assert_array_equal(server.params[0], [0.0, 0.0])
+    server.aggregate(3, [upd("c", np.array([3.0, 3.0]), rnd=3)])
+    np.testing.assert_allclose(server.params[0], [2.0, 2.0])  # (a + b + c) / 3
+
+
+def test_fedlaavg_averages_batchnorm_statistics_per_round_instead_of_re_adding_them():
+    names = ["conv.weight", "bn.weight", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
+    mask = normalisation_buffers(names)
+    assert mask == [False, False, True, True, True]
+    init = [np.zeros(2), np.ones(1), np.zeros(1), np.ones(1), np.array(0, dtype=np.int64)]
+
+    def local(cid, rnd, var, global_params):
+        # a rover's local model: some weight change, and its own batch variance
+        p = [np.full(2, 0.1), np.zeros(1), np.zeros(1), np.array([var - global_params[3][0]]), np.array(5)]
+        return upd(cid, p, rnd=rnd)
+
+    fixed = FedLaAvgServer(init, buffers=mask, population=4)
+    naive = FedLaAvgServer(init, population=4)  # every tensor kept as a "latest update", as before the fix
+    variances = [(1, "a", 0.3), (2, "b", 0.3), (3, "c", 0.3), (4, "d", 0.3), (5, "a", 0.3)]
+    for rnd, cid, var in variances:
+        fixed.aggregate(rnd, [local(cid, rnd, var, fixed.params)])
+        naive.aggregate(rnd, [local(cid, rnd, var, naive.params)])
+        # the global running variance is this round's rover's (the round's sample-weighted mean), always > 0
+        np.testing.assert_allclose(fixed.params[3], [var])
+        assert fixed.params[4] == 5 * rnd
+    assert naive.params[3][0] < 0  # the bug the mask fixes: old variance deltas re-added each round
+    # the trainable weight still moves by the mean of all latest gradients: 0.1 * (1 + 2 + 3 + 4 + 4) / 4
+    np.testing.assert_allclose(fixed.params[0], np.full(2, 0.1 * 14 / 4))
 
 
 def test_fedlaavg_rounds_must_increase():
@@ -473,3 +583,57 @@ def test_pack_state_refuses_what_it_cannot_store():
         pack_state({"a": {1, 2}})
     with pytest.raises(ValueError, match="not a packed state"):
         unpack_state(b"garbage")
+
+
+def test_fedlaavg_trains_a_batchnorm_network_without_breaking_its_statistics():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(4, 1, 1))
+
+    model = net()
+    names = list(model.state_dict())
+    init = [t.detach().numpy().copy() for t in model.state_dict().values()]
+    rng = np.random.default_rng(0)
+    # four rovers whose images differ in brightness and contrast; target: a fixed function of the image
+    data = {f"r{i}": torch.tensor(rng.normal(0.5 * i, 1.0 + i, size=(16, 1, 6, 6)), dtype=torch.float32)
+            for i in range(4)}
+
+    def target(x):
+        return 0.5 * x + 1.0
+
+    def local_update(cid, rnd, params):
+        m = net()
+        m.load_state_dict({k: torch.tensor(v) for k, v in zip(names, params)})
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.02)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(data[cid]), target(data[cid]))
+            loss.backward()
+            opt.step()
+        local = [t.detach().numpy() for t in m.state_dict().values()]
+        return ClientUpdate(cid, rnd, 16, [np.asarray(a - b) for a, b in zip(local, params)], metrics={"lr": 0.02})
+
+    def pooled_loss(params):
+        m = net()
+        m.load_state_dict({k: torch.tensor(v) for k, v in zip(names, params)})
+        m.eval()
+        with torch.no_grad():
+            return float(sum(torch.nn.functional.mse_loss(m(x), target(x)) for x in data.values()))
+
+    fixed = FedLaAvgServer(init, buffers=normalisation_buffers(names), population=4)
+    var, mean = names.index("1.running_var"), names.index("1.running_mean")
+    for rnd in range(1, 13):
+        chosen = fixed.select(list(data), 2)
+        updates = [local_update(c, rnd, fixed.params) for c in chosen]
+        before = fixed.params
+        fixed.aggregate(rnd, updates)
+        # the statistics are this round's mean of the rovers' local statistics, never older rounds' deltas
+        for t in (var, mean):
+            want = before[t] + np.mean([u.params[t] for u in updates], axis=0)
+            np.testing.assert_allclose(fixed.params[t], want, rtol=1e-5)
+        assert np.all(fixed.params[var] > 0), f"round {rnd}: running variance {fixed.params[var]}"
+    assert math.isfinite(pooled_loss(fixed.params)) and pooled_loss(fixed.params) < pooled_loss(init)

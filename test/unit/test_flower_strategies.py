@@ -207,10 +207,25 @@ def test_fedsubavg_moves_a_row_by_the_mean_of_the_rovers_that_trained_it():
     np.testing.assert_allclose(averaged[0], initial()[0] + d1[0] / 2, atol=1e-7)
 
 
+def test_fedsubavg_weighs_rows_by_the_population_heat_when_a_rover_is_away():
+    def away(rover, server_round):
+        return not (rover == "rover_0" and server_round == 2)
+
+    grid = LocalGrid(fake_rover_app({"rover_0": "decoder"}), 2)
+    sub = build_strategy("fedsubavg", NAMES, initial(), availability=away)
+    _, after_1, _ = run_round(sub, grid, 1)
+    _, after_2, _ = run_round(sub, grid, 2)
+    d2 = honest_delta(1, 2)
+    # both rovers' 10 samples involve the decoder, only rover_1's the encoder: heat 20 vs 10 of total 20
+    np.testing.assert_allclose(after_2[0], after_1[0] + 2.0 * d2[0], atol=1e-6)
+    np.testing.assert_allclose(after_2[1], after_1[1] + d2[1], atol=1e-6)
+
+
 def test_fedlaavg_asks_the_least_recently_seen_rovers_and_averages_everyones_latest_delta():
     grid = LocalGrid(fake_rover_app(), 4)
     strategy = build_strategy("fedlaavg", NAMES, initial(), StrategyConfig(fraction_train=0.5))
-    reference = FedLaAvgServer(initial(), max_norm=100.0)
+    # N = the 4 identified rovers from round 1 on, though only 2 have been heard from
+    reference = FedLaAvgServer(initial(), max_norm=100.0, population=4)
     picked = []
     for server_round in (1, 2, 3):
         messages, params, _ = run_round(strategy, grid, server_round)
@@ -329,3 +344,16 @@ def test_configuration_errors_name_the_field():
     server.aggregate(1, updates_of([0], 1))
     with pytest.raises(ValueError, match="round 1 is not after"):
         server.aggregate(1, updates_of([0], 1))
+
+
+def test_the_learning_rate_schedule_travels_with_each_round():
+    grid = LocalGrid(fake_rover_app(), 2)
+    config = StrategyConfig(lr_decay=0.5, lr_decay_every=2)
+    strategy = build_strategy("fedavg", NAMES, initial(), config, train_config={"lr": 0.01, "local-epochs": 1})
+    sent = []
+    for server_round in (1, 2, 3, 4, 5):
+        messages, _, _ = run_round(strategy, grid, server_round)
+        sent.append(messages[0].content[CONFIG_KEY]["lr"])
+    np.testing.assert_allclose(sent, [0.01, 0.01, 0.005, 0.005, 0.0025])
+    with pytest.raises(ValueError, match="lr_decay"):
+        StrategyConfig(lr_decay=1.5).validate()
