@@ -546,7 +546,8 @@ class SemiCyclicServer:
     models chosen in block ``m``'s rounds over all cycles: ``p_m += (u - p_m) / (r_m + 1)``.
     MM-PSGD (``mode="mm"``) uses ``u = x``. MC-PSGD (``mode="mc"``) also keeps a *separate*
     chain ``y_m`` per block, trained only in block ``m``'s rounds, and uses whichever of the
-    new ``x`` and ``y_m`` has the lower ``loss_fn(m, .)`` (ties go to ``x``; a NaN/Inf loss loses).
+    new averaged ``x`` and ``y_m`` has the lower loss on block ``m``'s data (``loss_fn(m, .)``, or the losses
+    given to :meth:`choose`; ties go to ``x``; a NaN/Inf loss loses).
     A round with no accepted update in any chain leaves every model and predictor unchanged.
     """
 
@@ -581,6 +582,7 @@ class SemiCyclicServer:
         self._predictors: list[NDArrays | None] = [None] * self.num_blocks  # float64
         self._counts = [0] * self.num_blocks
         self._last_round = 0
+        self._pending: dict | None = None  # MC: an aggregated round waiting for choose()
 
     def block_of(self, server_round: int) -> int:
         """The block of round ``server_round`` (rounds count from 1) under the fixed cyclic schedule."""
@@ -636,17 +638,20 @@ class SemiCyclicServer:
         """One round: FedAvg the mixed chain (and, MC, block's separate chain) and update the block's predictor.
 
         ``updates`` are deltas against :attr:`params`; ``separate_updates`` (MC only) deltas against
-        :meth:`chain_params` of the block. ``loss_fn`` is required in MC mode. The result's
-        ``params`` is the new mixed model; ``accepted`` lists ``"id"`` for mixed-chain and
-        ``"id@separate"`` for separate-chain updates.
+        :meth:`chain_params` of the block. The result's ``params`` is the new mixed model; ``accepted`` lists ``"id"``
+        for mixed-chain and ``"id@separate"`` for separate-chain updates.
+
+        MC mode compares the two *averaged* chains, as the paper does: with ``loss_fn(block, params)`` given, at once;
+        without it the round stays pending (:meth:`pending_chains` hands out both averaged models to score, and
+        :meth:`choose` commits the round with their losses). Nothing changes until the round is committed.
         """
+        if self._pending is not None:
+            raise ValueError(f"SemiCyclicServer: round {self._pending['round']} waits for choose() first")
         if server_round <= self._last_round:
             raise ValueError(f"SemiCyclicServer: round {server_round} is not after the last round {self._last_round}")
         block = self.block_of(server_round) if block is None else self._check_block(block)
         if self.mode == "mm" and len(separate_updates):
             raise ValueError("SemiCyclicServer: separate_updates given in mode 'mm'")
-        if self.mode == "mc" and loss_fn is None:
-            raise ValueError("SemiCyclicServer: mode 'mc' needs loss_fn to choose between the chains")
         mixed, accepted, rejected = self._train_chain(self._mixed, server_round, updates)
         result = AggregateResult([], int(server_round), accepted, rejected, block=block)
         separate = None
@@ -660,22 +665,53 @@ class SemiCyclicServer:
             self._last_round = int(server_round)
             result.params = self.params
             return result
-        chosen, model = "mixed", mixed
-        if self.mode == "mc":
+        self._pending = {"round": int(server_round), "block": block, "mixed": mixed, "separate": separate,
+                         "result": result}
+        if self.mode == "mm":
+            return self._commit("mixed", mixed)
+        if loss_fn is None:
+            result.params = self.params
+            return result
+        try:
             loss_mixed = float(loss_fn(block, _copy_arrays(mixed)))
             loss_separate = float(loss_fn(block, _copy_arrays(separate)))
-            result.losses = {"mixed": loss_mixed, "separate": loss_separate}
-            finite_mixed, finite_separate = math.isfinite(loss_mixed), math.isfinite(loss_separate)
-            if not finite_mixed and not finite_separate:
-                LOG.warning("round %d block %d: both chain losses are non-finite; predictor not updated",
-                            server_round, block)
-                chosen, model = None, None
-            elif not finite_mixed or (finite_separate and loss_separate < loss_mixed):
-                chosen, model = "separate", separate
-            self._separate[block] = _copy_arrays(separate)
-        # commit only now: a loss_fn that raises leaves the server as it was, and the round can be retried
-        self._last_round = int(server_round)
-        self._mixed = mixed
+        except BaseException:
+            self._pending = None  # a loss_fn that raises leaves the server as it was; the round can be retried
+            raise
+        return self.choose(loss_mixed, loss_separate)
+
+    def pending_chains(self) -> tuple[int, NDArrays, NDArrays] | None:
+        """MC, a round waiting for :meth:`choose`: ``(block, averaged mixed x, averaged separate y_block)``."""
+        if self._pending is None:
+            return None
+        p = self._pending
+        return p["block"], _copy_arrays(p["mixed"]), _copy_arrays(p["separate"])
+
+    def choose(self, loss_mixed: float, loss_separate: float) -> AggregateResult:
+        """Commit the pending MC round: the averaged chain of lower loss feeds the block's predictor.
+
+        Ties go to ``x``; a NaN/Inf loss loses; with both non-finite the predictor is not updated (the chains are).
+        """
+        if self._pending is None:
+            raise ValueError("SemiCyclicServer.choose: no round is waiting for a choice")
+        p = self._pending
+        p["result"].losses = {"mixed": float(loss_mixed), "separate": float(loss_separate)}
+        finite_mixed, finite_separate = math.isfinite(loss_mixed), math.isfinite(loss_separate)
+        if not finite_mixed and not finite_separate:
+            LOG.warning("round %d block %d: both chain losses are non-finite; predictor not updated",
+                        p["round"], p["block"])
+            return self._commit(None, None)
+        if not finite_mixed or (finite_separate and loss_separate < loss_mixed):
+            return self._commit("separate", p["separate"])
+        return self._commit("mixed", p["mixed"])
+
+    def _commit(self, chosen: str | None, model: NDArrays | None) -> AggregateResult:
+        p, self._pending = self._pending, None
+        block, result = p["block"], p["result"]
+        self._last_round = p["round"]
+        self._mixed = p["mixed"]
+        if self.mode == "mc":
+            self._separate[block] = _copy_arrays(p["separate"])
         result.chosen = chosen
         if model is not None:
             count = self._counts[block]
@@ -700,7 +736,12 @@ class SemiCyclicServer:
         }
 
     def state_dict(self) -> dict:
-        """Everything needed to resume: numpy arrays, str, int, float, None, lists and dicts only."""
+        """Everything needed to resume: numpy arrays, str, int, float, None, lists and dicts only.
+
+        A pending MC round is not part of it (it is committed or replayed as a whole); asking then is an error.
+        """
+        if self._pending is not None:
+            raise ValueError(f"SemiCyclicServer: round {self._pending['round']} waits for choose(); no state to save")
         return {
             **state_header(self.ALGORITHM, self._config(), self._last_round),
             "mixed": _copy_arrays(self._mixed),

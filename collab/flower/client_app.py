@@ -225,6 +225,8 @@ def handle_evaluate(message: Message, context: Context, overrides: Mapping | Non
     """Score the model in the message on the rover's held-out segments (never trained on).
 
     Replies ``no-data`` without usable recordings and ``no-holdout`` when nothing is held out (one segment).
+    MC-PSGD's ``score-chains`` message carries both averaged chains instead; both are scored on the frames the
+    rover validates its training on (held-out segments, or its training frames when it has none).
     """
     base_config = merge_run_config(context.run_config, overrides)
     identity = resolve_rover(context, base_config)
@@ -234,6 +236,15 @@ def handle_evaluate(message: Message, context: Context, overrides: Mapping | Non
         data = load_local_data(_data_dir(identity), task)
     except NoDataError as exc:
         return status_reply(message, identity.rover_id, NO_DATA, str(exc))
+    if message.content.config_records[CONFIG_KEY].get("score-chains"):
+        scores: dict[str, float] = {}
+        for chain, key in (("mixed", "eval-loss"), ("separate", "eval-loss-separate")):
+            names, arrays = global_arrays(message, CHAIN_KEYS[chain][0])
+            model = build_model(task)
+            load_arrays(model, names, arrays)
+            result = evaluate(model, data.val_images, data.val_depth, task)
+            scores[key], scores["num-examples"] = result["loss"], result["num-examples"]
+        return metrics_reply(message, {**scores, "num-examples": int(scores["num-examples"])}, identity.rover_id)
     if data.val_is_train:
         return status_reply(message, identity.rover_id, NO_HOLDOUT,
                             f"rover {identity.rover_id!r}: one segment ({data.segments[0]}), nothing held out")

@@ -243,6 +243,9 @@ class RoverStrategy(FedAvg):
         """Extra config entries for this round's train messages."""
         return {}
 
+    def after_train(self, server_round: int, grid: Grid, timeout: float) -> None:
+        """After ``aggregate_train`` and before the round is committed: more exchanges a rule needs (MC-PSGD)."""
+
     def screen_reply(self, content: RecordDict, rover: str, server_round: int) -> None:
         """Refuse a whole reply before its update is parsed (raise ``UpdateRejected``); every reply passes here."""
 

@@ -237,6 +237,7 @@ class Coordinator:
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
         replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout)) if messages else []
         strategy.aggregate_train(server_round, replies)
+        strategy.after_train(server_round, grid, self.settings.round_timeout)
         record = strategy.last_record
         every = self.settings.evaluate_every
         if every and (server_round % every == 0 or server_round == self.settings.num_rounds):

@@ -15,7 +15,8 @@ from functools import partial
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, MessageType, RecordDict
+from flwr.serverapp import Grid
 
 from forest_perception.collab.algorithms import (
     AggregateResult,
@@ -26,10 +27,18 @@ from forest_perception.collab.algorithms import (
     normalisation_buffers,
     robust_fedavg,
 )
-from forest_perception.collab.flower.messages import META_KEY, SEPARATE_KEY, arrays_to_record
+from forest_perception.collab.flower.messages import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    META_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    SEPARATE_KEY,
+    arrays_to_record,
+    metric_value,
+)
 from forest_perception.collab.flower.rover_strategy import Availability, AveragingServer, RoverStrategy, StrategyConfig
-from forest_perception.collab.flower.store import params_digest
-from forest_perception.collab.updates import ClientUpdate, NDArrays, UpdateRejected, screen_updates
+from forest_perception.collab.updates import ClientUpdate, NDArrays, UpdateRejected
 
 LOG = logging.getLogger(__name__)
 
@@ -151,9 +160,8 @@ class SemiCyclicStrategy(RoverStrategy):
     Round ``r`` belongs to block ``((r - 1) // rounds_per_block) % num_blocks``; rovers are told
     the block (``config["block"]``). Evaluation uses the block's predictor. In MC mode every
     selected rover trains both the mixed model and the block's separate chain (two deltas in
-    one reply, twice the traffic), and the chain whose accepted rovers report the lower mean
-    local validation loss feeds the block's predictor (the paper compares the clients'
-    average local losses).
+    one reply, twice the traffic); after averaging, the round's rovers score both averaged
+    chains on their data and the lower mean loss feeds the block's predictor, as in the paper.
     """
 
     def __init__(self, *args: Any, mode: str = "mm", **kwargs: Any) -> None:  # noqa: ANN401
@@ -199,35 +207,49 @@ class SemiCyclicStrategy(RoverStrategy):
     def run_server(
         self, server_round: int, updates: list[ClientUpdate], separate: list[ClientUpdate]
     ) -> AggregateResult:
-        """MM: FedAvg the mixed chain. MC: both chains, the lower mean reported validation loss wins."""
-        if self.mode == "mm":
-            return self.server.aggregate(server_round, updates)
-        block = self.block_of(server_round)
-        s = self.settings
-        quiet = logging.getLogger(f"{__name__}.prescreen")
-        quiet.disabled = True
-        # the server screens again inside; this copy only tells which rovers' losses count
-        good_mixed, _ = screen_updates(updates, self.server.params, server_round, s.max_norm, s.max_staleness, quiet)
-        good_sep, _ = screen_updates(
-            separate, self.server.chain_params(block), server_round, s.max_norm, s.max_staleness, quiet
-        )
-        losses = [_mean_loss(good_mixed, "val-loss"), _mean_loss(good_sep, "val-loss-separate")]
-        seen: list[str] = []
+        """MM: FedAvg the mixed chain. MC: both chains, the choice waits for :meth:`after_train`'s scores."""
+        return self.server.aggregate(server_round, updates, separate)
 
-        def loss_fn(_block: int, params: NDArrays) -> float:
-            seen.append(params_digest(params))
-            return losses[len(seen) - 1]
+    def after_train(self, server_round: int, grid: Grid, timeout: float) -> None:
+        """MC: the round's rovers score both *averaged* chains on their data; the lower mean loss feeds the predictor.
 
-        result = self.server.aggregate(server_round, updates, separate, loss_fn=loss_fn)
-        if seen and seen[0] != params_digest(self.server.params):
-            raise RuntimeError("SemiCyclicServer asked for the chains' losses in an unexpected order")
-        return result
-
-
-def _mean_loss(updates: Sequence[ClientUpdate], key: str) -> float:
-    pairs = [(u.num_examples, u.metrics[key]) for u in updates if math.isfinite(u.metrics.get(key, math.nan))]
-    total = sum(n for n, _ in pairs)
-    return sum(n * v for n, v in pairs) / total if total else math.nan
+        The rovers whose updates went in hold the block's data; each scores the new mixed ``x`` and the block's new
+        separate ``y`` on its validation frames (``score-chains`` evaluate message, both models in one message).
+        Their frame-weighted mean losses go to :meth:`SemiCyclicServer.choose`; without any usable score both are
+        NaN and only the predictor stays as it was.
+        """
+        pending = self.server.pending_chains()
+        if pending is None:
+            return
+        block, mixed, separate = pending
+        record = self.last_record
+        by_rover = {rover: node for node, rover in self.directory.items()}
+        scorers = sorted({by_rover[e.rover_id] for e in record.entries
+                          if e.status == "accepted" and e.rover_id in by_rover})
+        config = ConfigRecord({**self.train_config, "server-round": server_round, "block": block,
+                               "score-chains": True})
+        content = RecordDict({ARRAYS_KEY: arrays_to_record(self.names, mixed),
+                              SEPARATE_KEY: arrays_to_record(self.names, separate), CONFIG_KEY: config})
+        sums = {"mixed": [0.0, 0.0], "separate": [0.0, 0.0]}
+        messages = list(self._construct_messages(content, scorers, MessageType.EVALUATE)) if scorers else []
+        for reply in grid.send_and_receive(messages, timeout=timeout) if messages else []:
+            rover = self.directory.get(reply.metadata.src_node_id, "?")
+            scores = None if reply.has_error() else reply.content.metric_records.get(METRICS_KEY)
+            n = metric_value(scores, NUM_EXAMPLES)
+            if not n or n <= 0:
+                LOG.warning("round %d: rover %r gave no chain scores", server_round, rover)
+                continue
+            for chain, key in (("mixed", "eval-loss"), ("separate", "eval-loss-separate")):
+                value = metric_value(scores, key)
+                if value is not None and math.isfinite(value):
+                    sums[chain][0] += n * value
+                    sums[chain][1] += n
+        losses = {chain: (total / frames if frames else math.nan) for chain, (total, frames) in sums.items()}
+        result = self.server.choose(losses["mixed"], losses["separate"])
+        record.chosen = result.chosen
+        record.train_metrics.update({f"loss-{chain}": loss for chain, loss in losses.items()})
+        LOG.info("round %d block %d: averaged chains scored mixed %.4f separate %.4f by %d rover(s); %s chosen",
+                 server_round, block, losses["mixed"], losses["separate"], len(scorers), result.chosen)
 
 
 def build_strategy(

@@ -469,8 +469,25 @@ def test_semicyclic_argument_checks_and_refusals():
     with pytest.raises(ValueError, match="chain"):
         mm.chain_params(0)
     mc = SemiCyclicServer([np.zeros(2)], 2, mode="mc")
-    with pytest.raises(ValueError, match="loss_fn"):
-        mc.aggregate(1, [upd("a", np.ones(2))])
+    # without loss_fn an MC round waits for choose(): nothing is committed or saved meanwhile
+    pending = mc.aggregate(1, [upd("a", np.ones(2))], [upd("a", np.full(2, 2.0))])
+    assert pending.chosen is None and mc.predictor(0) is None
+    np.testing.assert_array_equal(mc.params[0], [0.0, 0.0])
+    block, x, y = mc.pending_chains()
+    assert block == 0
+    np.testing.assert_array_equal(x[0], [1.0, 1.0])
+    np.testing.assert_array_equal(y[0], [2.0, 2.0])
+    with pytest.raises(ValueError, match="waits for choose"):
+        mc.state_dict()
+    with pytest.raises(ValueError, match="waits for choose"):
+        mc.aggregate(2, [upd("a", np.ones(2), rnd=2)])
+    done = mc.choose(0.5, 0.25)  # the averaged separate chain scores better
+    assert done.chosen == "separate" and done.losses == {"mixed": 0.5, "separate": 0.25}
+    np.testing.assert_array_equal(mc.predictor(0)[0], [2.0, 2.0])
+    np.testing.assert_array_equal(mc.params[0], [1.0, 1.0])
+    assert mc.pending_chains() is None
+    with pytest.raises(ValueError, match="no round is waiting"):
+        mc.choose(0.1, 0.2)
     # all refused: nothing moves, no predictor
     res = mm.aggregate(1, [upd("a", np.array([np.inf, 0.0]))])
     assert [r.reason for r in res.rejected] == ["non_finite"] and res.chosen is None

@@ -49,6 +49,11 @@ def rover_id(context: Context) -> str:
     return str(context.node_config.get("rover-id", f"rover_{int(context.node_config['partition-id'])}"))
 
 
+def chain_score(arrays) -> float:
+    """The fake rovers' loss of a model: its distance from the origin of the first tensor's first row."""
+    return float(np.abs(arrays[0][0]).sum())
+
+
 def fake_rover_app(behaviour: dict[str, str] | None = None, num_examples: dict[str, int] | None = None) -> ClientApp:
     """Numpy rovers: an honest delta from (rover, round), or a misbehaviour named in ``behaviour``."""
     behaviour = behaviour or {}
@@ -99,8 +104,10 @@ def fake_rover_app(behaviour: dict[str, str] | None = None, num_examples: dict[s
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         arrays = record_to_arrays(message.content[ARRAYS_KEY], NAMES)
-        score = float(sum(np.abs(a).sum() for a in arrays))
-        return metrics_reply(message, {"num-examples": 5, "eval-loss": score})
+        scores = {"num-examples": 5, "eval-loss": chain_score(arrays)}
+        if message.content[CONFIG_KEY].get("score-chains"):  # MC-PSGD: both averaged chains
+            scores["eval-loss-separate"] = chain_score(record_to_arrays(message.content[SEPARATE_KEY], NAMES))
+        return metrics_reply(message, scores)
 
     return app
 
@@ -110,7 +117,8 @@ def run_round(strategy, grid, server_round):
                                              grid))
     replies = grid.send_and_receive(messages)
     arrays, metrics = strategy.aggregate_train(server_round, replies)
-    return messages, record_to_arrays(arrays, NAMES), metrics
+    strategy.after_train(server_round, grid, 10.0)
+    return messages, strategy.params, strategy.last_record.train_metrics
 
 
 def updates_of(rovers, server_round, factor=1.0):
@@ -262,13 +270,15 @@ def test_semicyclic_rounds_carry_their_block_and_evaluation_uses_its_predictor(m
         if mode == "mc":
             separate = [ClientUpdate(f"rover_{r}", server_round, 10, [d * 0.5 for d in honest_delta(99, server_round)])
                         for r in range(3)]
-        losses = iter([config["block"] + 0.5, 0.1])  # what the rovers report: mixed, then separate
-        reference.aggregate(server_round, updates_of(range(3), server_round), separate,
-                            loss_fn=lambda block, p, losses=losses: next(losses))
+        # MC: the rovers score the two averaged chains (not their local models) and the lower wins
+        result = reference.aggregate(server_round, updates_of(range(3), server_round), separate,
+                                     loss_fn=lambda block, p: chain_score(p))
         for got, want in zip(params, reference.params):
             np.testing.assert_allclose(got, want, atol=1e-7)
         if mode == "mc":
-            assert strategy.last_record.chosen == "separate" and metrics["loss-separate"] == pytest.approx(0.1)
+            assert strategy.last_record.chosen == result.chosen is not None
+            assert metrics["loss-separate"] == pytest.approx(result.losses["separate"], rel=1e-6)
+            assert metrics["loss-mixed"] == pytest.approx(result.losses["mixed"], rel=1e-6)
             assert {e.chain for e in strategy.last_record.entries} == {"mixed", "separate"}
     evaluations = list(strategy.configure_evaluate(3, arrays_to_record(NAMES, strategy.params), ConfigRecord(), grid))
     sent = record_to_arrays(evaluations[0].content[ARRAYS_KEY], NAMES)
