@@ -251,7 +251,7 @@ def _add_blend(sub: argparse._SubParsersAction) -> None:
                            "from trades what the fine-tuning won against what it lost, at no run-time cost. The "
                            "output is a checkpoint for eval, export, --init and the release; it names its sources "
                            "and their sha256.")
-    blend.add_argument("--checkpoint", nargs="+", required=True, type=_checkpoint_or_name, metavar="CKPT",
+    blend.add_argument("--checkpoint", nargs="+", required=True, metavar="CKPT",
                        help="checkpoint files or shipped model names, two or more")
     blend.add_argument("--weights", nargs="+", required=True, type=float, metavar="W",
                        help="one weight per checkpoint, in [0, 1], summing to 1")
@@ -407,7 +407,7 @@ def _export(args: argparse.Namespace, command: str) -> int:
 def _blend(args: argparse.Namespace, command: str) -> int:
     from forest_perception.inference import ModelLoadError
     from forest_perception.models.blend import blend_checkpoints
-    from forest_perception.models.checkpoints import checkpoint_reference, save_checkpoint
+    from forest_perception.models.checkpoints import checkpoint_reference, resolve_checkpoint, save_checkpoint
     from forest_perception.models.torch_engine import read_checkpoint_file
 
     out = Path(args.out)
@@ -417,15 +417,16 @@ def _blend(args: argparse.Namespace, command: str) -> int:
         raise InputError(f"--out {out} is a folder; give a checkpoint file name ending in .pt")
     if out.exists() and not args.overwrite:
         raise InputError(f"--out {out} exists; add --overwrite to replace it")
-    sources = [str(p) for p in args.checkpoint]
+    sources = [str(p) for p in args.checkpoint]  # as given: a shipped name stays a name in the provenance
     try:
-        checkpoints = [read_checkpoint_file(p) for p in args.checkpoint]
+        paths = [resolve_checkpoint(s, allow_int8=False) for s in sources]
+        checkpoints = [read_checkpoint_file(p) for p in paths]
         blended = blend_checkpoints(checkpoints, args.weights, names=sources)
     except (ModelLoadError, ValueError) as exc:
         raise InputError(str(exc)) from exc
     blended["blend"] = [
         {**checkpoint_reference(source, path, ckpt), "weight": float(w)}
-        for source, path, ckpt, w in zip(sources, args.checkpoint, checkpoints, args.weights)
+        for source, path, ckpt, w in zip(sources, paths, checkpoints, args.weights)
     ]
     blended["command"] = command
     save_checkpoint(blended, out)

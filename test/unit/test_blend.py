@@ -93,6 +93,7 @@ def test_cli_writes_a_checkpoint_that_runs_and_names_its_sources(tmp_path, capsy
     sources = meta["blend"]
     assert [s["weight"] for s in sources] == [0.5, 0.5]
     assert sources[0]["shipped"] and sources[0]["file"] == f"{AE}.pt" and len(sources[0]["sha256"]) == 64
+    assert sources[0]["source"] == AE  # the name as given, no folder of this machine
     assert meta["command"].startswith("forest-train blend")
     depth = TorchDepthEngine((model, meta), threads=1).predict(np.full((128, 160, 3), 90, np.uint8))
     assert np.isfinite(depth).any()
