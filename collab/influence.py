@@ -32,19 +32,20 @@ LocalDelta = Callable[[NDArrays], NDArrays]
 
 
 def directional_change(local_delta: LocalDelta, params: Sequence[np.ndarray], direction: Sequence[np.ndarray],
-                       delta_at_params: Sequence[np.ndarray] | None = None, eps: float = 1e-3) -> NDArrays:
+                       delta_at_params: Sequence[np.ndarray] | None = None, eps: float | None = 1e-3) -> NDArrays:
     """``D Delta``: the change of a rover's local delta per unit step along ``direction``, by finite differences.
 
     ``local_delta`` must be deterministic (same batches, same seed). The step is ``eps`` in norm along the direction
-    (scaled back afterwards); a zero direction gives zeros without training. One extra local round (two without
-    ``delta_at_params``).
+    (scaled back afterwards); ``eps=None`` steps the whole direction (a secant: ``delta(theta + Delta) - delta(theta)``,
+    the right scale for float32 networks, whose rounding would swamp a tiny step). A zero direction gives zeros
+    without training. One extra local round (two without ``delta_at_params``).
     """
     params64 = [np.asarray(p, dtype=np.float64) for p in params]
     dir64 = [np.asarray(d, dtype=np.float64) for d in direction]
     norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in dir64)))
     if norm == 0.0:
         return [np.zeros_like(p) for p in params64]
-    h = eps / norm
+    h = 1.0 if eps is None else eps / norm
     base = delta_at_params if delta_at_params is not None else local_delta([p.copy() for p in params64])
     moved = local_delta([p + h * d for p, d in zip(params64, dir64)])
     return [(np.asarray(m, dtype=np.float64) - np.asarray(b, dtype=np.float64)) / h for m, b in zip(moved, base)]
@@ -89,6 +90,23 @@ class InfluenceEstimator:
         """``grad L . Delta_k``: the estimated ``L(theta_{-k}) - L(theta)``; negative: better without the rover."""
         return float(sum(np.sum(np.asarray(g, dtype=np.float64) * d)
                          for g, d in zip(loss_gradient, self.influence(client_id))))
+
+    def state_dict(self) -> dict:
+        """The tracked influences and the round count (numpy arrays, str, int, float, dicts only)."""
+        return {"server_lr": self.server_lr, "rounds": self.rounds,
+                "influence": {k: [d.copy() for d in v] for k, v in self._delta.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Resume from :meth:`state_dict`; ``ValueError`` for another server step or other tensor shapes."""
+        if float(state["server_lr"]) != self.server_lr:
+            raise ValueError(f"influence state has server_lr {state['server_lr']}, this run {self.server_lr}")
+        delta = {}
+        for k, arrays in state["influence"].items():
+            if [tuple(np.shape(a)) for a in arrays] != self._shapes:
+                raise ValueError(f"influence state of rover {k!r} does not fit the model's tensors")
+            delta[str(k)] = [np.asarray(a, dtype=np.float64) for a in arrays]
+        self._delta = delta
+        self.rounds = int(state["rounds"])
 
     def step(self, updates: Sequence[ClientUpdate], changes: Mapping[str, Mapping[str, Sequence[np.ndarray]]],
              global_params: Sequence[np.ndarray] | None = None) -> None:

@@ -460,6 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--plot", action="store_true",
                         help="draw AbsRel and delta1 per round (each rover, their mean, the cloud test) into "
                              "<store>_curves.png beside the store")
+    influence = sub.add_parser("influence", help="rank the rovers of a run by their Fed-Influence (run config "
+                               "influence = true) and plot it")
+    influence.add_argument("--db", required=True, type=existing_file, help="the coordinator's SQLite store")
+    influence.add_argument("--test", type=existing_dir, default=None,
+                           help="a test folder (forest layout): rank by each rover's estimated effect on its loss")
+    influence.add_argument("--out", type=Path, default=None,
+                           help="the plot (default: <store>_influence.png beside the store)")
     _add_certs(sub)
     _add_deploy(sub)
     _add_dcccl(sub)
@@ -479,6 +486,11 @@ def _run(args: argparse.Namespace) -> int:
     collab_log.propagate = False
     if args.command == "status":
         print_status(args.db, args.all, args.plot)
+        return 0
+    if args.command == "influence":
+        from forest_perception.collab.flower.influence_report import print_influence
+
+        print_influence(args.db, None if args.test is None else str(args.test), args.out)
         return 0
     if args.command == "certs":
         return _certs(args)

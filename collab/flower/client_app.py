@@ -24,13 +24,17 @@ from flwr.clientapp import ClientApp
 
 from forest_perception.collab.flower.messages import (
     CHAIN_KEYS,
+    CHANGE_PREFIX,
     CONFIG_KEY,
+    INFLUENCE_PREFIX,
     NO_DATA,
     NO_HOLDOUT,
     SEPARATE_KEY,
+    arrays_to_record,
     global_arrays,
     identity_reply,
     metrics_reply,
+    prefixed_records,
     put_update,
     status_reply,
     train_reply,
@@ -39,16 +43,19 @@ from forest_perception.collab.flower.network import ARCHITECTURE_KEYS
 from forest_perception.collab.flower.population import load_population, recorded_rover_ids, rover_data_folders
 from forest_perception.collab.flower.task import (
     SCOPES,
+    LocalData,
     NoDataError,
     TaskConfig,
     build_model,
     evaluate,
     load_local_data,
+    local_delta_function,
     local_round,
     merge_run_config,
     round_seed,
 )
 from forest_perception.collab.flower.task import set_arrays as load_arrays
+from forest_perception.collab.influence import directional_change
 
 LOG = logging.getLogger(__name__)
 
@@ -203,6 +210,7 @@ def handle_train(message: Message, context: Context, overrides: Mapping | None =
         put_update(content, names[: len(deltas)], deltas, result.rows, chain)
         if chain == "mixed":
             metrics.update(result.metrics)
+            put_influence_changes(message, content, names, arrays, result.deltas, data, task, identity.scope, seed)
         else:
             metrics["val-loss-separate"] = result.metrics["val-loss"]
     LOG.info(
@@ -212,6 +220,24 @@ def handle_train(message: Message, context: Context, overrides: Mapping | None =
     )
     extra = {"mimic-version": mimic_version(task)} if task.dcccl_mimic else None
     return train_reply(message, content, metrics, identity.rover_id, base_round, identity.scope, extra)
+
+
+def put_influence_changes(message: Message, content: RecordDict, names: list[str], arrays: list[np.ndarray],
+                          deltas: list[np.ndarray], data: LocalData, task: TaskConfig, scope: str, seed: int) -> None:
+    """Fed-Influence: for every rover's influence the coordinator sent, how this rover's delta would change had
+    its round started from the global model moved by it (one more local round each; nothing of the data leaves)."""
+    directions = prefixed_records(message.content, INFLUENCE_PREFIX, names)
+    if not directions:
+        return
+    if scope != "all":
+        LOG.warning("Fed-Influence needs the whole model trained; this rover trains scope %r and sends no changes",
+                    scope)
+        return
+    run = local_delta_function(names, data, task, scope, seed)
+    base = [np.asarray(d, dtype=np.float64) for d in deltas]
+    for rover, direction in directions.items():
+        change = directional_change(run, arrays, direction, base, eps=None)
+        content[f"{CHANGE_PREFIX}{rover}"] = arrays_to_record(names, [c.astype(np.float32) for c in change])
 
 
 def mimic_version(task: TaskConfig) -> str:

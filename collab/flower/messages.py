@@ -23,6 +23,8 @@ SEPARATE_ROWS_KEY = "rows-separate"
 METRICS_KEY = "metrics"  # rover -> server: MetricRecord with num-examples, train-loss, val-loss, absrel, delta1
 META_KEY = "meta"  # rover -> server: ConfigRecord with rover-id, base-round, kind
 NUM_EXAMPLES = "num-examples"
+INFLUENCE_PREFIX = "influence:"  # server -> rover (Fed-Influence): "influence:<rover>", that rover's Delta per tensor
+CHANGE_PREFIX = "change:"  # rover -> server: "change:<rover>", the change of this rover's delta along that Delta
 NO_DATA = "no-data"  # meta status of a rover that has no usable recordings (nothing trained or evaluated)
 NO_HOLDOUT = "no-holdout"  # meta status of an evaluation by a rover with nothing held out (a single segment)
 
@@ -144,6 +146,12 @@ def global_arrays(message: Message, key: str = ARRAYS_KEY) -> tuple[list[str], N
     record = message.content.array_records[key]
     names = list(record.keys())
     return names, [record[n].numpy() for n in names]
+
+
+def prefixed_records(content: RecordDict, prefix: str, names: Sequence[str]) -> dict[str, NDArrays]:
+    """The ArrayRecords whose key starts with ``prefix``, as ``{rest of the key: arrays in names' order}``."""
+    return {key[len(prefix):]: record_to_arrays(record, names, key)
+            for key, record in content.array_records.items() if key.startswith(prefix)}
 
 
 def put_update(content: RecordDict, names: Sequence[str], deltas: Sequence[np.ndarray],

@@ -78,6 +78,9 @@ class StrategyConfig:
     # the local learning rate of round r: lr * lr_decay ** ((r - 1) // lr_decay_every) (sent with every round)
     lr_decay: float = 1.0
     lr_decay_every: int = 1
+    # fedavg: track every rover's Fed-Influence (collab/influence.py); rovers never selected
+    influence: bool = False
+    quarantine: tuple[str, ...] = ()
     # mm-psgd / mc-psgd
     num_blocks: int = 2
     rounds_per_block: int = 1
@@ -309,6 +312,11 @@ class RoverStrategy(FedAvg):
         """Connected, identified nodes whose rover is available in ``server_round`` (node -> rover)."""
         self.refresh_directory(grid)
         nodes = {n: self.directory[n] for n in grid.get_node_ids() if n in self.directory}
+        if self.settings.quarantine:
+            held = sorted(r for r in nodes.values() if r in self.settings.quarantine)
+            if held:
+                LOG.info("round %d: quarantined rover(s) %s not asked", server_round, ", ".join(held))
+            nodes = {n: r for n, r in nodes.items() if r not in self.settings.quarantine}
         if self.availability is not None:
             nodes = {n: r for n, r in nodes.items() if self.availability(r, server_round)}
         return nodes

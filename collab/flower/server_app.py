@@ -80,6 +80,9 @@ class ServerSettings:
                                  f"got {c[key]}")
         if not c["round-timeout"] > 0:
             raise ValueError(f"run config round-timeout must be > 0 s, got {c['round-timeout']}")
+        if c["influence"] and c["algorithm"] != "fedavg":
+            raise ValueError(f"run config influence tracks Fed-Influence through FedAvg rounds; algorithm is "
+                             f"{c['algorithm']!r}")
         if not c["state-db"]:
             raise ValueError("run config state-db must name the coordinator's SQLite file")
         strategy = StrategyConfig(
@@ -98,6 +101,8 @@ class ServerSettings:
             fedlaavg_warmup=c["fedlaavg-warmup"],
             lr_decay=c["lr-decay"],
             lr_decay_every=c["lr-decay-every"],
+            influence=c["influence"],
+            quarantine=tuple(r.strip() for r in c["quarantine"].split(",") if r.strip()),
             num_blocks=c["num-blocks"],
             rounds_per_block=c["rounds-per-block"],
         ).validate()
@@ -178,6 +183,8 @@ def run_identity(settings: ServerSettings, names: list[str], shapes: list[tuple[
         identity["init-sha256"] = settings.init.weights_sha256[:16]
     if settings.dcccl_mimic_version:
         identity["dcccl-mimic"] = settings.dcccl_mimic_version
+    if settings.strategy.influence:
+        identity["influence"] = "on"  # an estimate must follow the run from its first round
     return identity
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from forest_perception.collab.algorithms import (
@@ -29,15 +29,19 @@ from forest_perception.collab.algorithms import (
 )
 from forest_perception.collab.flower.messages import (
     ARRAYS_KEY,
+    CHANGE_PREFIX,
     CONFIG_KEY,
+    INFLUENCE_PREFIX,
     META_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
     SEPARATE_KEY,
     arrays_to_record,
     metric_value,
+    prefixed_records,
 )
 from forest_perception.collab.flower.rover_strategy import Availability, AveragingServer, RoverStrategy, StrategyConfig
+from forest_perception.collab.influence import InfluenceEstimator
 from forest_perception.collab.updates import ClientUpdate, NDArrays, UpdateRejected
 
 LOG = logging.getLogger(__name__)
@@ -46,9 +50,72 @@ ALGORITHMS: tuple[str, ...] = ("fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc
 
 
 class FedAvgStrategy(RoverStrategy):
-    """Sample-weighted FedAvg of the rovers' deltas."""
+    """Sample-weighted FedAvg of the rovers' deltas; with ``influence`` it also tracks every rover's Fed-Influence.
+
+    Fed-Influence (:class:`~forest_perception.collab.influence.InfluenceEstimator`): each train message carries
+    the current influence of every rover heard from (``influence:<rover>``), each rover answers with how its delta
+    would change along each (``change:<rover>``), and the estimate moves with the round. A round in which an
+    accepted rover sent no changes leaves the estimate incomplete (``influence_complete`` False, logged).
+    """
 
     algorithm = "fedavg"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - RoverStrategy's arguments
+        super().__init__(*args, **kwargs)
+        self.influence = InfluenceEstimator(self.params, self.settings.server_lr) if self.settings.influence else None
+        self.influence_complete = True
+
+    def train_content(self, server_round: int, config: ConfigRecord) -> RecordDict:
+        """The global model, and every tracked rover's influence when Fed-Influence is on."""
+        content = super().train_content(server_round, config)
+        if self.influence is not None:
+            dtypes = [p.dtype for p in self.params]
+            for rover, direction in self.influence.directions().items():
+                content[f"{INFLUENCE_PREFIX}{rover}"] = arrays_to_record(
+                    self.names, [d.astype(t) for d, t in zip(direction, dtypes)])
+        return content
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg; then the influence estimate moves with the round's accepted updates and their changes."""
+        replies = list(replies)
+        before = self.params
+        out = super().aggregate_train(server_round, replies)
+        if self.influence is None:
+            return out
+        accepted = {e.rover_id: e.update for e in self.last_record.entries
+                    if e.status == "accepted" and e.chain == "mixed" and e.update is not None}
+        changes: dict[str, dict] = {}
+        for reply in replies:
+            rover = self.directory.get(reply.metadata.src_node_id)
+            if rover in accepted and not reply.has_error():
+                try:
+                    changes[rover] = prefixed_records(reply.content, CHANGE_PREFIX, self.names)
+                except ValueError as exc:
+                    LOG.warning("round %d: rover %r sent unusable influence changes: %s", server_round, rover, exc)
+        try:
+            self.influence.step([accepted[r] for r in sorted(accepted)], changes, before)
+        except ValueError as exc:
+            self.influence_complete = False
+            LOG.warning("round %d: Fed-Influence estimate incomplete from here on: %s", server_round, exc)
+        return out
+
+    def state_dict(self) -> dict:
+        """The server's state, and the influence estimate."""
+        state = super().state_dict()
+        if self.influence is not None:
+            state["influence"] = {**self.influence.state_dict(), "complete": self.influence_complete}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume the server and the influence estimate."""
+        super().load_state_dict(state)
+        if self.influence is not None:
+            if "influence" not in state:
+                raise ValueError("this run tracks Fed-Influence, the saved state has none")
+            self.influence.load_state_dict(state["influence"])
+            self.influence_complete = bool(state["influence"].get("complete", True))
 
 
 class FedSubAvgStrategy(RoverStrategy):

@@ -51,6 +51,8 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "fedlaavg-warmup": 0,
     "num-blocks": 2,
     "rounds-per-block": 1,
+    "influence": False,
+    "quarantine": "",
     # the network: init (a shipped name or a checkpoint) and/or the architecture keys ("" / 0: unset)
     "init": "",
     "model": "",
@@ -599,6 +601,26 @@ def compute_delta(
             deltas.append(np.zeros((0,) + base.shape[1:], dtype=base.dtype))
             rows[name] = np.zeros(0, dtype=np.int64)
     return deltas, rows
+
+
+def local_delta_function(
+    names: Sequence[str], data: LocalData, config: TaskConfig, scope: str = "all", seed: int = 0
+) -> Callable[[Sequence[np.ndarray]], NDArrays]:
+    """``start -> delta``: the rover's local training from other starting weights, same frames and seed (float64).
+
+    What Fed-Influence's directional changes re-run (:func:`forest_perception.collab.influence.directional_change`).
+    """
+
+    def run(start: Sequence[np.ndarray]) -> NDArrays:
+        _, reference = get_arrays(build_model(config))
+        start = [np.asarray(a, dtype=r.dtype) for a, r in zip(start, reference)]
+        model = build_model(config)
+        set_arrays(model, names, start)
+        train_local(model, data, config, scope, seed)
+        _, local = get_arrays(model)
+        return [lv.astype(np.float64) - s.astype(np.float64) for lv, s in zip(local, start)]
+
+    return run
 
 
 def local_round(

@@ -267,3 +267,70 @@ def test_deployed_supernode_names_its_own_folder_in_node_config_rover_data(data)
     assert resolve_rover(context({"partition-id": 1}), run_config).data_dir == str(data["rover_1"])
     with pytest.raises(ValueError, match="rover-data names 2 folders: the node config needs a partition-id"):
         resolve_rover(context({}), run_config)
+
+
+def test_fed_influence_through_the_real_clientapp_and_quarantine(data, tmp_path, capsys):
+    from forest_perception.collab.flower.client_app import make_client_app
+    from forest_perception.collab.flower.local_grid import LocalGrid
+    from forest_perception.collab.flower.population import recorded_population
+    from forest_perception.collab.flower.server_app import build_coordinator
+    from forest_perception.collab.flower.store import CoordinatorStore
+    from forest_perception.collab.flower.task import merge_run_config
+
+    init = write_checkpoint(tmp_path / "tiny.pt")
+    population = recorded_population([data["rover_0"], data["rover_1"]])
+    base = {"population": str(population.save(tmp_path / "population.json")), "init": str(init),
+            "num-server-rounds": 3, "local-steps": 2, "holdout-fraction": 0.3, "evaluate-every": 0,
+            "influence": True, "lr": 0.01, "optimizer": "sgd"}
+    config = merge_run_config({**base, "state-db": str(tmp_path / "c.db")})
+    coordinator = build_coordinator(config)
+    grid = LocalGrid(make_client_app(config), 2, run_config=config)
+    coordinator.run(grid, num_rounds=2)
+    coordinator.store.close()
+    # resumed for round 3: the estimate continues from the stored state
+    coordinator = build_coordinator(config)
+    records = coordinator.run(grid)
+    coordinator.store.close()
+    assert [r.server_round for r in records] == [3]
+    strategy = coordinator.strategy
+    assert strategy.influence_complete and strategy.influence.rounds == 3
+    assert strategy.influence.rovers == ["rover_0", "rover_1"]
+    for rover in ("rover_0", "rover_1"):
+        influence = strategy.influence.influence(rover)
+        assert [i.shape for i in influence] == [p.shape for p in strategy.params]
+        assert all(np.isfinite(i).all() for i in influence) and any(np.abs(i).max() > 0 for i in influence)
+    with CoordinatorStore(tmp_path / "c.db", readonly=True) as store:
+        assert store.identity["influence"] == "on"
+        state = store.latest()[3]
+    assert sorted(state["influence"]["influence"]) == ["rover_0", "rover_1"]
+    # forest-fl influence: the ranking on a test folder (the estimated effect is grad L . influence) and a plot
+    from forest_perception.collab.flower import cli
+    from forest_perception.collab.flower.influence_report import folder_loss_gradient, influence_report
+
+    assert cli.main(["influence", "--db", str(tmp_path / "c.db"), "--test", str(data["cloud"])]) == 0
+    out = capsys.readouterr().out
+    assert "rover_0" in out and "rover_1" in out and "plot:" in out
+    rows, png, complete = influence_report(tmp_path / "c.db", str(data["cloud"]))
+    assert complete and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rows[0].loss_change <= rows[1].loss_change
+    grad = folder_loss_gradient(strategy.names, strategy.params, coordinator.settings.task, str(data["cloud"]))
+    want = sum(float(np.sum(g * i)) for g, i in zip(grad, strategy.influence.influence(rows[0].rover)))
+    assert rows[0].loss_change == pytest.approx(want, rel=1e-5, abs=1e-9)
+    assert cli.main(["influence", "--db", str(tmp_path / "c.db"), "--test", str(data["empty"])]) == 2
+    assert "--test" in capsys.readouterr().err
+    # a store without the estimate is not resumed by a run that tracks it
+    plain = merge_run_config({**base, "influence": False, "state-db": str(tmp_path / "plain.db")})
+    build_coordinator(plain).store.close()
+    with pytest.raises(ValueError, match="influence"):
+        build_coordinator(merge_run_config({**base, "state-db": str(tmp_path / "plain.db")})).start()
+    assert cli.main(["influence", "--db", str(tmp_path / "plain.db")]) == 2
+    assert "no round yet" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="algorithm is 'fedlaavg'"):
+        build_coordinator(merge_run_config({**base, "algorithm": "fedlaavg", "state-db": str(tmp_path / "x.db")}))
+    # quarantine: the rover is never asked
+    held = merge_run_config({**base, "influence": False, "quarantine": "rover_1", "num-server-rounds": 1,
+                             "state-db": str(tmp_path / "q.db")})
+    coordinator = build_coordinator(held)
+    records = coordinator.run(LocalGrid(make_client_app(held), 2, run_config=held))
+    coordinator.store.close()
+    assert records[0].selected == ["rover_0"]
