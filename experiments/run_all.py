@@ -30,6 +30,7 @@ from experiments import (
     fed_vs_local_vs_central,
     fedlaavg_vs_fedavg,
     fedsubavg_sparse,
+    influence_debug,
     semicyclic,
 )
 from experiments.cli import RESULTS_DIR, experiment_arguments, pick_config
@@ -42,12 +43,13 @@ EXPERIMENTS: dict[str, tuple[ModuleType, type]] = {
     "fed_vs_local_vs_central": (fed_vs_local_vs_central, fed_vs_local_vs_central.FedLocalCentralConfig),
     "adaptation": (adaptation, adaptation.AdaptationConfig),
     "dcccl": (dcccl, dcccl.DcCclConfig),
+    "influence_debug": (influence_debug, influence_debug.InfluenceConfig),
 }
 """Experiment name -> (module with ``run``/``table``, config class with a ``quick()`` preset)."""
 
 SHORT = {"fedlaavg_vs_fedavg": "1 laavg", "fedsubavg_sparse": "2 subavg", "semicyclic": "3 cyclic",
          "fed_vs_local_vs_central": "4 fed/local/central", "adaptation": "5 new forest",
-         "dcccl": "6 dc-ccl"}
+         "dcccl": "6 dc-ccl", "influence_debug": "7 fed-influence"}
 TITLES = {
     "fedlaavg_vs_fedavg": "FedLaAvg vs FedAvg under intermittent availability",
     "fedsubavg_sparse": "FedSubAvg vs FedAvg on a sparse (per-place) embedding",
@@ -55,6 +57,7 @@ TITLES = {
     "fed_vs_local_vs_central": "Federated vs local-only vs central",
     "adaptation": "Adaptation to a new forest from the shipped weights (recorded over ROS, FedAvg on Flower/Ray)",
     "dcccl": "DC-CCL in the new forest: rover model (mimic + small) and cloud model (large + small)",
+    "influence_debug": "Fed-Influence finds a faulty rover (client-level model debugging)",
 }
 
 

@@ -283,6 +283,8 @@ class LocalDeployment:
             raise RuntimeError("the deployment is not started")
         overrides = {**dict(self.spec.run_config), **dict(run_config or {})}
         overrides["state-db"] = str(Path(overrides.get("state-db") or self.state_db).resolve())
+        # the coordinator accepts a node as a rover only if that rover's registered key is the node's
+        overrides.setdefault("node-registry", str(self.nodes_path.resolve()))
         merged = merge_run_config(overrides)  # refuses unknown keys and wrong types before anything is sent
         self._runs += 1
         config_path = write_toml_table(self.run_dir / f"run_config_{self._runs}.toml",

@@ -36,6 +36,7 @@ class ManagedProcess:
     log_path: Path
     log_file: IO[bytes]
     seen: dict[int, int] = field(default_factory=dict)  # pid -> start time (guards against pid reuse)
+    log_offset: int = 0  # bytes of the log written before this process (an earlier start of the same name)
 
     @property
     def pid(self) -> int:
@@ -43,10 +44,12 @@ class ManagedProcess:
         return self.popen.pid
 
     def log_text(self) -> str:
-        """The log so far, colour codes removed."""
+        """This process's log so far (not an earlier start's under the same name), colour codes removed."""
         if not self.log_file.closed:
             self.log_file.flush()
-        return strip_ansi(self.log_path.read_text(errors="replace"))
+        with open(self.log_path, "rb") as stream:
+            stream.seek(self.log_offset)
+            return strip_ansi(stream.read().decode(errors="replace"))
 
 
 def start_process(name: str, argv: Sequence[str], log_path: str | Path, env: Mapping[str, str], cwd: str | Path,
@@ -57,6 +60,7 @@ def start_process(name: str, argv: Sequence[str], log_path: str | Path, env: Map
     Raises what ``subprocess.Popen`` raises (``OSError`` for a program that does not start).
     """
     log_path = Path(log_path)
+    offset = log_path.stat().st_size if log_path.is_file() else 0
     log_file = open(log_path, "ab")  # noqa: SIM115 - closed by whoever stops the process
     log_file.write(f"$ {' '.join(argv)}\n".encode())
     log_file.flush()
@@ -67,7 +71,7 @@ def start_process(name: str, argv: Sequence[str], log_path: str | Path, env: Map
     except BaseException:
         log_file.close()
         raise
-    return ManagedProcess(name, list(argv), popen, log_path, log_file)
+    return ManagedProcess(name, list(argv), popen, log_path, log_file, log_offset=offset)
 
 
 # ---------------------------------------------------------------------------------------------- /proc

@@ -2,8 +2,9 @@
 
 The store of a run with run config ``influence = true`` holds every rover's estimated influence
 ``Delta_k = theta_{-k} - theta`` (:mod:`forest_perception.collab.influence`). Given a test folder, each rover's
-effect on that folder's loss is ``grad L(theta) . Delta_k``: the estimated change of the loss had the rover never
-taken part, so the most negative is the most harmful rover (the one to look at, and to ``quarantine``).
+effect on that folder's (scale-sensitive log) loss is ``grad L(theta) . Delta_k``: the estimated change of the loss
+had the rover never taken part, so the most negative is the most harmful rover (the one to look at, and to
+``quarantine``).
 """
 
 from __future__ import annotations
@@ -36,22 +37,30 @@ def _task_from_identity(identity: dict):  # noqa: ANN202 - TaskConfig, imported 
         "input-width": width}))
 
 
-def folder_loss_gradient(names: list[str], params: list[np.ndarray], task: object, folder: str) -> list[np.ndarray]:
-    """The gradient of the task's depth loss over a test folder at ``params``, per tensor (zero for buffers)."""
-
-    from forest_perception.collab.flower.task import build_model, depth_loss, load_test_frames, set_arrays
+def loss_gradient(names: list[str], params: list[np.ndarray], task: object, images: object, depth: object,
+                  variance_focus: float = 0.0) -> list[np.ndarray]:
+    """The gradient of the depth loss on ``images`` / ``depth`` (tensors) at ``params``, per tensor (zero for
+    buffers). ``variance_focus`` 0 (the default) makes the log loss scale-sensitive, so a rover whose depth is off
+    in scale shows as harmful; the task trains with 0.85, which forgives most of a scale error."""
+    from forest_perception.collab.flower.task import build_model, depth_loss, set_arrays
 
     model = build_model(task)
     set_arrays(model, names, params)
     model.eval()
-    images, depth = load_test_frames(folder, task)
-    loss_fn = depth_loss(task)
     model.zero_grad(set_to_none=True)
-    loss, _ = loss_fn(model(images), depth, images)
+    loss, _ = depth_loss(task, variance_focus)(model(images), depth, images)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     return [np.zeros(np.shape(a)) if grads.get(n) is None else grads[n].detach().numpy().astype(np.float64)
             for n, a in zip(names, params)]
+
+
+def folder_loss_gradient(names: list[str], params: list[np.ndarray], task: object, folder: str) -> list[np.ndarray]:
+    """:func:`loss_gradient` over a test folder's frames (forest layout, at most ``max-holdout-frames``)."""
+    from forest_perception.collab.flower.task import load_test_frames
+
+    images, depth = load_test_frames(folder, task)
+    return loss_gradient(names, params, task, images, depth)
 
 
 def influence_report(db: str | Path, test: str | None = None, out: str | Path | None = None
@@ -132,4 +141,4 @@ def print_influence(db: str | Path, test: str | None = None, out: str | Path | N
     return png
 
 
-__all__ = ["InfluenceRow", "influence_report", "print_influence", "folder_loss_gradient"]
+__all__ = ["InfluenceRow", "folder_loss_gradient", "influence_report", "loss_gradient", "print_influence"]

@@ -7,12 +7,14 @@ See ``docs/federated.md`` ("The strategies", "Bad input").
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,6 +83,9 @@ class StrategyConfig:
     # fedavg: track every rover's Fed-Influence (collab/influence.py); rovers never selected
     influence: bool = False
     quarantine: tuple[str, ...] = ()
+    # deployment: the registered node of each rover (the SuperLink's node id of its authenticated key), JSON
+    # {rover: {"node_id": n, ...}} as the deployment's nodes.json; "" trusts the rover id a node reports
+    node_registry: str = ""
     # mm-psgd / mc-psgd
     num_blocks: int = 2
     rounds_per_block: int = 1
@@ -213,6 +218,7 @@ class RoverStrategy(FedAvg):
         self.availability = availability
         self.directory: dict[int, str] = {}  # Flower node id -> rover id
         self._unusable: set[int] = set()  # nodes whose identity answer was refused
+        self.identity_refusals: list[UpdateEntry] = []  # refused identity claims not yet in a round record
         self.last_record: RoundRecord | None = None
         self.last_evaluation: dict[int, EvalEntry] = {}  # node -> its evaluation in the last evaluate stage
         self.server = self.make_server([np.asarray(a) for a in initial])
@@ -297,6 +303,13 @@ class RoverStrategy(FedAvg):
                 LOG.warning("node %s answered the identity query without a rover-id; it is not used", node)
                 self._unusable.add(node)
                 continue
+            refusal = self._registry_refusal(node, rover)
+            if refusal:
+                LOG.warning("refused identity: %s; the node is not used", refusal)
+                self._unusable.add(node)
+                self.identity_refusals.append(UpdateEntry(rover_id=f"node-{node}", node_id=node, status="rejected",
+                                                          reason="identity", message=refusal))
+                continue
             # a rover that reconnected gets a new node id: its old one is gone from the grid
             holders = [n for n, r in self.directory.items() if r == rover and n != node]
             if any(n in connected for n in holders):
@@ -307,6 +320,33 @@ class RoverStrategy(FedAvg):
             for stale in holders:
                 del self.directory[stale]
             self.directory[node] = rover
+
+    def registered_nodes(self) -> dict[str, int] | None:
+        """The node registry (rover -> node id) of ``node_registry``, read now; None without one.
+
+        ``ValueError`` naming the file when it cannot be read: a coordinator told to enforce identities never falls
+        back to trusting them.
+        """
+        path = self.settings.node_registry
+        if not path:
+            return None
+        try:
+            raw = json.loads(Path(path).read_text())
+            return {str(rover): int(entry["node_id"] if isinstance(entry, Mapping) else entry)
+                    for rover, entry in raw.items()}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ValueError(f"node registry {path}: cannot be read as rover -> node id ({exc})") from exc
+
+    def _registry_refusal(self, node: int, rover: str) -> str:
+        """Why ``node`` may not be ``rover`` under the registry ("" when it may, or when there is no registry)."""
+        registry = self.registered_nodes()
+        if registry is None:
+            return ""
+        if rover not in registry:
+            return f"node {node} claims rover {rover!r}, which is not registered"
+        if registry[rover] != node:
+            return f"node {node} claims rover {rover!r}, whose registered key is node {registry[rover]}"
+        return ""
 
     def available(self, grid: Grid, server_round: int) -> dict[int, str]:
         """Connected, identified nodes whose rover is available in ``server_round`` (node -> rover)."""
@@ -345,6 +385,8 @@ class RoverStrategy(FedAvg):
         record = RoundRecord(server_round=server_round, started=time.time())
         self.last_record = record
         available = self.available(grid, server_round)
+        record.entries.extend(self.identity_refusals)  # refused identity claims show in the round's updates
+        self.identity_refusals = []
         record.num_available = len(available)
         k = self._sample_size(self.settings.fraction_train, self.settings.min_train_nodes, len(available))
         if len(available) < self.settings.min_train_nodes:

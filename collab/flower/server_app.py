@@ -103,6 +103,7 @@ class ServerSettings:
             lr_decay_every=c["lr-decay-every"],
             influence=c["influence"],
             quarantine=tuple(r.strip() for r in c["quarantine"].split(",") if r.strip()),
+            node_registry=c["node-registry"],
             num_blocks=c["num-blocks"],
             rounds_per_block=c["rounds-per-block"],
         ).validate()

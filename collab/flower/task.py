@@ -53,6 +53,7 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "rounds-per-block": 1,
     "influence": False,
     "quarantine": "",
+    "node-registry": "",
     # the network: init (a shipped name or a checkpoint) and/or the architecture keys ("" / 0: unset)
     "init": "",
     "model": "",

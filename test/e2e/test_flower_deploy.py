@@ -3,6 +3,7 @@ SuperLink with two authenticated SuperNodes over TLS on 127.0.0.1, an unregister
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import ssl
@@ -47,7 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    return make_deployment_certs(tmp_path_factory.mktemp("certs"), ["rover_000", "rover_001", "intruder"])
+    return make_deployment_certs(tmp_path_factory.mktemp("certs"), ["rover_000", "rover_001", "rover_002", "intruder"])
 
 
 def _rover_dirs(root: Path, count: int = 2) -> list[Path]:
@@ -78,7 +79,7 @@ def test_certificates_chain_to_the_ca_name_loopback_and_match_their_keys(certs):
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in private_keys)
     # the rovers' keys differ, and the manifest records their fingerprints
     fingerprints = {keys.fingerprint for keys in certs.rovers.values()}
-    assert len(fingerprints) == 3 and all(f.startswith("SHA256:") for f in fingerprints)
+    assert len(fingerprints) == len(certs.rovers) == 4 and all(f.startswith("SHA256:") for f in fingerprints)
     assert load_deployment_certs(certs.root).rovers.keys() == certs.rovers.keys()
 
 
@@ -341,7 +342,7 @@ def test_deployed_rovers_train_over_tls_and_an_unregistered_node_is_refused(cert
     from forest_perception.collab.flower.population import make_population
     from forest_perception.collab.flower.rover_data import ensure_rover_data
 
-    population = make_population(2, tmp_path / "rovers", seed=3, frames=4, availability=(1.0, 1.0))
+    population = make_population(3, tmp_path / "rovers", seed=3, frames=4, availability=(1.0, 1.0))
     for rover in population.rovers:
         ensure_rover_data(rover, 64, 48)
     rovers = [RoverNode(r.rover_id, r.data_dir) for r in population.rovers]
@@ -352,11 +353,11 @@ def test_deployed_rovers_train_over_tls_and_an_unregistered_node_is_refused(cert
     pids: list[int] = []
     try:
         deployment.start()
-        registered = deployment.nodes
-        assert sorted(registered) == ["rover_000", "rover_001"] and len(set(registered.values())) == 2
+        first_nodes = dict(deployment.nodes)
+        assert sorted(first_nodes) == ["rover_000", "rover_001", "rover_002"] and len(set(first_nodes.values())) == 3
         pids = deployment.pids()
-        # SuperLink, its SuperExec, two SuperNodes and their SuperExecs: all listening on 127.0.0.1 only
-        assert len(pids) >= 6
+        # SuperLink, its SuperExec, three SuperNodes and their SuperExecs: all listening on 127.0.0.1 only
+        assert len(pids) >= 8
         sockets = listening_sockets(pids)
         assert {address for address, _, _ in sockets} == {"127.0.0.1"}
         assert deployment.superlink_port in {port for _, port, _ in sockets}
@@ -369,8 +370,26 @@ def test_deployed_rovers_train_over_tls_and_an_unregistered_node_is_refused(cert
         assert intruder.popen.wait(120) != 0
         assert "Failed to activate SuperNode" in intruder.log_text()
         assert "No SuperNode found with the given public key" in deployment.processes["superlink"].log_text()
+        # a registered rover (rover_002's key) that claims to be rover_000: the SuperLink lets it in, the
+        # coordinator refuses it, since rover_000's registered key is another node
+        honest = deployment.processes.pop("supernode-rover_002")
+        stop_process(honest)
+        honest.log_file.close()
+        deployment.start_supernode(rovers[0], keys=certs.rover("rover_002"), name="liar")
+        liar_node = deployment.wait_online("rover_000", name="liar")
+        assert liar_node == first_nodes["rover_002"]
 
         first = deployment.run({"num-server-rounds": 1}, timeout=600)
+        # a SuperLink restart (link state in memory): the deployment registers its rovers' keys again, and only
+        # those; the never-registered key is still refused; the run resumes with the new node ids enforced
+        deployment.stop()
+        deployment.start()
+        second_nodes = dict(deployment.nodes)
+        assert sorted(second_nodes) == sorted(first_nodes)
+        assert json.loads((tmp_path / "run" / "nodes.json").read_text())["rover_000"]["node_id"] == \
+            second_nodes["rover_000"]
+        intruder = deployment.start_supernode(rovers[0], keys=certs.rover("intruder"), name="intruder-2")
+        assert intruder.popen.wait(120) != 0
         second = deployment.run({"num-server-rounds": 2}, timeout=600)  # same state-db: resumes at round 2
         assert first.run_id != second.run_id and second.state_db == (tmp_path / "run" / "coordinator.db")
     finally:
@@ -382,14 +401,18 @@ def test_deployed_rovers_train_over_tls_and_an_unregistered_node_is_refused(cert
     with CoordinatorStore(tmp_path / "run" / "coordinator.db", readonly=True) as store:
         rounds = store.rounds()
         assert [r["round"] for r in rounds] == [1, 2] and [r["resumed"] for r in rounds] == [False, True]
-        assert all(r["num_accepted"] == 2 and r["num_available"] == 2 and r["bytes_up"] > 0 for r in rounds)
+        assert [(r["num_accepted"], r["num_available"]) for r in rounds] == [(2, 2), (3, 3)]
         updates = store.updates()
-        # who sent what: each rover's update came from the node its registered key was given
-        assert {(u["round"], u["rover_id"], int(u["node_id"]), u["status"]) for u in updates} == {
-            (rnd, rover, node, "accepted") for rnd in (1, 2) for rover, node in registered.items()}
-        assert all(u["num_examples"] > 0 and len(u["digest"]) == 64 for u in updates)
+        # who sent what: each rover's update came from the node its registered key was given at the time
+        expected = {(1, rover, node, "accepted") for rover, node in first_nodes.items() if rover != "rover_002"}
+        expected |= {(2, rover, node, "accepted") for rover, node in second_nodes.items()}
+        expected.add((1, f"node-{liar_node}", liar_node, "rejected"))
+        assert {(u["round"], u["rover_id"], int(u["node_id"]), u["status"]) for u in updates} == expected
+        refused = [u for u in updates if u["status"] == "rejected"]
+        assert refused[0]["reason"] == "identity" and "claims rover 'rover_000'" in refused[0]["message"]
+        assert all(u["num_examples"] > 0 and len(u["digest"]) == 64 for u in updates if u["status"] == "accepted")
         for server_round in (1, 2):
             accepted = store.stored_updates(server_round)
-            expected = fedavg(store.model(server_round - 1)[1], accepted)
-            for got, want in zip(store.model(server_round)[1], expected):
+            expected_model = fedavg(store.model(server_round - 1)[1], accepted)
+            for got, want in zip(store.model(server_round)[1], expected_model):
                 np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)

@@ -129,3 +129,38 @@ def test_local_sgd_takes_plain_gradient_steps_and_a_bad_optimizer_is_refused():
             torch.testing.assert_close(torch.from_numpy(delta), -0.01 * grads[name], atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="optimizer must be one of adamw, sgd"):
         TaskConfig.from_run_config(merge_run_config({"optimizer": "adam"}))
+
+
+def test_influence_debug_spoils_a_copy_and_ranks_every_rover(rover_folders, tmp_path):
+    import numpy as np
+
+    from experiments import influence_debug
+    from forest_perception.dataset_tools.layout import iter_segments, load_frame
+
+    config = influence_debug.InfluenceConfig(seeds=(0,), faults=("depth-scale",), rounds=1, local_steps=1,
+                                             batch_size=2, faulty="rover_1")
+    source = rover_folders["rover_1"]
+    before = {p: p.stat().st_mtime_ns for p in source.rglob("*")}
+    copy = influence_debug.write_faulty_copy(source, tmp_path / "spoilt", "depth-scale", config)
+    for a, b in zip(iter_segments(source), iter_segments(copy)):
+        rgb_a, depth_a, _ = load_frame(a, 0)
+        rgb_b, depth_b, _ = load_frame(b, 0)
+        np.testing.assert_array_equal(rgb_a, rgb_b)
+        valid = np.isfinite(depth_a) & np.isfinite(depth_b)
+        np.testing.assert_allclose(depth_b[valid], 1.3 * depth_a[valid], rtol=0.01)
+    rgb = np.zeros((8, 12, 3), np.uint8)
+    rgb[:, 5] = 255
+    shifted, _ = influence_debug.spoil(rgb, np.ones((8, 12), np.float32), "misaligned", config)
+    assert shifted[0, 5 + config.shift_px, 0] == 255 and shifted[0, 5, 0] == 0
+    with pytest.raises(ValueError, match="unknown fault"):
+        influence_debug.spoil(rgb, np.ones((8, 12), np.float32), "wobbly", config)
+
+    work = tmp_path / "work"
+    work.mkdir()
+    folders = {r: f for r, f in rover_folders.items() if r != "rover_empty"}
+    row = influence_debug.run_fault(config, folders, "depth-scale", 0, work)
+    assert row["faulty"] == "rover_1_depth-scale" and sorted(row["ranking"]) == sorted(row["estimated"])
+    assert len(row["estimated"]) == 2 and all(math.isfinite(v) for v in row["estimated"].values())
+    assert row["complete"] and 1 <= row["faulty_rank"] <= 2
+    assert math.isfinite(row["absrel_all"]) and math.isfinite(row["absrel_without"])
+    assert {p: p.stat().st_mtime_ns for p in source.rglob("*")} == before  # the source folder is only read

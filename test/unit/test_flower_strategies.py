@@ -367,3 +367,25 @@ def test_the_learning_rate_schedule_travels_with_each_round():
     np.testing.assert_allclose(sent, [0.01, 0.01, 0.005, 0.005, 0.0025])
     with pytest.raises(ValueError, match="lr_decay"):
         StrategyConfig(lr_decay=1.5).validate()
+
+
+def test_a_node_registry_refuses_a_node_claiming_a_rover_whose_key_is_another_node(tmp_path):
+    import json
+
+    registry = tmp_path / "nodes.json"
+    # LocalGrid's nodes are 1001, 1002, 1003 (rover_0, rover_1, rover_2); rover_1's key was registered as 1077
+    registry.write_text(json.dumps({"rover_0": {"node_id": 1001}, "rover_1": {"node_id": 1077}}))
+    grid = LocalGrid(fake_rover_app(), 3)
+    strategy = build_strategy("fedavg", NAMES, initial(), StrategyConfig(node_registry=str(registry)))
+    messages, _, _ = run_round(strategy, grid, 1)
+    assert [strategy.directory[m.metadata.dst_node_id] for m in messages] == ["rover_0"]
+    refused = {e.node_id: e for e in strategy.last_record.entries if e.reason == "identity"}
+    assert sorted(refused) == [1002, 1003]
+    assert "whose registered key is node 1077" in refused[1002].message
+    assert "not registered" in refused[1003].message and refused[1003].rover_id == "node-1003"
+    # refused once, recorded once: the next round neither asks them again nor records them again
+    run_round(strategy, grid, 2)
+    assert not [e for e in strategy.last_record.entries if e.reason == "identity"]
+    registry.write_text("{not json")
+    with pytest.raises(ValueError, match="node registry"):
+        build_strategy("fedavg", NAMES, initial(), StrategyConfig(node_registry=str(registry))).available(grid, 1)
