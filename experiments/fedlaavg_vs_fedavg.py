@@ -37,24 +37,28 @@ class LaAvgConfig:
 
     seeds: tuple[int, ...] = (0, 1, 2)
     num_rovers: int = 16
-    rounds: int = 20
+    rounds: int = 100  # rarely available rovers must train many times for FedLaAvg's stored gradients to matter
     frames_per_rover: int = 16  # two segments: half train, half local validation
     held_out_per_rover: int = 4
     fraction_train: float = 0.25
     frequent_availability: tuple[float, float] = (0.8, 1.0)
     rare_availability: tuple[float, float] = (0.05, 0.25)
     local_epochs: int = 2
-    lr: float = 0.003
+    lr: float = 0.003  # unused: every variant names its own local learning rate
+    optimizer: str = "sgd"  # plain local SGD, as FedLaAvg's analysis assumes; the same for both algorithms
+    tail_rounds: int = 10  # scores are averaged over the last rounds (the last one alone swings)
     base_channels: int = 4
     hw: tuple[int, int] = (64, 80)
-    # (algorithm, server-lr): FedLaAvg re-applies every rover's latest delta each round, so its step is swept
-    variants: tuple[tuple[str, float], ...] = (("fedavg", 1.0), ("fedlaavg", 1.0), ("fedlaavg", 0.3),
-                                               ("fedlaavg", 0.1))
+    # (algorithm, local lr): the same small grid for both algorithms; server-lr 1 (FedLaAvg's server step is the
+    # local learning rate)
+    variants: tuple[tuple[str, float], ...] = tuple(
+        (a, lr) for a in ("fedavg", "fedlaavg") for lr in (0.003, 0.01, 0.03))
 
     @classmethod
     def quick(cls) -> LaAvgConfig:
-        """A few-minute version: one seed, 8 rovers, 12 rounds."""
-        return cls(seeds=(0,), num_rovers=8, rounds=12, frames_per_rover=8, held_out_per_rover=3)
+        """A few-minute version: one seed, 8 rovers, 12 rounds, one learning rate."""
+        return cls(seeds=(0,), num_rovers=8, rounds=12, frames_per_rover=8, held_out_per_rover=3,
+                   variants=(("fedavg", 0.01), ("fedlaavg", 0.01)))
 
 
 def make_intermittent_population(config: LaAvgConfig, data_root: Path, seed: int) -> Population:
@@ -111,34 +115,39 @@ def run(config: LaAvgConfig, out_dir: Path) -> dict:
                 "frequent": [k for k in parts if not is_rare(k)],
                 "rare": [k for k in parts if is_rare(k)],
             })
-            for algorithm, server_lr in config.variants:
-                label = variant_label(algorithm, server_lr)
+            for algorithm, lr in config.variants:
+                label = variant_label(algorithm, lr)
                 run_config = federated.experiment_config(
-                    config, seed, root / f"{algorithm}-{server_lr}.db", algorithm=algorithm,
-                    population=str(population_path), **{"server-lr": server_lr})
+                    config, seed, root / f"{algorithm}-{lr}.db", algorithm=algorithm, lr=lr,
+                    optimizer=config.optimizer, population=str(population_path))
                 hook = score_hook(heldout.ModelScorer(TaskConfig.from_run_config(run_config)), held)
                 rows = federated.run_federated(run_config, make_client_app(run_config), config.num_rovers, hook)
-                runs.append({"variant": label, "algorithm": algorithm, "server_lr": server_lr, "seed": seed,
-                             "rounds": rows})
+                runs.append({"variant": label, "algorithm": algorithm, "lr": lr, "seed": seed, "rounds": rows})
     result = report.experiment_result(NAME, CLAIM, config, runs, summarise(config, runs), started)
     write_outputs(result, config, out_dir)
     return result
 
 
-def variant_label(algorithm: str, server_lr: float) -> str:
-    """``fedavg``, or ``fedlaavg slr=0.1`` for a server learning rate other than 1."""
-    return algorithm if server_lr == 1.0 else f"{algorithm} slr={server_lr:g}"
+def variant_label(algorithm: str, lr: float) -> str:
+    """``fedavg lr=0.03``: the algorithm and its local learning rate."""
+    return f"{algorithm} lr={lr:g}"
+
+
+def tail_mean(rows: list[dict], key: str, count: int) -> float:
+    """The mean of ``key`` over the last ``count`` rounds (NaN if any is not finite)."""
+    values = [row[key] for row in rows[-count:]]
+    return float(np.mean(values)) if values and all(math.isfinite(v) for v in values) else math.nan
 
 
 def summarise(config: LaAvgConfig, runs: list[dict]) -> dict:
-    """Final-round held-out metrics per variant (mean ± std over seeds), paired differences to FedAvg, costs."""
+    """Final-round held-out metrics per variant (mean ± std over seeds), each algorithm's best learning rate,
+    paired differences (best vs best, and at equal learning rates), costs."""
     summary: dict = {"variants": {}, "paired": {}}
     final: dict[str, dict[int, dict]] = {}
-    for algorithm, server_lr in config.variants:
-        label = variant_label(algorithm, server_lr)
+    for algorithm, lr in config.variants:
+        label = variant_label(algorithm, lr)
         mine = [r for r in runs if r["variant"] == label]
         last = [r["rounds"][-1] for r in mine]
-        final[label] = {r["seed"]: r["rounds"][-1] for r in mine}
         trained = [sum(row.get("accepted", 0.0) for row in r["rounds"]) for r in mine]
         rare = [sum(row["rare_trained"] for row in r["rounds"]) for r in mine]
         summary["variants"][label] = {
@@ -147,17 +156,29 @@ def summarise(config: LaAvgConfig, runs: list[dict]) -> dict:
             "best_round_all/absrel": mean_std(min((row["all/absrel"] for row in r["rounds"]), default=math.nan)
                                               for r in mine),
             "rare_share_of_trainings": mean_std(r / t if t else math.nan for r, t in zip(rare, trained)),
+            # the last round alone swings with local SGD; the mean over the last rounds says where a run settled
+            **{f"tail_{key}": mean_std(tail_mean(r["rounds"], key, config.tail_rounds) for r in mine)
+               for key in ("all/absrel", "all/delta1", "rare/absrel")},
             "costs": report.cost_stats(mine),
         }
-    if "fedavg" in final:
-        for label in final:
-            if label == "fedavg":
-                continue
-            seeds = sorted(set(final["fedavg"]) & set(final[label]))
-            for key, scale in (("all/delta1", 100.0), ("all/absrel", 1.0)):
-                diffs = [scale * (final[label][s][key] - final["fedavg"][s][key]) for s in seeds]
-                name = f"{label} - fedavg, {key}" + (" (points)" if scale == 100.0 else "")
-                summary["paired"][name] = {**mean_std(diffs), "per_seed": dict(zip(seeds, diffs))}
+        final[label] = {r["seed"]: {key: tail_mean(r["rounds"], key, config.tail_rounds)
+                                    for key in ("all/absrel", "all/delta1")} for r in mine}
+    # each algorithm at its best learning rate of the grid (lowest AbsRel over the last rounds), paired over seeds
+    best: dict[str, str] = {}
+    for algorithm in dict.fromkeys(a for a, _ in config.variants):
+        labels = [variant_label(a, lr) for a, lr in config.variants if a == algorithm]
+        best[algorithm] = min(labels, key=lambda v: summary["variants"][v]["tail_all/absrel"]["mean"]
+                              if math.isfinite(summary["variants"][v]["tail_all/absrel"]["mean"]) else math.inf)
+    summary["best"] = best
+    pairs = [(best["fedlaavg"], best["fedavg"])] if {"fedavg", "fedlaavg"} <= set(best) else []
+    pairs += [(variant_label("fedlaavg", lr), variant_label("fedavg", lr)) for a, lr in config.variants
+              if a == "fedlaavg" and variant_label("fedavg", lr) in final]
+    for mine, theirs in dict.fromkeys(pairs):
+        seeds = sorted(set(final[theirs]) & set(final[mine]))
+        for key, scale in (("all/delta1", 100.0), ("all/absrel", 1.0)):
+            diffs = [scale * (final[mine][s][key] - final[theirs][s][key]) for s in seeds]
+            name = f"{mine} - {theirs}, {key}" + (" (points)" if scale == 100.0 else "")
+            summary["paired"][name] = {**mean_std(diffs), "per_seed": dict(zip(seeds, diffs))}
     return summary
 
 
@@ -167,17 +188,23 @@ def table(result: dict) -> str:
     rows = []
     for label, s in result["summary"]["variants"].items():
         rows.append([
-            label, fmt(s["all/absrel"]), fmt(s["all/delta1"]), fmt(s["frequent/absrel"]), fmt(s["rare/absrel"]),
-            fmt(s["best_round_all/absrel"]), fmt(s["rare_share_of_trainings"], 2),
+            label, fmt(s["tail_all/absrel"]), fmt(s["tail_all/delta1"]), fmt(s["tail_rare/absrel"]),
+            fmt(s["all/absrel"]), fmt(s["best_round_all/absrel"]), fmt(s["rare_share_of_trainings"], 2),
             fmt(s["costs"]["rovers_per_round"], 1),
         ])
+    tail = f"last {config.tail_rounds} rounds"
     text = markdown_table(
-        ["variant", f"AbsRel all (round {config.rounds})", "δ<1.25 all", "AbsRel frequent rovers",
-         "AbsRel rare rovers", "best AbsRel all (any round)", "share of trainings by rare rovers",
+        ["variant", f"AbsRel all ({tail})", f"δ<1.25 all ({tail})", f"AbsRel rare rovers ({tail})",
+         f"AbsRel all (round {config.rounds})", "best AbsRel all (any round)", "share of trainings by rare rovers",
          "rovers/round"], rows)
+    best = result["summary"].get("best", {})
+    if best:
+        text += (f"\n\nBest learning rate of the grid (lowest AbsRel over the last {config.tail_rounds} rounds): "
+                 + ", ".join(best.values()) + ".")
     paired = [[key, fmt(stat)] for key, stat in result["summary"]["paired"].items()]
     if paired:
-        text += "\n\n" + markdown_table(["paired difference at the last round, same seeds", "mean ± std"], paired)
+        text += "\n\n" + markdown_table([f"paired difference over the last {config.tail_rounds} rounds, same seeds",
+                                          "mean ± std"], paired)
     return text
 
 
