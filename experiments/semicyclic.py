@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from experiments import cli, federated, heldout, report
 from experiments.report import curve_stats, fmt, markdown_table, mean_std
 from forest_perception.collab.flower.client_app import make_client_app
@@ -38,8 +40,8 @@ class SemiCyclicConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     num_rovers: int = 12
     num_blocks: int = 3
-    rounds_per_block: int = 2
-    rounds: int = 18  # 3 cycles of 3 blocks x 2 rounds
+    rounds_per_block: int = 1
+    rounds: int = 60  # 20 cycles of 3 blocks x 1 round: each predictor averages 20 models
     frames_per_rover: int = 16
     held_out_per_rover: int = 4
     availability: tuple[float, float] = (0.8, 1.0)  # within its block's rounds
@@ -73,11 +75,20 @@ def block_predictors(strategy: RoverStrategy, num_blocks: int) -> list[list | No
 def score_hook(scorer: heldout.ModelScorer, held: heldout.HeldOut, num_blocks: int) -> federated.RoundHook:
     """After each round: every block's held-out frames with that block's model; their mean; MC's chosen chain.
 
-    Also ``global/*``: the global model (MM/MC: the mixed chain) on all blocks' frames.
+    Also ``global/*``: the global model (MM/MC: the mixed chain) on all blocks' frames, and ``average/*`` (mean
+    over blocks): the control that ignores blocks, the plain running average of every global model so far (round 0
+    is the initial model); what the per-block predictors add is their difference to it.
     """
     blocks = [f"block{b}" for b in range(num_blocks)]
+    running: dict = {"sum": None, "count": 0}
 
     def hook(strategy: RoverStrategy, server_round: int) -> dict[str, float]:
+        params = [np.asarray(p, dtype=np.float64) for p in strategy.params]
+        running["sum"] = params if running["sum"] is None else [a + p for a, p in zip(running["sum"], params)]
+        running["count"] += 1
+        average = [(a / running["count"]).astype(np.asarray(p).dtype) for a, p in zip(running["sum"],
+                                                                                    strategy.params)]
+        averaged = scorer.score(strategy.names, average, held, only=blocks)
         scores = scorer.score(strategy.names, strategy.params, held, only=["all", *blocks])
         out = {k.replace("all/", "global/", 1): v for k, v in scores.items() if k.startswith("all/")}
         for block, predictor in enumerate(block_predictors(strategy, num_blocks)):
@@ -88,6 +99,7 @@ def score_hook(scorer: heldout.ModelScorer, held: heldout.HeldOut, num_blocks: i
                 out.update(scorer.score(strategy.names, predictor, held, only=[name]))
         for metric in METRICS:
             out[f"mean/{metric}"] = statistics.fmean(out[f"{b}/{metric}"] for b in blocks)
+            out[f"average/{metric}"] = statistics.fmean(averaged[f"{b}/{metric}"] for b in blocks)
         record = strategy.last_record if server_round else None
         if record is not None:
             out["block"] = float(record.block) if record.block is not None else math.nan
@@ -158,6 +170,7 @@ def summarise(config: SemiCyclicConfig, runs: list[dict]) -> dict:
             for m in range(config.num_blocks):
                 s[f"block{m}/{metric}"] = mean_std(r["rounds"][-1][f"block{m}/{metric}"] for r in mine)
         s["global/absrel"] = mean_std(r["rounds"][-1]["global/absrel"] for r in mine)
+        s["average/absrel"] = mean_std(r["rounds"][-1].get("average/absrel", math.nan) for r in mine)
         s["chose_separate"] = mean_std(
             statistics.fmean(row.get("chose_separate", 0.0) for row in r["rounds"][1:]) for r in mine)
         s["costs"] = report.cost_stats(mine)
@@ -175,10 +188,11 @@ def table(result: dict) -> str:
             setting, fmt(s["mean/absrel"]), fmt(s["mean/delta1"]), fmt(s["last_cycle_mean/absrel"]),
             *[fmt(s[f"block{m}/absrel"]) for m in range(config.num_blocks)],
             fmt(s["chose_separate"], 2) if setting.startswith("mc-psgd") else "-",
+            fmt(s.get("average/absrel", {})),
         ])
     header = ["algorithm, start", f"AbsRel, mean over blocks (round {config.rounds})", "δ<1.25, mean over blocks",
               "AbsRel, mean over the last cycle", *[f"AbsRel block {m} ({blocks[m]})" for m in blocks],
-              "rounds the separate chain won"]
+              "rounds the separate chain won", "control: plain average of all global models, AbsRel"]
     return markdown_table(header, rows)
 
 

@@ -132,6 +132,9 @@ def test_semicyclic_tiny(report):
         assert all(r["selected"] <= config.num_rovers // config.num_blocks for r in rounds[1:])
         for r in rounds:
             assert r["mean/absrel"] == pytest.approx(np.mean([r["block0/absrel"], r["block1/absrel"]]))
+            assert _finite(r["average/absrel"])
+        # the control (plain average of every global model so far) is the initial model at round 0
+        assert rounds[0]["average/absrel"] == pytest.approx(rounds[0]["mean/absrel"], rel=1e-5)
     # MM-PSGD's mixed chain is FedAvg: same global model every round, only the predictors differ
     for start in config.starts:
         fedavg, mm = by_setting[f"fedavg, {start}"], by_setting[f"mm-psgd, {start}"]
