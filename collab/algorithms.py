@@ -476,13 +476,13 @@ class FedLaAvgServer:
             acc = np.zeros(self._params[t].shape, dtype=np.float64)
             for cid, w in zip(ids, weights):
                 acc += w * self._latest[cid]["grad"][j]
-            step[t] = lr * acc / total
+            step[t] = self.server_lr * lr * acc / total
         buffer_ids = [t for t, b in enumerate(self.buffers) if b]
         if buffer_ids:  # normalisation statistics: this round's sample-weighted mean, never re-added later
             mean = _weighted_mean([[d[t] for t in buffer_ids] for d in deltas], [u.num_examples for u in kept])
             for t, value in zip(buffer_ids, mean):
-                step[t] = value / self.server_lr
-        self._params = _apply(self._params, step, self.server_lr)
+                step[t] = value
+        self._params = _apply(self._params, step, 1.0)
         return AggregateResult(self.params, int(server_round), [u.client_id for u in kept], rejected)
 
     def _config(self) -> dict:

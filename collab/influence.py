@@ -75,10 +75,13 @@ class InfluenceEstimator:
         for cid in client_ids:
             self._delta.setdefault(str(cid), [np.zeros(s, dtype=np.float64) for s in self._shapes])
 
+    def _nonzero(self) -> list[str]:
+        return [k for k, v in self._delta.items() if any(np.any(x) for x in v)]
+
     def directions(self) -> dict[str, NDArrays]:
         """Copies of the current ``Delta_k`` of every tracked rover (the directions a round's rovers differentiate
         along); rovers whose ``Delta_k`` is still zero are left out (their change is zero)."""
-        return {k: [d.copy() for d in v] for k, v in self._delta.items() if any(np.any(x) for x in v)}
+        return {k: [d.copy() for d in self._delta[k]] for k in self._nonzero()}
 
     def influence(self, client_id: str) -> NDArrays:
         """``Delta_k``: the estimated change of the parameters had rover ``client_id`` never taken part."""
@@ -127,7 +130,7 @@ class InfluenceEstimator:
         weights = {u.client_id: float(u.num_examples) for u in updates}
         total = sum(weights.values())
         step = [sum(weights[c] * deltas[c][t] for c in ids) / total for t in range(len(self._shapes))]
-        needed = self.directions()
+        needed = set(self._nonzero())
         for i in ids:
             missing = [k for k in needed if k not in changes.get(i, {})]
             if missing:

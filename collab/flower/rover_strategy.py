@@ -292,6 +292,7 @@ class RoverStrategy(FedAvg):
             return
         content = RecordDict({CONFIG_KEY: ConfigRecord({"query": "identity"})})
         messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+        registry = self.registered_nodes()
         for reply in grid.send_and_receive(messages, timeout=self.settings.query_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -303,7 +304,7 @@ class RoverStrategy(FedAvg):
                 LOG.warning("node %s answered the identity query without a rover-id; it is not used", node)
                 self._unusable.add(node)
                 continue
-            refusal = self._registry_refusal(node, rover)
+            refusal = _registry_refusal(registry, node, rover)
             if refusal:
                 LOG.warning("refused identity: %s; the node is not used", refusal)
                 self._unusable.add(node)
@@ -336,17 +337,6 @@ class RoverStrategy(FedAvg):
                     for rover, entry in raw.items()}
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ValueError(f"node registry {path}: cannot be read as rover -> node id ({exc})") from exc
-
-    def _registry_refusal(self, node: int, rover: str) -> str:
-        """Why ``node`` may not be ``rover`` under the registry ("" when it may, or when there is no registry)."""
-        registry = self.registered_nodes()
-        if registry is None:
-            return ""
-        if rover not in registry:
-            return f"node {node} claims rover {rover!r}, which is not registered"
-        if registry[rover] != node:
-            return f"node {node} claims rover {rover!r}, whose registered key is node {registry[rover]}"
-        return ""
 
     def available(self, grid: Grid, server_round: int) -> dict[int, str]:
         """Connected, identified nodes whose rover is available in ``server_round`` (node -> rover)."""
@@ -580,6 +570,17 @@ class RoverStrategy(FedAvg):
             return None
         rovers = sum(1 for e in self.last_evaluation.values() if e.status == "ok" and e.frames > 0)
         return MetricRecord({**mean.metrics, "frames": float(mean.frames), "rovers": float(rovers)})
+
+
+def _registry_refusal(registry: Mapping[str, int] | None, node: int, rover: str) -> str:
+    """Why ``node`` may not be ``rover`` under the registry ("" when it may, or when there is no registry)."""
+    if registry is None:
+        return ""
+    if rover not in registry:
+        return f"node {node} claims rover {rover!r}, which is not registered"
+    if registry[rover] != node:
+        return f"node {node} claims rover {rover!r}, whose registered key is node {registry[rover]}"
+    return ""
 
 
 def _match_rejections(

@@ -613,9 +613,9 @@ def local_delta_function(
     """
 
     def run(start: Sequence[np.ndarray]) -> NDArrays:
-        _, reference = get_arrays(build_model(config))
-        start = [np.asarray(a, dtype=r.dtype) for a, r in zip(start, reference)]
         model = build_model(config)
+        _, reference = get_arrays(model)  # the network's own dtypes
+        start = [np.asarray(a, dtype=r.dtype) for a, r in zip(start, reference)]
         set_arrays(model, names, start)
         train_local(model, data, config, scope, seed)
         _, local = get_arrays(model)
