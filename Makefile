@@ -64,7 +64,8 @@ bench: $(STAMP)
 	$(PY) bench/bench_curate.py
 	$(PY) bench/bench_federated.py
 
-# reproduce the seed papers' claims on the forest depth task (experiments/results/README.md): ~20 min, quick ~2 min
+# reproduce the seed papers' claims on the forest depth task (experiments/results/README.md): two jobs side by
+# side, under an hour on 2 cores (quick: under 5 min)
 experiments: $(STAMP)
 	$(PY) -m experiments.run_all
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from experiments import cli, report
+from experiments import cli, federated, report
 from experiments.report import curve_stats, fmt, last_round_mean, markdown_table, mean_std
 from forest_perception.collab.flower.task import (
     LocalData,
@@ -242,11 +242,17 @@ def record(config: AdaptationConfig, out_dir: Path) -> tuple[dict[str, Path], di
                           camera_rate_hz=config.camera_rate_hz, segment_frames=config.segment_frames)
     cache = Path(out_dir) / "adaptation_cache" / f"{config.style}_w{config.world_seed}_{config.rovers}x" \
         f"{config.drive_s:g}s_{config.camera_rate_hz:g}hz_seg{config.segment_frames}"
+    import fcntl
     import os
     import random
 
-    apply_loopback_environment(int(os.environ.get("ROS_DOMAIN_ID") or random.randint(30, 99)), cache / "ros_log")
-    result = record_swarm(spec, cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # experiments running side by side (run_all's jobs) share this recording: the first records, the others wait
+    # for it and reuse it, instead of two simulators writing the same bags (and talking on the same ROS domain)
+    with (cache.parent / f".{cache.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        apply_loopback_environment(int(os.environ.get("ROS_DOMAIN_ID") or random.randint(30, 99)), cache / "ros_log")
+        result = record_swarm(spec, cache)
     for line in result.lines():
         print(f"[{NAME}] {line}", flush=True)
     info = {"drive_wall_s": result.drive_wall_s, "sim_s": result.sim_s, "dataset_s": result.dataset_s,
@@ -265,7 +271,7 @@ def run_seed(config: AdaptationConfig, folders: dict[str, Path], seed: int, work
     held = held_out(rovers)
     if not held:
         raise ValueError(f"no rover has held-out frames: {rovers}")
-    local_task = dataclasses.replace(task, threads=2)  # the in-process methods get both cores, like Ray's 2 actors
+    local_task = dataclasses.replace(task, threads=federated.local_threads())  # like Ray's 2 actors
     runs = [{"method": "shipped", "seed": seed, "rounds": [{"round": 0.0,
                                                             **score(shipped_model(config, task), held, task)}]}]
     start = time.perf_counter()

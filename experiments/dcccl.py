@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 
-from experiments import adaptation, cli, report
+from experiments import adaptation, cli, federated, report
 from experiments.report import curve_stats, fmt, last_round_mean, markdown_table, mean_std
 from forest_perception.collab.flower.server_app import ServerSettings
 from forest_perception.collab.flower.task import (
@@ -256,8 +256,12 @@ def latencies(config: DcCclConfig, spec: Any, large: Any, mimic_path: Path, stat
 
 
 def run_seed(config: DcCclConfig, folders: dict[str, Path], seed: int, work: Path, mimic: Path, large: Any,  # noqa: ANN401
-             spec: Any) -> list[dict]:  # noqa: ANN401
-    """Every method on one seed; one run dict per method (per rover for ``alone``)."""
+             spec: Any, baseline: list[dict] | None = None) -> list[dict]:  # noqa: ANN401
+    """Every method on one seed; one run dict per method (per rover for ``alone``).
+
+    ``baseline``: this seed's shipped / alone / FedAvg runs of the adaptation experiment on the same recording and
+    training (:func:`reusable_baseline`); they are taken over (marked ``reused_from``) instead of run again.
+    """
     adapt = config.adaptation()
     task = TaskConfig.from_run_config(adaptation.run_config(adapt, seed))
     rovers = adaptation.load_rovers(folders, task)
@@ -265,20 +269,25 @@ def run_seed(config: DcCclConfig, folders: dict[str, Path], seed: int, work: Pat
     if not held:
         raise ValueError(f"no rover has held-out frames: {rovers}")
     held_big = big_held_out(folders, task, large.input_hw)
-    local_task = dataclasses.replace(task, threads=2)
-    runs = [{"method": "shipped", "seed": seed,
-             "rounds": [{"round": 0.0, **adaptation.score(adaptation.shipped_model(adapt, task), held, task)}]}]
-    runs.append({"method": "large", "seed": seed, "rounds": [{"round": 0.0, **score_big(
-        AtSize(_large_model(large, spec), task.input_hw), held_big, task)}]})
-    start = time.perf_counter()
-    runs += adaptation.train_alone(adapt, local_task, rovers, held, seed)
-    alone_s = time.perf_counter() - start
-    for run in runs:
-        if run["method"] == "alone":
-            run["wall_s"] = alone_s / max(1, sum(r["method"] == "alone" for r in runs))
-    state_db, fed_s = adaptation.run_fedavg(adapt, folders, work, seed)
-    runs.append({"method": "fedavg", "seed": seed, "wall_s": fed_s,
-                 "rounds": adaptation.fedavg_rows(state_db, task, held)})
+    local_task = dataclasses.replace(task, threads=federated.local_threads())
+    large_run = {"method": "large", "seed": seed, "rounds": [{"round": 0.0, **score_big(
+        AtSize(_large_model(large, spec), task.input_hw), held_big, task)}]}
+    if baseline:
+        runs = [{**run, "reused_from": "adaptation"} for run in baseline]
+        runs.insert(1, large_run)
+    else:
+        runs = [{"method": "shipped", "seed": seed,
+                 "rounds": [{"round": 0.0, **adaptation.score(adaptation.shipped_model(adapt, task), held, task)}]},
+                large_run]
+        start = time.perf_counter()
+        runs += adaptation.train_alone(adapt, local_task, rovers, held, seed)
+        alone_s = time.perf_counter() - start
+        for run in runs:
+            if run["method"] == "alone":
+                run["wall_s"] = alone_s / max(1, sum(r["method"] == "alone" for r in runs))
+        state_db, fed_s = adaptation.run_fedavg(adapt, folders, work, seed)
+        runs.append({"method": "fedavg", "seed": seed, "wall_s": fed_s,
+                     "rounds": adaptation.fedavg_rows(state_db, task, held)})
     dc_db, dc_s = run_dcccl(config, folders, mimic, work, seed)
     dc_task = ServerSettings.from_run_config(dcccl_run_config(config, seed, dc_db, mimic,
                                                               work / "population.json")).task
@@ -303,18 +312,66 @@ def _large_model(large: Any, spec: Any) -> torch.nn.Module:  # noqa: ANN401
     return dcccl.large_model(large, spec)
 
 
-def run(config: DcCclConfig, out_dir: Path) -> dict:
-    """Record (or reuse) the swarm, make the cloud's data and mimic, run every method on every seed, write outputs."""
+def prepare_cloud(config: DcCclConfig, out_dir: Path) -> tuple[Any, Any, Path, dict]:  # noqa: ANN401
+    """The cloud's side, cached under ``out_dir/dcccl_cache``: its forests, the large model, the distilled mimic.
+
+    Needs no recording, so ``run_all`` starts it beside the adaptation experiment; a lock makes a second caller
+    wait and reuse instead of rendering the same forests twice. Returns the spec, the large model, the mimic's
+    path and the distillation summary.
+    """
+    import fcntl
+
     from forest_perception.collab import dcccl
+
+    folder = Path(out_dir) / "dcccl_cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cloud = cloud_data(config, out_dir)
+        spec = dcccl.DcCclSpec(large=config.large, mimic_init=config.model, small_channels=config.small_channels)
+        large = dcccl.build_large(spec)
+        mimic, distil = distil_mimic(config, cloud, out_dir, large.version)
+    return spec, large, mimic, distil
+
+
+SHARED_WITH_ADAPTATION = ("model", "style", "world_seed", "rovers", "drive_s", "camera_rate_hz", "segment_frames",
+                          "holdout_fraction", "rounds", "local_epochs", "lr", "batch_size")
+"""The adaptation experiment's settings that must match for its shipped / alone / FedAvg runs to be DC-CCL's."""
+
+
+def reusable_baseline(config: DcCclConfig, adaptation_result: dict | None) -> dict[int, list[dict]]:
+    """Per seed, the adaptation experiment's shipped / alone / FedAvg runs when it ran the same recording and
+    training (same :data:`SHARED_WITH_ADAPTATION` settings, the seed among its seeds); else nothing."""
+    if not adaptation_result:
+        return {}
+    theirs = adaptation_result["config"]
+    mine = config.adaptation()
+    get = theirs.get if isinstance(theirs, dict) else lambda k: getattr(theirs, k, None)
+    if any(get(k) != getattr(mine, k) for k in SHARED_WITH_ADAPTATION):
+        return {}
+    out: dict[int, list[dict]] = {}
+    for run in adaptation_result["runs"]:
+        if run["method"] in ("shipped", "alone", "fedavg") and run["seed"] in config.seeds:
+            out.setdefault(int(run["seed"]), []).append(run)
+    return {seed: runs for seed, runs in out.items() if {r["method"] for r in runs} == {"shipped", "alone", "fedavg"}}
+
+
+def run(config: DcCclConfig, out_dir: Path, adaptation_result: dict | None = None) -> dict:
+    """Record (or reuse) the swarm, make the cloud's data and mimic, run every method on every seed, write outputs.
+
+    ``adaptation_result``: the adaptation experiment's result of this same invocation (``run_all`` passes it), whose
+    shipped / alone / FedAvg runs are reused when its recording and training match (:func:`reusable_baseline`).
+    """
 
     started = time.perf_counter()
     folders, recording = adaptation.record(config.adaptation(), out_dir)
-    cloud = cloud_data(config, out_dir)
-    spec = dcccl.DcCclSpec(large=config.large, mimic_init=config.model, small_channels=config.small_channels)
-    large = dcccl.build_large(spec)
-    mimic, distil = distil_mimic(config, cloud, out_dir, large.version)
+    spec, large, mimic, distil = prepare_cloud(config, out_dir)
     print(f"[{NAME}] mimic {distil['mimic_version']} of {distil['large_version']} on {distil['frames']} cloud frames: "
           f"mse(log depth) {distil['loss_start']:.4f} -> {distil['loss_by_epoch'][-1]:.4f}", flush=True)
+    baseline = reusable_baseline(config, adaptation_result)
+    if baseline:
+        print(f"[{NAME}] shipped / alone / FedAvg taken over from the adaptation experiment (seeds "
+              f"{sorted(baseline)}): same recording and training", flush=True)
     runs: list[dict] = []
     lat: dict = {}
     with tempfile.TemporaryDirectory(prefix="exp-dcccl-") as tmp:
@@ -323,10 +380,12 @@ def run(config: DcCclConfig, out_dir: Path) -> dict:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             print(f"[{NAME}] seed {seed} ...", flush=True)
-            runs += run_seed(config, folders, seed, work, mimic, large, spec)
+            runs += run_seed(config, folders, seed, work, mimic, large, spec, baseline.get(seed))
             if not lat:
                 db = Path(next(r["dcccl_db"] for r in runs if r["method"] == "rovers"))
                 lat = latencies(config, spec, large, mimic, db, work)
+    for run in runs:  # a temporary folder of this machine: not worth keeping in the results
+        run.pop("dcccl_db", None)
     summary = summarise(config, runs)
     summary.update(latency_ms=lat, distil={k: distil[k] for k in ("mimic_version", "large_version", "frames", "epochs",
                                                                   "loss_start", "loss_by_epoch", "teacher_s",

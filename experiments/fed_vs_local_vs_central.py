@@ -9,16 +9,18 @@ scored on each rover's own forest, all rovers' forests and forests no rover has 
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from experiments import cli, federated, heldout, report
+from experiments import cli, federated, heldout, report, tuning
 from experiments.heldout import HeldOut, ModelScorer
 from experiments.report import curve_stats, fmt, markdown_table, mean_std
 from forest_perception.collab.flower.client_app import make_client_app
@@ -53,7 +55,10 @@ class FedLocalCentralConfig:
     unseen_forests: int = 6
     unseen_per_forest: int = 4
     local_epochs: int = 2
-    lr: float = 0.003
+    lr: float = 0.003  # unused when ``lrs`` has several: each setting runs at its best of the grid
+    lrs: tuple[float, ...] = (0.001, 0.003, 0.01)  # the same grid for every setting, tuned on ``tune_seed``
+    tune_seed: int = 100
+    tail_rounds: int = 3  # tuning's score: own-forest AbsRel averaged over the last rounds
     base_channels: int = 4
     hw: tuple[int, int] = (64, 80)
 
@@ -61,7 +66,7 @@ class FedLocalCentralConfig:
     def quick(cls) -> FedLocalCentralConfig:
         """A few-minute version: one seed, 6 rovers, 8 rounds."""
         return cls(seeds=(0,), num_rovers=6, rounds=8, frames_per_rover=8, held_out_per_rover=3, unseen_forests=3,
-                   unseen_per_forest=3)
+                   unseen_per_forest=3, lrs=(0.003,))
 
 
 def own_scores(scores: dict[str, float], rover_ids: list[str]) -> dict[str, float]:
@@ -136,35 +141,54 @@ def train_central(
     return rows
 
 
+def run_seed(config: FedLocalCentralConfig, seed: int, root: Path, lr_of: Mapping[str, float]) -> list[dict]:
+    """The three settings on one seed's population, each at its learning rate ``lr_of[setting]``."""
+    population = make_population(config.num_rovers, root / "rovers", seed=seed, availability=(1.0, 1.0),
+                                 frames=config.frames_per_rover)
+    population_path = federated.write_population_data(population, root, config.hw)
+    rover_ids = [r.rover_id for r in population.rovers]
+    parts = {r.rover_id: heldout.held_out_frames(r, config.held_out_per_rover, config.hw) for r in population.rovers}
+    parts["unseen"] = heldout.unseen_frames(seed, config.unseen_forests, config.unseen_per_forest, config.hw,
+                                            heldout.WEATHERS)
+    held = HeldOut.build(parts, {**{r: [r] for r in rover_ids}, "all": rover_ids, "unseen": ["unseen"]})
+
+    def task_at(setting: str) -> tuple[dict, TaskConfig]:
+        lr = float(lr_of[setting])
+        run_config = federated.experiment_config(config, seed, root / f"fedavg-{lr:g}.db", algorithm="fedavg",
+                                                 population=str(population_path), lr=lr)
+        return run_config, TaskConfig.from_run_config(run_config)
+
+    run_config, task = task_at("federated")
+    rows = federated.run_federated(run_config, make_client_app(run_config), config.num_rovers,
+                                   federated_hook(ModelScorer(task), held, rover_ids))
+    runs = [{"setting": "federated", "lr": task.lr, "seed": seed, "rounds": rows}]
+    datasets = {r.rover_id: load_local_data(r.data_dir, task) for r in population.rovers}
+    task = task_at("local")[1]
+    runs.append({"setting": "local", "lr": task.lr, "seed": seed,
+                 "rounds": train_alone(task, datasets, held, config.rounds, seed)})
+    task = task_at("central")[1]
+    runs.append({"setting": "central", "lr": task.lr, "seed": seed,
+                 "rounds": train_central(task, datasets, held, config.rounds, seed)})
+    return runs
+
+
 def run(config: FedLocalCentralConfig, out_dir: Path) -> dict:
-    """All three settings on every seed; write ``<out>/fed_vs_local_vs_central.{json,csv,png}``; return the result."""
+    """Tune each setting's learning rate, run the three on every seed; write ``<out>/fed_vs_local_vs_central.*``."""
     federated.quiet_logs()
+    if config.tune_seed in config.seeds and len(config.lrs) > 1:
+        raise ValueError(f"tune_seed {config.tune_seed} must not be a reported seed {config.seeds}")
     started = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory(prefix="exp-flc-") as tmp:
+        best, trials = tuning.tune(
+            SETTINGS, config.lrs, config.tune_seed,
+            lambda seed, lr_of: run_seed(config, seed, Path(tmp) / f"seed{seed}", lr_of),
+            lambda r: tuning.tail_mean(r["rounds"], "own/absrel", config.tail_rounds),
+            log=lambda line: print(f"[{NAME}]{line}", flush=True))
         for seed in config.seeds:
-            root = Path(tmp) / f"seed{seed}"
-            population = make_population(config.num_rovers, root / "rovers", seed=seed, availability=(1.0, 1.0),
-                                          frames=config.frames_per_rover)
-            population_path = federated.write_population_data(population, root, config.hw)
-            rover_ids = [r.rover_id for r in population.rovers]
-            parts = {r.rover_id: heldout.held_out_frames(r, config.held_out_per_rover, config.hw)
-                     for r in population.rovers}
-            parts["unseen"] = heldout.unseen_frames(seed, config.unseen_forests, config.unseen_per_forest, config.hw,
-                                                    heldout.WEATHERS)
-            held = HeldOut.build(parts, {**{r: [r] for r in rover_ids}, "all": rover_ids, "unseen": ["unseen"]})
-            run_config = federated.experiment_config(config, seed, root / "fedavg.db", algorithm="fedavg",
-                                                     population=str(population_path))
-            task = TaskConfig.from_run_config(run_config)
-            rows = federated.run_federated(run_config, make_client_app(run_config), config.num_rovers,
-                                 federated_hook(ModelScorer(task), held, rover_ids))
-            runs.append({"setting": "federated", "seed": seed, "rounds": rows})
-            datasets = {r.rover_id: load_local_data(r.data_dir, task) for r in population.rovers}
-            runs.append({"setting": "local", "seed": seed,
-                         "rounds": train_alone(task, datasets, held, config.rounds, seed)})
-            runs.append({"setting": "central", "seed": seed,
-                         "rounds": train_central(task, datasets, held, config.rounds, seed)})
-    result = report.experiment_result(NAME, CLAIM, config, runs, summarise(config, runs), started)
+            runs += run_seed(config, seed, Path(tmp) / f"seed{seed}", best)
+    result = report.experiment_result(NAME, CLAIM, config, runs, summarise(config, runs), started,
+                                      tuning={"best": best, "trials": trials})
     write_outputs(result, config, out_dir)
     return result
 
@@ -180,7 +204,13 @@ def summarise(config: FedLocalCentralConfig, runs: list[dict]) -> dict:
         s["best_round_own/absrel"] = mean_std(min(row["own/absrel"] for row in r["rounds"]) for r in mine)
         if setting == "federated":
             s["costs"] = report.cost_stats(mine)
+        s["lr"] = mine[0]["lr"] if mine and "lr" in mine[0] else config.lr
         summary["settings"][setting] = s
+    tail = config.tail_rounds
+    summary["paired"] = {
+        f"federated - {other}, {key} (last {tail} rounds)": tuning.paired(
+            runs, lambda r, key=key: tuning.tail_mean(r["rounds"], key, tail), "federated", other)
+        for other in ("local", "central") for key in ("own/absrel", "unseen/absrel")}
     return summary
 
 
@@ -188,11 +218,22 @@ def table(result: dict) -> str:
     """The results table (markdown)."""
     config = result["config"]
     rows = [[setting, fmt(s["own/absrel"]), fmt(s["own/delta1"]), fmt(s["all/absrel"]), fmt(s["unseen/absrel"]),
-             fmt(s["unseen/delta1"]), fmt(s["best_round_own/absrel"])]
+             fmt(s["unseen/delta1"]), fmt(s["best_round_own/absrel"]), f"{s.get('lr', math.nan):g}"]
             for setting, s in result["summary"]["settings"].items()]
-    return markdown_table(["setting", f"AbsRel own forest (round {config.rounds})", "δ<1.25 own forest",
+    text = markdown_table(["setting", f"AbsRel own forest (round {config.rounds})", "δ<1.25 own forest",
                            "AbsRel all rovers' forests", "AbsRel unseen forests", "δ<1.25 unseen forests",
-                           "best AbsRel own forest (any round)"], rows)
+                           "best AbsRel own forest (any round)", "lr"], rows)
+    paired = [[key, fmt(stat)] for key, stat in result["summary"].get("paired", {}).items()]
+    if paired:
+        text += "\n\n" + markdown_table(["paired difference, same seeds (negative: federated is better)",
+                                          "mean ± std"], paired)
+    trials = result.get("tuning", {}).get("trials", [])
+    if trials:
+        text += (f"\n\nLearning rate of each setting, tuned on seed {trials[0]['seed']} (not reported): own-forest "
+                 f"AbsRel over the last {config.tail_rounds} rounds.\n\n"
+                 + markdown_table(tuning.tuning_header(trials, "AbsRel"),
+                                  tuning.tuning_table(trials, result["tuning"]["best"])))
+    return text
 
 
 def write_outputs(result: dict, config: FedLocalCentralConfig, out_dir: Path) -> None:

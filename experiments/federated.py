@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +43,17 @@ EXPERIMENT_RUN_CONFIG: dict[str, Any] = {
     "evaluate-every": 0,
 }
 """Run config shared by every experiment (on top of :data:`forest_perception.collab.flower.task.DEFAULT_RUN_CONFIG`)."""
+
+
+def local_threads() -> int:
+    """Torch threads for an experiment's in-process training of the shipped networks: ``EXPERIMENT_THREADS`` (set by
+    ``run_all`` when jobs run side by side), else 2 (both cores, like the Ray simulation's two actors)."""
+    value = os.environ.get("EXPERIMENT_THREADS", "").strip()
+    if not value:
+        return 2
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"EXPERIMENT_THREADS must be a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 def quiet_logs() -> None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from experiments import cli, federated, heldout, report
 from experiments.report import curve_stats, fmt, markdown_table, mean_std
+from experiments.tuning import tail_mean
 from forest_perception.collab.flower.client_app import make_client_app
 from forest_perception.collab.flower.population import Population, VirtualRover
 from forest_perception.collab.flower.rover_strategy import RoverStrategy
@@ -131,12 +132,6 @@ def run(config: LaAvgConfig, out_dir: Path) -> dict:
 def variant_label(algorithm: str, lr: float) -> str:
     """``fedavg lr=0.03``: the algorithm and its local learning rate."""
     return f"{algorithm} lr={lr:g}"
-
-
-def tail_mean(rows: list[dict], key: str, count: int) -> float:
-    """The mean of ``key`` over the last ``count`` rounds (NaN if any is not finite)."""
-    values = [row[key] for row in rows[-count:]]
-    return float(np.mean(values)) if values and all(math.isfinite(v) for v in values) else math.nan
 
 
 def summarise(config: LaAvgConfig, runs: list[dict]) -> dict:

@@ -14,7 +14,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from experiments import cli, federated, report
+from experiments import cli, federated, report, tuning
 from experiments.heldout import HELD_OUT_STREAM, WEATHERS, HeldOut, nan_scores, render_frames, score_predictions
 from experiments.report import curve, curve_stats, fmt, markdown_table, mean_std
 from forest_perception.collab.flower.messages import CONFIG_KEY, global_arrays, identity_reply, put_update, train_reply
@@ -254,7 +254,10 @@ class SubAvgConfig:
     rounds: int = 20
     fraction_train: float = 0.5
     local_epochs: int = 2
-    lr: float = 0.001  # the (pretrained) network is fine-tuned
+    lr: float = 0.001  # pretraining's; the federated runs fine-tune at each algorithm's best of ``lrs``
+    lrs: tuple[float, ...] = (0.0003, 0.001, 0.003)  # the network's; the same grid for both, tuned on tune_seed
+    tune_seed: int = 100
+    tail_rounds: int = 5  # tuning's score: held-out AbsRel averaged over the last rounds
     embedding_lr: float = 0.05
     variance_focus: float = 0.0  # silog's lambda: 0 makes the loss see the scale the place table exists for
     base_channels: int = 4
@@ -268,7 +271,7 @@ class SubAvgConfig:
     @classmethod
     def quick(cls) -> SubAvgConfig:
         """A few-minute version: one seed, 8 rovers, 16 places, 10 rounds."""
-        return cls(seeds=(0,), num_rovers=8, num_places=16, rounds=10, held_out_per_place=2)
+        return cls(seeds=(0,), num_rovers=8, num_places=16, rounds=10, held_out_per_place=2, lrs=(0.001,))
 
 
 def score_hook(
@@ -292,46 +295,60 @@ def score_hook(
     return hook
 
 
+def run_seed(config: SubAvgConfig, seed: int, root: Path, lr_of: Mapping[str, float]) -> tuple[list[dict], dict]:
+    """Both algorithms on one seed's places and rovers, each at ``lr_of[algorithm]``; the runs and the population."""
+    places = make_places(config.num_places, seed, config.camera_heights)
+    visits = assign_places(config.num_rovers, config.num_places, config.places_per_rover, config.zipf, seed)
+    rovers = make_rovers(places, visits, config.frames_per_place, config.hw)
+    visitors = {p: sum(p in v for v in visits) for p in range(config.num_places)}
+    visited = [p for p in range(config.num_places) if visitors[p]]
+    parts = {f"place_{p}": place_frames(places[p], config.held_out_per_place, config.hw, HELD_OUT_STREAM)
+             for p in visited}
+    groups = {"all": list(parts),
+              "hot": [f"place_{p}" for p in visited if visitors[p] >= config.hot_rovers],
+              "cold": [f"place_{p}" for p in visited if visitors[p] == 1]}
+    held = HeldOut.build(parts, {k: v for k, v in groups.items() if v})
+    held_places = torch.tensor([p for p in visited for _ in range(config.held_out_per_place)], dtype=torch.int64)
+    population = {"seed": seed, "places_visited": len(visited), "visits": visits, "visitors_per_place": visitors,
+                  "hot": len(groups["hot"]), "cold": len(groups["cold"]),
+                  "camera_heights": [round(p.camera_height, 3) for p in places]}
+    net = None
+    runs = []
+    for algorithm in config.algorithms:
+        lr = float(lr_of[algorithm])
+        run_config = federated.experiment_config(config, seed, root / f"{seed}-{algorithm}-{lr:g}.db",
+                                                 algorithm=algorithm, lr=lr)
+        task = TaskConfig.from_run_config(run_config)
+        if net is None and config.pretrain_forests:  # once per seed, at config.lr whatever the runs' rates
+            net = federated.pretrain_network(dataclasses.replace(task, lr=config.lr), seed, config.pretrain_forests,
+                                             config.pretrain_frames, config.pretrain_epochs)
+        app = make_place_client_app(rovers, task, config.num_places, config.embedding_lr, config.variance_focus)
+        hook = score_hook(build_place_model(task, config.num_places), held, held_places, task, config.variance_focus)
+        coordinator = build_place_coordinator(run_config, config.num_places, net)
+        rows = federated.run_federated(run_config, app, config.num_rovers, hook, coordinator=coordinator)
+        runs.append({"algorithm": algorithm, "setting": algorithm, "lr": lr, "seed": seed, "rounds": rows})
+    return runs, population
+
+
 def run(config: SubAvgConfig, out_dir: Path) -> dict:
-    """Run both algorithms on every seed; write ``<out>/fedsubavg_sparse.{json,csv,png}``; return the result."""
+    """Tune each algorithm's learning rate, run both on every seed; write ``<out>/fedsubavg_sparse.*``."""
     federated.quiet_logs()
+    if config.tune_seed in config.seeds and len(config.lrs) > 1:
+        raise ValueError(f"tune_seed {config.tune_seed} must not be a reported seed {config.seeds}")
     started = time.perf_counter()
     runs, populations = [], []
     with tempfile.TemporaryDirectory(prefix="exp-subavg-") as tmp:
+        best, trials = tuning.tune(
+            config.algorithms, config.lrs, config.tune_seed,
+            lambda seed, lr_of: run_seed(config, seed, Path(tmp), lr_of)[0],
+            lambda r: tuning.tail_mean(r["rounds"], "all/absrel", config.tail_rounds),
+            log=lambda line: print(f"[{NAME}]{line}", flush=True))
         for seed in config.seeds:
-            places = make_places(config.num_places, seed, config.camera_heights)
-            visits = assign_places(config.num_rovers, config.num_places, config.places_per_rover, config.zipf, seed)
-            rovers = make_rovers(places, visits, config.frames_per_place, config.hw)
-            visitors = {p: sum(p in v for v in visits) for p in range(config.num_places)}
-            visited = [p for p in range(config.num_places) if visitors[p]]
-            parts = {f"place_{p}": place_frames(places[p], config.held_out_per_place, config.hw, HELD_OUT_STREAM)
-                     for p in visited}
-            groups = {"all": list(parts),
-                      "hot": [f"place_{p}" for p in visited if visitors[p] >= config.hot_rovers],
-                      "cold": [f"place_{p}" for p in visited if visitors[p] == 1]}
-            held = HeldOut.build(parts, {k: v for k, v in groups.items() if v})
-            held_places = torch.tensor([p for p in visited for _ in range(config.held_out_per_place)],
-                                       dtype=torch.int64)
-            populations.append({"seed": seed, "places_visited": len(visited), "visits": visits,
-                                "visitors_per_place": visitors, "hot": len(groups["hot"]), "cold": len(groups["cold"]),
-                                "camera_heights": [round(p.camera_height, 3) for p in places]})
-            net = None
-            for algorithm in config.algorithms:
-                run_config = federated.experiment_config(config, seed, Path(tmp) / f"{seed}-{algorithm}.db",
-                                                         algorithm=algorithm)
-                task = TaskConfig.from_run_config(run_config)
-                if net is None and config.pretrain_forests:
-                    net = federated.pretrain_network(task, seed, config.pretrain_forests, config.pretrain_frames,
-                                                     config.pretrain_epochs)
-                app = make_place_client_app(rovers, task, config.num_places, config.embedding_lr,
-                                            config.variance_focus)
-                hook = score_hook(build_place_model(task, config.num_places), held, held_places, task,
-                                  config.variance_focus)
-                coordinator = build_place_coordinator(run_config, config.num_places, net)
-                rows = federated.run_federated(run_config, app, config.num_rovers, hook, coordinator=coordinator)
-                runs.append({"algorithm": algorithm, "seed": seed, "rounds": rows})
+            seed_runs, population = run_seed(config, seed, Path(tmp), best)
+            runs += seed_runs
+            populations.append(population)
     result = report.experiment_result(NAME, CLAIM, config, runs, summarise(config, runs), started,
-                                      populations=populations)
+                                      populations=populations, tuning={"best": best, "trials": trials})
     write_outputs(result, config, out_dir)
     return result
 
@@ -377,6 +394,11 @@ def summarise(config: SubAvgConfig, runs: list[dict]) -> dict:
                     "per_seed": reached, "never": sum(h is None for h in reached),
                 }
         s["costs"] = report.cost_stats(mine)
+        s["lr"] = mine[0]["lr"] if mine else math.nan
+    if {"fedavg", "fedsubavg"} <= set(config.algorithms):
+        summary["paired"] = {f"fedsubavg - fedavg, {key} (last {config.tail_rounds} rounds)": tuning.paired(
+            runs, lambda r, key=key: tuning.tail_mean(r["rounds"], key, config.tail_rounds), "fedsubavg", "fedavg")
+            for key in ("all/absrel", "cold/absrel")}
     return summary
 
 
@@ -390,11 +412,22 @@ def table(result: dict) -> str:
             stat = s[f"rounds_to_{q:g}_all/loss"]
             reach.append(fmt(stat, 1) + (f" ({stat['never']} never)" if stat["never"] else ""))
         rows.append([algorithm, *reach, fmt(s["all/loss"]), fmt(s["all/absrel"]), fmt(s["hot/absrel"]),
-                     fmt(s["cold/absrel"]), fmt(s["costs"]["kib_up_per_rover"], 1)])
+                     fmt(s["cold/absrel"]), fmt(s["costs"]["kib_up_per_rover"], 1), f"{s.get('lr', math.nan):g}"])
     header = ["algorithm", *[f"rounds to {int(q * 100)} % of the loss drop" for q in config.target_fractions],
               f"loss (round {config.rounds})", "AbsRel all", "AbsRel hot places", "AbsRel cold places",
-              "KiB up/rover/round"]
-    return markdown_table(header, rows)
+              "KiB up/rover/round", "lr"]
+    text = markdown_table(header, rows)
+    paired = [[key, fmt(stat)] for key, stat in result["summary"].get("paired", {}).items()]
+    if paired:
+        text += "\n\n" + markdown_table(["paired difference, same seeds (negative: FedSubAvg is better)",
+                                          "mean ± std"], paired)
+    trials = result.get("tuning", {}).get("trials", [])
+    if trials:
+        text += (f"\n\nNetwork learning rate of each algorithm, tuned on seed {trials[0]['seed']} (not reported): "
+                 f"AbsRel over the last {config.tail_rounds} rounds.\n\n"
+                 + markdown_table(tuning.tuning_header(trials, "AbsRel"),
+                                  tuning.tuning_table(trials, result["tuning"]["best"])))
+    return text
 
 
 def write_outputs(result: dict, config: SubAvgConfig, out_dir: Path) -> None:

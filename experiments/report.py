@@ -152,7 +152,8 @@ def long_rows(experiment: str, runs: Sequence[Mapping[str, Any]]) -> list[dict[s
 def plot_panels(path: str | Path, panels: Sequence[Mapping[str, Any]], title: str = "", ncols: int = 3) -> Path:
     """Line plots, one panel each: ``{"title", "ylabel", "curves": {label: (x, mean, std)}, "xlabel"?, "hline"?}``.
 
-    Panels fill rows of ``ncols``. The band is mean ± one standard deviation over seeds.
+    Panels fill rows of ``ncols``. The band is mean ± one standard deviation over seeds. Rounds without a finite
+    mean (not scored, or every seed diverged) are skipped, so sparsely scored curves stay connected lines.
     """
     import matplotlib
 
@@ -168,6 +169,8 @@ def plot_panels(path: str | Path, panels: Sequence[Mapping[str, Any]], title: st
         ax.set_visible(False)
     for ax, panel in zip(axes.flat, panels):
         for label, (x, mean, std) in panel["curves"].items():
+            keep = np.isfinite(mean)  # (tables say which runs diverged)
+            x, mean, std = np.asarray(x)[keep], np.asarray(mean)[keep], np.nan_to_num(np.asarray(std)[keep])
             (line,) = ax.plot(x, mean, label=label, linewidth=1.6)
             if np.any(std > 0):
                 ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.18, linewidth=0)

@@ -1,6 +1,6 @@
 """Run every experiment and write ``experiments/results/``: per-experiment JSON/CSV/PNG, costs, and README.md.
 
-    .venv/bin/python -m experiments.run_all            # the full version (about 15-25 min on 2 shared cores)
+    .venv/bin/python -m experiments.run_all            # the full version (under an hour on 2 cores, 2 jobs at a time)
     .venv/bin/python -m experiments.run_all --quick    # a few minutes: one seed, fewer rovers and rounds
     .venv/bin/python -m experiments.run_all --only semicyclic --seeds 0 --out /tmp/results
 
@@ -72,6 +72,8 @@ def cost_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     for name, result in results.items():
         labels: dict[str, list[dict]] = {}
         for run in result["runs"]:
+            if run.get("reused_from"):  # another experiment's run (counted there)
+                continue
             if any("wall_s" in r for r in run["rounds"]):  # federated runs only (local/central have no rounds)
                 labels.setdefault(run_label(run), []).append(cost_summary(run["rounds"]))
         for label, costs in labels.items():
@@ -152,7 +154,8 @@ def write_report(out_dir: Path, results: Mapping[str, Mapping[str, Any]], meta: 
         "# Experiment results",
         "",
         f"Written by `python -m experiments.run_all{' --quick' if meta.get('quick') else ''}` on {meta['date']} "
-        f"in {meta['elapsed_s'] / 60:.1f} min ({meta['machine']}). Discussion: "
+        f"in {meta['elapsed_s'] / 60:.1f} min, {meta.get('jobs', 1)} job(s) side by side ({meta['machine']}). "
+        "Discussion: "
         "[docs/experiments.md](../../docs/experiments.md). Every number is mean ± sample standard deviation over "
         "the seeds listed; every federated run is the real coordinator (strategy, screening, SQLite store) and "
         "rover ClientApps on an in-process `LocalGrid`.",
@@ -223,8 +226,70 @@ def rewrite_report(out_dir: Path = RESULTS_DIR) -> Path:
     previous = out_dir / "run_all.json"
     meta = json.loads(previous.read_text()) if previous.is_file() else {}
     meta = {k: meta.get(k, default) for k, default in
-            (("date", "unknown"), ("quick", False), ("elapsed_s", math.nan), ("machine", "unknown"))}
+            (("date", "unknown"), ("quick", False), ("jobs", 1), ("elapsed_s", math.nan),
+                                     ("machine", "unknown"))}
     return write_report(out_dir, results, meta)
+
+
+CHAINS: tuple[tuple[str, ...], ...] = (("adaptation", "dcccl"),)
+"""Experiments that run one after the other in one job: DC-CCL reuses the adaptation experiment's recording and its
+shipped / alone / FedAvg runs."""
+
+EXPECTED_MIN = {"adaptation": 20, "dcccl": 15, "semicyclic": 20, "influence_debug": 16, "fedlaavg_vs_fedavg": 15,
+                "fed_vs_local_vs_central": 10, "fedsubavg_sparse": 6}
+"""Rough minutes of each full configuration on one core, only to start the longest jobs first."""
+
+
+PREPARE = {"dcccl": "dcccl:cloud"}
+"""Steps that need no other experiment (DC-CCL's cloud forests and mimic) and run as a job of their own while the
+chain they shorten waits for its recording; the experiment itself then finds them cached."""
+
+
+def plan_jobs(names: Sequence[str], jobs: int = 1) -> list[tuple[str, ...]]:
+    """The jobs for ``names``: each chain of :data:`CHAINS` (its members in ``names``) as one, the others alone;
+    longest expected first. With ``jobs`` > 1, each :data:`PREPARE` step of a chained experiment comes right after
+    the longest job, so it runs beside it."""
+    planned, taken = [], set()
+    for chain in CHAINS:
+        members = tuple(n for n in chain if n in names)
+        if members:
+            planned.append(members)
+            taken.update(members)
+    planned += [(n,) for n in names if n not in taken]
+    planned.sort(key=lambda job: -sum(EXPECTED_MIN.get(n, 10) for n in job))
+    if jobs > 1:
+        steps = [(PREPARE[n],) for job in planned if len(job) > 1 for n in job if n in PREPARE]
+        planned[1:1] = steps
+    return planned
+
+
+def run_job(names: Sequence[str], configs: Mapping[str, Any], out_dir: Path, threads: int | None = None,
+            ) -> dict[str, dict[str, Any]]:
+    """Run the experiments of one job in order (with ``threads`` torch threads); their results by name."""
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ["EXPERIMENT_THREADS"] = str(threads)
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name in PREPARE.values():
+            experiment = next(n for n, step in PREPARE.items() if step == name)
+            print(f"[run_all] {name} (cached for {experiment}) ...", flush=True)
+            EXPERIMENTS[experiment][0].prepare_cloud(configs[experiment], out_dir)
+            continue
+        module, _ = EXPERIMENTS[name]
+        print(f"[run_all] {name} ...", flush=True)
+        if name == "dcccl" and "adaptation" in results:
+            results[name] = module.run(configs[name], out_dir, adaptation_result=results["adaptation"])
+        else:
+            results[name] = module.run(configs[name], out_dir)
+        print(f"[run_all] {name}: {results[name]['elapsed_s']:.0f} s", flush=True)
+    return results
+
+
+def default_jobs() -> int:
+    """Two jobs side by side where there are at least two cores (the experiments' small networks barely use a
+    second thread, so two single-threaded jobs nearly halve the wall time); else one."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def run_all(
@@ -233,23 +298,45 @@ def run_all(
     seeds: Sequence[int] | None = None,
     only: Sequence[str] | None = None,
     configs: Mapping[str, Any] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Run the experiments (all, or ``only``) and write the report; ``configs`` replaces a name's configuration."""
+    """Run the experiments (all, or ``only``) and write the report; ``configs`` replaces a name's configuration.
+
+    ``jobs`` > 1 runs that many jobs (:func:`plan_jobs`) side by side in worker processes, each with
+    ``cpu_count // jobs`` torch threads; the results and the report are the same as one after the other.
+    """
     unknown = [n for n in (only or []) if n not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiment(s) {unknown}; known: {', '.join(EXPERIMENTS)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     started = time.perf_counter()
-    results = {}
-    for name, (module, config_class) in EXPERIMENTS.items():
-        if only and name not in only:
-            continue
-        config = (configs or {}).get(name) or pick_config(config_class, quick, seeds)
-        print(f"[run_all] {name} ...", flush=True)
-        results[name] = module.run(config, out_dir)
-        print(f"[run_all] {name}: {results[name]['elapsed_s']:.0f} s", flush=True)
+    names = [n for n in EXPERIMENTS if not only or n in only]
+    chosen = {n: (configs or {}).get(n) or pick_config(EXPERIMENTS[n][1], quick, seeds) for n in names}
+    planned = plan_jobs(names, jobs)
+    found: dict[str, dict[str, Any]] = {}
+    if jobs == 1 or len(planned) == 1:
+        for job in planned:
+            found.update(run_job(job, chosen, out_dir))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        print(f"[run_all] {len(planned)} jobs, {jobs} at a time, {threads} torch thread(s) each: "
+              + "; ".join(" -> ".join(job) for job in planned), flush=True)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(run_job, job, {n: chosen[n] for n in {*job, *PREPARE} & set(chosen)}, out_dir,
+                                   threads): job for job in planned}
+            for future in as_completed(futures):
+                found.update(future.result())
+                print(f"[run_all] done: {', '.join(futures[future])} "
+                      f"({(time.perf_counter() - started) / 60:.1f} min so far)", flush=True)
+    results = {n: found[n] for n in names}
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "quick": quick,
+        "jobs": jobs,
         "elapsed_s": time.perf_counter() - started,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), load average "
                    f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at the end, Python {platform.python_version()}, "
@@ -264,11 +351,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = experiment_arguments(__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="run only these experiments")
     parser.add_argument("--report-only", action="store_true", help="rewrite README.md and costs from the JSON files")
+    parser.add_argument("--jobs", type=int, default=default_jobs(),
+                        help="experiments run side by side (default: 2 with at least two cores, else 1)")
     args = parser.parse_args(argv)
     if args.report_only:
         print(f"report: {rewrite_report(args.out)}")
         return
-    out = run_all(args.out, args.quick, args.seeds, args.only)
+    out = run_all(args.out, args.quick, args.seeds, args.only, jobs=args.jobs)
     print(f"\nall done in {out['meta']['elapsed_s'] / 60:.1f} min; report: {Path(args.out) / 'README.md'}")
 
 

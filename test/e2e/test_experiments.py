@@ -35,22 +35,22 @@ TINY = {
     "fedsubavg_sparse": SubAvgConfig(seeds=(0,), num_rovers=3, num_places=64, places_per_rover=1,
                                      frames_per_place=3, held_out_per_place=1, hot_rovers=2, rounds=3,
                                      fraction_train=1.0, hw=HW, pretrain_forests=2, pretrain_frames=2,
-                                     pretrain_epochs=1),
+                                     pretrain_epochs=1, lrs=(0.001,)),
     "semicyclic": SemiCyclicConfig(seeds=(0,), num_rovers=4, num_blocks=2, rounds_per_block=1, rounds=4,
                                    frames_per_rover=4, held_out_per_rover=1, hw=HW, pretrain_forests=2,
-                                   pretrain_frames=2, pretrain_epochs=1),
+                                   pretrain_frames=2, pretrain_epochs=1, lrs=(0.003,)),
     "fed_vs_local_vs_central": FedLocalCentralConfig(seeds=(0,), num_rovers=3, rounds=2, frames_per_rover=4,
                                                      held_out_per_rover=1, unseen_forests=1, unseen_per_forest=2,
-                                                     hw=HW),
+                                                     hw=HW, lrs=(0.003, 0.03), tail_rounds=1),
 }
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """Every experiment in TINY once, through run_all (so the report is written too); the adaptation experiment
-    records rovers over ROS and has its own tests (test/unit/test_adaptation.py)."""
+    """Every experiment in TINY once, through run_all with two jobs side by side (so the report is written too); the
+    adaptation experiment records rovers over ROS and has its own tests (test/unit/test_adaptation.py)."""
     out = tmp_path_factory.mktemp("results")
-    return out, run_all.run_all(out, configs=TINY, only=list(TINY))
+    return out, run_all.run_all(out, configs=TINY, only=list(TINY), jobs=2)
 
 
 def _finite(value: float | None) -> bool:
@@ -130,7 +130,11 @@ def test_semicyclic_tiny(report):
         if not setting.startswith("fedavg"):
             assert [r["block"] for r in rounds[1:]] == [0.0, 1.0, 0.0, 1.0]
         assert all(r["selected"] <= config.num_rovers // config.num_blocks for r in rounds[1:])
+        # sparse scores: round 0, every cycle's end (2) and the whole last cycle (3, 4); round 1 is not scored
+        assert [r["round"] for r in rounds if "mean/absrel" in r] == [0, 2, 3, 4]
         for r in rounds:
+            if "mean/absrel" not in r:
+                continue
             assert r["mean/absrel"] == pytest.approx(np.mean([r["block0/absrel"], r["block1/absrel"]]))
             assert _finite(r["average/absrel"])
         # the control (plain average of every global model so far) is the initial model at round 0
@@ -138,7 +142,9 @@ def test_semicyclic_tiny(report):
     # MM-PSGD's mixed chain is FedAvg: same global model every round, only the predictors differ
     for start in config.starts:
         fedavg, mm = by_setting[f"fedavg, {start}"], by_setting[f"mm-psgd, {start}"]
-        assert [r["global/absrel"] for r in mm] == pytest.approx([r["global/absrel"] for r in fedavg])
+        scored = [r["global/absrel"] for r in mm if "global/absrel" in r]
+        theirs = [r["global/absrel"] for r in fedavg if "global/absrel" in r]
+        assert len(scored) == 4 and scored == pytest.approx(theirs)
         mc = by_setting[f"mc-psgd, {start}"]
         assert mc[1]["kib_down_per_rover"] == pytest.approx(2 * fedavg[1]["kib_down_per_rover"], rel=0.01)
     # the pretrained start begins better than the untrained network
@@ -159,6 +165,17 @@ def test_fed_vs_local_vs_central_tiny(report):
         assert all(0 <= r["own/delta1"] <= 1 for r in rounds)
     assert all(r["selected"] == config.num_rovers for r in runs["federated"][1:])
     assert all(r["train_s"] > 0 for r in runs["central"][1:] + runs["local"][1:])
+    # two learning rates: each setting was tuned on seed 100 (never reported) and runs at the better one
+    tuning = data["tuning"]
+    assert {(t["setting"], t["lr"], t["seed"]) for t in tuning["trials"]} == {
+        (s, lr, 100) for s in ("federated", "local", "central") for lr in config.lrs}
+    for setting in runs:
+        mine = {t["lr"]: t["score"] for t in tuning["trials"] if t["setting"] == setting}
+        assert tuning["best"][setting] == min(mine, key=mine.get)
+        assert data["summary"]["settings"][setting]["lr"] == tuning["best"][setting]
+    assert "tuned on seed 100" in data["table"]
+    assert set(data["summary"]["paired"]) == {f"federated - {o}, {k}/absrel (last 1 rounds)"
+                                              for o in ("local", "central") for k in ("own", "unseen")}
 
 
 def test_report_lists_every_experiment_and_the_costs(report):
