@@ -226,8 +226,7 @@ def rewrite_report(out_dir: Path = RESULTS_DIR) -> Path:
     previous = out_dir / "run_all.json"
     meta = json.loads(previous.read_text()) if previous.is_file() else {}
     meta = {k: meta.get(k, default) for k, default in
-            (("date", "unknown"), ("quick", False), ("jobs", 1), ("elapsed_s", math.nan),
-                                     ("machine", "unknown"))}
+            (("date", "unknown"), ("quick", False), ("jobs", 1), ("elapsed_s", math.nan), ("machine", "unknown"))}
     return write_report(out_dir, results, meta)
 
 
@@ -315,9 +314,14 @@ def run_all(
     chosen = {n: (configs or {}).get(n) or pick_config(EXPERIMENTS[n][1], quick, seeds) for n in names}
     planned = plan_jobs(names, jobs)
     found: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}  # job -> error: the other jobs go on, and the report keeps what finished
     if jobs == 1 or len(planned) == 1:
         for job in planned:
-            found.update(run_job(job, chosen, out_dir))
+            try:
+                found.update(run_job(job, chosen, out_dir))
+            except Exception as error:  # noqa: BLE001 - reported below, after the others ran
+                failed[" -> ".join(job)] = f"{type(error).__name__}: {error}"
+                print(f"[run_all] FAILED: {' -> '.join(job)}: {failed[' -> '.join(job)]}", flush=True)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -329,10 +333,16 @@ def run_all(
             futures = {pool.submit(run_job, job, {n: chosen[n] for n in {*job, *PREPARE} & set(chosen)}, out_dir,
                                    threads): job for job in planned}
             for future in as_completed(futures):
-                found.update(future.result())
+                label = " -> ".join(futures[future])
+                try:
+                    found.update(future.result())
+                except Exception as error:  # noqa: BLE001 - reported below, after the others ran
+                    failed[label] = f"{type(error).__name__}: {error}"
+                    print(f"[run_all] FAILED: {label}: {failed[label]}", flush=True)
+                    continue
                 print(f"[run_all] done: {', '.join(futures[future])} "
                       f"({(time.perf_counter() - started) / 60:.1f} min so far)", flush=True)
-    results = {n: found[n] for n in names}
+    results = {n: found[n] for n in names if n in found}
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "quick": quick,
@@ -342,7 +352,11 @@ def run_all(
                    f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} at the end, Python {platform.python_version()}, "
                    f"torch {torch.__version__}",
     }
-    write_report(out_dir, results, meta)
+    if results:
+        write_report(out_dir, results, meta)
+    if failed:
+        raise RuntimeError(f"{len(failed)} experiment job(s) failed (the report has the {len(results)} that "
+                           "finished): " + "; ".join(f"{job}: {error}" for job, error in failed.items()))
     return {"meta": meta, "results": results}
 
 

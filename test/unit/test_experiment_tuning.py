@@ -110,3 +110,32 @@ def test_dcccl_takes_over_the_adaptation_runs_only_from_the_same_recording_and_t
     assert dcccl.reusable_baseline(config, None) == {}
     no_fedavg = {**result, "runs": [r for r in runs if r["method"] != "fedavg"]}
     assert dcccl.reusable_baseline(config, no_fedavg) == {}
+
+
+def test_run_all_keeps_going_when_a_job_fails_and_reports_what_finished(tmp_path, monkeypatch):
+    import dataclasses
+    import types
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        seeds: tuple = (0,)
+
+        @classmethod
+        def quick(cls):
+            return cls()
+
+    def good_run(config, out_dir):
+        return {"experiment": "good", "claim": "it runs", "config": config, "runs": [], "summary": {},
+                "elapsed_s": 0.1}
+
+    def bad_run(config, out_dir):
+        raise ValueError("num_blocks must be >= 2")
+
+    good = types.SimpleNamespace(run=good_run, table=lambda result: "| a |\n|---|\n| 1 |")
+    bad = types.SimpleNamespace(run=bad_run, table=good.table)
+    monkeypatch.setattr(run_all, "EXPERIMENTS", {"bad": (bad, Config), "good": (good, Config)})
+    with pytest.raises(RuntimeError, match=r"1 experiment job\(s\) failed .*the 1 that finished.*bad: ValueError: "
+                                           r"num_blocks must be >= 2"):
+        run_all.run_all(tmp_path, jobs=1)
+    readme = (tmp_path / "README.md").read_text()
+    assert "Claim: it runs." in readme and "bad" not in readme
