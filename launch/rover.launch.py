@@ -1,5 +1,6 @@
 """A rover's perception: depth, sensor sync and (optionally) recording under the rover namespace.
 
+ros2 launch forest_perception rover.launch.py                     # the shipped model that fits the camera
 ros2 launch forest_perception rover.launch.py model_path:=/path/to/depth.onnx
 ros2 launch forest_perception rover.launch.py sim:=true namespace:=rover_0 record:=true bag_dir:=/data/bags
 
@@ -12,7 +13,8 @@ the rover's sensor topics into an MCAP rosbag2 bag under ``bag_dir`` (services
 models the rover's Flower SuperNode drops into ``model_drop_dir`` on the rover's held-out frames and
 hot-swaps depth_node's model when it is no worse. With ``sim:=true`` sim_node (config/sim.yaml) drives one
 rover named after the namespace and publishes ``/clock``, and every node runs on simulated time.
-Without a valid ``model_path`` depth_node still starts and reports the error on /diagnostics until
+With an empty ``model_path`` (the default) depth_node runs the shipped model that fits the camera
+(``model_family``); with an invalid one it still starts and reports the error on /diagnostics until
 the parameter is set. Parameters of every node: ``params_file`` (config/rover.yaml).
 """
 
@@ -35,8 +37,14 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument("namespace", default_value="rover_0", description="rover namespace"),
             DeclareLaunchArgument(
                 "model_path",
-                default_value=os.path.join(share, "models", "multiscale_320x240_int8.onnx"),
-                description="exported depth model (.onnx or .pt) for depth_node",
+                default_value="",
+                description="exported depth model (.onnx or .pt) or shipped model name for depth_node; empty: the "
+                "shipped model that fits the camera",
+            ),
+            DeclareLaunchArgument(
+                "model_family",
+                default_value="auto",
+                description="with an empty model_path: auto, multiscale or autoencoder",
             ),
             DeclareLaunchArgument(
                 "params_file",
@@ -68,6 +76,7 @@ def generate_launch_description() -> LaunchDescription:
                     LaunchConfiguration("params_file"),
                     {
                         "model_path": LaunchConfiguration("model_path"),
+                        "model_family": LaunchConfiguration("model_family"),
                         # launch_ros evaluates "true"/"false" as YAML booleans: simulated time with the simulator
                         "use_sim_time": sim,
                     },

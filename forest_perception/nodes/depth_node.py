@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import rclpy
-from diagnostic_msgs.msg import DiagnosticArray
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, LaserScan, PointCloud2
@@ -39,10 +39,16 @@ from forest_perception.nodes.common import ParamSpec, add_validated_updates, dec
 from forest_perception.worker import SlotWorker
 
 BACKENDS = ("auto", "onnxruntime", "torch")
+MODEL_FAMILIES = ("auto", "multiscale", "autoencoder")
 # parameters that make the engine reload when they change
-ENGINE_PARAMS = ("model_path", "backend", "providers", "threads")
+ENGINE_PARAMS = ("model_path", "model_family", "backend", "providers", "threads")
 PARAMS = [
-    ParamSpec("model_path", "", "exported depth model (.onnx, or a .pt checkpoint); changing it hot-swaps the model"),
+    ParamSpec("model_path", "", "exported depth model (.onnx, or a .pt checkpoint) or a shipped model name "
+              "(multiscale_320x240_int8); empty: the shipped model that fits the camera, chosen on the first frame; "
+              "changing it hot-swaps the model"),
+    ParamSpec("model_family", "auto", "with an empty model_path: the shipped network family (auto: the "
+              "auto-encoder on an ARM board without a GPU provider, else the multi-scale network)",
+              choices=MODEL_FAMILIES),
     ParamSpec("backend", "auto", "inference backend", choices=BACKENDS),
     ParamSpec("providers", ["CPUExecutionProvider"], "onnxruntime execution providers, in order"),
     ParamSpec("threads", 2, "intra-op threads of the inference backend", (1, 16)),
@@ -70,6 +76,31 @@ PARAMS = [
 ]
 
 EngineLoader = Callable[[str, str, tuple[str, ...], int], DepthEngineLike]
+WAITING_FOR_CAMERA = "waiting for the first camera frame to choose the shipped model that fits it"
+
+
+def resolve_model(model_path: str, family: str, providers: tuple[str, ...],
+                  camera_wh: tuple[int, int] | None) -> str:
+    """The file depth_node loads for ``model_path``: a path as given; a shipped model name (``multiscale_320x240_int8``:
+    a name of that pattern that is no file here) from the installed weights; empty: the shipped model of ``family``
+    that fits a ``camera_wh`` camera (none yet: :class:`ModelLoadError` saying it waits for a frame)."""
+    from pathlib import Path
+
+    from forest_perception.models.weights import model_for_camera, parse_model_name, shipped_model
+
+    if not model_path:
+        if camera_wh is None:
+            raise ModelLoadError(WAITING_FOR_CAMERA)
+        try:
+            return str(model_for_camera(camera_wh[0], camera_wh[1], family, providers))
+        except (ValueError, FileNotFoundError) as exc:
+            raise ModelLoadError(f"no shipped model for a {camera_wh[0]}x{camera_wh[1]} camera: {exc}") from exc
+    if parse_model_name(model_path) is not None and not Path(model_path).exists():
+        try:
+            return str(shipped_model(model_path))
+        except FileNotFoundError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    return model_path
 
 
 def load_inference_engine(path: str, backend: str, providers: tuple[str, ...], threads: int) -> DepthEngineLike:
@@ -95,16 +126,22 @@ class DepthNode(Node):
         self.camera = CameraModel()
         self._engine: DepthEngineLike | None = None
         self._engine_error = ""
-        self._candidate: DepthEngineLike | None = None
+        self._candidate: tuple[DepthEngineLike, str] | None = None
         self._warned_fallback = False
         self._last_rgb: np.ndarray | None = None  # the newest camera frame: the reference a new model must pass
-        try:
-            self._engine = self._load(self.p)
-            self.get_logger().info(f"model {self.p['model_path']} ({self._engine.model_version}, "
-                                   f"{self._engine.backend}) loaded")
-        except Exception as exc:  # noqa: BLE001 - start anyway: a valid model_path can be set at run time
-            self._engine_error = f"no model loaded: {exc}"
-            self.get_logger().error(f"{self._engine_error}; processing nothing until a valid model_path is set")
+        self._model_file = ""  # what model_path resolved to (a shipped model's file when it names one or is empty)
+        self._auto_tried_for: tuple[int, int] | None = None  # camera size an empty model_path was last tried for
+        if not self.p["model_path"]:
+            self._engine_error = f"no model loaded: {WAITING_FOR_CAMERA}"
+            self.get_logger().info(f"model_path is empty: {WAITING_FOR_CAMERA} (model_family {self.p['model_family']})")
+        else:
+            try:
+                self._engine, self._model_file = self._load(self.p)
+                self.get_logger().info(f"model {self._model_file} ({self._engine.model_version}, "
+                                       f"{self._engine.backend}) loaded")
+            except Exception as exc:  # noqa: BLE001 - start anyway: a valid model_path can be set at run time
+                self._engine_error = f"no model loaded: {exc}"
+                self.get_logger().error(f"{self._engine_error}; processing nothing until a valid model_path is set")
 
         sensor = qos_profile_sensor_data
         self.depth_pub = self.create_publisher(Image, "depth/image", sensor)
@@ -128,8 +165,27 @@ class DepthNode(Node):
         return self.stats.last_error
 
     # ---------------------------------------------------------------- parameters
-    def _load(self, p: dict[str, Any]) -> DepthEngineLike:
-        return self._loader(str(p["model_path"]), str(p["backend"]), tuple(p["providers"]), int(p["threads"]))
+    def _load(self, p: dict[str, Any]) -> tuple[DepthEngineLike, str]:
+        """The engine of parameters ``p`` and the file it came from (nothing is changed on the node)."""
+        camera = None if self._last_rgb is None else (self._last_rgb.shape[1], self._last_rgb.shape[0])
+        path = resolve_model(str(p["model_path"]), str(p["model_family"]), tuple(p["providers"]), camera)
+        return self._loader(path, str(p["backend"]), tuple(p["providers"]), int(p["threads"])), path
+
+    def _load_for_camera(self, rgb: np.ndarray) -> None:
+        """With an empty model_path: load the shipped model that fits this frame's size (once per camera size)."""
+        size = (rgb.shape[1], rgb.shape[0])
+        if self._auto_tried_for == size:
+            return
+        self._auto_tried_for = size
+        try:
+            engine, path = self._load(self.p)
+        except Exception as exc:  # noqa: BLE001 - reported on /diagnostics; a valid model_path can still be set
+            self._engine_error = f"no model loaded: {exc}"
+            self.get_logger().error(self._engine_error)
+            return
+        self._engine, self._model_file, self._engine_error = engine, path, ""
+        self.get_logger().info(f"model_path is empty: chose the shipped {self._model_file} for a {size[0]}x{size[1]} "
+                               f"camera ({engine.model_version}, {engine.backend})")
 
     @staticmethod
     def _check(values: dict[str, Any]) -> str:
@@ -142,7 +198,7 @@ class DepthNode(Node):
             return reason
         try:  # load and try before accepting: a bad model is refused and the running engine stays
             candidate = self._load(new)
-            problem = check_candidate(candidate, self._reference_frame(), DepthSettings.from_parameters(new))
+            problem = check_candidate(candidate[0], self._reference_frame(), DepthSettings.from_parameters(new))
         except Exception as exc:  # noqa: BLE001 - any loader failure becomes the refusal's reason
             problem = f"not loaded ({type(exc).__name__}: {exc})"
         if problem:
@@ -158,11 +214,12 @@ class DepthNode(Node):
         return synthetic_forest_image(height, width)
 
     def _commit(self, _old: dict[str, Any], new: dict[str, Any]) -> None:
-        engine, self._candidate = self._candidate, None
+        candidate, self._candidate = self._candidate, None
         self.p, self.settings = new, DepthSettings.from_parameters(new)
-        if engine is not None:
+        if candidate is not None:
+            engine, self._model_file = candidate
             self._engine, self._engine_error = engine, ""
-            self.get_logger().info(f"model swapped to {new['model_path']} ({engine.model_version}, {engine.backend})")
+            self.get_logger().info(f"model swapped to {self._model_file} ({engine.model_version}, {engine.backend})")
 
     # ---------------------------------------------------------------- input
     def _on_camera_info(self, msg: CameraInfo) -> None:
@@ -191,6 +248,8 @@ class DepthNode(Node):
 
     # ---------------------------------------------------------------- worker
     def _process(self, frame: tuple) -> None:
+        if self._engine is None and not self.p["model_path"]:
+            self._load_for_camera(frame[0])
         engine, settings = self._engine, self.settings
         if engine is None:
             self.stats.count("skipped")  # no model: nothing to run it on
@@ -234,10 +293,13 @@ class DepthNode(Node):
         engine, values = self._engine, self.stats.values()
         values.update({
             "model_path": self.p["model_path"],
+            "model_file": self._model_file if engine else "",
             "model_version": getattr(engine, "model_version", "") if engine else "",
             "backend": getattr(engine, "backend", "") if engine else "",
             "camera_info": self.camera.has_info,
         })
+        if engine is None and self._engine_error.endswith(WAITING_FOR_CAMERA):
+            return DiagnosticStatus.OK, WAITING_FOR_CAMERA, values  # nothing wrong yet: no frame has come
         level, message = depth_health(engine is not None, self._engine_error, self.camera.has_info, values,
                                       self.settings)
         return level, message, values

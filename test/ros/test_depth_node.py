@@ -341,3 +341,61 @@ def test_an_onnx_that_is_no_depth_network_is_refused_before_the_swap(rclpy_conte
             assert node.diagnostics_values()[2]["model_version"] == running
     finally:
         node.destroy_node()
+
+
+def test_with_no_parameters_it_runs_the_shipped_model_that_fits_the_camera(rclpy_context, wait):
+    from diagnostic_msgs.msg import DiagnosticStatus
+    from rclpy.parameter import Parameter
+
+    from forest_perception.models.weights import default_family, shipped_model
+    from forest_perception.nodes.depth_node import DepthNode
+
+    node = DepthNode(context=rclpy_context)  # ros2 run forest_perception depth_node: no parameters at all
+    try:
+        level, message, values = node.diagnostics_values()
+        assert level == DiagnosticStatus.OK and "waiting for the first camera frame" in message
+        assert values["model_file"] == ""
+        frame = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+        node._on_image(_image(frame, "rgb8"))
+        assert wait(lambda: node.counts["processed"] == 1, timeout=30)
+        _, _, values = node.diagnostics_values()
+        # a 320x240 camera, CPU only: this board's family (multi-scale on x86, auto-encoder on a Pi), int8, 320x240
+        assert values["model_file"] == str(shipped_model(f"{default_family()}_320x240_int8"))
+        assert values["model_version"] and values["backend"] == "onnxruntime"
+        # the family is a parameter; the model follows it at once, checked like any hot swap
+        assert node.set_parameters([Parameter("model_family", value="autoencoder")])[0].successful
+        assert node.diagnostics_values()[2]["model_file"] == str(shipped_model("autoencoder_320x240_int8"))
+        # a shipped model by name, and a name that is not shipped, refused with the shipped names listed
+        assert node.set_parameters([Parameter("model_path", value="autoencoder_160x128")])[0].successful
+        assert node.diagnostics_values()[2]["model_file"] == str(shipped_model("autoencoder_160x128"))
+        result = node.set_parameters([Parameter("model_path", value="multiscale_640x480")])[0]
+        assert not result.successful and "no shipped model 'multiscale_640x480'" in result.reason
+        assert "multiscale_320x240_int8" in result.reason
+        assert node.diagnostics_values()[2]["model_file"] == str(shipped_model("autoencoder_160x128"))
+    finally:
+        node.destroy_node()
+
+
+def test_shipped_model_choice_by_camera_family_and_board():
+    from forest_perception.models.weights import choose_for_camera, default_family, parse_model_name
+
+    names = ["multiscale_320x240", "multiscale_320x240_int8", "multiscale_160x128", "multiscale_160x128_int8",
+             "autoencoder_320x240_int8", "autoencoder_160x128", "notes", "multiscale_big"]
+    assert parse_model_name("multiscale_160x128_int8") == ("multiscale", 160, 128, True)
+    assert parse_model_name("multiscale_big") is None
+    assert choose_for_camera(names, 640, 480, "multiscale", True) == "multiscale_320x240_int8"
+    assert choose_for_camera(names, 320, 240, "multiscale", False) == "multiscale_320x240"
+    assert choose_for_camera(names, 200, 150, "multiscale", True) == "multiscale_160x128_int8"  # no upscaling
+    assert choose_for_camera(names, 100, 80, "multiscale", False) == "multiscale_160x128"  # smaller than all
+    # the asked precision missing: the other one; the family missing at that size: still that family
+    assert choose_for_camera(names, 640, 480, "autoencoder", False) == "autoencoder_320x240_int8"
+    assert choose_for_camera(["multiscale_320x240"], 640, 480, "autoencoder", True) == "multiscale_320x240"
+    with pytest.raises(ValueError, match="family must be one of"):
+        choose_for_camera(names, 640, 480, "resnet", True)
+    with pytest.raises(ValueError, match="camera size must be positive"):
+        choose_for_camera(names, 0, 480, "multiscale", True)
+    with pytest.raises(ValueError, match="no shipped model"):
+        choose_for_camera(["notes"], 640, 480, "multiscale", True)
+    assert default_family("aarch64") == "autoencoder"  # a Raspberry Pi 4
+    assert default_family("aarch64", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "multiscale"  # a Jetson
+    assert default_family("x86_64") == "multiscale"
