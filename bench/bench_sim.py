@@ -1,9 +1,9 @@
-"""Simulator figures: rendered frames per second and real-time factor with 1 and 3 rovers.
+"""Simulator figures: rendered frames per second and real-time factor with 1, 3 and 5 rovers.
 
 The real-time factor is measured with inline rendering (render_workers 0) and with 1 and 2
 background render processes, side by side (worker start-up, a scene build each, is not timed).
 
-Run: .venv/bin/python bench/bench_sim.py [--seconds 10] [--seed 0]
+Run: .venv/bin/python bench/bench_sim.py [--seconds 10] [--seed 0] [--rovers 1 3 5]
 Prints a table; every figure of one run is measured on the same machine, side by side.
 """
 
@@ -60,7 +60,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="simulated seconds per RTF run")
     parser.add_argument("--frames", type=int, default=30, help="renders per resolution")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rovers", type=int, nargs="+", default=[1, 3, 5], help="rover counts to measure")
     args = parser.parse_args()
+    if any(n < 1 for n in args.rovers):
+        parser.error(f"--rovers must all be >= 1, got {args.rovers}")
 
     world = generate_world(seed=args.seed)
     print(
@@ -84,7 +87,7 @@ def main() -> None:
         f"{'rovers':>6} {'camera Hz':>9} {'render workers':>14} {'real-time factor':>17} {'vs inline':>9}"
         "   (320x240, IMU 200 Hz, GPS 10 Hz, encoders 50 Hz)"
     )
-    for rovers in (1, 3):
+    for rovers in args.rovers:
         for hz, workers in ((15.0, (0, 1, 2)), (30.0, (0,))):
             inline = None
             for n in workers:
