@@ -6,6 +6,7 @@ hot-swap rules: docs/nodes.md (depth_node).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -131,6 +132,7 @@ class DepthNode(Node):
         self._last_rgb: np.ndarray | None = None  # the newest camera frame: the reference a new model must pass
         self._model_file = ""  # what model_path resolved to (a shipped model's file when it names one or is empty)
         self._auto_tried_for: tuple[int, int] | None = None  # camera size an empty model_path was last tried for
+        self._swap_lock = threading.Lock()  # the worker's choice for the camera vs a hot swap from a parameter
         if not self.p["model_path"]:
             self._engine_error = f"no model loaded: {WAITING_FOR_CAMERA}"
             self.get_logger().info(f"model_path is empty: {WAITING_FOR_CAMERA} (model_family {self.p['model_family']})")
@@ -183,7 +185,10 @@ class DepthNode(Node):
             self._engine_error = f"no model loaded: {exc}"
             self.get_logger().error(self._engine_error)
             return
-        self._engine, self._model_file, self._engine_error = engine, path, ""
+        with self._swap_lock:  # a model_path set meanwhile (a hot swap) wins over this choice
+            if self._engine is not None or self.p["model_path"]:
+                return
+            self._engine, self._model_file, self._engine_error = engine, path, ""
         self.get_logger().info(f"model_path is empty: chose the shipped {self._model_file} for a {size[0]}x{size[1]} "
                                f"camera ({engine.model_version}, {engine.backend})")
 
@@ -217,8 +222,9 @@ class DepthNode(Node):
         candidate, self._candidate = self._candidate, None
         self.p, self.settings = new, DepthSettings.from_parameters(new)
         if candidate is not None:
-            engine, self._model_file = candidate
-            self._engine, self._engine_error = engine, ""
+            engine, path = candidate
+            with self._swap_lock:
+                self._engine, self._model_file, self._engine_error = engine, path, ""
             self.get_logger().info(f"model swapped to {self._model_file} ({engine.model_version}, {engine.backend})")
 
     # ---------------------------------------------------------------- input

@@ -399,3 +399,28 @@ def test_shipped_model_choice_by_camera_family_and_board():
     assert default_family("aarch64") == "autoencoder"  # a Raspberry Pi 4
     assert default_family("aarch64", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "multiscale"  # a Jetson
     assert default_family("x86_64") == "multiscale"
+
+
+def test_a_hot_swap_during_the_choice_for_the_camera_wins(rclpy_context):
+    from rclpy.parameter import Parameter
+
+    from forest_perception.nodes.depth_node import DepthNode
+
+    node = DepthNode(engine_loader=formula_loader({"/models/x.onnx": FormulaEngine("x-1")}), context=rclpy_context)
+    try:
+        real_load, calls = node._load, []
+
+        def racing_load(p):
+            calls.append(p["model_path"])
+            if len(calls) == 1:  # the worker is loading the camera's model; a user sets model_path meanwhile
+                assert node.set_parameters([Parameter("model_path", value="/models/x.onnx")])[0].successful
+                return FormulaEngine("auto-1"), "/shipped/auto.onnx"
+            return real_load(p)
+
+        node._load = racing_load
+        node._load_for_camera(np.zeros((48, 64, 3), np.uint8))
+        assert calls == ["", "/models/x.onnx"]
+        _, _, values = node.diagnostics_values()
+        assert values["model_version"] == "x-1" and values["model_file"] == "/models/x.onnx"
+    finally:
+        node.destroy_node()
