@@ -228,6 +228,8 @@ class CollabAgent:
         except RuntimeError as exc:
             self._set_fault(f"depth node: {exc}", "depth_node_errors")
             return None
+        if not path:  # the depth node has no model yet (an empty model_path waits for its first camera frame)
+            return None
         version = self.running_version if path == self.running_model else onnx_version(path)
         with self.lock:
             if self.fault.startswith("depth node"):

@@ -15,6 +15,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, LaserScan, PointCloud2
 
@@ -133,6 +134,8 @@ class DepthNode(Node):
         self._model_file = ""  # what model_path resolved to (a shipped model's file when it names one or is empty)
         self._auto_tried_for: tuple[int, int] | None = None  # camera size an empty model_path was last tried for
         self._swap_lock = threading.Lock()  # the worker's choice for the camera vs a hot swap from a parameter
+        self._adopting: tuple[DepthEngineLike, str] | None = None  # the camera's choice, being written to model_path
+        self._pending_write_back: tuple[DepthEngineLike, str] | None = None  # chosen by a hot swap to an empty path
         if not self.p["model_path"]:
             self._engine_error = f"no model loaded: {WAITING_FOR_CAMERA}"
             self.get_logger().info(f"model_path is empty: {WAITING_FOR_CAMERA} (model_family {self.p['model_family']})")
@@ -191,6 +194,18 @@ class DepthNode(Node):
             self._engine, self._model_file, self._engine_error = engine, path, ""
         self.get_logger().info(f"model_path is empty: chose the shipped {self._model_file} for a {size[0]}x{size[1]} "
                                f"camera ({engine.model_version}, {engine.backend})")
+        self._write_back(engine, path)
+
+    def _write_back(self, engine: DepthEngineLike, path: str) -> None:
+        """Write the model chosen for the camera into model_path, so that ``ros2 param get``, collab_node's gate and
+        a later rollback see the file that runs; the running engine is the candidate (no second load)."""
+        self._adopting = (engine, path)
+        try:
+            result = self.set_parameters([Parameter("model_path", value=path)])[0]
+        finally:
+            self._adopting = None
+        if not result.successful:
+            self.get_logger().warning(f"the chosen model runs, but model_path was not updated: {result.reason}")
 
     @staticmethod
     def _check(values: dict[str, Any]) -> str:
@@ -201,6 +216,11 @@ class DepthNode(Node):
         self._candidate = None
         if reason or not common.changed(self.p, new, ENGINE_PARAMS):
             return reason
+        adopting = self._adopting
+        if adopting is not None and new["model_path"] == adopting[1] and not common.changed(
+                {**self.p, "model_path": new["model_path"]}, new, ENGINE_PARAMS):
+            self._candidate = adopting  # the camera's choice, already running: recorded, not loaded again
+            return ""
         try:  # load and try before accepting: a bad model is refused and the running engine stays
             candidate = self._load(new)
             problem = check_candidate(candidate[0], self._reference_frame(), DepthSettings.from_parameters(new))
@@ -226,6 +246,8 @@ class DepthNode(Node):
             with self._swap_lock:
                 self._engine, self._model_file, self._engine_error = engine, path, ""
             self.get_logger().info(f"model swapped to {self._model_file} ({engine.model_version}, {engine.backend})")
+            if not new["model_path"]:  # chosen for the camera: written into model_path by the worker, not here
+                self._pending_write_back = (engine, path)  # (a parameter callback cannot set parameters)
 
     # ---------------------------------------------------------------- input
     def _on_camera_info(self, msg: CameraInfo) -> None:
@@ -254,6 +276,9 @@ class DepthNode(Node):
 
     # ---------------------------------------------------------------- worker
     def _process(self, frame: tuple) -> None:
+        pending, self._pending_write_back = self._pending_write_back, None
+        if pending is not None and not self.p["model_path"] and self._engine is pending[0]:
+            self._write_back(*pending)
         if self._engine is None and not self.p["model_path"]:
             self._load_for_camera(frame[0])
         engine, settings = self._engine, self.settings

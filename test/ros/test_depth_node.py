@@ -360,11 +360,17 @@ def test_with_no_parameters_it_runs_the_shipped_model_that_fits_the_camera(rclpy
         assert wait(lambda: node.counts["processed"] == 1, timeout=30)
         _, _, values = node.diagnostics_values()
         # a 320x240 camera, CPU only: this board's family (multi-scale on x86, auto-encoder on a Pi), int8, 320x240
-        assert values["model_file"] == str(shipped_model(f"{default_family()}_320x240_int8"))
+        chosen = str(shipped_model(f"{default_family()}_320x240_int8"))
+        assert values["model_file"] == chosen
         assert values["model_version"] and values["backend"] == "onnxruntime"
-        # the family is a parameter; the model follows it at once, checked like any hot swap
-        assert node.set_parameters([Parameter("model_family", value="autoencoder")])[0].successful
+        # the choice is written into model_path: ros2 param get and collab_node's gate see the file that runs
+        assert node.get_parameter("model_path").value == chosen
+        # back to empty with another family: chosen again for the last frame's size, checked like any hot swap
+        assert node.set_parameters([Parameter("model_path", value=""),
+                                    Parameter("model_family", value="autoencoder")])[0].successful
         assert node.diagnostics_values()[2]["model_file"] == str(shipped_model("autoencoder_320x240_int8"))
+        node._on_image(_image(frame, "rgb8"))  # the next frame writes that choice into model_path too
+        assert wait(lambda: node.get_parameter("model_path").value == str(shipped_model("autoencoder_320x240_int8")))
         # a shipped model by name, and a name that is not shipped, refused with the shipped names listed
         assert node.set_parameters([Parameter("model_path", value="autoencoder_160x128")])[0].successful
         assert node.diagnostics_values()[2]["model_file"] == str(shipped_model("autoencoder_160x128"))

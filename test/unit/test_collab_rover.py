@@ -525,3 +525,32 @@ def test_a_missing_dataset_dir_and_an_unusable_models_dir_are_said(tmp_path, dat
     agent.poll()
     level, message, _ = collab_health(agent.status({"enabled": False, "state": "stopped"}))
     assert level == b"\x01" and str(missing) in message and "does not exist" in message
+
+
+def test_a_depth_node_still_choosing_its_model_makes_the_gate_wait_not_fail(tmp_path, dataset, running_models):
+    import logging
+
+    from forest_perception.collab.rover.agent import CollabAgent
+
+    depth = FakeDepthNode("")  # depth_node with no parameters before its first camera frame
+    agent = CollabAgent(node_params(dataset[0], tmp_path), depth.get, depth.set, logging.getLogger("test"),
+                        now=lambda: 100.0)
+    better = constant_model(3.0, server_round=1)
+    rover.write_global_model(tmp_path / "incoming", 1, better.names, better.arrays, rover.task_meta(_task()))
+    agent.run(agent.poll())  # the first sync finds no model: later
+    job = agent.poll()
+    while job is not None and job[0] != "gate":
+        agent.run(job)
+        job = agent.poll()
+    if job is not None:
+        agent.run(job)
+    assert agent.counts["accepted"] == agent.counts["refused"] == 0 and agent.fault == ""
+    assert not agent.last_decision  # nothing decided: the candidate waits for a running model to compare with
+    depth.model_path = running_models[2.5]  # the first frame came: the chosen file is in model_path
+    agent._retry_after.clear()
+    for _ in range(4):
+        job = agent.poll()
+        if job is None:
+            break
+        agent.run(job)
+    assert agent.counts["accepted"] == 1 and depth.model_path == agent.last_decision["model_path"]
