@@ -198,7 +198,7 @@ class DepthNode(Node):
 
     def _write_back(self, engine: DepthEngineLike, path: str) -> None:
         """Write the model chosen for the camera into model_path, so that ``ros2 param get``, collab_node's gate and
-        a later rollback see the file that runs; the running engine is the candidate (no second load)."""
+        a later hot swap see the file that runs; the running engine is the candidate (no second load)."""
         self._adopting = (engine, path)
         try:
             result = self.set_parameters([Parameter("model_path", value=path)])[0]
