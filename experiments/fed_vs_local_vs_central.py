@@ -223,17 +223,8 @@ def table(result: dict) -> str:
     text = markdown_table(["setting", f"AbsRel own forest (round {config.rounds})", "δ<1.25 own forest",
                            "AbsRel all rovers' forests", "AbsRel unseen forests", "δ<1.25 unseen forests",
                            "best AbsRel own forest (any round)", "lr"], rows)
-    paired = [[key, fmt(stat)] for key, stat in result["summary"].get("paired", {}).items()]
-    if paired:
-        text += "\n\n" + markdown_table(["paired difference, same seeds (negative: federated is better)",
-                                          "mean ± std"], paired)
-    trials = result.get("tuning", {}).get("trials", [])
-    if trials:
-        text += (f"\n\nLearning rate of each setting, tuned on seed {trials[0]['seed']} (not reported): own-forest "
-                 f"AbsRel over the last {config.tail_rounds} rounds.\n\n"
-                 + markdown_table(tuning.tuning_header(trials, "AbsRel"),
-                                  tuning.tuning_table(trials, result["tuning"]["best"])))
-    return text
+    return text + tuning.paired_and_tuning_tables(result, "federated is better", "Learning rate of each setting",
+                                                  f"own-forest AbsRel over the last {config.tail_rounds} rounds")
 
 
 def write_outputs(result: dict, config: FedLocalCentralConfig, out_dir: Path) -> None:

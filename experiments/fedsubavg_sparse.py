@@ -417,17 +417,9 @@ def table(result: dict) -> str:
               f"loss (round {config.rounds})", "AbsRel all", "AbsRel hot places", "AbsRel cold places",
               "KiB up/rover/round", "lr"]
     text = markdown_table(header, rows)
-    paired = [[key, fmt(stat)] for key, stat in result["summary"].get("paired", {}).items()]
-    if paired:
-        text += "\n\n" + markdown_table(["paired difference, same seeds (negative: FedSubAvg is better)",
-                                          "mean ± std"], paired)
-    trials = result.get("tuning", {}).get("trials", [])
-    if trials:
-        text += (f"\n\nNetwork learning rate of each algorithm, tuned on seed {trials[0]['seed']} (not reported): "
-                 f"AbsRel over the last {config.tail_rounds} rounds.\n\n"
-                 + markdown_table(tuning.tuning_header(trials, "AbsRel"),
-                                  tuning.tuning_table(trials, result["tuning"]["best"])))
-    return text
+    return text + tuning.paired_and_tuning_tables(result, "FedSubAvg is better",
+                                                  "Network learning rate of each algorithm",
+                                                  f"AbsRel over the last {config.tail_rounds} rounds")
 
 
 def write_outputs(result: dict, config: SubAvgConfig, out_dir: Path) -> None:

@@ -262,16 +262,8 @@ def table(result: dict) -> str:
               "AbsRel, mean over the last cycle", *[f"AbsRel block {m} ({blocks[m]})" for m in blocks],
               "rounds the separate chain won", "control: plain average of all global models, AbsRel", "lr"]
     text = markdown_table(header, rows)
-    paired = [[key, fmt(stat)] for key, stat in result["summary"].get("paired", {}).items()]
-    if paired:
-        text += "\n\n" + markdown_table(["paired difference, same seeds (negative: the first is better)",
-                                          "mean ± std"], paired)
-    trials = result.get("tuning", {}).get("trials", [])
-    if trials:
-        text += (f"\n\nLearning rate of each setting, tuned on seed {trials[0]['seed']} (not reported): AbsRel over "
-                 "the last cycle.\n\n" + markdown_table(tuning.tuning_header(trials, "AbsRel"),
-                                                        tuning.tuning_table(trials, result["tuning"]["best"])))
-    return text
+    return text + tuning.paired_and_tuning_tables(result, "the first is better", "Learning rate of each setting",
+                                                  "AbsRel over the last cycle")
 
 
 def write_outputs(result: dict, config: SemiCyclicConfig, out_dir: Path) -> None:

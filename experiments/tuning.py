@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.report import mean_std
+from experiments.report import fmt, markdown_table, mean_std
 
 RunSeed = Callable[[int, Mapping[str, float]], list[dict]]
 """``run_seed(seed, lr_of_setting)``: every setting on one seed, each at its learning rate; one run dict per setting."""
@@ -79,6 +79,21 @@ def tuning_table(trials: Sequence[Mapping[str, Any]], best: Mapping[str, float])
 def tuning_header(trials: Sequence[Mapping[str, Any]], what: str) -> list[str]:
     """The header of :func:`tuning_table`: one column per learning rate of the grid."""
     return ["setting", *[f"{what} at lr {lr:g}" for lr in sorted({t["lr"] for t in trials})], "chosen lr"]
+
+
+def paired_and_tuning_tables(result: Mapping[str, Any], better: str, rate: str, score: str) -> str:
+    """The markdown that follows an experiment's results table: its paired differences (``better``: what a
+    negative difference means) and, when it tuned, every trial (``rate`` names what was tuned, ``score`` what
+    chose it); empty when it has neither."""
+    text = ""
+    rows = [[key, fmt(stat)] for key, stat in result["summary"].get("paired", {}).items()]
+    if rows:
+        text += "\n\n" + markdown_table([f"paired difference, same seeds (negative: {better})", "mean ± std"], rows)
+    trials = result.get("tuning", {}).get("trials", [])
+    if trials:
+        text += (f"\n\n{rate}, tuned on seed {trials[0]['seed']} (not reported): {score}.\n\n"
+                 + markdown_table(tuning_header(trials, "AbsRel"), tuning_table(trials, result["tuning"]["best"])))
+    return text
 
 
 def paired(
