@@ -74,7 +74,8 @@ def cost_summary(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Per-round costs of one run: mean wall s per round (round 1 apart: identity queries), KiB per rover."""
 
     def mean_of(key: str, part: Sequence[Mapping[str, float]]) -> float:
-        values = [r[key] for r in part if math.isfinite(r.get(key, math.nan))]
+        # None: a NaN read back from a result's JSON (which writes non-finite numbers as null)
+        values = [r[key] for r in part if r.get(key) is not None and math.isfinite(r[key])]
         return statistics.fmean(values) if values else math.nan
 
     rows = [r for r in rows if r.get("round", 1) >= 1]  # round 0: the initial model's scores, no cost

@@ -139,3 +139,13 @@ def test_run_all_keeps_going_when_a_job_fails_and_reports_what_finished(tmp_path
         run_all.run_all(tmp_path, jobs=1)
     readme = (tmp_path / "README.md").read_text()
     assert "Claim: it runs." in readme and "bad" not in readme
+
+
+def test_costs_read_back_from_json_skip_the_nulls_that_nan_became():
+    from experiments.report import cost_summary
+
+    rows = [{"round": 0}, {"round": 1, "wall_s": 2.0, "selected": 4, "rover_train_s": None},
+            {"round": 2, "wall_s": 1.0, "selected": 4, "rover_train_s": None, "kib_up_per_rover": 3.0}]
+    costs = cost_summary(rows)  # as `run_all --report-only` reads a run whose rovers reported no training time
+    assert costs["round1_s"] == 2.0 and costs["wall_s_per_round"] == 1.0 and costs["rovers_per_round"] == 4
+    assert math.isnan(costs["rover_train_s"]) and costs["kib_up_per_rover"] == 3.0
