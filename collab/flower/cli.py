@@ -34,6 +34,7 @@ from forest_perception.cli_args import (
     positive_int,
     run_command,
 )
+from forest_perception.collab.release.cli import add_release, run_release
 
 PROG = "forest-fl"
 
@@ -470,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_certs(sub)
     _add_deploy(sub)
     _add_dcccl(sub)
+    add_release(sub)
     return parser
 
 
@@ -496,6 +498,8 @@ def _run(args: argparse.Namespace) -> int:
         return _certs(args)
     if args.command == "deploy":
         return _deploy(args)
+    if args.command == "release":
+        return run_release(args)
     if args.command == "dcccl":
         return _dcccl(args, " ".join([PROG, *sys.argv[1:]]))
     spec = _spec(args)

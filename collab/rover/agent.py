@@ -20,16 +20,17 @@ from forest_perception.collab.rover.holdout import HoldoutSet, make_holdout, rov
 from forest_perception.collab.rover.idle import IdleDetector, odometry_speed, train_permission
 from forest_perception.collab.rover.ledger import DeploymentLedger
 from forest_perception.collab.rover.models import GlobalModel
+from forest_perception.collab.rover.releases import NO_RELEASE_KEY
 from forest_perception.collab.rover.settings import Params, gate_config, task_config
-from forest_perception.collab.rover.sources import CandidateRef, open_model_source
+from forest_perception.collab.rover.sources import CandidateRef, SourceUnavailableError, open_model_source
 from forest_perception.collab.rover.training import build_local_data, initial_model, train_locally
 from forest_perception.dataset_tools.layout import Segment
 
 Job = tuple[str, Any]
-"""``("gate", CandidateRef)``, ``("train", why)`` or ``("sync", None)``."""
-JOB_STATES = {"gate": "gating", "train": "training", "sync": "syncing"}
+"""``("gate", CandidateRef)``, ``("train", why)``, ``("sync", None)`` or ``("switch", (key, path, version, why))``."""
+JOB_STATES = {"gate": "gating", "train": "training", "sync": "syncing", "switch": "switching"}
 COUNTS = ("accepted", "refused", "deployed", "deploy_failed", "trainings", "training_failed", "odom_malformed",
-          "source_errors", "dataset_errors", "depth_node_errors")
+          "source_errors", "dataset_errors", "depth_node_errors", "switches", "rollbacks")
 FAULT_LOG_PERIOD_S = 10.0
 
 
@@ -56,7 +57,8 @@ class CollabAgent:
 
     def __init__(self, p: Params, depth_model_path: Callable[[], str],
                  set_depth_model_path: Callable[[str], tuple[bool, str]], log: Log,
-                 now: Callable[[], float] = time.monotonic, on_change: Callable[[], None] = lambda: None) -> None:
+                 now: Callable[[], float] = time.monotonic, on_change: Callable[[], None] = lambda: None,
+                 source: Any = None) -> None:  # noqa: ANN401 - a model source (sources.ModelSource)
         self.p = p
         self._get_depth = depth_model_path
         self._set_depth = set_depth_model_path
@@ -86,7 +88,7 @@ class CollabAgent:
         self._fault_logged: tuple[str, float] = ("", 0.0)
         self.idle = IdleDetector(p["idle_speed_mps"], p["idle_seconds"], p["odom_timeout_s"])
         self._watcher = DatasetWatcher(p["dataset_dir"])
-        self._source = open_model_source(p["model_source"])
+        self._source = source if source is not None else open_model_source(p["model_source"])
         self.ledger = DeploymentLedger(p["models_dir"])
         if self.ledger.current:
             self.running_model = str(self.ledger.current.get("model_path") or "")
@@ -171,8 +173,11 @@ class CollabAgent:
                 self.fault = ""
             free = self.queued is None and self.state == "idle"
             job: Job | None = None
-            if (free and ref is not None and not self.ledger.seen(ref.key) and ref.key not in self._waiting_for_data
-                    and now >= self._retry_after.get(ref.key, 0.0)):
+            switch = self._assigned_switch(ref) if free and ref is not None and ref.assigned else None
+            if switch is not None:
+                job = ("switch", switch)
+            elif (free and ref is not None and ref.key != NO_RELEASE_KEY and not self.ledger.seen(ref.key)
+                    and ref.key not in self._waiting_for_data and now >= self._retry_after.get(ref.key, 0.0)):
                 job = ("gate", ref)
             elif free and self._sync_wanted and now >= self._retry_after.get("sync", 0.0):
                 job = ("sync", None)
@@ -180,6 +185,51 @@ class CollabAgent:
         if job is None and self.p["auto_train_min_new_frames"] > 0:
             job = self._auto_training()
         return job
+
+    def _assigned_switch(self, ref: CandidateRef) -> tuple[str, str, str, str] | None:
+        """For a model the coordinator assigns (lock held): ``(key, path, version, why)`` when the rover already has
+        it gated and only has to switch to it (a release accepted before, or "no release": the model it ran before
+        any release), else None (gate it, or nothing to do)."""
+        current_key = str((self.ledger.current or {}).get("key", ""))
+        if self.ledger.declined and ref.key != self.ledger.declined:
+            self.ledger.declined = ""  # the coordinator moved on from the release this rover rolled back
+            self.ledger.save()
+        if ref.key in (current_key, self.ledger.declined):
+            return None
+        if ref.key == NO_RELEASE_KEY:
+            base = self.ledger.release_base
+            if not current_key.startswith("release:") or not base or not Path(str(base["model_path"])).is_file():
+                return None
+            return ("", str(base["model_path"]), str(base.get("model_version") or ""),
+                    f"the coordinator withdrew {current_key.split(':', 1)[1]}: back to the model before releases")
+        known = self.ledger.accepted_path(ref.key)
+        if known is None:
+            return None
+        return (ref.key, known[0], known[1], f"the coordinator assigns {ref.label} again (gated before)")
+
+    def rollback(self) -> tuple[bool, str]:
+        """Switch the depth node back to the model it ran before the current one (the instant local rollback)."""
+        with self.lock:
+            previous = self.ledger.previous
+            busy = self._busy()
+        if not previous or not previous.get("model_path"):
+            return False, "nothing to roll back to: no model was deployed before the current one"
+        if not Path(str(previous["model_path"])).is_file():
+            return False, f"the previous model {previous['model_path']} is gone"
+        if busy:
+            return False, f"busy ({busy}); try again"
+        current_key = str((self.ledger.current or {}).get("key", ""))
+        self.run(("switch", (str(previous.get("key") or ""), str(previous["model_path"]),
+                             str(previous.get("model_version") or ""), "local rollback")))
+        with self.lock:
+            ok = self.running_model == str(previous["model_path"])
+            if ok:
+                self.counts["rollbacks"] += 1
+                if current_key.startswith("release:"):  # keep it off while the coordinator still assigns it
+                    self.ledger.declined = current_key
+                    self.ledger.save()
+            error = self.last_error
+        return (True, f"rolled back to {previous['model_path']}") if ok else (False, f"rollback failed: {error}")
 
     def _auto_training(self) -> Job | None:
         with self.lock:
@@ -209,6 +259,8 @@ class CollabAgent:
         try:
             if job[0] == "gate":
                 self._gate_global(job[1])
+            elif job[0] == "switch":
+                self._switch(*job[1])
             elif job[0] == "train":
                 self._train()
             else:
@@ -258,14 +310,18 @@ class CollabAgent:
         p = dict(self.p)
         try:
             candidate = self._source.load(ref)
+        except SourceUnavailableError as exc:
+            self._set_fault(f"model source: {exc}", "source_errors")
+            self._retry_later(ref.key)
+            return
         except ValueError as exc:
-            self._finish(ref.key, GateDecision(False, "unreadable", str(exc), ref.label, ref.round), None)
+            self._finish(ref.key, GateDecision(False, "unreadable", str(exc), ref.label, ref.round), None, ref)
             return
         holdout, _, _ = self._holdout()
         decision = ValidationGate(p["models_dir"], gate_config(p)).check(candidate, running, holdout, task_config(p),
                                                                           label=ref.label)
         # an exported model has no arrays to train on: local training keeps the last model that had them
-        self._finish(ref.key, decision, candidate if decision.accepted and not candidate.onnx else None)
+        self._finish(ref.key, decision, candidate if decision.accepted and not candidate.onnx else None, ref)
 
     def _train(self) -> None:
         p = dict(self.p)
@@ -298,8 +354,11 @@ class CollabAgent:
                                                                           label=label)
         self._finish(f"local:{label}", decision, result.model if decision.accepted else None)
 
-    def _finish(self, key: str, decision: GateDecision, model: GlobalModel | None) -> None:
+    def _finish(self, key: str, decision: GateDecision, model: GlobalModel | None,
+                ref: CandidateRef | None = None) -> None:
         deployed, deploy_error = False, ""
+        with self.lock:
+            running = (self.running_model, self.running_version)
         if decision.accepted:
             with self.lock:
                 self.state = "deploying"
@@ -313,9 +372,9 @@ class CollabAgent:
             if decision.code == "no_holdout":
                 self._waiting_for_data.add(key)  # not decided: gated again when the dataset changes
             else:
-                self.ledger.record(key, decision, deployed, deploy_error, model)
+                self.ledger.record(key, decision, deployed, deploy_error, model, running)
             if deployed:
-                prune_accepted(self.p["models_dir"], int(self.p["keep_accepted"]), {decision.model_path})
+                prune_accepted(self.p["models_dir"], int(self.p["keep_accepted"]), self._protected())
             self.counts["accepted" if decision.accepted else "refused"] += 1
             self.last_decision = {**decision.to_dict(), "deployed": deployed, "deploy_error": deploy_error}
             if deployed:
@@ -324,12 +383,58 @@ class CollabAgent:
             elif deploy_error:
                 self.counts["deploy_failed"] += 1
                 self.last_error = deploy_error
+        if ref is not None and ref.assigned and hasattr(self._source, "decided") and decision.code != "no_holdout":
+            metrics = {}
+            if decision.candidate_metrics.get("absrel") is not None:
+                metrics["gate_absrel"] = float(decision.candidate_metrics["absrel"])
+            if decision.running_metrics.get("absrel") is not None:
+                metrics["gate_absrel_before"] = float(decision.running_metrics["absrel"])
+            self._source.decided(ref, decision.accepted, deployed, decision.code, decision.reason, metrics)
         if deployed:
             self.log.info(f"deployed {decision.label} ({decision.model_version}): {decision.reason}")
         elif decision.accepted:
             self.log.error(f"{decision.label} passed the gate but was not deployed: {deploy_error}")
         else:
             self.log.warning(f"refused {decision.label} ({decision.code}): {decision.reason}")
+
+    def _protected(self) -> set[str]:
+        """Model files never pruned: the deployed one, the rollback target, the model before releases."""
+        entries = (self.ledger.current, self.ledger.previous, self.ledger.release_base)
+        return {str(e["model_path"]) for e in entries if e and e.get("model_path")}
+
+    def _switch(self, key: str, path: str, version: str, why: str) -> None:
+        """Point the depth node at a model gated before (no gate: it passed once on this rover)."""
+        try:
+            ok, reason = self._set_depth(path)
+        except RuntimeError as exc:
+            ok, reason = False, str(exc)
+        with self.lock:
+            previous_key = str((self.ledger.current or {}).get("key", ""))
+            running = (self.running_model, self.running_version)
+            if not ok:
+                self.counts["deploy_failed"] += 1
+                self.last_error = f"switch to {path!r} ({why}) failed: {reason}"
+                retry = max(5.0, float(self.p["service_timeout_s"]))
+                self._retry_after[key or NO_RELEASE_KEY] = time.monotonic() + retry
+            else:
+                self.counts["switches"] += 1
+                label = Path(path).stem
+                self.ledger.switched(key, path, version, label, running)
+                self.running_model, self.running_version = path, version
+        if not ok:
+            self.log.error(self.last_error)
+            return
+        self.log.info(f"switched the depth node to {path} ({why})")
+        if hasattr(self._source, "switched") and previous_key.startswith("release:"):
+            self._source.switched(key.split(":", 1)[1] if key.startswith("release:") else "",
+                                  previous_key.split(":", 1)[1])
+        elif hasattr(self._source, "switched") and key.startswith("release:"):
+            self._source.switched(key.split(":", 1)[1], "")
+
+    def close(self) -> None:
+        """Stop the model source's thread, if it has one."""
+        if hasattr(self._source, "stop"):
+            self._source.stop()
 
     def _sync(self) -> None:
         running = self._running_model()

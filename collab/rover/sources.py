@@ -36,6 +36,11 @@ class CandidateRef:
     round: int | None
     label: str
     location: str
+    assigned: bool = False  # the coordinator says this rover should run it (a release), not merely "newest"
+
+
+class SourceUnavailableError(RuntimeError):
+    """A candidate that cannot be read now but may be later (disk full, network): tried again, never decided."""
 
 
 class ModelSource(Protocol):

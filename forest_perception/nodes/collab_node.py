@@ -24,6 +24,7 @@ from std_srvs.srv import Trigger
 from forest_perception.collab.rover.agent import CollabAgent, Job
 from forest_perception.collab.rover.federation import POLL_PERIOD_S, RoverSuperNode
 from forest_perception.collab.rover.gate import EXPORTERS
+from forest_perception.collab.rover.releases import DepthHealth, is_release_url, release_source, release_source_problem
 from forest_perception.collab.rover.settings import parameter_problem, supernode_rover_id
 from forest_perception.collab.rover.status import collab_health, status_text
 from forest_perception.collab.supervisor import BACKOFF, FAILED
@@ -44,7 +45,8 @@ PARAMS = [
     ParamSpec("models_dir", "models/deployed", "where gated models (ONNX + card), refused/ and the ledger go",
               read_only=True),
     ParamSpec("model_source", "models/incoming",
-              "drop folder the rover's ClientApp writes global-r<round>.npz into, or a coordinator SQLite store (.db)",
+              "drop folder the rover's ClientApp writes global-r<round>.npz into, a coordinator SQLite store (.db), or "
+              "a release server (https://host:port, docs/releases.md)",
               read_only=True),
     ParamSpec("depth_node", "depth_node", "depth node whose model_path is set (relative: in this namespace)",
               read_only=True),
@@ -98,7 +100,23 @@ PARAMS = [
               read_only=True),
     ParamSpec("supernode_log", "", "SuperNode log file; empty: <models_dir>/supernode/supernode.log (read-only)",
               read_only=True),
+    ParamSpec("release_public_key", "",
+              "with an https:// model_source: the registry's release_signing.pub that every release must be signed "
+              "with (read-only)", read_only=True),
+    ParamSpec("rover_groups", "", "group tags release policies select this rover by, comma-separated (read-only)",
+              read_only=True),
+    ParamSpec("hardware_class", "auto", "hardware class for releases: auto, pi4, jetson or pc (read-only)",
+              read_only=True),
+    ParamSpec("release_wait_s", 30.0, "how long one announcement request waits for a change (read-only)",
+              (0.0, 60.0), read_only=True),
+    ParamSpec("release_report_period_s", 10.0, "period of the health reports to the release server (read-only)",
+              (0.5, 3600.0), read_only=True),
 ]
+
+
+def node_parameter_problem(p: dict[str, Any]) -> str:
+    """Why ``p`` is not a usable configuration ("" if it is)."""
+    return parameter_problem(p) or release_source_problem(p)
 
 
 class CollabNode(Node):
@@ -106,12 +124,19 @@ class CollabNode(Node):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("collab_node", **kwargs)
-        self.p = declare_parameters(self, PARAMS, parameter_problem)
+        self.p = declare_parameters(self, PARAMS, node_parameter_problem)
         depth = self.p["depth_node"].rstrip("/")
         self._set_client = self.create_client(SetParameters, f"{depth}/set_parameters")
         self._get_client = self.create_client(GetParameters, f"{depth}/get_parameters")
+        self.depth_health = DepthHealth()
+        self._health_lock = threading.Lock()
+        source = None
+        if is_release_url(self.p["model_source"]):
+            source = release_source(self.p, supernode_rover_id(self.p, self.get_namespace()), self._depth_metrics,
+                                    self.get_logger().info)
         self.agent = CollabAgent(self.p, self.depth_model_path, self.set_depth_model_path, self.get_logger(),
-                                 now=lambda: self.get_clock().now().nanoseconds * 1e-9, on_change=self.publish_status)
+                                 now=lambda: self.get_clock().now().nanoseconds * 1e-9, on_change=self.publish_status,
+                                 source=source)
         self.supernode = RoverSuperNode(self.p["supernode"])
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -120,7 +145,10 @@ class CollabNode(Node):
         # best effort subscribes to reliable and best-effort odometry publishers alike
         self.create_subscription(Odometry, "odom", self._on_odom, qos_profile_sensor_data)
         self.create_service(Trigger, "~/train_now", self._on_train_now)
-        add_validated_updates(self, PARAMS, lambda: self.p, parameter_problem, self._commit)
+        self.create_service(Trigger, "~/rollback", self._on_rollback)
+        self._depth_status = f"depth_node: {self.get_namespace().strip('/') or 'depth_node'}"
+        self.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, QoSProfile(depth=50))
+        add_validated_updates(self, PARAMS, lambda: self.p, node_parameter_problem, self._commit)
         self.create_timer(self.p["poll_period_s"], self._poll)
         self.create_timer(self.p["status_period_s"], self.publish_status)
         self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
@@ -144,6 +172,24 @@ class CollabNode(Node):
     def _on_train_now(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         response.success, response.message = self.request_training("~/train_now")
         return response
+
+    def _on_rollback(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        response.success, response.message = self.agent.rollback()
+        if response.success:  # rclpy refuses two severities from one call site
+            self.get_logger().info(f"~/rollback: {response.message}")
+        else:
+            self.get_logger().warning(f"~/rollback: {response.message}")
+        return response
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        for status in msg.status:
+            if status.name == self._depth_status:
+                with self._health_lock:
+                    self.depth_health.update({kv.key: kv.value for kv in status.values})
+
+    def _depth_metrics(self) -> dict[str, float] | None:
+        with self._health_lock:
+            return self.depth_health.metrics()
 
     def request_training(self, why: str) -> tuple[bool, str]:
         """Start a local training if the rover may train now; ``(started, reason)``."""
@@ -227,6 +273,8 @@ class CollabNode(Node):
         (also after a constructor that failed half way)."""
         if hasattr(self, "supernode"):
             self.supernode.stop()
+        if hasattr(self, "agent"):
+            self.agent.close()
         if hasattr(self, "worker"):
             self.worker.stop(timeout=30.0)
         super().destroy_node()

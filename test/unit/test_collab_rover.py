@@ -554,3 +554,92 @@ def test_a_depth_node_still_choosing_its_model_makes_the_gate_wait_not_fail(tmp_
             break
         agent.run(job)
     assert agent.counts["accepted"] == 1 and depth.model_path == agent.last_decision["model_path"]
+
+
+def test_agent_runs_what_the_release_server_assigns_and_reports_back(tmp_path, dataset, running_models):
+    """A release through the whole rover path: announced, pulled, verified, gated, hot-swapped, health reported;
+    a worse one is refused and the coordinator rolls it back by itself; local rollback, switch back, withdrawal."""
+    import logging
+    import time
+
+    from forest_perception.collab.deploy.certs import make_deployment_certs
+    from forest_perception.collab.deploy.processes import free_ports
+    from forest_perception.collab.release.client import ReleaseClient
+    from forest_perception.collab.release.registry import ReleaseRegistry, RoverInfo, Thresholds
+    from forest_perception.collab.release.server import ReleaseServer, server_certificate
+    from forest_perception.collab.rover.agent import CollabAgent
+    from forest_perception.collab.rover.releases import ReleaseSource
+    from forest_perception.models.export import write_model_card
+
+    def release_file(depth: float) -> Path:
+        path = tmp_path / "exports" / f"const_{depth}" / f"const_{depth}.onnx"
+        path.parent.mkdir(parents=True)
+        shutil.copyfile(running_models[depth], path)
+        write_model_card(path, {"notes": f"constant {depth} m"})
+        return path
+
+    def wait_for(check, what, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    certs = make_deployment_certs(tmp_path / "certs", ["rover_0"])
+    registry = ReleaseRegistry(tmp_path / "registry")
+    better = registry.create(release_file(3.0))["release"]  # the walls are 3 m away
+    worse = registry.create(release_file(2.5))["release"]
+    cert, key = server_certificate(certs.root)
+    server = ReleaseServer(registry, port=free_ports(1)[0], certfile=cert, keyfile=key,
+                           log_level="critical").start()
+    params = node_params(dataset[0], tmp_path)
+    client = ReleaseClient(server.url, RoverInfo("rover_0"), Path(params["models_dir"]) / "releases",
+                           registry.public_key_path, certs.ca_cert)
+    source = ReleaseSource(client, lambda: {"latency_ms": 5.0, "rate_hz": 15.0, "crashes": 0.0}, wait_s=0.5,
+                           report_period_s=0.2).start()
+    depth = FakeDepthNode(running_models[2.5])
+    agent = CollabAgent(params, depth.get, depth.set, logging.getLogger("test"), source=source)
+    try:
+        agent.run(agent.poll())  # sync with the depth node
+        wait_for(lambda: source.announcement is not None, "the first announcement")
+        assert agent.poll() is None  # no release for this rover: nothing to do
+
+        registry.promote(better, thresholds=Thresholds(soak_s=0, min_reports=1))
+        job = wait_for(agent.poll, "the release to be announced")
+        assert job[0] == "gate" and job[1].label == better
+        agent.run(job)
+        assert agent.last_decision["accepted"] and agent.last_decision["deployed"]
+        assert depth.model_path == agent.last_decision["model_path"]
+        wait_for(lambda: registry.status()["rollouts"][0]["state"] == "done", "installed and health reports")
+        assert registry.status()["rovers"][0]["running"] == better
+
+        registry.promote(worse, thresholds=Thresholds(soak_s=0, min_reports=1))
+        job = wait_for(agent.poll, "the worse release")
+        agent.run(job)
+        assert not agent.last_decision["accepted"] and depth.model_path.endswith(".onnx")
+        wait_for(lambda: registry.status()["rollouts"][1]["state"] == "rolled_back", "the automatic rollback")
+        assert "rover_0 refused it: worse" in registry.status()["rollouts"][1]["reason"]
+        deployed = depth.model_path
+
+        ok, message = agent.rollback()  # the instant local rollback: the model before the release
+        assert ok and depth.model_path == running_models[2.5], message
+        time.sleep(0.3)
+        assert agent.poll() is None  # still assigned, but declined here until the coordinator moves on
+        registry.rollback(better)
+        wait_for(lambda: source.announcement.release is None, "the withdrawal")
+        assert agent.poll() is None  # already on the model before releases
+        registry.promote(better)  # assigned again: gated before, so switched to at once
+        job = wait_for(agent.poll, "the second promotion")
+        assert job[0] == "switch"
+        agent.run(job)
+        assert depth.model_path == deployed and agent.counts["switches"] == 2
+        registry.rollback(better)  # withdrawn: back to what ran before any release
+        job = wait_for(agent.poll, "the second withdrawal")
+        agent.run(job)
+        assert depth.model_path == running_models[2.5]
+        assert any(e["action"] == "rolled_back" and e["actor"] == "rover:rover_0" for e in registry.audit())
+    finally:
+        agent.close()
+        server.stop()

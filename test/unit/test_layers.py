@@ -26,6 +26,7 @@ LAYERS = [
     (f"{PACKAGE}.dataset_tools.cli", 7),
     (f"{PACKAGE}.models.cli", 7),
     (f"{PACKAGE}.collab.flower.cli", 7),
+    (f"{PACKAGE}.collab.release.cli", 7),
     (f"{PACKAGE}.demo", 7),
     ("experiments", 8),
 ]
