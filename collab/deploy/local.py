@@ -68,6 +68,7 @@ class DeploySpec:
     # registrations across restarts, but its 5 s SQLite lock timeout failed a ServerApp heartbeat
     # ("database is locked") on this loaded 2-core machine and killed the run.
     superlink_database: str | Path | None = None
+    start_supernodes: bool = True  # False: the SuperLink alone, rovers registered (their collab_nodes run SuperNodes)
 
 
 @dataclass
@@ -103,7 +104,7 @@ class LocalDeployment:
         self.app_dir = Path(spec.app_dir).resolve()
         if not (self.app_dir / "pyproject.toml").is_file():
             raise FileNotFoundError(f"app dir {self.app_dir} has no pyproject.toml naming the Flower apps")
-        self.certs: DeploymentCerts = load_deployment_certs(spec.certs_dir)
+        self.certs: DeploymentCerts = load_deployment_certs(Path(spec.certs_dir).resolve())  # processes run elsewhere
         check_deployment_certs(self.certs, hosts=[spec.host])
         ids = [r.rover_id for r in spec.rovers]
         if not ids:
@@ -210,6 +211,8 @@ class LocalDeployment:
         self._wait_healthy(superlink)
         remember_descendants(superlink)
         self.nodes = self.register_rovers()
+        if not self.spec.start_supernodes:
+            return
         for rover in self.spec.rovers:
             self.start_supernode(rover)
         for rover in self.spec.rovers:

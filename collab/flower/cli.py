@@ -371,12 +371,22 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds the run may take")
     deploy.add_argument("--serve", action="store_true",
                         help="keep the SuperLink and SuperNodes running (Ctrl-C stops them) for more `flwr run`s")
+    deploy.add_argument("--coordinator-only", action="store_true",
+                        help="the SuperLink alone, every rover key of --certs registered, no SuperNodes (each rover's "
+                             "collab_node runs its own); implies --rounds 0 --serve (launch/cloud.launch.py)")
 
 
 def _deploy_rovers(args: argparse.Namespace) -> list:
     from forest_perception.collab.deploy.supernode import RoverNode
 
     rovers = []
+    if args.coordinator_only:
+        from forest_perception.collab.deploy.certs import load_deployment_certs
+
+        ids = sorted(load_deployment_certs(args.certs).rovers)
+        if not ids:
+            raise ValueError(f"--certs {args.certs} holds no rover keys (forest-fl certs --rover ID ...)")
+        return [RoverNode(rover_id, Path(".")) for rover_id in ids]
     if args.virtual_rovers:
         from forest_perception.collab.flower.population import make_population
         from forest_perception.collab.flower.rover_data import ensure_rover_data
@@ -409,16 +419,21 @@ def _deploy(args: argparse.Namespace) -> int:
     from forest_perception.collab.deploy.local import DeploySpec, LocalDeployment
     from forest_perception.collab.flower.task import merge_run_config
 
+    if args.coordinator_only:
+        args.rounds, args.serve = 0, True
     run_config = _run_config(args)
     if args.rounds == 0:
         run_config.pop("num-server-rounds")
     merge_run_config(run_config)  # an unknown key or a mistyped value: refused before anything starts
     _network_size(run_config)  # so is a wrong --init
     spec = DeploySpec(run_dir=args.run_dir, certs_dir=args.certs, rovers=_deploy_rovers(args), run_config=run_config,
-                      host=args.host, superlink_port=args.port)
+                      host=args.host, superlink_port=args.port, start_supernodes=not args.coordinator_only)
     deployment = LocalDeployment(spec)
     try:
-        deployment.start()
+        try:
+            deployment.start()
+        except RuntimeError as exc:  # a Flower process that would not start: its message names the log
+            raise InputError(str(exc)) from exc
         print(f"SuperLink https://{deployment.superlink_address} (TLS, SuperNode authentication); "
               f"logs in {deployment.logs_dir}")
         for rover_id, node_id in deployment.nodes.items():

@@ -34,6 +34,7 @@ def add_release(sub: argparse._SubParsersAction) -> None:
                             help="the registry folder (registry.db, objects/, the signing key)")
         return parser
 
+    step("init", "make the registry and its ed25519 signing key (create does it too)")
     create = step("create", "add a release: an ONNX model with its card and checkpoint, signed")
     create.add_argument("model", help="an .onnx file (its .json card beside it) or a shipped model name")
     create.add_argument("--hardware", type=_list, default=None,
@@ -119,7 +120,11 @@ def run_release(args: argparse.Namespace) -> int:
 
     registry = _registry(args)
     command = args.release_command
-    if command == "create":
+    if command == "init":
+        made = registry.ensure_key()
+        print(f"{'made' if made else 'kept'} the release signing key {registry.key_path}; rovers trust "
+              f"{registry.public_key_path} (collab_node release_public_key)")
+    elif command == "create":
         from forest_perception.models.weights import shipped_model
 
         model = Path(args.model)
