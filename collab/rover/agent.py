@@ -94,6 +94,11 @@ class CollabAgent:
             self.running_model = str(self.ledger.current.get("model_path") or "")
             self.running_version = str(self.ledger.current.get("model_version") or "")
 
+    @property
+    def source(self) -> Any:  # noqa: ANN401 - a model source (sources.ModelSource)
+        """Where the agent's candidate models come from."""
+        return self._source
+
     def set_parameters(self, p: Params) -> None:
         """Take a validated parameter set; idleness thresholds apply to the samples already seen."""
         with self.lock:

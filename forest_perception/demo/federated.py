@@ -66,4 +66,18 @@ def federated_swarm(out: Path, rovers: int = 3, rounds: int = 3, seconds: float 
                 set_arrays(model, *store.model(server_round))
                 accuracy[server_round] = evaluate(model, images, depth, task)
     return {"recording": recording, "result": result, "accuracy": accuracy, "status": status,
-            "held_out_frames": int(sum(h[0].shape[0] for h in held))}
+            "held_out_frames": int(sum(h[0].shape[0] for h in held)), "task": task, "run_config": run_config}
+
+
+def export_last_round(state_db: Path, task: Any, out_onnx: Path, accuracy: dict[int, dict[str, float]]) -> Path:  # noqa: ANN401 - TaskConfig
+    """The last round's global model of ``state_db`` as release files (ONNX, card, checkpoint) at ``out_onnx``."""
+    from forest_perception.collab.flower.store import CoordinatorStore
+    from forest_perception.collab.release.export import export_release_files
+
+    with CoordinatorStore(state_db, readonly=True) as store:
+        last = store.rounds()[-1]["round"]
+        names, arrays = store.model(last)
+    metrics = {k: float(v) for k, v in accuracy.get(last, {}).items() if k in ("absrel", "delta1", "rmse")}
+    return export_release_files(names, arrays, task, out_onnx,
+                                f"make demo: FedAvg round {last} of the swarm from autoencoder_160x128", metrics,
+                                notes="scored on the rovers' held-out segments of the recorded forest")
