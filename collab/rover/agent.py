@@ -27,8 +27,10 @@ from forest_perception.collab.rover.training import build_local_data, initial_mo
 from forest_perception.dataset_tools.layout import Segment
 
 Job = tuple[str, Any]
-"""``("gate", CandidateRef)``, ``("train", why)``, ``("sync", None)`` or ``("switch", (key, path, version, why))``."""
-JOB_STATES = {"gate": "gating", "train": "training", "sync": "syncing", "switch": "switching"}
+"""``("gate", CandidateRef)``, ``("train", why)``, ``("sync", None)``, ``("switch", (key, path, version, why))`` or
+``("rollback", None)``."""
+JOB_STATES = {"gate": "gating", "train": "training", "sync": "syncing", "switch": "switching",
+              "rollback": "rolling back"}
 COUNTS = ("accepted", "refused", "deployed", "deploy_failed", "trainings", "training_failed", "odom_malformed",
           "source_errors", "dataset_errors", "depth_node_errors", "switches", "rollbacks")
 FAULT_LOG_PERIOD_S = 10.0
@@ -212,29 +214,33 @@ class CollabAgent:
             return None
         return (ref.key, known[0], known[1], f"the coordinator assigns {ref.label} again (gated before)")
 
-    def rollback(self) -> tuple[bool, str]:
-        """Switch the depth node back to the model it ran before the current one (the instant local rollback)."""
+    def request_rollback(self) -> tuple[Job | None, str]:
+        """A job that switches the depth node back to the model it ran before the current one (the instant local
+        rollback), and the answer to the caller; None with the reason when there is nothing to go back to."""
         with self.lock:
             previous = self.ledger.previous
             busy = self._busy()
-        if not previous or not previous.get("model_path"):
-            return False, "nothing to roll back to: no model was deployed before the current one"
-        if not Path(str(previous["model_path"])).is_file():
-            return False, f"the previous model {previous['model_path']} is gone"
-        if busy:
-            return False, f"busy ({busy}); try again"
-        current_key = str((self.ledger.current or {}).get("key", ""))
-        self.run(("switch", (str(previous.get("key") or ""), str(previous["model_path"]),
-                             str(previous.get("model_version") or ""), "local rollback")))
+            if not previous or not previous.get("model_path"):
+                return None, "nothing to roll back to: no model was deployed before the current one"
+            if not Path(str(previous["model_path"])).is_file():
+                return None, f"the previous model {previous['model_path']} is gone"
+            if busy:
+                return None, f"busy ({busy}); try again"
+            self.queued = ("rollback", None)
+        return self.queued, f"rolling back to {previous['model_path']}"
+
+    def _rollback(self) -> None:
         with self.lock:
-            ok = self.running_model == str(previous["model_path"])
-            if ok:
+            previous = dict(self.ledger.previous or {})
+            current_key = str((self.ledger.current or {}).get("key", ""))
+        path = str(previous.get("model_path") or "")
+        self._switch(str(previous.get("key") or ""), path, str(previous.get("model_version") or ""), "local rollback")
+        with self.lock:
+            if path and self.running_model == path:
                 self.counts["rollbacks"] += 1
                 if current_key.startswith("release:"):  # keep it off while the coordinator still assigns it
                     self.ledger.declined = current_key
                     self.ledger.save()
-            error = self.last_error
-        return (True, f"rolled back to {previous['model_path']}") if ok else (False, f"rollback failed: {error}")
 
     def _auto_training(self) -> Job | None:
         with self.lock:
@@ -266,6 +272,8 @@ class CollabAgent:
                 self._gate_global(job[1])
             elif job[0] == "switch":
                 self._switch(*job[1])
+            elif job[0] == "rollback":
+                self._rollback()
             elif job[0] == "train":
                 self._train()
             else:

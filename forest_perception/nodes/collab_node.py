@@ -98,6 +98,9 @@ PARAMS = [
               read_only=True),
     ParamSpec("supernode_executable", "flower-supernode", "SuperNode program: a path or a name on PATH (read-only)",
               read_only=True),
+    ParamSpec("supernode_clientapp", "warm", "how the SuperNode runs the ClientApp: warm (one process kept alive "
+              "across messages) or subprocess (Flower's: a new process per message) (read-only)",
+              choices=("warm", "subprocess"), read_only=True),
     ParamSpec("supernode_log", "", "SuperNode log file; empty: <models_dir>/supernode/supernode.log (read-only)",
               read_only=True),
     ParamSpec("release_public_key", "",
@@ -174,10 +177,12 @@ class CollabNode(Node):
         return response
 
     def _on_rollback(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
-        response.success, response.message = self.agent.rollback()
-        if response.success:  # rclpy refuses two severities from one call site
+        job, response.message = self.agent.request_rollback()
+        response.success = job is not None
+        if job is not None:  # the switch calls the depth node's services: on the worker, never in this callback
+            self.worker.submit(job)
             self.get_logger().info(f"~/rollback: {response.message}")
-        else:
+        else:  # rclpy refuses two severities from one call site
             self.get_logger().warning(f"~/rollback: {response.message}")
         return response
 

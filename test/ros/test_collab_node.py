@@ -276,3 +276,76 @@ def test_a_model_waits_for_held_out_frames(rig, wait):
     deployed = wait(lambda: (_decision(collab, "global-r000001") or {}).get("deployed"), timeout=30.0)
     assert deployed, collab.agent.last_error
     assert depth.get_parameter("model_path").value == collab.agent.last_decision["model_path"]
+
+
+def test_collab_node_follows_a_release_server_and_rolls_back_on_request(rclpy_context, tmp_path, shipped_model, wait):
+    """An https:// model_source: the assigned release is pulled, verified, gated and swapped in, reported as
+    installed; ``~/rollback`` puts the shipped model back at once and the coordinator rolls the release back."""
+    from rclpy.executors import SingleThreadedExecutor
+    from std_srvs.srv import Trigger
+
+    from forest_perception.collab.deploy.certs import make_deployment_certs
+    from forest_perception.collab.deploy.processes import free_ports
+    from forest_perception.collab.release.auth import load_rover_public_keys
+    from forest_perception.collab.release.registry import ReleaseRegistry, Thresholds
+    from forest_perception.collab.release.server import ReleaseServer, server_certificate
+    from forest_perception.models.export import write_model_card
+    from forest_perception.nodes.collab_node import CollabNode
+    from forest_perception.nodes.depth_node import DepthNode
+
+    data = tmp_path / "forest"
+    for i, name in enumerate("abcd"):
+        _write_segment(data, name, 4, seed=i)
+    release_file = tmp_path / "release" / "wall_3m.onnx"
+    rover.export_candidate(_constant_model(3.0, 1), release_file, _task(), "torchscript")
+    write_model_card(release_file, {"notes": "a wall 3 m away"})
+    certs = make_deployment_certs(tmp_path / "certs", ["rover_0"])
+    registry = ReleaseRegistry(tmp_path / "registry")
+    release = registry.create(release_file)["release"]
+    cert, key = server_certificate(certs.root)
+    server = ReleaseServer(registry, port=free_ports(1)[0], certfile=cert, keyfile=key,
+                           rover_keys=load_rover_public_keys(certs.root), log_level="critical").start()
+    depth = DepthNode(context=rclpy_context, namespace="rover_0", parameter_overrides=_params(
+        model_path=shipped_model, publish_points=False, publish_scan=False))
+    collab = CollabNode(context=rclpy_context, namespace="rover_0", parameter_overrides=_params(
+        dataset_dir=str(data), models_dir=str(tmp_path / "deployed"), model_source=server.url,
+        release_public_key=str(registry.public_key_path), root_certificates=str(certs.ca_cert),
+        auth_private_key=str(certs.rover("rover_0").auth_key), rover_groups="north,test", hardware_class="pc",
+        holdout_fraction=0.5, poll_period_s=0.2, release_wait_s=0.5, release_report_period_s=0.5,
+        service_timeout_s=5.0))
+    client_node = __import__("rclpy").create_node("rollback_client", context=rclpy_context)
+    rollback = client_node.create_client(Trigger, "/rover_0/collab_node/rollback")
+    executor = SingleThreadedExecutor(context=rclpy_context)
+    for node in (depth, collab, client_node):
+        executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        assert wait(lambda: registry.status()["rovers"], timeout=20.0), collab.agent.last_error
+        assert registry.status()["rovers"][0]["groups"] == ["north", "test"]
+        registry.promote(release, thresholds=Thresholds(soak_s=0, min_reports=1))
+        assert wait(lambda: _decision(collab, release), timeout=60.0), collab.agent.last_error
+        assert _decision(collab, release)["deployed"]
+        deployed = depth.get_parameter("model_path").value
+        assert deployed == _decision(collab, release)["model_path"] != shipped_model
+        assert wait(lambda: any(e["action"] == "installed" for e in registry.audit()), timeout=20.0)
+        installed = next(e for e in registry.audit() if e["action"] == "installed")
+        assert installed["actor"] == "rover:rover_0" and installed["detail"]["gate_absrel"] < \
+            installed["detail"]["gate_absrel_before"]
+        assert (tmp_path / "deployed" / "releases" / release / "manifest.json").is_file()
+
+        assert rollback.wait_for_service(timeout_sec=5.0)
+        future = rollback.call_async(Trigger.Request())
+        assert wait(future.done, timeout=20.0)
+        assert future.result().success, future.result().message
+        assert wait(lambda: depth.get_parameter("model_path").value == shipped_model, timeout=20.0)
+        assert wait(lambda: registry.status()["rollouts"][0]["state"] == "rolled_back", timeout=20.0)
+        assert "rover_0 rolled it back" in registry.status()["rollouts"][0]["reason"]
+        time.sleep(1.0)  # the withdrawal reaches the rover; it stays on the shipped model
+        assert depth.get_parameter("model_path").value == shipped_model and Path(deployed).is_file()
+    finally:
+        executor.shutdown(timeout_sec=1.0)
+        spinner.join(timeout=5.0)
+        for node in (depth, collab, client_node):
+            node.destroy_node()
+        server.stop()

@@ -623,8 +623,10 @@ def test_agent_runs_what_the_release_server_assigns_and_reports_back(tmp_path, d
         assert "rover_0 refused it: worse" in registry.status()["rollouts"][1]["reason"]
         deployed = depth.model_path
 
-        ok, message = agent.rollback()  # the instant local rollback: the model before the release
-        assert ok and depth.model_path == running_models[2.5], message
+        job, message = agent.request_rollback()  # the instant local rollback: the model before the release
+        assert job == ("rollback", None) and agent.request_rollback()[0] is None  # one at a time
+        agent.run(job)
+        assert depth.model_path == running_models[2.5] and agent.counts["rollbacks"] == 1, message
         time.sleep(0.3)
         assert agent.poll() is None  # still assigned, but declined here until the coordinator moves on
         registry.rollback(better)

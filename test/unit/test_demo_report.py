@@ -9,7 +9,8 @@ from forest_perception.demo import report
 
 def test_report_inlines_pictures_and_escapes_text(tmp_path):
     rounds = [{"round": 1, "bytes_down": 2e6, "bytes_up": 1.5e6}, {"round": 2, "bytes_down": 2e6, "bytes_up": 1.4e6}]
-    accuracy = {0: {"absrel": 0.3, "delta1": 0.6}, 1: {"absrel": 0.2, "delta1": 0.7}, 2: {"absrel": 0.15, "delta1": 0.8}}
+    accuracy = {0: {"absrel": 0.3, "delta1": 0.6}, 1: {"absrel": 0.2, "delta1": 0.7},
+                2: {"absrel": 0.15, "delta1": 0.8}}
     curves = report.plot_rounds(accuracy, rounds, tmp_path / "rounds.png")
     bars = report.plot_before_after({"rover_0": {"absrel": 0.3}}, {"rover_0": {"absrel": 0.2}}, tmp_path / "ba.png")
     kept = report.plot_data_kept({"rover_0": 40}, {"rover_0": 9_000_000}, {"rover_0": 3_000_000}, tmp_path / "k.png")
