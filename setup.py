@@ -55,6 +55,7 @@ setup(
             "depth_node = forest_perception.nodes.depth_node:main",
             "sensor_sync_node = forest_perception.nodes.sensor_sync_node:main",
             "capture_node = forest_perception.nodes.capture_node:main",
+            "trigger_node = forest_perception.nodes.trigger_node:main",
             "collab_node = forest_perception.nodes.collab_node:main",
             # command-line tools
             "forest-sim = forest_perception.sim.cli:main",

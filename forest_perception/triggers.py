@@ -254,6 +254,12 @@ class FrameTrigger:
         self._kept.clear()
         self._last_kept_s = self._last_kept_enu = self._datum = self._last_stamp_s = None
 
+    def reconfigure(self, config: TriggerConfig) -> None:
+        """Use new thresholds from the next frame on, keeping what was kept (the last ``memory`` of it)."""
+        self.config = config.validate()
+        self._sharpness = deque(self._sharpness, maxlen=config.sharpness_window)
+        self._kept = deque(self._kept, maxlen=config.memory)
+
     @property
     def kept_embeddings(self) -> int:
         """How many kept embeddings novelty is measured against now."""

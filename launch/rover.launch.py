@@ -9,10 +9,13 @@ depth_node subscribes ``/<namespace>/camera/image_raw`` and ``camera/camera_info
 sensor_sync_node matches colour, depth and camera_info, interpolates IMU and wheels to each frame
 and publishes ``sync/*``, ``odom/fused`` and ``gps/enu``. With ``record:=true`` capture_node records
 the rover's sensor topics into an MCAP rosbag2 bag under ``bag_dir`` (services
-``capture_node/start|stop|pause|split``). With ``collab:=true`` collab_node validates the global
-models the rover's Flower SuperNode drops into ``model_drop_dir`` on the rover's held-out frames and
-hot-swaps depth_node's model when it is no worse. With ``sim:=true`` sim_node (config/sim.yaml) drives one
-rover named after the namespace and publishes ``/clock``, and every node runs on simulated time.
+``capture_node/start|stop|pause|split``); with ``triggers:=true`` as well, trigger_node decides which
+camera frames are worth keeping for training (sharpness, novelty, predicted vs measured depth, GPS spacing)
+and capture_node records only those frame sets (``record_mode`` marked). With ``collab:=true`` collab_node
+validates the global models the rover's Flower SuperNode drops into ``model_drop_dir`` on the rover's
+held-out frames and hot-swaps depth_node's model when it is no worse. With ``sim:=true`` sim_node
+(config/sim.yaml) drives one rover named after the namespace and publishes ``/clock``, and every node runs
+on simulated time.
 With an empty ``model_path`` (the default) depth_node runs the shipped model that fits the camera
 (``model_family``); with an invalid one it still starts and reports the error on /diagnostics until
 the parameter is set. Parameters of every node: ``params_file`` (config/rover.yaml).
@@ -24,7 +27,7 @@ from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration
+from launch.substitutions import LaunchConfiguration, PythonExpression
 from launch_ros.actions import Node
 
 
@@ -54,6 +57,11 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument("sim", default_value="false", description="also run sim_node (true/false)"),
             DeclareLaunchArgument("sync", default_value="true", description="run sensor_sync_node (true/false)"),
             DeclareLaunchArgument("record", default_value="false", description="run capture_node (true/false)"),
+            DeclareLaunchArgument(
+                "triggers",
+                default_value="false",
+                description="with record: run trigger_node and record only the frames it keeps (true/false)",
+            ),
             DeclareLaunchArgument("bag_dir", default_value="bags", description="folder capture_node records into"),
             DeclareLaunchArgument("collab", default_value="false", description="run collab_node (true/false)"),
             DeclareLaunchArgument(
@@ -100,8 +108,28 @@ def generate_launch_description() -> LaunchDescription:
                 condition=IfCondition(LaunchConfiguration("record")),
                 parameters=[
                     LaunchConfiguration("params_file"),
-                    {"output_dir": LaunchConfiguration("bag_dir"), "use_sim_time": sim},
+                    {
+                        "output_dir": LaunchConfiguration("bag_dir"),
+                        "use_sim_time": sim,
+                        "record_mode": PythonExpression(
+                            ["'marked' if '", LaunchConfiguration("triggers"), "'.lower() == 'true' else 'all'"]
+                        ),
+                    },
                 ],
+            ),
+            Node(
+                package="forest_perception",
+                executable="trigger_node",
+                name="trigger_node",
+                namespace=namespace,
+                output="screen",
+                condition=IfCondition(
+                    PythonExpression(
+                        ["'", LaunchConfiguration("record"), "'.lower() == 'true' and '",
+                         LaunchConfiguration("triggers"), "'.lower() == 'true'"]
+                    )
+                ),
+                parameters=[LaunchConfiguration("params_file"), {"use_sim_time": sim}],
             ),
             Node(
                 package="forest_perception",

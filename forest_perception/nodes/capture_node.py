@@ -16,6 +16,7 @@ from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.subscription import Subscription
+from std_msgs.msg import Header
 from std_srvs.srv import SetBool, Trigger
 
 from forest_perception.cli_args import writable_folder_problem
@@ -36,8 +37,9 @@ from forest_perception.recorder import (
     adapted_subscription_qos,
     qos_profile,
 )
+from forest_perception.recorder.gate import MARK_TOPIC, GateConfig, MarkGate
 from forest_perception.recorder.health import MB, WriteRate, recorder_health
-from forest_perception.topics import SENSOR_TOPICS
+from forest_perception.topics import CAMERA_DEPTH, CAMERA_IMAGE, CAMERA_INFO, SENSOR_TOPICS
 
 _BAG_PARAMS = ("output_dir", "bag_name", "max_split_size_mb", "max_split_duration_s", "compression",
                "min_free_space_mb", "queue_size_mb", "chunk_size_kb")
@@ -89,6 +91,21 @@ PARAMS = [
     ParamSpec("diagnostics_period_s", 1.0, "period of /diagnostics (read-only)", (0.1, 60.0), read_only=True),
     ParamSpec("topic_check_period_s", 1.0, "how often topics not yet advertised are looked for (read-only)",
               (0.05, 60.0), read_only=True),
+    ParamSpec("record_mode", "all", "all: every message; marked: only the frames marked on mark_topic (or ~/mark) "
+              "and the sensor messages around them (read-only)", choices=("all", "marked"), read_only=True),
+    ParamSpec("mark_topic", MARK_TOPIC, "std_msgs/Header marks: the stamp of a camera frame to keep (read-only)",
+              read_only=True),
+    ParamSpec("mark_frame_topics", [CAMERA_IMAGE, CAMERA_INFO, CAMERA_DEPTH],
+              "marked mode: topics with one message per frame, written when their stamp is the mark's (read-only)",
+              read_only=True),
+    ParamSpec("mark_stamp_tolerance_s", 0.001, "marked mode: how close a frame topic's stamp must be to the mark's "
+              "(read-only)", (0.0, 1.0), read_only=True),
+    ParamSpec("mark_context_s", 0.5, "marked mode: other topics are written within this of a mark (read-only)",
+              (0.0, 60.0), read_only=True),
+    ParamSpec("mark_delay_s", 2.0, "marked mode: how long messages wait in memory for a mark (read-only)",
+              (0.0, 60.0), read_only=True),
+    ParamSpec("mark_buffer_mb", 256, "marked mode: memory for waiting messages; beyond it the oldest are decided "
+              "early (read-only)", (1, 16384), read_only=True),
 ]
 
 
@@ -109,12 +126,18 @@ class CaptureNode(Node):
         self._reported_drops = 0
         self._reported_lost = 0
         self._rate = WriteRate()
+        self._gate: MarkGate | None = None
+        self.last_gate: dict[str, int] = {}
 
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", QoSProfile(depth=10))
         self.create_service(Trigger, "~/start", self._on_start)
         self.create_service(Trigger, "~/stop", self._on_stop)
         self.create_service(SetBool, "~/pause", self._on_pause)
         self.create_service(Trigger, "~/split", self._on_split)
+        if self.p["record_mode"] == "marked":
+            self.create_service(Trigger, "~/mark", self._on_mark)
+            self.create_subscription(Header, self.p["mark_topic"], self._on_mark_msg, QoSProfile(depth=100))
+            self.create_timer(0.05, self._release_marked)
         add_validated_updates(self, PARAMS, lambda: self.p, self._validate, self._commit)
         self.create_timer(self.p["topic_check_period_s"], self._check_topics)
         self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
@@ -198,6 +221,7 @@ class CaptureNode(Node):
             self.last_error = f"cannot start recording: {exc}"
             return False, self.last_error
         self._recorder = recorder
+        self._gate = MarkGate(self._gate_config()) if self.p["record_mode"] == "marked" else None
         self._sequence.clear()
         self.transport_lost = {}
         self._reported_drops = self._reported_lost = 0
@@ -214,6 +238,10 @@ class CaptureNode(Node):
             return False, "not recording"
         for topic in list(self._topic_subs):
             self._unsubscribe(topic)
+        if self._gate is not None:  # what the marks received so far cover is written; the rest never will be
+            self._write_held(recorder, self._gate.flush())
+            self.last_gate = self._gate.stats.as_dict()
+            self._gate = None
         self._recorder = None
         try:
             stats = recorder.close()
@@ -311,7 +339,51 @@ class CaptureNode(Node):
                 self.transport_lost[topic] = self.transport_lost.get(topic, 0) + int(sequence - last - 1)
             if last is None or sequence > last:
                 self._sequence[key] = sequence
+        if self._gate is not None:
+            self._write_held(recorder, self._gate.push(topic, data, now, info.get("source_timestamp") or now,
+                                                       sequence or 0))
+            return
         recorder.write(topic, data, now, info.get("source_timestamp") or now, sequence or 0)
+
+    # ---------------------------------------------------------------- marked mode
+    def _gate_config(self) -> GateConfig:
+        return GateConfig(
+            frame_topics=frozenset(self._resolve(str(t)) for t in self.p["mark_frame_topics"]),
+            tolerance_ns=round(float(self.p["mark_stamp_tolerance_s"]) * 1e9),
+            context_ns=round(float(self.p["mark_context_s"]) * 1e9),
+            delay_ns=round(float(self.p["mark_delay_s"]) * 1e9),
+            max_bytes=int(self.p["mark_buffer_mb"]) * MB,
+        )
+
+    @staticmethod
+    def _write_held(recorder: BagRecorder, held: list) -> None:
+        for h in held:
+            recorder.write(h.topic, h.data, h.receive_ns, h.publish_ns, h.sequence)
+
+    def _release_marked(self) -> None:
+        recorder, gate = self._recorder, self._gate
+        if recorder is not None and gate is not None:
+            self._write_held(recorder, gate.release(self.get_clock().now().nanoseconds))
+
+    def mark(self, stamp_ns: int) -> bool:
+        """Keep the camera frame stamped ``stamp_ns`` (and its sensor context); False when not recording marked
+        frames or already marked."""
+        gate = self._gate
+        return gate is not None and gate.mark(int(stamp_ns))
+
+    def _on_mark_msg(self, msg: Header) -> None:
+        self.mark(msg.stamp.sec * 1_000_000_000 + msg.stamp.nanosec)
+
+    def _on_mark(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        gate = self._gate
+        stamp = gate.newest_frame_stamp if gate is not None else None
+        if stamp is None:
+            response.success = False
+            response.message = "not recording" if gate is None else "no camera frame waiting to be marked"
+            return response
+        response.success = self.mark(stamp)
+        response.message = f"marked the frame stamped {stamp / 1e9:.3f} s" if response.success else "already marked"
+        return response
 
     # ---------------------------------------------------------------- services
     def _on_start(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
@@ -370,8 +442,14 @@ class CaptureNode(Node):
         stats = recorder.stats if recorder is not None else self.last_stats
         if recorder is not None:
             self._rate.add(time.monotonic(), stats.written, stats.bytes_written)
-        return recorder_health(stats, recorder is not None, self._rate.rates(), self.transport_lost, self._waiting,
-                               self.last_error)
+        level, message, values = recorder_health(stats, recorder is not None, self._rate.rates(),
+                                                 self.transport_lost, self._waiting, self.last_error)
+        if self.p["record_mode"] == "marked":
+            gate = self._gate
+            counts = gate.stats.as_dict() if gate is not None else self.last_gate
+            values.update({f"marked {k}": v for k, v in counts.items()})
+            values["marked waiting_mb"] = gate.waiting_bytes / MB if gate is not None else 0.0
+        return level, message, values
 
     def _publish_diagnostics(self) -> None:
         if self._recorder is not None:

@@ -131,6 +131,14 @@ def test_launch_files_use_existing_executables_and_declared_parameters(rclpy_con
     finally:
         node.destroy_node()
 
+    from forest_perception.nodes.trigger_node import TriggerNode
+
+    node = TriggerNode(context=rclpy_context)
+    try:
+        declared["trigger_node"] = set(node._parameters)
+    finally:
+        node.destroy_node()
+
     from forest_perception.nodes.collab_node import CollabNode
 
     node = CollabNode(context=rclpy_context)
@@ -160,7 +168,7 @@ def test_launch_files_use_existing_executables_and_declared_parameters(rclpy_con
             assert not unknown, f"{cfg.name}: {node_name} has undeclared parameters {sorted(unknown)}"
     assert checked == set(declared), f"no YAML parameters found for {sorted(set(declared) - checked)}"
     launched = {kwargs.get("executable") for _, kwargs in nodes}
-    for executable in ("depth_node", "sensor_sync_node", "capture_node", "collab_node"):
+    for executable in ("depth_node", "sensor_sync_node", "capture_node", "trigger_node", "collab_node"):
         assert executable in launched, f"no launch file starts {executable}"
 
 
@@ -195,7 +203,8 @@ def test_ros_env_fixture_sets_loopback(ros_env):
     assert Path(os.environ["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file()
 
 
-@pytest.mark.parametrize("node", ["sim_node", "depth_node", "sensor_sync_node", "capture_node", "collab_node"])
+@pytest.mark.parametrize("node", ["sim_node", "depth_node", "sensor_sync_node", "capture_node", "trigger_node",
+                                  "collab_node"])
 def test_docs_list_every_parameter_of_every_node(node):
     text = (ROOT / "docs" / "nodes.md").read_text()
     start = text.index(f"## {node}\n")
