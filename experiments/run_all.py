@@ -32,6 +32,7 @@ from experiments import (
     fedsubavg_sparse,
     influence_debug,
     semicyclic,
+    triggers,
 )
 from experiments.cli import RESULTS_DIR, experiment_arguments, pick_config
 from experiments.report import cost_summary, markdown_table, mean_std, write_csv, write_json
@@ -44,12 +45,13 @@ EXPERIMENTS: dict[str, tuple[ModuleType, type]] = {
     "adaptation": (adaptation, adaptation.AdaptationConfig),
     "dcccl": (dcccl, dcccl.DcCclConfig),
     "influence_debug": (influence_debug, influence_debug.InfluenceConfig),
+    "triggers": (triggers, triggers.TriggersConfig),
 }
 """Experiment name -> (module with ``run``/``table``, config class with a ``quick()`` preset)."""
 
 SHORT = {"fedlaavg_vs_fedavg": "1 laavg", "fedsubavg_sparse": "2 subavg", "semicyclic": "3 cyclic",
          "fed_vs_local_vs_central": "4 fed/local/central", "adaptation": "5 new forest",
-         "dcccl": "6 dc-ccl", "influence_debug": "7 fed-influence"}
+         "dcccl": "6 dc-ccl", "influence_debug": "7 fed-influence", "triggers": "8 triggers"}
 TITLES = {
     "fedlaavg_vs_fedavg": "FedLaAvg vs FedAvg under intermittent availability",
     "fedsubavg_sparse": "FedSubAvg vs FedAvg on a sparse (per-place) embedding",
@@ -58,6 +60,8 @@ TITLES = {
     "adaptation": "Adaptation to a new forest from the shipped weights (recorded over ROS, FedAvg on Flower/Ray)",
     "dcccl": "DC-CCL in the new forest: rover model (mimic + small) and cloud model (large + small)",
     "influence_debug": "Fed-Influence finds a faulty rover (client-level model debugging)",
+    "triggers": "Stream triggers at the source: bytes kept vs accuracy after FedAvg, against all frames and uniform "
+                "subsampling",
 }
 
 
@@ -235,7 +239,7 @@ CHAINS: tuple[tuple[str, ...], ...] = (("adaptation", "dcccl"),)
 shipped / alone / FedAvg runs."""
 
 EXPECTED_MIN = {"adaptation": 20, "dcccl": 15, "semicyclic": 20, "influence_debug": 16, "fedlaavg_vs_fedavg": 15,
-                "fed_vs_local_vs_central": 10, "fedsubavg_sparse": 6}
+                "fed_vs_local_vs_central": 10, "fedsubavg_sparse": 6, "triggers": 18}
 """Rough minutes of each full configuration on one core, only to start the longest jobs first."""
 
 
