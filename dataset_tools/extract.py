@@ -2,12 +2,16 @@
 
 The bag's streams go through the rover's own ``forest_perception.sync.SensorSync`` and every synchronised
 frame is written with ``layout.SegmentWriter``, plus the frame scores curation needs (``scores``). How
-segments are cut and which frames are left out: docs/dataset_tools.md ("Bags"). A frame from before the
-first IMU message is written with empty IMU cells (``metadata.imu_problem`` has the one rule every tool uses).
+segments are cut and which frames are left out: docs/dataset_tools.md ("Bags"). A bag capture_node recorded in
+marked mode (``record_mode: marked`` in its metadata.yaml ``custom_data``) holds frame sets seconds apart with
+every stream silent between them: no sensor counts as missing over such a gap (``MARKED_MISSING_AFTER_S``). A
+frame from before the first IMU message is written with empty IMU cells (``metadata.imu_problem`` has the one rule
+every tool uses).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -41,6 +45,20 @@ from forest_perception.sync import (
 STREAMS = {topic: kind for kind, topic in TOPICS.items()}
 #: extra metadata.csv columns written for every frame
 EXTRA_COLUMNS = ("stamp_ns", "depth_offset_ms", "gps_age_s", "gps_stale", "sync_flags")
+#: SyncConfig.missing_after_s for a marked bag: its gaps are choices of the recorder, not sensors gone quiet
+MARKED_MISSING_AFTER_S = 1e6
+
+
+def recorded_mode(bag: Path) -> str:
+    """``custom_data.record_mode`` of a bag directory's metadata.yaml (``all`` when absent or unreadable)."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load((Path(bag) / "metadata.yaml").read_text()) or {}
+        custom = (meta.get("rosbag2_bagfile_information") or {}).get("custom_data") or {}
+        return str(custom.get("record_mode", "all"))
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return "all"
 
 
 @dataclass
@@ -241,7 +259,10 @@ def extract_bag(
         )
     messages = read_bag(bag, [t for t in kinds if t in topics])  # checks the bag before anything is written
     report = ExtractReport(bag, out, namespace or "/", run)
-    sync = SensorSync(config.sync)
+    sync_config = config.sync
+    if bag.is_dir() and recorded_mode(bag) == "marked" and sync_config.missing_after_s < MARKED_MISSING_AFTER_S:
+        sync_config = dataclasses.replace(sync_config, missing_after_s=MARKED_MISSING_AFTER_S)
+    sync = SensorSync(sync_config)
     cutter = _SegmentCutter(out, run, config, report)
     synced = 0
 

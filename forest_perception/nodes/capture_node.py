@@ -213,7 +213,8 @@ class CaptureNode(Node):
                 chunk_bytes=int(self.p["chunk_size_kb"]) * 1024,
                 min_free_bytes=int(self.p["min_free_space_mb"]) * MB,
                 queue_max_bytes=int(self.p["queue_size_mb"]) * MB,
-                custom_data={"recorder": "forest_perception capture_node", "namespace": namespace},
+                custom_data={"recorder": "forest_perception capture_node", "namespace": namespace,
+                             "record_mode": str(self.p["record_mode"])},
                 ros_distro=os.environ.get("ROS_DISTRO", "kilted"),
                 disk_usage=self._disk_usage,
             )

@@ -88,3 +88,54 @@ def test_newest_frame_stamp_and_covered_bytes():
 def test_config_is_validated(field, value):
     with pytest.raises(ValueError, match=field):
         MarkGate(config(**{field: value}))
+
+
+def _replay_marked(full, out, custom_data: dict) -> MarkGate:
+    """``full`` through the gate into ``out`` as capture_node's marked mode writes it; a mark every 6th frame."""
+    from test_extract import NS, TYPES  # the extract tests' bag builder (test/unit is on sys.path)
+
+    from forest_perception.dataset_tools.bags import read_bag
+    from forest_perception.recorder import BagRecorder
+
+    frame_topics = frozenset(f"{NS}/{t}" for t in ("camera/image_raw", "camera/camera_info", "camera/depth/image_raw"))
+    gate = MarkGate(GateConfig(frame_topics=frame_topics))  # capture_node's defaults: +-0.5 s, 2 s wait
+    marked = BagRecorder(out, min_free_bytes=0, custom_data=custom_data)
+    for rel, type_name in TYPES.items():
+        marked.add_topic(f"{NS}/{rel}", type_name)
+    # the camera arrives 300 ms after the IMU of the same instant (as the simulator's render workers deliver it)
+    arrivals = sorted((m.log_time_ns + (300 * MS if m.topic in frame_topics else 0), m.topic, bytes(m.message))
+                      for m in read_bag(full, raw=True))
+    frames = 0
+    for log_ns, topic, data in arrivals:
+        held = gate.push(topic, data, log_ns)
+        if topic == f"{NS}/camera/image_raw":
+            if frames % 6 == 0:  # every 1.8 s
+                gate.mark(header_stamp_ns(data))
+            frames += 1
+        for h in held + gate.release(log_ns):
+            marked.write(h.topic, h.data, h.receive_ns, h.publish_ns, h.sequence)
+    for h in gate.flush():
+        marked.write(h.topic, h.data, h.receive_ns, h.publish_ns, h.sequence)
+    marked.close()
+    return gate
+
+
+def test_a_marked_bag_extracts_every_marked_frame_with_its_sensors(tmp_path):
+    """Extract finds each marked frame, with IMU and wheels, although every stream is silent between them."""
+    from test_extract import _Bag
+
+    from forest_perception.dataset_tools.extract import ExtractConfig, extract_bag, recorded_mode
+
+    full = _Bag(tmp_path / "full")
+    full.drive(1_000_000_000_000, 12.0, 0, camera_hz=3.4)  # a frame every 0.3 s
+    full.close()
+    gate = _replay_marked(tmp_path / "full", tmp_path / "marked", {"record_mode": "marked"})
+    assert recorded_mode(tmp_path / "marked") == "marked" and recorded_mode(tmp_path / "full") == "all"
+    assert gate.stats.marks == 7 and gate.stats.frames_written == 7 * 3
+    report = extract_bag(tmp_path / "marked", tmp_path / "ds", ExtractConfig(run=1))
+    assert report.frames_written == 7 and not report.skipped and report.frames_without_imu == 0
+    # the same bag not known to be marked: the streams silent between frame sets count as missing sensors and
+    # most frames lose their depth (what extract did before it read record_mode)
+    _replay_marked(tmp_path / "full", tmp_path / "unlabelled", {})
+    plain = extract_bag(tmp_path / "unlabelled", tmp_path / "ds2", ExtractConfig(run=1))
+    assert plain.frames_written < 7
