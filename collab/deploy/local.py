@@ -38,10 +38,14 @@ from forest_perception.collab.deploy.processes import (
     terminate_group,
 )
 from forest_perception.collab.deploy.supernode import (
+    CLIENTAPP_MODES,
+    SECRET_FILE,
     SUPERNODE_READY,
+    WARM,
     RoverNode,
     flower_process_environment,
     supernode_tls_command,
+    warm_command,
     write_toml_table,
 )
 from forest_perception.collab.flower import app_dir
@@ -69,6 +73,9 @@ class DeploySpec:
     # ("database is locked") on this loaded 2-core machine and killed the run.
     superlink_database: str | Path | None = None
     start_supernodes: bool = True  # False: the SuperLink alone, rovers registered (their collab_nodes run SuperNodes)
+    # how each rover runs its ClientApp: "warm" (our worker keeps one process alive across messages, SuperNode with
+    # --isolation process) or "subprocess" (Flower's SuperExec: a new flwr-clientapp process per message)
+    clientapp: str = WARM
 
 
 @dataclass
@@ -111,6 +118,8 @@ class LocalDeployment:
             raise ValueError("a deployment needs at least one rover")
         if len(set(ids)) != len(ids):
             raise ValueError(f"rover ids are repeated: {ids}")
+        if spec.clientapp not in CLIENTAPP_MODES:
+            raise ValueError(f"clientapp must be one of {list(CLIENTAPP_MODES)}, got {spec.clientapp!r}")
         for rover in spec.rovers:
             self.certs.rover(rover.rover_id)  # raises naming the rover without keys
             if not Path(rover.data_dir).is_dir():
@@ -143,14 +152,21 @@ class LocalDeployment:
             "--disable-runtime-dependency-installation",
         ] + (["--database", str(Path(self.spec.superlink_database).resolve())] if self.spec.superlink_database else [])
 
-    def supernode_command(self, rover: RoverNode, keys: RoverKeys | None = None, runtime_port: int | None = None
-                          ) -> list[str]:
-        """``flower-supernode`` argv of a rover (``keys``: another key set, e.g. to show that it is refused)."""
+    def supernode_command(self, rover: RoverNode, keys: RoverKeys | None = None, runtime_port: int | None = None,
+                          name: str | None = None) -> list[str]:
+        """What runs a rover's SuperNode (``keys``: another key set, e.g. to show that it is refused).
+
+        ``clientapp="warm"``: the warm worker's argv wrapping ``flower-supernode --isolation process`` (its SuperExec
+        secret in the process's home, ``homes/<name>/superexec.secret``); ``"subprocess"``: ``flower-supernode``.
+        """
         keys = keys or self.certs.rover(rover.rover_id)
         port = runtime_port or self.runtime_ports.get(rover.rover_id) or free_ports(1)[0]
-        return supernode_tls_command(self.bin_dir / "flower-supernode", self.superlink_address, self.certs.ca_cert,
+        warm = self.spec.clientapp == WARM
+        secret = self.homes_dir / (name or f"supernode-{rover.rover_id}") / SECRET_FILE if warm else None
+        argv = supernode_tls_command(self.bin_dir / "flower-supernode", self.superlink_address, self.certs.ca_cert,
                                      keys.auth_key, self._node_config_path(rover), port, keys.runtime_cert,
-                                     keys.runtime_key, self.spec.connect_wait)
+                                     keys.runtime_key, self.spec.connect_wait, secret_file=secret)
+        return warm_command(argv, sys.executable) if warm else argv
 
     def register_command(self, rover_id: str) -> list[str]:
         """``flwr supernode register`` argv for a rover's public key."""
@@ -259,7 +275,7 @@ class LocalDeployment:
         write_toml_table(self._node_config_path(rover), rover.node_config())
         name = name or f"supernode-{rover.rover_id}"
         runtime_port = None if keys is None else free_ports(1)[0]
-        return self._spawn(name, self.supernode_command(rover, keys, runtime_port), self.homes_dir / name)
+        return self._spawn(name, self.supernode_command(rover, keys, runtime_port, name), self.homes_dir / name)
 
     def wait_online(self, rover_id: str, name: str | None = None) -> int:
         """Wait until a rover's SuperNode has activated at the SuperLink; returns its node id."""

@@ -2,7 +2,11 @@
 
 One definition for the loopback deployment (``collab.deploy.local``) and the rover's collab_node
 (``collab.supervisor``): TLS to the SuperLink, SuperNode authentication, a TLS Runtime API on
-127.0.0.1, never ``--insecure``. See ``docs/federated.md`` ("Deployment on loopback").
+127.0.0.1, never ``--insecure``. Two ways to run the rover's ClientApp (:data:`CLIENTAPP_MODES`):
+``warm`` (default) starts the SuperNode with ``--isolation process`` under our warm ClientApp worker
+(:mod:`.warm_clientapp`: one long-lived process imports torch and the app once and answers every message),
+``subprocess`` is Flower's own (``--isolation subprocess``: a new ``flwr-clientapp`` process per message).
+See ``docs/federated.md`` ("Deployment on loopback", "The warm ClientApp worker").
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ SUPERNODE_READY = r"SuperNode ID: (\d+)"
 _EXTRA_LISTENER_ENV = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
 
 ConfigValue = bool | int | float | str
+
+WARM, SUBPROCESS = "warm", "subprocess"
+CLIENTAPP_MODES = (WARM, SUBPROCESS)
+"""How a rover's ClientApp runs: ``warm`` (our worker, kept alive across messages) or ``subprocess`` (Flower's)."""
+WARM_MODULE = "forest_perception.collab.deploy.warm_clientapp"
+"""The warm worker's program (``python -m``), which also starts the SuperNode it serves."""
+SECRET_FILE = "superexec.secret"
+"""Name of the file the warm worker writes its fresh SuperExec secret to (beside the SuperNode's home)."""
 
 
 @dataclass(frozen=True)
@@ -87,12 +99,16 @@ def supernode_environment(home: str | Path, cache_dir: str | Path | None = None)
 
 def supernode_tls_command(executable: str | Path, superlink_address: str, root_cert: str | Path,
                           auth_key: str | Path, node_config: str | Path, runtime_port: int,
-                          runtime_cert: str | Path, runtime_key: str | Path, connect_wait: float | None = None
-                          ) -> list[str]:
+                          runtime_cert: str | Path, runtime_key: str | Path, connect_wait: float | None = None,
+                          *, secret_file: str | Path | None = None) -> list[str]:
     """``flower-supernode`` argv with TLS to the SuperLink, SuperNode authentication and a TLS Runtime API.
 
     ``node_config``: a TOML file (or Flower's ``key=value`` text); the Runtime API listens on
     ``127.0.0.1:<runtime_port>`` with ``runtime_cert``/``runtime_key``, verified with ``root_cert``.
+    Without ``secret_file``: ``--isolation subprocess`` (the SuperNode runs Flower's SuperExec, one
+    ``flwr-clientapp`` process per message). With it: ``--isolation process`` and
+    ``--superexec-auth-secret-file``, for the warm worker (:func:`warm_command`), the only one that can
+    acquire tasks from the Runtime API with that secret.
     """
     argv = [
         str(executable),
@@ -100,15 +116,55 @@ def supernode_tls_command(executable: str | Path, superlink_address: str, root_c
         "--root-certificates", str(root_cert),
         "--auth-supernode-private-key", str(auth_key),
         "--node-config", str(node_config),
-        "--isolation", "subprocess",
-        # the rover's local Runtime API (its SuperExec and ClientApps), TLS too
+        "--isolation", "subprocess" if secret_file is None else "process",
+        # the rover's local Runtime API (its SuperExec or warm worker, and ClientApps), TLS too
         "--host", "127.0.0.1", "--port", str(runtime_port),
         "--ssl-certfile", str(runtime_cert), "--ssl-keyfile", str(runtime_key),
         "--ssl-ca-certfile", str(root_cert),
     ]
+    if secret_file is not None:
+        argv += ["--superexec-auth-secret-file", str(secret_file)]
     if connect_wait is not None:
         argv += ["--max-wait-time", str(float(connect_wait))]
     return argv
+
+
+def argv_value(argv: list[str] | tuple[str, ...], flag: str) -> str | None:
+    """The value after ``flag`` in ``argv`` (``--flag value`` or ``--flag=value``), None if absent."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg[len(flag) + 1:]
+    return None
+
+
+def warm_command(supernode: list[str], python: str | Path | None = None, poll_interval: float | None = None,
+                 preload: tuple[str, ...] = ("forest_perception.collab.flower.client_app",)) -> list[str]:
+    """The warm worker's argv (``python -m`` :data:`WARM_MODULE`), which starts the ``supernode`` argv and serves it.
+
+    ``supernode`` must be a :func:`supernode_tls_command` with a ``secret_file`` (process isolation, TLS Runtime
+    API); the worker's Runtime API address, CA and secret are read from it, so the two cannot disagree.
+    ``preload``: modules imported once when the worker starts (torch and the rover ClientApp).
+    """
+    if argv_value(supernode, "--isolation") != "process":
+        raise ValueError("warm ClientApp worker: the SuperNode must run with --isolation process")
+    values = {flag: argv_value(supernode, flag) for flag in ("--port", "--ssl-ca-certfile",
+                                                             "--superexec-auth-secret-file")}
+    missing = [flag for flag, value in values.items() if not value]
+    if missing:
+        raise ValueError(f"warm ClientApp worker: the SuperNode argv lacks {', '.join(missing)} (a TLS Runtime API "
+                         "and a SuperExec secret)")
+    host = argv_value(supernode, "--host") or "127.0.0.1"
+    argv = [str(python or sys.executable), "-m", WARM_MODULE,
+            "--runtime-api-address", f"[{host}]:{values['--port']}" if ":" in host else f"{host}:{values['--port']}",
+            "--runtime-ca", str(values["--ssl-ca-certfile"]),
+            "--secret-file", str(values["--superexec-auth-secret-file"])]
+    if poll_interval is not None:
+        argv += ["--poll-interval", str(float(poll_interval))]
+    for module in preload:
+        argv += ["--preload", module]
+    return argv + ["--", *supernode]
 
 
 def supernode_node_config(data_dir: str | Path, rover_id: str, model_drop_dir: str | Path,
@@ -123,16 +179,23 @@ def supernode_argv(superlink_address: str, root_cert: str | Path, private_key: s
                    extra_node_config: Mapping[str, ConfigValue] | None = None,
                    executable: str = "flower-supernode", *, node_config_file: str | Path | None = None,
                    runtime_port: int | None = None, runtime_cert: str | Path | None = None,
-                   runtime_key: str | Path | None = None, connect_wait: float | None = None) -> list[str]:
-    """``flower-supernode`` argv of a rover with TLS (``root_cert``) and SuperNode authentication (``private_key``).
+                   runtime_key: str | Path | None = None, connect_wait: float | None = None,
+                   clientapp: str = WARM, secret_file: str | Path | None = None,
+                   python: str | Path | None = None) -> list[str]:
+    """The argv that runs a rover's SuperNode with TLS (``root_cert``) and SuperNode authentication (``private_key``).
 
     The node config goes to ``node_config_file`` (TOML, written here; paths with spaces or quotes survive),
     else inline as Flower's ``key="value"`` text. With ``runtime_cert``/``runtime_key`` the Runtime API gets
     TLS on ``127.0.0.1:<runtime_port>`` as :func:`supernode_tls_command` has it; without them it keeps
-    Flower's default Runtime API (127.0.0.1:9094).
+    Flower's default Runtime API (127.0.0.1:9094), which only ``clientapp="subprocess"`` allows.
+    ``clientapp="warm"`` (default): the warm worker's argv (:func:`warm_command`, run by ``python``) wrapping
+    ``flower-supernode --isolation process``; its secret goes to ``secret_file`` (default: :data:`SECRET_FILE`
+    beside ``node_config_file``). ``"subprocess"``: ``flower-supernode --isolation subprocess`` alone.
     """
     if not str(superlink_address).strip():
         raise ValueError("supernode: superlink_address must not be empty")
+    if clientapp not in CLIENTAPP_MODES:
+        raise ValueError(f"supernode: clientapp must be one of {list(CLIENTAPP_MODES)}, got {clientapp!r}")
     config = supernode_node_config(data_dir, rover_id, model_drop_dir, extra_node_config)
     if node_config_file is not None:
         node_config: str | Path = write_toml_table(node_config_file, config)
@@ -143,8 +206,17 @@ def supernode_argv(superlink_address: str, root_cert: str | Path, private_key: s
     if runtime_cert is not None:
         if not runtime_port:
             raise ValueError("supernode: a TLS Runtime API needs runtime_port")
-        return supernode_tls_command(executable, superlink_address, root_cert, private_key, node_config,
-                                     int(runtime_port), runtime_cert, runtime_key, connect_wait)
+        secret = None
+        if clientapp == WARM:
+            if secret_file is None and node_config_file is None:
+                raise ValueError("supernode: the warm ClientApp worker needs secret_file (or node_config_file)")
+            secret = Path(secret_file) if secret_file is not None else Path(node_config_file).with_name(SECRET_FILE)
+        argv = supernode_tls_command(executable, superlink_address, root_cert, private_key, node_config,
+                                     int(runtime_port), runtime_cert, runtime_key, connect_wait, secret_file=secret)
+        return warm_command(argv, python) if clientapp == WARM else argv
+    if clientapp == WARM:
+        raise ValueError("supernode: the warm ClientApp worker needs the TLS Runtime API (runtime_port, runtime_cert, "
+                         "runtime_key); without it use clientapp='subprocess'")
     argv = [str(executable), "--superlink", superlink_address, "--root-certificates", str(root_cert),
             "--auth-supernode-private-key", str(private_key), "--node-config", str(node_config),
             "--isolation", "subprocess"]

@@ -369,6 +369,9 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")
     deploy.add_argument("--port", type=int_within(0, 65535), default=0, help="SuperLink port (0: a free one)")
     deploy.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds the run may take")
+    deploy.add_argument("--clientapp", choices=("warm", "subprocess"), default="warm",
+                        help="how each SuperNode runs the rover ClientApp: warm (one process kept alive across "
+                             "messages) or subprocess (Flower's: a new process per message)")
     deploy.add_argument("--serve", action="store_true",
                         help="keep the SuperLink and SuperNodes running (Ctrl-C stops them) for more `flwr run`s")
     deploy.add_argument("--coordinator-only", action="store_true",
@@ -427,7 +430,8 @@ def _deploy(args: argparse.Namespace) -> int:
     merge_run_config(run_config)  # an unknown key or a mistyped value: refused before anything starts
     _network_size(run_config)  # so is a wrong --init
     spec = DeploySpec(run_dir=args.run_dir, certs_dir=args.certs, rovers=_deploy_rovers(args), run_config=run_config,
-                      host=args.host, superlink_port=args.port, start_supernodes=not args.coordinator_only)
+                      host=args.host, superlink_port=args.port, start_supernodes=not args.coordinator_only,
+                      clientapp=args.clientapp)
     deployment = LocalDeployment(spec)
     try:
         try:

@@ -1,7 +1,9 @@
 """The rover's Flower SuperNode under collab_node: started from the node's parameters, polled, reported.
 
-A problem with it is reported and the node runs on (gating and training do not need it). See
-``docs/federated.md`` ("Taking part in rounds: the SuperNode under collab_node").
+By default (``supernode_clientapp`` ``warm``) the supervised process is the warm ClientApp worker, which runs the
+SuperNode as its child in its process group: either one exiting ends the other, and the supervisor restarts both
+(and stops both with the group). A problem with it is reported and the node runs on (gating and training do not
+need it). See ``docs/federated.md`` ("Taking part in rounds: the SuperNode under collab_node").
 """
 
 from __future__ import annotations
@@ -10,7 +12,13 @@ import threading
 from typing import Any
 
 from forest_perception.collab.deploy.supernode import SUPERNODE_READY
-from forest_perception.collab.rover.settings import Params, supernode_launch, supernode_log, supernode_problem
+from forest_perception.collab.rover.settings import (
+    Params,
+    supernode_clientapp,
+    supernode_launch,
+    supernode_log,
+    supernode_problem,
+)
 from forest_perception.collab.supervisor import FAILED, STOPPED, SuperNodeSupervisor
 
 POLL_PERIOD_S = 1.0
@@ -43,7 +51,8 @@ class RoverSuperNode:
             state = supervisor.start()
         if state == FAILED:
             return False, f"SuperNode: {supervisor.reason}"
-        return True, f"SuperNode of rover {rover_id} started for {p['superlink_address']} (log {supervisor.log_path})"
+        return True, (f"SuperNode of rover {rover_id} started for {p['superlink_address']}, ClientApp "
+                      f"{supernode_clientapp(p)} (log {supervisor.log_path})")
 
     def poll(self) -> tuple[str, str, str] | None:
         """Let the supervisor look at the process; ``(before, now, reason)`` when its state changed."""

@@ -7,13 +7,19 @@ check returns the reason a value is refused ("" when it is fine), naming the par
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forest_perception.cli_args import writable_folder_problem
 from forest_perception.collab.deploy.certs import ROVER_ID_PATTERN
 from forest_perception.collab.deploy.processes import free_ports
-from forest_perception.collab.deploy.supernode import supernode_argv, supernode_environment
+from forest_perception.collab.deploy.supernode import (
+    CLIENTAPP_MODES,
+    WARM,
+    supernode_argv,
+    supernode_environment,
+)
 from forest_perception.collab.rover.gate import EXPORTERS, GateConfig
 from forest_perception.models.networks import MODEL_NAMES
 
@@ -70,8 +76,15 @@ def supernode_rover_id(p: Params, namespace: str) -> str:
     return str(p["rover_id"]).strip() or namespace.strip("/").replace("/", "_")
 
 
+def supernode_clientapp(p: Params) -> str:
+    """How the rover's ClientApp runs: ``supernode_clientapp`` (``warm``, the default, or ``subprocess``)."""
+    return str(p.get("supernode_clientapp", WARM) or WARM)
+
+
 def supernode_problem(p: Params, rover_id: str) -> str:
     """Why the SuperNode cannot be started with ``p`` ("" if it can); names the missing file."""
+    if supernode_clientapp(p) not in CLIENTAPP_MODES:
+        return f"supernode_clientapp must be one of {list(CLIENTAPP_MODES)}, got {supernode_clientapp(p)!r}"
     if not str(p["superlink_address"]).strip():
         return "superlink_address must not be empty"
     if str(p["model_source"]).endswith(".db"):
@@ -104,19 +117,31 @@ def supernode_log(p: Params) -> Path:
 
 
 def supernode_launch(p: Params, rover_id: str) -> tuple[list[str], dict[str, str]]:
-    """The SuperNode's argv and environment; its home, node config and caches go beside its log.
+    """The SuperNode's argv and environment; its home, node config, caches (and SuperExec secret) go beside its log.
 
-    The node config carries the node's ``holdout_fraction``/``holdout_seed``, so the ClientApp never trains on
-    the segments this node's gate holds out (:func:`split_node_config`). Creates the drop folder the ClientApp
-    writes into. ``ValueError``/``OSError`` when they cannot be made.
+    ``supernode_clientapp`` ``warm``: the warm ClientApp worker (this Python) starting ``flower-supernode
+    --isolation process``, the executable resolved here on the environment's ``PATH``; ``subprocess``:
+    ``flower-supernode --isolation subprocess`` alone. The node config carries the node's
+    ``holdout_fraction``/``holdout_seed``, so the ClientApp never trains on the segments this node's gate holds
+    out (:func:`split_node_config`). Creates the drop folder the ClientApp writes into. ``ValueError``/``OSError``
+    when they cannot be made (a SuperNode program that is not there, named).
     """
     log = supernode_log(p)
     key = Path(p["auth_private_key"]).resolve()
     Path(p["model_source"]).mkdir(parents=True, exist_ok=True)
+    env = supernode_environment(log.parent / "flwr_home", log.parent / "cache")
+    clientapp = supernode_clientapp(p)
+    executable = str(p["supernode_executable"])
+    if clientapp == WARM:  # the worker starts it: find it now, so that a missing one is reported as today
+        found = shutil.which(executable, path=env.get("PATH", os.defpath))
+        if found is None:
+            where = "not an executable file" if os.sep in executable else f"not found on PATH ({env.get('PATH')})"
+            raise ValueError(f"supernode_executable {executable!r}: {where}")
+        executable = os.path.abspath(found)
     argv = supernode_argv(
         str(p["superlink_address"]), Path(p["root_certificates"]).resolve(), key, p["dataset_dir"], rover_id,
-        p["model_source"], split_node_config(p), executable=str(p["supernode_executable"]),
+        p["model_source"], split_node_config(p), executable=executable,
         node_config_file=log.parent / "node_config.toml",
         runtime_port=free_ports(1)[0], runtime_cert=key.with_name("runtime.crt"),
-        runtime_key=key.with_name("runtime.key"))
-    return argv, supernode_environment(log.parent / "flwr_home", log.parent / "cache")
+        runtime_key=key.with_name("runtime.key"), clientapp=clientapp)
+    return argv, env

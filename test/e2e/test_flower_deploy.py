@@ -39,7 +39,7 @@ from forest_perception.collab.deploy.processes import (
     process_tree,
     stop_process,
 )
-from forest_perception.collab.deploy.supernode import RoverNode, write_toml_table
+from forest_perception.collab.deploy.supernode import SECRET_FILE, WARM_MODULE, RoverNode, write_toml_table
 from forest_perception.collab.flower.cli import main as forest_fl
 from forest_perception.collab.flower.store import CoordinatorStore
 
@@ -218,6 +218,25 @@ def test_default_commands_use_tls_and_node_auth_on_loopback_and_never_insecure(c
         register = commands[f"register-{rover.rover_id}"]
         assert register[1:4] == ["supernode", "register", str(certs.rover(rover.rover_id).auth_pub)]
     assert len({value(commands[f"supernode-{r.rover_id}"], "--port") for r in rovers} | {str(port)}) == 3
+    # default: the warm ClientApp worker runs each SuperNode (process isolation) and serves its Runtime API
+    for rover in rovers:
+        node = commands[f"supernode-{rover.rover_id}"]
+        supernode = node[node.index("--") + 1:]
+        assert node[:3] == [sys.executable, "-m", WARM_MODULE] and Path(supernode[0]).name == "flower-supernode"
+        assert value(supernode, "--isolation") == "process"
+        secret = tmp_path / "run" / "homes" / f"supernode-{rover.rover_id}" / SECRET_FILE
+        assert value(supernode, "--superexec-auth-secret-file") == value(node, "--secret-file") == str(secret)
+        assert value(node, "--runtime-api-address") == f"127.0.0.1:{value(supernode, '--port')}"
+        assert value(node, "--runtime-ca") == value(supernode, "--ssl-ca-certfile") == str(certs.ca_cert)
+    # Flower's own mode on request: flower-supernode alone, a new flwr-clientapp per message
+    flower = LocalDeployment(DeploySpec(run_dir=tmp_path / "run", certs_dir=certs.root, rovers=rovers,
+                                        clientapp="subprocess")).commands()
+    for rover in rovers:
+        node = flower[f"supernode-{rover.rover_id}"]
+        assert Path(node[0]).name == "flower-supernode" and value(node, "--isolation") == "subprocess"
+        assert "--superexec-auth-secret-file" not in node and not any("insecure" in arg for arg in node)
+    with pytest.raises(ValueError, match="clientapp must be one of"):
+        LocalDeployment(DeploySpec(run_dir=tmp_path / "run", certs_dir=certs.root, rovers=rovers, clientapp="hot"))
 
     env = deployment.environment(tmp_path / "home")
     assert env["FLWR_HOME"] == str(tmp_path / "home") and env["FLWR_TELEMETRY_ENABLED"] == "0"
@@ -356,7 +375,7 @@ def test_deployed_rovers_train_over_tls_and_an_unregistered_node_is_refused(cert
         first_nodes = dict(deployment.nodes)
         assert sorted(first_nodes) == ["rover_000", "rover_001", "rover_002"] and len(set(first_nodes.values())) == 3
         pids = deployment.pids()
-        # SuperLink, its SuperExec, three SuperNodes and their SuperExecs: all listening on 127.0.0.1 only
+        # SuperLink, its SuperExec, three warm ClientApp workers and their SuperNodes: all on 127.0.0.1 only
         assert len(pids) >= 8
         sockets = listening_sockets(pids)
         assert {address for address, _, _ in sockets} == {"127.0.0.1"}
@@ -380,6 +399,15 @@ def test_deployed_rovers_train_over_tls_and_an_unregistered_node_is_refused(cert
         assert liar_node == first_nodes["rover_002"]
 
         first = deployment.run({"num-server-rounds": 1}, timeout=600)
+        # each rover's messages (identity query, evaluations, training) ran in its one warm worker process:
+        # under the worker only the SuperNode, no Flower SuperExec starting a flwr-clientapp per message
+        for name in ("supernode-rover_000", "supernode-rover_001"):
+            process = deployment.processes[name]
+            tree = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in process_tree(process.pid)]
+            assert any(b"flower-supernode" in c for c in tree) and not any(b"superexec" in c for c in tree), tree
+            tasks = [line for line in process.log_text().splitlines() if "[warm-clientapp] task" in line]
+            assert len(tasks) >= 3 and all("completed" in line for line in tasks), tasks
+            assert process.log_text().count("[warm-clientapp] preloaded") == 1
         # a SuperLink restart (link state in memory): the deployment registers its rovers' keys again, and only
         # those; the never-registered key is still refused; the run resumes with the new node ids enforced
         deployment.stop()

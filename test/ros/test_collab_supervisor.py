@@ -1,4 +1,5 @@
-"""SuperNodeSupervisor with fake executables (ready, backoff restarts, group stop) and collab_node running one."""
+"""SuperNodeSupervisor with fake executables (ready, backoff restarts, group stop), the warm ClientApp worker with a
+fake SuperNode under it (both restarted when either dies), and collab_node running one."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from pathlib import Path
 import pytest
 
 from forest_perception.collab.deploy.local import DeploySpec, LocalDeployment
-from forest_perception.collab.deploy.supernode import SUPERNODE_READY, RoverNode, supernode_argv
+from forest_perception.collab.deploy.supernode import (
+    SECRET_FILE,
+    SUPERNODE_READY,
+    WARM_MODULE,
+    RoverNode,
+    argv_value,
+    supernode_argv,
+    supernode_tls_command,
+    warm_command,
+)
 from forest_perception.collab.supervisor import (
     BACKOFF,
     FAILED,
@@ -35,9 +45,10 @@ def _fake(tmp_path: Path, name: str, body: str) -> Path:
 
 # prints its argv to argv.json beside itself, starts a child that ignores nothing, logs its node id, sleeps
 _SUPERNODE_LIKE = """\
-import json, subprocess, sys, time
+import json, os, subprocess, sys, time
 from pathlib import Path
 Path(__file__).with_name("argv.json").write_text(json.dumps(sys.argv[1:]))
+Path(__file__).with_name("supernode.pid").write_text(str(os.getpid()))
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 Path(__file__).with_name("child.pid").write_text(str(child.pid))
 print("INFO :      Starting Flower SuperNode", flush=True)
@@ -170,15 +181,24 @@ def test_supernode_argv_is_the_deployments_tls_and_auth_command_and_never_insecu
     data, drop = tmp_path / "data dir", tmp_path / "drop's"
     data.mkdir()
     rover = RoverNode("rover_000", data, extra_config={"model-drop-dir": str(drop.resolve())})
-    deployment = LocalDeployment(DeploySpec(run_dir=tmp_path / "run", certs_dir=certs.root, rovers=[rover],
-                                            superlink_port=9443))
-    expected = deployment.supernode_command(rover, runtime_port=9555)
     config_file = tmp_path / "run" / "nodes" / "rover_000.toml"
-    argv = supernode_argv("127.0.0.1:9443", certs.ca_cert, keys.auth_key, data, "rover_000", drop,
-                          executable=expected[0], node_config_file=config_file, runtime_port=9555,
-                          runtime_cert=keys.runtime_cert, runtime_key=keys.runtime_key)
-    assert argv == expected
-    assert not any("insecure" in arg for arg in argv)
+    for mode in ("warm", "subprocess"):
+        deployment = LocalDeployment(DeploySpec(run_dir=tmp_path / "run", certs_dir=certs.root, rovers=[rover],
+                                                superlink_port=9443, clientapp=mode))
+        expected = deployment.supernode_command(rover, runtime_port=9555)
+        supernode = expected[expected.index("--") + 1:] if mode == "warm" else expected
+        argv = supernode_argv("127.0.0.1:9443", certs.ca_cert, keys.auth_key, data, "rover_000", drop,
+                              executable=supernode[0], node_config_file=config_file, runtime_port=9555,
+                              runtime_cert=keys.runtime_cert, runtime_key=keys.runtime_key, clientapp=mode,
+                              secret_file=tmp_path / "run" / "homes" / "supernode-rover_000" / SECRET_FILE,
+                              python=sys.executable)
+        assert argv == expected
+        assert not any("insecure" in arg for arg in argv)
+        assert argv_value(argv, "--isolation") == ("process" if mode == "warm" else "subprocess")
+        if mode == "warm":
+            assert argv[:3] == [sys.executable, "-m", WARM_MODULE]
+        else:
+            assert argv[0].endswith("flower-supernode")
     for flag, value in (("--root-certificates", certs.ca_cert), ("--auth-supernode-private-key", keys.auth_key),
                         ("--ssl-certfile", keys.runtime_cert), ("--ssl-keyfile", keys.runtime_key)):
         assert argv[argv.index(flag) + 1] == str(value)
@@ -187,26 +207,72 @@ def test_supernode_argv_is_the_deployments_tls_and_auth_command_and_never_insecu
 
     # inline node config (no file): what Flower parses, extra keys included; a quote needs the file
     inline = supernode_argv("10.0.0.5:8000", "ca.crt", "auth.key", data, "rover_7", tmp_path / "in",
-                            extra_node_config={"scope": "decoder", "max-frames": 50})
+                            extra_node_config={"scope": "decoder", "max-frames": 50}, clientapp="subprocess")
     assert inline[0] == "flower-supernode" and not any("insecure" in arg for arg in inline)
     assert inline[inline.index("--superlink") + 1] == "10.0.0.5:8000"
     assert parse_config_args([inline[inline.index("--node-config") + 1]]) == {
         "data-dir": str(data.resolve()), "rover-id": "rover_7", "scope": "decoder",
         "model-drop-dir": str((tmp_path / "in").resolve()), "max-frames": 50}
     with pytest.raises(ValueError, match="quote"):
-        supernode_argv("127.0.0.1:1", "ca.crt", "auth.key", data, "rover_7", drop)
+        supernode_argv("127.0.0.1:1", "ca.crt", "auth.key", data, "rover_7", drop, clientapp="subprocess")
     with pytest.raises(ValueError, match="superlink_address"):
         supernode_argv(" ", "ca.crt", "auth.key", data, "rover_7", tmp_path / "in")
+
+
+def test_the_warm_worker_and_its_supernode_are_supervised_together(tmp_path, wait):
+    """The supervisor runs the warm worker, which runs the SuperNode in its group: the SuperNode's death ends the
+    worker (its exit code), a worker's death ends the SuperNode; both come back together; stop ends both."""
+    from forest_perception.collab.deploy.certs import make_deployment_certs
+
+    certs = make_deployment_certs(tmp_path / "certs", ["rover_0"])
+    exe = _fake(tmp_path, "fake-supernode", _SUPERNODE_LIKE)
+    supernode = supernode_tls_command(str(exe), "127.0.0.1:1", certs.ca_cert, "auth.key", "node.toml", 1,
+                                      "runtime.crt", "runtime.key", secret_file=tmp_path / "sn" / SECRET_FILE)
+    argv = warm_command(supernode, sys.executable, poll_interval=0.1, preload=())
+    clock = Clock()
+    sup = SuperNodeSupervisor(argv, dict(os.environ), tmp_path / "sn" / "sn.log", ready_pattern=SUPERNODE_READY,
+                              stop_grace_s=5.0, clock=clock)
+    try:
+        assert sup.start() == STARTING
+        assert wait(lambda: sup.poll() == RUNNING, timeout=30.0), sup.status()
+        worker = sup.pid
+        node = int((tmp_path / "supernode.pid").read_text())
+        child = int((tmp_path / "child.pid").read_text())
+        assert os.getpgid(node) == worker and os.getpgid(child) == worker and {node, child} <= set(sup.pids())
+        assert json.loads((tmp_path / "argv.json").read_text()) == supernode[1:]
+        assert (tmp_path / "sn" / SECRET_FILE).stat().st_mode & 0o077 == 0
+
+        os.kill(node, signal.SIGKILL)  # the SuperNode dies: the worker follows with its code, the group is ended
+        assert wait(lambda: sup.poll() == BACKOFF, timeout=30.0), sup.status()
+        assert sup.exit_code == 137 and "exited with code 137" in sup.reason, sup.reason
+        assert wait(lambda: _gone(worker) and _gone(child), timeout=10.0)
+        clock.now += sup.retry_in()
+        assert sup.poll() == STARTING and wait(lambda: sup.poll() == RUNNING, timeout=30.0), sup.status()
+        assert sup.restarts == 1 and sup.pid != worker
+
+        worker = sup.pid  # the worker dies: the supervisor ends the SuperNode it left, then starts both again
+        node = int((tmp_path / "supernode.pid").read_text())
+        os.kill(worker, signal.SIGKILL)
+        assert wait(lambda: sup.poll() == BACKOFF, timeout=10.0) and "exited with code -9" in sup.reason
+        assert wait(lambda: _gone(node), timeout=10.0)
+        clock.now += sup.retry_in()
+        assert sup.poll() == STARTING and wait(lambda: sup.poll() == RUNNING, timeout=30.0), sup.status()
+
+        worker, node = sup.pid, int((tmp_path / "supernode.pid").read_text())
+        sup.stop()
+        assert _gone(worker) and _gone(node) and sup.state == STOPPED
+    finally:
+        sup.stop()
 
 
 # ---------------------------------------------------------------------------------------------- in the node
 
 
 def _rover_certs(root: Path) -> dict[str, str]:
-    """Certificate files where collab_node looks for them (the fake SuperNode does not read them)."""
-    (root / "rovers" / "rover_0").mkdir(parents=True)
-    for name in ("ca.crt", "rovers/rover_0/auth.key", "rovers/rover_0/runtime.crt", "rovers/rover_0/runtime.key"):
-        (root / name).write_text("placeholder\n")
+    """Certificates where collab_node looks for them (the fake SuperNode ignores them; the warm worker reads the CA)."""
+    from forest_perception.collab.deploy.certs import make_deployment_certs
+
+    make_deployment_certs(root, ["rover_0"])
     return {"root_certificates": str(root / "ca.crt"), "auth_private_key": str(root / "rovers/rover_0/auth.key")}
 
 
