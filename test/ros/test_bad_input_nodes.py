@@ -25,6 +25,10 @@ BAD_PARAMETERS = [
     ("capture_node", ["topics:=[]"], ["topics", "at least one"]),
     ("capture_node", ["compression:=rar"], ["compression", "rar", "zstd"]),
     ("capture_node", ["output_dir:={file}/bags"], ["output_dir", "is a file"]),
+    ("capture_node", ["record_mode:=some"], ["record_mode", "some", "marked"]),
+    ("trigger_node", ["novelty_distance:=3.0"], ["novelty_distance:=3.0", "[0.0, 2.0]"]),
+    ("trigger_node", ["embedding:=rgb"], ["embedding", "rgb", "colour+depth"]),
+    ("trigger_node", ["duplicate_distance:=0.5", "novelty_distance:=0.3"], ["duplicate_distance", "novelty_distance"]),
     ("collab_node", ["holdout_fraction:=2.0"], ["holdout_fraction:=2.0", "[0.0, 0.9]"]),
     ("collab_node", ["models_dir:={file}/models"], ["models_dir", "is a file"]),
     ("collab_node", ["model:=resnet"], ["model", "resnet", "autoencoder"]),
@@ -53,7 +57,8 @@ def test_bad_start_up_parameter_is_one_line_and_exit_2(node, parameters, words, 
         assert word in line, (word, line)
 
 
-@pytest.mark.parametrize("node", ["sim_node", "depth_node", "sensor_sync_node", "capture_node", "collab_node"])
+@pytest.mark.parametrize("node", ["sim_node", "depth_node", "sensor_sync_node", "capture_node", "trigger_node",
+                                  "collab_node"])
 def test_help_lists_every_parameter_with_its_default_and_exits(node, tmp_path):
     result = _run(node, ["--help"], tmp_path)
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
