@@ -36,22 +36,9 @@ CLAIM = ("triggers over the live streams (sharpness, novelty, predicted vs measu
 
 
 @dataclass(frozen=True)
-class TriggersConfig:
-    """The adaptation recording, the trigger operating points and the federated training of every variant."""
+class TriggersConfig(adaptation.AdaptationConfig):
+    """The adaptation experiment's recording and training (its fields), the trigger operating points and budgets."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    model: str = "autoencoder_160x128"
-    style: str = "clustered_regrowth"
-    world_seed: int = 11
-    rovers: int = 4
-    drive_s: float = 60.0
-    camera_rate_hz: float = 3.0
-    segment_frames: int = 15
-    holdout_fraction: float = 0.25
-    rounds: int = 10
-    local_epochs: int = 1
-    lr: float = 0.0003
-    batch_size: int = 8
     points: tuple[tuple[str, float, float, float], ...] = (("default", 0.4, 0.4, 5.0), ("strict", 0.5, 0.5, 10.0))
     """trigger operating points: (name, novelty_distance, disagreement_absrel, spacing_m); the rest as trigger_node"""
     budgets: tuple[str, ...] = ("epochs",)
@@ -66,11 +53,8 @@ class TriggersConfig:
 
     def adaptation_config(self) -> adaptation.AdaptationConfig:
         """The adaptation experiment's configuration with this recording and training (shares its cache)."""
-        return adaptation.AdaptationConfig(
-            seeds=self.seeds, model=self.model, style=self.style, world_seed=self.world_seed, rovers=self.rovers,
-            drive_s=self.drive_s, camera_rate_hz=self.camera_rate_hz, segment_frames=self.segment_frames,
-            holdout_fraction=self.holdout_fraction, rounds=self.rounds, local_epochs=self.local_epochs, lr=self.lr,
-            batch_size=self.batch_size)
+        return adaptation.AdaptationConfig(**{f.name: getattr(self, f.name)
+                                              for f in dataclasses.fields(adaptation.AdaptationConfig)})
 
 
 # ---------------------------------------------------------------------------------------------- the triggers offline
