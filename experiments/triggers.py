@@ -39,8 +39,10 @@ CLAIM = ("triggers over the live streams (sharpness, novelty, predicted vs measu
 class TriggersConfig(adaptation.AdaptationConfig):
     """The adaptation experiment's recording and training (its fields), the trigger operating points and budgets."""
 
-    points: tuple[tuple[str, float, float, float], ...] = (("default", 0.4, 0.4, 5.0), ("strict", 0.5, 0.5, 10.0))
-    """trigger operating points: (name, novelty_distance, disagreement_absrel, spacing_m); the rest as trigger_node"""
+    points: tuple[tuple[str, float, float, float, float], ...] = (
+        ("default", 0.4, 0.4, 5.0, 2.0), ("content", 0.5, 0.4, 5.0, 0.0), ("strict", 0.5, 0.5, 10.0, 2.0))
+    """trigger operating points: (name, novelty_distance, disagreement_absrel, spacing_m, max_keep_rate_hz); the
+    rest as trigger_node's defaults. ``content`` keeps about as many frames as ``default`` with no rate cap."""
     budgets: tuple[str, ...] = ("epochs",)
     """``epochs``: the same rounds x local epochs (fewer frames, fewer steps); ``steps``: as many optimiser steps
     per round as all frames take"""
@@ -48,7 +50,7 @@ class TriggersConfig(adaptation.AdaptationConfig):
     @classmethod
     def quick(cls) -> TriggersConfig:
         """A few-minute version: the quick adaptation recording, one seed, 3 rounds, one point, one budget."""
-        return cls(seeds=(0,), drive_s=24.0, segment_frames=8, rounds=3, points=(("default", 0.4, 0.4, 5.0),),
+        return cls(seeds=(0,), drive_s=24.0, segment_frames=8, rounds=3, points=(("default", 0.4, 0.4, 5.0, 2.0),),
                    budgets=("epochs",))
 
     def adaptation_config(self) -> adaptation.AdaptationConfig:
@@ -96,13 +98,13 @@ def score_rover(folder: Path, engine: Any, train_segments: list[str]) -> RoverFr
                        [f[3] for f in frames], rows)
 
 
-def trigger_kept(frames: RoverFrames, point: tuple[str, float, float, float]) -> tuple[list[int], dict[str, int]]:
+def trigger_kept(frames: RoverFrames, point: tuple) -> tuple[list[int], dict[str, int]]:
     """Indices (time order) of the frames the trigger keeps at an operating point, and its counters."""
     from forest_perception.triggers import FrameTrigger, TriggerConfig
 
-    _, novelty, disagreement, spacing = point
+    _, novelty, disagreement, spacing, *rate = point
     trigger = FrameTrigger(TriggerConfig(novelty_distance=novelty, disagreement_absrel=disagreement,
-                                         spacing_m=spacing))
+                                         spacing_m=spacing, **({"max_keep_rate_hz": rate[0]} if rate else {})))
     kept = [i for i, s in enumerate(frames.scores) if trigger.decide_scores(s).keep]
     return kept, trigger.stats.as_dict()
 
@@ -319,8 +321,9 @@ def table(result: dict) -> str:
         if ":" in name:
             kind, point = name.split(":")
             p = points.get(point)
-            name = f"{kind} ({point}" + (f": novelty {p[1]}, AbsRel {p[2]}, {p[3]:g} m" if p and kind == "trigger"
-                                         else "") + ")"
+            name = f"{kind} ({point}" + (f": novelty {p[1]}, AbsRel {p[2]}, {p[3]:g} m, cap "
+                                         f"{f'{p[4]:g} Hz' if len(p) > 4 and p[4] else 'none'}"
+                                         if p and kind == "trigger" else "") + ")"
         rows.append([name, entry["budget"], str(int(entry.get("drive_frames", 0))),
                      f"{entry['bag_mb']:.1f}" if "bag_mb" in entry else "-",
                      str(int(entry.get("train_frames", 0))), f"{entry.get('train_png_mb', math.nan):.1f}",
