@@ -196,10 +196,18 @@ def terminate_group(pgid: int, sig: int = signal.SIGTERM) -> None:
 
 
 def stop_process(process: ManagedProcess, grace: float = 10.0) -> None:
-    """SIGTERM the process group and every recorded descendant, then SIGKILL what is left after ``grace``."""
+    """SIGTERM the process group and every recorded descendant, then SIGKILL what is left after ``grace``.
+
+    A descendant still in the group gets the group's SIGTERM only: a second one would cut a graceful exit short
+    (Flower's handlers restore the default action after the first signal, so a SuperNode under the warm worker
+    died before deactivating at the SuperLink). Descendants that left the group (their own session) get theirs.
+    """
     for sig in (signal.SIGTERM, signal.SIGKILL):
         terminate_group(process.pid, sig)
         for pid, started in process.seen.items():
+            stat = proc_stat(pid)
+            if sig == signal.SIGTERM and stat is not None and stat[2] == process.pid:
+                continue  # the group signal reached it
             if is_alive(pid, started):
                 try:
                     os.kill(pid, sig)

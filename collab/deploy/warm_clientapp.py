@@ -13,7 +13,8 @@ It writes a fresh random SuperExec secret to ``--secret-file`` (0600), starts th
 its child (same process group, same log), imports the ``--preload`` modules (torch, the rover ClientApp), then
 loops (:class:`~.warm_worker.WarmWorker`): ``AcquireTask`` signed with the secret over TLS, the ClientApp run in
 this process, reply and context pushed. It exits when the SuperNode does (with its exit code, so a supervisor
-restarts both), and on SIGTERM/SIGINT stops the SuperNode and exits 0. Without ``--`` it serves a SuperNode
+restarts both), and on SIGTERM/SIGINT stops the SuperNode (which a signal to the group reached too: it gets
+a few seconds to exit by itself first) and exits 0. Without ``--`` it serves a SuperNode
 started elsewhere (reading the secret file). The argv comes from
 :func:`forest_perception.collab.deploy.supernode.warm_command`; see ``docs/federated.md``, "The warm ClientApp
 worker".
@@ -37,6 +38,11 @@ SECRET_BYTES = 32
 DEFAULT_POLL_S = 0.25
 """How often an idle worker asks the Runtime API for a task (Flower's SuperExec: 1 s)."""
 STOP_GRACE_S = 10.0
+"""How long the SuperNode may take to stop after SIGTERM before it is killed."""
+SIGNALLED_GRACE_S = 5.0
+"""After a signal to the worker, how long the SuperNode may take to exit by itself before the worker sends it
+SIGTERM: a supervisor signals the whole process group, and a second SIGTERM would cut Flower's graceful exit short
+(its handler restores the default one), leaving the node active at the SuperLink until its heartbeat expires."""
 
 
 @dataclass(frozen=True)
@@ -133,10 +139,17 @@ class _Signals:
         raise WorkerStopped(f"signal {signum}")
 
 
-def stop_child(child: subprocess.Popen | None, grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM the SuperNode, SIGKILL it after ``grace``."""
+def stop_child(child: subprocess.Popen | None, grace: float = STOP_GRACE_S, signalled: bool = False) -> None:
+    """SIGTERM the SuperNode, SIGKILL it after ``grace``; ``signalled``: the worker got a stop signal, which
+    reached the SuperNode too when it went to the process group, so it gets :data:`SIGNALLED_GRACE_S` first."""
     if child is None or child.poll() is not None:
         return
+    if signalled:
+        try:
+            child.wait(SIGNALLED_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            pass
     child.terminate()
     try:
         child.wait(grace)
@@ -153,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warm-clientapp: error: {problem}", file=sys.stderr)
         return 2
     child: subprocess.Popen | None = None
-    _Signals()
+    worker = None
+    signals = _Signals()
     try:
         # light imports so far: the SuperNode starts first, Flower, torch and the app load while it connects
         if options.supernode:
@@ -172,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerStopped:
         return 0
     finally:
-        stop_child(child)
+        if worker is not None:
+            worker.close()
+        stop_child(child, signalled=signals.received is not None)
 
 
 if __name__ == "__main__":

@@ -221,8 +221,10 @@ class WarmWorker:
     """Acquires ClientApp tasks from a SuperNode's Runtime API and runs them in this process, one after the other."""
 
     def __init__(self, acquire: Callable[[], tuple[Any, str] | None], io: TaskIO, apps: AppCache | None = None,
-                 poll_interval: float = 0.25, sleep: Callable[[float], None] = time.sleep) -> None:
+                 poll_interval: float = 0.25, sleep: Callable[[float], None] = time.sleep,
+                 close: Callable[[], None] = lambda: None) -> None:
         self.acquire = acquire
+        self._close = close
         self.io = io
         self.apps = apps or AppCache()
         self.poll_interval = float(poll_interval)
@@ -242,7 +244,11 @@ class WarmWorker:
             response = client.AcquireTask(request)
             return (response.task, response.token) if response.HasField("task") and response.token else None
 
-        return cls(acquire, io, poll_interval=poll_interval)
+        return cls(acquire, io, poll_interval=poll_interval, close=client.close)
+
+    def close(self) -> None:
+        """Close the connection to the Runtime API (a SuperNode stopping waits for open connections)."""
+        self._close()
 
     def serve(self, exited: Callable[[], int | None] = lambda: None, max_tasks: int | None = None) -> int | None:
         """Run tasks until ``exited()`` returns an exit code (the SuperNode's), ``max_tasks`` ran, or a stop.

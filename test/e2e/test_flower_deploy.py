@@ -353,6 +353,56 @@ def test_stop_ends_the_process_group_and_detached_descendants(tmp_path):
         log.close()
 
 
+_COUNTING_CHILD = textwrap.dedent("""
+    import os, signal, sys, time
+    def mark(what):
+        with open(sys.argv[1], "a") as out:
+            out.write(what)
+    def graceful(signum, frame):  # as Flower's handler: the default action is back after the first signal
+        mark("x")
+        signal.signal(signal.SIGTERM, lambda *a: (mark("y"), os._exit(1)))
+        time.sleep(0.5)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, graceful)
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_stop_sends_a_group_member_one_sigterm_so_it_can_exit_gracefully(tmp_path, monkeypatch):
+    """A recorded descendant still in the group (the SuperNode under the warm worker) gets the group's SIGTERM only:
+    a second one, once its handler ran, would kill it before it deactivates at the SuperLink."""
+    import signal
+
+    real_kill, signalled = os.kill, []
+
+    def spy(pid: int, sig: int) -> None:
+        signalled.append((pid, sig))
+        real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", spy)
+    marks = tmp_path / "marks"
+    parent = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {_COUNTING_CHILD!r}, " \
+             f"{str(marks)!r}])\ntime.sleep(600)\n"
+    log_path = tmp_path / "p.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed by the test
+    popen = subprocess.Popen([sys.executable, "-c", parent], stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    process = ManagedProcess("parent", [], popen, log_path, log)
+    try:
+        deadline = time.monotonic() + 30
+        while "ready" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [child] = process_tree(popen.pid)
+        process.seen[child] = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        stop_process(process, grace=5.0)
+        assert marks.read_text() == "x" and group_members(popen.pid) == []
+        assert (child, signal.SIGTERM) not in signalled  # the group's SIGTERM was its only one
+    finally:
+        stop_process(process, grace=1.0)
+        log.close()
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 
 
@@ -403,8 +453,10 @@ def test_deployed_rovers_train_over_tls_and_an_unregistered_node_is_refused(cert
         # under the worker only the SuperNode, no Flower SuperExec starting a flwr-clientapp per message
         for name in ("supernode-rover_000", "supernode-rover_001"):
             process = deployment.processes[name]
-            tree = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in process_tree(process.pid)]
-            assert any(b"flower-supernode" in c for c in tree) and not any(b"superexec" in c for c in tree), tree
+            programs = {Path(arg.decode()).name for pid in process_tree(process.pid)
+                        for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2]}
+            assert "flower-supernode" in programs, programs
+            assert not programs & {"flower-superexec", "flwr-clientapp"}, programs
             tasks = [line for line in process.log_text().splitlines() if "[warm-clientapp] task" in line]
             assert len(tasks) >= 3 and all("completed" in line for line in tasks), tasks
             assert process.log_text().count("[warm-clientapp] preloaded") == 1

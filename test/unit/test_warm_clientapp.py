@@ -328,7 +328,18 @@ _FAKE_SUPERNODE = textwrap.dedent("""
     secret = sys.argv[sys.argv.index("--superexec-auth-secret-file") + 1]
     (here / "seen").write_text(f"{os.getpid()} {os.getpgrp()} {Path(secret).read_text()}")
     print("INFO :      SuperNode ID: 4242", flush=True)
-    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+
+    def mark(what):
+        with open(here / "sigterms", "a") as out:
+            out.write(what)
+
+    def graceful(signum, frame):  # like Flower's: a slow graceful exit, which a second SIGTERM cuts short
+        mark("x")
+        signal.signal(signal.SIGTERM, lambda *a: (mark("y"), os._exit(1)))
+        time.sleep(1.0)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, graceful)
     if "--exit-with" in sys.argv:
         time.sleep(1.0)
         sys.exit(int(sys.argv[sys.argv.index("--exit-with") + 1]))
@@ -375,17 +386,21 @@ def test_program_starts_the_supernode_in_its_group_with_a_fresh_secret_and_exits
             os.killpg(popen.pid, signal.SIGKILL)
 
 
-def test_program_stops_the_supernode_on_sigterm_and_exits_0(tmp_path):
+@pytest.mark.parametrize("to_group", [True, False])
+def test_program_stops_the_supernode_on_sigterm_with_one_signal_and_exits_0(tmp_path, to_group):
+    """A supervisor signals the group: the SuperNode exits by itself, gracefully (a second SIGTERM from the worker
+    would kill it mid-way); a signal to the worker alone: the worker sends the SuperNode its one SIGTERM."""
     popen, log = _program(tmp_path, [])
     try:
         supernode = int(_wait_for(tmp_path / "seen").split()[0])
         time.sleep(0.5)
-        popen.send_signal(signal.SIGTERM)  # to the worker alone: it ends the SuperNode itself
+        if to_group:
+            os.killpg(popen.pid, signal.SIGTERM)
+        else:
+            popen.send_signal(signal.SIGTERM)
         assert popen.wait(30) == 0, log.read_text()
-        deadline = time.monotonic() + 10
-        while Path(f"/proc/{supernode}").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not Path(f"/proc/{supernode}").exists()
+        assert not Path(f"/proc/{supernode}").exists()  # reaped by the worker before it exited
+        assert (tmp_path / "sigterms").read_text() == "x"
     finally:
         if popen.poll() is None:
             os.killpg(popen.pid, signal.SIGKILL)
