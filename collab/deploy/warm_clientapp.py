@@ -94,9 +94,11 @@ def launch_problem(options: WorkerOptions) -> str:
     checks = {"--isolation": "process", "--port": port, "--ssl-ca-certfile": str(options.runtime_ca),
               "--superexec-auth-secret-file": str(options.secret_file),
               "--host": host.strip("[]") if argv_value(supernode, "--host") is not None else None}
+    paths = ("--ssl-ca-certfile", "--superexec-auth-secret-file")
     for flag, want in checks.items():
         got = argv_value(supernode, flag)
-        if want is not None and got != want:
+        same = got is not None and Path(got) == Path(want) if flag in paths and want is not None else got == want
+        if want is not None and not same:
             return f"the SuperNode argv has {flag} {got!r}, the worker expects {want!r}"
     return ""
 

@@ -440,3 +440,11 @@ def test_collab_nodes_supernode_runs_under_the_warm_worker_unless_told_otherwise
         settings.supernode_launch({**p, "supernode_executable": "no-such-supernode"}, "rover_7")
     assert "supernode_clientapp must be one of" in settings.supernode_problem({**p, "supernode_clientapp": "hot"},
                                                                               "rover_7")
+
+
+def test_launch_compares_paths_as_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ca.crt").write_text("ca\n")
+    supernode = supernode_tls_command("flower-supernode", "127.0.0.1:9092", "./ca.crt", "auth.key", "node.toml",
+                                      9555, "runtime.crt", "runtime.key", secret_file="./sn//superexec.secret")
+    assert launch_problem(parse_args(warm_command(supernode)[3:])) == ""
