@@ -19,9 +19,10 @@ DEMO_RUN_CONFIG: dict[str, Any] = {"algorithm": "fedavg", "init": "autoencoder_1
 
 
 def federated_swarm(out: Path, rovers: int = 3, rounds: int = 3, seconds: float = 20.0, seed: int = 11,
-                    style: str = "clustered_regrowth") -> dict[str, Any]:
-    """Record ``rovers`` rovers for ``seconds`` simulated seconds, then ``rounds`` FedAvg rounds from the shipped
-    weights; returns the recording, the simulation result and the pooled held-out score per round."""
+                    style: str = "clustered_regrowth", triggers: bool = True) -> dict[str, Any]:
+    """Record ``rovers`` rovers for ``seconds`` simulated seconds (``triggers``: keeping at the source only the frames
+    trigger_node marks), then ``rounds`` FedAvg rounds from the shipped weights; returns the recording, the
+    simulation result and the pooled held-out score per round."""
     import torch
 
     from forest_perception.collab.flower.simulation import SimulationSpec, run_simulation
@@ -39,7 +40,7 @@ def federated_swarm(out: Path, rovers: int = 3, rounds: int = 3, seconds: float 
     from forest_perception.demo.swarm import SwarmRecording, record_swarm
 
     recording = record_swarm(SwarmRecording(seed=seed, style=style, rovers=rovers, seconds=seconds,
-                                            segment_frames=10), out / "swarm", reuse=False)
+                                            segment_frames=10, triggers=triggers), out / "swarm", reuse=False)
     # the store lives in the demo's own (wiped) folder: the default "coordinator.db" is relative to the working folder
     run_config = merge_run_config(DEMO_RUN_CONFIG, {"num-server-rounds": rounds,
                                                     "state-db": str(out / "flower" / "coordinator.db")})

@@ -75,8 +75,14 @@ def swarm_section(out: Path, swarm: dict):  # noqa: ANN201 - Section
     section.lines(recording.lines())
     bags = {r: folder_bytes(out / "federated" / "swarm" / "bags" / r) for r in recording.folders}
     kept = {r: folder_bytes(f) for r, f in recording.folders.items()}
-    section.image(plot_data_kept(recording.frames, bags, kept, out / "data_kept.png"),
-                  "what each rover recorded (bag) and kept for training (curated dataset)")
+    everything = {r: g.get("bytes_written", 0) + g.get("bytes_discarded", 0) for r, g in recording.source.items()}
+    if recording.source:
+        section.text("Each rover kept at the source only the frames its trigger_node marked (sharp, novel, or where "
+                     "its depth disagreed with the measured depth): capture_node wrote those frame sets with their "
+                     "sensor context and discarded the rest in memory.")
+    section.image(plot_data_kept(recording.frames, bags, kept, out / "data_kept.png", everything or None),
+                  "per rover: what recording everything would have written, what the marked bag holds, and what "
+                  "curation kept for training")
     section.table(["round", "updates accepted", "train loss", "wall s", "MB down", "MB up"],
                   [[r["round"], f"{r['num_accepted']}/{r['num_selected']}",
                     float((r.get("train_metrics") or {}).get("train-loss", float("nan"))), float(r["wall_s"]),
@@ -211,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     sections.append(Section("3. The recorded bag as a curated dataset").lines(dataset_lines))
 
     _banner(f"4. Adapting to a new forest: {args.swarm_rovers} rovers record a clustered_regrowth forest (kept out "
-            f"of all training) over ROS 2, then FedAvg from the shipped autoencoder_160x128 on Flower (Ray, 127.0.0.1)")
+            f"of all training) over ROS 2, keeping at the source the frames trigger_node marks, then FedAvg from the "
+            f"shipped autoencoder_160x128 on Flower (Ray, 127.0.0.1)")
     shutil.rmtree(out / "federated", ignore_errors=True)
     swarm = federated_swarm(out / "federated", rovers=args.swarm_rovers, rounds=args.swarm_rounds,
                             seconds=args.swarm_seconds, seed=args.swarm_seed, style=SWARM_STYLE)

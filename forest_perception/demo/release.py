@@ -41,7 +41,7 @@ class ReleaseDemo:
 
 
 def release_to_swarm(out: Path, folders: dict[str, Path], onnx: Path, running_model: Path, seed: int, style: str,
-                     before_s: float = 12.0, after_s: float = 15.0, timeout_s: float = 180.0,
+                     before_s: float = 12.0, after_s: float = 20.0, timeout_s: float = 180.0,
                      holdout_fraction: float = 0.25, progress_every_s: float = 10.0) -> ReleaseDemo:
     """Release ``onnx`` to the rovers of ``folders`` (rover -> its curated dataset) through a canary rollout while
     they drive; ``running_model`` is what their depth_node runs before. Prints progress as it goes."""
@@ -95,8 +95,8 @@ def release_to_swarm(out: Path, folders: dict[str, Path], onnx: Path, running_mo
         Parameter("release_wait_s", value=2.0), Parameter("release_report_period_s", value=2.0),
         Parameter("service_timeout_s", value=30.0)]) for n in names}
     listener = rclpy.create_node("release_listener")
-    truth: dict[str, dict] = {n: {} for n in names}
-    camera: dict[str, dict] = {n: {} for n in names}
+    # a frame is scored once its colour image, measured depth and depth_node output have all arrived (in any order)
+    pending: dict[str, dict[tuple[int, int], dict[str, Image]]] = {n: {} for n in names}
     # both models on the same live frames (the listener runs them itself): a fair comparison of the two
     engines = {"shipped": load_engine(running_model, threads=1), "released": load_engine(onnx, threads=1)}
     same = {m: {n: MetricAccumulator(0.1, 10.0) for n in names} for m in engines}
@@ -107,34 +107,33 @@ def release_to_swarm(out: Path, folders: dict[str, Path], onnx: Path, running_mo
     def stamp(msg: Image) -> tuple[int, int]:
         return msg.header.stamp.sec, msg.header.stamp.nanosec
 
-    def keep(store: dict):  # noqa: ANN202 - a subscription callback
-        def callback(msg: Image) -> None:
-            store[stamp(msg)] = msg
-            while len(store) > 60:  # 20 s at 3 Hz: depth_node's output is matched to its frame even when it lags
-                store.pop(next(iter(store)))
-        return callback
+    def score(name: str, parts: dict[str, Image]) -> None:
+        msg, measured, rgb = parts["depth"], parts["truth"], parts["rgb"]
+        phase = "after" if swapped[name] else "before"
+        gt = np.nan_to_num(array_from_image(measured), nan=0.0)
+        predicted = array_from_image(msg)
+        scores[name][phase].update(np.where(np.isfinite(predicted), predicted, 10.0), gt)
+        frames[name][phase] += 1
+        image = array_from_image(rgb)
+        for model, engine in engines.items():
+            other = np.asarray(engine.predict(image), np.float32)
+            same[model][name].update(np.where(np.isfinite(other), other, 10.0), gt)
 
-    def on_depth(name: str):  # noqa: ANN202 - a subscription callback
+    def arrive(name: str, part: str):  # noqa: ANN202 - a subscription callback
         def callback(msg: Image) -> None:
-            measured, rgb = truth[name].get(stamp(msg)), camera[name].get(stamp(msg))
-            if measured is None or rgb is None:
-                return
-            phase = "after" if swapped[name] else "before"
-            gt = np.nan_to_num(array_from_image(measured), nan=0.0)
-            predicted = array_from_image(msg)
-            scores[name][phase].update(np.where(np.isfinite(predicted), predicted, 10.0), gt)
-            frames[name][phase] += 1
-            image = array_from_image(rgb)
-            for model, engine in engines.items():
-                other = np.asarray(engine.predict(image), np.float32)
-                same[model][name].update(np.where(np.isfinite(other), other, 10.0), gt)
+            parts = pending[name].setdefault(stamp(msg), {})
+            parts[part] = msg
+            if len(parts) == 3:
+                score(name, pending[name].pop(stamp(msg)))
+            while len(pending[name]) > 60:  # frames depth_node skipped never complete: forget the oldest
+                pending[name].pop(next(iter(pending[name])))
         return callback
 
     sensor_qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
     for n in names:
-        listener.create_subscription(Image, f"/{n}/{topics.CAMERA_DEPTH}", keep(truth[n]), sensor_qos)
-        listener.create_subscription(Image, f"/{n}/{topics.CAMERA_IMAGE}", keep(camera[n]), sensor_qos)
-        listener.create_subscription(Image, f"/{n}/{topics.DEPTH_IMAGE}", on_depth(n), sensor_qos)
+        listener.create_subscription(Image, f"/{n}/{topics.CAMERA_DEPTH}", arrive(n, "truth"), sensor_qos)
+        listener.create_subscription(Image, f"/{n}/{topics.CAMERA_IMAGE}", arrive(n, "rgb"), sensor_qos)
+        listener.create_subscription(Image, f"/{n}/{topics.DEPTH_IMAGE}", arrive(n, "depth"), sensor_qos)
     nodes = [sim, *depth_nodes.values(), *collab_nodes.values(), listener]
     executor = SingleThreadedExecutor()
     for node in nodes:

@@ -146,8 +146,9 @@ def plot_before_after(before: dict[str, dict[str, float]], after: dict[str, dict
 
 
 def plot_data_kept(frames: dict[str, int], bag_bytes: dict[str, int], kept_bytes: dict[str, int],
-                   out: str | Path) -> Path:
-    """Per rover: MB recorded (bag) and MB kept (curated dataset), with the frames kept."""
+                   out: str | Path, everything: dict[str, int] | None = None) -> Path:
+    """Per rover: MB recorded (bag) and MB kept (curated dataset), with the frames kept; ``everything``: what
+    recording every message would have written (triggered capture)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,10 +157,15 @@ def plot_data_kept(frames: dict[str, int], bag_bytes: dict[str, int], kept_bytes
     rovers = sorted(frames)
     fig, ax = plt.subplots(figsize=(6, 3.2))
     xs = range(len(rovers))
-    ax.bar([x - 0.2 for x in xs], [bag_bytes.get(r, 0) / 1e6 for r in rovers], 0.4, label="recorded (bag)")
-    ax.bar([x + 0.2 for x in xs], [kept_bytes.get(r, 0) / 1e6 for r in rovers], 0.4, label="kept (curated)")
+    series = ([("everything (not written)", everything)] if everything else []) + [
+        ("recorded (bag)", bag_bytes), ("kept (curated)", kept_bytes)]
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], [values.get(r, 0) / 1e6 for r in rovers], width, label=label)
     for x, r in zip(xs, rovers):
-        ax.annotate(f"{frames[r]} frames", (x + 0.2, kept_bytes.get(r, 0) / 1e6), ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{frames[r]} frames", (x + 0.4 - width / 2, kept_bytes.get(r, 0) / 1e6), ha="center",
+                    va="bottom", fontsize=8)
     ax.set_xticks(list(xs), rovers)
     ax.set_ylabel("MB")
     ax.set_title("data recorded and kept per rover")

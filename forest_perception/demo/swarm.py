@@ -30,6 +30,8 @@ class SwarmRecording:
     segment_frames: int = 20
     camera_width: int = 320
     camera_height: int = 240
+    triggers: bool = False  # keep at the source: depth_node + trigger_node mark frames, capture_node records marked
+    trigger_model: str = "autoencoder_160x128_int8"  # depth_node's model for the disagreement trigger
 
     def rover_names(self) -> list[str]:
         """``rover_0`` ... ``rover_{n-1}``."""
@@ -58,6 +60,7 @@ class SwarmResult:
     frames: dict[str, int] = field(default_factory=dict)
     segments: dict[str, int] = field(default_factory=dict)
     ends: dict[str, tuple[float, float]] = field(default_factory=dict)
+    source: dict[str, dict[str, int]] = field(default_factory=dict)  # triggered capture: the gate's counters
     drive_wall_s: float = 0.0
     sim_s: float = 0.0
     dataset_s: float = 0.0
@@ -70,8 +73,14 @@ class SwarmResult:
         for name, folder in self.folders.items():
             end = self.ends.get(name)
             where = f", ended at ({end[0]:.1f}, {end[1]:.1f}) m" if end else ""
+            gate = self.source.get(name)
+            kept = ""
+            if gate:
+                total = gate.get("bytes_written", 0) + gate.get("bytes_discarded", 0)
+                kept = (f", kept at the source {gate.get('frames_written', 0)} frame sets, "
+                        f"{gate.get('bytes_written', 0) / 1e6:.1f} of {total / 1e6:.1f} MB")
             out.append(f"{name}: {self.frames.get(name, 0)} frames in {self.segments.get(name, 0)} segment(s)"
-                       f"{where} -> {folder}")
+                       f"{where}{kept} -> {folder}")
         return out
 
 
@@ -92,6 +101,7 @@ def drive_swarm(spec: SwarmRecording, bags: Path, progress_every_s: float = 10.0
 
     names = spec.rover_names()
     bags.mkdir(parents=True, exist_ok=True)
+    mode = "marked" if spec.triggers else "all"
     rclpy.init()
     sim = SimNode(parameter_overrides=[
         Parameter("seed", value=spec.seed), Parameter("style", value=spec.style),
@@ -99,7 +109,19 @@ def drive_swarm(spec: SwarmRecording, bags: Path, progress_every_s: float = 10.0
         Parameter("camera_width", value=spec.camera_width), Parameter("camera_height", value=spec.camera_height)])
     captures = [CaptureNode(namespace=n, parameter_overrides=[
         Parameter("output_dir", value=str(bags)), Parameter("bag_name", value=n),
-        Parameter("min_free_space_mb", value=256)]) for n in names]
+        Parameter("min_free_space_mb", value=256), Parameter("record_mode", value=mode)]) for n in names]
+    at_source = []
+    if spec.triggers:  # the rover's own depth and the trigger decide which frames capture_node writes
+        from forest_perception.models.weights import shipped_model
+        from forest_perception.nodes.depth_node import DepthNode
+        from forest_perception.nodes.trigger_node import TriggerNode
+
+        model = str(shipped_model(spec.trigger_model))
+        for n in names:
+            at_source.append(DepthNode(namespace=n, parameter_overrides=[
+                Parameter("model_path", value=model), Parameter("threads", value=1),
+                Parameter("publish_points", value=False), Parameter("publish_scan", value=False)]))
+            at_source.append(TriggerNode(namespace=n))
     listener = rclpy.create_node("swarm_listener")
     clock = {"first": None, "now": 0.0}
     ends: dict[str, tuple[float, float]] = {}
@@ -118,7 +140,7 @@ def drive_swarm(spec: SwarmRecording, bags: Path, progress_every_s: float = 10.0
     for n in names:
         listener.create_subscription(Odometry, f"/{n}/{topics.GROUND_TRUTH}", on_truth(n), QoSProfile(depth=10))
     executor = SingleThreadedExecutor()
-    nodes = [sim, *captures, listener]
+    nodes = [sim, *captures, *at_source, listener]
     for node in nodes:
         executor.add_node(node)
     t0 = time.perf_counter()
@@ -135,6 +157,7 @@ def drive_swarm(spec: SwarmRecording, bags: Path, progress_every_s: float = 10.0
         wall = time.perf_counter() - t0
         for capture in captures:
             capture.stop()
+        gates = {n: dict(c.last_gate) for n, c in zip(names, captures)}
     finally:
         for node in nodes:
             executor.remove_node(node)
@@ -143,6 +166,7 @@ def drive_swarm(spec: SwarmRecording, bags: Path, progress_every_s: float = 10.0
         rclpy.try_shutdown()
     out: dict = {n: bags / n for n in names}
     out["_ends"] = ends
+    out["_gates"] = gates if spec.triggers else {}
     return out, wall, clock["now"] - (clock["first"] or clock["now"])
 
 
@@ -178,7 +202,8 @@ def record_swarm(spec: SwarmRecording, out: Path, reuse: bool = True) -> SwarmRe
         if saved.get("spec") == asdict(spec):
             return SwarmResult({n: out / "rovers" / n for n in spec.rover_names()}, saved["frames"],
                                saved["segments"], {k: tuple(v) for k, v in saved["ends"].items()},
-                               saved["drive_wall_s"], saved["sim_s"], saved["dataset_s"], reused=True)
+                               saved.get("source", {}), saved["drive_wall_s"], saved["sim_s"], saved["dataset_s"],
+                               reused=True)
     import shutil
 
     done.unlink(missing_ok=True)
@@ -186,14 +211,15 @@ def record_swarm(spec: SwarmRecording, out: Path, reuse: bool = True) -> SwarmRe
         shutil.rmtree(out / stale, ignore_errors=True)
     bags, wall, sim_s = drive_swarm(spec, out / "bags")
     ends = bags.pop("_ends")
+    gates = bags.pop("_gates")
     start = time.perf_counter()
-    result = SwarmResult({}, ends=ends, drive_wall_s=wall, sim_s=sim_s)
+    result = SwarmResult({}, ends=ends, source=gates, drive_wall_s=wall, sim_s=sim_s)
     for name, bag in bags.items():
         folder = out / "rovers" / name
         result.folders[name] = folder
         result.frames[name], result.segments[name] = bag_to_rover_folder(bag, out, folder, spec.segment_frames)
     result.dataset_s = time.perf_counter() - start
     done.write_text(json.dumps({"spec": asdict(spec), "frames": result.frames, "segments": result.segments,
-                                "ends": result.ends, "drive_wall_s": wall, "sim_s": sim_s,
+                                "ends": result.ends, "source": result.source, "drive_wall_s": wall, "sim_s": sim_s,
                                 "dataset_s": result.dataset_s}, indent=1))
     return result
