@@ -40,6 +40,7 @@ REJECT_REASONS = (
     "duplicate",  # second update from the same client in one batch
     "stale_mimic",  # dc-ccl: trained with another mimic than the running one
     "bad_metric",  # fedlaavg: a reported learning rate that is not a positive number
+    "pack",  # the packed arrays' index is malformed or does not match their buffers
 )
 
 

@@ -6,14 +6,21 @@ and the tests' fakes); the keys and what each carries are in ``docs/federated.md
 
 from __future__ import annotations
 
+import json
+import math
+import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from forest_perception.collab.updates import ClientUpdate, NDArrays, UpdateRejected
 
-ARRAYS_KEY = "arrays"  # server -> rover: the global model, ArrayRecord keyed by tensor name
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
+ARRAYS_KEY = "arrays"  # server -> rover: the global model, packed ArrayRecord (arrays_to_record) of named tensors
 SEPARATE_KEY = "separate"  # server -> rover (MC-PSGD): the block's separate chain
 CONFIG_KEY = "config"  # server -> rover: ConfigRecord (server-round, local-epochs, lr, ...)
 UPDATE_KEY = "update"  # rover -> server: delta per tensor name (compact where ROWS_KEY has rows)
@@ -38,17 +45,155 @@ CHAIN_KEYS: dict[str, tuple[str, str, str]] = {
 """Per model chain a rover trains: (global model key, delta key, rows key); MC-PSGD adds the separate chain."""
 
 
+PACK_INDEX = "pack:index"
+"""Key of a packed record's index: uint8 UTF-8 JSON ``{"version": 1, "tensors": [[name, dtype, shape, offset]]}``."""
+PACK_PREFIX = "pack:"
+"""A packed ArrayRecord holds one flat buffer per dtype, ``pack:<dtype>`` (e.g. ``pack:float32``), and the index."""
+PACK_VERSION = 1
+PACK_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                         "float16", "float32", "float64"})
+"""The dtypes a packed record may carry (numeric only: nothing that needs pickling)."""
+REPLY_POLL_S = 0.25
+"""How often :func:`send_and_receive` asks a deployed SuperLink for replies (Flower's HttpGrid waits 3 s)."""
+
+
+class PackError(ValueError):
+    """A packed ArrayRecord whose index or buffers are malformed or do not match each other."""
+
+
 def arrays_to_record(names: Sequence[str], arrays: Sequence[np.ndarray]) -> ArrayRecord:
-    """An ArrayRecord keyed by tensor name, in model order."""
+    """The arrays as one packed ArrayRecord: a flat buffer per dtype and an index (names in model order).
+
+    Flower sends every Array of a record as its own object (and every chunk of it), one signed
+    request each over the deployment's hops; a model of 142 tensors was ~288 objects per message.
+    Packed it is a few. :func:`unpack_record` gives back exactly the named arrays.
+    """
     if len(names) != len(arrays):
         raise ValueError(f"{len(names)} tensor names for {len(arrays)} arrays")
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in zip(names, arrays)})
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate tensor names")
+    entries: list[list] = []
+    parts: dict[str, list[np.ndarray]] = {}
+    sizes: dict[str, int] = {}
+    for name, array in zip(names, arrays):
+        a = np.asarray(array)
+        dtype = a.dtype.name
+        if dtype not in PACK_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be packed")
+        entries.append([str(name), dtype, [int(d) for d in a.shape], sizes.get(dtype, 0)])
+        parts.setdefault(dtype, []).append(a.reshape(-1))
+        sizes[dtype] = sizes.get(dtype, 0) + a.size
+    index = json.dumps({"version": PACK_VERSION, "tensors": entries}, separators=(",", ":")).encode()
+    record = {PACK_INDEX: Array(np.frombuffer(index, dtype=np.uint8).copy())}
+    for dtype, chunks in parts.items():
+        record[PACK_PREFIX + dtype] = Array(np.ascontiguousarray(np.concatenate(chunks)))
+    return ArrayRecord(record)
+
+
+def is_packed(record: ArrayRecord) -> bool:
+    """Whether ``record`` is (or claims to be) packed by :func:`arrays_to_record`."""
+    return any(k.startswith(PACK_PREFIX) for k in record.keys())
+
+
+def _decode(record: ArrayRecord, key: str, what: str) -> np.ndarray:
+    try:
+        return record[key].numpy()
+    except Exception as exc:  # bytes that do not decode to an array
+        raise PackError(f"{what}: {key} does not decode to an array ({exc})") from None
+
+
+def _index_entries(record: ArrayRecord, what: str) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """The checked entries of a packed record's index."""
+    if PACK_INDEX not in record:
+        raise PackError(f"{what}: packed buffers {sorted(record.keys())[:3]} without the {PACK_INDEX!r} index")
+    raw = _decode(record, PACK_INDEX, what)
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise PackError(f"{what}: malformed index: a {raw.dtype} array of shape {raw.shape}, not 1-D uint8")
+    try:
+        index = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PackError(f"{what}: malformed index: not UTF-8 JSON ({exc})") from None
+    if not (isinstance(index, dict) and index.get("version") == PACK_VERSION
+            and isinstance(index.get("tensors"), list)):
+        raise PackError(f"{what}: malformed index: not {{'version': {PACK_VERSION}, 'tensors': [...]}}")
+    entries = []
+    seen: set[str] = set()
+    for i, entry in enumerate(index["tensors"]):
+        if not (isinstance(entry, list) and len(entry) == 4):
+            raise PackError(f"{what}: malformed index entry {i}: not [name, dtype, shape, offset]")
+        name, dtype, shape, offset = entry
+        if not isinstance(name, str) or not name:
+            raise PackError(f"{what}: malformed index entry {i}: name {name!r} is not a non-empty string")
+        if name in seen:
+            raise PackError(f"{what}: malformed index: tensor {name!r} listed twice")
+        seen.add(name)
+        if dtype not in PACK_DTYPES:
+            raise PackError(f"{what}: malformed index entry {name!r}: dtype {dtype!r} is not a numeric dtype")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)):
+            raise PackError(f"{what}: malformed index entry {name!r}: shape {shape!r} is not a list of sizes >= 0")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise PackError(f"{what}: malformed index entry {name!r}: offset {offset!r} is not an integer >= 0")
+        entries.append((name, dtype, tuple(shape), offset))
+    return entries
+
+
+def unpack_record(record: ArrayRecord, what: str = "arrays") -> dict[str, np.ndarray]:
+    """The named arrays of a record, in the order packed: ``{tensor name: array}``.
+
+    A packed record (:func:`arrays_to_record`) is checked whole: its index (JSON, version, one
+    ``[name, dtype, shape, offset]`` per tensor, no name twice), and each dtype's buffer (1-D, of
+    that dtype, its tensors laid end to end in index order from offset 0, filling it exactly, no
+    buffer without tensors, no other keys); :class:`PackError` says what does not fit. A record
+    keyed by tensor name (the format before packing) is read as it is.
+    """
+    if not is_packed(record):
+        try:
+            return {k: record[k].numpy() for k in record.keys()}
+        except Exception as exc:  # bytes that do not decode to an array: not a PackError (nothing was packed)
+            raise ValueError(f"{what}: undecodable tensor ({exc})") from None
+    entries = _index_entries(record, what)
+    dtypes = {dtype for _, dtype, _, _ in entries}
+    unexpected = [k for k in record.keys() if k != PACK_INDEX and k[len(PACK_PREFIX):] not in dtypes]
+    if unexpected:
+        raise PackError(f"{what}: buffers or keys the index does not use: {unexpected[:3]}")
+    buffers: dict[str, np.ndarray] = {}
+    for dtype in dtypes:
+        key = PACK_PREFIX + dtype
+        if key not in record:
+            raise PackError(f"{what}: the index lists {dtype} tensors but the record has no {key!r} buffer")
+        buffer = _decode(record, key, what)
+        if buffer.ndim != 1 or buffer.dtype.name != dtype:
+            raise PackError(f"{what}: buffer {key!r} is a {buffer.dtype} array of shape {buffer.shape}, "
+                            f"not 1-D {dtype}")
+        buffers[dtype] = buffer
+    out: dict[str, np.ndarray] = {}
+    used = dict.fromkeys(dtypes, 0)
+    for name, dtype, shape, offset in entries:
+        size = math.prod(shape)
+        if offset != used[dtype]:
+            raise PackError(f"{what}: buffer does not match the index: tensor {name!r} at {dtype} offset {offset}, "
+                            f"expected {used[dtype]} (tensors must lie end to end)")
+        if offset + size > buffers[dtype].size:
+            raise PackError(f"{what}: buffer does not match the index: tensor {name!r} needs {dtype} elements "
+                            f"{offset}..{offset + size}, the buffer has {buffers[dtype].size}")
+        out[name] = buffers[dtype][offset:offset + size].reshape(shape)
+        used[dtype] = offset + size
+    for dtype, n in used.items():
+        if n != buffers[dtype].size:
+            raise PackError(f"{what}: buffer does not match the index: {PACK_PREFIX}{dtype} has "
+                            f"{buffers[dtype].size} elements, the index lists {n}")
+    return out
 
 
 def record_to_arrays(record: ArrayRecord, names: Sequence[str], what: str = "arrays") -> NDArrays:
-    """The arrays of ``record`` in the order of ``names``; ``ValueError`` naming missing/unexpected keys."""
-    keys = list(record.keys())
-    missing = [n for n in names if n not in record]
+    """The arrays of ``record`` in the order of ``names``; ``ValueError`` naming missing/unexpected tensors.
+
+    :class:`PackError` (a ``ValueError``) when a packed record is malformed (:func:`unpack_record`).
+    """
+    arrays = unpack_record(record, what)
+    keys = list(arrays)
+    missing = [n for n in names if n not in arrays]
     extra = [k for k in keys if k not in set(names)]
     if missing or extra:
         raise ValueError(
@@ -56,7 +201,31 @@ def record_to_arrays(record: ArrayRecord, names: Sequence[str], what: str = "arr
             + (f"; missing {missing[:3]}{'...' if len(missing) > 3 else ''}" if missing else "")
             + (f"; unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}" if extra else "")
         )
-    return [record[n].numpy() for n in names]
+    return [arrays[n] for n in names]
+
+
+def send_and_receive(grid: Grid, messages: Sequence[Message], timeout: float | None) -> list[Message]:
+    """``grid.send_and_receive(messages, timeout=timeout)``, polling a deployed SuperLink every :data:`REPLY_POLL_S`.
+
+    Flower's HttpGrid (the deployed ServerApp's grid) sleeps a fixed 3 s between its pulls; this
+    does what it does (push, pull until every reply is in or ``timeout`` has passed; ``None``:
+    wait for all) with a shorter sleep. Any other grid (simulation, the tests') is asked as it is.
+    """
+    from flwr.superlink.grid import HttpGrid  # noqa: PLC0415 - the ServerApp's side only
+
+    if not isinstance(grid, HttpGrid):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    ids = set(grid.push_messages(messages))
+    end = time.time() + (timeout if timeout is not None else 0.0)
+    replies: list[Message] = []
+    while timeout is None or time.time() < end:
+        pulled = list(grid.pull_messages(ids))
+        replies.extend(pulled)
+        ids.difference_update(m.metadata.reply_to_message_id for m in pulled)
+        if not ids:
+            break
+        time.sleep(REPLY_POLL_S)
+    return replies
 
 
 def record_bytes(content: RecordDict) -> int:
@@ -97,25 +266,30 @@ def parse_update(
     if metrics is None or meta is None:
         raise refuse("num_examples", f"reply lacks the {METRICS_KEY!r} MetricRecord or the {META_KEY!r} ConfigRecord")
     record = content.array_records[update_key]
-    if set(record.keys()) != set(names):
+    try:
+        tensors = unpack_record(record, update_key)
+    except PackError as exc:
+        raise refuse("pack", str(exc)) from None
+    except ValueError as exc:
+        raise refuse("type", str(exc)) from None
+    if set(tensors) != set(names):
         try:
             record_to_arrays(record, names, update_key)
         except ValueError as exc:
             raise refuse("count", str(exc)) from None
-    try:
-        params = [record[n].numpy() for n in names]
-    except Exception as exc:  # bytes that do not decode to an array
-        raise refuse("type", f"{update_key}: undecodable tensor ({exc})") from None
+    params = [tensors[n] for n in names]
     rows: list[np.ndarray | None] | None = None
     if rows_key in content.array_records:
-        record = content.array_records[rows_key]
-        unknown = [k for k in record.keys() if k not in set(names)]
+        try:
+            indices = unpack_record(content.array_records[rows_key], rows_key)
+        except PackError as exc:
+            raise refuse("pack", str(exc)) from None
+        except ValueError as exc:
+            raise refuse("rows", str(exc)) from None
+        unknown = [k for k in indices if k not in set(names)]
         if unknown:
             raise refuse("rows", f"{rows_key} names tensors the model does not have: {unknown[:3]}")
-        try:
-            rows = [record[n].numpy() if n in record else None for n in names]
-        except Exception as exc:
-            raise refuse("rows", f"{rows_key}: undecodable index array ({exc})") from None
+        rows = [indices.get(n) for n in names]
     n = metrics.get(NUM_EXAMPLES)
     num_examples = int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and float(n).is_integer() else n
     base_round = meta.get("base-round", server_round)
@@ -143,9 +317,8 @@ def global_arrays(message: Message, key: str = ARRAYS_KEY) -> tuple[list[str], N
     """Tensor names and arrays of the model a message carries under ``key``; ``ValueError`` if it has none."""
     if key not in message.content.array_records:
         raise ValueError(f"message has no {key!r} ArrayRecord (records: {sorted(message.content.keys())})")
-    record = message.content.array_records[key]
-    names = list(record.keys())
-    return names, [record[n].numpy() for n in names]
+    arrays = unpack_record(message.content.array_records[key], key)
+    return list(arrays), list(arrays.values())
 
 
 def prefixed_records(content: RecordDict, prefix: str, names: Sequence[str]) -> dict[str, NDArrays]:

@@ -38,6 +38,7 @@ from forest_perception.collab.flower.messages import (
     parse_update,
     record_bytes,
     reply_status,
+    send_and_receive,
 )
 from forest_perception.collab.flower.store import (
     EvalEntry,
@@ -293,7 +294,7 @@ class RoverStrategy(FedAvg):
         content = RecordDict({CONFIG_KEY: ConfigRecord({"query": "identity"})})
         messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
         registry = self.registered_nodes()
-        for reply in grid.send_and_receive(messages, timeout=self.settings.query_timeout):
+        for reply in send_and_receive(grid, messages, self.settings.query_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 LOG.warning("node %s did not say which rover it is: %s", node, reply.error.reason)

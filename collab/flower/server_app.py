@@ -22,7 +22,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from forest_perception.collab.flower.messages import arrays_to_record
+from forest_perception.collab.flower.messages import arrays_to_record, send_and_receive
 from forest_perception.collab.flower.network import InitCheckpoint, architecture_from_run_config, kwargs_text
 from forest_perception.collab.flower.population import load_population
 from forest_perception.collab.flower.rover_strategy import RoverStrategy, StrategyConfig
@@ -243,7 +243,7 @@ class Coordinator:
         strategy = self.strategy
         arrays = arrays_to_record(strategy.names, strategy.params)
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-        replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout)) if messages else []
+        replies = send_and_receive(grid, messages, self.settings.round_timeout) if messages else []
         strategy.aggregate_train(server_round, replies)
         strategy.after_train(server_round, grid, self.settings.round_timeout)
         record = strategy.last_record
@@ -272,7 +272,7 @@ class Coordinator:
         strategy = self.strategy
         arrays = arrays_to_record(strategy.names, strategy.params)
         messages = list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid))
-        replies = list(grid.send_and_receive(messages, timeout=self.settings.round_timeout)) if messages else []
+        replies = send_and_receive(grid, messages, self.settings.round_timeout) if messages else []
         metrics = strategy.aggregate_evaluate(server_round, replies) if messages else None
         entries = sorted(strategy.last_evaluation.values(), key=lambda e: e.name)
         summary = {} if metrics is None else {k: float(v) for k, v in metrics.items()}

@@ -39,6 +39,7 @@ from forest_perception.collab.flower.messages import (
     arrays_to_record,
     metric_value,
     prefixed_records,
+    send_and_receive,
 )
 from forest_perception.collab.flower.rover_strategy import Availability, AveragingServer, RoverStrategy, StrategyConfig
 from forest_perception.collab.influence import InfluenceEstimator
@@ -299,7 +300,7 @@ class SemiCyclicStrategy(RoverStrategy):
                               SEPARATE_KEY: arrays_to_record(self.names, separate), CONFIG_KEY: config})
         sums = {"mixed": [0.0, 0.0], "separate": [0.0, 0.0]}
         messages = list(self._construct_messages(content, scorers, MessageType.EVALUATE)) if scorers else []
-        for reply in grid.send_and_receive(messages, timeout=timeout) if messages else []:
+        for reply in send_and_receive(grid, messages, timeout) if messages else []:
             rover = self.directory.get(reply.metadata.src_node_id, "?")
             scores = None if reply.has_error() else reply.content.metric_records.get(METRICS_KEY)
             n = metric_value(scores, NUM_EXAMPLES)

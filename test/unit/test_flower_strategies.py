@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from forest_perception.collab.algorithms import FedLaAvgServer, SemiCyclicServer, fedavg, fedsubavg, robust_fedavg
@@ -184,6 +184,8 @@ def test_parse_update_names_what_is_missing():
         parse_update(content, NAMES, "rover_1", 3)
     assert info.value.reason == "rows" and "no.such.tensor" in str(info.value)
     del content[ROWS_KEY]
+    # a record keyed by tensor name (the format before packing) is still read, and checked as before
+    content[UPDATE_KEY] = ArrayRecord({n: Array(a) for n, a in zip(NAMES, initial())})
     content[UPDATE_KEY][NAMES[2]] = Array(dtype="float32", shape=(5,), stype="numpy.ndarray", data=b"not an array")
     with pytest.raises(UpdateRejected) as info:
         parse_update(content, NAMES, "rover_1", 3)
