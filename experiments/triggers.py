@@ -352,14 +352,16 @@ def write_outputs(result: dict, out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    markers = {"all": "o", "trigger": "^", "uniform": "s"}
+    colours = {"all": "black", "trigger": "tab:red", "uniform": "tab:blue"}
+    markers = {"any": "s", "epochs": "v", "steps": "o"}
     for entry in result["summary"]["variants"].values():
         kind = entry["variant"].split(":")[0]
-        ax.errorbar(entry.get("train_png_mb", math.nan), entry["absrel"]["mean"], yerr=entry["absrel"]["std"],
-                    marker=markers.get(kind, "x"), linestyle="none", capsize=3,
-                    label=f"{entry['variant']} ({entry['budget']})")
-    if "shipped" in result["summary"]:
-        ax.axhline(result["summary"]["shipped"]["absrel"], linestyle=":", color="grey", label="shipped")
+        shift = {"trigger": 0.5, "uniform": -0.5}.get(kind, 0.0)  # side by side at the same bytes
+        ax.errorbar(entry.get("train_png_mb", math.nan) + shift, entry["absrel"]["mean"], yerr=entry["absrel"]["std"],
+                    color=colours.get(kind, "grey"), marker=markers.get(entry["budget"], "x"), linestyle="none",
+                    capsize=3, label=f"{entry['variant']} ({entry['budget']})")
+    shipped = result["summary"].get("shipped", {}).get("absrel")
+    ax.set_title(f"shipped network: AbsRel {shipped:.3f}" if shipped is not None else "", fontsize=9)
     ax.set_xlabel("training frames kept, PNG MB (4 rovers)")
     ax.set_ylabel("held-out AbsRel after FedAvg")
     ax.grid(alpha=0.3)
