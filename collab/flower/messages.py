@@ -229,8 +229,9 @@ def send_and_receive(grid: Grid, messages: Sequence[Message], timeout: float | N
 
 
 def record_bytes(content: RecordDict) -> int:
-    """Bytes of tensor payload in a message (the serialised arrays of every ArrayRecord)."""
-    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+    """Bytes of tensor payload in a message (the serialised arrays of every ArrayRecord); a pack's index is
+    metadata (names, dtypes, shapes), like the header of each Array, and is not counted."""
+    return sum(len(a.data) for rec in content.array_records.values() for key, a in rec.items() if key != PACK_INDEX)
 
 
 def metric_value(record: MetricRecord | None, key: str) -> float | None:
