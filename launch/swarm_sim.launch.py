@@ -6,7 +6,8 @@ ros2 launch forest_perception swarm_sim.launch.py rovers:=5 coordinator:=false s
 
 sim_node drives ``rover_0`` .. ``rover_<N-1>`` (config/sim.yaml) and publishes ``/clock``; every rover node runs
 under its rover's namespace on simulated time with config/rover.yaml. capture_node records each rover into
-``bag_dir/<rover>``. collab_node follows the release server (``https://127.0.0.1:release_port``, models signed with
+``bag_dir/<rover>``: with ``triggers:=true`` (the default) only the frames the rover's trigger_node marks.
+collab_node follows the release server (``https://127.0.0.1:release_port``, models signed with
 ``registry/release_signing.pub``), gates on ``data_dir/<rover>`` (the rover's curated recordings) and keeps its
 models in ``models_dir/<rover>``; with ``supernode:=true`` it also runs the rover's Flower SuperNode with its key from
 ``certs/rovers/<rover>/``. First make the certificates for every rover and the registry's signing key:
@@ -33,7 +34,8 @@ def _swarm(context, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - 
         raise ValueError(f"rovers must be 1..64, got {count}")
     names = [f"rover_{i}" for i in range(count)]
     truth = {"true": True, "false": False}
-    record, collab, supernode = (truth[arg[k].lower()] for k in ("record", "collab", "supernode"))
+    record, collab, supernode, triggers = (truth[arg[k].lower()] for k in ("record", "collab", "supernode",
+                                                                          "triggers"))
     actions = [
         Node(
             package="forest_perception",
@@ -72,9 +74,21 @@ def _swarm(context, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - 
                     namespace=rover,
                     output="screen",
                     parameters=[arg["params_file"], {"output_dir": os.path.join(arg["bag_dir"], rover),
+                                                     "record_mode": "marked" if triggers else "all",
                                                      "use_sim_time": True}],
                 )
             )
+            if triggers:  # keep at the source only the frames worth training on
+                actions.append(
+                    Node(
+                        package="forest_perception",
+                        executable="trigger_node",
+                        name="trigger_node",
+                        namespace=rover,
+                        output="screen",
+                        parameters=[arg["params_file"], {"use_sim_time": True}],
+                    )
+                )
         if collab:
             certs = arg["certs"]
             actions.append(
@@ -120,6 +134,9 @@ def generate_launch_description() -> LaunchDescription:
             DeclareLaunchArgument("record", default_value="true", description="run capture_node on every rover"),
             DeclareLaunchArgument("bag_dir", default_value="bags",
                                   description="capture_node records into <dir>/<rover>"),
+            DeclareLaunchArgument("triggers", default_value="true",
+                                  description="with record: trigger_node marks the frames worth keeping and "
+                                              "capture_node records only those (record_mode marked)"),
             DeclareLaunchArgument("collab", default_value="true", description="run collab_node on every rover"),
             DeclareLaunchArgument("supernode", default_value="true",
                                   description="collab_node runs the rover's Flower SuperNode"),

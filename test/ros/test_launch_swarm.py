@@ -83,14 +83,18 @@ def test_swarm_sim_launches_every_rover_and_includes_the_cloud(launch_stubs):
     per_rover = {}
     for node in nodes[1:]:
         per_rover.setdefault(node.kwargs["namespace"], []).append(node.kwargs["executable"])
-    assert per_rover == {f"rover_{i}": ["depth_node", "sensor_sync_node", "capture_node", "collab_node"]
-                         for i in range(3)}
+    assert per_rover == {f"rover_{i}": ["depth_node", "sensor_sync_node", "capture_node", "trigger_node",
+                                        "collab_node"] for i in range(3)}
     collab = [n for n in nodes if n.kwargs["executable"] == "collab_node"][1].kwargs["parameters"][1]
     assert collab["model_source"] == "https://127.0.0.1:8470" and collab["supernode"] is False
     assert collab["auth_private_key"] == "certs/rovers/rover_1/auth.key"
     assert collab["dataset_dir"] == "data/swarm/rover_1" and collab["rover_id"] == "rover_1"
     capture = [n for n in nodes if n.kwargs["executable"] == "capture_node"][2].kwargs["parameters"][1]
-    assert capture["output_dir"] == "bags/rover_2"
+    assert capture["output_dir"] == "bags/rover_2" and capture["record_mode"] == "marked"
+    everything = swarm(types.SimpleNamespace(launch_configurations={**defaults, "rovers": "1", "triggers": "false"}))
+    assert [n.kwargs["executable"] for n in everything].count("trigger_node") == 0
+    assert [n for n in everything if n.kwargs["executable"] == "capture_node"][0].kwargs["parameters"][1][
+        "record_mode"] == "all"
     quiet = swarm(types.SimpleNamespace(launch_configurations={**defaults, "rovers": "2", "record": "false",
                                                                "collab": "false"}))
     assert [n.kwargs["executable"] for n in quiet] == ["sim_node"] + ["depth_node", "sensor_sync_node"] * 2
