@@ -46,6 +46,7 @@ def drive(args: argparse.Namespace, out: Path) -> dict:
     from rosgraph_msgs.msg import Clock
 
     from forest_perception.nodes.capture_node import CaptureNode
+    from forest_perception.nodes.common import close_nodes
     from forest_perception.nodes.depth_node import DepthNode
     from forest_perception.nodes.sim_node import SimNode
     from forest_perception.nodes.trigger_node import TriggerNode
@@ -106,11 +107,7 @@ def drive(args: argparse.Namespace, out: Path) -> dict:
                   "decide_ms": 1e3 * sum(decide_s) / max(len(decide_s), 1),
                   "gate": {k: v for k, v in marked_values.items() if k.startswith("marked ")}}
     finally:
-        for node in nodes:
-            executor.remove_node(node)
-            node.destroy_node()
-        executor.shutdown()
-        rclpy.try_shutdown()
+        close_nodes(executor, nodes)
     return result
 
 

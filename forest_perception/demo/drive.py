@@ -54,6 +54,7 @@ def drive_over_ros(seed: int, seconds: float, weather: str, model_path: str, bag
     from forest_perception.models.metrics import MetricAccumulator
     from forest_perception.msgs import array_from_image
     from forest_perception.nodes.capture_node import CaptureNode
+    from forest_perception.nodes.common import close_nodes
     from forest_perception.nodes.depth_node import DepthNode
     from forest_perception.nodes.sensor_sync_node import SensorSyncNode
     from forest_perception.nodes.sim_node import SimNode
@@ -145,11 +146,7 @@ def drive_over_ros(seed: int, seconds: float, weather: str, model_path: str, bag
             capture.stop()
         sync_values = nodes[1].diagnostics_values()[2]
     finally:
-        for node in (*nodes, listener):
-            executor.remove_node(node)
-            node.destroy_node()
-        executor.shutdown()
-        rclpy.try_shutdown()
+        close_nodes(executor, (*nodes, listener))
     sim_s = clock["now"] - (clock["first"] or clock["now"])
     return DriveResult(
         wall_s=wall, sim_s=sim_s, rates={name: counts[name] / max(sim_s, 1e-9) for name in heard},

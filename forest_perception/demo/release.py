@@ -61,6 +61,7 @@ def release_to_swarm(out: Path, folders: dict[str, Path], onnx: Path, running_mo
     from forest_perception.models.torch_engine import load_engine
     from forest_perception.msgs import array_from_image
     from forest_perception.nodes.collab_node import CollabNode
+    from forest_perception.nodes.common import close_nodes
     from forest_perception.nodes.depth_node import DepthNode
     from forest_perception.nodes.sim_node import SimNode
 
@@ -191,11 +192,7 @@ def release_to_swarm(out: Path, folders: dict[str, Path], onnx: Path, running_mo
                       flush=True)
         result.bytes_pulled = sum(c.agent.source.client.bytes_downloaded for c in collab_nodes.values())
     finally:
-        for node in nodes:
-            executor.remove_node(node)
-            node.destroy_node()
-        executor.shutdown()
-        rclpy.try_shutdown()
+        close_nodes(executor, nodes)
         server.stop()
     result.wall_s = elapsed()
     for n in names:

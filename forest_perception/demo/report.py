@@ -119,62 +119,55 @@ def plot_rounds(accuracy: dict[int, dict[str, float]], rounds: Sequence[dict[str
     return out
 
 
-def plot_before_after(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
-                      out: str | Path) -> Path:
-    """Live AbsRel per rover before and after its swap."""
+def _grouped_bars(rovers: Sequence[str], series: Sequence[tuple[str, dict[str, float]]], ylabel: str, title: str,
+                  out: str | Path, notes: dict[str, str] | None = None) -> Path:
+    """One group of bars per rover, one bar per series; ``notes`` are written above each rover's last bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rovers = sorted(set(before) | set(after))
     fig, ax = plt.subplots(figsize=(6, 3.2))
     xs = range(len(rovers))
-    ax.bar([x - 0.2 for x in xs], [before.get(r, {}).get("absrel", float("nan")) for r in rovers], 0.4,
-           label="shipped model")
-    ax.bar([x + 0.2 for x in xs], [after.get(r, {}).get("absrel", float("nan")) for r in rovers], 0.4,
-           label="released model")
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], [values.get(r, float("nan")) for r in rovers], width, label=label)
+    last = series[-1][1]
+    for x, r in zip(xs, rovers):
+        if notes and r in notes:
+            ax.annotate(notes[r], (x + 0.4 - width / 2, last.get(r, 0.0)), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), rovers)
-    ax.set_ylabel("live AbsRel")
-    ax.set_title("depth_node on the driving rovers")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_before_after(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                      out: str | Path) -> Path:
+    """Live AbsRel per rover before and after its swap."""
+    rovers = sorted(set(before) | set(after))
+    series = [("shipped model", {r: v["absrel"] for r, v in before.items()}),
+              ("released model", {r: v["absrel"] for r, v in after.items()})]
+    return _grouped_bars(rovers, series, "live AbsRel", "depth_node on the driving rovers", out)
 
 
 def plot_data_kept(frames: dict[str, int], bag_bytes: dict[str, int], kept_bytes: dict[str, int],
                    out: str | Path, everything: dict[str, int] | None = None) -> Path:
     """Per rover: MB recorded (bag) and MB kept (curated dataset), with the frames kept; ``everything``: what
     recording every message would have written (triggered capture)."""
-    import matplotlib
+    def mb(values: dict[str, int]) -> dict[str, float]:
+        return {r: v / 1e6 for r, v in values.items()}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rovers = sorted(frames)
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    xs = range(len(rovers))
-    series = ([("everything (not written)", everything)] if everything else []) + [
-        ("recorded (bag)", bag_bytes), ("kept (curated)", kept_bytes)]
-    width = 0.8 / len(series)
-    for i, (label, values) in enumerate(series):
-        offset = (i - (len(series) - 1) / 2) * width
-        ax.bar([x + offset for x in xs], [values.get(r, 0) / 1e6 for r in rovers], width, label=label)
-    for x, r in zip(xs, rovers):
-        ax.annotate(f"{frames[r]} frames", (x + 0.4 - width / 2, kept_bytes.get(r, 0) / 1e6), ha="center",
-                    va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), rovers)
-    ax.set_ylabel("MB")
-    ax.set_title("data recorded and kept per rover")
-    ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    series = ([("everything (not written)", mb(everything))] if everything else []) + [
+        ("recorded (bag)", mb(bag_bytes)), ("kept (curated)", mb(kept_bytes))]
+    return _grouped_bars(sorted(frames), series, "MB", "data recorded and kept per rover", out,
+                         {r: f"{n} frames" for r, n in frames.items()})
 
 
 def folder_bytes(path: str | Path) -> int:

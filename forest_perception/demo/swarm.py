@@ -97,6 +97,7 @@ def drive_swarm(spec: SwarmRecording, bags: Path, progress_every_s: float = 10.0
 
     from forest_perception import topics
     from forest_perception.nodes.capture_node import CaptureNode
+    from forest_perception.nodes.common import close_nodes
     from forest_perception.nodes.sim_node import SimNode
 
     names = spec.rover_names()
@@ -159,11 +160,7 @@ def drive_swarm(spec: SwarmRecording, bags: Path, progress_every_s: float = 10.0
             capture.stop()
         gates = {n: dict(c.last_gate) for n, c in zip(names, captures)}
     finally:
-        for node in nodes:
-            executor.remove_node(node)
-            node.destroy_node()
-        executor.shutdown()
-        rclpy.try_shutdown()
+        close_nodes(executor, nodes)
     out: dict = {n: bags / n for n in names}
     out["_ends"] = ends
     out["_gates"] = gates if spec.triggers else {}

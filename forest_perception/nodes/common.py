@@ -190,6 +190,16 @@ def parameter_help(name: str, summary: str, specs: Sequence[ParamSpec]) -> str:
     return "\n".join(lines)
 
 
+def close_nodes(executor: Any, nodes: Sequence[Node]) -> None:  # noqa: ANN401 - any rclpy executor
+    """Take ``nodes`` off ``executor``, destroy them, shut the executor down and rclpy with it (a script that ran a
+    graph of nodes in one process)."""
+    for node in nodes:
+        executor.remove_node(node)
+        node.destroy_node()
+    executor.shutdown()
+    rclpy.try_shutdown()
+
+
 def run_node(factory: Callable[[], Node], name: str, args: list[str] | None = None,
              specs: Sequence[ParamSpec] = (), summary: str = "") -> None:
     """Init rclpy, build and spin a node until Ctrl-C; a bad parameter exits 2 with its message.
