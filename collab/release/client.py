@@ -168,16 +168,18 @@ class ReleaseClient:
 
     # ------------------------------------------------------------------------------------------ the store
     def installed(self, release: str) -> InstalledRelease | None:
-        """The release from the local store if it is there whole (every artefact at its size), else None."""
+        """The release from the local store if it is there whole and unchanged (every artefact's SHA-256 as its
+        manifest says, the manifest as it was signed), else None (it is pulled again)."""
         folder = self.store / release
         try:
             manifest = json.loads((folder / "manifest.json").read_text())
-        except (OSError, ValueError):
+            verify_manifest(manifest, (folder / "signature").read_text().strip(), self.key)
+            for entry in manifest.get("artefacts", []):
+                path = folder / entry["file"]
+                if not path.is_file() or path.stat().st_size != entry["size"] or file_sha256(path) != entry["sha256"]:
+                    return None
+        except (OSError, ValueError, KeyError, TypeError):  # SignatureError is a ValueError
             return None
-        for entry in manifest.get("artefacts", []):
-            path = folder / entry["file"]
-            if not path.is_file() or path.stat().st_size != entry["size"]:
-                return None
         return InstalledRelease(release, folder, manifest)
 
     def fetch(self, announcement: Announcement, progress: Callable[[str, int, int], None] | None = None

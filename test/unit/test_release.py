@@ -281,6 +281,9 @@ def test_a_rover_pulls_verifies_and_installs_a_release_over_https(served, tmp_pa
     assert json.loads((installed.path / "manifest.json").read_text()) == announcement.manifest
     assert not list((tmp_path / "store" / rc.PARTIAL_DIR).iterdir())  # nothing half-done left
     assert client.fetch(announcement) == installed and client.bytes_downloaded == expected  # the store has it
+    (installed.path / installed.artefact("card")["file"]).write_text("{}")  # damaged on the rover's disk
+    assert client.installed(served["release"]) is None
+    assert client.fetch(announcement).onnx.is_file() and client.bytes_downloaded == 2 * expected  # pulled again
     client.report(served["release"], "health", {"latency_ms": 5.0, "rate_hz": 15.0})
     assert client.installed(served["release"]) is not None
 
