@@ -23,20 +23,24 @@ def plot_timeline(registry: Any, out: str | os.PathLike) -> Path:  # noqa: ANN40
 
     entries = [e for e in registry.audit() if e["release"]]
     releases = [r["id"] for r in registry.releases()]
+    # one row for what the coordinator (or the command line) did to each release, one per rover that reported on it
+    rows: list[tuple[str, str]] = []
+    for release in releases:
+        rows.append((release, ""))
+        rows += sorted({(release, e["actor"][6:]) for e in entries
+                        if e["release"] == release and e["actor"].startswith("rover:")})
     start = min((e["ts"] for e in entries), default=0.0)
-    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.6 * max(1, len(releases))))
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.35 * max(1, len(rows))))
     seen = set()
     for e in entries:
-        marker, color = MARKERS.get(e["action"], ("." , "black"))
-        row = releases.index(e["release"]) if e["release"] in releases else -1
+        marker, color = MARKERS.get(e["action"], (".", "black"))
+        rover = e["actor"][6:] if e["actor"].startswith("rover:") else ""
+        row = rows.index((e["release"], rover)) if (e["release"], rover) in rows else -1
         label = e["action"] if e["action"] not in seen else None
         seen.add(e["action"])
         ax.scatter(e["ts"] - start, row, marker=marker, color=color, s=60, label=label, zorder=3)
-        if e["actor"].startswith("rover:"):
-            ax.annotate(e["actor"][6:], (e["ts"] - start, row), textcoords="offset points", xytext=(0, 7),
-                        fontsize=6, ha="center")
-    ax.set_yticks(range(len(releases)), releases, fontsize=7)
-    ax.set_ylim(-0.7, max(0.7, len(releases) - 0.3))
+    ax.set_yticks(range(len(rows)), [f"{r}: {who}" if who else r for r, who in rows], fontsize=7)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_xlabel("seconds since the first release event")
     ax.grid(axis="x", alpha=0.3)
     if seen:

@@ -164,7 +164,7 @@ def plot_data_kept(frames: dict[str, int], bag_bytes: dict[str, int], kept_bytes
     def mb(values: dict[str, int]) -> dict[str, float]:
         return {r: v / 1e6 for r, v in values.items()}
 
-    series = ([("everything (not written)", mb(everything))] if everything else []) + [
+    series = ([("all messages (record_mode all)", mb(everything))] if everything else []) + [
         ("recorded (bag)", mb(bag_bytes)), ("kept (curated)", mb(kept_bytes))]
     return _grouped_bars(sorted(frames), series, "MB", "data recorded and kept per rover", out,
                          {r: f"{n} frames" for r, n in frames.items()})

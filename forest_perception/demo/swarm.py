@@ -10,6 +10,7 @@ direction, so each explores its own part of the forest), one ``capture_node`` pe
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,8 +78,8 @@ class SwarmResult:
             kept = ""
             if gate:
                 total = gate.get("bytes_written", 0) + gate.get("bytes_discarded", 0)
-                kept = (f", kept at the source {gate.get('frames_written', 0)} frame sets, "
-                        f"{gate.get('bytes_written', 0) / 1e6:.1f} of {total / 1e6:.1f} MB")
+                kept = (f", {gate.get('marks', 0) - gate.get('late_marks', 0)} frames marked at the source: "
+                        f"{gate.get('bytes_written', 0) / 1e6:.1f} of {total / 1e6:.1f} MB written")
             out.append(f"{name}: {self.frames.get(name, 0)} frames in {self.segments.get(name, 0)} segment(s)"
                        f"{where}{kept} -> {folder}")
         return out
@@ -141,9 +142,16 @@ def drive_swarm(spec: SwarmRecording, bags: Path, progress_every_s: float = 10.0
     for n in names:
         listener.create_subscription(Odometry, f"/{n}/{topics.GROUND_TRUTH}", on_truth(n), QoSProfile(depth=10))
     executor = SingleThreadedExecutor()
-    nodes = [sim, *captures, *at_source, listener]
+    nodes = [sim, *captures, listener]
     for node in nodes:
         executor.add_node(node)
+    # depth and trigger work on their own thread: the 200 Hz IMU must reach capture_node while a frame is decided
+    side = SingleThreadedExecutor()
+    for node in at_source:
+        side.add_node(node)
+    spinner = threading.Thread(target=side.spin, name="at_source", daemon=True)
+    if at_source:
+        spinner.start()
     t0 = time.perf_counter()
     next_print = t0 + progress_every_s
     try:
@@ -160,6 +168,11 @@ def drive_swarm(spec: SwarmRecording, bags: Path, progress_every_s: float = 10.0
             capture.stop()
         gates = {n: dict(c.last_gate) for n, c in zip(names, captures)}
     finally:
+        side.shutdown(timeout_sec=2.0)
+        if spinner.is_alive():
+            spinner.join(timeout=5.0)
+        for node in at_source:
+            node.destroy_node()
         close_nodes(executor, nodes)
     out: dict = {n: bags / n for n in names}
     out["_ends"] = ends
