@@ -42,14 +42,15 @@ def rclpy_context(ros_env):
         rclpy.try_shutdown(context=context)
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, period: float = 0.01) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; its last value as a bool."""
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, period: float = 0.01) -> object:
+    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; its last value (truthy on success)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
-            return True
+        value = predicate()
+        if value:
+            return value
         time.sleep(period)
-    return bool(predicate())
+    return predicate()
 
 
 def spin_and_listen(context, nodes, seconds: float, topics: dict, step=None) -> dict[str, list]:

@@ -77,7 +77,8 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _write_private(path: Path, data: bytes) -> Path:
+def write_private(path: Path, data: bytes) -> Path:
+    """Write a secret (a private key) readable by its owner only (0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         path.unlink()
@@ -87,7 +88,8 @@ def _write_private(path: Path, data: bytes) -> Path:
     return path
 
 
-def _write_public(path: Path, data: bytes) -> Path:
+def write_public(path: Path, data: bytes) -> Path:
+    """Write a public file (a certificate, a public key)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
@@ -178,8 +180,8 @@ def make_ca(cert_path: str | Path, key_path: str | Path, common_name: str = "for
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(Path(key_path), _pem_key(key))
-    return _write_public(Path(cert_path), cert.public_bytes(serialization.Encoding.PEM)), Path(key_path)
+    write_private(Path(key_path), _pem_key(key))
+    return write_public(Path(cert_path), cert.public_bytes(serialization.Encoding.PEM)), Path(key_path)
 
 
 def make_tls_cert(
@@ -216,8 +218,8 @@ def make_tls_cert(
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write_private(Path(key_path), _pem_key(key))
-    return _write_public(Path(cert_path), cert.public_bytes(serialization.Encoding.PEM)), Path(key_path)
+    write_private(Path(key_path), _pem_key(key))
+    return write_public(Path(cert_path), cert.public_bytes(serialization.Encoding.PEM)), Path(key_path)
 
 
 def make_auth_keys(private_path: str | Path, public_path: str | Path, comment: str = "") -> tuple[Path, Path]:
@@ -226,9 +228,9 @@ def make_auth_keys(private_path: str | Path, public_path: str | Path, comment: s
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write_private(Path(private_path), private)
+    write_private(Path(private_path), private)
     line = public + (b" " + comment.encode() if comment else b"") + b"\n"
-    return Path(private_path), _write_public(Path(public_path), line)
+    return Path(private_path), write_public(Path(public_path), line)
 
 
 # ---------------------------------------------------------------------------------------------- a deployment

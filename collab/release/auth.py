@@ -13,13 +13,12 @@ import hashlib
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from forest_perception.collab.deploy.certs import load_auth_public_key, load_deployment_certs, load_private_key
+from forest_perception.collab.deploy.certs import load_auth_public_key, load_deployment_certs
 
 HEADER_ROVER = "X-Forest-Rover"
 HEADER_TIME = "X-Forest-Time"
@@ -73,8 +72,3 @@ def load_rover_public_keys(certs_dir: str | os.PathLike) -> dict[str, ec.Ellipti
     """Every rover's public key in a ``forest-fl certs`` folder."""
     certs = load_deployment_certs(certs_dir)
     return {rover: load_auth_public_key(keys.auth_pub) for rover, keys in certs.rovers.items()}
-
-
-def load_rover_private_key(path: str | os.PathLike) -> ec.EllipticCurvePrivateKey:
-    """A rover's SuperNode authentication key (``rovers/<id>/auth.key``)."""
-    return load_private_key(Path(path))

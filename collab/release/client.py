@@ -104,7 +104,7 @@ class ReleaseClient:
                  timeout_s: float = 10.0, disk_free: Callable[[Path], int] | None = None) -> None:
         import requests
 
-        from forest_perception.collab.release.auth import load_rover_private_key
+        from forest_perception.collab.deploy.certs import load_private_key
 
         self.url = url.rstrip("/")
         self.rover = rover
@@ -112,7 +112,7 @@ class ReleaseClient:
         self.key = load_verify_key(public_key)
         self.timeout_s = float(timeout_s)
         self.disk_free = disk_free or (lambda path: shutil.disk_usage(path).free)
-        self._auth = load_rover_private_key(auth_key) if auth_key else None
+        self._auth = load_private_key(auth_key) if auth_key else None
         self.session = requests.Session()
         # the CA given, never one from REQUESTS_CA_BUNDLE and friends; no proxies from the environment either
         self.session.trust_env = False

@@ -187,7 +187,8 @@ class ReleaseRegistry:
             raise RegistryError(f"release registry {self.root} is a file, not a folder")
         (self.root / OBJECTS_DIR).mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / DB_FILE
-        with self._connect() as conn:
+        with self._connect(transaction=False) as conn:  # the journal mode cannot change inside a transaction
+            conn.execute("PRAGMA journal_mode=WAL")  # kept in the file: every later connection is in WAL mode
             conn.executescript(SCHEMA)
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT,))
             found = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()[0]
@@ -195,15 +196,15 @@ class ReleaseRegistry:
             raise RegistryError(f"{self.db_path} is a {found} registry, this is {FORMAT}")
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, transaction: bool = True) -> Iterator[sqlite3.Connection]:
         try:
             conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
         except sqlite3.Error as exc:
             raise RegistryError(f"release registry {self.db_path} cannot be opened: {exc}") from None
         try:
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("BEGIN IMMEDIATE")
+            if transaction:
+                conn.execute("BEGIN IMMEDIATE")
             yield conn
             if conn.in_transaction:
                 conn.execute("COMMIT")
@@ -462,11 +463,16 @@ class ReleaseRegistry:
         return members
 
     def announce(self, rover: RoverInfo) -> Announcement:
-        """Register ``rover`` and return the release it should run: the newest rollout (active or done) that picks
-        it and whose release fits its hardware, where an active rollout picks it only once its stage includes it."""
+        """Register ``rover`` and return the release it should run (:meth:`assignment`)."""
+        self.register(rover)
+        return self.assignment(rover)
+
+    def assignment(self, rover: RoverInfo) -> Announcement:
+        """The release a registered rover should run: the newest rollout (active or done) that picks it and whose
+        release fits its hardware, where an active rollout picks it only once its stage includes it. Moves the
+        rollouts on first (:meth:`evaluate`: stage timeouts need no report to fire)."""
         self.evaluate()
         with self._connect() as conn:
-            self._register(conn, rover)
             rows = conn.execute("SELECT * FROM rollouts WHERE state IN ('active', 'done') ORDER BY id DESC").fetchall()
             for row in rows:
                 selector = Selector(**json.loads(row["selector"]))

@@ -74,8 +74,9 @@ def make_app(registry: ReleaseRegistry, rover_keys: Mapping[str, Any] | None = N
             wait = min(MAX_WAIT_S, max(0.0, float(q.get("wait", "0") or 0)))
             have = q.get("have", "")
             deadline = time.monotonic() + wait
+            await run_in_threadpool(registry.register, rover)  # once a request, not on every poll below
             while True:
-                answer = await run_in_threadpool(registry.announce, rover)
+                answer = await run_in_threadpool(registry.assignment, rover)
                 if (answer.release or "") != have or time.monotonic() >= deadline or stopping.is_set():
                     return JSONResponse(answer.to_dict())
                 import anyio

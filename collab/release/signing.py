@@ -13,6 +13,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from forest_perception.collab.deploy.certs import write_private, write_public
+
 
 class SignatureError(ValueError):
     """A manifest without a signature, or one the trusted key did not make."""
@@ -23,23 +25,13 @@ def canonical_bytes(manifest: dict[str, Any]) -> bytes:
     return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
-def _write(path: Path, data: bytes, private: bool) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as stream:
-        stream.write(data)
-    os.replace(tmp, path)
-    return path
-
-
 def make_signing_key(private_path: str | os.PathLike, public_path: str | os.PathLike) -> tuple[Path, Path]:
     """A new ed25519 key pair: PKCS#8 PEM private key (mode 0600) and SubjectPublicKeyInfo PEM public key."""
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return _write(Path(private_path), private, True), _write(Path(public_path), public, False)
+    return write_private(Path(private_path), private), write_public(Path(public_path), public)
 
 
 def load_signing_key(path: str | os.PathLike) -> Ed25519PrivateKey:

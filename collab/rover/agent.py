@@ -438,11 +438,8 @@ class CollabAgent:
             self.log.error(self.last_error)
             return
         self.log.info(f"switched the depth node to {path} ({why})")
-        if hasattr(self._source, "switched") and previous_key.startswith("release:"):
-            self._source.switched(key.split(":", 1)[1] if key.startswith("release:") else "",
-                                  previous_key.split(":", 1)[1])
-        elif hasattr(self._source, "switched") and key.startswith("release:"):
-            self._source.switched(key.split(":", 1)[1], "")
+        if hasattr(self._source, "switched"):  # a release source: it reports leaving a release
+            self._source.switched(_release_of(key), _release_of(previous_key))
 
     def close(self) -> None:
         """Stop the model source's thread, if it has one."""
@@ -506,6 +503,11 @@ class CollabAgent:
                 "fault": self.fault,
                 "supernode": supernode,
             }
+
+
+def _release_of(key: str) -> str:
+    """The release id of a ledger key ``release:<id>``; "" for any other model."""
+    return key.split(":", 1)[1] if key.startswith("release:") and key != NO_RELEASE_KEY else ""
 
 
 def onnx_version(path: str) -> str:

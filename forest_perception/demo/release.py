@@ -152,8 +152,8 @@ def release_to_swarm(out: Path, folders: dict[str, Path], onnx: Path, running_mo
         while True:
             executor.spin_once(timeout_sec=0.05)
             for n in names:
-                model_file = str(depth_nodes[n].diagnostics_values()[2]["model_file"] or "")
-                if not swapped[n] and model_file and Path(model_file).resolve() != running_model.resolve():
+                # depth_node accepts a model_path only once it has loaded it: a changed value is the swap
+                if not swapped[n] and depth_nodes[n].get_parameter("model_path").value != str(running_model):
                     swapped[n] = True
                     result.swapped_at[n] = elapsed()
             if promoted_at is None and elapsed() >= before_s and all(frames[n]["before"] for n in names):

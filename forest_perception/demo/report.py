@@ -88,13 +88,26 @@ def write_report(path: str | Path, title: str, sections: Sequence[Section], wall
     return path
 
 
-def plot_rounds(accuracy: dict[int, dict[str, float]], rounds: Sequence[dict[str, Any]], out: str | Path) -> Path:
-    """Held-out AbsRel / delta1 per round (round 0: the shipped weights) and MB moved per round, side by side."""
+def _pyplot():  # noqa: ANN202 - matplotlib.pyplot
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out: str | Path) -> Path:  # noqa: ANN001 - a matplotlib Figure
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_rounds(accuracy: dict[int, dict[str, float]], rounds: Sequence[dict[str, Any]], out: str | Path) -> Path:
+    """Held-out AbsRel / delta1 per round (round 0: the shipped weights) and MB moved per round, side by side."""
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
     xs = sorted(accuracy)
     left.plot(xs, [accuracy[x]["absrel"] for x in xs], "o-", label="AbsRel")
@@ -112,21 +125,13 @@ def plot_rounds(accuracy: dict[int, dict[str, float]], rounds: Sequence[dict[str
     right.set_title("bytes moved per round")
     right.set_xticks(rs)
     right.legend()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def _grouped_bars(rovers: Sequence[str], series: Sequence[tuple[str, dict[str, float]]], ylabel: str, title: str,
                   out: str | Path, notes: dict[str, str] | None = None) -> Path:
     """One group of bars per rover, one bar per series; ``notes`` are written above each rover's last bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.2))
     xs = range(len(rovers))
     width = 0.8 / len(series)
@@ -141,11 +146,7 @@ def _grouped_bars(rovers: Sequence[str], series: Sequence[tuple[str, dict[str, f
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_before_after(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],

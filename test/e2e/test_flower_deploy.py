@@ -324,16 +324,22 @@ _DETACHING_PARENT = textwrap.dedent("""
 """)
 
 
-def test_stop_ends_the_process_group_and_detached_descendants(tmp_path):
+def _start_ready(tmp_path: Path, code: str) -> tuple[ManagedProcess, Path]:
+    """``code`` in a new session with its output (and its children's) logged; returns once "ready" is logged."""
     log_path = tmp_path / "p.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed by the test
-    popen = subprocess.Popen([sys.executable, "-c", _DETACHING_PARENT], stdout=log, stderr=subprocess.STDOUT,
+    popen = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
-    process = ManagedProcess("parent", [], popen, log_path, log)
+    deadline = time.monotonic() + 30
+    while "ready" not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return ManagedProcess("parent", [], popen, log_path, log), log_path
+
+
+def test_stop_ends_the_process_group_and_detached_descendants(tmp_path):
+    process, log_path = _start_ready(tmp_path, _DETACHING_PARENT)
+    popen, log = process.popen, process.log_file
     try:
-        deadline = time.monotonic() + 30
-        while "ready" not in log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
         port = int(log_path.read_text().split()[1])
         children = process_tree(popen.pid)
         assert len(children) == 2 and popen.pid in group_members(popen.pid)
@@ -384,15 +390,9 @@ def test_stop_sends_a_group_member_one_sigterm_so_it_can_exit_gracefully(tmp_pat
     marks = tmp_path / "marks"
     parent = f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {_COUNTING_CHILD!r}, " \
              f"{str(marks)!r}])\ntime.sleep(600)\n"
-    log_path = tmp_path / "p.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed by the test
-    popen = subprocess.Popen([sys.executable, "-c", parent], stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-    process = ManagedProcess("parent", [], popen, log_path, log)
+    process, _ = _start_ready(tmp_path, parent)
+    popen, log = process.popen, process.log_file
     try:
-        deadline = time.monotonic() + 30
-        while "ready" not in log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.05)
         [child] = process_tree(popen.pid)
         process.seen[child] = int(Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[19])
         stop_process(process, grace=5.0)

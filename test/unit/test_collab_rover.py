@@ -556,7 +556,7 @@ def test_a_depth_node_still_choosing_its_model_makes_the_gate_wait_not_fail(tmp_
     assert agent.counts["accepted"] == 1 and depth.model_path == agent.last_decision["model_path"]
 
 
-def test_agent_runs_what_the_release_server_assigns_and_reports_back(tmp_path, dataset, running_models):
+def test_agent_runs_what_the_release_server_assigns_and_reports_back(tmp_path, dataset, running_models, wait):
     """A release through the whole rover path: announced, pulled, verified, gated, hot-swapped, health reported;
     a worse one is refused and the coordinator rolls it back by itself; local rollback, switch back, withdrawal."""
     import logging
@@ -578,15 +578,6 @@ def test_agent_runs_what_the_release_server_assigns_and_reports_back(tmp_path, d
         write_model_card(path, {"notes": f"constant {depth} m"})
         return path
 
-    def wait_for(check, what, timeout=20.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = check()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
-
     certs = make_deployment_certs(tmp_path / "certs", ["rover_0"])
     registry = ReleaseRegistry(tmp_path / "registry")
     better = registry.create(release_file(3.0))["release"]  # the walls are 3 m away
@@ -603,23 +594,25 @@ def test_agent_runs_what_the_release_server_assigns_and_reports_back(tmp_path, d
     agent = CollabAgent(params, depth.get, depth.set, logging.getLogger("test"), source=source)
     try:
         agent.run(agent.poll())  # sync with the depth node
-        wait_for(lambda: source.announcement is not None, "the first announcement")
+        assert wait(lambda: source.announcement is not None, timeout=20.0)
         assert agent.poll() is None  # no release for this rover: nothing to do
 
         registry.promote(better, thresholds=Thresholds(soak_s=0, min_reports=1))
-        job = wait_for(agent.poll, "the release to be announced")
+        job = wait(agent.poll, timeout=20.0)
+        assert job, "no job came"
         assert job[0] == "gate" and job[1].label == better
         agent.run(job)
         assert agent.last_decision["accepted"] and agent.last_decision["deployed"]
         assert depth.model_path == agent.last_decision["model_path"]
-        wait_for(lambda: registry.status()["rollouts"][0]["state"] == "done", "installed and health reports")
+        assert wait(lambda: registry.status()["rollouts"][0]["state"] == "done", timeout=20.0)
         assert registry.status()["rovers"][0]["running"] == better
 
         registry.promote(worse, thresholds=Thresholds(soak_s=0, min_reports=1))
-        job = wait_for(agent.poll, "the worse release")
+        job = wait(agent.poll, timeout=20.0)
+        assert job, "no job came"
         agent.run(job)
         assert not agent.last_decision["accepted"] and depth.model_path.endswith(".onnx")
-        wait_for(lambda: registry.status()["rollouts"][1]["state"] == "rolled_back", "the automatic rollback")
+        assert wait(lambda: registry.status()["rollouts"][1]["state"] == "rolled_back", timeout=20.0)
         assert "rover_0 refused it: worse" in registry.status()["rollouts"][1]["reason"]
         deployed = depth.model_path
 
@@ -630,15 +623,17 @@ def test_agent_runs_what_the_release_server_assigns_and_reports_back(tmp_path, d
         time.sleep(0.3)
         assert agent.poll() is None  # still assigned, but declined here until the coordinator moves on
         registry.rollback(better)
-        wait_for(lambda: source.announcement.release is None, "the withdrawal")
+        assert wait(lambda: source.announcement.release is None, timeout=20.0)
         assert agent.poll() is None  # already on the model before releases
         registry.promote(better)  # assigned again: gated before, so switched to at once
-        job = wait_for(agent.poll, "the second promotion")
+        job = wait(agent.poll, timeout=20.0)
+        assert job, "no job came"
         assert job[0] == "switch"
         agent.run(job)
         assert depth.model_path == deployed and agent.counts["switches"] == 2
         registry.rollback(better)  # withdrawn: back to what ran before any release
-        job = wait_for(agent.poll, "the second withdrawal")
+        job = wait(agent.poll, timeout=20.0)
+        assert job, "no job came"
         agent.run(job)
         assert depth.model_path == running_models[2.5]
         assert any(e["action"] == "rolled_back" and e["actor"] == "rover:rover_0" for e in registry.audit())
