@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-DEBIAN_PACKAGES := libusb-1.0-0 libgl1 libegl1 python3-venv
+DEBIAN_PACKAGES := libusb-1.0-0 libgl1 libegl1 libegl-mesa0 libgl1-mesa-dri python3-venv
 DEMO_OUT ?= demo_output
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
