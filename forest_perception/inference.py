@@ -259,6 +259,22 @@ def read_onnx_metadata(path: str | Path) -> dict[str, str]:
     return dict(session.get_modelmeta().custom_metadata_map)
 
 
+def open_rover_session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 2,
+                       ) -> Any:  # noqa: ANN401 - an onnxruntime.InferenceSession
+    """An ONNX Runtime session set up as on a rover: ``threads`` intra-op threads that sleep between runs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's worker threads spin-wait between runs by default; on a 2-4 core rover that steals the
+    # cores the ROS executor and the camera driver need, so they sleep instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return _open_session(Path(path), options, select_providers(providers))
+
+
 def _open_session(path: Path, options: Any, providers: list[str]) -> Any:
     import onnxruntime as ort
 
@@ -276,24 +292,19 @@ class OnnxDepthEngine(DepthEngine):
 
     backend = "onnxruntime"
 
-    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 2,
-                 min_depth: float | None = None, max_depth: float | None = None, upsample: str = "linear") -> None:
-        import onnxruntime as ort
+    #: Inputs beyond the image this engine feeds (a subclass's); a plain depth model has none.
+    extra_inputs: tuple[str, ...] = ()
 
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 2,
+                 min_depth: float | None = None, max_depth: float | None = None, upsample: str = "linear",
+                 session: Any = None) -> None:  # noqa: ANN401 - an onnxruntime.InferenceSession
         self.path = Path(path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ORT's worker threads spin-wait between runs by default; on a 2-4 core rover that steals the
-        # cores the ROS executor and the camera driver need, so they sleep instead.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = _open_session(self.path, options, select_providers(providers))
+        # ``session``: already opened by :func:`load_engine` (which looks at the inputs to choose the engine)
+        self.session = session if session is not None else open_rover_session(self.path, providers, threads)
         self.providers = self.session.get_providers()
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         where = f"ONNX model {str(self.path)!r}"
-        if len(inputs) != 1 or len(outputs) < 1:
+        if len(inputs) != 1 + len(self.extra_inputs) or len(outputs) < 1:
             raise ModelLoadError(f"{where} must have one image input and a depth output, "
                                  f"has {len(inputs)} inputs and {len(outputs)} outputs")
         shape = inputs[0].shape
@@ -323,6 +334,78 @@ class OnnxDepthEngine(DepthEngine):
         return self.session.run([self._output_name], {self._input_name: nchw})[0]
 
 
+#: Inputs and outputs of a depth model with ICIIA history attention (``models/iciia.py`` exports it).
+HISTORY_INPUTS = ("image", "bank", "bank_mask")
+HISTORY_OUTPUTS = ("depth", "feature")
+
+
+class HistoryDepthEngine(OnnxDepthEngine):
+    """An ICIIA depth model: each frame is run with the bank of the rover's recent frame features, and its own
+    feature then joins the bank (:class:`~forest_perception.history.FeatureBank`, in memory only).
+
+    ``history_size`` frames are kept, at most the graph's bank capacity K (``set_history_size`` clamps and says so);
+    0 runs the model with an empty bank every frame. Frames are fed in the order ``predict`` sees them.
+    """
+
+    backend = "onnxruntime+history"
+    extra_inputs = HISTORY_INPUTS[1:]
+
+    def __init__(self, path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 2,
+                 min_depth: float | None = None, max_depth: float | None = None, upsample: str = "linear",
+                 session: Any = None, history_size: int | None = None) -> None:  # noqa: ANN401
+        from forest_perception.history import FeatureBank
+
+        super().__init__(path, providers, threads, min_depth, max_depth, upsample, session)
+        where = f"ONNX model {str(self.path)!r}"
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = [o.name for o in self.session.get_outputs()]
+        if list(inputs) != list(HISTORY_INPUTS) or outputs[:2] != list(HISTORY_OUTPUTS):
+            raise ModelLoadError(f"{where} is no history model: inputs {list(inputs)} (need {list(HISTORY_INPUTS)}), "
+                                 f"outputs {outputs} (need {list(HISTORY_OUTPUTS)})")
+        bank_shape, mask_shape = inputs["bank"].shape, inputs["bank_mask"].shape
+        if (len(bank_shape) != 2 or not all(isinstance(v, int) and v > 0 for v in bank_shape)
+                or list(mask_shape) != [bank_shape[0]]):
+            raise ModelLoadError(f"{where}: bank must be a fixed KxD and bank_mask K, "
+                                 f"got {bank_shape} and {mask_shape}")
+        self.history_capacity, self.feature_dim = int(bank_shape[0]), int(bank_shape[1])
+        self.bank = FeatureBank(self.history_capacity, self.feature_dim)
+        self.set_history_size(self.history_capacity if history_size is None else history_size)
+
+    @property
+    def history_size(self) -> int:
+        """Frames of history kept and attended to (0: none)."""
+        return self.bank.capacity
+
+    @property
+    def history_frames(self) -> int:
+        """Frames in the bank now."""
+        return len(self.bank)
+
+    def set_history_size(self, size: int) -> int:
+        """Keep ``size`` frames (clamped to the graph's capacity), emptying the bank; returns the size used."""
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"history_size must be a non-negative integer, got {size!r}")
+        used = min(int(size), self.history_capacity)
+        if used != size:
+            _LOG.warning("%s: history_size %d is above the model's bank capacity %d; using %d", self.path.name, size,
+                         self.history_capacity, used)
+        self.bank.resize(used)
+        return used
+
+    def reset_history(self) -> int:
+        """Empty the bank; returns how many frames were dropped."""
+        return self.bank.reset()
+
+    def _infer(self, nchw: np.ndarray) -> np.ndarray:
+        bank, mask = self.bank.inputs(self.history_capacity)
+        if not self.bank.capacity:
+            mask[:] = 0.0
+        depth, feature = self.session.run(list(HISTORY_OUTPUTS), {"image": nchw, "bank": bank, "bank_mask": mask})
+        if self.bank.capacity and np.all(np.isfinite(feature)):
+            self.bank.add(feature[0])
+        return depth
+
+
 TORCH_SUFFIXES = (".pt", ".pth")
 
 
@@ -344,4 +427,9 @@ def load_engine(path: str | Path, backend: str = "auto", providers: Sequence[str
         raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'onnxruntime' or 'torch'")
     if not path.is_file():
         raise ModelLoadError(f"model file {str(path)!r} does not exist")
-    return OnnxDepthEngine(path, providers=providers, threads=threads, **kwargs)
+    history_size = kwargs.pop("history_size", None)
+    session = open_rover_session(path, providers, threads)
+    if [i.name for i in session.get_inputs()] == list(HISTORY_INPUTS):  # ICIIA: the engine keeps the bank
+        return HistoryDepthEngine(path, providers=providers, threads=threads, session=session,
+                                  history_size=history_size, **kwargs)
+    return OnnxDepthEngine(path, providers=providers, threads=threads, session=session, **kwargs)

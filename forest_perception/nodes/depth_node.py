@@ -18,6 +18,7 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, LaserScan, PointCloud2
+from std_srvs.srv import Trigger
 
 from forest_perception import msgs
 from forest_perception.depth_pipeline import (
@@ -74,6 +75,10 @@ PARAMS = [
     ParamSpec("camera_height_m", 0.20, "optical centre height above the ground", (0.0, 10.0)),
     ParamSpec("camera_pitch_rad", 0.0, "camera pitch, positive looking down (REP 103)", (-1.5, 1.5)),
     ParamSpec("fallback_hfov_deg", 69.4, "horizontal FOV used until camera_info arrives", (10.0, 170.0)),
+    ParamSpec("history_size", 16, "with a model that has ICIIA history attention: frames of the rover's own recent "
+              "history it attends to (at most the model's bank capacity; kept in memory only); 0 = no history; "
+              "changing it empties the bank (so does ~/reset_history and a model swap); other models ignore it",
+              (0, 1024)),
     ParamSpec("diagnostics_period_s", 1.0, "period of /diagnostics", (0.1, 60.0), read_only=True),
 ]
 
@@ -142,6 +147,7 @@ class DepthNode(Node):
         else:
             try:
                 self._engine, self._model_file = self._load(self.p)
+                self._configure_history(self._engine, self.p)
                 self.get_logger().info(f"model {self._model_file} ({self._engine.model_version}, "
                                        f"{self._engine.backend}) loaded")
             except Exception as exc:  # noqa: BLE001 - start anyway: a valid model_path can be set at run time
@@ -156,6 +162,7 @@ class DepthNode(Node):
         self.create_subscription(Image, "camera/image_raw", self._on_image, sensor)
         self.create_subscription(CameraInfo, "camera/camera_info", self._on_camera_info, sensor)
         add_validated_updates(self, PARAMS, lambda: self.p, self._check_update, self._commit)
+        self.create_service(Trigger, "~/reset_history", self._on_reset_history)
         self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
         self.worker = SlotWorker("depth_worker", self._process, on_error=self._on_worker_error)
 
@@ -191,6 +198,7 @@ class DepthNode(Node):
         with self._swap_lock:  # a model_path set meanwhile (a hot swap) wins over this choice
             if self._engine is not None or self.p["model_path"]:
                 return
+            self._configure_history(engine, self.p)
             self._engine, self._model_file, self._engine_error = engine, path, ""
         self.get_logger().info(f"model_path is empty: chose the shipped {self._model_file} for a {size[0]}x{size[1]} "
                                f"camera ({engine.model_version}, {engine.backend})")
@@ -240,14 +248,42 @@ class DepthNode(Node):
 
     def _commit(self, _old: dict[str, Any], new: dict[str, Any]) -> None:
         candidate, self._candidate = self._candidate, None
+        history_changed = new["history_size"] != self.p["history_size"]
         self.p, self.settings = new, DepthSettings.from_parameters(new)
+        if candidate is None and history_changed and self._engine is not None:
+            self._configure_history(self._engine, new)
         if candidate is not None:
             engine, path = candidate
+            if engine is not self._engine:  # a new model starts with an empty history (the check ran a frame)
+                self._configure_history(engine, new)
             with self._swap_lock:
                 self._engine, self._model_file, self._engine_error = engine, path, ""
             self.get_logger().info(f"model swapped to {self._model_file} ({engine.model_version}, {engine.backend})")
             if not new["model_path"]:  # chosen for the camera: written into model_path by the worker, not here
                 self._pending_write_back = (engine, path)  # (a parameter callback cannot set parameters)
+
+    # ---------------------------------------------------------------- history (models with ICIIA)
+    def _configure_history(self, engine: DepthEngineLike, p: dict[str, Any]) -> None:
+        """Give a history model its bank size (which empties its bank); models without history are left alone."""
+        set_size = getattr(engine, "set_history_size", None)
+        if callable(set_size):
+            used = set_size(int(p["history_size"]))
+            capacity = getattr(engine, "history_capacity", used)
+            note = f" (the model's bank holds at most {capacity})" if used != p["history_size"] else ""
+            self.get_logger().info(f"history: {used} frames{note}, bank emptied")
+
+    def _on_reset_history(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        engine = self._engine
+        reset = getattr(engine, "reset_history", None)
+        if not callable(reset):
+            response.success = False
+            response.message = "the running model has no history (no ICIIA)" if engine else "no model is running"
+            return response
+        dropped = reset()
+        response.success = True
+        response.message = f"history reset: {dropped} frames dropped"
+        self.get_logger().info(response.message)
+        return response
 
     # ---------------------------------------------------------------- input
     def _on_camera_info(self, msg: CameraInfo) -> None:
@@ -329,6 +365,8 @@ class DepthNode(Node):
             "backend": getattr(engine, "backend", "") if engine else "",
             "camera_info": self.camera.has_info,
         })
+        if engine is not None and hasattr(engine, "history_frames"):
+            values.update(history_frames=engine.history_frames, history_size=engine.history_size)
         if engine is None and self._engine_error.endswith(WAITING_FOR_CAMERA):
             return DiagnosticStatus.OK, WAITING_FOR_CAMERA, values  # nothing wrong yet: no frame has come
         level, message = depth_health(engine is not None, self._engine_error, self.camera.has_info, values,

@@ -109,6 +109,9 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def _macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> int:
+    count_macs = getattr(module, "count_macs", None)
+    if callable(count_macs):  # a module that knows its own cost (ICIIA's partitioned projections and attention)
+        return int(count_macs(inputs, output))
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         return output.numel() * (module.in_channels // module.groups) * kh * kw
@@ -120,12 +123,14 @@ def _macs(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Ten
     return 0
 
 
-def count_flops(model: nn.Module, input_hw: Sequence[int] = (240, 320)) -> int:
+def count_flops(model: nn.Module, input_hw: Sequence[int] = (240, 320),
+                inputs: Sequence[torch.Tensor] | None = None) -> int:
     """FLOPs of one forward pass on one ``3xHxW`` image, counted as ``2 * MACs``.
 
-    Only the multiply-accumulates of ``Conv2d``, ``ConvTranspose2d`` and ``Linear`` are counted (with forward
-    hooks); BatchNorm, activations, interpolation and the depth head are left out (they are a few % and fold
-    or fuse at export). Divide by 2 for the MAC count that some papers call FLOPs.
+    Only the multiply-accumulates of ``Conv2d``, ``ConvTranspose2d``, ``Linear`` and modules with a
+    ``count_macs(inputs, output)`` method are counted (with forward hooks); BatchNorm, activations, interpolation
+    and the depth head are left out (they are a few % and fold or fuse at export). Divide by 2 for the MAC count
+    that some papers call FLOPs. ``inputs``: the forward's arguments instead of one zero image (a history bank).
     """
     total = 0
 
@@ -134,13 +139,17 @@ def count_flops(model: nn.Module, input_hw: Sequence[int] = (240, 320)) -> int:
         total += _macs(module, inputs, output)
 
     kinds = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, kinds) or callable(getattr(m, "count_macs", None))]
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
-            model(torch.zeros(1, 3, int(input_hw[0]), int(input_hw[1]), device=device))
+            if inputs is not None:
+                model(*(t.to(device) for t in inputs))
+            else:
+                model(torch.zeros(1, 3, int(input_hw[0]), int(input_hw[1]), device=device))
     finally:
         for handle in handles:
             handle.remove()
