@@ -310,6 +310,68 @@ def _add_dcccl(sub: argparse._SubParsersAction) -> None:
                              "model_drop_dir, gated there on its held-out segments like any global model")
 
 
+def _add_iciia(sub: argparse._SubParsersAction) -> None:
+    ic = sub.add_parser("iciia", help="ICIIA history attention: train the module once on the cloud, export the rover "
+                                      "model, hand it to rovers' collab_node gates")
+    steps = ic.add_subparsers(dest="iciia_command", metavar="STEP", required=True)
+    train = steps.add_parser("train", help="train the module on cloud forest sequences (base frozen); write iciia.pt, "
+                                           "iciia_rover.onnx (+ card) and iciia.json")
+    train.add_argument("--data", nargs="+", required=True, type=existing_dir, metavar="DIR",
+                       help="cloud dataset folders (public layout); each segment is one history sequence")
+    train.add_argument("--out", required=True, type=output_dir, help="folder for the module, rover model and summary")
+    train.add_argument("--base", default="autoencoder_160x128", metavar="MODEL",
+                       help="the shipped network (or .pt checkpoint) the module plugs into; it stays frozen")
+    train.add_argument("--partitions", type=positive_int, default=4, help="P: block-diagonal partitions (divides the "
+                       "bottleneck width)")
+    train.add_argument("--heads", type=positive_int, default=4, help="attention heads (divides the bottleneck width)")
+    train.add_argument("--bank", type=positive_int, default=16, help="K: history frames the rover graph takes")
+    train.add_argument("--epochs", type=positive_int, default=4)
+    train.add_argument("--lr", type=positive_float, default=1e-3)
+    train.add_argument("--batch-size", type=positive_int, default=8)
+    train.add_argument("--seed", type=non_negative_int, default=0)
+    train.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+    train.add_argument("--max-frames", type=positive_int, default=2000, help="cloud frames used at most")
+    train.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    train.add_argument("--drop", nargs="+", type=output_dir, default=[], metavar="DIR",
+                       help="also copy the rover model into these rovers' model drop folders (global-r<N>.onnx): "
+                            "each collab_node gates it on its held-out segments, history fed in frame order")
+    export = steps.add_parser("export", help="export the rover model of a saved module (and drop it)")
+    export.add_argument("--module", required=True, type=existing_file, help="the module file (train's iciia.pt)")
+    export.add_argument("--out", required=True, type=partial(output_file, suffix=".onnx"), help="the .onnx to write")
+    export.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    export.add_argument("--drop", nargs="+", type=output_dir, default=[], metavar="DIR",
+                        help="also copy it into these rovers' model drop folders")
+
+
+def _iciia(args: argparse.Namespace, argv_text: str) -> int:
+    from forest_perception.collab import iciia as iciia_cloud
+    from forest_perception.models.iciia import IciiaFileError, IciiaSpec, TrainSettings
+
+    try:
+        if args.iciia_command == "train":
+            spec = IciiaSpec(base=args.base, partitions=args.partitions, heads=args.heads,
+                             bank_capacity=args.bank).validate()
+            settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                     threads=args.threads)
+            summary = iciia_cloud.train_from_folders(spec, args.data, args.out, settings, args.max_frames,
+                                                     args.exporter, argv_text)
+            rover = Path(summary["rover_model"])
+            print(f"ICIIA {summary['module_version']} on {summary['base_version']}: {summary['frames']} frames in "
+                  f"{summary['sequences']} sequences, loss {summary['loss_by_epoch'][0]:.4f} -> "
+                  f"{summary['loss_by_epoch'][-1]:.4f} in {summary['train_s']:.0f} s; +"
+                  f"{summary['flops']['iciia'] / 1e6:.2f} MFLOPs ({100 * summary['flops_overhead']:.2f} % of the base)")
+            print(f"module: {summary['module']}\nrover model: {rover} (card {rover.with_suffix('.md').name})")
+        else:
+            rover = iciia_cloud.export_from_module(args.module, args.out, args.exporter, argv_text)
+            print(f"rover model: {rover} (card {rover.with_suffix('.md').name})")
+    except (IciiaFileError, ValueError) as exc:
+        print(f"{PROG} iciia: error: {exc}", file=sys.stderr)
+        return 2
+    for drop in iciia_cloud.drop_rover_model(rover, args.drop):
+        print(f"dropped for the gate: {drop}")
+    return 0
+
+
 def _dcccl(args: argparse.Namespace, argv_text: str) -> int:
     import torch
 
@@ -490,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_certs(sub)
     _add_deploy(sub)
     _add_dcccl(sub)
+    _add_iciia(sub)
     add_release(sub)
     return parser
 
@@ -521,6 +584,8 @@ def _run(args: argparse.Namespace) -> int:
         return run_release(args)
     if args.command == "dcccl":
         return _dcccl(args, " ".join([PROG, *sys.argv[1:]]))
+    if args.command == "iciia":
+        return _iciia(args, " ".join([PROG, *sys.argv[1:]]))
     spec = _spec(args)
     data_root = _rover_data_root(args)
     # a failed first run must not leave half-made rover data (recorded rover folders are never touched)
