@@ -68,6 +68,7 @@ class TrainSettings:
     lr: float = 1e-3
     seed: int = 0
     threads: int = 1
+    variance_focus: float = 0.0  # of the silog loss: 0 is scale-sensitive (AbsRel and delta1 are)
 
 
 def base_checkpoint(base: str) -> Path:
@@ -147,8 +148,8 @@ def train(model: HistoryDepth, sequences: Sequence[tuple[torch.Tensor, torch.Ten
           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train the ICIIA module (the base stays frozen) on ``(images Nx3xHxW, depth Nx1xHxW)`` sequences; a summary.
 
-    The loss is the federated task's (silog + smoothness in the depth range). ``FloatingPointError`` on a
-    non-finite loss.
+    The loss is the federated task's (silog + smoothness in the depth range), scale-sensitive by default
+    (``settings.variance_focus``). ``FloatingPointError`` on a non-finite loss.
     """
     from forest_perception.models.losses import DepthLoss
 
@@ -160,7 +161,8 @@ def train(model: HistoryDepth, sequences: Sequence[tuple[torch.Tensor, torch.Ten
     generator = torch.Generator().manual_seed(settings.seed)
     model.freeze_base()
     features = sequence_features(model, [images for images, _ in usable])
-    loss_fn = DepthLoss(silog=1.0, smooth=0.001, min_depth=min_depth, max_depth=max_depth)
+    loss_fn = DepthLoss(silog=1.0, smooth=0.001, min_depth=min_depth, max_depth=max_depth,
+                        variance_focus=settings.variance_focus)
     optimizer = torch.optim.AdamW(model.iciia.parameters(), lr=settings.lr, weight_decay=0.0)
     pairs = [(s, i) for s, (images, _) in enumerate(usable) for i in range(images.shape[0])]
     started = time.perf_counter()
