@@ -68,7 +68,8 @@ class TrainSettings:
     lr: float = 1e-3
     seed: int = 0
     threads: int = 1
-    variance_focus: float = 0.0  # of the silog loss: 0 is scale-sensitive (AbsRel and delta1 are)
+    variance_focus: float = 0.85  # of the silog loss, as the federated task's (0: scale-sensitive)
+    use_history: bool = True  # False: every bank empty (a control: the module without history)
 
 
 def base_checkpoint(base: str) -> Path:
@@ -148,8 +149,8 @@ def train(model: HistoryDepth, sequences: Sequence[tuple[torch.Tensor, torch.Ten
           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train the ICIIA module (the base stays frozen) on ``(images Nx3xHxW, depth Nx1xHxW)`` sequences; a summary.
 
-    The loss is the federated task's (silog + smoothness in the depth range), scale-sensitive by default
-    (``settings.variance_focus``). ``FloatingPointError`` on a non-finite loss.
+    The loss is the federated task's (silog + smoothness in the depth range). ``FloatingPointError`` on a
+    non-finite loss.
     """
     from forest_perception.models.losses import DepthLoss
 
@@ -177,6 +178,8 @@ def train(model: HistoryDepth, sequences: Sequence[tuple[torch.Tensor, torch.Ten
             images = torch.stack([usable[s][0][i] for s, i in chosen])
             depth = torch.stack([usable[s][1][i] for s, i in chosen])
             bank, mask = sample_banks(features, chosen, capacity, generator)
+            if not settings.use_history:
+                bank, mask = bank[:, :0], mask[:, :0]
             loss = loss_fn(model(images, bank, mask), depth, images)[0]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"ICIIA training loss became {loss.item()} at step {steps}")
