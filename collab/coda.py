@@ -170,7 +170,8 @@ class PoolIndex:
     """
 
     def __init__(self, descriptors: np.ndarray, ids: Sequence[str], encoder: str, folders: Sequence[str] = (),
-                 sources: Sequence[tuple[int, str, int]] = (), input_hw: Sequence[int] = (0, 0)) -> None:
+                 sources: Sequence[tuple[int, str, int]] = (), input_hw: Sequence[int] = (0, 0),
+                 encoder_name: str = "") -> None:
         import faiss
 
         array = check_descriptors(descriptors, what="pool descriptors")
@@ -181,6 +182,7 @@ class PoolIndex:
         self.descriptors = normalise(array)
         self.ids = [str(i) for i in ids]
         self.encoder = str(encoder)
+        self.encoder_name = str(encoder_name)  # the network (shipped name or checkpoint) rovers describe frames with
         self.folders = [str(f) for f in folders]
         self.sources = [(int(a), str(b), int(c)) for a, b, c in sources]
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
@@ -204,15 +206,20 @@ class PoolIndex:
         similarity, rows = self._index.search(np.ascontiguousarray(q), k)
         return rows.astype(np.int64), similarity.astype(np.float32)
 
-    def coarse(self, queries: np.ndarray, k: int, per_query: int = 10) -> CoarseMatch:
-        """The coarse match of a rover: the union of each frame's ``per_query`` nearest pool rows, ranked by how many
-        of the rover's frames have them among their nearest, then by best similarity; at most ``k`` rows."""
+    def coarse(self, queries: np.ndarray, k: int, per_query: int | None = None,
+               exclude: Sequence[int] = ()) -> CoarseMatch:
+        """The coarse match of a rover: the union of each frame's ``per_query`` (default ``k``) nearest pool rows
+        (never one of ``exclude``, such as the rover's own shared frames), ranked by how many of the rover's frames
+        have them among their nearest, then by best similarity; at most ``k`` rows."""
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
-        rows, sims = self.search(queries, max(1, per_query))
+        skip = {int(r) for r in exclude}
+        rows, sims = self.search(queries, max(1, k if per_query is None else per_query) + len(skip))
         votes: dict[int, int] = {}
         best: dict[int, float] = {}
         for r, s in zip(rows.ravel().tolist(), sims.ravel().tolist()):
+            if r in skip:
+                continue
             votes[r] = votes.get(r, 0) + 1
             best[r] = max(best.get(r, -math.inf), s)
         order = sorted(votes, key=lambda r: (-votes[r], -best[r], r))[:k]
@@ -231,6 +238,7 @@ class PoolIndex:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": INDEX_FORMAT, "format_version": INDEX_FORMAT_VERSION, "encoder": self.encoder,
+                "encoder_name": self.encoder_name,
                 "folders": self.folders, "input_hw": list(self.input_hw), "ids": self.ids,
                 "sources": [list(s) for s in self.sources]}
         staged = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
@@ -240,6 +248,23 @@ class PoolIndex:
         finally:
             staged.unlink(missing_ok=True)
         return path
+
+    @classmethod
+    def concat(cls, parts: Sequence[PoolIndex]) -> PoolIndex:
+        """One index over the rows of ``parts`` in order (made by the same encoder, at the same input size)."""
+        if not parts:
+            raise ValueError("concat needs at least one index")
+        first = parts[0]
+        for part in parts[1:]:
+            if (part.encoder, part.dim, part.input_hw) != (first.encoder, first.dim, first.input_hw):
+                raise ValueError(f"cannot join an index of {part.encoder} ({part.dim}-d, {part.input_hw}) to one of "
+                                 f"{first.encoder} ({first.dim}-d, {first.input_hw})")
+        folders, sources = [], []
+        for part in parts:
+            sources += [(a + len(folders), b, c) for a, b, c in part.sources]
+            folders += part.folders
+        return cls(np.concatenate([p.descriptors for p in parts]), [i for p in parts for i in p.ids], first.encoder,
+                   folders, sources, first.input_hw, first.encoder_name)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PoolIndex:
@@ -256,7 +281,7 @@ class PoolIndex:
         if meta.get("format") != INDEX_FORMAT or meta.get("format_version") != INDEX_FORMAT_VERSION:
             raise ValueError(f"CoDA index {path}: not a {INDEX_FORMAT} file of version {INDEX_FORMAT_VERSION}")
         return cls(descriptors, meta["ids"], meta["encoder"], meta["folders"], [tuple(s) for s in meta["sources"]],
-                   meta["input_hw"])
+                   meta["input_hw"], meta.get("encoder_name", ""))
 
     def samples(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """The pool frames of ``rows`` as sent to a rover: RGB ``N x H x W x 3`` uint8 and depth ``N x H x W``
@@ -289,8 +314,10 @@ class PoolIndex:
 
 
 def build_pool_index(folders: Sequence[str | os.PathLike], encoder: DescriptorEncoder, max_frames: int = 5000,
-                     batch_size: int = 32) -> PoolIndex:
-    """Describe up to ``max_frames`` frames (spread evenly) of the pool ``folders`` (public layout) and index them."""
+                     batch_size: int = 32, segments: Sequence[Sequence[str]] | None = None,
+                     per_folder: int | None = None) -> PoolIndex:
+    """Describe up to ``max_frames`` frames (spread evenly; at most ``per_folder`` of each folder) of the pool
+    ``folders`` (public layout) and index them; ``segments`` (one list per folder) keeps only those segment ids."""
     from forest_perception.collab.rover.holdout import spread_indices
     from forest_perception.models.data import ForestDepthDataset
 
@@ -301,10 +328,16 @@ def build_pool_index(folders: Sequence[str | os.PathLike], encoder: DescriptorEn
     descriptors, ids, sources = [], [], []
     for number, path in enumerate(paths):
         try:
-            dataset = ForestDepthDataset(path, input_hw=encoder.input_hw)
+            source = path
+            if segments is not None:
+                from forest_perception.models.data import collect_segments
+
+                source = [s for s in collect_segments(path) if s.segment_id in set(segments[number])]
+            dataset = ForestDepthDataset(source, input_hw=encoder.input_hw)
         except ValueError:
             continue  # a folder without frames adds nothing to the pool
-        picks = spread_indices(len(dataset), max(0, max_frames - len(ids)))
+        budget = max(0, max_frames - len(ids))
+        picks = spread_indices(len(dataset), budget if per_folder is None else min(per_folder, budget))
         for first in range(0, len(picks), batch_size):
             items = [dataset[i] for i in picks[first:first + batch_size]]
             descriptors.append(encoder.describe(torch.stack([it["image"] for it in items])))
@@ -313,7 +346,8 @@ def build_pool_index(folders: Sequence[str | os.PathLike], encoder: DescriptorEn
                 ids.append(f"{path.name}:{it['segment']}/{it['stem']}")
                 sources.append((number, dataset.segments[si].segment_id, fi))
     array = np.concatenate(descriptors) if descriptors else np.zeros((0, encoder.dim), DESCRIPTOR_DTYPE)
-    return PoolIndex(array, ids, encoder.version, [str(p.resolve()) for p in paths], sources, encoder.input_hw)
+    return PoolIndex(array, ids, encoder.version, [str(p.resolve()) for p in paths], sources, encoder.input_hw,
+                     encoder.name)
 
 
 def samples_to_tensors(images: np.ndarray, depth: np.ndarray, min_depth: float = 0.1,
@@ -447,14 +481,16 @@ SAMPLE_BYTES_KEY = "sample_bytes"
 
 
 def retrieve(index: PoolIndex, own: np.ndarray, arm: str, k: int, seed: int = 0, coarse_factor: int = 2,
-             outside: int = 256, per_query: int = 10, sample_bytes_each: int = 0) -> Retrieval:
+             outside: int = 256, per_query: int | None = None, sample_bytes_each: int = 0,
+             exclude: Sequence[int] = ()) -> Retrieval:
     """The pool rows one rover trains on under ``arm`` (:data:`ARMS`), and the bytes each way.
 
     ``random``: ``k`` rows at random (nothing goes up). ``coarse``: the rover's descriptors go up, the ``k`` best
     coarse rows come back. ``coda``: descriptors up; the ``coarse_factor * k`` best coarse rows' descriptors and
     ``outside`` random other rows' descriptors come down; the rover fits :class:`OwnDataFilter` on its own vs the
     outside descriptors, keeps the ``k`` candidates most like its own and sends their ids (int32) up. Every arm then
-    gets its rows' samples down (``sample_bytes_each`` apiece). An empty pool or a rover without descriptors gets
+    gets its rows' samples down (``sample_bytes_each`` apiece); no arm gets a row of ``exclude`` (the rover's own
+    shared frames). An empty pool or a rover without descriptors gets
     nothing (with ``info["reason"]``).
     """
     if arm not in ARMS:
@@ -468,18 +504,18 @@ def retrieve(index: PoolIndex, own: np.ndarray, arm: str, k: int, seed: int = 0,
     if len(index) == 0:
         return Retrieval(arm, empty, info={"reason": "the cloud pool is empty"})
     if arm == "random":
-        rows = index.random(k, seed)
+        rows = index.random(k, seed, exclude)
         return Retrieval(arm, rows, bytes_down=len(rows) * sample_bytes_each)
     if own.shape[0] == 0:
         return Retrieval(arm, empty, info={"reason": "the rover has no kept frames to describe"})
     up = descriptor_bytes(own)
     if arm == "coarse":
-        rows = index.coarse(own, k, per_query).indices
+        rows = index.coarse(own, k, per_query, exclude).indices
         return Retrieval(arm, rows, bytes_up=up, bytes_down=len(rows) * sample_bytes_each, candidates=len(rows))
-    match = index.coarse(own, coarse_factor * k, per_query)
-    negatives = index.random(outside, seed, exclude=match.indices)
+    match = index.coarse(own, coarse_factor * k, per_query, exclude)
+    negatives = index.random(outside, seed, exclude=np.concatenate([match.indices, np.asarray(exclude, np.int64)]))
     if negatives.size == 0:  # every pool row is a candidate: the rest of the pool cannot stand for outside data
-        negatives = index.random(outside, seed)
+        negatives = index.random(outside, seed, exclude)
     candidate_desc = index.descriptors[match.indices]
     outside_desc = index.descriptors[negatives]
     down = descriptor_bytes(candidate_desc) + descriptor_bytes(outside_desc)

@@ -22,6 +22,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from forest_perception.collab.flower import coda_round
 from forest_perception.collab.flower.messages import (
     CHAIN_KEYS,
     CHANGE_PREFIX,
@@ -63,7 +64,7 @@ FAULTS = ("", "nan", "inf", "shape", "dtype", "count", "huge", "stale", "no-data
 
 # run config keys the server sends with every message: local training and the network it trains
 _ROUND_KEYS = ("local-epochs", "local-steps", "lr", "optimizer", "batch-size", *ARCHITECTURE_KEYS, "min-depth",
-               "max-depth", "dcccl-small-channels")
+               "max-depth", "dcccl-small-channels", "coda-candidates")
 # node config keys that win over the run config: the rover's own hold-out split (collab_node writes them) and,
 # in dc-ccl, the rover's own copy of the mimic
 NODE_SPLIT_KEYS = ("holdout-fraction", "holdout-seed")
@@ -195,6 +196,7 @@ def handle_train(message: Message, context: Context, overrides: Mapping | None =
     except NoDataError as exc:
         LOG.warning("rover %s round %d: no data: %s", identity.rover_id, server_round, exc)
         return status_reply(message, identity.rover_id, NO_DATA, str(exc))
+    data, cloud_samples = coda_round.with_samples(message, data, task)  # coda: the cloud samples chosen for it
     seed = round_seed(task.seed, server_round, identity.rover_id)
     content = RecordDict()
     metrics: dict[str, float] = {}
@@ -218,6 +220,8 @@ def handle_train(message: Message, context: Context, overrides: Mapping | None =
         identity.rover_id, server_round, metrics["train-loss"], metrics["val-loss"], metrics["absrel"],
         int(metrics["num-examples"]),
     )
+    if cloud_samples:
+        metrics["coda-samples"] = float(cloud_samples)
     extra = {"mimic-version": mimic_version(task)} if task.dcccl_mimic else None
     return train_reply(message, content, metrics, identity.rover_id, base_round, identity.scope, extra)
 
@@ -284,8 +288,18 @@ def handle_evaluate(message: Message, context: Context, overrides: Mapping | Non
 
 
 def handle_query(message: Message, context: Context, overrides: Mapping | None = None) -> Message:
-    """Say which rover this node is."""
+    """Say which rover this node is; coda: describe the training frames, or filter the cloud's candidates."""
     identity = resolve_rover(context, merge_run_config(context.run_config, overrides))
+    query = message.content.config_records.get(CONFIG_KEY, ConfigRecord()).get("query")
+    if query in (coda_round.DESCRIBE, coda_round.FILTER):
+        config, _ = _round_config(merge_run_config(context.run_config, overrides), message, context)
+        try:
+            data = load_local_data(_data_dir(identity), TaskConfig.from_run_config(config))
+        except NoDataError as exc:
+            return status_reply(message, identity.rover_id, NO_DATA, str(exc))
+        coda_config = message.content.config_records[CONFIG_KEY]
+        reply = coda_round.describe_reply if query == coda_round.DESCRIBE else coda_round.filter_reply
+        return reply(message, identity.rover_id, data, coda_config)
     return identity_reply(message, identity.rover_id, identity.scope)
 
 

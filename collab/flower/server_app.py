@@ -123,6 +123,9 @@ class ServerSettings:
         train_config.update(task.run_config())
         if mimic_version:
             train_config["mimic-version"] = mimic_version
+        from forest_perception.collab.flower.coda_round import coda_train_config
+
+        train_config.update(coda_train_config(c, task))
         return cls(
             algorithm=c["algorithm"],
             num_rounds=c["num-server-rounds"],
@@ -184,6 +187,9 @@ def run_identity(settings: ServerSettings, names: list[str], shapes: list[tuple[
         identity["init-sha256"] = settings.init.weights_sha256[:16]
     if settings.dcccl_mimic_version:
         identity["dcccl-mimic"] = settings.dcccl_mimic_version
+    if settings.algorithm == "coda":  # another arm, budget or encoder is another run
+        t = settings.train_config
+        identity["coda"] = f"{t['coda-arm']}/{t['coda-candidates']}/{t['coda-encoder-version']}"
     if settings.strategy.influence:
         identity["influence"] = "on"  # an estimate must follow the run from its first round
     return identity

@@ -47,7 +47,7 @@ from forest_perception.collab.updates import ClientUpdate, NDArrays, UpdateRejec
 
 LOG = logging.getLogger(__name__)
 
-ALGORITHMS: tuple[str, ...] = ("fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc-psgd", "robust", "dc-ccl")
+ALGORITHMS: tuple[str, ...] = ("fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc-psgd", "robust", "dc-ccl", "coda")
 
 
 class FedAvgStrategy(RoverStrategy):
@@ -338,6 +338,10 @@ def build_strategy(
         return RobustStrategy(names, initial, **kwargs)
     if algorithm == "dc-ccl":
         return DcCclStrategy(names, initial, **kwargs)
+    if algorithm == "coda":
+        from forest_perception.collab.flower.coda_round import CodaStrategy
+
+        return CodaStrategy(names, initial, **kwargs)
     if algorithm == "fedlaavg":
         return FedLaAvgStrategy(names, initial, **kwargs)
     if algorithm in ("mm-psgd", "mc-psgd"):

@@ -88,6 +88,11 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "dcccl-mimic": "",
     "dcccl-small": "",
     "dcccl-small-channels": 8,
+    # coda: the cloud's index of its pool, where each rover's cloud samples come from, how many, the outside draw
+    "coda-index": "",
+    "coda-arm": "coda",
+    "coda-candidates": 20,
+    "coda-outside": 256,
 }
 """Run configuration defaults; ``pyproject.toml``'s ``[tool.flwr.app.config]`` holds the same keys."""
 
