@@ -109,7 +109,7 @@ def _add_population_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--population-seed", type=non_negative_int, default=0, help="seed of the rover population")
     parser.add_argument("--algorithm", default=None,
                         help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust, dc-ccl (needs --set "
-                             "dcccl-mimic=FILE)")
+                             "dcccl-mimic=FILE), coda (needs --set coda-index=FILE)")
     parser.add_argument("--rounds", type=positive_int, default=None,
                         help="num-server-rounds (default: the run config's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -407,6 +407,33 @@ def _dcccl(args: argparse.Namespace, argv_text: str) -> int:
     return 0
 
 
+def _add_coda(sub: argparse._SubParsersAction) -> None:
+    coda = sub.add_parser("coda", help="CoDA: index the cloud's pool for the rovers' descriptors")
+    steps = coda.add_subparsers(dest="coda_command", metavar="STEP", required=True)
+    index = steps.add_parser("index", help="describe the pool's frames with a network's encoder and index them "
+                                           "(the run's coda-index)")
+    index.add_argument("--data", nargs="+", required=True, type=existing_dir, metavar="DIR",
+                       help="cloud pool folders (public dataset layout, e.g. forest-dataset synth output)")
+    index.add_argument("--out", required=True, type=partial(output_file, suffix=".npz"), help="the index file (.npz)")
+    index.add_argument("--encoder", default="autoencoder_160x128", metavar="MODEL",
+                       help="the shipped network or checkpoint whose encoder describes frames: the run's init")
+    index.add_argument("--max-frames", type=positive_int, default=5000, help="pool frames indexed at most")
+
+
+def _coda(args: argparse.Namespace) -> int:
+    from forest_perception.collab import coda
+
+    encoder = coda.DescriptorEncoder.from_init(str(Path(args.encoder).resolve()) if Path(args.encoder).is_file()
+                                               else args.encoder)
+    index = coda.build_pool_index(args.data, encoder, max_frames=args.max_frames)
+    path = index.save(args.out)
+    print(f"{path}: {len(index)} pool frames, {index.dim}-d descriptors ({index.dim * 2} bytes each as sent) by "
+          f"{encoder.name} ({encoder.version}), samples at {index.input_hw[1]}x{index.input_hw[0]}")
+    if not len(index):
+        print("the pool is empty: rovers of a coda run get no cloud samples", file=sys.stderr)
+    return 0
+
+
 def _add_deploy(sub: argparse._SubParsersAction) -> None:
     deploy = sub.add_parser("deploy", help="a SuperLink and one SuperNode per rover on this machine (TLS, SuperNode "
                                            "authentication), then submit the app")
@@ -553,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_deploy(sub)
     _add_dcccl(sub)
     _add_iciia(sub)
+    _add_coda(sub)
     add_release(sub)
     return parser
 
@@ -586,6 +614,8 @@ def _run(args: argparse.Namespace) -> int:
         return _dcccl(args, " ".join([PROG, *sys.argv[1:]]))
     if args.command == "iciia":
         return _iciia(args, " ".join([PROG, *sys.argv[1:]]))
+    if args.command == "coda":
+        return _coda(args)
     spec = _spec(args)
     data_root = _rover_data_root(args)
     # a failed first run must not leave half-made rover data (recorded rover folders are never touched)

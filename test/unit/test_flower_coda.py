@@ -146,3 +146,16 @@ def test_the_gate_takes_a_coda_global_model_like_any_other(setup, tmp_path):
     gate = rover.ValidationGate(tmp_path / "models", rover.GateConfig(exporter="torchscript"))
     decision = gate.check(model, None, holdout, TaskConfig.from_run_config(config))
     assert decision.accepted and decision.code == "first_model", decision.reason
+
+
+def test_forest_fl_coda_index_writes_the_index_the_run_reads(setup, tmp_path, capsys):
+    from forest_perception.collab.flower.cli import main
+
+    out = tmp_path / "cloud" / "index.npz"
+    assert main(["coda", "index", "--data", str(setup["base"] / "pool"), "--out", str(out),
+                 "--encoder", str(setup["init"])]) == 0
+    assert f"{out}: 9 pool frames" in capsys.readouterr().out
+    index = coda.PoolIndex.load(out)
+    assert len(index) == 9 and index.encoder_name == str(setup["init"]) and index.input_hw == HW
+    assert main(["coda", "index", "--data", str(setup["base"] / "pool"), "--out", str(tmp_path / "i.json")]) == 2
+    assert "must end in .npz" in capsys.readouterr().err
