@@ -26,6 +26,7 @@ import torch
 
 from experiments import (
     adaptation,
+    coda,
     dcccl,
     fed_vs_local_vs_central,
     fedlaavg_vs_fedavg,
@@ -48,13 +49,14 @@ EXPERIMENTS: dict[str, tuple[ModuleType, type]] = {
     "influence_debug": (influence_debug, influence_debug.InfluenceConfig),
     "triggers": (triggers, triggers.TriggersConfig),
     "iciia": (iciia, iciia.IciiaConfig),
+    "coda": (coda, coda.CodaConfig),
 }
 """Experiment name -> (module with ``run``/``table``, config class with a ``quick()`` preset)."""
 
 SHORT = {"fedlaavg_vs_fedavg": "1 laavg", "fedsubavg_sparse": "2 subavg", "semicyclic": "3 cyclic",
          "fed_vs_local_vs_central": "4 fed/local/central", "adaptation": "5 new forest",
          "dcccl": "6 dc-ccl", "influence_debug": "7 fed-influence", "triggers": "8 triggers",
-         "iciia": "9 iciia"}
+         "iciia": "9 iciia", "coda": "10 coda"}
 TITLES = {
     "fedlaavg_vs_fedavg": "FedLaAvg vs FedAvg under intermittent availability",
     "fedsubavg_sparse": "FedSubAvg vs FedAvg on a sparse (per-place) embedding",
@@ -66,6 +68,8 @@ TITLES = {
     "triggers": "Stream triggers at the source: bytes kept vs accuracy after FedAvg, against all frames and uniform "
                 "subsampling",
     "iciia": "ICIIA in the new forest: attention over each rover's own history, accuracy and FLOPs against P",
+    "coda": "CoDA in the new forest: cloud samples like the rover's (coarse match + on-rover filter) against random "
+            "and coarse, with few kept frames",
 }
 
 
@@ -244,7 +248,7 @@ shipped / alone / FedAvg runs."""
 
 EXPECTED_MIN = {"adaptation": 20, "dcccl": 15, "semicyclic": 20, "influence_debug": 16, "fedlaavg_vs_fedavg": 15,
                 "fed_vs_local_vs_central": 10, "fedsubavg_sparse": 6, "triggers": 18,
-                "iciia": 12}
+                "iciia": 12, "coda": 12}
 """Rough minutes of each full configuration on one core, only to start the longest jobs first."""
 
 
