@@ -159,3 +159,22 @@ def test_descriptors_index_file_and_samples_from_a_pool_folder(tmp_path):
         coda.PoolIndex.load(tmp_path / "bad.npz")
     with pytest.raises(ValueError, match="missing do not exist"):
         coda.build_pool_index([tmp_path / "missing"], encoder)
+
+
+def test_a_rovers_own_shared_rows_are_never_its_candidates_and_indices_join():
+    own, outside, _ = clusters()
+    mine = coda.normalise(own.astype(np.float32)[:5] + 0.01).astype(np.float16)  # the rover's own shared frames
+    others = coda.normalise(own.astype(np.float32)[5:15] + 0.05).astype(np.float16)  # another rover's, same forest
+    wide = coda.PoolIndex(outside, [f"wide:{i}" for i in range(200)], "encoder-x", ["/w"], [(0, "1a", i)
+                                                                                         for i in range(200)])
+    shared = coda.PoolIndex(np.concatenate([mine, others]), [f"r:{i}" for i in range(15)], "encoder-x", ["/r"],
+                            [(0, "1a", i) for i in range(15)])
+    pool = coda.PoolIndex.concat([wide, shared])
+    assert len(pool) == 215 and pool.folders == ["/w", "/r"] and pool.sources[200] == (1, "1a", 0)
+    exclude = list(range(200, 205))
+    for arm in ("random", "coarse", "coda"):
+        got = coda.retrieve(pool, own, arm, 10, seed=3, exclude=exclude, outside=50)
+        assert len(got.rows) == 10 and not set(got.rows.tolist()) & set(exclude)
+    assert set(coda.retrieve(pool, own, "coarse", 10, exclude=exclude).rows.tolist()) == set(range(205, 215))
+    with pytest.raises(ValueError, match="cannot join an index of encoder-y"):
+        coda.PoolIndex.concat([wide, coda.PoolIndex(outside, [str(i) for i in range(200)], "encoder-y")])
