@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from experiments import coda as experiment  # noqa: E402
+from experiments import coda as experiment
 
 
 def run(method: str, seed: int, rover: str, absrel: float, **extra: float) -> dict:
