@@ -36,6 +36,7 @@ from forest_perception.frames import (
 from forest_perception.geo import quaternion_from_rpy
 from forest_perception.nodes.common import ParamSpec, add_validated_updates, changed, declare_parameters, run_node
 from forest_perception.sim.depth_camera import DepthCameraModel
+from forest_perception.sim.gl_renderer import RENDERERS, resolve_renderer
 from forest_perception.sim.simulator import (
     BEHAVIOURS,
     MAX_RENDER_WORKERS,
@@ -47,9 +48,19 @@ from forest_perception.sim.styles import STYLE_NAMES, sample
 from forest_perception.sim.weather import WEATHER_PRESETS, CameraEffects
 from forest_perception.sim.world import WorldConfig, generate_world
 
-# bench/bench_sim.py on 2 cores: 2 workers raise the real-time factor 1.37x (1 and 3 rovers at 15 Hz),
-# 1 worker only overlaps stepping with rendering (~1.0x); on one core workers only add copies
-DEFAULT_RENDER_WORKERS = 2 if (os.cpu_count() or 1) >= 2 else 0
+AUTO_RENDER_WORKERS = -1
+"""``render_workers`` default: inline with the OpenGL renderer, 2 workers with TinyRenderer on 2+ cores."""
+
+
+def auto_render_workers(renderer: str) -> int:
+    """Render processes for a resolved renderer (bench/bench_sim.py, 3 rovers at 15 Hz on 2 cores).
+
+    OpenGL on llvmpipe already rasterises on every core: workers only add copies (0.83x with 2).
+    TinyRenderer is single-threaded and holds the GIL: 2 workers raise the real-time factor 1.4-1.5x.
+    """
+    if renderer == "opengl" or (os.cpu_count() or 1) < 2:
+        return 0
+    return 2
 NO_STYLE = "none"
 AUTO_WEATHER = "auto"
 """``weather`` entry: overcast, or the style's own sampled light when ``style`` is set."""
@@ -81,9 +92,11 @@ PARAMS = [
     ParamSpec("depth_max_range_m", 10.0, "depth camera max range; beyond is NaN", (0.5, 65), read_only=True),
     ParamSpec("motion_blur", True, "blur colour images when the rover turns", read_only=True),
     ParamSpec("real_time_factor", 1.0, "simulated seconds per wall second; 0 runs as fast as possible", (0, 100)),
-    ParamSpec("render_workers", DEFAULT_RENDER_WORKERS,
-              "background camera render processes; 0 renders inline in the simulation loop", (0, MAX_RENDER_WORKERS),
-              read_only=True),
+    ParamSpec("render_workers", AUTO_RENDER_WORKERS,
+              "background camera render processes; 0 renders inline in the simulation loop; -1: 0 with the opengl "
+              "renderer, 2 with tiny (on 2+ cores)", (AUTO_RENDER_WORKERS, MAX_RENDER_WORKERS), read_only=True),
+    ParamSpec("renderer", "auto", "camera renderer: opengl (offscreen EGL; Mesa llvmpipe on a CPU), tiny (PyBullet's "
+              "TinyRenderer, about 4x slower) or auto (opengl when it opens)", choices=RENDERERS, read_only=True),
     ParamSpec("frame_prefix", False, "prefix frame ids with the rover name (several rovers in one TF tree)",
               read_only=True),
 ]
@@ -112,6 +125,8 @@ class SimNode(Node):
                                     terrain_roughness_m=p["terrain_roughness_m"]).validate()
         else:
             world_cfg = style.world_config(**world_args)
+        renderer = resolve_renderer(p["renderer"])
+        workers = p["render_workers"] if p["render_workers"] != AUTO_RENDER_WORKERS else auto_render_workers(renderer)
         sim_cfg = SimConfig(
             camera=CameraIntrinsics(p["camera_width"], p["camera_height"], p["camera_hfov_deg"]),
             camera_rate_hz=p["camera_rate_hz"],
@@ -120,7 +135,8 @@ class SimNode(Node):
             encoder_rate_hz=p["encoder_rate_hz"],
             depth=DepthCameraModel(max_range_m=p["depth_max_range_m"]),
             seed=p["seed"],
-            render_workers=p["render_workers"],
+            render_workers=workers,
+            renderer=renderer,
             **({} if style is None else {"geometry": style.rover_geometry()}),
         ).validate()
         names = list(p["rover_names"])
@@ -145,7 +161,8 @@ class SimNode(Node):
         self.get_logger().info(
             f"forest seed {world_cfg.seed}{'' if style is None else ', style ' + style.style}: "
             f"{len(self.world.trees)} trees on {world_cfg.size_m:.0f} m square, "
-            f"{len(rovers)} rover(s) {names}, built in {time.perf_counter() - t0:.1f} s"
+            f"{len(rovers)} rover(s) {names}, built in {time.perf_counter() - t0:.1f} s; renderer {renderer}, "
+            f"{'inline' if workers == 0 else f'{workers} render processes'}"
         )
         self.real_time_factor = float(p["real_time_factor"])
         self.frame_prefix = bool(p["frame_prefix"])

@@ -89,6 +89,12 @@ class Mesh:
         area2 = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
         return Mesh(self.vertices, self.normals, self.uvs, self.indices[area2 > 2 * min_area])
 
+    def transformed(self, rotation: np.ndarray, translation: np.ndarray) -> Mesh:
+        """The mesh moved by ``x -> rotation @ x + translation`` (normals rotated)."""
+        rot = np.asarray(rotation, dtype=np.float64).reshape(3, 3)
+        t = np.asarray(translation, dtype=np.float64).reshape(3)
+        return Mesh(self.vertices @ rot.T + t, self.normals @ rot.T, self.uvs, self.indices)
+
     def face_normals(self) -> np.ndarray:
         """(M, 3) unit geometric normals from the winding (counter-clockwise = outward)."""
         v = self.vertices
@@ -598,3 +604,50 @@ def write_obj(mesh: Mesh, path: str | Path, texture: str | Path | None = None) -
     ]
     path.write_text("\n".join(lines + [b for b in body if b]) + "\n")
     return path
+
+
+def box_mesh(half_extents: tuple[float, float, float]) -> Mesh:
+    """Axis-aligned box centred on the origin: 6 faces with their own normals, uvs in [0, 1]."""
+    h = np.asarray(half_extents, dtype=np.float64).reshape(3)
+    if np.any(h <= 0):
+        raise ValueError(f"box half extents must be > 0, got {tuple(h)}")
+    verts, normals, uvs, idx = [], [], [], []
+    for axis in range(3):
+        for sign in (-1.0, 1.0):
+            n = np.zeros(3)
+            n[axis] = sign
+            a, b = (axis + 1) % 3, (axis + 2) % 3  # e_a x e_b = e_axis
+            if sign < 0:
+                a, b = b, a  # keep the winding counter-clockwise seen from outside
+            base = len(verts)
+            for du, dv in ((-1, -1), (1, -1), (1, 1), (-1, 1)):
+                v = n * h
+                v[a] = du * h[a]
+                v[b] = dv * h[b]
+                verts.append(v)
+                normals.append(n)
+                uvs.append(((du + 1) / 2, (dv + 1) / 2))
+            idx += [(base, base + 1, base + 2), (base, base + 2, base + 3)]
+    return Mesh(np.array(verts), np.array(normals), np.array(uvs), np.array(idx))
+
+
+def cylinder_mesh(radius: float, length: float, sides: int = 16) -> Mesh:
+    """Closed cylinder along z, centred on the origin (the shape of PyBullet's GEOM_CYLINDER)."""
+    if radius <= 0 or length <= 0 or sides < 3:
+        raise ValueError(f"cylinder needs radius > 0, length > 0 and sides >= 3, got {radius}, {length}, {sides}")
+    half = length / 2
+    side = _ring_mesh(np.array([[0.0, 0.0, -half], [0.0, 0.0, half]]), np.array([radius, radius]), sides, 1.0,
+                      np.array([0.0, 1.0]))
+    ang = np.arange(sides) * 2 * math.pi / sides
+    caps = []
+    for z, sign in ((-half, -1.0), (half, 1.0)):
+        rim = np.column_stack([radius * np.cos(ang), radius * np.sin(ang), np.full(sides, z)])
+        verts = np.vstack([[0.0, 0.0, z], rim])
+        normals = np.tile([0.0, 0.0, sign], (sides + 1, 1))
+        uvs = np.vstack([[0.5, 0.5], 0.5 + 0.5 * np.column_stack([np.cos(ang), np.sin(ang)])])
+        k = np.arange(sides)
+        tris = np.column_stack([np.zeros(sides, dtype=np.int64), 1 + k, 1 + (k + 1) % sides])
+        if sign < 0:
+            tris = tris[:, [0, 2, 1]]
+        caps.append(Mesh(verts, normals, uvs, tris))
+    return Mesh.merge([side, *caps])

@@ -45,6 +45,7 @@ class SceneSpec:
     rover_colors: tuple[tuple[float, ...], ...] = ()
     palette: Palette | None = None
     geometry: RoverGeometry | None = None
+    renderer: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _worker_main(spec: SceneSpec, jobs: Any, results: Any) -> None:  # noqa: ANN
     try:
         scene = ForestScene(spec.world, cache_dir=spec.cache_dir, detail=spec.detail,
                             texture_size=spec.texture_size, cull=spec.cull, texture_seed=spec.texture_seed,
-                            palette=spec.palette)
+                            palette=spec.palette, renderer=spec.renderer)
         body_ids = [scene.add_rover_body(color=c, geometry=spec.geometry) for c in spec.rover_colors]
     except BaseException:  # noqa: BLE001 - report any build failure to the owner
         results.put(("error", -1, traceback.format_exc()))

@@ -1,8 +1,9 @@
-"""PyBullet scene of a :class:`ForestWorld`, rendered headless with TinyRenderer.
+"""The rendered scene of a :class:`ForestWorld`: offscreen OpenGL (:mod:`gl_renderer`) or PyBullet's TinyRenderer.
 
-The scene owns the PyBullet client, the world's bodies and the rovers' bodies, culls tiles per frame and
+The scene owns the renderer, the world's bodies and the rovers' bodies, culls tiles per frame and
 renders rgb, depth and segmentation; the camera model is :mod:`projection`'s, the sun's shadows
-:mod:`sun_shadows`'. Details: docs/simulator.md (`scene`).
+:mod:`sun_shadows`'. Both renderers draw the same meshes with the same shading formula; OpenGL on
+Mesa's llvmpipe is about four times faster on a CPU. Details: docs/simulator.md (`scene`, `renderer`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import pybullet as p
 
 from forest_perception.frames import CameraIntrinsics, RoverGeometry
-from forest_perception.sim.meshes import Mesh
+from forest_perception.sim.gl_renderer import resolve_renderer
+from forest_perception.sim.meshes import Mesh, box_mesh, cylinder_mesh
 from forest_perception.sim.projection import (
     camera_rotation,
     pinhole_projection,
@@ -56,6 +58,17 @@ class BodyInfo:
     lod: int = LOD_ALL
 
 
+def _part_mesh(shape_type: int, spec: dict) -> Mesh:
+    """A rover part (PyBullet primitive) as a mesh in base_link coordinates, for the OpenGL renderer."""
+    if shape_type == p.GEOM_BOX:
+        mesh = box_mesh(tuple(spec["halfExtents"]))
+    else:
+        mesh = cylinder_mesh(spec["radius"], spec["length"])
+    quat = spec.get("visualFrameOrientation", [0.0, 0.0, 0.0, 1.0])
+    rot = np.asarray(p.getMatrixFromQuaternion(quat), dtype=np.float64).reshape(3, 3)
+    return mesh.transformed(rot, np.asarray(spec["visualFramePosition"], dtype=np.float64))
+
+
 def _rover_mesh_parts(geom: RoverGeometry) -> list[tuple[int, dict]]:
     """Primitive visual shapes (type, kwargs) of a rover in base_link coordinates."""
     body_z = 0.02
@@ -89,14 +102,17 @@ class ForestScene:
     """A rendered forest: world geometry, rover bodies, and a camera that renders rgb/depth/seg.
 
     ``ForestScene(world)`` builds textures (PNG, cached in ``cache_dir``, by default a
-    shared dir under the system temp dir), meshes and PyBullet bodies. Use as a context
+    shared dir under the system temp dir), meshes and the renderer's bodies. ``renderer``
+    is one of :data:`RENDERERS`; :attr:`renderer` tells which one runs. Use as a context
     manager or call :meth:`close`.
     """
 
     def __init__(self, world: ForestWorld, cache_dir: str | Path | None = None,
                  detail: MeshDetail | None = None, texture_size: int = 256, cull: bool = True,
-                 texture_seed: int | None = None, palette: Palette | None = None) -> None:
+                 texture_seed: int | None = None, palette: Palette | None = None, renderer: str = "auto") -> None:
         self.world = world
+        self.renderer = resolve_renderer(renderer)
+        self._gl = None
         self.detail = (detail or MeshDetail()).validate()
         self.palette = (palette or Palette()).validate()
         self.cull = cull
@@ -104,12 +120,18 @@ class ForestScene:
         # a few texture variants across worlds; each is made once and cached
         self.texture_seed = int(world.config.seed) % TEXTURE_VARIANTS if texture_seed is None else int(texture_seed)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self._client = p.connect(p.DIRECT)
-        if self._client < 0:
-            raise RuntimeError("could not start a PyBullet DIRECT client")
+        self._client = -1
+        if self.renderer == "opengl":
+            from forest_perception.sim.gl_renderer import GLRenderer
+
+            self._gl = GLRenderer()
+        else:
+            self._client = p.connect(p.DIRECT)
+            if self._client < 0:
+                raise RuntimeError("could not start a PyBullet DIRECT client")
         self.bodies: dict[int, BodyInfo] = {}
         self._visible: dict[int, bool] = {}
-        self._rovers: dict[int, list[int]] = {}  # body -> visual shape indices
+        self._rovers: dict[int, list[int]] = {}  # body -> visual shape indices (TinyRenderer) or GL bodies
         self._rover_colors: dict[int, list[list[float]]] = {}
         self._sun_maps: dict[tuple[float, ...], SunShadowMap] = {}
         try:
@@ -128,17 +150,24 @@ class ForestScene:
 
     # ------------------------------------------------------------ building
 
+    def _load_textures(self, paths: dict[str, Path]) -> None:
+        if self._gl is not None:
+            for name, path in paths.items():
+                self._gl.add_texture_file(name, path)
+            self._textures = {name: name for name in paths}
+        else:
+            self._textures = {name: p.loadTexture(str(path), physicsClientId=self._client)
+                              for name, path in paths.items()}
+
     def _build(self, texture_size: int) -> None:
-        cid = self._client
         tex_paths = generate_textures(self.cache_dir, seed=self.texture_seed, size=texture_size)
         if self.palette.is_identity:
-            self._textures = {name: p.loadTexture(str(path), physicsClientId=cid) for name, path in tex_paths.items()}
+            self._load_textures(tex_paths)
         else:
             # toned copies are throw-away files: a cache of every sampled palette would grow without end,
-            # and PyBullet holds the pixels once a texture is loaded
+            # and the renderer holds the pixels once a texture is loaded
             with tempfile.TemporaryDirectory(prefix="forest_palette_") as tmp:
-                toned = toned_textures(tex_paths, self.palette, tmp)
-                self._textures = {name: p.loadTexture(str(path), physicsClientId=cid) for name, path in toned.items()}
+                self._load_textures(toned_textures(tex_paths, self.palette, tmp))
         for group in build_world_meshes(self.world, self.detail):
             body = self._add_mesh_body(group.mesh, self._textures[group.texture])
             lo, hi = group.mesh.bounds()
@@ -146,7 +175,9 @@ class ForestScene:
                                          group.lod)
             self._visible[body] = True
 
-    def _add_mesh_body(self, mesh: Mesh, texture_id: int) -> int:
+    def _add_mesh_body(self, mesh: Mesh, texture_id: int | str) -> int:
+        if self._gl is not None:
+            return self._gl.add_mesh(mesh, str(texture_id))
         cid = self._client
         shape = p.createVisualShape(
             p.GEOM_MESH,
@@ -178,6 +209,16 @@ class ForestScene:
         geom = geometry or RoverGeometry()
         palette = {"body": rgba, "wheel": [0.08, 0.08, 0.08, 1.0], "head": [0.15, 0.15, 0.17, 1.0]}
         parts = _rover_mesh_parts(geom)
+        if self._gl is not None:
+            colours = [palette[spec["color"]] for _, spec in parts]
+            first = self._gl.n_bodies
+            ids = [self._gl.add_mesh(_part_mesh(t, spec), None, c, seg_id=first)
+                   for (t, spec), c in zip(parts, colours)]
+            self.bodies[first] = BodyInfo("rover", None, np.zeros(3), np.zeros(3), 12 * len(parts))
+            self._rovers[first] = ids
+            self._rover_colors[first] = colours
+            self.set_body_pose(first, (0.0, 0.0, -100.0), (0.0, 0.0, 0.0, 1.0))
+            return first
         kwargs: dict[str, list] = {"shapeTypes": [], "halfExtents": [], "radii": [], "lengths": [],
                                    "rgbaColors": [], "visualFramePositions": [], "visualFrameOrientations": []}
         for shape_type, spec in parts:
@@ -211,9 +252,20 @@ class ForestScene:
         pos = np.asarray(position, dtype=np.float64).reshape(3)
         if not np.all(np.isfinite(pos)):
             raise ValueError(f"position must be finite, got {position}")
+        if self._gl is not None:
+            model = np.eye(4)
+            model[:3, :3] = np.asarray(p.getMatrixFromQuaternion((q / norm).tolist())).reshape(3, 3)
+            model[:3, 3] = pos
+            for part in self._rovers[body_id]:
+                self._gl.set_model(part, model)
+            return
         p.resetBasePositionAndOrientation(body_id, pos.tolist(), (q / norm).tolist(), physicsClientId=self._client)
 
     def _set_rover_alpha(self, body_id: int, visible: bool) -> None:
+        if self._gl is not None:
+            for part in self._rovers[body_id]:
+                self._gl.set_visible(part, visible)
+            return
         for k, rgba in zip(self._rovers[body_id], self._rover_colors[body_id]):
             colour = list(rgba[:3]) + [rgba[3] if visible else 0.0]
             p.changeVisualShape(body_id, -1, shapeIndex=k, rgbaColor=colour, physicsClientId=self._client)
@@ -248,10 +300,17 @@ class ForestScene:
             outside |= dist > far
             want = ~outside & lod_ok
         for body, vis in zip(self._cull_ids.tolist(), want.tolist()):
-            if self._visible[body] != vis:
-                p.changeVisualShape(body, -1, rgbaColor=[1, 1, 1, 1.0 if vis else 0.0],
-                                    physicsClientId=self._client)
-                self._visible[body] = vis
+            self._set_visible(body, vis)
+
+    def _set_visible(self, body: int, visible: bool) -> None:
+        """Show or hide a world body (TinyRenderer skips a body whose alpha is 0)."""
+        if self._visible[body] == visible:
+            return
+        if self._gl is not None:
+            self._gl.set_visible(body, visible)
+        else:
+            p.changeVisualShape(body, -1, rgbaColor=[1, 1, 1, 1.0 if visible else 0.0], physicsClientId=self._client)
+        self._visible[body] = visible
 
     def render(
         self,
@@ -293,7 +352,8 @@ class ForestScene:
         self._update_culling(pos, rot, intr, near, far)
         # TinyRenderer divides by w without a guard: a vertex exactly in the camera's
         # plane (w == 0, e.g. a terrain grid vertex right below a camera standing on the
-        # grid) wrecks its triangles. A 0.1 mm nudge along the view keeps w != 0.
+        # grid) wrecks its triangles. A 0.1 mm nudge along the view keeps w != 0 (both
+        # renderers take it, so they see the same frame).
         eye = pos + rot[:, 0] * 1e-4
         for b in hidden_bodies:
             self._set_rover_alpha(b, False)
@@ -315,7 +375,10 @@ class ForestScene:
 
     def _draw(self, view: np.ndarray, proj: np.ndarray, width: int, height: int, near: float, far: float,
               weather: WeatherPreset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One TinyRenderer pass -> (rgb uint8, z-depth float32 with +inf for sky, seg int32)."""
+        """One renderer pass -> (rgb uint8, z-depth float32 with +inf for sky, seg int32)."""
+        if self._gl is not None:
+            return self._gl.draw(view, proj, width, height, weather.light_direction, weather.light_color,
+                                 weather.ambient, weather.diffuse, weather.specular)
         _, _, rgba, zbuf, seg = p.getCameraImage(
             width,
             height,
@@ -380,10 +443,7 @@ class ForestScene:
             if info.category == "rover":
                 self._set_rover_alpha(body, False)
                 continue
-            vis = info.lod != 0
-            if self._visible[body] != vis:
-                p.changeVisualShape(body, -1, rgbaColor=[1, 1, 1, 1.0 if vis else 0.0], physicsClientId=self._client)
-                self._visible[body] = vis
+            self._set_visible(body, info.lod != 0)
         try:
             proj = pinhole_projection(fx, fx, (w - 1) / 2, (h - 1) / 2, w, h, near, far)
             _, depth, _ = self._draw(view_matrix(eye, rot), proj, w, h, near, far, weather)
@@ -409,7 +469,11 @@ class ForestScene:
         return sum(b.n_triangles for b in self.bodies.values() if b.category != "rover")
 
     def close(self) -> None:
-        """Disconnect the PyBullet client; safe to call twice."""
+        """Release the renderer (OpenGL context or PyBullet client); safe to call twice."""
+        gl = getattr(self, "_gl", None)
+        if gl is not None:
+            gl.close()
+            self._gl = None
         if getattr(self, "_client", -1) >= 0:
             try:
                 p.disconnect(physicsClientId=self._client)

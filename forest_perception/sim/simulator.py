@@ -14,6 +14,7 @@ import numpy as np
 from forest_perception.frames import CameraIntrinsics, RoverGeometry
 from forest_perception.sim.depth_camera import DepthCameraModel
 from forest_perception.sim.explore import CmdVelController, ExplorationController
+from forest_perception.sim.gl_renderer import RENDERERS
 from forest_perception.sim.render_pool import RenderPool, SceneSpec
 from forest_perception.sim.rover import DiffDriveRover, RoverState
 from forest_perception.sim.sensors import (
@@ -81,6 +82,8 @@ class SimConfig:
     seed: int = 0
     render_workers: int = 0
     """Background render processes: 0 renders inline in ``step()``; N renders on N workers."""
+    renderer: str = "auto"
+    """"opengl" (offscreen EGL), "tiny" (PyBullet's TinyRenderer) or "auto" (OpenGL when it opens); see scene.py."""
 
     def validate(self) -> SimConfig:
         """Raise ``ValueError`` naming the first rate or model parameter out of range."""
@@ -103,6 +106,8 @@ class SimConfig:
             raise ValueError(
                 f"render_workers must be an integer within [0, {MAX_RENDER_WORKERS}] (0: inline), got {workers!r}"
             )
+        if self.renderer not in RENDERERS:
+            raise ValueError(f"renderer must be one of {RENDERERS}, got {self.renderer!r}")
         return self
 
     @property
@@ -225,18 +230,21 @@ class ForestSimulator:
         if render and self.config.render_workers > 0:
             # the workers build their own scenes; a given scene only lends its build options
             spec = SceneSpec(world, cache_dir=str(cache_dir) if cache_dir is not None else None, detail=detail,
-                             rover_colors=colors, palette=palette, geometry=self.config.geometry)
+                             rover_colors=colors, palette=palette, geometry=self.config.geometry,
+                             renderer=self.config.renderer)
             if scene is not None:
                 spec = replace(spec, cache_dir=str(getattr(scene, "cache_dir", cache_dir)),
                                detail=getattr(scene, "detail", None), texture_size=getattr(scene, "texture_size", 256),
                                cull=getattr(scene, "cull", True), texture_seed=getattr(scene, "texture_seed", None),
-                               palette=getattr(scene, "palette", None))
+                               palette=getattr(scene, "palette", None),
+                               renderer=getattr(scene, "renderer", self.config.renderer))
             self._pool = RenderPool(spec, self.config.render_workers)
             return
         if render and scene is None:
             from forest_perception.sim.scene import ForestScene  # PyBullet only when rendering
 
-            self.scene = ForestScene(world, cache_dir=cache_dir, detail=detail, palette=palette)
+            self.scene = ForestScene(world, cache_dir=cache_dir, detail=detail, palette=palette,
+                                     renderer=self.config.renderer)
         if self.scene is not None and colors:
             for r, color in zip(self.rovers, colors):
                 r.body_id = self.scene.add_rover_body(color=color, geometry=self.config.geometry)

@@ -10,6 +10,8 @@ import pytest
 from forest_perception.frames import CameraIntrinsics
 from forest_perception.sim.meshes import (
     Mesh,
+    box_mesh,
+    cylinder_mesh,
     ellipsoid_mesh,
     log_mesh,
     terrain_mesh,
@@ -47,12 +49,12 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("scene_cache")
 
 
-@pytest.fixture(scope="module")
-def known_scene(cache_dir):
-    """Flat ground, one trunk 4 m ahead, one 1 m to the right of it; no treeline, no cushions."""
+@pytest.fixture(scope="module", params=["opengl", "tiny"])
+def known_scene(cache_dir, request):
+    """Flat ground, one trunk 4 m ahead, one 1 m to the right of it; no treeline, no cushions (both renderers)."""
     world = _flat_world([_tree(TRUNK_D, 0.0), _tree(6.0, -1.5, conifer=True)])
     detail = MeshDetail(treeline_offset_m=0.0, ground_patches_per_ha=0.0)
-    with ForestScene(world, cache_dir=cache_dir, detail=detail, texture_size=64) as scene:
+    with ForestScene(world, cache_dir=cache_dir, detail=detail, texture_size=64, renderer=request.param) as scene:
         yield scene
 
 
@@ -291,7 +293,7 @@ def test_trunk_rings_follow_the_world_model():
 def test_closed_shapes_face_outward():
     rng = np.random.default_rng(0)
     for mesh in (ellipsoid_mesh(np.array([1.0, 2.0, 3.0]), (1.0, 0.8, 0.6), rng),
-                 log_mesh(Log(0.0, 0.0, 0.2, 0.3, 3.0, 0.3))):
+                 log_mesh(Log(0.0, 0.0, 0.2, 0.3, 3.0, 0.3)), box_mesh((0.2, 0.1, 0.05)), cylinder_mesh(0.1, 0.04)):
         centre = mesh.vertices.mean(axis=0)
         centroids = mesh.vertices[mesh.indices].mean(axis=1)
         assert np.mean(np.sum(mesh.face_normals() * (centroids - centre), axis=1) > 0) > 0.97
