@@ -323,6 +323,15 @@ def table(result: dict) -> str:
     out.append(f"Best P by AbsRel with history: {s['best_partitions']}, "
                f"{100 * s['best_relative_gain_absrel']:.1f} % lower AbsRel than the shipped network "
                f"(the paper's claim: a large gain for about 1.6 % extra FLOPs).")
+    near = min(get("partitions"), key=lambda q: abs(flops[(model, q)]["overhead"] - 0.016))
+    v, ship = s["variants"][f"history P={near}"], s["shipped"]
+    rel = (v["absrel"]["mean"] - ship["absrel"]["mean"]) / ship["absrel"]["mean"]
+    hist = p.get(f"history - no_history, P={near}", {}).get("mean", math.nan)
+    large = rel < -0.2 and v["delta1"]["mean"] >= ship["delta1"]["mean"]
+    out.append(f"Verdict at the P nearest 1.6 % extra FLOPs (P={near}, +{100 * flops[(model, near)]['overhead']:.2f} "
+               f"%): AbsRel {100 * rel:+.1f} % against the shipped network, δ<1.25 {ship['delta1']['mean']:.3f} -> "
+               f"{v['delta1']['mean']:.3f}, the history itself {hist:+.3f} AbsRel against no history: "
+               f"{'a large gain' if large else 'not the large gain the paper reports'}.")
     return "\n".join(out)
 
 
