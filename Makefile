@@ -57,12 +57,7 @@ demo: $(STAMP)
 	$(PY) -m forest_perception.demo --out $(DEMO_OUT)
 
 bench: $(STAMP)
-	$(PY) bench/bench_sim.py
-	$(PY) bench/bench_depth.py
-	$(PY) bench/bench_depth_node.py
-	$(PY) bench/bench_capture.py
-	$(PY) bench/bench_curate.py
-	$(PY) bench/bench_federated.py
+	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done
 
 # reproduce the seed papers' claims on the forest depth task (experiments/results/README.md): two jobs side by
 # side, under an hour on 2 cores (quick: under 5 min)
