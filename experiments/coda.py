@@ -328,6 +328,22 @@ def table(result: dict) -> str:
     out.append("Paired differences of own held-out AbsRel over seeds (rovers averaged; negative: the first is "
                "better): " + "; ".join(f"{k} {fmt(v, 4)}" for k, v in s["paired"].items()) + ".")
     out.append("Claims: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in s["claims"].items()) + ".")
+    if "coarse@wide+shared" in m and "local" in m:
+        shared = {a: m[f"{a}@wide+shared"] for a in ARMS[1:]}
+        local = m["local"]["own/absrel"]["mean"]
+        worse = sum(m[f"{a}@wide"]["own/absrel"]["mean"] > local for a in ARMS[1:])
+        verdict = ("every cloud arm is worse than local fine-tuning" if worse == len(ARMS) - 1 else
+                   f"{worse} of {len(ARMS) - 1} cloud arms are worse than local fine-tuning")
+        out += ["", (
+            f"Reading: when the pool holds frames of the rovers' forest (wide+shared), the coarse match takes "
+            f"{shared['coarse']['from_rovers']['mean']:.0f} of its {config.candidates} samples from them (a random "
+            f"draw {shared['random']['from_rovers']['mean']:.1f}) and own held-out AbsRel goes from "
+            f"{m['local']['own/absrel']['mean']:.3f} (local alone) to {shared['coarse']['own/absrel']['mean']:.3f}, "
+            f"for {m['coarse@wide']['bytes_up']['mean'] / 1024:.0f} KiB of descriptors up and no image; the on-rover "
+            f"filter then gives {shared['coda']['own/absrel']['mean']:.3f}. With the wide pool alone (no frame of the "
+            f"rovers' forest) {verdict}: random "
+            f"{m['random@wide']['own/absrel']['mean']:.3f}, coarse {m['coarse@wide']['own/absrel']['mean']:.3f}, "
+            f"CoDA {m['coda@wide']['own/absrel']['mean']:.3f}. Discussion: docs/collaborative.md (CoDA).")]
     return "\n".join(out)
 
 
