@@ -60,6 +60,7 @@ class IciiaConfig:
     epochs: int = 4
     lr: float = 1e-3
     batch_size: int = 8
+    sequence_jitter: float = 0.0  # per-sequence photometric shift in the cloud's training (models.iciia.TrainSettings)
     flops_models: tuple[str, ...] = ("autoencoder_160x128", "multiscale_160x128")
     latency_runs: int = 30
 
@@ -207,7 +208,7 @@ def run(config: IciiaConfig, out_dir: Path) -> dict:
                                    bank_capacity=config.bank)
             model, _ = iciia.build(spec)
             settings = iciia.TrainSettings(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                                           seed=seed, threads=threads)
+                                           seed=seed, threads=threads, sequence_jitter=config.sequence_jitter)
             summary = iciia.train(model, sequences, config.bank, settings, task.min_depth, task.max_depth)
             scores = evaluate_module(model, rovers, held, task, config.bank)
             print(f"[{NAME}] seed {seed} P={partitions}: loss {summary['loss_by_epoch'][0]:.4f} -> "
@@ -225,7 +226,8 @@ def run(config: IciiaConfig, out_dir: Path) -> dict:
                                    bank_capacity=config.bank)
             model, _ = iciia.build(spec)
             settings = iciia.TrainSettings(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
-                                           seed=seed, threads=threads, use_history=False)
+                                           seed=seed, threads=threads, use_history=False,
+                                           sequence_jitter=config.sequence_jitter)
             summary = iciia.train(model, sequences, config.bank, settings, task.min_depth, task.max_depth)
             preds = {r: predict_sequence(model, images, history=False) for r, (images, _) in held.items()}
             scores = score_predictions(preds, held, task)

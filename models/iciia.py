@@ -70,6 +70,7 @@ class TrainSettings:
     threads: int = 1
     variance_focus: float = 0.85  # of the silog loss, as the federated task's (0: scale-sensitive)
     use_history: bool = True  # False: every bank empty (a control: the module without history)
+    sequence_jitter: float = 0.0  # per sequence and epoch, one photometric shift of all its frames (0: none)
 
 
 def base_checkpoint(base: str) -> Path:
@@ -144,6 +145,19 @@ def sample_banks(features: Sequence[torch.Tensor], pairs: Sequence[tuple[int, in
     return bank, mask
 
 
+def jitter_sequences(sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], strength: float,
+                     generator: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each sequence's images with one photometric shift for all its frames: per channel ``x * a + b`` on the
+    normalised image, ``a`` in ``1 +- strength``, ``b`` in ``+- strength`` (what a new forest's light and colours do;
+    the history is what shows the shift)."""
+    out = []
+    for images, depth in sequences:
+        gain = 1.0 + strength * (2.0 * torch.rand(1, 3, 1, 1, generator=generator) - 1.0)
+        shift = strength * (2.0 * torch.rand(1, 3, 1, 1, generator=generator) - 1.0)
+        out.append((images * gain + shift, depth))
+    return out
+
+
 def train(model: HistoryDepth, sequences: Sequence[tuple[torch.Tensor, torch.Tensor]], capacity: int,
           settings: TrainSettings, min_depth: float, max_depth: float,
           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -161,7 +175,7 @@ def train(model: HistoryDepth, sequences: Sequence[tuple[torch.Tensor, torch.Ten
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     model.freeze_base()
-    features = sequence_features(model, [images for images, _ in usable])
+    original = usable
     loss_fn = DepthLoss(silog=1.0, smooth=0.001, min_depth=min_depth, max_depth=max_depth,
                         variance_focus=settings.variance_focus)
     optimizer = torch.optim.AdamW(model.iciia.parameters(), lr=settings.lr, weight_decay=0.0)
@@ -170,6 +184,10 @@ def train(model: HistoryDepth, sequences: Sequence[tuple[torch.Tensor, torch.Ten
     losses: list[float] = []
     steps = 0
     for epoch in range(int(settings.epochs)):
+        if settings.sequence_jitter > 0 or epoch == 0:
+            usable = jitter_sequences(original, settings.sequence_jitter, generator) if settings.sequence_jitter > 0 \
+                else original
+            features = sequence_features(model, [images for images, _ in usable])
         model.train()
         order = torch.randperm(len(pairs), generator=generator)
         total, seen = 0.0, 0

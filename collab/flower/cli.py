@@ -27,6 +27,7 @@ from forest_perception.cli_args import (
     float_within,
     image_size,
     int_within,
+    non_negative_float,
     non_negative_int,
     output_dir,
     output_file,
@@ -330,6 +331,9 @@ def _add_iciia(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=positive_int, default=8)
     train.add_argument("--seed", type=non_negative_int, default=0)
     train.add_argument("--threads", type=positive_int, default=1, help="torch threads")
+    train.add_argument("--jitter", type=non_negative_float, default=0.0,
+                       help="per sequence and epoch, one photometric shift of all its frames (gain and offset "
+                            "+- this on the normalised image); 0: none")
     train.add_argument("--max-frames", type=positive_int, default=2000, help="cloud frames used at most")
     train.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     train.add_argument("--drop", nargs="+", type=output_dir, default=[], metavar="DIR",
@@ -352,7 +356,7 @@ def _iciia(args: argparse.Namespace, argv_text: str) -> int:
             spec = IciiaSpec(base=args.base, partitions=args.partitions, heads=args.heads,
                              bank_capacity=args.bank).validate()
             settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                     threads=args.threads)
+                                     threads=args.threads, sequence_jitter=args.jitter)
             summary = iciia_cloud.train_from_folders(spec, args.data, args.out, settings, args.max_frames,
                                                      args.exporter, argv_text)
             rover = Path(summary["rover_model"])

@@ -239,3 +239,15 @@ def test_cloud_command_and_the_gate_feed_history_in_frame_order(tmp_path, capsys
                                                                                 TaskConfig())
     assert decision.code == "first_model" and decision.accepted, decision.reason
     assert decision.model_version.startswith("iciia_autoencoder-")
+
+
+def test_sequence_jitter_shifts_every_frame_of_a_sequence_alike():
+    from forest_perception.models.iciia import jitter_sequences
+
+    images = torch.ones(3, 3, 4, 4)
+    (shifted, depth), (other, _) = jitter_sequences([(images, torch.ones(3, 1, 4, 4))] * 2, 0.3,
+                                                    torch.Generator().manual_seed(0))
+    assert torch.equal(depth, torch.ones(3, 1, 4, 4))
+    assert torch.allclose(shifted[0], shifted[1]) and torch.allclose(shifted[0], shifted[2])  # one shift per sequence
+    assert not torch.allclose(shifted, images) and not torch.allclose(shifted, other)  # sequences differ
+    assert float((shifted - images).abs().max()) <= 0.6 + 1e-6
