@@ -178,3 +178,14 @@ def test_a_rovers_own_shared_rows_are_never_its_candidates_and_indices_join():
     assert set(coda.retrieve(pool, own, "coarse", 10, exclude=exclude).rows.tolist()) == set(range(205, 215))
     with pytest.raises(ValueError, match="cannot join an index of encoder-y"):
         coda.PoolIndex.concat([wide, coda.PoolIndex(outside, [str(i) for i in range(200)], "encoder-y")])
+
+
+def test_the_core_imports_neither_flower_nor_ros():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom forest_perception.collab import coda\n"
+            "coda.DescriptorEncoder.from_init('autoencoder_160x128')\n"
+            "print(sorted(m for m in ('flwr', 'rclpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -159,3 +159,23 @@ def test_forest_fl_coda_index_writes_the_index_the_run_reads(setup, tmp_path, ca
     assert len(index) == 9 and index.encoder_name == str(setup["init"]) and index.input_hw == HW
     assert main(["coda", "index", "--data", str(setup["base"] / "pool"), "--out", str(tmp_path / "i.json")]) == 2
     assert "must end in .npz" in capsys.readouterr().err
+
+
+def test_a_resumed_coda_run_keeps_its_plans_and_does_not_ask_again(setup, tmp_path):
+    from forest_perception.collab.flower.client_app import make_client_app
+    from forest_perception.collab.flower.local_grid import LocalGrid
+    from forest_perception.collab.flower.server_app import build_coordinator
+
+    config = run_config(setup, tmp_path, **{"num-server-rounds": 1})
+    first = build_coordinator(config)
+    first.run(LocalGrid(make_client_app(config), 3, run_config=config))
+    first.store.close()
+    config = run_config(setup, tmp_path, **{"num-server-rounds": 2})
+    again = build_coordinator(config)
+    records = again.run(LocalGrid(make_client_app(config), 3, run_config=config))
+    again.store.close()
+    assert again.resumed_from == 1 and again.strategy.plans == first.strategy.plans
+    entry = next(e for e in records[-1].entries if e.rover_id == "rover_0")
+    sample = HW[0] * HW[1] * (3 + 2)
+    model = sum(a.nbytes for a in again.strategy.params)
+    assert entry.status == "accepted" and entry.bytes_down < model + K * sample + 1024  # no filter query this time
