@@ -391,15 +391,19 @@ class FilterFit:
 class OwnDataFilter:
     """Logistic regression ``p(own | descriptor)`` with an L2 penalty, fitted by Newton's method (IRLS) in numpy.
 
-    Own frames and outside frames weigh equally in the loss whatever their counts. Its parameters are
-    ``D + 1`` floats; fitting holds the descriptors and one ``D x D`` Hessian.
+    Descriptors are standardised first (per dimension, over the fitted frames): unit-norm descriptors of one kind of
+    scene differ in small deviations around a common direction. Own frames and outside frames weigh equally in the
+    loss whatever their counts. Its parameters are ``3 D + 1`` floats (weights, bias, the standardisation); fitting
+    holds the descriptors and one ``D x D`` Hessian.
     """
 
-    def __init__(self, l2: float = 1.0, max_iter: int = 25, tol: float = 1e-6) -> None:
+    def __init__(self, l2: float = 30.0, max_iter: int = 25, tol: float = 1e-6) -> None:
         if not (math.isfinite(l2) and l2 > 0):
             raise ValueError(f"l2 must be a positive finite number, got {l2!r}")
         self.l2, self.max_iter, self.tol = float(l2), int(max_iter), float(tol)
         self.weights: np.ndarray | None = None
+        self.mean: np.ndarray | None = None
+        self.scale: np.ndarray | None = None
 
     def fit(self, own: np.ndarray, outside: np.ndarray) -> FilterFit:
         """Learn own (label 1) vs outside (label 0); ``ValueError`` when a side is empty or the shapes disagree."""
@@ -409,7 +413,8 @@ class OwnDataFilter:
         start = time.perf_counter()
         try:
             x = np.concatenate([own, outside]).astype(np.float64)
-            x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+            self.mean, self.scale = x.mean(axis=0), x.std(axis=0) + 1e-6
+            x = np.concatenate([(x - self.mean) / self.scale, np.ones((x.shape[0], 1))], axis=1)
             y = np.concatenate([np.ones(own.shape[0]), np.zeros(outside.shape[0])])
             sample_w = np.where(y > 0, 0.5 / own.shape[0], 0.5 / outside.shape[0])
             w = np.zeros(x.shape[1])
@@ -438,17 +443,27 @@ class OwnDataFilter:
         if self.weights is None:
             raise ValueError("the filter is not fitted: call fit(own, outside) first")
         x = check_descriptors(descriptors, self.weights.size - 1, "candidate descriptors").astype(np.float64)
+        x = (x - self.mean) / self.scale
         return 1.0 / (1.0 + np.exp(-np.clip(x @ self.weights[:-1] + self.weights[-1], -30, 30)))
 
-    def select(self, candidates: np.ndarray, keep: int) -> np.ndarray:
-        """Positions of the ``keep`` candidates most like the rover's own frames (highest ``p(own)`` first)."""
+    def select(self, candidates: np.ndarray, keep: int, threshold: float | None = None) -> np.ndarray:
+        """Positions of the ``keep`` candidates most like the rover's own frames (highest ``p(own)`` first); with
+        ``threshold``, only those with ``p(own) >= threshold`` (so possibly none)."""
         scores = self.scores(candidates)
-        return np.argsort(-scores, kind="stable")[:max(0, int(keep))].astype(np.int64)
+        order = np.argsort(-scores, kind="stable")[:max(0, int(keep))]
+        if threshold is not None:
+            order = order[scores[order] >= threshold]
+        return order.astype(np.int64)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the fitted parameters."""
-        return 0 if self.weights is None else int(self.weights.nbytes)
+        return 0 if self.weights is None else int(self.weights.nbytes + self.mean.nbytes + self.scale.nbytes)
+
+
+def gate_threshold(classifier: OwnDataFilter, own: np.ndarray, gate: float) -> float:
+    """The ``p(own)`` a candidate needs to pass the gate: the ``gate`` quantile of the rover's own frames' scores."""
+    return float(np.quantile(classifier.scores(np.asarray(own).astype(DESCRIPTOR_DTYPE)), gate))
 
 
 # ---------------------------------------------------------------------------------------------- one rover's retrieval
@@ -482,13 +497,15 @@ SAMPLE_BYTES_KEY = "sample_bytes"
 
 def retrieve(index: PoolIndex, own: np.ndarray, arm: str, k: int, seed: int = 0, coarse_factor: int = 2,
              outside: int = 256, per_query: int | None = None, sample_bytes_each: int = 0,
-             exclude: Sequence[int] = ()) -> Retrieval:
+             exclude: Sequence[int] = (), gate: float | None = None) -> Retrieval:
     """The pool rows one rover trains on under ``arm`` (:data:`ARMS`), and the bytes each way.
 
     ``random``: ``k`` rows at random (nothing goes up). ``coarse``: the rover's descriptors go up, the ``k`` best
     coarse rows come back. ``coda``: descriptors up; the ``coarse_factor * k`` best coarse rows' descriptors and
     ``outside`` random other rows' descriptors come down; the rover fits :class:`OwnDataFilter` on its own vs the
-    outside descriptors, keeps the ``k`` candidates most like its own and sends their ids (int32) up. Every arm then
+    outside descriptors, keeps the ``k`` candidates most like its own (with ``gate``: only those whose ``p(own)`` is
+    at least the ``gate`` quantile of its own frames' ``p(own)``, possibly none) and sends their ids (int32) up.
+    Every arm then
     gets its rows' samples down (``sample_bytes_each`` apiece); no arm gets a row of ``exclude`` (the rover's own
     shared frames). An empty pool or a rover without descriptors gets
     nothing (with ``info["reason"]``).
@@ -497,6 +514,8 @@ def retrieve(index: PoolIndex, own: np.ndarray, arm: str, k: int, seed: int = 0,
         raise ValueError(f"arm must be one of {', '.join(ARMS)}, got {arm!r}")
     if k < 0 or coarse_factor < 1 or outside < 1:
         raise ValueError(f"need k >= 0, coarse_factor >= 1 and outside >= 1, got {k}, {coarse_factor}, {outside}")
+    if gate is not None and not 0.0 <= gate < 1.0:
+        raise ValueError(f"gate must be a quantile within [0, 1), got {gate!r}")
     own = check_descriptors(own, index.dim, "own descriptors")
     empty = np.zeros(0, np.int64)
     if arm == "local" or k == 0:
@@ -522,10 +541,12 @@ def retrieve(index: PoolIndex, own: np.ndarray, arm: str, k: int, seed: int = 0,
     classifier = OwnDataFilter()
     fit = classifier.fit(own.astype(DESCRIPTOR_DTYPE), outside_desc.astype(DESCRIPTOR_DTYPE))
     start = time.perf_counter()
-    kept = classifier.select(candidate_desc.astype(DESCRIPTOR_DTYPE), k)
+    threshold = None if gate is None else gate_threshold(classifier, own, gate)
+    kept = classifier.select(candidate_desc.astype(DESCRIPTOR_DTYPE), k, threshold)
     scoring_s = time.perf_counter() - start
     rows = match.indices[kept]
     up += 4 * len(rows)
     return Retrieval(arm, rows, bytes_up=up, bytes_down=down + len(rows) * sample_bytes_each,
                      candidates=len(match.indices), fit=fit, scoring_s=scoring_s,
-                     info={"outside": int(negatives.size), "classifier_bytes": classifier.nbytes})
+                     info={"outside": int(negatives.size), "classifier_bytes": classifier.nbytes,
+                           "threshold": threshold})

@@ -39,10 +39,14 @@ CLAIM = ("cloud samples chosen by the coarse match of the rover's descriptors an
          "descriptors up")
 ARMS = coda.ARMS
 POOLS = ("wide", "wide+shared")
-METHODS = ("local", *(f"{arm}@{pool}" for pool in POOLS for arm in ARMS[1:]))
+CLOUD_ARMS = (*ARMS[1:], "coda-gate")
+"""The arms that add cloud samples; ``coda-gate`` is CoDA keeping only the candidates whose ``p(own)`` reaches the
+``gate`` quantile of the rover's own frames' (possibly none)."""
+METHODS = ("local", *(f"{arm}@{pool}" for pool in POOLS for arm in CLOUD_ARMS))
 """The local arm, then every arm that adds cloud samples with each pool."""
 LABELS = {"local": "local fine-tuning alone", "random": "local + random cloud samples",
-          "coarse": "local + coarse matches", "coda": "CoDA: coarse + on-rover filter"}
+          "coarse": "local + coarse matches", "coda": "CoDA: coarse + on-rover filter (top k)",
+          "coda-gate": "CoDA with a gate: only candidates as own-like as its own frames"}
 
 
 def label(method: str) -> str:
@@ -69,6 +73,7 @@ class CodaConfig:
     candidates: int = 20  # cloud samples each arm adds
     coarse_factor: int = 2  # CoDA looks at this many times more coarse candidates, keeps `candidates`
     outside: int = 256  # random pool descriptors the rover's classifier learns as outside data
+    gate: float = 0.1  # coda-gate: a candidate needs the p(own) of this quantile of the rover's own frames
     per_query: int = 0  # nearest pool frames of each rover frame in the coarse match (0: as many as it returns)
     epochs: int = 6
     lr: float = 0.0003
@@ -202,7 +207,9 @@ def run_seed(config: CodaConfig, folders: dict[str, Path], seed: int, index: cod
         for method in METHODS:
             arm, _, pool = method.partition("@")
             pool_index, exclude = pools[pool or "wide"]
-            retrieval = coda.retrieve(pool_index, own, arm, config.candidates, seed=seed * 1000 + number,
+            gate = config.gate if arm == "coda-gate" else None
+            retrieval = coda.retrieve(pool_index, own, "coda" if arm == "coda-gate" else arm, config.candidates,
+                                      seed=seed * 1000 + number, gate=gate,
                                       coarse_factor=config.coarse_factor, outside=config.outside,
                                       per_query=config.per_query or None, sample_bytes_each=samples.bytes_each,
                                       exclude=exclude.get(rover, []))
@@ -283,7 +290,8 @@ def summarise(config: CodaConfig, runs: list[dict]) -> dict:
     for pool in POOLS:
         pairs += [(f"coarse@{pool}", f"random@{pool}"), (f"coda@{pool}", f"coarse@{pool}"),
                   (f"coda@{pool}", f"random@{pool}")]
-    pairs += [("coda@wide+shared", "local")]
+    pairs += [("coda@wide+shared", "local"), ("coda-gate@wide", "local"), ("coda-gate@wide+shared", "local"),
+              ("coda-gate@wide", "coda@wide"), ("coda-gate@wide+shared", "coarse@wide+shared")]
     summary["paired"] = {f"{a} - {b}": paired(runs, a, b) for a, b in pairs}
     p = summary["paired"]
     summary["claims"] = {}
@@ -292,6 +300,8 @@ def summarise(config: CodaConfig, runs: list[dict]) -> dict:
             f"pool {pool}: CoDA better than local fine-tuning alone": paired(runs, f"coda@{pool}", "local")["mean"] < 0,
             f"pool {pool}: CoDA better than random cloud samples": p[f"coda@{pool} - random@{pool}"]["mean"] < 0,
             f"pool {pool}: CoDA better than the coarse match alone": p[f"coda@{pool} - coarse@{pool}"]["mean"] < 0,
+            f"pool {pool}: CoDA with the gate better than local alone":
+                p[f"coda-gate@{pool} - local"]["mean"] < 0,
         })
     return summary
 
@@ -309,7 +319,7 @@ def table(result: dict) -> str:
     for method in METHODS:
         a = m[method]
         rows.append([label(method), fmt(a["own/absrel"]), fmt(a["own/delta1"]), fmt(a["absrel"]),
-                     f"{a['cloud_samples']['mean']:.0f}" + (f" ({a['from_rovers']['mean']:.1f})"
+                     f"{a['cloud_samples']['mean']:.1f}" + (f" ({a['from_rovers']['mean']:.1f})"
                                                            if "shared" in method else ""),
                      kib(a["bytes_up"]), kib(a["bytes_down"]),
                      "-" if method == "local" else fmt(a["similarity_to_held_out"])])
@@ -329,11 +339,11 @@ def table(result: dict) -> str:
                "better): " + "; ".join(f"{k} {fmt(v, 4)}" for k, v in s["paired"].items()) + ".")
     out.append("Claims: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in s["claims"].items()) + ".")
     if "coarse@wide+shared" in m and "local" in m:
-        shared = {a: m[f"{a}@wide+shared"] for a in ARMS[1:]}
+        shared = {a: m[f"{a}@wide+shared"] for a in CLOUD_ARMS}
         local = m["local"]["own/absrel"]["mean"]
-        worse = sum(m[f"{a}@wide"]["own/absrel"]["mean"] > local for a in ARMS[1:])
-        verdict = ("every cloud arm is worse than local fine-tuning" if worse == len(ARMS) - 1 else
-                   f"{worse} of {len(ARMS) - 1} cloud arms are worse than local fine-tuning")
+        worse = sum(m[f"{a}@wide"]["own/absrel"]["mean"] > local for a in CLOUD_ARMS)
+        verdict = ("every cloud arm is worse than local fine-tuning" if worse == len(CLOUD_ARMS) else
+                   f"{worse} of {len(CLOUD_ARMS)} cloud arms are worse than local fine-tuning")
         out += ["", (
             f"Reading: when the pool holds frames of the rovers' forest (wide+shared), the coarse match takes "
             f"{shared['coarse']['from_rovers']['mean']:.0f} of its {config.candidates} samples from them (a random "
@@ -343,7 +353,10 @@ def table(result: dict) -> str:
             f"filter then gives {shared['coda']['own/absrel']['mean']:.3f}. With the wide pool alone (no frame of the "
             f"rovers' forest) {verdict}: random "
             f"{m['random@wide']['own/absrel']['mean']:.3f}, coarse {m['coarse@wide']['own/absrel']['mean']:.3f}, "
-            f"CoDA {m['coda@wide']['own/absrel']['mean']:.3f}. Discussion: docs/collaborative.md (CoDA).")]
+            f"CoDA {m['coda@wide']['own/absrel']['mean']:.3f}, CoDA with the gate "
+            f"{m['coda-gate@wide']['own/absrel']['mean']:.3f} ({m['coda-gate@wide']['cloud_samples']['mean']:.1f} "
+            f"samples kept; {shared['coda-gate']['cloud_samples']['mean']:.1f} with wide+shared, scoring "
+            f"{shared['coda-gate']['own/absrel']['mean']:.3f}). Discussion: docs/collaborative.md (CoDA).")]
     return "\n".join(out)
 
 
@@ -361,7 +374,7 @@ def write_outputs(result: dict, config: CodaConfig, out_dir: Path) -> None:
     for ax, key, label in ((axes[0], "own/absrel", "AbsRel, own held-out"),
                            (axes[1], "own/delta1", "δ<1.25, own held-out")):
         ax.bar(x, [s[a][key]["mean"] for a in METHODS], yerr=[s[a][key]["std"] for a in METHODS], capsize=4,
-               color=["grey"] + ["tab:blue", "tab:orange", "tab:green"] * len(POOLS),
+               color=["grey"] + ["tab:blue", "tab:orange", "tab:green", "tab:olive"] * len(POOLS),
                alpha=1.0)
         lo = min(s[a][key]["mean"] - 2 * max(s[a][key]["std"], 1e-3) for a in METHODS)
         hi = max(s[a][key]["mean"] + 2 * max(s[a][key]["std"], 1e-3) for a in METHODS)

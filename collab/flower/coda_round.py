@@ -70,6 +70,9 @@ def coda_train_config(c: Mapping[str, Any], task: TaskConfig) -> dict[str, Any]:
     for key in ("coda-candidates", "coda-outside"):
         if c[key] < 1:
             raise ValueError(f"run config {key} must be >= 1, got {c[key]}")
+    if not 0.0 <= c["coda-gate"] < 1.0:
+        raise ValueError(f"run config coda-gate must be a quantile within [0, 1) (0: keep the top coda-candidates), "
+                         f"got {c['coda-gate']}")
     index = coda.PoolIndex.load(c["coda-index"])
     if not index.encoder_name:
         raise ValueError(f"CoDA index {c['coda-index']} does not name the network its descriptors came from")
@@ -78,7 +81,7 @@ def coda_train_config(c: Mapping[str, Any], task: TaskConfig) -> dict[str, Any]:
                          f"run's network input is {task.input_hw[1]}x{task.input_hw[0]}: build the index with the "
                          "run's network")
     return {"coda-index": str(c["coda-index"]), "coda-arm": c["coda-arm"], "coda-candidates": c["coda-candidates"],
-            "coda-outside": c["coda-outside"], "coda-encoder": index.encoder_name,
+            "coda-outside": c["coda-outside"], "coda-gate": c["coda-gate"], "coda-encoder": index.encoder_name,
             "coda-encoder-version": index.encoder}
 
 
@@ -112,7 +115,8 @@ def describe_reply(message: Message, rover_id: str, data: LocalData, config: Map
 
 
 def filter_reply(message: Message, rover_id: str, data: LocalData, config: Mapping[str, Any]) -> Message:
-    """Fit the own-vs-outside classifier and answer the positions of the candidates kept, with its time and memory."""
+    """Fit the own-vs-outside classifier and answer the positions of the candidates kept (the top ``coda-candidates``;
+    with ``coda-gate`` only those as own-like as that quantile of the rover's frames), with its time and memory."""
     record = message.content.array_records.get(CANDIDATES_KEY)
     if record is None:
         raise ValueError(f"a {FILTER} query without its {CANDIDATES_KEY!r} record")
@@ -120,7 +124,9 @@ def filter_reply(message: Message, rover_id: str, data: LocalData, config: Mappi
     own = rover_encoder(config).describe(data.train_images)
     classifier = coda.OwnDataFilter()
     fit = classifier.fit(own, arrays["outside"])
-    kept = classifier.select(arrays["candidates"], int(config.get("coda-candidates", 0)))
+    gate = float(config.get("coda-gate", 0.0))
+    threshold = coda.gate_threshold(classifier, own, gate) if gate > 0 else None
+    kept = classifier.select(arrays["candidates"], int(config.get("coda-candidates", 0)), threshold)
     metrics = {"coda-fit-s": fit.seconds, "coda-peak-bytes": float(fit.peak_bytes), "coda-accuracy": fit.accuracy}
     return Message(content=RecordDict({KEPT_KEY: arrays_to_record(["kept"], [kept.astype(np.int32)]),
                                        METRICS_KEY: MetricRecord(metrics), META_KEY: _meta(rover_id)}),

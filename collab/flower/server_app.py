@@ -189,7 +189,7 @@ def run_identity(settings: ServerSettings, names: list[str], shapes: list[tuple[
         identity["dcccl-mimic"] = settings.dcccl_mimic_version
     if settings.algorithm == "coda":  # another arm, budget or encoder is another run
         t = settings.train_config
-        identity["coda"] = f"{t['coda-arm']}/{t['coda-candidates']}/{t['coda-encoder-version']}"
+        identity["coda"] = f"{t['coda-arm']}/{t['coda-candidates']}/gate {t['coda-gate']:g}/{t['coda-encoder-version']}"
     if settings.strategy.influence:
         identity["influence"] = "on"  # an estimate must follow the run from its first round
     return identity

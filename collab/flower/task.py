@@ -93,6 +93,7 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "coda-arm": "coda",
     "coda-candidates": 20,
     "coda-outside": 256,
+    "coda-gate": 0.0,
 }
 """Run configuration defaults; ``pyproject.toml``'s ``[tool.flwr.app.config]`` holds the same keys."""
 

@@ -61,7 +61,7 @@ def test_the_classifier_separates_own_from_outside_descriptors_and_keeps_own_lik
     assert classifier.scores(fresh_own).mean() > 0.8 > 0.2 > classifier.scores(fresh_out).mean()
     candidates = np.concatenate([fresh_out[:20], fresh_own[:5]])
     assert set(classifier.select(candidates, 5).tolist()) == set(range(20, 25))
-    assert classifier.nbytes == 8 * (DIM + 1)
+    assert classifier.nbytes == 8 * (3 * DIM + 1)  # weights, bias, the standardisation
 
 
 def test_bytes_each_arm_costs_are_counted():
@@ -189,3 +189,18 @@ def test_the_core_imports_neither_flower_nor_ros():
             "print(sorted(m for m in ('flwr', 'rclpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_gate_keeps_only_candidates_as_own_like_as_the_rovers_frames_and_possibly_none():
+    own, outside, own_dir = clusters()
+    like = unit(15, 7, own_dir)
+    pool = coda.PoolIndex(np.concatenate([outside, like]), [str(i) for i in range(215)], "encoder-x")
+    got = coda.retrieve(pool, own, "coda", 10, outside=100, gate=0.1)
+    assert len(got.rows) == 10 and set(got.rows.tolist()) <= set(range(200, 215))
+    assert 0 < got.info["threshold"] < 1
+    foreign = coda.PoolIndex(outside, [str(i) for i in range(200)], "encoder-x")
+    none = coda.retrieve(foreign, own, "coda", 10, outside=100, gate=0.1)
+    assert len(none.rows) == 0 and none.bytes_up == coda.descriptor_bytes(own)  # no ids, no samples
+    assert none.bytes_down == (20 + 100) * DIM * 2  # only the descriptors came down
+    with pytest.raises(ValueError, match="gate must be a quantile within"):
+        coda.retrieve(pool, own, "coda", 10, gate=1.5)

@@ -50,7 +50,7 @@ def test_table_and_plot_are_written(tmp_path):
     result = experiment.report.experiment_result(experiment.NAME, experiment.CLAIM, config, runs,
                                                  experiment.summarise(config, runs), 0.0)
     text = experiment.table(result)
-    assert "CoDA: coarse + on-rover filter (pool wide+shared)" in text and "peak memory 4 KiB" in text
+    assert "CoDA: coarse + on-rover filter (top k) (pool wide+shared)" in text and "peak memory 4 KiB" in text
     assert "Claims:" in text and not any(math.isnan(v) for v in [result["elapsed_s"]])
     experiment.write_outputs(result, config, tmp_path)
     assert (tmp_path / "coda.png").stat().st_size > 10_000 and (tmp_path / "coda.csv").is_file()

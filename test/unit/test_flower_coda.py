@@ -72,7 +72,7 @@ def test_a_coda_round_sends_descriptors_up_and_samples_down_and_the_rovers_train
     # up, once per run: the descriptors of the 6 training frames, then the K kept ids
     assert 6 * dim * 2 + 4 * K <= first.bytes_up - second.bytes_up <= 6 * dim * 2 + 4 * K + 2 * header
     with CoordinatorStore(tmp_path / "c.db", readonly=True) as store:
-        assert store.identity["coda"].startswith(f"coda/{K}/encoder-")
+        assert store.identity["coda"].startswith(f"coda/{K}/gate 0/encoder-")
         assert store.last_round() == 2
 
 
@@ -89,6 +89,14 @@ def test_the_coarse_and_random_arms_choose_without_the_filter(setup, tmp_path):
         coordinator.store.close()
         plans = coordinator.strategy.plans
         assert all(len(p["rows"]) == K and "coda-fit-s" not in p for p in plans.values())
+    # with the gate a rover keeps at most K, only those as own-like as its own frames (here random frames: maybe none)
+    config = run_config(setup, tmp_path, **{"coda-gate": 0.5, "num-server-rounds": 1,
+                                            "state-db": str(tmp_path / "g.db")})
+    coordinator = build_coordinator(config)
+    records = coordinator.run(LocalGrid(make_client_app(config), 3, run_config=config))
+    coordinator.store.close()
+    assert all(len(p["rows"]) <= K and p["coda-fit-s"] > 0 for p in coordinator.strategy.plans.values())
+    assert {e.rover_id for e in records[0].entries if e.status == "accepted"} == {"rover_0", "rover_1"}
     # the coarse match is the rover's nearest pool frames: what the index answers for its descriptors
     from forest_perception.collab.flower.task import TaskConfig, load_local_data
 
@@ -109,6 +117,7 @@ def test_the_coarse_and_random_arms_choose_without_the_filter(setup, tmp_path):
     ({"coda-index": ""}, "algorithm coda needs run config coda-index"),
     ({"coda-arm": "best"}, "coda-arm must be one of random, coarse, coda, got 'best'"),
     ({"coda-candidates": 0}, "coda-candidates must be >= 1"),
+    ({"coda-gate": 1.5}, r"coda-gate must be a quantile within \[0, 1\)"),
     ({"coda-index": "/no/such/index.npz"}, "CoDA index /no/such/index.npz does not exist"),
 ])
 def test_a_coda_run_config_that_does_not_fit_is_refused_by_name(setup, tmp_path, extra, message):
