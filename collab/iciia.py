@@ -57,7 +57,7 @@ def train_from_folders(spec: IciiaSpec, folders: Sequence[str | os.PathLike], ou
     (the rover graph, with its card) under ``out_dir``, and ``iciia.json`` (summary). Returns the summary."""
     settings = settings or TrainSettings()
     started = time.perf_counter()
-    model, base_meta = iciia.build(spec)
+    model, base_meta = iciia.build(spec, seed=settings.seed)
     hw = base_meta["input_hw"]
     sequences = load_sequences(folders, hw, float(base_meta["min_depth"]), float(base_meta["max_depth"]), max_frames)
     load_s = time.perf_counter() - started

@@ -206,7 +206,7 @@ def run(config: IciiaConfig, out_dir: Path) -> dict:
         for partitions in config.partitions:
             spec = iciia.IciiaSpec(base=config.model, partitions=partitions, heads=config.heads,
                                    bank_capacity=config.bank)
-            model, _ = iciia.build(spec)
+            model, _ = iciia.build(spec, seed=seed)
             settings = iciia.TrainSettings(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                                            seed=seed, threads=threads, sequence_jitter=config.sequence_jitter)
             summary = iciia.train(model, sequences, config.bank, settings, task.min_depth, task.max_depth)
@@ -224,7 +224,7 @@ def run(config: IciiaConfig, out_dir: Path) -> dict:
         for partitions in config.control_partitions:
             spec = iciia.IciiaSpec(base=config.model, partitions=partitions, heads=config.heads,
                                    bank_capacity=config.bank)
-            model, _ = iciia.build(spec)
+            model, _ = iciia.build(spec, seed=seed)
             settings = iciia.TrainSettings(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                                            seed=seed, threads=threads, use_history=False,
                                            sequence_jitter=config.sequence_jitter)

@@ -102,10 +102,13 @@ def load_base(base: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     return network.eval(), meta
 
 
-def build(spec: IciiaSpec) -> tuple[HistoryDepth, dict[str, Any]]:
-    """A fresh (identity) ICIIA model on the spec's base network, frozen base; and the base's meta."""
+def build(spec: IciiaSpec, seed: int | None = None) -> tuple[HistoryDepth, dict[str, Any]]:
+    """A fresh (identity) ICIIA model on the spec's base network, frozen base; and the base's meta. ``seed`` fixes the
+    module's initial weights (else torch's global generator draws them)."""
     spec.validate()
     network, meta = load_base(spec.base)
+    if seed is not None:
+        torch.manual_seed(seed)
     return HistoryDepth(network, spec.partitions, spec.heads).freeze_base(), meta
 
 
