@@ -26,6 +26,11 @@ RENDERERS = ("auto", "opengl", "tiny")
 """``ForestScene(renderer=...)``: "auto" takes OpenGL when an offscreen EGL context opens, else TinyRenderer."""
 RENDERER_ENV = "FOREST_SIM_RENDERER"
 """Environment variable that overrides "auto" (e.g. ``FOREST_SIM_RENDERER=tiny``)."""
+TEXTURE_FILTERS = ("nearest", "trilinear")
+"""``nearest``: one texel per pixel, as TinyRenderer (sharp, aliased at a distance); ``trilinear``: mipmaps with
+linear and 8x anisotropic filtering, as a game engine or a real lens would smooth fine texture (OpenGL only)."""
+TEXTURE_FILTER_ENV = "FOREST_SIM_TEXTURE_FILTER"
+"""Environment variable with the default texture filter of OpenGL scenes (``nearest`` when unset)."""
 _LOG = logging.getLogger(__name__)
 _GL_PROBLEM: list[str | None] = []  # cached result of gl_renderer.egl_problem(), once per process
 
@@ -152,8 +157,14 @@ class GLRenderer:
     plain colour) and a model matrix (identity for world geometry, the rover's pose for a rover part).
     """
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, texture_filter: str | None = None) -> None:
         import moderngl
+
+        texture_filter = texture_filter or os.environ.get(TEXTURE_FILTER_ENV, "").strip() or "nearest"
+        if texture_filter not in TEXTURE_FILTERS:
+            raise ValueError(f"texture_filter must be one of {TEXTURE_FILTERS} (or {TEXTURE_FILTER_ENV}), "
+                             f"got {texture_filter!r}")
+        self.texture_filter = texture_filter
 
         if threads is not None:
             # llvmpipe's rasteriser threads; read when the context is made
@@ -182,7 +193,12 @@ class GLRenderer:
             raise ValueError(f"texture {name!r} must be HxWx3 uint8, got shape {img.shape}")
         img = np.ascontiguousarray(img[::-1])  # OpenGL's first row is v = 0, the image's bottom
         tex = self._ctx.texture((img.shape[1], img.shape[0]), 3, img.tobytes())
-        tex.filter = (moderngl.NEAREST, moderngl.NEAREST)
+        if self.texture_filter == "trilinear":
+            tex.build_mipmaps()
+            tex.filter = (moderngl.LINEAR_MIPMAP_LINEAR, moderngl.LINEAR)
+            tex.anisotropy = 8.0
+        else:
+            tex.filter = (moderngl.NEAREST, moderngl.NEAREST)
         tex.repeat_x = tex.repeat_y = True
         self._textures[name] = tex
 

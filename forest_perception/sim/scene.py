@@ -103,13 +103,15 @@ class ForestScene:
 
     ``ForestScene(world)`` builds textures (PNG, cached in ``cache_dir``, by default a
     shared dir under the system temp dir), meshes and the renderer's bodies. ``renderer``
-    is one of :data:`RENDERERS`; :attr:`renderer` tells which one runs. Use as a context
-    manager or call :meth:`close`.
+    is one of :data:`RENDERERS`; :attr:`renderer` tells which one runs. ``texture_filter``
+    (OpenGL only, :data:`gl_renderer.TEXTURE_FILTERS`) smooths distant texture; TinyRenderer
+    always takes the nearest texel. Use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, world: ForestWorld, cache_dir: str | Path | None = None,
                  detail: MeshDetail | None = None, texture_size: int = 256, cull: bool = True,
-                 texture_seed: int | None = None, palette: Palette | None = None, renderer: str = "auto") -> None:
+                 texture_seed: int | None = None, palette: Palette | None = None, renderer: str = "auto",
+                 texture_filter: str | None = None) -> None:
         self.world = world
         self.renderer = resolve_renderer(renderer)
         self._gl = None
@@ -124,7 +126,7 @@ class ForestScene:
         if self.renderer == "opengl":
             from forest_perception.sim.gl_renderer import GLRenderer
 
-            self._gl = GLRenderer()
+            self._gl = GLRenderer(texture_filter=texture_filter)
         else:
             self._client = p.connect(p.DIRECT)
             if self._client < 0:

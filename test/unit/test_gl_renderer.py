@@ -149,3 +149,29 @@ def test_resolve_renderer(monkeypatch):
     assert resolve_renderer("auto") == "tiny"
     with pytest.raises(RuntimeError, match="renderer 'opengl' requested, but no offscreen OpenGL"):
         resolve_renderer("opengl")
+
+
+def test_trilinear_texture_filter_smooths_far_texture_only(tmp_path, monkeypatch):
+    world = generate_world(seed=3, size_m=24.0, tree_density_per_ha=900.0)
+    pos = np.array([0.4, 0.3, world.terrain.height_at(0.4, 0.3) + 0.2])
+    frames = {}
+    for name in ("nearest", "trilinear"):
+        with ForestScene(world, cache_dir=tmp_path, texture_size=64, renderer="opengl", texture_filter=name) as scene:
+            frames[name] = scene.render(pos, camera_rotation(0.7), INTR, "overcast")
+    (rgb_n, depth_n, seg_n), (rgb_t, depth_t, seg_t) = frames["nearest"], frames["trilinear"]
+    np.testing.assert_array_equal(depth_n, depth_t)  # the same geometry
+    np.testing.assert_array_equal(seg_n, seg_t)
+
+    def detail(rgb: np.ndarray, mask: np.ndarray) -> float:
+        luma = rgb.astype(np.float64).mean(axis=2)
+        both = mask[:, 1:] & mask[:, :-1]
+        return float(np.abs(np.diff(luma, axis=1))[both].mean())
+
+    far = np.isfinite(depth_n) & (depth_n > 6.0)
+    assert detail(rgb_t, far) < 0.8 * detail(rgb_n, far)
+    with pytest.raises(ValueError, match="texture_filter must be one of"):
+        GLRenderer(texture_filter="bicubic")
+    monkeypatch.setenv(gl_renderer.TEXTURE_FILTER_ENV, "trilinear")
+    gl = GLRenderer()
+    assert gl.texture_filter == "trilinear"
+    gl.close()
