@@ -306,6 +306,12 @@ def summarise(config: CodaConfig, runs: list[dict]) -> dict:
     return summary
 
 
+def _finite(stat: dict) -> bool:
+    """Whether a mean ± std has a finite mean (NaN comes back from JSON as None)."""
+    mean = (stat or {}).get("mean")
+    return mean is not None and math.isfinite(mean)
+
+
 def table(result: dict) -> str:
     """The results table (markdown): per arm scores and bytes, the classifier's costs, paired differences, claims."""
     config, s = result["config"], result["summary"]
@@ -322,7 +328,7 @@ def table(result: dict) -> str:
                      f"{a['cloud_samples']['mean']:.1f}" + (f" ({a['from_rovers']['mean']:.1f})"
                                                            if "shared" in method else ""),
                      kib(a["bytes_up"]), kib(a["bytes_down"]),
-                     "-" if method == "local" else fmt(a["similarity_to_held_out"])])
+                     fmt(a["similarity_to_held_out"]) if _finite(a["similarity_to_held_out"]) else "-"])
     out = [markdown_table(["arm (each rover's model)", "AbsRel, own held-out", "δ<1.25, own held-out",
                            "AbsRel, all rovers' held-out", "cloud samples (from other rovers)", "KiB up / rover",
                            "KiB down / rover", "similarity to own held-out"], rows), ""]
