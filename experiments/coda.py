@@ -7,8 +7,9 @@ frames (``own_frames``, spread over its training segments). Two cloud pools, eac
 descriptors from the shipped network's encoder (the rovers' descriptors go up, never images): ``wide``, the DC-CCL
 experiment's domain-randomised forests (never a held-out style, so nothing from the rovers' forest), and
 ``wide+shared``, the same plus ``shared_frames`` frames each rover chose to share from its training segments (a rover
-never gets its own back). Every arm trains the same number of cloud samples; scores are each rover's model on its
-own held-out segments (and on every rover's). Set-up and results: ``docs/collaborative.md`` ("CoDA").
+never gets its own back). Every arm adds the same number of cloud samples (CoDA with the gate: at most that many, only
+those its classifier finds as own-like as the rover's frames); scores are each rover's model on its own held-out
+segments (and on every rover's). Set-up and results: ``docs/collaborative.md`` ("CoDA").
 
     .venv/bin/python -m experiments.coda [--quick] [--seeds 0 1 2] [--out DIR]
 """
