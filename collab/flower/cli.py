@@ -110,7 +110,8 @@ def _add_population_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--population-seed", type=non_negative_int, default=0, help="seed of the rover population")
     parser.add_argument("--algorithm", default=None,
                         help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust, dc-ccl (needs --set "
-                             "dcccl-mimic=FILE), coda (needs --set coda-index=FILE)")
+                             "dcccl-mimic=FILE), coda (needs --set coda-index=FILE), iciia (needs --set "
+                             "iciia-module=FILE; the rovers score it with and without history, nothing trains)")
     parser.add_argument("--rounds", type=positive_int, default=None,
                         help="num-server-rounds (default: the run config's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -241,12 +242,12 @@ def _print_evaluations(rows: list[dict], show_all: bool) -> None:
     per_rover = show_all or len(rovers) <= MAX_ROVER_LINES
     note = "" if per_rover else f" (per rover: --all, {len(rovers)} rovers)"
     print(f"federated evaluation of the global model (round 0: the initial model){note}")
-    print("round  who                   status      frames  absrel   delta1     rmse")
+    print("round  who                         status      frames  absrel   delta1     rmse")
     for r in rows:
         if r["kind"] == "rover" and not per_rover:
             continue
-        who = {"rovers": "rovers (mean)", "cloud": "cloud test"}.get(r["kind"], r["name"])
-        print(f"{r['round']:5d}  {who[:20]:20}  {r['status']:10}  {r['frames']:6d}  {_fmt(r['absrel']):>6}  "
+        who = {"rovers": "rovers (mean)" + r["name"][len("rovers"):], "cloud": "cloud test"}.get(r["kind"], r["name"])
+        print(f"{r['round']:5d}  {who[:26]:26}  {r['status']:10}  {r['frames']:6d}  {_fmt(r['absrel']):>6}  "
               f"{_fmt(r['delta1']):>7}  {_fmt(r['rmse']):>7}")
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from forest_perception.collab.flower import coda_round
+from forest_perception.collab.flower import coda_round, iciia_round
 from forest_perception.collab.flower.messages import (
     CHAIN_KEYS,
     CHANGE_PREFIX,
@@ -256,12 +256,17 @@ def handle_evaluate(message: Message, context: Context, overrides: Mapping | Non
 
     Replies ``no-data`` without usable recordings and ``no-holdout`` when nothing is held out (one segment).
     MC-PSGD's ``score-chains`` message carries both averaged chains instead; both are scored on the frames the
-    rover validates its training on (held-out segments, or its training frames when it has none).
+    rover validates its training on (held-out segments, or its training frames when it has none). An iciia message
+    carries the rover graph: :func:`~forest_perception.collab.flower.iciia_round.evaluate_reply` scores it as the
+    gate does, with and without history (and drops it for collab_node with node config ``model-drop-dir``).
     """
     base_config = merge_run_config(context.run_config, overrides)
     identity = resolve_rover(context, base_config)
     config, _ = _round_config(base_config, message, context)
     task = TaskConfig.from_run_config(config)
+    if iciia_round.ROVER_MODEL_KEY in message.content.array_records:  # iciia: score the rover graph, with history
+        drop_dir = str(context.node_config.get("model-drop-dir", "") or "")
+        return iciia_round.evaluate_reply(message, identity.rover_id, _data_dir(identity), task, drop_dir)
     try:
         data = load_local_data(_data_dir(identity), task)
     except NoDataError as exc:

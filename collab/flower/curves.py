@@ -51,7 +51,8 @@ def plot_store_curves(db: str | Path, out: str | Path | None = None) -> Path:
     if not series:
         raise ValueError(f"coordinator store {db} holds no federated evaluation to plot (rounds ran with "
                          "fraction-evaluate 0 and no cloud-test)")
-    rovers = sorted(n for n in series if n not in (AGGREGATE, CLOUD))
+    pooled = sorted(n for n in series if n.startswith(f"{AGGREGATE}/"))  # iciia: rovers/no-history
+    rovers = sorted(n for n in series if n not in (AGGREGATE, CLOUD, *pooled))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, title in ((axes[0], "absrel", "AbsRel (lower is better)"),
                            (axes[1], "delta1", "delta1 (higher is better)")):
@@ -64,6 +65,10 @@ def plot_store_curves(db: str | Path, out: str | Path | None = None) -> Path:
             points = series.get(name, {}).get(key, [])
             if points:
                 ax.plot([r for r, _ in points], [v for _, v in points], marker="o", **style)
+        for name in pooled:
+            points = series[name][key]
+            ax.plot([r for r, _ in points], [v for _, v in points], marker="s", color="grey", lw=2.0, ls=":",
+                    label=f"rovers' held-out (mean), {name[len(AGGREGATE) + 1:]}")
         ax.set_title(title)
         ax.set_xlabel("round (0 = initial model)")
         ax.grid(alpha=0.3)

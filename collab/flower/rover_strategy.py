@@ -543,6 +543,10 @@ class RoverStrategy(FedAvg):
         }
         return self._construct_messages(content, nodes, MessageType.EVALUATE)
 
+    def extra_evaluations(self) -> list[EvalEntry]:
+        """More entries of the last evaluate stage, stored after the rovers' mean (iciia: without history)."""
+        return []
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Frame-weighted mean of the rovers' held-out metrics; each rover's result kept in ``last_evaluation``.
 

@@ -110,6 +110,9 @@ class ServerSettings:
         mimic_version = ""
         if c["algorithm"] == "dc-ccl" or c["dcccl-mimic"] or c["dcccl-small"]:
             c, mimic_version = dcccl_run_config(c)
+        from forest_perception.collab.flower.iciia_round import iciia_run_config
+
+        c, iciia_info = iciia_run_config(c)  # iciia: the module's base network is the architecture
         architecture, init = architecture_from_run_config(c)  # reads and checks init against the set keys
         task = TaskConfig.from_run_config({
             **c, "model": architecture.model, "model-kwargs": kwargs_text(architecture.kwargs), "base-channels": 0,
@@ -126,6 +129,7 @@ class ServerSettings:
         from forest_perception.collab.flower.coda_round import coda_train_config
 
         train_config.update(coda_train_config(c, task))
+        train_config.update(iciia_info)
         return cls(
             algorithm=c["algorithm"],
             num_rounds=c["num-server-rounds"],
@@ -190,6 +194,9 @@ def run_identity(settings: ServerSettings, names: list[str], shapes: list[tuple[
     if settings.algorithm == "coda":  # another arm, budget or encoder is another run
         t = settings.train_config
         identity["coda"] = f"{t['coda-arm']}/{t['coda-candidates']}/gate {t['coda-gate']:g}/{t['coda-encoder-version']}"
+    if settings.algorithm == "iciia":  # another module or base network is another run
+        t = settings.train_config
+        identity["iciia"] = f"{t['iciia-module-version']}/{t['iciia-base-version']}"
     if settings.strategy.influence:
         identity["influence"] = "on"  # an estimate must follow the run from its first round
     return identity
@@ -284,6 +291,7 @@ class Coordinator:
         summary = {} if metrics is None else {k: float(v) for k, v in metrics.items()}
         if entries:
             entries.append(aggregate_evaluations(entries))
+        entries.extend(strategy.extra_evaluations())  # iciia: the same rovers without history
         if self.cloud is not None:
             params = strategy.params if server_round == 0 else strategy.eval_params(server_round)
             cloud = self.cloud.evaluate(strategy.names, params)
@@ -329,6 +337,10 @@ def build_coordinator(config: Mapping) -> Coordinator:
                  settings.task.model, settings.init.weights_sha256[:12])
     elif settings.dcccl_small:
         names, initial = dcccl_start(settings)
+    elif settings.algorithm == "iciia":  # the module's tensors; they never change
+        from forest_perception.collab.flower.iciia_round import module_arrays
+
+        names, initial = module_arrays(settings.train_config["iciia-module"])
     else:
         names, initial = initial_arrays(settings.task)
     cloud = CloudTest(settings.cloud_test, settings.task) if settings.cloud_test else None

@@ -47,7 +47,8 @@ from forest_perception.collab.updates import ClientUpdate, NDArrays, UpdateRejec
 
 LOG = logging.getLogger(__name__)
 
-ALGORITHMS: tuple[str, ...] = ("fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc-psgd", "robust", "dc-ccl", "coda")
+ALGORITHMS: tuple[str, ...] = ("fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc-psgd", "robust", "dc-ccl", "coda",
+                                 "iciia")
 
 
 class FedAvgStrategy(RoverStrategy):
@@ -342,6 +343,10 @@ def build_strategy(
         from forest_perception.collab.flower.coda_round import CodaStrategy
 
         return CodaStrategy(names, initial, **kwargs)
+    if algorithm == "iciia":
+        from forest_perception.collab.flower.iciia_round import IciiaStrategy
+
+        return IciiaStrategy(names, initial, **kwargs)
     if algorithm == "fedlaavg":
         return FedLaAvgStrategy(names, initial, **kwargs)
     if algorithm in ("mm-psgd", "mc-psgd"):

@@ -94,6 +94,8 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "coda-candidates": 20,
     "coda-outside": 256,
     "coda-gate": 0.0,
+    # iciia: the history module trained once on the cloud (forest-fl iciia train); the rovers only score it
+    "iciia-module": "",
 }
 """Run configuration defaults; ``pyproject.toml``'s ``[tool.flwr.app.config]`` holds the same keys."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,9 @@ PARAMS = [
               "history it attends to (at most the model's bank capacity; kept in memory only); 0 = no history; "
               "changing it empties the bank (so does ~/reset_history and a model swap); other models ignore it",
               (0, 1024)),
+    ParamSpec("history_save_dir", "", "folder ~/save_history writes the history bank into (history-<time>.npz: the "
+              "features of the banked frames, oldest first); empty: ~/save_history is refused and the bank is never "
+              "written to disk"),
     ParamSpec("diagnostics_period_s", 1.0, "period of /diagnostics", (0.1, 60.0), read_only=True),
 ]
 
@@ -91,8 +95,6 @@ def resolve_model(model_path: str, family: str, providers: tuple[str, ...],
     """The file depth_node loads for ``model_path``: a path as given; a shipped model name (``multiscale_320x240_int8``:
     a name of that pattern that is no file here) from the installed weights; empty: the shipped model of ``family``
     that fits a ``camera_wh`` camera (none yet: :class:`ModelLoadError` saying it waits for a frame)."""
-    from pathlib import Path
-
     from forest_perception.models.weights import model_for_camera, parse_model_name, shipped_model
 
     if not model_path:
@@ -163,6 +165,7 @@ class DepthNode(Node):
         self.create_subscription(CameraInfo, "camera/camera_info", self._on_camera_info, sensor)
         add_validated_updates(self, PARAMS, lambda: self.p, self._check_update, self._commit)
         self.create_service(Trigger, "~/reset_history", self._on_reset_history)
+        self.create_service(Trigger, "~/save_history", self._on_save_history)
         self.create_timer(self.p["diagnostics_period_s"], self._publish_diagnostics)
         self.worker = SlotWorker("depth_worker", self._process, on_error=self._on_worker_error)
 
@@ -283,6 +286,35 @@ class DepthNode(Node):
         response.success = True
         response.message = f"history reset: {dropped} frames dropped"
         self.get_logger().info(response.message)
+        return response
+
+    def _on_save_history(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        """Write the running model's history bank under ``history_save_dir`` (the only way it reaches the disk)."""
+        folder, engine = str(self.p["history_save_dir"]), self._engine
+        bank = getattr(engine, "bank", None)
+        response.success = False
+        if not folder:
+            response.message = ("history_save_dir is empty: set it to a folder to save the history bank into "
+                                "(nothing is written otherwise)")
+        elif not callable(getattr(bank, "save", None)):
+            response.message = "the running model has no history (no ICIIA)" if engine else "no model is running"
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000_000:09d}"
+            try:
+                path = Path(folder).expanduser() / f"history-{stamp}.npz"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path = bank.save(path)
+                with np.load(path) as saved:  # what was written (frames keep coming meanwhile)
+                    frames = saved["features"].shape[0]
+            except (OSError, ValueError) as exc:
+                response.message = f"history not saved into {folder!r}: {exc}"
+            else:
+                response.success = True
+                response.message = f"history saved: {frames} frames to {path}"
+        if response.success:
+            self.get_logger().info(response.message)
+        else:
+            self.get_logger().warning(f"~/save_history refused: {response.message}")
         return response
 
     # ---------------------------------------------------------------- input

@@ -145,3 +145,48 @@ def test_depth_node_keeps_a_bounded_bank_and_resets_it(rclpy_context, models, wa
     finally:
         node.destroy_node()
     assert list(tmp_path.iterdir()) == []  # nothing written to disk
+
+
+def test_save_history_writes_the_bank_only_when_asked_and_refuses_without_a_folder(rclpy_context, models, wait,
+                                                                                   tmp_path, monkeypatch):
+    from rclpy.parameter import Parameter
+    from std_srvs.srv import Trigger
+
+    from forest_perception.nodes.depth_node import DepthNode
+
+    monkeypatch.chdir(tmp_path)
+    iciia, plain = models
+    node = DepthNode(context=rclpy_context, parameter_overrides=_params(model_path=iciia, history_size=3,
+                                                                         publish_points=False, publish_scan=False))
+    try:
+        assert any(name.endswith("/save_history") for name, _ in node.get_service_names_and_types_by_node(
+            "depth_node", "/"))
+        for index in range(4):
+            node._on_image(_image(index))
+            assert wait(lambda index=index: node.counts["processed"] + node.counts["skipped"] >= index + 1)
+        assert wait(lambda: node._engine.history_frames == min(3, node.counts["processed"]) > 0)
+        # no folder (the default): refused, and nothing is written anywhere
+        response = node._on_save_history(Trigger.Request(), Trigger.Response())
+        assert not response.success and "history_save_dir is empty" in response.message
+        assert list(tmp_path.iterdir()) == []
+
+        folder = tmp_path / "banks" / "rover_0"
+        assert node.set_parameters([Parameter("history_save_dir", value=str(folder))])[0].successful
+        assert list(tmp_path.iterdir()) == []  # setting the folder writes nothing: only the service does
+        frames = node._engine.history_frames
+        expected, _ = node._engine.bank.inputs(frames)
+        response = node._on_save_history(Trigger.Request(), Trigger.Response())
+        assert response.success and f"{frames} frames" in response.message, response.message
+        (saved,) = folder.glob("history-*.npz")
+        assert str(saved) in response.message
+        with np.load(saved) as bank:
+            assert bank["features"].shape == (frames, node._engine.feature_dim)
+            np.testing.assert_array_equal(bank["features"], expected)  # the bank, oldest first
+
+        # a model without ICIIA has no bank to save
+        assert node.set_parameters([Parameter("model_path", value=plain)])[0].successful
+        response = node._on_save_history(Trigger.Request(), Trigger.Response())
+        assert not response.success and "no history" in response.message
+        assert len(list(folder.iterdir())) == 1
+    finally:
+        node.destroy_node()
