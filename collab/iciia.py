@@ -3,8 +3,8 @@ hand it to rovers' drop folders, where ``collab_node``'s gate scores it on each 
 frame order, so the history builds up as on the rover) before ``depth_node`` runs it.
 
 What ``forest-fl iciia train`` runs. The module is trained once and used on every rover with no further training;
-Flower rounds of algorithm ``iciia`` (:mod:`forest_perception.collab.flower.iciia_round`) only score it on the rovers. The pure parts are in :mod:`forest_perception.models.iciia`; set-up and figures:
-``docs/collaborative.md`` ("ICIIA").
+Flower rounds of algorithm ``iciia`` (:mod:`forest_perception.collab.flower.iciia_round`) only score it on the rovers.
+The pure parts are in :mod:`forest_perception.models.iciia`; set-up and figures: ``docs/collaborative.md`` ("ICIIA").
 """
 
 from __future__ import annotations
