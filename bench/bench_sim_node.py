@@ -117,7 +117,7 @@ def main() -> None:
     apply_loopback_environment(int(os.environ.get("BENCH_ROS_DOMAIN_ID", "87")), log_dir)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}; sim_node real_time_factor 1.0, camera 15 Hz 320x240, "
-          f"render_workers -1 (opengl: inline, tiny: 2 processes)")
+          f"render_workers -1 (opengl: inline for one rover, 1 process for more; tiny: 2)")
     print(f"{'renderer':>8} {'rovers':>6} {'real-time factor':>17} {'camera Hz per rover (received)':>32} "
           f"{'sim_node CPU cores':>19}")  # render workers included
     for rovers in args.rovers:
