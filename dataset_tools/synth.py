@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -214,7 +215,7 @@ def synthesize(
             args = (root, config, r, s, states.get(r), overwrite)
             if isolate:
                 name = run_dir_name(run) if s is None else f"{run_dir_name(run)}/{segment_name(s)}"
-                entries, unit_counts, states[r] = _in_child(args, name)
+                entries, unit_counts, states[r] = _in_child(args, name, _render_unit)
                 bar.update(sum(e["frames"] for e in entries))
             else:
                 entries, unit_counts, states[r] = _render_unit(*args, bar=bar, on_frame=on_frame)
@@ -229,22 +230,30 @@ def synthesize(
     return report
 
 
-def _in_child(args: tuple, name: str) -> tuple[list[dict], list[int], dict]:
-    """:func:`_render_unit` in a forked child process; its result, or ``RuntimeError`` naming ``name``."""
+def _child_main(send: Any, args: tuple, render: Callable) -> None:  # noqa: ANN401 - a multiprocessing Connection
+    """Body of :func:`_in_child`'s process: render the unit, send its result (or the error) to the parent."""
+    try:
+        send.send(("ok", render(*args)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
+        send.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        send.close()
+
+
+def _in_child(args: tuple, name: str, render: Callable | None = None) -> tuple[list[dict], list[int], dict]:
+    """``render`` (default :func:`_render_unit`, a module-level function) in a child process; its result, or
+    ``RuntimeError`` naming ``name``.
+
+    The child is forked from a fork server (a fresh interpreter that never rendered), not from this process: a
+    process forked from one that holds an OpenGL context (llvmpipe's rasteriser threads) hangs on its first frame.
+    """
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     receive, send = ctx.Pipe(duplex=False)
-
-    def target() -> None:
-        try:
-            send.send(("ok", _render_unit(*args)))
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
-            send.send(("error", f"{type(exc).__name__}: {exc}"))
-        finally:
-            send.close()
-
-    child = ctx.Process(target=target, name=f"synth {name}", daemon=True)
+    child = ctx.Process(target=_child_main, args=(send, args, render or _render_unit), name=f"synth {name}",
+                        daemon=True)
     child.start()
     send.close()
     try:

@@ -175,3 +175,28 @@ def test_trilinear_texture_filter_smooths_far_texture_only(tmp_path, monkeypatch
     gl = GLRenderer()
     assert gl.texture_filter == "trilinear"
     gl.close()
+
+
+def test_isolated_synth_runs_beside_a_live_gl_context(tmp_path):
+    """synth renders each forest in a child process; forked from a process holding an OpenGL context (llvmpipe's
+    threads) such a child hangs on its first frame, so the children must come from a clean fork server."""
+    import threading
+
+    from forest_perception.dataset_tools.synth import SynthConfig, synthesize
+    from forest_perception.sim.world import WorldConfig
+
+    gl = GLRenderer()
+    gl.add_texture("white", np.full((4, 4, 3), 255, dtype=np.uint8))
+    gl.add_mesh(box_mesh((0.5, 0.5, 0.5)), "white")
+    gl.draw(view_matrix(np.zeros(3), camera_rotation(0.0)), projection_matrix(INTR, 0.05, 50.0), INTR.width,
+            INTR.height, (0.0, 0.0, 1.0), (1.0, 1.0, 1.0), 0.6, 0.4, 0.0)  # llvmpipe's threads are running
+    config = SynthConfig(runs=1, segments_per_run=1, frames_per_segment=2, width=48, height=36,
+                         world=WorldConfig(size_m=16.0), styles=("hilly_deadwood",))
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(synthesize(tmp_path / "data", config, progress=False,
+                                                                      isolate=True)), daemon=True)
+    worker.start()
+    worker.join(timeout=180)
+    gl.close()
+    assert not worker.is_alive(), "synth's child process hung"
+    assert result and result[0].frames == 2

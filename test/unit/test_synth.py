@@ -70,30 +70,38 @@ def test_isolated_children_write_the_same_frames_as_one_process(tmp_path, styles
 
 
 @pytest.mark.skipif(not fork_available(), reason="isolate forks child processes")
-def test_a_child_that_fails_or_dies_is_named_and_earlier_segments_stay(tmp_path, monkeypatch):
+def _second_fails(root, config, r, s, *rest, **kw):
+    """A render unit whose second segment fails (module level: the child process imports it by name)."""
+    from forest_perception.dataset_tools import synth
+
+    if s == 1:
+        raise MemoryError("no room")
+    return synth._render_unit(root, config, r, s, *rest, **kw)
+
+
+def _second_dies(root, config, r, s, *rest, **kw):
+    """A render unit whose second segment's process dies."""
     import os
 
     from forest_perception.dataset_tools import synth
 
+    if s == 1:
+        os._exit(9)
+    return synth._render_unit(root, config, r, s, *rest, **kw)
+
+
+def test_a_child_that_fails_or_dies_is_named_and_earlier_segments_stay(tmp_path, monkeypatch):
+    from forest_perception.dataset_tools import synth
+
     cfg = SynthConfig(**{**SMALL, "frames_per_segment": 1}, styles=("temperate_mixed",))
-    real = synth._render_unit
-
-    def second_fails(root, config, r, s, *rest, **kw):
-        if s == 1:
-            raise MemoryError("no room")
-        return real(root, config, r, s, *rest, **kw)
-
-    monkeypatch.setattr(synth, "_render_unit", second_fails)
+    # the children come from a fork server: they see the unit function synthesize hands them, not this
+    # process's monkeypatching, so the stand-ins are module-level functions the child imports
+    monkeypatch.setattr(synth, "_render_unit", _second_fails)
     with pytest.raises(RuntimeError, match="rendering Run-1/b failed: MemoryError: no room"):
         synthesize(tmp_path / "a", cfg, progress=False, isolate=True)
     assert len(read_segment(tmp_path / "a" / "Run-1" / "a")) == 1
 
-    def second_dies(root, config, r, s, *rest, **kw):
-        if s == 1:
-            os._exit(9)
-        return real(root, config, r, s, *rest, **kw)
-
-    monkeypatch.setattr(synth, "_render_unit", second_dies)
+    monkeypatch.setattr(synth, "_render_unit", _second_dies)
     with pytest.raises(RuntimeError, match="rendering Run-1/b died \\(exit code 9"):
         synthesize(tmp_path / "b", cfg, progress=False, isolate=True)
     assert len(read_segment(tmp_path / "b" / "Run-1" / "a")) == 1
