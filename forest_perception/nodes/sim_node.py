@@ -129,7 +129,10 @@ class SimNode(Node):
                                     terrain_roughness_m=p["terrain_roughness_m"]).validate()
         else:
             world_cfg = style.world_config(**world_args)
-        renderer = resolve_renderer(p["renderer"])
+        try:
+            renderer = resolve_renderer(p["renderer"])
+        except RuntimeError as exc:  # opengl asked for where no EGL context opens: one line, not a traceback
+            raise ValueError(f"renderer:={p['renderer']}: {exc}") from None
         workers = (p["render_workers"] if p["render_workers"] != AUTO_RENDER_WORKERS
                    else auto_render_workers(renderer, len(p["rover_names"])))
         sim_cfg = SimConfig(

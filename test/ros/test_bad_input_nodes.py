@@ -16,6 +16,7 @@ BAD_PARAMETERS = [
     ("sim_node", ["weather:=[tornado]"], ["weather", "tornado", "sunny"]),
     ("sim_node", ["rover_names:=[a, a]"], ["rover_names", "unique"]),
     ("sim_node", ["seed:=abc"], ["seed:='abc'", "integer"]),
+    ("sim_node", ["renderer:=vulkan"], ["renderer", "vulkan", "opengl"]),
     ("depth_node", ["threads:=0"], ["threads:=0", "[1, 16]"]),
     ("depth_node", ["threads:=abc"], ["threads:='abc'", "integer"]),
     ("depth_node", ["backend:=tensorflow"], ["backend", "tensorflow", "onnxruntime"]),

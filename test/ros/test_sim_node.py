@@ -204,6 +204,15 @@ def test_invalid_parameters_are_refused(rclpy_context, overrides, words):
         SimNode(context=rclpy_context, parameter_overrides=_params(**overrides))
 
 
+def test_opengl_renderer_without_egl_is_a_clear_parameter_error(rclpy_context, monkeypatch):
+    from forest_perception.nodes.sim_node import SimNode
+    from forest_perception.sim import gl_renderer
+
+    monkeypatch.setattr(gl_renderer, "_GL_PROBLEM", ["no offscreen OpenGL 3.3 context over EGL (test)"])
+    with pytest.raises(ValueError, match="renderer:=opengl: renderer 'opengl' requested, but no offscreen OpenGL"):
+        SimNode(context=rclpy_context, parameter_overrides=_params(renderer="opengl"))
+
+
 def test_style_parameter_builds_the_styled_forest(rclpy_context):
     from forest_perception.nodes.sim_node import SimNode
     from forest_perception.sim.styles import sample
