@@ -46,8 +46,8 @@ NO_DATA = "no data"
 
 
 @dataclass(frozen=True)
-class AdaptationConfig:
-    """The recording (forest, rovers, drive) and the training of every method."""
+class RecordingConfig:
+    """The new-forest set-up the learning experiments share: seeds, the shipped network, the recording, the split."""
 
     seeds: tuple[int, ...] = (0, 1, 2)
     model: str = "autoencoder_160x128"
@@ -58,6 +58,16 @@ class AdaptationConfig:
     camera_rate_hz: float = 3.0
     segment_frames: int = 15
     holdout_fraction: float = 0.25
+
+    def recording_fields(self) -> dict[str, Any]:
+        """This set-up's fields by name (to build another experiment's config on the same recording)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(RecordingConfig)}
+
+
+@dataclass(frozen=True)
+class AdaptationConfig(RecordingConfig):
+    """The recording (forest, rovers, drive) and the training of every method."""
+
     rounds: int = 10
     local_epochs: int = 1
     lr: float = 0.0003

@@ -57,18 +57,9 @@ def label(method: str) -> str:
 
 
 @dataclass(frozen=True)
-class CodaConfig:
+class CodaConfig(adaptation.RecordingConfig):
     """The recording (the adaptation experiment's), each rover's kept frames, the pool, the retrieval, the training."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    model: str = "autoencoder_160x128"
-    style: str = "clustered_regrowth"
-    world_seed: int = 11
-    rovers: int = 4
-    drive_s: float = 60.0
-    camera_rate_hz: float = 3.0
-    segment_frames: int = 15
-    holdout_fraction: float = 0.25
     own_frames: int = 40  # frames a rover kept (spread over its training segments)
     shared_frames: int = 30  # frames each rover shares into the wide+shared pool (from its training segments)
     candidates: int = 20  # cloud samples each arm adds
@@ -90,11 +81,8 @@ class CodaConfig:
 
     def adaptation(self) -> adaptation.AdaptationConfig:
         """The adaptation experiment's config with this recording (shares its recording cache)."""
-        return adaptation.AdaptationConfig(
-            seeds=self.seeds, model=self.model, style=self.style, world_seed=self.world_seed, rovers=self.rovers,
-            drive_s=self.drive_s, camera_rate_hz=self.camera_rate_hz, segment_frames=self.segment_frames,
-            holdout_fraction=self.holdout_fraction, rounds=self.epochs, lr=self.lr, batch_size=self.batch_size,
-            engine="local")
+        return adaptation.AdaptationConfig(**self.recording_fields(), rounds=self.epochs, lr=self.lr,
+                                           batch_size=self.batch_size, engine="local")
 
 
 # ---------------------------------------------------------------------------------------------- the cloud

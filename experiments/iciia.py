@@ -39,18 +39,9 @@ VARIANTS = ("no_history", "history", "history_primed")
 
 
 @dataclass(frozen=True)
-class IciiaConfig:
+class IciiaConfig(adaptation.RecordingConfig):
     """The recording (as the adaptation experiment's), the cloud's forests, the module's sizes and its training."""
 
-    seeds: tuple[int, ...] = (0, 1, 2)
-    model: str = "autoencoder_160x128"
-    style: str = "clustered_regrowth"
-    world_seed: int = 11
-    rovers: int = 4
-    drive_s: float = 60.0
-    camera_rate_hz: float = 3.0
-    segment_frames: int = 15
-    holdout_fraction: float = 0.25
     cloud_forests: int = 50  # the DC-CCL experiment's 'wide' cloud forests (one sequence each), shared cache
     cloud_frames: int = 12
     partitions: tuple[int, ...] = (1, 4, 16, 64)
@@ -72,10 +63,7 @@ class IciiaConfig:
 
     def adaptation(self) -> adaptation.AdaptationConfig:
         """The adaptation experiment's config with this recording (shares its recording cache)."""
-        return adaptation.AdaptationConfig(
-            seeds=self.seeds, model=self.model, style=self.style, world_seed=self.world_seed, rovers=self.rovers,
-            drive_s=self.drive_s, camera_rate_hz=self.camera_rate_hz, segment_frames=self.segment_frames,
-            holdout_fraction=self.holdout_fraction, engine="local")
+        return adaptation.AdaptationConfig(**self.recording_fields(), engine="local")
 
 
 def cloud_forests(config: IciiaConfig, out_dir: Path) -> Path:
