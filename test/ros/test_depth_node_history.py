@@ -98,22 +98,32 @@ def test_history_engine_feeds_the_bank_in_order(models):
     assert np.allclose(engine.predict(frames[0]), first, atol=1e-5, equal_nan=True)  # no history: no bank
 
 
+def _history_node(rclpy_context, model: str, wait, frames: int):
+    """depth_node on an ICIIA model with a bank of 3, after ``frames`` camera frames were handled."""
+    from forest_perception.nodes.depth_node import DepthNode
+
+    node = DepthNode(context=rclpy_context, parameter_overrides=_params(model_path=model, history_size=3,
+                                                                         publish_points=False, publish_scan=False))
+    try:
+        for index in range(frames):
+            node._on_image(_image(index))
+            assert wait(lambda index=index: node.counts["processed"] + node.counts["skipped"] >= index + 1)
+    except BaseException:
+        node.destroy_node()
+        raise
+    return node
+
+
 def test_depth_node_keeps_a_bounded_bank_and_resets_it(rclpy_context, models, wait, tmp_path, monkeypatch):
     from rclpy.parameter import Parameter
     from std_srvs.srv import Trigger
 
-    from forest_perception.nodes.depth_node import DepthNode
-
     monkeypatch.chdir(tmp_path)
     iciia, plain = models
-    node = DepthNode(context=rclpy_context, parameter_overrides=_params(model_path=iciia, history_size=3,
-                                                                         publish_points=False, publish_scan=False))
+    node = _history_node(rclpy_context, iciia, wait, frames=5)
     try:
         assert any(name.endswith("/reset_history") for name, _ in node.get_service_names_and_types_by_node(
             "depth_node", "/"))
-        for index in range(5):
-            node._on_image(_image(index))
-            assert wait(lambda index=index: node.counts["processed"] + node.counts["skipped"] >= index + 1)
         assert wait(lambda: node._engine.history_frames == min(3, node.counts["processed"]))
         values = node.diagnostics_values()[2]
         assert values["history_size"] == 3 and values["history_frames"] <= 3
@@ -152,18 +162,12 @@ def test_save_history_writes_the_bank_only_when_asked_and_refuses_without_a_fold
     from rclpy.parameter import Parameter
     from std_srvs.srv import Trigger
 
-    from forest_perception.nodes.depth_node import DepthNode
-
     monkeypatch.chdir(tmp_path)
     iciia, plain = models
-    node = DepthNode(context=rclpy_context, parameter_overrides=_params(model_path=iciia, history_size=3,
-                                                                         publish_points=False, publish_scan=False))
+    node = _history_node(rclpy_context, iciia, wait, frames=4)
     try:
         assert any(name.endswith("/save_history") for name, _ in node.get_service_names_and_types_by_node(
             "depth_node", "/"))
-        for index in range(4):
-            node._on_image(_image(index))
-            assert wait(lambda index=index: node.counts["processed"] + node.counts["skipped"] >= index + 1)
         assert wait(lambda: node._engine.history_frames == min(3, node.counts["processed"]) > 0)
         # no folder (the default): refused, and nothing is written anywhere
         response = node._on_save_history(Trigger.Request(), Trigger.Response())
