@@ -14,7 +14,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -146,7 +146,7 @@ class _Body:
     texture: str | None
     seg_id: int
     rgba: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
-    model: np.ndarray = field(default_factory=lambda: np.eye(4, dtype=np.float32))
+    model: np.ndarray | None = None  # world_from_body; None: identity (world geometry)
     visible: bool = True
 
 
@@ -248,7 +248,7 @@ class GLRenderer:
 
     def set_model(self, body: int, model: np.ndarray) -> None:
         """Set a body's 4x4 world_from_body matrix."""
-        self._bodies[body].model = np.asarray(model, dtype=np.float32).reshape(4, 4)
+        self._bodies[body].model = np.asarray(model, dtype=np.float64).reshape(4, 4)
 
     # ------------------------------------------------------------ drawing
 
@@ -313,12 +313,22 @@ class GLRenderer:
         prog["forward"].value = tuple(forward)
         hidden_set = set(hidden)
         bound = None
+        world_mvp = viewproj.T.astype(np.float32).tobytes()  # world geometry: model = identity, one matrix a frame
+        identity = np.eye(4, dtype=np.float32).tobytes()
+        posed = False  # whether the last body drawn had a model matrix of its own
+        prog["mvp"].write(world_mvp)
+        prog["model"].write(identity)
         for i, body in enumerate(self._bodies):
             if not body.visible or i in hidden_set or body.rgba[3] <= 0.0:
                 continue
-            mvp = (viewproj @ body.model.astype(np.float64)).astype(np.float32)
-            prog["mvp"].write(mvp.T.tobytes())
-            prog["model"].write(np.ascontiguousarray(body.model.T).tobytes())
+            if body.model is not None:
+                prog["mvp"].write((viewproj @ body.model).T.astype(np.float32).tobytes())
+                prog["model"].write(body.model.T.astype(np.float32).tobytes())
+                posed = True
+            elif posed:
+                prog["mvp"].write(world_mvp)
+                prog["model"].write(identity)
+                posed = False
             prog["rgba"].value = body.rgba
             prog["body_id"].value = float(body.seg_id)
             prog["textured"].value = body.texture is not None
