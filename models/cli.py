@@ -32,6 +32,7 @@ from forest_perception.cli_args import (
     command_parser,
     existing_dir,
     existing_file,
+    float_within,
     format_image_size,
     image_size,
     non_negative_float,
@@ -146,6 +147,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        f"checkpoint's (default: {DEFAULT_MAX_DEPTH_M:g})")
     train.add_argument("--no-augment", dest="augment", action="store_false",
                        help="no augmentation (flip; white balance, colour jitter, gamma, blur, noise)")
+    train.add_argument("--roll-deg", type=float_within(0, 45), default=defaults.roll_deg, metavar="DEG",
+                       help="augmentation: turn image and depth together by a random angle in [-DEG, DEG] about the "
+                       "optical axis (a rover tilted on a slope; depth along the axis stays true); 0: off")
     train.add_argument("--cache", type=output_folder, default=None, metavar="DIR",
                        help="frame cache folder: frames resized once to the input size and read memory-mapped "
                        "after that (bounded memory, reused by later runs on the same data and size)")
@@ -296,7 +300,8 @@ def _train(args: argparse.Namespace, command: str) -> int:
         scheduler=args.scheduler, step_size=args.step_size, gamma=args.gamma, loss_silog=args.loss_silog,
         loss_berhu=args.loss_berhu, loss_l1=args.loss_l1, loss_smooth=args.loss_smooth, loss_log_l1=args.loss_log_l1,
         loss_gradient=args.loss_gradient, loss_silog_scale=args.loss_silog_scale, min_depth=args.min_depth,
-        max_depth=args.max_depth, augment=args.augment, workers=args.workers, seed=args.seed, out=str(args.out),
+        max_depth=args.max_depth, augment=args.augment, roll_deg=args.roll_deg, workers=args.workers, seed=args.seed,
+        out=str(args.out),
         device=args.device, threads=args.threads, resume=_resume_checkpoint(args), overwrite=args.overwrite,
         eval_every=args.eval_every, max_batches=args.max_batches, progress=args.progress, command=command,
         init=args.init, freeze_encoder=args.freeze_encoder, cache=None if args.cache is None else str(args.cache),

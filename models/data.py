@@ -225,22 +225,44 @@ class PhotometricAugment:
 DEFAULT_PHOTOMETRIC = PhotometricAugment()
 
 
+def roll_pair(rgb: np.ndarray, depth: np.ndarray, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
+    """Image and depth as the camera would see them rolled by ``angle_deg`` about its optical axis.
+
+    A roll about the optical axis moves pixels but keeps every point's depth along that axis, so the depth map
+    turns with the image and its values stay true (REP 118 depth is along optical z). The turn is about the image
+    centre (the principal point of a centred camera, square pixels). The RGB corners that come from outside the
+    frame are mirrored in; their depth is NaN (left out of the loss).
+    """
+    height, width = depth.shape[:2]
+    matrix = cv2.getRotationMatrix2D(((width - 1) / 2.0, (height - 1) / 2.0), float(angle_deg), 1.0)
+    rgb = cv2.warpAffine(np.ascontiguousarray(rgb), matrix, (width, height), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REFLECT_101)
+    depth = cv2.warpAffine(np.ascontiguousarray(depth, dtype=np.float32), matrix, (width, height),
+                           flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
+    return rgb, depth
+
+
 def augment_pair(
     rgb: np.ndarray,
     depth: np.ndarray,
     rng: np.random.Generator,
     flip_p: float = 0.5,
     photometric: PhotometricAugment | None = DEFAULT_PHOTOMETRIC,
+    roll_deg: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train-time augmentation of an RGB float [0, 1] image and its depth.
 
     Horizontal flip moves image and depth together (a mirrored scene has the same metric depth for the same
-    camera); ``photometric`` touches only the image. Nothing crops or rescales: a crop resized back to the input is
-    a longer focal length, which would teach the network wrong metric depth for the rover's camera.
+    camera); with ``roll_deg`` > 0 both turn by an angle drawn uniformly from [-roll_deg, roll_deg] about the
+    optical axis (``roll_pair``: a rover tilted sideways on a slope; depth along the axis is unchanged);
+    ``photometric`` touches only the image. Nothing crops or rescales: a crop resized back to the input is a longer
+    focal length, which would teach the network wrong metric depth for the rover's camera.
     """
     if rng.random() < flip_p:
         rgb = rgb[:, ::-1]
         depth = depth[:, ::-1]
+    if roll_deg > 0:
+        rgb, depth = roll_pair(rgb, depth, float(rng.uniform(-roll_deg, roll_deg)))
     if photometric is not None:
         rgb = photometric(np.ascontiguousarray(rgb), rng)
     return np.ascontiguousarray(rgb), np.ascontiguousarray(depth)
@@ -258,7 +280,8 @@ class ForestDepthDataset(Dataset):
 
     Frames are read when an item is asked for (nothing is held in memory); with ``cache`` (a folder) they come
     from the memory-mapped shards of ``models.frame_cache`` once ``prepare_cache`` has built them.
-    ``photometric`` is the image augmentation used when ``augment`` (horizontal flip is always part of it).
+    ``photometric`` is the image augmentation used when ``augment`` (horizontal flip is always part of it);
+    ``roll_deg`` > 0 adds a random roll of image and depth about the optical axis (``augment_pair``).
     """
 
     def __init__(
@@ -272,8 +295,11 @@ class ForestDepthDataset(Dataset):
         settings: DatasetSettings | None = None,
         cache: str | os.PathLike | None = None,
         photometric: PhotometricAugment | None = DEFAULT_PHOTOMETRIC,
+        roll_deg: float = 0.0,
     ) -> None:
         self.input_hw = check_input_hw(input_hw)
+        if not (math.isfinite(roll_deg) and 0.0 <= roll_deg <= 45.0):
+            raise ValueError(f"roll_deg must be within [0, 45] degrees, got {roll_deg}")
         if not (math.isfinite(max_depth) and max_depth > min_depth > 0):
             raise ValueError(f"need 0 < min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}")
         self.segments = [s for s in collect_segments(source, settings) if len(s) > 0]
@@ -283,6 +309,7 @@ class ForestDepthDataset(Dataset):
             raise ValueError(f"no frames found in {_describe_source(source)}")
         self.augment = bool(augment)
         self.photometric = photometric
+        self.roll_deg = float(roll_deg)
         if cache is not None and max_depth > MAX_CACHED_DEPTH_M:
             raise ValueError(f"--max-depth {max_depth:g} is beyond the {MAX_CACHED_DEPTH_M:g} m the frame cache "
                              "stores (uint16 millimetres); lower --max-depth or train without --cache")
@@ -337,7 +364,7 @@ class ForestDepthDataset(Dataset):
         image = rgb.astype(np.float32) / 255.0
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, i])
-            image, depth = augment_pair(image, depth, rng, photometric=self.photometric)
+            image, depth = augment_pair(image, depth, rng, photometric=self.photometric, roll_deg=self.roll_deg)
         depth = np.where(np.isfinite(depth) & (depth > self.min_depth), depth, 0.0).astype(np.float32)
         valid = (depth > 0) & (depth <= self.max_depth)
         image = (image - self.mean) / self.std

@@ -104,6 +104,7 @@ class TrainOptions:
     min_depth: float | None = None
     max_depth: float | None = None
     augment: bool = True
+    roll_deg: float = 0.0  # random roll of image and depth about the optical axis, degrees (0: off)
     workers: int = 0
     seed: int = 0
     out: str = "runs/depth"

@@ -145,7 +145,8 @@ class Trainer:
             train_segments, val_segments = collect_segments(opts.data, reading), []
         common = {"input_hw": opts.input_hw, "max_depth": opts.max_depth, "min_depth": opts.min_depth,
                   "cache": opts.cache}
-        self.train_dataset = ForestDepthDataset(train_segments, augment=opts.augment, seed=opts.seed, **common)
+        self.train_dataset = ForestDepthDataset(train_segments, augment=opts.augment, seed=opts.seed,
+                                                roll_deg=opts.roll_deg, **common)
         self.val_dataset = ForestDepthDataset(val_segments, **common) if val_segments else None
 
         try:

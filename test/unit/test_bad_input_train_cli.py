@@ -90,6 +90,8 @@ CASES = [
     ("train-data-not-a-dataset", TRAIN + ["--data", "{not_data}", "--out", "{out}"], ["not_data", "Run-"]),
     ("train-corrupt-png", TRAIN + ["--data", "{bad_data}", "--val-fraction", "0", "--out", "{out}"],
      ["000001.png", "epoch 1", "nothing was written"]),
+    ("train-roll-too-large", TRAIN + ["--data", "{data}", "--roll-deg", "50", "--out", "{out}"],
+     ["--roll-deg", "within [0, 45]", "'50'"]),
     ("train-out-is-file", TRAIN + ["--data", "{data}", "--out", "{a_file}"], ["--out", "a_file", "is a file"]),
     ("train-out-under-file", TRAIN + ["--data", "{data}", "--out", "{a_file}/run"], ["--out", "a_file"]),
     ("train-existing-run", TRAIN + ["--data", "{data}", "--out", "{run}"], ["--out", "run", "--resume", "--overwrite"]),

@@ -10,7 +10,7 @@ import torch
 from tiny_forest import FRAMES, write_tiny_dataset
 
 from forest_perception.models import cli
-from forest_perception.models.data import ForestDepthDataset, augment_pair, split_segments
+from forest_perception.models.data import ForestDepthDataset, augment_pair, roll_pair, split_segments
 from forest_perception.models.evaluate import evaluate
 from forest_perception.models.trainer import Trainer, TrainOptions, load_checkpoint
 
@@ -60,6 +60,38 @@ def test_flip_moves_image_and_depth_together():
     out_rgb, out_depth = augment_pair(rgb, depth, rng, flip_p=1.0, photometric=None)
     np.testing.assert_array_equal(out_rgb, rgb[:, ::-1])
     np.testing.assert_array_equal(out_depth, depth[:, ::-1])
+
+
+def test_roll_turns_image_and_depth_together_and_keeps_depth_values():
+    height, width = 31, 41  # odd: the centre is a pixel
+    depth = np.full((height, width), 2.0, np.float32)
+    depth[15, 30] = 7.0  # a point 10 px right of the centre
+    rgb = np.zeros((height, width, 3), np.float32)
+    rgb[15, 30] = 1.0
+    out_rgb, out_depth = roll_pair(rgb, depth, 90.0)  # counter-clockwise on the image: right of centre goes up
+    assert out_depth[5, 20] == 7.0 and out_rgb[5, 20].max() == pytest.approx(1.0)
+    assert out_depth[15, 30] == 2.0
+    # depth values are moved, never blended or rescaled (depth along the optical axis is unchanged by a roll)
+    wide = np.random.default_rng(0).uniform(1, 9, (48, 64)).astype(np.float32)
+    _, turned = roll_pair(np.zeros((48, 64, 3), np.float32), wide, 7.0)
+    finite = np.isfinite(turned)
+    assert 0.8 < finite.mean() < 1.0 and np.isnan(turned[0, 0])  # corners from outside the frame: invalid
+    assert set(np.unique(turned[finite])) <= set(np.unique(wide))
+    same_rgb, same_depth = roll_pair(rgb, depth, 0.0)
+    np.testing.assert_array_equal(same_depth, depth)
+    np.testing.assert_allclose(same_rgb, rgb)
+
+
+def test_dataset_roll_augmentation(dataset_root):
+    plain = ForestDepthDataset(dataset_root, input_hw=INPUT_HW, augment=True, seed=5)
+    rolled = ForestDepthDataset(dataset_root, input_hw=INPUT_HW, augment=True, seed=5, roll_deg=20.0)
+    a, b = plain[3], rolled[3]
+    assert not torch.equal(a["depth"], b["depth"])
+    # the rolled frame's corners are invalid (outside the frame); its values are the stored ones
+    assert not b["valid"][0, 0, 0] and not b["valid"][0, -1, -1]
+    assert set(np.unique(b["depth"][b["valid"]].numpy())) <= set(np.unique(a["depth"][a["valid"]].numpy())) | {0.0}
+    with pytest.raises(ValueError, match="roll_deg"):
+        ForestDepthDataset(dataset_root, input_hw=INPUT_HW, roll_deg=60.0)
 
 
 def test_augmentation_is_deterministic_per_epoch(dataset_root):
