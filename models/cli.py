@@ -43,7 +43,7 @@ from forest_perception.cli_args import (
 )
 from forest_perception.dataset_tools.settings import add_reading_arguments
 from forest_perception.models.cli_types import DefaultsHelpFormatter, onnx_output, output_folder
-from forest_perception.models.data import MIN_DEPTH_M
+from forest_perception.models.data import MAX_ROLL_DEG, MIN_DEPTH_M
 from forest_perception.models.networks import MODEL_NAMES
 from forest_perception.models.train_options import (
     DEFAULT_INPUT_HW,
@@ -147,7 +147,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        f"checkpoint's (default: {DEFAULT_MAX_DEPTH_M:g})")
     train.add_argument("--no-augment", dest="augment", action="store_false",
                        help="no augmentation (flip; white balance, colour jitter, gamma, blur, noise)")
-    train.add_argument("--roll-deg", type=float_within(0, 45), default=defaults.roll_deg, metavar="DEG",
+    train.add_argument("--roll-deg", type=float_within(0, MAX_ROLL_DEG), default=defaults.roll_deg, metavar="DEG",
                        help="augmentation: turn image and depth together by a random angle in [-DEG, DEG] about the "
                        "optical axis (a rover tilted on a slope; depth along the axis stays true); 0: off")
     train.add_argument("--cache", type=output_folder, default=None, metavar="DIR",
@@ -301,9 +301,9 @@ def _train(args: argparse.Namespace, command: str) -> int:
         loss_berhu=args.loss_berhu, loss_l1=args.loss_l1, loss_smooth=args.loss_smooth, loss_log_l1=args.loss_log_l1,
         loss_gradient=args.loss_gradient, loss_silog_scale=args.loss_silog_scale, min_depth=args.min_depth,
         max_depth=args.max_depth, augment=args.augment, roll_deg=args.roll_deg, workers=args.workers, seed=args.seed,
-        out=str(args.out),
-        device=args.device, threads=args.threads, resume=_resume_checkpoint(args), overwrite=args.overwrite,
-        eval_every=args.eval_every, max_batches=args.max_batches, progress=args.progress, command=command,
+        out=str(args.out), device=args.device, threads=args.threads, resume=_resume_checkpoint(args),
+        overwrite=args.overwrite, eval_every=args.eval_every, max_batches=args.max_batches, progress=args.progress,
+        command=command,
         init=args.init, freeze_encoder=args.freeze_encoder, cache=None if args.cache is None else str(args.cache),
         amp=args.amp,
         depth_scale=args.depth_scale, depth_larger=args.depth_larger, column_aliases=dict(args.column_aliases),

@@ -223,6 +223,8 @@ class PhotometricAugment:
 
 
 DEFAULT_PHOTOMETRIC = PhotometricAugment()
+MAX_ROLL_DEG = 45.0
+"""the largest ``roll_deg`` accepted: beyond it a frame is more corner than forest"""
 
 
 def roll_pair(rgb: np.ndarray, depth: np.ndarray, angle_deg: float) -> tuple[np.ndarray, np.ndarray]:
@@ -298,8 +300,8 @@ class ForestDepthDataset(Dataset):
         roll_deg: float = 0.0,
     ) -> None:
         self.input_hw = check_input_hw(input_hw)
-        if not (math.isfinite(roll_deg) and 0.0 <= roll_deg <= 45.0):
-            raise ValueError(f"roll_deg must be within [0, 45] degrees, got {roll_deg}")
+        if not (math.isfinite(roll_deg) and 0.0 <= roll_deg <= MAX_ROLL_DEG):
+            raise ValueError(f"roll_deg must be within [0, {MAX_ROLL_DEG:g}] degrees, got {roll_deg}")
         if not (math.isfinite(max_depth) and max_depth > min_depth > 0):
             raise ValueError(f"need 0 < min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}")
         self.segments = [s for s in collect_segments(source, settings) if len(s) > 0]

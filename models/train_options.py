@@ -23,7 +23,7 @@ from torch import nn
 from forest_perception.cli_args import format_image_size
 from forest_perception.dataset_tools.settings import DatasetSettings
 from forest_perception.models.checkpoints import resolve_checkpoint
-from forest_perception.models.data import MIN_DEPTH_M, check_input_hw, image_normalisation
+from forest_perception.models.data import MAX_ROLL_DEG, MIN_DEPTH_M, check_input_hw, image_normalisation
 from forest_perception.models.networks import MODEL_NAMES, build_model
 from forest_perception.models.outputs import check_output_folder
 
@@ -195,6 +195,8 @@ class TrainOptions:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value!r}")
+        if not (isinstance(self.roll_deg, (int, float)) and 0.0 <= self.roll_deg <= MAX_ROLL_DEG):
+            raise ValueError(f"--roll-deg must be within [0, {MAX_ROLL_DEG:g}] degrees, got {self.roll_deg!r}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.loss_silog_scale > 1:
