@@ -1,10 +1,20 @@
-"""Where a checkpoint or an exported model came from: the git commit of the code that made it."""
+"""Where a checkpoint or an exported model came from: the git commit of the code that made it, and the commands
+recorded with it, written so that another person can run them (placeholders such as ``DATA`` for this machine's
+folders)."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+#: A placeholder's name: upper case, as ``DATA``, ``RUN`` or ``CACHE`` in docs/training.md.
+ALIAS_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+#: An absolute (or home-relative) path inside a recorded string; not the ``//`` of a URL, not ``a/b``.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])(~?/[\w.-][^\s'\",;)\]]*)")
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
@@ -24,3 +34,68 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "") if commit else None
+
+
+@dataclass(frozen=True)
+class PathAlias:
+    """A placeholder written instead of one of this machine's folders in recorded commands (``DATA=/srv/forest``)."""
+
+    name: str
+    folder: str
+
+    def spellings(self) -> list[str]:
+        """The folder as given (absolute) and, when a symlink leads to it, its real path."""
+        real = os.path.realpath(self.folder)
+        return [self.folder] if real == self.folder else [self.folder, real]
+
+
+def parse_path_alias(text: str) -> PathAlias:
+    """``NAME=DIR`` as a :class:`PathAlias` (DIR made absolute); ``ValueError`` naming what is wrong."""
+    name, sep, folder = text.partition("=")
+    if not sep or not folder:
+        raise ValueError(f"{text!r} is not NAME=DIR (for example DATA=/srv/forest_data)")
+    if not ALIAS_NAME.match(name):
+        raise ValueError(f"{text!r}: the placeholder {name!r} must be upper case letters, digits and _ (e.g. DATA)")
+    absolute = os.path.abspath(os.path.expanduser(folder))
+    if absolute == os.path.abspath(os.sep):
+        raise ValueError(f"{text!r}: the root folder cannot be a placeholder (it would replace every path)")
+    return PathAlias(name, absolute)
+
+
+def replace_paths(value: Any, aliases: list[PathAlias] | tuple[PathAlias, ...]) -> Any:  # noqa: ANN401
+    """``value`` with every aliased folder in its strings (also inside lists, tuples and dict values) written as its
+    placeholder; the longest folder first, and only whole path components (``/data2`` is not ``/data`` + ``2``)."""
+    pairs = sorted(((spelling, alias.name) for alias in aliases for spelling in alias.spellings()),
+                   key=lambda pair: -len(pair[0]))
+    patterns = [(re.compile(re.escape(folder.rstrip("/")) + r"(?![\w.-])"), name) for folder, name in pairs]
+
+    def walk(item: Any) -> Any:  # noqa: ANN401
+        if isinstance(item, str):
+            for pattern, name in patterns:
+                item = pattern.sub(name, item)
+            return item
+        if isinstance(item, (list, tuple)):
+            return type(item)(walk(x) for x in item)
+        if isinstance(item, dict):
+            return {key: walk(x) for key, x in item.items()}
+        return item
+
+    return walk(value)
+
+
+def machine_paths(value: Any) -> list[str]:  # noqa: ANN401
+    """Absolute paths (``/...``, ``~/...``) in the strings of ``value`` (lists, tuples, dict values), in order, once."""
+    found: list[str] = []
+
+    def walk(item: Any) -> None:  # noqa: ANN401
+        if isinstance(item, str):
+            found.extend(m.group(1) for m in _ABSOLUTE_PATH.finditer(item) if m.group(1) not in found)
+        elif isinstance(item, (list, tuple)):
+            for x in item:
+                walk(x)
+        elif isinstance(item, dict):
+            for x in item.values():
+                walk(x)
+
+    walk(value)
+    return found

@@ -2,13 +2,17 @@ r"""Turn a trained checkpoint into shipped weights: ONNX (+ int8 when worth it),
 
     python -m forest_perception.models.release --checkpoint runs/ms/checkpoints/best.pt --name multiscale_320x240 \
         --test DATA/forest_test --calib DATA/forest_train/Run-11 --out models/weights \
-        --train-command "forest-train train ..." --data-command "forest-dataset synth ..."
+        --train-command "forest-train train ..." --data-command "forest-dataset synth ..." \
+        --path-alias DATA=/srv/forest_data --path-alias RUN=runs/ms
 
 Metrics are measured through the rover runtime (``OnnxDepthEngine`` on full-resolution camera frames, depth
 upsampled back), pooled over every valid pixel of the held-out forests; docs/training.md ("Shipping weights").
 Every input is checked before the export starts, and the files are made in a hidden folder inside ``--out`` and
 moved into place only when all of them are complete: a failed release writes nothing (exit 2, one line; 1 when the
-export differs from PyTorch).
+export differs from PyTorch). The commands recorded in the cards, the ONNX metadata and the shipped checkpoint are
+written so that another person can run them: each ``--path-alias NAME=DIR`` folder becomes its placeholder, and a
+release that would still record an absolute path of this machine is refused before anything is written (unless
+``--keep-machine-paths``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import re
 import shlex
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +44,7 @@ from forest_perception.dataset_tools.layout import load_frame
 from forest_perception.inference import OnnxDepthEngine
 from forest_perception.models.cli_types import RawDefaultsHelpFormatter, output_folder
 from forest_perception.models.metrics import MetricAccumulator, format_metric_table
+from forest_perception.models.provenance import PathAlias, machine_paths, parse_path_alias, replace_paths
 
 PROG = "python -m forest_perception.models.release"
 EXIT_VERIFICATION = 1
@@ -115,7 +121,61 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which --styles folders are styles kept out of training entirely")
     parser.add_argument("--max-absrel-increase", type=non_negative_float, default=0.01,
                         help="int8 is dropped when its absrel is higher than fp32's by more than this")
+    parser.add_argument("--path-alias", action="append", type=path_alias, default=[], metavar="NAME=DIR",
+                        help="write DIR as NAME in every recorded command (the training command inside the "
+                             "checkpoint, --train-command, --data-command, this release's own); repeat per folder")
+    parser.add_argument("--keep-machine-paths", action="store_true",
+                        help="record absolute paths of this machine that no --path-alias covers, instead of refusing")
     return parser
+
+
+def path_alias(text: str) -> PathAlias:
+    """argparse type of ``--path-alias``: ``NAME=DIR``."""
+    try:
+        return parse_path_alias(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+#: Options about how the release records paths; left out of the release command it records.
+RECORDING_FLAGS = ("--path-alias", "--keep-machine-paths")
+
+
+def recorded_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--path-alias NAME=DIR`` and ``--keep-machine-paths`` (they change no file's content but
+    the recorded paths, and would record the very folders they hide)."""
+    out: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--path-alias":
+            skip = True
+        elif not token.startswith(tuple(f"{flag}=" for flag in RECORDING_FLAGS)) and token not in RECORDING_FLAGS:
+            out.append(token)
+    return out
+
+
+def recorded_checkpoint(path: Path, aliases: Sequence[PathAlias]) -> dict:
+    """The checkpoint at ``path`` with its recorded strings (training command, options, blend and init sources)
+    written through ``aliases``; weights untouched."""
+    from forest_perception.models.torch_engine import read_checkpoint_file
+
+    checkpoint = read_checkpoint_file(path)
+    return {key: value if key.endswith("_state") else replace_paths(value, list(aliases))
+            for key, value in checkpoint.items()}
+
+
+def check_recorded_paths(recorded: dict[str, object], keep: bool) -> None:
+    """``InputError`` naming the absolute paths that the release would record (``recorded``: what -> strings)."""
+    found = {where: paths for where, value in recorded.items() if (paths := machine_paths(value))}
+    if not found or keep:
+        return
+    listed = "; ".join(f"{where}: {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}"
+                       for where, paths in found.items())
+    raise InputError(f"the model card would record folders of this machine ({listed}); name them with --path-alias "
+                     "NAME=DIR (for example --path-alias DATA=/srv/forest_data), give paths relative to the "
+                     "repository, or pass --keep-machine-paths")
 
 
 def _inputs(args: argparse.Namespace) -> tuple[dict, list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]:
@@ -202,10 +262,32 @@ def write_checkpoint(checkpoint_path: Path, out_pt: Path, onnx_path: Path, made_
 
 
 def _release(args: argparse.Namespace, command: str) -> int:
+    import torch
+
+    inputs = _inputs(args)  # checked on the checkpoint as given, so that errors name the user's file
+    aliases = list(args.path_alias)
+    checkpoint = recorded_checkpoint(Path(args.checkpoint), aliases)
+    command = replace_paths(command, aliases)
+    args.train_command, args.data_command = replace_paths([args.train_command, args.data_command], aliases)
+    test_label = replace_paths(str(args.test), aliases)
+    check_recorded_paths({"the checkpoint's training record": {k: v for k, v in checkpoint.items()
+                                                               if not k.endswith("_state")},
+                          "--train-command": args.train_command, "--data-command": args.data_command,
+                          "this release's command": command}, args.keep_machine_paths)
+    with tempfile.TemporaryDirectory(prefix="forest-release-") as scratch:
+        # export, card and shipped .pt all read the checkpoint with its recorded paths already replaced
+        source = Path(scratch) / Path(args.checkpoint).name
+        torch.save(checkpoint, source)
+        args.checkpoint = str(source)
+        return _release_checked(args, command, test_label, inputs)
+
+
+def _release_checked(args: argparse.Namespace, command: str, test_label: str,
+                     inputs: tuple[dict, list[tuple[np.ndarray, np.ndarray]], list[np.ndarray]]) -> int:
     from forest_perception.models import export
 
     t0 = time.perf_counter()
-    _meta, frames, calib = _inputs(args)
+    _meta, frames, calib = inputs
     out = Path(args.out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +317,7 @@ def _release(args: argparse.Namespace, command: str) -> int:
         info.update(
             {
                 "metrics": {k: v for k, v in fp32.items() if k != "latency_ms"},
-                "held_out": f"{len(frames)} frames of {args.test} (forest seeds never used in training)",
+                "held_out": f"{len(frames)} frames of {test_label} (forest seeds never used in training)",
                 "train_command": args.train_command,
                 "data_command": args.data_command,
             }
@@ -276,7 +358,7 @@ def _release(args: argparse.Namespace, command: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Export, quantise, evaluate and write the model card; prints the metric table. Returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = shlex.join([PROG, *argv])
+    command = shlex.join([PROG, *recorded_argv(argv)])
     return run_command(PROG, build_parser(), lambda args: _release(args, command), argv)
 
 

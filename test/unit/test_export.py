@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,7 +229,7 @@ def release_inputs(tmp_path, monkeypatch):
             writer.write_frame(rgb, depth, FrameRecord(stem=frame_stem(i), timestamp=0.1 * (i + 1), imu=imu))
     monkeypatch.setattr(export, "export_onnx", functools.partial(export.export_onnx, exporter="torchscript"))
     argv = ["--checkpoint", str(ckpt), "--name", "autoencoder_96x64", "--test", str(tmp_path / "test"),
-            "--calib", str(tmp_path / "test"), "--out", str(tmp_path / "weights")]
+            "--calib", str(tmp_path / "test"), "--out", str(tmp_path / "weights"), "--path-alias", f"WORK={tmp_path}"]
     return argv, tmp_path / "weights"
 
 
@@ -298,3 +299,88 @@ def test_release_ships_the_checkpoint_and_a_style_table(release_inputs, tmp_path
     assert "optimizer_state" not in shipped
     assert card["checkpoint"]["max_abs_diff_vs_onnx_m"] < 1e-3
     assert "## Forest styles" in (out / "autoencoder_96x64.md").read_text()
+
+
+def _with_training_record(ckpt, tmp_path):
+    """Give the fixture's checkpoint the record a training run leaves: its command and options, with machine paths."""
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["command"] = (f"forest-train train --data {tmp_path}/data/Run-1 --cache {tmp_path}/cache "
+                             f"--out {tmp_path}/run")
+    checkpoint["options"] = {"data": [f"{tmp_path}/data/Run-1"], "cache": f"{tmp_path}/cache", "lr": 0.001}
+    torch.save(checkpoint, ckpt)
+
+
+def test_release_records_placeholders_instead_of_machine_folders(release_inputs, tmp_path, capsys):
+    import json
+
+    from forest_perception.models import release
+
+    argv, out = release_inputs
+    ckpt = Path(argv[argv.index("--checkpoint") + 1])
+    _with_training_record(ckpt, tmp_path)
+    before = ckpt.read_bytes()
+    argv = argv + ["--path-alias", f"DATA={tmp_path}/data",
+                   "--train-command", f"forest-train train --out {tmp_path}/run"]
+    assert release.main(argv) == 0, capsys.readouterr().err
+    assert ckpt.read_bytes() == before  # the input checkpoint is not touched
+    for path in out.iterdir():  # no file of the release holds a folder of this machine
+        assert str(tmp_path).encode() not in path.read_bytes(), path.name
+    card = json.loads((out / "autoencoder_96x64.json").read_text())
+    shipped = torch.load(out / "autoencoder_96x64.pt", weights_only=False)
+    assert shipped["command"] == "forest-train train --data DATA/Run-1 --cache WORK/cache --out WORK/run"
+    assert shipped["options"] == {"data": ["DATA/Run-1"], "cache": "WORK/cache", "lr": 0.001}
+    assert card["train_command"] == "forest-train train --out WORK/run"  # --train-command, through the aliases
+    assert read_onnx_metadata(out / "autoencoder_96x64.onnx")["train_command"] == shipped["command"]
+    assert "--checkpoint WORK/best.pt" in card["export_command"] and "--path-alias" not in card["export_command"]
+    assert card["checkpoint"]["made_with"].startswith("forest-train train --out WORK/run")
+    assert "frames of WORK/test" in card["held_out"]
+
+
+def test_release_refuses_to_record_machine_folders(release_inputs, tmp_path, capsys):
+    from forest_perception.models import release
+
+    argv, out = release_inputs
+    _with_training_record(Path(argv[argv.index("--checkpoint") + 1]), tmp_path)
+    # without any alias the training record and the release's own command name folders of this machine
+    assert release.main(argv[: argv.index("--path-alias")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/data/Run-1" in err and "--path-alias NAME=DIR" in err and "Traceback" not in err
+    assert not out.exists()
+    # an alias for the data only: the cache and run folders are still named
+    assert release.main(argv[: argv.index("--path-alias")] + ["--path-alias", f"DATA={tmp_path}/data"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/cache" in err and f"{tmp_path}/data/Run-1" not in err
+    assert not out.exists()
+    # asked for, they are recorded as they are
+    assert release.main(argv[: argv.index("--path-alias")] + ["--keep-machine-paths"]) == 0, capsys.readouterr().err
+    shipped = torch.load(out / "autoencoder_96x64.pt", weights_only=False)
+    assert f"{tmp_path}/cache" in shipped["command"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("DATA", "is not NAME=DIR"),
+    ("data=/srv/x", "upper case"),
+    ("DATA=/", "root folder"),
+    ("DATA=", "is not NAME=DIR"),
+])
+def test_release_refuses_a_bad_path_alias(release_inputs, text, message, capsys):
+    from forest_perception.models import release
+
+    argv, out = release_inputs
+    assert release.main(argv + ["--path-alias", text]) == 2
+    err = capsys.readouterr().err
+    assert "--path-alias" in err and message in err
+    assert not out.exists()
+
+
+def test_replace_paths_and_machine_paths():
+    from forest_perception.models.provenance import machine_paths, parse_path_alias, replace_paths
+
+    aliases = [parse_path_alias("DATA=/srv/data"), parse_path_alias("RUN=/srv/data/runs/a")]
+    text = "--data /srv/data/Run-1 /srv/data2/x --out=/srv/data/runs/a --cache ~/cache https://host/p a/b 1/8"
+    replaced = replace_paths({"command": text, "data": ["/srv/data"], "lr": 0.1}, aliases)
+    # the longest folder wins, and /srv/data2 is not /srv/data followed by 2
+    assert replaced["command"] == "--data DATA/Run-1 /srv/data2/x --out=RUN --cache ~/cache https://host/p a/b 1/8"
+    assert replaced["data"] == ["DATA"] and replaced["lr"] == 0.1
+    assert machine_paths(replaced) == ["/srv/data2/x", "~/cache"]  # not the URL, not relative paths
+    assert machine_paths(["/a/b", ("/a/b",), {"k": "x=/c"}]) == ["/a/b", "/c"]

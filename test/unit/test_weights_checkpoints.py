@@ -62,6 +62,24 @@ def test_cards_record_the_checkpoint(name):
         assert entry["file"] == pt.name and entry["sha256"] == digest
 
 
+@pytest.mark.parametrize("name", FP32)
+def test_shipped_files_record_no_machine_folder(name):
+    """Cards, ONNX metadata and the checkpoint's training record use placeholders (DATA, RUN), not this machine's
+    folders (``models.release --path-alias``)."""
+    import torch
+
+    from forest_perception.inference import read_onnx_metadata
+
+    files = sorted(MODELS.glob(f"{name}.*")) + sorted(MODELS.glob(f"{name}_int8.*"))
+    texts = {path.name: path.read_text() for path in files if path.suffix in (".json", ".md")}
+    for onnx in (p for p in files if p.suffix == ".onnx"):
+        texts[onnx.name] = json.dumps(read_onnx_metadata(onnx))
+    checkpoint = torch.load(MODELS / f"{name}.pt", map_location="cpu", weights_only=False)
+    texts[f"{name}.pt"] = json.dumps({k: v for k, v in checkpoint.items() if not k.endswith("_state")}, default=str)
+    for where, text in texts.items():
+        assert not MACHINE_FOLDER.search(text), (where, MACHINE_FOLDER.search(text).group(0))
+
+
 def test_checkpoints_are_package_data():
     setup = (Path(__file__).resolve().parents[2] / "setup.py").read_text()
     package_data = re.search(r"package_data=\{(.*?)\n    \}", setup, re.S)
