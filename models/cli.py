@@ -45,6 +45,7 @@ from forest_perception.dataset_tools.settings import add_reading_arguments
 from forest_perception.models.cli_types import DefaultsHelpFormatter, onnx_output, output_folder
 from forest_perception.models.data import MAX_ROLL_DEG, MIN_DEPTH_M
 from forest_perception.models.networks import MODEL_NAMES
+from forest_perception.models.provenance import path_alias_arg, recorded_argv, replace_paths
 from forest_perception.models.train_options import (
     DEFAULT_INPUT_HW,
     DEFAULT_MAX_DEPTH_M,
@@ -223,6 +224,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--keep-int8-anyway", action="store_true",
                         help="keep the int8 model even when it is neither faster nor smaller, or loses "
                         "more than 0.01 absrel")
+    export.add_argument("--path-alias", action="append", type=path_alias_arg, default=[], metavar="NAME=DIR",
+                        help="write DIR as NAME in the recorded commands (the checkpoint's training command and "
+                             "options, this export's); repeat per folder")
     export.set_defaults(handler=_export)
 
 
@@ -379,6 +383,9 @@ def _export(args: argparse.Namespace, command: str) -> int:
     if args.input_hw is not None:
         check_image_size(args.input_hw)
     model, meta = load_torch_checkpoint(args.checkpoint)
+    meta = {key: value if key.endswith("_state") else replace_paths(value, args.path_alias)
+            for key, value in meta.items()}
+    command = replace_paths(command, args.path_alias)
     try:
         path = export_onnx((model, meta), args.out, args.input_hw, opset=args.opset,
                            dynamic_batch=args.dynamic_batch, exporter=args.exporter, tolerance_m=args.tolerance,
@@ -443,7 +450,7 @@ def _blend(args: argparse.Namespace, command: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``forest-train``; returns the exit status (2 for bad input, with one line on stderr)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = shlex.join([PROG, *argv])
+    command = shlex.join([PROG, *recorded_argv(argv)])
     return run_command(PROG, build_parser(), lambda args: args.handler(args, command), argv)
 
 

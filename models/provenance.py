@@ -4,9 +4,11 @@ folders)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,3 +101,30 @@ def machine_paths(value: Any) -> list[str]:  # noqa: ANN401
 
     walk(value)
     return found
+
+
+def path_alias_arg(text: str) -> PathAlias:
+    """argparse type of ``--path-alias NAME=DIR``."""
+    try:
+        return parse_path_alias(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+#: Options about how paths are recorded; left out of the command a card records.
+RECORDING_FLAGS = ("--path-alias", "--keep-machine-paths")
+
+
+def recorded_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` without ``--path-alias NAME=DIR`` and ``--keep-machine-paths``: they change no file but the recorded
+    paths, and would record the very folders they hide."""
+    out: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--path-alias":
+            skip = True
+        elif token not in RECORDING_FLAGS and not token.startswith(tuple(f"{flag}=" for flag in RECORDING_FLAGS)):
+            out.append(token)
+    return out

@@ -44,7 +44,13 @@ from forest_perception.dataset_tools.layout import load_frame
 from forest_perception.inference import OnnxDepthEngine
 from forest_perception.models.cli_types import RawDefaultsHelpFormatter, output_folder
 from forest_perception.models.metrics import MetricAccumulator, format_metric_table
-from forest_perception.models.provenance import PathAlias, machine_paths, parse_path_alias, replace_paths
+from forest_perception.models.provenance import (
+    PathAlias,
+    machine_paths,
+    path_alias_arg,
+    recorded_argv,
+    replace_paths,
+)
 
 PROG = "python -m forest_perception.models.release"
 EXIT_VERIFICATION = 1
@@ -121,39 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which --styles folders are styles kept out of training entirely")
     parser.add_argument("--max-absrel-increase", type=non_negative_float, default=0.01,
                         help="int8 is dropped when its absrel is higher than fp32's by more than this")
-    parser.add_argument("--path-alias", action="append", type=path_alias, default=[], metavar="NAME=DIR",
+    parser.add_argument("--path-alias", action="append", type=path_alias_arg, default=[], metavar="NAME=DIR",
                         help="write DIR as NAME in every recorded command (the training command inside the "
                              "checkpoint, --train-command, --data-command, this release's own); repeat per folder")
     parser.add_argument("--keep-machine-paths", action="store_true",
                         help="record absolute paths of this machine that no --path-alias covers, instead of refusing")
     return parser
-
-
-def path_alias(text: str) -> PathAlias:
-    """argparse type of ``--path-alias``: ``NAME=DIR``."""
-    try:
-        return parse_path_alias(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-#: Options about how the release records paths; left out of the release command it records.
-RECORDING_FLAGS = ("--path-alias", "--keep-machine-paths")
-
-
-def recorded_argv(argv: Sequence[str]) -> list[str]:
-    """``argv`` without ``--path-alias NAME=DIR`` and ``--keep-machine-paths`` (they change no file's content but
-    the recorded paths, and would record the very folders they hide)."""
-    out: list[str] = []
-    skip = False
-    for token in argv:
-        if skip:
-            skip = False
-        elif token == "--path-alias":
-            skip = True
-        elif not token.startswith(tuple(f"{flag}=" for flag in RECORDING_FLAGS)) and token not in RECORDING_FLAGS:
-            out.append(token)
-    return out
 
 
 def recorded_checkpoint(path: Path, aliases: Sequence[PathAlias]) -> dict:

@@ -177,6 +177,24 @@ def test_cli_export_with_int8(checkpoint, tmp_path, capsys):
     assert "forest-train export" in read_onnx_metadata(out)["export_command"]
 
 
+def test_cli_export_path_alias(checkpoint, tmp_path, capsys):
+    ckpt = tmp_path / "recorded.pt"
+    saved = torch.load(checkpoint[0], weights_only=False)
+    saved["command"] = f"forest-train train --data {tmp_path}/data --out {tmp_path}/run"
+    torch.save(saved, ckpt)
+    out = tmp_path / "alias.onnx"
+    status = train_cli(["export", "--checkpoint", str(ckpt), "--out", str(out), "--exporter", "torchscript",
+                        "--path-alias", f"DATA={tmp_path}/data", "--path-alias", f"WORK={tmp_path}"])
+    assert status == 0, capsys.readouterr().err
+    meta = read_onnx_metadata(out)
+    assert meta["train_command"] == "forest-train train --data DATA --out WORK/run"
+    assert meta["export_command"].endswith("--checkpoint WORK/recorded.pt --out WORK/alias.onnx --exporter torchscript")
+    assert str(tmp_path) not in out.with_suffix(".md").read_text()
+    assert torch.load(ckpt, weights_only=False)["command"] == saved["command"]  # the checkpoint is not touched
+    assert train_cli(["export", "--checkpoint", str(ckpt), "--out", str(out), "--path-alias", "lower=/x"]) == 2
+    assert "upper case" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["export", "--checkpoint", "/nonexistent.pt", "--out", "x.onnx"], "/nonexistent.pt"),
     (["export", "--out", "x.onnx"], "--checkpoint"),
