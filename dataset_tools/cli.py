@@ -63,7 +63,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--style", type=style_names, default=(), metavar="NAME[,NAME...]",
                    help="forest styles cycled over the segments, each segment a forest of its own sampled from "
                         "its style (randomised: mixes the styles; wide: every factor on its own, on the styles' ranges "
-                        "stretched); see 'forest-dataset styles'")
+                        "stretched; full: the scene on every value the simulator allows, wide's light and camera); "
+                        "see 'forest-dataset styles'")
     p.add_argument("--exclude-styles", type=style_names, default=(), metavar="NAME[,NAME...]",
                    help="styles randomised and wide never draw from: those held out of training "
                         f"(the shipped networks': {','.join(HOLD_OUT)})")
@@ -131,7 +132,16 @@ def _add_styles(sub: argparse._SubParsersAction) -> None:
 
 
 def _styles(args: argparse.Namespace) -> int:
-    from forest_perception.sim.styles import FACTORS, RANDOMISED, STYLES, WIDE, factor_table, wide_range
+    from forest_perception.sim.styles import (
+        FACTORS,
+        FULL,
+        RANDOMISED,
+        STYLES,
+        WIDE,
+        factor_table,
+        full_range,
+        wide_range,
+    )
 
     if args.montage is not None:
         from forest_perception.sim.style_preview import style_montage
@@ -152,6 +162,10 @@ def _styles(args: argparse.Namespace) -> int:
     styles[WIDE] = {"description": "plain domain randomisation: every factor on its own, uniformly on the styles' "
                                    "joint range stretched by a quarter at both ends",
                     "ranges": {f: list(wide_range(f)) for f in FACTORS}}
+    styles[FULL] = {"description": "the widest scene randomisation: terrain, stand, crowns, undergrowth and "
+                                   "palette factors each on its own, uniformly on its whole allowed range; light "
+                                   "and camera as in wide",
+                    "ranges": {f: list(full_range(f)) for f in FACTORS}}
     if args.json:
         data = {"styles": styles}
         if args.factors:

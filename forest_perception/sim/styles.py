@@ -29,6 +29,10 @@ RANDOMISED = "randomised"
 """The pseudo-style that mixes all styles: each group of factors comes from a style drawn per seed."""
 WIDE = "wide"
 """The pseudo-style of plain domain randomisation: every factor drawn on its own from :func:`wide_range`."""
+FULL = "full"
+"""The pseudo-style of the widest scene randomisation: the scene on its whole allowed range (:func:`full_range`)."""
+FULL_GROUPS: tuple[str, ...] = ("terrain", "stand", "crowns", "undergrowth", "palette")
+"""The factor groups ``full`` draws on their whole allowed range; light and camera stay on ``wide``'s ranges."""
 WIDE_MARGIN = 0.25
 """How far ``wide`` reaches past the styles it draws from, as a share of the width of their joint range."""
 GROUPS = ("terrain", "stand", "crowns", "undergrowth", "palette", "light", "camera")
@@ -333,10 +337,10 @@ STYLES: dict[str, Style] = _styles(
           }),
 )
 """The registry of named styles."""
-PSEUDO_STYLES: tuple[str, ...] = (RANDOMISED, WIDE)
+PSEUDO_STYLES: tuple[str, ...] = (RANDOMISED, WIDE, FULL)
 """The names :func:`sample` takes besides the styles: mixes of the styles, no ranges of their own."""
 STYLE_NAMES: tuple[str, ...] = (*STYLES, *PSEUDO_STYLES)
-"""Every name :func:`sample` takes: the styles, then the pseudo-styles ``randomised`` and ``wide``."""
+"""Every name :func:`sample` takes: the styles, then the pseudo-styles ``randomised``, ``wide`` and ``full``."""
 HOLD_OUT: tuple[str, ...] = ("hilly_deadwood", "autumn_broadleaf", "clustered_regrowth")
 """The styles kept out of all training of the shipped networks, for evaluation on forests never seen: steep
 hills cut by gullies with many snags and logs (the relief of ``foggy_ravine``, in training, is gentler); a
@@ -435,6 +439,19 @@ def wide_range(factor: str, exclude: Sequence[str] = ()) -> tuple[float, float]:
     return max(float(allowed_low), low - margin), min(float(allowed_high), high + margin)
 
 
+def full_range(factor: str, exclude: Sequence[str] = ()) -> tuple[float, float]:
+    """The range ``full`` draws ``factor`` from: for the scene (:data:`FULL_GROUPS`: terrain, stand, crowns,
+    undergrowth, palette) its whole allowed range, no style looked at; the light and the camera (exposure, noise,
+    the mount) stay on :func:`wide_range`, which ``exclude`` shapes (thick haze and extreme exposure in every other
+    frame would hide the scene that ``full`` is for)."""
+    if factor not in FACTORS:
+        raise ValueError(f"unknown factor {factor!r}; factors: {', '.join(FACTORS)}")
+    if FACTORS[factor]["group"] not in FULL_GROUPS:
+        return wide_range(factor, exclude)
+    low, high = FACTORS[factor]["range"]
+    return float(low), float(high)
+
+
 def sample(style: str | Style, seed: int, exclude: Sequence[str] = ()) -> StyleSample:
     """Draw one configuration from ``style`` (a registered name, ``randomised`` or a :class:`Style`) and ``seed``.
 
@@ -445,7 +462,9 @@ def sample(style: str | Style, seed: int, exclude: Sequence[str] = ()) -> StyleS
     styles in ``exclude`` (those held out of training, e.g. :data:`HOLD_OUT`), and the other draws of
     a seed stay as they are when ``exclude`` is empty. ``wide`` draws every factor on its own, uniformly
     on :func:`wide_range` (the styles but ``exclude``, stretched): combinations and values no style
-    has, the plain domain randomisation.
+    has, the plain domain randomisation. ``full`` draws every factor on its own on :func:`full_range`: the
+    scene on the whole range the simulator allows, so it reaches every style's scene values (held-out ones
+    included, but never their combinations), in ``wide``'s light and camera.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"style seed must be a non-negative integer, got {seed!r}")
@@ -466,11 +485,12 @@ def sample(style: str | Style, seed: int, exclude: Sequence[str] = ()) -> StyleS
     names = sorted(set(STYLES) - set(exclude))
     if not names:
         raise ValueError(f"every style is excluded: {name} has nothing left to draw from")
-    if name == WIDE:
-        values = {factor: _draw(np.random.default_rng([int(seed), _key(WIDE), _key(factor)]), factor,
-                                *wide_range(factor, exclude)) for factor in FACTORS}
-        return StyleSample(style=WIDE, seed=int(seed), factors=StyleFactors(**values).validate(),
-                           sources=dict.fromkeys(GROUPS, WIDE))
+    if name in (WIDE, FULL):
+        span = wide_range if name == WIDE else full_range
+        values = {factor: _draw(np.random.default_rng([int(seed), _key(name), _key(factor)]), factor,
+                                *span(factor, exclude)) for factor in FACTORS}
+        return StyleSample(style=name, seed=int(seed), factors=StyleFactors(**values).validate(),
+                           sources=dict.fromkeys(GROUPS, name))
     sources: dict[str, str] = {}
     for group in GROUPS:
         if chosen is None:

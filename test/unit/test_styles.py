@@ -16,6 +16,8 @@ from forest_perception.dataset_tools.synth import SynthConfig, synthesize
 from forest_perception.dataset_tools.validate import validate_dataset
 from forest_perception.sim.styles import (
     FACTORS,
+    FULL,
+    FULL_GROUPS,
     GROUPS,
     HOLD_OUT,
     PSEUDO_STYLES,
@@ -27,6 +29,7 @@ from forest_perception.sim.styles import (
     Style,
     StyleFactors,
     factor_table,
+    full_range,
     sample,
     wide_range,
 )
@@ -35,9 +38,9 @@ from forest_perception.sim.textures import Palette, Tone, apply_tone
 from forest_perception.sim.world import WorldConfig, generate_world
 
 
-def test_there_are_eight_styles_and_two_pseudo_styles():
+def test_there_are_eight_styles_and_three_pseudo_styles():
     assert len(STYLES) >= 8
-    assert PSEUDO_STYLES == (RANDOMISED, WIDE) and STYLE_NAMES == (*STYLES, RANDOMISED, WIDE)
+    assert PSEUDO_STYLES == (RANDOMISED, WIDE, FULL) and STYLE_NAMES == (*STYLES, RANDOMISED, WIDE, FULL)
     for row in factor_table():
         low, high = row["range"]
         t_low, t_high = row["typical"]
@@ -279,6 +282,35 @@ def test_wide_draws_every_factor_on_its_own_within_the_stretched_union_of_the_st
         sample(WIDE, 0, exclude=tuple(STYLES))
     with pytest.raises(ValueError, match="unknown style 'wide' to exclude"):
         SynthConfig(styles=(RANDOMISED,), exclude_styles=(WIDE,)).validate()
+
+
+def test_full_spans_every_scene_factor_and_keeps_wides_light_and_camera():
+    for factor, meta in FACTORS.items():
+        if meta["group"] in FULL_GROUPS:
+            assert full_range(factor, HOLD_OUT) == pytest.approx(meta["range"]), factor
+        else:
+            assert full_range(factor, HOLD_OUT) == pytest.approx(wide_range(factor, HOLD_OUT)), factor
+    assert set(FULL_GROUPS) | {"light", "camera"} == set(GROUPS)
+    draws = [sample(FULL, seed, exclude=HOLD_OUT) for seed in range(60)]
+    assert all(set(d.sources.values()) == {FULL} and d.style == FULL for d in draws)
+    for factor in ("hill_height_m", "snag_fraction", "bush_density_per_ha", "broadleaf_foliage_hue_deg",
+                   "sun_elevation_deg", "camera_height_m"):
+        values = np.array([getattr(d.factors, factor) for d in draws])
+        low, high = full_range(factor, HOLD_OUT)
+        assert values.min() >= low and values.max() <= high, factor
+        assert values.max() - values.min() > 0.6 * (high - low), factor
+    # it reaches the held-out styles' scene values that wide (built from the other styles) stops short of ...
+    hills = np.array([d.factors.hill_height_m for d in draws])
+    assert (hills > wide_range("hill_height_m", HOLD_OUT)[1]).mean() > 0.3  # hilly_deadwood's 4-9 m hills
+    snags = np.array([d.factors.snag_fraction for d in draws])
+    assert (snags > STYLES["hilly_deadwood"].range_of("snag_fraction")[0]).mean() > 0.3
+    # ... but the camera mount stays the rig's
+    heights = np.array([d.factors.camera_height_m for d in draws])
+    assert heights.min() >= wide_range("camera_height_m", HOLD_OUT)[0]
+    assert sample(FULL, 7, exclude=HOLD_OUT) == sample(FULL, 7, exclude=HOLD_OUT)
+    assert sample(FULL, 7).factors != sample(WIDE, 7).factors
+    with pytest.raises(ValueError, match="unknown factor 'nope'"):
+        full_range("nope")
 
 
 def test_docs_list_every_factor_and_style():
