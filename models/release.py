@@ -1,9 +1,9 @@
 r"""Turn a trained checkpoint into shipped weights: ONNX (+ int8 when worth it), held-out metrics, model card.
 
     python -m forest_perception.models.release --checkpoint runs/ms/checkpoints/best.pt --name multiscale_320x240 \
-        --test DATA/forest_test --calib DATA/forest_train/Run-11 --out models/weights \
+        --test /srv/forest_data/test --calib /srv/forest_data/train/Run-11 --out models/weights \
         --train-command "forest-train train ..." --data-command "forest-dataset synth ..." \
-        --path-alias DATA=/srv/forest_data --path-alias RUN=runs/ms
+        --path-alias DATA=/srv/forest_data
 
 Metrics are measured through the rover runtime (``OnnxDepthEngine`` on full-resolution camera frames, depth
 upsampled back), pooled over every valid pixel of the held-out forests; docs/training.md ("Shipping weights").

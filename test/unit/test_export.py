@@ -341,8 +341,9 @@ def test_release_records_placeholders_instead_of_machine_folders(release_inputs,
                    "--train-command", f"forest-train train --out {tmp_path}/run"]
     assert release.main(argv) == 0, capsys.readouterr().err
     assert ckpt.read_bytes() == before  # the input checkpoint is not touched
-    for path in out.iterdir():  # no file of the release holds a folder of this machine
+    for path in out.iterdir():  # no file of the release holds a folder of this machine, nor its scratch copy
         assert str(tmp_path).encode() not in path.read_bytes(), path.name
+        assert b"forest-release-" not in path.read_bytes(), path.name
     card = json.loads((out / "autoencoder_96x64.json").read_text())
     shipped = torch.load(out / "autoencoder_96x64.pt", weights_only=False)
     assert shipped["command"] == "forest-train train --data DATA/Run-1 --cache WORK/cache --out WORK/run"
