@@ -45,7 +45,12 @@ from forest_perception.dataset_tools.settings import add_reading_arguments
 from forest_perception.models.cli_types import DefaultsHelpFormatter, onnx_output, output_folder
 from forest_perception.models.data import MAX_ROLL_DEG, MIN_DEPTH_M
 from forest_perception.models.networks import MODEL_NAMES
-from forest_perception.models.provenance import path_alias_arg, recorded_argv, replace_paths
+from forest_perception.models.provenance import (
+    path_alias_arg,
+    recorded_argv,
+    replace_paths,
+    replace_recorded_paths,
+)
 from forest_perception.models.train_options import (
     DEFAULT_INPUT_HW,
     DEFAULT_MAX_DEPTH_M,
@@ -383,8 +388,7 @@ def _export(args: argparse.Namespace, command: str) -> int:
     if args.input_hw is not None:
         check_image_size(args.input_hw)
     model, meta = load_torch_checkpoint(args.checkpoint)
-    meta = {key: value if key.endswith("_state") else replace_paths(value, args.path_alias)
-            for key, value in meta.items()}
+    meta = replace_recorded_paths(meta, args.path_alias)
     command = replace_paths(command, args.path_alias)
     try:
         path = export_onnx((model, meta), args.out, args.input_hw, opset=args.opset,

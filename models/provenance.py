@@ -8,7 +8,7 @@ import argparse
 import os
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,13 +85,26 @@ def replace_paths(value: Any, aliases: list[PathAlias] | tuple[PathAlias, ...]) 
     return walk(value)
 
 
+def training_record(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's entries but its tensors (``model_state``, ``optimizer_state``, ...): what it records."""
+    return {key: value for key, value in checkpoint.items() if not key.endswith("_state")}
+
+
+def replace_recorded_paths(checkpoint: Mapping[str, Any], aliases: Sequence[PathAlias]) -> dict[str, Any]:
+    """``checkpoint`` (or its meta) with :func:`replace_paths` applied to its :func:`training_record`; tensors as
+    they are."""
+    return {**checkpoint, **replace_paths(training_record(checkpoint), list(aliases))}
+
+
 def machine_paths(value: Any) -> list[str]:  # noqa: ANN401
     """Absolute paths (``/...``, ``~/...``) in the strings of ``value`` (lists, tuples, dict values), in order, once."""
     found: list[str] = []
 
     def walk(item: Any) -> None:  # noqa: ANN401
         if isinstance(item, str):
-            found.extend(m.group(1) for m in _ABSOLUTE_PATH.finditer(item) if m.group(1) not in found)
+            for match in _ABSOLUTE_PATH.finditer(item):
+                if match.group(1) not in found:
+                    found.append(match.group(1))
         elif isinstance(item, (list, tuple)):
             for x in item:
                 walk(x)

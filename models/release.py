@@ -50,6 +50,8 @@ from forest_perception.models.provenance import (
     path_alias_arg,
     recorded_argv,
     replace_paths,
+    replace_recorded_paths,
+    training_record,
 )
 
 PROG = "python -m forest_perception.models.release"
@@ -140,9 +142,7 @@ def recorded_checkpoint(path: Path, aliases: Sequence[PathAlias]) -> dict:
     written through ``aliases``; weights untouched."""
     from forest_perception.models.torch_engine import read_checkpoint_file
 
-    checkpoint = read_checkpoint_file(path)
-    return {key: value if key.endswith("_state") else replace_paths(value, list(aliases))
-            for key, value in checkpoint.items()}
+    return replace_recorded_paths(read_checkpoint_file(path), aliases)
 
 
 def check_recorded_paths(recorded: dict[str, object], keep: bool) -> None:
@@ -249,8 +249,7 @@ def _release(args: argparse.Namespace, command: str) -> int:
     command = replace_paths(command, aliases)
     args.train_command, args.data_command = replace_paths([args.train_command, args.data_command], aliases)
     test_label = replace_paths(str(args.test), aliases)
-    check_recorded_paths({"the checkpoint's training record": {k: v for k, v in checkpoint.items()
-                                                               if not k.endswith("_state")},
+    check_recorded_paths({"the checkpoint's training record": training_record(checkpoint),
                           "--train-command": args.train_command, "--data-command": args.data_command,
                           "this release's command": command}, args.keep_machine_paths)
     with tempfile.TemporaryDirectory(prefix="forest-release-") as scratch:
