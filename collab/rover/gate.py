@@ -33,6 +33,42 @@ EXPORTERS = ("dynamo", "torchscript")
 REFUSED_DIR = "refused"
 
 
+@dataclass(frozen=True)
+class FrameScores:
+    """One engine on each held-out frame: valid pixels, the sum of their relative errors, how many are within 1.25."""
+
+    pixels: np.ndarray
+    absrel_sum: np.ndarray
+    delta1_count: np.ndarray
+
+
+def score_engines(
+    engines: Mapping[str, Any], holdout: HoldoutSet, min_depth: float, max_depth: float
+) -> tuple[dict[str, dict[str, float]], dict[str, FrameScores]]:
+    """:func:`evaluate_engines`'s metrics and, per engine, its :class:`FrameScores` (for the gate's paired test)."""
+    from forest_perception.models.metrics import MetricAccumulator
+
+    accumulators = {name: MetricAccumulator(min_depth, max_depth) for name in engines}
+    per_frame: dict[str, list[tuple[float, float, float]]] = {name: [] for name in engines}
+    frames = 0
+    for rgb, depth in holdout:
+        frames += 1
+        for name, engine in engines.items():
+            accumulator = accumulators[name]
+            before = (accumulator.sums["abs_rel"], accumulator.sums["delta1"])
+            pixels = accumulator.update(np.asarray(engine.predict(rgb), np.float32), depth)
+            per_frame[name].append((pixels, accumulator.sums["abs_rel"] - before[0],
+                                    accumulator.sums["delta1"] - before[1]))
+    out, scores = {}, {}
+    for name, accumulator in accumulators.items():
+        result = accumulator.result()
+        out[name] = {"absrel": result["absrel"], "delta1": result["delta1"], "rmse": result["rmse"],
+                     "frames": float(frames), "pixels": float(accumulator.count)}
+        table = np.asarray(per_frame[name], dtype=np.float64).reshape(-1, 3)
+        scores[name] = FrameScores(table[:, 0], table[:, 1], table[:, 2])
+    return out, scores
+
+
 def evaluate_engines(
     engines: Mapping[str, Any], holdout: HoldoutSet, min_depth: float, max_depth: float
 ) -> dict[str, dict[str, float]]:
@@ -41,20 +77,42 @@ def evaluate_engines(
     Engines predict at the frame's resolution (as depth_node runs them); NaN predictions count as
     ``max_depth`` (``forest_perception.models.metrics``), ground truth outside ``(min_depth, max_depth]`` is ignored.
     """
-    from forest_perception.models.metrics import MetricAccumulator
+    return score_engines(engines, holdout, min_depth, max_depth)[0]
 
-    accumulators = {name: MetricAccumulator(min_depth, max_depth) for name in engines}
-    frames = 0
-    for rgb, depth in holdout:
-        frames += 1
-        for name, engine in engines.items():
-            accumulators[name].update(np.asarray(engine.predict(rgb), np.float32), depth)
-    out = {}
-    for name, accumulator in accumulators.items():
-        result = accumulator.result()
-        out[name] = {"absrel": result["absrel"], "delta1": result["delta1"], "rmse": result["rmse"],
-                     "frames": float(frames), "pixels": float(accumulator.count)}
-    return out
+
+BOOTSTRAP_DRAWS = 2000
+
+
+def worse_by(
+    candidate: FrameScores, running: FrameScores, confidence: float, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+) -> dict[str, float]:
+    """How much worse the candidate is than the running model on the same frames, at ``confidence``.
+
+    ``absrel`` (candidate minus running) and ``delta1`` (running minus candidate), pixels pooled as the gate's
+    metrics are; positive means worse. With ``confidence`` 0 these are the differences of the pooled figures;
+    above 0 they are lower bounds from a paired bootstrap over the frames (``draws`` resamples, fixed ``seed``,
+    so a decision replays): the candidate is worse by at least this much with that confidence. Few frames give
+    a wide spread and so a low bound: a handful of frames cannot prove a small loss. Frames of one segment are
+    alike, so the spread is if anything too narrow and the gate errs on the side of the running model.
+    """
+    if not 0.0 <= confidence < 1.0:
+        raise ValueError(f"confidence must be within [0, 1), got {confidence!r}")
+    if candidate.pixels.shape != running.pixels.shape or not np.array_equal(candidate.pixels, running.pixels):
+        raise ValueError("the two models were not scored on the same frames and pixels")
+    keep = candidate.pixels > 0
+    pixels = candidate.pixels[keep]
+    absrel = (candidate.absrel_sum - running.absrel_sum)[keep]
+    delta1 = (running.delta1_count - candidate.delta1_count)[keep]
+    if pixels.size == 0:
+        return {"absrel": math.nan, "delta1": math.nan}
+    if confidence == 0.0:
+        return {"absrel": float(absrel.sum() / pixels.sum()), "delta1": float(delta1.sum() / pixels.sum())}
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(pixels.size, np.full(pixels.size, 1.0 / pixels.size), size=draws).astype(np.float64)
+    drawn_pixels = weights @ pixels
+    quantile = 1.0 - confidence
+    return {"absrel": float(np.quantile(weights @ absrel / drawn_pixels, quantile)),
+            "delta1": float(np.quantile(weights @ delta1 / drawn_pixels, quantile))}
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -127,6 +185,7 @@ class GateConfig:
     tolerance_delta1: float = 0.01  # and a delta1 at most this much below it
     max_absrel: float = 1.0  # refuse above this AbsRel even with nothing to compare against
     min_holdout_frames: int = 1
+    confidence: float = 0.9  # refuse only if worse beyond a tolerance with this confidence over the frames (0: as is)
     exporter: str = "dynamo"
     threads: int = 1  # ONNX Runtime intra-op threads while evaluating
     keep_refused: int = 3  # refused candidates kept in <models dir>/refused for inspection
@@ -137,6 +196,8 @@ class GateConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0 and not math.isnan(value)):
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not (isinstance(self.confidence, (int, float)) and 0.0 <= self.confidence < 1.0):
+            raise ValueError(f"confidence must be within [0, 1), got {self.confidence!r}")
         for name in ("min_holdout_frames", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -166,6 +227,7 @@ class GateDecision:
     candidate_metrics: dict[str, float] = field(default_factory=dict)
     running_metrics: dict[str, float] = field(default_factory=dict)
     running_model: str = ""
+    worse_by: dict[str, float] = field(default_factory=dict)  # compare_metrics' margins (and their confidence)
     holdout_frames: int = 0
     seconds: float = 0.0
     decided_at: float = field(default_factory=time.time)
@@ -180,26 +242,56 @@ def _fmt(value: float) -> str:
 
 
 def compare_metrics(
-    candidate: Mapping[str, float], running: Mapping[str, float] | None, config: GateConfig
+    candidate: Mapping[str, float],
+    running: Mapping[str, float] | None,
+    config: GateConfig,
+    frames: tuple[FrameScores, FrameScores] | None = None,
 ) -> tuple[bool, str, str]:
-    """``(accepted, code, reason)`` from the held-out metrics of the candidate and the running model."""
+    """``(accepted, code, reason)`` from the held-out metrics of the candidate and the running model.
+
+    With ``frames`` (the two models' :class:`FrameScores`) and ``config.confidence`` above 0, a candidate is
+    refused as worse only if it is worse beyond a tolerance with that confidence (:func:`worse_by`); without,
+    the pooled figures are compared as they are.
+    """
+    return _compare(candidate, running, config, frames)[:3]
+
+
+def _compare(
+    candidate: Mapping[str, float], running: Mapping[str, float] | None, config: GateConfig,
+    frames: tuple[FrameScores, FrameScores] | None,
+) -> tuple[bool, str, str, dict[str, float]]:
     absrel, delta1 = float(candidate.get("absrel", math.nan)), float(candidate.get("delta1", math.nan))
     if not (math.isfinite(absrel) and math.isfinite(delta1)):
-        return False, "no_holdout", "candidate metrics are not finite (no valid ground-truth pixel held out)"
+        return False, "no_holdout", "candidate metrics are not finite (no valid ground-truth pixel held out)", {}
     if absrel > config.max_absrel:
-        return False, "too_inaccurate", f"candidate absrel {_fmt(absrel)} above the limit {config.max_absrel}"
+        return False, "too_inaccurate", f"candidate absrel {_fmt(absrel)} above the limit {config.max_absrel}", {}
     if running is None:
-        return True, "first_model", f"no running model to compare with; candidate absrel {_fmt(absrel)}"
+        return True, "first_model", f"no running model to compare with; candidate absrel {_fmt(absrel)}", {}
     run_absrel, run_delta1 = float(running.get("absrel", math.nan)), float(running.get("delta1", math.nan))
+    confidence = float(config.confidence) if frames is not None else 0.0
+    if confidence > 0.0:
+        margins = worse_by(*frames, confidence)
+    else:
+        margins = {"absrel": absrel - run_absrel, "delta1": run_delta1 - delta1}
+    frame_count = int(np.count_nonzero(frames[0].pixels)) if frames is not None else 0
+    sure = f" (worse by at least {{:.4f}} with {100 * confidence:g} % confidence over {frame_count} frames)" \
+        if confidence > 0.0 else ""
     worse = []
-    if math.isfinite(run_absrel) and absrel > run_absrel + config.tolerance_absrel:
-        worse.append(f"absrel {_fmt(absrel)} > running {_fmt(run_absrel)} + tolerance {config.tolerance_absrel}")
-    if math.isfinite(run_delta1) and delta1 < run_delta1 - config.tolerance_delta1:
-        worse.append(f"delta1 {_fmt(delta1)} < running {_fmt(run_delta1)} - tolerance {config.tolerance_delta1}")
+    if math.isfinite(run_absrel) and margins["absrel"] > config.tolerance_absrel:
+        worse.append(f"absrel {_fmt(absrel)} > running {_fmt(run_absrel)} + tolerance {config.tolerance_absrel}"
+                     + sure.format(margins["absrel"]))
+    if math.isfinite(run_delta1) and margins["delta1"] > config.tolerance_delta1:
+        worse.append(f"delta1 {_fmt(delta1)} < running {_fmt(run_delta1)} - tolerance {config.tolerance_delta1}"
+                     + sure.format(margins["delta1"]))
+    margins = {**margins, "confidence": confidence}
     if worse:
-        return False, "worse", "; ".join(worse)
-    return True, "accepted", (f"absrel {_fmt(absrel)} (running {_fmt(run_absrel)}), "
-                              f"delta1 {_fmt(delta1)} (running {_fmt(run_delta1)})")
+        return False, "worse", "; ".join(worse), margins
+    reason = f"absrel {_fmt(absrel)} (running {_fmt(run_absrel)}), delta1 {_fmt(delta1)} (running {_fmt(run_delta1)})"
+    if confidence > 0.0 and (absrel > run_absrel + config.tolerance_absrel
+                             or delta1 < run_delta1 - config.tolerance_delta1):
+        reason += (f"; worse beyond the tolerance on these frames but not with {100 * confidence:g} % confidence "
+                   f"over {frame_count} frames")
+    return True, "accepted", reason, margins
 
 
 class ValidationGate:
@@ -280,17 +372,18 @@ class ValidationGate:
             except Exception as exc:  # noqa: BLE001 - compare against nothing, say so
                 running_note = f"running model {running_path!r} not evaluated ({exc}); "
         try:
-            metrics = evaluate_engines(engines, holdout, config.min_depth, config.max_depth)
+            metrics, frame_scores = score_engines(engines, holdout, config.min_depth, config.max_depth)
         except (OSError, ValueError) as exc:
             return self._refused(label, server_round, "no_holdout", f"held-out frames not readable: {exc}", started)
         running_metrics = metrics.get("running")
-        accepted, code, reason = compare_metrics(metrics["candidate"], running_metrics, self.config)
+        paired = (frame_scores["candidate"], frame_scores["running"]) if running_metrics is not None else None
+        accepted, code, reason, margins = _compare(metrics["candidate"], running_metrics, self.config, paired)
         if running_note and code == "first_model":
             reason = running_note + reason
         decision = GateDecision(
             accepted, code, f"{reason} on {len(holdout)} held-out frames", label, server_round,
             model_version=version, candidate_metrics=metrics["candidate"], running_metrics=running_metrics or {},
-            running_model=running_path, holdout_frames=len(holdout),
+            running_model=running_path, worse_by=margins, holdout_frames=len(holdout),
         )
         card = {
             "metrics": {k: v for k, v in metrics["candidate"].items() if k in ("absrel", "delta1", "rmse")},

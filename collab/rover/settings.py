@@ -63,8 +63,8 @@ def gate_config(p: Params) -> GateConfig:
     """How strict the validation gate is."""
     return GateConfig(
         tolerance_absrel=p["gate_tolerance_absrel"], tolerance_delta1=p["gate_tolerance_delta1"],
-        max_absrel=p["gate_max_absrel"], exporter=p["onnx_exporter"], threads=p["torch_threads"],
-        keep_refused=p["keep_refused"],
+        max_absrel=p["gate_max_absrel"], confidence=p["gate_confidence"], exporter=p["onnx_exporter"],
+        threads=p["torch_threads"], keep_refused=p["keep_refused"],
     )
 
 

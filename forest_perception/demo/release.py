@@ -22,12 +22,6 @@ import numpy as np
 
 from forest_perception import topics
 
-#: collab_node's delta1 tolerance in the demo. Each demo rover holds out about 10 frames, and on so few frames delta1
-#: moves by a few points between two equally good models: with the node's default (0.01) a canary refused a round
-#: whose AbsRel on its held-out frames was 24 % better (0.207 -> 0.158) for delta1 0.739 -> 0.727, and the rollout
-#: was rolled back. The AbsRel check stays as strict as on a rover (no candidate worse than the running model).
-DEMO_GATE_TOLERANCE_DELTA1 = 0.03
-
 
 @dataclass
 class ReleaseDemo:
@@ -99,7 +93,7 @@ def release_to_swarm(out: Path, folders: dict[str, Path], onnx: Path, running_mo
         Parameter("root_certificates", value=str(certs.ca_cert)),
         Parameter("auth_private_key", value=str(certs.rover(n).auth_key)), Parameter("rover_id", value=n),
         Parameter("holdout_fraction", value=holdout_fraction), Parameter("poll_period_s", value=1.0),
-        Parameter("gate_tolerance_delta1", value=DEMO_GATE_TOLERANCE_DELTA1), Parameter("release_wait_s", value=2.0),
+        Parameter("release_wait_s", value=2.0),
         Parameter("release_report_period_s", value=2.0),
         Parameter("service_timeout_s", value=30.0)]) for n in names}
     listener = rclpy.create_node("release_listener")

@@ -71,6 +71,7 @@ def test_the_clientapp_trains_only_on_what_the_gate_does_not_hold_out(recordings
     p = {"dataset_dir": str(root), "models_dir": str(tmp_path / "deployed"), "model_source": str(tmp_path / "drop"),
          "depth_node": "depth_node", "holdout_fraction": fraction, "holdout_seed": seed, "max_holdout_frames": 200,
          "gate_tolerance_absrel": 0.0, "gate_tolerance_delta1": 0.01, "gate_max_absrel": 1.0,
+         "gate_confidence": 0.9,
          "onnx_exporter": "torchscript", "keep_refused": 3, "keep_accepted": 5, "train_only_when_idle": True,
          "idle_speed_mps": 0.05, "idle_seconds": 10.0, "odom_timeout_s": 1.0, "auto_train_min_new_frames": 0,
          "model": "autoencoder", "base_channels": 4, "input_height": HW[0], "input_width": HW[1],

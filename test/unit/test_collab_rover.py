@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -250,6 +251,58 @@ def test_compare_metrics_tolerances():
         rover.GateConfig(exporter="tflite").validate()
 
 
+def _frame_scores(absrel: np.ndarray, delta1: np.ndarray, pixels: int = 1000) -> rover.FrameScores:
+    """Per-frame scores of a model with these per-frame AbsRel and delta1 (``pixels`` valid pixels a frame)."""
+    n = np.full(len(absrel), float(pixels))
+    return rover.FrameScores(n, np.asarray(absrel) * n, np.asarray(delta1) * n)
+
+
+def test_worse_by_is_the_pooled_difference_at_confidence_zero_and_a_lower_bound_above():
+    rng = np.random.default_rng(3)
+    running = _frame_scores(np.full(10, 0.20), np.full(10, 0.70))
+    steady = _frame_scores(0.25 + rng.normal(0, 0.002, 10), 0.65 + rng.normal(0, 0.002, 10))
+    point = rover.worse_by(steady, running, 0.0)
+    assert point["absrel"] == pytest.approx(float(np.mean(steady.absrel_sum / 1000)) - 0.20)
+    assert point["delta1"] == pytest.approx(0.70 - float(np.mean(steady.delta1_count / 1000)))
+    sure = rover.worse_by(steady, running, 0.9)
+    assert 0.045 < sure["absrel"] < point["absrel"] and 0.045 < sure["delta1"] < point["delta1"]
+    assert rover.worse_by(steady, running, 0.9) == sure  # a fixed seed: a decision replays
+    assert rover.worse_by(steady, running, 0.99)["absrel"] <= sure["absrel"]
+    with pytest.raises(ValueError, match="confidence"):
+        rover.worse_by(steady, running, 1.0)
+    with pytest.raises(ValueError, match="same frames"):
+        rover.worse_by(_frame_scores(np.full(9, 0.2), np.full(9, 0.7)), running, 0.9)
+    nothing = rover.FrameScores(np.zeros(3), np.zeros(3), np.zeros(3))
+    assert math.isnan(rover.worse_by(nothing, nothing, 0.9)["absrel"])
+
+
+def test_gate_needs_more_frames_to_refuse_a_small_noisy_loss():
+    """A candidate 0.02 worse on average but better on many frames: a few frames cannot show it, many can."""
+    config = rover.GateConfig(tolerance_absrel=0.0, tolerance_delta1=0.01, confidence=0.9)
+
+    def case(frames: int) -> tuple[dict, dict, tuple]:
+        rng = np.random.default_rng(frames)
+        diff = rng.normal(0.0, 0.1, frames)
+        diff += 0.02 - diff.mean()  # exactly 0.02 worse over these frames, pixels pooled
+        running = _frame_scores(np.full(frames, 0.2), np.full(frames, 0.7))
+        candidate = _frame_scores(0.2 + diff, np.full(frames, 0.7))
+        metrics = ({"absrel": 0.22, "delta1": 0.7}, {"absrel": 0.2, "delta1": 0.7})
+        return metrics[0], metrics[1], (candidate, running)
+
+    candidate, running, few = case(8)
+    ok, code, reason = rover.compare_metrics(candidate, running, config, few)
+    assert ok and code == "accepted" and "not with 90 % confidence over 8 frames" in reason
+    # the same figures compared as they are (confidence 0, or no per-frame scores): refused
+    as_is = dataclasses.replace(config, confidence=0.0)
+    assert rover.compare_metrics(candidate, running, as_is, few)[:2] == (False, "worse")
+    assert rover.compare_metrics(candidate, running, config)[:2] == (False, "worse")
+    candidate, running, many = case(400)
+    ok, code, reason = rover.compare_metrics(candidate, running, config, many)
+    assert not ok and code == "worse" and "with 90 % confidence over 400 frames" in reason
+    with pytest.raises(ValueError, match="confidence"):
+        rover.GateConfig(confidence=1.0).validate()
+
+
 def test_gate_accepts_a_better_model_and_refuses_worse_and_broken_ones(tmp_path, dataset, running_models):
     _, _, held = dataset
     holdout = rover.make_holdout(held)
@@ -310,6 +363,8 @@ def test_gate_tolerance_and_no_running_model(tmp_path, dataset, running_models):
     strict = rover.ValidationGate(tmp_path, rover.GateConfig(exporter="torchscript", tolerance_absrel=0.01))
     decision = strict.check(slightly_worse, running_models[3.0], holdout, _task(), label="strict")
     assert not decision.accepted and "tolerance 0.01" in decision.reason
+    # worse on every frame: sure of it at the default 90 %, by about the whole 0.05
+    assert decision.worse_by["confidence"] == 0.9 and 0.04 < decision.worse_by["absrel"] <= 0.051
     # nothing to compare with (the depth node runs no model, or one that does not load): accepted, said so
     first = strict.check(slightly_worse, str(tmp_path / "gone.onnx"), holdout, _task(), label="first")
     assert first.accepted and first.code == "first_model" and "gone.onnx" in first.reason
@@ -411,6 +466,7 @@ def node_params(root: Path, out: Path, **overrides) -> dict:
         "dataset_dir": str(root), "models_dir": str(out / "deployed"), "model_source": str(out / "incoming"),
         "depth_node": "depth_node", "holdout_fraction": 0.5, "holdout_seed": 0, "max_holdout_frames": 200,
         "gate_tolerance_absrel": 0.0, "gate_tolerance_delta1": 0.01, "gate_max_absrel": 1.0,
+        "gate_confidence": 0.9,
         "onnx_exporter": "torchscript", "keep_refused": 3, "keep_accepted": 5, "train_only_when_idle": True,
         "idle_speed_mps": 0.05, "idle_seconds": 10.0, "odom_timeout_s": 1.0, "auto_train_min_new_frames": 0,
         "model": "autoencoder", "base_channels": 4, "input_height": HW[0], "input_width": HW[1], "min_depth_m": 0.1,
