@@ -81,6 +81,7 @@ def evaluate_engines(
 
 
 BOOTSTRAP_DRAWS = 2000
+BOOTSTRAP_CELLS = 1_000_000  # resample weights held at once (8 MB)
 
 
 def worse_by(
@@ -108,11 +109,15 @@ def worse_by(
     if confidence == 0.0:
         return {"absrel": float(absrel.sum() / pixels.sum()), "delta1": float(delta1.sum() / pixels.sum())}
     rng = np.random.default_rng(seed)
-    weights = rng.multinomial(pixels.size, np.full(pixels.size, 1.0 / pixels.size), size=draws).astype(np.float64)
-    drawn_pixels = weights @ pixels
+    chunk = max(1, BOOTSTRAP_CELLS // pixels.size)  # draws x frames stays small on a Pi with many held-out frames
+    drawn: list[np.ndarray] = []
+    for first in range(0, draws, chunk):
+        weights = rng.multinomial(pixels.size, np.full(pixels.size, 1.0 / pixels.size),
+                                  size=min(chunk, draws - first)).astype(np.float64)
+        drawn.append(np.stack([weights @ absrel, weights @ delta1]) / (weights @ pixels))
+    samples = np.concatenate(drawn, axis=1)
     quantile = 1.0 - confidence
-    return {"absrel": float(np.quantile(weights @ absrel / drawn_pixels, quantile)),
-            "delta1": float(np.quantile(weights @ delta1 / drawn_pixels, quantile))}
+    return {"absrel": float(np.quantile(samples[0], quantile)), "delta1": float(np.quantile(samples[1], quantile))}
 
 
 # ---------------------------------------------------------------------------------------------- export

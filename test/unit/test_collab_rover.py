@@ -276,6 +276,17 @@ def test_worse_by_is_the_pooled_difference_at_confidence_zero_and_a_lower_bound_
     assert math.isnan(rover.worse_by(nothing, nothing, 0.9)["absrel"])
 
 
+def test_worse_by_resamples_in_chunks_without_changing_the_answer(monkeypatch):
+    from forest_perception.collab.rover import gate
+
+    rng = np.random.default_rng(5)
+    running = _frame_scores(np.full(50, 0.2), np.full(50, 0.7))
+    candidate = _frame_scores(0.2 + rng.normal(0.01, 0.05, 50), 0.7 + rng.normal(0, 0.05, 50))
+    whole = rover.worse_by(candidate, running, 0.9, draws=300)
+    monkeypatch.setattr(gate, "BOOTSTRAP_CELLS", 120)  # two draws of 50 frames at a time
+    assert rover.worse_by(candidate, running, 0.9, draws=300) == pytest.approx(whole, abs=1e-12)
+
+
 def test_gate_needs_more_frames_to_refuse_a_small_noisy_loss():
     """A candidate 0.02 worse on average but better on many frames: a few frames cannot show it, many can."""
     config = rover.GateConfig(tolerance_absrel=0.0, tolerance_delta1=0.01, confidence=0.9)
