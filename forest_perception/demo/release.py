@@ -93,8 +93,7 @@ def release_to_swarm(out: Path, folders: dict[str, Path], onnx: Path, running_mo
         Parameter("root_certificates", value=str(certs.ca_cert)),
         Parameter("auth_private_key", value=str(certs.rover(n).auth_key)), Parameter("rover_id", value=n),
         Parameter("holdout_fraction", value=holdout_fraction), Parameter("poll_period_s", value=1.0),
-        Parameter("release_wait_s", value=2.0),
-        Parameter("release_report_period_s", value=2.0),
+        Parameter("release_wait_s", value=2.0), Parameter("release_report_period_s", value=2.0),
         Parameter("service_timeout_s", value=30.0)]) for n in names}
     listener = rclpy.create_node("release_listener")
     # a frame is scored once its colour image, measured depth and depth_node output have all arrived (in any order)
