@@ -271,7 +271,7 @@ def run(config: AdaptationConfig, out_dir: Path, variants: Sequence[str] = DEFAU
     report.plot_panels(Path(out_dir) / f"{NAME}.png",
                        [{"title": "AbsRel, all rovers' held-out", "ylabel": "absrel", "curves": curves,
                          "xlabel": "round (pooled: epoch)"}],
-                       f"FedAvg variants against pooled training, {config.model}, {len(config.seeds)} seed(s)",
+                       f"FedAvg variants against pooled training\n{config.model}, {len(config.seeds)} seed(s)",
                        ncols=1)
     return result
 
