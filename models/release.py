@@ -187,7 +187,7 @@ def style_table(onnx_path: Path, folders: Sequence[str | Path], held_out: Sequen
     from forest_perception.models.styles import evaluate_styles
 
     result = evaluate_styles([onnx_path], folders, progress=False)["models"][0]
-    keep = ("folder", "frames", "absrel", "sqrel", "rmse", "rmse_log", "delta1", "delta2", "delta3")
+    keep = ("folder", "frames", "absrel", "sqrel", "rmse", "rmse_log", "delta1", "delta2", "delta3", "scale")
     rows = [{key: row[key] for key in keep if key in row} for row in result["rows"]]
     scored = [row for row in rows if row["folder"] in set(held_out) and np.isfinite(row["absrel"])]
     return {

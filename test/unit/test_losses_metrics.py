@@ -117,6 +117,22 @@ def test_ten_percent_overestimate():
     assert metrics["delta1"] == 1.0
 
 
+def test_scale_is_the_geometric_mean_ratio_so_a_global_bias_shows_apart_from_the_structure():
+    target = np.array([0.5, 1.0, 3.0, 9.0])
+    assert depth_metrics(target.copy(), target)["scale"] == pytest.approx(1.0)
+    assert depth_metrics(target * 1.08, target)["scale"] == pytest.approx(1.08)
+    assert depth_metrics(target * 0.95, target)["scale"] == pytest.approx(0.95)
+    # twice too far on half the pixels, half as far on the others: large errors, no global bias
+    spread = depth_metrics(target * np.array([2.0, 0.5, 2.0, 0.5]), target)
+    assert spread["scale"] == pytest.approx(1.0) and spread["absrel"] > 0.5
+    accumulator = MetricAccumulator()
+    accumulator.update(np.array([2.0]), np.array([1.0]))
+    accumulator.update(np.ones(3), np.ones(3))
+    assert accumulator.result()["scale"] == pytest.approx(2.0 ** 0.25)  # pixels pooled, as every metric
+    assert "scale →1" in format_metric_table({"m": spread}) and "absrel ↓" in format_metric_table({"m": spread})
+    assert math.isnan(depth_metrics(target, np.full(4, np.nan))["scale"])
+
+
 def test_masked_pixels_ignored_and_max_depth_cap():
     target = np.array([1.0, np.nan, 0.0, 50.0, 2.0])
     pred = np.array([1.0, 7.0, 7.0, 7.0, 30.0])  # pred 30 clamps to max_depth 10
@@ -146,5 +162,5 @@ def test_format_metric_table():
     table = format_metric_table({"autoencoder": depth_metrics(np.ones(2), np.ones(2)), "empty": {}})
     lines = table.splitlines()
     assert lines[0].startswith("| model | absrel ↓") and "delta1 ↑" in lines[0]
-    assert lines[2] == "| autoencoder | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 1.000 | 1.000 | 1.000 |"
+    assert lines[2] == "| autoencoder | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 1.000 | 1.000 | 1.000 | 1.000 |"
     assert lines[3].endswith("| - |")
