@@ -141,6 +141,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        help="weight of the edge-aware smoothness loss")
     train.add_argument("--loss-log-l1", type=non_negative_float, default=defaults.loss_log_l1,
                        help="weight of the L1 loss on log depth (metric scale, relative error)")
+    train.add_argument("--loss-rel-l1", type=non_negative_float, default=defaults.loss_rel_l1,
+                       help="weight of |pred - target| / target (absrel as a loss: leans nearer where unsure)")
     train.add_argument("--loss-gradient", type=non_negative_float, default=defaults.loss_gradient,
                        help="weight of the multi-scale gradient matching loss on log depth (scale-invariant)")
     train.add_argument("--loss-silog-scale", type=non_negative_float, default=defaults.loss_silog_scale,
@@ -308,7 +310,8 @@ def _train(args: argparse.Namespace, command: str) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         scheduler=args.scheduler, step_size=args.step_size, gamma=args.gamma, loss_silog=args.loss_silog,
         loss_berhu=args.loss_berhu, loss_l1=args.loss_l1, loss_smooth=args.loss_smooth, loss_log_l1=args.loss_log_l1,
-        loss_gradient=args.loss_gradient, loss_silog_scale=args.loss_silog_scale, min_depth=args.min_depth,
+        loss_rel_l1=args.loss_rel_l1, loss_gradient=args.loss_gradient, loss_silog_scale=args.loss_silog_scale,
+        min_depth=args.min_depth,
         max_depth=args.max_depth, augment=args.augment, roll_deg=args.roll_deg, workers=args.workers, seed=args.seed,
         out=str(args.out), device=args.device, threads=args.threads, resume=_resume_checkpoint(args),
         overwrite=args.overwrite, eval_every=args.eval_every, max_batches=args.max_batches, progress=args.progress,

@@ -92,6 +92,19 @@ def log_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     return (torch.log(pred[mask].clamp(min=_EPS)) - torch.log(target[mask])).abs().mean()
 
 
+def rel_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean ``|pred - target| / target`` over the valid pixels of the batch (absrel as a loss).
+
+    Unlike ``log_l1`` it is not symmetric in the ratio: a prediction twice too far costs 1, one half as far 0.5, so
+    where the network cannot tell the scale (a forest unlike its training forests) it leans towards nearer depth,
+    which absrel, the figure most depth work reports, rewards.
+    """
+    _check(pred, target, mask)
+    if not bool(mask.any()):
+        return _zero_like(pred)
+    return ((pred[mask] - target[mask]).abs() / target[mask]).mean()
+
+
 def gradient_matching_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, scales: int = 4
                            ) -> torch.Tensor:
     """Multi-scale gradient matching of log depth (MiDaS, Ranftl et al. 2020; Li and Snavely 2018).
@@ -146,7 +159,7 @@ class DepthLoss(nn.Module):
     ``variance_focus`` is silog's lambda: ``1 - variance_focus`` weighs the global scale error inside silog.
     """
 
-    TERMS = ("silog", "berhu", "l1", "log_l1", "gradient", "smooth")
+    TERMS = ("silog", "berhu", "l1", "log_l1", "rel_l1", "gradient", "smooth")
 
     def __init__(
         self,
@@ -160,10 +173,11 @@ class DepthLoss(nn.Module):
         log_l1: float = 0.0,
         gradient: float = 0.0,
         gradient_scales: int = 4,
+        rel_l1: float = 0.0,
     ) -> None:
         super().__init__()
-        weights = {"silog": silog, "berhu": berhu, "l1": l1, "log_l1": log_l1, "gradient": gradient,
-                   "smooth": smooth}
+        weights = {"silog": silog, "berhu": berhu, "l1": l1, "log_l1": log_l1, "rel_l1": rel_l1,
+                   "gradient": gradient, "smooth": smooth}
         negative = {k: v for k, v in weights.items() if v < 0}
         if negative:
             raise ValueError(f"loss weights must be >= 0, got {negative}")
@@ -190,6 +204,7 @@ class DepthLoss(nn.Module):
             "berhu": lambda: berhu_loss(pred, target, mask),
             "l1": lambda: l1_loss(pred, target, mask),
             "log_l1": lambda: log_l1_loss(pred, target, mask),
+            "rel_l1": lambda: rel_l1_loss(pred, target, mask),
             "gradient": lambda: gradient_matching_loss(pred, target, mask, self.gradient_scales),
         }
         total = _zero_like(pred)

@@ -98,6 +98,7 @@ class TrainOptions:
     loss_l1: float = 0.0
     loss_smooth: float = 0.001
     loss_log_l1: float = 0.0
+    loss_rel_l1: float = 0.0
     loss_gradient: float = 0.0
     loss_silog_scale: float = 0.15
     # None: the --init/--resume checkpoint's, else MIN_DEPTH_M and DEFAULT_MAX_DEPTH_M
@@ -191,7 +192,7 @@ class TrainOptions:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{_flag(name)} must be an integer >= 0, got {value!r}")
         for name in ("lr", "weight_decay", "gamma", "loss_silog", "loss_berhu", "loss_l1", "loss_smooth", "loss_log_l1",
-                     "loss_gradient", "loss_silog_scale"):
+                     "loss_rel_l1", "loss_gradient", "loss_silog_scale"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value!r}")
@@ -252,7 +253,7 @@ def build_loss(opts: TrainOptions) -> nn.Module:
     from forest_perception.models.losses import DepthLoss
 
     return DepthLoss(silog=opts.loss_silog, berhu=opts.loss_berhu, l1=opts.loss_l1, smooth=opts.loss_smooth,
-                     log_l1=opts.loss_log_l1, gradient=opts.loss_gradient,
+                     log_l1=opts.loss_log_l1, rel_l1=opts.loss_rel_l1, gradient=opts.loss_gradient,
                      variance_focus=1.0 - opts.loss_silog_scale, min_depth=opts.min_depth, max_depth=opts.max_depth)
 
 

@@ -13,6 +13,8 @@ from forest_perception.models.losses import (
     berhu_loss,
     edge_aware_smoothness,
     l1_loss,
+    log_l1_loss,
+    rel_l1_loss,
     silog_loss,
     valid_mask,
 )
@@ -90,6 +92,34 @@ def test_smoothness_zero_for_constant_depth_and_lower_across_edges():
     edge_image = torch.zeros(1, 3, 4, 4)
     edge_image[..., 2:] = 5.0
     assert float(edge_aware_smoothness(step, edge_image)) < float(edge_aware_smoothness(step, flat_image))
+
+
+def test_rel_l1_is_absrel_and_costs_too_far_more_than_too_near():
+    target = _target()
+    mask = valid_mask(target)
+    perfect = torch.where(mask, target, torch.ones_like(target))
+    assert float(rel_l1_loss(perfect, target, mask)) == pytest.approx(0.0, abs=1e-7)
+    assert float(rel_l1_loss(perfect * 1.1, target, mask)) == pytest.approx(0.1, rel=1e-5)
+    assert float(rel_l1_loss(perfect * 2.0, target, mask)) == pytest.approx(1.0, rel=1e-5)
+    assert float(rel_l1_loss(perfect * 0.5, target, mask)) == pytest.approx(0.5, rel=1e-5)
+    # log_l1 weighs the two alike: the asymmetry is what makes rel_l1 lean nearer where the scale is unsure
+    assert float(log_l1_loss(perfect * 2.0, target, mask)) == pytest.approx(float(log_l1_loss(perfect * 0.5, target,
+                                                                                              mask)), rel=1e-5)
+    assert float(rel_l1_loss(perfect, target, torch.zeros_like(mask))) == 0.0
+    pred = (perfect * 1.3).requires_grad_(True)
+    total, parts = DepthLoss(silog=0.0, smooth=0.0, rel_l1=2.0)(pred, target)
+    assert float(total) == pytest.approx(2.0 * 0.3, rel=1e-5) and set(parts) == {"rel_l1"}
+    total.backward()
+    assert torch.isfinite(pred.grad).all() and float(pred.grad[mask].min()) > 0
+
+
+def test_train_options_take_the_rel_l1_weight_and_refuse_a_negative_one():
+    from forest_perception.models.train_options import TrainOptions, build_loss
+
+    loss = build_loss(TrainOptions(data=["x"], loss_rel_l1=0.7, min_depth=0.1, max_depth=10.0))
+    assert loss.weights["rel_l1"] == 0.7
+    with pytest.raises(ValueError, match="--loss-rel-l1"):
+        TrainOptions(data=["x"], loss_rel_l1=-1.0).validate()
 
 
 def test_depth_loss_rejects_negative_weight():
