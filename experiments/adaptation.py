@@ -171,13 +171,18 @@ def train_alone(config: AdaptationConfig, task: TaskConfig, rovers: dict[str, Lo
     return runs
 
 
+def pooled_data(rovers: dict[str, LocalData | str]) -> LocalData:
+    """Every rover with data's training (and held-out) frames in one set, for pooled training."""
+    datasets = [d for d in rovers.values() if isinstance(d, LocalData)]
+    return LocalData("all rovers pooled", torch.cat([d.train_images for d in datasets]),
+                     torch.cat([d.train_depth for d in datasets]), torch.cat([d.val_images for d in datasets]),
+                     torch.cat([d.val_depth for d in datasets]))
+
+
 def train_pooled(config: AdaptationConfig, task: TaskConfig, rovers: dict[str, LocalData | str], held: dict,
                  seed: int) -> dict:
     """One copy of the shipped network on every rover's training segments pooled (the upper bound)."""
-    datasets = [d for d in rovers.values() if isinstance(d, LocalData)]
-    data = LocalData("all rovers pooled", torch.cat([d.train_images for d in datasets]),
-                     torch.cat([d.train_depth for d in datasets]), torch.cat([d.val_images for d in datasets]),
-                     torch.cat([d.val_depth for d in datasets]))
+    data = pooled_data(rovers)
     model = shipped_model(config, task)
     rows = [{"round": 0.0, **score(model, held, task)}]
     start = time.perf_counter()

@@ -33,6 +33,7 @@ from experiments.adaptation import (
     AdaptationConfig,
     held_out,
     load_rovers,
+    pooled_data,
     record,
     run_config,
     score,
@@ -195,10 +196,7 @@ def run_fedavg_variant(config: AdaptationConfig, task: TaskConfig, variant: Vari
 def run_pooled(config: AdaptationConfig, task: TaskConfig, rovers: dict[str, LocalData], held: dict, seed: int,
                epochs: int, progress: bool = True) -> dict:
     """Pooled training (every rover's training frames in one set) for ``epochs`` epochs, scored after each."""
-    parts = list(rovers.values())
-    data = LocalData("all rovers pooled", torch.cat([d.train_images for d in parts]),
-                     torch.cat([d.train_depth for d in parts]), torch.cat([d.val_images for d in parts]),
-                     torch.cat([d.val_depth for d in parts]))
+    data = pooled_data(rovers)
     model = shipped_model(config, task)
     rows = [{"round": 0.0, **score(model, held, task)}]
     start = time.perf_counter()
