@@ -75,7 +75,7 @@ class Variant:
 
 def parse_variant(text: str) -> Variant:
     """A :class:`Variant` from ``+``-joined parts (module docstring); ValueError naming a part it does not know."""
-    flags = {"iid": "iid", "stateful": "stateful", "cosine": "cosine", "sgd": "sgd"}
+    flags = ("iid", "stateful", "cosine", "sgd")
     values: dict = {}
     for part in (p.strip() for p in str(text).split("+")):
         key, _, raw = part.partition("=")
@@ -83,7 +83,7 @@ def parse_variant(text: str) -> Variant:
             if part == "plain":
                 continue
             if part in flags:
-                values[flags[part]] = True
+                values[part] = True
             elif key == "server-lr" and float(raw) > 0:
                 values["server_lr"] = float(raw)
             elif key == "local-epochs" and int(raw) >= 1:
@@ -138,22 +138,7 @@ def iid_shards(rovers: dict[str, LocalData], seed: int) -> dict[str, LocalData]:
 def _local_round(model: torch.nn.Module, data: LocalData, task: TaskConfig, seed: int,
                  optimizer: torch.optim.Optimizer | None) -> None:
     """One round of local training; with ``optimizer`` (a stateful rover) that optimiser is stepped, its state kept."""
-    if optimizer is None:
-        train_local(model, data, task, seed=seed)
-        return
-    from forest_perception.collab.flower.task import _apply_scope, depth_loss, run_local_epochs
-
-    _apply_scope(model, "all", task.freeze_batchnorm)
-    for group in optimizer.param_groups:
-        group["lr"] = task.lr
-    loss_fn = depth_loss(task)
-
-    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        image = data.train_images[idx]
-        return loss_fn(model(image), data.train_depth[idx], image)[0]
-
-    run_local_epochs(batch_loss, optimizer, data.num_train, task, seed, data.path)
-    model.eval()
+    train_local(model, data, task, seed=seed, optimizer=optimizer)
 
 
 def run_fedavg_variant(config: AdaptationConfig, task: TaskConfig, variant: Variant, rovers: dict[str, LocalData],

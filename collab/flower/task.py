@@ -536,21 +536,26 @@ def run_local_epochs(batch_loss: BatchLoss, optimizer: torch.optim.Optimizer, nu
 
 
 def train_local(
-    model: nn.Module, data: LocalData, config: TaskConfig, scope: str = "all", seed: int = 0
+    model: nn.Module, data: LocalData, config: TaskConfig, scope: str = "all", seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
     """Local epochs of AdamW (or SGD) on the rover's training frames; returns ``train-loss``, ``steps``, ``train-s``.
 
     BatchNorm statistics stay fixed when ``config.freeze_batchnorm`` (run config ``batchnorm``).
 
     ``seed`` fixes the shuffle order (the client passes :func:`round_seed`), so a round replayed after a
-    coordinator restart trains the same way.
+    coordinator restart trains the same way. ``optimizer``: step this one over ``model``'s parameters, its state
+    kept from earlier calls and its learning rate set to ``config.lr``, instead of a fresh one.
     """
     _apply_scope(model, scope, config.freeze_batchnorm)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(trainable, lr=config.lr)
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr
+    elif config.optimizer == "sgd":
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     else:
-        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                      weight_decay=0.0)
     loss_fn = depth_loss(config)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
