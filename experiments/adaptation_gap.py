@@ -10,7 +10,7 @@ global model (every pooled epoch) is scored on all rovers' held-out segments. Re
 Variants are ``+``-joined parts: ``plain``; ``iid`` (the rovers' training frames shuffled into shards of the same
 sizes); ``stateful`` (each rover keeps its AdamW state from round to round); ``cosine`` (the local learning rate
 cosine-decayed over the rounds towards a tenth); ``sgd`` (plain SGD on the rovers); ``server-lr=X``;
-``local-epochs=N``; ``lr=X``.
+``local-epochs=N``; ``lr=X``; ``prox=MU`` (FedProx's proximal term on the rovers, run config ``proximal-mu``).
 
     .venv/bin/python -m experiments.adaptation_gap [--variants plain iid local-epochs=4 ...] [--rounds 10]
         [--seeds 0] [--model autoencoder_160x128] [--out DIR]
@@ -71,6 +71,7 @@ class Variant:
     server_lr: float = 1.0
     local_epochs: int | None = None
     lr: float | None = None
+    prox: float = 0.0
 
 
 def parse_variant(text: str) -> Variant:
@@ -90,17 +91,20 @@ def parse_variant(text: str) -> Variant:
                 values["local_epochs"] = int(raw)
             elif key == "lr" and float(raw) > 0:
                 values["lr"] = float(raw)
+            elif key == "prox" and float(raw) >= 0:
+                values["prox"] = float(raw)
             else:
                 raise ValueError
         except ValueError:
             raise ValueError(f"variant {text!r}: cannot read {part!r}; parts are plain, iid, stateful, cosine, sgd, "
-                             "server-lr=X (> 0), local-epochs=N (>= 1), lr=X (> 0), joined by +") from None
+                             "server-lr=X (> 0), local-epochs=N (>= 1), lr=X (> 0), prox=MU (>= 0), "
+                             "joined by +") from None
     return Variant(name=str(text), **values)
 
 
 def variant_task(task: TaskConfig, variant: Variant) -> TaskConfig:
-    """The rovers' training settings under ``variant`` (optimiser, local epochs, learning rate)."""
-    changes: dict = {}
+    """The rovers' training settings under ``variant`` (optimiser, local epochs, learning rate, proximal term)."""
+    changes: dict = {"proximal_mu": variant.prox}
     if variant.sgd:
         changes["optimizer"] = "sgd"
     if variant.local_epochs is not None:

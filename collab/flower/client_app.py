@@ -63,8 +63,8 @@ LOG = logging.getLogger(__name__)
 FAULTS = ("", "nan", "inf", "shape", "dtype", "count", "huge", "stale", "no-data", "crash")
 
 # run config keys the server sends with every message: local training and the network it trains
-_ROUND_KEYS = ("local-epochs", "local-steps", "lr", "optimizer", "batch-size", *ARCHITECTURE_KEYS, "min-depth",
-               "max-depth", "dcccl-small-channels", "coda-candidates")
+_ROUND_KEYS = ("local-epochs", "local-steps", "lr", "optimizer", "proximal-mu", "batch-size", *ARCHITECTURE_KEYS,
+               "min-depth", "max-depth", "dcccl-small-channels", "coda-candidates")
 # node config keys that win over the run config: the rover's own hold-out split (collab_node writes them) and,
 # in dc-ccl, the rover's own copy of the mimic
 NODE_SPLIT_KEYS = ("holdout-fraction", "holdout-seed")

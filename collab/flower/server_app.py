@@ -121,8 +121,8 @@ class ServerSettings:
             LOG.warning("init %s was trained up to %.1f m, this run trains and scores up to max-depth %.1f m",
                         init.init, init.max_depth, task.max_depth)
         # sent with every message: local training, and the network every rover must build
-        train_config = {k: c[k] for k in ("local-epochs", "local-steps", "lr", "optimizer", "batch-size",
-                                          "max-staleness")}
+        train_config = {k: c[k] for k in ("local-epochs", "local-steps", "lr", "optimizer", "proximal-mu",
+                                          "batch-size", "max-staleness")}
         train_config.update(task.run_config())
         if mimic_version:
             train_config["mimic-version"] = mimic_version

@@ -67,6 +67,7 @@ DEFAULT_RUN_CONFIG: dict[str, bool | int | float | str] = {
     "local-steps": 0,
     "lr": 0.001,
     "optimizer": "adamw",
+    "proximal-mu": 0.0,
     "lr-decay": 1.0,
     "lr-decay-every": 1,
     "batchnorm": "auto",
@@ -140,6 +141,7 @@ class TaskConfig:
     local_steps: int = 0  # optimiser steps per round at most (0: whole epochs)
     lr: float = 1e-3
     optimizer: str = "adamw"  # local optimiser: adamw, or sgd (plain SGD, as FedLaAvg's analysis assumes)
+    proximal_mu: float = 0.0  # FedProx: mu / 2 * |w - w_round_start|^2 added to the local loss (0: plain FedAvg)
     min_depth: float = 0.1
     max_depth: float = 10.0
     seed: int = 0
@@ -187,6 +189,7 @@ class TaskConfig:
             local_steps=c["local-steps"],
             lr=c["lr"],
             optimizer=c["optimizer"],
+            proximal_mu=c["proximal-mu"],
             min_depth=c["min-depth"],
             max_depth=c["max-depth"],
             seed=c["seed"],
@@ -241,6 +244,8 @@ class TaskConfig:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"proximal_mu must be a non-negative finite number, got {self.proximal_mu!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not (0 < self.min_depth < self.max_depth and math.isfinite(self.max_depth)):
@@ -546,6 +551,8 @@ def train_local(
     ``seed`` fixes the shuffle order (the client passes :func:`round_seed`), so a round replayed after a
     coordinator restart trains the same way. ``optimizer``: step this one over ``model``'s parameters, its state
     kept from earlier calls and its learning rate set to ``config.lr``, instead of a fresh one.
+    ``config.proximal_mu`` > 0 adds FedProx's proximal term, ``mu / 2 * |w - w0|^2`` over the trained parameters,
+    ``w0`` being their values at the call (the round's global model).
     """
     _apply_scope(model, scope, config.freeze_batchnorm)
     if optimizer is not None:
@@ -557,14 +564,31 @@ def train_local(
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                       weight_decay=0.0)
     loss_fn = depth_loss(config)
+    proximal = proximal_term(model, config.proximal_mu)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         image = data.train_images[idx]
-        return loss_fn(model(image), data.train_depth[idx], image)[0]
+        loss = loss_fn(model(image), data.train_depth[idx], image)[0]
+        return loss if proximal is None else loss + proximal()
 
     metrics = run_local_epochs(batch_loss, optimizer, data.num_train, config, seed, data.path)
     model.eval()
     return metrics
+
+
+def proximal_term(model: nn.Module, mu: float) -> Callable[[], torch.Tensor] | None:
+    """FedProx's ``mu / 2 * sum |w - w0|^2`` over ``model``'s trainable parameters, ``w0`` their values now.
+
+    Returns a function computing the term for the parameters as they are when called, or ``None`` for ``mu`` 0.
+    """
+    if mu <= 0:
+        return None
+    pairs = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def term() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - p0) ** 2).sum() for p, p0 in pairs)
+
+    return term
 
 
 @torch.no_grad()

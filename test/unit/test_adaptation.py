@@ -164,3 +164,49 @@ def test_influence_debug_spoils_a_copy_and_ranks_every_rover(rover_folders, tmp_
     assert row["complete"] and 1 <= row["faulty_rank"] <= 2
     assert math.isfinite(row["absrel_all"]) and math.isfinite(row["absrel_without"])
     assert {p: p.stat().st_mtime_ns for p in source.rglob("*")} == before  # the source folder is only read
+
+
+def test_fedprox_term_pulls_local_training_back_to_the_round_start_and_travels_in_every_message():
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, RecordDict
+
+    from forest_perception.collab.flower import client_app
+    from forest_perception.collab.flower.server_app import ServerSettings
+    from forest_perception.collab.flower.task import LocalData, proximal_term
+
+    assert proximal_term(torch.nn.Linear(2, 2), 0.0) is None
+    layer = torch.nn.Linear(3, 2)
+    layer.bias.requires_grad_(False)  # not trained: not in the term
+    term = proximal_term(layer, 4.0)
+    assert float(term().detach()) == 0.0
+    with torch.no_grad():
+        layer.weight += 0.5
+        layer.bias += 10.0
+    assert float(term().detach()) == pytest.approx(0.5 * 4.0 * 6 * 0.25)
+
+    def distance_after_training(mu: float) -> float:
+        task = TaskConfig.from_run_config(merge_run_config({"optimizer": "sgd", "lr": 0.05, "local-steps": 6,
+                                                            "batch-size": 2, "batchnorm": "frozen",
+                                                            "proximal-mu": mu}))
+        assert task.proximal_mu == mu
+        torch.manual_seed(0)
+        model = build_model(task)
+        start = [p.detach().clone() for p in model.parameters()]
+        images = torch.randn(8, 3, *task.input_hw)
+        depth = torch.rand(8, 1, *task.input_hw) * 5 + 1
+        train_local(model, LocalData("x", images, depth, images, depth, val_is_train=True), task)
+        return math.sqrt(sum(float(((p - s) ** 2).sum()) for p, s in zip(model.parameters(), start)))
+
+    free, held = distance_after_training(0.0), distance_after_training(5.0)
+    assert 0 < held < 0.9 * free, (free, held)
+    with pytest.raises(ValueError, match="proximal_mu must be a non-negative"):
+        TaskConfig.from_run_config(merge_run_config({"proximal-mu": -0.1}))
+    # the coordinator sends it each round and the rover trains with it
+    settings = ServerSettings.from_run_config({"proximal-mu": 0.05})
+    assert settings.train_config["proximal-mu"] == 0.05
+    record = ConfigRecord({"server-round": 3, "proximal-mu": 0.05})
+    message = SimpleNamespace(content=RecordDict({client_app.CONFIG_KEY: record}))  # what _round_config reads
+    context = SimpleNamespace(node_config={})
+    merged, server_round = client_app._round_config(merge_run_config({}), message, context)
+    assert server_round == 3 and TaskConfig.from_run_config(merged).proximal_mu == 0.05

@@ -34,17 +34,18 @@ def tiny_config() -> adaptation.AdaptationConfig:
 
 
 def test_variants_parse_and_a_bad_part_is_named():
-    v = adaptation_gap.parse_variant("iid+stateful+server-lr=1.5+local-epochs=4+lr=2e-4+cosine+sgd")
-    assert (v.iid, v.stateful, v.cosine, v.sgd, v.server_lr, v.local_epochs, v.lr) == (
-        True, True, True, True, 1.5, 4, 2e-4)
+    v = adaptation_gap.parse_variant("iid+stateful+server-lr=1.5+local-epochs=4+lr=2e-4+cosine+sgd+prox=0.01")
+    assert (v.iid, v.stateful, v.cosine, v.sgd, v.server_lr, v.local_epochs, v.lr, v.prox) == (
+        True, True, True, True, 1.5, 4, 2e-4, 0.01)
     assert adaptation_gap.parse_variant("plain") == adaptation_gap.Variant("plain")
     for bad, part in (("iid+momentum", "momentum"), ("server-lr=0", "server-lr=0"),
-                      ("local-epochs=x", "local-epochs=x"), ("lr=-1", "lr=-1")):
+                      ("local-epochs=x", "local-epochs=x"), ("lr=-1", "lr=-1"),
+                      ("prox=-0.1", "prox=-0.1")):
         with pytest.raises(ValueError, match=f"cannot read '{part}'"):
             adaptation_gap.parse_variant(bad)
     task = TaskConfig()
-    changed = adaptation_gap.variant_task(task, adaptation_gap.parse_variant("sgd+local-epochs=3+lr=1e-3"))
-    assert (changed.optimizer, changed.local_epochs, changed.lr) == ("sgd", 3, 1e-3)
+    changed = adaptation_gap.variant_task(task, adaptation_gap.parse_variant("sgd+local-epochs=3+lr=1e-3+prox=0.1"))
+    assert (changed.optimizer, changed.local_epochs, changed.lr, changed.proximal_mu) == ("sgd", 3, 1e-3, 0.1)
     assert adaptation_gap.variant_task(task, adaptation_gap.Variant("plain")) == task
 
 
