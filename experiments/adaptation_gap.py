@@ -9,7 +9,9 @@ global model (every pooled epoch) is scored on all rovers' held-out segments. Re
 
 Variants are ``+``-joined parts: ``plain``; ``iid`` (the rovers' training frames shuffled into shards of the same
 sizes); ``stateful`` (each rover keeps its AdamW state from round to round); ``cosine`` (the local learning rate
-cosine-decayed over the rounds towards a tenth); ``sgd`` (plain SGD on the rovers); ``server-lr=X``;
+cosine-decayed over the rounds towards a tenth); ``sgd`` (plain SGD on the rovers); ``scaffold`` (SCAFFOLD-style
+control variates: each local gradient is corrected by the swarm's mean gradient of the last round minus the rover's
+own, before the optimiser step); ``server-lr=X``;
 ``local-epochs=N``; ``lr=X``; ``prox=MU`` (FedProx's proximal term on the rovers, run config ``proximal-mu``).
 
     .venv/bin/python -m experiments.adaptation_gap [--variants plain iid local-epochs=4 ...] [--rounds 10]
@@ -68,6 +70,7 @@ class Variant:
     stateful: bool = False
     cosine: bool = False
     sgd: bool = False
+    scaffold: bool = False
     server_lr: float = 1.0
     local_epochs: int | None = None
     lr: float | None = None
@@ -76,7 +79,7 @@ class Variant:
 
 def parse_variant(text: str) -> Variant:
     """A :class:`Variant` from ``+``-joined parts (module docstring); ValueError naming a part it does not know."""
-    flags = ("iid", "stateful", "cosine", "sgd")
+    flags = ("iid", "stateful", "cosine", "sgd", "scaffold")
     values: dict = {}
     for part in (p.strip() for p in str(text).split("+")):
         key, _, raw = part.partition("=")
@@ -97,7 +100,7 @@ def parse_variant(text: str) -> Variant:
                 raise ValueError
         except ValueError:
             raise ValueError(f"variant {text!r}: cannot read {part!r}; parts are plain, iid, stateful, cosine, sgd, "
-                             "server-lr=X (> 0), local-epochs=N (>= 1), lr=X (> 0), prox=MU (>= 0), "
+                             "scaffold, server-lr=X (> 0), local-epochs=N (>= 1), lr=X (> 0), prox=MU (>= 0), "
                              "joined by +") from None
     return Variant(name=str(text), **values)
 
@@ -139,6 +142,45 @@ def iid_shards(rovers: dict[str, LocalData], seed: int) -> dict[str, LocalData]:
     return out
 
 
+class ControlledStep:
+    """An optimiser whose every step first corrects each gradient by ``correction`` (SCAFFOLD's ``c - c_i``).
+
+    It keeps the mean of the raw (uncorrected) gradients of its steps, the rover's control variate for the next
+    round. Stands in for the optimiser in :func:`train_local` (``param_groups``, ``zero_grad``, ``step``).
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                 correction: list[torch.Tensor] | None) -> None:
+        self.inner, self.params, self.correction = inner, params, correction
+        self.grad_sum = [torch.zeros_like(p) for p in params]
+        self.steps = 0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The wrapped optimiser's parameter groups (its learning rate is set there)."""
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients."""
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        """Keep the raw gradients, correct them, step the wrapped optimiser."""
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if p.grad is None:
+                    continue
+                self.grad_sum[i] += p.grad
+                if self.correction is not None:
+                    p.grad += self.correction[i]
+        self.steps += 1
+        self.inner.step()
+
+    def mean_gradient(self) -> list[torch.Tensor]:
+        """The mean raw gradient over this round's steps."""
+        return [g / max(self.steps, 1) for g in self.grad_sum]
+
+
 def _local_round(model: torch.nn.Module, data: LocalData, task: TaskConfig, seed: int,
                  optimizer: torch.optim.Optimizer | None) -> None:
     """One round of local training; with ``optimizer`` (a stateful rover) that optimiser is stepped, its state kept."""
@@ -155,6 +197,8 @@ def run_fedavg_variant(config: AdaptationConfig, task: TaskConfig, variant: Vari
     names, arrays = get_arrays(glob)
     rows = [{"round": 0.0, **score(glob, held, base)}]
     kept: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
+    controls: dict[str, list[torch.Tensor]] = {}  # scaffold: each rover's mean gradient of its last round
+    swarm: list[torch.Tensor] | None = None  # and their mean
     start = time.perf_counter()
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
@@ -170,8 +214,20 @@ def run_fedavg_variant(config: AdaptationConfig, task: TaskConfig, variant: Vari
             else:
                 model, optimizer = build_model(this), None
             set_arrays(model, names, arrays)
+            if variant.scaffold:
+                params = list(model.parameters())
+                if optimizer is None:
+                    optimizer = (torch.optim.SGD(params, lr=this.lr) if this.optimizer == "sgd"
+                                 else torch.optim.AdamW(params, lr=this.lr, weight_decay=0.0))
+                own = controls.get(rover)
+                correction = None if swarm is None or own is None else [c - o for c, o in zip(swarm, own)]
+                optimizer = ControlledStep(optimizer, params, correction)
             _local_round(model, data, this, round_seed(seed, r, rover), optimizer)
+            if variant.scaffold:
+                controls[rover] = optimizer.mean_gradient()
             updates.append(ClientUpdate(rover, r - 1, data.num_train, get_arrays(model)[1], kind="weights"))
+        if variant.scaffold:
+            swarm = [torch.stack(parts).mean(0) for parts in zip(*controls.values())]
         arrays = [np.asarray(a) for a in fedavg(arrays, updates, server_lr=variant.server_lr)]
         set_arrays(glob, names, arrays)
         rows.append({"round": float(r), "wall_s": time.perf_counter() - t0, "lr": this.lr, **score(glob, held, base)})

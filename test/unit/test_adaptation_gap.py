@@ -34,9 +34,10 @@ def tiny_config() -> adaptation.AdaptationConfig:
 
 
 def test_variants_parse_and_a_bad_part_is_named():
-    v = adaptation_gap.parse_variant("iid+stateful+server-lr=1.5+local-epochs=4+lr=2e-4+cosine+sgd+prox=0.01")
-    assert (v.iid, v.stateful, v.cosine, v.sgd, v.server_lr, v.local_epochs, v.lr, v.prox) == (
-        True, True, True, True, 1.5, 4, 2e-4, 0.01)
+    v = adaptation_gap.parse_variant("iid+stateful+server-lr=1.5+local-epochs=4+lr=2e-4+cosine+sgd+prox=0.01"
+                                     "+scaffold")
+    assert (v.iid, v.stateful, v.cosine, v.sgd, v.server_lr, v.local_epochs, v.lr, v.prox, v.scaffold) == (
+        True, True, True, True, 1.5, 4, 2e-4, 0.01, True)
     assert adaptation_gap.parse_variant("plain") == adaptation_gap.Variant("plain")
     for bad, part in (("iid+momentum", "momentum"), ("server-lr=0", "server-lr=0"),
                       ("local-epochs=x", "local-epochs=x"), ("lr=-1", "lr=-1"),
@@ -78,7 +79,7 @@ def test_iid_shards_deal_the_same_frames_in_the_same_sizes_and_keep_each_rovers_
 
 
 def test_study_runs_every_variant_beside_pooled_and_writes_its_outputs(rover_folders, tmp_path, capsys):
-    variants = ["plain", "iid+stateful+cosine", "server-lr=1.5+local-epochs=2"]
+    variants = ["plain", "iid+stateful+cosine", "server-lr=1.5+local-epochs=2", "scaffold+prox=0.1"]
     result = adaptation_gap.run(tiny_config(), tmp_path, variants, rounds=2, folders=rover_folders)
     assert "rover_empty: no data" in capsys.readouterr().out
     for suffix in ("json", "csv", "png"):
@@ -111,6 +112,25 @@ def test_bad_variant_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit, match="adaptation_gap: variant"):
         adaptation_gap.main(["--variants", "plain", "what", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+def test_controlled_step_corrects_each_gradient_and_keeps_the_raw_mean():
+    weight = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    step = adaptation_gap.ControlledStep(torch.optim.SGD([weight], lr=0.5), [weight], [torch.tensor([1.0, -1.0])])
+    step.param_groups[0]["lr"] = 1.0  # train_local sets the round's rate through param_groups
+    for grad in ([2.0, 0.0], [0.0, 4.0]):
+        step.zero_grad()
+        (weight * torch.tensor(grad)).sum().backward()
+        step.step()
+    # each step moved by -(raw gradient + correction)
+    torch.testing.assert_close(weight.detach(), torch.tensor([1.0 - 3.0 - 1.0, 2.0 + 1.0 - 3.0]))
+    torch.testing.assert_close(step.mean_gradient()[0], torch.tensor([1.0, 2.0]))
+    plain = adaptation_gap.ControlledStep(torch.optim.SGD([weight], lr=1.0), [weight], None)
+    plain.zero_grad()
+    weight.sum().backward()
+    before = weight.detach().clone()
+    plain.step()
+    torch.testing.assert_close(weight.detach(), before - 1.0)
 
 
 def test_stateful_rovers_keep_their_optimiser_between_rounds(rover_folders, monkeypatch):
