@@ -15,6 +15,7 @@ from forest_perception.models.export import (
     ExportVerificationError,
     compare_int8,
     export_onnx,
+    iter_calibration_images,
     keep_int8,
     quantize_int8,
     synthetic_forest_image,
@@ -137,6 +138,46 @@ def test_int8_correlates_with_fp32(exported, quantised, frames):
     assert "absrel" in report["fp32"]["metrics"] and "absrel" in report["int8"]["metrics"]
     keep, reason = keep_int8(report, max_absrel_increase=0.05)
     assert isinstance(keep, bool) and reason
+
+
+def _quantised_weights(path) -> set[str]:
+    """Names of the nodes whose weight input comes through a DequantizeLinear (i.e. is stored in int8)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name for n in graph.node if n.op_type == "Conv" and n.input[1] in dequantized}
+
+
+def test_int8_keeps_the_layers_reading_the_image_in_fp32(exported, quantised, frames, tmp_path):
+    from forest_perception.models.export import input_layers
+
+    first = input_layers(exported)
+    assert first, "the auto-encoder has a layer reading the image"
+    int8_convs = _quantised_weights(quantised)
+    assert int8_convs and not int8_convs & set(first)
+    assert all(name in read_onnx_metadata(quantised)["quantization"] for name in first)
+    everything = quantize_int8(exported, frames, tmp_path / "all_int8.onnx", fp32_input_layers=False)
+    assert set(first) <= _quantised_weights(everything)
+    assert "fp32 kept" not in read_onnx_metadata(everything)["quantization"]
+
+
+def test_calibration_frames_spread_over_the_whole_folder(tmp_path):
+    import cv2
+
+    for segment in "abcd":
+        (tmp_path / "Run-1" / segment / "rgb_image").mkdir(parents=True)
+        (tmp_path / "Run-1" / segment / "depth_image").mkdir()
+        for k in range(5):
+            value = 10 * ("abcd".index(segment) * 5 + k)
+            cv2.imwrite(str(tmp_path / "Run-1" / segment / "rgb_image" / f"{k:06d}.png"),
+                        np.full((4, 4, 3), value, np.uint8))
+            cv2.imwrite(str(tmp_path / "Run-1" / segment / "depth_image" / f"{k:06d}.png"),
+                        np.zeros((4, 4), np.uint16))
+    picked = [int(f[0, 0, 0]) // 10 for f in iter_calibration_images(tmp_path, 4)]
+    assert picked == [0, 6, 13, 19], "first and last frame, and every segment between"
+    assert len(list(iter_calibration_images(tmp_path, 100))) == 20
+    assert [int(f[0, 0, 0]) // 10 for f in iter_calibration_images(tmp_path, 1)] == [0]
 
 
 def test_keep_int8_decision():
