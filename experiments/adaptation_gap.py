@@ -47,6 +47,7 @@ from forest_perception.collab.flower.task import (
     TaskConfig,
     build_model,
     get_arrays,
+    local_optimizer,
     round_seed,
     set_arrays,
     train_local,
@@ -208,17 +209,15 @@ def run_fedavg_variant(config: AdaptationConfig, task: TaskConfig, variant: Vari
             if variant.stateful:
                 if rover not in kept:
                     model = build_model(this)
-                    trainable = [p for p in model.parameters() if p.requires_grad]
-                    kept[rover] = (model, torch.optim.AdamW(trainable, lr=this.lr, weight_decay=0.0))
+                    kept[rover] = (model, local_optimizer(model, this))
                 model, optimizer = kept[rover]
             else:
                 model, optimizer = build_model(this), None
             set_arrays(model, names, arrays)
             if variant.scaffold:
-                params = list(model.parameters())
                 if optimizer is None:
-                    optimizer = (torch.optim.SGD(params, lr=this.lr) if this.optimizer == "sgd"
-                                 else torch.optim.AdamW(params, lr=this.lr, weight_decay=0.0))
+                    optimizer = local_optimizer(model, this)
+                params = [p for group in optimizer.param_groups for p in group["params"]]
                 own = controls.get(rover)
                 correction = None if swarm is None or own is None else [c - o for c, o in zip(swarm, own)]
                 optimizer = ControlledStep(optimizer, params, correction)

@@ -558,11 +558,8 @@ def train_local(
     if optimizer is not None:
         for group in optimizer.param_groups:
             group["lr"] = config.lr
-    elif config.optimizer == "sgd":
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     else:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                      weight_decay=0.0)
+        optimizer = local_optimizer(model, config)
     loss_fn = depth_loss(config)
     proximal = proximal_term(model, config.proximal_mu)
 
@@ -574,6 +571,14 @@ def train_local(
     metrics = run_local_epochs(batch_loss, optimizer, data.num_train, config, seed, data.path)
     model.eval()
     return metrics
+
+
+def local_optimizer(model: nn.Module, config: TaskConfig) -> torch.optim.Optimizer:
+    """A fresh local optimiser over ``model``'s trainable parameters: ``config.optimizer`` at ``config.lr``."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=config.lr)
+    return torch.optim.AdamW(trainable, lr=config.lr, weight_decay=0.0)
 
 
 def proximal_term(model: nn.Module, mu: float) -> Callable[[], torch.Tensor] | None:
