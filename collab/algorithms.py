@@ -2,15 +2,15 @@
 
 Every rule works on deltas ``d_i = local_i - global`` in float64 and returns ``global + server_lr * step``
 in the global model's dtypes: :func:`fedavg`, :func:`fedsubavg`, :func:`robust_fedavg`, and the stateful
-:class:`FedLaAvgServer` and :class:`SemiCyclicServer` (MM-/MC-PSGD), which screen updates and resume from
-``state_dict()``. Formulas, variants and references: ``docs/collab_algorithms.md``.
+:class:`FedLaAvgServer`, :class:`ScaffoldServer` and :class:`SemiCyclicServer` (MM-/MC-PSGD), which screen updates
+and resume from ``state_dict()``. Formulas, variants and references: ``docs/collab_algorithms.md``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -527,6 +527,140 @@ class FedLaAvgServer:
             for cid, s in state["latest"].items()
         }
         self._last_seen = {str(cid): int(r) for cid, r in state["last_seen"].items()}
+        self._last_round = int(state["last_round"])
+
+
+# ---------------------------------------------------------------------------------------------- SCAFFOLD
+
+
+Control = dict[str, np.ndarray]
+"""A rover's control variate: ``{tensor name: array}`` over the tensors it trains."""
+
+
+class ScaffoldServer:
+    """SCAFFOLD (Karimireddy et al. 2020): FedAvg plus control variates that cancel the rovers' client drift.
+
+    Each rover's control ``c_i`` is the mean raw gradient of its last round's local steps (over the tensors it
+    trains, keyed by name); the swarm's control ``c`` is the mean of the latest ``c_i`` of every rover heard from.
+    A selected rover is sent ``c - c_i`` (:meth:`correction`), adds it to every local gradient before its optimiser
+    step, and answers with its delta and its new ``c_i``: twice the bytes of FedAvg each way. A rover not yet heard
+    from trains uncorrected. The model moves by the sample-weighted mean delta (:func:`fedavg`).
+
+    An update whose control is missing, names a tensor the model lacks, has the wrong shape or is not finite is
+    refused (``bad_control``) and its delta not applied. A round whose updates are all refused leaves the model and
+    the controls unchanged.
+    """
+
+    ALGORITHM = "scaffold"
+
+    def __init__(self, initial_params: Sequence[np.ndarray], names: Sequence[str], server_lr: float = 1.0,
+                 max_norm: float | None = None, max_staleness: int = 0) -> None:
+        if len(names) != len(initial_params):
+            raise ValueError(f"ScaffoldServer: {len(names)} tensor names for {len(initial_params)} tensors")
+        if max_staleness < 0:
+            raise ValueError(f"ScaffoldServer: max_staleness must be >= 0, got {max_staleness}")
+        self._params = _copy_arrays(initial_params)
+        self.names = [str(n) for n in names]
+        self._shapes = {n: np.shape(p) for n, p in zip(self.names, self._params)}
+        self.server_lr = float(server_lr)
+        self.max_norm = max_norm
+        self.max_staleness = int(max_staleness)
+        self._controls: dict[str, Control] = {}  # rover -> its latest control (float64)
+        self._last_round = 0
+
+    @property
+    def params(self) -> NDArrays:
+        """A copy of the current global model."""
+        return _copy_arrays(self._params)
+
+    @property
+    def num_controls(self) -> int:
+        """How many rovers have a stored control."""
+        return len(self._controls)
+
+    def control(self, client_id: str) -> Control | None:
+        """A copy of ``client_id``'s latest control, or None."""
+        own = self._controls.get(client_id)
+        return None if own is None else {n: a.copy() for n, a in own.items()}
+
+    def swarm_control(self) -> Control:
+        """``c``: per tensor, the mean of the stored controls that have it (empty before any)."""
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for own in self._controls.values():
+            for name, value in own.items():
+                sums[name] = sums.get(name, 0.0) + value
+                counts[name] = counts.get(name, 0) + 1
+        return {n: sums[n] / counts[n] for n in sums}
+
+    def correction(self, client_id: str) -> Control | None:
+        """``c - c_i`` over the tensors of ``client_id``'s control (float32), or None for a rover not heard from."""
+        own = self._controls.get(client_id)
+        if own is None:
+            return None
+        swarm = self.swarm_control()
+        return {n: (swarm[n] - value).astype(np.float32) for n, value in own.items()}
+
+    def check_control(self, client_id: str, control: Control | None) -> Control:
+        """The control as float64 arrays; ``ValueError`` naming what is wrong (missing, name, shape, not finite)."""
+        if control is None or len(control) == 0:
+            raise ValueError(f"client {client_id!r} sent no control variate")
+        out: Control = {}
+        for name, value in control.items():
+            if name not in self._shapes:
+                raise ValueError(f"client {client_id!r}: control for tensor {name!r}, which the model does not have")
+            value = np.asarray(value)
+            if value.shape != self._shapes[name]:
+                raise ValueError(f"client {client_id!r}: control of {name!r} has shape {value.shape}, the model's "
+                                 f"tensor {self._shapes[name]}")
+            if not np.issubdtype(value.dtype, np.floating) or not np.all(np.isfinite(value)):
+                raise ValueError(f"client {client_id!r}: control of {name!r} is not finite floating point")
+            out[name] = value.astype(np.float64)
+        return out
+
+    def aggregate(self, server_round: int, updates: Sequence[ClientUpdate],
+                  controls: Mapping[str, Control | None]) -> AggregateResult:
+        """Screen the updates and their ``controls`` (by client id), FedAvg the good ones, store their controls."""
+        if server_round <= self._last_round:
+            raise ValueError(f"ScaffoldServer: round {server_round} is not after the last round {self._last_round}")
+        accepted, rejected = screen_updates(
+            updates, self._params, server_round, max_norm=self.max_norm, max_staleness=self.max_staleness, logger=LOG
+        )
+        kept, checked = [], {}
+        for update in accepted:
+            try:
+                checked[update.client_id] = self.check_control(update.client_id, controls.get(update.client_id))
+            except ValueError as exc:
+                rejection = Rejection(update.client_id, int(update.round), "bad_control",
+                                      f"update of round {update.round} refused: {exc}")
+                LOG.warning("refused %s [%s]", rejection.message, rejection.reason)
+                rejected.append(rejection)
+                continue
+            kept.append(update)
+        self._last_round = int(server_round)
+        if kept:
+            self._params = fedavg(self._params, kept, server_lr=self.server_lr)
+            self._controls.update(checked)
+        return AggregateResult(self.params, int(server_round), [u.client_id for u in kept], rejected)
+
+    def _config(self) -> dict:
+        return {"server_lr": self.server_lr, "max_norm": self.max_norm, "max_staleness": self.max_staleness}
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume: the model and every rover's latest control."""
+        return {
+            **state_header(self.ALGORITHM, self._config(), self._last_round),
+            "params": _copy_arrays(self._params),
+            "controls": {cid: {n: a.copy() for n, a in own.items()} for cid, own in self._controls.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; refuses another algorithm, config, model shape or a bad control."""
+        check_state_header(state, self.ALGORITHM, self._config())
+        _check_like("state params", state["params"], self._params)
+        controls = {str(cid): self.check_control(str(cid), own) for cid, own in state["controls"].items()}
+        self._params = [np.asarray(a).astype(p.dtype) for a, p in zip(state["params"], self._params)]
+        self._controls = controls
         self._last_round = int(state["last_round"])
 
 

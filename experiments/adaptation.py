@@ -1,4 +1,4 @@
-"""Adaptation to a new forest: the shipped network vs each rover fine-tuning alone vs FedAvg through Flower vs pooled.
+"""Adaptation to a new forest: the shipped network vs each rover alone vs FedAvg and SCAFFOLD through Flower vs pooled.
 
 Four simulated rovers drive their own parts of a ``clustered_regrowth`` forest (a style kept out of all training
 of the shipped networks) over ROS 2 and record through capture_node; extract + curate give one dataset folder
@@ -40,8 +40,10 @@ from forest_perception.collab.flower.task import (
 NAME = "adaptation"
 CLAIM = ("FedAvg from the shipped weights improves held-out AbsRel in a new forest by >= 40 % relative to the "
          "shipped model within 10 rounds and ends within 10 % of pooled training; each rover training alone "
-         "overfits its own segments and does worse on the others'")
-METHODS = ("shipped", "alone", "fedavg", "pooled")
+         "overfits its own segments and does worse on the others' (and SCAFFOLD with four local epochs, against "
+         "pooled training as many epochs and four times as long)")
+METHODS = ("shipped", "alone", "fedavg", "scaffold", "pooled", "pooled_long")
+FEDERATED = ("fedavg", "scaffold")
 NO_DATA = "no data"
 
 
@@ -73,11 +75,17 @@ class AdaptationConfig(RecordingConfig):
     lr: float = 0.0003
     batch_size: int = 8
     engine: str = "ray"  # ray: forest-fl simulate's Flower Ray simulation; local: the same apps on a LocalGrid
+    scaffold_local_epochs: int = 4  # SCAFFOLD's local epochs a round (0: no SCAFFOLD run, no long pooled run)
 
     @classmethod
     def quick(cls) -> AdaptationConfig:
-        """A few-minute version: one seed, a shorter drive, 5 rounds."""
-        return cls(seeds=(0,), drive_s=24.0, segment_frames=8, rounds=4)
+        """A few-minute version: one seed, a shorter drive, 4 rounds, SCAFFOLD with two local epochs."""
+        return cls(seeds=(0,), drive_s=24.0, segment_frames=8, rounds=4, scaffold_local_epochs=2)
+
+    @property
+    def pooled_epochs(self) -> int:
+        """Epochs of the long pooled run: as many passes over the frames as SCAFFOLD's rovers make."""
+        return self.rounds * max(self.local_epochs, self.scaffold_local_epochs)
 
 
 def run_config(config: AdaptationConfig, seed: int, state_db: str | Path = "coordinator.db", **extra: Any) -> dict:  # noqa: ANN401
@@ -180,23 +188,36 @@ def pooled_data(rovers: dict[str, LocalData | str]) -> LocalData:
 
 
 def train_pooled(config: AdaptationConfig, task: TaskConfig, rovers: dict[str, LocalData | str], held: dict,
-                 seed: int) -> dict:
-    """One copy of the shipped network on every rover's training segments pooled (the upper bound)."""
+                 seed: int) -> list[dict]:
+    """One copy of the shipped network on every rover's training segments pooled (the upper bound), scored after
+    every epoch: ``pooled`` after ``rounds`` x ``local_epochs`` epochs and, with SCAFFOLD on, ``pooled_long`` after
+    :attr:`AdaptationConfig.pooled_epochs` (the same run trained on)."""
     data = pooled_data(rovers)
     model = shipped_model(config, task)
     rows = [{"round": 0.0, **score(model, held, task)}]
     start = time.perf_counter()
-    for r in range(1, config.rounds + 1):
-        train_local(model, data, task, seed=round_seed(seed, r, "pooled"))
-    rows.append({"round": float(config.rounds), "train_s": time.perf_counter() - start, **score(model, held, task)})
-    return {"method": "pooled", "seed": seed, "rounds": rows}
+    short = config.rounds * config.local_epochs
+    for epoch in range(1, config.pooled_epochs + 1):
+        train_local(model, data, task, seed=round_seed(seed, epoch, "pooled"))
+        rows.append({"round": float(epoch), "train_s": time.perf_counter() - start, **score(model, held, task)})
+    runs = [{"method": "pooled", "seed": seed, "rounds": rows[: short + 1], "wall_s": rows[short]["train_s"]}]
+    if config.pooled_epochs > short:
+        runs.append({"method": "pooled_long", "seed": seed, "rounds": rows, "wall_s": rows[-1]["train_s"]})
+    return runs
 
 
-def run_fedavg(config: AdaptationConfig, folders: dict[str, Path], work: Path, seed: int) -> tuple[Path, float]:
-    """FedAvg from the shipped weights: ServerApp + ClientApps on Flower's Ray simulation (``forest-fl simulate
-    --init --rover-data``) or, with ``engine`` local, on an in-process LocalGrid; the store's path and wall s."""
-    state_db = work / "coordinator.db"
-    settings = run_config(config, seed, state_db)
+def run_fedavg(config: AdaptationConfig, folders: dict[str, Path], work: Path, seed: int,
+               algorithm: str = "fedavg") -> tuple[Path, float]:
+    """FedAvg (or ``algorithm``: scaffold, with ``scaffold_local_epochs``) from the shipped weights: ServerApp +
+    ClientApps on Flower's Ray simulation (``forest-fl simulate --init --rover-data``) or, with ``engine`` local, on an
+    in-process LocalGrid; the store's path and wall s."""
+    state_db = work / algorithm / "coordinator.db"
+    work = state_db.parent
+    work.mkdir(parents=True, exist_ok=True)
+    extra = {"algorithm": algorithm}
+    if algorithm == "scaffold":
+        extra["local-epochs"] = config.scaffold_local_epochs
+    settings = run_config(config, seed, state_db, **extra)
     start = time.perf_counter()
     if config.engine == "ray":
         from forest_perception.collab.flower.simulation import SimulationSpec, run_simulation
@@ -292,12 +313,14 @@ def run_seed(config: AdaptationConfig, folders: dict[str, Path], seed: int, work
     start = time.perf_counter()
     runs += train_alone(config, local_task, rovers, held, seed)
     alone_s = time.perf_counter() - start
-    start = time.perf_counter()
     pooled = train_pooled(config, local_task, rovers, held, seed)
-    pooled["wall_s"] = time.perf_counter() - start
     state_db, fed_s = run_fedavg(config, folders, work, seed)
     runs.append({"method": "fedavg", "seed": seed, "wall_s": fed_s, "rounds": fedavg_rows(state_db, task, held)})
-    runs.append(pooled)
+    if config.scaffold_local_epochs:
+        state_db, fed_s = run_fedavg(config, folders, work, seed, "scaffold")
+        runs.append({"method": "scaffold", "seed": seed, "wall_s": fed_s,
+                     "rounds": fedavg_rows(state_db, task, held)})
+    runs += pooled
     for run in runs:
         if run["method"] == "alone":
             run["wall_s"] = alone_s / max(1, sum(r["method"] == "alone" for r in runs))
@@ -338,18 +361,20 @@ def summarise(config: AdaptationConfig, runs: list[dict]) -> dict:
     for method in METHODS:
         keys = ("own/absrel", "own/delta1", "others/absrel", "others/delta1") if method == "alone" else ()
         summary["methods"][method] = {k: last_round_mean(runs, method, k) for k in ("absrel", "delta1", *keys)}
-    fed = [r for r in runs if r["method"] == "fedavg"]
-    if fed:
+    for method in FEDERATED:
+        fed = [r for r in runs if r["method"] == method]
+        if not fed:
+            continue
         _, mean, std = curve_stats([r["rounds"] for r in fed], "absrel")
         _, d_mean, d_std = curve_stats([r["rounds"] for r in fed], "delta1")
-        summary["fedavg_curve"] = {"absrel": mean.tolist(), "absrel_std": std.tolist(), "delta1": d_mean.tolist(),
-                                   "delta1_std": d_std.tolist()}
+        summary[f"{method}_curve"] = {"absrel": mean.tolist(), "absrel_std": std.tolist(),
+                                      "delta1": d_mean.tolist(), "delta1_std": d_std.tolist()}
         costs = [r for run in fed for r in run["rounds"] if r.get("round", 0) >= 1]
-        summary["fedavg_costs"] = {k: mean_std(r[k] for r in costs if k in r)
-                                   for k in ("wall_s", "bytes_down", "bytes_up", "kib_down_per_rover",
-                                             "kib_up_per_rover")}
+        summary[f"{method}_costs"] = {k: mean_std(r[k] for r in costs if k in r)
+                                      for k in ("wall_s", "bytes_down", "bytes_up", "kib_down_per_rover",
+                                                "kib_up_per_rover")}
     summary["wall_s"] = {m: mean_std(r["wall_s"] for r in runs if r["method"] == m and "wall_s" in r)
-                         for m in ("alone", "fedavg", "pooled")}
+                         for m in ("alone", *FEDERATED, "pooled", "pooled_long")}
     shipped = summary["methods"]["shipped"]["absrel"]["mean"]
     fed_last = summary["methods"]["fedavg"]["absrel"]["mean"]
     pooled = summary["methods"]["pooled"]["absrel"]["mean"]
@@ -362,6 +387,17 @@ def summarise(config: AdaptationConfig, runs: list[dict]) -> dict:
         "fedavg_vs_pooled": fed_last / pooled - 1.0 if pooled else math.nan,
         "alone_others_minus_own": alone["others/absrel"]["mean"] - alone["own/absrel"]["mean"],
     }
+    scaffold = summary["methods"]["scaffold"]["absrel"]["mean"]
+    pooled_long = summary["methods"]["pooled_long"]["absrel"]["mean"]
+    if math.isfinite(scaffold):
+        s_curve = summary["scaffold_curve"]["absrel"]
+        s_within = [i for i, v in enumerate(s_curve[: 11]) if math.isfinite(v) and v <= 0.6 * shipped]
+        summary["goal"].update(
+            scaffold_gain_vs_shipped=1.0 - scaffold / shipped if shipped else math.nan,
+            scaffold_first_round_40pc=s_within[0] if s_within else None,
+            scaffold_vs_pooled=scaffold / pooled - 1.0 if pooled else math.nan,
+            scaffold_vs_pooled_long=scaffold / pooled_long - 1.0 if pooled_long else math.nan,
+        )
     g = summary["goal"]
     summary["goal"]["met"] = {
         "fedavg >= 40 % better than shipped within 10 rounds": g["fedavg_first_round_40pc"] is not None,
@@ -369,6 +405,14 @@ def summarise(config: AdaptationConfig, runs: list[dict]) -> dict:
         "alone worse on the others' segments than on its own": g["alone_others_minus_own"] > 0,
         "alone worse than fedavg on the others' segments": alone["others/absrel"]["mean"] > fed_last,
     }
+    if "scaffold_vs_pooled" in g:
+        summary["goal"]["met"].update({
+            "scaffold >= 40 % better than shipped within 10 rounds": g["scaffold_first_round_40pc"] is not None,
+            "scaffold within 10 % of pooled": math.isfinite(g["scaffold_vs_pooled"])
+            and g["scaffold_vs_pooled"] <= 0.10,
+            "scaffold within 10 % of pooled trained as long": math.isfinite(g["scaffold_vs_pooled_long"])
+            and g["scaffold_vs_pooled_long"] <= 0.10,
+        })
     status = next((r["status"] for r in runs if r["method"] == "rovers"), {})
     summary["rovers"] = {r: s for r, s in status.items()}
     return summary
@@ -385,22 +429,37 @@ def table(result: dict) -> str:
         ["each rover alone: the others' held-out", fmt(m["alone"]["others/absrel"]),
          fmt(m["alone"]["others/delta1"]), "-", "-"],
         ["each rover alone: all held-out", fmt(m["alone"]["absrel"]), fmt(m["alone"]["delta1"]), "-", "-"],
-        [f"FedAvg (Flower, {config.rounds} rounds)", fmt(m["fedavg"]["absrel"]), fmt(m["fedavg"]["delta1"]),
+        [f"FedAvg (Flower, {config.rounds} rounds, {config.local_epochs} local epoch(s))",
+         fmt(m["fedavg"]["absrel"]), fmt(m["fedavg"]["delta1"]),
          fmt(s.get("fedavg_costs", {}).get("kib_up_per_rover", {}), 0), fmt(s["wall_s"]["fedavg"], 0)],
-        ["pooled (upper bound)", fmt(m["pooled"]["absrel"]), fmt(m["pooled"]["delta1"]), "-",
-         fmt(s["wall_s"]["pooled"], 0)],
     ]
+    epochs = config.rounds * config.local_epochs
+    if "scaffold_costs" in s:
+        rows.append([f"SCAFFOLD (Flower, {config.rounds} rounds, {config.scaffold_local_epochs} local epochs)",
+                     fmt(m["scaffold"]["absrel"]), fmt(m["scaffold"]["delta1"]),
+                     fmt(s["scaffold_costs"].get("kib_up_per_rover", {}), 0), fmt(s["wall_s"]["scaffold"], 0)])
+    rows.append([f"pooled (upper bound), {epochs} epochs", fmt(m["pooled"]["absrel"]), fmt(m["pooled"]["delta1"]),
+                 "-", fmt(s["wall_s"]["pooled"], 0)])
+    if math.isfinite(m["pooled_long"]["absrel"]["mean"]):
+        rows.append([f"pooled, {config.pooled_epochs} epochs (as many passes as SCAFFOLD's rovers)",
+                     fmt(m["pooled_long"]["absrel"]), fmt(m["pooled_long"]["delta1"]), "-",
+                     fmt(s["wall_s"]["pooled_long"], 0)])
     out = [markdown_table(["method (all rovers' held-out pooled unless said)", f"AbsRel (round {config.rounds})",
                            "δ<1.25", "KiB up / rover / round", "wall s (2 cores)"], rows), ""]
-    curve = s.get("fedavg_curve")
-    if curve:
-        out += [markdown_table(["FedAvg round", *[str(i) for i in range(len(curve["absrel"]))]],
-                               [["AbsRel", *[f"{v:.3f}" for v in curve["absrel"]]],
-                                ["δ<1.25", *[f"{v:.3f}" for v in curve["delta1"]]]]), ""]
+    for method, label in (("fedavg", "FedAvg"), ("scaffold", "SCAFFOLD")):
+        curve = s.get(f"{method}_curve")
+        if curve:
+            out += [markdown_table([f"{label} round", *[str(i) for i in range(len(curve["absrel"]))]],
+                                   [["AbsRel", *[f"{v:.3f}" for v in curve["absrel"]]],
+                                    ["δ<1.25", *[f"{v:.3f}" for v in curve["delta1"]]]]), ""]
     g = s["goal"]
-    out.append(f"FedAvg vs shipped: {100 * g['fedavg_gain_vs_shipped']:.0f} % lower AbsRel (40 % first reached in "
-               f"round {g['fedavg_first_round_40pc']}); FedAvg vs pooled: {100 * g['fedavg_vs_pooled']:+.0f} %; "
-               f"alone, others' minus own AbsRel: {g['alone_others_minus_own']:+.3f}. Goal tests: "
+    line = (f"FedAvg vs shipped: {100 * g['fedavg_gain_vs_shipped']:.0f} % lower AbsRel (40 % first reached in "
+            f"round {g['fedavg_first_round_40pc']}); FedAvg vs pooled: {100 * g['fedavg_vs_pooled']:+.0f} %; ")
+    if "scaffold_vs_pooled" in g:
+        line += (f"SCAFFOLD vs shipped: {100 * g['scaffold_gain_vs_shipped']:.0f} % lower; SCAFFOLD vs pooled: "
+                 f"{100 * g['scaffold_vs_pooled']:+.0f} % ({epochs} epochs), "
+                 f"{100 * g['scaffold_vs_pooled_long']:+.0f} % ({config.pooled_epochs} epochs); ")
+    out.append(line + f"alone, others' minus own AbsRel: {g['alone_others_minus_own']:+.3f}. Goal tests: "
                + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in g["met"].items()) + ".")
     bad = {r: v for r, v in s.get("rovers", {}).items() if v != "ok"}
     if bad:
@@ -416,7 +475,7 @@ def write_outputs(result: dict, config: AdaptationConfig, out_dir: Path) -> None
     for key, label in (("absrel", "AbsRel, all rovers' held-out"), ("delta1", "δ<1.25, all rovers' held-out"),
                        ("others/absrel", "AbsRel, rover alone: others' held-out")):
         curves = {}
-        for method in ("alone", "fedavg", "pooled"):
+        for method in ("alone", *FEDERATED, "pooled"):
             mine = [r["rounds"] for r in runs if r["method"] == method and key in r["rounds"][-1]]
             if mine:
                 curves[method] = curve_stats(mine, key)

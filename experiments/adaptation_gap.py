@@ -43,6 +43,7 @@ from experiments.adaptation import (
 )
 from forest_perception.collab.algorithms import fedavg
 from forest_perception.collab.flower.task import (
+    ControlledStep,
     LocalData,
     TaskConfig,
     build_model,
@@ -141,45 +142,6 @@ def iid_shards(rovers: dict[str, LocalData], seed: int) -> dict[str, LocalData]:
         first += data.num_train
         out[rover] = dataclasses.replace(data, train_images=images[pick], train_depth=depth[pick])
     return out
-
-
-class ControlledStep:
-    """An optimiser whose every step first corrects each gradient by ``correction`` (SCAFFOLD's ``c - c_i``).
-
-    It keeps the mean of the raw (uncorrected) gradients of its steps, the rover's control variate for the next
-    round. Stands in for the optimiser in :func:`train_local` (``param_groups``, ``zero_grad``, ``step``).
-    """
-
-    def __init__(self, inner: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-                 correction: list[torch.Tensor] | None) -> None:
-        self.inner, self.params, self.correction = inner, params, correction
-        self.grad_sum = [torch.zeros_like(p) for p in params]
-        self.steps = 0
-
-    @property
-    def param_groups(self) -> list[dict]:
-        """The wrapped optimiser's parameter groups (its learning rate is set there)."""
-        return self.inner.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the gradients."""
-        self.inner.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        """Keep the raw gradients, correct them, step the wrapped optimiser."""
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                if p.grad is None:
-                    continue
-                self.grad_sum[i] += p.grad
-                if self.correction is not None:
-                    p.grad += self.correction[i]
-        self.steps += 1
-        self.inner.step()
-
-    def mean_gradient(self) -> list[torch.Tensor]:
-        """The mean raw gradient over this round's steps."""
-        return [g / max(self.steps, 1) for g in self.grad_sum]
 
 
 def _local_round(model: torch.nn.Module, data: LocalData, task: TaskConfig, seed: int,

@@ -109,7 +109,7 @@ def _add_population_args(parser: argparse.ArgumentParser) -> None:
                         help="make rover I misbehave: nan, inf, shape, dtype, count, huge, stale, no-data, crash")
     parser.add_argument("--population-seed", type=non_negative_int, default=0, help="seed of the rover population")
     parser.add_argument("--algorithm", default=None,
-                        help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust, dc-ccl (needs --set "
+                        help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust, scaffold, dc-ccl (needs --set "
                              "dcccl-mimic=FILE), coda (needs --set coda-index=FILE), iciia (needs --set "
                              "iciia-module=FILE; the rovers score it with and without history, nothing trains)")
     parser.add_argument("--rounds", type=positive_int, default=None,
@@ -457,7 +457,8 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
                         help="virtual rovers' frames (default: the network's input size, 64x48 without --init)")
     deploy.add_argument("--rounds", type=non_negative_int, default=None,
                         help="num-server-rounds (0: start the swarm, submit nothing)")
-    deploy.add_argument("--algorithm", default=None, help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust")
+    deploy.add_argument("--algorithm", default=None,
+                        help="fedavg, fedsubavg, fedlaavg, mm-psgd, mc-psgd, robust, scaffold")
     deploy.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any run config key")
     _add_network_args(deploy)
     deploy.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on")

@@ -27,6 +27,8 @@ from forest_perception.collab.flower.messages import (
     CHAIN_KEYS,
     CHANGE_PREFIX,
     CONFIG_KEY,
+    CONTROL_KEY,
+    CORRECTION_KEY,
     INFLUENCE_PREFIX,
     NO_DATA,
     NO_HOLDOUT,
@@ -39,6 +41,7 @@ from forest_perception.collab.flower.messages import (
     put_update,
     status_reply,
     train_reply,
+    unpack_record,
 )
 from forest_perception.collab.flower.network import ARCHITECTURE_KEYS
 from forest_perception.collab.flower.population import load_population, recorded_rover_ids, rover_data_folders
@@ -183,7 +186,9 @@ def drop_global_model(context: Context, server_round: int, names: list[str], arr
 def handle_train(message: Message, context: Context, overrides: Mapping | None = None) -> Message:
     """Train on the local training segments from the global model (and MC-PSGD's separate chain); reply with deltas.
 
-    A rover without usable recordings replies ``no-data`` (naming the folder) instead of an update.
+    Under scaffold every local gradient is corrected by the message's ``scaffold-correction`` (from the rover's
+    second round) and the reply carries the rover's new control (``scaffold-control``). A rover without usable
+    recordings replies ``no-data`` (naming the folder) instead of an update.
     """
     base_config = merge_run_config(context.run_config, overrides)
     identity = resolve_rover(context, base_config)
@@ -203,11 +208,17 @@ def handle_train(message: Message, context: Context, overrides: Mapping | None =
     chains = ["mixed", "separate"] if SEPARATE_KEY in message.content.array_records else ["mixed"]
     base_round = server_round
     max_staleness = int(message.content.config_records[CONFIG_KEY].get("max-staleness", 0))
+    scaffold = message.content.config_records[CONFIG_KEY].get("algorithm") == "scaffold"
+    correction = (unpack_record(message.content.array_records[CORRECTION_KEY], CORRECTION_KEY)
+                  if CORRECTION_KEY in message.content.array_records else None)
     for chain in chains:
         names, arrays = global_arrays(message, CHAIN_KEYS[chain][0])
         if chain == "mixed":
             drop_global_model(context, server_round, names, arrays, task)
-        result = local_round(names, arrays, data, task, identity.scope, seed)
+        result = local_round(names, arrays, data, task, identity.scope, seed, scaffold=scaffold,
+                             correction=correction)
+        if result.control is not None:
+            content[CONTROL_KEY] = arrays_to_record(list(result.control), list(result.control.values()))
         deltas, base_round = inject_fault(identity.fault, result.deltas, server_round, server_round, max_staleness)
         put_update(content, names[: len(deltas)], deltas, result.rows, chain)
         if chain == "mixed":

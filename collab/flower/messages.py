@@ -32,6 +32,8 @@ META_KEY = "meta"  # rover -> server: ConfigRecord with rover-id, base-round, ki
 NUM_EXAMPLES = "num-examples"
 INFLUENCE_PREFIX = "influence:"  # server -> rover (Fed-Influence): "influence:<rover>", that rover's Delta per tensor
 CHANGE_PREFIX = "change:"  # rover -> server: "change:<rover>", the change of this rover's delta along that Delta
+CORRECTION_KEY = "scaffold-correction"  # server -> rover (scaffold): c - c_i per trained tensor, from round 2
+CONTROL_KEY = "scaffold-control"  # rover -> server (scaffold): c_i, the mean raw gradient of its local steps
 NO_DATA = "no-data"  # meta status of a rover that has no usable recordings (nothing trained or evaluated)
 NO_HOLDOUT = "no-holdout"  # meta status of an evaluation by a rover with nothing held out (a single segment)
 

@@ -22,6 +22,7 @@ from forest_perception.collab.algorithms import (
     AggregateResult,
     FedLaAvgServer,
     FedSubAvgServer,
+    ScaffoldServer,
     SemiCyclicServer,
     fedavg,
     normalisation_buffers,
@@ -31,6 +32,8 @@ from forest_perception.collab.flower.messages import (
     ARRAYS_KEY,
     CHANGE_PREFIX,
     CONFIG_KEY,
+    CONTROL_KEY,
+    CORRECTION_KEY,
     INFLUENCE_PREFIX,
     META_KEY,
     METRICS_KEY,
@@ -39,7 +42,9 @@ from forest_perception.collab.flower.messages import (
     arrays_to_record,
     metric_value,
     prefixed_records,
+    record_bytes,
     send_and_receive,
+    unpack_record,
 )
 from forest_perception.collab.flower.rover_strategy import Availability, AveragingServer, RoverStrategy, StrategyConfig
 from forest_perception.collab.influence import InfluenceEstimator
@@ -47,8 +52,8 @@ from forest_perception.collab.updates import ClientUpdate, NDArrays, UpdateRejec
 
 LOG = logging.getLogger(__name__)
 
-ALGORITHMS: tuple[str, ...] = ("fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc-psgd", "robust", "dc-ccl", "coda",
-                                 "iciia")
+ALGORITHMS: tuple[str, ...] = ("fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc-psgd", "robust", "scaffold", "dc-ccl",
+                                 "coda", "iciia")
 
 
 class FedAvgStrategy(RoverStrategy):
@@ -184,6 +189,71 @@ class RobustStrategy(RoverStrategy):
             "robust", initial, rule, s.max_norm, s.max_staleness,
             {"server_lr": s.server_lr, "clip_norm": s.clip_norm, "trim_fraction": s.trim_fraction},
         )
+
+
+class ScaffoldStrategy(RoverStrategy):
+    """SCAFFOLD: FedAvg with control variates (:class:`~forest_perception.collab.algorithms.ScaffoldServer`).
+
+    The coordinator keeps every rover's control ``c_i`` and sends each selected rover its own correction
+    ``c - c_i`` (``scaffold-correction``) beside the global model, so the rovers stay stateless; each rover answers
+    with its delta and its new control (``scaffold-control``). An update without a usable control is refused
+    (``bad_control``).
+    """
+
+    algorithm = "scaffold"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - RoverStrategy's arguments
+        super().__init__(*args, **kwargs)
+        self._round_controls: dict[str, dict | None] = {}
+
+    def make_server(self, initial: NDArrays) -> ScaffoldServer:
+        """The SCAFFOLD server (global model and every rover's latest control)."""
+        s = self.settings
+        return ScaffoldServer(initial, self.names, server_lr=s.server_lr, max_norm=s.max_norm,
+                              max_staleness=s.max_staleness)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The round's train messages, each rover heard from before with its own correction added."""
+        out = []
+        for message in super().configure_train(server_round, arrays, config, grid):
+            node = message.metadata.dst_node_id
+            rover = self.directory.get(node, f"node-{node}")
+            correction = self.server.correction(rover)
+            if correction is None:
+                out.append(message)
+                continue
+            content = RecordDict(dict(message.content.items()))  # the shared records, and this rover's own
+            content[CORRECTION_KEY] = arrays_to_record(list(correction), list(correction.values()))
+            self._entry(self.last_record, node, rover, "mixed").bytes_down = record_bytes(content)
+            out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Read every reply's control, then aggregate as FedAvg (the server refuses updates without one)."""
+        replies = list(replies)
+        self._round_controls = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            node = reply.metadata.src_node_id
+            rover = self.directory.get(node, f"node-{node}")
+            record = reply.content.array_records.get(CONTROL_KEY)
+            try:
+                self._round_controls[rover] = None if record is None else unpack_record(record, CONTROL_KEY)
+            except ValueError as exc:
+                LOG.warning("round %d: rover %r sent an unreadable control variate: %s", server_round, rover, exc)
+                self._round_controls[rover] = None
+        return super().aggregate_train(server_round, replies)
+
+    def run_server(
+        self, server_round: int, updates: list[ClientUpdate], separate: list[ClientUpdate]
+    ) -> AggregateResult:
+        """FedAvg of the updates whose controls pass; their controls are kept."""
+        return self.server.aggregate(server_round, updates, self._round_controls)
 
 
 class FedLaAvgStrategy(RoverStrategy):
@@ -349,6 +419,8 @@ def build_strategy(
         return IciiaStrategy(names, initial, **kwargs)
     if algorithm == "fedlaavg":
         return FedLaAvgStrategy(names, initial, **kwargs)
+    if algorithm == "scaffold":
+        return ScaffoldStrategy(names, initial, **kwargs)
     if algorithm in ("mm-psgd", "mc-psgd"):
         return SemiCyclicStrategy(names, initial, mode=algorithm[:2], **kwargs)
     raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
@@ -363,6 +435,7 @@ __all__ = [
     "FedSubAvgStrategy",
     "RobustStrategy",
     "RoverStrategy",
+    "ScaffoldStrategy",
     "SemiCyclicStrategy",
     "StrategyConfig",
     "build_strategy",

@@ -514,9 +514,17 @@ def run_local_epochs(batch_loss: BatchLoss, optimizer: torch.optim.Optimizer, nu
                      seed: int, where: str) -> dict[str, float]:
     """``config.local_epochs`` epochs of shuffled mini-batches (at most ``config.local_steps`` steps).
 
-    ``seed`` fixes the shuffle order; a non-finite loss raises ``FloatingPointError`` naming ``where``.
+    ``seed`` fixes the shuffle order and the network's own randomness (dropout; the global generator is restored
+    afterwards); a non-finite loss raises ``FloatingPointError`` naming ``where``.
     Returns ``train-loss`` (frame-weighted mean), ``steps``, ``train-s``.
     """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _run_local_epochs(batch_loss, optimizer, num_frames, config, seed, where)
+
+
+def _run_local_epochs(batch_loss: BatchLoss, optimizer: torch.optim.Optimizer, num_frames: int, config: TaskConfig,
+                      seed: int, where: str) -> dict[str, float]:
     if config.threads:
         torch.set_num_threads(config.threads)
     generator = torch.Generator().manual_seed(seed)
@@ -596,6 +604,72 @@ def proximal_term(model: nn.Module, mu: float) -> Callable[[], torch.Tensor] | N
     return term
 
 
+class ControlledStep:
+    """An optimiser whose every step first adds ``correction`` to the gradients (SCAFFOLD's ``c - c_i``).
+
+    It keeps the mean of the raw (uncorrected) gradients of its steps: the rover's control variate for the next
+    round (:meth:`mean_gradient`). Stands in for the optimiser in :func:`train_local` (``param_groups``,
+    ``zero_grad``, ``step``); ``correction`` (one tensor per parameter, or None: no correction) is not trained.
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer, params: Sequence[nn.Parameter],
+                 correction: Sequence[torch.Tensor | None] | None) -> None:
+        if correction is not None and len(correction) != len(params):
+            raise ValueError(f"{len(correction)} correction tensors for {len(params)} parameters")
+        self.inner, self.params, self.correction = inner, list(params), correction
+        self.grad_sum = [torch.zeros_like(p) for p in self.params]
+        self.steps = 0
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The wrapped optimiser's parameter groups (its learning rate is set there)."""
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients."""
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        """Keep the raw gradients, correct them, step the wrapped optimiser."""
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if p.grad is None:
+                    continue
+                self.grad_sum[i] += p.grad
+                if self.correction is not None and self.correction[i] is not None:
+                    p.grad += self.correction[i]
+        self.steps += 1
+        self.inner.step()
+
+    def mean_gradient(self) -> list[torch.Tensor]:
+        """The mean raw gradient over the steps so far."""
+        return [g / max(self.steps, 1) for g in self.grad_sum]
+
+
+def controlled_optimizer(model: nn.Module, config: TaskConfig, scope: str,
+                         correction: Mapping[str, np.ndarray] | None) -> tuple[ControlledStep, list[str]]:
+    """SCAFFOLD's local optimiser over the tensors ``scope`` trains, corrected by ``correction`` (by tensor name).
+
+    Returns the optimiser and the names of the parameters it steps (the keys of the rover's control). A correction
+    for a tensor that is not trained here, or of another shape, raises ``ValueError`` naming it.
+    """
+    _apply_scope(model, scope, config.freeze_batchnorm)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    tensors = None
+    if correction is not None:
+        shapes = {n: tuple(p.shape) for n, p in named}
+        for name, value in correction.items():
+            if name not in shapes:
+                raise ValueError(f"SCAFFOLD correction for tensor {name!r}, which this rover does not train")
+            if tuple(np.shape(value)) != shapes[name]:
+                raise ValueError(f"SCAFFOLD correction of {name!r} has shape {tuple(np.shape(value))}, the tensor "
+                                 f"{shapes[name]}")
+        tensors = [None if n not in correction else torch.as_tensor(np.asarray(correction[n]), dtype=p.dtype)
+                   for n, p in named]
+    step = ControlledStep(local_optimizer(model, config), [p for _, p in named], tensors)
+    return step, [n for n, _ in named]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, depth: torch.Tensor, config: TaskConfig) -> dict[str, float]:
     """Loss and depth metrics (``absrel``, ``delta1``, ...) of the model on the given frames."""
@@ -626,6 +700,7 @@ class LocalUpdate:
     deltas: NDArrays
     rows: dict[str, np.ndarray]
     metrics: dict[str, float]
+    control: dict[str, np.ndarray] | None = None  # SCAFFOLD: the mean raw gradient of the round, by tensor name
 
 
 def compute_delta(
@@ -673,11 +748,18 @@ def local_round(
     config: TaskConfig,
     scope: str = "all",
     seed: int = 0,
+    scaffold: bool = False,
+    correction: Mapping[str, np.ndarray] | None = None,
 ) -> LocalUpdate:
-    """Train from the global model, evaluate the result on the validation frames, return the delta."""
+    """Train from the global model, evaluate the result on the validation frames, return the delta.
+
+    With ``scaffold`` every gradient is first corrected by ``correction`` (``c - c_i`` by tensor name, none in the
+    rover's first round) and the update carries the rover's new control (:class:`ControlledStep`).
+    """
     model = build_model(config)
     set_arrays(model, names, global_arrays)
-    train_metrics = train_local(model, data, config, scope, seed)
+    optimizer, trained = (controlled_optimizer(model, config, scope, correction) if scaffold else (None, []))
+    train_metrics = train_local(model, data, config, scope, seed, optimizer=optimizer)
     val = evaluate(model, data.val_images, data.val_depth, config)
     deltas, rows = compute_delta(names, global_arrays, model, scope)
     metrics = {
@@ -691,4 +773,7 @@ def local_round(
         "lr": float(config.lr),
         "val-is-train": float(data.val_is_train),
     }
-    return LocalUpdate(deltas, rows, metrics)
+    control = None
+    if optimizer is not None:
+        control = {n: g.detach().cpu().numpy().astype(np.float32) for n, g in zip(trained, optimizer.mean_gradient())}
+    return LocalUpdate(deltas, rows, metrics, control)

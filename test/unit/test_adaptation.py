@@ -79,22 +79,37 @@ def test_empty_rover_folder_reports_no_data(rover_folders):
 
 @pytest.mark.slow
 def test_every_method_runs_and_fedavg_round0_is_the_shipped_model(rover_folders, tmp_path):
-    result = adaptation.run(tiny_config(), tmp_path, folders=rover_folders)
+    result = adaptation.run(tiny_config(rounds=2, scaffold_local_epochs=2), tmp_path, folders=rover_folders)
     runs = result["runs"]
     methods = [r["method"] for r in runs]
-    assert methods.count("alone") == 2 and {"shipped", "fedavg", "pooled", "rovers"} <= set(methods)
+    assert methods.count("alone") == 2
+    assert {"shipped", "fedavg", "scaffold", "pooled", "pooled_long", "rovers"} <= set(methods)
     shipped = next(r for r in runs if r["method"] == "shipped")["rounds"][0]
     fed = next(r for r in runs if r["method"] == "fedavg")["rounds"]
-    assert [r["round"] for r in fed] == [0.0, 1.0]
+    assert [r["round"] for r in fed] == [0.0, 1.0, 2.0]
     assert fed[0]["absrel"] == shipped["absrel"] and fed[0]["delta1"] == shipped["delta1"]
     assert fed[1]["selected"] == 3 and fed[1]["accepted"] == 2  # the empty rover replied no data; the round went on
     assert fed[1]["bytes_up"] > 0 and fed[1]["absrel"] != shipped["absrel"]
+    # SCAFFOLD: the same start; each reply carries a control, and from round 2 each message a correction
+    scaffold = next(r for r in runs if r["method"] == "scaffold")["rounds"]
+    assert [r["round"] for r in scaffold] == [0.0, 1.0, 2.0] and scaffold[0]["absrel"] == shipped["absrel"]
+    assert scaffold[1]["bytes_up"] > 1.8 * fed[1]["bytes_up"]
+    # two of the three rovers sent controls (the empty one has no data): two corrections more, about 5/3 as much
+    assert scaffold[2]["bytes_down"] > 1.5 * scaffold[1]["bytes_down"] and scaffold[2]["absrel"] != fed[2]["absrel"]
+    # pooled training scored after every epoch: 2 epochs for FedAvg's comparison, 4 as long as SCAFFOLD's rovers
+    pooled = next(r for r in runs if r["method"] == "pooled")["rounds"]
+    long = next(r for r in runs if r["method"] == "pooled_long")["rounds"]
+    assert [r["round"] for r in long] == [0.0, 1.0, 2.0, 3.0, 4.0] and pooled == long[:3]
+    goal = result["summary"]["goal"]
+    assert goal["scaffold_vs_pooled_long"] == pytest.approx(
+        result["summary"]["methods"]["scaffold"]["absrel"]["mean"] / long[-1]["absrel"] - 1)
     status = result["summary"]["rovers"]
     assert status["rover_0"] == "ok" and status["rover_empty"].startswith(adaptation.NO_DATA)
     assert math.isfinite(result["summary"]["goal"]["fedavg_gain_vs_shipped"])
     for suffix in ("json", "csv", "png"):
         assert (tmp_path / f"adaptation.{suffix}").is_file()
     assert "FedAvg" in adaptation.table(result) and "rover_empty" in adaptation.table(result)
+    assert "SCAFFOLD (Flower, 2 rounds, 2 local epochs)" in adaptation.table(result)
     assert not any(p.name != "Run-1" for p in rover_folders["rover_0"].iterdir() if p.is_dir())  # inputs untouched
 
 

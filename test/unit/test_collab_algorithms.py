@@ -11,6 +11,7 @@ import pytest
 from forest_perception.collab.algorithms import (
     FedLaAvgServer,
     FedSubAvgServer,
+    ScaffoldServer,
     SemiCyclicServer,
     fedavg,
     fedsubavg,
@@ -654,3 +655,60 @@ def test_fedlaavg_trains_a_batchnorm_network_without_breaking_its_statistics():
             np.testing.assert_allclose(fixed.params[t], want, rtol=1e-5)
         assert np.all(fixed.params[var] > 0), f"round {rnd}: running variance {fixed.params[var]}"
     assert math.isfinite(pooled_loss(fixed.params)) and pooled_loss(fixed.params) < pooled_loss(init)
+
+
+# ---------------------------------------------------------------------------------------------- SCAFFOLD
+
+
+def test_scaffold_corrections_are_the_swarm_mean_control_minus_the_rovers_own():
+    names = ["a", "b"]
+    start = [np.zeros((2, 2), np.float32), np.zeros(3, np.float32)]
+    server = ScaffoldServer(start, names)
+    assert server.correction("r0") is None and server.swarm_control() == {}
+    updates = [ClientUpdate("r0", 1, 10, [np.ones((2, 2), np.float32), np.zeros(3, np.float32)]),
+               ClientUpdate("r1", 1, 30, [np.full((2, 2), 2.0, np.float32), np.ones(3, np.float32)])]
+    controls = {"r0": {"a": np.full((2, 2), 1.0, np.float32), "b": np.array([1.0, 2.0, 3.0], np.float32)},
+                "r1": {"a": np.full((2, 2), 3.0, np.float32)}}  # r1 trained only "a"
+    result = server.aggregate(1, updates, controls)
+    assert result.accepted == ["r0", "r1"]
+    np.testing.assert_allclose(result.params[0], np.full((2, 2), (10 * 1 + 30 * 2) / 40))  # sample-weighted FedAvg
+    swarm = server.swarm_control()
+    np.testing.assert_allclose(swarm["a"], 2.0)
+    np.testing.assert_allclose(swarm["b"], [1.0, 2.0, 3.0])  # only r0 has a control of "b"
+    r1 = server.correction("r1")
+    assert sorted(r1) == ["a"] and r1["a"].dtype == np.float32
+    np.testing.assert_allclose(r1["a"], -1.0)
+    np.testing.assert_allclose(server.correction("r0")["a"], 1.0)
+    np.testing.assert_allclose(server.correction("r0")["b"], 0.0)
+    assert server.correction("r2") is None  # not heard from: trains uncorrected
+
+
+@pytest.mark.parametrize("control, words", [
+    (None, "no control"),
+    ({"c": np.zeros(3, np.float32)}, "'c'"),
+    ({"b": np.zeros(4, np.float32)}, "shape"),
+    ({"b": np.array([0.0, np.inf, 0.0], np.float32)}, "not finite"),
+])
+def test_scaffold_refuses_an_update_whose_control_is_unusable_and_keeps_the_model(control, words):
+    start = [np.zeros((2, 2), np.float32), np.zeros(3, np.float32)]
+    server = ScaffoldServer(start, ["a", "b"])
+    result = server.aggregate(1, [ClientUpdate("r0", 1, 10, [np.ones((2, 2), np.float32), np.ones(3, np.float32)])],
+                              {"r0": control})
+    assert result.accepted == [] and [r.reason for r in result.rejected] == ["bad_control"]
+    assert words in result.rejected[0].message and "r0" in result.rejected[0].message
+    np.testing.assert_array_equal(result.params[0], start[0])
+    assert server.num_controls == 0
+
+
+def test_scaffold_state_survives_a_blob_and_refuses_another_config():
+    start = [np.zeros(2, np.float32)]
+    server = ScaffoldServer(start, ["w"], server_lr=1.0)
+    server.aggregate(1, [ClientUpdate("r0", 1, 5, [np.ones(2, np.float32)])], {"r0": {"w": np.ones(2, np.float32)}})
+    resumed = ScaffoldServer(start, ["w"], server_lr=1.0)
+    resumed.load_state_dict(unpack_state(pack_state(server.state_dict())))
+    np.testing.assert_array_equal(resumed.params[0], server.params[0])
+    np.testing.assert_array_equal(resumed.control("r0")["w"], server.control("r0")["w"])
+    with pytest.raises(ValueError, match="not after"):
+        resumed.aggregate(1, [], {})
+    with pytest.raises(ValueError, match="server_lr"):
+        ScaffoldServer(start, ["w"], server_lr=0.5).load_state_dict(server.state_dict())

@@ -334,3 +334,65 @@ def test_fed_influence_through_the_real_clientapp_and_quarantine(data, tmp_path,
     records = coordinator.run(LocalGrid(make_client_app(held), 2, run_config=held))
     coordinator.store.close()
     assert records[0].selected == ["rover_0"]
+
+
+# ---------------------------------------------------------------------------------------------- SCAFFOLD
+
+
+def test_scaffold_local_round_keeps_the_mean_raw_gradient_and_steps_with_the_correction(data, tmp_path):
+    from forest_perception.collab.flower.network import read_init
+    from forest_perception.collab.flower.task import TaskConfig, load_local_data, local_round, merge_run_config
+
+    init = read_init(str(write_checkpoint(tmp_path / "tiny.pt")))
+    task = TaskConfig.from_run_config(merge_run_config({"init": str(tmp_path / "tiny.pt"), "local-steps": 2,
+                                                        "optimizer": "sgd", "lr": 0.01}))
+    rover = load_local_data(data["rover_0"], task)
+    plain = local_round(init.names, init.arrays, rover, task, seed=5)
+    first = local_round(init.names, init.arrays, rover, task, seed=5, scaffold=True)
+    assert plain.control is None
+    # no correction yet: the same steps as plain training, and a control for every trained tensor
+    for a, b in zip(plain.deltas, first.deltas):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    trained = [n for n in init.names if "running_" not in n and "num_batches" not in n]
+    assert sorted(first.control) == sorted(trained)
+    assert all(np.all(np.isfinite(c)) and c.dtype == np.float32 for c in first.control.values())
+    # SGD with a constant correction g: every step moves each weight by a further -lr * g
+    shift = {n: np.full(c.shape, 0.5, np.float32) for n, c in first.control.items()}
+    corrected = local_round(init.names, init.arrays, rover, task, seed=5, scaffold=True, correction=shift)
+    index = init.names.index(trained[0])
+    moved = corrected.deltas[index] - first.deltas[index]
+    assert float(np.abs(moved).max()) > 1e-4  # the correction changed the local steps
+    with pytest.raises(ValueError, match="does not train"):
+        local_round(init.names, init.arrays, rover, task, scaffold=True, correction={"no.such": np.zeros(1)})
+    with pytest.raises(ValueError, match="shape"):
+        local_round(init.names, init.arrays, rover, task, scaffold=True,
+                    correction={trained[0]: np.zeros(1, np.float32)})
+
+
+def test_scaffold_rounds_through_the_real_clientapp_keep_every_rovers_control(data, tmp_path):
+    from forest_perception.collab.flower.client_app import make_client_app
+    from forest_perception.collab.flower.local_grid import LocalGrid
+    from forest_perception.collab.flower.population import recorded_population
+    from forest_perception.collab.flower.server_app import build_coordinator
+    from forest_perception.collab.flower.task import merge_run_config
+
+    init = write_checkpoint(tmp_path / "tiny.pt")
+    population = recorded_population([data["rover_0"], data["rover_1"], data["empty"]])
+    config = merge_run_config({
+        "population": str(population.save(tmp_path / "population.json")), "state-db": str(tmp_path / "c.db"),
+        "init": str(init), "num-server-rounds": 2, "local-steps": 2, "algorithm": "scaffold",
+    })
+    coordinator = build_coordinator(config)
+    records = coordinator.run(LocalGrid(make_client_app(config), len(population), run_config=config))
+    coordinator.store.close()
+    for record in records:
+        status = {(e.rover_id, e.status, e.reason) for e in record.entries}
+        assert status == {("rover_0", "accepted", ""), ("rover_1", "accepted", ""), ("empty", "failed", "no_data")}
+    server = coordinator.strategy.server
+    assert server.num_controls == 2 and server.control("empty") is None
+    down = [{e.rover_id: e.bytes_down for e in r.entries} for r in records]
+    up = [{e.rover_id: e.bytes_up for e in r.entries} for r in records]
+    model_bytes = sum(a.nbytes for a in server.params)
+    # round 2 carries each rover's correction: about one model more down; every reply carries a control
+    assert down[1]["rover_0"] - down[0]["rover_0"] > 0.9 * model_bytes
+    assert up[0]["rover_0"] > 1.9 * model_bytes

@@ -14,6 +14,8 @@ from forest_perception.collab.flower.local_grid import LocalGrid
 from forest_perception.collab.flower.messages import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    CONTROL_KEY,
+    CORRECTION_KEY,
     META_KEY,
     METRICS_KEY,
     ROWS_KEY,
@@ -26,6 +28,7 @@ from forest_perception.collab.flower.messages import (
     put_update,
     record_to_arrays,
     train_reply,
+    unpack_record,
 )
 from forest_perception.collab.flower.strategies import AveragingServer, StrategyConfig, build_strategy
 from forest_perception.collab.state import pack_state, unpack_state
@@ -54,9 +57,21 @@ def chain_score(arrays) -> float:
     return float(np.abs(arrays[0][0]).sum())
 
 
-def fake_rover_app(behaviour: dict[str, str] | None = None, num_examples: dict[str, int] | None = None) -> ClientApp:
-    """Numpy rovers: an honest delta from (rover, round), or a misbehaviour named in ``behaviour``."""
+def fake_control(rover: int, server_round: int, name: str) -> np.ndarray:
+    """The fake rovers' SCAFFOLD control of one tensor: a function of (rover, round, tensor)."""
+    rng = np.random.default_rng([rover, server_round, NAMES.index(name)])
+    return rng.normal(size=SHAPES[NAMES.index(name)]).astype(np.float32)
+
+
+def fake_rover_app(behaviour: dict[str, str] | None = None, num_examples: dict[str, int] | None = None,
+                   corrections: dict | None = None) -> ClientApp:
+    """Numpy rovers: an honest delta from (rover, round), or a misbehaviour named in ``behaviour``.
+
+    Under scaffold each rover also sends a control (:func:`fake_control`) and notes in ``corrections`` the correction
+    it was sent (``{rover: {round: {tensor: array}}}``).
+    """
     behaviour = behaviour or {}
+    corrections = {} if corrections is None else corrections
     num_examples = num_examples or {}
     app = ClientApp()
 
@@ -94,6 +109,14 @@ def fake_rover_app(behaviour: dict[str, str] | None = None, num_examples: dict[s
             rows = {NAMES[0]: np.zeros(0, np.int64)}
         content = RecordDict()
         put_update(content, names, deltas, rows)
+        if config.get("algorithm") == "scaffold" and kind != "no-control":
+            if CORRECTION_KEY in message.content.array_records:  # what the coordinator told this rover
+                corrections.setdefault(rover, {})[server_round] = unpack_record(message.content[CORRECTION_KEY])
+            trained = names[1:] if kind == "decoder" else names
+            control = {n: fake_control(int(rover.split("_")[1]), server_round, n) for n in trained}
+            if kind == "bad-control":
+                control[NAMES[1]] = control[NAMES[1]] * np.nan
+            content[CONTROL_KEY] = arrays_to_record(list(control), list(control.values()))
         metrics = {"num-examples": num_examples.get(rover, 10), "train-loss": 1.0 + 0.1 * int(rover[-1]),
                    "val-loss": float(config.get("block", 0)) + 0.5, "absrel": 0.2, "delta1": 0.7}
         if SEPARATE_KEY in message.content.array_records:
@@ -258,6 +281,35 @@ def test_robust_trimmed_mean_keeps_one_outlier_within_the_norm_limit_out():
     assert max(float(np.abs(g - i).max()) for g, i in zip(params, initial())) < 1.0  # FedAvg would jump ~1e4
 
 
+def test_scaffold_sends_each_rover_its_own_correction_and_refuses_an_update_without_a_usable_control():
+    corrections: dict = {}
+    grid = LocalGrid(fake_rover_app({"rover_2": "no-control", "rover_3": "bad-control"}, corrections=corrections), 4)
+    strategy = build_strategy("scaffold", NAMES, initial())
+    messages, params, metrics = run_round(strategy, grid, 1)
+    assert all(CORRECTION_KEY not in m.content.array_records for m in messages)  # nobody has a control yet
+    status = {e.rover_id: (e.status, e.reason) for e in strategy.last_record.entries}
+    assert status == {"rover_0": ("accepted", ""), "rover_1": ("accepted", ""),
+                      "rover_2": ("rejected", "bad_control"), "rover_3": ("rejected", "bad_control")}
+    refusals = {e.rover_id: e.message for e in strategy.last_record.entries}
+    assert "no control" in refusals["rover_2"] and "not finite" in refusals["rover_3"]
+    # the model moved by the accepted rovers' mean delta only
+    for got, want in zip(params, fedavg(initial(), updates_of([0, 1], 1))):
+        np.testing.assert_allclose(got, want, atol=1e-7)
+    bytes_1 = {e.rover_id: e.bytes_down for e in strategy.last_record.entries}
+
+    messages, _, _ = run_round(strategy, grid, 2)
+    swarm = {n: (fake_control(0, 1, n) + fake_control(1, 1, n)) / 2 for n in NAMES}
+    assert sorted(corrections) == ["rover_0", "rover_1"]  # the refused rovers have no control on the coordinator
+    for r in (0, 1):
+        got = corrections[f"rover_{r}"][2]
+        assert sorted(got) == sorted(NAMES)
+        for n in NAMES:
+            np.testing.assert_allclose(got[n], swarm[n] - fake_control(r, 1, n), atol=1e-6)
+    bytes_2 = {e.rover_id: e.bytes_down for e in strategy.last_record.entries}
+    model_bytes = 4 * sum(int(np.prod(s)) for s in SHAPES)
+    assert bytes_2["rover_0"] - bytes_1["rover_0"] >= model_bytes and bytes_2["rover_2"] == bytes_1["rover_2"]
+
+
 @pytest.mark.parametrize("mode", ["mm", "mc"])
 def test_semicyclic_rounds_carry_their_block_and_evaluation_uses_its_predictor(mode):
     grid = LocalGrid(fake_rover_app(), 3)
@@ -325,7 +377,7 @@ def test_the_directory_refuses_a_second_claim_to_a_rover_and_follows_a_reconnect
     assert metrics["accepted"] == 2 and {e.rover_id for e in strategy.last_record.entries} == {"rover_0", "rover_2"}
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc-psgd", "robust"])
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedsubavg", "fedlaavg", "mm-psgd", "mc-psgd", "robust", "scaffold"])
 def test_state_dict_survives_a_blob_and_resumes_identically(algorithm):
     config = StrategyConfig(fraction_train=0.75, clip_norm=1.0 if algorithm == "robust" else None)
     first = build_strategy(algorithm, NAMES, initial(), config)
