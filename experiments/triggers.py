@@ -46,6 +46,8 @@ class TriggersConfig(adaptation.AdaptationConfig):
     budgets: tuple[str, ...] = ("epochs",)
     """``epochs``: the same rounds x local epochs (fewer frames, fewer steps); ``steps``: as many optimiser steps
     per round as all frames take"""
+    scaffold_local_epochs: int = 0
+    """no SCAFFOLD run here (the triggers are compared with FedAvg only)"""
 
     @classmethod
     def quick(cls) -> TriggersConfig:
