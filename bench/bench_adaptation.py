@@ -1,4 +1,4 @@
-"""Headline figures of the new-forest adaptation: AbsRel shipped vs FedAvg vs pooled, bytes and seconds per round.
+"""Headline figures of the new-forest adaptation: AbsRel shipped vs FedAvg/SCAFFOLD vs pooled, bytes and s per round.
 
     .venv/bin/python bench/bench_adaptation.py     # one quick run (records the swarm once; ~10 min on 2 cores)
     .venv/bin/python bench/bench_adaptation.py --json experiments/results/adaptation.json   # figures of a saved run
@@ -33,6 +33,23 @@ def figures(result: dict) -> list[str]:
         f"FedAvg / shipped = {fed / shipped:.2f} ({100 * (1 - fed / shipped):.0f} % better); "
         f"FedAvg / pooled = {fed / pooled:.2f}",
         f"per round: {costs.get('bytes_down', {}).get('mean', float('nan')) / 1e6:.2f} MB down, "
+        f"{costs.get('bytes_up', {}).get('mean', float('nan')) / 1e6:.2f} MB up, "
+        f"{costs.get('wall_s', {}).get('mean', float('nan')):.1f} s wall",
+    ] + scaffold_figures(s)
+
+
+def scaffold_figures(summary: dict) -> list[str]:
+    """SCAFFOLD's lines, when the run has it: against shipped, pooled and pooled trained as long; its costs."""
+    m = summary["methods"]
+    if "scaffold_costs" not in summary:
+        return []
+    shipped, pooled = m["shipped"]["absrel"]["mean"], m["pooled"]["absrel"]["mean"]
+    scaffold, long = m["scaffold"]["absrel"]["mean"], m["pooled_long"]["absrel"]["mean"]
+    costs = summary["scaffold_costs"]
+    return [
+        f"SCAFFOLD {scaffold:.3f}: / shipped = {scaffold / shipped:.2f}; / pooled = {scaffold / pooled:.2f}; "
+        f"/ pooled trained as long ({long:.3f}) = {scaffold / long:.2f}",
+        f"SCAFFOLD per round: {costs.get('bytes_down', {}).get('mean', float('nan')) / 1e6:.2f} MB down, "
         f"{costs.get('bytes_up', {}).get('mean', float('nan')) / 1e6:.2f} MB up, "
         f"{costs.get('wall_s', {}).get('mean', float('nan')):.1f} s wall",
     ]
