@@ -566,6 +566,7 @@ class ScaffoldServer:
         self.max_norm = max_norm
         self.max_staleness = int(max_staleness)
         self._controls: dict[str, Control] = {}  # rover -> its latest control (float64)
+        self._swarm: Control | None = None  # their mean, kept until the controls change
         self._last_round = 0
 
     @property
@@ -583,22 +584,28 @@ class ScaffoldServer:
         own = self._controls.get(client_id)
         return None if own is None else {n: a.copy() for n, a in own.items()}
 
+    def _swarm_mean(self) -> Control:
+        """``c``, computed once after the controls change (every selected rover's correction reads it)."""
+        if self._swarm is None:
+            sums: dict[str, np.ndarray] = {}
+            counts: dict[str, int] = {}
+            for own in self._controls.values():
+                for name, value in own.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                    counts[name] = counts.get(name, 0) + 1
+            self._swarm = {n: sums[n] / counts[n] for n in sums}
+        return self._swarm
+
     def swarm_control(self) -> Control:
-        """``c``: per tensor, the mean of the stored controls that have it (empty before any)."""
-        sums: dict[str, np.ndarray] = {}
-        counts: dict[str, int] = {}
-        for own in self._controls.values():
-            for name, value in own.items():
-                sums[name] = sums.get(name, 0.0) + value
-                counts[name] = counts.get(name, 0) + 1
-        return {n: sums[n] / counts[n] for n in sums}
+        """``c``: per tensor, the mean of the stored controls that have it (empty before any); a copy."""
+        return {n: a.copy() for n, a in self._swarm_mean().items()}
 
     def correction(self, client_id: str) -> Control | None:
         """``c - c_i`` over the tensors of ``client_id``'s control (float32), or None for a rover not heard from."""
         own = self._controls.get(client_id)
         if own is None:
             return None
-        swarm = self.swarm_control()
+        swarm = self._swarm_mean()
         return {n: (swarm[n] - value).astype(np.float32) for n, value in own.items()}
 
     def check_control(self, client_id: str, control: Control | None) -> Control:
@@ -641,6 +648,7 @@ class ScaffoldServer:
         if kept:
             self._params = fedavg(self._params, kept, server_lr=self.server_lr)
             self._controls.update(checked)
+            self._swarm = None
         return AggregateResult(self.params, int(server_round), [u.client_id for u in kept], rejected)
 
     def _config(self) -> dict:
@@ -661,6 +669,7 @@ class ScaffoldServer:
         controls = {str(cid): self.check_control(str(cid), own) for cid, own in state["controls"].items()}
         self._params = [np.asarray(a).astype(p.dtype) for a, p in zip(state["params"], self._params)]
         self._controls = controls
+        self._swarm = None
         self._last_round = int(state["last_round"])
 
 
