@@ -10,6 +10,7 @@ Examples::
     forest-train eval --model multiscale_320x240 --data data/test
     forest-train eval-styles --model multiscale_320x240 autoencoder_160x128 --data styles/hilly styles/dense --out r
     forest-train blend --checkpoint autoencoder_320x240 runs/ft/checkpoints/best.pt --weights 0.5 0.5 --out b.pt
+    forest-train grow --checkpoint multiscale_320x240 --coarse-blocks 2 --coarse-squeeze 16 --data DATA --out g.pt
 
 A ``--out`` that already holds a run is refused unless ``--resume`` continues it or ``--overwrite`` replaces it.
 Bad input (a missing or broken file, a folder that is no dataset, a bad flag value, an ``--out`` that cannot be
@@ -275,14 +276,36 @@ def _add_blend(sub: argparse._SubParsersAction) -> None:
     blend.set_defaults(handler=_blend)
 
 
+def _add_grow(sub: argparse._SubParsersAction) -> None:
+    grow = sub.add_parser("grow", help="a bigger multi-scale network that starts as a trained one (Net2Net)",
+                          formatter_class=DefaultsHelpFormatter,
+                          description="Add 128-channel 3x3 conv blocks at 1/16 to the coarse network (each starts "
+                          "as the identity) and/or widen the squeeze before its FC layers (the new channels start "
+                          "unread): the output checkpoint predicts what the source does, and fine-tuning it with "
+                          "'train --init' uses the new capacity. The frames of --data give the new BatchNorm "
+                          "statistics and the check.")
+    grow.add_argument("--checkpoint", required=True, metavar="CKPT",
+                      help="a multi-scale checkpoint file or shipped model name")
+    grow.add_argument("--coarse-blocks", type=int, required=True, metavar="N",
+                      help="coarse 1/16 blocks after the first, in the grown network (at least the source's)")
+    grow.add_argument("--coarse-squeeze", type=int, required=True, metavar="N",
+                      help="channels of the squeeze before the FC layers (at least the source's; shipped: 8)")
+    grow.add_argument("--data", nargs="+", required=True, metavar="DIR", help="dataset folders for the frames")
+    grow.add_argument("--frames", type=positive_int, default=64, help="frames, spread evenly over --data")
+    grow.add_argument("--out", required=True, type=Path, help="output checkpoint (.pt)")
+    grow.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    grow.set_defaults(handler=_grow)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``forest-train`` parser: ``train``, ``eval``, ``eval-styles``, ``export`` and ``blend`` commands."""
+    """The ``forest-train`` parser: ``train``, ``eval``, ``eval-styles``, ``export``, ``blend`` and ``grow``."""
     parser, sub = command_parser(PROG, "Train, evaluate and export forest depth networks.")
     _add_train(sub)
     _add_eval(sub)
     _add_eval_styles(sub)
     _add_export(sub)
     _add_blend(sub)
+    _add_grow(sub)
     return parser
 
 
@@ -423,19 +446,24 @@ def _export(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def _checkpoint_out(out: Path, overwrite: bool) -> Path:
+    """``out`` if it names a ``.pt`` file that may be written; ``InputError`` otherwise."""
+    if out.suffix.lower() not in (".pt", ".pth"):
+        raise InputError(f"--out {out}: give a checkpoint file name ending in .pt")
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; give a checkpoint file name ending in .pt")
+    if out.exists() and not overwrite:
+        raise InputError(f"--out {out} exists; add --overwrite to replace it")
+    return out
+
+
 def _blend(args: argparse.Namespace, command: str) -> int:
     from forest_perception.inference import ModelLoadError
     from forest_perception.models.blend import blend_checkpoints
     from forest_perception.models.checkpoints import checkpoint_reference, resolve_checkpoint, save_checkpoint
     from forest_perception.models.torch_engine import read_checkpoint_file
 
-    out = Path(args.out)
-    if out.suffix.lower() not in (".pt", ".pth"):
-        raise InputError(f"--out {out}: give a checkpoint file name ending in .pt")
-    if out.is_dir():
-        raise InputError(f"--out {out} is a folder; give a checkpoint file name ending in .pt")
-    if out.exists() and not args.overwrite:
-        raise InputError(f"--out {out} exists; add --overwrite to replace it")
+    out = _checkpoint_out(Path(args.out), args.overwrite)
     sources = [str(p) for p in args.checkpoint]  # as given: a shipped name stays a name in the provenance
     try:
         paths = [resolve_checkpoint(s, allow_int8=False) for s in sources]
@@ -451,6 +479,33 @@ def _blend(args: argparse.Namespace, command: str) -> int:
     save_checkpoint(blended, out)
     parts = " + ".join(f"{w:g} x {Path(s).name}" for s, w in zip(sources, args.weights))
     print(f"wrote {out}: {blended['model_name']} = {parts}")
+    return 0
+
+
+def _grow(args: argparse.Namespace, command: str) -> int:
+    from forest_perception.inference import ModelLoadError
+    from forest_perception.models.checkpoints import checkpoint_reference, resolve_checkpoint, save_checkpoint
+    from forest_perception.models.grow import grow_checkpoint
+    from forest_perception.models.recover import dataset_frames, network_inputs
+    from forest_perception.models.torch_engine import read_checkpoint_file
+
+    out = _checkpoint_out(Path(args.out), args.overwrite)
+    try:
+        path = resolve_checkpoint(args.checkpoint, allow_int8=False)
+        checkpoint = read_checkpoint_file(path)
+        norm = checkpoint.get("normalisation") or {}
+        frames = dataset_frames(args.data, args.frames)
+        inputs = network_inputs(frames, checkpoint["input_hw"], *[norm[k] for k in ("mean", "std") if k in norm])
+        grown = grow_checkpoint(checkpoint, args.coarse_blocks, args.coarse_squeeze, inputs)
+    except (ModelLoadError, ValueError, KeyError) as exc:
+        raise InputError(str(exc)) from exc
+    grown["grown_from"] = {**checkpoint_reference(args.checkpoint, path, checkpoint), **grown["grown_from"]}
+    grown["command"] = command
+    save_checkpoint(grown, out)
+    info = grown["grown_from"]
+    print(f"wrote {out}: multiscale with {args.coarse_blocks} extra coarse block(s) and a squeeze of "
+          f"{args.coarse_squeeze} (was {info['coarse_blocks'][0]} and {info['coarse_squeeze'][0]}); output differs "
+          f"from {args.checkpoint} by at most {info['max_abs_diff_m']:.2g} m on {info['frames']} frames")
     return 0
 
 

@@ -1,0 +1,148 @@
+"""Growing a trained multi-scale network without changing what it predicts (``forest-train grow``).
+
+A bigger network trained from scratch needs far more compute than a fine-tuning stage. Growing starts the bigger
+network *as* the trained one ("Net2Net", Chen, Goodfellow and Shlens 2016), so fine-tuning only has to use the new
+capacity:
+
+- **more coarse blocks** (``coarse_blocks``): each new 128 -> 128 3x3 conv at 1/16 starts as the identity (a centre
+  tap of 1 per channel); its BatchNorm gets the mean and variance of its input on real frames with
+  ``weight = sqrt(var + eps)`` and ``bias = mean``, so it is the identity in eval mode and close to it in train
+  mode (batch statistics of similar frames), and the ReLU after it passes its non-negative input unchanged;
+- **a wider squeeze** (``coarse_squeeze``): the new channels of the 1x1 squeeze start at the constructor's random
+  weights, and the first FC layer's weights reading them start at zero, so they add nothing until trained.
+
+The grown checkpoint records its source and how far the two networks' outputs are apart on the frames used
+(``grown_from``). docs/training.md, "Growing the multi-scale network".
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from forest_perception.models.blend import RUN_ONLY_KEYS
+from forest_perception.models.networks import build_model
+from forest_perception.models.networks.multiscale import COARSE_FIRST_BLOCK, MultiScaleDepth
+
+#: What a grown network is built with when a checkpoint does not say (the constructor's defaults).
+DEFAULT_COARSE_BLOCKS = 0
+DEFAULT_COARSE_SQUEEZE = 8
+
+
+def _coarse_shape(kwargs: Mapping[str, Any]) -> tuple[int, int]:
+    return int(kwargs.get("coarse_blocks", DEFAULT_COARSE_BLOCKS)), int(kwargs.get("coarse_squeeze",
+                                                                               DEFAULT_COARSE_SQUEEZE))
+
+
+def _renamed(key: str, old_blocks: int, added: int) -> str:
+    """The name of an old network's tensor in the grown one (layers after the 1/16 blocks move down)."""
+    prefix = "coarse.features."
+    if not key.startswith(prefix):
+        return key
+    index, rest = key[len(prefix):].split(".", 1)
+    if int(index) > COARSE_FIRST_BLOCK + old_blocks:  # the squeeze (and nothing else) sits after the blocks
+        return f"{prefix}{int(index) + added}.{rest}"
+    return key
+
+
+@torch.no_grad()
+def _set_identity_blocks(model: MultiScaleDepth, first: int, count: int, inputs: torch.Tensor,
+                         batch_size: int = 8) -> None:
+    """Make ``features[first:first + count]`` identities, their BatchNorm statistics from ``inputs``, in order.
+
+    Each BatchNorm gets ``running_mean = bias = mean`` and ``running_var = var``, ``weight = sqrt(var + eps)`` of its
+    input in train mode: the identity in eval mode exactly, and close to it in train mode.
+    """
+    for index in range(first, first + count):
+        block = model.coarse.features[index]
+        conv, bn = block[0], block[1]
+        conv.weight.zero_()
+        centre = conv.kernel_size[0] // 2
+        for channel in range(conv.out_channels):
+            conv.weight[channel, channel, centre, centre] = 1.0
+        sums = [0.0, 0.0, 0]
+
+        def collect(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], sums: list = sums) -> None:
+            x = args[0].double()
+            sums[0] = sums[0] + x.sum(dim=(0, 2, 3))
+            sums[1] = sums[1] + (x * x).sum(dim=(0, 2, 3))
+            sums[2] += x.numel() // x.shape[1]
+
+        # statistics of the block's input as training sees it (earlier BatchNorms on batch statistics), on a copy so
+        # that no running statistic of the network moves; eval mode is the identity whatever they are
+        prefix = copy.deepcopy(model.coarse.features[: index + 1]).train()
+        prefix[index][1].register_forward_pre_hook(collect)
+        for start in range(0, len(inputs), batch_size):
+            prefix(inputs[start : start + batch_size])
+        mean = sums[0] / sums[2]
+        var = (sums[1] / sums[2] - mean * mean).clamp(min=0.0)
+        bn.running_mean.copy_(mean.float())
+        bn.running_var.copy_(var.float())
+        bn.weight.copy_(torch.sqrt(var + bn.eps).float())
+        bn.bias.copy_(mean.float())
+        bn.num_batches_tracked.zero_()
+
+
+@torch.no_grad()
+def grow_checkpoint(checkpoint: Mapping[str, Any], coarse_blocks: int, coarse_squeeze: int,
+                    inputs: torch.Tensor) -> dict[str, Any]:
+    """A checkpoint of the multi-scale network of ``checkpoint`` with more coarse blocks and/or a wider squeeze.
+
+    ``inputs`` (``Nx3xHxW``, normalised as the network expects) are real frames for the new BatchNorm statistics
+    and the check. The result predicts what the source does (``grown_from["max_abs_diff_m"]``, eval mode).
+    ``ValueError`` for another network, a smaller or unchanged size, or inputs of the wrong shape.
+    """
+    name = checkpoint.get("model_name")
+    if name != "multiscale":
+        raise ValueError(f"only the multi-scale network can grow; this checkpoint is {name!r}")
+    state = checkpoint.get("model_state")
+    if not isinstance(state, Mapping):
+        raise ValueError("the checkpoint has no 'model_state': it is not a checkpoint written by 'forest-train train'")
+    old_kwargs = dict(checkpoint.get("model_kwargs") or {})
+    old_blocks, old_squeeze = _coarse_shape(old_kwargs)
+    if coarse_blocks < old_blocks or coarse_squeeze < old_squeeze:
+        raise ValueError(f"a network only grows: it has {old_blocks} coarse block(s) and a squeeze of {old_squeeze}, "
+                         f"asked for {coarse_blocks} and {coarse_squeeze}")
+    if (coarse_blocks, coarse_squeeze) == (old_blocks, old_squeeze):
+        raise ValueError(f"the network already has {old_blocks} coarse block(s) and a squeeze of {old_squeeze}: "
+                         "nothing to grow")
+    input_hw = tuple(int(v) for v in checkpoint["input_hw"])
+    if inputs.ndim != 4 or inputs.shape[1] != 3 or tuple(inputs.shape[2:]) != input_hw or len(inputs) == 0:
+        raise ValueError(f"inputs must be Nx3x{input_hw[0]}x{input_hw[1]} frames, got {tuple(inputs.shape)}")
+    depth_range = {"min_depth": float(checkpoint["min_depth"]), "max_depth": float(checkpoint["max_depth"])}
+    old = build_model("multiscale", input_hw, **old_kwargs, **depth_range)
+    old.load_state_dict(state)
+    old.eval()
+    new_kwargs = {**old_kwargs, "coarse_blocks": int(coarse_blocks), "coarse_squeeze": int(coarse_squeeze)}
+    new = build_model("multiscale", input_hw, **new_kwargs, **depth_range)
+    added = coarse_blocks - old_blocks
+    new_state = new.state_dict()
+    for key, tensor in state.items():
+        target = new_state[_renamed(key, old_blocks, added)]
+        if target.shape == tensor.shape:
+            target.copy_(tensor)
+        elif key == "coarse.fc.1.weight":  # FC columns of the new squeeze channels read nothing yet
+            target.zero_()
+            target[:, : tensor.shape[1]] = tensor
+        else:  # the squeeze's conv and BatchNorm: old channels first, the new ones keep their initial values
+            target[: tensor.shape[0]] = tensor
+    new.load_state_dict(new_state)
+    _set_identity_blocks(new, COARSE_FIRST_BLOCK + 1 + old_blocks, added, inputs)
+    new.eval()
+    before, after = old(inputs), new(inputs)
+    diff = float((after - before).abs().max())
+    out = {key: value for key, value in checkpoint.items() if key not in RUN_ONLY_KEYS}
+    out.pop("blend", None)
+    out.pop("init", None)
+    out["model_kwargs"] = new_kwargs
+    out["model_state"] = {k: v.detach().clone() for k, v in new.state_dict().items()}
+    out["grown_from"] = {"coarse_blocks": [old_blocks, int(coarse_blocks)],
+                         "coarse_squeeze": [old_squeeze, int(coarse_squeeze)],
+                         "frames": len(inputs), "max_abs_diff_m": diff}
+    return out
+
+
+__all__ = ["DEFAULT_COARSE_BLOCKS", "DEFAULT_COARSE_SQUEEZE", "grow_checkpoint"]
