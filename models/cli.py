@@ -495,7 +495,7 @@ def _grow(args: argparse.Namespace, command: str) -> int:
         checkpoint = read_checkpoint_file(path)
         norm = checkpoint.get("normalisation") or {}
         frames = dataset_frames(args.data, args.frames)
-        inputs = network_inputs(frames, checkpoint["input_hw"], *[norm[k] for k in ("mean", "std") if k in norm])
+        inputs = network_inputs(frames, checkpoint["input_hw"], **{k: norm[k] for k in ("mean", "std") if k in norm})
         grown = grow_checkpoint(checkpoint, args.coarse_blocks, args.coarse_squeeze, inputs)
     except (ModelLoadError, ValueError, KeyError) as exc:
         raise InputError(str(exc)) from exc

@@ -26,15 +26,7 @@ import torch
 from forest_perception.models.blend import RUN_ONLY_KEYS
 from forest_perception.models.networks import build_model
 from forest_perception.models.networks.multiscale import COARSE_FIRST_BLOCK, MultiScaleDepth
-
-#: What a grown network is built with when a checkpoint does not say (the constructor's defaults).
-DEFAULT_COARSE_BLOCKS = 0
-DEFAULT_COARSE_SQUEEZE = 8
-
-
-def _coarse_shape(kwargs: Mapping[str, Any]) -> tuple[int, int]:
-    return int(kwargs.get("coarse_blocks", DEFAULT_COARSE_BLOCKS)), int(kwargs.get("coarse_squeeze",
-                                                                               DEFAULT_COARSE_SQUEEZE))
+from forest_perception.models.recover import input_statistics, set_pass_through
 
 
 def _renamed(key: str, old_blocks: int, added: int) -> str:
@@ -49,41 +41,23 @@ def _renamed(key: str, old_blocks: int, added: int) -> str:
 
 
 @torch.no_grad()
-def _set_identity_blocks(model: MultiScaleDepth, first: int, count: int, inputs: torch.Tensor,
-                         batch_size: int = 8) -> None:
+def _set_identity_blocks(model: MultiScaleDepth, first: int, count: int, inputs: torch.Tensor) -> None:
     """Make ``features[first:first + count]`` identities, their BatchNorm statistics from ``inputs``, in order.
 
-    Each BatchNorm gets ``running_mean = bias = mean`` and ``running_var = var``, ``weight = sqrt(var + eps)`` of its
-    input in train mode: the identity in eval mode exactly, and close to it in train mode.
+    Each BatchNorm passes its input through in eval mode (``recover.set_pass_through``) with the statistics of its
+    input in train mode, so it is close to the identity in train mode too.
     """
     for index in range(first, first + count):
-        block = model.coarse.features[index]
-        conv, bn = block[0], block[1]
+        conv, bn = model.coarse.features[index][0], model.coarse.features[index][1]
         conv.weight.zero_()
         centre = conv.kernel_size[0] // 2
         for channel in range(conv.out_channels):
             conv.weight[channel, channel, centre, centre] = 1.0
-        sums = [0.0, 0.0, 0]
-
-        def collect(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], sums: list = sums) -> None:
-            x = args[0].double()
-            sums[0] = sums[0] + x.sum(dim=(0, 2, 3))
-            sums[1] = sums[1] + (x * x).sum(dim=(0, 2, 3))
-            sums[2] += x.numel() // x.shape[1]
-
-        # statistics of the block's input as training sees it (earlier BatchNorms on batch statistics), on a copy so
-        # that no running statistic of the network moves; eval mode is the identity whatever they are
+        # the block's input as training sees it (earlier BatchNorms on batch statistics), on a copy so that no
+        # running statistic of the network moves; eval mode is the identity whatever the statistics are
         prefix = copy.deepcopy(model.coarse.features[: index + 1]).train()
-        prefix[index][1].register_forward_pre_hook(collect)
-        for start in range(0, len(inputs), batch_size):
-            prefix(inputs[start : start + batch_size])
-        mean = sums[0] / sums[2]
-        var = (sums[1] / sums[2] - mean * mean).clamp(min=0.0)
-        bn.running_mean.copy_(mean.float())
-        bn.running_var.copy_(var.float())
-        bn.weight.copy_(torch.sqrt(var + bn.eps).float())
-        bn.bias.copy_(mean.float())
-        bn.num_batches_tracked.zero_()
+        name = f"{index}.1"
+        set_pass_through(bn, *input_statistics(prefix, [name], inputs)[name])
 
 
 @torch.no_grad()
@@ -102,18 +76,18 @@ def grow_checkpoint(checkpoint: Mapping[str, Any], coarse_blocks: int, coarse_sq
     if not isinstance(state, Mapping):
         raise ValueError("the checkpoint has no 'model_state': it is not a checkpoint written by 'forest-train train'")
     old_kwargs = dict(checkpoint.get("model_kwargs") or {})
-    old_blocks, old_squeeze = _coarse_shape(old_kwargs)
+    input_hw = tuple(int(v) for v in checkpoint["input_hw"])
+    depth_range = {"min_depth": float(checkpoint["min_depth"]), "max_depth": float(checkpoint["max_depth"])}
+    old = build_model("multiscale", input_hw, **old_kwargs, **depth_range)
+    old_blocks, old_squeeze = old.coarse.blocks, old.coarse.squeeze
     if coarse_blocks < old_blocks or coarse_squeeze < old_squeeze:
         raise ValueError(f"a network only grows: it has {old_blocks} coarse block(s) and a squeeze of {old_squeeze}, "
                          f"asked for {coarse_blocks} and {coarse_squeeze}")
     if (coarse_blocks, coarse_squeeze) == (old_blocks, old_squeeze):
         raise ValueError(f"the network already has {old_blocks} coarse block(s) and a squeeze of {old_squeeze}: "
                          "nothing to grow")
-    input_hw = tuple(int(v) for v in checkpoint["input_hw"])
     if inputs.ndim != 4 or inputs.shape[1] != 3 or tuple(inputs.shape[2:]) != input_hw or len(inputs) == 0:
         raise ValueError(f"inputs must be Nx3x{input_hw[0]}x{input_hw[1]} frames, got {tuple(inputs.shape)}")
-    depth_range = {"min_depth": float(checkpoint["min_depth"]), "max_depth": float(checkpoint["max_depth"])}
-    old = build_model("multiscale", input_hw, **old_kwargs, **depth_range)
     old.load_state_dict(state)
     old.eval()
     new_kwargs = {**old_kwargs, "coarse_blocks": int(coarse_blocks), "coarse_squeeze": int(coarse_squeeze)}
@@ -145,4 +119,4 @@ def grow_checkpoint(checkpoint: Mapping[str, Any], coarse_blocks: int, coarse_sq
     return out
 
 
-__all__ = ["DEFAULT_COARSE_BLOCKS", "DEFAULT_COARSE_SQUEEZE", "grow_checkpoint"]
+__all__ = ["grow_checkpoint"]

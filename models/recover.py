@@ -238,16 +238,15 @@ def network_inputs(frames: Iterable[np.ndarray], input_hw: Sequence[int], mean: 
 
 
 @torch.no_grad()
-def unfold_batchnorm(model: nn.Module, folded: Mapping[str, np.ndarray], inputs: torch.Tensor,
-                     batch_size: int = 8) -> dict[str, int]:
-    """Give each BatchNorm of ``folded`` the statistics of its input on ``inputs``, keeping eval mode's function.
+def input_statistics(model: nn.Module, names: Iterable[str], inputs: torch.Tensor,
+                     batch_size: int = 8) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and variance (float64) of the input of each named module of ``model`` over ``inputs``.
 
-    ``running_mean = mu``, ``running_var = var``, ``weight = sqrt(var + eps)``, ``bias = folded bias + mu``: in eval
-    mode ``(x - mu) / sqrt(var + eps) * sqrt(var + eps) + b + mu = x + b``, the exported layer; in train mode the
-    batch statistics of similar frames are close to ``mu`` and ``var``, so fine-tuning starts from the same network.
+    The model runs in the mode it is in (eval: running statistics; train: batch statistics), in batches of
+    ``batch_size``; nothing else of it changes.
     """
     modules = dict(model.named_modules())
-    sums = {name: [0.0, 0.0, 0] for name in folded}
+    sums = {name: [0.0, 0.0, 0] for name in names}
 
     def collect(name: str) -> Any:
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
@@ -258,24 +257,49 @@ def unfold_batchnorm(model: nn.Module, folded: Mapping[str, np.ndarray], inputs:
             stats[2] += x.numel() // x.shape[1]
         return hook
 
-    hooks = [modules[name].register_forward_pre_hook(collect(name)) for name in folded]
+    hooks = [modules[name].register_forward_pre_hook(collect(name)) for name in sums]
     try:
-        model.eval()
         for start in range(0, len(inputs), batch_size):
             model(inputs[start : start + batch_size])
     finally:
         for hook in hooks:
             hook.remove()
-    for name, bias in folded.items():
-        total, total_sq, count = sums[name]
+    out = {}
+    for name, (total, total_sq, count) in sums.items():
         mean = total / count
-        var = (total_sq / count - mean * mean).clamp(min=0.0)
-        bn = modules[name]
-        bn.running_mean.copy_(mean.float())
-        bn.running_var.copy_(var.float())
-        bn.weight.copy_(torch.sqrt(var + bn.eps).float())
-        bn.bias.copy_(torch.from_numpy(bias) + mean.float())
-        bn.num_batches_tracked.zero_()
+        out[name] = (mean, (total_sq / count - mean * mean).clamp(min=0.0))
+    return out
+
+
+@torch.no_grad()
+def set_pass_through(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
+                     bias: torch.Tensor | float = 0.0) -> None:
+    """``bn`` with running statistics ``mean`` / ``var`` that adds ``bias`` to its input in eval mode.
+
+    ``weight = sqrt(var + eps)``, ``bias = bias + mean``: ``(x - mean) / sqrt(var + eps) * sqrt(var + eps) + bias +
+    mean = x + bias``; in train mode the batch statistics of similar inputs are close to ``mean`` and ``var``.
+    """
+    bn.running_mean.copy_(mean.float())
+    bn.running_var.copy_(var.float())
+    bn.weight.copy_(torch.sqrt(var + bn.eps).float())
+    bn.bias.copy_(bias + mean.float())
+    bn.num_batches_tracked.zero_()
+
+
+@torch.no_grad()
+def unfold_batchnorm(model: nn.Module, folded: Mapping[str, np.ndarray], inputs: torch.Tensor,
+                     batch_size: int = 8) -> dict[str, int]:
+    """Give each BatchNorm of ``folded`` the statistics of its input on ``inputs``, keeping eval mode's function.
+
+    ``running_mean = mu``, ``running_var = var``, ``weight = sqrt(var + eps)``, ``bias = folded bias + mu``: in eval
+    mode ``(x - mu) / sqrt(var + eps) * sqrt(var + eps) + b + mu = x + b``, the exported layer; in train mode the
+    batch statistics of similar frames are close to ``mu`` and ``var``, so fine-tuning starts from the same network.
+    """
+    modules = dict(model.named_modules())
+    model.eval()
+    stats = input_statistics(model, folded, inputs, batch_size)
+    for name, bias in folded.items():
+        set_pass_through(modules[name], *stats[name], bias=torch.from_numpy(bias))
     return {"batchnorm_layers": len(folded), "frames": int(len(inputs))}
 
 

@@ -37,15 +37,16 @@ class CoarseNet(nn.Module):
         super().__init__()
         if int(blocks) < 0 or int(squeeze) < 1:
             raise ValueError(f"coarse blocks must be >= 0 and squeeze >= 1, got blocks={blocks}, squeeze={squeeze}")
+        self.blocks, self.squeeze = int(blocks), int(squeeze)
         self.coarse_hw = (input_hw[0] // COARSE_STRIDE, input_hw[1] // COARSE_STRIDE)
         self.features = nn.Sequential(
             ConvBNReLU(3, 32, 3, stride=2),
             ConvBNReLU(32, 64, 3, stride=2),
             ConvBNReLU(64, 96, 3, stride=2),
             ConvBNReLU(96, 128, 3, stride=2),
-            *[ConvBNReLU(128, 128, 3) for _ in range(1 + int(blocks))],
+            *[ConvBNReLU(128, 128, 3) for _ in range(1 + self.blocks)],
             # the squeeze keeps the first FC layer small: its input is squeeze * H/16 * W/16
-            ConvBNReLU(128, int(squeeze), 1),
+            ConvBNReLU(128, self.squeeze, 1),
         )
         n_coarse = self.coarse_hw[0] * self.coarse_hw[1]
         self.fc = nn.Sequential(
