@@ -11,6 +11,7 @@ Examples::
     forest-train eval-styles --model multiscale_320x240 autoencoder_160x128 --data styles/hilly styles/dense --out r
     forest-train blend --checkpoint autoencoder_320x240 runs/ft/checkpoints/best.pt --weights 0.5 0.5 --out b.pt
     forest-train grow --checkpoint multiscale_320x240 --coarse-blocks 2 --coarse-squeeze 16 --data DATA --out g.pt
+    forest-train grow --checkpoint autoencoder_320x240 --global-context 64 --data DATA --out g.pt
 
 A ``--out`` that already holds a run is refused unless ``--resume`` continues it or ``--overwrite`` replaces it.
 Bad input (a missing or broken file, a folder that is no dataset, a bad flag value, an ``--out`` that cannot be
@@ -277,19 +278,24 @@ def _add_blend(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_grow(sub: argparse._SubParsersAction) -> None:
-    grow = sub.add_parser("grow", help="a bigger multi-scale network that starts as a trained one (Net2Net)",
+    grow = sub.add_parser("grow", help="a bigger network that starts as a trained one (Net2Net)",
                           formatter_class=DefaultsHelpFormatter,
-                          description="Add 128-channel 3x3 conv blocks at 1/16 to the coarse network (each starts "
-                          "as the identity) and/or widen the squeeze before its FC layers (the new channels start "
-                          "unread): the output checkpoint predicts what the source does, and fine-tuning it with "
-                          "'train --init' uses the new capacity. The frames of --data give the new BatchNorm "
-                          "statistics and the check.")
+                          description="Multi-scale: add 128-channel 3x3 conv blocks at 1/16 to the coarse network "
+                          "(each starts as the identity) and/or widen the squeeze before its FC layers (the new "
+                          "channels start unread). Auto-encoder: add an image-level context block at 1/16 (it "
+                          "starts adding nothing). The output checkpoint predicts what the source does, and "
+                          "fine-tuning it with 'train --init' uses the new capacity. The frames of --data give the "
+                          "new BatchNorm statistics and the check.")
     grow.add_argument("--checkpoint", required=True, metavar="CKPT",
-                      help="a multi-scale checkpoint file or shipped model name")
-    grow.add_argument("--coarse-blocks", type=int, required=True, metavar="N",
-                      help="coarse 1/16 blocks after the first, in the grown network (at least the source's)")
-    grow.add_argument("--coarse-squeeze", type=int, required=True, metavar="N",
-                      help="channels of the squeeze before the FC layers (at least the source's; shipped: 8)")
+                      help="a multi-scale or auto-encoder checkpoint file or shipped model name")
+    grow.add_argument("--coarse-blocks", type=int, default=None, metavar="N",
+                      help="multi-scale: coarse 1/16 blocks after the first, in the grown network (at least the "
+                      "source's; default: the source's)")
+    grow.add_argument("--coarse-squeeze", type=int, default=None, metavar="N",
+                      help="multi-scale: channels of the squeeze before the FC layers (at least the source's; "
+                      "shipped: 8; default: the source's)")
+    grow.add_argument("--global-context", type=positive_int, default=None, metavar="N",
+                      help="auto-encoder: hidden channels of an image-level context block at 1/16 (e.g. 64)")
     grow.add_argument("--data", nargs="+", required=True, metavar="DIR", help="dataset folders for the frames")
     grow.add_argument("--frames", type=positive_int, default=64, help="frames, spread evenly over --data")
     grow.add_argument("--out", required=True, type=Path, help="output checkpoint (.pt)")
@@ -496,16 +502,21 @@ def _grow(args: argparse.Namespace, command: str) -> int:
         norm = checkpoint.get("normalisation") or {}
         frames = dataset_frames(args.data, args.frames)
         inputs = network_inputs(frames, checkpoint["input_hw"], **{k: norm[k] for k in ("mean", "std") if k in norm})
-        grown = grow_checkpoint(checkpoint, args.coarse_blocks, args.coarse_squeeze, inputs)
+        grown = grow_checkpoint(checkpoint, args.coarse_blocks, args.coarse_squeeze, inputs,
+                                global_context=args.global_context)
     except (ModelLoadError, ValueError, KeyError) as exc:
         raise InputError(str(exc)) from exc
     grown["grown_from"] = {**checkpoint_reference(args.checkpoint, path, checkpoint), **grown["grown_from"]}
     grown["command"] = command
     save_checkpoint(grown, out)
     info = grown["grown_from"]
-    print(f"wrote {out}: multiscale with {args.coarse_blocks} extra coarse block(s) and a squeeze of "
-          f"{args.coarse_squeeze} (was {info['coarse_blocks'][0]} and {info['coarse_squeeze'][0]}); output differs "
-          f"from {args.checkpoint} by at most {info['max_abs_diff_m']:.2g} m on {info['frames']} frames")
+    if "global_context" in info:
+        what = f"autoencoder with a context block of {info['global_context'][1]} channels"
+    else:
+        what = (f"multiscale with {info['coarse_blocks'][1]} extra coarse block(s) and a squeeze of "
+                f"{info['coarse_squeeze'][1]} (was {info['coarse_blocks'][0]} and {info['coarse_squeeze'][0]})")
+    print(f"wrote {out}: {what}; output differs from {args.checkpoint} by at most {info['max_abs_diff_m']:.2g} m "
+          f"on {info['frames']} frames")
     return 0
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from forest_perception.models.networks.layers import (
     SIZE_MULTIPLE,
     ConvBNReLU,
+    GlobalContext,
     LogDepthHead,
     SeparableConv,
     check_input_hw,
@@ -20,9 +21,13 @@ from forest_perception.models.networks.layers import (
 
 
 class DepthEncoder(nn.Module):
-    """Four stride-2 stages; returns the features at 1/2, 1/4, 1/8 and 1/16 resolution."""
+    """Four stride-2 stages; returns the features at 1/2, 1/4, 1/8 and 1/16 resolution.
 
-    def __init__(self, base_channels: int = 16) -> None:
+    ``global_context > 0`` adds a :class:`GlobalContext` block of that many hidden channels to the 1/16 features
+    (the whole frame's context, which the stages' receptive field does not cover at 320x240); 0 leaves it out.
+    """
+
+    def __init__(self, base_channels: int = 16, global_context: int = 0) -> None:
         super().__init__()
         b = base_channels
         self.channels = (b, 4 * b, 8 * b, 16 * b)
@@ -37,6 +42,10 @@ class DepthEncoder(nn.Module):
             SeparableConv(16 * b, 16 * b),
             SeparableConv(16 * b, 16 * b),
         )
+        if global_context < 0:
+            raise ValueError(f"global_context must be >= 0, got {global_context}")
+        self.global_context = int(global_context)
+        self.context = GlobalContext(16 * b, self.global_context) if self.global_context else None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features from fine (1/2) to coarse (1/16)."""
@@ -44,6 +53,8 @@ class DepthEncoder(nn.Module):
         f2 = self.stage2(f1)
         f3 = self.stage3(f2)
         f4 = self.stage4(f3)
+        if self.context is not None:
+            f4 = self.context(f4)
         return [f1, f2, f3, f4]
 
 
@@ -91,14 +102,16 @@ class AutoEncoderDepth(nn.Module):
     Input: normalised RGB ``Bx3xHxW`` (see ``models.transforms.normalise_image``), H and W multiples of 16
     (240x320, 128x160, 64x96, ...); any such size works with the same weights.
     Output: metric depth ``Bx1xHxW`` in metres, in ``[min_depth, max_depth]``, uniform in log depth
-    (see ``LogDepthHead``).
+    (see ``LogDepthHead``). ``global_context``: hidden channels of the image-level context block at 1/16
+    (``DepthEncoder``); 0 (the shipped networks) leaves it out.
     """
 
-    def __init__(self, base_channels: int = 16, min_depth: float = 0.1, max_depth: float = 20.0) -> None:
+    def __init__(self, base_channels: int = 16, min_depth: float = 0.1, max_depth: float = 20.0,
+                 global_context: int = 0) -> None:
         super().__init__()
         if base_channels < 1:
             raise ValueError(f"base_channels must be >= 1, got {base_channels}")
-        self.encoder = DepthEncoder(base_channels)
+        self.encoder = DepthEncoder(base_channels, global_context)
         self.decoder = DepthDecoder(self.encoder.channels, base_channels)
         self.head = LogDepthHead(min_depth, max_depth)
 

@@ -41,6 +41,29 @@ class SeparableConv(nn.Sequential):
         )
 
 
+class GlobalContext(nn.Module):
+    """Image-level context added to every position of a feature map: mean over the image, 1x1 -> ReLU -> 1x1.
+
+    A network whose receptive field covers only part of the frame sees the whole frame through it (the scale of a
+    scene is a property of the whole image). The last 1x1 starts at zero, so a network that gains the block
+    predicts what it did before until the block is trained (``forest-train grow --global-context``).
+    """
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        if channels < 1 or hidden < 1:
+            raise ValueError(f"channels and hidden must be >= 1, got {channels} and {hidden}")
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.expand = nn.Conv2d(hidden, channels, 1)
+        nn.init.zeros_(self.expand.weight)
+        nn.init.zeros_(self.expand.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` plus the context of its whole image, broadcast over the positions."""
+        return x + self.expand(torch.relu(self.reduce(self.pool(x))))
+
+
 class LogDepthHead(nn.Module):
     """Map unbounded logits to metric depth, uniform in log depth.
 

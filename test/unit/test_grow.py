@@ -92,8 +92,12 @@ def test_shrinking_or_no_change_is_refused(blocks, squeeze, message):
 
 def test_other_networks_and_wrong_frames_are_refused():
     ae = torch.load(shipped_checkpoint("autoencoder_160x128"), weights_only=True)
-    with pytest.raises(ValueError, match="only the multi-scale network can grow"):
+    with pytest.raises(ValueError, match="coarse_blocks and coarse_squeeze are for the multi-scale network"):
         grow_checkpoint(ae, coarse_blocks=1, coarse_squeeze=8, inputs=_inputs())
+    with pytest.raises(ValueError, match="global_context is for the auto-encoder"):
+        grow_checkpoint(_trained_like(), None, None, _inputs(), global_context=16)
+    with pytest.raises(ValueError, match="can grow; this checkpoint is 'dcccl_rover'"):
+        grow_checkpoint({**ae, "model_name": "dcccl_rover"}, None, None, _inputs())
     with pytest.raises(ValueError, match="inputs must be Nx3x64x96"):
         grow_checkpoint(_trained_like(), coarse_blocks=1, coarse_squeeze=8, inputs=torch.zeros(2, 3, 32, 32))
 
@@ -127,4 +131,106 @@ def test_cli_grows_a_checkpoint_from_dataset_frames(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     assert cli.main(["grow", "--checkpoint", "autoencoder_160x128", "--coarse-blocks", "1", "--coarse-squeeze", "8",
                      "--data", str(tmp_path / "data"), "--out", str(bad)]) == 2
-    assert "only the multi-scale network" in capsys.readouterr().err and not bad.exists()
+    assert "are for the multi-scale network" in capsys.readouterr().err and not bad.exists()
+
+
+def _autoencoder_like(seed: int = 0, **kwargs: int) -> dict:
+    """A small auto-encoder checkpoint with non-trivial weights and BatchNorm statistics."""
+    torch.manual_seed(seed)
+    model = build_model("autoencoder", HW, base_channels=8, min_depth=0.1, max_depth=10.0, **kwargs)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+                module.bias.uniform_(-0.1, 0.1)
+    return {"model_name": "autoencoder", "model_kwargs": {"base_channels": 8, **kwargs}, "input_hw": list(HW),
+            "normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}, "min_depth": 0.1,
+            "max_depth": 10.0, "model_state": model.state_dict(), "epoch": 2}
+
+
+def _autoencoder(checkpoint: dict) -> torch.nn.Module:
+    model = build_model("autoencoder", checkpoint["input_hw"], **checkpoint["model_kwargs"],
+                        min_depth=checkpoint["min_depth"], max_depth=checkpoint["max_depth"])
+    model.load_state_dict(checkpoint["model_state"])
+    return model.eval()
+
+
+def test_autoencoder_gains_a_context_block_that_changes_nothing_until_it_trains():
+    source = _autoencoder_like()
+    grown = grow_checkpoint(source, None, None, _inputs(), global_context=16)
+    assert grown["model_kwargs"] == {"base_channels": 8, "global_context": 16}
+    assert grown["grown_from"]["global_context"] == [0, 16] and grown["grown_from"]["max_abs_diff_m"] == 0.0
+    added = set(grown["model_state"]) - set(source["model_state"])
+    assert added == {f"encoder.context.{layer}.{p}" for layer in ("reduce", "expand") for p in ("weight", "bias")}
+    old, new = _autoencoder(source), _autoencoder(grown)
+    unseen = _inputs(seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(new(unseen), old(unseen))
+        # the context is the image's: a different frame size gives the same per-frame treatment
+        assert new(torch.randn(1, 3, 96, 128)).shape == (1, 1, 96, 128)
+    # the block trains: after one step it reads the image and changes the output
+    new.train()
+    optimizer = torch.optim.SGD(new.parameters(), lr=0.5)
+    loss = torch.log(new(_inputs()) / 2.0).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    assert new.encoder.context.expand.weight.abs().sum() > 0
+    new.eval()
+    with torch.no_grad():
+        assert not torch.allclose(new(unseen), old(unseen))
+
+
+def test_autoencoder_growth_is_refused_when_there_is_nothing_to_add():
+    with pytest.raises(ValueError, match="nothing to grow: give the auto-encoder a context block"):
+        grow_checkpoint(_autoencoder_like(), None, None, _inputs())
+    with pytest.raises(ValueError, match="already has a context block of 16"):
+        grow_checkpoint(_autoencoder_like(global_context=16), None, None, _inputs(), global_context=32)
+    with pytest.raises(ValueError, match="global_context must be >= 0"):
+        build_model("autoencoder", HW, global_context=-1)
+    # the shipped layout (no context block) loads strictly with the default
+    shipped = torch.load(shipped_checkpoint("autoencoder_160x128"), weights_only=True)
+    build_model("autoencoder", shipped["input_hw"], **shipped["model_kwargs"]).load_state_dict(shipped["model_state"])
+
+
+def test_grown_autoencoder_exports_and_runs_in_the_rover_engine(tmp_path):
+    import numpy as np
+
+    from forest_perception.depth_pipeline import synthetic_forest_image
+    from forest_perception.inference import OnnxDepthEngine
+    from forest_perception.models.export import export_onnx
+    from forest_perception.models.torch_engine import TorchDepthEngine
+
+    source = _autoencoder_like()
+    with torch.no_grad():  # an untrained logit layer hardly reads the features: make the depth depend on them
+        source["model_state"]["decoder.logit.weight"].mul_(30.0)
+    grown = grow_checkpoint(source, None, None, _inputs(), global_context=16)
+    with torch.no_grad():  # a trained block: the ONNX graph must carry it
+        grown["model_state"]["encoder.context.reduce.bias"].fill_(1.0)
+        grown["model_state"]["encoder.context.expand.weight"].normal_(0, 1.0)
+    path = save_checkpoint(grown, tmp_path / "grown.pt")
+    onnx_path = export_onnx(path, tmp_path / "grown.onnx", exporter="torchscript")
+    frame = synthetic_forest_image(120, 160, seed=3)
+    onnx_depth = OnnxDepthEngine(onnx_path, threads=1).predict(frame)
+    torch_depth = TorchDepthEngine(path, threads=1).predict(frame)
+    plain = TorchDepthEngine(save_checkpoint(source, tmp_path / "plain.pt"), threads=1).predict(frame)
+    # the block's effect on depth is well above the export's error: the graph computes it
+    effect = np.abs(torch_depth - plain).max()
+    assert effect > 1e-3 and np.abs(onnx_depth - torch_depth).max() < effect / 100
+
+
+def test_cli_grows_an_autoencoder(tmp_path, capsys):
+    from tiny_forest import write_tiny_dataset
+
+    write_tiny_dataset(tmp_path / "data")
+    out = tmp_path / "ae.pt"
+    assert cli.main(["grow", "--checkpoint", "autoencoder_160x128", "--global-context", "32", "--data",
+                     str(tmp_path / "data"), "--frames", "3", "--out", str(out)]) == 0
+    assert "autoencoder with a context block of 32 channels" in capsys.readouterr().out
+    model, meta = load_torch_checkpoint(out)
+    assert meta["model_kwargs"]["global_context"] == 32 and meta["grown_from"]["max_abs_diff_m"] == 0.0
+    assert meta["grown_from"]["source"] == "autoencoder_160x128" and meta["grown_from"]["shipped"]
+    bad = tmp_path / "bad.pt"
+    assert cli.main(["grow", "--checkpoint", str(out), "--global-context", "64", "--data", str(tmp_path / "data"),
+                     "--out", str(bad)]) == 2
+    assert "already has a context block" in capsys.readouterr().err and not bad.exists()
