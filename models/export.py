@@ -102,6 +102,7 @@ def _run_exporter(model: nn.Module, example: torch.Tensor, out_path: Path, opset
         finally:
             exporter_log.setLevel(level)
         program.save(str(out_path))
+        strip_stack_traces(out_path)
     elif exporter == "torchscript":
         dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
         with warnings.catch_warnings():
@@ -111,6 +112,36 @@ def _run_exporter(model: nn.Module, example: torch.Tensor, out_path: Path, opset
                               do_constant_folding=True)
     else:
         raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+
+
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # the dynamo exporter's per-node Python traceback
+
+
+def strip_stack_traces(onnx_path: str | Path) -> int:
+    """Drop the per-node Python tracebacks the dynamo exporter writes (they name the exporting machine's folders);
+    returns how many were dropped. The graph and its other metadata are unchanged."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    graphs = [model.graph, *(function for function in model.functions)]
+    dropped = 0
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            kept = [entry for entry in node.metadata_props if entry.key != STACK_TRACE_KEY]
+            if len(kept) != len(node.metadata_props):
+                dropped += len(node.metadata_props) - len(kept)
+                kept = [(entry.key, entry.value) for entry in kept]
+                del node.metadata_props[:]
+                for key, value in kept:
+                    node.metadata_props.add(key=key, value=value)
+            for attr in node.attribute:  # the branches and bodies of If / Loop nodes
+                if attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+    if dropped:
+        onnx.save(model, str(onnx_path))
+    return dropped
 
 
 def verify_onnx(onnx_path: str | Path, model: nn.Module, input_hw: Sequence[int],

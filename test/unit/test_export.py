@@ -12,12 +12,14 @@ import torch
 from forest_perception.inference import ModelLoadError, file_sha256, read_onnx_metadata, weights_sha256
 from forest_perception.models.cli import main as train_cli
 from forest_perception.models.export import (
+    STACK_TRACE_KEY,
     ExportVerificationError,
     compare_int8,
     export_onnx,
     iter_calibration_images,
     keep_int8,
     quantize_int8,
+    strip_stack_traces,
     synthetic_forest_image,
     verify_onnx,
     write_model_card,
@@ -76,6 +78,39 @@ def test_default_dynamo_export(checkpoint, tmp_path):
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim] == [1, 3, *INPUT_HW]
     assert "BatchNormalization" not in {node.op_type for node in graph.node}
     assert read_onnx_metadata(out)["exporter"].endswith("dynamo")
+    # no traceback naming this machine's folders travels with the weights
+    assert not any(entry.key == STACK_TRACE_KEY for node in graph.node for entry in node.metadata_props)
+    assert str(Path(__file__).resolve().parents[2]).encode() not in out.read_bytes()
+
+
+def test_strip_stack_traces_drops_tracebacks_in_the_graph_and_its_branches(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    def traced(node: onnx.NodeProto) -> onnx.NodeProto:
+        node.metadata_props.add(key=STACK_TRACE_KEY, value='File "/home/me/secret/net.py", line 3')
+        node.metadata_props.add(key="namespace", value="encoder")
+        return node
+
+    branch = helper.make_graph([traced(helper.make_node("Identity", ["x"], ["y_then"]))], "then", [],
+                               [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [1])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y_else"])], "else", [],
+                              [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [traced(helper.make_node("Cast", ["c"], ["b"], to=TensorProto.BOOL)),
+         helper.make_node("If", ["b"], ["y"], then_branch=branch, else_branch=other)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+              helper.make_tensor_value_info("c", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "traced.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert strip_stack_traces(path) == 2
+    assert b"/home/me/secret" not in path.read_bytes()
+    model = onnx.load(str(path))
+    assert [[e.key for e in n.metadata_props] for n in model.graph.node] == [["namespace"], []]
+    then = next(attr.g for attr in model.graph.node[1].attribute if attr.name == "then_branch")
+    assert [e.key for e in then.node[0].metadata_props] == ["namespace"]
+    assert strip_stack_traces(path) == 0
 
 
 def test_metadata_round_trip(exported, checkpoint):
