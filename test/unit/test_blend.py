@@ -74,6 +74,8 @@ def test_checkpoints_of_other_networks_or_shapes_are_refused():
     with pytest.raises(ValueError, match="model_name 'multiscale'"):
         blend_checkpoints([a, _shipped("multiscale_160x128")], [0.5, 0.5], names=["a", "b"])
     with pytest.raises(ValueError, match="input_hw"):
+        blend_checkpoints([a, {**a, "input_hw": [240, 320]}], [0.5, 0.5])
+    with pytest.raises(ValueError, match="model_kwargs {'global_context': 64} vs {}"):  # the shipped 320x240 has one
         blend_checkpoints([a, _shipped("autoencoder_320x240")], [0.5, 0.5])
     other_norm = {**a, "normalisation": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
     with pytest.raises(ValueError, match="normalisation"):
