@@ -75,8 +75,10 @@ def test_checkpoints_of_other_networks_or_shapes_are_refused():
         blend_checkpoints([a, _shipped("multiscale_160x128")], [0.5, 0.5], names=["a", "b"])
     with pytest.raises(ValueError, match="input_hw"):
         blend_checkpoints([a, {**a, "input_hw": [240, 320]}], [0.5, 0.5])
-    with pytest.raises(ValueError, match="model_kwargs {'global_context': 64} vs {}"):  # the shipped 320x240 has one
+    with pytest.raises(ValueError, match="input_hw"):  # the shipped 320x240 auto-encoder: the same layers
         blend_checkpoints([a, _shipped("autoencoder_320x240")], [0.5, 0.5])
+    with pytest.raises(ValueError, match="not the same network as checkpoint 1: model_kwargs"):
+        blend_checkpoints([a, {**a, "model_kwargs": {**a["model_kwargs"], "base_channels": 8}}], [0.5, 0.5])
     other_norm = {**a, "normalisation": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
     with pytest.raises(ValueError, match="normalisation"):
         blend_checkpoints([a, other_norm], [0.5, 0.5])

@@ -188,8 +188,12 @@ def test_autoencoder_growth_is_refused_when_there_is_nothing_to_add():
         grow_checkpoint(_autoencoder_like(global_context=16), None, None, _inputs(), global_context=32)
     with pytest.raises(ValueError, match="global_context must be >= 0"):
         build_model("autoencoder", HW, global_context=-1)
-    # the shipped layout (no context block) loads strictly with the default
+    # a checkpoint from before the keyword (no context block) loads strictly with the default
+    plain = _autoencoder_like()
+    build_model("autoencoder", HW, base_channels=8).load_state_dict(plain["model_state"])
+    # the shipped auto-encoders have the block, and their checkpoints name it
     shipped = torch.load(shipped_checkpoint("autoencoder_160x128"), weights_only=True)
+    assert shipped["model_kwargs"]["global_context"] == 64
     build_model("autoencoder", shipped["input_hw"], **shipped["model_kwargs"]).load_state_dict(shipped["model_state"])
 
 
@@ -223,14 +227,17 @@ def test_cli_grows_an_autoencoder(tmp_path, capsys):
     from tiny_forest import write_tiny_dataset
 
     write_tiny_dataset(tmp_path / "data")
+    source = save_checkpoint(_autoencoder_like(seed=5), tmp_path / "src.pt")
     out = tmp_path / "ae.pt"
-    assert cli.main(["grow", "--checkpoint", "autoencoder_160x128", "--global-context", "32", "--data",
+    assert cli.main(["grow", "--checkpoint", str(source), "--global-context", "32", "--data",
                      str(tmp_path / "data"), "--frames", "3", "--out", str(out)]) == 0
     assert "autoencoder with a context block of 32 channels" in capsys.readouterr().out
     model, meta = load_torch_checkpoint(out)
     assert meta["model_kwargs"]["global_context"] == 32 and meta["grown_from"]["max_abs_diff_m"] == 0.0
-    assert meta["grown_from"]["source"] == "autoencoder_160x128" and meta["grown_from"]["shipped"]
+    assert meta["grown_from"]["source"] == str(source) and len(meta["grown_from"]["sha256"]) == 64
     bad = tmp_path / "bad.pt"
-    assert cli.main(["grow", "--checkpoint", str(out), "--global-context", "64", "--data", str(tmp_path / "data"),
-                     "--out", str(bad)]) == 2
-    assert "already has a context block" in capsys.readouterr().err and not bad.exists()
+    # the shipped auto-encoders already have a block: refused by name, nothing written
+    for checkpoint in (str(out), "autoencoder_160x128"):
+        assert cli.main(["grow", "--checkpoint", checkpoint, "--global-context", "64", "--data",
+                         str(tmp_path / "data"), "--out", str(bad)]) == 2
+        assert "already has a context block" in capsys.readouterr().err and not bad.exists()
