@@ -128,13 +128,10 @@ def strip_stack_traces(onnx_path: str | Path) -> int:
     while graphs:
         graph = graphs.pop()
         for node in graph.node:
-            kept = [entry for entry in node.metadata_props if entry.key != STACK_TRACE_KEY]
-            if len(kept) != len(node.metadata_props):
-                dropped += len(node.metadata_props) - len(kept)
-                kept = [(entry.key, entry.value) for entry in kept]
-                del node.metadata_props[:]
-                for key, value in kept:
-                    node.metadata_props.add(key=key, value=value)
+            for index in reversed(range(len(node.metadata_props))):
+                if node.metadata_props[index].key == STACK_TRACE_KEY:
+                    del node.metadata_props[index]
+                    dropped += 1
             for attr in node.attribute:  # the branches and bodies of If / Loop nodes
                 if attr.HasField("g"):
                     graphs.append(attr.g)

@@ -29,6 +29,7 @@ from forest_perception.models.blend import RUN_ONLY_KEYS
 from forest_perception.models.networks import build_model
 from forest_perception.models.networks.multiscale import COARSE_FIRST_BLOCK, MultiScaleDepth
 from forest_perception.models.recover import input_statistics, set_pass_through
+from forest_perception.models.torch_engine import model_from_checkpoint
 
 
 def _renamed(key: str, old_blocks: int, added: int) -> str:
@@ -63,21 +64,16 @@ def _set_identity_blocks(model: MultiScaleDepth, first: int, count: int, inputs:
 
 
 def _source(checkpoint: Mapping[str, Any], inputs: torch.Tensor) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The checkpoint's network (eval mode, its weights loaded) and its constructor keywords; checks ``inputs``."""
+    """The checkpoint's network as ``train --init`` builds it (eval mode, weights loaded) and its constructor
+    keywords; checks ``inputs``. ``ValueError`` (``ModelLoadError``) when the weights do not rebuild it."""
     state = checkpoint.get("model_state")
     if not isinstance(state, Mapping):
         raise ValueError("the checkpoint has no 'model_state': it is not a checkpoint written by 'forest-train train'")
     input_hw = tuple(int(v) for v in checkpoint["input_hw"])
     if inputs.ndim != 4 or inputs.shape[1] != 3 or tuple(inputs.shape[2:]) != input_hw or len(inputs) == 0:
         raise ValueError(f"inputs must be Nx3x{input_hw[0]}x{input_hw[1]} frames, got {tuple(inputs.shape)}")
-    kwargs = dict(checkpoint.get("model_kwargs") or {})
-    model = build_model(str(checkpoint["model_name"]), input_hw, **kwargs, **_depth_range(checkpoint))
-    model.load_state_dict(state)
-    return model.eval(), kwargs
-
-
-def _depth_range(checkpoint: Mapping[str, Any]) -> dict[str, float]:
-    return {"min_depth": float(checkpoint["min_depth"]), "max_depth": float(checkpoint["max_depth"])}
+    model, _meta = model_from_checkpoint(checkpoint, "to grow")
+    return model, dict(checkpoint.get("model_kwargs") or {})
 
 
 def _grow_multiscale(checkpoint: Mapping[str, Any], old: MultiScaleDepth, old_kwargs: dict[str, Any],
@@ -93,7 +89,7 @@ def _grow_multiscale(checkpoint: Mapping[str, Any], old: MultiScaleDepth, old_kw
         raise ValueError(f"the network already has {old_blocks} coarse block(s) and a squeeze of {old_squeeze}: "
                          "nothing to grow")
     new_kwargs = {**old_kwargs, "coarse_blocks": coarse_blocks, "coarse_squeeze": coarse_squeeze}
-    new = build_model("multiscale", old.input_hw, **new_kwargs, **_depth_range(checkpoint))
+    new = build_model("multiscale", old.input_hw, **new_kwargs)
     added = coarse_blocks - old_blocks
     new_state = new.state_dict()
     for key, tensor in checkpoint["model_state"].items():
@@ -121,7 +117,7 @@ def _grow_autoencoder(checkpoint: Mapping[str, Any], old: torch.nn.Module, old_k
     if int(global_context) < 1:
         raise ValueError(f"global_context must be >= 1, got {global_context}")
     new_kwargs = {**old_kwargs, "global_context": int(global_context)}
-    new = build_model("autoencoder", checkpoint["input_hw"], **new_kwargs, **_depth_range(checkpoint))
+    new = build_model("autoencoder", checkpoint["input_hw"], **new_kwargs)
     missing, unexpected = new.load_state_dict(checkpoint["model_state"], strict=False)
     if unexpected or any(not key.startswith("encoder.context.") for key in missing):
         raise ValueError(f"the checkpoint's tensors do not fit the auto-encoder: missing {missing}, unexpected "
