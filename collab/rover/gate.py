@@ -35,11 +35,16 @@ REFUSED_DIR = "refused"
 
 @dataclass(frozen=True)
 class FrameScores:
-    """One engine on each held-out frame: valid pixels, the sum of their relative errors, how many are within 1.25."""
+    """One engine on each held-out frame: valid pixels, the sum of their relative errors, how many are within 1.25.
+
+    ``segments`` (optional) says which held-out segment each frame comes from, so that :func:`worse_by`
+    resamples whole segments, then frames within them.
+    """
 
     pixels: np.ndarray
     absrel_sum: np.ndarray
     delta1_count: np.ndarray
+    segments: np.ndarray | None = None
 
 
 def score_engines(
@@ -65,7 +70,8 @@ def score_engines(
         out[name] = {"absrel": result["absrel"], "delta1": result["delta1"], "rmse": result["rmse"],
                      "frames": float(frames), "pixels": float(accumulator.count)}
         table = np.asarray(per_frame[name], dtype=np.float64).reshape(-1, 3)
-        scores[name] = FrameScores(table[:, 0], table[:, 1], table[:, 2])
+        segments = np.asarray([segment for segment, _ in holdout.frames[:frames]], dtype=np.int64)
+        scores[name] = FrameScores(table[:, 0], table[:, 1], table[:, 2], segments)
     return out, scores
 
 
@@ -84,6 +90,47 @@ BOOTSTRAP_DRAWS = 2000
 BOOTSTRAP_CELLS = 1_000_000  # resample weights held at once (8 MB)
 
 
+def _segment_groups(candidate: FrameScores, running: FrameScores, keep: np.ndarray) -> list[np.ndarray]:
+    """Indices (into the kept frames) of each held-out segment; one group of all frames when segments are unknown."""
+    if (candidate.segments is None) != (running.segments is None) or (
+            candidate.segments is not None and not np.array_equal(candidate.segments, running.segments)):
+        raise ValueError("the two models were not scored on the same held-out segments")
+    if candidate.segments is None:
+        return [np.arange(int(keep.sum()))]
+    segments = np.asarray(candidate.segments)
+    if segments.shape != candidate.pixels.shape:
+        raise ValueError(f"{segments.size} segment labels for {candidate.pixels.size} frames")
+    kept = segments[keep]
+    return [np.flatnonzero(kept == label) for label in np.unique(kept)]
+
+
+class _TwoStageBootstrap:
+    """Weights of a two-stage bootstrap: segments with replacement, then frames within each drawn segment.
+
+    A segment drawn ``c`` times contributes ``c`` independent resamples of its ``n`` frames, which together are
+    one multinomial of ``c * n`` over them. With one segment this is the plain bootstrap over frames. Segment
+    counts are drawn for all draws at once and each segment has its own stream, so the weights do not depend on
+    how many draws are made at a time.
+    """
+
+    def __init__(self, groups: list[np.ndarray], frames: int, draws: int, seed: int) -> None:
+        self.groups, self.frames = groups, frames
+        if len(groups) == 1:
+            self.counts = np.ones((draws, 1), dtype=np.int64)
+        else:
+            self.counts = np.random.default_rng([seed, 0]).multinomial(
+                len(groups), np.full(len(groups), 1.0 / len(groups)), size=draws)
+        self.streams = [np.random.default_rng([seed, g + 1]) for g in range(len(groups))]
+
+    def weights(self, first: int, count: int) -> np.ndarray:
+        """``count x frames`` weights of draws ``first .. first + count - 1`` (call in order)."""
+        out = np.zeros((count, self.frames), dtype=np.float64)
+        for g, members in enumerate(self.groups):
+            trials = self.counts[first:first + count, g] * members.size
+            out[:, members] = self.streams[g].multinomial(trials, np.full(members.size, 1.0 / members.size))
+        return out
+
+
 def worse_by(
     candidate: FrameScores, running: FrameScores, confidence: float, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
 ) -> dict[str, float]:
@@ -91,16 +138,18 @@ def worse_by(
 
     ``absrel`` (candidate minus running) and ``delta1`` (running minus candidate), pixels pooled as the gate's
     metrics are; positive means worse. With ``confidence`` 0 these are the differences of the pooled figures;
-    above 0 they are lower bounds from a paired bootstrap over the frames (``draws`` resamples, fixed ``seed``,
-    so a decision replays): the candidate is worse by at least this much with that confidence. Few frames give
-    a wide spread and so a low bound: a handful of frames cannot prove a small loss. Frames of one segment are
-    alike, so the spread is if anything too narrow and the gate errs on the side of the running model.
+    above 0 they are lower bounds from a paired bootstrap (``draws`` resamples, fixed ``seed``, so a decision
+    replays): the candidate is worse by at least this much with that confidence. Frames of one segment are alike
+    (one drive, one stretch of forest), so when the scores know their segments the bootstrap resamples segments
+    first and frames within them: a loss on one segment alone is not taken for a loss everywhere. Few frames or
+    few segments give a wide spread and so a low bound: a handful of them cannot prove a small loss.
     """
     if not 0.0 <= confidence < 1.0:
         raise ValueError(f"confidence must be within [0, 1), got {confidence!r}")
     if candidate.pixels.shape != running.pixels.shape or not np.array_equal(candidate.pixels, running.pixels):
         raise ValueError("the two models were not scored on the same frames and pixels")
     keep = candidate.pixels > 0
+    groups = _segment_groups(candidate, running, keep)
     pixels = candidate.pixels[keep]
     absrel = (candidate.absrel_sum - running.absrel_sum)[keep]
     delta1 = (running.delta1_count - candidate.delta1_count)[keep]
@@ -108,12 +157,11 @@ def worse_by(
         return {"absrel": math.nan, "delta1": math.nan}
     if confidence == 0.0:
         return {"absrel": float(absrel.sum() / pixels.sum()), "delta1": float(delta1.sum() / pixels.sum())}
-    rng = np.random.default_rng(seed)
+    bootstrap = _TwoStageBootstrap(groups, pixels.size, draws, seed)
     chunk = max(1, BOOTSTRAP_CELLS // pixels.size)  # draws x frames stays small on a Pi with many held-out frames
     drawn: list[np.ndarray] = []
     for first in range(0, draws, chunk):
-        weights = rng.multinomial(pixels.size, np.full(pixels.size, 1.0 / pixels.size),
-                                  size=min(chunk, draws - first)).astype(np.float64)
+        weights = bootstrap.weights(first, min(chunk, draws - first))
         drawn.append(np.stack([weights @ absrel, weights @ delta1]) / (weights @ pixels))
     samples = np.concatenate(drawn, axis=1)
     quantile = 1.0 - confidence

@@ -287,6 +287,62 @@ def test_worse_by_resamples_in_chunks_without_changing_the_answer(monkeypatch):
     assert rover.worse_by(candidate, running, 0.9, draws=300) == pytest.approx(whole, abs=1e-12)
 
 
+def _segment_scores(absrel: np.ndarray, delta1: np.ndarray, segments: np.ndarray) -> rover.FrameScores:
+    plain = _frame_scores(absrel, delta1)
+    return rover.FrameScores(plain.pixels, plain.absrel_sum, plain.delta1_count, np.asarray(segments))
+
+
+def test_worse_by_resamples_segments_so_one_bad_segment_is_not_a_loss_everywhere(monkeypatch):
+    """Worse on one of four held-out drives, a little better on the other three: frames alone look like a sure loss."""
+    from forest_perception.collab.rover import gate
+
+    rng = np.random.default_rng(11)
+    segments = np.repeat(np.arange(4), 20)
+    change = np.where(segments == 0, 0.08, -0.01) + rng.normal(0, 0.002, 80)
+    running = _segment_scores(np.full(80, 0.2), np.full(80, 0.7), segments)
+    candidate = _segment_scores(0.2 + change, np.full(80, 0.7), segments)
+    as_frames = rover.worse_by(_frame_scores(0.2 + change, np.full(80, 0.7)), _frame_scores(np.full(80, 0.2),
+                                                                                           np.full(80, 0.7)), 0.9)
+    by_segment = rover.worse_by(candidate, running, 0.9)
+    assert as_frames["absrel"] > 0.005  # 80 frames that look independent: worse, with 90 % confidence
+    assert by_segment["absrel"] < 0.0  # four drives, one of them bad: not shown to be worse
+    assert rover.worse_by(candidate, running, 0.0) == pytest.approx(rover.worse_by(
+        _frame_scores(0.2 + change, np.full(80, 0.7)), _frame_scores(np.full(80, 0.2), np.full(80, 0.7)), 0.0))
+
+    # worse on every drive: still refused with segments resampled
+    everywhere = _segment_scores(0.2 + 0.02 + rng.normal(0, 0.005, 80), np.full(80, 0.7), segments)
+    assert rover.worse_by(everywhere, running, 0.9)["absrel"] > 0.015
+
+    # the answer does not depend on how many draws are held at once
+    whole = rover.worse_by(candidate, running, 0.9, draws=300)
+    monkeypatch.setattr(gate, "BOOTSTRAP_CELLS", 170)  # two draws of 80 frames at a time
+    assert rover.worse_by(candidate, running, 0.9, draws=300) == pytest.approx(whole, abs=1e-12)
+
+    with pytest.raises(ValueError, match="segments"):
+        rover.worse_by(candidate, _frame_scores(np.full(80, 0.2), np.full(80, 0.7)), 0.9)
+    with pytest.raises(ValueError, match="segments"):
+        rover.worse_by(candidate, _segment_scores(np.full(80, 0.2), np.full(80, 0.7), segments[::-1]), 0.9)
+    with pytest.raises(ValueError, match="segment labels"):
+        short = _segment_scores(0.2 + change, np.full(80, 0.7), segments)
+        short = rover.FrameScores(short.pixels, short.absrel_sum, short.delta1_count, segments[:10])
+        rover.worse_by(short, rover.FrameScores(running.pixels, running.absrel_sum, running.delta1_count,
+                                                segments[:10]), 0.9)
+
+
+def test_score_engines_labels_each_frame_with_its_held_out_segment(dataset, running_models):
+    from forest_perception.inference import load_engine
+
+    _, _, held = dataset
+    holdout = rover.make_holdout(held)
+    engines = {"a": load_engine(running_models[2.5], threads=1), "b": load_engine(running_models[3.0], threads=1)}
+    _, scores = rover.score_engines(engines, holdout, 0.1, 10.0)
+    expected = np.asarray([segment for segment, _ in holdout.frames])
+    assert len(set(expected.tolist())) == len(held) >= 2
+    for name in engines:
+        assert np.array_equal(scores[name].segments, expected) and scores[name].pixels.size == len(holdout)
+    assert np.isfinite(rover.worse_by(scores["b"], scores["a"], 0.9)["absrel"])
+
+
 def test_gate_needs_more_frames_to_refuse_a_small_noisy_loss():
     """A candidate 0.02 worse on average but better on many frames: a few frames cannot show it, many can."""
     config = rover.GateConfig(tolerance_absrel=0.0, tolerance_delta1=0.01, confidence=0.9)
