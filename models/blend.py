@@ -46,6 +46,23 @@ def _state(checkpoint: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     return state
 
 
+def _setting(checkpoint: Mapping[str, Any], key: str, name: str) -> Any:
+    """One of :data:`SAME_NETWORK_KEYS`, spelt one way: constructor defaults filled in, tuples as lists."""
+    from forest_perception.models.networks import full_model_kwargs
+
+    value = checkpoint.get(key)
+    if key == "model_kwargs":
+        model_name = checkpoint.get("model_name")
+        if model_name in ("autoencoder", "multiscale") and (value is None or isinstance(value, Mapping)):
+            try:
+                return full_model_kwargs(model_name, value)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
 def blend_checkpoints(checkpoints: Sequence[Mapping[str, Any]], weights: Sequence[float],
                       names: Sequence[str] | None = None) -> dict[str, Any]:
     """One checkpoint whose floating tensors are ``sum_k weights[k] * checkpoints[k]``.
@@ -61,7 +78,7 @@ def blend_checkpoints(checkpoints: Sequence[Mapping[str, Any]], weights: Sequenc
     first, first_name = checkpoints[0], names[0]
     for other, name in zip(checkpoints[1:], names[1:]):
         for key in SAME_NETWORK_KEYS:
-            if other.get(key) != first.get(key):
+            if _setting(other, key, name) != _setting(first, key, first_name):
                 raise ValueError(f"{name} is not the same network as {first_name}: {key} {other.get(key)!r} vs "
                                  f"{first.get(key)!r}")
     states = [_state(c, n) for c, n in zip(checkpoints, names)]

@@ -6,7 +6,8 @@ return metric depth ``Bx1xHxW`` in metres.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ __all__ = [
     "count_parameters",
     "encoder_modules",
     "freeze_encoder",
+    "full_model_kwargs",
     "normalise_image",
     "set_train_mode",
 ]
@@ -69,6 +71,34 @@ def build_model(name: str, input_hw: Sequence[int] = (240, 320), **kwargs: objec
     if name == "multiscale":
         return MultiScaleDepth(input_hw=(height, width), **kwargs)
     raise ValueError(f"unknown model name {name!r}; known: {', '.join(MODEL_NAMES)}")
+
+
+def full_model_kwargs(name: str, kwargs: Mapping[str, object] | None) -> dict[str, object]:
+    """``kwargs`` with the network's constructor defaults filled in: ``{}`` and the defaults spelt out are equal.
+
+    Tuples become lists (a checkpoint read back from JSON holds lists). ``ValueError`` for an unknown network or
+    an argument its constructor does not take.
+    """
+    classes = {"autoencoder": AutoEncoderDepth, "multiscale": MultiScaleDepth}
+    if name not in classes:
+        raise ValueError(f"unknown model name {name!r}; known: {', '.join(MODEL_NAMES)}")
+    parameters = inspect.signature(classes[name]).parameters
+    given = dict(kwargs or {})
+    unknown = sorted(k for k in given if k not in parameters or k == "input_hw")
+    if unknown:
+        raise ValueError(f"{name} takes no argument {', '.join(map(repr, unknown))}")
+    full = {k: p.default for k, p in parameters.items()
+            if k != "input_hw" and p.default is not inspect.Parameter.empty}
+    full.update(given)
+    return {k: _plain(v) for k, v in sorted(full.items())}
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def encoder_modules(model: nn.Module) -> list[nn.Module]:

@@ -88,6 +88,28 @@ def test_checkpoints_of_other_networks_or_shapes_are_refused():
         blend_checkpoints([a, cut], [0.5, 0.5])
 
 
+def test_one_network_spelt_two_ways_blends():
+    """Constructor defaults left out or spelt out, tuples or lists: the same network, not refused."""
+    from forest_perception.models.networks import build_model, full_model_kwargs
+
+    a = _shipped()
+    spelt = full_model_kwargs("autoencoder", a["model_kwargs"])
+    assert spelt["global_context"] == a["model_kwargs"].get("global_context", 0) and "input_hw" not in spelt
+    for other in ({**a, "model_kwargs": spelt}, {**a, "input_hw": tuple(a["input_hw"])}):
+        out = blend_checkpoints([a, _moved(other, 4)], [0.5, 0.5])
+        assert out["model_state"].keys() == a["model_state"].keys()
+    # a default changed is another network, and an argument the network does not take is named
+    with pytest.raises(ValueError, match="model_kwargs"):
+        blend_checkpoints([a, {**a, "model_kwargs": {**spelt, "global_context": spelt["global_context"] + 8}}],
+                          [0.5, 0.5])
+    with pytest.raises(ValueError, match="'wings'"):
+        blend_checkpoints([a, {**a, "model_kwargs": {**spelt, "wings": 2}}], [0.5, 0.5], names=["a", "b"])
+    with pytest.raises(ValueError, match="unknown model name"):
+        full_model_kwargs("pointnet", {})
+    # the filled-in arguments build the network the checkpoint holds
+    build_model("autoencoder", a["input_hw"], **spelt).load_state_dict(a["model_state"])
+
+
 def test_cli_writes_a_checkpoint_that_runs_and_names_its_sources(tmp_path, capsys):
     moved = save_checkpoint(_moved(_shipped(), 3), tmp_path / "ft.pt")
     out = tmp_path / "blend.pt"
