@@ -83,8 +83,10 @@ def resolve_model(model_or_checkpoint: nn.Module | str | os.PathLike | tuple[nn.
     raise TypeError(f"expected an nn.Module, (module, meta) or a checkpoint path, got {type(model_or_checkpoint)}")
 
 
-def _run_exporter(model: nn.Module, example: torch.Tensor, out_path: Path, opset: int, dynamic_batch: bool,
-                  exporter: str) -> None:
+def _run_exporter(model: nn.Module, example: torch.Tensor, opset: int, dynamic_batch: bool, exporter: str) -> Any:
+    """The exported graph as an in-memory ``onnx.ModelProto`` (the dynamo exporter's tracebacks dropped)."""
+    import onnx
+
     if exporter == "dynamo":
         dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=256)},) if dynamic_batch else None
         # the dynamo exporter prints progress and notes on opset down-conversion; keep the console readable
@@ -101,17 +103,19 @@ def _run_exporter(model: nn.Module, example: torch.Tensor, out_path: Path, opset
                                             dynamic_shapes=dynamic_shapes, optimize=True, verbose=False)
         finally:
             exporter_log.setLevel(level)
-        program.save(str(out_path))
-        strip_stack_traces(out_path)
-    elif exporter == "torchscript":
+        proto = program.model_proto
+        _strip_stack_traces(proto)
+        return proto
+    if exporter == "torchscript":
         dynamic_axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+        buffer = io.BytesIO()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(out_path), dynamo=False, opset_version=opset,
+            torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic_axes,
                               do_constant_folding=True)
-    else:
-        raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
+        return onnx.load_from_string(buffer.getvalue())
+    raise ValueError(f"exporter must be 'dynamo' or 'torchscript', got {exporter!r}")
 
 
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # the dynamo exporter's per-node Python traceback
@@ -119,10 +123,18 @@ STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # the dynamo exporter's per-node
 
 def strip_stack_traces(onnx_path: str | Path) -> int:
     """Drop the per-node Python tracebacks the dynamo exporter writes (they name the exporting machine's folders);
-    returns how many were dropped. The graph and its other metadata are unchanged."""
+    returns how many were dropped. The graph and its other metadata are unchanged; the file is rewritten only
+    when there was something to drop. (Exports drop them before the file is first written.)"""
     import onnx
 
     model = onnx.load(str(onnx_path))
+    dropped = _strip_stack_traces(model)
+    if dropped:
+        onnx.save(model, str(onnx_path))
+    return dropped
+
+
+def _strip_stack_traces(model: Any) -> int:
     graphs = [model.graph, *(function for function in model.functions)]
     dropped = 0
     while graphs:
@@ -136,21 +148,23 @@ def strip_stack_traces(onnx_path: str | Path) -> int:
                 if attr.HasField("g"):
                     graphs.append(attr.g)
                 graphs.extend(attr.graphs)
-    if dropped:
-        onnx.save(model, str(onnx_path))
     return dropped
 
 
-def verify_onnx(onnx_path: str | Path, model: nn.Module, input_hw: Sequence[int],
+def verify_onnx(onnx_path: str | Path | bytes, model: nn.Module, input_hw: Sequence[int],
                 mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
                 image: np.ndarray | None = None, batch: int = 1) -> dict[str, float]:
-    """Max abs error (metres) of ONNX Runtime vs PyTorch on a random input and on a real-looking frame."""
+    """Max abs error (metres) of ONNX Runtime vs PyTorch on a random input and on a real-looking frame.
+
+    ``onnx_path`` is a file or the serialised model itself (bytes)."""
     import onnxruntime as ort
 
     height, width = int(input_hw[0]), int(input_hw[1])
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
+    source = onnx_path if isinstance(onnx_path, bytes) else str(onnx_path)
+    label = "the exported graph" if isinstance(onnx_path, bytes) else str(onnx_path)
+    session = ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
     random_input = torch.randn(batch, 3, height, width, generator=generator)
     frame = image if image is not None else synthetic_forest_image(height, width)
@@ -161,7 +175,7 @@ def verify_onnx(onnx_path: str | Path, model: nn.Module, input_hw: Sequence[int]
             expected = model(tensor).numpy()
         got = session.run(None, {session.get_inputs()[0].name: tensor.numpy()})[0]
         if got.shape != expected.shape:
-            raise ExportVerificationError(f"{onnx_path}: ONNX output shape {got.shape} != PyTorch {expected.shape}")
+            raise ExportVerificationError(f"{label}: ONNX output shape {got.shape} != PyTorch {expected.shape}")
         report[f"max_abs_error_{label}_m"] = float(np.max(np.abs(got - expected)))
         report[f"max_rel_error_{label}"] = float(np.max(np.abs(got - expected) / np.maximum(np.abs(expected), 1e-6)))
     report["max_abs_error_m"] = max(report["max_abs_error_random_m"], report["max_abs_error_image_m"])
@@ -173,12 +187,16 @@ def set_metadata(onnx_path: str | Path, props: Mapping[str, Any]) -> None:
     import onnx
 
     model = onnx.load(str(onnx_path))
+    _set_metadata(model, props)
+    onnx.save(model, str(onnx_path))
+
+
+def _set_metadata(model: Any, props: Mapping[str, Any]) -> None:
     existing = {entry.key: entry.value for entry in model.metadata_props}
     existing.update({key: value if isinstance(value, str) else json.dumps(value) for key, value in props.items()})
     del model.metadata_props[:]
     for key, value in existing.items():
         model.metadata_props.add(key=key, value=value)
-    onnx.save(model, str(onnx_path))
 
 
 def export_onnx(model_or_checkpoint: nn.Module | str | os.PathLike | tuple[nn.Module, Mapping[str, Any]],
@@ -217,14 +235,18 @@ def _export_verified(model: nn.Module, meta: Mapping[str, Any], out_path: Path, 
                      mean: tuple[float, ...], std: tuple[float, ...], min_depth: float, max_depth: float, opset: int,
                      dynamic_batch: bool, exporter: str, tolerance_m: float, image: np.ndarray | None,
                      export_command: str | None) -> None:
-    """Export to ``out_path``, verify against PyTorch (``ExportVerificationError`` beyond tolerance), add metadata."""
+    """Export, verify against PyTorch (``ExportVerificationError`` beyond tolerance), add metadata, then write
+    ``out_path`` once."""
+    import onnx
+
     height, width = input_hw
     model = model.cpu().eval()
     example = torch.randn(2 if dynamic_batch else 1, 3, height, width)
     started = time.perf_counter()
-    _run_exporter(model, example, out_path, opset, dynamic_batch, exporter)
+    proto = _run_exporter(model, example, opset, dynamic_batch, exporter)
     export_s = time.perf_counter() - started
-    report = verify_onnx(out_path, model, (height, width), mean, std, image, batch=2 if dynamic_batch else 1)
+    report = verify_onnx(proto.SerializeToString(), model, (height, width), mean, std, image,
+                         batch=2 if dynamic_batch else 1)
     if not math.isfinite(report["max_abs_error_m"]) or report["max_abs_error_m"] > tolerance_m:
         raise ExportVerificationError(f"ONNX export of {meta.get('model_name', type(model).__name__)} differs from "
                                       f"PyTorch by {report['max_abs_error_m']:.3g} m > tolerance {tolerance_m} m")
@@ -258,7 +280,8 @@ def _export_verified(model: nn.Module, meta: Mapping[str, Any], out_path: Path, 
         props["init"] = dict(meta["init"])
     if meta.get("blend"):  # a weight-space blend: its source checkpoints (name, file, sha256, weight)
         props["blend"] = [dict(source) for source in meta["blend"]]
-    set_metadata(out_path, props)
+    _set_metadata(proto, props)
+    onnx.save(proto, str(out_path))
     _LOG.info("exported %s in %.1f s, max abs error vs PyTorch %.2e m", name, export_s, report["max_abs_error_m"])
 
 
