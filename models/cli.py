@@ -111,6 +111,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--freeze-encoder", action="store_true", default=None,
                        help="keep the encoder fixed (auto-encoder: its encoder; multi-scale: the coarse global "
                        "network); weights and BatchNorm statistics stay bit-identical")
+    train.add_argument("--old-layers-lr", type=float, default=None, metavar="FACTOR",
+                       help="with --init of a grown checkpoint (forest-train grow): the tensors the network had "
+                       "before it grew train at FACTOR x --lr, the grown ones at --lr (default 1; resumed: the run's)")
     train.add_argument("--model-kwarg", action="append", type=_model_kwarg, default=[], metavar="KEY=VALUE",
                        help="constructor argument of the network, repeatable (value parsed as JSON)")
     # a string default goes through image_size like a typed value; --help shows it as written
@@ -345,7 +348,8 @@ def _train(args: argparse.Namespace, command: str) -> int:
         out=str(args.out), device=args.device, threads=args.threads, resume=_resume_checkpoint(args),
         overwrite=args.overwrite, eval_every=args.eval_every, max_batches=args.max_batches, progress=args.progress,
         command=command,
-        init=args.init, freeze_encoder=args.freeze_encoder, cache=None if args.cache is None else str(args.cache),
+        init=args.init, freeze_encoder=args.freeze_encoder, old_layers_lr=args.old_layers_lr,
+        cache=None if args.cache is None else str(args.cache),
         amp=args.amp,
         depth_scale=args.depth_scale, depth_larger=args.depth_larger, column_aliases=dict(args.column_aliases),
     )

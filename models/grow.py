@@ -157,8 +157,17 @@ def grow_checkpoint(checkpoint: Mapping[str, Any], coarse_blocks: int | None, co
     out.pop("init", None)
     out["model_kwargs"] = new_kwargs
     out["model_state"] = {k: v.detach().clone() for k, v in new.state_dict().items()}
-    out["grown_from"] = {**sizes, "frames": len(inputs), "max_abs_diff_m": diff}
+    out["grown_from"] = {**sizes, "frames": len(inputs), "max_abs_diff_m": diff,
+                         "new_tensors": _new_tensors(new, old, sizes)}
     return out
+
+
+def _new_tensors(new: torch.nn.Module, old: torch.nn.Module, sizes: Mapping[str, Any]) -> list[str]:
+    """Names of the grown network's parameters that the source did not have, or had at another shape."""
+    old_blocks = int(sizes["coarse_blocks"][0]) if "coarse_blocks" in sizes else 0
+    added = int(sizes["coarse_blocks"][1]) - old_blocks if "coarse_blocks" in sizes else 0
+    kept = {_renamed(name, old_blocks, added): tuple(p.shape) for name, p in old.named_parameters()}
+    return sorted(name for name, p in new.named_parameters() if kept.get(name) != tuple(p.shape))
 
 
 __all__ = ["grow_checkpoint"]

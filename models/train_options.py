@@ -114,6 +114,10 @@ class TrainOptions:
     resume: str | None = None
     init: str | None = None
     freeze_encoder: bool | None = None  # None: the --resume checkpoint's, else False
+    # learning-rate factor of the tensors a grown network (forest-train grow) had before it grew; its new tensors
+    # train at --lr. None: the --resume checkpoint's, else 1.0
+    old_layers_lr: float | None = None
+    new_tensors: list = field(default_factory=list)  # the grown tensors' names, from the --init/--resume checkpoint
     cache: str | None = None
     amp: bool = False
     eval_every: int = 1
@@ -173,6 +177,12 @@ class TrainOptions:
             self.max_depth = float(source.get("max_depth") or DEFAULT_MAX_DEPTH_M)
         if self.freeze_encoder is None:
             self.freeze_encoder = bool(options.get("freeze_encoder", False)) if self.resume is not None else False
+        if self.old_layers_lr is None:
+            self.old_layers_lr = float(options.get("old_layers_lr", 1.0)) if self.resume is not None else 1.0
+        if not self.new_tensors and source:
+            grown = source.get("grown_from") if self.resume is None else None
+            named = grown.get("new_tensors") if isinstance(grown, dict) else options.get("new_tensors")
+            self.new_tensors = [str(name) for name in named or []]
         return self
 
     def validate(self) -> TrainOptions:
@@ -200,6 +210,11 @@ class TrainOptions:
             raise ValueError(f"--roll-deg must be within [0, {MAX_ROLL_DEG:g}] degrees, got {self.roll_deg!r}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not (isinstance(self.old_layers_lr, (int, float)) and 0.0 <= self.old_layers_lr <= 1.0):
+            raise ValueError(f"--old-layers-lr must be within [0, 1] (a factor of --lr), got {self.old_layers_lr!r}")
+        if self.old_layers_lr != 1.0 and not self.new_tensors:
+            raise ValueError(f"--old-layers-lr {self.old_layers_lr:g} needs --init of a grown checkpoint "
+                             "('forest-train grow' names the tensors it added): this run has no grown tensors")
         if self.loss_silog_scale > 1:
             raise ValueError(f"--loss-silog-scale must be within [0, 1] (0: silog is scale-invariant, 1: it is the "
                              f"log RMSE), got {self.loss_silog_scale}")

@@ -106,6 +106,21 @@ def _as_outputs(raw: object) -> list[torch.Tensor]:
     return list(raw)
 
 
+def parameter_groups(model: nn.Module, opts: TrainOptions) -> list[dict]:
+    """AdamW's parameter groups: one at ``--lr``; with ``--old-layers-lr`` below 1, a grown network's new tensors
+    at ``--lr`` and the tensors it had before at ``old_layers_lr * lr``. ``ValueError`` for a grown tensor the
+    network lacks."""
+    if opts.old_layers_lr == 1.0 or not opts.new_tensors:
+        return [{"params": list(model.parameters()), "lr": opts.lr}]
+    named = dict(model.named_parameters())
+    missing = sorted(set(opts.new_tensors) - set(named))
+    if missing:
+        raise ValueError(f"--old-layers-lr: the checkpoint names grown tensors this network lacks: {missing[:3]}")
+    new = set(opts.new_tensors)
+    return [{"params": [p for n, p in named.items() if n not in new], "lr": opts.lr * opts.old_layers_lr},
+            {"params": [p for n, p in named.items() if n in new], "lr": opts.lr}]
+
+
 # --------------------------------------------------------------------------- trainer
 
 
@@ -172,7 +187,8 @@ class Trainer:
         self.loss_fn = build_loss(opts).to(self.device)
         # frozen parameters get no gradient, so AdamW leaves them (and their weight decay) alone; keeping them in
         # the optimizer keeps its state the same shape with and without --freeze-encoder
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, opts), lr=opts.lr,
+                                           weight_decay=opts.weight_decay)
         if opts.scheduler == "cosine":
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=opts.epochs)
         elif opts.scheduler == "step":
@@ -342,6 +358,12 @@ class Trainer:
             print(f"model: {opts.model} on {self.device}{' with ' + str(self.amp_dtype) if self.amp_dtype else ''}, "
                   f"{total:,} parameters ({trainable:,} trained){started}; epochs {self.epoch + 1}..{opts.epochs}; "
                   f"out {self.out}")
+            groups = self.optimizer.param_groups
+            if len(groups) == 2:
+                grown = sum(p.numel() for p in groups[1]["params"])
+                print(f"lr: {groups[1]['initial_lr'] if 'initial_lr' in groups[1] else groups[1]['lr']:g} for the "
+                      f"{len(opts.new_tensors)} grown tensor(s) ({grown:,} parameters), x{opts.old_layers_lr:g} for "
+                      "the layers the network had before it grew (--old-layers-lr)")
         if self.init is not None and self.epoch == 0 and self.val_dataset is not None and not self.start_metrics:
             # where fine-tuning starts: the --init network on the validation data, before any step
             self.start_metrics = self.val()

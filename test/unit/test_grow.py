@@ -241,3 +241,59 @@ def test_cli_grows_an_autoencoder(tmp_path, capsys):
         assert cli.main(["grow", "--checkpoint", checkpoint, "--global-context", "64", "--data",
                          str(tmp_path / "data"), "--out", str(bad)]) == 2
         assert "already has a context block" in capsys.readouterr().err and not bad.exists()
+
+
+def test_grown_checkpoints_name_their_new_tensors():
+    from forest_perception.models.networks.multiscale import COARSE_FIRST_BLOCK
+
+    grown = grow_checkpoint(_trained_like(seed=6), coarse_blocks=1, coarse_squeeze=12, inputs=_inputs())
+    new = set(grown["grown_from"]["new_tensors"])
+    block = f"coarse.features.{COARSE_FIRST_BLOCK + 1}."
+    params = dict(_model(grown).named_parameters())
+    assert {n for n in params if n.startswith(block)} <= new and "coarse.fc.1.weight" in new
+    squeeze = f"coarse.features.{COARSE_FIRST_BLOCK + 2}."  # the wider squeeze, moved down one place
+    assert {n for n in params if n.startswith(squeeze)} <= new
+    assert not any(n.startswith(("fine.", "coarse.features.0.")) or n == "coarse.fc.1.bias" for n in new)
+    assert new <= set(params)  # parameters only: BatchNorm statistics are not trained by the optimizer
+    context = grow_checkpoint(_autoencoder_like(seed=6), None, None, inputs=_inputs(), global_context=8)
+    names = context["grown_from"]["new_tensors"]
+    assert names and all(n.startswith("encoder.context.") for n in names)
+    assert set(names) == {n for n, _ in _autoencoder(context).named_parameters() if n.startswith("encoder.context.")}
+
+
+def test_old_layers_train_slower_than_grown_ones(tmp_path, capsys):
+    from tiny_forest import write_tiny_dataset
+
+    from forest_perception.models.trainer import Trainer, TrainOptions
+
+    write_tiny_dataset(tmp_path / "data", runs=(1, 2), segments=2)
+    source = save_checkpoint(_autoencoder_like(seed=8), tmp_path / "src.pt")
+    grown_ckpt = grow_checkpoint(torch.load(source, weights_only=True), None, None, inputs=_inputs(),
+                                 global_context=8)
+    grown = save_checkpoint(grown_ckpt, tmp_path / "grown.pt")
+
+    def options(out: str, **kw: object) -> TrainOptions:
+        return TrainOptions(**{"data": [str(tmp_path / "data")], "val_fraction": 0.25, "epochs": 1, "batch_size": 4,
+                               "lr": 1e-3, "out": str(tmp_path / out), "seed": 3, "progress": False, "threads": 1,
+                               "scheduler": "none", **kw})
+
+    trainer = Trainer(options("run", init=str(grown), old_layers_lr=0.25))
+    groups = trainer.optimizer.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([2.5e-4, 1e-3])
+    named = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert {named[id(p)] for p in groups[1]["params"]} == set(grown_ckpt["grown_from"]["new_tensors"])
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(named)
+    trainer.train()
+    # a resumed run keeps the split without being told again
+    resumed = Trainer(options("run", resume=str(tmp_path / "run" / "checkpoints" / "last.pt"), epochs=2))
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([2.5e-4, 1e-3])
+    # without the flag: one group at --lr
+    assert [g["lr"] for g in Trainer(options("plain", init=str(grown))).optimizer.param_groups] == [1e-3]
+    # a network that did not grow has no new layers to favour: refused, by the flag's name
+    args = ["train", "--init", str(source), "--data", str(tmp_path / "data"), "--epochs", "1", "--old-layers-lr",
+            "0.5", "--out", str(tmp_path / "refused")]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "--old-layers-lr 0.5 needs --init of a grown checkpoint" in err and not (tmp_path / "refused").exists()
+    assert cli.main([*args[:-4], "--old-layers-lr", "1.5", "--out", str(tmp_path / "refused")]) == 2
+    assert "within [0, 1]" in capsys.readouterr().err
