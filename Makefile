@@ -60,7 +60,7 @@ bench: $(STAMP)
 	@set -e; for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script; done
 
 # reproduce the seed papers' claims on the forest depth task (experiments/results/README.md): two jobs side by
-# side, under an hour on 2 cores (quick: under 5 min)
+# side, about 2 hours on 2 cores, estimated from its parts (quick: under 5 min)
 experiments: $(STAMP)
 	$(PY) -m experiments.run_all
 
