@@ -372,7 +372,7 @@ class Trainer:
                                   ("val_loss", "val_absrel", "val_rmse", "val_delta1") if key in self.start_metrics)
                 tqdm.write(f"epoch 0 (--init {opts.init}, before training)  {shown}")
         while self.epoch < stop:
-            lr = self.optimizer.param_groups[0]["lr"]
+            lr = self.optimizer.param_groups[-1]["lr"]  # the group at --lr (the grown tensors with --old-layers-lr)
             row: dict = {"epoch": self.epoch + 1, "lr": lr}
             start = time.perf_counter()
             try:

@@ -284,6 +284,7 @@ def test_old_layers_train_slower_than_grown_ones(tmp_path, capsys):
     assert {named[id(p)] for p in groups[1]["params"]} == set(grown_ckpt["grown_from"]["new_tensors"])
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(named)
     trainer.train()
+    assert trainer.history[-1]["lr"] == pytest.approx(1e-3)  # the log's lr is --lr's, the grown tensors' rate
     # a resumed run keeps the split without being told again
     resumed = Trainer(options("run", resume=str(tmp_path / "run" / "checkpoints" / "last.pt"), epochs=2))
     assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([2.5e-4, 1e-3])
