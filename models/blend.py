@@ -48,12 +48,12 @@ def _state(checkpoint: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 
 def _setting(checkpoint: Mapping[str, Any], key: str, name: str) -> Any:
     """One of :data:`SAME_NETWORK_KEYS`, spelt one way: constructor defaults filled in, tuples as lists."""
-    from forest_perception.models.networks import full_model_kwargs
+    from forest_perception.models.networks import MODEL_NAMES, full_model_kwargs
 
     value = checkpoint.get(key)
     if key == "model_kwargs":
         model_name = checkpoint.get("model_name")
-        if model_name in ("autoencoder", "multiscale") and (value is None or isinstance(value, Mapping)):
+        if model_name in MODEL_NAMES and (value is None or isinstance(value, Mapping)):
             try:
                 return full_model_kwargs(model_name, value)
             except ValueError as exc:
