@@ -361,9 +361,8 @@ class Trainer:
             groups = self.optimizer.param_groups
             if len(groups) == 2:
                 grown = sum(p.numel() for p in groups[1]["params"])
-                print(f"lr: {groups[1]['initial_lr'] if 'initial_lr' in groups[1] else groups[1]['lr']:g} for the "
-                      f"{len(opts.new_tensors)} grown tensor(s) ({grown:,} parameters), x{opts.old_layers_lr:g} for "
-                      "the layers the network had before it grew (--old-layers-lr)")
+                print(f"lr: {opts.lr:g} for the {len(opts.new_tensors)} grown tensor(s) ({grown:,} parameters), "
+                      f"x{opts.old_layers_lr:g} for the layers the network had before it grew (--old-layers-lr)")
         if self.init is not None and self.epoch == 0 and self.val_dataset is not None and not self.start_metrics:
             # where fine-tuning starts: the --init network on the validation data, before any step
             self.start_metrics = self.val()

@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("autoencoder", "multiscale")
+_CLASSES: dict[str, type[nn.Module]] = {"autoencoder": AutoEncoderDepth, "multiscale": MultiScaleDepth}
 
 #: What ``--freeze-encoder`` keeps fixed, per network: the auto-encoder's image encoder (its decoder and depth
 #: head train), the multi-scale network's coarse global network, convs and FC layers (its fine refinement network
@@ -79,10 +80,9 @@ def full_model_kwargs(name: str, kwargs: Mapping[str, object] | None) -> dict[st
     Tuples become lists (a checkpoint read back from JSON holds lists). ``ValueError`` for an unknown network or
     an argument its constructor does not take.
     """
-    classes = {"autoencoder": AutoEncoderDepth, "multiscale": MultiScaleDepth}
-    if name not in classes:
+    if name not in _CLASSES:
         raise ValueError(f"unknown model name {name!r}; known: {', '.join(MODEL_NAMES)}")
-    parameters = inspect.signature(classes[name]).parameters
+    parameters = inspect.signature(_CLASSES[name]).parameters
     given = dict(kwargs or {})
     unknown = sorted(k for k in given if k not in parameters or k == "input_hw")
     if unknown:
@@ -103,9 +103,8 @@ def _plain(value: object) -> object:
 
 def encoder_modules(model: nn.Module) -> list[nn.Module]:
     """The submodules of ``model`` that ``--freeze-encoder`` keeps fixed (``ENCODER_PARTS``)."""
-    classes = {"autoencoder": AutoEncoderDepth, "multiscale": MultiScaleDepth}
     for name, parts in ENCODER_PARTS.items():
-        if isinstance(model, classes[name]):
+        if isinstance(model, _CLASSES[name]):
             return [model.get_submodule(part) for part in parts]
     raise ValueError(f"no encoder is defined for {type(model).__name__}; known networks: {', '.join(MODEL_NAMES)}")
 
