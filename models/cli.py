@@ -45,7 +45,7 @@ from forest_perception.cli_args import (
 )
 from forest_perception.dataset_tools.settings import add_reading_arguments
 from forest_perception.models.cli_types import DefaultsHelpFormatter, onnx_output, output_folder
-from forest_perception.models.data import MAX_ROLL_DEG, MIN_DEPTH_M
+from forest_perception.models.data import CAMERA_HFOV_DEG, MAX_PITCH_DEG, MAX_ROLL_DEG, MIN_DEPTH_M
 from forest_perception.models.networks import MODEL_NAMES
 from forest_perception.models.provenance import (
     path_alias_arg,
@@ -163,6 +163,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--roll-deg", type=float_within(0, MAX_ROLL_DEG), default=defaults.roll_deg, metavar="DEG",
                        help="augmentation: turn image and depth together by a random angle in [-DEG, DEG] about the "
                        "optical axis (a rover tilted on a slope; depth along the axis stays true); 0: off")
+    train.add_argument("--pitch-deg", type=float_within(0, MAX_PITCH_DEG), default=defaults.pitch_deg,
+                       metavar="DEG",
+                       help="augmentation: tilt the camera up or down by a random angle in [-DEG, DEG] (the horizon "
+                       "moves; depth is recomputed for the tilted axis; assumes a 69.4 deg horizontal field of "
+                       "view); 0: off")
     train.add_argument("--cache", type=output_folder, default=None, metavar="DIR",
                        help="frame cache folder: frames resized once to the input size and read memory-mapped "
                        "after that (bounded memory, reused by later runs on the same data and size)")
@@ -258,6 +263,13 @@ def _add_eval_styles(sub: argparse._SubParsersAction) -> None:
     styles.add_argument("--threads", type=positive_int, default=2, help="CPU threads of the engines")
     styles.add_argument("--min-depth", type=positive_float, default=None, help="metres (default: the first model's)")
     styles.add_argument("--max-depth", type=positive_float, default=None, help="metres (default: the first model's)")
+    styles.add_argument("--tilt", nargs="+", type=float_within(-MAX_PITCH_DEG, MAX_PITCH_DEG), default=[],
+                        metavar="DEG",
+                        help="also score every folder with the camera tilted by each angle (positive: nose down; the "
+                        "image moves, depth is recomputed for the tilted axis); rows and tilt.png show what a camera "
+                        "mounted a few degrees off costs")
+    styles.add_argument("--hfov", type=float_within(10, 170), default=CAMERA_HFOV_DEG, metavar="DEG",
+                        help="horizontal field of view of the frames' camera, for --tilt")
     add_reading_arguments(styles)
     styles.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
     styles.set_defaults(handler=_eval_styles)
@@ -344,6 +356,7 @@ def _train(args: argparse.Namespace, command: str) -> int:
         loss_berhu=args.loss_berhu, loss_l1=args.loss_l1, loss_smooth=args.loss_smooth, loss_log_l1=args.loss_log_l1,
         loss_rel_l1=args.loss_rel_l1, loss_gradient=args.loss_gradient, loss_silog_scale=args.loss_silog_scale,
         min_depth=args.min_depth, max_depth=args.max_depth, augment=args.augment, roll_deg=args.roll_deg,
+        pitch_deg=args.pitch_deg,
         workers=args.workers, seed=args.seed,
         out=str(args.out), device=args.device, threads=args.threads, resume=_resume_checkpoint(args),
         overwrite=args.overwrite, eval_every=args.eval_every, max_batches=args.max_batches, progress=args.progress,
@@ -391,7 +404,7 @@ def _eval_styles(args: argparse.Namespace, command: str) -> int:
 
     evaluate_styles(args.model, [str(p) for p in args.data], out=args.out, max_frames=args.max_frames,
                     threads=args.threads, min_depth=args.min_depth, max_depth=args.max_depth,
-                    settings=settings_from_args(args), progress=args.progress)
+                    settings=settings_from_args(args), progress=args.progress, tilts=args.tilt, hfov_deg=args.hfov)
     return 0
 
 

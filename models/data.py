@@ -244,6 +244,39 @@ def roll_pair(rgb: np.ndarray, depth: np.ndarray, angle_deg: float) -> tuple[np.
     return rgb, depth
 
 
+MAX_PITCH_DEG = 20.0
+"""the largest ``pitch_deg`` accepted: beyond it a rover camera sees mostly sky or mostly ground"""
+CAMERA_HFOV_DEG = 69.4
+"""horizontal field of view that ``pitch_pair`` assumes by default: the simulator's and the RealSense D435's"""
+
+
+def pitch_pair(rgb: np.ndarray, depth: np.ndarray, angle_deg: float,
+               hfov_deg: float = CAMERA_HFOV_DEG) -> tuple[np.ndarray, np.ndarray]:
+    """Image and depth as the camera would see them tilted by ``angle_deg`` about its x axis (positive: nose down).
+
+    A pure rotation of a pinhole camera (square pixels, principal point at the centre, horizontal field of view
+    ``hfov_deg``) moves pixels by the homography K R K^-1. Unlike a roll it changes depth along the optical axis:
+    a pixel whose ray r (z = 1) came from the source ray s = R^T r sees its point at depth z_src / s_z, which this
+    applies, so the values stay true metres (REP 118). The rows that come from outside the frame are mirrored in
+    for the image; their depth is NaN (left out of the loss).
+    """
+    height, width = depth.shape[:2]
+    focal = (width / 2.0) / math.tan(math.radians(hfov_deg) / 2.0)
+    k = np.array([[focal, 0.0, (width - 1) / 2.0], [0.0, focal, (height - 1) / 2.0], [0.0, 0.0, 1.0]])
+    a = math.radians(float(angle_deg))
+    # old camera coordinates to new (optical frame: y down): after a nose-down tilt the point once straight ahead
+    # is at (0, -sin a, cos a), above the centre of the image
+    rot = np.array([[1.0, 0.0, 0.0], [0.0, math.cos(a), -math.sin(a)], [0.0, math.sin(a), math.cos(a)]])
+    homography = k @ rot @ np.linalg.inv(k)
+    rgb = cv2.warpPerspective(np.ascontiguousarray(rgb), homography, (width, height), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_REFLECT_101)
+    warped = cv2.warpPerspective(np.ascontiguousarray(depth, dtype=np.float32), homography, (width, height),
+                                 flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
+    rows = (np.arange(height, dtype=np.float64) - k[1, 2]) / focal  # a ray's y at z = 1; x does not enter s_z
+    source_z = -math.sin(a) * rows + math.cos(a)  # (R^T r)_z with R^T = [[1,0,0],[0,c,-s],[0,s,c]]
+    return rgb, (warped / source_z[:, None]).astype(np.float32)
+
+
 def augment_pair(
     rgb: np.ndarray,
     depth: np.ndarray,
@@ -251,20 +284,25 @@ def augment_pair(
     flip_p: float = 0.5,
     photometric: PhotometricAugment | None = DEFAULT_PHOTOMETRIC,
     roll_deg: float = 0.0,
+    pitch_deg: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train-time augmentation of an RGB float [0, 1] image and its depth.
 
     Horizontal flip moves image and depth together (a mirrored scene has the same metric depth for the same
     camera); with ``roll_deg`` > 0 both turn by an angle drawn uniformly from [-roll_deg, roll_deg] about the
-    optical axis (``roll_pair``: a rover tilted sideways on a slope; depth along the axis is unchanged);
-    ``photometric`` touches only the image. Nothing crops or rescales: a crop resized back to the input is a longer
-    focal length, which would teach the network wrong metric depth for the rover's camera.
+    optical axis (``roll_pair``: a rover tilted sideways on a slope; depth along the axis is unchanged); with
+    ``pitch_deg`` > 0 the camera tilts up or down by an angle drawn from [-pitch_deg, pitch_deg] (``pitch_pair``:
+    the horizon moves, depth is recomputed for the new axis); ``photometric`` touches only the image. Nothing crops
+    or rescales: a crop resized back to the input is a longer focal length, which would teach the network wrong
+    metric depth for the rover's camera.
     """
     if rng.random() < flip_p:
         rgb = rgb[:, ::-1]
         depth = depth[:, ::-1]
     if roll_deg > 0:
         rgb, depth = roll_pair(rgb, depth, float(rng.uniform(-roll_deg, roll_deg)))
+    if pitch_deg > 0:
+        rgb, depth = pitch_pair(rgb, depth, float(rng.uniform(-pitch_deg, pitch_deg)))
     if photometric is not None:
         rgb = photometric(np.ascontiguousarray(rgb), rng)
     return np.ascontiguousarray(rgb), np.ascontiguousarray(depth)
@@ -283,7 +321,8 @@ class ForestDepthDataset(Dataset):
     Frames are read when an item is asked for (nothing is held in memory); with ``cache`` (a folder) they come
     from the memory-mapped shards of ``models.frame_cache`` once ``prepare_cache`` has built them.
     ``photometric`` is the image augmentation used when ``augment`` (horizontal flip is always part of it);
-    ``roll_deg`` > 0 adds a random roll of image and depth about the optical axis (``augment_pair``).
+    ``roll_deg`` > 0 adds a random roll of image and depth about the optical axis, ``pitch_deg`` > 0 a random tilt
+    about the camera's x axis (``augment_pair``).
     """
 
     def __init__(
@@ -298,10 +337,13 @@ class ForestDepthDataset(Dataset):
         cache: str | os.PathLike | None = None,
         photometric: PhotometricAugment | None = DEFAULT_PHOTOMETRIC,
         roll_deg: float = 0.0,
+        pitch_deg: float = 0.0,
     ) -> None:
         self.input_hw = check_input_hw(input_hw)
         if not (math.isfinite(roll_deg) and 0.0 <= roll_deg <= MAX_ROLL_DEG):
             raise ValueError(f"roll_deg must be within [0, {MAX_ROLL_DEG:g}] degrees, got {roll_deg}")
+        if not (math.isfinite(pitch_deg) and 0.0 <= pitch_deg <= MAX_PITCH_DEG):
+            raise ValueError(f"pitch_deg must be within [0, {MAX_PITCH_DEG:g}] degrees, got {pitch_deg}")
         if not (math.isfinite(max_depth) and max_depth > min_depth > 0):
             raise ValueError(f"need 0 < min_depth < max_depth, got min_depth={min_depth}, max_depth={max_depth}")
         self.segments = [s for s in collect_segments(source, settings) if len(s) > 0]
@@ -312,6 +354,7 @@ class ForestDepthDataset(Dataset):
         self.augment = bool(augment)
         self.photometric = photometric
         self.roll_deg = float(roll_deg)
+        self.pitch_deg = float(pitch_deg)
         if cache is not None and max_depth > MAX_CACHED_DEPTH_M:
             raise ValueError(f"--max-depth {max_depth:g} is beyond the {MAX_CACHED_DEPTH_M:g} m the frame cache "
                              "stores (uint16 millimetres); lower --max-depth or train without --cache")
@@ -366,7 +409,8 @@ class ForestDepthDataset(Dataset):
         image = rgb.astype(np.float32) / 255.0
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, i])
-            image, depth = augment_pair(image, depth, rng, photometric=self.photometric, roll_deg=self.roll_deg)
+            image, depth = augment_pair(image, depth, rng, photometric=self.photometric, roll_deg=self.roll_deg,
+                                         pitch_deg=self.pitch_deg)
         depth = np.where(np.isfinite(depth) & (depth > self.min_depth), depth, 0.0).astype(np.float32)
         valid = (depth > 0) & (depth <= self.max_depth)
         image = (image - self.mean) / self.std

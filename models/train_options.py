@@ -23,7 +23,7 @@ from torch import nn
 from forest_perception.cli_args import format_image_size
 from forest_perception.dataset_tools.settings import DatasetSettings
 from forest_perception.models.checkpoints import resolve_checkpoint
-from forest_perception.models.data import MAX_ROLL_DEG, MIN_DEPTH_M, check_input_hw, image_normalisation
+from forest_perception.models.data import MAX_PITCH_DEG, MAX_ROLL_DEG, MIN_DEPTH_M, check_input_hw, image_normalisation
 from forest_perception.models.networks import MODEL_NAMES, build_model
 from forest_perception.models.outputs import check_output_folder
 
@@ -106,6 +106,7 @@ class TrainOptions:
     max_depth: float | None = None
     augment: bool = True
     roll_deg: float = 0.0  # random roll of image and depth about the optical axis, degrees (0: off)
+    pitch_deg: float = 0.0  # random tilt of the camera about its x axis, degrees (0: off)
     workers: int = 0
     seed: int = 0
     out: str = "runs/depth"
@@ -208,6 +209,8 @@ class TrainOptions:
                 raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value!r}")
         if not (isinstance(self.roll_deg, (int, float)) and 0.0 <= self.roll_deg <= MAX_ROLL_DEG):
             raise ValueError(f"--roll-deg must be within [0, {MAX_ROLL_DEG:g}] degrees, got {self.roll_deg!r}")
+        if not (isinstance(self.pitch_deg, (int, float)) and 0.0 <= self.pitch_deg <= MAX_PITCH_DEG):
+            raise ValueError(f"--pitch-deg must be within [0, {MAX_PITCH_DEG:g}] degrees, got {self.pitch_deg!r}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if not (isinstance(self.old_layers_lr, (int, float)) and 0.0 <= self.old_layers_lr <= 1.0):

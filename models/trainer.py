@@ -161,7 +161,7 @@ class Trainer:
         common = {"input_hw": opts.input_hw, "max_depth": opts.max_depth, "min_depth": opts.min_depth,
                   "cache": opts.cache}
         self.train_dataset = ForestDepthDataset(train_segments, augment=opts.augment, seed=opts.seed,
-                                                roll_deg=opts.roll_deg, **common)
+                                                roll_deg=opts.roll_deg, pitch_deg=opts.pitch_deg, **common)
         self.val_dataset = ForestDepthDataset(val_segments, **common) if val_segments else None
 
         try:

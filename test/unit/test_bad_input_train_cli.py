@@ -92,6 +92,8 @@ CASES = [
      ["000001.png", "epoch 1", "nothing was written"]),
     ("train-roll-too-large", TRAIN + ["--data", "{data}", "--roll-deg", "50", "--out", "{out}"],
      ["--roll-deg", "within [0, 45]", "'50'"]),
+    ("train-pitch-too-large", TRAIN + ["--data", "{data}", "--pitch-deg", "25", "--out", "{out}"],
+     ["--pitch-deg", "within [0, 20]", "'25'"]),
     ("train-out-is-file", TRAIN + ["--data", "{data}", "--out", "{a_file}"], ["--out", "a_file", "is a file"]),
     ("train-out-under-file", TRAIN + ["--data", "{data}", "--out", "{a_file}/run"], ["--out", "a_file"]),
     ("train-existing-run", TRAIN + ["--data", "{data}", "--out", "{run}"], ["--out", "run", "--resume", "--overwrite"]),

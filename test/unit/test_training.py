@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +11,13 @@ import torch
 from tiny_forest import FRAMES, write_tiny_dataset
 
 from forest_perception.models import cli
-from forest_perception.models.data import ForestDepthDataset, augment_pair, roll_pair, split_segments
+from forest_perception.models.data import (
+    ForestDepthDataset,
+    augment_pair,
+    pitch_pair,
+    roll_pair,
+    split_segments,
+)
 from forest_perception.models.evaluate import evaluate
 from forest_perception.models.trainer import Trainer, TrainOptions, load_checkpoint
 
@@ -92,6 +99,59 @@ def test_dataset_roll_augmentation(dataset_root):
     assert set(np.unique(b["depth"][b["valid"]].numpy())) <= set(np.unique(a["depth"][a["valid"]].numpy())) | {0.0}
     with pytest.raises(ValueError, match="roll_deg"):
         ForestDepthDataset(dataset_root, input_hw=INPUT_HW, roll_deg=60.0)
+
+
+def _ground_depth(pitch_deg: float, height: int = 240, width: int = 320, hfov_deg: float = 69.4,
+                  camera_height_m: float = 0.2) -> np.ndarray:
+    """Depth along the optical axis of flat ground seen by a camera tilted nose-down by ``pitch_deg`` (NaN: sky)."""
+    focal = (width / 2) / math.tan(math.radians(hfov_deg) / 2)
+    a = math.radians(pitch_deg)
+    rows = (np.arange(height) - (height - 1) / 2) / focal
+    down = rows * math.cos(a) + math.sin(a)  # how far a pixel's ray (z = 1) drops per unit of optical depth
+    depth = np.where(down > 1e-3, camera_height_m / np.maximum(down, 1e-3), np.nan)
+    return np.repeat(np.where(depth < 30, depth, np.nan)[:, None], width, axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize(("start", "tilt"), [(5.0, 5.0), (5.0, -3.0), (0.0, 8.0), (10.0, -8.0)])
+def test_pitch_turns_ground_as_a_tilted_camera_sees_it(start, tilt):
+    # flat ground under a camera at 5 deg, tilted 5 deg more, is the ground a camera at 10 deg sees: the horizon
+    # moves and every depth along the new optical axis is recomputed, not just shifted
+    _, tilted = pitch_pair(np.zeros((240, 320, 3), np.float32), _ground_depth(start), tilt)
+    expected = _ground_depth(start + tilt)
+    both = np.isfinite(tilted) & np.isfinite(expected)
+    assert both.sum() > 0.7 * np.isfinite(expected).sum()  # less the rows that came from outside the frame
+    error = np.abs(tilted[both] - expected[both]) / expected[both]
+    assert np.median(error) < 0.01 and np.quantile(error, 0.9) < 0.03  # nearest-neighbour rows near the horizon
+    before = _ground_depth(start)
+    unchanged = both & np.isfinite(before)
+    untilted_error = np.abs(before[unchanged] - expected[unchanged]) / expected[unchanged]
+    assert np.median(untilted_error) > 5 * np.median(error)  # the ground before the tilt is far off: this can fail
+
+
+def test_pitch_moves_the_image_and_leaves_new_rows_invalid():
+    rgb = np.zeros((240, 320, 3), np.float32)
+    rgb[119:121, :] = 1.0  # a bright line through the centre
+    depth = np.full((240, 320), 4.0, np.float32)
+    out_rgb, out_depth = pitch_pair(rgb, depth, 6.0)  # nose down: what was ahead moves up the image
+    line_row = int(np.argmax(out_rgb[:, 160, 0]))
+    focal = 160 / math.tan(math.radians(69.4) / 2)
+    assert line_row == pytest.approx(119.5 - focal * math.tan(math.radians(6.0)), abs=1.5)
+    assert np.isnan(out_depth[-1]).all() and np.isfinite(out_depth[0]).all()  # rows from below the frame: invalid
+    same_rgb, same_depth = pitch_pair(rgb, depth, 0.0)
+    np.testing.assert_allclose(same_depth, depth)
+    np.testing.assert_allclose(same_rgb, rgb)
+
+
+def test_dataset_pitch_augmentation(dataset_root):
+    plain = ForestDepthDataset(dataset_root, input_hw=INPUT_HW, augment=True, seed=5)
+    tilted = ForestDepthDataset(dataset_root, input_hw=INPUT_HW, augment=True, seed=5, pitch_deg=10.0)
+    a, b = plain[3], tilted[3]
+    assert not torch.equal(a["depth"], b["depth"]) and not torch.equal(a["image"], b["image"])
+    # the tiny forest's ground reaches the bottom row; a nose-down tilt brings rows from below the frame (invalid)
+    assert all(plain[i]["valid"][0, -1].any() for i in range(6))
+    assert not all(tilted[i]["valid"][0, -1].any() for i in range(6))
+    with pytest.raises(ValueError, match="pitch_deg"):
+        ForestDepthDataset(dataset_root, input_hw=INPUT_HW, pitch_deg=30.0)
 
 
 def test_augmentation_is_deterministic_per_epoch(dataset_root):
