@@ -3,8 +3,10 @@
 Each model (an ``.onnx`` or ``.pt`` file, or a shipped name, which opens the shipped ONNX model the rover runs) goes
 through ``models.torch_engine.load_engine`` and predicts the full camera frames as on the rover (resized to its
 input, depth upsampled back, NaN outside its range); the metrics pool every valid pixel of a folder. The worst
-folder is the one with the highest absrel. Writes ``styles.json``, ``styles.csv`` and ``styles.png`` (bars per
-folder). docs/training.md, "Evaluating on forest styles".
+folder is the one with the highest absrel. With ``tilts`` every folder is scored again with the camera tilted up or
+down by each angle (``models.data.pitch_pair``), which shows how much a camera mounted a few degrees off costs.
+Writes ``styles.json``, ``styles.csv`` and ``styles.png`` (bars per folder; ``tilt.png`` with tilts).
+docs/training.md, "Evaluating on forest styles".
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from tqdm import tqdm
 from forest_perception.cli_args import describe_error
 from forest_perception.dataset_tools.layout import load_frame
 from forest_perception.dataset_tools.settings import DatasetSettings
-from forest_perception.models.data import FrameLoadError, collect_segments
+from forest_perception.models.data import (
+    CAMERA_HFOV_DEG,
+    MAX_PITCH_DEG,
+    FrameLoadError,
+    collect_segments,
+    pitch_pair,
+)
 from forest_perception.models.metrics import METRIC_NAMES, MetricAccumulator, format_metric_table
 from forest_perception.models.weights import shipped_model, shipped_models
 
@@ -68,8 +76,13 @@ def _frames(folder: str | os.PathLike, settings: DatasetSettings | None, max_fra
 
 
 def evaluate_folder(engine: Any, frames: Sequence[tuple[Any, int]], min_depth: float, max_depth: float,
-                    progress: bool = False, label: str = "") -> dict[str, float]:
-    """Pooled metrics of ``engine`` on full camera frames ``(segment, index)``, with frames and median latency."""
+                    progress: bool = False, label: str = "", tilt_deg: float = 0.0,
+                    hfov_deg: float = CAMERA_HFOV_DEG) -> dict[str, float]:
+    """Pooled metrics of ``engine`` on full camera frames ``(segment, index)``, with frames and median latency.
+
+    ``tilt_deg`` != 0 first tilts every frame and its depth as a camera pitched that much further nose-down (negative:
+    up) would see it, with ``hfov_deg`` its horizontal field of view; the rows from outside the frame are not scored.
+    """
     accumulator = MetricAccumulator(min_depth=min_depth, max_depth=max_depth)
     latency = []
     for segment, i in tqdm(frames, desc=label or "eval", disable=not progress, leave=False, dynamic_ncols=True):
@@ -78,6 +91,8 @@ def evaluate_folder(engine: Any, frames: Sequence[tuple[Any, int]], min_depth: f
         except (OSError, ValueError) as exc:
             raise FrameLoadError(f"frame {segment.frames[i].stem} of segment {segment.segment_id} ({segment.path}): "
                                  f"{describe_error(exc)}; fix or remove that frame") from exc
+        if tilt_deg:
+            rgb, depth = pitch_pair(rgb, depth, tilt_deg, hfov_deg)
         pred = engine.predict(rgb)
         latency.append(engine.last_latency_ms)
         accumulator.update(np.where(np.isfinite(pred), pred, max_depth), np.nan_to_num(depth, nan=0.0))
@@ -88,12 +103,21 @@ def evaluate_folder(engine: Any, frames: Sequence[tuple[Any, int]], min_depth: f
 def evaluate_styles(models: Sequence[str | os.PathLike], folders: Sequence[str | os.PathLike],
                     out: str | os.PathLike | None = None, max_frames: int = 0, threads: int = 2,
                     min_depth: float | None = None, max_depth: float | None = None,
-                    settings: DatasetSettings | None = None, progress: bool = True) -> dict[str, Any]:
+                    settings: DatasetSettings | None = None, progress: bool = True,
+                    tilts: Sequence[float] = (), hfov_deg: float = CAMERA_HFOV_DEG) -> dict[str, Any]:
     """Metrics of every model on every folder; prints the table and, with ``out``, writes JSON, CSV and a chart.
 
     The depth range defaults to the first model's. Returns ``{"models": [{"model", "file", "version", "backend",
-    "rows": [{"folder", "path", "frames", metrics...}], "worst": row}], "min_depth", "max_depth", "table"}``.
+    "rows": [{"folder", "path", "frames", "tilt_deg", metrics...}], "worst": row, "tilted": [rows]}], "tilts",
+    "min_depth", "max_depth", "table"}``. ``tilted`` holds a row per folder and angle of ``tilts`` (degrees,
+    positive nose-down, each non-zero and within +-20); the worst folder is chosen on the untilted rows.
     """
+    tilts = [float(t) for t in tilts]
+    for tilt in tilts:
+        if not (np.isfinite(tilt) and 0.0 < abs(tilt) <= MAX_PITCH_DEG):
+            raise ValueError(f"--tilt {tilt:g}: each angle must be non-zero and within +-{MAX_PITCH_DEG:g} degrees")
+    if len(set(tilts)) != len(tilts):
+        raise ValueError(f"--tilt {' '.join(f'{t:g}' for t in tilts)}: an angle is given twice")
     from forest_perception.models.torch_engine import load_engine
 
     labels = folder_labels(folders)
@@ -105,20 +129,25 @@ def evaluate_styles(models: Sequence[str | os.PathLike], folders: Sequence[str |
     if not 0 < min_depth < max_depth:
         raise ValueError(f"--min-depth {min_depth:g} must be above 0 and below --max-depth {max_depth:g} (each the "
                          "first model's unless given)")
-    result: dict[str, Any] = {"min_depth": min_depth, "max_depth": max_depth, "models": []}
+    result: dict[str, Any] = {"min_depth": min_depth, "max_depth": max_depth, "tilts": tilts, "models": []}
     tables = []
     for spec, engine in engines:
         rows = []
         for label, folder in zip(labels, folders):
             metrics = evaluate_folder(engine, frames[label], min_depth, max_depth, progress, f"{spec} on {label}")
-            rows.append({"folder": label, "path": str(folder), **metrics})
+            rows.append({"folder": label, "path": str(folder), "tilt_deg": 0.0, **metrics})
+        tilted = [{"folder": label, "path": str(folder), "tilt_deg": tilt,
+                   **evaluate_folder(engine, frames[label], min_depth, max_depth, progress,
+                                     f"{spec} on {label} tilted {tilt:+g} deg", tilt, hfov_deg)}
+                  for label, folder in zip(labels, folders) for tilt in tilts]
         scored = [row for row in rows if np.isfinite(row[WORST_BY])]
         worst = max(scored, key=lambda row: row[WORST_BY]) if scored else rows[0]
         result["models"].append({"model": spec, "file": str(getattr(engine, "path", "") or ""),
                                  "version": engine.model_version, "backend": engine.backend, "rows": rows,
-                                 "worst": worst})
+                                 "worst": worst, "tilted": tilted})
         table_rows = {f"{row['folder']} ({row['frames']} frames)": row for row in rows}
         table_rows[f"worst by {WORST_BY}: {worst['folder']}"] = worst
+        table_rows.update({f"{row['folder']} tilted {row['tilt_deg']:+g} deg": row for row in tilted})
         tables.append(f"{spec} ({engine.model_version}, {engine.backend}), depth {min_depth:g}-{max_depth:g} m\n"
                       + format_metric_table(table_rows).replace("| model |", "| folder |", 1))
     result["table"] = "\n\n".join(tables)
@@ -131,14 +160,16 @@ def evaluate_styles(models: Sequence[str | os.PathLike], folders: Sequence[str |
 
 
 def write_styles(result: dict[str, Any], out: str | os.PathLike) -> list[Path]:
-    """``styles.json``, ``styles.csv`` (one line per model and folder) and ``styles.png`` in ``out``."""
+    """``styles.json``, ``styles.csv`` (one line per model, folder and tilt) and ``styles.png`` in ``out``; with
+    tilts also ``tilt.png``."""
     from forest_perception.models.outputs import write_text_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     saved = {key: value for key, value in result.items() if key != "table"}
     json_path = write_text_atomic(out / "styles.json", json.dumps(saved, indent=2, default=float) + "\n")
-    columns = ["model", "folder", "path", "frames", *METRIC_NAMES, "valid_pixels", "latency_ms", "worst"]
+    columns = ["model", "folder", "path", "tilt_deg", "frames", *METRIC_NAMES, "valid_pixels", "latency_ms",
+               "worst"]
     csv_path = out / "styles.csv"
     with open(csv_path, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
@@ -146,8 +177,12 @@ def write_styles(result: dict[str, Any], out: str | os.PathLike) -> list[Path]:
         for entry in result["models"]:
             for row in entry["rows"]:
                 writer.writerow({**row, "model": entry["model"], "worst": row["folder"] == entry["worst"]["folder"]})
-    png_path = plot_styles(result, out / "styles.png")
-    return [json_path, csv_path, png_path]
+            for row in entry.get("tilted", []):
+                writer.writerow({**row, "model": entry["model"], "worst": False})
+    written = [json_path, csv_path, plot_styles(result, out / "styles.png")]
+    if result.get("tilts"):
+        written.append(plot_tilts(result, out / "tilt.png"))
+    return written
 
 
 def plot_styles(result: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -174,6 +209,37 @@ def plot_styles(result: dict[str, Any], path: str | os.PathLike) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.suptitle(f"depth {result['min_depth']:g}-{result['max_depth']:g} m; red outline: worst folder by {WORST_BY}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_tilts(result: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Absrel and delta1 against the camera's tilt: a row of two panels per model, a line per folder (0: the frames
+    as recorded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = result["models"]
+    folders = list(dict.fromkeys(row["folder"] for row in entries[0]["rows"]))
+    fig, axes = plt.subplots(len(entries), 2, figsize=(11.0, 3.0 * len(entries) + 0.6), squeeze=False)
+    for (ax_rel, ax_d1), entry in zip(axes, entries):
+        rows = entry["rows"] + entry.get("tilted", [])
+        for j, folder in enumerate(folders):
+            line = sorted((row["tilt_deg"], row) for row in rows if row["folder"] == folder)
+            for ax, metric in ((ax_rel, "absrel"), (ax_d1, "delta1")):
+                ax.plot([t for t, _ in line], [row[metric] for _, row in line], marker="o", color=f"C{j % 10}",
+                        linestyle="-" if j < 10 else "--", label=folder)
+        for ax, metric, arrow in ((ax_rel, "absrel", "lower is better"), (ax_d1, "delta1", "higher is better")):
+            ax.set_title(f"{Path(entry['model']).name}: {metric} ({arrow})", fontsize="medium")
+            ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("camera tilt, degrees (positive: nose down)")
+    axes[0][1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(f"depth {result['min_depth']:g}-{result['max_depth']:g} m with the camera tilted")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

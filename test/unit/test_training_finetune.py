@@ -188,3 +188,28 @@ def test_eval_styles_one_row_per_folder_and_worst(tmp_path, capsys):
     assert result["worst"]["absrel"] == max(r["absrel"] for r in result["rows"])
     assert (tmp_path / "s/styles.png").stat().st_size > 0
     assert "worst by absrel" in capsys.readouterr().out
+
+
+def test_eval_styles_scores_each_folder_with_the_camera_tilted(tmp_path, capsys):
+    folders = [tmp_path / "style_a", tmp_path / "style_b"]
+    write_tiny_dataset(folders[0], runs=(1,), segments=1)
+    write_tiny_dataset(folders[1], runs=(3,), segments=1)
+    assert cli.main(["eval-styles", "--model", AE, "--data", *map(str, folders), "--out", str(tmp_path / "s"),
+                     "--threads", "1", "--quiet", "--tilt", "-6", "6"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "s/styles.csv")))
+    assert [(r["folder"], float(r["tilt_deg"])) for r in rows] == [
+        ("style_a", 0.0), ("style_b", 0.0), ("style_a", -6.0), ("style_a", 6.0), ("style_b", -6.0), ("style_b", 6.0)]
+    assert [r["worst"] for r in rows[2:]] == ["False"] * 4  # the worst folder is chosen on the frames as recorded
+    by = {(r["folder"], float(r["tilt_deg"])): r for r in rows}
+    for folder in ("style_a", "style_b"):
+        # nose down: the ground at the bottom comes from below the frame and is not scored; the scores move
+        assert int(by[folder, 6.0]["valid_pixels"]) < int(by[folder, 0.0]["valid_pixels"])
+        assert by[folder, 6.0]["absrel"] != by[folder, 0.0]["absrel"] != by[folder, -6.0]["absrel"]
+    result = json.loads((tmp_path / "s/styles.json").read_text())
+    assert result["tilts"] == [-6.0, 6.0] and len(result["models"][0]["tilted"]) == 4
+    assert (tmp_path / "s/tilt.png").stat().st_size > 0
+    assert "style_b tilted +6 deg" in capsys.readouterr().out
+    for tilt, message in ((["0"], "--tilt 0: each angle must be non-zero"), (["5", "5"], "an angle is given twice"),
+                          (["25"], "within [-20, 20]")):
+        assert cli.main(["eval-styles", "--model", AE, "--data", str(folders[0]), "--tilt", *tilt]) == 2
+        assert message in capsys.readouterr().err
