@@ -88,10 +88,16 @@ def evaluate_engines(
 
 BOOTSTRAP_DRAWS = 2000
 BOOTSTRAP_CELLS = 1_000_000  # resample weights held at once (8 MB)
+SINGLE_SEGMENT_BLOCKS = 8
+"""A lone held-out segment is cut into this many runs of consecutive frames, resampled as segments are."""
 
 
 def _segment_groups(candidate: FrameScores, running: FrameScores, keep: np.ndarray) -> list[np.ndarray]:
-    """Indices (into the kept frames) of each held-out segment; one group of all frames when segments are unknown."""
+    """Indices (into the kept frames) of each held-out segment; one group of all frames when segments are unknown.
+
+    A lone segment is cut into :data:`SINGLE_SEGMENT_BLOCKS` runs of consecutive frames (a block bootstrap):
+    neighbouring frames of one drive are alike, so resampling them one by one would overstate what they show.
+    """
     if (candidate.segments is None) != (running.segments is None) or (
             candidate.segments is not None and not np.array_equal(candidate.segments, running.segments)):
         raise ValueError("the two models were not scored on the same held-out segments")
@@ -101,14 +107,17 @@ def _segment_groups(candidate: FrameScores, running: FrameScores, keep: np.ndarr
     if segments.shape != candidate.pixels.shape:
         raise ValueError(f"{segments.size} segment labels for {candidate.pixels.size} frames")
     kept = segments[keep]
-    return [np.flatnonzero(kept == label) for label in np.unique(kept)]
+    groups = [np.flatnonzero(kept == label) for label in np.unique(kept)]
+    if len(groups) == 1 and groups[0].size > 1:
+        return [block for block in np.array_split(groups[0], min(SINGLE_SEGMENT_BLOCKS, groups[0].size))]
+    return groups
 
 
 class _TwoStageBootstrap:
     """Weights of a two-stage bootstrap: segments with replacement, then frames within each drawn segment.
 
     A segment drawn ``c`` times contributes ``c`` independent resamples of its ``n`` frames, which together are
-    one multinomial of ``c * n`` over them. With one segment this is the plain bootstrap over frames. Segment
+    one multinomial of ``c * n`` over them. With one group this is the plain bootstrap over frames. Segment
     counts are drawn for all draws at once and each segment has its own stream, so the weights do not depend on
     how many draws are made at a time.
     """
@@ -141,8 +150,10 @@ def worse_by(
     above 0 they are lower bounds from a paired bootstrap (``draws`` resamples, fixed ``seed``, so a decision
     replays): the candidate is worse by at least this much with that confidence. Frames of one segment are alike
     (one drive, one stretch of forest), so when the scores know their segments the bootstrap resamples segments
-    first and frames within them: a loss on one segment alone is not taken for a loss everywhere. Few frames or
-    few segments give a wide spread and so a low bound: a handful of them cannot prove a small loss.
+    first and frames within them: a loss on one segment alone is not taken for a loss everywhere. A lone segment is
+    resampled in runs of consecutive frames (:data:`SINGLE_SEGMENT_BLOCKS`), so a loss on one stretch of it is not
+    either. Few frames or few segments give a wide spread and so a low bound: a handful of them cannot prove a
+    small loss.
     """
     if not 0.0 <= confidence < 1.0:
         raise ValueError(f"confidence must be within [0, 1), got {confidence!r}")

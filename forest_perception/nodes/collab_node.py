@@ -59,7 +59,8 @@ PARAMS = [
               (0.0, 1.0)),
     ParamSpec("gate_confidence", 0.9,
               "refuse a candidate as worse only if it is worse beyond a tolerance with this confidence (paired "
-              "bootstrap over the held-out segments and their frames); 0 compares the pooled figures as they are",
+              "bootstrap over the held-out segments and their frames, a lone segment in runs of consecutive "
+              "frames); 0 compares the pooled figures as they are",
               (0.0, 0.999)),
     ParamSpec("gate_max_absrel", 1.0, "refuse a candidate above this AbsRel even with no running model", (0.0, 100.0)),
     ParamSpec("onnx_exporter", "dynamo", f"torch ONNX exporter: {list(EXPORTERS)}"),

@@ -329,6 +329,31 @@ def test_worse_by_resamples_segments_so_one_bad_segment_is_not_a_loss_everywhere
                                                 segments[:10]), 0.9)
 
 
+def test_worse_by_resamples_a_lone_segment_in_runs_of_consecutive_frames():
+    """One held-out drive, worse on its first quarter and a little better after: frames alone look like a sure loss."""
+    from forest_perception.collab.rover import gate
+
+    rng = np.random.default_rng(12)
+    change = np.where(np.arange(80) < 20, 0.08, -0.01) + rng.normal(0, 0.002, 80)
+    one_drive = np.zeros(80, dtype=np.int64)
+    running = _segment_scores(np.full(80, 0.2), np.full(80, 0.7), one_drive)
+    candidate = _segment_scores(0.2 + change, np.full(80, 0.7), one_drive)
+    as_frames = rover.worse_by(_frame_scores(0.2 + change, np.full(80, 0.7)), _frame_scores(np.full(80, 0.2),
+                                                                                           np.full(80, 0.7)), 0.9)
+    in_runs = rover.worse_by(candidate, running, 0.9)
+    assert as_frames["absrel"] > 0.005  # 80 frames taken as independent: worse, with 90 % confidence
+    assert in_runs["absrel"] < 0.0  # one bad stretch of the drive: not shown to be worse
+    groups = gate._segment_groups(candidate, running, np.ones(80, dtype=bool))
+    assert len(groups) == gate.SINGLE_SEGMENT_BLOCKS and np.array_equal(np.concatenate(groups), np.arange(80))
+    assert all(np.array_equal(g, np.arange(g[0], g[-1] + 1)) for g in groups)  # runs of consecutive frames
+    # worse all along the drive: still refused
+    everywhere = _segment_scores(0.2 + 0.02 + rng.normal(0, 0.005, 80), np.full(80, 0.7), one_drive)
+    assert rover.worse_by(everywhere, running, 0.9)["absrel"] > 0.015
+    # fewer frames than blocks: one frame a block, the plain bootstrap over frames
+    few = _segment_scores(np.full(5, 0.2), np.full(5, 0.7), np.zeros(5, dtype=np.int64))
+    assert len(gate._segment_groups(few, few, np.ones(5, dtype=bool))) == 5
+
+
 def test_score_engines_labels_each_frame_with_its_held_out_segment(dataset, running_models):
     from forest_perception.inference import load_engine
 
