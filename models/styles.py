@@ -24,6 +24,7 @@ from tqdm import tqdm
 from forest_perception.cli_args import describe_error
 from forest_perception.dataset_tools.layout import load_frame
 from forest_perception.dataset_tools.settings import DatasetSettings
+from forest_perception.models import bootstrap
 from forest_perception.models.data import (
     CAMERA_HFOV_DEG,
     MAX_PITCH_DEG,
@@ -82,9 +83,12 @@ def evaluate_folder(engine: Any, frames: Sequence[tuple[Any, int]], min_depth: f
 
     ``tilt_deg`` != 0 first tilts every frame and its depth as a camera pitched that much further nose-down (negative:
     up) would see it, with ``hfov_deg`` its horizontal field of view; the rows from outside the frame are not scored.
+    ``absrel_lo``/``absrel_hi`` and ``delta1_lo``/``delta1_hi`` bound a 90 % interval from a bootstrap over the
+    folder's ``segments`` (``models.bootstrap``): what other forests of the same kind could have scored.
     """
     accumulator = MetricAccumulator(min_depth=min_depth, max_depth=max_depth)
     latency = []
+    per_frame: list[tuple[int, float, float]] = []
     for segment, i in tqdm(frames, desc=label or "eval", disable=not progress, leave=False, dynamic_ncols=True):
         try:
             rgb, depth, _ = load_frame(segment, i)
@@ -95,9 +99,29 @@ def evaluate_folder(engine: Any, frames: Sequence[tuple[Any, int]], min_depth: f
             rgb, depth = pitch_pair(rgb, depth, tilt_deg, hfov_deg)
         pred = engine.predict(rgb)
         latency.append(engine.last_latency_ms)
-        accumulator.update(np.where(np.isfinite(pred), pred, max_depth), np.nan_to_num(depth, nan=0.0))
-    return {**accumulator.result(), "frames": len(frames), "valid_pixels": accumulator.count,
-            "latency_ms": float(np.median(latency))}
+        before = (accumulator.sums["abs_rel"], accumulator.sums["delta1"])
+        pixels = accumulator.update(np.where(np.isfinite(pred), pred, max_depth), np.nan_to_num(depth, nan=0.0))
+        per_frame.append((pixels, accumulator.sums["abs_rel"] - before[0], accumulator.sums["delta1"] - before[1]))
+    labels = [str(segment.path) for segment, _ in frames]
+    return {**accumulator.result(), **_interval(per_frame, labels), "frames": len(frames),
+            "segments": len(set(labels)), "valid_pixels": accumulator.count, "latency_ms": float(np.median(latency))}
+
+
+INTERVAL = (0.05, 0.95)
+"""quantiles of the bootstrap interval that ``evaluate_folder`` reports (90 %)"""
+
+
+def _interval(per_frame: Sequence[tuple[int, float, float]], labels: Sequence[str]) -> dict[str, float]:
+    """absrel and delta1 bounds of a bootstrap over segments and their frames (NaN without a valid pixel)."""
+    table = np.asarray(per_frame, dtype=np.float64).reshape(-1, 3)
+    keep = table[:, 0] > 0
+    if not keep.any():
+        return dict.fromkeys(("absrel_lo", "absrel_hi", "delta1_lo", "delta1_hi"), float("nan"))
+    codes = np.unique(np.asarray(labels), return_inverse=True)[1][keep]
+    groups = bootstrap.resampling_groups(codes, int(keep.sum()))
+    bounds = bootstrap.pooled_ratio_quantiles(table[keep, 1:].T, table[keep, 0], groups, INTERVAL)
+    return {"absrel_lo": float(bounds[0, 0]), "absrel_hi": float(bounds[0, 1]),
+            "delta1_lo": float(bounds[1, 0]), "delta1_hi": float(bounds[1, 1])}
 
 
 def evaluate_styles(models: Sequence[str | os.PathLike], folders: Sequence[str | os.PathLike],
@@ -149,7 +173,8 @@ def evaluate_styles(models: Sequence[str | os.PathLike], folders: Sequence[str |
         table_rows[f"worst by {WORST_BY}: {worst['folder']}"] = worst
         table_rows.update({f"{row['folder']} tilted {row['tilt_deg']:+g} deg": row for row in tilted})
         tables.append(f"{spec} ({engine.model_version}, {engine.backend}), depth {min_depth:g}-{max_depth:g} m\n"
-                      + format_metric_table(table_rows).replace("| model |", "| folder |", 1))
+                      + format_metric_table(table_rows).replace("| model |", "| folder |", 1) + "\n\n"
+                      + _interval_table(rows))
     result["table"] = "\n\n".join(tables)
     print(result["table"])
     if out is not None:
@@ -157,6 +182,16 @@ def evaluate_styles(models: Sequence[str | os.PathLike], folders: Sequence[str |
         if progress:
             print(f"wrote {', '.join(str(p) for p in written)}")
     return result
+
+
+def _interval_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Each folder's absrel and delta1 with their 90 % bootstrap intervals over segments."""
+    lines = ["| folder | segments | absrel (90 % interval over segments) | delta1 (90 % interval) |",
+             "|---|---:|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['folder']} | {row['segments']} | {row['absrel']:.3f} ({row['absrel_lo']:.3f}-"
+                     f"{row['absrel_hi']:.3f}) | {row['delta1']:.3f} ({row['delta1_lo']:.3f}-{row['delta1_hi']:.3f}) |")
+    return "\n".join(lines)
 
 
 def write_styles(result: dict[str, Any], out: str | os.PathLike) -> list[Path]:
@@ -168,8 +203,8 @@ def write_styles(result: dict[str, Any], out: str | os.PathLike) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     saved = {key: value for key, value in result.items() if key != "table"}
     json_path = write_text_atomic(out / "styles.json", json.dumps(saved, indent=2, default=float) + "\n")
-    columns = ["model", "folder", "path", "tilt_deg", "frames", *METRIC_NAMES, "valid_pixels", "latency_ms",
-               "worst"]
+    columns = ["model", "folder", "path", "tilt_deg", "frames", "segments", *METRIC_NAMES, "absrel_lo", "absrel_hi",
+               "delta1_lo", "delta1_hi", "valid_pixels", "latency_ms", "worst"]
     csv_path = out / "styles.csv"
     with open(csv_path, "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=columns, extrasaction="ignore")
@@ -186,7 +221,8 @@ def write_styles(result: dict[str, Any], out: str | os.PathLike) -> list[Path]:
 
 
 def plot_styles(result: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Bars of absrel and delta1 per folder, one bar per model; each model's worst folder is outlined in red."""
+    """Bars of absrel and delta1 per folder, one bar per model, with their 90 % intervals over segments; each model's
+    worst folder is outlined in red."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,8 +235,12 @@ def plot_styles(result: dict[str, Any], path: str | os.PathLike) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.2 * len(folders) + 4), 3.8))
     for ax, metric, arrow in ((axes[0], "absrel", "lower is better"), (axes[1], "delta1", "higher is better")):
         for k, entry in enumerate(entries):
-            values = [row[metric] for row in entry["rows"]]
-            bars = ax.bar(x + (k - (len(entries) - 1) / 2) * width, values, width, label=Path(entry["model"]).name)
+            values = np.asarray([row[metric] for row in entry["rows"]])
+            low = np.asarray([row.get(f"{metric}_lo", np.nan) for row in entry["rows"]])
+            high = np.asarray([row.get(f"{metric}_hi", np.nan) for row in entry["rows"]])
+            spread = np.nan_to_num(np.stack([values - low, high - values]), nan=0.0).clip(min=0.0)
+            bars = ax.bar(x + (k - (len(entries) - 1) / 2) * width, values, width, label=Path(entry["model"]).name,
+                          yerr=spread, capsize=2, error_kw={"elinewidth": 0.8})
             worst = folders.index(entry["worst"]["folder"])
             bars[worst].set_edgecolor("red")
             bars[worst].set_linewidth(2.0)
@@ -208,7 +248,8 @@ def plot_styles(result: dict[str, Any], path: str | os.PathLike) -> Path:
         ax.set_title(f"{metric} ({arrow})")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize="small")
-    fig.suptitle(f"depth {result['min_depth']:g}-{result['max_depth']:g} m; red outline: worst folder by {WORST_BY}")
+    fig.suptitle(f"depth {result['min_depth']:g}-{result['max_depth']:g} m; red outline: worst folder by {WORST_BY}; "
+                 "whiskers: 90 % interval over segments")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

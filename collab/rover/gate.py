@@ -25,6 +25,7 @@ import numpy as np
 from forest_perception.collab.rover.files import json_clean, write_bytes_atomic
 from forest_perception.collab.rover.holdout import HoldoutSet
 from forest_perception.collab.rover.models import GlobalModel, read_candidate
+from forest_perception.models import bootstrap
 
 if TYPE_CHECKING:  # torch is imported only by the functions that need it
     from forest_perception.collab.flower.task import TaskConfig
@@ -86,58 +87,25 @@ def evaluate_engines(
     return score_engines(engines, holdout, min_depth, max_depth)[0]
 
 
-BOOTSTRAP_DRAWS = 2000
-BOOTSTRAP_CELLS = 1_000_000  # resample weights held at once (8 MB)
-SINGLE_SEGMENT_BLOCKS = 8
-"""A lone held-out segment is cut into this many runs of consecutive frames, resampled as segments are."""
+BOOTSTRAP_DRAWS = bootstrap.DRAWS
+BOOTSTRAP_CELLS = bootstrap.CELLS  # resample weights held at once (8 MB)
 
 
 def _segment_groups(candidate: FrameScores, running: FrameScores, keep: np.ndarray) -> list[np.ndarray]:
     """Indices (into the kept frames) of each held-out segment; one group of all frames when segments are unknown.
 
-    A lone segment is cut into :data:`SINGLE_SEGMENT_BLOCKS` runs of consecutive frames (a block bootstrap):
-    neighbouring frames of one drive are alike, so resampling them one by one would overstate what they show.
+    A lone segment is cut into runs of consecutive frames (``models.bootstrap.resampling_groups``): neighbouring
+    frames of one drive are alike, so resampling them one by one would overstate what they show.
     """
     if (candidate.segments is None) != (running.segments is None) or (
             candidate.segments is not None and not np.array_equal(candidate.segments, running.segments)):
         raise ValueError("the two models were not scored on the same held-out segments")
     if candidate.segments is None:
-        return [np.arange(int(keep.sum()))]
+        return bootstrap.resampling_groups(None, int(keep.sum()))
     segments = np.asarray(candidate.segments)
     if segments.shape != candidate.pixels.shape:
         raise ValueError(f"{segments.size} segment labels for {candidate.pixels.size} frames")
-    kept = segments[keep]
-    groups = [np.flatnonzero(kept == label) for label in np.unique(kept)]
-    if len(groups) == 1 and groups[0].size > 1:
-        return [block for block in np.array_split(groups[0], min(SINGLE_SEGMENT_BLOCKS, groups[0].size))]
-    return groups
-
-
-class _TwoStageBootstrap:
-    """Weights of a two-stage bootstrap: segments with replacement, then frames within each drawn segment.
-
-    A segment drawn ``c`` times contributes ``c`` independent resamples of its ``n`` frames, which together are
-    one multinomial of ``c * n`` over them. With one group this is the plain bootstrap over frames. Segment
-    counts are drawn for all draws at once and each segment has its own stream, so the weights do not depend on
-    how many draws are made at a time.
-    """
-
-    def __init__(self, groups: list[np.ndarray], frames: int, draws: int, seed: int) -> None:
-        self.groups, self.frames = groups, frames
-        if len(groups) == 1:
-            self.counts = np.ones((draws, 1), dtype=np.int64)
-        else:
-            self.counts = np.random.default_rng([seed, 0]).multinomial(
-                len(groups), np.full(len(groups), 1.0 / len(groups)), size=draws)
-        self.streams = [np.random.default_rng([seed, g + 1]) for g in range(len(groups))]
-
-    def weights(self, first: int, count: int) -> np.ndarray:
-        """``count x frames`` weights of draws ``first .. first + count - 1`` (call in order)."""
-        out = np.zeros((count, self.frames), dtype=np.float64)
-        for g, members in enumerate(self.groups):
-            trials = self.counts[first:first + count, g] * members.size
-            out[:, members] = self.streams[g].multinomial(trials, np.full(members.size, 1.0 / members.size))
-        return out
+    return bootstrap.resampling_groups(segments[keep], int(keep.sum()))
 
 
 def worse_by(
@@ -151,7 +119,7 @@ def worse_by(
     replays): the candidate is worse by at least this much with that confidence. Frames of one segment are alike
     (one drive, one stretch of forest), so when the scores know their segments the bootstrap resamples segments
     first and frames within them: a loss on one segment alone is not taken for a loss everywhere. A lone segment is
-    resampled in runs of consecutive frames (:data:`SINGLE_SEGMENT_BLOCKS`), so a loss on one stretch of it is not
+    resampled in runs of consecutive frames (``models.bootstrap``), so a loss on one stretch of it is not
     either. Few frames or few segments give a wide spread and so a low bound: a handful of them cannot prove a
     small loss.
     """
@@ -168,15 +136,9 @@ def worse_by(
         return {"absrel": math.nan, "delta1": math.nan}
     if confidence == 0.0:
         return {"absrel": float(absrel.sum() / pixels.sum()), "delta1": float(delta1.sum() / pixels.sum())}
-    bootstrap = _TwoStageBootstrap(groups, pixels.size, draws, seed)
-    chunk = max(1, BOOTSTRAP_CELLS // pixels.size)  # draws x frames stays small on a Pi with many held-out frames
-    drawn: list[np.ndarray] = []
-    for first in range(0, draws, chunk):
-        weights = bootstrap.weights(first, min(chunk, draws - first))
-        drawn.append(np.stack([weights @ absrel, weights @ delta1]) / (weights @ pixels))
-    samples = np.concatenate(drawn, axis=1)
-    quantile = 1.0 - confidence
-    return {"absrel": float(np.quantile(samples[0], quantile)), "delta1": float(np.quantile(samples[1], quantile))}
+    bounds = bootstrap.pooled_ratio_quantiles(np.stack([absrel, delta1]), pixels, groups, [1.0 - confidence],
+                                              draws, seed, BOOTSTRAP_CELLS)
+    return {"absrel": float(bounds[0, 0]), "delta1": float(bounds[1, 0])}
 
 
 # ---------------------------------------------------------------------------------------------- export

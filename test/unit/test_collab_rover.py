@@ -332,6 +332,7 @@ def test_worse_by_resamples_segments_so_one_bad_segment_is_not_a_loss_everywhere
 def test_worse_by_resamples_a_lone_segment_in_runs_of_consecutive_frames():
     """One held-out drive, worse on its first quarter and a little better after: frames alone look like a sure loss."""
     from forest_perception.collab.rover import gate
+    from forest_perception.models import bootstrap
 
     rng = np.random.default_rng(12)
     change = np.where(np.arange(80) < 20, 0.08, -0.01) + rng.normal(0, 0.002, 80)
@@ -344,7 +345,7 @@ def test_worse_by_resamples_a_lone_segment_in_runs_of_consecutive_frames():
     assert as_frames["absrel"] > 0.005  # 80 frames taken as independent: worse, with 90 % confidence
     assert in_runs["absrel"] < 0.0  # one bad stretch of the drive: not shown to be worse
     groups = gate._segment_groups(candidate, running, np.ones(80, dtype=bool))
-    assert len(groups) == gate.SINGLE_SEGMENT_BLOCKS and np.array_equal(np.concatenate(groups), np.arange(80))
+    assert len(groups) == bootstrap.SINGLE_SEGMENT_BLOCKS and np.array_equal(np.concatenate(groups), np.arange(80))
     assert all(np.array_equal(g, np.arange(g[0], g[-1] + 1)) for g in groups)  # runs of consecutive frames
     # worse all along the drive: still refused
     everywhere = _segment_scores(0.2 + 0.02 + rng.normal(0, 0.005, 80), np.full(80, 0.7), one_drive)

@@ -186,8 +186,14 @@ def test_eval_styles_one_row_per_folder_and_worst(tmp_path, capsys):
     assert sum(r["worst"] == "True" for r in rows) == 1
     result = json.loads((tmp_path / "s/styles.json").read_text())["models"][0]
     assert result["worst"]["absrel"] == max(r["absrel"] for r in result["rows"])
+    for row in result["rows"]:  # a 90 % interval over the folder's segment (one: runs of its frames)
+        assert row["segments"] == 1
+        assert row["absrel_lo"] <= row["absrel"] <= row["absrel_hi"] and row["absrel_lo"] < row["absrel_hi"]
+        assert row["delta1_lo"] <= row["delta1"] <= row["delta1_hi"]
+    assert float(rows[0]["absrel_lo"]) == pytest.approx(result["rows"][0]["absrel_lo"])
     assert (tmp_path / "s/styles.png").stat().st_size > 0
-    assert "worst by absrel" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "worst by absrel" in out and "90 % interval over segments" in out
 
 
 def test_eval_styles_scores_each_folder_with_the_camera_tilted(tmp_path, capsys):
