@@ -46,6 +46,48 @@ def _check_k(K: np.ndarray) -> np.ndarray:
     return K
 
 
+def tilt_homography(K: np.ndarray, pitch_rad: float) -> np.ndarray:
+    """Pixel map ``K R K^-1`` from a camera to the same camera turned by ``pitch_rad`` about its x axis.
+
+    Positive turns it nose down (REP 103 pitch): the point once straight ahead moves up the image.
+    """
+    K = _check_k(K)
+    c, s = math.cos(pitch_rad), math.sin(pitch_rad)
+    rotation = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])  # optical frame: x right, y down, z ahead
+    return K @ rotation @ np.linalg.inv(K)
+
+
+def tilt_image(image: np.ndarray, K: np.ndarray, pitch_rad: float) -> np.ndarray:
+    """``image`` as the camera turned by ``pitch_rad`` (see :func:`tilt_homography`) sees it; the rows that come
+    from outside the frame are mirrored in."""
+    import cv2
+
+    height, width = image.shape[:2]
+    return cv2.warpPerspective(np.ascontiguousarray(image), tilt_homography(K, pitch_rad), (width, height),
+                               flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
+def tilt_depth(depth: np.ndarray, K: np.ndarray, pitch_rad: float) -> np.ndarray:
+    """A depth image (metres along the optical axis, NaN invalid) as the turned camera sees it, float32.
+
+    Pixels move as in :func:`tilt_image` (nearest neighbour: a depth is never blended with another), and each
+    depth is recomputed for the new axis: a pixel whose ray r (z = 1) came from the source ray s = R^T r sees its
+    point at ``depth_source / s_z``. The rows that come from outside the frame are NaN.
+    """
+    import cv2
+
+    depth = np.asarray(depth, dtype=np.float32)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be HxW, got shape {depth.shape}")
+    K = _check_k(K)
+    height, width = depth.shape
+    warped = cv2.warpPerspective(np.ascontiguousarray(depth), tilt_homography(K, pitch_rad), (width, height),
+                                 flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
+    rows = (np.arange(height, dtype=np.float64) - K[1, 2]) / K[1, 1]  # a ray's y at z = 1; x does not enter s_z
+    source_z = math.cos(pitch_rad) - math.sin(pitch_rad) * rows  # (R^T r)_z
+    return (warped / source_z[:, None]).astype(np.float32)
+
+
 @lru_cache(maxsize=8)
 def _rays(height: int, width: int, fx: float, fy: float, cx: float, cy: float, stride: int) -> np.ndarray:
     """(h, w, 2) float32 (x/z, y/z) of the sampled pixel centres; cached per camera and stride."""

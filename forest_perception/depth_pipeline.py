@@ -52,6 +52,7 @@ class DepthSettings:
     scan_stride: int = 1
     camera_height_m: float = 0.20
     camera_pitch_rad: float = 0.0
+    rectify_pitch: bool = False
     fallback_hfov_deg: float = 69.4
 
     @classmethod
@@ -85,16 +86,31 @@ def synthetic_forest_image(height: int = 240, width: int = 320, seed: int = 0) -
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def predict_depth(engine: DepthEngineLike, rgb: np.ndarray, settings: DepthSettings) -> tuple[np.ndarray, float]:
-    """Depth in metres (NaN outside ``[min_depth_m, max_depth_m]``) and the network's latency in ms."""
+def predict_depth(engine: DepthEngineLike, rgb: np.ndarray, settings: DepthSettings,
+                  K: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Depth in metres (NaN outside ``[min_depth_m, max_depth_m]``) and the network's latency in ms.
+
+    With ``settings.rectify_pitch`` and a ``camera_pitch_rad`` the network sees the frame as a level camera would
+    (``depth_geometry.tilt_image`` by minus the pitch, with ``K``, else K from ``fallback_hfov_deg``) and its depth
+    is turned back into the real camera (``tilt_depth``); rows the level view does not hold are NaN.
+    """
+    pitch = settings.camera_pitch_rad if settings.rectify_pitch else 0.0
+    if pitch:
+        if K is None:
+            K = depth_geometry.camera_matrix_from_hfov(rgb.shape[1], rgb.shape[0], settings.fallback_hfov_deg)
+        network_rgb = depth_geometry.tilt_image(rgb, K, -pitch)
+    else:
+        network_rgb = rgb
     t0 = time.perf_counter()
-    depth = np.asarray(engine.predict(rgb), dtype=np.float32)
+    depth = np.asarray(engine.predict(network_rgb), dtype=np.float32)
     predict_ms = (time.perf_counter() - t0) * 1e3
     # the network alone when the engine says (DepthEngine.last_latency_ms), else the whole predict()
     inference_ms = float(getattr(engine, "last_latency_ms", predict_ms))
     inference_ms = inference_ms if math.isfinite(inference_ms) else predict_ms
     if depth.shape != rgb.shape[:2]:
         raise ValueError(f"engine returned depth of shape {depth.shape}, expected {rgb.shape[:2]}")
+    if pitch:
+        depth = depth_geometry.tilt_depth(depth, K, pitch)
     with np.errstate(invalid="ignore"):
         inside = (depth >= settings.min_depth_m) & (depth <= settings.max_depth_m)
     return np.where(inside, depth, np.float32(np.nan)), inference_ms

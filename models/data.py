@@ -26,6 +26,7 @@ from forest_perception.dataset_tools.layout import (
     read_segment,
 )
 from forest_perception.dataset_tools.settings import DatasetSettings
+from forest_perception.depth_geometry import camera_matrix_from_hfov, tilt_depth, tilt_image
 from forest_perception.inference import DEFAULT_MEAN, DEFAULT_STD
 from forest_perception.models.frame_cache import MAX_CACHED_DEPTH_M, FrameCache
 from forest_perception.models.networks.layers import check_input_hw as check_network_input
@@ -255,26 +256,14 @@ def pitch_pair(rgb: np.ndarray, depth: np.ndarray, angle_deg: float,
     """Image and depth as the camera would see them tilted by ``angle_deg`` about its x axis (positive: nose down).
 
     A pure rotation of a pinhole camera (square pixels, principal point at the centre, horizontal field of view
-    ``hfov_deg``) moves pixels by the homography K R K^-1. Unlike a roll it changes depth along the optical axis:
-    a pixel whose ray r (z = 1) came from the source ray s = R^T r sees its point at depth z_src / s_z, which this
-    applies, so the values stay true metres (REP 118). The rows that come from outside the frame are mirrored in
-    for the image; their depth is NaN (left out of the loss).
+    ``hfov_deg``) moves pixels by the homography K R K^-1. Unlike a roll it changes depth along the optical axis;
+    ``depth_geometry.tilt_depth`` recomputes it, so the values stay true metres (REP 118). The rows that come from
+    outside the frame are mirrored in for the image; their depth is NaN (left out of the loss).
     """
     height, width = depth.shape[:2]
-    focal = (width / 2.0) / math.tan(math.radians(hfov_deg) / 2.0)
-    k = np.array([[focal, 0.0, (width - 1) / 2.0], [0.0, focal, (height - 1) / 2.0], [0.0, 0.0, 1.0]])
-    a = math.radians(float(angle_deg))
-    # old camera coordinates to new (optical frame: y down): after a nose-down tilt the point once straight ahead
-    # is at (0, -sin a, cos a), above the centre of the image
-    rot = np.array([[1.0, 0.0, 0.0], [0.0, math.cos(a), -math.sin(a)], [0.0, math.sin(a), math.cos(a)]])
-    homography = k @ rot @ np.linalg.inv(k)
-    rgb = cv2.warpPerspective(np.ascontiguousarray(rgb), homography, (width, height), flags=cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_REFLECT_101)
-    warped = cv2.warpPerspective(np.ascontiguousarray(depth, dtype=np.float32), homography, (width, height),
-                                 flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
-    rows = (np.arange(height, dtype=np.float64) - k[1, 2]) / focal  # a ray's y at z = 1; x does not enter s_z
-    source_z = -math.sin(a) * rows + math.cos(a)  # (R^T r)_z with R^T = [[1,0,0],[0,c,-s],[0,s,c]]
-    return rgb, (warped / source_z[:, None]).astype(np.float32)
+    k = camera_matrix_from_hfov(width, height, hfov_deg)
+    pitch = math.radians(float(angle_deg))
+    return tilt_image(rgb, k, pitch), tilt_depth(depth, k, pitch)
 
 
 def augment_pair(

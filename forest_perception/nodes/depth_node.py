@@ -75,6 +75,9 @@ PARAMS = [
     ParamSpec("scan_stride", 1, "use every n-th pixel in each direction for the scan", (1, 16)),
     ParamSpec("camera_height_m", 0.20, "optical centre height above the ground", (0.0, 10.0)),
     ParamSpec("camera_pitch_rad", 0.0, "camera pitch, positive looking down (REP 103)", (-1.5, 1.5)),
+    ParamSpec("rectify_pitch", False, "run the network on the frame as a level camera would see it (turned by "
+              "-camera_pitch_rad) and turn its depth back: for a camera mounted more than about 5 deg from level "
+              "(the shipped networks know mounts within +-6 deg)"),
     ParamSpec("fallback_hfov_deg", 69.4, "horizontal FOV used until camera_info arrives", (10.0, 170.0)),
     ParamSpec("history_size", 16, "with a model that has ICIIA history attention: frames of the rover's own recent "
               "history it attends to (at most the model's bank capacity; kept in memory only); 0 = no history; "
@@ -355,7 +358,8 @@ class DepthNode(Node):
             return
         rgb, msg, received = frame
         try:
-            depth, inference_ms = predict_depth(engine, rgb, settings)
+            K = self.camera.matrix(rgb.shape[1], rgb.shape[0], settings.fallback_hfov_deg)
+            depth, inference_ms = predict_depth(engine, rgb, settings, K)
         except Exception as exc:  # noqa: BLE001 - a bad frame or engine hiccup must not end the worker
             self.stats.count("inference_errors", f"inference: {type(exc).__name__}: {exc}")
             self.get_logger().error(self.stats.last_error, throttle_duration_sec=5.0)
@@ -365,11 +369,10 @@ class DepthNode(Node):
         # latency ends when depth/image is out; points and scan follow on the same frame
         now = time.monotonic()
         stamp_ms = (self.get_clock().now().nanoseconds - (stamp.sec * 1_000_000_000 + stamp.nanosec)) * 1e-6
-        if settings.publish_points or settings.publish_scan:
+        if settings.publish_points or settings.publish_scan or (settings.rectify_pitch and settings.camera_pitch_rad):
             if not self.camera.has_info and not self._warned_fallback:
                 self._warned_fallback = True
                 self.get_logger().warning(f"no camera_info yet: using fallback_hfov_deg={settings.fallback_hfov_deg}")
-            K = self.camera.matrix(depth.shape[1], depth.shape[0], settings.fallback_hfov_deg)
         if settings.publish_points:
             self.points_pub.publish(msgs.pointcloud2_msg(depth_points(depth, K, settings), stamp, frame_id))
         if settings.publish_scan:

@@ -150,3 +150,39 @@ def test_voxel_downsample_counts_and_centroids():
     assert sorted(map(tuple, np.round(out, 3))) == [(0.05, 0.05, 0.05), (1.05, 1.0, 1.0)]
     assert dg.voxel_downsample(points, 0.0) is not None and len(dg.voxel_downsample(points, 0.0)) == 4
     assert dg.voxel_downsample(np.zeros((0, 3), np.float32), 0.1).shape == (0, 3)
+
+
+def _ground(K: np.ndarray, shape: tuple[int, int], pitch_rad: float, height_m: float = 0.2) -> np.ndarray:
+    """Depth along the optical axis of flat ground under a camera pitched ``pitch_rad`` nose-down (NaN: no ground)."""
+    rows = (np.arange(shape[0]) - K[1, 2]) / K[1, 1]
+    down = rows * math.cos(pitch_rad) + math.sin(pitch_rad)
+    depth = np.where(down > 1e-3, height_m / np.maximum(down, 1e-3), np.nan)
+    return np.repeat(np.where(depth < 30, depth, np.nan)[:, None], shape[1], axis=1).astype(np.float32)
+
+
+def test_tilt_depth_is_the_ground_a_tilted_camera_sees_and_tilting_back_restores_it():
+    K = dg.camera_matrix(300.0, 310.0, 150.0, 125.0)  # fx != fy, principal point off the centre
+    level = _ground(K, (240, 320), 0.0)
+    tilted = dg.tilt_depth(level, K, math.radians(6.0))
+    expected = _ground(K, (240, 320), math.radians(6.0))
+    both = np.isfinite(tilted) & np.isfinite(expected)
+    error = np.abs(tilted[both] - expected[both]) / expected[both]
+    assert both.sum() > 0.7 * np.isfinite(expected).sum() and np.median(error) < 0.01
+    back = dg.tilt_depth(tilted, K, math.radians(-6.0))
+    kept = np.isfinite(back) & np.isfinite(level)
+    assert kept.sum() > 0.7 * np.isfinite(level).sum()
+    assert np.median(np.abs(back[kept] - level[kept]) / level[kept]) < 0.01
+    assert np.isnan(tilted[-1]).all()  # nose down: the bottom rows come from below the frame
+    np.testing.assert_allclose(dg.tilt_depth(level, K, 0.0), level)
+    with pytest.raises(ValueError, match="HxW"):
+        dg.tilt_depth(np.zeros((4, 4, 3)), K, 0.1)
+
+
+def test_tilt_image_moves_what_was_ahead_up_when_the_camera_turns_down():
+    K = dg.camera_matrix_from_hfov(320, 240, 69.4)
+    image = np.zeros((240, 320, 3), np.uint8)
+    image[119:121] = 255
+    moved = dg.tilt_image(image, K, math.radians(5.0))
+    row = int(np.argmax(moved[:, 160, 0]))
+    assert row == pytest.approx(119.5 - K[1, 1] * math.tan(math.radians(5.0)), abs=1.5)
+    assert moved.dtype == np.uint8 and moved.shape == image.shape

@@ -79,3 +79,40 @@ def test_predict_depth_masks_the_range_and_measures_the_network():
     depth, ms = predict_depth(Engine(_like_a_depth_net), FRAME, DepthSettings(min_depth_m=2.0, max_depth_m=5.0))
     inside = depth[np.isfinite(depth)]
     assert inside.min() >= 2.0 and inside.max() <= 5.0 and np.isnan(depth).any() and ms >= 0.0
+
+
+def test_rectify_pitch_runs_the_network_on_a_level_view_and_turns_its_depth_back():
+    import math
+
+    from forest_perception import depth_geometry
+
+    K = depth_geometry.camera_matrix_from_hfov(160, 120, 69.4)
+    pitch = math.radians(10.0)
+
+    def ground(p: float) -> np.ndarray:  # flat ground 0.2 m below a camera pitched p nose-down
+        rows = (np.arange(120) - K[1, 2]) / K[1, 1]
+        down = rows * math.cos(p) + math.sin(p)
+        depth = np.where(down > 1e-3, 0.2 / np.maximum(down, 1e-3), np.nan)
+        return np.repeat(np.where(depth < 9, depth, np.nan)[:, None], 160, axis=1).astype(np.float32)
+
+    seen = []
+
+    def level_ground(rgb: np.ndarray) -> np.ndarray:  # a network that knows only a level camera's ground
+        seen.append(rgb)
+        return ground(0.0)
+
+    settings = DepthSettings(min_depth_m=0.1, max_depth_m=9.0, camera_pitch_rad=pitch)
+    plain, _ = predict_depth(Engine(level_ground), FRAME, settings)
+    assert seen[-1] is FRAME  # off by default: the frame as it came
+    rectified, _ = predict_depth(Engine(level_ground), FRAME, DepthSettings(
+        min_depth_m=0.1, max_depth_m=9.0, camera_pitch_rad=pitch, rectify_pitch=True), K)
+    assert not np.array_equal(seen[-1], FRAME) and seen[-1].shape == FRAME.shape  # the network saw a turned view
+    truth = ground(pitch)
+    both = np.isfinite(rectified) & np.isfinite(truth)
+    assert both.sum() > 0.6 * np.isfinite(truth).sum()
+    assert np.median(np.abs(rectified[both] - truth[both]) / truth[both]) < 0.02  # the real camera's ground
+    as_is = np.isfinite(plain) & np.isfinite(truth)
+    assert np.median(np.abs(plain[as_is] - truth[as_is]) / truth[as_is]) > 0.2  # without it: the level ground
+    no_k, _ = predict_depth(Engine(level_ground), FRAME, DepthSettings(
+        min_depth_m=0.1, max_depth_m=9.0, camera_pitch_rad=pitch, rectify_pitch=True))
+    np.testing.assert_allclose(no_k, rectified)  # K from fallback_hfov_deg (69.4) is the same camera here
