@@ -74,6 +74,13 @@ class MetricAccumulator:
         self.count += int(gt.size)
         return int(gt.size)
 
+    def update_frame(self, pred: Any, target: Any) -> tuple[int, float, float]:  # noqa: ANN401 - array or tensor
+        """:meth:`update`, returning this frame's valid pixels, sum of relative errors and pixels within 1.25 (the
+        per-frame sums a bootstrap over frames resamples, ``models.bootstrap``)."""
+        before = (self.sums["abs_rel"], self.sums["delta1"])
+        pixels = self.update(pred, target)
+        return pixels, self.sums["abs_rel"] - before[0], self.sums["delta1"] - before[1]
+
     def result(self) -> dict[str, float]:
         """Metrics over every pixel seen so far, in ``METRIC_NAMES`` order; NaN for all if no valid pixel."""
         if self.count == 0:

@@ -99,9 +99,8 @@ def evaluate_folder(engine: Any, frames: Sequence[tuple[Any, int]], min_depth: f
             rgb, depth = pitch_pair(rgb, depth, tilt_deg, hfov_deg)
         pred = engine.predict(rgb)
         latency.append(engine.last_latency_ms)
-        before = (accumulator.sums["abs_rel"], accumulator.sums["delta1"])
-        pixels = accumulator.update(np.where(np.isfinite(pred), pred, max_depth), np.nan_to_num(depth, nan=0.0))
-        per_frame.append((pixels, accumulator.sums["abs_rel"] - before[0], accumulator.sums["delta1"] - before[1]))
+        per_frame.append(accumulator.update_frame(np.where(np.isfinite(pred), pred, max_depth),
+                                                  np.nan_to_num(depth, nan=0.0)))
     labels = [str(segment.path) for segment, _ in frames]
     return {**accumulator.result(), **_interval(per_frame, labels), "frames": len(frames),
             "segments": len(set(labels)), "valid_pixels": accumulator.count, "latency_ms": float(np.median(latency))}

@@ -60,11 +60,8 @@ def score_engines(
     for rgb, depth in holdout:
         frames += 1
         for name, engine in engines.items():
-            accumulator = accumulators[name]
-            before = (accumulator.sums["abs_rel"], accumulator.sums["delta1"])
-            pixels = accumulator.update(np.asarray(engine.predict(rgb), np.float32), depth)
-            per_frame[name].append((pixels, accumulator.sums["abs_rel"] - before[0],
-                                    accumulator.sums["delta1"] - before[1]))
+            per_frame[name].append(accumulators[name].update_frame(np.asarray(engine.predict(rgb), np.float32),
+                                                                   depth))
     out, scores = {}, {}
     for name, accumulator in accumulators.items():
         result = accumulator.result()

@@ -194,3 +194,13 @@ def test_format_metric_table():
     assert lines[0].startswith("| model | absrel ↓") and "delta1 ↑" in lines[0]
     assert lines[2] == "| autoencoder | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 1.000 | 1.000 | 1.000 | 1.000 |"
     assert lines[3].endswith("| - |")
+
+
+def test_update_frame_returns_the_frames_own_sums():
+    acc = MetricAccumulator(min_depth=0.1, max_depth=10.0)
+    target = np.array([[1.0, 2.0], [4.0, np.nan]])
+    first = acc.update_frame(np.array([[1.1, 2.0], [8.0, 3.0]]), target)
+    assert first[0] == 3 and first[1] == pytest.approx(0.1 + 0.0 + 1.0) and first[2] == 2  # 8 m for 4 m: not in 1.25
+    second = acc.update_frame(np.array([[1.0, 1.0], [4.0, 1.0]]), target)
+    assert second == (3, pytest.approx(0.5), 2)
+    assert acc.count == 6 and acc.result()["absrel"] == pytest.approx(1.6 / 6) and acc.result()["delta1"] == 4 / 6
