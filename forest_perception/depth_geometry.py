@@ -88,6 +88,42 @@ def tilt_depth(depth: np.ndarray, K: np.ndarray, pitch_rad: float) -> np.ndarray
     return (warped / source_z[:, None]).astype(np.float32)
 
 
+def canonical_map(K: np.ndarray, width: int, height: int, hfov_deg: float) -> np.ndarray | None:
+    """2x3 affine from a camera's pixels to those of an ideal camera with ``hfov_deg`` at the same size.
+
+    The ideal camera has square pixels and the principal point at the image centre; both share the optical axis,
+    so depth along it is the same in both. None when the camera is that camera already (within 0.1 %).
+    """
+    K = _check_k(K)
+    canonical = camera_matrix_from_hfov(width, height, hfov_deg)
+    sx, sy = canonical[0, 0] / K[0, 0], canonical[1, 1] / K[1, 1]
+    shift = (canonical[0, 2] - sx * K[0, 2], canonical[1, 2] - sy * K[1, 2])
+    if abs(sx - 1) < 1e-3 and abs(sy - 1) < 1e-3 and max(abs(shift[0]), abs(shift[1])) < 1e-3 * width:
+        return None
+    return np.array([[sx, 0.0, shift[0]], [0.0, sy, shift[1]]], dtype=np.float64)
+
+
+def to_canonical(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``image`` as the ideal camera of :func:`canonical_map` sees it (same size; the border it sees beyond the real
+    frame is mirrored in, what it does not see is cropped)."""
+    import cv2
+
+    height, width = image.shape[:2]
+    return cv2.warpAffine(np.ascontiguousarray(image), affine, (width, height), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REFLECT_101)
+
+
+def from_canonical(depth: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A depth image of the ideal camera back in the real camera's pixels (depth values unchanged), float32."""
+    import cv2
+
+    depth = np.asarray(depth, dtype=np.float32)
+    height, width = depth.shape
+    return cv2.warpAffine(np.ascontiguousarray(depth), affine, (width, height),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=float("nan"))
+
+
 @lru_cache(maxsize=8)
 def _rays(height: int, width: int, fx: float, fy: float, cx: float, cy: float, stride: int) -> np.ndarray:
     """(h, w, 2) float32 (x/z, y/z) of the sampled pixel centres; cached per camera and stride."""

@@ -53,6 +53,7 @@ class DepthSettings:
     camera_height_m: float = 0.20
     camera_pitch_rad: float = 0.0
     rectify_pitch: bool = False
+    model_hfov_deg: float = 69.4
     fallback_hfov_deg: float = 69.4
 
     @classmethod
@@ -62,6 +63,8 @@ class DepthSettings:
 
     def problem(self) -> str:
         """Why these settings cannot work together ("" when they can)."""
+        if 0.0 < self.model_hfov_deg < 10.0:
+            return f"model_hfov_deg ({self.model_hfov_deg}) must be 0 (off) or within 10..170 degrees"
         if self.min_depth_m >= self.max_depth_m:
             return f"min_depth_m ({self.min_depth_m}) must be below max_depth_m ({self.max_depth_m})"
         if self.scan_range_min_m >= self.scan_range_max_m:
@@ -90,17 +93,22 @@ def predict_depth(engine: DepthEngineLike, rgb: np.ndarray, settings: DepthSetti
                   K: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Depth in metres (NaN outside ``[min_depth_m, max_depth_m]``) and the network's latency in ms.
 
-    With ``settings.rectify_pitch`` and a ``camera_pitch_rad`` the network sees the frame as a level camera would
-    (``depth_geometry.tilt_image`` by minus the pitch, with ``K``, else K from ``fallback_hfov_deg``) and its depth
-    is turned back into the real camera (``tilt_depth``); rows the level view does not hold are NaN.
+    ``K`` is the camera's (default: from ``fallback_hfov_deg``). With ``settings.model_hfov_deg`` (the field of view
+    the network was trained with; 0: off) a camera of another field of view or principal point is shown to the
+    network as that camera would see the scene (``depth_geometry.to_canonical``), and the depth mapped back: a
+    network reads distance from apparent size, which a narrower lens inflates. With ``settings.rectify_pitch`` and a
+    ``camera_pitch_rad`` the network sees the frame as a level camera would (``tilt_image`` by minus the pitch) and
+    its depth is turned back into the real camera (``tilt_depth``). Pixels these views do not hold are NaN.
     """
     pitch = settings.camera_pitch_rad if settings.rectify_pitch else 0.0
-    if pitch:
-        if K is None:
-            K = depth_geometry.camera_matrix_from_hfov(rgb.shape[1], rgb.shape[0], settings.fallback_hfov_deg)
-        network_rgb = depth_geometry.tilt_image(rgb, K, -pitch)
-    else:
-        network_rgb = rgb
+    height, width = rgb.shape[:2]
+    if K is None:
+        K = depth_geometry.camera_matrix_from_hfov(width, height, settings.fallback_hfov_deg)
+    network_rgb = depth_geometry.tilt_image(rgb, K, -pitch) if pitch else rgb
+    affine = (depth_geometry.canonical_map(K, width, height, settings.model_hfov_deg)
+              if settings.model_hfov_deg else None)
+    if affine is not None:
+        network_rgb = depth_geometry.to_canonical(network_rgb, affine)
     t0 = time.perf_counter()
     depth = np.asarray(engine.predict(network_rgb), dtype=np.float32)
     predict_ms = (time.perf_counter() - t0) * 1e3
@@ -109,6 +117,8 @@ def predict_depth(engine: DepthEngineLike, rgb: np.ndarray, settings: DepthSetti
     inference_ms = inference_ms if math.isfinite(inference_ms) else predict_ms
     if depth.shape != rgb.shape[:2]:
         raise ValueError(f"engine returned depth of shape {depth.shape}, expected {rgb.shape[:2]}")
+    if affine is not None:
+        depth = depth_geometry.from_canonical(depth, affine)
     if pitch:
         depth = depth_geometry.tilt_depth(depth, K, pitch)
     with np.errstate(invalid="ignore"):

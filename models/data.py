@@ -248,7 +248,8 @@ def roll_pair(rgb: np.ndarray, depth: np.ndarray, angle_deg: float) -> tuple[np.
 MAX_PITCH_DEG = 20.0
 """the largest ``pitch_deg`` accepted: beyond it a rover camera sees mostly sky or mostly ground"""
 CAMERA_HFOV_DEG = 69.4
-"""horizontal field of view that ``pitch_pair`` assumes by default: the simulator's and the RealSense D435's"""
+"""horizontal field of view that ``pitch_pair`` assumes by default: the simulator's camera (the D435 colour
+sensor's in its 16:9 modes)"""
 
 
 def pitch_pair(rgb: np.ndarray, depth: np.ndarray, angle_deg: float,

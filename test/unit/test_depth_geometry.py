@@ -186,3 +186,23 @@ def test_tilt_image_moves_what_was_ahead_up_when_the_camera_turns_down():
     row = int(np.argmax(moved[:, 160, 0]))
     assert row == pytest.approx(119.5 - K[1, 1] * math.tan(math.radians(5.0)), abs=1.5)
     assert moved.dtype == np.uint8 and moved.shape == image.shape
+
+
+def test_canonical_view_of_a_narrower_camera_and_back():
+    K = dg.camera_matrix_from_hfov(320, 240, 69.4)
+    assert dg.canonical_map(K, 320, 240, 69.4) is None  # the network's own camera: nothing to do
+    narrow = dg.camera_matrix(300.0, 300.0, 150.0, 118.0)  # ~56 deg, principal point off the centre
+    affine = dg.canonical_map(narrow, 320, 240, 69.4)
+    scale = K[0, 0] / 300.0
+    np.testing.assert_allclose(affine, [[scale, 0, K[0, 2] - scale * 150.0], [0, scale, K[1, 2] - scale * 118.0]])
+    # the real camera's principal point lands on the canonical one
+    image = np.zeros((240, 320, 3), np.uint8)
+    image[117:120, 149:152] = 255
+    seen = dg.to_canonical(image, affine)
+    row, col = np.unravel_index(np.argmax(seen[..., 0]), seen.shape[:2])
+    assert abs(row - K[1, 2]) <= 1 and abs(col - K[0, 2]) <= 1
+    # depth comes back to the real pixels with its values: a left-right ramp stays where it was
+    depth = np.tile(np.linspace(1.0, 9.0, 320, dtype=np.float32), (240, 1))
+    back = dg.from_canonical(dg.to_canonical(depth, affine), affine)
+    inside = np.isfinite(back)
+    assert inside.mean() > 0.95 and np.median(np.abs(back[inside] - depth[inside])) < 0.05

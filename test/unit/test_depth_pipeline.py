@@ -116,3 +116,27 @@ def test_rectify_pitch_runs_the_network_on_a_level_view_and_turns_its_depth_back
     no_k, _ = predict_depth(Engine(level_ground), FRAME, DepthSettings(
         min_depth_m=0.1, max_depth_m=9.0, camera_pitch_rad=pitch, rectify_pitch=True))
     np.testing.assert_allclose(no_k, rectified)  # K from fallback_hfov_deg (69.4) is the same camera here
+
+
+def test_model_hfov_shows_a_narrower_camera_to_the_network_as_its_own_camera_would_see_it():
+    """A network that reads distance from apparent size: a 2 m wide bar, depth = focal * 2 / its width in pixels."""
+    from forest_perception import depth_geometry
+
+    canonical = depth_geometry.camera_matrix_from_hfov(160, 120, 69.4)
+
+    def size_reader(rgb: np.ndarray) -> np.ndarray:  # knows only the 69.4 deg camera's focal length
+        width_px = max(int((rgb[60, :, 0] > 127).sum()), 1)
+        return np.full(rgb.shape[:2], canonical[0, 0] * 2.0 / width_px, np.float32)
+
+    narrow = depth_geometry.camera_matrix_from_hfov(160, 120, 50.0)
+    frame = np.zeros((120, 160, 3), np.uint8)
+    half = int(round(narrow[0, 0] * 2.0 / 5.0 / 2))  # the bar 5 m away, as the 50 deg camera images it
+    frame[:, 80 - half:80 + half] = 255
+    settings = dict(min_depth_m=0.1, max_depth_m=20.0)
+    as_is, _ = predict_depth(Engine(size_reader), frame, DepthSettings(model_hfov_deg=0.0, **settings), narrow)
+    seen, _ = predict_depth(Engine(size_reader), frame, DepthSettings(**settings), narrow)
+    assert float(np.nanmedian(as_is)) < 0.8 * 5.0  # the longer lens makes the bar look near
+    assert float(np.nanmedian(seen)) == pytest.approx(5.0, rel=0.06)
+    same, _ = predict_depth(Engine(size_reader), frame, DepthSettings(**settings), canonical)
+    np.testing.assert_array_equal(same, as_is)  # the network's own camera: the frame goes through untouched
+    assert "model_hfov_deg" in DepthSettings(model_hfov_deg=5.0).problem()
