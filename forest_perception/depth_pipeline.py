@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -146,7 +146,8 @@ def check_candidate(engine: DepthEngineLike, frame: np.ndarray, settings: DepthS
         return f"its depth has shape {raw.shape} for a {frame.shape[1]}x{frame.shape[0]} frame"
     if np.isinf(raw).any():
         return "its depth holds inf values (invalid depth must be NaN, REP 118)"
-    depth, _ = predict_depth(_Fixed(raw), frame, settings)
+    # the network's own output: its range mask only, not the camera views of model_hfov_deg or rectify_pitch
+    depth, _ = predict_depth(_Fixed(raw), frame, replace(settings, model_hfov_deg=0.0, rectify_pitch=False))
     valid = valid_fraction(depth)
     if valid < settings.min_valid_fraction:
         return (f"only {100 * valid:.0f} % of a reference frame gets a depth within [{settings.min_depth_m}, "

@@ -140,3 +140,11 @@ def test_model_hfov_shows_a_narrower_camera_to_the_network_as_its_own_camera_wou
     same, _ = predict_depth(Engine(size_reader), frame, DepthSettings(**settings), canonical)
     np.testing.assert_array_equal(same, as_is)  # the network's own camera: the frame goes through untouched
     assert "model_hfov_deg" in DepthSettings(model_hfov_deg=5.0).problem()
+
+
+def test_a_candidate_is_checked_on_its_own_output_whatever_the_camera_views():
+    # a model for a 55 deg camera on a rover without camera_info (K from the 69.4 deg fallback): the check must
+    # not lose the borders that the canonical view of model_hfov_deg would cut off
+    settings = DepthSettings(min_valid_fraction=0.99, model_hfov_deg=55.0, rectify_pitch=True, camera_pitch_rad=0.2)
+    assert check_candidate(Engine(lambda rgb: np.full(rgb.shape[:2], 3.0, np.float32) + rgb[..., 1] / 255.0),
+                           FRAME, settings) == ""
