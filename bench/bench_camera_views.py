@@ -30,18 +30,17 @@ import cv2  # noqa: E402
 from forest_perception import depth_geometry  # noqa: E402
 from forest_perception.dataset_tools.layout import load_frame  # noqa: E402
 from forest_perception.depth_pipeline import DepthSettings, predict_depth, synthetic_forest_image  # noqa: E402
+from forest_perception.frames import CAMERA_HFOV_DEG  # noqa: E402
 from forest_perception.inference import load_engine  # noqa: E402
 from forest_perception.models.data import collect_segments  # noqa: E402
 from forest_perception.models.metrics import MetricAccumulator  # noqa: E402
 from forest_perception.models.styles import resolve_model_file  # noqa: E402
 
-CAMERA_HFOV = 69.4
-
 
 def narrower(rgb: np.ndarray, depth: np.ndarray, hfov_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What a camera of ``hfov_deg`` (< 69.4) on the same axis records: a centre crop resized back, and its K."""
     height, width = depth.shape
-    keep = math.tan(math.radians(hfov_deg) / 2) / math.tan(math.radians(CAMERA_HFOV) / 2)
+    keep = math.tan(math.radians(hfov_deg) / 2) / math.tan(math.radians(CAMERA_HFOV_DEG) / 2)
     crop_h, crop_w = int(round(height * keep)), int(round(width * keep))
     y0, x0 = (height - crop_h) // 2, (width - crop_w) // 2
     rgb = cv2.resize(rgb[y0:y0 + crop_h, x0:x0 + crop_w], (width, height), interpolation=cv2.INTER_AREA)
@@ -53,7 +52,7 @@ def latency(engine: object, args: argparse.Namespace) -> None:
     """Median predict_depth latency with each view, side by side."""
     frame = synthetic_forest_image(240, 320, seed=4)
     narrow_k = depth_geometry.camera_matrix_from_hfov(320, 240, args.narrow_hfov)
-    level_k = depth_geometry.camera_matrix_from_hfov(320, 240, CAMERA_HFOV)
+    level_k = depth_geometry.camera_matrix_from_hfov(320, 240, CAMERA_HFOV_DEG)
     pitch = math.radians(args.tilt)
     cases = {
         "frame as it is": (DepthSettings(), level_k),
@@ -91,7 +90,7 @@ def accuracy(engine: object, args: argparse.Namespace) -> None:
         for segment in collect_segments(folder, None):
             for i in range(0, len(segment), args.every):
                 rgb, depth, _ = load_frame(segment, i)
-                level_k = depth_geometry.camera_matrix_from_hfov(depth.shape[1], depth.shape[0], CAMERA_HFOV)
+                level_k = depth_geometry.camera_matrix_from_hfov(depth.shape[1], depth.shape[0], CAMERA_HFOV_DEG)
                 n_rgb, n_depth, n_k = narrower(rgb, depth, args.narrow_hfov)
                 t_rgb = depth_geometry.tilt_image(rgb, level_k, pitch)
                 t_depth = depth_geometry.tilt_depth(depth, level_k, pitch)
@@ -119,8 +118,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    if not 10.0 <= args.narrow_hfov < CAMERA_HFOV:
-        parser.error(f"--narrow-hfov must be within [10, {CAMERA_HFOV}) degrees (a crop of the recorded frames)")
+    if not 10.0 <= args.narrow_hfov < CAMERA_HFOV_DEG:
+        parser.error(f"--narrow-hfov must be within [10, {CAMERA_HFOV_DEG}) degrees (a crop of the recorded frames)")
     if not 0.0 < abs(args.tilt) <= 20.0:
         parser.error("--tilt must be non-zero and within +-20 degrees")
     if args.every < 1:

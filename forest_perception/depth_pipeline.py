@@ -19,6 +19,7 @@ import numpy as np
 
 from forest_perception import depth_geometry
 from forest_perception.diagnostics import ERROR, OK, WARN
+from forest_perception.frames import CAMERA_HFOV_DEG
 
 
 class DepthEngineLike(Protocol):
@@ -53,7 +54,7 @@ class DepthSettings:
     camera_height_m: float = 0.20
     camera_pitch_rad: float = 0.0
     rectify_pitch: bool = False
-    model_hfov_deg: float = 69.4
+    model_hfov_deg: float = CAMERA_HFOV_DEG
     fallback_hfov_deg: float = 69.4
 
     @classmethod

@@ -52,13 +52,18 @@ class RoverGeometry:
         return 0.5 * math.hypot(self.body_length_m, max(self.body_width_m, self.track_width_m + 0.05))
 
 
+CAMERA_HFOV_DEG = 69.4
+"""Horizontal field of view of the simulator's camera (the D435 colour sensor's in its 16:9 modes), which the
+shipped networks were trained with."""
+
+
 @dataclass(frozen=True)
 class CameraIntrinsics:
     """Pinhole intrinsics of the colour camera (depth is aligned to it)."""
 
     width: int = 320
     height: int = 240
-    hfov_deg: float = 69.4  # RealSense D435 colour sensor
+    hfov_deg: float = CAMERA_HFOV_DEG
 
     def validate(self) -> CameraIntrinsics:
         """Raise ``ValueError`` for a resolution or field of view no camera has."""

@@ -44,8 +44,9 @@ from forest_perception.cli_args import (
     run_command,
 )
 from forest_perception.dataset_tools.settings import add_reading_arguments
+from forest_perception.frames import CAMERA_HFOV_DEG
 from forest_perception.models.cli_types import DefaultsHelpFormatter, onnx_output, output_folder
-from forest_perception.models.data import CAMERA_HFOV_DEG, MAX_PITCH_DEG, MAX_ROLL_DEG, MIN_DEPTH_M
+from forest_perception.models.data import MAX_PITCH_DEG, MAX_ROLL_DEG, MIN_DEPTH_M
 from forest_perception.models.networks import MODEL_NAMES
 from forest_perception.models.provenance import (
     path_alias_arg,

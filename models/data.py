@@ -27,6 +27,7 @@ from forest_perception.dataset_tools.layout import (
 )
 from forest_perception.dataset_tools.settings import DatasetSettings
 from forest_perception.depth_geometry import camera_matrix_from_hfov, tilt_depth, tilt_image
+from forest_perception.frames import CAMERA_HFOV_DEG
 from forest_perception.inference import DEFAULT_MEAN, DEFAULT_STD
 from forest_perception.models.frame_cache import MAX_CACHED_DEPTH_M, FrameCache
 from forest_perception.models.networks.layers import check_input_hw as check_network_input
@@ -247,9 +248,6 @@ def roll_pair(rgb: np.ndarray, depth: np.ndarray, angle_deg: float) -> tuple[np.
 
 MAX_PITCH_DEG = 20.0
 """the largest ``pitch_deg`` accepted: beyond it a rover camera sees mostly sky or mostly ground"""
-CAMERA_HFOV_DEG = 69.4
-"""horizontal field of view that ``pitch_pair`` assumes by default: the simulator's camera (the D435 colour
-sensor's in its 16:9 modes)"""
 
 
 def pitch_pair(rgb: np.ndarray, depth: np.ndarray, angle_deg: float,

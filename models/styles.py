@@ -24,14 +24,9 @@ from tqdm import tqdm
 from forest_perception.cli_args import describe_error
 from forest_perception.dataset_tools.layout import load_frame
 from forest_perception.dataset_tools.settings import DatasetSettings
+from forest_perception.frames import CAMERA_HFOV_DEG
 from forest_perception.models import bootstrap
-from forest_perception.models.data import (
-    CAMERA_HFOV_DEG,
-    MAX_PITCH_DEG,
-    FrameLoadError,
-    collect_segments,
-    pitch_pair,
-)
+from forest_perception.models.data import MAX_PITCH_DEG, FrameLoadError, collect_segments, pitch_pair
 from forest_perception.models.metrics import METRIC_NAMES, MetricAccumulator, format_metric_table
 from forest_perception.models.weights import shipped_model, shipped_models
 

@@ -36,7 +36,7 @@ from forest_perception.depth_pipeline import (
     synthetic_forest_image,
     valid_fraction,
 )
-from forest_perception.frames import FRAME_CAMERA
+from forest_perception.frames import CAMERA_HFOV_DEG, FRAME_CAMERA
 from forest_perception.inference import SUPPORTED_ENCODINGS, TORCH_SUFFIXES, ModelLoadError, convert_image_encoding
 from forest_perception.nodes import common
 from forest_perception.nodes.common import ParamSpec, add_validated_updates, declare_parameters
@@ -78,10 +78,11 @@ PARAMS = [
     ParamSpec("rectify_pitch", False, "run the network on the frame as a level camera would see it (turned by "
               "-camera_pitch_rad) and turn its depth back: for a camera mounted more than about 5 deg from level "
               "(the shipped networks know mounts within +-6 deg)"),
-    ParamSpec("model_hfov_deg", 69.4, "horizontal FOV the network was trained with (the shipped ones: 69.4, the "
-              "simulator's camera; a D435 colour stream at 640x480 is about 55): a camera of another FOV or principal "
-              "point (camera_info K) is shown to the network as that camera would see the scene, and the depth mapped "
-              "back; 0 = the frame as it is",
+    ParamSpec("model_hfov_deg", CAMERA_HFOV_DEG,
+              "horizontal FOV the network was trained with (the shipped ones: 69.4, the simulator's camera; a D435 "
+              "colour stream at 640x480 is about 55): a camera of another FOV or principal point (camera_info K) is "
+              "shown to the network as that camera would see the scene, and the depth mapped back; 0 = the frame as "
+              "it is",
               (0.0, 170.0)),
     ParamSpec("fallback_hfov_deg", 69.4, "horizontal FOV used until camera_info arrives", (10.0, 170.0)),
     ParamSpec("history_size", 16, "with a model that has ICIIA history attention: frames of the rover's own recent "
@@ -374,11 +375,9 @@ class DepthNode(Node):
         # latency ends when depth/image is out; points and scan follow on the same frame
         now = time.monotonic()
         stamp_ms = (self.get_clock().now().nanoseconds - (stamp.sec * 1_000_000_000 + stamp.nanosec)) * 1e-6
-        if settings.publish_points or settings.publish_scan or settings.model_hfov_deg or (
-                settings.rectify_pitch and settings.camera_pitch_rad):
-            if not self.camera.has_info and not self._warned_fallback:
-                self._warned_fallback = True
-                self.get_logger().warning(f"no camera_info yet: using fallback_hfov_deg={settings.fallback_hfov_deg}")
+        if not self.camera.has_info and not self._warned_fallback:  # K went into the network's view, points, scan
+            self._warned_fallback = True
+            self.get_logger().warning(f"no camera_info yet: using fallback_hfov_deg={settings.fallback_hfov_deg}")
         if settings.publish_points:
             self.points_pub.publish(msgs.pointcloud2_msg(depth_points(depth, K, settings), stamp, frame_id))
         if settings.publish_scan:
