@@ -1,13 +1,16 @@
-"""What depth_node's camera views cost a frame and what they win: ``model_hfov_deg`` and ``rectify_pitch``.
+"""What depth_node's camera views cost a frame and what they win: ``model_hfov_deg``, ``rectify_pitch`` and
+``flip_average``.
 
 Latency (always): ``depth_pipeline.predict_depth`` median over N runs on a 320x240 frame, side by side in one run:
 the frame as it is, through the canonical view of a narrower camera (``--narrow-hfov``, a Raspberry Pi Camera v2 by
-default), through the level view of a tilted mount (``--tilt``), and both; the ratios to the plain frame.
+default), through the level view of a tilted mount (``--tilt``), both, and flip-averaged (the network on the frame
+and its mirror image); the ratios to the plain frame.
 
 Accuracy (with ``--data``): every ``--every``-th frame of each dataset folder (recorded by the 69.4 deg simulator
 camera) is turned into what the other camera would record, a centre crop for the narrower lens and
-``depth_geometry.tilt_image``/``tilt_depth`` for the tilted mount, and scored with the views off and on; mean absrel
-over the folders. docs/runtime.md (``depth_geometry``) and docs/training.md ("Camera tilt") quote these figures.
+``depth_geometry.tilt_image``/``tilt_depth`` for the tilted mount, and scored with the views off and on; the frames
+as recorded are also scored flip-averaged. Mean absrel over the folders. docs/runtime.md (``depth_geometry``, "Flip
+averaging") and docs/training.md ("Camera tilt") quote these figures.
 
     .venv/bin/python bench/bench_camera_views.py [--model multiscale_320x240] [--data DATA/STYLES/*] [--threads 1]
 """
@@ -60,6 +63,7 @@ def latency(engine: object, args: argparse.Namespace) -> None:
         f"level view of a {args.tilt:g} deg mount": (DepthSettings(camera_pitch_rad=pitch, rectify_pitch=True),
                                                      level_k),
         "both": (DepthSettings(camera_pitch_rad=pitch, rectify_pitch=True), narrow_k),
+        "flip-averaged (flip_average)": (DepthSettings(flip_average=True), level_k),
     }
     medians = {}
     for name, (settings, K) in cases.items():
@@ -83,7 +87,9 @@ def accuracy(engine: object, args: argparse.Namespace) -> None:
     on, off = DepthSettings(min_depth_m=0.1), DepthSettings(min_depth_m=0.1, model_hfov_deg=0.0)
     level_on = DepthSettings(min_depth_m=0.1, camera_pitch_rad=pitch, rectify_pitch=True)
     names = (f"{args.narrow_hfov:g} deg lens, as it is", f"{args.narrow_hfov:g} deg lens, canonical view",
-             f"{args.tilt:+g} deg mount, as it is", f"{args.tilt:+g} deg mount, level view", "as recorded")
+             f"{args.tilt:+g} deg mount, as it is", f"{args.tilt:+g} deg mount, level view", "as recorded",
+             "as recorded, flip-averaged")
+    flipped = DepthSettings(min_depth_m=0.1, model_hfov_deg=0.0, flip_average=True)
     rows = []
     for folder in args.data:
         accs = {name: MetricAccumulator(min_depth=0.1, max_depth=10.0) for name in names}
@@ -97,7 +103,7 @@ def accuracy(engine: object, args: argparse.Namespace) -> None:
                 for name, image, target, settings, K in (
                         (names[0], n_rgb, n_depth, off, n_k), (names[1], n_rgb, n_depth, on, n_k),
                         (names[2], t_rgb, t_depth, off, level_k), (names[3], t_rgb, t_depth, level_on, level_k),
-                        (names[4], rgb, depth, off, level_k)):
+                        (names[4], rgb, depth, off, level_k), (names[5], rgb, depth, flipped, level_k)):
                     pred, _ = predict_depth(engine, image, settings, K)
                     accs[name].update(np.where(np.isfinite(pred), pred, 10.0), np.nan_to_num(target, nan=0.0))
         rows.append({name: acc.result()["absrel"] for name, acc in accs.items()})
@@ -130,7 +136,7 @@ def main() -> int:
     latency(engine, args)
     if args.data:
         print("\nabsrel per folder: " + " | ".join(("lens as is", "lens canonical", "mount as is", "mount level",
-                                                   "as recorded")))
+                                                   "as recorded", "flip-averaged")))
         accuracy(engine, args)
     return 0
 

@@ -55,6 +55,7 @@ class DepthSettings:
     camera_pitch_rad: float = 0.0
     rectify_pitch: bool = False
     model_hfov_deg: float = CAMERA_HFOV_DEG
+    flip_average: bool = False
     fallback_hfov_deg: float = 69.4
 
     @classmethod
@@ -90,6 +91,37 @@ def synthetic_forest_image(height: int = 240, width: int = 320, seed: int = 0) -
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+class FlipAveragedEngine:
+    """An engine whose depth is the geometric mean of ``engine``'s on the frame and the mirror of its depth on the
+    mirrored frame (flip averaging): better on forests the network never saw, at twice the network's time.
+
+    Where only one of the two is valid (inside the engine's depth range) that one is kept. ``last_latency_ms`` is
+    the two passes' together; every other attribute is the engine's.
+    """
+
+    def __init__(self, engine: DepthEngineLike) -> None:
+        self.engine = engine
+        self.last_latency_ms = math.nan
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["engine"], name)
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        """HxW float32 metres (NaN invalid) from an HxWx3 uint8 RGB image, averaged with the mirrored frame's."""
+        times = []
+        outputs = []
+        for frame in (rgb, np.ascontiguousarray(rgb[:, ::-1])):
+            t0 = time.perf_counter()
+            outputs.append(np.asarray(self.engine.predict(frame), dtype=np.float32))
+            spent = float(getattr(self.engine, "last_latency_ms", math.nan))
+            times.append(spent if math.isfinite(spent) else (time.perf_counter() - t0) * 1e3)
+        self.last_latency_ms = sum(times)
+        direct, mirrored = outputs[0], outputs[1][:, ::-1]
+        with np.errstate(invalid="ignore"):
+            both = np.sqrt(direct * mirrored)
+        return np.where(np.isnan(direct), mirrored, np.where(np.isnan(mirrored), direct, both)).astype(np.float32)
+
+
 def predict_depth(engine: DepthEngineLike, rgb: np.ndarray, settings: DepthSettings,
                   K: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Depth in metres (NaN outside ``[min_depth_m, max_depth_m]``) and the network's latency in ms.
@@ -99,8 +131,11 @@ def predict_depth(engine: DepthEngineLike, rgb: np.ndarray, settings: DepthSetti
     network as that camera would see the scene (``depth_geometry.to_canonical``), and the depth mapped back: a
     network reads distance from apparent size, which a narrower lens inflates. With ``settings.rectify_pitch`` and a
     ``camera_pitch_rad`` the network sees the frame as a level camera would (``tilt_image`` by minus the pitch) and
-    its depth is turned back into the real camera (``tilt_depth``). Pixels these views do not hold are NaN.
+    its depth is turned back into the real camera (``tilt_depth``). Pixels these views do not hold are NaN. With
+    ``settings.flip_average`` the network runs twice (``FlipAveragedEngine``) and the latency is both passes'.
     """
+    if settings.flip_average:
+        engine = FlipAveragedEngine(engine)
     pitch = settings.camera_pitch_rad if settings.rectify_pitch else 0.0
     height, width = rgb.shape[:2]
     if K is None:
@@ -148,7 +183,8 @@ def check_candidate(engine: DepthEngineLike, frame: np.ndarray, settings: DepthS
     if np.isinf(raw).any():
         return "its depth holds inf values (invalid depth must be NaN, REP 118)"
     # the network's own output: its range mask only, not the camera views of model_hfov_deg or rectify_pitch
-    depth, _ = predict_depth(_Fixed(raw), frame, replace(settings, model_hfov_deg=0.0, rectify_pitch=False))
+    depth, _ = predict_depth(_Fixed(raw), frame, replace(settings, model_hfov_deg=0.0, rectify_pitch=False,
+                                                         flip_average=False))
     valid = valid_fraction(depth)
     if valid < settings.min_valid_fraction:
         return (f"only {100 * valid:.0f} % of a reference frame gets a depth within [{settings.min_depth_m}, "

@@ -169,6 +169,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        help="augmentation: tilt the camera up or down by a random angle in [-DEG, DEG] (the horizon "
                        "moves; depth is recomputed for the tilted axis; assumes a 69.4 deg horizontal field of "
                        "view); 0: off")
+    train.add_argument("--teacher", default=None, metavar="CHECKPOINT_OR_MODEL_NAME",
+                       help="distillation: a frozen network (a checkpoint or a shipped model name, same input size) "
+                       "whose depth the loss also follows (L1 on log depth, weight --loss-teacher)")
+    train.add_argument("--teacher-flip", action="store_true",
+                       help="the teacher's depth is the geometric mean of its depth and the mirror of its depth on "
+                       "the mirrored frame (flip averaging: better on unseen forests, taught to one pass)")
+    train.add_argument("--loss-teacher", type=non_negative_float, default=defaults.loss_teacher,
+                       help="weight of the teacher term (with --teacher)")
     train.add_argument("--cache", type=output_folder, default=None, metavar="DIR",
                        help="frame cache folder: frames resized once to the input size and read memory-mapped "
                        "after that (bounded memory, reused by later runs on the same data and size)")
@@ -271,6 +279,9 @@ def _add_eval_styles(sub: argparse._SubParsersAction) -> None:
                         "mounted a few degrees off costs")
     styles.add_argument("--hfov", type=float_within(10, 170), default=CAMERA_HFOV_DEG, metavar="DEG",
                         help="horizontal field of view of the frames' camera, for --tilt")
+    styles.add_argument("--flip-average", action="store_true",
+                        help="run every model as depth_node's flip_average does: on the frame and its mirror image, "
+                        "the geometric mean of the two depths (twice the time)")
     add_reading_arguments(styles)
     styles.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
     styles.set_defaults(handler=_eval_styles)
@@ -357,7 +368,8 @@ def _train(args: argparse.Namespace, command: str) -> int:
         loss_berhu=args.loss_berhu, loss_l1=args.loss_l1, loss_smooth=args.loss_smooth, loss_log_l1=args.loss_log_l1,
         loss_rel_l1=args.loss_rel_l1, loss_gradient=args.loss_gradient, loss_silog_scale=args.loss_silog_scale,
         min_depth=args.min_depth, max_depth=args.max_depth, augment=args.augment, roll_deg=args.roll_deg,
-        pitch_deg=args.pitch_deg,
+        pitch_deg=args.pitch_deg, teacher=args.teacher, teacher_flip=args.teacher_flip,
+        loss_teacher=args.loss_teacher,
         workers=args.workers, seed=args.seed,
         out=str(args.out), device=args.device, threads=args.threads, resume=_resume_checkpoint(args),
         overwrite=args.overwrite, eval_every=args.eval_every, max_batches=args.max_batches, progress=args.progress,
@@ -405,7 +417,8 @@ def _eval_styles(args: argparse.Namespace, command: str) -> int:
 
     evaluate_styles(args.model, [str(p) for p in args.data], out=args.out, max_frames=args.max_frames,
                     threads=args.threads, min_depth=args.min_depth, max_depth=args.max_depth,
-                    settings=settings_from_args(args), progress=args.progress, tilts=args.tilt, hfov_deg=args.hfov)
+                    settings=settings_from_args(args), progress=args.progress, tilts=args.tilt, hfov_deg=args.hfov,
+                    flip_average=args.flip_average)
     return 0
 
 

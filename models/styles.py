@@ -122,13 +122,15 @@ def evaluate_styles(models: Sequence[str | os.PathLike], folders: Sequence[str |
                     out: str | os.PathLike | None = None, max_frames: int = 0, threads: int = 2,
                     min_depth: float | None = None, max_depth: float | None = None,
                     settings: DatasetSettings | None = None, progress: bool = True,
-                    tilts: Sequence[float] = (), hfov_deg: float = CAMERA_HFOV_DEG) -> dict[str, Any]:
+                    tilts: Sequence[float] = (), hfov_deg: float = CAMERA_HFOV_DEG,
+                    flip_average: bool = False) -> dict[str, Any]:
     """Metrics of every model on every folder; prints the table and, with ``out``, writes JSON, CSV and a chart.
 
     The depth range defaults to the first model's. Returns ``{"models": [{"model", "file", "version", "backend",
     "rows": [{"folder", "path", "frames", "tilt_deg", metrics...}], "worst": row, "tilted": [rows]}], "tilts",
     "min_depth", "max_depth", "table"}``. ``tilted`` holds a row per folder and angle of ``tilts`` (degrees,
-    positive nose-down, each non-zero and within +-20); the worst folder is chosen on the untilted rows.
+    positive nose-down, each non-zero and within +-20); the worst folder is chosen on the untilted rows. With
+    ``flip_average`` every model runs as depth_node's ``flip_average`` runs it (``FlipAveragedEngine``).
     """
     tilts = [float(t) for t in tilts]
     for tilt in tilts:
@@ -141,13 +143,18 @@ def evaluate_styles(models: Sequence[str | os.PathLike], folders: Sequence[str |
     labels = folder_labels(folders)
     frames = {label: _frames(folder, settings, max_frames) for label, folder in zip(labels, folders)}
     engines = [(str(spec), load_engine(resolve_model_file(spec), threads=threads)) for spec in models]
+    if flip_average:
+        from forest_perception.depth_pipeline import FlipAveragedEngine
+
+        engines = [(f"{spec} flip-averaged", FlipAveragedEngine(engine)) for spec, engine in engines]
     first = engines[0][1]
     min_depth = float(first.min_depth if min_depth is None else min_depth)
     max_depth = float(first.max_depth if max_depth is None else max_depth)
     if not 0 < min_depth < max_depth:
         raise ValueError(f"--min-depth {min_depth:g} must be above 0 and below --max-depth {max_depth:g} (each the "
                          "first model's unless given)")
-    result: dict[str, Any] = {"min_depth": min_depth, "max_depth": max_depth, "tilts": tilts, "models": []}
+    result: dict[str, Any] = {"min_depth": min_depth, "max_depth": max_depth, "tilts": tilts,
+                              "flip_average": bool(flip_average), "models": []}
     tables = []
     for spec, engine in engines:
         rows = []

@@ -107,6 +107,9 @@ class TrainOptions:
     augment: bool = True
     roll_deg: float = 0.0  # random roll of image and depth about the optical axis, degrees (0: off)
     pitch_deg: float = 0.0  # random tilt of the camera about its x axis, degrees (0: off)
+    teacher: str | None = None  # a frozen network (checkpoint or shipped name) whose depth the loss also follows
+    teacher_flip: bool = False  # the teacher's depth is averaged with that of the mirrored frame
+    loss_teacher: float = 1.0  # weight of the L1 loss on log depth towards the teacher's depth
     workers: int = 0
     seed: int = 0
     out: str = "runs/depth"
@@ -203,7 +206,7 @@ class TrainOptions:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{_flag(name)} must be an integer >= 0, got {value!r}")
         for name in ("lr", "weight_decay", "gamma", "loss_silog", "loss_berhu", "loss_l1", "loss_smooth", "loss_log_l1",
-                     "loss_rel_l1", "loss_gradient", "loss_silog_scale"):
+                     "loss_rel_l1", "loss_gradient", "loss_silog_scale", "loss_teacher"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{_flag(name)} must be a finite number >= 0, got {value!r}")
@@ -213,6 +216,12 @@ class TrainOptions:
             raise ValueError(f"--pitch-deg must be within [0, {MAX_PITCH_DEG:g}] degrees, got {self.pitch_deg!r}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.teacher_flip and self.teacher is None:
+            raise ValueError("--teacher-flip averages a teacher's depth with its mirror image's, but no --teacher is "
+                             "given: name one (a checkpoint or a shipped model)")
+        if self.teacher is not None and self.loss_teacher == 0:
+            raise ValueError(f"--teacher {self.teacher} with --loss-teacher 0 would run the teacher for nothing: "
+                             "give --loss-teacher > 0 or leave out --teacher")
         if not (isinstance(self.old_layers_lr, (int, float)) and 0.0 <= self.old_layers_lr <= 1.0):
             raise ValueError(f"--old-layers-lr must be within [0, 1] (a factor of --lr), got {self.old_layers_lr!r}")
         if self.old_layers_lr != 1.0 and not self.new_tensors:

@@ -185,6 +185,11 @@ class Trainer:
         self.amp_dtype = amp_dtype(self.device) if opts.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn = build_loss(opts).to(self.device)
+        self.teacher: nn.Module | None = None
+        if opts.teacher is not None:
+            from forest_perception.models.teacher import load_teacher
+
+            self.teacher, _ = load_teacher(opts.teacher, opts.input_hw, opts.teacher_flip, self.device)
         # frozen parameters get no gradient, so AdamW leaves them (and their weight decay) alone; keeping them in
         # the optimizer keeps its state the same shape with and without --freeze-encoder
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, opts), lr=opts.lr,
@@ -258,8 +263,29 @@ class Trainer:
                 losses[prefix + name] = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
             if len(outputs) > 1:
                 losses[f"scale{i}_total"] = scale_total.detach()
+        if self.teacher is not None and self.model.training:
+            total = total + self.opts.loss_teacher * self._teacher_term(image, target, outputs, losses)
         losses["loss"] = total
         return losses
+
+    def _teacher_term(self, image: torch.Tensor, target: torch.Tensor, outputs: Sequence[torch.Tensor],
+                      losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unweighted distillation loss of every output scale towards the teacher's depth, on the valid pixels."""
+        from forest_perception.models.losses import valid_mask
+        from forest_perception.models.teacher import teacher_loss
+
+        with torch.no_grad():
+            wanted = self.teacher(image).float()
+            if wanted.shape[-2:] != target.shape[-2:]:
+                wanted = functional.interpolate(wanted, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        mask = valid_mask(target, self.opts.min_depth, self.opts.max_depth)
+        term = torch.zeros((), device=self.device)
+        for pred in outputs:
+            if pred.shape[-2:] != target.shape[-2:]:
+                pred = functional.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            term = term + teacher_loss(pred, wanted, mask)
+        losses["teacher"] = term.detach()
+        return term
 
     # ----------------------------------------------------------------- epochs
 

@@ -148,3 +148,41 @@ def test_a_candidate_is_checked_on_its_own_output_whatever_the_camera_views():
     settings = DepthSettings(min_valid_fraction=0.99, model_hfov_deg=55.0, rectify_pitch=True, camera_pitch_rad=0.2)
     assert check_candidate(Engine(lambda rgb: np.full(rgb.shape[:2], 3.0, np.float32) + rgb[..., 1] / 255.0),
                            FRAME, settings) == ""
+
+
+def test_flip_average_takes_the_geometric_mean_with_the_mirrored_frame_and_both_passes_time():
+    """A network with a left-right bias (depth grows to the right): averaging with the mirror cancels the bias."""
+    from forest_perception.depth_pipeline import FlipAveragedEngine
+
+    calls = []
+
+    def biased(rgb: np.ndarray) -> np.ndarray:
+        calls.append(rgb.copy())
+        columns = np.arange(rgb.shape[1], dtype=np.float32) / (rgb.shape[1] - 1)
+        return _like_a_depth_net(rgb) * (1.0 + 0.4 * columns)[None, :]
+
+    engine = Engine(biased)
+    engine.last_latency_ms = 3.0
+    flipped = FlipAveragedEngine(engine)
+    depth = flipped.predict(FRAME)
+    direct, mirrored = biased(FRAME), biased(FRAME[:, ::-1])[:, ::-1]
+    np.testing.assert_allclose(depth, np.sqrt(direct * mirrored), rtol=1e-6)
+    np.testing.assert_array_equal(calls[1], FRAME[:, ::-1])  # the second pass saw the mirror image
+    assert flipped.last_latency_ms == 6.0 and flipped.model_version == "test"
+    symmetric = np.ascontiguousarray(np.concatenate([FRAME[:, :80], FRAME[:, :80][:, ::-1]], axis=1))
+    out = flipped.predict(symmetric)
+    np.testing.assert_allclose(out, out[:, ::-1], rtol=1e-6)  # the bias is gone: a mirrored scene, mirrored depth
+    assert not np.allclose(biased(symmetric), biased(symmetric)[:, ::-1], rtol=1e-3)
+
+    half = Engine(lambda rgb: np.where(np.arange(rgb.shape[1])[None, :] < 40, np.nan, _like_a_depth_net(rgb)))
+    kept = FlipAveragedEngine(half).predict(FRAME)  # one pass invalid at a pixel: the other's depth is kept
+    assert np.isfinite(kept).all()
+    np.testing.assert_allclose(kept[:, :40], _like_a_depth_net(FRAME[:, ::-1])[:, ::-1][:, :40], rtol=1e-6)
+
+    calls.clear()
+    settings = DepthSettings(min_depth_m=0.1, max_depth_m=50.0)
+    averaged, ms = predict_depth(engine, FRAME, DepthSettings(flip_average=True, min_depth_m=0.1, max_depth_m=50.0))
+    assert len(calls) == 2 and ms == 6.0
+    np.testing.assert_allclose(averaged, depth, rtol=1e-6)
+    plain, _ = predict_depth(engine, FRAME, settings)
+    np.testing.assert_allclose(plain, direct, rtol=1e-6)

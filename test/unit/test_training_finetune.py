@@ -219,3 +219,24 @@ def test_eval_styles_scores_each_folder_with_the_camera_tilted(tmp_path, capsys)
                           (["25"], "within [-20, 20]")):
         assert cli.main(["eval-styles", "--model", AE, "--data", str(folders[0]), "--tilt", *tilt]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_eval_styles_flip_average_runs_the_model_on_the_mirror_image_too(tmp_path, capsys):
+    from forest_perception.depth_pipeline import FlipAveragedEngine
+    from forest_perception.models.styles import _frames, evaluate_folder
+    from forest_perception.models.torch_engine import load_engine
+
+    folder = tmp_path / "style_a"
+    write_tiny_dataset(folder, runs=(1,), segments=1)
+    assert cli.main(["eval-styles", "--model", AE, "--data", str(folder), "--out", str(tmp_path / "s"),
+                     "--threads", "1", "--quiet", "--flip-average"]) == 0
+    result = json.loads((tmp_path / "s/styles.json").read_text())
+    assert result["flip_average"] is True and result["models"][0]["model"] == f"{AE} flip-averaged"
+    row = result["models"][0]["rows"][0]
+    engine = load_engine(shipped_checkpoint(AE).with_suffix(".onnx"), threads=1)
+    frames = _frames(folder, None, 0)
+    depth_range = (result["min_depth"], result["max_depth"])
+    plain = evaluate_folder(engine, frames, *depth_range)
+    averaged = evaluate_folder(FlipAveragedEngine(engine), frames, *depth_range)
+    assert row["absrel"] == pytest.approx(averaged["absrel"], rel=1e-6) and row["absrel"] != plain["absrel"]
+    assert f"{AE} flip-averaged" in capsys.readouterr().out
