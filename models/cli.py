@@ -330,8 +330,24 @@ def _add_grow(sub: argparse._SubParsersAction) -> None:
     grow.set_defaults(handler=_grow)
 
 
+def _add_mirror(sub: argparse._SubParsersAction) -> None:
+    mirror = sub.add_parser("mirror", help="mirror-symmetric global layers for a multi-scale network",
+                            formatter_class=DefaultsHelpFormatter,
+                            description="Make the coarse network's FC layers the mean of their output and the mirror "
+                            "image of their output on the mirrored features (model kwarg coarse_mirror, the same "
+                            "weights): a mirrored forest then gets the mirrored global layout. The output is an "
+                            "ordinary checkpoint, for eval-styles, train --init (which keeps the symmetry) and "
+                            "models.release.")
+    mirror.add_argument("--checkpoint", required=True, metavar="CKPT",
+                        help="a multi-scale checkpoint file or shipped model name")
+    mirror.add_argument("--out", required=True, type=Path, help="output checkpoint (.pt)")
+    mirror.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    mirror.set_defaults(handler=_mirror)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``forest-train`` parser: ``train``, ``eval``, ``eval-styles``, ``export``, ``blend`` and ``grow``."""
+    """The ``forest-train`` parser: ``train``, ``eval``, ``eval-styles``, ``export``, ``blend``, ``grow`` and
+    ``mirror``."""
     parser, sub = command_parser(PROG, "Train, evaluate and export forest depth networks.")
     _add_train(sub)
     _add_eval(sub)
@@ -339,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_blend(sub)
     _add_grow(sub)
+    _add_mirror(sub)
     return parser
 
 
@@ -548,6 +565,28 @@ def _grow(args: argparse.Namespace, command: str) -> int:
                 f"{info['coarse_squeeze'][1]} (was {info['coarse_blocks'][0]} and {info['coarse_squeeze'][0]})")
     print(f"wrote {out}: {what}; output differs from {args.checkpoint} by at most {info['max_abs_diff_m']:.2g} m "
           f"on {info['frames']} frames")
+    return 0
+
+
+def _mirror(args: argparse.Namespace, command: str) -> int:
+    from forest_perception.inference import ModelLoadError
+    from forest_perception.models.checkpoints import checkpoint_reference, resolve_checkpoint, save_checkpoint
+    from forest_perception.models.mirror import mirror_checkpoint
+    from forest_perception.models.torch_engine import read_checkpoint_file
+
+    out = _checkpoint_out(Path(args.out), args.overwrite)
+    try:
+        path = resolve_checkpoint(args.checkpoint, allow_int8=False)
+        checkpoint = read_checkpoint_file(path)
+        mirrored = mirror_checkpoint(checkpoint)
+    except (ModelLoadError, ValueError, KeyError) as exc:
+        raise InputError(str(exc)) from exc
+    source = checkpoint_reference(args.checkpoint, path, checkpoint)
+    mirrored["mirrored_from"] = {**source, **mirrored["mirrored_from"]}
+    mirrored["init"] = source  # what the network started from, for export and the model card
+    mirrored["command"] = command
+    save_checkpoint(mirrored, out)
+    print(f"wrote {out}: {args.checkpoint} with mirror-symmetric coarse FC layers (coarse_mirror, same weights)")
     return 0
 
 

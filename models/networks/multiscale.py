@@ -29,15 +29,19 @@ class CoarseNet(nn.Module):
     """Global network: convs to 1/16, a 1x1 channel squeeze, then FC -> FC giving a 1/16 logit map.
 
     ``blocks`` adds that many 128 -> 128 3x3 convs at 1/16 after the first (more context before the squeeze, about
-    6 % more compute each at 320x240); ``squeeze`` is how many channels reach the FC layers.
+    6 % more compute each at 320x240); ``squeeze`` is how many channels reach the FC layers. With ``mirror`` the FC
+    layers are mirror-symmetric: their output is the mean of their output on the features and the mirror image of
+    their output on the mirrored features (both in one batch, so the weights are read once; models/mirror.py).
     """
 
     def __init__(self, input_hw: tuple[int, int], hidden: int = 512, squeeze: int = 8, dropout: float = 0.1,
-                 blocks: int = 0) -> None:
+                 blocks: int = 0, mirror: bool = False) -> None:
         super().__init__()
         if int(blocks) < 0 or int(squeeze) < 1:
             raise ValueError(f"coarse blocks must be >= 0 and squeeze >= 1, got blocks={blocks}, squeeze={squeeze}")
-        self.blocks, self.squeeze = int(blocks), int(squeeze)
+        if not isinstance(mirror, bool):
+            raise ValueError(f"coarse_mirror must be true or false, got {mirror!r}")
+        self.blocks, self.squeeze, self.mirror = int(blocks), int(squeeze), mirror
         self.coarse_hw = (input_hw[0] // COARSE_STRIDE, input_hw[1] // COARSE_STRIDE)
         self.features = nn.Sequential(
             ConvBNReLU(3, 32, 3, stride=2),
@@ -59,7 +63,12 @@ class CoarseNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Coarse logits ``Bx1x(H/16)x(W/16)``."""
-        return self.fc(self.features(x)).reshape(-1, 1, self.coarse_hw[0], self.coarse_hw[1])
+        features = self.features(x)
+        if not self.mirror:
+            return self.fc(features).reshape(-1, 1, self.coarse_hw[0], self.coarse_hw[1])
+        both = self.fc(torch.cat([features, torch.flip(features, dims=[-1])]))
+        both = both.reshape(2, -1, 1, self.coarse_hw[0], self.coarse_hw[1])
+        return (both[0] + torch.flip(both[1], dims=[-1])) / 2
 
 
 class FineNet(nn.Module):
@@ -89,7 +98,8 @@ class MultiScaleDepth(nn.Module):
 
     The coarse FC layers fix the input size: build with ``input_hw=(H, W)`` (multiples of 16; default 240x320)
     and feed exactly that size. Output: metric depth ``Bx1xHxW`` in metres in ``[min_depth, max_depth]``,
-    uniform in log depth (see ``LogDepthHead``).
+    uniform in log depth (see ``LogDepthHead``). ``coarse_mirror`` makes the coarse FC layers mirror-symmetric
+    (``CoarseNet``).
     """
 
     def __init__(
@@ -102,12 +112,13 @@ class MultiScaleDepth(nn.Module):
         dropout: float = 0.1,
         coarse_blocks: int = 0,
         coarse_squeeze: int = 8,
+        coarse_mirror: bool = False,
     ) -> None:
         super().__init__()
         check_input_hw(int(input_hw[0]), int(input_hw[1]), SIZE_MULTIPLE)
         self.input_hw = (int(input_hw[0]), int(input_hw[1]))
         self.coarse = CoarseNet(self.input_hw, hidden=coarse_hidden, squeeze=coarse_squeeze, dropout=dropout,
-                                blocks=coarse_blocks)
+                                blocks=coarse_blocks, mirror=coarse_mirror)
         self.fine = FineNet(fine_channels)
         self.head = LogDepthHead(min_depth, max_depth)
 
