@@ -86,7 +86,7 @@ PARAMS = [
               (0.0, 170.0)),
     ParamSpec("flip_average", False, "run the network on the frame and on its mirror image and publish the geometric "
               "mean of the two depths: better on forests the network never saw (multiscale_320x240: held-out "
-              "absrel -3 %), at twice the network's time; with an ICIIA model the history also banks the mirror "
+              "absrel 1-3 % lower), at twice the network's time; with an ICIIA model the history also banks the mirror "
               "images"),
     ParamSpec("fallback_hfov_deg", 69.4, "horizontal FOV used until camera_info arrives", (10.0, 170.0)),
     ParamSpec("history_size", 16, "with a model that has ICIIA history attention: frames of the rover's own recent "
