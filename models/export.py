@@ -39,6 +39,7 @@ from forest_perception.inference import (
     weights_sha256,
 )
 from forest_perception.models.cards import remove_model_files, update_model_card, write_model_card  # re-exported
+from forest_perception.models.networks import model_version
 from forest_perception.models.outputs import temporary_sibling
 from forest_perception.models.provenance import git_commit
 from forest_perception.models.torch_engine import load_torch_checkpoint
@@ -266,7 +267,7 @@ def _export_verified(model: nn.Module, meta: Mapping[str, Any], out_path: Path, 
         "min_depth": min_depth,
         "max_depth": max_depth,
         "weights_sha256": sha,
-        "version": f"{name}-{sha[:12]}",
+        "version": model_version(name, sha, model),
         "export_format_version": EXPORT_FORMAT_VERSION,
         "exporter": f"torch {torch.__version__} {exporter}",
         "train_command": str(command or "unknown"),

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from forest_perception.inference import DEFAULT_MEAN, DEFAULT_STD, weights_sha256
+from forest_perception.models.networks import model_version
 from forest_perception.models.networks.iciia import HistoryDepth, RoverHistoryGraph, iciia_flops
 from forest_perception.models.outputs import temporary_sibling
 
@@ -98,7 +99,8 @@ def load_base(base: str) -> tuple[torch.nn.Module, dict[str, Any]]:
 
     network, meta = load_torch_checkpoint(base_checkpoint(base))
     meta = dict(meta)
-    meta["version"] = f"{meta.get('model_name') or 'base'}-{weights_sha256(network.state_dict())[:12]}"
+    name = str(meta.get("model_name") or "base")
+    meta["version"] = model_version(name, weights_sha256(network.state_dict()), network)
     return network.eval(), meta
 
 

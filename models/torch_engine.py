@@ -21,6 +21,7 @@ from forest_perception.inference import (
     weights_sha256,
 )
 from forest_perception.inference import load_engine as load_onnx_engine
+from forest_perception.models.networks import model_version
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive (since torch 1.6)
 _PICKLE_MAGIC = b"\x80"  # the legacy format starts with a pickle protocol opcode
@@ -140,7 +141,7 @@ class TorchDepthEngine(DepthEngine):
             meta["weights_sha256"] = weights_sha256(self.model.state_dict())
         if not meta.get("version"):
             name = meta.get("model_name") or type(model).__name__
-            meta["version"] = f"{name}-{meta['weights_sha256'][:12]}"
+            meta["version"] = model_version(str(name), meta["weights_sha256"], self.model)
         try:
             with torch.inference_mode():
                 probe = self.model(torch.zeros(1, 3, *input_hw, device=self.device))

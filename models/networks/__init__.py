@@ -43,6 +43,7 @@ __all__ = [
     "encoder_modules",
     "freeze_encoder",
     "full_model_kwargs",
+    "model_version",
     "normalise_image",
     "set_train_mode",
 ]
@@ -99,6 +100,14 @@ def _plain(value: object) -> object:
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def model_version(name: str, weights_sha: str, model: nn.Module) -> str:
+    """``<name>-<first 12 hex of the weights' sha256>``, and ``-mirror`` for a multi-scale network with
+    mirror-symmetric FC layers (``coarse_mirror``): the same weights compute another depth there, so the version that
+    depth_node, the release registry and ICIIA's base check go by must differ."""
+    suffix = "-mirror" if getattr(getattr(model, "coarse", None), "mirror", False) else ""
+    return f"{name}-{weights_sha[:12]}{suffix}"
 
 
 def encoder_modules(model: nn.Module) -> list[nn.Module]:

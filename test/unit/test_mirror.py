@@ -95,6 +95,10 @@ def test_the_checkpoint_rebuilds_from_its_kwargs_exports_and_runs_in_the_rover_e
     plain = TorchDepthEngine(save_checkpoint(source, tmp_path / "plain.pt"), threads=1).predict(frame)
     effect = np.abs(torch_depth - plain).max()  # the symmetric layers change the depth; the graph carries that
     assert effect > 1e-3 and np.abs(onnx_depth - torch_depth).max() < effect / 100
+    # the same weights compute another depth: the version depth_node, releases and ICIIA go by differs
+    plain_version = TorchDepthEngine(tmp_path / "plain.pt", threads=1).model_version
+    assert OnnxDepthEngine(onnx_path, threads=1).model_version == plain_version + "-mirror"
+    assert TorchDepthEngine(path, threads=1).model_version == plain_version + "-mirror"
     with pytest.raises(ValueError, match="mirror-symmetric already"):
         mirror_checkpoint(checkpoint)
 
