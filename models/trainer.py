@@ -248,44 +248,43 @@ class Trainer:
         return outputs, self.compute_losses(batch, outputs)
 
     def compute_losses(self, batch: dict, outputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Loss of every output scale (upsampled to the target size), summed into ``loss``."""
+        """Loss of every output scale (upsampled to the target size), summed into ``loss``; in training with a
+        ``--teacher``, plus ``loss_teacher`` times every scale's distance to the teacher's depth (``teacher``)."""
+        from forest_perception.models.losses import valid_mask
+        from forest_perception.models.teacher import teacher_loss
+
         target = batch["depth"].to(self.device, non_blocking=True)
         image = batch["image"].to(self.device, non_blocking=True)
+        wanted = self._teacher_depth(image, target) if self.teacher is not None and self.model.training else None
+        mask = valid_mask(target, self.opts.min_depth, self.opts.max_depth) if wanted is not None else None
         losses: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
+        teacher_total = torch.zeros((), device=self.device)
         for i, pred in enumerate(outputs):
             if pred.shape[-2:] != target.shape[-2:]:
                 pred = functional.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
             scale_total, parts = self.loss_fn(pred, target, image)
             total = total + scale_total
+            if wanted is not None:
+                teacher_total = teacher_total + teacher_loss(pred, wanted, mask)
             prefix = "" if i == len(outputs) - 1 else f"scale{i}_"
             for name, value in parts.items():
                 losses[prefix + name] = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(value)
             if len(outputs) > 1:
                 losses[f"scale{i}_total"] = scale_total.detach()
-        if self.teacher is not None and self.model.training:
-            total = total + self.opts.loss_teacher * self._teacher_term(image, target, outputs, losses)
+        if wanted is not None:
+            losses["teacher"] = teacher_total.detach()
+            total = total + self.opts.loss_teacher * teacher_total
         losses["loss"] = total
         return losses
 
-    def _teacher_term(self, image: torch.Tensor, target: torch.Tensor, outputs: Sequence[torch.Tensor],
-                      losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Unweighted distillation loss of every output scale towards the teacher's depth, on the valid pixels."""
-        from forest_perception.models.losses import valid_mask
-        from forest_perception.models.teacher import teacher_loss
-
-        with torch.no_grad():
-            wanted = self.teacher(image).float()
-            if wanted.shape[-2:] != target.shape[-2:]:
-                wanted = functional.interpolate(wanted, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        mask = valid_mask(target, self.opts.min_depth, self.opts.max_depth)
-        term = torch.zeros((), device=self.device)
-        for pred in outputs:
-            if pred.shape[-2:] != target.shape[-2:]:
-                pred = functional.interpolate(pred, size=target.shape[-2:], mode="bilinear", align_corners=False)
-            term = term + teacher_loss(pred, wanted, mask)
-        losses["teacher"] = term.detach()
-        return term
+    @torch.no_grad()
+    def _teacher_depth(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's depth of the batch at the target's size."""
+        wanted = self.teacher(image).float()
+        if wanted.shape[-2:] != target.shape[-2:]:
+            wanted = functional.interpolate(wanted, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        return wanted
 
     # ----------------------------------------------------------------- epochs
 
